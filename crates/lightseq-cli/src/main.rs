@@ -1,0 +1,72 @@
+//! The `lightseq` command: forward, info, demo.
+
+mod demo;
+mod forward;
+mod info;
+mod input;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "lightseq",
+    version,
+    about = "Transformer inference on CPU and CUDA, reading Hugging Face checkpoints directly"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a model on a batch of token ids and save its outputs (safetensors, f32).
+    Forward {
+        /// Model directory (config.json + model.safetensors or sharded safetensors).
+        model_dir: PathBuf,
+        /// JSON: {"input_ids": [[...], ...], optional "token_type_ids"}; sequences may differ in length.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors: `hidden` [batch, max_len, hidden] (encoders) or `logits` [batch, max_len, vocab].
+        #[arg(long)]
+        out: PathBuf,
+        /// cpu, cuda, cuda:N or auto (the GPU when there is one).
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Weight and compute dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Show a model's architecture, sizes, parameter count and dtypes.
+    Info {
+        /// Model directory.
+        model_dir: PathBuf,
+    },
+    /// Check parity with Hugging Face on the built-in fixture models and measure tokens/s.
+    Demo {
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forward {
+            model_dir,
+            input,
+            out,
+            device,
+            dtype,
+        } => forward::run(&model_dir, &input, &out, &device, &dtype),
+        Command::Info { model_dir } => info::run(&model_dir),
+        Command::Demo { device } => demo::run(&device),
+    };
+    if let Err(e) = result {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}

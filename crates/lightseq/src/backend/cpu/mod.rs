@@ -1,0 +1,93 @@
+//! CPU bodies: f32 compute, rayon threads, GEMM from the `gemm` crate.
+
+mod attention;
+mod gemm;
+
+pub(crate) use attention::self_attention;
+pub(crate) use gemm::linear;
+
+use crate::error::{Error, Result};
+use crate::ops::Activation;
+use rayon::prelude::*;
+
+/// Rows per rayon task for row-wise kernels, so tiny rows do not drown in scheduling.
+fn rows_per_task(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
+pub(crate) fn bias_act(y: &mut [f32], b: Option<&[f32]>, act: Activation, n: usize) {
+    if b.is_none() && act == Activation::None {
+        return;
+    }
+    y.par_chunks_mut(n * rows_per_task(n)).for_each(|rows| {
+        for row in rows.chunks_mut(n) {
+            if let Some(b) = b {
+                row.iter_mut().zip(b).for_each(|(v, bb)| *v += bb);
+            }
+            if act != Activation::None {
+                row.iter_mut().for_each(|v| *v = act.apply(*v));
+            }
+        }
+    });
+}
+
+pub(crate) fn layer_norm(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    rows: usize,
+    h: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * h];
+    out.par_chunks_mut(h * rows_per_task(h))
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * rows_per_task(h);
+            for (i, o) in chunk.chunks_mut(h).enumerate() {
+                let r = row0 + i;
+                let xr = &x[r * h..(r + 1) * h];
+                o.copy_from_slice(xr);
+                if let Some(res) = residual {
+                    o.iter_mut()
+                        .zip(&res[r * h..(r + 1) * h])
+                        .for_each(|(a, b)| *a += b);
+                }
+                let mean = o.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+                let var = o.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((*v as f64 - mean) * inv) as f32 * gamma[j] + beta[j];
+                }
+            }
+        });
+    out
+}
+
+pub(crate) fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.par_iter().zip(b.par_iter()).map(|(x, y)| x + y).collect()
+}
+
+/// One lookup: the table's values, the ids, and the table's row count.
+pub(crate) type Lookup<'a> = (&'a [f32], &'a [i32], usize);
+
+pub(crate) fn embed(parts: &[Lookup<'_>], n: usize, h: usize) -> Result<Vec<f32>> {
+    for (_, ids, rows) in parts {
+        if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= *rows) {
+            return Err(Error::Input(format!(
+                "id {bad} outside an embedding table of {rows} rows"
+            )));
+        }
+    }
+    let mut out = vec![0f32; n * h];
+    out.par_chunks_mut(h).enumerate().for_each(|(i, o)| {
+        for (table, ids, _) in parts {
+            let r = ids[i] as usize;
+            o.iter_mut()
+                .zip(&table[r * h..(r + 1) * h])
+                .for_each(|(a, b)| *a += b);
+        }
+    });
+    Ok(out)
+}

@@ -1,0 +1,59 @@
+// Shared by every kernel file: half types, conversions, reductions, activations.
+// Each .cu file is compiled with this text in front of it (see nvrtc.rs).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define LS_FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(LS_FULL_MASK, v, o));
+  return v;
+}
+
+// Sum over the whole block; every thread gets the total. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  return warp_sum(lane < warps ? partial[lane] : 0.f);
+}
+
+// Activation codes match ops::Activation::code().
+__device__ __forceinline__ float activate(float x, int act) {
+  switch (act) {
+    case 1: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    case 2: {
+      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
+      return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    case 3: return fmaxf(x, 0.f);
+    case 4: return x / (1.f + expf(-x));
+    case 5: return x / (1.f + expf(-1.702f * x));
+    default: return x;
+  }
+}
+
+// Instantiates macro M once per float storage type, with the suffix used in symbol names.
+#define LS_FLOAT_TYPES(M) M(float, f32) M(__half, f16) M(__nv_bfloat16, bf16)

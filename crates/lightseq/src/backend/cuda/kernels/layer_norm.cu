@@ -1,0 +1,31 @@
+// Layer normalization of (x + residual) over rows of length h; one block per row,
+// two passes (mean, then variance about the mean) with f32 sums.
+
+template <typename T>
+__device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const T* beta, T* out,
+                                int h, float eps) {
+  const long long base = (long long)blockIdx.x * h;
+  x += base;
+  out += base;
+  if (res) res += base;
+  float s = 0.f;
+  for (int j = threadIdx.x; j < h; j += blockDim.x) s += to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
+  const float mean = block_sum(s) / h;
+  float s2 = 0.f;
+  for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    const float d = to_f(x[j]) + (res ? to_f(res[j]) : 0.f) - mean;
+    s2 += d * d;
+  }
+  const float inv = rsqrtf(block_sum(s2) / h + eps);
+  for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    const float v = to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
+    out[j] = from_f<T>((v - mean) * inv * to_f(gamma[j]) + to_f(beta[j]));
+  }
+}
+
+#define LS_LAYER_NORM(T, S)                                                                   \
+  extern "C" __global__ void layer_norm_##S(const T* x, const T* res, const T* gamma,         \
+                                            const T* beta, T* out, int h, float eps) {        \
+    layer_norm_body<T>(x, res, gamma, beta, out, h, eps);                                     \
+  }
+LS_FLOAT_TYPES(LS_LAYER_NORM)

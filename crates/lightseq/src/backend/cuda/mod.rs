@@ -1,0 +1,268 @@
+//! CUDA backend: cudarc with dynamic loading (nothing of CUDA is needed to build), one
+//! stream per device, GEMMs through cuBLASLt, other ops as NVRTC-compiled kernels.
+
+mod blaslt;
+pub mod nvrtc;
+pub(crate) mod ops;
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Number of CUDA devices, or why CUDA cannot be used (library missing, driver error).
+pub fn usable_device_count() -> Result<usize> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Device(
+            "the CUDA driver library (libcuda.so) was not found".into(),
+        ));
+    }
+    cudarc::driver::result::init().map_err(|e| cuda_err("cuInit", e))?;
+    let n = CudaContext::device_count().map_err(|e| cuda_err("device count", e))?;
+    Ok(n.max(0) as usize)
+}
+
+/// An opened GPU: context, stream, cuBLASLt handle and the kernels compiled for it.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    arch: (i32, i32),
+    // Field order matters for drop: kernels and cuBLASLt state go before the context.
+    kernels: nvrtc::KernelCache,
+    lt: blaslt::BlasLt,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuda:{} ({})", self.ordinal, self.name)
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`, checking that the driver, cuBLASLt and NVRTC are present.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        let count = usable_device_count()?;
+        if ordinal >= count {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} requested but {count} CUDA device(s) are present"
+            )));
+        }
+        // SAFETY: only probe whether the shared libraries can be opened.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "cuBLASLt (libcublasLt.so) was not found; install the CUDA toolkit or the nvidia-cublas wheel and add its lib folder to LD_LIBRARY_PATH".into(),
+            ));
+        }
+        nvrtc::check_available()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context", e))?;
+        // One stream per device orders all work; cudarc's per-buffer events are not needed.
+        // SAFETY: no buffer has been allocated on this context yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let name = ctx.name().map_err(|e| cuda_err("device name", e))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        let lt = blaslt::BlasLt::new(&stream)?;
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            name,
+            arch,
+            kernels: nvrtc::KernelCache::new(arch),
+            lt,
+            stream,
+            ctx,
+        }))
+    }
+
+    /// The device index.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn arch(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| cuda_err("memory info", e))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    pub(crate) fn kernel(&self, name: &str, dtype: DType) -> Result<cudarc::driver::CudaFunction> {
+        self.kernels.function(&self.ctx, name, dtype)
+    }
+
+    /// Uninitialized device memory for `len` elements of `dtype`.
+    pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        // Zero-length allocations are not allowed by the driver; keep one element.
+        let n = len.max(1);
+        // SAFETY: every op writes its whole output before anyone reads it.
+        let buf = unsafe {
+            match dtype {
+                DType::F32 => self.stream.alloc::<f32>(n).map(Buf::F32),
+                DType::F16 => self.stream.alloc::<f16>(n).map(Buf::F16),
+                DType::BF16 => self.stream.alloc::<bf16>(n).map(Buf::BF16),
+                DType::I32 => self.stream.alloc::<i32>(n).map(Buf::I32),
+            }
+        }
+        .map_err(|e| cuda_err(&format!("allocating {len} x {dtype}"), e))?;
+        Ok(CudaStorage {
+            dev: self.clone(),
+            buf,
+            len,
+        })
+    }
+
+    pub(crate) fn upload_f32(self: &Arc<Self>, data: &[f32], dtype: DType) -> Result<CudaStorage> {
+        let mut s = self.alloc(dtype, data.len())?;
+        if data.is_empty() {
+            return Ok(s);
+        }
+        let st = &self.stream;
+        let r = match &mut s.buf {
+            Buf::F32(b) => st.memcpy_htod(data, b),
+            Buf::F16(b) => {
+                let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                st.memcpy_htod(&h, b)
+            }
+            Buf::BF16(b) => {
+                let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                st.memcpy_htod(&h, b)
+            }
+            Buf::I32(_) => return Err(Error::op("upload", "float data for an i32 buffer")),
+        };
+        r.map_err(|e| cuda_err("host to device copy", e))?;
+        Ok(s)
+    }
+
+    pub(crate) fn upload_i32(self: &Arc<Self>, data: &[i32]) -> Result<CudaStorage> {
+        let mut s = self.alloc(DType::I32, data.len())?;
+        if let (Buf::I32(b), false) = (&mut s.buf, data.is_empty()) {
+            self.stream
+                .memcpy_htod(data, b)
+                .map_err(|e| cuda_err("host to device copy", e))?;
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Buf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+    I32(CudaSlice<i32>),
+}
+
+/// Device memory of one tensor.
+#[derive(Debug)]
+pub struct CudaStorage {
+    dev: Arc<CudaDevice>,
+    buf: Buf,
+    len: usize,
+}
+
+impl CudaStorage {
+    pub(crate) fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self.buf {
+            Buf::F32(_) => DType::F32,
+            Buf::F16(_) => DType::F16,
+            Buf::BF16(_) => DType::BF16,
+            Buf::I32(_) => DType::I32,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The raw device address, for kernel arguments and cuBLASLt.
+    pub(crate) fn ptr(&self) -> u64 {
+        let st = &self.dev.stream;
+        match &self.buf {
+            Buf::F32(b) => b.device_ptr(st).0,
+            Buf::F16(b) => b.device_ptr(st).0,
+            Buf::BF16(b) => b.device_ptr(st).0,
+            Buf::I32(b) => b.device_ptr(st).0,
+        }
+    }
+
+    pub(crate) fn download_f32(&self) -> Result<Vec<f32>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        let st = &self.dev.stream;
+        let e = |e| cuda_err("device to host copy", e);
+        let mut v: Vec<f32> = match &self.buf {
+            Buf::F32(b) => st.clone_dtoh(b).map_err(e)?,
+            Buf::F16(b) => st
+                .clone_dtoh(b)
+                .map_err(e)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            Buf::BF16(b) => st
+                .clone_dtoh(b)
+                .map_err(e)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            Buf::I32(b) => st
+                .clone_dtoh(b)
+                .map_err(e)?
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
+        };
+        v.truncate(self.len);
+        Ok(v)
+    }
+
+    pub(crate) fn download_i32(&self) -> Result<Vec<i32>> {
+        match &self.buf {
+            Buf::I32(b) if self.len > 0 => {
+                let mut v = self
+                    .dev
+                    .stream
+                    .clone_dtoh(b)
+                    .map_err(|e| cuda_err("device to host copy", e))?;
+                v.truncate(self.len);
+                Ok(v)
+            }
+            Buf::I32(_) => Ok(Vec::new()),
+            _ => Err(Error::op("download_i32", "not an i32 buffer")),
+        }
+    }
+}

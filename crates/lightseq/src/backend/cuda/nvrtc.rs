@@ -1,0 +1,305 @@
+//! Run-time kernel compilation: each `kernels/*.cu` file (with `common.cuh` in front) is
+//! compiled by NVRTC to a CUBIN for the GPU's own architecture the first time one of its
+//! kernels is needed, and the CUBIN is cached on disk so a second run compiles nothing.
+
+use super::cuda_err;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{result as nv, sys as nvsys};
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// A kernel source file and the kernels it defines. Every kernel is instantiated for each
+/// float dtype as `<name>_<dtype>` (`layer_norm_f16`).
+pub struct KernelModule {
+    /// File stem under `kernels/`.
+    pub name: &'static str,
+    /// The file's text.
+    pub source: &'static str,
+    /// Kernel base names defined in it.
+    pub kernels: &'static [&'static str],
+}
+
+/// Every kernel module of the backend.
+pub const MODULES: &[KernelModule] = &[
+    KernelModule {
+        name: "elementwise",
+        source: include_str!("kernels/elementwise.cu"),
+        kernels: &["bias_act", "add"],
+    },
+    KernelModule {
+        name: "layer_norm",
+        source: include_str!("kernels/layer_norm.cu"),
+        kernels: &["layer_norm"],
+    },
+    KernelModule {
+        name: "embedding",
+        source: include_str!("kernels/embedding.cu"),
+        kernels: &["embed"],
+    },
+    KernelModule {
+        name: "attention",
+        source: include_str!("kernels/attention.cu"),
+        kernels: &["attention"],
+    },
+];
+
+/// Float dtypes every kernel is instantiated for.
+pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Checks that libnvrtc can be loaded.
+pub fn check_available() -> Result<()> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if unsafe { nvsys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::Device(
+            "NVRTC (libnvrtc.so) was not found; install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and add its lib folder to LD_LIBRARY_PATH".into(),
+        ))
+    }
+}
+
+/// NVRTC's version (major, minor).
+pub fn version() -> Result<(i32, i32)> {
+    check_available()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    unsafe { nvsys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| cuda_err("nvrtcVersion", e))?;
+    Ok((major, minor))
+}
+
+/// Folders searched for cuda_fp16.h, in order.
+fn include_candidates() -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(p) = std::env::var_os("LIGHTSEQ_CUDA_INCLUDE") {
+        c.push(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
+        if let Some(p) = std::env::var_os(var) {
+            c.push(PathBuf::from(p).join("include"));
+        }
+    }
+    c.push(PathBuf::from("/usr/local/cuda/include"));
+    // pip wheels (nvidia-cuda-runtime) put the headers in site-packages/nvidia/cu13/include.
+    let mut site_roots: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
+        site_roots.push(PathBuf::from(v).join("lib"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        site_roots.push(PathBuf::from(&h).join(".local/lib"));
+        site_roots.push(PathBuf::from(&h).join(".pyenv/versions"));
+    }
+    for r in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib"] {
+        site_roots.push(PathBuf::from(r));
+    }
+    for root in site_roots {
+        for site in python_site_dirs(&root) {
+            for cu in ["cu13", "cuda_runtime"] {
+                c.push(site.join("nvidia").join(cu).join("include"));
+            }
+        }
+    }
+    c
+}
+
+/// site-packages / dist-packages folders under `root` (root/python3.X/..., or a pyenv
+/// versions folder root/3.X.Y/lib/python3.X/...).
+fn python_site_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("python3") {
+            out.push(p.join("site-packages"));
+            out.push(p.join("dist-packages"));
+        } else if name.starts_with('3') {
+            out.extend(python_site_dirs(&p.join("lib")));
+        }
+    }
+    out
+}
+
+/// The folder holding the CUDA headers NVRTC needs, or an error naming what was searched.
+pub fn find_cuda_include() -> Result<PathBuf> {
+    let cands = include_candidates();
+    for c in &cands {
+        if c.join("cuda_fp16.h").is_file() && c.join("cuda_bf16.h").is_file() {
+            return Ok(c.clone());
+        }
+    }
+    Err(Error::Device(format!(
+        "cuda_fp16.h and cuda_bf16.h, which NVRTC needs, were not found. Set CUDA_HOME to the CUDA toolkit, or LIGHTSEQ_CUDA_INCLUDE to a folder holding them (pip install nvidia-cuda-runtime provides site-packages/nvidia/cu13/include). Searched: {}",
+        cands
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LIGHTSEQ_CACHE_DIR") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(p).join("lightseq/kernels"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lightseq/kernels"))
+}
+
+/// FNV-1a, stable across Rust versions (unlike std's hasher), for cache keys.
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for &b in p.iter().chain(&[0xffu8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// Compiles one module for `sm_XY` and returns its CUBIN.
+pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
+    check_available()?;
+    let include = find_cuda_include()?;
+    let src = format!(
+        "{COMMON}\n#line 1 \"{}.cu\"\n{}",
+        module.name, module.source
+    );
+    let opts = vec![
+        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        "--std=c++17".to_string(),
+        format!("-I{}", include.display()),
+    ];
+    let csrc = CString::new(src).map_err(|_| Error::Cuda("kernel source has a NUL byte".into()))?;
+    let cname = CString::new(format!("{}.cu", module.name)).unwrap_or_default();
+    let prog = nv::create_program(&csrc, Some(&cname)).map_err(|e| cuda_err("nvrtc", e))?;
+    // SAFETY: `prog` is live until destroy_program below; buffers are sized by NVRTC.
+    let result = unsafe {
+        match nv::compile_program(prog, &opts) {
+            Ok(()) => {
+                let mut size = 0usize;
+                nvsys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|_| {
+                        let mut buf = vec![0u8; size];
+                        nvsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _)
+                            .result()
+                            .map(|_| buf)
+                    })
+                    .map_err(|e| cuda_err("nvrtcGetCUBIN", e))
+            }
+            Err(e) => {
+                let log = nv::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(Error::Cuda(format!(
+                    "NVRTC failed on {}.cu for sm_{}{} ({e}):\n{log}",
+                    module.name, arch.0, arch.1
+                )))
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { nv::destroy_program(prog) };
+    result
+}
+
+/// CUBIN for `module`, from the disk cache when the same source, NVRTC and arch built it.
+fn cubin_cached(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
+    let (ma, mi) = version()?;
+    let key = fnv64(&[
+        COMMON.as_bytes(),
+        module.source.as_bytes(),
+        format!("nvrtc {ma}.{mi} sm_{}{}", arch.0, arch.1).as_bytes(),
+    ]);
+    let file = cache_dir().map(|d| {
+        d.join(format!(
+            "{}-sm{}{}-{key:016x}.cubin",
+            module.name, arch.0, arch.1
+        ))
+    });
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let cubin = compile_module(module, arch)?;
+    if let Some(f) = &file {
+        // A cache that cannot be written only costs a recompile next time.
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, f);
+        }
+    }
+    Ok(cubin)
+}
+
+/// Modules loaded into one context, and the functions taken from them.
+pub(crate) struct KernelCache {
+    arch: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(String, DType), CudaFunction>>,
+}
+
+impl KernelCache {
+    pub(crate) fn new(arch: (i32, i32)) -> Self {
+        KernelCache {
+            arch,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn function(
+        &self,
+        ctx: &Arc<CudaContext>,
+        name: &str,
+        dtype: DType,
+    ) -> Result<CudaFunction> {
+        let key = (name.to_string(), dtype);
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        let module = MODULES
+            .iter()
+            .find(|m| m.kernels.contains(&name))
+            .ok_or_else(|| Error::Cuda(format!("no kernel module defines `{name}`")))?;
+        let loaded = {
+            let mut mods = self.modules.lock().unwrap();
+            match mods.get(module.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = cubin_cached(module, self.arch)?;
+                    let m = ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .map_err(|e| cuda_err(&format!("loading {}.cu", module.name), e))?;
+                    mods.insert(module.name, m.clone());
+                    m
+                }
+            }
+        };
+        let symbol = format!("{name}_{}", dtype.name());
+        let f = loaded
+            .load_function(&symbol)
+            .map_err(|e| cuda_err(&format!("kernel {symbol}"), e))?;
+        self.functions.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+}

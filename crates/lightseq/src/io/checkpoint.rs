@@ -1,0 +1,271 @@
+//! A Hugging Face model directory: config.json plus model.safetensors, or shards listed in
+//! model.safetensors.index.json.
+
+use super::safetensors::{Bytes, SafeTensorsFile};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// All tensors of a checkpoint, over one or more safetensors files.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<SafeTensorsFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+    /// When set, the checkpoint holds no files and answers every read with seeded random
+    /// values of the requested shape (presets of real sizes for benchmarks and demos).
+    random_seed: Option<u64>,
+}
+
+impl Checkpoint {
+    /// Builds a checkpoint from parsed files.
+    pub fn from_files(dir: PathBuf, files: Vec<SafeTensorsFile>) -> Self {
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.tensors.keys() {
+                index.insert(name.clone(), i);
+            }
+        }
+        Checkpoint {
+            dir,
+            files,
+            index,
+            random_seed: None,
+        }
+    }
+
+    /// A checkpoint of seeded random weights: matrices N(0, 0.02), 1-D `weight`/`gamma`
+    /// tensors (norm scales) 1, other vectors 0. It reports no tensor as present, so loaders
+    /// take their default layout (no prefix, tied heads).
+    pub fn random(name: &str, seed: u64) -> Self {
+        Checkpoint {
+            dir: PathBuf::from(name),
+            files: Vec::new(),
+            index: HashMap::new(),
+            random_seed: Some(seed),
+        }
+    }
+
+    /// Opens the safetensors files of model directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            return Ok(Self::from_files(
+                dir.to_path_buf(),
+                vec![SafeTensorsFile::open(&single)?],
+            ));
+        }
+        if index_path.is_file() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                    path: index_path.clone(),
+                    msg: format!("malformed JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Checkpoint {
+                    path: index_path.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            let mut files = Vec::new();
+            for s in &shards {
+                if s.contains('/') || s.contains("..") {
+                    return Err(Error::Checkpoint {
+                        path: index_path.clone(),
+                        msg: format!("shard name `{s}` leaves the model directory"),
+                    });
+                }
+                let p = dir.join(s);
+                if !p.is_file() {
+                    return Err(Error::Checkpoint {
+                        path: index_path.clone(),
+                        msg: format!("lists shard `{s}`, which is missing"),
+                    });
+                }
+                files.push(SafeTensorsFile::open(&p)?);
+            }
+            return Ok(Self::from_files(dir.to_path_buf(), files));
+        }
+        Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "no model.safetensors or model.safetensors.index.json".into(),
+        })
+    }
+
+    /// The directory (for messages).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Shape and dtype name of `name`.
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, &'static str)> {
+        let f = &self.files[*self.index.get(name)?];
+        let i = &f.tensors[name];
+        Some((i.shape.clone(), i.dtype.name()))
+    }
+
+    /// Reads `name` as f32, checking its shape against what config.json implies.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        if let Some(seed) = self.random_seed {
+            return Ok(random_values(seed, name, expected));
+        }
+        let fi = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            dir: self.dir.clone(),
+            name: name.to_string(),
+        })?;
+        let (shape, v) = self.files[fi].read_f32(name)?;
+        if shape != expected {
+            return Err(Error::TensorShape {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Loads `name` onto `device` as `dtype`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let v = self.read_f32(name, expected)?;
+        Tensor::from_f32(&v, expected, dtype, device)
+    }
+}
+
+/// A model directory: its config.json text and its checkpoint.
+pub struct ModelDir {
+    /// Path (or a name for embedded models), for messages.
+    pub path: PathBuf,
+    /// Parsed config.json.
+    pub config: serde_json::Value,
+    /// Weights.
+    pub checkpoint: Checkpoint,
+}
+
+impl ModelDir {
+    /// Opens a model directory written by HF `save_pretrained`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(Error::io(
+                path,
+                if path.exists() {
+                    "not a directory"
+                } else {
+                    "no such directory"
+                },
+            ));
+        }
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Config {
+            path: cfg_path.clone(),
+            msg: e.to_string(),
+        })?;
+        let config = parse_config(&cfg_path, &text)?;
+        let checkpoint = Checkpoint::open(path)?;
+        Ok(ModelDir {
+            path: path.to_path_buf(),
+            config,
+            checkpoint,
+        })
+    }
+
+    /// A model held in memory: config.json text and one safetensors file's bytes.
+    pub fn from_static(name: &str, config_json: &str, safetensors: &'static [u8]) -> Result<Self> {
+        let path = PathBuf::from(name);
+        let config = parse_config(&path.join("config.json"), config_json)?;
+        let file =
+            SafeTensorsFile::parse(path.join("model.safetensors"), Bytes::Static(safetensors))?;
+        Ok(ModelDir {
+            checkpoint: Checkpoint::from_files(path.clone(), vec![file]),
+            path,
+            config,
+        })
+    }
+
+    /// A model of `config` with seeded random weights (see [`Checkpoint::random`]).
+    pub fn random(name: &str, config: serde_json::Value, seed: u64) -> Self {
+        ModelDir {
+            path: PathBuf::from(name),
+            config,
+            checkpoint: Checkpoint::random(name, seed),
+        }
+    }
+
+    /// config.json's `model_type`.
+    pub fn model_type(&self) -> Result<&str> {
+        self.config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Config {
+                path: self.path.join("config.json"),
+                msg: "no `model_type` string".into(),
+            })
+    }
+}
+
+fn parse_config(path: &Path, text: &str) -> Result<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: format!("malformed JSON: {e}"),
+    })?;
+    if !v.is_object() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            msg: "expected a JSON object".into(),
+        });
+    }
+    Ok(v)
+}
+
+fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if shape.len() == 1 {
+        let one = name.ends_with("weight") || name.ends_with("gamma");
+        return vec![if one { 1.0 } else { 0.0 }; n];
+    }
+    // SplitMix64 seeded by the tensor's name, so each tensor is independent of load order.
+    let mut state = name.bytes().fold(seed ^ 0x9e3779b97f4a7c15, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let mut next = move || {
+        state = state.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            // Box-Muller from two uniforms in (0, 1].
+            let (u1, u2) = (1.0 - next(), next());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+        })
+        .collect()
+}

@@ -1,0 +1,195 @@
+//! GPT2 (`model_type: gpt2`): learned positions, pre-LN causal layers, LM head tied to the
+//! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
+//! returns logits.
+
+use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput, Padded};
+use crate::error::Result;
+use crate::io::ModelDir;
+use crate::nn::{LayerNorm, Linear, Weights};
+use crate::ops::{self, Activation};
+use crate::tensor::{DType, Device, Tensor};
+use serde::Deserialize;
+
+/// The config.json fields GPT2 uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    #[serde(default = "default_positions")]
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_positions() -> usize {
+    1024
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+/// A loaded GPT2 language model.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    act: Activation,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// Untied head [vocab, n_embd]; None when tied to `wte`.
+    lm_head: Option<Tensor>,
+    device: Device,
+}
+
+impl Gpt2 {
+    /// Loads GPT2 weights from `dir`.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg: Gpt2Config = parse_config(dir)?;
+        let h = cfg.n_embd;
+        config_check(dir, cfg.n_head > 0 && h % cfg.n_head == 0, || {
+            format!("n_embd {h} is not a multiple of n_head {}", cfg.n_head)
+        })?;
+        let act =
+            Activation::from_hf(&cfg.activation_function).map_err(|e| crate::Error::Config {
+                path: dir.path.join("config.json"),
+                msg: e.to_string(),
+            })?;
+        let inner = cfg.n_inner.unwrap_or(4 * h);
+        let eps = cfg.layer_norm_epsilon as f32;
+        let root = Weights::new(&dir.checkpoint, dtype, device);
+        let w = if dir.checkpoint.contains("transformer.wte.weight") {
+            root.pp("transformer")
+        } else {
+            root.clone()
+        };
+        let wte = w.tensor("wte.weight", &[cfg.vocab_size, h])?;
+        let wpe = w.tensor("wpe.weight", &[cfg.n_positions, h])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let b = w.pp("h").pp(i);
+            blocks.push(Block {
+                ln_1: LayerNorm::load(&b, "ln_1", h, eps)?,
+                c_attn: Linear::load_conv1d(&b.pp("attn"), "c_attn", h, 3 * h)?,
+                c_proj: Linear::load_conv1d(&b.pp("attn"), "c_proj", h, h)?,
+                ln_2: LayerNorm::load(&b, "ln_2", h, eps)?,
+                c_fc: Linear::load_conv1d(&b.pp("mlp"), "c_fc", h, inner)?,
+                mlp_proj: Linear::load_conv1d(&b.pp("mlp"), "c_proj", inner, h)?,
+            });
+        }
+        let ln_f = LayerNorm::load(&w, "ln_f", h, eps)?;
+        let lm_head = if !cfg.tie_word_embeddings && root.contains("lm_head.weight") {
+            Some(root.tensor("lm_head.weight", &[cfg.vocab_size, h])?)
+        } else {
+            None
+        };
+        Ok(Gpt2 {
+            cfg,
+            act,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Model for Gpt2 {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        let cfg = &self.cfg;
+        let p = Padded::new(&batch.input_ids, cfg.vocab_size, cfg.n_positions)?;
+        let n = p.batch * p.len;
+        let h = cfg.n_embd;
+        let dev = &self.device;
+        let ids = Tensor::from_i32(&p.flatten(&batch.input_ids, 0), &[n], dev)?;
+        let pos = Tensor::from_i32(&p.positions(), &[n], dev)?;
+        let mut x = ops::embed(&[(&self.wte, &ids), (&self.wpe, &pos)])?;
+        let heads = cfg.n_head;
+        let base_scale = if cfg.scale_attn_weights {
+            1.0 / ((h / heads) as f32).sqrt()
+        } else {
+            1.0
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            let scale = if cfg.scale_attn_by_inverse_layer_idx {
+                base_scale / (i + 1) as f32
+            } else {
+                base_scale
+            };
+            let a = b.ln_1.forward(&x, None)?;
+            let qkv = b
+                .c_attn
+                .forward(&a, Activation::None)?
+                .reshape(&[p.batch, p.len, 3 * h])?;
+            let att =
+                ops::self_attention(&qkv, heads, &p.lengths, true, scale)?.reshape(&[n, h])?;
+            x = ops::add(&x, &b.c_proj.forward(&att, Activation::None)?)?;
+            let m = b.ln_2.forward(&x, None)?;
+            let f = b.c_fc.forward(&m, self.act)?;
+            x = ops::add(&x, &b.mlp_proj.forward(&f, Activation::None)?)?;
+        }
+        let x = self.ln_f.forward(&x, None)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte);
+        let logits = ops::linear(&x, head, None, Activation::None)?;
+        p.output("logits", &logits)
+    }
+
+    fn info(&self) -> ModelInfo {
+        info(&self.cfg)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.n_positions
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Architecture and sizes from the config alone.
+pub fn info(c: &Gpt2Config) -> ModelInfo {
+    ModelInfo {
+        architecture: format!("GPT2 decoder (pre-LN, causal, {})", c.activation_function),
+        sizes: vec![
+            ("vocab_size", c.vocab_size),
+            ("n_embd", c.n_embd),
+            ("n_layer", c.n_layer),
+            ("n_head", c.n_head),
+            ("n_inner", c.n_inner.unwrap_or(4 * c.n_embd)),
+            ("n_positions", c.n_positions),
+        ],
+    }
+}

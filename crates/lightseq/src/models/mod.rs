@@ -1,0 +1,178 @@
+//! Architectures, one file each: a serde config mirroring config.json, HF weight names,
+//! and a forward pass written against ops (never against a device).
+
+pub mod bert;
+pub mod gpt2;
+pub mod presets;
+
+use crate::error::{Error, Result};
+use crate::io::ModelDir;
+use crate::tensor::{DType, Device, Tensor};
+use serde::de::DeserializeOwned;
+
+/// A batch of ragged token sequences.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// One id list per sequence.
+    pub input_ids: Vec<Vec<i64>>,
+    /// Optional segment ids, the same lengths as `input_ids`.
+    pub token_type_ids: Option<Vec<Vec<i64>>>,
+}
+
+/// What a forward pass returns: `hidden` [batch, max_len, hidden] for encoders, `logits`
+/// [batch, max_len, vocab] for language models; positions past a sequence's end are zero.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// `hidden` or `logits`.
+    pub name: &'static str,
+    /// [batch, max_len, width]
+    pub shape: [usize; 3],
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Summary for `lightseq info`.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Architecture name.
+    pub architecture: String,
+    /// (name, value) pairs of the main sizes.
+    pub sizes: Vec<(&'static str, usize)>,
+}
+
+/// A loaded model.
+pub trait Model: Send + Sync {
+    /// Runs the batch; sequences are padded and masked internally.
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput>;
+    /// Architecture and sizes.
+    fn info(&self) -> ModelInfo;
+    /// Vocabulary size (ids must be below it).
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence the position table allows.
+    fn max_positions(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+}
+
+/// Loads the model in `dir` onto `device` with weights converted to `dtype`.
+pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Box<dyn Model>> {
+    let mt = dir.model_type()?;
+    match mt {
+        "bert" => Ok(Box::new(bert::Bert::load(dir, dtype, device)?)),
+        "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, dtype, device)?)),
+        other => Err(Error::Config {
+            path: dir.path.join("config.json"),
+            msg: format!(
+                "unsupported model_type `{other}` (supported: {})",
+                SUPPORTED.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Architecture and sizes from config.json alone (no weights are read).
+pub fn describe(dir: &ModelDir) -> Result<ModelInfo> {
+    match dir.model_type()? {
+        "bert" => Ok(bert::info(&parse_config(dir)?)),
+        "gpt2" => Ok(gpt2::info(&parse_config(dir)?)),
+        other => Err(Error::Config {
+            path: dir.path.join("config.json"),
+            msg: format!(
+                "unsupported model_type `{other}` (supported: {})",
+                SUPPORTED.join(", ")
+            ),
+        }),
+    }
+}
+
+/// model_type values `load` accepts.
+pub const SUPPORTED: &[&str] = &["bert", "gpt2"];
+
+/// Parses config.json into an architecture's config struct.
+pub(crate) fn parse_config<T: DeserializeOwned>(dir: &ModelDir) -> Result<T> {
+    serde_json::from_value(dir.config.clone()).map_err(|e| Error::Config {
+        path: dir.path.join("config.json"),
+        msg: e.to_string(),
+    })
+}
+
+/// Fails unless `cond`, naming the config file.
+pub(crate) fn config_check(dir: &ModelDir, cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Config {
+            path: dir.path.join("config.json"),
+            msg: msg(),
+        })
+    }
+}
+
+/// A ragged batch laid out as [batch, max_len] with right padding.
+pub(crate) struct Padded {
+    pub batch: usize,
+    pub len: usize,
+    pub lengths: Vec<usize>,
+}
+
+impl Padded {
+    /// Validates ids against `vocab` and lengths against `max_positions`.
+    pub fn new(ids: &[Vec<i64>], vocab: usize, max_positions: usize) -> Result<Self> {
+        for (b, seq) in ids.iter().enumerate() {
+            if seq.len() > max_positions {
+                return Err(Error::Input(format!(
+                    "sequence {b} has {} tokens, more than the model's {max_positions} positions",
+                    seq.len()
+                )));
+            }
+            if let Some((i, &id)) = seq
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id < 0 || id as u64 >= vocab as u64)
+            {
+                return Err(Error::Input(format!(
+                    "sequence {b}, token {i}: id {id} is outside the vocabulary [0, {vocab})"
+                )));
+            }
+        }
+        Ok(Padded {
+            batch: ids.len(),
+            len: ids.iter().map(Vec::len).max().unwrap_or(0),
+            lengths: ids.iter().map(Vec::len).collect(),
+        })
+    }
+
+    /// Flattens `rows` into [batch * len], padding with `pad`.
+    pub fn flatten(&self, rows: &[Vec<i64>], pad: i32) -> Vec<i32> {
+        let mut out = vec![pad; self.batch * self.len];
+        for (b, r) in rows.iter().enumerate() {
+            for (i, &v) in r.iter().enumerate() {
+                out[b * self.len + i] = v as i32;
+            }
+        }
+        out
+    }
+
+    /// Position ids 0..len for every row.
+    pub fn positions(&self) -> Vec<i32> {
+        (0..self.batch * self.len)
+            .map(|i| (i % self.len.max(1)) as i32)
+            .collect()
+    }
+
+    /// Copies `x` [batch * len, width] to the host and zeroes padding rows.
+    pub fn output(&self, name: &'static str, x: &Tensor) -> Result<ModelOutput> {
+        let width = x.shape().last().copied().unwrap_or(0);
+        let mut data = x.to_f32_vec()?;
+        for (b, &n) in self.lengths.iter().enumerate() {
+            let start = (b * self.len + n) * width;
+            let end = (b + 1) * self.len * width;
+            data[start..end].iter_mut().for_each(|v| *v = 0.0);
+        }
+        Ok(ModelOutput {
+            name,
+            shape: [self.batch, self.len, width],
+            data,
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! Layers built from ops, and the weight loader that names their tensors as HF does.
+
+use crate::error::Result;
+use crate::io::Checkpoint;
+use crate::ops::{self, Activation};
+use crate::tensor::{DType, Device, Tensor};
+
+/// Loads tensors under a name prefix (`encoder.layer.3.`), converting to one dtype and device.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl<'a> Weights<'a> {
+    /// Loader at the checkpoint's root.
+    pub fn new(ckpt: &'a Checkpoint, dtype: DType, device: &'a Device) -> Self {
+        Weights {
+            ckpt,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// A loader one level down: `pp("layer").pp(3)`.
+    pub fn pp(&self, part: impl std::fmt::Display) -> Self {
+        Weights {
+            prefix: format!("{}{}.", self.prefix, part),
+            ..self.clone()
+        }
+    }
+
+    /// Full name of `name` under this prefix.
+    pub fn name(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// True when the checkpoint holds `name` under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.name(name))
+    }
+
+    /// Values of `name`, checked against `shape`.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.ckpt.read_f32(&self.name(name), shape)
+    }
+
+    /// `name` as a tensor of `shape` on the loader's device and dtype.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.ckpt
+            .tensor(&self.name(name), shape, self.dtype, self.device)
+    }
+
+    /// A tensor from values already read (fused or transposed weights).
+    pub fn from_f32(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_f32(data, shape, self.dtype, self.device)
+    }
+
+    /// The device tensors are loaded onto.
+    pub fn device(&self) -> &Device {
+        self.device
+    }
+
+    /// The dtype tensors are loaded as.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Transposes a row-major [rows, cols] matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+/// `y = act(x @ w^T + b)` with w stored [out, in].
+pub struct Linear {
+    /// [out, in]
+    pub weight: Tensor,
+    /// [out]
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// torch.nn.Linear: `name.weight` [out, in] and, with `bias`, `name.bias` [out].
+    pub fn load(w: &Weights, name: &str, n_in: usize, n_out: usize, bias: bool) -> Result<Self> {
+        let w = w.pp(name);
+        Ok(Linear {
+            weight: w.tensor("weight", &[n_out, n_in])?,
+            bias: if bias {
+                Some(w.tensor("bias", &[n_out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// HF's Conv1D (GPT2): `name.weight` stored [in, out], transposed here to [out, in].
+    pub fn load_conv1d(w: &Weights, name: &str, n_in: usize, n_out: usize) -> Result<Self> {
+        let w = w.pp(name);
+        let t = transpose(&w.read_f32("weight", &[n_in, n_out])?, n_in, n_out);
+        Ok(Linear {
+            weight: w.from_f32(&t, &[n_out, n_in])?,
+            bias: Some(w.tensor("bias", &[n_out])?),
+        })
+    }
+
+    /// Several torch.nn.Linear layers over the same input fused into one (q, k, v).
+    pub fn load_fused(w: &Weights, names: &[&str], n_in: usize, n_out: usize) -> Result<Self> {
+        let mut weight = Vec::with_capacity(names.len() * n_in * n_out);
+        let mut bias = Vec::with_capacity(names.len() * n_out);
+        for n in names {
+            let p = w.pp(n);
+            weight.extend(p.read_f32("weight", &[n_out, n_in])?);
+            bias.extend(p.read_f32("bias", &[n_out])?);
+        }
+        let total = names.len() * n_out;
+        Ok(Linear {
+            weight: w.from_f32(&weight, &[total, n_in])?,
+            bias: Some(w.from_f32(&bias, &[total])?),
+        })
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref(), act)
+    }
+}
+
+/// Layer normalization with learned scale and shift.
+pub struct LayerNorm {
+    /// [h]
+    pub gamma: Tensor,
+    /// [h]
+    pub beta: Tensor,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    /// `name.weight` / `name.bias` (or the older `name.gamma` / `name.beta`).
+    pub fn load(w: &Weights, name: &str, h: usize, eps: f32) -> Result<Self> {
+        let w = w.pp(name);
+        let (g, b) = if !w.contains("weight") && w.contains("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        Ok(LayerNorm {
+            gamma: w.tensor(g, &[h])?,
+            beta: w.tensor(b, &[h])?,
+            eps,
+        })
+    }
+
+    /// LN(x + residual).
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        ops::layer_norm(x, residual, &self.gamma, &self.beta, self.eps)
+    }
+}
