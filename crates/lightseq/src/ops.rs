@@ -295,7 +295,7 @@ pub fn self_attention(
     const OP: &str = "self_attention";
     let dt = same_float_dtype(OP, &[qkv])?;
     let s = qkv.shape();
-    if s.len() != 3 || heads == 0 || s[2] % (3 * heads) != 0 {
+    if s.len() != 3 || heads == 0 || !s[2].is_multiple_of(3 * heads) {
         return Err(Error::op(OP, format!("qkv {s:?} with {heads} heads")));
     }
     let (b, l, h3) = (s[0], s[1], s[2]);

@@ -243,7 +243,7 @@ pub fn serialize_f32(tensors: &[(&str, &[usize], &[f32])]) -> Vec<u8> {
         offset = end;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);

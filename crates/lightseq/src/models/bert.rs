@@ -71,7 +71,7 @@ impl Bert {
         let h = cfg.hidden_size;
         config_check(
             dir,
-            cfg.num_attention_heads > 0 && h % cfg.num_attention_heads == 0,
+            cfg.num_attention_heads > 0 && h.is_multiple_of(cfg.num_attention_heads),
             || {
                 format!(
                     "hidden_size {h} is not a multiple of num_attention_heads {}",

@@ -73,7 +73,7 @@ impl Gpt2 {
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
         let cfg: Gpt2Config = parse_config(dir)?;
         let h = cfg.n_embd;
-        config_check(dir, cfg.n_head > 0 && h % cfg.n_head == 0, || {
+        config_check(dir, cfg.n_head > 0 && h.is_multiple_of(cfg.n_head), || {
             format!("n_embd {h} is not a multiple of n_head {}", cfg.n_head)
         })?;
         let act =

@@ -84,16 +84,16 @@ impl DeviceSpec {
                 Ok(n) if n > 0 => match CudaDevice::open(0) {
                     Ok(d) => Ok(Device::Cuda(d)),
                     Err(e) => {
-                        cpu_notice(&e.to_string());
+                        cpu_notice(&e);
                         Ok(Device::Cpu)
                     }
                 },
                 Ok(_) => {
-                    cpu_notice("no CUDA GPU found");
+                    cpu_notice(&Error::Device("no CUDA GPU found".into()));
                     Ok(Device::Cpu)
                 }
                 Err(e) => {
-                    cpu_notice(&e.to_string());
+                    cpu_notice(&e);
                     Ok(Device::Cpu)
                 }
             },
@@ -101,6 +101,10 @@ impl DeviceSpec {
     }
 }
 
-fn cpu_notice(why: &str) {
+fn cpu_notice(why: &Error) {
+    let why = match why {
+        Error::Device(m) => m.clone(),
+        other => other.to_string(),
+    };
     CPU_NOTICE.call_once(|| eprintln!("lightseq: {why}; running on the CPU"));
 }

@@ -29,11 +29,11 @@ __device__ void attention_body(const T* q, const T* k, const T* v, T* out, const
   float acc[ATT_MAX_DIM_PER_LANE];
 #pragma unroll
   for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) acc[t] = 0.f;
-  float run_max = -INFINITY, run_sum = 0.f;
+  float run_max = LS_NEG_INF, run_sum = 0.f;
 
   for (int j0 = 0; j0 < n_keys; j0 += 32) {
     const int j = j0 + lane;
-    float s = -INFINITY;
+    float s = LS_NEG_INF;
     if (j < n_keys) {
       const T* k_row = k_base + (long long)j * kv_rstride;
       float dot = 0.f;

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #define LS_FULL_MASK 0xffffffffu
+#define LS_NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

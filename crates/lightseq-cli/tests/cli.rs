@@ -1,0 +1,307 @@
+//! The `lightseq` binary end to end: forward on fixtures, and every kind of bad input
+//! answered with one clear `error:` line and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lightseq"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lightseq-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn forward(model: &Path, input: &Path, out: &Path) -> Output {
+    bin()
+        .arg("forward")
+        .arg(model)
+        .arg("--input")
+        .arg(input)
+        .arg("--out")
+        .arg(out)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap()
+}
+
+/// Asserts a clean failure whose single error line contains `needle`.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "error line `{}` lacks `{needle}`",
+        lines[0]
+    );
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn forward_writes_reference_matching_output() {
+    let d = tmpdir("ok");
+    let out = d.join("out.safetensors");
+    for name in ["bert", "gpt2", "bert_mlm_sharded"] {
+        let m = fixtures().join(name);
+        let o = forward(&m, &m.join("input.json"), &out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = lightseq::io::safetensors::SafeTensorsFile::open(&out).unwrap();
+        let want =
+            lightseq::io::safetensors::SafeTensorsFile::open(&m.join("reference.safetensors"))
+                .unwrap();
+        let key = want.tensors.keys().next().unwrap().clone();
+        let (gs, g) = got.read_f32(&key).unwrap();
+        let (ws, w) = want.read_f32(&key).unwrap();
+        assert_eq!(gs, ws);
+        let num: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!((num / den).sqrt() < 1e-4, "{name}");
+    }
+}
+
+#[test]
+fn empty_batch_is_fine() {
+    let d = tmpdir("empty");
+    let inp = d.join("in.json");
+    write(&inp, r#"{"input_ids": []}"#);
+    let o = forward(&fixtures().join("bert"), &inp, &d.join("out.safetensors"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn missing_directory() {
+    let d = tmpdir("nodir");
+    let inp = fixtures().join("bert/input.json");
+    assert_clean_error(
+        &forward(&d.join("nope"), &inp, &d.join("o")),
+        "no such directory",
+    );
+}
+
+#[test]
+fn missing_and_malformed_config() {
+    let d = tmpdir("cfg");
+    let m = d.join("m");
+    copy_dir(&fixtures().join("bert"), &m);
+    let inp = m.join("input.json");
+    std::fs::remove_file(m.join("config.json")).unwrap();
+    assert_clean_error(&forward(&m, &inp, &d.join("o")), "config.json");
+    write(&m.join("config.json"), "{\"model_type\": \"bert\", ");
+    assert_clean_error(&forward(&m, &inp, &d.join("o")), "malformed JSON");
+    write(
+        &m.join("config.json"),
+        r#"{"model_type": "bert", "hidden_size": "big"}"#,
+    );
+    assert_clean_error(&forward(&m, &inp, &d.join("o")), "config.json");
+}
+
+#[test]
+fn unknown_model_type() {
+    let d = tmpdir("mt");
+    let m = d.join("m");
+    copy_dir(&fixtures().join("bert"), &m);
+    let cfg = std::fs::read_to_string(m.join("config.json"))
+        .unwrap()
+        .replace("\"bert\"", "\"wavenet\"");
+    write(&m.join("config.json"), &cfg);
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "unsupported model_type `wavenet`",
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let d = tmpdir("st");
+    let m = d.join("m");
+    copy_dir(&fixtures().join("gpt2"), &m);
+    let st = m.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "truncated",
+    );
+    std::fs::write(&st, &bytes[..5]).unwrap();
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "too short",
+    );
+    let mut junk = bytes.clone();
+    junk[8..40].copy_from_slice(&[b'#'; 32]);
+    std::fs::write(&st, &junk).unwrap();
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "malformed header",
+    );
+    std::fs::remove_file(&st).unwrap();
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "no model.safetensors",
+    );
+}
+
+#[test]
+fn shape_disagreeing_with_config_and_missing_tensor() {
+    let d = tmpdir("shape");
+    let m = d.join("m");
+    copy_dir(&fixtures().join("bert"), &m);
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let mut v2 = v.clone();
+    v2["intermediate_size"] = serde_json::json!(40);
+    write(&m.join("config.json"), &v2.to_string());
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        "has shape",
+    );
+    write(&m.join("config.json"), &cfg);
+    // Rewrite the checkpoint without one tensor.
+    let st =
+        lightseq::io::safetensors::SafeTensorsFile::open(&m.join("model.safetensors")).unwrap();
+    let drop = "encoder.layer.1.output.dense.bias";
+    assert!(st.tensors.contains_key(drop));
+    let kept: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors
+        .keys()
+        .filter(|k| k.as_str() != drop)
+        .map(|k| {
+            let (s, v) = st.read_f32(k).unwrap();
+            (k.clone(), s, v)
+        })
+        .collect();
+    drop_file(st);
+    let refs: Vec<(&str, &[usize], &[f32])> = kept
+        .iter()
+        .map(|(k, s, v)| (k.as_str(), s.as_slice(), v.as_slice()))
+        .collect();
+    lightseq::io::safetensors::write_f32(&m.join("model.safetensors"), &refs).unwrap();
+    assert_clean_error(
+        &forward(&m, &m.join("input.json"), &d.join("o")),
+        &format!("missing tensor `{drop}`"),
+    );
+}
+
+fn drop_file<T>(_: T) {}
+
+#[test]
+fn bad_token_ids_and_input_json() {
+    let d = tmpdir("ids");
+    let m = fixtures().join("gpt2");
+    let inp = d.join("in.json");
+    let cases = [
+        (
+            r#"{"input_ids": [[1, 2], [3, 101]]}"#,
+            "id 101 is outside the vocabulary",
+        ),
+        (
+            r#"{"input_ids": [[1, -4]]}"#,
+            "id -4 is outside the vocabulary",
+        ),
+        (r#"{"input_ids": [[1, 2.5]]}"#, "not an integer"),
+        (r#"{"input_ids": [1, 2]}"#, "must be a list of integers"),
+        (r#"{"ids": [[1]]}"#, "no `input_ids`"),
+        (r#"{"input_ids": [[1, 2]"#, "malformed JSON"),
+        (r#"[[1, 2]]"#, "expected a JSON object"),
+    ];
+    for (text, needle) in cases {
+        write(&inp, text);
+        assert_clean_error(&forward(&m, &inp, &d.join("o")), needle);
+    }
+    let long: Vec<i64> = (0..49).map(|i| i % 100).collect();
+    write(
+        &inp,
+        &serde_json::json!({ "input_ids": [long] }).to_string(),
+    );
+    assert_clean_error(
+        &forward(&m, &inp, &d.join("o")),
+        "more than the model's 48 positions",
+    );
+    assert_clean_error(
+        &forward(&m, &d.join("absent.json"), &d.join("o")),
+        "absent.json",
+    );
+    // token types of the wrong shape or out of range
+    let b = fixtures().join("bert_cls_types");
+    write(&inp, r#"{"input_ids": [[1, 2]], "token_type_ids": [[0]]}"#);
+    assert_clean_error(&forward(&b, &inp, &d.join("o")), "same ragged shape");
+    write(
+        &inp,
+        r#"{"input_ids": [[1, 2]], "token_type_ids": [[0, 7]]}"#,
+    );
+    assert_clean_error(&forward(&b, &inp, &d.join("o")), "outside the vocabulary");
+}
+
+#[test]
+fn absent_cuda_device_and_bad_options() {
+    let d = tmpdir("dev");
+    let m = fixtures().join("bert");
+    let run = |dev: &str, dtype: &str| {
+        bin()
+            .arg("forward")
+            .arg(&m)
+            .arg("--input")
+            .arg(m.join("input.json"))
+            .arg("--out")
+            .arg(d.join("o"))
+            .args(["--device", dev, "--dtype", dtype])
+            .output()
+            .unwrap()
+    };
+    // No machine has 64 GPUs; without CUDA the error names what is missing instead.
+    let o = run("cuda:63", "f32");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cuda:63") || err.contains("CUDA driver library"),
+        "{err}"
+    );
+    assert_clean_error(&o, "device");
+    assert_clean_error(&run("tpu", "f32"), "unknown device `tpu`");
+    assert_clean_error(&run("cpu", "f8"), "unknown dtype `f8`");
+}
+
+#[test]
+fn info_describes_model() {
+    let o = bin()
+        .arg("info")
+        .arg(fixtures().join("bert_mlm_sharded"))
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        s.contains("model_type:   bert") && s.contains("parameters:") && s.contains("F32"),
+        "{s}"
+    );
+    let o = bin()
+        .arg("info")
+        .arg("/nonexistent/model")
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "no such directory");
+}

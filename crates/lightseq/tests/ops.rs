@@ -1,0 +1,381 @@
+//! Ops: the CPU bodies against naive references, and CUDA against the CPU for every dtype
+//! on random inputs of odd shapes.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+mod common;
+
+use common::{gpu, randn, rel_err};
+use lightseq::ops::{self, Activation};
+use lightseq::{DType, Device, Tensor};
+
+const ACTS: [Activation; 6] = [
+    Activation::None,
+    Activation::Gelu,
+    Activation::GeluTanh,
+    Activation::Relu,
+    Activation::Silu,
+    Activation::QuickGelu,
+];
+
+fn t(data: &[f32], shape: &[usize], dt: DType, dev: &Device) -> Tensor {
+    Tensor::from_f32(data, shape, dt, dev).unwrap()
+}
+
+fn naive_linear(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    act: Activation,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                .sum();
+            y[i * n + j] = act.apply((s + b[j] as f64) as f32);
+        }
+    }
+    y
+}
+
+fn naive_layer_norm(x: &[f32], r: &[f32], g: &[f32], b: &[f32], h: usize, eps: f64) -> Vec<f32> {
+    let mut out = Vec::new();
+    for (xr, rr) in x.chunks(h).zip(r.chunks(h)) {
+        let v: Vec<f64> = xr
+            .iter()
+            .zip(rr)
+            .map(|(a, b)| *a as f64 + *b as f64)
+            .collect();
+        let mean = v.iter().sum::<f64>() / h as f64;
+        let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / h as f64;
+        for j in 0..h {
+            out.push(((v[j] - mean) / (var + eps).sqrt() * g[j] as f64 + b[j] as f64) as f32);
+        }
+    }
+    out
+}
+
+/// Softmax(q k^T * scale + mask) v with an explicit score matrix, in f64.
+fn naive_attention(
+    qkv: &[f32],
+    b: usize,
+    l: usize,
+    heads: usize,
+    d: usize,
+    lens: &[usize],
+    causal: bool,
+    scale: f32,
+) -> Vec<f32> {
+    let hid = heads * d;
+    let at = |bb: usize, t: usize, part: usize, h: usize, e: usize| {
+        qkv[(bb * l + t) * 3 * hid + part * hid + h * d + e] as f64
+    };
+    let mut out = vec![0f32; b * l * hid];
+    for bb in 0..b {
+        for h in 0..heads {
+            for i in 0..l {
+                let visible: Vec<usize> = (0..l)
+                    .filter(|&j| j < lens[bb] && (!causal || j <= i))
+                    .collect();
+                if visible.is_empty() {
+                    continue;
+                }
+                let s: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|e| at(bb, i, 0, h, e) * at(bb, j, 1, h, e))
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                for e in 0..d {
+                    let o: f64 = visible
+                        .iter()
+                        .zip(&s)
+                        .map(|(&j, x)| (x - mx).exp() / z * at(bb, j, 2, h, e))
+                        .sum();
+                    out[(bb * l + i) * hid + h * d + e] = o as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn cpu_linear_matches_naive_for_every_activation() {
+    let (m, n, k) = (7, 13, 19);
+    let (x, w, b) = (randn(1, m * k), randn(2, n * k), randn(3, n));
+    let dev = Device::Cpu;
+    for act in ACTS {
+        let y = ops::linear(
+            &t(&x, &[m, k], DType::F32, &dev),
+            &t(&w, &[n, k], DType::F32, &dev),
+            Some(&t(&b, &[n], DType::F32, &dev)),
+            act,
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[m, n]);
+        let err = rel_err(
+            &y.to_f32_vec().unwrap(),
+            &naive_linear(&x, &w, &b, m, n, k, act),
+        );
+        assert!(err < 1e-5, "{act:?}: {err}");
+    }
+}
+
+#[test]
+fn activations_match_their_definitions() {
+    // Values from the closed forms, computed independently in f64.
+    let x = [-2.5f64, -0.7, 0.0, 0.3, 1.9];
+    for &v in &x {
+        let erf_gelu = 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()));
+        let tanh_gelu = 0.5
+            * v
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+        let cases = [
+            (Activation::Gelu, erf_gelu),
+            (Activation::GeluTanh, tanh_gelu),
+            (Activation::Relu, v.max(0.0)),
+            (Activation::Silu, v / (1.0 + (-v).exp())),
+            (Activation::QuickGelu, v / (1.0 + (-1.702 * v).exp())),
+        ];
+        for (act, want) in cases {
+            let got = act.apply(v as f32) as f64;
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{act:?}({v}) = {got}, want {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_layer_norm_matches_naive() {
+    let (rows, h) = (5, 37);
+    let (x, r, g, b) = (
+        randn(4, rows * h),
+        randn(5, rows * h),
+        randn(6, h),
+        randn(7, h),
+    );
+    let dev = Device::Cpu;
+    let y = ops::layer_norm(
+        &t(&x, &[rows, h], DType::F32, &dev),
+        Some(&t(&r, &[rows, h], DType::F32, &dev)),
+        &t(&g, &[h], DType::F32, &dev),
+        &t(&b, &[h], DType::F32, &dev),
+        1e-5,
+    )
+    .unwrap();
+    let err = rel_err(
+        &y.to_f32_vec().unwrap(),
+        &naive_layer_norm(&x, &r, &g, &b, h, 1e-5),
+    );
+    assert!(err < 1e-6, "{err}");
+}
+
+#[test]
+fn cpu_attention_matches_naive() {
+    let (b, l, heads, d) = (3, 11, 3, 7);
+    let qkv = randn(8, b * l * 3 * heads * d);
+    let lens = [11, 4, 0];
+    for causal in [false, true] {
+        let y = ops::self_attention(
+            &t(&qkv, &[b, l, 3 * heads * d], DType::F32, &Device::Cpu),
+            heads,
+            &lens,
+            causal,
+            0.37,
+        )
+        .unwrap();
+        let want = naive_attention(&qkv, b, l, heads, d, &lens, causal, 0.37);
+        let got = y.to_f32_vec().unwrap();
+        // Compare real rows only: rows past a sequence's length are unspecified.
+        let hid = heads * d;
+        let mut g = Vec::new();
+        let mut w = Vec::new();
+        for bb in 0..b {
+            for i in 0..lens[bb] {
+                let r = (bb * l + i) * hid..(bb * l + i + 1) * hid;
+                g.extend_from_slice(&got[r.clone()]);
+                w.extend_from_slice(&want[r]);
+            }
+        }
+        let err = rel_err(&g, &w);
+        assert!(err < 1e-5, "causal={causal}: {err}");
+    }
+}
+
+#[test]
+fn cpu_embed_sums_rows_and_rejects_bad_ids() {
+    let dev = Device::Cpu;
+    let (v1, v2, h) = (9, 4, 6);
+    let (t1, t2) = (randn(9, v1 * h), randn(10, v2 * h));
+    let ids1 = [3, 0, 8];
+    let ids2 = [1, 3, 2];
+    let e = ops::embed(&[
+        (
+            &t(&t1, &[v1, h], DType::F32, &dev),
+            &Tensor::from_i32(&ids1, &[3], &dev).unwrap(),
+        ),
+        (
+            &t(&t2, &[v2, h], DType::F32, &dev),
+            &Tensor::from_i32(&ids2, &[3], &dev).unwrap(),
+        ),
+    ])
+    .unwrap();
+    let got = e.to_f32_vec().unwrap();
+    for i in 0..3 {
+        for j in 0..h {
+            let want = t1[ids1[i] as usize * h + j] + t2[ids2[i] as usize * h + j];
+            assert_eq!(got[i * h + j], want);
+        }
+    }
+    let bad = Tensor::from_i32(&[9], &[1], &dev).unwrap();
+    assert!(ops::embed(&[(&t(&t1, &[v1, h], DType::F32, &dev), &bad)]).is_err());
+}
+
+fn tolerance(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-2,
+        _ => 3e-2,
+    }
+}
+
+#[test]
+fn cuda_ops_match_cpu_for_every_dtype() {
+    let Some(gpu) = gpu("cuda_ops_match_cpu_for_every_dtype") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let tol = tolerance(dt);
+        let check = |name: &str, a: &Tensor, b: &Tensor| {
+            assert_eq!(a.shape(), b.shape(), "{name} {dt}");
+            let err = rel_err(&a.to_f32_vec().unwrap(), &b.to_f32_vec().unwrap());
+            assert!(err <= tol, "{name} {dt}: rel err {err} > {tol}");
+            eprintln!("{name:<14} {dt:<5} rel err {err:.2e}");
+        };
+        // Linear with and without bias, odd sizes, every activation.
+        let (m, n, k) = (37, 53, 71);
+        let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
+        for (i, act) in ACTS.into_iter().enumerate() {
+            let bias = i % 2 == 0;
+            let run = |d: &Device| {
+                ops::linear(
+                    &t(&x, &[m, k], dt, d),
+                    &t(&w, &[n, k], dt, d),
+                    bias.then(|| t(&b, &[n], dt, d)).as_ref(),
+                    act,
+                )
+                .unwrap()
+            };
+            check(&format!("linear {act:?}"), &run(&gpu), &run(&cpu));
+        }
+        // Layer norm with a residual, widths below and above one block.
+        for h in [45, 1543] {
+            let rows = 9;
+            let (x, r, g, bb) = (
+                randn(14, rows * h),
+                randn(15, rows * h),
+                randn(16, h),
+                randn(17, h),
+            );
+            let run = |d: &Device, res: bool| {
+                ops::layer_norm(
+                    &t(&x, &[rows, h], dt, d),
+                    res.then(|| t(&r, &[rows, h], dt, d)).as_ref(),
+                    &t(&g, &[h], dt, d),
+                    &t(&bb, &[h], dt, d),
+                    1e-6,
+                )
+                .unwrap()
+            };
+            for res in [false, true] {
+                check("layer_norm", &run(&gpu, res), &run(&cpu, res));
+            }
+        }
+        // Add.
+        let (a, c) = (randn(18, 1001), randn(19, 1001));
+        check(
+            "add",
+            &ops::add(&t(&a, &[1001], dt, &gpu), &t(&c, &[1001], dt, &gpu)).unwrap(),
+            &ops::add(&t(&a, &[1001], dt, &cpu), &t(&c, &[1001], dt, &cpu)).unwrap(),
+        );
+        // Embedding sum of three tables.
+        let h = 29;
+        let tabs = [randn(20, 17 * h), randn(21, 5 * h), randn(22, 3 * h)];
+        let ids: [Vec<i32>; 3] = [
+            vec![16, 0, 5, 9, 2],
+            vec![4, 1, 0, 3, 2],
+            vec![2, 2, 0, 1, 0],
+        ];
+        let run = |d: &Device| {
+            let tt: Vec<Tensor> = tabs
+                .iter()
+                .zip([17, 5, 3])
+                .map(|(v, r)| t(v, &[r, h], dt, d))
+                .collect();
+            let ii: Vec<Tensor> = ids
+                .iter()
+                .map(|v| Tensor::from_i32(v, &[5], d).unwrap())
+                .collect();
+            ops::embed(&[(&tt[0], &ii[0]), (&tt[1], &ii[1]), (&tt[2], &ii[2])]).unwrap()
+        };
+        check("embed", &run(&gpu), &run(&cpu));
+        // Attention: ragged lengths (including an empty one), causal and not, several
+        // head sizes, a length past one 32-key tile.
+        for (b, l, heads, d) in [
+            (3, 45, 3, 64),
+            (2, 7, 2, 24),
+            (1, 130, 1, 128),
+            (2, 33, 4, 80),
+        ] {
+            let qkv = randn(23 + l as u64, b * l * 3 * heads * d);
+            let mut lens: Vec<usize> = (0..b).map(|i| l - (i * 5) % l).collect();
+            if b > 2 {
+                lens[2] = 0;
+            }
+            for causal in [false, true] {
+                let run = |dev: &Device| {
+                    ops::self_attention(
+                        &t(&qkv, &[b, l, 3 * heads * d], dt, dev),
+                        heads,
+                        &lens,
+                        causal,
+                        1.0 / (d as f32).sqrt(),
+                    )
+                    .unwrap()
+                };
+                let (g, c) = (
+                    run(&gpu).to_f32_vec().unwrap(),
+                    run(&cpu).to_f32_vec().unwrap(),
+                );
+                let hid = heads * d;
+                let (mut gg, mut cc) = (Vec::new(), Vec::new());
+                for bb in 0..b {
+                    let r = bb * l * hid..(bb * l + lens[bb]) * hid;
+                    gg.extend_from_slice(&g[r.clone()]);
+                    cc.extend_from_slice(&c[r]);
+                }
+                let err = rel_err(&gg, &cc);
+                assert!(
+                    err <= tol,
+                    "attention {b}x{l}x{heads}x{d} causal={causal} {dt}: {err}"
+                );
+                eprintln!(
+                    "attention      {dt:<5} {b}x{l}x{heads}x{d} causal={causal} rel err {err:.2e}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU checks, run on the GPU machine from the repository root after scripts/build-device.sh:
+#   bash scripts/gpu-check.sh [BINARY] [TEST_DIR]
+# 1. the CUDA op and model tests (CUDA vs CPU, every dtype; fixtures vs HF), GPU required;
+# 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
+#    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
+set -uo pipefail
+BIN=${1:-.device/lightseq}
+TESTS=${2:-.device/tests}
+export LIGHTSEQ_REQUIRE_GPU=1 LIGHTSEQ_REQUIRE_NVRTC=1
+export LIGHTSEQ_FIXTURES=$PWD/tests/fixtures
+export LIGHTSEQ_CACHE_DIR=${LIGHTSEQ_CACHE_DIR:-/tmp/lightseq-kernels}
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+for t in "$TESTS"/*; do
+  echo "== $(basename "$t")"
+  if ! "$t" --test-threads=1 --nocapture 2>&1; then status=1; fi
+done
+echo "== real-size parity"
+python3 scripts/gpu_parity.py --bin "$BIN" || status=1
+echo "== gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
+exit $status
