@@ -233,6 +233,11 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Sum of row lookups: `out[i] = sum_k tables[k][ids[k][i]]`. tables: [V_k, H], ids: i32 [n].
 /// Ids must already be validated against each table's row count.
 pub fn embed(lookups: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    embed_scaled(lookups, 1.0)
+}
+
+/// [`embed`] with the first table's rows multiplied by `scale` (scaled token embeddings).
+pub fn embed_scaled(lookups: &[(&Tensor, &Tensor)], scale: f32) -> Result<Tensor> {
     const OP: &str = "embed";
     if lookups.is_empty() || lookups.len() > 3 {
         return Err(Error::op(OP, "takes one to three (table, ids) pairs"));
@@ -264,27 +269,139 @@ pub fn embed(lookups: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
             for (t, ids) in lookups {
                 parts.push((t.cpu_f32(OP)?, ids.cpu_i32(OP)?, t.shape()[0]));
             }
-            Storage::CpuF32(cpu::embed(&parts, n, h)?)
+            Storage::CpuF32(cpu::embed(&parts, n, h, scale)?)
         }
         Storage::Cuda(_) => {
             let mut parts = Vec::new();
             for (t, ids) in lookups {
                 parts.push((t.cuda(OP)?, ids.cuda(OP)?));
             }
-            Storage::Cuda(cuda::ops::embed(&parts, n, h)?)
+            Storage::Cuda(cuda::ops::embed(&parts, n, h, scale)?)
         }
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     };
     Ok(Tensor::from_parts(vec![n, h], dt, storage))
 }
 
-/// Multi-head self-attention over a packed projection.
-///
-/// qkv: [batch, len, 3 * heads * head_dim] holding q, k and v side by side (as a fused QKV
-/// linear writes them). Sequence b has `lengths[b]` real tokens at the start (right padding);
-/// keys past it are masked. With `causal`, query i sees keys j <= i. Scores are multiplied by
-/// `scale`. Returns [batch, len, heads * head_dim]; rows past a sequence's length hold values
-/// that callers must ignore.
+/// One of the query, key or value inputs of [`attention`]: a [batch, rows, width] tensor in
+/// which head h occupies columns `col + h * head_dim .. col + (h + 1) * head_dim`, so q, k and
+/// v can be slices of one fused projection.
+#[derive(Clone, Copy)]
+pub struct Heads<'a> {
+    /// [batch, rows, width]
+    pub tensor: &'a Tensor,
+    /// First column of head 0.
+    pub col: usize,
+}
+
+/// T5-style relative position bias, added to the scores.
+pub struct RelativeBias<'a> {
+    /// [num_buckets, heads], f32.
+    pub table: &'a Tensor,
+    /// Bucket of each relative position `key_pos - query_pos`, indexed by
+    /// `key_pos - query_pos + (q_offset + len_q - 1)` (length `q_offset + len_q - 1 + len_k`).
+    pub buckets: Vec<i32>,
+}
+
+/// Options of one [`attention`] call.
+pub struct AttentionOptions<'a> {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; `heads` must be a multiple (grouped-query attention).
+    pub kv_heads: usize,
+    /// Size of each head.
+    pub head_dim: usize,
+    /// Multiplies q.k.
+    pub scale: f32,
+    /// Query i sits at position `q_offset + i`; with `causal` it sees keys j <= that position.
+    pub causal: bool,
+    /// Position of the first query (tokens already in a cache).
+    pub q_offset: usize,
+    /// With `Some(w)`, a query also ignores keys more than w - 1 positions behind it.
+    pub window: Option<usize>,
+    /// Per sequence, the half-open range of valid key rows (padding excluded).
+    pub key_ranges: Vec<(usize, usize)>,
+    /// Optional additive relative-position bias.
+    pub bias: Option<RelativeBias<'a>>,
+}
+
+/// Multi-head attention `softmax(q k^T * scale + bias + mask) v`, with an online softmax
+/// (no [len_q x len_k] buffer) on every device. Returns [batch, len_q, heads * head_dim];
+/// rows of queries that see no key are zero.
+pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<Tensor> {
+    const OP: &str = "attention";
+    same_device(OP, &[q.tensor, k.tensor, v.tensor])?;
+    let dt = same_float_dtype(OP, &[q.tensor, k.tensor, v.tensor])?;
+    let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
+    if qs.len() != 3 || ks.len() != 3 || vs.len() != 3 || ks[..2] != vs[..2] || qs[0] != ks[0] {
+        return Err(Error::op(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}")));
+    }
+    if o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0 || o.heads % o.kv_heads != 0 {
+        return Err(Error::op(
+            OP,
+            format!(
+                "{} heads over {} kv heads of size {}",
+                o.heads, o.kv_heads, o.head_dim
+            ),
+        ));
+    }
+    for (side, t, h) in [
+        ("q", &q, o.heads),
+        ("k", &k, o.kv_heads),
+        ("v", &v, o.kv_heads),
+    ] {
+        if t.col + h * o.head_dim > t.tensor.shape()[2] {
+            return Err(Error::op(
+                OP,
+                format!(
+                    "{side}: {h} heads of {} from column {} exceed width {}",
+                    o.head_dim,
+                    t.col,
+                    t.tensor.shape()[2]
+                ),
+            ));
+        }
+    }
+    let (batch, len_q, len_k) = (qs[0], qs[1], ks[1]);
+    if o.key_ranges.len() != batch || o.key_ranges.iter().any(|&(a, b)| a > b || b > len_k) {
+        return Err(Error::op(
+            OP,
+            format!(
+                "key ranges {:?} for {batch} sequences of {len_k} keys",
+                o.key_ranges
+            ),
+        ));
+    }
+    if let Some(b) = &o.bias {
+        let need = o.q_offset + len_q + len_k - 1;
+        if b.table.dtype() != DType::F32
+            || b.table.shape().len() != 2
+            || b.table.shape()[1] != o.heads
+            || b.buckets.len() < need
+        {
+            return Err(Error::op(OP, "relative bias table must be f32 [buckets, heads] with a bucket per relative position"));
+        }
+        let n = b.table.shape()[0] as i32;
+        if b.buckets.iter().any(|&x| x < 0 || x >= n) {
+            return Err(Error::op(OP, "relative bias bucket out of range"));
+        }
+        same_device(OP, &[q.tensor, b.table])?;
+    }
+    let storage = match &q.tensor.storage {
+        Storage::CpuF32(_) => Storage::CpuF32(cpu::attention(&q, &k, &v, o)?),
+        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(&q, &k, &v, o)?),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    };
+    Ok(Tensor::from_parts(
+        vec![batch, len_q, o.heads * o.head_dim],
+        dt,
+        storage,
+    ))
+}
+
+/// Multi-head self-attention over a packed projection: qkv [batch, len, 3 * heads * head_dim]
+/// holds q, k and v side by side. Sequence b has `lengths[b]` real tokens at the start (right
+/// padding). Returns [batch, len, heads * head_dim].
 pub fn self_attention(
     qkv: &Tensor,
     heads: usize,
@@ -292,42 +409,30 @@ pub fn self_attention(
     causal: bool,
     scale: f32,
 ) -> Result<Tensor> {
-    const OP: &str = "self_attention";
-    let dt = same_float_dtype(OP, &[qkv])?;
     let s = qkv.shape();
     if s.len() != 3 || heads == 0 || !s[2].is_multiple_of(3 * heads) {
-        return Err(Error::op(OP, format!("qkv {s:?} with {heads} heads")));
+        return Err(Error::op(
+            "self_attention",
+            format!("qkv {s:?} with {heads} heads"),
+        ));
     }
-    let (b, l, h3) = (s[0], s[1], s[2]);
-    if lengths.len() != b || lengths.iter().any(|&n| n > l) {
-        return Err(Error::op(OP, format!("lengths {lengths:?} for qkv {s:?}")));
-    }
-    let hidden = h3 / 3;
-    let geom = AttentionGeometry {
-        batch: b,
-        len: l,
+    let hidden = s[2] / 3;
+    let side = |i: usize| Heads {
+        tensor: qkv,
+        col: i * hidden,
+    };
+    let opts = AttentionOptions {
         heads,
+        kv_heads: heads,
         head_dim: hidden / heads,
-        causal,
         scale,
+        causal,
+        q_offset: 0,
+        window: None,
+        key_ranges: lengths.iter().map(|&n| (0, n)).collect(),
+        bias: None,
     };
-    let storage = match &qkv.storage {
-        Storage::CpuF32(v) => Storage::CpuF32(cpu::self_attention(v, lengths, &geom)),
-        Storage::Cuda(st) => Storage::Cuda(cuda::ops::self_attention(st, lengths, &geom)?),
-        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
-    };
-    Ok(Tensor::from_parts(vec![b, l, hidden], dt, storage))
-}
-
-/// Shape and options of one attention call, shared by the backends.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AttentionGeometry {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub causal: bool,
-    pub scale: f32,
+    attention(side(0), side(1), side(2), &opts)
 }
 
 /// The same values as another float dtype (on the CPU this rounds through the dtype).
@@ -346,4 +451,136 @@ pub fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     };
     Ok(Tensor::from_parts(x.shape().to_vec(), dtype, storage))
+}
+
+/// RMS normalization over the last dimension of `x + residual` (T5, Llama):
+/// `v / sqrt(mean(v^2) + eps) * gamma`.
+pub fn rms_norm(x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "rms_norm";
+    let mut all = vec![x, gamma];
+    all.extend(residual);
+    same_device(OP, &all)?;
+    let dt = same_float_dtype(OP, &all)?;
+    let h = last_dim(x);
+    if gamma.shape() != [h] {
+        return Err(Error::op(
+            OP,
+            format!("x {:?}, gamma {:?}", x.shape(), gamma.shape()),
+        ));
+    }
+    if let Some(r) = residual {
+        if r.shape() != x.shape() {
+            return Err(Error::op(
+                OP,
+                format!("residual {:?} != x {:?}", r.shape(), x.shape()),
+            ));
+        }
+    }
+    let rows = x.len() / h.max(1);
+    let storage = match &x.storage {
+        Storage::CpuF32(xv) => Storage::CpuF32(cpu::rms_norm(
+            xv,
+            residual.map(|r| r.cpu_f32(OP)).transpose()?,
+            gamma.cpu_f32(OP)?,
+            eps,
+            rows,
+            h,
+        )),
+        Storage::Cuda(xs) => Storage::Cuda(cuda::ops::rms_norm(
+            xs,
+            residual.map(|r| r.cuda(OP)).transpose()?,
+            gamma.cuda(OP)?,
+            eps,
+            rows,
+            h,
+        )?),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    };
+    Ok(Tensor::from_parts(x.shape().to_vec(), dt, storage))
+}
+
+/// Gated unit: x [..., 2 * n] holds (gate, up) halves; returns `act(gate) * up` [..., n].
+pub fn glu(x: &Tensor, act: Activation) -> Result<Tensor> {
+    const OP: &str = "glu";
+    let dt = same_float_dtype(OP, &[x])?;
+    let w = last_dim(x);
+    if x.shape().is_empty() || w % 2 != 0 {
+        return Err(Error::op(
+            OP,
+            format!("x {:?} has no even last dimension", x.shape()),
+        ));
+    }
+    let n = w / 2;
+    let rows = x.len() / w.max(1);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let storage = match &x.storage {
+        Storage::CpuF32(v) => Storage::CpuF32(cpu::glu(v, act, rows, n)),
+        Storage::Cuda(s) => Storage::Cuda(cuda::ops::glu(s, act, rows, n)?),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    };
+    Ok(Tensor::from_parts(shape, dt, storage))
+}
+
+/// `x * s`.
+pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    const OP: &str = "scale";
+    let dt = same_float_dtype(OP, &[x])?;
+    let storage = match &x.storage {
+        Storage::CpuF32(v) => Storage::CpuF32(v.iter().map(|a| a * s).collect()),
+        Storage::Cuda(st) => Storage::Cuda(cuda::ops::scale(st, s)?),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    };
+    Ok(Tensor::from_parts(x.shape().to_vec(), dt, storage))
+}
+
+/// Rotary position embedding (the "rotate half" form of GPT-NeoX and Llama), in place.
+///
+/// x: [batch, len, width]; heads `0..heads` start at columns `col + h * head_dim`. In each
+/// head the first `2 * inv_freq.len()` dimensions rotate: pair (p, p + half) turns by angle
+/// `positions[row] * inv_freq[p]`, with cos and sin multiplied by `attention_scaling`.
+/// positions: i32 [batch * len]; inv_freq: f32 [half] on the same device.
+pub fn rotary(
+    x: &mut Tensor,
+    col: usize,
+    heads: usize,
+    head_dim: usize,
+    positions: &Tensor,
+    inv_freq: &Tensor,
+    attention_scaling: f32,
+) -> Result<()> {
+    const OP: &str = "rotary";
+    same_device(OP, &[x, positions, inv_freq])?;
+    same_float_dtype(OP, &[x])?;
+    let s = x.shape().to_vec();
+    let half = inv_freq.len();
+    if s.len() != 3
+        || col + heads * head_dim > s[2]
+        || 2 * half > head_dim
+        || positions.dtype() != DType::I32
+        || positions.len() != s[0] * s[1]
+        || inv_freq.dtype() != DType::F32
+    {
+        return Err(Error::op(
+            OP,
+            format!("x {s:?}, {heads} heads of {head_dim} from column {col}, positions {:?}, inv_freq {:?}", positions.shape(), inv_freq.shape()),
+        ));
+    }
+    let geom = cpu::RotaryGeometry {
+        rows: s[0] * s[1],
+        width: s[2],
+        col,
+        heads,
+        head_dim,
+        half,
+        attention_scaling,
+    };
+    match &mut x.storage {
+        Storage::CpuF32(v) => {
+            cpu::rotary(v, positions.cpu_i32(OP)?, inv_freq.cpu_f32(OP)?, &geom);
+            Ok(())
+        }
+        Storage::Cuda(st) => cuda::ops::rotary(st, positions.cuda(OP)?, inv_freq.cuda(OP)?, &geom),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    }
 }

@@ -379,3 +379,343 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         }
     }
 }
+
+/// Naive general attention in f64: explicit score rows over visible keys.
+#[allow(clippy::type_complexity)]
+fn naive_general_attention(
+    q: (&[f32], usize, usize, usize), // data, len, width, col
+    k: (&[f32], usize, usize, usize),
+    v: (&[f32], usize, usize, usize),
+    batch: usize,
+    o: &ops::AttentionOptions,
+    table: Option<&[f32]>,
+) -> Vec<f32> {
+    let d = o.head_dim;
+    let mut out = vec![0f32; batch * q.1 * o.heads * d];
+    for b in 0..batch {
+        for i in 0..q.1 {
+            let pos = o.q_offset + i;
+            for h in 0..o.heads {
+                let kh = h / (o.heads / o.kv_heads);
+                let vis: Vec<usize> = (0..k.1)
+                    .filter(|&j| {
+                        j >= o.key_ranges[b].0
+                            && j < o.key_ranges[b].1
+                            && (!o.causal || j <= pos)
+                            && o.window.is_none_or(|w| j + w > pos)
+                    })
+                    .collect();
+                if vis.is_empty() {
+                    continue;
+                }
+                let s: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        let mut x: f64 = (0..d)
+                            .map(|e| {
+                                q.0[(b * q.1 + i) * q.2 + q.3 + h * d + e] as f64
+                                    * k.0[(b * k.1 + j) * k.2 + k.3 + kh * d + e] as f64
+                            })
+                            .sum::<f64>()
+                            * o.scale as f64;
+                        if let (Some(t), Some(bias)) = (table, &o.bias) {
+                            x += t[bias.buckets[j + q.1 - 1 - i] as usize * o.heads + h] as f64;
+                        }
+                        x
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                for e in 0..d {
+                    let val: f64 = vis
+                        .iter()
+                        .zip(&s)
+                        .map(|(&j, x)| {
+                            (x - mx).exp() / z * v.0[(b * v.1 + j) * v.2 + v.3 + kh * d + e] as f64
+                        })
+                        .sum();
+                    out[((b * q.1 + i) * o.heads + h) * d + e] = val as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Cases covering grouped heads, cross attention (len_k != len_q), query offsets (cached
+/// keys), sliding windows, key ranges that start past 0 (left padding) and relative bias.
+fn general_cases() -> Vec<(
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    bool,
+    usize,
+    Option<usize>,
+    bool,
+)> {
+    // (batch, len_q, len_k, heads, kv_heads, head_dim, causal, q_offset, window, bias)
+    vec![
+        (2, 9, 9, 4, 2, 16, true, 0, None, false),
+        (3, 5, 17, 2, 2, 8, false, 0, None, true),
+        (2, 3, 40, 6, 1, 32, true, 37, None, false),
+        (2, 12, 12, 2, 2, 12, true, 0, Some(4), true),
+        (1, 1, 70, 8, 4, 64, true, 69, Some(33), false),
+    ]
+}
+
+fn run_general(
+    dev: &Device,
+    dt: DType,
+    case: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
+    let (b, lq, lk, heads, kvh, d, causal, q_offset, window, with_bias) = general_cases()[case];
+    let qw = heads * d + 5; // extra columns: q sits at column 3 of a wider tensor
+    let kvw = 2 * kvh * d; // k and v packed side by side
+    let qd = randn(100 + case as u64, b * lq * qw);
+    let kvd = randn(200 + case as u64, b * lk * kvw);
+    let key_ranges: Vec<(usize, usize)> = (0..b).map(|i| ((i * 3) % 4, lk - (i * 2) % 3)).collect();
+    let n_buckets = 7;
+    let table = randn(300 + case as u64, n_buckets * heads);
+    let buckets: Vec<i32> = (0..q_offset + lq + lk)
+        .map(|r| ((r * 5) % n_buckets) as i32)
+        .collect();
+    let table_t = Tensor::from_f32(&table, &[n_buckets, heads], DType::F32, dev).unwrap();
+    let opts = ops::AttentionOptions {
+        heads,
+        kv_heads: kvh,
+        head_dim: d,
+        scale: 0.3,
+        causal,
+        q_offset,
+        window,
+        key_ranges: key_ranges.clone(),
+        bias: with_bias.then(|| ops::RelativeBias {
+            table: &table_t,
+            buckets: buckets.clone(),
+        }),
+    };
+    let qt = t(&qd, &[b, lq, qw], dt, dev);
+    let kvt = t(&kvd, &[b, lk, kvw], dt, dev);
+    let got = ops::attention(
+        ops::Heads {
+            tensor: &qt,
+            col: 3,
+        },
+        ops::Heads {
+            tensor: &kvt,
+            col: 0,
+        },
+        ops::Heads {
+            tensor: &kvt,
+            col: kvh * d,
+        },
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(got.shape(), &[b, lq, heads * d]);
+    let want = naive_general_attention(
+        (&DType::round_f32(dt, &qd), lq, qw, 3),
+        (&DType::round_f32(dt, &kvd), lk, kvw, 0),
+        (&DType::round_f32(dt, &kvd), lk, kvw, kvh * d),
+        b,
+        &opts,
+        Some(&table),
+    );
+    (got.to_f32_vec().unwrap(), want, key_ranges, lq, heads * d)
+}
+
+#[test]
+fn cpu_general_attention_matches_naive() {
+    for case in 0..general_cases().len() {
+        let (got, want, ..) = run_general(&Device::Cpu, DType::F32, case);
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "case {case}: {err}");
+    }
+}
+
+fn naive_rms(x: &[f32], g: &[f32], h: usize, eps: f64) -> Vec<f32> {
+    x.chunks(h)
+        .flat_map(|r| {
+            let ms = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            r.iter()
+                .zip(g)
+                .map(move |(v, gg)| (*v as f64 / (ms + eps).sqrt() * *gg as f64) as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn naive_rotary(
+    x: &[f32],
+    rows: usize,
+    width: usize,
+    col: usize,
+    heads: usize,
+    hd: usize,
+    pos: &[i32],
+    inv: &[f32],
+    sc: f32,
+) -> Vec<f32> {
+    let mut y = x.to_vec();
+    let half = inv.len();
+    for r in 0..rows {
+        for h in 0..heads {
+            for p in 0..half {
+                let ang = pos[r] as f64 * inv[p] as f64;
+                let (s, c) = (ang.sin() * sc as f64, ang.cos() * sc as f64);
+                let i1 = r * width + col + h * hd + p;
+                let (a, b) = (x[i1] as f64, x[i1 + half] as f64);
+                y[i1] = (a * c - b * s) as f32;
+                y[i1 + half] = (b * c + a * s) as f32;
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn cpu_rms_norm_glu_rotary_scale_match_naive() {
+    let dev = Device::Cpu;
+    let (rows, h) = (6, 41);
+    let (x, r, g) = (randn(40, rows * h), randn(41, rows * h), randn(42, h));
+    let y = ops::rms_norm(
+        &t(&x, &[rows, h], DType::F32, &dev),
+        Some(&t(&r, &[rows, h], DType::F32, &dev)),
+        &t(&g, &[h], DType::F32, &dev),
+        1e-6,
+    )
+    .unwrap();
+    let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+    assert!(rel_err(&y.to_f32_vec().unwrap(), &naive_rms(&sum, &g, h, 1e-6)) < 1e-6);
+
+    let xx = randn(43, rows * 2 * h);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let y = ops::glu(&t(&xx, &[rows, 2 * h], DType::F32, &dev), act).unwrap();
+        let want: Vec<f32> = xx
+            .chunks(2 * h)
+            .flat_map(|c| (0..h).map(move |j| act.apply(c[j]) * c[h + j]))
+            .collect();
+        assert!(rel_err(&y.to_f32_vec().unwrap(), &want) < 1e-6);
+    }
+
+    let s = ops::scale(&t(&x, &[rows, h], DType::F32, &dev), -0.37).unwrap();
+    let want: Vec<f32> = x.iter().map(|a| a * -0.37).collect();
+    assert_eq!(s.to_f32_vec().unwrap(), want);
+
+    let (b, l, width, col, heads, hd) = (2, 5, 70, 6, 3, 20);
+    let xr = randn(44, b * l * width);
+    let pos: Vec<i32> = (0..b * l).map(|i| (i * 3 + 1) as i32).collect();
+    let inv: Vec<f32> = (0..8)
+        .map(|p| 10000f32.powf(-(2 * p) as f32 / 16.0))
+        .collect();
+    let mut xt = t(&xr, &[b, l, width], DType::F32, &dev);
+    ops::rotary(
+        &mut xt,
+        col,
+        heads,
+        hd,
+        &Tensor::from_i32(&pos, &[b * l], &dev).unwrap(),
+        &t(&inv, &[8], DType::F32, &dev),
+        1.25,
+    )
+    .unwrap();
+    let want = naive_rotary(&xr, b * l, width, col, heads, hd, &pos, &inv, 1.25);
+    assert!(rel_err(&xt.to_f32_vec().unwrap(), &want) < 1e-6);
+}
+
+#[test]
+fn cuda_general_ops_match_cpu_for_every_dtype() {
+    let Some(gpu) = gpu("cuda_general_ops_match_cpu_for_every_dtype") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let tol = tolerance(dt);
+        for case in 0..general_cases().len() {
+            let (g, want, ..) = run_general(&gpu, dt, case);
+            let (c, ..) = run_general(&cpu, dt, case);
+            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
+            assert!(eg <= tol, "attention case {case} {dt}: gpu vs cpu {eg}");
+            assert!(ec <= 1e-5, "attention case {case} {dt}: cpu vs naive {ec}");
+            eprintln!("attention case {case} {dt:<5} rel err {eg:.2e}");
+        }
+        let (rows, h) = (7, 1031);
+        let (x, r, gm) = (randn(50, rows * h), randn(51, rows * h), randn(52, h));
+        let run = |d: &Device| {
+            ops::rms_norm(
+                &t(&x, &[rows, h], dt, d),
+                Some(&t(&r, &[rows, h], dt, d)),
+                &t(&gm, &[h], dt, d),
+                1e-6,
+            )
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+        };
+        let e = rel_err(&run(&gpu), &run(&cpu));
+        assert!(e <= tol, "rms_norm {dt}: {e}");
+        let xx = randn(53, rows * 2 * h);
+        for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+            let run = |d: &Device| {
+                ops::glu(&t(&xx, &[rows, 2 * h], dt, d), act)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap()
+            };
+            let e = rel_err(&run(&gpu), &run(&cpu));
+            assert!(e <= tol, "glu {act:?} {dt}: {e}");
+        }
+        let run = |d: &Device| {
+            ops::scale(&t(&x, &[rows, h], dt, d), 0.61)
+                .unwrap()
+                .to_f32_vec()
+                .unwrap()
+        };
+        assert!(rel_err(&run(&gpu), &run(&cpu)) <= tol);
+        let run = |d: &Device| {
+            ops::embed_scaled(
+                &[
+                    (
+                        &t(&gm[..200], &[10, 20], dt, d),
+                        &Tensor::from_i32(&[3, 9, 0], &[3], d).unwrap(),
+                    ),
+                    (
+                        &t(&r[..100], &[5, 20], dt, d),
+                        &Tensor::from_i32(&[4, 4, 1], &[3], d).unwrap(),
+                    ),
+                ],
+                4.5,
+            )
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+        };
+        assert!(rel_err(&run(&gpu), &run(&cpu)) <= tol, "embed_scaled {dt}");
+        let (b, l, width, col, heads, hd) = (3, 37, 200, 8, 4, 48);
+        let xr = randn(54, b * l * width);
+        let pos: Vec<i32> = (0..b * l).map(|i| (i * 7 % 300) as i32).collect();
+        let inv: Vec<f32> = (0..20)
+            .map(|p| 10000f32.powf(-(2 * p) as f32 / 40.0))
+            .collect();
+        let run = |d: &Device| {
+            let mut xt = t(&xr, &[b, l, width], dt, d);
+            ops::rotary(
+                &mut xt,
+                col,
+                heads,
+                hd,
+                &Tensor::from_i32(&pos, &[b * l], d).unwrap(),
+                &t(&inv, &[20], DType::F32, d),
+                1.0,
+            )
+            .unwrap();
+            xt.to_f32_vec().unwrap()
+        };
+        let e = rel_err(&run(&gpu), &run(&cpu));
+        assert!(e <= tol, "rotary {dt}: {e}");
+        eprintln!("rms_norm/glu/scale/embed/rotary {dt} ok");
+    }
+}

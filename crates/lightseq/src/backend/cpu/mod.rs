@@ -3,7 +3,7 @@
 mod attention;
 mod gemm;
 
-pub(crate) use attention::self_attention;
+pub(crate) use attention::attention;
 pub(crate) use gemm::linear;
 
 use crate::error::{Error, Result};
@@ -72,7 +72,7 @@ pub(crate) fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 /// One lookup: the table's values, the ids, and the table's row count.
 pub(crate) type Lookup<'a> = (&'a [f32], &'a [i32], usize);
 
-pub(crate) fn embed(parts: &[Lookup<'_>], n: usize, h: usize) -> Result<Vec<f32>> {
+pub(crate) fn embed(parts: &[Lookup<'_>], n: usize, h: usize, scale: f32) -> Result<Vec<f32>> {
     for (_, ids, rows) in parts {
         if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= *rows) {
             return Err(Error::Input(format!(
@@ -82,12 +82,83 @@ pub(crate) fn embed(parts: &[Lookup<'_>], n: usize, h: usize) -> Result<Vec<f32>
     }
     let mut out = vec![0f32; n * h];
     out.par_chunks_mut(h).enumerate().for_each(|(i, o)| {
-        for (table, ids, _) in parts {
+        for (k, (table, ids, _)) in parts.iter().enumerate() {
             let r = ids[i] as usize;
+            let s = if k == 0 { scale } else { 1.0 };
             o.iter_mut()
                 .zip(&table[r * h..(r + 1) * h])
-                .for_each(|(a, b)| *a += b);
+                .for_each(|(a, b)| *a += s * b);
         }
     });
     Ok(out)
+}
+
+pub(crate) fn rms_norm(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    eps: f32,
+    rows: usize,
+    h: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * h];
+    out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+        o.copy_from_slice(&x[r * h..(r + 1) * h]);
+        if let Some(res) = residual {
+            o.iter_mut()
+                .zip(&res[r * h..(r + 1) * h])
+                .for_each(|(a, b)| *a += b);
+        }
+        let ms = o.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / h as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        o.iter_mut()
+            .zip(gamma)
+            .for_each(|(v, g)| *v = (*v as f64 * inv) as f32 * g);
+    });
+    out
+}
+
+pub(crate) fn glu(x: &[f32], act: Activation, rows: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+        let (gate, up) = x[r * 2 * n..(r + 1) * 2 * n].split_at(n);
+        for ((v, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *v = act.apply(*g) * u;
+        }
+    });
+    out
+}
+
+/// Layout of one rotary call (see `ops::rotary`).
+pub(crate) struct RotaryGeometry {
+    pub rows: usize,
+    pub width: usize,
+    pub col: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub half: usize,
+    pub attention_scaling: f32,
+}
+
+pub(crate) fn rotary(x: &mut [f32], positions: &[i32], inv_freq: &[f32], g: &RotaryGeometry) {
+    x.par_chunks_mut(g.width)
+        .take(g.rows)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let pos = positions[r] as f32;
+            for p in 0..g.half {
+                // f32 angle, as HF computes position * inv_freq.
+                let angle = pos * inv_freq[p];
+                let (sin, cos) = (
+                    angle.sin() * g.attention_scaling,
+                    angle.cos() * g.attention_scaling,
+                );
+                for h in 0..g.heads {
+                    let base = g.col + h * g.head_dim;
+                    let (a, b) = (row[base + p], row[base + p + g.half]);
+                    row[base + p] = a * cos - b * sin;
+                    row[base + p + g.half] = b * cos + a * sin;
+                }
+            }
+        });
 }

@@ -30,17 +30,22 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "elementwise",
         source: include_str!("kernels/elementwise.cu"),
-        kernels: &["bias_act", "add"],
+        kernels: &["bias_act", "add", "glu", "scale"],
     },
     KernelModule {
         name: "layer_norm",
         source: include_str!("kernels/layer_norm.cu"),
-        kernels: &["layer_norm"],
+        kernels: &["layer_norm", "rms_norm"],
     },
     KernelModule {
         name: "embedding",
         source: include_str!("kernels/embedding.cu"),
         kernels: &["embed"],
+    },
+    KernelModule {
+        name: "rotary",
+        source: include_str!("kernels/rotary.cu"),
+        kernels: &["rotary"],
     },
     KernelModule {
         name: "attention",

@@ -2,8 +2,9 @@
 //! front end in `crate::ops`.
 
 use super::{cuda_err, CudaStorage};
+use crate::backend::cpu::RotaryGeometry;
 use crate::error::{Error, Result};
-use crate::ops::{Activation, AttentionGeometry};
+use crate::ops::{Activation, AttentionOptions, Heads};
 use crate::tensor::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -142,6 +143,7 @@ pub(crate) fn embed(
     parts: &[(&CudaStorage, &CudaStorage)],
     n: usize,
     h: usize,
+    scale: f32,
 ) -> Result<CudaStorage> {
     let dev = parts[0].0.device();
     let dt = parts[0].0.dtype();
@@ -160,7 +162,7 @@ pub(crate) fn embed(
     for p in &ptrs {
         l.arg(p);
     }
-    l.arg(&op).arg(&hh);
+    l.arg(&op).arg(&hh).arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (row_threads(h).min(256), 1, 1),
@@ -174,67 +176,91 @@ pub(crate) fn embed(
 const ATT_WARPS: usize = 4;
 const ATT_MAX_HEAD_DIM: usize = 256;
 
-pub(crate) fn self_attention(
-    qkv: &CudaStorage,
-    lengths: &[usize],
-    g: &AttentionGeometry,
+pub(crate) fn attention(
+    q: &Heads,
+    k: &Heads,
+    v: &Heads,
+    o: &AttentionOptions,
 ) -> Result<CudaStorage> {
-    let dev = qkv.device();
-    let hidden = g.heads * g.head_dim;
-    let out = dev.alloc(qkv.dtype(), g.batch * g.len * hidden)?;
-    if g.batch == 0 || g.len == 0 {
+    const OP: &str = "attention";
+    let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
+    let dev = qt.device();
+    let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
+    let (batch, len_q) = (qs[0], qs[1]);
+    let out = dev.alloc(qt.dtype(), batch * len_q * o.heads * o.head_dim)?;
+    if batch == 0 || len_q == 0 {
         return Ok(out);
     }
-    if g.head_dim > ATT_MAX_HEAD_DIM {
+    if o.head_dim > ATT_MAX_HEAD_DIM {
         return Err(Error::op(
-            "self_attention",
+            OP,
             format!(
                 "head_dim {} exceeds the CUDA kernel's {ATT_MAX_HEAD_DIM}",
-                g.head_dim
+                o.head_dim
             ),
         ));
     }
-    let lens: Vec<i32> = lengths.iter().map(|&n| n as i32).collect();
-    let lens = dev.upload_i32(&lens)?;
-    let f = dev.kernel("attention", qkv.dtype())?;
-    let elem = qkv.dtype().size() as u64;
-    let base = qkv.ptr();
-    let (q, k, v) = (
-        base,
-        base + hidden as u64 * elem,
-        base + 2 * hidden as u64 * elem,
+    let starts: Vec<i32> = o.key_ranges.iter().map(|r| r.0 as i32).collect();
+    let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
+    let (starts, ends) = (dev.upload_i32(&starts)?, dev.upload_i32(&ends)?);
+    let (table, buckets) = match &o.bias {
+        Some(b) => (
+            Some(b.table.cuda(OP)?.ptr()),
+            Some(dev.upload_i32(&b.buckets)?),
+        ),
+        None => (None, None),
+    };
+    let f = dev.kernel("attention", qt.dtype())?;
+    let elem = qt.dtype().size() as u64;
+    let (qp, kp, vp) = (
+        qt.ptr() + q.col as u64 * elem,
+        kt.ptr() + k.col as u64 * elem,
+        vt.ptr() + v.col as u64 * elem,
     );
-    let (op, lp) = (out.ptr(), lens.ptr());
-    let (len_q, hd) = (g.len as i32, g.head_dim as i32);
-    let (in_b, in_r) = ((g.len * 3 * hidden) as i64, (3 * hidden) as i32);
-    let (out_b, out_r) = ((g.len * hidden) as i64, hidden as i32);
-    let (causal, scale) = (g.causal as i32, g.scale);
+    let (op, sp, ep) = (out.ptr(), starts.ptr(), ends.ptr());
+    let (len_q_i, heads, group, hd) = (
+        len_q as i32,
+        o.heads as i32,
+        (o.heads / o.kv_heads) as i32,
+        o.head_dim as i32,
+    );
+    let strides = |s: &[usize]| ((s[1] * s[2]) as i64, s[2] as i32);
+    let ((q_bs, q_rs), (k_bs, k_rs), (v_bs, v_rs)) = (strides(qs), strides(ks), strides(vs));
+    let (causal, q_offset, window) = (
+        o.causal as i32,
+        o.q_offset as i32,
+        o.window.map(|w| w as i32).unwrap_or(0),
+    );
+    let (tp, bp) = (
+        table.unwrap_or(0),
+        buckets.as_ref().map(|b| b.ptr()).unwrap_or(0),
+    );
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&q)
-        .arg(&k)
-        .arg(&v)
-        .arg(&op)
-        .arg(&lp)
-        .arg(&len_q)
-        .arg(&hd);
-    l.arg(&in_b)
-        .arg(&in_r)
-        .arg(&in_b)
-        .arg(&in_r)
-        .arg(&out_b)
-        .arg(&out_r);
-    l.arg(&causal).arg(&scale);
+    l.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&sp).arg(&ep);
+    l.arg(&len_q_i).arg(&heads).arg(&group).arg(&hd);
+    l.arg(&q_bs)
+        .arg(&q_rs)
+        .arg(&k_bs)
+        .arg(&k_rs)
+        .arg(&v_bs)
+        .arg(&v_rs);
+    l.arg(&causal)
+        .arg(&q_offset)
+        .arg(&window)
+        .arg(&o.scale)
+        .arg(&tp)
+        .arg(&bp);
     let cfg = LaunchConfig {
         grid_dim: (
-            g.len.div_ceil(ATT_WARPS) as u32,
-            g.heads as u32,
-            g.batch as u32,
+            len_q.div_ceil(ATT_WARPS) as u32,
+            o.heads as u32,
+            batch as u32,
         ),
         block_dim: (32 * ATT_WARPS as u32, 1, 1),
-        shared_mem_bytes: (ATT_WARPS * g.head_dim * 4) as u32,
+        shared_mem_bytes: (ATT_WARPS * o.head_dim * 4) as u32,
     };
     // SAFETY: argument types match the kernel's signature in attention.cu.
-    launched("attention", unsafe { l.launch(cfg) })?;
+    launched(OP, unsafe { l.launch(cfg) })?;
     Ok(out)
 }
 
@@ -242,4 +268,105 @@ pub(crate) fn self_attention(
 pub(crate) fn cast(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
     let v = x.download_f32()?;
     x.device().upload_f32(&v, dtype)
+}
+
+pub(crate) fn rms_norm(
+    x: &CudaStorage,
+    residual: Option<&CudaStorage>,
+    gamma: &CudaStorage,
+    eps: f32,
+    rows: usize,
+    h: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), rows * h)?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("rms_norm", x.dtype())?;
+    let (xp, rp, gp, op) = (
+        x.ptr(),
+        residual.map(|r| r.ptr()).unwrap_or(0),
+        gamma.ptr(),
+        out.ptr(),
+    );
+    let hh = h as i32;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&rp).arg(&gp).arg(&op).arg(&hh).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (row_threads(h).min(512), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types match the kernel's signature in layer_norm.cu.
+    launched("rms_norm", unsafe { l.launch(cfg) })?;
+    Ok(out)
+}
+
+pub(crate) fn glu(x: &CudaStorage, act: Activation, rows: usize, n: usize) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), rows * n)?;
+    if rows * n == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("glu", x.dtype())?;
+    let (xp, op, code, r, nn) = (x.ptr(), out.ptr(), act.code(), rows as i64, n as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&op).arg(&code).arg(&r).arg(&nn);
+    // SAFETY: argument types match the kernel's signature in elementwise.cu.
+    launched("glu", unsafe { l.launch(grid_1d(rows * n, 256)) })?;
+    Ok(out)
+}
+
+pub(crate) fn scale(x: &CudaStorage, s: f32) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), x.len())?;
+    if x.len() == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("scale", x.dtype())?;
+    let (xp, op, total) = (x.ptr(), out.ptr(), x.len() as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&op).arg(&s).arg(&total);
+    // SAFETY: argument types match the kernel's signature in elementwise.cu.
+    launched("scale", unsafe { l.launch(grid_1d(x.len(), 256)) })?;
+    Ok(out)
+}
+
+pub(crate) fn rotary(
+    x: &CudaStorage,
+    positions: &CudaStorage,
+    inv_freq: &CudaStorage,
+    g: &RotaryGeometry,
+) -> Result<()> {
+    if g.rows == 0 || g.half == 0 {
+        return Ok(());
+    }
+    let dev = x.device();
+    let f = dev.kernel("rotary", x.dtype())?;
+    let (xp, pp, fp) = (x.ptr(), positions.ptr(), inv_freq.ptr());
+    let (w, c, h, hd, half) = (
+        g.width as i32,
+        g.col as i32,
+        g.heads as i32,
+        g.head_dim as i32,
+        g.half as i32,
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&pp)
+        .arg(&fp)
+        .arg(&w)
+        .arg(&c)
+        .arg(&h)
+        .arg(&hd)
+        .arg(&half)
+        .arg(&g.attention_scaling);
+    let cfg = LaunchConfig {
+        grid_dim: (g.rows as u32, 1, 1),
+        block_dim: (row_threads(g.heads * g.half).min(256), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types match the kernel's signature in rotary.cu.
+    launched("rotary", unsafe { l.launch(cfg) })
 }

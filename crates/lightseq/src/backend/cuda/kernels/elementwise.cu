@@ -27,3 +27,32 @@ __device__ void add_body(const T* a, const T* b, T* out, long long total) {
     add_body<T>(a, b, out, total);                                                            \
   }
 LS_FLOAT_TYPES(LS_ELEMENTWISE)
+
+// Gated unit: x [rows, 2n] = (gate, up); out [rows, n] = act(gate) * up.
+template <typename T>
+__device__ void glu_body(const T* x, T* out, int act, long long rows, int n) {
+  const long long total = rows * n;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / n, c = i % n;
+    const float g = to_f(x[r * 2 * n + c]), u = to_f(x[r * 2 * n + n + c]);
+    out[i] = from_f<T>(activate(g, act) * u);
+  }
+}
+
+template <typename T>
+__device__ void scale_body(const T* x, T* out, float s, long long total) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    out[i] = from_f<T>(to_f(x[i]) * s);
+  }
+}
+
+#define LS_GATED(T, S)                                                                        \
+  extern "C" __global__ void glu_##S(const T* x, T* out, int act, long long rows, int n) {    \
+    glu_body<T>(x, out, act, rows, n);                                                        \
+  }                                                                                           \
+  extern "C" __global__ void scale_##S(const T* x, T* out, float s, long long total) {        \
+    scale_body<T>(x, out, s, total);                                                          \
+  }
+LS_FLOAT_TYPES(LS_GATED)

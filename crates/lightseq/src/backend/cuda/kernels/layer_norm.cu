@@ -29,3 +29,29 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
     layer_norm_body<T>(x, res, gamma, beta, out, h, eps);                                     \
   }
 LS_FLOAT_TYPES(LS_LAYER_NORM)
+
+// RMS normalization of (x + residual): v / sqrt(mean(v^2) + eps) * gamma.
+template <typename T>
+__device__ void rms_norm_body(const T* x, const T* res, const T* gamma, T* out, int h, float eps) {
+  const long long base = (long long)blockIdx.x * h;
+  x += base;
+  out += base;
+  if (res) res += base;
+  float s2 = 0.f;
+  for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    const float v = to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
+    s2 += v * v;
+  }
+  const float inv = rsqrtf(block_sum(s2) / h + eps);
+  for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    const float v = to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
+    out[j] = from_f<T>(v * inv * to_f(gamma[j]));
+  }
+}
+
+#define LS_RMS_NORM(T, S)                                                                     \
+  extern "C" __global__ void rms_norm_##S(const T* x, const T* res, const T* gamma, T* out,   \
+                                          int h, float eps) {                                 \
+    rms_norm_body<T>(x, res, gamma, out, h, eps);                                             \
+  }
+LS_FLOAT_TYPES(LS_RMS_NORM)
