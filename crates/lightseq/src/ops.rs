@@ -336,7 +336,7 @@ pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<T
     if qs.len() != 3 || ks.len() != 3 || vs.len() != 3 || ks[..2] != vs[..2] || qs[0] != ks[0] {
         return Err(Error::op(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}")));
     }
-    if o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0 || o.heads % o.kv_heads != 0 {
+    if o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0 || !o.heads.is_multiple_of(o.kv_heads) {
         return Err(Error::op(
             OP,
             format!(
@@ -504,7 +504,7 @@ pub fn glu(x: &Tensor, act: Activation) -> Result<Tensor> {
     const OP: &str = "glu";
     let dt = same_float_dtype(OP, &[x])?;
     let w = last_dim(x);
-    if x.shape().is_empty() || w % 2 != 0 {
+    if x.shape().is_empty() || !w.is_multiple_of(2) {
         return Err(Error::op(
             OP,
             format!("x {:?} has no even last dimension", x.shape()),
