@@ -38,27 +38,39 @@ def ragged_ids(seed, vocab, lengths):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def reference(model, kind, input_ids, token_type_ids=None, dtype=torch.float64, device="cpu"):
-    """Runs each sequence alone; returns [batch, max_len, width] padded with zeros."""
+def reference(model, kind, input_ids, token_type_ids=None, dtype=torch.float64, device="cpu",
+              decoder_input_ids=None, pixel_values=None, extra=None):
+    """Runs each sequence alone; returns [batch, max_len, width] padded with zeros.
+
+    `kind` is "hidden" (last hidden state) or "logits". For encoder-decoders the output
+    length is the decoder's; for images every row has the same length.
+    """
     model = model.to(device=device, dtype=dtype).eval()
+    n = len(pixel_values) if pixel_values is not None else len(input_ids)
     outs = []
     with torch.no_grad():
-        for i, ids in enumerate(input_ids):
-            if len(ids) == 0:
-                outs.append(None)
-                continue
-            kw = {"input_ids": torch.tensor([ids], device=device)}
+        for i in range(n):
+            kw = dict(extra or {})
+            if pixel_values is not None:
+                kw["pixel_values"] = pixel_values[i : i + 1].to(device=device, dtype=dtype)
+            else:
+                if len(input_ids[i]) == 0:
+                    outs.append(None)
+                    continue
+                kw["input_ids"] = torch.tensor([input_ids[i]], device=device)
             if token_type_ids is not None:
                 kw["token_type_ids"] = torch.tensor([token_type_ids[i]], device=device)
+            if decoder_input_ids is not None:
+                kw["decoder_input_ids"] = torch.tensor([decoder_input_ids[i]], device=device)
             o = model(**kw, output_hidden_states=(kind == "hidden"))
             if kind == "logits":
                 outs.append(o.logits[0])
             else:
-                outs.append(o.last_hidden_state[0] if hasattr(o, "last_hidden_state")
+                outs.append(o.last_hidden_state[0] if getattr(o, "last_hidden_state", None) is not None
                             else o.hidden_states[-1][0])
     width = next(o.shape[-1] for o in outs if o is not None)
-    max_len = max((len(x) for x in input_ids), default=0)
-    out = torch.zeros(len(input_ids), max_len, width, dtype=torch.float64)
+    max_len = max((o.shape[0] for o in outs if o is not None), default=0)
+    out = torch.zeros(n, max_len, width, dtype=torch.float64)
     for i, o in enumerate(outs):
         if o is not None:
             out[i, : o.shape[0]] = o.double().cpu()
@@ -82,7 +94,8 @@ def gpt2_config(**kw):
     return GPT2Config(**base)
 
 
-def save_fixture(out_dir, model, kind, input_ids, token_type_ids=None, shard=None):
+def save_fixture(out_dir, model, kind, input_ids, token_type_ids=None, shard=None,
+                 decoder_input_ids=None, pixel_values=None, extra=None):
     """Saves model (f32) + input + float64 reference under out_dir."""
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
@@ -92,19 +105,76 @@ def save_fixture(out_dir, model, kind, input_ids, token_type_ids=None, shard=Non
     if shard:
         kw["max_shard_size"] = shard
     model.save_pretrained(out_dir, **kw)
-    inp = {"input_ids": input_ids}
-    if token_type_ids is not None:
-        inp["token_type_ids"] = token_type_ids
-    with open(os.path.join(out_dir, "input.json"), "w") as f:
-        json.dump(inp, f)
+    if pixel_values is not None:
+        save_file({"pixel_values": pixel_values.float().contiguous()},
+                  os.path.join(out_dir, "input.safetensors"))
+    else:
+        inp = {"input_ids": input_ids}
+        if token_type_ids is not None:
+            inp["token_type_ids"] = token_type_ids
+        if decoder_input_ids is not None:
+            inp["decoder_input_ids"] = decoder_input_ids
+        with open(os.path.join(out_dir, "input.json"), "w") as f:
+            json.dump(inp, f)
     # Reference from the weights as saved (f32), computed in float64.
     ref_model = type(model).from_pretrained(out_dir).double()
-    ref = reference(ref_model, kind, input_ids, token_type_ids)
+    ref = reference(ref_model, kind, input_ids, token_type_ids, decoder_input_ids=decoder_input_ids,
+                    pixel_values=pixel_values, extra=extra)
     save_file({kind: ref.float().contiguous()}, os.path.join(out_dir, "reference.safetensors"))
     # Keep only what the loader reads.
     for name in os.listdir(out_dir):
         if name == "generation_config.json":
             os.remove(os.path.join(out_dir, name))
+
+
+def seq2seq_fixtures(out):
+    from transformers import (BartConfig, BartForConditionalGeneration, FSMTConfig,
+                              FSMTForConditionalGeneration, M2M100Config,
+                              M2M100ForConditionalGeneration, MarianConfig, MarianMTModel,
+                              MBartConfig, MBartForConditionalGeneration)
+    common = dict(d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                  decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=29,
+                  max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0)
+    src_len, dec_len = [7, 12, 3], [5, 9, 1]
+
+    def ids(seed, vocab, lengths, avoid=()):
+        rows = ragged_ids(seed, vocab, lengths)
+        return [[t if t not in avoid else (t + 1) % vocab for t in r] for r in rows]
+
+    cases = [
+        ("marian", MarianMTModel(MarianConfig(vocab_size=89, pad_token_id=88, decoder_start_token_id=88,
+                                              activation_function="swish", scale_embedding=True, **common)), 89, 89),
+        ("marian_split_vocab", MarianMTModel(MarianConfig(
+            vocab_size=89, decoder_vocab_size=77, share_encoder_decoder_embeddings=False, pad_token_id=76,
+            decoder_start_token_id=76, activation_function="relu", **common)), 89, 77),
+        ("bart", BartForConditionalGeneration(BartConfig(vocab_size=91, activation_function="gelu", **common)), 91, 91),
+        ("mbart", MBartForConditionalGeneration(MBartConfig(vocab_size=93, scale_embedding=True,
+                                                            activation_function="gelu_new", **common)), 93, 93),
+        ("m2m100", M2M100ForConditionalGeneration(M2M100Config(vocab_size=97, scale_embedding=True,
+                                                               activation_function="relu", **common)), 97, 97),
+    ]
+    for k, (name, model, sv, tv) in enumerate(cases):
+        randomize(model, 20 + k)
+        if hasattr(model, "final_logits_bias"):
+            with torch.no_grad():
+                model.final_logits_bias.copy_(0.1 * torch.randn(model.final_logits_bias.shape,
+                                                                generator=torch.Generator().manual_seed(k)))
+        save_fixture(os.path.join(out, name), model, "logits", ids(30 + k, sv, src_len),
+                     decoder_input_ids=ids(40 + k, tv, dec_len))
+    # FSMT: separate vocabularies, untied head. HF builds its causal mask only with
+    # use_cache=False, and then also masks decoder keys equal to pad, so inputs avoid pad.
+    fsmt_cfg = {k: v for k, v in common.items() if k not in ("encoder_ffn_dim", "decoder_ffn_dim")}
+    model = FSMTForConditionalGeneration(FSMTConfig(
+        langs=["en", "de"], src_vocab_size=83, tgt_vocab_size=79, encoder_ffn_dim=37, decoder_ffn_dim=37,
+        activation_function="relu", scale_embedding=True, tie_word_embeddings=False, **fsmt_cfg))
+    randomize(model, 29)
+    # HF's FSMT fills its causal mask with finfo(dtype).min through a float32 tensor, which
+    # overflows for float64; fill in the tensor's own dtype instead (same mask).
+    import transformers.models.fsmt.modeling_fsmt as fsmt_mod
+    fsmt_mod.fill_with_neg_inf = lambda t: t.fill_(torch.finfo(t.dtype).min)
+    save_fixture(os.path.join(out, "fsmt"), model, "logits", ids(38, 83, src_len, avoid=(1,)),
+                 decoder_input_ids=ids(48, 79, dec_len, avoid=(1,)), extra={"use_cache": False})
 
 
 def main():
@@ -142,6 +212,8 @@ def main():
     ref = reference(lm, "logits", ids)
     os.remove(os.path.join(base, "reference.safetensors"))
     save_file({"logits": ref.float().contiguous()}, os.path.join(base, "reference.safetensors"))
+
+    seq2seq_fixtures(args.out)
 
 
 if __name__ == "__main__":

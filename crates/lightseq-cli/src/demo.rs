@@ -84,16 +84,7 @@ pub fn run(device: &str) -> Result<()> {
     };
     for (name, config, weights, input, reference) in FIXTURES {
         let dir = ModelDir::from_static(name, config, weights)?;
-        let v: serde_json::Value = serde_json::from_str(input)?;
-        let ids = serde_json::from_value::<Vec<Vec<i64>>>(v["input_ids"].clone())?;
-        let types = v
-            .get("token_type_ids")
-            .map(|t| serde_json::from_value(t.clone()))
-            .transpose()?;
-        let batch = Batch {
-            input_ids: ids,
-            token_type_ids: types,
-        };
+        let batch = Batch::from_json(&serde_json::from_str(input)?)?;
         let refs = SafeTensorsFile::parse(PathBuf::from(name), Bytes::Static(reference))?;
         for &(dtype, limit) in dtypes {
             let model = models::load(&dir, dtype, &device)?;
@@ -135,7 +126,7 @@ pub fn run(device: &str) -> Result<()> {
         .collect();
     let batch_in = Batch {
         input_ids: ids,
-        token_type_ids: None,
+        ..Default::default()
     };
     model.forward(&batch_in)?; // warm-up: kernel load, allocator
     let t = Instant::now();

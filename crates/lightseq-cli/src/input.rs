@@ -1,52 +1,29 @@
-//! Parsing IN.json: ragged lists of token ids, every defect named by its position.
+//! Reading a batch: IN.json (token ids) or IN.safetensors (`pixel_values`).
 
 use anyhow::{bail, Context, Result};
+use lightseq::io::safetensors::SafeTensorsFile;
 use lightseq::models::Batch;
-use serde_json::Value;
 use std::path::Path;
 
-fn ragged(v: &Value, key: &str) -> Result<Vec<Vec<i64>>> {
-    let rows = v
-        .as_array()
-        .with_context(|| format!("`{key}` must be a list of lists of integers"))?;
-    rows.iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let r = r
-                .as_array()
-                .with_context(|| format!("`{key}[{i}]` must be a list of integers"))?;
-            r.iter()
-                .enumerate()
-                .map(|(j, x)| {
-                    x.as_i64()
-                        .with_context(|| format!("`{key}[{i}][{j}]` is {x}, not an integer"))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Reads a batch from `path`.
+/// Reads a batch from `path`: `.safetensors` files hold `pixel_values`
+/// [batch, channels, height, width]; anything else is the JSON id format.
 pub fn read_batch(path: &Path) -> Result<Batch> {
+    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        let f = SafeTensorsFile::open(path)?;
+        let (shape, values) = f.read_f32("pixel_values")?;
+        if shape.len() != 4 {
+            bail!(
+                "{}: `pixel_values` has shape {shape:?}, expected [batch, channels, height, width]",
+                path.display()
+            );
+        }
+        return Ok(Batch {
+            pixel_values: Some((shape, values)),
+            ..Default::default()
+        });
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let v: Value = serde_json::from_str(&text)
+    let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: malformed JSON", path.display()))?;
-    let Some(obj) = v.as_object() else {
-        bail!(
-            "{}: expected a JSON object with `input_ids`",
-            path.display()
-        );
-    };
-    let ids = obj
-        .get("input_ids")
-        .with_context(|| format!("{}: no `input_ids`", path.display()))?;
-    let input_ids = ragged(ids, "input_ids").with_context(|| path.display().to_string())?;
-    let token_type_ids = match obj.get("token_type_ids") {
-        None | Some(Value::Null) => None,
-        Some(t) => Some(ragged(t, "token_type_ids").with_context(|| path.display().to_string())?),
-    };
-    Ok(Batch {
-        input_ids,
-        token_type_ids,
-    })
+    Batch::from_json(&v).with_context(|| path.display().to_string())
 }

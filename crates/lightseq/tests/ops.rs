@@ -1,6 +1,10 @@
 //! Ops: the CPU bodies against naive references, and CUDA against the CPU for every dtype
 //! on random inputs of odd shapes.
-#![allow(clippy::too_many_arguments, clippy::needless_range_loop, clippy::type_complexity)]
+#![allow(
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::type_complexity
+)]
 
 mod common;
 

@@ -27,13 +27,51 @@ fn fixtures() -> Vec<std::path::PathBuf> {
 }
 
 fn batch(dir: &Path) -> Batch {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("input.json")).unwrap()).unwrap();
+    let json = dir.join("input.json");
+    if json.is_file() {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        return Batch::from_json(&v).unwrap();
+    }
+    let (shape, values) = SafeTensorsFile::open(&dir.join("input.safetensors"))
+        .unwrap()
+        .read_f32("pixel_values")
+        .unwrap();
     Batch {
-        input_ids: serde_json::from_value(v["input_ids"].clone()).unwrap(),
-        token_type_ids: v
-            .get("token_type_ids")
-            .map(|t| serde_json::from_value(t.clone()).unwrap()),
+        pixel_values: Some((shape, values)),
+        ..Default::default()
+    }
+}
+
+/// Sequence i of a batch as a batch of one.
+fn row(b: &Batch, i: usize) -> Batch {
+    let pick = |v: &Option<Vec<Vec<i64>>>| v.as_ref().map(|t| vec![t[i].clone()]);
+    Batch {
+        input_ids: if b.input_ids.is_empty() {
+            vec![]
+        } else {
+            vec![b.input_ids[i].clone()]
+        },
+        token_type_ids: pick(&b.token_type_ids),
+        decoder_input_ids: pick(&b.decoder_input_ids),
+        pixel_values: b.pixel_values.as_ref().map(|(s, v)| {
+            let per = v.len() / s[0];
+            (
+                vec![1, s[1], s[2], s[3]],
+                v[i * per..(i + 1) * per].to_vec(),
+            )
+        }),
+    }
+}
+
+/// Number of sequences and each one's output length.
+fn lengths(b: &Batch, out_len: usize) -> Vec<usize> {
+    if let Some(d) = &b.decoder_input_ids {
+        d.iter().map(Vec::len).collect()
+    } else if let Some((s, _)) = &b.pixel_values {
+        vec![out_len; s[0]]
+    } else {
+        b.input_ids.iter().map(Vec::len).collect()
     }
 }
 
@@ -74,13 +112,9 @@ fn batched_rows_equal_each_sequence_alone() {
         let b = batch(&dir);
         let all = model.forward(&b).unwrap();
         let [_, len, width] = all.shape;
-        for i in 0..b.input_ids.len() {
-            let one = Batch {
-                input_ids: vec![b.input_ids[i].clone()],
-                token_type_ids: b.token_type_ids.as_ref().map(|t| vec![t[i].clone()]),
-            };
+        for (i, &n) in lengths(&b, len).iter().enumerate() {
+            let one = row(&b, i);
             let o = model.forward(&one).unwrap();
-            let n = b.input_ids[i].len();
             let row = &all.data[i * len * width..(i * len + n) * width];
             let err = rel_err(row, &o.data[..n * width]);
             assert!(err < 1e-6, "{} sequence {i}: {err}", dir.display());

@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod gpt2;
 pub mod presets;
+pub mod seq2seq;
 
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -17,6 +18,55 @@ pub struct Batch {
     pub input_ids: Vec<Vec<i64>>,
     /// Optional segment ids, the same lengths as `input_ids`.
     pub token_type_ids: Option<Vec<Vec<i64>>>,
+    /// Decoder inputs of encoder-decoder models, one list per sequence.
+    pub decoder_input_ids: Option<Vec<Vec<i64>>>,
+    /// Images for vision encoders: shape [batch, channels, height, width] and values.
+    pub pixel_values: Option<(Vec<usize>, Vec<f32>)>,
+}
+
+impl Batch {
+    /// Reads the JSON input format: `{"input_ids": [[...], ...]}` with optional
+    /// `token_type_ids` and `decoder_input_ids` (ragged lists of integers).
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::Input("expected a JSON object with `input_ids`".into()))?;
+        let ids = obj
+            .get("input_ids")
+            .ok_or_else(|| Error::Input("no `input_ids`".into()))?;
+        let opt = |key: &str| match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(t) => ragged(t, key).map(Some),
+        };
+        Ok(Batch {
+            input_ids: ragged(ids, "input_ids")?,
+            token_type_ids: opt("token_type_ids")?,
+            decoder_input_ids: opt("decoder_input_ids")?,
+            pixel_values: None,
+        })
+    }
+}
+
+fn ragged(v: &serde_json::Value, key: &str) -> Result<Vec<Vec<i64>>> {
+    let rows = v
+        .as_array()
+        .ok_or_else(|| Error::Input(format!("`{key}` must be a list of lists of integers")))?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let r = r
+                .as_array()
+                .ok_or_else(|| Error::Input(format!("`{key}[{i}]` must be a list of integers")))?;
+            r.iter()
+                .enumerate()
+                .map(|(j, x)| {
+                    x.as_i64().ok_or_else(|| {
+                        Error::Input(format!("`{key}[{i}][{j}]` is {x}, not an integer"))
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// What a forward pass returns: `hidden` [batch, max_len, hidden] for encoders, `logits`
@@ -60,13 +110,20 @@ pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Box<dyn Mod
     match mt {
         "bert" => Ok(Box::new(bert::Bert::load(dir, dtype, device)?)),
         "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, dtype, device)?)),
-        other => Err(Error::Config {
-            path: dir.path.join("config.json"),
-            msg: format!(
-                "unsupported model_type `{other}` (supported: {})",
-                SUPPORTED.join(", ")
-            ),
-        }),
+        other => match seq2seq::Kind::from_model_type(other) {
+            Some(k) => Ok(Box::new(seq2seq::Seq2Seq::load(dir, k, dtype, device)?)),
+            None => Err(unsupported(dir, other)),
+        },
+    }
+}
+
+fn unsupported(dir: &ModelDir, model_type: &str) -> Error {
+    Error::Config {
+        path: dir.path.join("config.json"),
+        msg: format!(
+            "unsupported model_type `{model_type}` (supported: {})",
+            SUPPORTED.join(", ")
+        ),
     }
 }
 
@@ -75,18 +132,15 @@ pub fn describe(dir: &ModelDir) -> Result<ModelInfo> {
     match dir.model_type()? {
         "bert" => Ok(bert::info(&parse_config(dir)?)),
         "gpt2" => Ok(gpt2::info(&parse_config(dir)?)),
-        other => Err(Error::Config {
-            path: dir.path.join("config.json"),
-            msg: format!(
-                "unsupported model_type `{other}` (supported: {})",
-                SUPPORTED.join(", ")
-            ),
-        }),
+        other => match seq2seq::Kind::from_model_type(other) {
+            Some(k) => Ok(seq2seq::info(&seq2seq::Seq2SeqConfig::parse(dir, k)?)),
+            None => Err(unsupported(dir, other)),
+        },
     }
 }
 
 /// model_type values `load` accepts.
-pub const SUPPORTED: &[&str] = &["bert", "gpt2"];
+pub const SUPPORTED: &[&str] = &["bert", "gpt2", "bart", "mbart", "marian", "fsmt", "m2m_100"];
 
 /// Parses config.json into an architecture's config struct.
 pub(crate) fn parse_config<T: DeserializeOwned>(dir: &ModelDir) -> Result<T> {

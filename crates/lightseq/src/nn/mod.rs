@@ -1,5 +1,10 @@
 //! Layers built from ops, and the weight loader that names their tensors as HF does.
 
+pub mod attention;
+pub mod positions;
+
+pub use attention::{CrossAttention, Rope, SelfAttention, SelfAttentionExtras};
+
 use crate::error::Result;
 use crate::io::Checkpoint;
 use crate::ops::{self, Activation};
@@ -81,6 +86,17 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// Whether fused layers carry biases.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BiasMode {
+    /// Every part has `bias`.
+    Required,
+    /// No part has one.
+    None,
+    /// Each part's `bias` is read when the checkpoint has it (zeros otherwise).
+    IfPresent,
+}
+
 /// `y = act(x @ w^T + b)` with w stored [out, in].
 pub struct Linear {
     /// [out, in]
@@ -113,25 +129,81 @@ impl Linear {
         })
     }
 
-    /// Several torch.nn.Linear layers over the same input fused into one (q, k, v).
+    /// Several torch.nn.Linear layers over the same input fused into one (q, k, v), each
+    /// with a bias.
     pub fn load_fused(w: &Weights, names: &[&str], n_in: usize, n_out: usize) -> Result<Self> {
-        let mut weight = Vec::with_capacity(names.len() * n_in * n_out);
-        let mut bias = Vec::with_capacity(names.len() * n_out);
-        for n in names {
-            let p = w.pp(n);
-            weight.extend(p.read_f32("weight", &[n_out, n_in])?);
-            bias.extend(p.read_f32("bias", &[n_out])?);
+        let parts: Vec<(&str, usize)> = names.iter().map(|n| (*n, n_out)).collect();
+        Self::load_fused_parts(w, &parts, n_in, BiasMode::Required)
+    }
+
+    /// Fuses layers of different output sizes; `bias` says whether each has a bias.
+    pub fn load_fused_parts(
+        w: &Weights,
+        parts: &[(&str, usize)],
+        n_in: usize,
+        bias: BiasMode,
+    ) -> Result<Self> {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let mut weight = Vec::with_capacity(total * n_in);
+        let mut b = Vec::with_capacity(total);
+        let mut any_bias = false;
+        for (name, n_out) in parts {
+            let p = w.pp(name);
+            weight.extend(p.read_f32("weight", &[*n_out, n_in])?);
+            let has = match bias {
+                BiasMode::Required => true,
+                BiasMode::None => false,
+                BiasMode::IfPresent => p.contains("bias"),
+            };
+            if has {
+                any_bias = true;
+                b.extend(p.read_f32("bias", &[*n_out])?);
+            } else {
+                b.extend(std::iter::repeat_n(0.0, *n_out));
+            }
         }
-        let total = names.len() * n_out;
         Ok(Linear {
             weight: w.from_f32(&weight, &[total, n_in])?,
-            bias: Some(w.from_f32(&bias, &[total])?),
+            bias: if any_bias {
+                Some(w.from_f32(&b, &[total])?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// torch.nn.Linear whose bias is read when the checkpoint has one.
+    pub fn load_opt_bias(w: &Weights, name: &str, n_in: usize, n_out: usize) -> Result<Self> {
+        let has = w.pp(name).contains("bias");
+        Self::load(w, name, n_in, n_out, has)
     }
 
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref(), act)
+    }
+}
+
+/// RMS normalization with a learned scale (T5, Llama).
+pub struct RmsNorm {
+    /// [h]
+    pub gamma: Tensor,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// `name.weight`.
+    pub fn load(w: &Weights, name: &str, h: usize, eps: f32) -> Result<Self> {
+        Ok(RmsNorm {
+            gamma: w.pp(name).tensor("weight", &[h])?,
+            eps,
+        })
+    }
+
+    /// RMSNorm(x + residual).
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        ops::rms_norm(x, residual, &self.gamma, self.eps)
     }
 }
 

@@ -1,0 +1,630 @@
+//! The BART family of encoder-decoders: `bart`, `mbart`, `marian`, `fsmt` and `m2m_100`
+//! (M2M100 and NLLB). They share layer names and attention; they differ in position
+//! embeddings, embedding scale and norm, norm placement (post-LN: bart, marian, fsmt;
+//! pre-LN with final norms: mbart, m2m_100), vocabularies and the LM head. Each difference
+//! is decided here from `model_type`, as HF does (config keys such as `normalize_before`
+//! are not read by HF's modeling code either).
+
+use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
+use crate::error::{Error, Result};
+use crate::io::ModelDir;
+use crate::nn::positions::{fairseq_sinusoidal, marian_sinusoidal};
+use crate::nn::{CrossAttention, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
+use crate::ops::{self, Activation};
+use crate::tensor::{DType, Device, Tensor};
+use serde_json::Value;
+
+/// Which member of the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bart,
+    MBart,
+    Marian,
+    Fsmt,
+    M2m100,
+}
+
+impl Kind {
+    /// The kind for a `model_type`, if it is one of the family.
+    pub fn from_model_type(mt: &str) -> Option<Self> {
+        Some(match mt {
+            "bart" => Kind::Bart,
+            "mbart" => Kind::MBart,
+            "marian" => Kind::Marian,
+            "fsmt" => Kind::Fsmt,
+            "m2m_100" => Kind::M2m100,
+            _ => return None,
+        })
+    }
+
+    fn pre_ln(self) -> bool {
+        matches!(self, Kind::MBart | Kind::M2m100)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Bart => "BART",
+            Kind::MBart => "mBART",
+            Kind::Marian => "Marian",
+            Kind::Fsmt => "FSMT",
+            Kind::M2m100 => "M2M100",
+        }
+    }
+}
+
+/// Sizes and options read from config.json.
+#[derive(Debug, Clone)]
+pub struct Seq2SeqConfig {
+    pub kind: Kind,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub encoder_heads: usize,
+    pub decoder_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub decoder_ffn_dim: usize,
+    pub activation: String,
+    pub scale_embedding: bool,
+    pub max_positions: usize,
+    pub pad_token_id: usize,
+    pub src_vocab: usize,
+    pub tgt_vocab: usize,
+    pub tie_word_embeddings: bool,
+}
+
+fn get_usize(v: &Value, k: &str) -> Option<usize> {
+    v.get(k).and_then(Value::as_u64).map(|x| x as usize)
+}
+
+impl Seq2SeqConfig {
+    /// Reads config.json with each class's defaults for absent keys.
+    pub fn parse(dir: &ModelDir, kind: Kind) -> Result<Self> {
+        let v = &dir.config;
+        let bad = |msg: String| Error::Config {
+            path: dir.path.join("config.json"),
+            msg,
+        };
+        let need =
+            |k: &str| get_usize(v, k).ok_or_else(|| bad(format!("missing or invalid `{k}`")));
+        let d_model = need("d_model")?;
+        let (src_vocab, tgt_vocab) = match kind {
+            Kind::Fsmt => (need("src_vocab_size")?, need("tgt_vocab_size")?),
+            Kind::Marian => {
+                let v_src = need("vocab_size")?;
+                (v_src, get_usize(v, "decoder_vocab_size").unwrap_or(v_src))
+            }
+            _ => {
+                let n = need("vocab_size")?;
+                (n, n)
+            }
+        };
+        let default_act = if matches!(kind, Kind::Fsmt | Kind::M2m100) {
+            "relu"
+        } else {
+            "gelu"
+        };
+        let cfg = Seq2SeqConfig {
+            kind,
+            d_model,
+            encoder_layers: get_usize(v, "encoder_layers").unwrap_or(12),
+            decoder_layers: get_usize(v, "decoder_layers").unwrap_or(12),
+            encoder_heads: get_usize(v, "encoder_attention_heads").unwrap_or(16),
+            decoder_heads: get_usize(v, "decoder_attention_heads").unwrap_or(16),
+            encoder_ffn_dim: get_usize(v, "encoder_ffn_dim").unwrap_or(4096),
+            decoder_ffn_dim: get_usize(v, "decoder_ffn_dim").unwrap_or(4096),
+            activation: v
+                .get("activation_function")
+                .and_then(Value::as_str)
+                .unwrap_or(default_act)
+                .to_string(),
+            scale_embedding: v
+                .get("scale_embedding")
+                .and_then(Value::as_bool)
+                .unwrap_or(matches!(kind, Kind::Fsmt | Kind::M2m100)),
+            max_positions: get_usize(v, "max_position_embeddings").unwrap_or(1024),
+            pad_token_id: get_usize(v, "pad_token_id").unwrap_or(1),
+            src_vocab,
+            tgt_vocab,
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(kind != Kind::Fsmt),
+        };
+        for (heads, what) in [
+            (cfg.encoder_heads, "encoder_attention_heads"),
+            (cfg.decoder_heads, "decoder_attention_heads"),
+        ] {
+            config_check(dir, heads > 0 && d_model.is_multiple_of(heads), || {
+                format!("d_model {d_model} is not a multiple of {what} {heads}")
+            })?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// How positions are embedded.
+enum Positions {
+    /// A table indexed by `offset + i` (BART's learned table, Marian's sinusoid), at most
+    /// `limit` positions.
+    Table {
+        table: Tensor,
+        offset: usize,
+        limit: usize,
+    },
+    /// fairseq's sinusoid, row `pad + 1 + i`, computed for any length.
+    Fairseq {
+        table: Tensor,
+        rows: usize,
+        pad: usize,
+        d: usize,
+    },
+}
+
+struct Embedding {
+    tokens: Tensor,
+    scale: f32,
+    positions: Positions,
+    norm: Option<LayerNorm>,
+}
+
+impl Embedding {
+    /// `seqs`: the token ids of each sequence (fairseq positions depend on them).
+    fn forward(
+        &self,
+        seqs: &[Vec<i64>],
+        ids: &Tensor,
+        p: &Padded,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = p.batch * p.len;
+        let x = match &self.positions {
+            Positions::Table { table, offset, .. } => {
+                let pos: Vec<i32> = p.positions().iter().map(|&i| i + *offset as i32).collect();
+                let pos = Tensor::from_i32(&pos, &[n], device)?;
+                ops::embed_scaled(&[(&self.tokens, ids), (table, &pos)], self.scale)?
+            }
+            Positions::Fairseq {
+                table,
+                rows,
+                pad,
+                d,
+            } => {
+                // fairseq's make_positions: the k-th non-pad token of a sequence sits at
+                // pad + k; pad tokens take the (zero) row `pad`.
+                let mut pos = vec![*pad as i32; p.batch * p.len];
+                for (b, r) in seqs.iter().enumerate() {
+                    let mut k = 0;
+                    for (i, &t) in r.iter().enumerate() {
+                        if t != *pad as i64 {
+                            k += 1;
+                            pos[b * p.len + i] = (*pad + k) as i32;
+                        }
+                    }
+                }
+                let need = *pad + 1 + p.len;
+                let grown;
+                let t = if need > *rows {
+                    grown = Tensor::from_f32(
+                        &fairseq_sinusoidal(need, *d, Some(*pad)),
+                        &[need, *d],
+                        dtype,
+                        device,
+                    )?;
+                    &grown
+                } else {
+                    table
+                };
+                let pos = Tensor::from_i32(&pos, &[n], device)?;
+                ops::embed_scaled(&[(&self.tokens, ids), (t, &pos)], self.scale)?
+            }
+        };
+        match &self.norm {
+            Some(ln) => ln.forward(&x, None),
+            None => Ok(x),
+        }
+    }
+
+    fn limit(&self) -> usize {
+        match &self.positions {
+            Positions::Table { limit, .. } => *limit,
+            Positions::Fairseq { .. } => usize::MAX,
+        }
+    }
+}
+
+struct Ffn {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+struct EncoderLayer {
+    attn: SelfAttention,
+    ln_attn: LayerNorm,
+    ffn: Ffn,
+    ln_ffn: LayerNorm,
+}
+
+struct DecoderLayer {
+    attn: SelfAttention,
+    ln_attn: LayerNorm,
+    cross: CrossAttention,
+    ln_cross: LayerNorm,
+    ffn: Ffn,
+    ln_ffn: LayerNorm,
+}
+
+/// A loaded encoder-decoder of the BART family.
+pub struct Seq2Seq {
+    cfg: Seq2SeqConfig,
+    act: Activation,
+    dtype: DType,
+    enc_embed: Embedding,
+    dec_embed: Embedding,
+    encoder: Vec<EncoderLayer>,
+    decoder: Vec<DecoderLayer>,
+    enc_norm: Option<LayerNorm>,
+    dec_norm: Option<LayerNorm>,
+    head: Tensor,
+    head_bias: Option<Tensor>,
+    device: Device,
+}
+
+const LN_EPS: f32 = 1e-5;
+
+fn self_attention(w: &Weights, d: usize, heads: usize) -> Result<SelfAttention> {
+    let hd = d / heads;
+    Ok(SelfAttention {
+        qkv: Linear::load_fused(w, &["q_proj", "k_proj", "v_proj"], d, d)?,
+        out: Linear::load(w, "out_proj", d, d, true)?,
+        heads,
+        kv_heads: heads,
+        head_dim: hd,
+        scale: (hd as f32).powf(-0.5),
+    })
+}
+
+fn cross_attention(w: &Weights, d: usize, heads: usize) -> Result<CrossAttention> {
+    let hd = d / heads;
+    Ok(CrossAttention {
+        q: Linear::load(w, "q_proj", d, d, true)?,
+        kv: Linear::load_fused(w, &["k_proj", "v_proj"], d, d)?,
+        out: Linear::load(w, "out_proj", d, d, true)?,
+        heads,
+        head_dim: hd,
+        scale: (hd as f32).powf(-0.5),
+    })
+}
+
+/// The first of `names` the checkpoint holds.
+fn first_present<'a>(w: &Weights, names: &[&'a str]) -> Result<&'a str> {
+    names
+        .iter()
+        .copied()
+        .find(|n| w.contains(n))
+        .ok_or_else(|| Error::MissingTensor {
+            dir: std::path::PathBuf::from(w.name("")),
+            name: names.join(" or "),
+        })
+}
+
+impl Seq2Seq {
+    /// Loads a BART-family checkpoint (the *ForConditionalGeneration layout, or the base
+    /// model's without the `model.` prefix).
+    pub fn load(dir: &ModelDir, kind: Kind, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = Seq2SeqConfig::parse(dir, kind)?;
+        let act = Activation::from_hf(&cfg.activation).map_err(|e| Error::Config {
+            path: dir.path.join("config.json"),
+            msg: e.to_string(),
+        })?;
+        let root = Weights::new(&dir.checkpoint, dtype, device);
+        let has_prefix = dir
+            .checkpoint
+            .names()
+            .any(|n| n.starts_with("model.encoder."));
+        let w = if has_prefix {
+            root.pp("model")
+        } else {
+            root.clone()
+        };
+        let d = cfg.d_model;
+        let (sv, tv) = (cfg.src_vocab, cfg.tgt_vocab);
+
+        // Token tables and head, resolved as HF ties them.
+        let enc_tok_name = match kind {
+            Kind::Fsmt => first_present(
+                &w,
+                &["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"],
+            )?,
+            _ => first_present(&w, &["encoder.embed_tokens.weight", "shared.weight"])?,
+        };
+        let dec_tok_name = first_present(&w, &["decoder.embed_tokens.weight", "shared.weight"])?;
+        let enc_tokens = w.tensor(enc_tok_name, &[sv, d])?;
+        let dec_tokens = w.tensor(dec_tok_name, &[tv, d])?;
+        let head = match kind {
+            Kind::Fsmt => {
+                let n = if cfg.tie_word_embeddings {
+                    "decoder.embed_tokens.weight"
+                } else {
+                    first_present(
+                        &w,
+                        &[
+                            "decoder.output_projection.weight",
+                            "decoder.embed_tokens.weight",
+                        ],
+                    )?
+                };
+                w.tensor(n, &[tv, d])?
+            }
+            _ => {
+                if !cfg.tie_word_embeddings && root.contains("lm_head.weight") {
+                    root.tensor("lm_head.weight", &[tv, d])?
+                } else {
+                    w.tensor(dec_tok_name, &[tv, d])?
+                }
+            }
+        };
+        let head_bias = if matches!(kind, Kind::Bart | Kind::MBart | Kind::Marian)
+            && root.contains("final_logits_bias")
+        {
+            let b = root.read_f32("final_logits_bias", &[1, tv])?;
+            Some(root.from_f32(&b, &[tv])?)
+        } else {
+            None
+        };
+
+        let scale = if cfg.scale_embedding {
+            (d as f32).sqrt()
+        } else {
+            1.0
+        };
+        let embedding = |side: &str, tokens: Tensor| -> Result<Embedding> {
+            let s = w.pp(side);
+            let (positions, norm) = match kind {
+                Kind::Bart | Kind::MBart => (
+                    Positions::Table {
+                        table: s.tensor("embed_positions.weight", &[cfg.max_positions + 2, d])?,
+                        offset: 2,
+                        limit: cfg.max_positions,
+                    },
+                    Some(LayerNorm::load(&s, "layernorm_embedding", d, LN_EPS)?),
+                ),
+                Kind::Marian => (
+                    Positions::Table {
+                        table: w.from_f32(
+                            &marian_sinusoidal(cfg.max_positions, d),
+                            &[cfg.max_positions, d],
+                        )?,
+                        offset: 0,
+                        limit: cfg.max_positions,
+                    },
+                    None,
+                ),
+                Kind::Fsmt | Kind::M2m100 => {
+                    let rows = cfg.max_positions + cfg.pad_token_id + 1;
+                    // FSMT checkpoints store the table (HF loads it); M2M100 never does.
+                    let table = if kind == Kind::Fsmt && s.contains("embed_positions.weight") {
+                        s.tensor("embed_positions.weight", &[rows, d])?
+                    } else {
+                        w.from_f32(
+                            &fairseq_sinusoidal(rows, d, Some(cfg.pad_token_id)),
+                            &[rows, d],
+                        )?
+                    };
+                    (
+                        Positions::Fairseq {
+                            table,
+                            rows,
+                            pad: cfg.pad_token_id,
+                            d,
+                        },
+                        None,
+                    )
+                }
+            };
+            Ok(Embedding {
+                tokens,
+                scale,
+                positions,
+                norm,
+            })
+        };
+        let enc_embed = embedding("encoder", enc_tokens)?;
+        let dec_embed = embedding("decoder", dec_tokens)?;
+
+        let mut encoder = Vec::with_capacity(cfg.encoder_layers);
+        for i in 0..cfg.encoder_layers {
+            let l = w.pp("encoder.layers").pp(i);
+            encoder.push(EncoderLayer {
+                attn: self_attention(&l.pp("self_attn"), d, cfg.encoder_heads)?,
+                ln_attn: LayerNorm::load(&l, "self_attn_layer_norm", d, LN_EPS)?,
+                ffn: Ffn {
+                    fc1: Linear::load(&l, "fc1", d, cfg.encoder_ffn_dim, true)?,
+                    fc2: Linear::load(&l, "fc2", cfg.encoder_ffn_dim, d, true)?,
+                },
+                ln_ffn: LayerNorm::load(&l, "final_layer_norm", d, LN_EPS)?,
+            });
+        }
+        let mut decoder = Vec::with_capacity(cfg.decoder_layers);
+        for i in 0..cfg.decoder_layers {
+            let l = w.pp("decoder.layers").pp(i);
+            decoder.push(DecoderLayer {
+                attn: self_attention(&l.pp("self_attn"), d, cfg.decoder_heads)?,
+                ln_attn: LayerNorm::load(&l, "self_attn_layer_norm", d, LN_EPS)?,
+                cross: cross_attention(&l.pp("encoder_attn"), d, cfg.decoder_heads)?,
+                ln_cross: LayerNorm::load(&l, "encoder_attn_layer_norm", d, LN_EPS)?,
+                ffn: Ffn {
+                    fc1: Linear::load(&l, "fc1", d, cfg.decoder_ffn_dim, true)?,
+                    fc2: Linear::load(&l, "fc2", cfg.decoder_ffn_dim, d, true)?,
+                },
+                ln_ffn: LayerNorm::load(&l, "final_layer_norm", d, LN_EPS)?,
+            });
+        }
+        let (enc_norm, dec_norm) = if kind.pre_ln() {
+            (
+                Some(LayerNorm::load(&w.pp("encoder"), "layer_norm", d, LN_EPS)?),
+                Some(LayerNorm::load(&w.pp("decoder"), "layer_norm", d, LN_EPS)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Seq2Seq {
+            cfg,
+            act,
+            dtype,
+            enc_embed,
+            dec_embed,
+            encoder,
+            decoder,
+            enc_norm,
+            dec_norm,
+            head,
+            head_bias,
+            device: device.clone(),
+        })
+    }
+
+    /// Post-LN: `LN(x + f(x))`; pre-LN: `x + f(LN(x))`.
+    fn residual(
+        &self,
+        x: &Tensor,
+        ln: &LayerNorm,
+        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.cfg.kind.pre_ln() {
+            let y = f(&ln.forward(x, None)?)?;
+            ops::add(x, &y)
+        } else {
+            let y = f(x)?;
+            ln.forward(&y, Some(x))
+        }
+    }
+
+    fn ffn(&self, f: &Ffn, x: &Tensor) -> Result<Tensor> {
+        let h = f.fc1.forward(x, self.act)?;
+        f.fc2.forward(&h, Activation::None)
+    }
+
+    /// Encodes source ids: [batch * src_len, d_model].
+    fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
+        let p = Padded::new(src, self.cfg.src_vocab, self.enc_embed.limit())?;
+        let ids = Tensor::from_i32(
+            &p.flatten(src, self.cfg.pad_token_id as i32),
+            &[p.batch * p.len],
+            &self.device,
+        )?;
+        let mut x = self
+            .enc_embed
+            .forward(src, &ids, &p, self.dtype, &self.device)?;
+        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
+        for l in &self.encoder {
+            x = self.residual(&x, &l.ln_attn, |h| {
+                l.attn.forward(
+                    h,
+                    p.batch,
+                    p.len,
+                    &ranges,
+                    false,
+                    SelfAttentionExtras::default(),
+                )
+            })?;
+            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+        }
+        if let Some(n) = &self.enc_norm {
+            x = n.forward(&x, None)?;
+        }
+        Ok((x, p))
+    }
+}
+
+impl Model for Seq2Seq {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
+            Error::Input(format!(
+                "{} is an encoder-decoder: the input needs `decoder_input_ids`",
+                self.cfg.kind.name()
+            ))
+        })?;
+        if dec_ids.len() != batch.input_ids.len() {
+            return Err(Error::Input(format!(
+                "{} decoder_input_ids rows for {} input_ids rows",
+                dec_ids.len(),
+                batch.input_ids.len()
+            )));
+        }
+        let (memory, sp) = self.encode(&batch.input_ids)?;
+        let src_ranges: Vec<(usize, usize)> = sp.lengths.iter().map(|&n| (0, n)).collect();
+        let p = Padded::new(dec_ids, self.cfg.tgt_vocab, self.dec_embed.limit())?;
+        let ids = Tensor::from_i32(
+            &p.flatten(dec_ids, self.cfg.pad_token_id as i32),
+            &[p.batch * p.len],
+            &self.device,
+        )?;
+        let mut x = self
+            .dec_embed
+            .forward(dec_ids, &ids, &p, self.dtype, &self.device)?;
+        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
+        for l in &self.decoder {
+            x = self.residual(&x, &l.ln_attn, |h| {
+                l.attn.forward(
+                    h,
+                    p.batch,
+                    p.len,
+                    &ranges,
+                    true,
+                    SelfAttentionExtras::default(),
+                )
+            })?;
+            let kv = l.cross.memory(&memory, sp.batch, sp.len)?;
+            x = self.residual(&x, &l.ln_cross, |h| {
+                l.cross.forward(h, p.batch, p.len, &kv, &src_ranges, None)
+            })?;
+            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+        }
+        if let Some(n) = &self.dec_norm {
+            x = n.forward(&x, None)?;
+        }
+        let logits = ops::linear(&x, &self.head, self.head_bias.as_ref(), Activation::None)?;
+        p.output("logits", &logits)
+    }
+
+    fn info(&self) -> ModelInfo {
+        info(&self.cfg)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.tgt_vocab
+    }
+
+    fn max_positions(&self) -> usize {
+        self.dec_embed.limit()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Architecture and sizes from the config alone.
+pub fn info(c: &Seq2SeqConfig) -> ModelInfo {
+    ModelInfo {
+        architecture: format!(
+            "{} encoder-decoder ({}, {})",
+            c.kind.name(),
+            if c.kind.pre_ln() { "pre-LN" } else { "post-LN" },
+            c.activation
+        ),
+        sizes: vec![
+            ("d_model", c.d_model),
+            ("encoder_layers", c.encoder_layers),
+            ("decoder_layers", c.decoder_layers),
+            ("encoder_attention_heads", c.encoder_heads),
+            ("decoder_attention_heads", c.decoder_heads),
+            ("encoder_ffn_dim", c.encoder_ffn_dim),
+            ("decoder_ffn_dim", c.decoder_ffn_dim),
+            ("source vocab", c.src_vocab),
+            ("target vocab", c.tgt_vocab),
+            ("max_position_embeddings", c.max_positions),
+        ],
+    }
+}

@@ -1,0 +1,156 @@
+//! Attention layers: projections around `ops::attention`.
+
+use super::Linear;
+use crate::error::Result;
+use crate::ops::{self, Activation, AttentionOptions, Heads, RelativeBias};
+use crate::tensor::Tensor;
+
+/// Rotary position embedding parameters (Llama family).
+pub struct Rope {
+    /// f32 [rotary_dim / 2]
+    pub inv_freq: Tensor,
+    /// Multiplies cos and sin.
+    pub attention_scaling: f32,
+}
+
+/// Per-call extras of self-attention.
+#[derive(Default)]
+pub struct SelfAttentionExtras<'a> {
+    /// Relative position bias (T5).
+    pub bias: Option<RelativeBias<'a>>,
+    /// Rotary embedding and the position id of every row (i32 [batch * len]).
+    pub rope: Option<(&'a Rope, &'a Tensor)>,
+    /// Sliding window (Mistral).
+    pub window: Option<usize>,
+}
+
+/// Self-attention with one fused q/k/v projection ([q | k | v] rows of the weight).
+pub struct SelfAttention {
+    /// [ (heads + 2 kv_heads) * head_dim, hidden ]
+    pub qkv: Linear,
+    /// [hidden_out, heads * head_dim]
+    pub out: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl SelfAttention {
+    /// x: [batch * len, hidden] -> [batch * len, hidden_out].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        key_ranges: &[(usize, usize)],
+        causal: bool,
+        extras: SelfAttentionExtras,
+    ) -> Result<Tensor> {
+        let qd = self.heads * self.head_dim;
+        let kd = self.kv_heads * self.head_dim;
+        let mut qkv = self
+            .qkv
+            .forward(x, Activation::None)?
+            .reshape(&[batch, len, qd + 2 * kd])?;
+        if let Some((rope, positions)) = extras.rope {
+            ops::rotary(
+                &mut qkv,
+                0,
+                self.heads,
+                self.head_dim,
+                positions,
+                &rope.inv_freq,
+                rope.attention_scaling,
+            )?;
+            ops::rotary(
+                &mut qkv,
+                qd,
+                self.kv_heads,
+                self.head_dim,
+                positions,
+                &rope.inv_freq,
+                rope.attention_scaling,
+            )?;
+        }
+        let opts = AttentionOptions {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            causal,
+            q_offset: 0,
+            window: extras.window,
+            key_ranges: key_ranges.to_vec(),
+            bias: extras.bias,
+        };
+        let side = |col| Heads { tensor: &qkv, col };
+        let a =
+            ops::attention(side(0), side(qd), side(qd + kd), &opts)?.reshape(&[batch * len, qd])?;
+        self.out.forward(&a, Activation::None)
+    }
+}
+
+/// Attention from decoder states to an encoder's output, with fused k/v projections.
+pub struct CrossAttention {
+    /// [heads * head_dim, hidden]
+    pub q: Linear,
+    /// [2 * heads * head_dim, hidden_enc]
+    pub kv: Linear,
+    /// [hidden, heads * head_dim]
+    pub out: Linear,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl CrossAttention {
+    /// Keys and values of the encoder output `memory` [batch * src_len, hidden]
+    /// -> [batch, src_len, 2 * heads * head_dim], computed once per source.
+    pub fn memory(&self, memory: &Tensor, batch: usize, src_len: usize) -> Result<Tensor> {
+        self.kv.forward(memory, Activation::None)?.reshape(&[
+            batch,
+            src_len,
+            2 * self.heads * self.head_dim,
+        ])
+    }
+
+    /// x: [batch * len, hidden], kv from [`CrossAttention::memory`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        kv: &Tensor,
+        src_ranges: &[(usize, usize)],
+        bias: Option<RelativeBias>,
+    ) -> Result<Tensor> {
+        let qd = self.heads * self.head_dim;
+        let q = self
+            .q
+            .forward(x, Activation::None)?
+            .reshape(&[batch, len, qd])?;
+        let opts = AttentionOptions {
+            heads: self.heads,
+            kv_heads: self.heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            causal: false,
+            q_offset: 0,
+            window: None,
+            key_ranges: src_ranges.to_vec(),
+            bias,
+        };
+        let a = ops::attention(
+            Heads { tensor: &q, col: 0 },
+            Heads { tensor: kv, col: 0 },
+            Heads {
+                tensor: kv,
+                col: qd,
+            },
+            &opts,
+        )?
+        .reshape(&[batch * len, qd])?;
+        self.out.forward(&a, Activation::None)
+    }
+}
