@@ -46,6 +46,20 @@ def reference(model, kind, input_ids, token_type_ids=None, dtype=torch.float64, 
     length is the decoder's; for images every row has the same length.
     """
     model = model.to(device=device, dtype=dtype).eval()
+    # Some HF models build mask constants in the default dtype (XGLM: torch.full with
+    # finfo(dtype).min); make the default match the run's dtype.
+    saved_default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+    try:
+        return _reference(model, kind, input_ids, token_type_ids, device, decoder_input_ids,
+                          pixel_values, extra)
+    finally:
+        torch.set_default_dtype(saved_default)
+
+
+def _reference(model, kind, input_ids, token_type_ids, device, decoder_input_ids, pixel_values,
+               extra):
+    dtype = next(model.parameters()).dtype
     n = len(pixel_values) if pixel_values is not None else len(input_ids)
     outs = []
     with torch.no_grad():
@@ -177,6 +191,51 @@ def seq2seq_fixtures(out):
                  decoder_input_ids=ids(48, 79, dec_len, avoid=(1,)), extra={"use_cache": False})
 
 
+def other_fixtures(out):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              MT5Config, MT5ForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
+                              T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel, XGLMConfig,
+                              XGLMForCausalLM)
+    src_len, dec_len = [7, 12, 3], [5, 9, 1]
+    t5_common = dict(vocab_size=87, d_model=32, d_kv=12, d_ff=37, num_layers=2, num_decoder_layers=3,
+                     num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                     dropout_rate=0.0)
+    cases = [
+        ("t5", T5ForConditionalGeneration(T5Config(feed_forward_proj="relu", **t5_common))),
+        ("t5_v1_1", T5ForConditionalGeneration(T5Config(feed_forward_proj="gated-gelu",
+                                                        tie_word_embeddings=False, **t5_common))),
+        ("mt5", MT5ForConditionalGeneration(MT5Config(feed_forward_proj="gated-gelu", **t5_common))),
+    ]
+    for k, (name, model) in enumerate(cases):
+        randomize(model, 60 + k)
+        save_fixture(os.path.join(out, name), model, "logits", ragged_ids(70 + k, 87, [7, 25, 3]),
+                     decoder_input_ids=ragged_ids(80 + k, 87, [5, 23, 1]))
+
+    m = randomize(XGLMForCausalLM(XGLMConfig(vocab_size=95, d_model=32, ffn_dim=37, num_layers=2,
+                                             attention_heads=4, max_position_embeddings=40,
+                                             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)), 64)
+    save_fixture(os.path.join(out, "xglm"), m, "logits", ragged_ids(74, 95, [9, 14, 2]))
+
+    llama_common = dict(vocab_size=103, hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
+    m = randomize(LlamaForCausalLM(LlamaConfig(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        attention_bias=True, **llama_common)), 65)
+    save_fixture(os.path.join(out, "llama"), m, "logits", ragged_ids(75, 103, [9, 14, 2]))
+    m = randomize(MistralForCausalLM(MistralConfig(sliding_window=4, head_dim=10, **llama_common)), 66)
+    save_fixture(os.path.join(out, "mistral"), m, "logits", ragged_ids(76, 103, [9, 14, 2]))
+    m = randomize(Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                               tie_word_embeddings=True, **llama_common)), 67)
+    save_fixture(os.path.join(out, "qwen2"), m, "logits", ragged_ids(77, 103, [9, 14, 2]))
+
+    m = randomize(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=37, image_size=12, patch_size=4, num_channels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), 68)
+    px = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(78))
+    save_fixture(os.path.join(out, "vit"), m, "hidden", None, pixel_values=px)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
@@ -214,6 +273,7 @@ def main():
     save_file({"logits": ref.float().contiguous()}, os.path.join(base, "reference.safetensors"))
 
     seq2seq_fixtures(args.out)
+    other_fixtures(args.out)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@
 
 pub mod bert;
 pub mod gpt2;
+pub mod llama;
 pub mod presets;
 pub mod seq2seq;
+pub mod t5;
+pub mod vit;
+pub mod xglm;
 
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -110,10 +114,18 @@ pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Box<dyn Mod
     match mt {
         "bert" => Ok(Box::new(bert::Bert::load(dir, dtype, device)?)),
         "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, dtype, device)?)),
-        other => match seq2seq::Kind::from_model_type(other) {
-            Some(k) => Ok(Box::new(seq2seq::Seq2Seq::load(dir, k, dtype, device)?)),
-            None => Err(unsupported(dir, other)),
-        },
+        "t5" | "mt5" => Ok(Box::new(t5::T5::load(dir, mt == "mt5", dtype, device)?)),
+        "xglm" => Ok(Box::new(xglm::Xglm::load(dir, dtype, device)?)),
+        "vit" => Ok(Box::new(vit::Vit::load(dir, dtype, device)?)),
+        other => {
+            if let Some(k) = seq2seq::Kind::from_model_type(other) {
+                Ok(Box::new(seq2seq::Seq2Seq::load(dir, k, dtype, device)?))
+            } else if let Some(f) = llama::Flavor::from_model_type(other) {
+                Ok(Box::new(llama::Llama::load(dir, f, dtype, device)?))
+            } else {
+                Err(unsupported(dir, other))
+            }
+        }
     }
 }
 
@@ -132,15 +144,26 @@ pub fn describe(dir: &ModelDir) -> Result<ModelInfo> {
     match dir.model_type()? {
         "bert" => Ok(bert::info(&parse_config(dir)?)),
         "gpt2" => Ok(gpt2::info(&parse_config(dir)?)),
-        other => match seq2seq::Kind::from_model_type(other) {
-            Some(k) => Ok(seq2seq::info(&seq2seq::Seq2SeqConfig::parse(dir, k)?)),
-            None => Err(unsupported(dir, other)),
-        },
+        mt @ ("t5" | "mt5") => Ok(t5::info(&t5::T5Config::parse(dir, mt == "mt5")?)),
+        "xglm" => Ok(xglm::info(&parse_config(dir)?)),
+        "vit" => Ok(vit::info(&vit::VitConfig::parse(dir)?)),
+        other => {
+            if let Some(k) = seq2seq::Kind::from_model_type(other) {
+                Ok(seq2seq::info(&seq2seq::Seq2SeqConfig::parse(dir, k)?))
+            } else if let Some(f) = llama::Flavor::from_model_type(other) {
+                Ok(llama::info(&llama::LlamaConfig::parse(dir, f)?))
+            } else {
+                Err(unsupported(dir, other))
+            }
+        }
     }
 }
 
 /// model_type values `load` accepts.
-pub const SUPPORTED: &[&str] = &["bert", "gpt2", "bart", "mbart", "marian", "fsmt", "m2m_100"];
+pub const SUPPORTED: &[&str] = &[
+    "bert", "gpt2", "bart", "mbart", "marian", "fsmt", "m2m_100", "t5", "mt5", "xglm", "vit",
+    "llama", "mistral", "qwen2",
+];
 
 /// Parses config.json into an architecture's config struct.
 pub(crate) fn parse_config<T: DeserializeOwned>(dir: &ModelDir) -> Result<T> {

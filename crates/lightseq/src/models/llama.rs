@@ -1,0 +1,451 @@
+//! The Llama family: `llama`, `mistral` and `qwen2`. RMS pre-norms, rotary positions,
+//! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
+//! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
+
+use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
+use crate::error::{Error, Result};
+use crate::io::ModelDir;
+use crate::nn::{BiasMode, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights};
+use crate::ops::{self, Activation};
+use crate::tensor::{DType, Device, Tensor};
+use serde_json::Value;
+
+/// Which family member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Flavor {
+    /// The flavor of a `model_type`.
+    pub fn from_model_type(mt: &str) -> Option<Self> {
+        Some(match mt {
+            "llama" => Flavor::Llama,
+            "mistral" => Flavor::Mistral,
+            "qwen2" => Flavor::Qwen2,
+            _ => return None,
+        })
+    }
+}
+
+/// How rotary frequencies are derived (HF's `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeKind {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    Dynamic {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max: f64,
+    },
+}
+
+/// The config.json fields the family uses.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub flavor: Flavor,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    pub act: String,
+    pub max_positions: usize,
+    pub rope_theta: f64,
+    pub rope: RopeKind,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    /// Sliding window of each layer (None: full causal).
+    pub windows: Vec<Option<usize>>,
+}
+
+impl LlamaConfig {
+    /// Reads config.json, including HF 5.x `rope_parameters` and older `rope_theta` /
+    /// `rope_scaling` forms.
+    pub fn parse(dir: &ModelDir, flavor: Flavor) -> Result<Self> {
+        let v = &dir.config;
+        let bad = |msg: String| Error::Config {
+            path: dir.path.join("config.json"),
+            msg,
+        };
+        let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let u = |k: &str, d: usize| {
+            get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .unwrap_or(d)
+        };
+        let hidden = get("hidden_size")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing `hidden_size`".into()))? as usize;
+        let heads = u("num_attention_heads", 32);
+        config_check(dir, heads > 0, || {
+            "num_attention_heads must be positive".into()
+        })?;
+        let kv_heads = u(
+            "num_key_value_heads",
+            if flavor == Flavor::Mistral { 8 } else { heads },
+        );
+        let head_dim = u("head_dim", hidden / heads);
+        config_check(dir, kv_heads > 0 && heads.is_multiple_of(kv_heads), || {
+            format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
+        })?;
+        let num_layers = u("num_hidden_layers", 32);
+        let max_positions = u("max_position_embeddings", 2048);
+
+        // Rope parameters: a non-null legacy rope_scaling wins, then rope_parameters.
+        let params = get("rope_scaling")
+            .or_else(|| get("rope_parameters"))
+            .cloned()
+            .unwrap_or(Value::Object(Default::default()));
+        let pf = |k: &str| params.get(k).and_then(Value::as_f64);
+        let rope_theta = pf("rope_theta")
+            .or_else(|| get("rope_theta").and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        let rope_type = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let factor =
+            || pf("factor").ok_or_else(|| bad(format!("rope_type `{rope_type}` needs `factor`")));
+        let rope = match rope_type {
+            "default" => RopeKind::Default,
+            "linear" => RopeKind::Linear { factor: factor()? },
+            "dynamic" => RopeKind::Dynamic { factor: factor()? },
+            "llama3" => RopeKind::Llama3 {
+                factor: factor()?,
+                low_freq_factor: pf("low_freq_factor").unwrap_or(1.0),
+                high_freq_factor: pf("high_freq_factor").unwrap_or(4.0),
+                original_max: pf("original_max_position_embeddings")
+                    .unwrap_or(max_positions as f64),
+            },
+            other => {
+                return Err(bad(format!(
+                    "rope_type `{other}` is not supported (default, linear, dynamic, llama3)"
+                )))
+            }
+        };
+        let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
+        let (qkv_bias, o_bias, mlp_bias) = match flavor {
+            Flavor::Llama => (
+                flag("attention_bias"),
+                flag("attention_bias"),
+                flag("mlp_bias"),
+            ),
+            Flavor::Mistral => (false, false, false),
+            Flavor::Qwen2 => (true, false, false),
+        };
+        let window = get("sliding_window")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize);
+        let windows = match flavor {
+            Flavor::Llama => vec![None; num_layers],
+            Flavor::Mistral => vec![window; num_layers],
+            Flavor::Qwen2 => {
+                let window = if flag("use_sliding_window") {
+                    window
+                } else {
+                    None
+                };
+                match get("layer_types").and_then(Value::as_array) {
+                    Some(types) => {
+                        config_check(dir, types.len() == num_layers, || {
+                            "layer_types must list every layer".into()
+                        })?;
+                        types
+                            .iter()
+                            .map(|t| {
+                                if t.as_str() == Some("sliding_attention") {
+                                    window
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect()
+                    }
+                    None => {
+                        let first = u("max_window_layers", 28);
+                        (0..num_layers)
+                            .map(|i| if i >= first { window } else { None })
+                            .collect()
+                    }
+                }
+            }
+        };
+        Ok(LlamaConfig {
+            flavor,
+            vocab_size: u("vocab_size", 32000),
+            hidden_size: hidden,
+            intermediate_size: get("intermediate_size")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("missing `intermediate_size`".into()))?
+                as usize,
+            num_layers,
+            heads,
+            kv_heads,
+            head_dim,
+            eps: get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            act: get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("silu")
+                .to_string(),
+            max_positions,
+            rope_theta,
+            rope,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            tie_word_embeddings: flag("tie_word_embeddings"),
+            windows,
+        })
+    }
+
+    /// Inverse frequencies for a forward whose longest sequence has `seq_len` tokens, in f32
+    /// as HF computes them.
+    pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base_for = |base: f64| -> Vec<f32> {
+            (0..dim / 2)
+                .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / dim as f32))
+                .collect()
+        };
+        match &self.rope {
+            RopeKind::Default => base_for(self.rope_theta),
+            RopeKind::Linear { factor } => base_for(self.rope_theta)
+                .iter()
+                .map(|f| f / *factor as f32)
+                .collect(),
+            RopeKind::Dynamic { factor } => {
+                let max = self.max_positions as f64;
+                if (seq_len as f64) <= max {
+                    base_for(self.rope_theta)
+                } else {
+                    let base = self.rope_theta
+                        * ((factor * seq_len as f64 / max) - (factor - 1.0))
+                            .powf(dim as f64 / (dim as f64 - 2.0));
+                    base_for(base)
+                }
+            }
+            RopeKind::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max,
+            } => {
+                let (f, lf, hf, old) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                    *original_max as f32,
+                );
+                let (low_wl, high_wl) = (old / lf, old / hf);
+                base_for(self.rope_theta)
+                    .into_iter()
+                    .map(|inv| {
+                        let wl = 2.0 * std::f32::consts::PI / inv;
+                        let inv_l = if wl > low_wl { inv / f } else { inv };
+                        let medium = wl >= high_wl && wl <= low_wl;
+                        if medium {
+                            let smooth = (old / wl - lf) / (hf - lf);
+                            (1.0 - smooth) * inv_l / f + smooth * inv_l
+                        } else {
+                            inv_l
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+struct Layer {
+    ln_attn: RmsNorm,
+    attn: SelfAttention,
+    window: Option<usize>,
+    ln_mlp: RmsNorm,
+    /// [gate | up]
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded Llama, Mistral or Qwen2 causal LM.
+pub struct Llama {
+    cfg: LlamaConfig,
+    act: Activation,
+    tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    head: Tensor,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads *ForCausalLM (`model.` prefix) or base-model weights.
+    pub fn load(dir: &ModelDir, flavor: Flavor, dtype: DType, device: &Device) -> Result<Self> {
+        let c = LlamaConfig::parse(dir, flavor)?;
+        let act = Activation::from_hf(&c.act).map_err(|e| Error::Config {
+            path: dir.path.join("config.json"),
+            msg: e.to_string(),
+        })?;
+        let root = Weights::new(&dir.checkpoint, dtype, device);
+        let w = if dir.checkpoint.contains("model.embed_tokens.weight") {
+            root.pp("model")
+        } else {
+            root.clone()
+        };
+        let (d, eps) = (c.hidden_size, c.eps as f32);
+        let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let bias = |on: bool| {
+            if on {
+                BiasMode::Required
+            } else {
+                BiasMode::None
+            }
+        };
+        let mut layers = Vec::new();
+        for i in 0..c.num_layers {
+            let l = w.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            layers.push(Layer {
+                ln_attn: RmsNorm::load(&l, "input_layernorm", d, eps)?,
+                attn: SelfAttention {
+                    qkv: Linear::load_fused_parts(
+                        &a,
+                        &[("q_proj", qd), ("k_proj", kd), ("v_proj", kd)],
+                        d,
+                        bias(c.qkv_bias),
+                    )?,
+                    out: Linear::load(&a, "o_proj", qd, d, c.o_bias)?,
+                    heads: c.heads,
+                    kv_heads: c.kv_heads,
+                    head_dim: c.head_dim,
+                    scale: (c.head_dim as f32).powf(-0.5),
+                },
+                window: c.windows[i],
+                ln_mlp: RmsNorm::load(&l, "post_attention_layernorm", d, eps)?,
+                gate_up: Linear::load_fused_parts(
+                    &m,
+                    &[
+                        ("gate_proj", c.intermediate_size),
+                        ("up_proj", c.intermediate_size),
+                    ],
+                    d,
+                    bias(c.mlp_bias),
+                )?,
+                down: Linear::load(&m, "down_proj", c.intermediate_size, d, c.mlp_bias)?,
+            });
+        }
+        let tokens = w.tensor("embed_tokens.weight", &[c.vocab_size, d])?;
+        // A stored head is used even when tied (HF loads every key it finds).
+        let head = if root.contains("lm_head.weight") {
+            root.tensor("lm_head.weight", &[c.vocab_size, d])?
+        } else if c.tie_word_embeddings {
+            w.tensor("embed_tokens.weight", &[c.vocab_size, d])?
+        } else {
+            return Err(Error::MissingTensor {
+                dir: dir.path.clone(),
+                name: "lm_head.weight".into(),
+            });
+        };
+        Ok(Llama {
+            norm: RmsNorm::load(&w, "norm", d, eps)?,
+            cfg: c,
+            act,
+            tokens,
+            layers,
+            head,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Model for Llama {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        let c = &self.cfg;
+        let p = Padded::new(&batch.input_ids, c.vocab_size, usize::MAX)?;
+        let n = p.batch * p.len;
+        let ids = Tensor::from_i32(&p.flatten(&batch.input_ids, 0), &[n], &self.device)?;
+        let positions = Tensor::from_i32(&p.positions(), &[n], &self.device)?;
+        let rope = Rope {
+            inv_freq: Tensor::from_f32(
+                &c.inv_freq(p.len),
+                &[c.head_dim / 2],
+                DType::F32,
+                &self.device,
+            )?,
+            attention_scaling: 1.0,
+        };
+        let mut x = ops::embed(&[(&self.tokens, &ids)])?;
+        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
+        for l in &self.layers {
+            let h = l.ln_attn.forward(&x, None)?;
+            let extras = SelfAttentionExtras {
+                rope: Some((&rope, &positions)),
+                window: l.window,
+                ..Default::default()
+            };
+            x = ops::add(
+                &x,
+                &l.attn.forward(&h, p.batch, p.len, &ranges, true, extras)?,
+            )?;
+            let h = l.ln_mlp.forward(&x, None)?;
+            let h = ops::glu(&l.gate_up.forward(&h, Activation::None)?, self.act)?;
+            x = ops::add(&x, &l.down.forward(&h, Activation::None)?)?;
+        }
+        let x = self.norm.forward(&x, None)?;
+        let logits = ops::linear(&x, &self.head, None, Activation::None)?;
+        p.output("logits", &logits)
+    }
+
+    fn info(&self) -> ModelInfo {
+        info(&self.cfg)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        usize::MAX
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Architecture and sizes from the config alone.
+pub fn info(c: &LlamaConfig) -> ModelInfo {
+    ModelInfo {
+        architecture: format!(
+            "{:?} decoder (RMS pre-norm, rotary, grouped-query attention, gated {})",
+            c.flavor, c.act
+        ),
+        sizes: vec![
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_layers),
+            ("num_attention_heads", c.heads),
+            ("num_key_value_heads", c.kv_heads),
+            ("head_dim", c.head_dim),
+        ],
+    }
+}
