@@ -38,6 +38,11 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Convert a checkpoint of another framework into a Hugging Face model directory.
+    Convert {
+        #[command(subcommand)]
+        from: ConvertFrom,
+    },
     /// Show a model's architecture, sizes, parameter count and dtypes.
     Info {
         /// Model directory.
@@ -48,6 +53,18 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConvertFrom {
+    /// A fairseq `transformer` checkpoint (torch.save .pt); writes config.json + model.safetensors
+    /// of the equivalent HF model (FSMT, M2M100 or BART).
+    Fairseq {
+        /// The fairseq checkpoint.
+        checkpoint: PathBuf,
+        /// Output model directory.
+        out_dir: PathBuf,
     },
 }
 
@@ -62,6 +79,13 @@ fn main() {
             dtype,
         } => forward::run(&model_dir, &input, &out, &device, &dtype),
         Command::Info { model_dir } => info::run(&model_dir),
+        Command::Convert {
+            from:
+                ConvertFrom::Fairseq {
+                    checkpoint,
+                    out_dir,
+                },
+        } => convert_fairseq(&checkpoint, &out_dir),
         Command::Demo { device } => demo::run(&device),
     };
     if let Err(e) = result {
@@ -69,4 +93,21 @@ fn main() {
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
+}
+
+fn convert_fairseq(checkpoint: &std::path::Path, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let c = lightseq::io::fairseq::convert(checkpoint, out_dir)?;
+    eprintln!(
+        "lightseq convert: {} -> {} ({}): {}+{} layers, d_model {}, vocab {}/{}, {} tensors",
+        checkpoint.display(),
+        out_dir.display(),
+        c.model_type,
+        c.encoder_layers,
+        c.decoder_layers,
+        c.d_model,
+        c.src_vocab,
+        c.tgt_vocab,
+        c.tensors
+    );
+    Ok(())
 }

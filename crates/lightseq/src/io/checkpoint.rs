@@ -2,15 +2,53 @@
 //! model.safetensors.index.json.
 
 use super::safetensors::{Bytes, SafeTensorsFile};
+use super::torch::TorchFile;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// All tensors of a checkpoint, over one or more safetensors files.
+/// One file of a checkpoint.
+pub enum Source {
+    /// model.safetensors or a shard of it.
+    Safetensors(SafeTensorsFile),
+    /// pytorch_model.bin or a shard of it (torch.save zip).
+    Torch(TorchFile),
+}
+
+impl Source {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Source::Safetensors(f) => f.tensors.keys().cloned().collect(),
+            Source::Torch(f) => f.tensors.keys().cloned().collect(),
+        }
+    }
+
+    fn info(&self, name: &str) -> Option<(Vec<usize>, &'static str)> {
+        match self {
+            Source::Safetensors(f) => f
+                .tensors
+                .get(name)
+                .map(|i| (i.shape.clone(), i.dtype.name())),
+            Source::Torch(f) => f
+                .tensors
+                .get(name)
+                .map(|i| (i.shape.clone(), i.dtype.name())),
+        }
+    }
+
+    fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        match self {
+            Source::Safetensors(f) => f.read_f32(name),
+            Source::Torch(f) => f.read_f32(name),
+        }
+    }
+}
+
+/// All tensors of a checkpoint, over one or more safetensors or torch files.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<SafeTensorsFile>,
+    files: Vec<Source>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
     /// When set, the checkpoint holds no files and answers every read with seeded random
@@ -20,11 +58,11 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Builds a checkpoint from parsed files.
-    pub fn from_files(dir: PathBuf, files: Vec<SafeTensorsFile>) -> Self {
+    pub fn from_files(dir: PathBuf, files: Vec<Source>) -> Self {
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
-            for name in f.tensors.keys() {
-                index.insert(name.clone(), i);
+            for name in f.names() {
+                index.insert(name, i);
             }
         }
         Checkpoint {
@@ -47,59 +85,43 @@ impl Checkpoint {
         }
     }
 
-    /// Opens the safetensors files of model directory `dir`.
+    /// Opens the weights of model directory `dir`: model.safetensors, sharded safetensors
+    /// (model.safetensors.index.json), pytorch_model.bin or sharded .bin files, in that order
+    /// of preference.
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        if single.is_file() {
+        let st = dir.join("model.safetensors");
+        if st.is_file() {
             return Ok(Self::from_files(
                 dir.to_path_buf(),
-                vec![SafeTensorsFile::open(&single)?],
+                vec![Source::Safetensors(SafeTensorsFile::open(&st)?)],
             ));
         }
-        if index_path.is_file() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-                    path: index_path.clone(),
-                    msg: format!("malformed JSON: {e}"),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Checkpoint {
-                    path: index_path.clone(),
-                    msg: "no `weight_map` object".into(),
-                })?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            let mut files = Vec::new();
-            for s in &shards {
-                if s.contains('/') || s.contains("..") {
-                    return Err(Error::Checkpoint {
-                        path: index_path.clone(),
-                        msg: format!("shard name `{s}` leaves the model directory"),
-                    });
-                }
-                let p = dir.join(s);
-                if !p.is_file() {
-                    return Err(Error::Checkpoint {
-                        path: index_path.clone(),
-                        msg: format!("lists shard `{s}`, which is missing"),
-                    });
-                }
-                files.push(SafeTensorsFile::open(&p)?);
-            }
+        let st_index = dir.join("model.safetensors.index.json");
+        if st_index.is_file() {
+            let files = shards(dir, &st_index)?
+                .iter()
+                .map(|p| SafeTensorsFile::open(p).map(Source::Safetensors))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self::from_files(dir.to_path_buf(), files));
+        }
+        let bin = dir.join("pytorch_model.bin");
+        if bin.is_file() {
+            return Ok(Self::from_files(
+                dir.to_path_buf(),
+                vec![Source::Torch(TorchFile::open(&bin)?)],
+            ));
+        }
+        let bin_index = dir.join("pytorch_model.bin.index.json");
+        if bin_index.is_file() {
+            let files = shards(dir, &bin_index)?
+                .iter()
+                .map(|p| TorchFile::open(p).map(Source::Torch))
+                .collect::<Result<Vec<_>>>()?;
             return Ok(Self::from_files(dir.to_path_buf(), files));
         }
         Err(Error::Checkpoint {
             path: dir.to_path_buf(),
-            msg: "no model.safetensors or model.safetensors.index.json".into(),
+            msg: "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json".into(),
         })
     }
 
@@ -120,9 +142,7 @@ impl Checkpoint {
 
     /// Shape and dtype name of `name`.
     pub fn info(&self, name: &str) -> Option<(Vec<usize>, &'static str)> {
-        let f = &self.files[*self.index.get(name)?];
-        let i = &f.tensors[name];
-        Some((i.shape.clone(), i.dtype.name()))
+        self.files[*self.index.get(name)?].info(name)
     }
 
     /// Reads `name` as f32, checking its shape against what config.json implies.
@@ -203,7 +223,7 @@ impl ModelDir {
         let file =
             SafeTensorsFile::parse(path.join("model.safetensors"), Bytes::Static(safetensors))?;
         Ok(ModelDir {
-            checkpoint: Checkpoint::from_files(path.clone(), vec![file]),
+            checkpoint: Checkpoint::from_files(path.clone(), vec![Source::Safetensors(file)]),
             path,
             config,
         })
@@ -268,4 +288,37 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
             ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
         })
         .collect()
+}
+
+/// The shard files an index lists (`weight_map` values), checked to exist inside `dir`.
+fn shards(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let bad = |msg: String| Error::Checkpoint {
+        path: index_path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for s in &names {
+        if s.contains('/') || s.contains("..") {
+            return Err(bad(format!("shard name `{s}` leaves the model directory")));
+        }
+        let p = dir.join(s);
+        if !p.is_file() {
+            return Err(bad(format!("lists shard `{s}`, which is missing")));
+        }
+        out.push(p);
+    }
+    Ok(out)
 }
