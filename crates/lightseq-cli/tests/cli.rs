@@ -85,6 +85,78 @@ fn forward_writes_reference_matching_output() {
 }
 
 #[test]
+fn forward_handles_encoder_decoders_and_images() {
+    let d = tmpdir("zoo");
+    let out = d.join("out.safetensors");
+    for (name, input, key) in [
+        ("t5", "input.json", "logits"),
+        ("marian", "input.json", "logits"),
+        ("vit", "input.safetensors", "hidden"),
+    ] {
+        let m = fixtures().join(name);
+        let o = forward(&m, &m.join(input), &out);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got = lightseq::io::safetensors::SafeTensorsFile::open(&out).unwrap();
+        let want =
+            lightseq::io::safetensors::SafeTensorsFile::open(&m.join("reference.safetensors"))
+                .unwrap();
+        let (gs, g) = got.read_f32(key).unwrap();
+        let (ws, w) = want.read_f32(key).unwrap();
+        assert_eq!(gs, ws, "{name}");
+        let num: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!((num / den).sqrt() < 1e-4, "{name}");
+    }
+    // An encoder-decoder without decoder inputs, and images of the wrong size.
+    let inp = d.join("in.json");
+    write(&inp, r#"{"input_ids": [[1, 2, 3]]}"#);
+    assert_clean_error(
+        &forward(&fixtures().join("bart"), &inp, &out),
+        "needs `decoder_input_ids`",
+    );
+    let px = d.join("px.safetensors");
+    lightseq::io::safetensors::write_f32(&px, &[("pixel_values", &[1, 3, 8, 8], &[0.5f32; 192])])
+        .unwrap();
+    assert_clean_error(&forward(&fixtures().join("vit"), &px, &out), "do not match");
+    assert_clean_error(&forward(&fixtures().join("gpt2"), &px, &out), "input");
+}
+
+#[test]
+fn convert_fairseq_writes_a_loadable_model() {
+    let d = tmpdir("fairseq");
+    let src = fixtures().join("fairseq/pre_norm");
+    let o = bin()
+        .args(["convert", "fairseq"])
+        .arg(src.join("checkpoint.pt"))
+        .arg(d.join("m"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("m2m_100"));
+    let o = forward(
+        &d.join("m"),
+        &src.join("input.json"),
+        &d.join("out.safetensors"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = bin()
+        .args(["convert", "fairseq"])
+        .arg(d.join("missing.pt"))
+        .arg(d.join("m2"))
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "missing.pt");
+}
+
+#[test]
 fn empty_batch_is_fine() {
     let d = tmpdir("empty");
     let inp = d.join("in.json");

@@ -143,3 +143,12 @@ fn gpu_matches_hf_in_every_dtype() {
         }
     }
 }
+
+#[test]
+fn cpu_half_precision_weights_stay_within_tolerance() {
+    // On the CPU, f16/bf16 round the weights and compute in f32.
+    for dir in fixtures() {
+        check(&dir, DType::F16, &Device::Cpu, 1e-2);
+        check(&dir, DType::BF16, &Device::Cpu, 3e-2);
+    }
+}

@@ -139,6 +139,7 @@ impl Bert {
 
 impl Model for Bert {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let cfg = &self.cfg;
         let p = Padded::new(
             &batch.input_ids,

@@ -124,6 +124,7 @@ impl Gpt2 {
 
 impl Model for Gpt2 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let cfg = &self.cfg;
         let p = Padded::new(&batch.input_ids, cfg.vocab_size, cfg.n_positions)?;
         let n = p.batch * p.len;

@@ -378,6 +378,7 @@ impl Llama {
 
 impl Model for Llama {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let c = &self.cfg;
         let p = Padded::new(&batch.input_ids, c.vocab_size, usize::MAX)?;
         let n = p.batch * p.len;

@@ -29,6 +29,16 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Fails when the batch holds images: text models take token ids.
+    pub(crate) fn text_only(&self) -> Result<()> {
+        if self.pixel_values.is_some() {
+            return Err(Error::Input(
+                "this model takes token ids (`input_ids` JSON), not `pixel_values`".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads the JSON input format: `{"input_ids": [[...], ...]}` with optional
     /// `token_type_ids` and `decoder_input_ids` (ragged lists of integers).
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {

@@ -539,6 +539,7 @@ impl Seq2Seq {
 
 impl Model for Seq2Seq {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
             Error::Input(format!(
                 "{} is an encoder-decoder: the input needs `decoder_input_ids`",

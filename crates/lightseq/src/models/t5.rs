@@ -305,6 +305,7 @@ impl T5 {
 
 impl Model for T5 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
             Error::Input("T5 is an encoder-decoder: the input needs `decoder_input_ids`".into())
         })?;

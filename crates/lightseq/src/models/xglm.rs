@@ -158,6 +158,7 @@ impl Xglm {
 
 impl Model for Xglm {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
         let c = &self.cfg;
         let p = Padded::new(&batch.input_ids, c.vocab_size, c.max_position_embeddings)?;
         let n = p.batch * p.len;
