@@ -584,3 +584,87 @@ pub fn rotary(
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     }
 }
+
+/// Rows of `x` (along its first dimension) in the order of `idx`: `out[i] = x[idx[i]]`.
+pub fn index_select(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    const OP: &str = "index_select";
+    let s = x.shape();
+    if s.is_empty() {
+        return Err(Error::op(OP, "needs at least one dimension"));
+    }
+    let n = s[0];
+    if let Some(&bad) = idx.iter().find(|&&i| i >= n) {
+        return Err(Error::op(OP, format!("index {bad} out of {n} rows")));
+    }
+    let row: usize = s[1..].iter().product();
+    let mut shape = s.to_vec();
+    shape[0] = idx.len();
+    let storage = match &x.storage {
+        Storage::CpuF32(v) => Storage::CpuF32(
+            idx.iter()
+                .flat_map(|&i| v[i * row..(i + 1) * row].iter().copied())
+                .collect(),
+        ),
+        Storage::CpuI32(v) => Storage::CpuI32(
+            idx.iter()
+                .flat_map(|&i| v[i * row..(i + 1) * row].iter().copied())
+                .collect(),
+        ),
+        Storage::Cuda(st) => Storage::Cuda(cuda::ops::index_select(st, idx, row)?),
+    };
+    Ok(Tensor::from_parts(shape, x.dtype(), storage))
+}
+
+/// Writes `src[:, :, src_col .. src_col + width]` ([batch, t, _]) into
+/// `dst[:, row .. row + t, dst_col .. dst_col + width]` ([batch, rows, _]): appending keys
+/// and values to a cache.
+pub fn write_rows(
+    dst: &mut Tensor,
+    row: usize,
+    dst_col: usize,
+    src: &Tensor,
+    src_col: usize,
+    width: usize,
+) -> Result<()> {
+    const OP: &str = "write_rows";
+    same_device(OP, &[dst, src])?;
+    same_float_dtype(OP, &[dst, src])?;
+    let (ds, ss) = (dst.shape().to_vec(), src.shape());
+    if ds.len() != 3
+        || ss.len() != 3
+        || ds[0] != ss[0]
+        || row + ss[1] > ds[1]
+        || dst_col + width > ds[2]
+        || src_col + width > ss[2]
+    {
+        return Err(Error::op(
+            OP,
+            format!("dst {ds:?} at row {row} col {dst_col}, src {ss:?} cols {src_col}+{width}"),
+        ));
+    }
+    let g = cpu::RowCopy {
+        batch: ss[0],
+        rows: ss[1],
+        width,
+        src_width: ss[2],
+        src_col,
+        dst_rows: ds[1],
+        dst_width: ds[2],
+        dst_row: row,
+        dst_col,
+    };
+    match (&mut dst.storage, &src.storage) {
+        (Storage::CpuF32(d), Storage::CpuF32(s)) => {
+            cpu::write_rows(d, s, &g);
+            Ok(())
+        }
+        (Storage::Cuda(d), Storage::Cuda(s)) => cuda::ops::write_rows(d, s, &g),
+        _ => Err(Error::op(OP, "unsupported storage")),
+    }
+}
+
+/// A tensor of zeros.
+pub fn zeros(shape: &[usize], dtype: DType, device: &crate::tensor::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    Tensor::from_f32(&vec![0.0; n], shape, dtype, device)
+}

@@ -2,10 +2,11 @@
 //! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
 //! returns logits.
 
+use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput, Padded};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::ModelDir;
-use crate::nn::{LayerNorm, Linear, Weights};
+use crate::nn::{KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -48,8 +49,7 @@ fn default_true() -> bool {
 
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Linear,
-    c_proj: Linear,
+    attn: SelfAttention,
     ln_2: LayerNorm,
     c_fc: Linear,
     mlp_proj: Linear,
@@ -59,6 +59,7 @@ struct Block {
 pub struct Gpt2 {
     cfg: Gpt2Config,
     act: Activation,
+    dtype: DType,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -76,11 +77,10 @@ impl Gpt2 {
         config_check(dir, cfg.n_head > 0 && h.is_multiple_of(cfg.n_head), || {
             format!("n_embd {h} is not a multiple of n_head {}", cfg.n_head)
         })?;
-        let act =
-            Activation::from_hf(&cfg.activation_function).map_err(|e| crate::Error::Config {
-                path: dir.path.join("config.json"),
-                msg: e.to_string(),
-            })?;
+        let act = Activation::from_hf(&cfg.activation_function).map_err(|e| Error::Config {
+            path: dir.path.join("config.json"),
+            msg: e.to_string(),
+        })?;
         let inner = cfg.n_inner.unwrap_or(4 * h);
         let eps = cfg.layer_norm_epsilon as f32;
         let root = Weights::new(&dir.checkpoint, dtype, device);
@@ -91,13 +91,30 @@ impl Gpt2 {
         };
         let wte = w.tensor("wte.weight", &[cfg.vocab_size, h])?;
         let wpe = w.tensor("wpe.weight", &[cfg.n_positions, h])?;
+        let head_dim = h / cfg.n_head;
+        let base_scale = if cfg.scale_attn_weights {
+            (head_dim as f32).powf(-0.5)
+        } else {
+            1.0
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let b = w.pp("h").pp(i);
+            let scale = if cfg.scale_attn_by_inverse_layer_idx {
+                base_scale / (i + 1) as f32
+            } else {
+                base_scale
+            };
             blocks.push(Block {
                 ln_1: LayerNorm::load(&b, "ln_1", h, eps)?,
-                c_attn: Linear::load_conv1d(&b.pp("attn"), "c_attn", h, 3 * h)?,
-                c_proj: Linear::load_conv1d(&b.pp("attn"), "c_proj", h, h)?,
+                attn: SelfAttention {
+                    qkv: Linear::load_conv1d(&b.pp("attn"), "c_attn", h, 3 * h)?,
+                    out: Linear::load_conv1d(&b.pp("attn"), "c_proj", h, h)?,
+                    heads: cfg.n_head,
+                    kv_heads: cfg.n_head,
+                    head_dim,
+                    scale,
+                },
                 ln_2: LayerNorm::load(&b, "ln_2", h, eps)?,
                 c_fc: Linear::load_conv1d(&b.pp("mlp"), "c_fc", h, inner)?,
                 mlp_proj: Linear::load_conv1d(&b.pp("mlp"), "c_proj", inner, h)?,
@@ -112,6 +129,7 @@ impl Gpt2 {
         Ok(Gpt2 {
             cfg,
             act,
+            dtype,
             wte,
             wpe,
             blocks,
@@ -122,44 +140,93 @@ impl Gpt2 {
     }
 }
 
-impl Model for Gpt2 {
-    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let cfg = &self.cfg;
-        let p = Padded::new(&batch.input_ids, cfg.vocab_size, cfg.n_positions)?;
-        let n = p.batch * p.len;
-        let h = cfg.n_embd;
-        let dev = &self.device;
-        let ids = Tensor::from_i32(&p.flatten(&batch.input_ids, 0), &[n], dev)?;
-        let pos = Tensor::from_i32(&p.positions(), &[n], dev)?;
+impl Decoder for Gpt2 {
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        false
+    }
+
+    fn decoder_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_decoder_positions(&self) -> usize {
+        self.cfg.n_positions
+    }
+
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        if sources.is_some() {
+            return Err(Error::Input(
+                "GPT2 is decoder-only: it takes no source sequences".into(),
+            ));
+        }
+        let caches = (0..self.cfg.n_layer)
+            .map(|_| KvCache::new(rows, capacity, self.cfg.n_embd, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeState::new(rows, capacity, caches))
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        let t = st.check_step(tokens)?;
+        let positions = st.positions(t);
+        if let Some(&p) = positions.iter().max() {
+            if p as usize >= self.cfg.n_positions {
+                return Err(Error::Input(format!(
+                    "position {p} exceeds the model's {} positions",
+                    self.cfg.n_positions
+                )));
+            }
+        }
+        let ids = ids_tensor(tokens, self.cfg.vocab_size, &self.device)?;
+        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
         let mut x = ops::embed(&[(&self.wte, &ids), (&self.wpe, &pos)])?;
-        let heads = cfg.n_head;
-        let base_scale = if cfg.scale_attn_weights {
-            1.0 / ((h / heads) as f32).sqrt()
-        } else {
-            1.0
-        };
-        for (i, b) in self.blocks.iter().enumerate() {
-            let scale = if cfg.scale_attn_by_inverse_layer_idx {
-                base_scale / (i + 1) as f32
-            } else {
-                base_scale
-            };
+        let ranges = st.key_ranges(t);
+        for (b, cache) in self.blocks.iter().zip(st.caches.iter_mut()) {
             let a = b.ln_1.forward(&x, None)?;
-            let qkv = b
-                .c_attn
-                .forward(&a, Activation::None)?
-                .reshape(&[p.batch, p.len, 3 * h])?;
-            let att =
-                ops::self_attention(&qkv, heads, &p.lengths, true, scale)?.reshape(&[n, h])?;
-            x = ops::add(&x, &b.c_proj.forward(&att, Activation::None)?)?;
+            let a = b.attn.forward_cached(
+                &a,
+                st.rows,
+                t,
+                cache,
+                st.len,
+                &ranges,
+                SelfAttentionExtras::default(),
+            )?;
+            x = ops::add(&x, &a)?;
             let m = b.ln_2.forward(&x, None)?;
             let f = b.c_fc.forward(&m, self.act)?;
             x = ops::add(&x, &b.mlp_proj.forward(&f, Activation::None)?)?;
         }
-        let x = self.ln_f.forward(&x, None)?;
+        st.len += t;
+        self.ln_f.forward(&x, None)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        let logits = ops::linear(&x, head, None, Activation::None)?;
+        ops::linear(hidden, head, None, Activation::None)
+    }
+}
+
+impl Model for Gpt2 {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
+        let p = Padded::new(&batch.input_ids, self.cfg.vocab_size, self.cfg.n_positions)?;
+        let mut st = self.begin(None, p.batch, p.len.max(1))?;
+        if p.batch == 0 || p.len == 0 {
+            return p.output(
+                "logits",
+                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
+            );
+        }
+        let logits = full_forward(self, &mut st, &batch.input_ids, 0)?;
         p.output("logits", &logits)
     }
 

@@ -2,10 +2,13 @@
 //! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
+use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
-use crate::nn::{BiasMode, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights};
+use crate::nn::{
+    BiasMode, KvCache, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights,
+};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
@@ -288,6 +291,7 @@ struct Layer {
 pub struct Llama {
     cfg: LlamaConfig,
     act: Activation,
+    dtype: DType,
     tokens: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -368,6 +372,7 @@ impl Llama {
             norm: RmsNorm::load(&w, "norm", d, eps)?,
             cfg: c,
             act,
+            dtype,
             tokens,
             layers,
             head,
@@ -376,17 +381,52 @@ impl Llama {
     }
 }
 
-impl Model for Llama {
-    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
+impl Decoder for Llama {
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        false
+    }
+
+    fn decoder_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_decoder_positions(&self) -> usize {
+        usize::MAX
+    }
+
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        if sources.is_some() {
+            return Err(Error::Input(
+                "this model is decoder-only: it takes no source sequences".into(),
+            ));
+        }
+        let kd = self.cfg.kv_heads * self.cfg.head_dim;
+        let caches = (0..self.cfg.num_layers)
+            .map(|_| KvCache::new(rows, capacity, kd, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeState::new(rows, capacity, caches))
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
         let c = &self.cfg;
-        let p = Padded::new(&batch.input_ids, c.vocab_size, usize::MAX)?;
-        let n = p.batch * p.len;
-        let ids = Tensor::from_i32(&p.flatten(&batch.input_ids, 0), &[n], &self.device)?;
-        let positions = Tensor::from_i32(&p.positions(), &[n], &self.device)?;
+        let t = st.check_step(tokens)?;
+        let positions = st.positions(t);
+        let ids = ids_tensor(tokens, c.vocab_size, &self.device)?;
+        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
+        // Dynamic rope depends on the longest sequence seen so far.
+        let longest = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
         let rope = Rope {
             inv_freq: Tensor::from_f32(
-                &c.inv_freq(p.len),
+                &c.inv_freq(longest),
                 &[c.head_dim / 2],
                 DType::F32,
                 &self.device,
@@ -394,24 +434,44 @@ impl Model for Llama {
             attention_scaling: 1.0,
         };
         let mut x = ops::embed(&[(&self.tokens, &ids)])?;
-        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
-        for l in &self.layers {
+        let ranges = st.key_ranges(t);
+        for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
             let extras = SelfAttentionExtras {
-                rope: Some((&rope, &positions)),
+                rope: Some((&rope, &pos)),
                 window: l.window,
                 ..Default::default()
             };
             x = ops::add(
                 &x,
-                &l.attn.forward(&h, p.batch, p.len, &ranges, true, extras)?,
+                &l.attn
+                    .forward_cached(&h, st.rows, t, cache, st.len, &ranges, extras)?,
             )?;
             let h = l.ln_mlp.forward(&x, None)?;
             let h = ops::glu(&l.gate_up.forward(&h, Activation::None)?, self.act)?;
             x = ops::add(&x, &l.down.forward(&h, Activation::None)?)?;
         }
-        let x = self.norm.forward(&x, None)?;
-        let logits = ops::linear(&x, &self.head, None, Activation::None)?;
+        st.len += t;
+        self.norm.forward(&x, None)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(hidden, &self.head, None, Activation::None)
+    }
+}
+
+impl Model for Llama {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
+        let p = Padded::new(&batch.input_ids, self.cfg.vocab_size, usize::MAX)?;
+        if p.batch == 0 || p.len == 0 {
+            return p.output(
+                "logits",
+                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
+            );
+        }
+        let mut st = self.begin(None, p.batch, p.len)?;
+        let logits = full_forward(self, &mut st, &batch.input_ids, 0)?;
         p.output("logits", &logits)
     }
 

@@ -2,6 +2,7 @@
 //! and a forward pass written against ops (never against a device).
 
 pub mod bert;
+pub mod decode;
 pub mod gpt2;
 pub mod llama;
 pub mod presets;

@@ -5,11 +5,14 @@
 //! is decided here from `model_type`, as HF does (config keys such as `normalize_before`
 //! are not read by HF's modeling code either).
 
+use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::positions::{fairseq_sinusoidal, marian_sinusoidal};
-use crate::nn::{CrossAttention, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
+use crate::nn::{
+    CrossAttention, KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights,
+};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
@@ -168,43 +171,52 @@ struct Embedding {
 }
 
 impl Embedding {
-    /// `seqs`: the token ids of each sequence (fairseq positions depend on them).
-    fn forward(
-        &self,
-        seqs: &[Vec<i64>],
-        ids: &Tensor,
-        p: &Padded,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let n = p.batch * p.len;
+    /// Table rows of a chunk of `t` tokens per row following `past` earlier positions.
+    fn rows(&self, tokens: &[Vec<i64>], past: usize) -> Result<Vec<i32>> {
+        let mut out = Vec::new();
+        for r in tokens {
+            match &self.positions {
+                Positions::Table { offset, limit, .. } => {
+                    if past + r.len() > *limit {
+                        return Err(Error::Input(format!(
+                            "decoding past the model's {limit} positions"
+                        )));
+                    }
+                    out.extend((0..r.len()).map(|i| (offset + past + i) as i32));
+                }
+                // fairseq's make_positions with a cache: the k-th non-pad token of the chunk
+                // sits at pad + past + k; pad tokens take the (zero) row `pad`.
+                Positions::Fairseq { pad, .. } => {
+                    let mut k = 0;
+                    for &tok in r {
+                        if tok == *pad as i64 {
+                            out.push(*pad as i32);
+                        } else {
+                            k += 1;
+                            out.push((*pad + past + k) as i32);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, ids: &Tensor, rows: &[i32], dtype: DType, device: &Device) -> Result<Tensor> {
+        let pos = Tensor::from_i32(rows, &[rows.len()], device)?;
         let x = match &self.positions {
-            Positions::Table { table, offset, .. } => {
-                let pos: Vec<i32> = p.positions().iter().map(|&i| i + *offset as i32).collect();
-                let pos = Tensor::from_i32(&pos, &[n], device)?;
+            Positions::Table { table, .. } => {
                 ops::embed_scaled(&[(&self.tokens, ids), (table, &pos)], self.scale)?
             }
             Positions::Fairseq {
                 table,
-                rows,
+                rows: have,
                 pad,
                 d,
             } => {
-                // fairseq's make_positions: the k-th non-pad token of a sequence sits at
-                // pad + k; pad tokens take the (zero) row `pad`.
-                let mut pos = vec![*pad as i32; p.batch * p.len];
-                for (b, r) in seqs.iter().enumerate() {
-                    let mut k = 0;
-                    for (i, &t) in r.iter().enumerate() {
-                        if t != *pad as i64 {
-                            k += 1;
-                            pos[b * p.len + i] = (*pad + k) as i32;
-                        }
-                    }
-                }
-                let need = *pad + 1 + p.len;
+                let need = rows.iter().map(|&r| r as usize + 1).max().unwrap_or(0);
                 let grown;
-                let t = if need > *rows {
+                let t = if need > *have {
                     grown = Tensor::from_f32(
                         &fairseq_sinusoidal(need, *d, Some(*pad)),
                         &[need, *d],
@@ -215,7 +227,6 @@ impl Embedding {
                 } else {
                     table
                 };
-                let pos = Tensor::from_i32(&pos, &[n], device)?;
                 ops::embed_scaled(&[(&self.tokens, ids), (t, &pos)], self.scale)?
             }
         };
@@ -508,14 +519,20 @@ impl Seq2Seq {
     /// Encodes source ids: [batch * src_len, d_model].
     fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
         let p = Padded::new(src, self.cfg.src_vocab, self.enc_embed.limit())?;
-        let ids = Tensor::from_i32(
-            &p.flatten(src, self.cfg.pad_token_id as i32),
-            &[p.batch * p.len],
-            &self.device,
-        )?;
+        let pad = self.cfg.pad_token_id as i64;
+        let padded: Vec<Vec<i64>> = src
+            .iter()
+            .map(|r| {
+                let mut v = r.clone();
+                v.resize(p.len, pad);
+                v
+            })
+            .collect();
+        let ids = ids_tensor(&padded, self.cfg.src_vocab, &self.device)?;
+        let rows = self.enc_embed.rows(&padded, 0)?;
         let mut x = self
             .enc_embed
-            .forward(src, &ids, &p, self.dtype, &self.device)?;
+            .forward(&ids, &rows, self.dtype, &self.device)?;
         let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
         for l in &self.encoder {
             x = self.residual(&x, &l.ln_attn, |h| {
@@ -535,6 +552,140 @@ impl Seq2Seq {
         }
         Ok((x, p))
     }
+
+    /// Decoding state over encoder output `memory` [batch * src_len, d], each item repeated
+    /// for `rows / batch` rows.
+    fn start(
+        &self,
+        memory: &Tensor,
+        lengths: &[usize],
+        src_len: usize,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let batch = lengths.len();
+        if batch == 0 || !rows.is_multiple_of(batch) {
+            return Err(Error::Input(format!(
+                "{rows} decoder rows for {batch} sources"
+            )));
+        }
+        let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
+        let caches = (0..self.decoder.len())
+            .map(|_| KvCache::new(rows, capacity, self.cfg.d_model, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut st = DecodeState::new(rows, capacity, caches);
+        for l in &self.decoder {
+            let kv = l.cross.memory(memory, batch, src_len)?;
+            st.cross.push(ops::index_select(&kv, &expand)?);
+        }
+        st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
+        Ok(st)
+    }
+}
+
+impl Decoder for Seq2Seq {
+    fn vocab(&self) -> usize {
+        self.cfg.tgt_vocab
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        true
+    }
+
+    fn decoder_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_decoder_positions(&self) -> usize {
+        self.dec_embed.limit()
+    }
+
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let src = sources.ok_or_else(|| {
+            Error::Input(format!(
+                "{} is an encoder-decoder: it needs source sequences",
+                self.cfg.kind.name()
+            ))
+        })?;
+        let (memory, sp) = self.encode(src)?;
+        self.start(&memory, &sp.lengths, sp.len, rows, capacity)
+    }
+
+    fn begin_from_states(
+        &self,
+        states: &Tensor,
+        lengths: &[usize],
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let (b, l, d) = encoder_states_shape(states, lengths, self.cfg.d_model)?;
+        let memory =
+            ops::to_dtype(&states.to_device(&self.device)?, self.dtype)?.reshape(&[b * l, d])?;
+        self.start(&memory, lengths, l, rows, capacity)
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        let t = st.check_step(tokens)?;
+        let ids = ids_tensor(tokens, self.cfg.tgt_vocab, &self.device)?;
+        let rows = self.dec_embed.rows(tokens, st.len)?;
+        let mut x = self
+            .dec_embed
+            .forward(&ids, &rows, self.dtype, &self.device)?;
+        let ranges = st.key_ranges(t);
+        let (n_rows, len) = (st.rows, st.len);
+        for ((l, cache), kv) in self.decoder.iter().zip(st.caches.iter_mut()).zip(&st.cross) {
+            x = self.residual(&x, &l.ln_attn, |h| {
+                l.attn.forward_cached(
+                    h,
+                    n_rows,
+                    t,
+                    cache,
+                    len,
+                    &ranges,
+                    SelfAttentionExtras::default(),
+                )
+            })?;
+            x = self.residual(&x, &l.ln_cross, |h| {
+                l.cross.forward(h, n_rows, t, kv, &st.src_ranges, None)
+            })?;
+            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+        }
+        st.len += t;
+        match &self.dec_norm {
+            Some(n) => n.forward(&x, None),
+            None => Ok(x),
+        }
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(
+            hidden,
+            &self.head,
+            self.head_bias.as_ref(),
+            Activation::None,
+        )
+    }
+}
+
+/// Checks encoder states [batch, src_len, d_model] against per-item lengths.
+pub(crate) fn encoder_states_shape(
+    states: &Tensor,
+    lengths: &[usize],
+    d_model: usize,
+) -> Result<(usize, usize, usize)> {
+    let s = states.shape();
+    if s.len() != 3 || s[2] != d_model || s[0] != lengths.len() || lengths.iter().any(|&n| n > s[1])
+    {
+        return Err(Error::Input(format!(
+            "encoder states {s:?} with lengths {lengths:?}: expected [batch, src_len, {d_model}]"
+        )));
+    }
+    Ok((s[0], s[1], s[2]))
 }
 
 impl Model for Seq2Seq {
@@ -553,39 +704,15 @@ impl Model for Seq2Seq {
                 batch.input_ids.len()
             )));
         }
-        let (memory, sp) = self.encode(&batch.input_ids)?;
-        let src_ranges: Vec<(usize, usize)> = sp.lengths.iter().map(|&n| (0, n)).collect();
         let p = Padded::new(dec_ids, self.cfg.tgt_vocab, self.dec_embed.limit())?;
-        let ids = Tensor::from_i32(
-            &p.flatten(dec_ids, self.cfg.pad_token_id as i32),
-            &[p.batch * p.len],
-            &self.device,
-        )?;
-        let mut x = self
-            .dec_embed
-            .forward(dec_ids, &ids, &p, self.dtype, &self.device)?;
-        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
-        for l in &self.decoder {
-            x = self.residual(&x, &l.ln_attn, |h| {
-                l.attn.forward(
-                    h,
-                    p.batch,
-                    p.len,
-                    &ranges,
-                    true,
-                    SelfAttentionExtras::default(),
-                )
-            })?;
-            let kv = l.cross.memory(&memory, sp.batch, sp.len)?;
-            x = self.residual(&x, &l.ln_cross, |h| {
-                l.cross.forward(h, p.batch, p.len, &kv, &src_ranges, None)
-            })?;
-            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+        if p.batch == 0 || p.len == 0 {
+            return p.output(
+                "logits",
+                &ops::zeros(&[0, self.cfg.tgt_vocab], self.dtype, &self.device)?,
+            );
         }
-        if let Some(n) = &self.dec_norm {
-            x = n.forward(&x, None)?;
-        }
-        let logits = ops::linear(&x, &self.head, self.head_bias.as_ref(), Activation::None)?;
+        let mut st = self.begin(Some(&batch.input_ids), p.batch, p.len)?;
+        let logits = full_forward(self, &mut st, dec_ids, self.cfg.pad_token_id as i64)?;
         p.output("logits", &logits)
     }
 

@@ -2,11 +2,13 @@
 //! buckets (computed by the first block of each stack, shared by the others), no attention
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
+use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
+use super::seq2seq::encoder_states_shape;
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::{
-    BiasMode, CrossAttention, Linear, RmsNorm, SelfAttention, SelfAttentionExtras, Weights,
+    BiasMode, CrossAttention, KvCache, Linear, RmsNorm, SelfAttention, SelfAttentionExtras, Weights,
 };
 use crate::ops::{self, Activation, RelativeBias};
 use crate::tensor::{DType, Device, Tensor};
@@ -155,6 +157,7 @@ struct DecoderBlock {
 pub struct T5 {
     cfg: T5Config,
     act: Activation,
+    dtype: DType,
     shared: Tensor,
     enc_bias: Tensor,
     dec_bias: Tensor,
@@ -263,6 +266,7 @@ impl T5 {
             dec_norm: RmsNorm::load(&w.pp("decoder"), "final_layer_norm", d, eps)?,
             cfg: c,
             act,
+            dtype,
             shared,
             enc_bias,
             dec_bias,
@@ -273,12 +277,20 @@ impl T5 {
         })
     }
 
-    fn buckets(&self, len_q: usize, len_k: usize, bidirectional: bool) -> Vec<i32> {
-        // Index r = key - query + len_q - 1.
-        (0..len_q + len_k - 1)
+    /// Buckets for queries at positions q_offset..q_offset + len_q over len_k keys, indexed
+    /// by key - query + q_offset + len_q - 1 (see `ops::RelativeBias`).
+    fn buckets(
+        &self,
+        q_offset: usize,
+        len_q: usize,
+        len_k: usize,
+        bidirectional: bool,
+    ) -> Vec<i32> {
+        let base = (q_offset + len_q) as i64 - 1;
+        (0..q_offset + len_q + len_k - 1)
             .map(|r| {
                 relative_bucket(
-                    r as i64 - (len_q as i64 - 1),
+                    r as i64 - base,
                     bidirectional,
                     self.cfg.num_buckets,
                     self.cfg.max_distance,
@@ -303,29 +315,18 @@ impl T5 {
     }
 }
 
-impl Model for T5 {
-    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
-            Error::Input("T5 is an encoder-decoder: the input needs `decoder_input_ids`".into())
-        })?;
-        if dec_ids.len() != batch.input_ids.len() {
-            return Err(Error::Input(format!(
-                "{} decoder_input_ids rows for {} input_ids rows",
-                dec_ids.len(),
-                batch.input_ids.len()
-            )));
-        }
-        // Encoder.
-        let (ids, sp) = self.pad_ids(&batch.input_ids)?;
+impl T5 {
+    /// Encodes source ids: [batch * src_len, d_model] after the final norm.
+    fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
+        let (ids, sp) = self.pad_ids(src)?;
         let mut x = ops::embed(&[(&self.shared, &ids)])?;
         let src_ranges: Vec<(usize, usize)> = sp.lengths.iter().map(|&n| (0, n)).collect();
-        let enc_buckets = self.buckets(sp.len, sp.len, true);
+        let buckets = self.buckets(0, sp.len, sp.len, true);
         for b in &self.encoder {
             let h = b.ln_attn.forward(&x, None)?;
             let bias = RelativeBias {
                 table: &self.enc_bias,
-                buckets: enc_buckets.clone(),
+                buckets: buckets.clone(),
             };
             let extras = SelfAttentionExtras {
                 bias: Some(bias),
@@ -339,17 +340,93 @@ impl Model for T5 {
             let h = b.ln_ffn.forward(&x, None)?;
             x = ops::add(&x, &self.ffn(&b.ffn, &h)?)?;
         }
-        let memory = self.enc_norm.forward(&x, None)?;
-        // Decoder.
-        let (ids, p) = self.pad_ids(dec_ids)?;
-        let mut x = ops::embed(&[(&self.shared, &ids)])?;
-        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
-        let dec_buckets = self.buckets(p.len, p.len, false);
+        Ok((self.enc_norm.forward(&x, None)?, sp))
+    }
+
+    fn start(
+        &self,
+        memory: &Tensor,
+        lengths: &[usize],
+        src_len: usize,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let batch = lengths.len();
+        if batch == 0 || !rows.is_multiple_of(batch) {
+            return Err(Error::Input(format!(
+                "{rows} decoder rows for {batch} sources"
+            )));
+        }
+        let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
+        let inner = self.cfg.num_heads * self.cfg.d_kv;
+        let caches = (0..self.decoder.len())
+            .map(|_| KvCache::new(rows, capacity, inner, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut st = DecodeState::new(rows, capacity, caches);
         for b in &self.decoder {
+            let kv = b.cross.memory(memory, batch, src_len)?;
+            st.cross.push(ops::index_select(&kv, &expand)?);
+        }
+        st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
+        Ok(st)
+    }
+}
+
+impl Decoder for T5 {
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        true
+    }
+
+    fn decoder_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_decoder_positions(&self) -> usize {
+        usize::MAX
+    }
+
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let src = sources.ok_or_else(|| {
+            Error::Input("T5 is an encoder-decoder: it needs source sequences".into())
+        })?;
+        let (memory, sp) = self.encode(src)?;
+        self.start(&memory, &sp.lengths, sp.len, rows, capacity)
+    }
+
+    fn begin_from_states(
+        &self,
+        states: &Tensor,
+        lengths: &[usize],
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        let (b, l, d) = encoder_states_shape(states, lengths, self.cfg.d_model)?;
+        let memory =
+            ops::to_dtype(&states.to_device(&self.device)?, self.dtype)?.reshape(&[b * l, d])?;
+        self.start(&memory, lengths, l, rows, capacity)
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        let t = st.check_step(tokens)?;
+        let ids = ids_tensor(tokens, self.cfg.vocab_size, &self.device)?;
+        let mut x = ops::embed(&[(&self.shared, &ids)])?;
+        let ranges = st.key_ranges(t);
+        let buckets = self.buckets(st.len, t, st.capacity, false);
+        let (rows, len) = (st.rows, st.len);
+        for ((b, cache), kv) in self.decoder.iter().zip(st.caches.iter_mut()).zip(&st.cross) {
             let h = b.ln_attn.forward(&x, None)?;
             let bias = RelativeBias {
                 table: &self.dec_bias,
-                buckets: dec_buckets.clone(),
+                buckets: buckets.clone(),
             };
             let extras = SelfAttentionExtras {
                 bias: Some(bias),
@@ -357,23 +434,50 @@ impl Model for T5 {
             };
             x = ops::add(
                 &x,
-                &b.attn.forward(&h, p.batch, p.len, &ranges, true, extras)?,
+                &b.attn
+                    .forward_cached(&h, rows, t, cache, len, &ranges, extras)?,
             )?;
             let h = b.ln_cross.forward(&x, None)?;
-            let kv = b.cross.memory(&memory, sp.batch, sp.len)?;
-            x = ops::add(
-                &x,
-                &b.cross
-                    .forward(&h, p.batch, p.len, &kv, &src_ranges, None)?,
-            )?;
+            x = ops::add(&x, &b.cross.forward(&h, rows, t, kv, &st.src_ranges, None)?)?;
             let h = b.ln_ffn.forward(&x, None)?;
             x = ops::add(&x, &self.ffn(&b.ffn, &h)?)?;
         }
-        let mut y = self.dec_norm.forward(&x, None)?;
+        st.len += t;
+        let y = self.dec_norm.forward(&x, None)?;
         if self.cfg.scale_decoder_outputs {
-            y = ops::scale(&y, (self.cfg.d_model as f32).powf(-0.5))?;
+            ops::scale(&y, (self.cfg.d_model as f32).powf(-0.5))
+        } else {
+            Ok(y)
         }
-        let logits = ops::linear(&y, &self.head, None, Activation::None)?;
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(hidden, &self.head, None, Activation::None)
+    }
+}
+
+impl Model for T5 {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
+        let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
+            Error::Input("T5 is an encoder-decoder: the input needs `decoder_input_ids`".into())
+        })?;
+        if dec_ids.len() != batch.input_ids.len() {
+            return Err(Error::Input(format!(
+                "{} decoder_input_ids rows for {} input_ids rows",
+                dec_ids.len(),
+                batch.input_ids.len()
+            )));
+        }
+        let p = Padded::new(dec_ids, self.cfg.vocab_size, usize::MAX)?;
+        if p.batch == 0 || p.len == 0 {
+            return p.output(
+                "logits",
+                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
+            );
+        }
+        let mut st = self.begin(Some(&batch.input_ids), p.batch, p.len)?;
+        let logits = full_forward(self, &mut st, dec_ids, 0)?;
         p.output("logits", &logits)
     }
 

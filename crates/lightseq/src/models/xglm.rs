@@ -2,11 +2,12 @@
 //! scaled token embeddings, pre-LN layers with biased projections, LM head tied to the
 //! token embeddings.
 
+use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::positions::fairseq_sinusoidal;
-use crate::nn::{LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
+use crate::nn::{KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -78,6 +79,7 @@ struct Layer {
 pub struct Xglm {
     cfg: XglmConfig,
     act: Activation,
+    dtype: DType,
     tokens: Tensor,
     positions: Tensor,
     layers: Vec<Layer>,
@@ -146,6 +148,7 @@ impl Xglm {
         Ok(Xglm {
             cfg,
             act,
+            dtype,
             tokens,
             positions,
             layers,
@@ -156,47 +159,102 @@ impl Xglm {
     }
 }
 
-impl Model for Xglm {
-    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
+impl Decoder for Xglm {
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        false
+    }
+
+    fn decoder_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_decoder_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState> {
+        if sources.is_some() {
+            return Err(Error::Input(
+                "XGLM is decoder-only: it takes no source sequences".into(),
+            ));
+        }
+        let caches = (0..self.cfg.num_layers)
+            .map(|_| KvCache::new(rows, capacity, self.cfg.d_model, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeState::new(rows, capacity, caches))
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
         let c = &self.cfg;
-        let p = Padded::new(&batch.input_ids, c.vocab_size, c.max_position_embeddings)?;
-        let n = p.batch * p.len;
-        let ids = Tensor::from_i32(
-            &p.flatten(&batch.input_ids, c.pad_token_id as i32),
-            &[n],
-            &self.device,
-        )?;
-        let pos: Vec<i32> = p.positions().iter().map(|&i| i + OFFSET as i32).collect();
-        let pos = Tensor::from_i32(&pos, &[n], &self.device)?;
+        let t = st.check_step(tokens)?;
+        let positions: Vec<i32> = st.positions(t).iter().map(|&p| p + OFFSET as i32).collect();
+        if positions
+            .iter()
+            .any(|&p| p as usize >= c.max_position_embeddings + OFFSET)
+        {
+            return Err(Error::Input(format!(
+                "sequence longer than the model's {} positions",
+                c.max_position_embeddings
+            )));
+        }
+        let ids = ids_tensor(tokens, c.vocab_size, &self.device)?;
+        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
         let scale = if c.scale_embedding {
             (c.d_model as f32).sqrt()
         } else {
             1.0
         };
         let mut x = ops::embed_scaled(&[(&self.tokens, &ids), (&self.positions, &pos)], scale)?;
-        let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
-        for l in &self.layers {
+        let ranges = st.key_ranges(t);
+        for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
-            x = ops::add(
-                &x,
-                &l.attn.forward(
-                    &h,
-                    p.batch,
-                    p.len,
-                    &ranges,
-                    true,
-                    SelfAttentionExtras::default(),
-                )?,
+            let a = l.attn.forward_cached(
+                &h,
+                st.rows,
+                t,
+                cache,
+                st.len,
+                &ranges,
+                SelfAttentionExtras::default(),
             )?;
+            x = ops::add(&x, &a)?;
             let h = l.ln_ffn.forward(&x, None)?;
             let h = l
                 .fc2
                 .forward(&l.fc1.forward(&h, self.act)?, Activation::None)?;
             x = ops::add(&x, &h)?;
         }
-        let x = self.norm.forward(&x, None)?;
-        let logits = ops::linear(&x, &self.head, None, Activation::None)?;
+        st.len += t;
+        self.norm.forward(&x, None)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::linear(hidden, &self.head, None, Activation::None)
+    }
+}
+
+impl Model for Xglm {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        batch.text_only()?;
+        let c = &self.cfg;
+        let p = Padded::new(&batch.input_ids, c.vocab_size, c.max_position_embeddings)?;
+        if p.batch == 0 || p.len == 0 {
+            return p.output(
+                "logits",
+                &ops::zeros(&[0, c.vocab_size], self.dtype, &self.device)?,
+            );
+        }
+        let mut st = self.begin(None, p.batch, p.len)?;
+        let logits = full_forward(self, &mut st, &batch.input_ids, c.pad_token_id as i64)?;
         p.output("logits", &logits)
     }
 

@@ -154,3 +154,99 @@ impl CrossAttention {
         self.out.forward(&a, Activation::None)
     }
 }
+
+/// Keys and values of one attention layer: [rows, capacity, kv_heads * head_dim] each.
+pub struct KvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl KvCache {
+    /// Caches for `rows` sequences of up to `capacity` positions.
+    pub fn new(
+        rows: usize,
+        capacity: usize,
+        width: usize,
+        dtype: crate::tensor::DType,
+        device: &crate::tensor::Device,
+    ) -> Result<Self> {
+        Ok(KvCache {
+            k: ops::zeros(&[rows, capacity, width], dtype, device)?,
+            v: ops::zeros(&[rows, capacity, width], dtype, device)?,
+        })
+    }
+}
+
+impl SelfAttention {
+    /// Causal self-attention over `t` new positions per row that appends their keys and
+    /// values to `cache` at `q_offset`: x [batch * t, hidden] -> [batch * t, hidden_out].
+    /// `key_ranges` are the valid cache positions of each row after this step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        t: usize,
+        cache: &mut KvCache,
+        q_offset: usize,
+        key_ranges: &[(usize, usize)],
+        extras: SelfAttentionExtras,
+    ) -> Result<Tensor> {
+        let qd = self.heads * self.head_dim;
+        let kd = self.kv_heads * self.head_dim;
+        let mut qkv = self
+            .qkv
+            .forward(x, Activation::None)?
+            .reshape(&[batch, t, qd + 2 * kd])?;
+        if let Some((rope, positions)) = extras.rope {
+            ops::rotary(
+                &mut qkv,
+                0,
+                self.heads,
+                self.head_dim,
+                positions,
+                &rope.inv_freq,
+                rope.attention_scaling,
+            )?;
+            ops::rotary(
+                &mut qkv,
+                qd,
+                self.kv_heads,
+                self.head_dim,
+                positions,
+                &rope.inv_freq,
+                rope.attention_scaling,
+            )?;
+        }
+        ops::write_rows(&mut cache.k, q_offset, 0, &qkv, qd, kd)?;
+        ops::write_rows(&mut cache.v, q_offset, 0, &qkv, qd + kd, kd)?;
+        let opts = AttentionOptions {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            causal: true,
+            q_offset,
+            window: extras.window,
+            key_ranges: key_ranges.to_vec(),
+            bias: extras.bias,
+        };
+        let a = ops::attention(
+            Heads {
+                tensor: &qkv,
+                col: 0,
+            },
+            Heads {
+                tensor: &cache.k,
+                col: 0,
+            },
+            Heads {
+                tensor: &cache.v,
+                col: 0,
+            },
+            &opts,
+        )?
+        .reshape(&[batch * t, qd])?;
+        self.out.forward(&a, Activation::None)
+    }
+}

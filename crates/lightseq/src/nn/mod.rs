@@ -3,7 +3,7 @@
 pub mod attention;
 pub mod positions;
 
-pub use attention::{CrossAttention, Rope, SelfAttention, SelfAttentionExtras};
+pub use attention::{CrossAttention, KvCache, Rope, SelfAttention, SelfAttentionExtras};
 
 use crate::error::Result;
 use crate::io::Checkpoint;

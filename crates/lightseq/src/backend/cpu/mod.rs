@@ -162,3 +162,26 @@ pub(crate) fn rotary(x: &mut [f32], positions: &[i32], inv_freq: &[f32], g: &Rot
             }
         });
 }
+
+/// Layout of one `ops::write_rows` call.
+pub(crate) struct RowCopy {
+    pub batch: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub src_width: usize,
+    pub src_col: usize,
+    pub dst_rows: usize,
+    pub dst_width: usize,
+    pub dst_row: usize,
+    pub dst_col: usize,
+}
+
+pub(crate) fn write_rows(dst: &mut [f32], src: &[f32], g: &RowCopy) {
+    for b in 0..g.batch {
+        for t in 0..g.rows {
+            let s = (b * g.rows + t) * g.src_width + g.src_col;
+            let d = (b * g.dst_rows + g.dst_row + t) * g.dst_width + g.dst_col;
+            dst[d..d + g.width].copy_from_slice(&src[s..s + g.width]);
+        }
+    }
+}

@@ -30,7 +30,14 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "elementwise",
         source: include_str!("kernels/elementwise.cu"),
-        kernels: &["bias_act", "add", "glu", "scale"],
+        kernels: &[
+            "bias_act",
+            "add",
+            "glu",
+            "scale",
+            "index_select",
+            "write_rows",
+        ],
     },
     KernelModule {
         name: "layer_norm",

@@ -2,7 +2,7 @@
 //! front end in `crate::ops`.
 
 use super::{cuda_err, CudaStorage};
-use crate::backend::cpu::RotaryGeometry;
+use crate::backend::cpu::{RotaryGeometry, RowCopy};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionOptions, Heads};
 use crate::tensor::DType;
@@ -369,4 +369,52 @@ pub(crate) fn rotary(
     };
     // SAFETY: argument types match the kernel's signature in rotary.cu.
     launched("rotary", unsafe { l.launch(cfg) })
+}
+
+pub(crate) fn index_select(x: &CudaStorage, idx: &[usize], row: usize) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), idx.len() * row)?;
+    if idx.is_empty() || row == 0 {
+        return Ok(out);
+    }
+    let ids: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+    let ids = dev.upload_i32(&ids)?;
+    let f = dev.kernel("index_select", x.dtype())?;
+    let (xp, ip, op, n, r) = (x.ptr(), ids.ptr(), out.ptr(), idx.len() as i64, row as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&ip).arg(&op).arg(&n).arg(&r);
+    // SAFETY: argument types match the kernel's signature in elementwise.cu.
+    launched("index_select", unsafe {
+        l.launch(grid_1d(idx.len() * row, 256))
+    })?;
+    Ok(out)
+}
+
+pub(crate) fn write_rows(dst: &CudaStorage, src: &CudaStorage, g: &RowCopy) -> Result<()> {
+    let total = g.batch * g.rows * g.width;
+    if total == 0 {
+        return Ok(());
+    }
+    let dev = dst.device();
+    let f = dev.kernel("write_rows", dst.dtype())?;
+    let (dp, sp) = (dst.ptr(), src.ptr());
+    let a = [
+        g.batch,
+        g.rows,
+        g.width,
+        g.src_width,
+        g.src_col,
+        g.dst_rows,
+        g.dst_width,
+        g.dst_row,
+        g.dst_col,
+    ]
+    .map(|v| v as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&dp).arg(&sp);
+    for v in &a {
+        l.arg(v);
+    }
+    // SAFETY: argument types match the kernel's signature in elementwise.cu.
+    launched("write_rows", unsafe { l.launch(grid_1d(total, 256)) })
 }

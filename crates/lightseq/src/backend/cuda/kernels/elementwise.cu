@@ -56,3 +56,42 @@ __device__ void scale_body(const T* x, T* out, float s, long long total) {
     scale_body<T>(x, out, s, total);                                                          \
   }
 LS_FLOAT_TYPES(LS_GATED)
+
+// out[i, :] = x[idx[i], :] for rows of `row` elements.
+template <typename T>
+__device__ void index_select_body(const T* x, const int* idx, T* out, long long n_out, long long row) {
+  const long long total = n_out * row;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    out[i] = x[(long long)idx[i / row] * row + i % row];
+  }
+}
+
+// dst[b, dst_row + t, dst_col + c] = src[b, t, src_col + c] for c < width.
+template <typename T>
+__device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int width, int src_width,
+                                int src_col, int dst_rows, int dst_width, int dst_row, int dst_col) {
+  const long long total = (long long)batch * rows * width;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long c = i % width, bt = i / width;
+    const long long t = bt % rows, b = bt / rows;
+    dst[(b * dst_rows + dst_row + t) * dst_width + dst_col + c] = src[bt * src_width + src_col + c];
+  }
+}
+
+#define LS_ROWS(T, S)                                                                          \
+  extern "C" __global__ void index_select_##S(const T* x, const int* idx, T* out,              \
+                                              long long n_out, long long row) {                \
+    index_select_body<T>(x, idx, out, n_out, row);                                             \
+  }                                                                                            \
+  extern "C" __global__ void write_rows_##S(T* dst, const T* src, int batch, int rows,         \
+                                            int width, int src_width, int src_col,             \
+                                            int dst_rows, int dst_width, int dst_row,          \
+                                            int dst_col) {                                     \
+    write_rows_body<T>(dst, src, batch, rows, width, src_width, src_col, dst_rows, dst_width,  \
+                       dst_row, dst_col);                                                      \
+  }
+LS_FLOAT_TYPES(LS_ROWS)
+// Integer rows (ids) use the same kernel.
+LS_ROWS(int, i32)

@@ -1,0 +1,200 @@
+//! Incremental decoding: key/value caches, the state of one decoding run, and the trait
+//! generative models implement. Full forward passes of decoders run through the same path
+//! (one step over the whole padded batch), so prefill, decode steps and `forward` share code.
+
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::tensor::{Device, Tensor};
+
+pub use crate::nn::attention::KvCache;
+
+/// Everything a decoder carries between steps.
+pub struct DecodeState {
+    /// Sequences decoded side by side (batch x beams).
+    pub rows: usize,
+    /// Positions each cache holds.
+    pub capacity: usize,
+    /// Positions filled so far (the same for every row; prompts are left-padded).
+    pub len: usize,
+    /// Per row, the first valid cache position (left padding before it).
+    pub key_start: Vec<usize>,
+    /// Per row, an end of valid keys that overrides `len` (right-padded full forwards).
+    pub key_end: Option<Vec<usize>>,
+    /// Self-attention caches, one per decoder layer.
+    pub caches: Vec<KvCache>,
+    /// Encoder-decoders: cross-attention keys/values per layer [rows, src_len, 2 * inner].
+    pub cross: Vec<Tensor>,
+    /// Encoder-decoders: valid source positions per row.
+    pub src_ranges: Vec<(usize, usize)>,
+}
+
+impl DecodeState {
+    /// A state with caches allocated for `rows` sequences.
+    pub fn new(rows: usize, capacity: usize, caches: Vec<KvCache>) -> Self {
+        DecodeState {
+            rows,
+            capacity,
+            len: 0,
+            key_start: vec![0; rows],
+            key_end: None,
+            caches,
+            cross: Vec::new(),
+            src_ranges: Vec::new(),
+        }
+    }
+
+    /// Key ranges of each row once `t` more positions are written.
+    pub fn key_ranges(&self, t: usize) -> Vec<(usize, usize)> {
+        (0..self.rows)
+            .map(|r| {
+                let end = self.key_end.as_ref().map_or(self.len + t, |e| e[r]);
+                (self.key_start[r], end)
+            })
+            .collect()
+    }
+
+    /// Position id of each of the next `t` tokens of each row ([rows * t]): the count of
+    /// real tokens before it (left padding excluded), 0 for padding.
+    pub fn positions(&self, t: usize) -> Vec<i32> {
+        let mut out = Vec::with_capacity(self.rows * t);
+        for r in 0..self.rows {
+            for i in 0..t {
+                out.push((self.len + i).saturating_sub(self.key_start[r]) as i32);
+            }
+        }
+        out
+    }
+
+    /// Checks a step's tokens: one list per row, all of the same length, within capacity.
+    pub fn check_step(&self, tokens: &[Vec<i64>]) -> Result<usize> {
+        let t = tokens.first().map_or(0, Vec::len);
+        if tokens.len() != self.rows || tokens.iter().any(|r| r.len() != t) || t == 0 {
+            return Err(Error::Input(format!(
+                "a decode step needs {} rows of equal, non-zero length",
+                self.rows
+            )));
+        }
+        if self.len + t > self.capacity {
+            return Err(Error::Input(format!(
+                "decoding past the cache: {} + {t} positions > {}",
+                self.len, self.capacity
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Reorders rows (beam search): row i takes the state of row `src[i]`.
+    pub fn reorder(&mut self, src: &[usize]) -> Result<()> {
+        if src.len() != self.rows {
+            return Err(Error::op(
+                "reorder",
+                format!("{} indices for {} rows", src.len(), self.rows),
+            ));
+        }
+        if src.iter().enumerate().all(|(i, &s)| i == s) {
+            return Ok(());
+        }
+        for c in &mut self.caches {
+            c.k = ops::index_select(&c.k, src)?;
+            c.v = ops::index_select(&c.v, src)?;
+        }
+        self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
+        // Rows of one batch item share their source, so cross keys/values need no reorder
+        // within an item; across items they would, so follow `src` exactly.
+        if !self.cross.is_empty() {
+            for c in &mut self.cross {
+                *c = ops::index_select(c, src)?;
+            }
+            self.src_ranges = src.iter().map(|&s| self.src_ranges[s]).collect();
+        }
+        Ok(())
+    }
+}
+
+/// A model that generates: decoder-only language models and encoder-decoders.
+pub trait Decoder: Send + Sync {
+    /// Output vocabulary size.
+    fn vocab(&self) -> usize;
+    /// True for encoder-decoders.
+    fn is_encoder_decoder(&self) -> bool;
+    /// The device of the weights.
+    fn decoder_device(&self) -> &Device;
+    /// Longest decoder sequence the model's positions allow.
+    fn max_decoder_positions(&self) -> usize;
+    /// Starts a run of `rows` sequences with caches of `capacity` positions. Encoder-decoders
+    /// encode `sources` (one per batch item) and repeat each item's encoding `rows /
+    /// sources.len()` times (beams); decoder-only models take no sources.
+    fn begin(
+        &self,
+        sources: Option<&[Vec<i64>]>,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState>;
+    /// Like `begin`, from encoder outputs computed elsewhere: states [batch, src_len, d_model]
+    /// with `lengths[b]` valid positions.
+    fn begin_from_states(
+        &self,
+        _states: &Tensor,
+        _lengths: &[usize],
+        _rows: usize,
+        _capacity: usize,
+    ) -> Result<DecodeState> {
+        Err(Error::Input(
+            "this model decodes without encoder states".into(),
+        ))
+    }
+    /// Feeds `tokens` (one equal-length list per row) and returns the final hidden states
+    /// [rows * t, d_model] after the last norm.
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor>;
+    /// The LM head: hidden [n, d_model] -> logits [n, vocab].
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// One step: feeds `tokens` and returns the logits of each row's last position,
+    /// [rows, vocab] f32 on the host.
+    fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
+        let t = st.check_step(tokens)?;
+        let h = self.decode(st, tokens)?;
+        let last: Vec<usize> = (0..st.rows).map(|r| r * t + t - 1).collect();
+        let h = ops::index_select(&h, &last)?;
+        self.logits(&h)?.to_f32_vec()
+    }
+}
+
+/// Flattens equal-length rows of token ids into an i32 tensor [rows * t].
+pub(crate) fn ids_tensor(tokens: &[Vec<i64>], vocab: usize, device: &Device) -> Result<Tensor> {
+    let mut flat = Vec::with_capacity(tokens.len() * tokens.first().map_or(0, Vec::len));
+    for (r, row) in tokens.iter().enumerate() {
+        for &id in row {
+            if id < 0 || id as u64 >= vocab as u64 {
+                return Err(Error::Input(format!(
+                    "row {r}: id {id} is outside the vocabulary [0, {vocab})"
+                )));
+            }
+            flat.push(id as i32);
+        }
+    }
+    let n = flat.len();
+    Tensor::from_i32(&flat, &[n], device)
+}
+
+/// Runs a decoder over whole right-padded sequences (a forward pass through the decode
+/// path): returns logits [batch * max_len, vocab] and the padding layout.
+pub(crate) fn full_forward(
+    m: &dyn Decoder,
+    st: &mut DecodeState,
+    rows: &[Vec<i64>],
+    pad_id: i64,
+) -> Result<Tensor> {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let padded: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| {
+            let mut v = r.clone();
+            v.resize(len, pad_id);
+            v
+        })
+        .collect();
+    st.key_end = Some(rows.iter().map(Vec::len).collect());
+    let h = m.decode(st, &padded)?;
+    m.logits(&h)
+}
