@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod generate;
 pub mod io;
 pub mod models;
 pub mod nn;

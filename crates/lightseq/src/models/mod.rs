@@ -150,6 +150,33 @@ fn unsupported(dir: &ModelDir, model_type: &str) -> Error {
     }
 }
 
+/// Loads a generative model (decoder-only or encoder-decoder) for incremental decoding.
+pub fn load_decoder(
+    dir: &ModelDir,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn decode::Decoder>> {
+    let mt = dir.model_type()?;
+    match mt {
+        "gpt2" => Ok(Box::new(gpt2::Gpt2::load(dir, dtype, device)?)),
+        "t5" | "mt5" => Ok(Box::new(t5::T5::load(dir, mt == "mt5", dtype, device)?)),
+        "xglm" => Ok(Box::new(xglm::Xglm::load(dir, dtype, device)?)),
+        "bert" | "vit" => Err(Error::Config {
+            path: dir.path.join("config.json"),
+            msg: format!("model_type `{mt}` is an encoder: it does not generate"),
+        }),
+        other => {
+            if let Some(k) = seq2seq::Kind::from_model_type(other) {
+                Ok(Box::new(seq2seq::Seq2Seq::load(dir, k, dtype, device)?))
+            } else if let Some(f) = llama::Flavor::from_model_type(other) {
+                Ok(Box::new(llama::Llama::load(dir, f, dtype, device)?))
+            } else {
+                Err(unsupported(dir, other))
+            }
+        }
+    }
+}
+
 /// Architecture and sizes from config.json alone (no weights are read).
 pub fn describe(dir: &ModelDir) -> Result<ModelInfo> {
     match dir.model_type()? {

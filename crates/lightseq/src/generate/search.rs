@@ -1,0 +1,394 @@
+//! The decoding loops: greedy and sampling, beam search (HF 5.x semantics), diverse beam
+//! search by groups (Hamming penalty between groups) and by sibling rank (`diverse_lambda`).
+//! Every row keeps the sequence HF would see for its prompt alone, so a ragged batch gives
+//! what each prompt gives by itself.
+
+use super::config::{EarlyStopping, Resolved};
+use super::processors::{log_softmax, process, softmax, warp, RowContext};
+use super::Hypothesis;
+use crate::error::Result;
+use crate::models::decode::{DecodeState, Decoder};
+
+/// HF's stand-in for minus infinity in beam scores.
+const NEG: f32 = -1.0e9;
+
+/// A deterministic generator for sampling (SplitMix64).
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5DEECE66D)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// An index drawn with probability proportional to `p` (non-negative, not all zero).
+    pub fn categorical(&mut self, p: &[f32]) -> usize {
+        let total: f64 = p.iter().map(|&x| x as f64).sum();
+        let mut u = self.uniform() * total;
+        let mut last = 0;
+        for (i, &x) in p.iter().enumerate() {
+            if x > 0.0 {
+                last = i;
+                if u < x as f64 {
+                    return i;
+                }
+                u -= x as f64;
+            }
+        }
+        last
+    }
+}
+
+/// Where each batch item stands: its input length and HF's length limits.
+#[derive(Clone, Copy)]
+pub struct ItemLimits {
+    pub input_len: usize,
+    pub max_length: usize,
+    pub min_length: usize,
+}
+
+/// How a run starts: each row's sequence, the first (prefill) step's tokens, each item's
+/// limits, rows per item, and the token fed to rows that have finished.
+pub struct Start {
+    pub starts: Vec<Vec<i64>>,
+    pub first_step: Vec<Vec<i64>>,
+    pub limits: Vec<ItemLimits>,
+    pub per_item: usize,
+    pub fill: i64,
+}
+
+/// Greedy decoding or sampling, `per_item` rows per batch item.
+pub fn greedy(
+    m: &dyn Decoder,
+    st: &mut DecodeState,
+    cfg: &Resolved,
+    start: Start,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    let Start {
+        starts,
+        first_step,
+        limits,
+        per_item,
+        fill,
+    } = start;
+    let rows = starts.len();
+    let mut seqs = starts;
+    let mut scores = vec![0f32; rows];
+    let mut unfinished = vec![true; rows];
+    let mut rng = Rng::new(cfg.seed);
+    let mut logits = m.step(st, &first_step)?;
+    let vocab = m.vocab();
+    loop {
+        let mut next = vec![fill; rows];
+        for r in 0..rows {
+            if !unfinished[r] {
+                continue;
+            }
+            let lim = limits[r / per_item];
+            let mut s = logits[r * vocab..(r + 1) * vocab].to_vec();
+            let ctx = RowContext {
+                seq: &seqs[r],
+                input_len: lim.input_len,
+                max_length: lim.max_length,
+                min_length: lim.min_length,
+            };
+            process(cfg, &ctx, &mut s);
+            let tok = if cfg.do_sample {
+                warp(cfg, &mut s, 1);
+                rng.categorical(&softmax(&s))
+            } else {
+                // First maximum, as torch.argmax.
+                let mut best = 0;
+                for (i, &v) in s.iter().enumerate() {
+                    if v > s[best] {
+                        best = i;
+                    }
+                }
+                best
+            };
+            scores[r] += log_softmax(&s)[tok];
+            seqs[r].push(tok as i64);
+            next[r] = tok as i64;
+            if cfg.eos.contains(&(tok as i64)) || seqs[r].len() >= lim.max_length {
+                unfinished[r] = false;
+            }
+        }
+        if !unfinished.iter().any(|&u| u) {
+            break;
+        }
+        let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+        logits = m.step(st, &tokens)?;
+    }
+    Ok(seqs
+        .into_iter()
+        .zip(scores)
+        .collect::<Vec<_>>()
+        .chunks(per_item)
+        .map(|c| {
+            c.iter()
+                .map(|(t, s)| Hypothesis {
+                    tokens: t.clone(),
+                    score: *s,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// One beam group of one batch item.
+struct Group {
+    /// Running beams: sequence, accumulated log-probability, cache row.
+    running: Vec<(Vec<i64>, f32, usize)>,
+    /// Finished slots: sequence, length-normalized score, filled.
+    finished: Vec<(Vec<i64>, f32, bool)>,
+    open: bool,
+    done: bool,
+}
+
+/// Indices of the `k` largest values, ties to the lower index (stable).
+fn top_k_stable(v: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(v.len());
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+/// Beam search over `limits.len()` items of `num_beams` rows each, in `num_beam_groups`
+/// groups (diverse beam search when more than one) with optional sibling-rank penalty.
+pub fn beam(
+    m: &dyn Decoder,
+    st: &mut DecodeState,
+    cfg: &Resolved,
+    start: Start,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    let Start {
+        starts,
+        first_step,
+        limits,
+        fill,
+        ..
+    } = start;
+    let nb = cfg.num_beams;
+    let groups = cfg.num_beam_groups;
+    let gs = nb / groups;
+    let vocab = m.vocab();
+    let k = (2usize).max(1 + cfg.eos.len()) * gs;
+    let mut rng = Rng::new(cfg.seed);
+    // Per item and group.
+    let mut items: Vec<Vec<Group>> = (0..limits.len())
+        .map(|b| {
+            (0..groups)
+                .map(|g| Group {
+                    running: (0..gs)
+                        .map(|j| {
+                            let row = b * nb + g * gs + j;
+                            (starts[row].clone(), if j == 0 { 0.0 } else { NEG }, row)
+                        })
+                        .collect(),
+                    finished: vec![(starts[b * nb].clone(), NEG, false); gs],
+                    open: true,
+                    done: false,
+                })
+                .collect()
+        })
+        .collect();
+    let mut logits = m.step(st, &first_step)?;
+    let mut generated = 0usize;
+    loop {
+        let mut src = vec![0usize; st.rows];
+        let mut next = vec![fill; st.rows];
+        for (b, item) in items.iter_mut().enumerate() {
+            let lim = limits[b];
+            let cur = lim.input_len + generated;
+            // Tokens the item's earlier groups chose at this step (Hamming diversity).
+            let mut chosen: Vec<i64> = Vec::new();
+            for (g, grp) in item.iter_mut().enumerate() {
+                let base = b * nb + g * gs;
+                if grp.done {
+                    for j in 0..gs {
+                        src[base + j] = base + j;
+                    }
+                    continue;
+                }
+                // Scores of every (beam, token), processed on log-probabilities.
+                let mut acc = vec![0f32; gs * vocab];
+                for (j, (seq, score, row)) in grp.running.iter().enumerate() {
+                    let mut lp = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
+                    if cfg.diversity_penalty != 0.0 {
+                        for &t in &chosen {
+                            lp[t as usize] -= cfg.diversity_penalty;
+                        }
+                    }
+                    let ctx = RowContext {
+                        seq,
+                        input_len: lim.input_len,
+                        max_length: lim.max_length,
+                        min_length: lim.min_length,
+                    };
+                    process(cfg, &ctx, &mut lp);
+                    if cfg.do_sample {
+                        warp(cfg, &mut lp, 1 + cfg.eos.len().max(1));
+                    }
+                    for (v, x) in lp.iter().enumerate() {
+                        acc[j * vocab + v] = x + score;
+                    }
+                }
+                let cand: Vec<usize> = if cfg.do_sample {
+                    sample_without_replacement(&mut rng, &acc, k)
+                } else if cfg.diverse_lambda != 0.0 {
+                    let ranked = sibling_rank_penalized(&acc, gs, vocab, cfg.diverse_lambda);
+                    top_k_stable(&ranked, k)
+                } else {
+                    top_k_stable(&acc, k)
+                };
+                let vals: Vec<f32> = cand.iter().map(|&i| acc[i]).collect();
+                let seqs: Vec<(Vec<i64>, usize)> = cand
+                    .iter()
+                    .map(|&i| {
+                        let (seq, _, row) = &grp.running[i / vocab];
+                        let mut s = seq.clone();
+                        s.push((i % vocab) as i64);
+                        (s, *row)
+                    })
+                    .collect();
+                let stop: Vec<bool> = seqs
+                    .iter()
+                    .map(|(s, _)| cfg.eos.contains(s.last().unwrap()) || cur + 1 >= lim.max_length)
+                    .collect();
+                let all_stop = stop.iter().all(|&s| s);
+                // Next running beams: the best candidates that did not stop.
+                let pen: Vec<f32> = vals
+                    .iter()
+                    .zip(&stop)
+                    .map(|(v, &s)| if s { v + NEG } else { *v })
+                    .collect();
+                let sel = top_k_stable(&pen, gs);
+                let new_running: Vec<(Vec<i64>, f32, usize)> = sel
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &i)| (seqs[i].0.clone(), pen[i], base + j))
+                    .collect();
+                for (j, &i) in sel.iter().enumerate() {
+                    src[base + j] = seqs[i].1;
+                    next[base + j] = *seqs[i].0.last().unwrap();
+                    chosen.push(*seqs[i].0.last().unwrap());
+                }
+                // Finished slots: stopped candidates ranked within the first `gs`.
+                let gen_len = (cur + 1 - lim.input_len) as f32;
+                let all_full = grp.finished.iter().all(|f| f.2);
+                let mut merged: Vec<(Vec<i64>, f32, bool)> = grp.finished.clone();
+                for (i, (s, _)) in seqs.iter().enumerate() {
+                    let mut norm = vals[i] / gen_len.powf(cfg.length_penalty);
+                    if cfg.early_stopping == EarlyStopping::True && all_full {
+                        norm += NEG;
+                    }
+                    if !grp.open {
+                        norm += NEG;
+                    }
+                    let eligible = stop[i] && i < gs;
+                    if !eligible {
+                        norm += NEG;
+                    }
+                    merged.push((s.clone(), norm, eligible));
+                }
+                let scores: Vec<f32> = merged.iter().map(|m| m.1).collect();
+                grp.finished = top_k_stable(&scores, gs)
+                    .into_iter()
+                    .map(|i| merged[i].clone())
+                    .collect();
+                grp.running = new_running;
+                // Can a running beam still beat the worst finished one?
+                let hyp_len =
+                    if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0 {
+                        lim.max_length - lim.input_len
+                    } else {
+                        cur + 1 - lim.input_len
+                    };
+                let best = grp.running[0].1 / (hyp_len as f32).powf(cfg.length_penalty);
+                let worst = grp
+                    .finished
+                    .iter()
+                    .map(|f| f.1)
+                    .fold(f32::INFINITY, f32::min);
+                let cond = grp
+                    .finished
+                    .iter()
+                    .any(|f| best > if f.2 { worst } else { NEG });
+                grp.open = grp.open && cond;
+                let full = grp.finished.iter().all(|f| f.2);
+                grp.done =
+                    !grp.open || (full && cfg.early_stopping == EarlyStopping::True) || all_stop;
+            }
+        }
+        generated += 1;
+        if items.iter().all(|it| it.iter().all(|g| g.done)) {
+            break;
+        }
+        st.reorder(&src)?;
+        let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+        logits = m.step(st, &tokens)?;
+    }
+    let nret = cfg.num_return_sequences;
+    Ok(items
+        .into_iter()
+        .map(|item| {
+            // Groups' hypotheses merged, best first (HF's group beam search finalize).
+            let mut all: Vec<(Vec<i64>, f32, bool)> =
+                item.into_iter().flat_map(|g| g.finished).collect();
+            let scores: Vec<f32> = all.iter().map(|f| f.1).collect();
+            let order = top_k_stable(&scores, nret);
+            order
+                .into_iter()
+                .map(|i| {
+                    let (t, s, _) = std::mem::take(&mut all[i]);
+                    Hypothesis {
+                        tokens: t,
+                        score: s,
+                    }
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Scores with each token's rank among its parent beam's continuations subtracted,
+/// `lambda` per rank (Li, Monroe and Jurafsky 2016), for choosing candidates.
+fn sibling_rank_penalized(acc: &[f32], beams: usize, vocab: usize, lambda: f32) -> Vec<f32> {
+    let mut out = acc.to_vec();
+    for j in 0..beams {
+        let row = &acc[j * vocab..(j + 1) * vocab];
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for (rank, &v) in order.iter().enumerate() {
+            out[j * vocab + v] = row[v] - lambda * rank as f32;
+        }
+    }
+    out
+}
+
+/// `k` distinct indices drawn in proportion to softmax(`acc`), sorted by score (beam sampling).
+fn sample_without_replacement(rng: &mut Rng, acc: &[f32], k: usize) -> Vec<usize> {
+    let mut p = softmax(acc);
+    let mut picked = Vec::with_capacity(k);
+    for _ in 0..k.min(p.iter().filter(|&&x| x > 0.0).count()) {
+        let i = rng.categorical(&p);
+        picked.push(i);
+        p[i] = 0.0;
+    }
+    picked.sort_by(|&a, &b| acc[b].total_cmp(&acc[a]).then(a.cmp(&b)));
+    picked
+}
