@@ -88,6 +88,16 @@ def generate(model, enc_dec, prompt, opts, special):
     return cleaned, scores
 
 
+def write_tokenizer(path, vocab):
+    """A word-level tokenizer.json of exactly `vocab` entries (for --text tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[UNK]"] + [f"w{i}" for i in range(1, vocab)]
+    words[1:8] = ["hello", "world", "the", "cat", "sat", "on", "mat"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(path)
+
+
 def main():
     # Runs are in float64; some HF models build mask constants in the default dtype.
     torch.set_default_dtype(torch.float64)
@@ -95,6 +105,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(FIXTURES, "generation"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    write_tokenizer(os.path.join(FIXTURES, "gpt2", "tokenizer.json"), 101)
     for k, (name, cls, enc_dec) in enumerate(MODELS):
         model = load(name, cls)
         vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size

@@ -2,8 +2,10 @@
 
 mod demo;
 mod forward;
+mod generate;
 mod info;
 mod input;
+mod text;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +40,9 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Generate from prompts (decoder-only) or sources (encoder-decoders): greedy, beam
+    /// search, diverse beam search or sampling, with HF generate's options.
+    Generate(generate::GenerateArgs),
     /// Convert a checkpoint of another framework into a Hugging Face model directory.
     Convert {
         #[command(subcommand)]
@@ -79,6 +84,7 @@ fn main() {
             dtype,
         } => forward::run(&model_dir, &input, &out, &device, &dtype),
         Command::Info { model_dir } => info::run(&model_dir),
+        Command::Generate(args) => generate::run(&args),
         Command::Convert {
             from:
                 ConvertFrom::Fairseq {

@@ -156,6 +156,213 @@ fn convert_fairseq_writes_a_loadable_model() {
     assert_clean_error(&o, "missing.pt");
 }
 
+fn generate_cmd(model: &Path, args: &[&str], out: &Path) -> Output {
+    bin()
+        .arg("generate")
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn generate_matches_the_hf_references_through_the_cli() {
+    // Case 3 of each reference file: beam 3, length_penalty 0.6, early stopping, 3 returned.
+    let d = tmpdir("gen");
+    for name in ["gpt2", "bart", "t5"] {
+        let refs = read_json(&fixtures().join("generation").join(format!("{name}.json")));
+        let case = &refs["cases"][3];
+        let o = &case["options"];
+        let inp = d.join("in.json");
+        write(
+            &inp,
+            &serde_json::json!({ "input_ids": refs["prompts"] }).to_string(),
+        );
+        let out = d.join("out.json");
+        let mut args: Vec<String> = vec!["--input".into(), inp.display().to_string()];
+        for (flag, key) in [
+            ("--max-new-tokens", "max_new_tokens"),
+            ("--num-beams", "num_beams"),
+            ("--length-penalty", "length_penalty"),
+            ("--num-return-sequences", "num_return_sequences"),
+            ("--eos-token-id", "eos_token_id"),
+            ("--pad-token-id", "pad_token_id"),
+            ("--decoder-start-token-id", "decoder_start_token_id"),
+        ] {
+            if !o[key].is_null() {
+                args.push(flag.into());
+                args.push(o[key].to_string());
+            }
+        }
+        args.push("--early-stopping".into());
+        args.push(o["early_stopping"].to_string());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = generate_cmd(&fixtures().join(name), &argv, &out);
+        assert!(
+            r.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let got = read_json(&out);
+        assert_eq!(got["sequences"], case["sequences"], "{name}");
+    }
+}
+
+#[test]
+fn generate_reads_generation_config_and_text() {
+    let d = tmpdir("gencfg");
+    let m = d.join("gpt2");
+    copy_dir(&fixtures().join("gpt2"), &m);
+    // Defaults from generation_config.json equal the same options given as flags.
+    write(
+        &m.join("generation_config.json"),
+        r#"{"num_beams": 3, "max_new_tokens": 4, "eos_token_id": 99, "pad_token_id": 0, "num_return_sequences": 2}"#,
+    );
+    let (a, b) = (d.join("a.json"), d.join("b.json"));
+    let r = generate_cmd(
+        &m,
+        &["--text", "hello world the cat", "--text", "sat on the mat"],
+        &a,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::fs::remove_file(m.join("generation_config.json")).unwrap();
+    let flags = [
+        "--num-beams",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--eos-token-id",
+        "99",
+        "--pad-token-id",
+        "0",
+        "--num-return-sequences",
+        "2",
+    ];
+    let inp = d.join("in.json");
+    write(&inp, r#"{"input_ids": [[1, 2, 3, 4], [5, 6, 3, 7]]}"#);
+    let mut args = vec!["--input", inp.to_str().unwrap()];
+    args.extend(flags);
+    let r = generate_cmd(&m, &args, &b);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (ja, jb) = (read_json(&a), read_json(&b));
+    assert_eq!(ja["sequences"], jb["sequences"]);
+    assert_eq!(ja["sequences"][0].as_array().unwrap().len(), 2);
+    // Text out: the decoded sequences start with the prompt's words.
+    let text = ja["text"][0][0].as_str().unwrap();
+    assert!(text.starts_with("hello world the cat"), "{text}");
+}
+
+#[test]
+fn generate_errors_are_clear() {
+    let d = tmpdir("generr");
+    let out = d.join("o.json");
+    let g = fixtures().join("gpt2");
+    let inp = d.join("in.json");
+    write(&inp, r#"{"input_ids": [[1, 2]]}"#);
+    let i = inp.to_str().unwrap();
+    assert_clean_error(&generate_cmd(&g, &[], &out), "exactly one of");
+    assert_clean_error(
+        &generate_cmd(&g, &["--input", i, "--text", "x"], &out),
+        "exactly one of",
+    );
+    assert_clean_error(
+        &generate_cmd(&g, &["--input", i, "--early-stopping", "sometimes"], &out),
+        "early_stopping",
+    );
+    assert_clean_error(
+        &generate_cmd(
+            &g,
+            &[
+                "--input",
+                i,
+                "--num-beams",
+                "2",
+                "--num-return-sequences",
+                "3",
+            ],
+            &out,
+        ),
+        "num_return_sequences",
+    );
+    assert_clean_error(
+        &generate_cmd(&g, &["--input", i, "--max-length", "2"], &out),
+        "max_length",
+    );
+    assert_clean_error(
+        &generate_cmd(&fixtures().join("bart"), &["--text", "hello"], &out),
+        "tokenizer.json",
+    );
+    assert_clean_error(
+        &generate_cmd(&fixtures().join("bert"), &["--input", i], &out),
+        "does not generate",
+    );
+    let st = d.join("states.safetensors");
+    lightseq::io::safetensors::write_f32(
+        &st,
+        &[("encoder_hidden_states", &[1, 2, 32], &[0.1f32; 64])],
+    )
+    .unwrap();
+    assert_clean_error(
+        &generate_cmd(&g, &["--encoder-states", st.to_str().unwrap()], &out),
+        "encoder-decoder",
+    );
+    write(&inp, r#"{"input_ids": [[1, 5000]]}"#);
+    assert_clean_error(
+        &generate_cmd(&g, &["--input", i], &out),
+        "outside the vocabulary",
+    );
+}
+
+#[test]
+fn generate_from_encoder_states_file() {
+    // States made by the library's encoder, written as a user would write HF's.
+    let d = tmpdir("genstates");
+    let m = fixtures().join("bart");
+    let md = lightseq::io::ModelDir::open(&m).unwrap();
+    let model =
+        lightseq::models::load_decoder(&md, lightseq::DType::F32, &lightseq::Device::Cpu).unwrap();
+    let src = vec![vec![5i64, 9, 14, 3], vec![7, 2]];
+    let (states, lens) = model.encode_sources(&src).unwrap();
+    let v = states.to_f32_vec().unwrap();
+    let mask: Vec<f32> = (0..2)
+        .flat_map(|b| (0..states.shape()[1]).map(move |t| if t < [4, 2][b] { 1.0 } else { 0.0 }))
+        .collect();
+    assert_eq!(lens, vec![4, 2]);
+    let st = d.join("states.safetensors");
+    lightseq::io::safetensors::write_f32(
+        &st,
+        &[
+            ("encoder_hidden_states", states.shape(), &v),
+            ("attention_mask", &states.shape()[..2], &mask),
+        ],
+    )
+    .unwrap();
+    let inp = d.join("in.json");
+    write(&inp, &serde_json::json!({ "input_ids": src }).to_string());
+    let (a, b) = (d.join("a.json"), d.join("b.json"));
+    let flags = ["--max-new-tokens", "5", "--num-beams", "2"];
+    let r = generate_cmd(
+        &m,
+        &[&["--encoder-states", st.to_str().unwrap()][..], &flags].concat(),
+        &a,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = generate_cmd(
+        &m,
+        &[&["--input", inp.to_str().unwrap()][..], &flags].concat(),
+        &b,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(read_json(&a)["sequences"], read_json(&b)["sequences"]);
+}
+
 #[test]
 fn empty_batch_is_fine() {
     let d = tmpdir("empty");

@@ -86,3 +86,210 @@ fn gpu_generation_gives_the_cpu_tokens() {
         check_model(&f, &dev);
     }
 }
+
+fn load(
+    name: &str,
+) -> (
+    Box<dyn lightseq::models::decode::Decoder>,
+    GenerationOptions,
+) {
+    let md = ModelDir::open(&fixtures_dir().join(name)).unwrap();
+    let m = models::load_decoder(&md, DType::F32, &Device::Cpu).unwrap();
+    let d = GenerationOptions::model_defaults(&md.path, &md.config).unwrap();
+    (m, d)
+}
+
+fn prompts(vocab: usize) -> Vec<Vec<i64>> {
+    vec![vec![5, 17, 3, 9], vec![11, 2], vec![7, 7, 30, 1, 4, 16]]
+        .into_iter()
+        .map(|p| p.into_iter().map(|x: i64| x % vocab as i64).collect())
+        .collect()
+}
+
+fn seqs(
+    m: &dyn lightseq::models::decode::Decoder,
+    inputs: Inputs,
+    o: &GenerationOptions,
+) -> Vec<Vec<(Vec<i64>, f32)>> {
+    generate(m, inputs, o)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.into_iter().map(|x| (x.tokens, x.score)).collect())
+        .collect()
+}
+
+#[test]
+fn diverse_lambda_zero_equals_beam_search() {
+    for name in ["gpt2", "bart", "t5"] {
+        let (m, d) = load(name);
+        let p = prompts(m.vocab());
+        let base = GenerationOptions {
+            max_new_tokens: Some(7),
+            num_beams: Some(4),
+            num_return_sequences: Some(4),
+            ..Default::default()
+        }
+        .or(&d);
+        let plain = seqs(m.as_ref(), Inputs::Ids(&p), &base);
+        let zero = seqs(
+            m.as_ref(),
+            Inputs::Ids(&p),
+            &GenerationOptions {
+                diverse_lambda: Some(0.0),
+                ..base.clone()
+            },
+        );
+        assert_eq!(
+            plain, zero,
+            "{name}: diverse_lambda 0 differs from beam search"
+        );
+        // A large sibling penalty keeps at most one child per parent after the first step,
+        // so the returned beams still differ, and the result moves away from plain search.
+        let div = seqs(
+            m.as_ref(),
+            Inputs::Ids(&p),
+            &GenerationOptions {
+                diverse_lambda: Some(50.0),
+                ..base.clone()
+            },
+        );
+        for hyps in &div {
+            let distinct: std::collections::HashSet<_> = hyps.iter().map(|h| &h.0).collect();
+            assert_eq!(
+                distinct.len(),
+                hyps.len(),
+                "{name}: duplicate hypotheses under diverse_lambda"
+            );
+        }
+        assert_ne!(plain, div, "{name}: diverse_lambda 50 changed nothing");
+    }
+}
+
+#[test]
+fn beam_groups_differ_and_one_group_is_beam_search() {
+    for name in ["gpt2", "marian", "t5"] {
+        let (m, d) = load(name);
+        let p = prompts(m.vocab());
+        let base = GenerationOptions {
+            max_new_tokens: Some(6),
+            num_beams: Some(4),
+            num_return_sequences: Some(4),
+            ..Default::default()
+        }
+        .or(&d);
+        let plain = seqs(m.as_ref(), Inputs::Ids(&p), &base);
+        // One group: the Hamming penalty has no other group to act on.
+        let one = seqs(
+            m.as_ref(),
+            Inputs::Ids(&p),
+            &GenerationOptions {
+                num_beam_groups: Some(1),
+                diversity_penalty: Some(5.0),
+                ..base.clone()
+            },
+        );
+        assert_eq!(plain, one, "{name}: one group differs from beam search");
+        // Four groups of one beam with a heavy penalty: each group's first token differs
+        // from the earlier groups', so the four results start differently.
+        let groups = seqs(
+            m.as_ref(),
+            Inputs::Ids(&p),
+            &GenerationOptions {
+                num_beam_groups: Some(4),
+                diversity_penalty: Some(1e4),
+                ..base.clone()
+            },
+        );
+        let start = if m.is_encoder_decoder() { 1 } else { 0 };
+        for (i, hyps) in groups.iter().enumerate() {
+            let first = |h: &(Vec<i64>, f32)| h.0[if start == 1 { 1 } else { p[i].len() }];
+            let firsts: std::collections::HashSet<i64> = hyps.iter().map(first).collect();
+            assert_eq!(
+                firsts.len(),
+                hyps.len(),
+                "{name} prompt {i}: groups share a first token: {hyps:?}"
+            );
+        }
+        // Without a penalty every group runs the same search: duplicates appear.
+        let same = seqs(
+            m.as_ref(),
+            Inputs::Ids(&p),
+            &GenerationOptions {
+                num_beam_groups: Some(2),
+                diversity_penalty: Some(0.0),
+                ..base.clone()
+            },
+        );
+        for hyps in &same {
+            let distinct: std::collections::HashSet<_> = hyps.iter().map(|h| &h.0).collect();
+            assert!(
+                distinct.len() < hyps.len(),
+                "{name}: unpenalized groups should repeat each other"
+            );
+        }
+    }
+}
+
+#[test]
+fn decoding_from_encoder_states_equals_decoding_from_ids() {
+    for name in ["bart", "t5", "fsmt"] {
+        let (m, d) = load(name);
+        let p = prompts(m.vocab());
+        let o = GenerationOptions {
+            max_new_tokens: Some(6),
+            num_beams: Some(3),
+            ..Default::default()
+        }
+        .or(&d);
+        let (states, lengths) = m.encode_sources(&p).unwrap();
+        assert_eq!(states.shape()[0], p.len());
+        let a = seqs(m.as_ref(), Inputs::Ids(&p), &o);
+        let b = seqs(m.as_ref(), Inputs::EncoderStates(&states, &lengths), &o);
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+#[test]
+fn bad_generation_options_are_errors() {
+    let (m, d) = load("gpt2");
+    let p = prompts(m.vocab());
+    let cases = [
+        GenerationOptions {
+            num_beams: Some(2),
+            num_return_sequences: Some(3),
+            ..Default::default()
+        },
+        GenerationOptions {
+            num_beams: Some(4),
+            num_beam_groups: Some(3),
+            ..Default::default()
+        },
+        GenerationOptions {
+            num_return_sequences: Some(2),
+            ..Default::default()
+        },
+        GenerationOptions {
+            do_sample: Some(true),
+            temperature: Some(0.0),
+            ..Default::default()
+        },
+        GenerationOptions {
+            top_p: Some(1.5),
+            ..Default::default()
+        },
+        GenerationOptions {
+            max_length: Some(3),
+            ..Default::default()
+        },
+    ];
+    for o in cases {
+        let r = generate(m.as_ref(), Inputs::Ids(&p), &o.clone().or(&d));
+        assert!(r.is_err(), "{o:?} should be refused");
+    }
+    let bad_prompt = vec![vec![1, 1000]];
+    assert!(generate(m.as_ref(), Inputs::Ids(&bad_prompt), &d).is_err());
+    assert!(generate(m.as_ref(), Inputs::Ids(&[vec![]]), &d).is_err());
+    assert!(generate(m.as_ref(), Inputs::Ids(&[]), &d)
+        .unwrap()
+        .is_empty());
+}

@@ -181,7 +181,8 @@ pub struct Resolved {
     pub num_beams: usize,
     pub num_beam_groups: usize,
     pub diversity_penalty: f32,
-    pub diverse_lambda: f32,
+    /// Sibling-rank penalty; `Some(0.0)` runs the ranked selection with no penalty.
+    pub diverse_lambda: Option<f32>,
     pub length_penalty: f32,
     pub early_stopping: EarlyStopping,
     pub num_return_sequences: usize,
@@ -266,7 +267,7 @@ impl Resolved {
             num_beams,
             num_beam_groups: groups,
             diversity_penalty: o.diversity_penalty.unwrap_or(0.0),
-            diverse_lambda: o.diverse_lambda.unwrap_or(0.0),
+            diverse_lambda: o.diverse_lambda,
             length_penalty: o.length_penalty.unwrap_or(1.0),
             early_stopping: o.early_stopping.unwrap_or(EarlyStopping::False),
             num_return_sequences: nret,

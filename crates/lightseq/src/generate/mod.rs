@@ -39,7 +39,11 @@ pub fn generate(
     opts: &GenerationOptions,
 ) -> Result<Vec<Vec<Hypothesis>>> {
     let enc_dec = m.is_encoder_decoder();
-    let cfg = Resolved::new(opts, enc_dec)?;
+    let mut opts = opts.clone();
+    if enc_dec && opts.decoder_start_token_id.is_none() && opts.bos_token_id.is_none() {
+        opts.decoder_start_token_id = m.default_decoder_start();
+    }
+    let cfg = Resolved::new(&opts, enc_dec)?;
     let batch = match &inputs {
         Inputs::Ids(ids) => ids.len(),
         Inputs::EncoderStates(_, lens) => lens.len(),
@@ -61,14 +65,9 @@ pub fn generate(
         }
         Ok(())
     };
-    for list in [
-        &cfg.eos,
-        &cfg.forced_eos,
-        &cfg.suppress,
-        &cfg.begin_suppress,
-    ] {
-        check_ids(list, "token id")?;
-    }
+    // EOS and suppressed ids outside the vocabulary can never be produced and are ignored,
+    // as HF ignores them; forced and start tokens must exist.
+    check_ids(&cfg.forced_eos, "forced_eos_token_id")?;
     if let Some(t) = cfg.forced_bos {
         check_ids(&[t], "forced_bos_token_id")?;
     }

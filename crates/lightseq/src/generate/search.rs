@@ -249,8 +249,8 @@ pub fn beam(
                 }
                 let cand: Vec<usize> = if cfg.do_sample {
                     sample_without_replacement(&mut rng, &acc, k)
-                } else if cfg.diverse_lambda != 0.0 {
-                    let ranked = sibling_rank_penalized(&acc, gs, vocab, cfg.diverse_lambda);
+                } else if let Some(lambda) = cfg.diverse_lambda {
+                    let ranked = sibling_rank_penalized(&acc, gs, vocab, lambda);
                     top_k_stable(&ranked, k)
                 } else {
                     top_k_stable(&acc, k)

@@ -130,6 +130,15 @@ pub trait Decoder: Send + Sync {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState>;
+    /// The decoder start token when the configuration names none (T5: its pad token).
+    fn default_decoder_start(&self) -> Option<i64> {
+        None
+    }
+    /// Encoder-decoders: the encoder output [batch, src_len, d_model] (f32) of `sources` and
+    /// each item's length, for decoding later with `begin_from_states`.
+    fn encode_sources(&self, _sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
+        Err(Error::Input("this model has no encoder".into()))
+    }
     /// Like `begin`, from encoder outputs computed elsewhere: states [batch, src_len, d_model]
     /// with `lengths[b]` valid positions.
     fn begin_from_states(

@@ -616,6 +616,13 @@ impl Decoder for Seq2Seq {
         self.start(&memory, &sp.lengths, sp.len, rows, capacity)
     }
 
+    fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
+        let (memory, sp) = self.encode(sources)?;
+        let d = memory.shape()[1];
+        let states = ops::to_dtype(&memory, DType::F32)?.reshape(&[sp.batch, sp.len, d])?;
+        Ok((states, sp.lengths))
+    }
+
     fn begin_from_states(
         &self,
         states: &Tensor,

@@ -31,6 +31,7 @@ pub struct T5Config {
     pub gated: bool,
     pub act: String,
     pub scale_decoder_outputs: bool,
+    pub pad_token_id: i64,
 }
 
 impl T5Config {
@@ -91,6 +92,7 @@ impl T5Config {
             gated,
             act,
             scale_decoder_outputs,
+            pad_token_id: v.get("pad_token_id").and_then(Value::as_i64).unwrap_or(0),
         };
         config_check(dir, cfg.num_heads > 0 && cfg.d_kv > 0, || {
             "num_heads and d_kv must be positive".into()
@@ -389,6 +391,11 @@ impl Decoder for T5 {
         usize::MAX
     }
 
+    fn default_decoder_start(&self) -> Option<i64> {
+        // T5 starts decoding from its pad token.
+        Some(self.cfg.pad_token_id)
+    }
+
     fn begin(
         &self,
         sources: Option<&[Vec<i64>]>,
@@ -400,6 +407,13 @@ impl Decoder for T5 {
         })?;
         let (memory, sp) = self.encode(src)?;
         self.start(&memory, &sp.lengths, sp.len, rows, capacity)
+    }
+
+    fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
+        let (memory, sp) = self.encode(sources)?;
+        let d = memory.shape()[1];
+        let states = ops::to_dtype(&memory, DType::F32)?.reshape(&[sp.batch, sp.len, d])?;
+        Ok((states, sp.lengths))
     }
 
     fn begin_from_states(
