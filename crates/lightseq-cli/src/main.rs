@@ -42,7 +42,7 @@ enum Command {
     },
     /// Generate from prompts (decoder-only) or sources (encoder-decoders): greedy, beam
     /// search, diverse beam search or sampling, with HF generate's options.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Convert a checkpoint of another framework into a Hugging Face model directory.
     Convert {
         #[command(subcommand)]
