@@ -51,12 +51,71 @@ type Fixture = (
     &'static [u8],
 );
 
-const FIXTURES: [Fixture; 4] = [
+const FIXTURES: [Fixture; 6] = [
     fixture!("bert"),
     fixture!("bert_cls_types"),
     fixture!("gpt2"),
     fixture!("gpt2_base_model"),
+    fixture!("bart"),
+    fixture!("t5"),
 ];
+
+/// HF `generate` references for the embedded generative fixtures.
+const GENERATION: [(&str, &str); 3] = [
+    (
+        "gpt2",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/generation/gpt2.json"
+        )),
+    ),
+    (
+        "bart",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/generation/bart.json"
+        )),
+    ),
+    (
+        "t5",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/generation/t5.json"
+        )),
+    ),
+];
+
+fn generation_parity(device: &lightseq::Device) -> Result<usize> {
+    use lightseq::generate::{generate, GenerationOptions, Inputs};
+    println!("\nGeneration against HF generate (all prompts in one ragged batch, f32):");
+    let mut failed = 0;
+    for (name, refs) in GENERATION {
+        let (_, config, weights, _, _) = FIXTURES.iter().find(|f| f.0 == name).copied().unwrap();
+        let dir = ModelDir::from_static(name, config, weights)?;
+        let model = models::load_decoder(&dir, DType::F32, device)?;
+        let defaults = GenerationOptions::from_json(&dir.config);
+        let refs: serde_json::Value = serde_json::from_str(refs)?;
+        let prompts: Vec<Vec<i64>> = serde_json::from_value(refs["prompts"].clone())?;
+        let mut exact = 0;
+        let cases = refs["cases"].as_array().unwrap();
+        for case in cases {
+            let opts = GenerationOptions::from_json(&case["options"]).or(&defaults);
+            let out = generate(model.as_ref(), Inputs::Ids(&prompts), &opts)?;
+            let got: Vec<Vec<Vec<i64>>> = out
+                .iter()
+                .map(|h| h.iter().map(|x| x.tokens.clone()).collect())
+                .collect();
+            let want: Vec<Vec<Vec<i64>>> = serde_json::from_value(case["sequences"].clone())?;
+            exact += usize::from(got == want);
+        }
+        failed += cases.len() - exact;
+        println!(
+            "  {name:<6} {exact}/{} option sets token-exact (greedy, repetition penalty, no-repeat n-grams, beam search with length penalties and early stopping)",
+            cases.len()
+        );
+    }
+    Ok(failed)
+}
 
 fn rel_err(out: &[f32], reference: &[f32]) -> f64 {
     let num: f64 = out
@@ -101,6 +160,8 @@ pub fn run(device: &str) -> Result<()> {
             );
         }
     }
+
+    failed += generation_parity(&device)?;
 
     let (batch, seq, iters) = if device.is_cuda() {
         (32, 128, 20)
