@@ -48,6 +48,9 @@ CASES = [
     {"max_new_tokens": 11, "min_new_tokens": 4, "num_beams": 5, "length_penalty": -0.5,
      "early_stopping": False, "num_return_sequences": 5},
     {"max_new_tokens": 7, "num_beams": 2, "forced_eos_token_id": "eos", "suppress_tokens": [5, 7]},
+    {"max_new_tokens": 6, "num_beams": 3, "forced_bos_token_id": 4, "begin_suppress_tokens": [6, 8],
+     "min_length": 5, "num_return_sequences": 2},
+    {"max_new_tokens": 6, "bad_words_ids": [[9], [3, 4]], "no_repeat_ngram_size": 1},
 ]
 
 
@@ -144,10 +147,18 @@ def main():
         cases = []
         for opts in CASES:
             seqs, scores = [], []
+            # HF's bad-words processor builds its bias in the default dtype (float64 here)
+            # and fails on float32 scores: run that case with a float32 default, which
+            # XGLM's float64 masks cannot take, so XGLM skips it.
+            if "bad_words_ids" in opts:
+                if name == "xglm":
+                    continue
+                torch.set_default_dtype(torch.float32)
             for p in prompts:
                 s, sc = generate(model, enc_dec, p, opts, special)
                 seqs.append(s)
                 scores.append(sc)
+            torch.set_default_dtype(torch.float64)
             o = dict(opts)
             if o.get("forced_eos_token_id") == "eos":
                 o["forced_eos_token_id"] = eos
