@@ -1,5 +1,6 @@
 //! The `lightseq` command: forward, info, demo.
 
+mod bench;
 mod demo;
 mod forward;
 mod generate;
@@ -43,6 +44,8 @@ enum Command {
     /// Generate from prompts (decoder-only) or sources (encoder-decoders): greedy, beam
     /// search, diverse beam search or sampling, with HF generate's options.
     Generate(Box<generate::GenerateArgs>),
+    /// Time a forward pass or a generation (model directory or preset of real shapes).
+    Bench(Box<bench::BenchArgs>),
     /// Convert a checkpoint of another framework into a Hugging Face model directory.
     Convert {
         #[command(subcommand)]
@@ -85,6 +88,7 @@ fn main() {
         } => forward::run(&model_dir, &input, &out, &device, &dtype),
         Command::Info { model_dir } => info::run(&model_dir),
         Command::Generate(args) => generate::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Convert {
             from:
                 ConvertFrom::Fairseq {

@@ -668,3 +668,42 @@ pub fn zeros(shape: &[usize], dtype: DType, device: &crate::tensor::Device) -> R
     let n: usize = shape.iter().product();
     Tensor::from_f32(&vec![0.0; n], shape, dtype, device)
 }
+
+/// The k most likely tokens of each row of `logits` [rows, vocab]: their log-probabilities
+/// (log-softmax over the whole row), ids, and each row's log-sum-exp, on the host. Order:
+/// most likely first, ties to the lower id. Rows flagged in `mask_eos` exclude the `eos` ids
+/// (log-probability -inf, the row not renormalized), as HF's min-length processor does.
+pub struct TopK {
+    pub k: usize,
+    /// [rows * k]
+    pub logprobs: Vec<f32>,
+    /// [rows * k]
+    pub ids: Vec<i32>,
+    /// [rows]
+    pub lse: Vec<f32>,
+}
+
+/// See [`TopK`].
+pub fn logprob_topk(
+    logits: &Tensor,
+    k: usize,
+    mask_eos: Option<(&[bool], &[i64])>,
+) -> Result<TopK> {
+    const OP: &str = "logprob_topk";
+    same_float_dtype(OP, &[logits])?;
+    let s = logits.shape();
+    if s.len() != 2 || k == 0 || k > s[1] {
+        return Err(Error::op(OP, format!("logits {s:?} with k {k}")));
+    }
+    let (rows, vocab) = (s[0], s[1]);
+    if let Some((m, _)) = mask_eos {
+        if m.len() != rows {
+            return Err(Error::op(OP, "one mask flag per row"));
+        }
+    }
+    match &logits.storage {
+        Storage::CpuF32(v) => Ok(cpu::logprob_topk(v, rows, vocab, k, mask_eos)),
+        Storage::Cuda(st) => cuda::ops::logprob_topk(st, rows, vocab, k, mask_eos),
+        Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
+    }
+}

@@ -723,3 +723,48 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
         eprintln!("rms_norm/glu/scale/embed/rotary {dt} ok");
     }
 }
+
+#[test]
+fn logprob_topk_matches_a_full_sort() {
+    let (rows, vocab, k) = (5, 1037, 9);
+    let x = randn(60, rows * vocab);
+    let eos = [17i64, 400];
+    let mask = [true, false, true, false, false];
+    let check = |dev: &Device, dt: DType, tol: f32| {
+        let t = Tensor::from_f32(&x, &[rows, vocab], dt, dev).unwrap();
+        let xr = dt.round_f32(&x);
+        let top = ops::logprob_topk(&t, k, Some((&mask, &eos))).unwrap();
+        for r in 0..rows {
+            let row = &xr[r * vocab..(r + 1) * vocab];
+            let lse = {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln()
+            };
+            let mut order: Vec<usize> = (0..vocab)
+                .filter(|j| !(mask[r] && eos.contains(&(*j as i64))))
+                .collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let ids: Vec<i32> = order[..k].iter().map(|&j| j as i32).collect();
+            assert_eq!(
+                &top.ids[r * k..(r + 1) * k],
+                &ids[..],
+                "row {r} on {dev} {dt}"
+            );
+            for (t, &j) in order[..k].iter().enumerate() {
+                let want = (row[j] as f64 - lse) as f32;
+                assert!(
+                    (top.logprobs[r * k + t] - want).abs() <= tol,
+                    "row {r} rank {t}: {} vs {want}",
+                    top.logprobs[r * k + t]
+                );
+            }
+            assert!((top.lse[r] as f64 - lse).abs() <= tol as f64);
+        }
+    };
+    check(&Device::Cpu, DType::F32, 1e-5);
+    if let Some(g) = gpu("logprob_topk_matches_a_full_sort") {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            check(&g, dt, 1e-4);
+        }
+    }
+}

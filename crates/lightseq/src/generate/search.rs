@@ -8,6 +8,27 @@ use super::processors::{log_softmax, process, softmax, warp, RowContext};
 use super::Hypothesis;
 use crate::error::Result;
 use crate::models::decode::{DecodeState, Decoder};
+use crate::ops;
+
+/// True when a processor that needs the whole row on the host acts at this step. With
+/// `eos_mask_on_device`, the min-length EOS mask does not count (beam search applies it on
+/// the device).
+fn host_processing_needed(cfg: &Resolved, row: &RowContext, eos_mask_on_device: bool) -> bool {
+    let len = row.seq.len();
+    let begin = if row.input_len > 1 || cfg.forced_bos.is_none() {
+        row.input_len
+    } else {
+        row.input_len + 1
+    };
+    cfg.repetition_penalty != 1.0
+        || cfg.no_repeat_ngram_size > 0
+        || !cfg.bad_words.is_empty()
+        || !cfg.suppress.is_empty()
+        || (!cfg.begin_suppress.is_empty() && len == begin)
+        || (cfg.forced_bos.is_some() && len == 1)
+        || (!cfg.forced_eos.is_empty() && len + 1 == row.max_length)
+        || (!eos_mask_on_device && !cfg.eos.is_empty() && len < row.min_length)
+}
 
 /// HF's stand-in for minus infinity in beam scores.
 const NEG: f32 = -1.0e9;
@@ -66,6 +87,16 @@ pub struct Start {
     pub fill: i64,
 }
 
+fn row_ctx<'a>(limits: &[ItemLimits], b: usize, seq: &'a [i64]) -> RowContext<'a> {
+    let lim = limits[b];
+    RowContext {
+        seq,
+        input_len: lim.input_len,
+        max_length: lim.max_length,
+        min_length: lim.min_length,
+    }
+}
+
 /// Greedy decoding or sampling, `per_item` rows per batch item.
 pub fn greedy(
     m: &dyn Decoder,
@@ -85,37 +116,85 @@ pub fn greedy(
     let mut scores = vec![0f32; rows];
     let mut unfinished = vec![true; rows];
     let mut rng = Rng::new(cfg.seed);
-    let mut logits = m.step(st, &first_step)?;
+    let mut logits = m.step_logits(st, &first_step)?;
     let vocab = m.vocab();
     loop {
         let mut next = vec![fill; rows];
-        for r in 0..rows {
-            if !unfinished[r] {
-                continue;
-            }
+        let rows_ctx = |r: usize| {
             let lim = limits[r / per_item];
-            let mut s = logits[r * vocab..(r + 1) * vocab].to_vec();
-            let ctx = RowContext {
-                seq: &seqs[r],
-                input_len: lim.input_len,
-                max_length: lim.max_length,
-                min_length: lim.min_length,
-            };
-            process(cfg, &ctx, &mut s);
-            let tok = if cfg.do_sample {
-                warp(cfg, &mut s, 1);
-                rng.categorical(&softmax(&s))
-            } else {
-                // First maximum, as torch.argmax.
-                let mut best = 0;
-                for (i, &v) in s.iter().enumerate() {
-                    if v > s[best] {
-                        best = i;
+            (
+                lim,
+                RowContext {
+                    seq: &seqs[r],
+                    input_len: lim.input_len,
+                    max_length: lim.max_length,
+                    min_length: lim.min_length,
+                },
+            )
+        };
+        // The device picks tokens when no host-side processor is active at this step.
+        let fast_k = if cfg.do_sample {
+            (1..=64).contains(&cfg.top_k).then_some(cfg.top_k)
+        } else {
+            Some(1)
+        };
+        let fast = fast_k.filter(|_| {
+            (0..rows).all(|r| !unfinished[r] || !host_processing_needed(cfg, &rows_ctx(r).1, false))
+        });
+        let choices: Vec<Option<(usize, f32)>> = if let Some(k) = fast {
+            let top = ops::logprob_topk(&logits, k.min(vocab), None)?;
+            (0..rows)
+                .map(|r| {
+                    if !unfinished[r] {
+                        return None;
                     }
-                }
-                best
-            };
-            scores[r] += log_softmax(&s)[tok];
+                    let (ids, lps) = (
+                        &top.ids[r * top.k..(r + 1) * top.k],
+                        &top.logprobs[r * top.k..(r + 1) * top.k],
+                    );
+                    if !cfg.do_sample {
+                        return Some((ids[0] as usize, lps[0]));
+                    }
+                    // Sampling among the top-k: rebuild their logits, warp, draw.
+                    let mut s = vec![f32::NEG_INFINITY; vocab];
+                    for (&i, &lp) in ids.iter().zip(lps) {
+                        s[i as usize] = lp + top.lse[r];
+                    }
+                    warp(cfg, &mut s, 1);
+                    let tok = rng.categorical(&softmax(&s));
+                    Some((tok, log_softmax(&s)[tok]))
+                })
+                .collect()
+        } else {
+            let host = logits.to_f32_vec()?;
+            (0..rows)
+                .map(|r| {
+                    if !unfinished[r] {
+                        return None;
+                    }
+                    let mut s = host[r * vocab..(r + 1) * vocab].to_vec();
+                    process(cfg, &rows_ctx(r).1, &mut s);
+                    let tok = if cfg.do_sample {
+                        warp(cfg, &mut s, 1);
+                        rng.categorical(&softmax(&s))
+                    } else {
+                        // First maximum, as torch.argmax.
+                        let mut best = 0;
+                        for (i, &v) in s.iter().enumerate() {
+                            if v > s[best] {
+                                best = i;
+                            }
+                        }
+                        best
+                    };
+                    Some((tok, log_softmax(&s)[tok]))
+                })
+                .collect()
+        };
+        for (r, c) in choices.into_iter().enumerate() {
+            let Some((tok, lp)) = c else { continue };
+            let lim = limits[r / per_item];
+            scores[r] += lp;
             seqs[r].push(tok as i64);
             next[r] = tok as i64;
             if cfg.eos.contains(&(tok as i64)) || seqs[r].len() >= lim.max_length {
@@ -126,7 +205,7 @@ pub fn greedy(
             break;
         }
         let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
-        logits = m.step(st, &tokens)?;
+        logits = m.step_logits(st, &tokens)?;
     }
     Ok(seqs
         .into_iter()
@@ -206,11 +285,47 @@ pub fn beam(
                 .collect()
         })
         .collect();
-    let mut logits = m.step(st, &first_step)?;
+    let mut logits = m.step_logits(st, &first_step)?;
     let mut generated = 0usize;
     loop {
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
+        // Device path: per-row log-probabilities' top candidates, when every live row can do
+        // without host-side processors at this step (the min-length EOS mask runs there).
+        let fast = !cfg.do_sample
+            && groups == 1
+            && cfg.diverse_lambda.is_none()
+            && items.iter().enumerate().all(|(b, it)| {
+                it.iter().all(|g| {
+                    g.done
+                        || g.running.iter().all(|(seq, _, _)| {
+                            !host_processing_needed(cfg, &row_ctx(&limits, b, seq), true)
+                        })
+                })
+            });
+        let top = if fast {
+            let mut mask = vec![false; st.rows];
+            for (b, it) in items.iter().enumerate() {
+                for g in it {
+                    for (seq, _, row) in &g.running {
+                        mask[*row] = !cfg.eos.is_empty() && seq.len() < limits[b].min_length;
+                    }
+                }
+            }
+            let any = mask.iter().any(|&x| x);
+            Some(ops::logprob_topk(
+                &logits,
+                k.min(vocab),
+                any.then_some((&mask[..], &cfg.eos[..])),
+            )?)
+        } else {
+            None
+        };
+        let host = if fast {
+            Vec::new()
+        } else {
+            logits.to_f32_vec()?
+        };
         for (b, item) in items.iter_mut().enumerate() {
             let lim = limits[b];
             let cur = lim.input_len + generated;
@@ -224,38 +339,47 @@ pub fn beam(
                     }
                     continue;
                 }
-                // Scores of every (beam, token), processed on log-probabilities.
-                let mut acc = vec![0f32; gs * vocab];
-                for (j, (seq, score, row)) in grp.running.iter().enumerate() {
-                    let mut lp = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
-                    if cfg.diversity_penalty != 0.0 {
-                        for &t in &chosen {
-                            lp[t as usize] -= cfg.diversity_penalty;
+                let (cand, vals): (Vec<usize>, Vec<f32>) = if let Some(top) = &top {
+                    // The best K over all beams are among each beam's best K.
+                    let mut c: Vec<(usize, f32)> = Vec::with_capacity(gs * top.k);
+                    for (j, (_, score, row)) in grp.running.iter().enumerate() {
+                        for t in 0..top.k {
+                            let id = top.ids[row * top.k + t] as usize;
+                            c.push((j * vocab + id, top.logprobs[row * top.k + t] + score));
                         }
                     }
-                    let ctx = RowContext {
-                        seq,
-                        input_len: lim.input_len,
-                        max_length: lim.max_length,
-                        min_length: lim.min_length,
-                    };
-                    process(cfg, &ctx, &mut lp);
-                    if cfg.do_sample {
-                        warp(cfg, &mut lp, 1 + cfg.eos.len().max(1));
-                    }
-                    for (v, x) in lp.iter().enumerate() {
-                        acc[j * vocab + v] = x + score;
-                    }
-                }
-                let cand: Vec<usize> = if cfg.do_sample {
-                    sample_without_replacement(&mut rng, &acc, k)
-                } else if let Some(lambda) = cfg.diverse_lambda {
-                    let ranked = sibling_rank_penalized(&acc, gs, vocab, lambda);
-                    top_k_stable(&ranked, k)
+                    c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    c.truncate(k);
+                    c.into_iter().unzip()
                 } else {
-                    top_k_stable(&acc, k)
+                    // Scores of every (beam, token), processed on log-probabilities.
+                    let mut acc = vec![0f32; gs * vocab];
+                    for (j, (seq, score, row)) in grp.running.iter().enumerate() {
+                        let mut lp = log_softmax(&host[row * vocab..(row + 1) * vocab]);
+                        if cfg.diversity_penalty != 0.0 {
+                            for &t in &chosen {
+                                lp[t as usize] -= cfg.diversity_penalty;
+                            }
+                        }
+                        process(cfg, &row_ctx(&limits, b, seq), &mut lp);
+                        if cfg.do_sample {
+                            warp(cfg, &mut lp, 1 + cfg.eos.len().max(1));
+                        }
+                        for (v, x) in lp.iter().enumerate() {
+                            acc[j * vocab + v] = x + score;
+                        }
+                    }
+                    let cand: Vec<usize> = if cfg.do_sample {
+                        sample_without_replacement(&mut rng, &acc, k)
+                    } else if let Some(lambda) = cfg.diverse_lambda {
+                        let ranked = sibling_rank_penalized(&acc, gs, vocab, lambda);
+                        top_k_stable(&ranked, k)
+                    } else {
+                        top_k_stable(&acc, k)
+                    };
+                    let vals = cand.iter().map(|&i| acc[i]).collect();
+                    (cand, vals)
                 };
-                let vals: Vec<f32> = cand.iter().map(|&i| acc[i]).collect();
                 let seqs: Vec<(Vec<i64>, usize)> = cand
                     .iter()
                     .map(|&i| {
@@ -340,7 +464,7 @@ pub fn beam(
         }
         st.reorder(&src)?;
         let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
-        logits = m.step(st, &tokens)?;
+        logits = m.step_logits(st, &tokens)?;
     }
     let nret = cfg.num_return_sequences;
     Ok(items

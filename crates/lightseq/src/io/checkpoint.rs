@@ -74,8 +74,7 @@ impl Checkpoint {
     }
 
     /// A checkpoint of seeded random weights: matrices N(0, 0.02), 1-D `weight`/`gamma`
-    /// tensors (norm scales) 1, other vectors 0. It reports no tensor as present, so loaders
-    /// take their default layout (no prefix, tied heads).
+    /// tensors (norm scales) 1, other vectors 0. It holds every tensor a loader asks for.
     pub fn random(name: &str, seed: u64) -> Self {
         Checkpoint {
             dir: PathBuf::from(name),
@@ -132,7 +131,7 @@ impl Checkpoint {
 
     /// True when the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.random_seed.is_some() || self.index.contains_key(name)
     }
 
     /// All tensor names.

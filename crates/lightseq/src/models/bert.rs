@@ -137,8 +137,8 @@ impl Bert {
     }
 }
 
-impl Model for Bert {
-    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+impl Bert {
+    fn run(&self, batch: &Batch) -> Result<(Tensor, Padded)> {
         batch.text_only()?;
         let cfg = &self.cfg;
         let p = Padded::new(
@@ -184,7 +184,18 @@ impl Model for Bert {
             let f = l.ffn_out.forward(&f, Activation::None)?;
             x = l.ln_ffn.forward(&f, Some(&x))?;
         }
+        Ok((x, p))
+    }
+}
+
+impl Model for Bert {
+    fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
+        let (x, p) = self.run(batch)?;
         p.output("hidden", &x)
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        Some(self.run(batch).map(|r| r.0))
     }
 
     fn info(&self) -> ModelInfo {

@@ -159,13 +159,22 @@ pub trait Decoder: Send + Sync {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
 
     /// One step: feeds `tokens` and returns the logits of each row's last position,
-    /// [rows, vocab] f32 on the host.
-    fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
+    /// [rows, vocab], on the model's device.
+    fn step_logits(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
         let t = st.check_step(tokens)?;
         let h = self.decode(st, tokens)?;
-        let last: Vec<usize> = (0..st.rows).map(|r| r * t + t - 1).collect();
-        let h = ops::index_select(&h, &last)?;
-        self.logits(&h)?.to_f32_vec()
+        let h = if t == 1 {
+            h
+        } else {
+            let last: Vec<usize> = (0..st.rows).map(|r| r * t + t - 1).collect();
+            ops::index_select(&h, &last)?
+        };
+        self.logits(&h)
+    }
+
+    /// [`Decoder::step_logits`] copied to the host as f32.
+    fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
+        self.step_logits(st, tokens)?.to_f32_vec()
     }
 }
 

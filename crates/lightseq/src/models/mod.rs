@@ -117,6 +117,11 @@ pub trait Model: Send + Sync {
     fn max_positions(&self) -> usize;
     /// The device the weights live on.
     fn device(&self) -> &Device;
+    /// The forward pass with its output left on the device ([batch * max_len, width]), for
+    /// benchmarks; models without one return `None`.
+    fn forward_on_device(&self, _batch: &Batch) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// Loads the model in `dir` onto `device` with weights converted to `dtype`.

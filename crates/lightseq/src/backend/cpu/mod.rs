@@ -185,3 +185,42 @@ pub(crate) fn write_rows(dst: &mut [f32], src: &[f32], g: &RowCopy) {
         }
     }
 }
+
+pub(crate) fn logprob_topk(
+    x: &[f32],
+    rows: usize,
+    vocab: usize,
+    k: usize,
+    mask_eos: Option<(&[bool], &[i64])>,
+) -> crate::ops::TopK {
+    let mut out = crate::ops::TopK {
+        k,
+        logprobs: Vec::with_capacity(rows * k),
+        ids: Vec::with_capacity(rows * k),
+        lse: Vec::with_capacity(rows),
+    };
+    for r in 0..rows {
+        let row = &x[r * vocab..(r + 1) * vocab];
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+        let masked = mask_eos.is_some_and(|(f, _)| f[r]);
+        let value = |j: usize| {
+            if masked && mask_eos.unwrap().1.contains(&(j as i64)) {
+                f32::NEG_INFINITY
+            } else {
+                row[j]
+            }
+        };
+        let mut idx: Vec<usize> = (0..vocab).collect();
+        let cmp = |a: &usize, b: &usize| value(*b).total_cmp(&value(*a)).then(a.cmp(b));
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+        idx.sort_by(cmp);
+        for j in idx {
+            out.logprobs.push(value(j) - lse);
+            out.ids.push(j as i32);
+        }
+        out.lse.push(lse);
+    }
+    out
+}

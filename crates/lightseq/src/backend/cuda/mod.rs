@@ -105,6 +105,32 @@ impl CudaDevice {
             .map_err(|e| cuda_err("memory info", e))
     }
 
+    /// Peak bytes allocated from the device's memory pool since the last reset (the
+    /// stream-ordered allocator serves every tensor), and resets the mark when `reset`.
+    pub fn peak_memory(&self, reset: bool) -> Result<u64> {
+        use cudarc::driver::sys;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value: u64 = 0;
+        // SAFETY: plain out-parameters on this context's device.
+        unsafe {
+            self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))?;
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(|e| cuda_err("memory pool", e))?;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+                .result()
+                .map_err(|e| cuda_err("memory pool attribute", e))?;
+            if reset {
+                let mut zero: u64 = 0;
+                sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _)
+                    .result()
+                    .map_err(|e| cuda_err("memory pool attribute", e))?;
+            }
+        }
+        Ok(value)
+    }
+
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

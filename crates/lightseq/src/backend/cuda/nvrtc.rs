@@ -55,6 +55,11 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["rotary"],
     },
     KernelModule {
+        name: "search",
+        source: include_str!("kernels/search.cu"),
+        kernels: &["logprob_topk"],
+    },
+    KernelModule {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
         kernels: &["attention"],

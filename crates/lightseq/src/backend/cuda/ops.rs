@@ -418,3 +418,56 @@ pub(crate) fn write_rows(dst: &CudaStorage, src: &CudaStorage, g: &RowCopy) -> R
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("write_rows", unsafe { l.launch(grid_1d(total, 256)) })
 }
+
+pub(crate) fn logprob_topk(
+    x: &CudaStorage,
+    rows: usize,
+    vocab: usize,
+    k: usize,
+    mask_eos: Option<(&[bool], &[i64])>,
+) -> Result<crate::ops::TopK> {
+    let dev = x.device();
+    let vals = dev.alloc(DType::F32, rows * k)?;
+    let ids = dev.alloc(DType::I32, rows * k)?;
+    let lse = dev.alloc(DType::F32, rows)?;
+    let (mask, eos) = match mask_eos {
+        Some((m, e)) => {
+            let flags: Vec<i32> = m.iter().map(|&b| b as i32).collect();
+            let e: Vec<i32> = e.iter().map(|&t| t as i32).collect();
+            (Some(dev.upload_i32(&flags)?), Some(dev.upload_i32(&e)?))
+        }
+        None => (None, None),
+    };
+    let n_eos = mask_eos.map_or(0, |(_, e)| e.len()) as i32;
+    let f = dev.kernel("logprob_topk", x.dtype())?;
+    let (xp, mp, ep) = (
+        x.ptr(),
+        mask.as_ref().map_or(0, |m| m.ptr()),
+        eos.as_ref().map_or(0, |e| e.ptr()),
+    );
+    let (vp, ip, lp) = (vals.ptr(), ids.ptr(), lse.ptr());
+    let (v, kk) = (vocab as i32, k as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&v)
+        .arg(&kk)
+        .arg(&mp)
+        .arg(&ep)
+        .arg(&n_eos)
+        .arg(&vp)
+        .arg(&ip)
+        .arg(&lp);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types match the kernel's signature in search.cu.
+    launched("logprob_topk", unsafe { l.launch(cfg) })?;
+    Ok(crate::ops::TopK {
+        k,
+        logprobs: vals.download_f32()?,
+        ids: ids.download_i32()?,
+        lse: lse.download_f32()?,
+    })
+}

@@ -5,6 +5,7 @@
 
 #define LS_FULL_MASK 0xffffffffu
 #define LS_NEG_INF (__int_as_float(0xff800000))
+#define LS_POS_INF (__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

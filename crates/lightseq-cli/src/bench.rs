@@ -1,0 +1,182 @@
+//! `lightseq bench`: times a forward pass or a generation on a model directory or a preset
+//! of real shapes with seeded random weights; prints a table and optionally JSON.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lightseq::generate::{generate, GenerationOptions, Inputs};
+use lightseq::io::ModelDir;
+use lightseq::models::{self, presets, Batch};
+use lightseq::{DType, Device, DeviceSpec};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Options of `lightseq bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model directory (or use --preset).
+    pub model_dir: Option<PathBuf>,
+    /// bert-base, gpt2, transformer-base, transformer-big or bart-base (seeded random weights).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// forward or generate.
+    #[arg(long, default_value = "forward")]
+    pub task: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Input length (prompt or source tokens).
+    #[arg(long, default_value_t = 32)]
+    pub seq: usize,
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Generated tokens per sequence (min = max, so every system does the same work).
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+    #[arg(long)]
+    pub do_sample: Option<bool>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse()?;
+    let device = a.device.parse::<DeviceSpec>()?.open()?;
+    let (name, dir) = match (&a.model_dir, &a.preset) {
+        (Some(d), None) => (d.display().to_string(), ModelDir::open(d)?),
+        (None, Some(p)) => {
+            let cfg = presets::config(p).with_context(|| {
+                format!(
+                    "unknown preset `{p}` (known: {})",
+                    presets::NAMES.join(", ")
+                )
+            })?;
+            (p.clone(), ModelDir::random(p, cfg, 0))
+        }
+        _ => bail!("give a model directory or --preset"),
+    };
+    if a.iters == 0 || a.batch == 0 || a.seq == 0 {
+        bail!("--iters, --batch and --seq must be positive");
+    }
+    let vocab = dir
+        .config
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1000) as i64;
+    let ids: Vec<Vec<i64>> = (0..a.batch)
+        .map(|b| {
+            (0..a.seq)
+                .map(|i| ((b * 7919 + i * 104729 + 13) as i64 % (vocab - 10)) + 5)
+                .collect()
+        })
+        .collect();
+    let peak = |reset: bool| -> Result<u64> {
+        match &device {
+            Device::Cuda(d) => Ok(d.peak_memory(reset)?),
+            Device::Cpu => Ok(0),
+        }
+    };
+    let t_load = Instant::now();
+    let (times, tokens) = match a.task.as_str() {
+        "forward" => {
+            let model = models::load(&dir, dtype, &device)?;
+            eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
+            let batch = Batch {
+                input_ids: ids.clone(),
+                decoder_input_ids: Some(ids.clone()),
+                ..Default::default()
+            };
+            let once = || -> Result<()> {
+                match model.forward_on_device(&batch) {
+                    Some(r) => {
+                        r?;
+                    }
+                    None => {
+                        model.forward(&batch)?;
+                    }
+                }
+                device.synchronize()?;
+                Ok(())
+            };
+            for _ in 0..a.warmup {
+                once()?;
+            }
+            peak(true)?;
+            let mut t = Vec::new();
+            for _ in 0..a.iters {
+                let s = Instant::now();
+                once()?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+            (t, a.batch * a.seq)
+        }
+        "generate" => {
+            let model = models::load_decoder(&dir, dtype, &device)?;
+            eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
+            let defaults = GenerationOptions::from_json(&dir.config);
+            let opts = GenerationOptions {
+                max_new_tokens: Some(a.max_new_tokens),
+                min_new_tokens: Some(a.max_new_tokens),
+                num_beams: Some(a.num_beams),
+                do_sample: a.do_sample,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                temperature: a.temperature,
+                seed: Some(0),
+                ..Default::default()
+            }
+            .or(&defaults);
+            let once = || -> Result<()> {
+                generate(model.as_ref(), Inputs::Ids(&ids), &opts)?;
+                device.synchronize()?;
+                Ok(())
+            };
+            for _ in 0..a.warmup {
+                once()?;
+            }
+            peak(true)?;
+            let mut t = Vec::new();
+            for _ in 0..a.iters {
+                let s = Instant::now();
+                once()?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+            (t, a.batch * a.max_new_tokens)
+        }
+        other => bail!("unknown task `{other}` (forward or generate)"),
+    };
+    let med = median(times.clone());
+    let peak_mb = peak(false)? as f64 / (1 << 20) as f64;
+    println!(
+        "{:<18} {:<8} batch {:>3} seq {:>4} beams {} {:<4} on {device}: median {:.2} ms, {:.0} tokens/s, peak {:.0} MiB",
+        name, a.task, a.batch, a.seq, a.num_beams, dtype, med * 1e3, tokens as f64 / med, peak_mb
+    );
+    if let Some(p) = &a.json {
+        let j = serde_json::json!({
+            "model": name, "task": a.task, "batch": a.batch, "seq": a.seq, "dtype": dtype.name(),
+            "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "device": device.to_string(),
+            "median_ms": med * 1e3, "times_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+            "tokens_per_s": tokens as f64 / med, "peak_mem_mb": peak_mb,
+        });
+        std::fs::write(p, serde_json::to_string(&j)?).with_context(|| p.display().to_string())?;
+    }
+    Ok(())
+}
