@@ -323,6 +323,9 @@ pub struct AttentionOptions<'a> {
     pub key_ranges: Vec<(usize, usize)>,
     /// Optional additive relative-position bias.
     pub bias: Option<RelativeBias<'a>>,
+    /// `key_ranges` already on the device as i32 [2 * batch] (starts, then ends), to save
+    /// an upload per call; must hold the same values.
+    pub ranges_on_device: Option<&'a Tensor>,
 }
 
 /// Multi-head attention `softmax(q k^T * scale + bias + mask) v`, with an online softmax
@@ -431,6 +434,7 @@ pub fn self_attention(
         window: None,
         key_ranges: lengths.iter().map(|&n| (0, n)).collect(),
         bias: None,
+        ranges_on_device: None,
     };
     attention(side(0), side(1), side(2), &opts)
 }

@@ -496,6 +496,7 @@ fn run_general(
         q_offset,
         window,
         key_ranges: key_ranges.clone(),
+        ranges_on_device: None,
         bias: with_bias.then(|| ops::RelativeBias {
             table: &table_t,
             buckets: buckets.clone(),

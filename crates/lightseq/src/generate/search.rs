@@ -155,14 +155,12 @@ pub fn greedy(
                     if !cfg.do_sample {
                         return Some((ids[0] as usize, lps[0]));
                     }
-                    // Sampling among the top-k: rebuild their logits, warp, draw.
-                    let mut s = vec![f32::NEG_INFINITY; vocab];
-                    for (&i, &lp) in ids.iter().zip(lps) {
-                        s[i as usize] = lp + top.lse[r];
-                    }
+                    // Sampling among the top-k: their logits, warped (temperature, top-p; the
+                    // rest of the vocabulary has probability zero), drawn.
+                    let mut s: Vec<f32> = lps.iter().map(|&lp| lp + top.lse[r]).collect();
                     warp(cfg, &mut s, 1);
-                    let tok = rng.categorical(&softmax(&s));
-                    Some((tok, log_softmax(&s)[tok]))
+                    let j = rng.categorical(&softmax(&s));
+                    Some((ids[j] as usize, log_softmax(&s)[j]))
                 })
                 .collect()
         } else {

@@ -26,6 +26,8 @@ pub struct DecodeState {
     pub cross: Vec<Tensor>,
     /// Encoder-decoders: valid source positions per row.
     pub src_ranges: Vec<(usize, usize)>,
+    /// `src_ranges` on the model's device (i32 starts then ends), set by `begin`.
+    pub src_ranges_dev: Option<Tensor>,
 }
 
 impl DecodeState {
@@ -40,7 +42,22 @@ impl DecodeState {
             caches,
             cross: Vec::new(),
             src_ranges: Vec::new(),
+            src_ranges_dev: None,
         }
+    }
+
+    /// [`DecodeState::key_ranges`] for a step of `t` positions, uploaded once for all layers
+    /// (i32 starts then ends).
+    pub fn key_ranges_on(&self, t: usize, device: &Device) -> Result<Tensor> {
+        Self::ranges_tensor(&self.key_ranges(t), device)
+    }
+
+    /// Ranges as an i32 tensor [2 * rows]: starts, then ends.
+    pub fn ranges_tensor(ranges: &[(usize, usize)], device: &Device) -> Result<Tensor> {
+        let mut v: Vec<i32> = ranges.iter().map(|r| r.0 as i32).collect();
+        v.extend(ranges.iter().map(|r| r.1 as i32));
+        let n = v.len();
+        Tensor::from_i32(&v, &[n], device)
     }
 
     /// Key ranges of each row once `t` more positions are written.
@@ -106,6 +123,9 @@ impl DecodeState {
                 *c = ops::index_select(c, src)?;
             }
             self.src_ranges = src.iter().map(|&s| self.src_ranges[s]).collect();
+            if let Some(t) = &self.src_ranges_dev {
+                self.src_ranges_dev = Some(Self::ranges_tensor(&self.src_ranges, &t.device())?);
+            }
         }
         Ok(())
     }

@@ -189,6 +189,7 @@ impl Decoder for Gpt2 {
         let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
         let mut x = ops::embed(&[(&self.wte, &ids), (&self.wpe, &pos)])?;
         let ranges = st.key_ranges(t);
+        let rt = st.key_ranges_on(t, &self.device)?;
         for (b, cache) in self.blocks.iter().zip(st.caches.iter_mut()) {
             let a = b.ln_1.forward(&x, None)?;
             let a = b.attn.forward_cached(
@@ -198,7 +199,10 @@ impl Decoder for Gpt2 {
                 cache,
                 st.len,
                 &ranges,
-                SelfAttentionExtras::default(),
+                SelfAttentionExtras {
+                    ranges: Some(&rt),
+                    ..Default::default()
+                },
             )?;
             x = ops::add(&x, &a)?;
             let m = b.ln_2.forward(&x, None)?;

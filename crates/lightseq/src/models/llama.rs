@@ -435,11 +435,13 @@ impl Decoder for Llama {
         };
         let mut x = ops::embed(&[(&self.tokens, &ids)])?;
         let ranges = st.key_ranges(t);
+        let rt = st.key_ranges_on(t, &self.device)?;
         for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
             let extras = SelfAttentionExtras {
                 rope: Some((&rope, &pos)),
                 window: l.window,
+                ranges: Some(&rt),
                 ..Default::default()
             };
             x = ops::add(

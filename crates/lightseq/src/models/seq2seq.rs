@@ -534,6 +534,7 @@ impl Seq2Seq {
             .enc_embed
             .forward(&ids, &rows, self.dtype, &self.device)?;
         let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
+        let rt = DecodeState::ranges_tensor(&ranges, &self.device)?;
         for l in &self.encoder {
             x = self.residual(&x, &l.ln_attn, |h| {
                 l.attn.forward(
@@ -542,7 +543,10 @@ impl Seq2Seq {
                     p.len,
                     &ranges,
                     false,
-                    SelfAttentionExtras::default(),
+                    SelfAttentionExtras {
+                        ranges: Some(&rt),
+                        ..Default::default()
+                    },
                 )
             })?;
             x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
@@ -579,6 +583,7 @@ impl Seq2Seq {
             st.cross.push(ops::index_select(&kv, &expand)?);
         }
         st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
+        st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
         Ok(st)
     }
 }
@@ -644,6 +649,7 @@ impl Decoder for Seq2Seq {
             .dec_embed
             .forward(&ids, &rows, self.dtype, &self.device)?;
         let ranges = st.key_ranges(t);
+        let rt = st.key_ranges_on(t, &self.device)?;
         let (n_rows, len) = (st.rows, st.len);
         for ((l, cache), kv) in self.decoder.iter().zip(st.caches.iter_mut()).zip(&st.cross) {
             x = self.residual(&x, &l.ln_attn, |h| {
@@ -654,11 +660,22 @@ impl Decoder for Seq2Seq {
                     cache,
                     len,
                     &ranges,
-                    SelfAttentionExtras::default(),
+                    SelfAttentionExtras {
+                        ranges: Some(&rt),
+                        ..Default::default()
+                    },
                 )
             })?;
             x = self.residual(&x, &l.ln_cross, |h| {
-                l.cross.forward(h, n_rows, t, kv, &st.src_ranges, None)
+                l.cross.forward(
+                    h,
+                    n_rows,
+                    t,
+                    kv,
+                    &st.src_ranges,
+                    st.src_ranges_dev.as_ref(),
+                    None,
+                )
             })?;
             x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
         }

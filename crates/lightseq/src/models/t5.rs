@@ -370,6 +370,7 @@ impl T5 {
             st.cross.push(ops::index_select(&kv, &expand)?);
         }
         st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
+        st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
         Ok(st)
     }
 }
@@ -434,6 +435,7 @@ impl Decoder for T5 {
         let ids = ids_tensor(tokens, self.cfg.vocab_size, &self.device)?;
         let mut x = ops::embed(&[(&self.shared, &ids)])?;
         let ranges = st.key_ranges(t);
+        let rt = st.key_ranges_on(t, &self.device)?;
         let buckets = self.buckets(st.len, t, st.capacity, false);
         let (rows, len) = (st.rows, st.len);
         for ((b, cache), kv) in self.decoder.iter().zip(st.caches.iter_mut()).zip(&st.cross) {
@@ -444,6 +446,7 @@ impl Decoder for T5 {
             };
             let extras = SelfAttentionExtras {
                 bias: Some(bias),
+                ranges: Some(&rt),
                 ..Default::default()
             };
             x = ops::add(
@@ -452,7 +455,18 @@ impl Decoder for T5 {
                     .forward_cached(&h, rows, t, cache, len, &ranges, extras)?,
             )?;
             let h = b.ln_cross.forward(&x, None)?;
-            x = ops::add(&x, &b.cross.forward(&h, rows, t, kv, &st.src_ranges, None)?)?;
+            x = ops::add(
+                &x,
+                &b.cross.forward(
+                    &h,
+                    rows,
+                    t,
+                    kv,
+                    &st.src_ranges,
+                    st.src_ranges_dev.as_ref(),
+                    None,
+                )?,
+            )?;
             let h = b.ln_ffn.forward(&x, None)?;
             x = ops::add(&x, &self.ffn(&b.ffn, &h)?)?;
         }

@@ -215,6 +215,7 @@ impl Decoder for Xglm {
         };
         let mut x = ops::embed_scaled(&[(&self.tokens, &ids), (&self.positions, &pos)], scale)?;
         let ranges = st.key_ranges(t);
+        let rt = st.key_ranges_on(t, &self.device)?;
         for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
             let a = l.attn.forward_cached(
@@ -224,7 +225,10 @@ impl Decoder for Xglm {
                 cache,
                 st.len,
                 &ranges,
-                SelfAttentionExtras::default(),
+                SelfAttentionExtras {
+                    ranges: Some(&rt),
+                    ..Default::default()
+                },
             )?;
             x = ops::add(&x, &a)?;
             let h = l.ln_ffn.forward(&x, None)?;

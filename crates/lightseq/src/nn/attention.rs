@@ -22,6 +22,8 @@ pub struct SelfAttentionExtras<'a> {
     pub rope: Option<(&'a Rope, &'a Tensor)>,
     /// Sliding window (Mistral).
     pub window: Option<usize>,
+    /// The key ranges on the device (see `ops::AttentionOptions::ranges_on_device`).
+    pub ranges: Option<&'a Tensor>,
 }
 
 /// Self-attention with one fused q/k/v projection ([q | k | v] rows of the weight).
@@ -83,6 +85,7 @@ impl SelfAttention {
             window: extras.window,
             key_ranges: key_ranges.to_vec(),
             bias: extras.bias,
+            ranges_on_device: extras.ranges,
         };
         let side = |col| Heads { tensor: &qkv, col };
         let a =
@@ -115,7 +118,9 @@ impl CrossAttention {
         ])
     }
 
-    /// x: [batch * len, hidden], kv from [`CrossAttention::memory`].
+    /// x: [batch * len, hidden], kv from [`CrossAttention::memory`]. `ranges_on_device`
+    /// optionally holds `src_ranges` on the device (see `ops::AttentionOptions`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
@@ -123,6 +128,7 @@ impl CrossAttention {
         len: usize,
         kv: &Tensor,
         src_ranges: &[(usize, usize)],
+        ranges_on_device: Option<&Tensor>,
         bias: Option<RelativeBias>,
     ) -> Result<Tensor> {
         let qd = self.heads * self.head_dim;
@@ -140,6 +146,7 @@ impl CrossAttention {
             window: None,
             key_ranges: src_ranges.to_vec(),
             bias,
+            ranges_on_device,
         };
         let a = ops::attention(
             Heads { tensor: &q, col: 0 },
@@ -230,6 +237,7 @@ impl SelfAttention {
             window: extras.window,
             key_ranges: key_ranges.to_vec(),
             bias: extras.bias,
+            ranges_on_device: extras.ranges,
         };
         let a = ops::attention(
             Heads {

@@ -175,6 +175,10 @@ pub(crate) fn embed(
 
 const ATT_WARPS: usize = 4;
 const ATT_MAX_HEAD_DIM: usize = 256;
+/// Tiled kernel shape (attention.cu: TILE_Q, TILE_K, TILE_MAX_DIM).
+const TILED_Q: usize = 32;
+const TILED_K: usize = 32;
+const TILED_MAX_HEAD_DIM: usize = 128;
 
 pub(crate) fn attention(
     q: &Heads,
@@ -200,9 +204,16 @@ pub(crate) fn attention(
             ),
         ));
     }
-    let starts: Vec<i32> = o.key_ranges.iter().map(|r| r.0 as i32).collect();
-    let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
-    let (starts, ends) = (dev.upload_i32(&starts)?, dev.upload_i32(&ends)?);
+    let uploaded;
+    let ranges = match o.ranges_on_device {
+        Some(t) => t.cuda(OP)?,
+        None => {
+            let mut v: Vec<i32> = o.key_ranges.iter().map(|r| r.0 as i32).collect();
+            v.extend(o.key_ranges.iter().map(|r| r.1 as i32));
+            uploaded = dev.upload_i32(&v)?;
+            &uploaded
+        }
+    };
     let (table, buckets) = match &o.bias {
         Some(b) => (
             Some(b.table.cuda(OP)?.ptr()),
@@ -210,14 +221,24 @@ pub(crate) fn attention(
         ),
         None => (None, None),
     };
-    let f = dev.kernel("attention", qt.dtype())?;
+    // Many queries: the shared-memory tiled kernel; single-query decode steps: a warp each.
+    let tiled = len_q >= 8 && o.head_dim <= TILED_MAX_HEAD_DIM;
+    let f = dev.kernel(
+        if tiled {
+            "attention_tiled"
+        } else {
+            "attention"
+        },
+        qt.dtype(),
+    )?;
     let elem = qt.dtype().size() as u64;
     let (qp, kp, vp) = (
         qt.ptr() + q.col as u64 * elem,
         kt.ptr() + k.col as u64 * elem,
         vt.ptr() + v.col as u64 * elem,
     );
-    let (op, sp, ep) = (out.ptr(), starts.ptr(), ends.ptr());
+    let (op, sp) = (out.ptr(), ranges.ptr());
+    let ep = sp + 4 * batch as u64;
     let (len_q_i, heads, group, hd) = (
         len_q as i32,
         o.heads as i32,
@@ -250,14 +271,30 @@ pub(crate) fn attention(
         .arg(&o.scale)
         .arg(&tp)
         .arg(&bp);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            len_q.div_ceil(ATT_WARPS) as u32,
-            o.heads as u32,
-            batch as u32,
-        ),
-        block_dim: (32 * ATT_WARPS as u32, 1, 1),
-        shared_mem_bytes: (ATT_WARPS * o.head_dim * 4) as u32,
+    let cfg = if tiled {
+        let smem = (2 * TILED_K * (o.head_dim + 1) + TILED_Q * o.head_dim) * 4;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| cuda_err("attention shared memory", e))?;
+        }
+        LaunchConfig {
+            grid_dim: (len_q.div_ceil(TILED_Q) as u32, o.heads as u32, batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        }
+    } else {
+        LaunchConfig {
+            grid_dim: (
+                len_q.div_ceil(ATT_WARPS) as u32,
+                o.heads as u32,
+                batch as u32,
+            ),
+            block_dim: (32 * ATT_WARPS as u32, 1, 1),
+            shared_mem_bytes: (ATT_WARPS * o.head_dim * 4) as u32,
+        }
     };
     // SAFETY: argument types match the kernel's signature in attention.cu.
     launched(OP, unsafe { l.launch(cfg) })?;

@@ -89,3 +89,121 @@ __device__ void attention_body(const T* q, const T* k, const T* v, T* out, const
                       bias_table, buckets);                                                    \
   }
 LS_FLOAT_TYPES(LS_ATTENTION)
+
+// The same attention for many queries (encoders, prefill): a block takes TQ queries of one
+// (batch, head) and walks the keys in tiles of 32 staged in shared memory (rows padded by
+// one float against bank conflicts), so each key and value is read from global memory once
+// per block instead of once per query. Each of the 4 warps owns TQ / 4 queries.
+#define TILE_Q 32
+#define TILE_K 32
+#define TILE_WARPS 4
+#define TILE_MAX_DIM 128
+
+template <typename T>
+__device__ void attention_tiled_body(const T* q, const T* k, const T* v, T* out,
+                                     const int* key_start, const int* key_end, int len_q,
+                                     int heads, int group, int head_dim, long long q_bs, int q_rs,
+                                     long long k_bs, int k_rs, long long v_bs, int v_rs,
+                                     int causal, int q_offset, int window, float scale,
+                                     const float* bias_table, const int* buckets) {
+  extern __shared__ float smem[];
+  const int stride = head_dim + 1;
+  float* ks = smem;                          // [TILE_K, head_dim + 1]
+  float* vs = ks + TILE_K * stride;          // [TILE_K, head_dim + 1]
+  float* qs = vs + TILE_K * stride;          // [TILE_Q, head_dim]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.z, h = blockIdx.y, kh = h / group;
+  const int q0 = blockIdx.x * TILE_Q;
+  const int nq = min(TILE_Q, len_q - q0);
+  for (int e = threadIdx.x; e < nq * head_dim; e += blockDim.x) {
+    const int i = e / head_dim, d = e % head_dim;
+    qs[e] = to_f(q[b * q_bs + (long long)(q0 + i) * q_rs + h * head_dim + d]) * scale;
+  }
+  // Keys any query of the block may see.
+  int lo = key_start[b], hi = key_end[b];
+  if (causal) hi = min(hi, q_offset + q0 + nq);
+  if (window > 0) lo = max(lo, q_offset + q0 + 1 - window);
+  constexpr int PER_WARP = TILE_Q / TILE_WARPS;
+  float acc[PER_WARP][TILE_MAX_DIM / 32];
+  float run_max[PER_WARP], run_sum[PER_WARP];
+#pragma unroll
+  for (int qi = 0; qi < PER_WARP; ++qi) {
+    run_max[qi] = LS_NEG_INF;
+    run_sum[qi] = 0.f;
+#pragma unroll
+    for (int t = 0; t < TILE_MAX_DIM / 32; ++t) acc[qi][t] = 0.f;
+  }
+  const T* k_base = k + b * k_bs + kh * head_dim;
+  const T* v_base = v + b * v_bs + kh * head_dim;
+  for (int j0 = lo; j0 < hi; j0 += TILE_K) {
+    const int nk = min(TILE_K, hi - j0);
+    __syncthreads();  // previous tile fully used (and q staged on the first pass)
+    for (int e = threadIdx.x; e < nk * head_dim; e += blockDim.x) {
+      const int j = e / head_dim, d = e % head_dim;
+      ks[j * stride + d] = to_f(k_base[(long long)(j0 + j) * k_rs + d]);
+      vs[j * stride + d] = to_f(v_base[(long long)(j0 + j) * v_rs + d]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int qi = 0; qi < PER_WARP; ++qi) {
+      const int i = warp * PER_WARP + qi;  // query within the block
+      if (i >= nq) break;
+      const int pos = q_offset + q0 + i;
+      int jb = key_start[b], je = key_end[b];
+      if (causal) je = min(je, pos + 1);
+      if (window > 0) jb = max(jb, pos + 1 - window);
+      const int j = j0 + lane;
+      float s = LS_NEG_INF;
+      if (lane < nk && j >= jb && j < je) {
+        const float* kr = ks + lane * stride;
+        const float* qr = qs + i * head_dim;
+        float dot = 0.f;
+        for (int d = 0; d < head_dim; ++d) dot += qr[d] * kr[d];
+        if (bias_table) dot += bias_table[buckets[j - (q0 + i) + len_q - 1] * heads + h];
+        s = dot;
+      }
+      const float tile_max = warp_max(s);
+      if (tile_max == LS_NEG_INF) continue;  // no visible key in this tile
+      const float new_max = fmaxf(run_max[qi], tile_max);
+      const float p = s == LS_NEG_INF ? 0.f : expf(s - new_max);
+      const float corr = expf(run_max[qi] - new_max);
+      run_sum[qi] = run_sum[qi] * corr + warp_sum(p);
+#pragma unroll
+      for (int t = 0; t < TILE_MAX_DIM / 32; ++t) acc[qi][t] *= corr;
+      for (int jj = 0; jj < nk; ++jj) {
+        const float pj = __shfl_sync(LS_FULL_MASK, p, jj);
+        const float* vr = vs + jj * stride;
+#pragma unroll
+        for (int t = 0; t < TILE_MAX_DIM / 32; ++t) {
+          const int d = lane + 32 * t;
+          if (d < head_dim) acc[qi][t] += pj * vr[d];
+        }
+      }
+      run_max[qi] = new_max;
+    }
+  }
+#pragma unroll
+  for (int qi = 0; qi < PER_WARP; ++qi) {
+    const int i = warp * PER_WARP + qi;
+    if (i >= nq) break;
+    T* o_row = out + ((long long)b * len_q + q0 + i) * heads * head_dim + h * head_dim;
+    const float inv = run_sum[qi] > 0.f ? 1.f / run_sum[qi] : 0.f;
+#pragma unroll
+    for (int t = 0; t < TILE_MAX_DIM / 32; ++t) {
+      const int d = lane + 32 * t;
+      if (d < head_dim) o_row[d] = from_f<T>(acc[qi][t] * inv);
+    }
+  }
+}
+
+#define LS_ATTENTION_TILED(T, S)                                                               \
+  extern "C" __global__ void __launch_bounds__(TILE_WARPS * 32) attention_tiled_##S(          \
+      const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,    \
+      int len_q, int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, \
+      int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,   \
+      const float* bias_table, const int* buckets) {                                           \
+    attention_tiled_body<T>(q, k, v, out, key_start, key_end, len_q, heads, group, head_dim,   \
+                            q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window,      \
+                            scale, bias_table, buckets);                                       \
+  }
+LS_FLOAT_TYPES(LS_ATTENTION_TILED)
