@@ -21,11 +21,15 @@ pub struct BenchArgs {
     /// forward or generate.
     #[arg(long, default_value = "forward")]
     pub task: String,
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Input length (prompt or source tokens).
-    #[arg(long, default_value_t = 32)]
-    pub seq: usize,
+    /// Batch sizes, comma-separated (every combination with --seq is timed).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub batch: Vec<usize>,
+    /// Input lengths (prompt or source tokens), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    pub seq: Vec<usize>,
+    /// Generate as many tokens as the input has (overrides --max-new-tokens).
+    #[arg(long)]
+    pub new_tokens_like_seq: bool,
     #[arg(long, default_value = "f16")]
     pub dtype: String,
     #[arg(long, default_value = "auto")]
@@ -73,68 +77,93 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         _ => bail!("give a model directory or --preset"),
     };
-    if a.iters == 0 || a.batch == 0 || a.seq == 0 {
+    if a.iters == 0 || a.batch.contains(&0) || a.seq.contains(&0) {
         bail!("--iters, --batch and --seq must be positive");
     }
+    let t_load = Instant::now();
+    let runner = match a.task.as_str() {
+        "forward" => Runner::Forward(models::load(&dir, dtype, &device)?),
+        "generate" => Runner::Generate(models::load_decoder(&dir, dtype, &device)?),
+        other => bail!("unknown task `{other}` (forward or generate)"),
+    };
+    eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
+    let mut results = Vec::new();
+    for &batch in &a.batch {
+        for &seq in &a.seq {
+            results.push(point(a, &name, &dir, &device, dtype, &runner, batch, seq)?);
+        }
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string(&results)?)
+            .with_context(|| p.display().to_string())?;
+    }
+    Ok(())
+}
+
+enum Runner {
+    Forward(Box<dyn models::Model>),
+    Generate(Box<dyn models::decode::Decoder>),
+}
+
+/// Times one (batch, seq) point and prints its row.
+#[allow(clippy::too_many_arguments)]
+fn point(
+    a: &BenchArgs,
+    name: &str,
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    runner: &Runner,
+    batch: usize,
+    seq: usize,
+) -> Result<serde_json::Value> {
     let vocab = dir
         .config
         .get("vocab_size")
         .and_then(|v| v.as_u64())
         .unwrap_or(1000) as i64;
-    let ids: Vec<Vec<i64>> = (0..a.batch)
+    let ids: Vec<Vec<i64>> = (0..batch)
         .map(|b| {
-            (0..a.seq)
+            (0..seq)
                 .map(|i| ((b * 7919 + i * 104729 + 13) as i64 % (vocab - 10)) + 5)
                 .collect()
         })
         .collect();
     let peak = |reset: bool| -> Result<u64> {
-        match &device {
+        match device {
             Device::Cuda(d) => Ok(d.peak_memory(reset)?),
             Device::Cpu => Ok(0),
         }
     };
-    let t_load = Instant::now();
-    let (times, tokens) = match a.task.as_str() {
-        "forward" => {
-            let model = models::load(&dir, dtype, &device)?;
-            eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
-            let batch = Batch {
+    let new_tokens = if a.new_tokens_like_seq {
+        seq
+    } else {
+        a.max_new_tokens
+    };
+    let (once, tokens): (Box<dyn Fn() -> Result<()>>, usize) = match runner {
+        Runner::Forward(model) => {
+            let b = Batch {
                 input_ids: ids.clone(),
                 decoder_input_ids: Some(ids.clone()),
                 ..Default::default()
             };
-            let once = || -> Result<()> {
-                match model.forward_on_device(&batch) {
-                    Some(r) => {
-                        r?;
+            (
+                Box::new(move || {
+                    match model.forward_on_device(&b) {
+                        Some(r) => drop(r?),
+                        None => drop(model.forward(&b)?),
                     }
-                    None => {
-                        model.forward(&batch)?;
-                    }
-                }
-                device.synchronize()?;
-                Ok(())
-            };
-            for _ in 0..a.warmup {
-                once()?;
-            }
-            peak(true)?;
-            let mut t = Vec::new();
-            for _ in 0..a.iters {
-                let s = Instant::now();
-                once()?;
-                t.push(s.elapsed().as_secs_f64());
-            }
-            (t, a.batch * a.seq)
+                    device.synchronize()?;
+                    Ok(())
+                }),
+                batch * seq,
+            )
         }
-        "generate" => {
-            let model = models::load_decoder(&dir, dtype, &device)?;
-            eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
+        Runner::Generate(model) => {
             let defaults = GenerationOptions::from_json(&dir.config);
             let opts = GenerationOptions {
-                max_new_tokens: Some(a.max_new_tokens),
-                min_new_tokens: Some(a.max_new_tokens),
+                max_new_tokens: Some(new_tokens),
+                min_new_tokens: Some(new_tokens),
                 num_beams: Some(a.num_beams),
                 do_sample: a.do_sample,
                 top_k: a.top_k,
@@ -144,39 +173,36 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 ..Default::default()
             }
             .or(&defaults);
-            let once = || -> Result<()> {
-                generate(model.as_ref(), Inputs::Ids(&ids), &opts)?;
-                device.synchronize()?;
-                Ok(())
-            };
-            for _ in 0..a.warmup {
-                once()?;
-            }
-            peak(true)?;
-            let mut t = Vec::new();
-            for _ in 0..a.iters {
-                let s = Instant::now();
-                once()?;
-                t.push(s.elapsed().as_secs_f64());
-            }
-            (t, a.batch * a.max_new_tokens)
+            (
+                Box::new(move || {
+                    generate(model.as_ref(), Inputs::Ids(&ids), &opts)?;
+                    device.synchronize()?;
+                    Ok(())
+                }),
+                batch * new_tokens,
+            )
         }
-        other => bail!("unknown task `{other}` (forward or generate)"),
     };
+    for _ in 0..a.warmup {
+        once()?;
+    }
+    peak(true)?;
+    let mut times = Vec::new();
+    for _ in 0..a.iters {
+        let s = Instant::now();
+        once()?;
+        times.push(s.elapsed().as_secs_f64());
+    }
     let med = median(times.clone());
     let peak_mb = peak(false)? as f64 / (1 << 20) as f64;
     println!(
-        "{:<18} {:<8} batch {:>3} seq {:>4} beams {} {:<4} on {device}: median {:.2} ms, {:.0} tokens/s, peak {:.0} MiB",
-        name, a.task, a.batch, a.seq, a.num_beams, dtype, med * 1e3, tokens as f64 / med, peak_mb
+        "{name:<18} {:<8} batch {batch:>3} seq {seq:>4} new {new_tokens:>4} beams {} {:<4} on {device}: median {:.2} ms, {:.0} tokens/s, peak {:.0} MiB",
+        a.task, a.num_beams, dtype, med * 1e3, tokens as f64 / med, peak_mb
     );
-    if let Some(p) = &a.json {
-        let j = serde_json::json!({
-            "model": name, "task": a.task, "batch": a.batch, "seq": a.seq, "dtype": dtype.name(),
-            "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "device": device.to_string(),
-            "median_ms": med * 1e3, "times_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
-            "tokens_per_s": tokens as f64 / med, "peak_mem_mb": peak_mb,
-        });
-        std::fs::write(p, serde_json::to_string(&j)?).with_context(|| p.display().to_string())?;
-    }
-    Ok(())
+    Ok(serde_json::json!({
+        "model": name, "task": a.task, "batch": batch, "seq": seq, "new_tokens": new_tokens,
+        "dtype": dtype.name(), "num_beams": a.num_beams, "device": device.to_string(),
+        "median_ms": med * 1e3, "times_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+        "tokens_per_s": tokens as f64 / med, "peak_mem_mb": peak_mb,
+    }))
 }
