@@ -62,7 +62,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
-        kernels: &["attention", "attention_tiled"],
+        kernels: &["attention", "attention_tiled", "attention_decode"],
     },
 ];
 

@@ -179,6 +179,8 @@ const ATT_MAX_HEAD_DIM: usize = 256;
 const TILED_Q: usize = 32;
 const TILED_K: usize = 32;
 const TILED_MAX_HEAD_DIM: usize = 128;
+/// Heads per block of the single-query kernel (attention.cu: DEC_WARPS).
+const DEC_WARPS: usize = 4;
 
 pub(crate) fn attention(
     q: &Heads,
@@ -223,14 +225,15 @@ pub(crate) fn attention(
     };
     // Many queries: the shared-memory tiled kernel; single-query decode steps: a warp each.
     let tiled = len_q >= 8 && o.head_dim <= TILED_MAX_HEAD_DIM;
-    let f = dev.kernel(
-        if tiled {
-            "attention_tiled"
-        } else {
-            "attention"
-        },
-        qt.dtype(),
-    )?;
+    let decode = len_q == 1;
+    let name = if decode {
+        "attention_decode"
+    } else if tiled {
+        "attention_tiled"
+    } else {
+        "attention"
+    };
+    let f = dev.kernel(name, qt.dtype())?;
     let elem = qt.dtype().size() as u64;
     let (qp, kp, vp) = (
         qt.ptr() + q.col as u64 * elem,
@@ -271,7 +274,13 @@ pub(crate) fn attention(
         .arg(&o.scale)
         .arg(&tp)
         .arg(&bp);
-    let cfg = if tiled {
+    let cfg = if decode {
+        LaunchConfig {
+            grid_dim: (o.heads.div_ceil(DEC_WARPS) as u32, batch as u32, 1),
+            block_dim: (32 * DEC_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else if tiled {
         let smem = (2 * TILED_K * (o.head_dim + 1) + TILED_Q * o.head_dim) * 4;
         if smem > 48 * 1024 {
             f.set_attribute(
@@ -494,9 +503,11 @@ pub(crate) fn logprob_topk(
         .arg(&vp)
         .arg(&ip)
         .arg(&lp);
+    // Wide blocks: each of the k rounds scans the row once.
+    let threads = if vocab * k > (1 << 18) { 1024 } else { 256 };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: argument types match the kernel's signature in search.cu.

@@ -207,3 +207,77 @@ __device__ void attention_tiled_body(const T* q, const T* k, const T* v, T* out,
                             scale, bias_table, buckets);                                       \
   }
 LS_FLOAT_TYPES(LS_ATTENTION_TILED)
+
+// Single-query attention (decode steps): one warp per (row, head), 4 warps per block over
+// consecutive heads. The warp reads each key row cooperatively (lane-strided, coalesced),
+// reduces the dot product with shuffles, and keeps the online softmax in every lane; each
+// lane accumulates head_dim / 32 output dimensions.
+#define DEC_WARPS 4
+
+template <typename T>
+__device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out,
+                                      const int* key_start, const int* key_end, int heads,
+                                      int group, int head_dim, long long q_bs, long long k_bs,
+                                      int k_rs, long long v_bs, int v_rs, int causal,
+                                      int q_offset, int window, float scale,
+                                      const float* bias_table, const int* buckets) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.y, h = blockIdx.x * DEC_WARPS + warp;
+  if (h >= heads) return;
+  const int kh = h / group;
+  float qv[ATT_MAX_DIM_PER_LANE], acc[ATT_MAX_DIM_PER_LANE];
+  const T* q_row = q + b * q_bs + h * head_dim;
+#pragma unroll
+  for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
+    const int d = lane + 32 * t;
+    qv[t] = d < head_dim ? to_f(q_row[d]) * scale : 0.f;
+    acc[t] = 0.f;
+  }
+  int jb = key_start[b], je = key_end[b];
+  if (causal) je = min(je, q_offset + 1);
+  if (window > 0) jb = max(jb, q_offset + 1 - window);
+  const T* k_base = k + b * k_bs + kh * head_dim;
+  const T* v_base = v + b * v_bs + kh * head_dim;
+  float run_max = LS_NEG_INF, run_sum = 0.f;
+  for (int j = jb; j < je; ++j) {
+    const T* kr = k_base + (long long)j * k_rs;
+    float part = 0.f;
+#pragma unroll
+    for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
+      const int d = lane + 32 * t;
+      if (d < head_dim) part += qv[t] * to_f(kr[d]);
+    }
+    float s = warp_sum(part);
+    if (bias_table) s += bias_table[buckets[j] * heads + h];
+    const float new_max = fmaxf(run_max, s);
+    const float corr = expf(run_max - new_max);
+    const float p = expf(s - new_max);
+    run_sum = run_sum * corr + p;
+    const T* vr = v_base + (long long)j * v_rs;
+#pragma unroll
+    for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
+      const int d = lane + 32 * t;
+      acc[t] = acc[t] * corr + (d < head_dim ? p * to_f(vr[d]) : 0.f);
+    }
+    run_max = new_max;
+  }
+  T* o_row = out + (long long)b * heads * head_dim + h * head_dim;
+  const float inv = run_sum > 0.f ? 1.f / run_sum : 0.f;
+#pragma unroll
+  for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
+    const int d = lane + 32 * t;
+    if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
+  }
+}
+
+#define LS_ATTENTION_DECODE(T, S)                                                              \
+  extern "C" __global__ void attention_decode_##S(                                             \
+      const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,    \
+      int len_q, int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, \
+      int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,   \
+      const float* bias_table, const int* buckets) {                                           \
+    attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
+                             k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
+                             bias_table, buckets);                                             \
+  }
+LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
