@@ -667,10 +667,46 @@ pub fn write_rows(
     }
 }
 
-/// A tensor of zeros.
+/// A tensor of zeros (set on the device, nothing uploaded).
 pub fn zeros(shape: &[usize], dtype: DType, device: &crate::tensor::Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    Tensor::from_f32(&vec![0.0; n], shape, dtype, device)
+    match device {
+        crate::tensor::Device::Cpu => Tensor::from_f32(&vec![0.0; n], shape, dtype, device),
+        crate::tensor::Device::Cuda(d) => Ok(Tensor::from_parts(
+            shape.to_vec(),
+            dtype,
+            Storage::Cuda(d.zeros(dtype, n)?),
+        )),
+    }
+}
+
+/// [`index_select`] with the indices already on the device (i32), for reordering many
+/// tensors by the same rows with one upload.
+pub fn index_select_by(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    const OP: &str = "index_select_by";
+    same_device(OP, &[x, idx])?;
+    if idx.dtype() != DType::I32 || x.shape().is_empty() {
+        return Err(Error::op(
+            OP,
+            "needs i32 indices and a tensor of at least one dimension",
+        ));
+    }
+    match (&x.storage, &idx.storage) {
+        (Storage::Cuda(xs), Storage::Cuda(is)) => {
+            let row: usize = x.shape()[1..].iter().product();
+            let mut shape = x.shape().to_vec();
+            shape[0] = idx.len();
+            Ok(Tensor::from_parts(
+                shape,
+                x.dtype(),
+                Storage::Cuda(cuda::ops::index_select_dev(xs, is, idx.len(), row)?),
+            ))
+        }
+        _ => {
+            let ids: Vec<usize> = idx.to_i32_vec()?.iter().map(|&i| i as usize).collect();
+            index_select(x, &ids)
+        }
+    }
 }
 
 /// The k most likely tokens of each row of `logits` [rows, vocab]: their log-probabilities

@@ -28,6 +28,8 @@ pub struct DecodeState {
     pub src_ranges: Vec<(usize, usize)>,
     /// `src_ranges` on the model's device (i32 starts then ends), set by `begin`.
     pub src_ranges_dev: Option<Tensor>,
+    /// Encoder-decoders: consecutive rows sharing one source (0 when unknown).
+    pub rows_per_item: usize,
 }
 
 impl DecodeState {
@@ -43,6 +45,7 @@ impl DecodeState {
             cross: Vec::new(),
             src_ranges: Vec::new(),
             src_ranges_dev: None,
+            rows_per_item: 0,
         }
     }
 
@@ -111,14 +114,21 @@ impl DecodeState {
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }
-        for c in &mut self.caches {
-            c.k = ops::index_select(&c.k, src)?;
-            c.v = ops::index_select(&c.v, src)?;
+        if let Some(first) = self.caches.first() {
+            let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
+            let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;
+            for c in &mut self.caches {
+                c.k = ops::index_select_by(&c.k, &idx)?;
+                c.v = ops::index_select_by(&c.v, &idx)?;
+            }
         }
         self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
         // Rows of one batch item share their source, so cross keys/values need no reorder
-        // within an item; across items they would, so follow `src` exactly.
-        if !self.cross.is_empty() {
+        // when every row stays within its item; otherwise follow `src` exactly.
+        let same_item = |i: usize, s: usize| {
+            self.rows_per_item > 0 && i / self.rows_per_item == s / self.rows_per_item
+        };
+        if !self.cross.is_empty() && !src.iter().enumerate().all(|(i, &s)| same_item(i, s)) {
             for c in &mut self.cross {
                 *c = ops::index_select(c, src)?;
             }

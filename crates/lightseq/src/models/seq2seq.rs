@@ -584,6 +584,7 @@ impl Seq2Seq {
         }
         st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
         st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
+        st.rows_per_item = rows / batch;
         Ok(st)
     }
 }

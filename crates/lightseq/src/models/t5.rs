@@ -371,6 +371,7 @@ impl T5 {
         }
         st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
         st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
+        st.rows_per_item = rows / batch;
         Ok(st)
     }
 }

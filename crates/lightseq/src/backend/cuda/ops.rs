@@ -418,21 +418,28 @@ pub(crate) fn rotary(
 }
 
 pub(crate) fn index_select(x: &CudaStorage, idx: &[usize], row: usize) -> Result<CudaStorage> {
+    let ids: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+    let ids = x.device().upload_i32(&ids)?;
+    index_select_dev(x, &ids, idx.len(), row)
+}
+
+pub(crate) fn index_select_dev(
+    x: &CudaStorage,
+    ids: &CudaStorage,
+    n: usize,
+    row: usize,
+) -> Result<CudaStorage> {
     let dev = x.device();
-    let out = dev.alloc(x.dtype(), idx.len() * row)?;
-    if idx.is_empty() || row == 0 {
+    let out = dev.alloc(x.dtype(), n * row)?;
+    if n == 0 || row == 0 {
         return Ok(out);
     }
-    let ids: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
-    let ids = dev.upload_i32(&ids)?;
     let f = dev.kernel("index_select", x.dtype())?;
-    let (xp, ip, op, n, r) = (x.ptr(), ids.ptr(), out.ptr(), idx.len() as i64, row as i64);
+    let (xp, ip, op, nn, r) = (x.ptr(), ids.ptr(), out.ptr(), n as i64, row as i64);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&xp).arg(&ip).arg(&op).arg(&n).arg(&r);
+    l.arg(&xp).arg(&ip).arg(&op).arg(&nn).arg(&r);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
-    launched("index_select", unsafe {
-        l.launch(grid_1d(idx.len() * row, 256))
-    })?;
+    launched("index_select", unsafe { l.launch(grid_1d(n * row, 256)) })?;
     Ok(out)
 }
 
