@@ -13,6 +13,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, DeviceSpec, Tensor};
