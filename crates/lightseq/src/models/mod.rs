@@ -216,6 +216,11 @@ pub(crate) fn parse_config<T: DeserializeOwned>(dir: &ModelDir) -> Result<T> {
     })
 }
 
+/// [`parse_config`] for other rungs (training).
+pub fn parse_config_pub<T: DeserializeOwned>(dir: &ModelDir) -> Result<T> {
+    parse_config(dir)
+}
+
 /// Fails unless `cond`, naming the config file.
 pub(crate) fn config_check(dir: &ModelDir, cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {

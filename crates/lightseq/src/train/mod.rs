@@ -4,6 +4,7 @@
 //! (tests/training_math.rs, fixtures from scripts/make_grad_fixtures.py). The trainer that
 //! drives them over whole models builds on these.
 
+pub mod gpt2;
 pub mod grad;
 pub mod loss;
 pub mod optim;

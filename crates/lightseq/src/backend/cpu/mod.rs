@@ -4,7 +4,7 @@ mod attention;
 mod gemm;
 
 pub(crate) use attention::attention;
-pub(crate) use gemm::linear;
+pub(crate) use gemm::{linear, matmul_nt};
 
 use crate::error::{Error, Result};
 use crate::ops::Activation;
