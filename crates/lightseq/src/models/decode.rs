@@ -3,8 +3,9 @@
 //! (one step over the whole padded batch), so prefill, decode steps and `forward` share code.
 
 use crate::error::{Error, Result};
+use crate::nn::CrossAttention;
 use crate::ops;
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 pub use crate::nn::attention::KvCache;
 
@@ -206,6 +207,80 @@ pub trait Decoder: Send + Sync {
     fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
         self.step_logits(st, tokens)?.to_f32_vec()
     }
+}
+
+/// A state with one self-attention cache of `width` per layer.
+pub(crate) fn new_state(
+    layers: usize,
+    rows: usize,
+    capacity: usize,
+    width: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<DecodeState> {
+    let caches = (0..layers)
+        .map(|_| KvCache::new(rows, capacity, width, dtype, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DecodeState::new(rows, capacity, caches))
+}
+
+/// An encoder-decoder's state over encoder output `memory` [batch * src_len, d] (batch =
+/// `lengths.len()`): cross keys/values of each layer computed once and repeated for the
+/// `rows / batch` rows of each item.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cross_state(
+    cross: &[&CrossAttention],
+    memory: &Tensor,
+    lengths: &[usize],
+    src_len: usize,
+    rows: usize,
+    capacity: usize,
+    width: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<DecodeState> {
+    let batch = lengths.len();
+    if batch == 0 || !rows.is_multiple_of(batch) {
+        return Err(Error::Input(format!(
+            "{rows} decoder rows for {batch} sources"
+        )));
+    }
+    let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
+    let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
+    for c in cross {
+        let kv = c.memory(memory, batch, src_len)?;
+        st.cross.push(ops::index_select(&kv, &expand)?);
+    }
+    st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
+    st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, device)?);
+    st.rows_per_item = rows / batch;
+    Ok(st)
+}
+
+/// Encoder states [batch, src_len, d_model] given by the caller as the `memory` an
+/// encoder-decoder attends to ([batch * src_len, d_model] in the model's dtype and device).
+pub(crate) fn states_to_memory(
+    states: &Tensor,
+    lengths: &[usize],
+    d_model: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, usize)> {
+    let s = states.shape();
+    if s.len() != 3 || s[2] != d_model || s[0] != lengths.len() || lengths.iter().any(|&n| n > s[1])
+    {
+        return Err(Error::Input(format!(
+            "encoder states {s:?} with lengths {lengths:?}: expected [batch, src_len, {d_model}]"
+        )));
+    }
+    let memory = ops::to_dtype(&states.to_device(device)?, dtype)?.reshape(&[s[0] * s[1], s[2]])?;
+    Ok((memory, s[1]))
+}
+
+/// An encoder's output [batch * src_len, d] as f32 states [batch, src_len, d].
+pub(crate) fn memory_to_states(memory: &Tensor, batch: usize, src_len: usize) -> Result<Tensor> {
+    let d = memory.shape()[1];
+    ops::to_dtype(memory, DType::F32)?.reshape(&[batch, src_len, d])
 }
 
 /// Flattens equal-length rows of token ids into an i32 tensor [rows * t].

@@ -2,11 +2,11 @@
 //! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
 //! returns logits.
 
-use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
+use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
-use crate::nn::{KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
+use crate::nn::{LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -168,10 +168,14 @@ impl Decoder for Gpt2 {
                 "GPT2 is decoder-only: it takes no source sequences".into(),
             ));
         }
-        let caches = (0..self.cfg.n_layer)
-            .map(|_| KvCache::new(rows, capacity, self.cfg.n_embd, self.dtype, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(DecodeState::new(rows, capacity, caches))
+        new_state(
+            self.cfg.n_layer,
+            rows,
+            capacity,
+            self.cfg.n_embd,
+            self.dtype,
+            &self.device,
+        )
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {

@@ -2,13 +2,11 @@
 //! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
-use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
+use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
-use crate::nn::{
-    BiasMode, KvCache, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights,
-};
+use crate::nn::{BiasMode, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
@@ -410,10 +408,14 @@ impl Decoder for Llama {
             ));
         }
         let kd = self.cfg.kv_heads * self.cfg.head_dim;
-        let caches = (0..self.cfg.num_layers)
-            .map(|_| KvCache::new(rows, capacity, kd, self.dtype, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(DecodeState::new(rows, capacity, caches))
+        new_state(
+            self.cfg.num_layers,
+            rows,
+            capacity,
+            kd,
+            self.dtype,
+            &self.device,
+        )
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {

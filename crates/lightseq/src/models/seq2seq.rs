@@ -5,14 +5,14 @@
 //! is decided here from `model_type`, as HF does (config keys such as `normalize_before`
 //! are not read by HF's modeling code either).
 
-use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
+use super::decode::{
+    cross_state, full_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState, Decoder,
+};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::positions::{fairseq_sinusoidal, marian_sinusoidal};
-use crate::nn::{
-    CrossAttention, KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights,
-};
+use crate::nn::{CrossAttention, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
@@ -556,7 +556,9 @@ impl Seq2Seq {
         }
         Ok((x, p))
     }
+}
 
+impl Seq2Seq {
     /// Decoding state over encoder output `memory` [batch * src_len, d], each item repeated
     /// for `rows / batch` rows.
     fn start(
@@ -567,25 +569,18 @@ impl Seq2Seq {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let batch = lengths.len();
-        if batch == 0 || !rows.is_multiple_of(batch) {
-            return Err(Error::Input(format!(
-                "{rows} decoder rows for {batch} sources"
-            )));
-        }
-        let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
-        let caches = (0..self.decoder.len())
-            .map(|_| KvCache::new(rows, capacity, self.cfg.d_model, self.dtype, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        let mut st = DecodeState::new(rows, capacity, caches);
-        for l in &self.decoder {
-            let kv = l.cross.memory(memory, batch, src_len)?;
-            st.cross.push(ops::index_select(&kv, &expand)?);
-        }
-        st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
-        st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
-        st.rows_per_item = rows / batch;
-        Ok(st)
+        let cross: Vec<&CrossAttention> = self.decoder.iter().map(|l| &l.cross).collect();
+        cross_state(
+            &cross,
+            memory,
+            lengths,
+            src_len,
+            rows,
+            capacity,
+            self.cfg.d_model,
+            self.dtype,
+            &self.device,
+        )
     }
 }
 
@@ -624,9 +619,7 @@ impl Decoder for Seq2Seq {
 
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
         let (memory, sp) = self.encode(sources)?;
-        let d = memory.shape()[1];
-        let states = ops::to_dtype(&memory, DType::F32)?.reshape(&[sp.batch, sp.len, d])?;
-        Ok((states, sp.lengths))
+        Ok((memory_to_states(&memory, sp.batch, sp.len)?, sp.lengths))
     }
 
     fn begin_from_states(
@@ -636,10 +629,9 @@ impl Decoder for Seq2Seq {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let (b, l, d) = encoder_states_shape(states, lengths, self.cfg.d_model)?;
-        let memory =
-            ops::to_dtype(&states.to_device(&self.device)?, self.dtype)?.reshape(&[b * l, d])?;
-        self.start(&memory, lengths, l, rows, capacity)
+        let (memory, src_len) =
+            states_to_memory(states, lengths, self.cfg.d_model, self.dtype, &self.device)?;
+        self.start(&memory, lengths, src_len, rows, capacity)
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
@@ -695,22 +687,6 @@ impl Decoder for Seq2Seq {
             Activation::None,
         )
     }
-}
-
-/// Checks encoder states [batch, src_len, d_model] against per-item lengths.
-pub(crate) fn encoder_states_shape(
-    states: &Tensor,
-    lengths: &[usize],
-    d_model: usize,
-) -> Result<(usize, usize, usize)> {
-    let s = states.shape();
-    if s.len() != 3 || s[2] != d_model || s[0] != lengths.len() || lengths.iter().any(|&n| n > s[1])
-    {
-        return Err(Error::Input(format!(
-            "encoder states {s:?} with lengths {lengths:?}: expected [batch, src_len, {d_model}]"
-        )));
-    }
-    Ok((s[0], s[1], s[2]))
 }
 
 impl Model for Seq2Seq {

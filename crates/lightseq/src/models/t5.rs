@@ -2,13 +2,14 @@
 //! buckets (computed by the first block of each stack, shared by the others), no attention
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
-use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
-use super::seq2seq::encoder_states_shape;
+use super::decode::{
+    cross_state, full_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState, Decoder,
+};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::{
-    BiasMode, CrossAttention, KvCache, Linear, RmsNorm, SelfAttention, SelfAttentionExtras, Weights,
+    BiasMode, CrossAttention, Linear, RmsNorm, SelfAttention, SelfAttentionExtras, Weights,
 };
 use crate::ops::{self, Activation, RelativeBias};
 use crate::tensor::{DType, Device, Tensor};
@@ -353,26 +354,19 @@ impl T5 {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let batch = lengths.len();
-        if batch == 0 || !rows.is_multiple_of(batch) {
-            return Err(Error::Input(format!(
-                "{rows} decoder rows for {batch} sources"
-            )));
-        }
-        let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
+        let cross: Vec<&CrossAttention> = self.decoder.iter().map(|b| &b.cross).collect();
         let inner = self.cfg.num_heads * self.cfg.d_kv;
-        let caches = (0..self.decoder.len())
-            .map(|_| KvCache::new(rows, capacity, inner, self.dtype, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        let mut st = DecodeState::new(rows, capacity, caches);
-        for b in &self.decoder {
-            let kv = b.cross.memory(memory, batch, src_len)?;
-            st.cross.push(ops::index_select(&kv, &expand)?);
-        }
-        st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
-        st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, &self.device)?);
-        st.rows_per_item = rows / batch;
-        Ok(st)
+        cross_state(
+            &cross,
+            memory,
+            lengths,
+            src_len,
+            rows,
+            capacity,
+            inner,
+            self.dtype,
+            &self.device,
+        )
     }
 }
 
@@ -413,9 +407,7 @@ impl Decoder for T5 {
 
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
         let (memory, sp) = self.encode(sources)?;
-        let d = memory.shape()[1];
-        let states = ops::to_dtype(&memory, DType::F32)?.reshape(&[sp.batch, sp.len, d])?;
-        Ok((states, sp.lengths))
+        Ok((memory_to_states(&memory, sp.batch, sp.len)?, sp.lengths))
     }
 
     fn begin_from_states(
@@ -425,10 +417,9 @@ impl Decoder for T5 {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let (b, l, d) = encoder_states_shape(states, lengths, self.cfg.d_model)?;
-        let memory =
-            ops::to_dtype(&states.to_device(&self.device)?, self.dtype)?.reshape(&[b * l, d])?;
-        self.start(&memory, lengths, l, rows, capacity)
+        let (memory, src_len) =
+            states_to_memory(states, lengths, self.cfg.d_model, self.dtype, &self.device)?;
+        self.start(&memory, lengths, src_len, rows, capacity)
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {

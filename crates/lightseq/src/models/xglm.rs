@@ -2,12 +2,12 @@
 //! scaled token embeddings, pre-LN layers with biased projections, LM head tied to the
 //! token embeddings.
 
-use super::decode::{full_forward, ids_tensor, DecodeState, Decoder};
+use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::positions::fairseq_sinusoidal;
-use crate::nn::{KvCache, LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
+use crate::nn::{LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -187,10 +187,14 @@ impl Decoder for Xglm {
                 "XGLM is decoder-only: it takes no source sequences".into(),
             ));
         }
-        let caches = (0..self.cfg.num_layers)
-            .map(|_| KvCache::new(rows, capacity, self.cfg.d_model, self.dtype, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(DecodeState::new(rows, capacity, caches))
+        new_state(
+            self.cfg.num_layers,
+            rows,
+            capacity,
+            self.cfg.d_model,
+            self.dtype,
+            &self.device,
+        )
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {

@@ -39,6 +39,35 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
+    /// The fused projection [batch, len, q | k | v], rotary positions applied to q and k.
+    fn project(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        rope: Option<(&Rope, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let mut qkv = self
+            .qkv
+            .forward(x, Activation::None)?
+            .reshape(&[batch, len, qd + 2 * kd])?;
+        if let Some((rope, positions)) = rope {
+            for (col, heads) in [(0, self.heads), (qd, self.kv_heads)] {
+                ops::rotary(
+                    &mut qkv,
+                    col,
+                    heads,
+                    self.head_dim,
+                    positions,
+                    &rope.inv_freq,
+                    rope.attention_scaling,
+                )?;
+            }
+        }
+        Ok(qkv)
+    }
+
     /// x: [batch * len, hidden] -> [batch * len, hidden_out].
     pub fn forward(
         &self,
@@ -49,32 +78,8 @@ impl SelfAttention {
         causal: bool,
         extras: SelfAttentionExtras,
     ) -> Result<Tensor> {
-        let qd = self.heads * self.head_dim;
-        let kd = self.kv_heads * self.head_dim;
-        let mut qkv = self
-            .qkv
-            .forward(x, Activation::None)?
-            .reshape(&[batch, len, qd + 2 * kd])?;
-        if let Some((rope, positions)) = extras.rope {
-            ops::rotary(
-                &mut qkv,
-                0,
-                self.heads,
-                self.head_dim,
-                positions,
-                &rope.inv_freq,
-                rope.attention_scaling,
-            )?;
-            ops::rotary(
-                &mut qkv,
-                qd,
-                self.kv_heads,
-                self.head_dim,
-                positions,
-                &rope.inv_freq,
-                rope.attention_scaling,
-            )?;
-        }
+        let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let qkv = self.project(x, batch, len, extras.rope)?;
         let opts = AttentionOptions {
             heads: self.heads,
             kv_heads: self.kv_heads,
@@ -199,32 +204,8 @@ impl SelfAttention {
         key_ranges: &[(usize, usize)],
         extras: SelfAttentionExtras,
     ) -> Result<Tensor> {
-        let qd = self.heads * self.head_dim;
-        let kd = self.kv_heads * self.head_dim;
-        let mut qkv = self
-            .qkv
-            .forward(x, Activation::None)?
-            .reshape(&[batch, t, qd + 2 * kd])?;
-        if let Some((rope, positions)) = extras.rope {
-            ops::rotary(
-                &mut qkv,
-                0,
-                self.heads,
-                self.head_dim,
-                positions,
-                &rope.inv_freq,
-                rope.attention_scaling,
-            )?;
-            ops::rotary(
-                &mut qkv,
-                qd,
-                self.kv_heads,
-                self.head_dim,
-                positions,
-                &rope.inv_freq,
-                rope.attention_scaling,
-            )?;
-        }
+        let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let qkv = self.project(x, batch, t, extras.rope)?;
         ops::write_rows(&mut cache.k, q_offset, 0, &qkv, qd, kd)?;
         ops::write_rows(&mut cache.v, q_offset, 0, &qkv, qd + kd, kd)?;
         let opts = AttentionOptions {
