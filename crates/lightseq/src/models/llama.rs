@@ -10,6 +10,7 @@ use crate::nn::{BiasMode, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExt
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Which family member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,10 +291,10 @@ pub struct Llama {
     cfg: LlamaConfig,
     act: Activation,
     dtype: DType,
-    tokens: Tensor,
+    tokens: Arc<Tensor>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    head: Tensor,
+    head: Arc<Tensor>,
     device: Device,
 }
 
@@ -354,12 +355,12 @@ impl Llama {
                 down: Linear::load(&m, "down_proj", c.intermediate_size, d, c.mlp_bias)?,
             });
         }
-        let tokens = w.tensor("embed_tokens.weight", &[c.vocab_size, d])?;
+        let tokens = Arc::new(w.tensor("embed_tokens.weight", &[c.vocab_size, d])?);
         // A stored head is used even when tied (HF loads every key it finds).
         let head = if root.contains("lm_head.weight") {
-            root.tensor("lm_head.weight", &[c.vocab_size, d])?
+            Arc::new(root.tensor("lm_head.weight", &[c.vocab_size, d])?)
         } else if c.tie_word_embeddings {
-            w.tensor("embed_tokens.weight", &[c.vocab_size, d])?
+            tokens.clone()
         } else {
             return Err(Error::MissingTensor {
                 dir: dir.path.clone(),

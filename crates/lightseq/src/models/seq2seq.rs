@@ -16,6 +16,7 @@ use crate::nn::{CrossAttention, LayerNorm, Linear, SelfAttention, SelfAttentionE
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Which member of the family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +165,7 @@ enum Positions {
 }
 
 struct Embedding {
-    tokens: Tensor,
+    tokens: Arc<Tensor>,
     scale: f32,
     positions: Positions,
     norm: Option<LayerNorm>,
@@ -276,7 +277,7 @@ pub struct Seq2Seq {
     decoder: Vec<DecoderLayer>,
     enc_norm: Option<LayerNorm>,
     dec_norm: Option<LayerNorm>,
-    head: Tensor,
+    head: Arc<Tensor>,
     head_bias: Option<Tensor>,
     device: Device,
 }
@@ -350,8 +351,19 @@ impl Seq2Seq {
             _ => first_present(&w, &["encoder.embed_tokens.weight", "shared.weight"])?,
         };
         let dec_tok_name = first_present(&w, &["decoder.embed_tokens.weight", "shared.weight"])?;
-        let enc_tokens = w.tensor(enc_tok_name, &[sv, d])?;
-        let dec_tokens = w.tensor(dec_tok_name, &[tv, d])?;
+        // Tables shared under one name (tied embeddings) are loaded once.
+        let mut loaded: std::collections::HashMap<String, Arc<Tensor>> =
+            std::collections::HashMap::new();
+        let mut table = |full: String, rows: usize| -> Result<Arc<Tensor>> {
+            if let Some(t) = loaded.get(&full) {
+                return Ok(t.clone());
+            }
+            let t = Arc::new(root.tensor(&full, &[rows, d])?);
+            loaded.insert(full, t.clone());
+            Ok(t)
+        };
+        let enc_tokens = table(w.name(enc_tok_name), sv)?;
+        let dec_tokens = table(w.name(dec_tok_name), tv)?;
         let head = match kind {
             Kind::Fsmt => {
                 let n = if cfg.tie_word_embeddings {
@@ -365,13 +377,13 @@ impl Seq2Seq {
                         ],
                     )?
                 };
-                w.tensor(n, &[tv, d])?
+                table(w.name(n), tv)?
             }
             _ => {
                 if !cfg.tie_word_embeddings && root.contains("lm_head.weight") {
-                    root.tensor("lm_head.weight", &[tv, d])?
+                    table("lm_head.weight".to_string(), tv)?
                 } else {
-                    w.tensor(dec_tok_name, &[tv, d])?
+                    table(w.name(dec_tok_name), tv)?
                 }
             }
         };
@@ -389,7 +401,7 @@ impl Seq2Seq {
         } else {
             1.0
         };
-        let embedding = |side: &str, tokens: Tensor| -> Result<Embedding> {
+        let embedding = |side: &str, tokens: Arc<Tensor>| -> Result<Embedding> {
             let s = w.pp(side);
             let (positions, norm) = match kind {
                 Kind::Bart | Kind::MBart => (

@@ -14,6 +14,7 @@ use crate::nn::{
 use crate::ops::{self, Activation, RelativeBias};
 use crate::tensor::{DType, Device, Tensor};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// The config.json fields T5 uses.
 #[derive(Debug, Clone)]
@@ -161,14 +162,14 @@ pub struct T5 {
     cfg: T5Config,
     act: Activation,
     dtype: DType,
-    shared: Tensor,
+    shared: Arc<Tensor>,
     enc_bias: Tensor,
     dec_bias: Tensor,
     encoder: Vec<EncoderBlock>,
     decoder: Vec<DecoderBlock>,
     enc_norm: RmsNorm,
     dec_norm: RmsNorm,
-    head: Tensor,
+    head: Arc<Tensor>,
     device: Device,
 }
 
@@ -218,7 +219,7 @@ impl T5 {
         // The bias tables stay f32: they are added to f32 scores.
         let w32 = Weights::new(&dir.checkpoint, DType::F32, device);
         let (d, inner, eps) = (c.d_model, c.num_heads * c.d_kv, c.eps as f32);
-        let shared = w.tensor("shared.weight", &[c.vocab_size, d])?;
+        let shared = Arc::new(w.tensor("shared.weight", &[c.vocab_size, d])?);
         let bias_name = |stack: &str| {
             format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         };
@@ -260,9 +261,9 @@ impl T5 {
             });
         }
         let head = if w.contains("lm_head.weight") {
-            w.tensor("lm_head.weight", &[c.vocab_size, d])?
+            Arc::new(w.tensor("lm_head.weight", &[c.vocab_size, d])?)
         } else {
-            w.tensor("shared.weight", &[c.vocab_size, d])?
+            shared.clone()
         };
         Ok(T5 {
             enc_norm: RmsNorm::load(&w.pp("encoder"), "final_layer_norm", d, eps)?,

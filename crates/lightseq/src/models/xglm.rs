@@ -11,6 +11,7 @@ use crate::nn::{LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// The config.json fields XGLM uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -80,11 +81,11 @@ pub struct Xglm {
     cfg: XglmConfig,
     act: Activation,
     dtype: DType,
-    tokens: Tensor,
+    tokens: Arc<Tensor>,
     positions: Tensor,
     layers: Vec<Layer>,
     norm: LayerNorm,
-    head: Tensor,
+    head: Arc<Tensor>,
     device: Device,
 }
 
@@ -113,7 +114,7 @@ impl Xglm {
         } else {
             root.clone()
         };
-        let tokens = w.tensor("embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let tokens = Arc::new(w.tensor("embed_tokens.weight", &[cfg.vocab_size, d])?);
         let rows = cfg.max_position_embeddings + OFFSET;
         let positions = w.from_f32(
             &fairseq_sinusoidal(rows, d, Some(cfg.pad_token_id)),
@@ -141,9 +142,9 @@ impl Xglm {
         }
         let norm = LayerNorm::load(&w, "layer_norm", d, EPS)?;
         let head = if root.contains("lm_head.weight") {
-            root.tensor("lm_head.weight", &[cfg.vocab_size, d])?
+            Arc::new(root.tensor("lm_head.weight", &[cfg.vocab_size, d])?)
         } else {
-            w.tensor("embed_tokens.weight", &[cfg.vocab_size, d])?
+            tokens.clone()
         };
         Ok(Xglm {
             cfg,
