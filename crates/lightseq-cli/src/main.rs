@@ -7,6 +7,7 @@ mod generate;
 mod info;
 mod input;
 mod text;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Time a forward pass or a generation (model directory or preset of real shapes).
     Bench(Box<bench::BenchArgs>),
+    /// Fine-tune a model (for now: GPT2 causal LM on the CPU in f32).
+    Train(Box<train::TrainArgs>),
     /// Convert a checkpoint of another framework into a Hugging Face model directory.
     Convert {
         #[command(subcommand)]
@@ -89,6 +92,7 @@ fn main() {
         Command::Info { model_dir } => info::run(&model_dir),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Convert {
             from:
                 ConvertFrom::Fairseq {

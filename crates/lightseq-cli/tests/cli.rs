@@ -364,6 +364,92 @@ fn generate_from_encoder_states_file() {
 }
 
 #[test]
+fn train_logs_the_pytorch_losses_and_saves_a_loadable_model() {
+    let d = tmpdir("train");
+    let refs = read_json(&fixtures().join("train/gpt2.json"));
+    let data = d.join("train.jsonl");
+    let lines: Vec<String> = refs["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::json!({ "ids": r }).to_string())
+        .collect();
+    write(&data, &(lines.join("\n") + "\n"));
+    for case in refs["cases"].as_array().unwrap() {
+        let log = d.join("log.jsonl");
+        let save = d.join("saved");
+        let ls = case["label_smoothing"].as_f64().unwrap().to_string();
+        let clip = case["clip_norm"].as_f64().unwrap_or(0.0).to_string();
+        let o = bin()
+            .args(["train", "--init"])
+            .arg(fixtures().join("gpt2"))
+            .arg("--train")
+            .arg(&data)
+            .arg("--save-dir")
+            .arg(&save)
+            .arg("--log")
+            .arg(&log)
+            .args([
+                "--max-steps",
+                "15",
+                "--lr",
+                "0.001",
+                "--adam-betas",
+                "0.9,0.98",
+                "--weight-decay",
+                "0.01",
+            ])
+            .args(["--label-smoothing", &ls, "--clip-norm", &clip])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let logged: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want = case["steps"].as_array().unwrap();
+        assert_eq!(logged.len(), 15);
+        for (i, (g, w)) in logged.iter().zip(want).enumerate() {
+            assert_eq!(g["step"].as_u64(), Some(i as u64 + 1));
+            let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+            assert!(
+                ((gl - wl) / wl).abs() <= 1e-4,
+                "step {}: {gl} vs torch {wl}",
+                i + 1
+            );
+        }
+        // The saved directory loads and runs.
+        let inp = d.join("in.json");
+        write(&inp, r#"{"input_ids": [[3, 14, 15], [35, 89]]}"#);
+        let o = forward(&save, &inp, &d.join("out.safetensors"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let run = |extra: &[&str], model: &Path| {
+        bin()
+            .args(["train", "--init"])
+            .arg(model)
+            .arg("--train")
+            .arg(&data)
+            .arg("--save-dir")
+            .arg(d.join("x"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_clean_error(
+        &run(&["--dropout", "0.1"], &fixtures().join("gpt2")),
+        "dropout",
+    );
+    assert_clean_error(&run(&["--device", "cuda"], &fixtures().join("gpt2")), "cpu");
+    assert_clean_error(&run(&[], &fixtures().join("bart")), "gpt2");
+    assert_clean_error(
+        &run(&["--schedule", "step"], &fixtures().join("gpt2")),
+        "unknown schedule",
+    );
+}
+
+#[test]
 fn empty_batch_is_fine() {
     let d = tmpdir("empty");
     let inp = d.join("in.json");
