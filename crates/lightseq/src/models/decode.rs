@@ -2,6 +2,7 @@
 //! generative models implement. Full forward passes of decoders run through the same path
 //! (one step over the whole padded batch), so prefill, decode steps and `forward` share code.
 
+use super::{Batch, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::nn::CrossAttention;
 use crate::ops;
@@ -300,24 +301,51 @@ pub(crate) fn ids_tensor(tokens: &[Vec<i64>], vocab: usize, device: &Device) -> 
     Tensor::from_i32(&flat, &[n], device)
 }
 
-/// Runs a decoder over whole right-padded sequences (a forward pass through the decode
-/// path): returns logits [batch * max_len, vocab] and the padding layout.
-pub(crate) fn full_forward(
+/// A forward pass of a decoder over whole sequences, through the decode path: logits for
+/// every position of the decoder inputs (decoder-only: `input_ids`; encoder-decoders:
+/// `decoder_input_ids`, with `input_ids` as the sources), right-padded with `pad_id`.
+/// `name` names the model in errors.
+pub(crate) fn decoder_forward(
     m: &dyn Decoder,
-    st: &mut DecodeState,
-    rows: &[Vec<i64>],
+    name: &str,
+    batch: &Batch,
     pad_id: i64,
-) -> Result<Tensor> {
-    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+) -> Result<ModelOutput> {
+    batch.text_only()?;
+    let (rows, sources) = if m.is_encoder_decoder() {
+        let dec = batch.decoder_input_ids.as_ref().ok_or_else(|| {
+            Error::Input(format!(
+                "{name} is an encoder-decoder: the input needs `decoder_input_ids`"
+            ))
+        })?;
+        if dec.len() != batch.input_ids.len() {
+            return Err(Error::Input(format!(
+                "{} decoder_input_ids rows for {} input_ids rows",
+                dec.len(),
+                batch.input_ids.len()
+            )));
+        }
+        (dec, Some(&batch.input_ids[..]))
+    } else {
+        (&batch.input_ids, None)
+    };
+    let p = Padded::new(rows, m.vocab(), m.max_decoder_positions())?;
+    if p.batch == 0 || p.len == 0 {
+        return p.output(
+            "logits",
+            &ops::zeros(&[0, m.vocab()], DType::F32, m.decoder_device())?,
+        );
+    }
+    let mut st = m.begin(sources, p.batch, p.len)?;
     let padded: Vec<Vec<i64>> = rows
         .iter()
         .map(|r| {
             let mut v = r.clone();
-            v.resize(len, pad_id);
+            v.resize(p.len, pad_id);
             v
         })
         .collect();
-    st.key_end = Some(rows.iter().map(Vec::len).collect());
-    let h = m.decode(st, &padded)?;
-    m.logits(&h)
+    st.key_end = Some(p.lengths.clone());
+    let h = m.decode(&mut st, &padded)?;
+    p.output("logits", &m.logits(&h)?)
 }

@@ -2,8 +2,8 @@
 //! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
 //! returns logits.
 
-use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
-use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput, Padded};
+use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::{LayerNorm, Linear, SelfAttention, SelfAttentionExtras, Weights};
@@ -225,17 +225,7 @@ impl Decoder for Gpt2 {
 
 impl Model for Gpt2 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let p = Padded::new(&batch.input_ids, self.cfg.vocab_size, self.cfg.n_positions)?;
-        let mut st = self.begin(None, p.batch, p.len.max(1))?;
-        if p.batch == 0 || p.len == 0 {
-            return p.output(
-                "logits",
-                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
-            );
-        }
-        let logits = full_forward(self, &mut st, &batch.input_ids, 0)?;
-        p.output("logits", &logits)
+        decoder_forward(self, "GPT2", batch, 0)
     }
 
     fn info(&self) -> ModelInfo {

@@ -2,8 +2,8 @@
 //! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
-use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
-use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
+use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::{BiasMode, Linear, RmsNorm, Rope, SelfAttention, SelfAttentionExtras, Weights};
@@ -467,17 +467,7 @@ impl Decoder for Llama {
 
 impl Model for Llama {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let p = Padded::new(&batch.input_ids, self.cfg.vocab_size, usize::MAX)?;
-        if p.batch == 0 || p.len == 0 {
-            return p.output(
-                "logits",
-                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
-            );
-        }
-        let mut st = self.begin(None, p.batch, p.len)?;
-        let logits = full_forward(self, &mut st, &batch.input_ids, 0)?;
-        p.output("logits", &logits)
+        decoder_forward(self, "this model", batch, 0)
     }
 
     fn info(&self) -> ModelInfo {

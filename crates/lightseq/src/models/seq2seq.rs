@@ -6,7 +6,8 @@
 //! are not read by HF's modeling code either).
 
 use super::decode::{
-    cross_state, full_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState, Decoder,
+    cross_state, decoder_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState,
+    Decoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -703,30 +704,12 @@ impl Decoder for Seq2Seq {
 
 impl Model for Seq2Seq {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
-            Error::Input(format!(
-                "{} is an encoder-decoder: the input needs `decoder_input_ids`",
-                self.cfg.kind.name()
-            ))
-        })?;
-        if dec_ids.len() != batch.input_ids.len() {
-            return Err(Error::Input(format!(
-                "{} decoder_input_ids rows for {} input_ids rows",
-                dec_ids.len(),
-                batch.input_ids.len()
-            )));
-        }
-        let p = Padded::new(dec_ids, self.cfg.tgt_vocab, self.dec_embed.limit())?;
-        if p.batch == 0 || p.len == 0 {
-            return p.output(
-                "logits",
-                &ops::zeros(&[0, self.cfg.tgt_vocab], self.dtype, &self.device)?,
-            );
-        }
-        let mut st = self.begin(Some(&batch.input_ids), p.batch, p.len)?;
-        let logits = full_forward(self, &mut st, dec_ids, self.cfg.pad_token_id as i64)?;
-        p.output("logits", &logits)
+        decoder_forward(
+            self,
+            self.cfg.kind.name(),
+            batch,
+            self.cfg.pad_token_id as i64,
+        )
     }
 
     fn info(&self) -> ModelInfo {

@@ -3,7 +3,8 @@
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
 use super::decode::{
-    cross_state, full_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState, Decoder,
+    cross_state, decoder_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState,
+    Decoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -479,27 +480,7 @@ impl Decoder for T5 {
 
 impl Model for T5 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let dec_ids = batch.decoder_input_ids.as_ref().ok_or_else(|| {
-            Error::Input("T5 is an encoder-decoder: the input needs `decoder_input_ids`".into())
-        })?;
-        if dec_ids.len() != batch.input_ids.len() {
-            return Err(Error::Input(format!(
-                "{} decoder_input_ids rows for {} input_ids rows",
-                dec_ids.len(),
-                batch.input_ids.len()
-            )));
-        }
-        let p = Padded::new(dec_ids, self.cfg.vocab_size, usize::MAX)?;
-        if p.batch == 0 || p.len == 0 {
-            return p.output(
-                "logits",
-                &ops::zeros(&[0, self.cfg.vocab_size], self.dtype, &self.device)?,
-            );
-        }
-        let mut st = self.begin(Some(&batch.input_ids), p.batch, p.len)?;
-        let logits = full_forward(self, &mut st, dec_ids, 0)?;
-        p.output("logits", &logits)
+        decoder_forward(self, "T5", batch, 0)
     }
 
     fn info(&self) -> ModelInfo {

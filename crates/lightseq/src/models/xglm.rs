@@ -2,8 +2,8 @@
 //! scaled token embeddings, pre-LN layers with biased projections, LM head tied to the
 //! token embeddings.
 
-use super::decode::{full_forward, ids_tensor, new_state, DecodeState, Decoder};
-use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
+use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
 use crate::nn::positions::fairseq_sinusoidal;
@@ -253,18 +253,7 @@ impl Decoder for Xglm {
 
 impl Model for Xglm {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
-        batch.text_only()?;
-        let c = &self.cfg;
-        let p = Padded::new(&batch.input_ids, c.vocab_size, c.max_position_embeddings)?;
-        if p.batch == 0 || p.len == 0 {
-            return p.output(
-                "logits",
-                &ops::zeros(&[0, c.vocab_size], self.dtype, &self.device)?,
-            );
-        }
-        let mut st = self.begin(None, p.batch, p.len)?;
-        let logits = full_forward(self, &mut st, &batch.input_ids, c.pad_token_id as i64)?;
-        p.output("logits", &logits)
+        decoder_forward(self, "XGLM", batch, self.cfg.pad_token_id as i64)
     }
 
     fn info(&self) -> ModelInfo {
