@@ -1,8 +1,22 @@
 #!/usr/bin/env python3
-"""Training references: 15 full-batch AdamW steps of the GPT2 fixture model (HF
-transformers + torch.optim, float64), the loss of each step from its own forward pass
-before its update, fairseq's label-smoothed cross entropy averaged over target tokens,
-gradient norm before clipping. Writes tests/fixtures/train/gpt2.json.
+"""Training references from HF transformers + torch.optim, float64, written under
+tests/fixtures/train:
+
+  gpt2.json, marian.json, bart.json  loss curves: 15 full-batch AdamW steps, the loss of
+      each step from its own forward pass before its update, fairseq's label-smoothed cross
+      entropy averaged over target tokens, gradient norm before clipping. GPT2 runs its
+      rows one at a time; the seq2seq models run the batch padded (one forward with an
+      attention mask), checked against rows one at a time.
+  grads_<name>.safetensors + grads_<name>.json  one forward + backward (no optimizer) of
+      marian, bart, mbart, bert MLM, bert sequence classification and gpt2: the gradient
+      of every trainable parameter under its HF name (f32 values of the f64 run) and the
+      loss (`loss`, shape [1]).
+
+Loss: fairseq's label-smoothed cross entropy (eps 0.1 for the gradients) summed over the
+predicted positions and divided by their count. Seq2seq: decoder input
+[decoder_start] + tgt[:-1], labels tgt (which ends with eos), padding at the end.
+
+Usage: python3 scripts/make_train_fixtures.py [--out tests/fixtures/train]
 """
 import argparse
 import json
@@ -10,12 +24,20 @@ import os
 import sys
 
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from make_fixtures import ragged_ids  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
+ADAM = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+CURVE_CASES = {
+    "gpt2": [(0.1, 1.0), (0.0, None)],
+    # Seq2seq gradient norms stay near 0.4 on these fixtures: clip below that so it fires.
+    "seq2seq": [(0.1, 0.2), (0.0, None), (0.1, None), (0.0, 0.1)],
+}
+GRAD_EPS = 0.1
 
 
 def fairseq_loss(logits, targets, eps):
@@ -27,23 +49,198 @@ def fairseq_loss(logits, targets, eps):
     return ((1 - eps - eps_i) * nll + eps_i * smooth).sum(), nll.sum()
 
 
-def run(rows, ls, clip, steps=15):
-    from transformers import GPT2LMHeadModel
+# ---------------------------------------------------------------------------- models
+
+MODELS = {
+    # name: (fixture dir, HF class, kind)
+    "gpt2": ("gpt2", "GPT2LMHeadModel", "causal"),
+    "marian": ("marian", "MarianMTModel", "seq2seq"),
+    "bart": ("bart", "BartForConditionalGeneration", "seq2seq"),
+    "mbart": ("mbart", "MBartForConditionalGeneration", "seq2seq"),
+    "bert_mlm": ("bert_mlm_sharded", "BertForMaskedLM", "mlm"),
+    "bert_cls": ("bert_cls_types", "BertForSequenceClassification", "cls"),
+}
+
+
+def load(name):
+    """The fixture model in float64, train mode, dropouts checked to be 0. Returns
+    (model, names of parameters frozen here)."""
+    import transformers
+    d, cls, _ = MODELS[name]
     torch.set_default_dtype(torch.float64)
-    model = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "gpt2"), dtype=torch.float32).double()
-    model.train()  # dropout is 0 in the fixture config
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-    tokens = sum(len(r) - 1 for r in rows)
+    model, info = getattr(transformers, cls).from_pretrained(
+        os.path.join(FIXTURES, d), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    model = model.double()
+    model.train()
+    c = model.config
+    for k in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout_prob",
+              "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+              "classifier_dropout", "encoder_layerdrop", "decoder_layerdrop"):
+        v = getattr(c, k, None)
+        assert not v, f"{name}: {k} = {v}"
+    frozen = []
+    # Marian's sinusoidal position tables are built frozen (nn.Embedding _freeze=True, as a
+    # freshly constructed model shows), but HF 5.x from_pretrained hands them back with
+    # requires_grad=True; they are fixed sinusoids, so freeze them again.
+    for n, mod in model.named_modules():
+        if type(mod).__name__.endswith("SinusoidalPositionalEmbedding"):
+            mod.weight.requires_grad_(False)
+            frozen.append(n + ".weight")
+    return model, frozen
+
+
+def decoder_start(model):
+    c = model.config
+    # mBART has no decoder_start_token_id: HF's mbart shift_tokens_right starts the decoder
+    # with the last non-pad token of the labels, which is eos here.
+    return c.decoder_start_token_id if c.decoder_start_token_id is not None else c.eos_token_id
+
+
+def pad_to(rows, value):
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [value] * (n - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    return ids, mask
+
+
+def batch_loss(model, kind, rows, eps):
+    """One padded forward of the whole batch: (loss sum, nll sum, predicted positions)."""
+    c = model.config
+    pad = c.pad_token_id if c.pad_token_id is not None else 0
+    if kind == "seq2seq":
+        start = decoder_start(model)
+        src, src_mask = pad_to([r["src"] for r in rows], pad)
+        dec, _ = pad_to([[start] + r["tgt"][:-1] for r in rows], pad)
+        tgt, tgt_mask = pad_to([r["tgt"] for r in rows], pad)
+        logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=dec).logits
+        keep = tgt_mask.bool()
+        return (*fairseq_loss(logits[keep], tgt[keep], eps), int(keep.sum()))
+    if kind == "causal":
+        ids, mask = pad_to([r["ids"][:-1] for r in rows], pad)
+        tgt, _ = pad_to([r["ids"][1:] for r in rows], pad)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        keep = mask.bool()
+        return (*fairseq_loss(logits[keep], tgt[keep], eps), int(keep.sum()))
+    if kind == "mlm":
+        ids, mask = pad_to([r["ids"] for r in rows], pad)
+        labels, _ = pad_to([r["labels"] for r in rows], -100)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        keep = labels != -100
+        return (*fairseq_loss(logits[keep], labels[keep], eps), int(keep.sum()))
+    if kind == "cls":
+        ids, mask = pad_to([r["ids"] for r in rows], pad)
+        types, _ = pad_to([r["token_type_ids"] for r in rows], 0)
+        logits = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        return (*fairseq_loss(logits, torch.tensor([r["label"] for r in rows]), eps), len(rows))
+    raise ValueError(kind)
+
+
+def rowwise_loss(model, kind, rows, eps):
+    """Each row alone, no padding and no mask: (loss sum, nll sum, predicted positions),
+    summed row by row."""
+    total, nll, count = 0.0, 0.0, 0
+    for r in rows:
+        r = dict(r)
+        if kind == "seq2seq":
+            start = decoder_start(model)
+            logits = model(input_ids=torch.tensor([r["src"]]),
+                           decoder_input_ids=torch.tensor([[start] + r["tgt"][:-1]])).logits[0]
+            targets = torch.tensor(r["tgt"])
+        elif kind == "causal":
+            logits = model(input_ids=torch.tensor([r["ids"][:-1]])).logits[0]
+            targets = torch.tensor(r["ids"][1:])
+        elif kind == "mlm":
+            labels = torch.tensor(r["labels"])
+            logits = model(input_ids=torch.tensor([r["ids"]])).logits[0][labels != -100]
+            targets = labels[labels != -100]
+        elif kind == "cls":
+            logits = model(input_ids=torch.tensor([r["ids"]]),
+                           token_type_ids=torch.tensor([r["token_type_ids"]])).logits
+            targets = torch.tensor([r["label"]])
+        else:
+            raise ValueError(kind)
+        lo, n = fairseq_loss(logits, targets, eps)
+        total = total + lo
+        nll = nll + n
+        count += len(targets)
+    return total, nll, count
+
+
+def close(a, b, tol=1e-10):
+    a, b = (x.item() if torch.is_tensor(x) else float(x) for x in (a, b))
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+# ---------------------------------------------------------------------------- data
+
+def seq2seq_rows(model, seed, src_lens=(5, 9, 3, 7, 11), tgt_lens=(6, 4, 8, 3, 7)):
+    c = model.config
+    v, avoid = c.vocab_size, {c.pad_token_id, c.eos_token_id}
+
+    def fix(rows):
+        out = []
+        for r in rows:
+            row = []
+            for t in r:
+                while t in avoid:
+                    t = (t + 1) % v
+                row.append(t)
+            out.append(row)
+        return out
+    src = fix(ragged_ids(seed, v, list(src_lens)))
+    tgt = fix(ragged_ids(seed + 1, v, [n - 1 for n in tgt_lens]))
+    return [{"src": s, "tgt": t + [c.eos_token_id]} for s, t in zip(src, tgt)]
+
+
+def mlm_rows(model, seed, lengths=(5, 12, 8, 3)):
+    """Token ids in [1, V-1) (0 is pad), about 30% of positions predicted (at least one
+    per row): the label is the original token and the input there is V-1 (a mask id)."""
+    v = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        orig = torch.randint(1, v - 1, (n,), generator=g).tolist()
+        pick = (torch.rand(n, generator=g) < 0.3).tolist()
+        if not any(pick):
+            pick[int(torch.randint(0, n, (1,), generator=g))] = True
+        rows.append({"ids": [v - 1 if p else t for t, p in zip(orig, pick)],
+                     "labels": [t if p else -100 for t, p in zip(orig, pick)]})
+    return rows
+
+
+def cls_rows(model, seed, lengths=(6, 3, 11, 8)):
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        rows.append({"ids": torch.randint(1, c.vocab_size, (n,), generator=g).tolist(),
+                     "token_type_ids": torch.randint(0, c.type_vocab_size, (n,), generator=g).tolist(),
+                     "label": int(torch.randint(0, c.num_labels, (1,), generator=g))})
+    return rows
+
+
+def causal_rows(seed, vocab, lengths=(6, 11, 4, 9, 13)):
+    return [{"ids": r} for r in ragged_ids(seed, vocab, list(lengths))]
+
+
+# ---------------------------------------------------------------------------- curves
+
+def curve(name, rows, ls, clip, steps=15):
+    kind = MODELS[name][2]
+    model, _ = load(name)
+    opt = torch.optim.AdamW(model.parameters(), **ADAM)
     out = []
     for _ in range(steps):
         opt.zero_grad()
-        total, nll = 0.0, 0.0
-        for r in rows:
-            ids = torch.tensor([r[:-1]])
-            logits = model(input_ids=ids).logits[0]
-            l, n = fairseq_loss(logits, torch.tensor(r[1:]), ls)
-            total = total + l
-            nll = nll + n
+        if kind == "causal":
+            # GPT2: rows one at a time, as this reference has always been made.
+            total, nll, tokens = rowwise_loss(model, kind, rows, ls)
+        else:
+            total, nll, tokens = batch_loss(model, kind, rows, ls)
+            with torch.no_grad():
+                t1, n1, c1 = rowwise_loss(model, kind, rows, ls)
+            assert c1 == tokens and close(t1, total) and close(n1, nll), (name, t1.item(), total.item())
         loss = total / tokens
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
@@ -53,19 +250,100 @@ def run(rows, ls, clip, steps=15):
     return out
 
 
+def write_curve(out_dir, name, rows, extra=None):
+    kind = MODELS[name][2]
+    cases = [{"label_smoothing": ls, "clip_norm": clip, "steps": curve(name, rows, ls, clip)}
+             for ls, clip in CURVE_CASES["gpt2" if kind == "causal" else "seq2seq"]]
+    doc = {"model": name,
+           "rows": [r["ids"] for r in rows] if kind == "causal" else rows,
+           "lr": ADAM["lr"], "betas": list(ADAM["betas"]), "eps": ADAM["eps"],
+           "weight_decay": ADAM["weight_decay"], "cases": cases}
+    doc.update(extra or {})
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"{name}.json", [[round(s["loss"], 5) for s in c["steps"]][:3] for c in cases])
+
+
+# ---------------------------------------------------------------------------- gradients
+
+def tied_names(model):
+    """{parameter name: other state_dict names sharing its storage} for tied parameters."""
+    sd = model.state_dict()
+    tied = {}
+    for n, p in model.named_parameters():
+        al = [k for k, t in sd.items() if k != n and t.data_ptr() == p.data_ptr()]
+        if al:
+            tied[n] = al
+    return tied
+
+
+def write_grads(out_dir, name, rows, extra=None):
+    d, cls, kind = MODELS[name]
+    model, frozen = load(name)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
+
+    total, nll, count = batch_loss(model, kind, rows, GRAD_EPS)
+    loss = total / count
+    g = grads(loss)
+    # The padded batch against each row alone: same loss and gradients.
+    t1, n1, c1 = rowwise_loss(model, kind, rows, GRAD_EPS)
+    assert c1 == count and close(t1, total) and close(n1, nll), (name, t1.item(), total.item())
+    g1 = grads(t1 / c1)
+    for n in g:
+        err = (g[n] - g1[n]).abs().max().item()
+        assert err <= 1e-10 * max(1.0, g1[n].abs().max().item()), (name, n, err)
+    no_grad = [n for n, p in params if p.grad is None]
+
+    tensors = {n: t.float().contiguous() for n, t in g.items()}
+    tensors["loss"] = torch.tensor([loss.item()], dtype=torch.float32)
+    save_file(tensors, os.path.join(out_dir, f"grads_{name}.safetensors"))
+    doc = {"model": name, "hf_class": cls, "dir": d, "label_smoothing": GRAD_EPS, "rows": rows,
+           "loss": loss.item(), "nll_loss": (nll / count).item(), "predicted": count,
+           "tied": tied_names(model), "frozen": frozen, "no_grad": no_grad}
+    doc.update(extra or {})
+    with open(os.path.join(out_dir, f"grads_{name}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    gn = torch.sqrt(sum((t * t).sum() for t in g.values())).item()
+    print(f"grads_{name}: loss {loss.item():.6f} over {count}, {len(g)} grads, norm {gn:.5f}")
+    torch.set_default_dtype(torch.float32)
+
+
+def seq2seq_extra(model):
+    c = model.config
+    return {"pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
+            "decoder_start_token_id": decoder_start(model)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(FIXTURES, "train"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = ragged_ids(300, 101, [6, 11, 4, 9, 13])
-    cases = []
-    for ls, clip in [(0.1, 1.0), (0.0, None)]:
-        cases.append({"label_smoothing": ls, "clip_norm": clip, "steps": run(rows, ls, clip)})
-    with open(os.path.join(args.out, "gpt2.json"), "w") as f:
-        json.dump({"model": "gpt2", "rows": rows, "lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-8,
-                   "weight_decay": 0.01, "cases": cases}, f, indent=1)
-    print([[round(s["loss"], 5) for s in c["steps"]][:4] for c in cases])
+
+    write_curve(args.out, "gpt2", causal_rows(300, 101))
+    data = {}
+    for seed, name in ((310, "marian"), (320, "bart"), (330, "mbart")):
+        model, _ = load(name)
+        data[name] = (seq2seq_rows(model, seed), seq2seq_extra(model))
+    for name in ("marian", "bart"):
+        rows, extra = data[name]
+        _, frozen = load(name)
+        write_curve(args.out, name, rows, {**extra, "frozen": frozen})
+
+    for name in ("marian", "bart", "mbart"):
+        write_grads(args.out, name, *data[name])
+    model, _ = load("bert_mlm")
+    write_grads(args.out, "bert_mlm", mlm_rows(model, 340), {"pad_token_id": model.config.pad_token_id})
+    model, _ = load("bert_cls")
+    write_grads(args.out, "bert_cls", cls_rows(model, 350), {"pad_token_id": model.config.pad_token_id,
+                                                             "num_labels": model.config.num_labels})
+    write_grads(args.out, "gpt2", causal_rows(360, 101, (7, 12, 3, 9)), {"pad_token_id": 0})
+    torch.set_default_dtype(torch.float32)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ mod forward;
 mod generate;
 mod info;
 mod input;
+mod plot;
 mod text;
 mod train;
 

@@ -1,43 +1,58 @@
-//! `lightseq train`: fine-tuning from an HF model directory. This version trains GPT2 causal
-//! LMs on the CPU in f32 (the reference path); other models, CUDA and mixed precision
-//! answer with a clear error until they exist.
+//! `lightseq train`: fine-tuning (`--init`) or training from scratch (`--preset`,
+//! `--config`) of Marian/BART/mBART translation models, GPT2 causal LMs and BERT (masked LM,
+//! sequence classification), on the CPU or CUDA, in f32, f16 (dynamic loss scaling) or bf16.
 
+use crate::plot;
+use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lightseq::io::{safetensors, ModelDir};
-use lightseq::train::gpt2::Gpt2Trainer;
+use lightseq::io::ModelDir;
+use lightseq::models::presets;
+use lightseq::train::models::{Example, Net, Task};
 use lightseq::train::optim::{AdamConfig, Kind, Schedule};
-use std::io::Write;
-use std::path::PathBuf;
+use lightseq::train::trainer::{StepStats, TrainConfig, Trainer};
+use lightseq::{DType, DeviceSpec};
+use serde_json::{json, Value};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Options of `lightseq train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Start from this HF model directory.
+    /// Start from this HF model directory (fine-tuning).
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// A preset to train from scratch (not available yet).
+    /// Train from scratch a preset of real sizes: bert-base, gpt2, transformer-base,
+    /// transformer-big, bart-base.
     #[arg(long)]
     pub preset: Option<String>,
-    /// A config.json to train from scratch (not available yet).
+    /// Train from scratch the model a config.json describes.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// JSONL rows: {"ids": [...]} (causal LM: predict ids[1:] from ids[:-1]).
+    /// JSONL rows: {"src": [...], "tgt": [...]} (seq2seq), {"ids": [...]} (causal LM),
+    /// {"ids": [...], "labels": [...]} (masked LM, -100 = not predicted), {"ids": [...],
+    /// "label": k, "token_type_ids": [...]} (classification); or text: {"text": "..."},
+    /// {"src": "...", "tgt": "..."} with the model's tokenizer.json.
     #[arg(long)]
     pub train: PathBuf,
+    /// Rows to report a validation loss on after every epoch and at the end.
     #[arg(long)]
     pub valid: Option<PathBuf>,
-    /// Where the trained model (config.json + model.safetensors) is written.
+    /// Where the model (config.json + model.safetensors), optimizer state, log of
+    /// validation losses and loss.png are written.
     #[arg(long)]
     pub save_dir: PathBuf,
     /// Padded tokens per batch (default: the whole data set in one batch).
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    #[arg(long, default_value_t = 100)]
-    pub max_steps: usize,
+    /// Stop after this many updates.
     #[arg(long)]
-    pub epochs: Option<usize>,
+    pub max_steps: Option<u64>,
+    /// Stop after this many passes over the data (default 1 when --max-steps is absent).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Batches whose gradients are summed into one update.
     #[arg(long, default_value_t = 1)]
     pub update_freq: usize,
     #[arg(long, default_value_t = 5e-4)]
@@ -61,25 +76,97 @@ pub struct TrainArgs {
     pub clip_norm: f64,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// Dropout probability for every dropout of the model (only 0 for now).
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f64,
+    /// Every dropout of the model (hidden, attention, activation); default: the config's.
+    #[arg(long)]
+    pub dropout: Option<f32>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    #[arg(long, default_value_t = false)]
-    pub shuffle: bool,
-    #[arg(long, default_value = "cpu")]
+    /// Shuffle rows every epoch (true or false).
+    #[arg(long, default_value = "true")]
+    pub shuffle: String,
+    /// For BERT: mlm or classify (default: from the config's architectures).
+    #[arg(long)]
+    pub task: Option<String>,
+    #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// One JSON line per step: step, loss, nll_loss, lr, tokens, grad_norm.
+    /// One JSON line per update: step, loss, nll_loss, lr, tokens, grad_norm.
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// Continue from the checkpoint in --save-dir.
     #[arg(long)]
     pub resume: bool,
 }
 
-fn read_rows(path: &PathBuf) -> Result<Vec<Vec<i64>>> {
+fn ids_of(v: &Value, what: &str) -> Result<Vec<i64>> {
+    v.as_array()
+        .with_context(|| format!("`{what}` must be a list of token ids"))?
+        .iter()
+        .map(|x| {
+            x.as_i64()
+                .with_context(|| format!("`{what}` must hold integers"))
+        })
+        .collect()
+}
+
+/// Parses one JSONL row for `task`.
+fn parse_row(v: &Value, task: Task, tok: Option<&Tokenizer>) -> Result<Example> {
+    let text = |k: &str| -> Result<Option<Vec<i64>>> {
+        match v.get(k) {
+            Some(Value::String(s)) => {
+                let t = tok.context(
+                    "text rows need the model's tokenizer.json (give token ids otherwise)",
+                )?;
+                Ok(Some(t.encode(s)?))
+            }
+            Some(x) => Ok(Some(ids_of(x, k)?)),
+            None => Ok(None),
+        }
+    };
+    Ok(match task {
+        Task::Seq2Seq => Example::Seq2Seq {
+            src: text("src")?.context("expected {\"src\": ..., \"tgt\": ...}")?,
+            tgt: text("tgt")?.context("expected {\"src\": ..., \"tgt\": ...}")?,
+        },
+        Task::CausalLm => Example::Causal {
+            ids: match text("ids")? {
+                Some(x) => x,
+                None => {
+                    text("text")?.context("expected {\"ids\": [...]} or {\"text\": \"...\"}")?
+                }
+            },
+        },
+        Task::MaskedLm => Example::Masked {
+            ids: ids_of(
+                v.get("ids")
+                    .context("expected {\"ids\": [...], \"labels\": [...]}")?,
+                "ids",
+            )?,
+            labels: ids_of(
+                v.get("labels")
+                    .context("expected {\"ids\": [...], \"labels\": [...]}")?,
+                "labels",
+            )?,
+        },
+        Task::Classify => Example::Classify {
+            ids: match text("ids")? {
+                Some(x) => x,
+                None => text("text")?.context("expected {\"ids\": [...], \"label\": k}")?,
+            },
+            types: v
+                .get("token_type_ids")
+                .map(|t| ids_of(t, "token_type_ids"))
+                .transpose()?,
+            label: v
+                .get("label")
+                .and_then(Value::as_i64)
+                .context("expected an integer \"label\"")?,
+        },
+    })
+}
+
+fn read_rows(path: &Path, task: Task, tok: Option<&Tokenizer>) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let mut rows = Vec::new();
     for (i, line) in text
@@ -87,51 +174,34 @@ fn read_rows(path: &PathBuf) -> Result<Vec<Vec<i64>>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value = serde_json::from_str(line)
+        let v: Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
-        let ids = v.get("ids").and_then(|x| x.as_array()).with_context(|| {
-            format!(
-                "{}:{}: expected {{\"ids\": [...]}} (seq2seq and text rows are not supported yet)",
-                path.display(),
-                i + 1
-            )
-        })?;
-        let ids: Vec<i64> = ids
-            .iter()
-            .map(|x| x.as_i64())
-            .collect::<Option<_>>()
-            .with_context(|| format!("{}:{}: ids must be integers", path.display(), i + 1))?;
-        if ids.len() < 2 {
-            bail!(
-                "{}:{}: a row needs at least two tokens",
-                path.display(),
-                i + 1
-            );
-        }
-        rows.push(ids);
+        rows.push(
+            parse_row(&v, task, tok).with_context(|| format!("{}:{}", path.display(), i + 1))?,
+        );
     }
     if rows.is_empty() {
-        bail!("{}: no training rows", path.display());
+        bail!("{}: no rows", path.display());
     }
     Ok(rows)
 }
 
-/// Batches in order, each holding at most `max_tokens` padded tokens (at least one row).
-fn batches(rows: &[Vec<i64>], max_tokens: Option<usize>) -> Vec<Vec<Vec<i64>>> {
+/// Batches of at most `max_tokens` padded tokens (at least one row each), in `order`.
+fn batches(rows: &[Example], order: &[usize], max_tokens: Option<usize>) -> Vec<Vec<usize>> {
     let Some(max) = max_tokens else {
-        return vec![rows.to_vec()];
+        return vec![order.to_vec()];
     };
-    let mut out: Vec<Vec<Vec<i64>>> = Vec::new();
-    let mut cur: Vec<Vec<i64>> = Vec::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
     let mut longest = 0;
-    for r in rows {
-        let l = longest.max(r.len() - 1);
+    for &i in order {
+        let l = longest.max(rows[i].size());
         if !cur.is_empty() && l * (cur.len() + 1) > max {
             out.push(std::mem::take(&mut cur));
             longest = 0;
         }
-        longest = longest.max(r.len() - 1);
-        cur.push(r.clone());
+        longest = longest.max(rows[i].size());
+        cur.push(i);
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -139,61 +209,21 @@ fn batches(rows: &[Vec<i64>], max_tokens: Option<usize>) -> Vec<Vec<Vec<i64>>> {
     out
 }
 
-pub fn run(a: &TrainArgs) -> Result<()> {
-    if a.preset.is_some() || a.config.is_some() {
-        bail!(
-            "training from scratch (--preset/--config) is not available yet; use --init MODEL_DIR"
-        );
-    }
-    let init = a.init.as_ref().context("give --init MODEL_DIR")?;
-    if a.device != "cpu" || a.dtype != "f32" {
-        bail!("training runs on the CPU in f32 for now (--device cpu --dtype f32)");
-    }
-    if a.dropout != 0.0 {
-        bail!("dropout is not implemented in training yet: use --dropout 0");
-    }
-    if a.resume || a.valid.is_some() || a.epochs.is_some() || a.update_freq != 1 {
-        bail!("--resume, --valid, --epochs and --update-freq are not available yet");
-    }
-    let dir = ModelDir::open(init)?;
-    if dir.model_type()? != "gpt2" {
-        bail!(
-            "training supports model_type gpt2 for now, not `{}`",
-            dir.model_type()?
-        );
-    }
-    let mut tr = Gpt2Trainer::load(&dir)?;
-    let mut rows = read_rows(&a.train)?;
-    if a.shuffle {
-        // Deterministic shuffle from the seed (Fisher-Yates over SplitMix64).
-        let mut rng = lightseq::generate::search::Rng::new(a.seed);
-        for i in (1..rows.len()).rev() {
+/// The row order of `epoch` (1-based): seeded Fisher-Yates when shuffling.
+fn order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let mut rng = lightseq::generate::search::Rng::new(seed.wrapping_add(epoch));
+        for i in (1..n).rev() {
             let j = (rng.uniform() * (i + 1) as f64) as usize;
-            rows.swap(i, j.min(i));
+            o.swap(i, j.min(i));
         }
     }
-    let betas: Vec<f64> = a
-        .adam_betas
-        .split(',')
-        .map(|x| x.trim().parse())
-        .collect::<std::result::Result<_, _>>()
-        .context("--adam-betas B1,B2")?;
-    if betas.len() != 2 {
-        bail!("--adam-betas takes two numbers, B1,B2");
-    }
-    let opt = AdamConfig {
-        kind: match a.optimizer.as_str() {
-            "adam" => Kind::Adam,
-            "adamw" => Kind::AdamW,
-            o => bail!("unknown optimizer `{o}` (adam or adamw)"),
-        },
-        beta1: betas[0],
-        beta2: betas[1],
-        eps: a.adam_eps,
-        weight_decay: a.weight_decay,
-    };
-    let total = a.max_steps as u64;
-    let schedule = match a.schedule.as_str() {
+    o
+}
+
+fn schedule(a: &TrainArgs, total: u64) -> Result<Schedule> {
+    Ok(match a.schedule.as_str() {
         "constant" => Schedule::Constant,
         "inverse_sqrt" => Schedule::InverseSqrt {
             warmup: a.warmup_steps,
@@ -207,51 +237,325 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             total,
         },
         s => bail!("unknown schedule `{s}` (constant, inverse_sqrt, linear, cosine)"),
+    })
+}
+
+fn optimizer(a: &TrainArgs) -> Result<AdamConfig> {
+    let betas: Vec<f64> = a
+        .adam_betas
+        .split(',')
+        .map(|x| x.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .context("--adam-betas B1,B2")?;
+    if betas.len() != 2 || betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        bail!("--adam-betas takes two numbers in [0, 1): B1,B2");
+    }
+    Ok(AdamConfig {
+        kind: match a.optimizer.as_str() {
+            "adam" => Kind::Adam,
+            "adamw" => Kind::AdamW,
+            o => bail!("unknown optimizer `{o}` (adam or adamw)"),
+        },
+        beta1: betas[0],
+        beta2: betas[1],
+        eps: a.adam_eps,
+        weight_decay: a.weight_decay,
+    })
+}
+
+/// The model to start from and where its config and tokenizer come from.
+fn open_model(a: &TrainArgs) -> Result<(ModelDir, Option<PathBuf>)> {
+    if a.resume && a.save_dir.join("trainer_state.json").is_file() {
+        return Ok((ModelDir::open(&a.save_dir)?, Some(a.save_dir.clone())));
+    }
+    match (&a.init, &a.preset, &a.config) {
+        (Some(d), None, None) => Ok((ModelDir::open(d)?, Some(d.clone()))),
+        (None, Some(p), None) => {
+            let cfg = presets::config(p).with_context(|| {
+                format!(
+                    "unknown preset `{p}` (one of {})",
+                    presets::NAMES.join(", ")
+                )
+            })?;
+            Ok((ModelDir::random(p, cfg, a.seed), None))
+        }
+        (None, None, Some(c)) => {
+            let text = std::fs::read_to_string(c).with_context(|| c.display().to_string())?;
+            let cfg: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: malformed JSON", c.display()))?;
+            Ok((
+                ModelDir::random(&c.display().to_string(), cfg, a.seed),
+                c.parent().map(Path::to_path_buf),
+            ))
+        }
+        _ => bail!("give exactly one of --init MODEL_DIR, --preset NAME, --config CONFIG.json"),
+    }
+}
+
+struct Progress {
+    tty: bool,
+    t0: Instant,
+    tokens: usize,
+    last_print: f64,
+}
+
+impl Progress {
+    fn show(&mut self, s: &StepStats, total: u64) {
+        self.tokens += s.tokens;
+        let el = self.t0.elapsed().as_secs_f64();
+        let rate = self.tokens as f64 / el.max(1e-9);
+        let eta = el / s.step.max(1) as f64 * total.saturating_sub(s.step) as f64;
+        let done = s.step >= total;
+        if self.tty {
+            let w = 24;
+            let fill = ((s.step as f64 / total.max(1) as f64) * w as f64) as usize;
+            eprint!(
+                "\r[{}{}] {}/{} loss {:.4} | {:.0} tok/s | ETA {:.0}s ",
+                "#".repeat(fill.min(w)),
+                "-".repeat(w - fill.min(w)),
+                s.step,
+                total,
+                s.loss,
+                rate,
+                eta
+            );
+            if done {
+                eprintln!();
+            }
+        } else if s.step == 1 || done || el - self.last_print >= 10.0 {
+            eprintln!(
+                "step {}/{total}: loss {:.4}, {:.0} tokens/s, ETA {:.0} s",
+                s.step, s.loss, rate, eta
+            );
+            self.last_print = el;
+        }
+    }
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse()?;
+    let device = a.device.parse::<DeviceSpec>()?.open()?;
+    let shuffle = match a.shuffle.as_str() {
+        "true" => true,
+        "false" => false,
+        s => bail!("--shuffle takes true or false, not `{s}`"),
     };
-    let data = batches(&rows, a.max_tokens);
-    let mut log = match &a.log {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| p.display().to_string())?),
+    if a.update_freq == 0 {
+        bail!("--update-freq must be at least 1");
+    }
+    if let Some(p) = a.dropout {
+        if !(0.0..1.0).contains(&p) {
+            bail!("--dropout must be in [0, 1)");
+        }
+    }
+    let task = match a.task.as_deref() {
+        None => None,
+        Some("mlm") => Some(Task::MaskedLm),
+        Some("classify") => Some(Task::Classify),
+        Some(t) => bail!("unknown --task `{t}` (mlm or classify)"),
+    };
+    let (dir, source) = open_model(a)?;
+    let tok = match &source {
+        Some(d) => Tokenizer::find(d)?,
         None => None,
     };
-    let t0 = Instant::now();
-    let mut seen = 0usize;
-    for step in 1..=a.max_steps {
-        let batch = &data[(step - 1) % data.len()];
-        let lr = schedule.lr(a.lr, step as u64);
-        let s = tr.step(
-            batch,
-            a.label_smoothing,
-            (a.clip_norm > 0.0).then_some(a.clip_norm),
-            &opt,
-            lr,
-        )?;
-        seen += s.tokens;
-        if let Some(f) = &mut log {
-            let line = serde_json::json!({"step": step, "loss": s.loss, "nll_loss": s.nll_loss, "lr": lr, "tokens": s.tokens, "grad_norm": s.grad_norm});
-            writeln!(f, "{line}")?;
+    let net = Net::load(&dir, task, dtype, &device)?;
+    let task = net.task;
+    let dropout = match a.dropout {
+        Some(p) => (p, p, p),
+        None => net.dropout,
+    };
+    let rows = read_rows(&a.train, task, tok.as_ref())?;
+    let valid = a
+        .valid
+        .as_ref()
+        .map(|p| read_rows(p, task, tok.as_ref()))
+        .transpose()?;
+    let per_epoch = batches(&rows, &order(rows.len(), false, 0, 0), a.max_tokens)
+        .len()
+        .div_ceil(a.update_freq) as u64;
+    let (max_steps, epochs) = match (a.max_steps, a.epochs) {
+        (Some(s), e) => (s, e.unwrap_or(u64::MAX)),
+        (None, Some(e)) => (e.saturating_mul(per_epoch), e),
+        (None, None) => (per_epoch, 1),
+    };
+    let cfg = TrainConfig {
+        lr: a.lr,
+        schedule: schedule(a, max_steps)?,
+        optimizer: optimizer(a)?,
+        clip_norm: (a.clip_norm > 0.0).then_some(a.clip_norm),
+        label_smoothing: a.label_smoothing,
+        dropout,
+        seed: a.seed,
+    };
+    // Buffers of the starting checkpoint (e.g. final_logits_bias) are written back as read.
+    let mut extra = Vec::new();
+    {
+        let ck = &dir.checkpoint;
+        let params: std::collections::HashSet<String> =
+            net.params.state_dict()?.into_iter().map(|t| t.0).collect();
+        let mut names: Vec<&str> = ck.names().filter(|n| !params.contains(*n)).collect();
+        names.sort();
+        for n in names {
+            if let Some((shape, _)) = ck.info(n) {
+                if let Ok(v) = ck.read_f32(n, &shape) {
+                    extra.push((n.to_string(), shape, v));
+                }
+            }
         }
-        let el = t0.elapsed().as_secs_f64();
-        if step == 1 || step % 10 == 0 || step == a.max_steps {
+    }
+    let mut tr = Trainer::new(net, cfg);
+    let (mut epoch, mut skip) = (1u64, 0usize);
+    if a.resume {
+        if a.save_dir.join("trainer_state.json").is_file() {
+            let st = tr.restore(&a.save_dir)?;
+            epoch = st.get("epoch").and_then(Value::as_u64).unwrap_or(1);
+            skip = st.get("batches_done").and_then(Value::as_u64).unwrap_or(0) as usize;
             eprintln!(
-                "step {step}/{}: loss {:.4}, {:.0} tokens/s, ETA {:.0} s",
-                a.max_steps,
-                s.loss,
-                seen as f64 / el,
-                el / step as f64 * (a.max_steps - step) as f64
+                "resuming from {} at update {}",
+                a.save_dir.display(),
+                tr.step
+            );
+        } else {
+            eprintln!(
+                "--resume: no checkpoint in {} yet, starting fresh",
+                a.save_dir.display()
             );
         }
     }
-    std::fs::create_dir_all(&a.save_dir).with_context(|| a.save_dir.display().to_string())?;
-    let sd = tr.state_dict();
-    let list: Vec<(&str, &[usize], &[f32])> = sd
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
-        .collect();
-    safetensors::write_f32(&a.save_dir.join("model.safetensors"), &list)?;
-    std::fs::write(
-        a.save_dir.join("config.json"),
-        serde_json::to_string_pretty(&dir.config)?,
-    )?;
-    eprintln!("saved {}", a.save_dir.display());
+    let n_params: usize = tr.net.params.list.iter().map(|p| p.value.len()).sum();
+    eprintln!(
+        "training {:?} ({:.1}M parameters) on {device} in {dtype}: {} rows, {per_epoch} updates per epoch",
+        task,
+        n_params as f64 / 1e6,
+        rows.len()
+    );
+    let mut log = match &a.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(a.resume)
+                .write(true)
+                .truncate(!a.resume)
+                .open(p)
+                .with_context(|| p.display().to_string())?,
+        ),
+        None => None,
+    };
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        t0: Instant::now(),
+        tokens: 0,
+        last_print: 0.0,
+    };
+    let mut curve: Vec<(f64, f64)> = Vec::new();
+    let mut valid_curve: Vec<(f64, f64)> = Vec::new();
+    let config = dir.config.clone();
+    let save = |tr: &Trainer, epoch: u64, done: usize| -> Result<()> {
+        tr.save(
+            &a.save_dir,
+            &config,
+            &extra,
+            json!({"epoch": epoch, "batches_done": done}),
+        )?;
+        if let Some(src) = &source {
+            let t = src.join("tokenizer.json");
+            if t.is_file() && src != &a.save_dir {
+                let _ = std::fs::copy(&t, a.save_dir.join("tokenizer.json"));
+            }
+        }
+        Ok(())
+    };
+    let run_valid = |tr: &mut Trainer, valid_curve: &mut Vec<(f64, f64)>| -> Result<()> {
+        let step = tr.step;
+        if let Some(v) = &valid {
+            let bs = batches(v, &order(v.len(), false, 0, 0), a.max_tokens);
+            let refs: Vec<Vec<Example>> = bs
+                .iter()
+                .map(|b| b.iter().map(|&i| v[i].clone()).collect())
+                .collect();
+            let slices: Vec<&[Example]> = refs.iter().map(|b| b.as_slice()).collect();
+            let (loss, nll, tokens) = tr.evaluate(&slices)?;
+            eprintln!(
+                "valid after update {step}: loss {loss:.4}, nll {nll:.4} over {tokens} tokens"
+            );
+            valid_curve.push((step as f64, loss));
+            let p = a.save_dir.join("valid.jsonl");
+            std::fs::create_dir_all(&a.save_dir)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)?;
+            writeln!(
+                f,
+                "{}",
+                json!({"step": step, "valid_loss": loss, "valid_nll_loss": nll, "tokens": tokens})
+            )?;
+        }
+        Ok(())
+    };
+    let mut mid_epoch = None;
+    'outer: while epoch <= epochs && tr.step < max_steps {
+        let bs = batches(
+            &rows,
+            &order(rows.len(), shuffle, a.seed, epoch),
+            a.max_tokens,
+        );
+        let mut done = skip;
+        skip = 0;
+        while done < bs.len() {
+            if tr.step >= max_steps {
+                mid_epoch = Some(done);
+                break 'outer;
+            }
+            let group: Vec<Vec<Example>> = bs[done..(done + a.update_freq).min(bs.len())]
+                .iter()
+                .map(|b| b.iter().map(|&i| rows[i].clone()).collect())
+                .collect();
+            done += group.len();
+            let slices: Vec<&[Example]> = group.iter().map(|b| b.as_slice()).collect();
+            let s = tr.update(&slices)?;
+            if !s.applied {
+                eprintln!(
+                    "update {}: f16 gradient overflow, skipped; loss scale now {}",
+                    s.step, tr.loss_scale
+                );
+                continue;
+            }
+            if let Some(f) = &mut log {
+                writeln!(
+                    f,
+                    "{}",
+                    json!({"step": s.step, "loss": s.loss, "nll_loss": s.nll_loss, "lr": s.lr, "tokens": s.tokens, "grad_norm": s.grad_norm})
+                )?;
+            }
+            curve.push((s.step as f64, s.loss));
+            progress.show(&s, max_steps);
+        }
+        run_valid(&mut tr, &mut valid_curve)?;
+        save(&tr, epoch + 1, 0)?;
+        epoch += 1;
+    }
+    if let Some(done) = mid_epoch {
+        // Stopped inside an epoch: the checkpoint records where, for --resume.
+        run_valid(&mut tr, &mut valid_curve)?;
+        save(&tr, epoch, done)?;
+    }
+    if valid_curve.is_empty() {
+        run_valid(&mut tr, &mut valid_curve)?;
+    }
+    std::fs::create_dir_all(&a.save_dir)?;
+    let png = a.save_dir.join("loss.png");
+    plot::loss_curve(
+        &png,
+        &[(&curve, [31, 119, 180]), (&valid_curve, [214, 39, 40])],
+    )
+    .with_context(|| png.display().to_string())?;
+    eprintln!(
+        "saved {} after {} updates (loss curve: {})",
+        a.save_dir.display(),
+        tr.step,
+        png.display()
+    );
     Ok(())
 }

@@ -20,6 +20,8 @@ pub enum Activation {
     Silu,
     /// x * sigmoid(1.702 x) (HF `quick_gelu`).
     QuickGelu,
+    /// tanh(x) (BERT's pooler).
+    Tanh,
 }
 
 impl Activation {
@@ -31,9 +33,10 @@ impl Activation {
             "relu" => Activation::Relu,
             "silu" | "swish" => Activation::Silu,
             "quick_gelu" => Activation::QuickGelu,
+            "tanh" => Activation::Tanh,
             other => {
                 return Err(Error::Input(format!(
-                    "unsupported activation `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish, quick_gelu)"
+                    "unsupported activation `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish, quick_gelu, tanh)"
                 )))
             }
         })
@@ -48,6 +51,7 @@ impl Activation {
             Activation::Relu => 3,
             Activation::Silu => 4,
             Activation::QuickGelu => 5,
+            Activation::Tanh => 6,
         }
     }
 
@@ -63,6 +67,7 @@ impl Activation {
             Activation::Relu => x.max(0.0),
             Activation::Silu => x / (1.0 + (-x).exp()),
             Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Activation::Tanh => x.tanh(),
         }
     }
 }

@@ -37,6 +37,7 @@ pub fn activation_grad(act: Activation, x: f32) -> f32 {
             let s = sig(1.702 * x64);
             s + 1.702 * x64 * s * (1.0 - s)
         }
+        Activation::Tanh => 1.0 - x64.tanh().powi(2),
     }) as f32
 }
 

@@ -1,10 +1,15 @@
-//! Training, CPU reference first: backward passes of the layers the models use, the
-//! label-smoothed cross entropy, Adam/AdamW with torch.optim's semantics, gradient clipping
-//! and learning-rate schedules. Each is checked against torch autograd / torch.optim
-//! (tests/training_math.rs, fixtures from scripts/make_grad_fixtures.py). The trainer that
-//! drives them over whole models builds on these.
+//! Training: device-generic ops with their backward passes (`ops`), the CPU reference
+//! backward pieces (`grad`), the label-smoothed cross entropy, Adam/AdamW with
+//! torch.optim's semantics, gradient clipping, learning-rate schedules and Philox dropout.
+//! Each is checked against torch autograd / torch.optim (tests/training_math.rs, fixtures
+//! from scripts/make_grad_fixtures.py).
 
-pub mod gpt2;
 pub mod grad;
+pub mod layers;
 pub mod loss;
+pub mod models;
+pub mod ops;
 pub mod optim;
+pub mod params;
+pub mod philox;
+pub mod trainer;

@@ -2,9 +2,10 @@
 
 mod attention;
 mod gemm;
+pub(crate) mod train;
 
 pub(crate) use attention::attention;
-pub(crate) use gemm::{linear, matmul_nt};
+pub(crate) use gemm::linear;
 
 use crate::error::{Error, Result};
 use crate::ops::Activation;

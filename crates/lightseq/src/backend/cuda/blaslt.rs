@@ -1,5 +1,6 @@
-//! GEMMs through cuBLASLt: `y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n])`, row-major, f32
-//! accumulation for every dtype (true f32 for f32 inputs: no TF32, for parity).
+//! GEMMs through cuBLASLt: `y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n])`, and the general
+//! batched `C = op(A) @ op(B)` of the training path; row-major, f32 accumulation for every
+//! dtype (true f32 for f32 inputs: no TF32, for parity).
 
 use super::cuda_err;
 use crate::error::Result;
@@ -13,11 +14,14 @@ use std::sync::{Arc, Mutex};
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 type AlgoKey = (DType, usize, usize, usize, bool);
+/// (dtype, ta, tb, batch, m, n, k) of `matmul_general`.
+type GeneralKey = (DType, bool, bool, usize, usize, usize, usize);
 
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+    general_algos: Mutex<HashMap<GeneralKey, sys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the handle is used only from calls that enqueue on the device's one stream;
@@ -109,6 +113,93 @@ impl Descs {
         }
         Ok(d)
     }
+
+    /// Descriptors of the column-major `C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m)`,
+    /// which is the row-major `C [m, n] = op(A) @ op(B)`; B is cuBLASLt's first operand.
+    /// For `batch > 1` every layout is strided-batched with contiguous batches.
+    fn general(
+        dt: DType,
+        ta: bool,
+        tb: bool,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
+        let e = |e| cuda_err("cuBLASLt descriptor", e);
+        let ty = data_type(dt);
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(e)?;
+        // B [k, n] row-major is column-major n x k (ld n) = op(B)^T as stored; B [n, k]
+        // (tb) is column-major k x n (ld k), transposed by cuBLASLt.
+        let (br, bc) = if tb { (k, n) } else { (n, k) };
+        // A [m, k] row-major is column-major k x m (ld k) = op(A)^T; A [k, m] (ta) is
+        // column-major m x k (ld m), transposed.
+        let (ar, ac) = if ta { (m, k) } else { (k, m) };
+        let mut made = Vec::with_capacity(3);
+        for (r, c) in [(br, bc), (ar, ac), (n, m)] {
+            match lt::create_matrix_layout(ty, r as u64, c as u64, r as i64) {
+                Ok(l) => made.push(l),
+                Err(err) => {
+                    // SAFETY: each was created above, destroyed once.
+                    unsafe {
+                        let _ = lt::destroy_matmul_desc(desc);
+                        for l in made {
+                            let _ = lt::destroy_matrix_layout(l);
+                        }
+                    }
+                    return Err(e(err));
+                }
+            }
+        }
+        let d = Descs {
+            desc,
+            layouts: [made[0], made[1], made[2]],
+        };
+        let (trans_a, trans_b) = (tb as i32, ta as i32);
+        // SAFETY: attribute values point at locals of the sizes given; layouts are live.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                d.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &trans_a as *const i32 as *const c_void,
+                std::mem::size_of::<i32>(),
+            )
+            .map_err(e)?;
+            lt::set_matmul_desc_attribute(
+                d.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                &trans_b as *const i32 as *const c_void,
+                std::mem::size_of::<i32>(),
+            )
+            .map_err(e)?;
+            if batch > 1 {
+                let count = i32::try_from(batch)
+                    .map_err(|_| crate::error::Error::Cuda(format!("batch {batch} too large")))?;
+                let strides = [(k * n) as i64, (m * k) as i64, (m * n) as i64];
+                for (l, stride) in d.layouts.iter().zip(strides) {
+                    lt::set_matrix_layout_attribute(
+                        *l,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        std::mem::size_of::<i32>(),
+                    )
+                    .map_err(e)?;
+                    lt::set_matrix_layout_attribute(
+                        *l,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const c_void,
+                        std::mem::size_of::<i64>(),
+                    )
+                    .map_err(e)?;
+                }
+            }
+        }
+        Ok(d)
+    }
 }
 
 impl BlasLt {
@@ -121,6 +212,7 @@ impl BlasLt {
             handle,
             workspace,
             algos: Mutex::new(HashMap::new()),
+            general_algos: Mutex::new(HashMap::new()),
         })
     }
 
@@ -176,6 +268,69 @@ impl BlasLt {
             )
         }
         .map_err(|e| cuda_err(&format!("cuBLASLt matmul {m}x{n}x{k} {dt}"), e))
+    }
+
+    /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
+    /// contiguous batches, op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
+    /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
+    /// `m`, `n` and `k` must be non-zero.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_general(
+        &self,
+        stream: &Arc<CudaStream>,
+        dt: DType,
+        ta: bool,
+        tb: bool,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<()> {
+        let d = Descs::general(dt, ta, tb, batch, m, n, k)?;
+        let key = (dt, ta, tb, batch, m, n, k);
+        let algo = {
+            let mut algos = self.general_algos.lock().unwrap();
+            match algos.get(&key) {
+                Some(a) => *a,
+                None => {
+                    let a = self.heuristic(&d)?;
+                    algos.insert(key, a);
+                    a
+                }
+            }
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let (ws, _sync) = self.workspace.device_ptr(stream);
+        // SAFETY: the caller guarantees the buffers' sizes; descriptors live until return.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                d.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                b as *const c_void,
+                d.layouts[0],
+                a as *const c_void,
+                d.layouts[1],
+                c as *const c_void,
+                d.layouts[2],
+                c as *mut c_void,
+                d.layouts[2],
+                &algo,
+                ws as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(|e| {
+            cuda_err(
+                &format!("cuBLASLt matmul {batch} x {m}x{n}x{k} (ta {ta}, tb {tb}) {dt}"),
+                e,
+            )
+        })
     }
 
     fn heuristic(&self, d: &Descs) -> Result<sys::cublasLtMatmulAlgo_t> {

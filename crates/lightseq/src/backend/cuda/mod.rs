@@ -4,6 +4,7 @@
 mod blaslt;
 pub mod nvrtc;
 pub(crate) mod ops;
+pub(crate) mod train_ops;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;

@@ -64,6 +64,26 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("kernels/attention.cu"),
         kernels: &["attention", "attention_tiled", "attention_decode"],
     },
+    KernelModule {
+        name: "train",
+        source: include_str!("kernels/train.cu"),
+        kernels: &[
+            "transpose_12",
+            "masked_softmax",
+            "softmax_backward",
+            "layer_norm_backward",
+            "layer_norm_params",
+            "column_sum",
+            "activate",
+            "activation_backward",
+            "embedding_backward",
+            "cross_entropy",
+            "adam_step",
+            "sum_squares",
+            "dropout",
+            "add_scaled_into",
+        ],
+    },
 ];
 
 /// Float dtypes every kernel is instantiated for.

@@ -53,6 +53,7 @@ __device__ __forceinline__ float activate(float x, int act) {
     case 3: return fmaxf(x, 0.f);
     case 4: return x / (1.f + expf(-x));
     case 5: return x / (1.f + expf(-1.702f * x));
+    case 6: return tanhf(x);
     default: return x;
   }
 }

@@ -1,0 +1,448 @@
+// Kernels of the training path (crate::train::ops; launches in train_ops.rs): transpose,
+// masked softmax and its backward, layer-norm / activation / embedding backward, column
+// sums, the fused label-smoothed cross entropy, Adam(W), sums of squares, Philox dropout.
+// Every kernel is instantiated per float dtype as <name>_<dtype>; for the kernels whose
+// buffers are f32 by nature (adam_step, sum_squares, add_scaled_into) the suffix names the
+// dtype of the one non-f32 input, or is a plain alias. All math is f32 unless noted.
+// Row-wise kernels take one block per row (grid-stride over rows) and need blockDim.x to be
+// a multiple of 32; column reductions are deterministic (no atomics).
+
+#define LS_GRID_LOOP(i, total)                                                              \
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total);         \
+       i += (long long)gridDim.x * blockDim.x)
+
+// Max over the whole block; every thread gets it. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  return warp_max(lane < warps ? partial[lane] : LS_NEG_INF);
+}
+
+// ---------------------------------------------------------------------------------------
+// [a, b, c, d] -> [a, c, b, d].
+template <typename T>
+__device__ void transpose_12_body(const T* x, T* y, long long a, long long b, long long c,
+                                  long long d) {
+  const long long total = a * b * c * d;
+  LS_GRID_LOOP(o, total) {
+    const long long e = o % d;
+    long long t = o / d;
+    const long long j = t % b;  // output is [a, c, b, d]
+    t /= b;
+    const long long l = t % c, i = t / c;
+    y[o] = x[((i * b + j) * c + l) * d + e];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax over rows of lk of scale * s, s [batch, heads, lq, lk]; keys j >= key_lens[b]
+// and, when causal, j > i are masked; rows with no visible key are zeros.
+template <typename T>
+__device__ void masked_softmax_body(const T* s, const int* key_lens, T* p, long long rows,
+                                    int heads, int lq, int lk, float scale, int causal) {
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const long long b = r / ((long long)heads * lq);
+    const int i = (int)(r % lq);
+    int limit = lk;
+    if (key_lens) limit = min(max(key_lens[b], 0), lk);
+    if (causal) limit = min(limit, i + 1);
+    const T* row = s + r * lk;
+    T* out = p + r * lk;
+    if (limit == 0) {  // uniform over the block
+      for (int j = threadIdx.x; j < lk; j += blockDim.x) out[j] = from_f<T>(0.f);
+      continue;
+    }
+    float m = LS_NEG_INF;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, to_f(row[j]) * scale);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(to_f(row[j]) * scale - m);
+    sum = block_sum(sum);
+    for (int j = threadIdx.x; j < lk; j += blockDim.x) {
+      out[j] = from_f<T>(j < limit ? expf(to_f(row[j]) * scale - m) / sum : 0.f);
+    }
+  }
+}
+
+// ds = scale * p * (dp - sum_j p_j dp_j) per row of cols.
+template <typename T>
+__device__ void softmax_backward_body(const T* p, const T* dp, T* ds, long long rows, int cols,
+                                      float scale) {
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* pr = p + r * cols;
+    const T* dr = dp + r * cols;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) dot += to_f(pr[j]) * to_f(dr[j]);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+      ds[r * cols + j] = from_f<T>(scale * to_f(pr[j]) * (to_f(dr[j]) - dot));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Layer-norm backward, per row: recomputes mean and rstd (two passes), writes them to
+// stats [rows, 2] for the parameter pass, and dx = rstd * (g - mean(g) - xhat * mean(g xhat))
+// with g = dy * gamma.
+template <typename T>
+__device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy, T* dx,
+                                         float* stats, long long rows, int h, float eps) {
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * h;
+    const T* dyr = dy + r * h;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) s += to_f(xr[j]);
+    const float mean = block_sum(s) / h;
+    float s2 = 0.f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+      const float d = to_f(xr[j]) - mean;
+      s2 += d * d;
+    }
+    const float rstd = 1.f / sqrtf(block_sum(s2) / h + eps);
+    float a = 0.f, c = 0.f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+      const float g = to_f(dyr[j]) * to_f(gamma[j]);
+      a += g;
+      c += g * ((to_f(xr[j]) - mean) * rstd);
+    }
+    const float s1 = block_sum(a) / h;
+    const float sx = block_sum(c) / h;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+      const float g = to_f(dyr[j]) * to_f(gamma[j]);
+      const float xhat = (to_f(xr[j]) - mean) * rstd;
+      dx[r * h + j] = from_f<T>(rstd * (g - s1 - xhat * sx));
+    }
+    if (threadIdx.x == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
+  }
+}
+
+// Column reductions: block b covers columns [32 b, 32 b + 32); lane = column, warp w sums
+// rows w, w + warps, ...; the per-warp partials are then added in warp order.
+#define LS_COL_WARPS_MAX 32
+
+// dgamma[j] = sum_r dy[r, j] * xhat[r, j], dbeta[j] = sum_r dy[r, j].
+template <typename T>
+__device__ void layer_norm_params_body(const T* x, const T* dy, const float* stats,
+                                       float* dgamma, float* dbeta, long long rows, int h) {
+  __shared__ float sg[LS_COL_WARPS_MAX][33];
+  __shared__ float sb[LS_COL_WARPS_MAX][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int col = blockIdx.x * 32 + lane;
+  float ag = 0.f, ab = 0.f;
+  if (col < h) {
+    for (long long r = warp; r < rows; r += warps) {
+      const float d = to_f(dy[r * h + col]);
+      const float xhat = (to_f(x[r * h + col]) - stats[2 * r]) * stats[2 * r + 1];
+      ag += d * xhat;
+      ab += d;
+    }
+  }
+  sg[warp][lane] = ag;
+  sb[warp][lane] = ab;
+  __syncthreads();
+  if (warp == 0 && col < h) {
+    float tg = 0.f, tb = 0.f;
+    for (int w = 0; w < warps; ++w) {
+      tg += sg[w][lane];
+      tb += sb[w][lane];
+    }
+    dgamma[col] = tg;
+    dbeta[col] = tb;
+  }
+}
+
+// out[j] = sum_r x[r, j].
+template <typename T>
+__device__ void column_sum_body(const T* x, float* out, long long rows, int cols) {
+  __shared__ float sp[LS_COL_WARPS_MAX][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int col = blockIdx.x * 32 + lane;
+  float acc = 0.f;
+  if (col < cols) {
+    for (long long r = warp; r < rows; r += warps) acc += to_f(x[r * cols + col]);
+  }
+  sp[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && col < cols) {
+    float t = 0.f;
+    for (int w = 0; w < warps; ++w) t += sp[w][lane];
+    out[col] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Derivative of activate(x, act) (codes as ops::Activation::code(); the CPU reference is
+// train::grad::activation_grad).
+__device__ __forceinline__ float activation_grad(float x, int act) {
+  switch (act) {
+    case 1: {  // gelu (erf)
+      const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+      const float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;  // 1 / sqrt(2 pi)
+      return cdf + x * pdf;
+    }
+    case 2: {  // gelu (tanh)
+      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
+      const float t = tanhf(c * (x + 0.044715f * x * x * x));
+      return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * 0.044715f * x * x);
+    }
+    case 3: return x > 0.f ? 1.f : 0.f;
+    case 4: {  // silu
+      const float s = 1.f / (1.f + expf(-x));
+      return s + x * s * (1.f - s);
+    }
+    case 5: {  // quick gelu
+      const float s = 1.f / (1.f + expf(-1.702f * x));
+      return s + 1.702f * x * s * (1.f - s);
+    }
+    default: return 1.f;
+  }
+}
+
+template <typename T>
+__device__ void activate_body(const T* x, T* y, int act, long long total) {
+  LS_GRID_LOOP(i, total) { y[i] = from_f<T>(activate(to_f(x[i]), act)); }
+}
+
+template <typename T>
+__device__ void activation_backward_body(const T* pre, const T* dy, T* dx, int act,
+                                         long long total) {
+  LS_GRID_LOOP(i, total) { dx[i] = from_f<T>(to_f(dy[i]) * activation_grad(to_f(pre[i]), act)); }
+}
+
+// ---------------------------------------------------------------------------------------
+// d [vocab, h] (zeroed by the caller) += scale * dy[i] at row ids[i]; other ids skipped.
+template <typename T>
+__device__ void embedding_backward_body(const int* ids, const T* dy, float* d, long long n, int h,
+                                        int vocab, float scale) {
+  const long long total = n * h;
+  LS_GRID_LOOP(i, total) {
+    const int id = ids[i / h];
+    if (id >= 0 && id < vocab) atomicAdd(&d[(long long)id * h + i % h], scale * to_f(dy[i]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Label-smoothed cross entropy, one block per row (cpu::cross_entropy's formula):
+//   loss = c_nll * nll + eps_i * sum_v (lse - z_v),  nll = lse - z_t,
+//   dz_v = (a * softmax_v - [v == t] c_nll - eps_i) * grad_scale,
+// with c_nll = 1 - eps - eps_i and a = c_nll + vocab * eps_i, both from the host. Rows with
+// a negative target are zeros; a target >= vocab gives NaN loss and nll and zero gradients.
+template <typename T>
+__device__ void cross_entropy_body(const T* logits, const int* targets, float* loss, float* nll,
+                                   T* d, long long rows, int vocab, float c_nll, float eps_i,
+                                   float a, float grad_scale) {
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* z = logits + r * vocab;
+    T* g = d + r * vocab;
+    const int t = targets[r];
+    if (t < 0 || t >= vocab) {  // uniform over the block
+      for (int v = threadIdx.x; v < vocab; v += blockDim.x) g[v] = from_f<T>(0.f);
+      if (threadIdx.x == 0) {
+        const float val = t < 0 ? 0.f : __int_as_float(0x7fc00000);
+        loss[r] = val;
+        nll[r] = val;
+      }
+      continue;
+    }
+    float m = LS_NEG_INF;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) m = fmaxf(m, to_f(z[v]));
+    m = block_max(m);
+    float se = 0.f, sd = 0.f;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+      const float zv = to_f(z[v]);
+      se += expf(zv - m);
+      sd += m - zv;
+    }
+    const float log_se = logf(block_sum(se));
+    const float lse = m + log_se;
+    // sum_v (lse - z_v) = vocab * (lse - m) + sum_v (m - z_v): both terms >= 0, so no
+    // cancellation (unlike vocab * lse - sum_v z_v).
+    const float sm = vocab * log_se + block_sum(sd);
+    if (threadIdx.x == 0) {
+      const float nl = lse - to_f(z[t]);
+      loss[r] = c_nll * nl + eps_i * sm;
+      nll[r] = nl;
+    }
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+      const float p = expf(to_f(z[v]) - lse);
+      const float onehot = v == t ? c_nll : 0.f;
+      g[v] = from_f<T>((a * p - onehot - eps_i) * grad_scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// One Adam(W) step on f32 buffers in place, in cpu::adam_step's order of operations (the
+// _rn intrinsics keep the compiler from fusing into FMAs, so results match bit for bit).
+__device__ void adam_step_body(float* param, const float* grad, float* m, float* v,
+                               long long total, float grad_scale, int decoupled, float decay_mul,
+                               float weight_decay, float b1, float b2, float step_size,
+                               double bc2_sqrt, double eps) {
+  const float ob1 = 1.f - b1, ob2 = 1.f - b2;
+  LS_GRID_LOOP(i, total) {
+    float p = param[i];
+    float g = __fmul_rn(grad[i], grad_scale);
+    if (decoupled) {
+      p = __fmul_rn(p, decay_mul);
+    } else {
+      g = __fadd_rn(g, __fmul_rn(weight_decay, p));
+    }
+    const float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(ob1, g));
+    const float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(ob2, g), g));
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(vi), bc2_sqrt), eps));
+    param[i] = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-block partial sums of x^2 in f64 (the host adds the partials in order).
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ void sum_squares_body(const T* x, double* partial, long long total) {
+  __shared__ double sp[32];
+  double acc = 0.0;
+  LS_GRID_LOOP(i, total) {
+    const double v = (double)to_f(x[i]);
+    acc += v * v;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  acc = warp_sum_d(acc);
+  if (lane == 0) sp[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    double t = lane < warps ? sp[lane] : 0.0;
+    t = warp_sum_d(t);
+    if (lane == 0) partial[blockIdx.x] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Philox-4x32-10 as train::philox: counter (i / 4 as two words, offset as two words), key
+// (seed as two words), lane i % 4, u = (out >> 8) * 2^-24; keep iff u >= p.
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k.x += 0x9E3779B9u;
+      k.y += 0xBB67AE85u;
+    }
+    const unsigned int hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const unsigned int hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+  }
+  return c;
+}
+
+template <typename T>
+__device__ void dropout_body(const T* x, T* y, float p, float keep, unsigned long long seed,
+                             unsigned long long offset, long long total) {
+  const long long groups = (total + 3) / 4;
+  const uint2 key = make_uint2((unsigned int)seed, (unsigned int)(seed >> 32));
+  LS_GRID_LOOP(q, groups) {
+    const unsigned long long uq = (unsigned long long)q;
+    const uint4 o = philox4x32_10(
+        make_uint4((unsigned int)uq, (unsigned int)(uq >> 32), (unsigned int)offset,
+                   (unsigned int)(offset >> 32)),
+        key);
+    const unsigned int lanes[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const long long i = 4 * q + l;
+      if (i < total) {
+        const float u = (float)(lanes[l] >> 8) * 5.9604644775390625e-8f;  // 2^-24
+        y[i] = from_f<T>(u >= p ? to_f(x[i]) * keep : 0.f);
+      }
+    }
+  }
+}
+
+// acc (f32) += alpha * x, in that order (no FMA, as the CPU).
+template <typename T>
+__device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long long total) {
+  LS_GRID_LOOP(i, total) { acc[i] = __fadd_rn(acc[i], __fmul_rn(alpha, to_f(x[i]))); }
+}
+
+// ---------------------------------------------------------------------------------------
+#define LS_TRAIN(T, S)                                                                        \
+  extern "C" __global__ void transpose_12_##S(const T* x, T* y, long long a, long long b,     \
+                                              long long c, long long d) {                     \
+    transpose_12_body<T>(x, y, a, b, c, d);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void masked_softmax_##S(const T* s, const int* key_lens, T* p,        \
+                                                long long rows, int heads, int lq, int lk,    \
+                                                float scale, int causal) {                    \
+    masked_softmax_body<T>(s, key_lens, p, rows, heads, lq, lk, scale, causal);               \
+  }                                                                                           \
+  extern "C" __global__ void softmax_backward_##S(const T* p, const T* dp, T* ds,             \
+                                                  long long rows, int cols, float scale) {    \
+    softmax_backward_body<T>(p, dp, ds, rows, cols, scale);                                   \
+  }                                                                                           \
+  extern "C" __global__ void layer_norm_backward_##S(const T* x, const T* gamma, const T* dy,  \
+                                                     T* dx, float* stats, long long rows,     \
+                                                     int h, float eps) {                      \
+    layer_norm_backward_body<T>(x, gamma, dy, dx, stats, rows, h, eps);                       \
+  }                                                                                           \
+  extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
+                                                   const float* stats, float* dgamma,         \
+                                                   float* dbeta, long long rows, int h) {     \
+    layer_norm_params_body<T>(x, dy, stats, dgamma, dbeta, rows, h);                          \
+  }                                                                                           \
+  extern "C" __global__ void column_sum_##S(const T* x, float* out, long long rows,           \
+                                            int cols) {                                       \
+    column_sum_body<T>(x, out, rows, cols);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void activate_##S(const T* x, T* y, int act, long long total) {       \
+    activate_body<T>(x, y, act, total);                                                       \
+  }                                                                                           \
+  extern "C" __global__ void activation_backward_##S(const T* pre, const T* dy, T* dx,        \
+                                                     int act, long long total) {              \
+    activation_backward_body<T>(pre, dy, dx, act, total);                                     \
+  }                                                                                           \
+  extern "C" __global__ void embedding_backward_##S(const int* ids, const T* dy, float* d,    \
+                                                    long long n, int h, int vocab,            \
+                                                    float scale) {                            \
+    embedding_backward_body<T>(ids, dy, d, n, h, vocab, scale);                               \
+  }                                                                                           \
+  extern "C" __global__ void cross_entropy_##S(const T* logits, const int* targets,           \
+                                               float* loss, float* nll, T* d, long long rows, \
+                                               int vocab, float c_nll, float eps_i, float a,  \
+                                               float grad_scale) {                            \
+    cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, c_nll, eps_i, a,        \
+                          grad_scale);                                                        \
+  }                                                                                           \
+  extern "C" __global__ void adam_step_##S(float* param, const float* grad, float* m,         \
+                                           float* v, long long total, float grad_scale,       \
+                                           int decoupled, float decay_mul,                    \
+                                           float weight_decay, float b1, float b2,            \
+                                           float step_size, double bc2_sqrt, double eps) {    \
+    adam_step_body(param, grad, m, v, total, grad_scale, decoupled, decay_mul, weight_decay,  \
+                   b1, b2, step_size, bc2_sqrt, eps);                                         \
+  }                                                                                           \
+  extern "C" __global__ void sum_squares_##S(const T* x, double* partial, long long total) {  \
+    sum_squares_body<T>(x, partial, total);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
+                                         unsigned long long seed, unsigned long long offset,  \
+                                         long long total) {                                   \
+    dropout_body<T>(x, y, p, keep, seed, offset, total);                                      \
+  }                                                                                           \
+  extern "C" __global__ void add_scaled_into_##S(float* acc, const T* x, float alpha,         \
+                                                 long long total) {                           \
+    add_scaled_into_body<T>(acc, x, alpha, total);                                            \
+  }
+LS_FLOAT_TYPES(LS_TRAIN)

@@ -1,0 +1,481 @@
+//! CUDA bodies of the training ops (`crate::train::ops`); kernels in `kernels/train.cu`,
+//! GEMMs through cuBLASLt. Shapes were checked by the front ends.
+
+use super::{cuda_err, CudaStorage};
+use crate::backend::cpu::train::AdamHyper;
+use crate::error::{Error, Result};
+use crate::ops::Activation;
+use crate::tensor::DType;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Most blocks of a grid-stride launch.
+const MAX_BLOCKS: usize = 65535 * 8;
+/// Warps per block of the column reductions (kernels allow up to 32).
+const COL_WARPS: u32 = 16;
+/// Blocks of the sum-of-squares partials (each writes one f64).
+const SUM_BLOCKS: usize = 1024;
+
+fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
+    let blocks = total.div_ceil(threads as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row (grid-stride past `MAX_BLOCKS`), threads a multiple of 32 up to `max`.
+fn rows_grid(rows: usize, cols: usize, max: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (
+            (cols.div_ceil(32) * 32).clamp(32, max as usize) as u32,
+            1,
+            1,
+        ),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A block per 32 columns, `COL_WARPS` warps striding over the rows.
+fn cols_grid(cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32).max(1) as u32, 1, 1),
+        block_dim: (32 * COL_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launched(
+    name: &str,
+    r: std::result::Result<
+        Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+        cudarc::driver::DriverError,
+    >,
+) -> Result<()> {
+    r.map(|_| ())
+        .map_err(|e| cuda_err(&format!("launching {name}"), e))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    a: &CudaStorage,
+    ta: bool,
+    b: &CudaStorage,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let dt = a.dtype();
+    let total = batch * m * n;
+    if total == 0 {
+        return dev.alloc(dt, 0);
+    }
+    if k == 0 {
+        return dev.zeros(dt, total);
+    }
+    let c = dev.alloc(dt, total)?;
+    dev.lt.matmul_general(
+        dev.stream(),
+        dt,
+        ta,
+        tb,
+        batch,
+        m,
+        n,
+        k,
+        a.ptr(),
+        b.ptr(),
+        c.ptr(),
+    )?;
+    Ok(c)
+}
+
+pub(crate) fn transpose_12(
+    x: &CudaStorage,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+) -> Result<CudaStorage> {
+    if x.dtype() == DType::I32 {
+        return Err(Error::op("transpose_12", "expected a float tensor"));
+    }
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), x.len())?;
+    if x.len() == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("transpose_12", x.dtype())?;
+    let (xp, yp) = (x.ptr(), out.ptr());
+    let [a, b, c, d] = [a, b, c, d].map(|v| v as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&yp).arg(&a).arg(&b).arg(&c).arg(&d);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("transpose_12", unsafe { l.launch(grid_1d(x.len(), 256)) })?;
+    Ok(out)
+}
+
+pub(crate) fn masked_softmax(
+    s: &CudaStorage,
+    key_lens: Option<&CudaStorage>,
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let out = dev.alloc(s.dtype(), s.len())?;
+    if s.len() == 0 {
+        return Ok(out);
+    }
+    let rows = s.len() / lk;
+    let f = dev.kernel("masked_softmax", s.dtype())?;
+    let (sp, kp, op) = (s.ptr(), key_lens.map_or(0, |k| k.ptr()), out.ptr());
+    let (r, h, q, kk, c) = (
+        rows as i64,
+        heads as i32,
+        lq as i32,
+        lk as i32,
+        causal as i32,
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&sp)
+        .arg(&kp)
+        .arg(&op)
+        .arg(&r)
+        .arg(&h)
+        .arg(&q)
+        .arg(&kk)
+        .arg(&scale)
+        .arg(&c);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("masked_softmax", unsafe {
+        l.launch(rows_grid(rows, lk, 512))
+    })?;
+    Ok(out)
+}
+
+pub(crate) fn softmax_backward(
+    p: &CudaStorage,
+    dp: &CudaStorage,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = p.device();
+    let out = dev.alloc(p.dtype(), p.len())?;
+    if rows * cols == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("softmax_backward", p.dtype())?;
+    let (pp, dpp, op, r, c) = (p.ptr(), dp.ptr(), out.ptr(), rows as i64, cols as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&pp).arg(&dpp).arg(&op).arg(&r).arg(&c).arg(&scale);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("softmax_backward", unsafe {
+        l.launch(rows_grid(rows, cols, 512))
+    })?;
+    Ok(out)
+}
+
+pub(crate) fn layer_norm_backward(
+    x: &CudaStorage,
+    gamma: &CudaStorage,
+    dy: &CudaStorage,
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let dev = x.device();
+    let dt = x.dtype();
+    if rows * h == 0 {
+        return Ok((
+            dev.alloc(dt, rows * h)?,
+            dev.zeros(DType::F32, h)?,
+            dev.zeros(DType::F32, h)?,
+        ));
+    }
+    let dx = dev.alloc(dt, rows * h)?;
+    let dgamma = dev.alloc(DType::F32, h)?;
+    let dbeta = dev.alloc(DType::F32, h)?;
+    // Per-row mean and rstd, shared by the dx pass and the parameter pass.
+    let stats = dev.alloc(DType::F32, 2 * rows)?;
+    let (xp, gp, dyp, dxp, sp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr(), stats.ptr());
+    let (r, hh) = (rows as i64, h as i32);
+    let f = dev.kernel("layer_norm_backward", dt)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&gp)
+        .arg(&dyp)
+        .arg(&dxp)
+        .arg(&sp)
+        .arg(&r)
+        .arg(&hh)
+        .arg(&eps);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("layer_norm_backward", unsafe {
+        l.launch(rows_grid(rows, h, 512))
+    })?;
+    let f = dev.kernel("layer_norm_params", dt)?;
+    let (dgp, dbp) = (dgamma.ptr(), dbeta.ptr());
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&dyp)
+        .arg(&sp)
+        .arg(&dgp)
+        .arg(&dbp)
+        .arg(&r)
+        .arg(&hh);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("layer_norm_params", unsafe { l.launch(cols_grid(h)) })?;
+    Ok((dx, dgamma, dbeta))
+}
+
+fn unary(
+    name: &str,
+    x: &CudaStorage,
+    dy: Option<&CudaStorage>,
+    act: Activation,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), x.len())?;
+    if x.len() == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel(name, x.dtype())?;
+    let (xp, dyp, op) = (x.ptr(), dy.map_or(0, |d| d.ptr()), out.ptr());
+    let (code, total) = (act.code(), x.len() as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp);
+    if dy.is_some() {
+        l.arg(&dyp);
+    }
+    l.arg(&op).arg(&code).arg(&total);
+    // SAFETY: argument types match the kernels' signatures in train.cu.
+    launched(name, unsafe { l.launch(grid_1d(x.len(), 256)) })?;
+    Ok(out)
+}
+
+pub(crate) fn activate(x: &CudaStorage, act: Activation) -> Result<CudaStorage> {
+    unary("activate", x, None, act)
+}
+
+pub(crate) fn activation_backward(
+    pre: &CudaStorage,
+    dy: &CudaStorage,
+    act: Activation,
+) -> Result<CudaStorage> {
+    unary("activation_backward", pre, Some(dy), act)
+}
+
+pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<CudaStorage> {
+    let dev = x.device();
+    if rows * cols == 0 {
+        return dev.zeros(DType::F32, cols);
+    }
+    let out = dev.alloc(DType::F32, cols)?;
+    let f = dev.kernel("column_sum", x.dtype())?;
+    let (xp, op, r, c) = (x.ptr(), out.ptr(), rows as i64, cols as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&op).arg(&r).arg(&c);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("column_sum", unsafe { l.launch(cols_grid(cols)) })?;
+    Ok(out)
+}
+
+pub(crate) fn embedding_backward(
+    ids: &CudaStorage,
+    dy: &CudaStorage,
+    n: usize,
+    h: usize,
+    vocab: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = dy.device();
+    let out = dev.zeros(DType::F32, vocab * h)?;
+    if n * h == 0 || vocab == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("embedding_backward", dy.dtype())?;
+    let (ip, dp, op) = (ids.ptr(), dy.ptr(), out.ptr());
+    let (nn, hh, v) = (n as i64, h as i32, vocab.min(i32::MAX as usize) as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&ip)
+        .arg(&dp)
+        .arg(&op)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&v)
+        .arg(&scale);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("embedding_backward", unsafe {
+        l.launch(grid_1d(n * h, 256))
+    })?;
+    Ok(out)
+}
+
+pub(crate) fn cross_entropy(
+    logits: &CudaStorage,
+    targets: &CudaStorage,
+    n: usize,
+    vocab: usize,
+    eps: f32,
+    grad_scale: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let dev = logits.device();
+    let dt = logits.dtype();
+    if n * vocab == 0 {
+        return Ok((
+            dev.zeros(DType::F32, n)?,
+            dev.zeros(DType::F32, n)?,
+            dev.alloc(dt, n * vocab)?,
+        ));
+    }
+    let loss = dev.alloc(DType::F32, n)?;
+    let nll = dev.alloc(DType::F32, n)?;
+    let d = dev.alloc(dt, n * vocab)?;
+    // The constants of cpu::cross_entropy, in f64 then rounded.
+    let eps64 = eps as f64;
+    let eps_i = if vocab > 1 {
+        eps64 / (vocab as f64 - 1.0)
+    } else {
+        0.0
+    };
+    let c_nll = 1.0 - eps64 - eps_i;
+    let a = c_nll + vocab as f64 * eps_i;
+    let (c_nll, eps_i, a) = (c_nll as f32, eps_i as f32, a as f32);
+    let f = dev.kernel("cross_entropy", dt)?;
+    let (lp, tp, lossp, nllp, dp) = (logits.ptr(), targets.ptr(), loss.ptr(), nll.ptr(), d.ptr());
+    let (r, v) = (n as i64, vocab as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&lp)
+        .arg(&tp)
+        .arg(&lossp)
+        .arg(&nllp)
+        .arg(&dp)
+        .arg(&r)
+        .arg(&v)
+        .arg(&c_nll)
+        .arg(&eps_i)
+        .arg(&a)
+        .arg(&grad_scale);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("cross_entropy", unsafe {
+        l.launch(rows_grid(n, vocab, 1024))
+    })?;
+    Ok((loss, nll, d))
+}
+
+pub(crate) fn adam_step(
+    param: &CudaStorage,
+    grad: &CudaStorage,
+    m: &CudaStorage,
+    v: &CudaStorage,
+    h: &AdamHyper,
+) -> Result<()> {
+    if param.len() == 0 {
+        return Ok(());
+    }
+    let dev = param.device();
+    // Host-side constants exactly as cpu::adam_step computes them.
+    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+    let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+    let step_size = (h.lr / bc1) as f32;
+    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+    let decay_mul = (1.0 - h.lr * h.weight_decay) as f32;
+    let weight_decay = h.weight_decay as f32;
+    let decoupled = h.decoupled as i32;
+    let f = dev.kernel("adam_step", DType::F32)?;
+    let (pp, gp, mp, vp) = (param.ptr(), grad.ptr(), m.ptr(), v.ptr());
+    let total = param.len() as i64;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&pp)
+        .arg(&gp)
+        .arg(&mp)
+        .arg(&vp)
+        .arg(&total)
+        .arg(&h.grad_scale)
+        .arg(&decoupled)
+        .arg(&decay_mul)
+        .arg(&weight_decay)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&step_size)
+        .arg(&bc2_sqrt)
+        .arg(&h.eps);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("adam_step", unsafe { l.launch(grid_1d(param.len(), 256)) })
+}
+
+pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
+    if x.len() == 0 {
+        return Ok(0.0);
+    }
+    let dev = x.device();
+    let cfg = {
+        let mut c = grid_1d(x.len(), 256);
+        c.grid_dim.0 = c.grid_dim.0.min(SUM_BLOCKS as u32);
+        c
+    };
+    let blocks = cfg.grid_dim.0 as usize;
+    let st = dev.stream();
+    let mut partial = st
+        .alloc_zeros::<f64>(blocks)
+        .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
+    let f = dev.kernel("sum_squares", x.dtype())?;
+    let (xp, total) = (x.ptr(), x.len() as i64);
+    let mut l = st.launch_builder(&f);
+    l.arg(&xp).arg(&mut partial).arg(&total);
+    // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds one
+    // f64 per block.
+    launched("sum_squares", unsafe { l.launch(cfg) })?;
+    let host = st
+        .clone_dtoh(&partial)
+        .map_err(|e| cuda_err("device to host copy", e))?;
+    Ok(host.iter().sum())
+}
+
+pub(crate) fn dropout(x: &CudaStorage, p: f32, seed: u64, offset: u64) -> Result<CudaStorage> {
+    let dev = x.device();
+    let out = dev.alloc(x.dtype(), x.len())?;
+    if x.len() == 0 {
+        return Ok(out);
+    }
+    // As cpu::dropout: the kept scale in f32.
+    let keep = 1.0 / (1.0 - p);
+    let f = dev.kernel("dropout", x.dtype())?;
+    let (xp, yp, total) = (x.ptr(), out.ptr(), x.len() as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&yp)
+        .arg(&p)
+        .arg(&keep)
+        .arg(&seed)
+        .arg(&offset)
+        .arg(&total);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("dropout", unsafe {
+        l.launch(grid_1d(x.len().div_ceil(4), 256))
+    })?;
+    Ok(out)
+}
+
+pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) -> Result<()> {
+    if acc.len() == 0 {
+        return Ok(());
+    }
+    let dev = acc.device();
+    let f = dev.kernel("add_scaled_into", x.dtype())?;
+    let (ap, xp, total) = (acc.ptr(), x.ptr(), acc.len() as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&ap).arg(&xp).arg(&alpha).arg(&total);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("add_scaled_into", unsafe {
+        l.launch(grid_1d(acc.len(), 256))
+    })
+}

@@ -1,0 +1,560 @@
+//! Layers with their backward passes, on any device: linear, layer norm, dropout,
+//! multi-head attention (self and cross), the feed-forward block, Transformer layers
+//! (pre- and post-LN, with optional cross attention) and embeddings. Forward passes
+//! return what their backward needs; backward passes add parameter gradients into
+//! [`Params`] and return input gradients.
+
+use super::ops as tops;
+use super::params::{Params, Pid};
+use crate::error::Result;
+use crate::ops::{self, Activation};
+use crate::tensor::{DType, Tensor};
+use std::cell::Cell;
+
+/// Dropout rates and the Philox stream they draw from.
+pub struct Dropout {
+    pub hidden: f32,
+    pub attention: f32,
+    pub activation: f32,
+    pub seed: u64,
+    /// Next Philox offset; every dropout call takes one.
+    pub offset: Cell<u64>,
+}
+
+impl Dropout {
+    pub fn off() -> Self {
+        Dropout {
+            hidden: 0.0,
+            attention: 0.0,
+            activation: 0.0,
+            seed: 0,
+            offset: Cell::new(0),
+        }
+    }
+
+    /// Applies rate `p` to `x`; returns the output and the offset its backward reuses.
+    pub fn apply(&self, x: Tensor, p: f32) -> Result<(Tensor, Option<u64>)> {
+        if p <= 0.0 {
+            return Ok((x, None));
+        }
+        let off = self.offset.get();
+        self.offset.set(off + 1);
+        Ok((tops::dropout(&x, p, self.seed, off)?, Some(off)))
+    }
+
+    /// [`Dropout::apply`] keeping the input: None when no dropout applies (use `x`).
+    pub fn apply_ref(&self, x: &Tensor, p: f32) -> Result<(Option<Tensor>, Option<u64>)> {
+        if p <= 0.0 {
+            return Ok((None, None));
+        }
+        let off = self.offset.get();
+        self.offset.set(off + 1);
+        Ok((Some(tops::dropout(x, p, self.seed, off)?), Some(off)))
+    }
+
+    /// The backward of [`Dropout::apply_ref`]: None when it was a no-op.
+    pub fn backward_ref(&self, dy: &Tensor, p: f32, off: Option<u64>) -> Result<Option<Tensor>> {
+        match off {
+            Some(o) => Ok(Some(tops::dropout(dy, p, self.seed, o)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The backward of [`Dropout::apply`].
+    pub fn backward(&self, dy: Tensor, p: f32, off: Option<u64>) -> Result<Tensor> {
+        match off {
+            Some(o) => tops::dropout(&dy, p, self.seed, o),
+            None => Ok(dy),
+        }
+    }
+}
+
+/// `y = x @ w^T + b`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lin {
+    pub w: Pid,
+    pub b: Option<Pid>,
+}
+
+impl Lin {
+    pub fn forward(&self, ps: &Params, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, ps.w(self.w), self.b.map(|b| ps.w(b)), Activation::None)
+    }
+
+    /// Adds dW, db; returns dx.
+    pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        self.backward_params(ps, x, dy)?;
+        tops::linear_input_grad(dy, ps.w(self.w))
+    }
+
+    pub fn backward_params(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<()> {
+        let dw = tops::linear_weight_grad(dy, x)?;
+        ps.accumulate(self.w, &dw)?;
+        if let Some(b) = self.b {
+            ps.accumulate(b, &tops::column_sum(dy)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Layer normalization over the last dim.
+#[derive(Debug, Clone, Copy)]
+pub struct Ln {
+    pub g: Pid,
+    pub b: Pid,
+    pub eps: f32,
+}
+
+impl Ln {
+    pub fn forward(&self, ps: &Params, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, None, ps.w(self.g), ps.w(self.b), self.eps)
+    }
+
+    pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let (dx, dg, db) = tops::layer_norm_backward(x, ps.w(self.g), dy, self.eps)?;
+        ps.accumulate(self.g, &dg)?;
+        ps.accumulate(self.b, &db)?;
+        Ok(dx)
+    }
+}
+
+/// Multi-head attention with separate q, k, v and output projections.
+pub struct Attn {
+    pub q: Lin,
+    pub k: Lin,
+    pub v: Lin,
+    pub o: Lin,
+    pub heads: usize,
+    pub scale: f32,
+}
+
+/// What attention's backward needs.
+pub struct AttnSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+    /// P after dropout; None when attention dropout is off.
+    pd: Option<Tensor>,
+    drop: Option<u64>,
+    ctx: Tensor,
+    dims: (usize, usize, usize, usize),
+}
+
+fn heads_first(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
+    tops::transpose_12(&x.reshape(&[b, l, nh, d])?)
+}
+
+fn heads_last(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
+    tops::transpose_12(&x.reshape(&[b, nh, l, d])?)?.reshape(&[b, l, nh * d])
+}
+
+impl Attn {
+    /// xq [b, lq, h] attends to xkv [b, lk, h]; keys at or past `key_lens[b]` and, when
+    /// `causal`, keys after the query are masked.
+    pub fn forward(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        xq: &Tensor,
+        xkv: &Tensor,
+        key_lens: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<(Tensor, AttnSaved)> {
+        let (b, lq, h) = (xq.shape()[0], xq.shape()[1], xq.shape()[2]);
+        let lk = xkv.shape()[1];
+        let (nh, d) = (self.heads, h / self.heads);
+        let q = heads_first(self.q.forward(ps, xq)?, b, lq, nh, d)?;
+        let k = heads_first(self.k.forward(ps, xkv)?, b, lk, nh, d)?;
+        let v = heads_first(self.v.forward(ps, xkv)?, b, lk, nh, d)?;
+        let s = tops::matmul(&q, false, &k, true, b * nh, lq, lk, d, &[b, nh, lq, lk])?;
+        let p = tops::masked_softmax(&s, key_lens, self.scale, causal)?;
+        std::mem::drop(s);
+        let (pd, off) = drop.apply_ref(&p, drop.attention)?;
+        let ctx = tops::matmul(
+            pd.as_ref().unwrap_or(&p),
+            false,
+            &v,
+            false,
+            b * nh,
+            lq,
+            d,
+            lk,
+            &[b, nh, lq, d],
+        )?;
+        let ctx = heads_last(ctx, b, lq, nh, d)?;
+        let out = self.o.forward(ps, &ctx)?;
+        Ok((
+            out,
+            AttnSaved {
+                q,
+                k,
+                v,
+                p,
+                pd,
+                drop: off,
+                ctx,
+                dims: (b, lq, lk, d),
+            },
+        ))
+    }
+
+    /// Returns (dxq, dxkv).
+    pub fn backward(
+        &self,
+        ps: &mut Params,
+        drop: &Dropout,
+        s: AttnSaved,
+        xq: &Tensor,
+        xkv: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, lq, lk, d) = s.dims;
+        let nh = self.heads;
+        let dctx = self.o.backward(ps, &s.ctx, dout)?;
+        let dctx = heads_first(dctx, b, lq, nh, d)?;
+        let dpd = tops::matmul(
+            &dctx,
+            false,
+            &s.v,
+            true,
+            b * nh,
+            lq,
+            lk,
+            d,
+            &[b, nh, lq, lk],
+        )?;
+        let pd = s.pd.as_ref().unwrap_or(&s.p);
+        let dv = tops::matmul(pd, true, &dctx, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
+        let dp = drop.backward(dpd, drop.attention, s.drop)?;
+        let ds = tops::softmax_backward(&s.p, &dp, self.scale)?;
+        let dq = tops::matmul(&ds, false, &s.k, false, b * nh, lq, d, lk, &[b, nh, lq, d])?;
+        let dk = tops::matmul(&ds, true, &s.q, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
+        let dq = heads_last(dq, b, lq, nh, d)?;
+        let dk = heads_last(dk, b, lk, nh, d)?;
+        let dv = heads_last(dv, b, lk, nh, d)?;
+        let dxq = self.q.backward(ps, xq, &dq)?;
+        let dxk = self.k.backward(ps, xkv, &dk)?;
+        let dxv = self.v.backward(ps, xkv, &dv)?;
+        Ok((dxq, ops::add(&dxk, &dxv)?))
+    }
+}
+
+/// fc2(dropout(act(fc1(x)))).
+pub struct Ffn {
+    pub fc1: Lin,
+    pub fc2: Lin,
+    pub act: Activation,
+}
+
+pub struct FfnSaved {
+    pre: Tensor,
+    hd: Tensor,
+    drop: Option<u64>,
+}
+
+impl Ffn {
+    pub fn forward(&self, ps: &Params, drop: &Dropout, x: &Tensor) -> Result<(Tensor, FfnSaved)> {
+        let pre = self.fc1.forward(ps, x)?;
+        let h = tops::activate(&pre, self.act)?;
+        let (hd, off) = drop.apply(h, drop.activation)?;
+        let out = self.fc2.forward(ps, &hd)?;
+        Ok((out, FfnSaved { pre, hd, drop: off }))
+    }
+
+    pub fn backward(
+        &self,
+        ps: &mut Params,
+        drop: &Dropout,
+        s: FfnSaved,
+        x: &Tensor,
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        let dhd = self.fc2.backward(ps, &s.hd, dout)?;
+        let dh = drop.backward(dhd, drop.activation, s.drop)?;
+        let dpre = tops::activation_backward(&s.pre, &dh, self.act)?;
+        self.fc1.backward(ps, x, &dpre)
+    }
+}
+
+/// A Transformer layer: self attention, optional cross attention, feed-forward; each
+/// sublayer post-LN `LN(x + drop(f(x)))` or pre-LN `x + drop(f(LN(x)))`.
+pub struct Layer {
+    pub self_attn: Attn,
+    pub ln_self: Ln,
+    pub cross: Option<(Attn, Ln)>,
+    pub ffn: Ffn,
+    pub ln_ffn: Ln,
+    pub pre_ln: bool,
+}
+
+/// Saved state of one sublayer.
+pub struct SubSaved<S> {
+    /// Sublayer input.
+    x: Tensor,
+    /// LN(x) for pre-LN; `x + f(x)` (the LN's input) for post-LN.
+    mid: Tensor,
+    inner: S,
+    drop: Option<u64>,
+}
+
+pub struct LayerSaved {
+    attn: SubSaved<AttnSaved>,
+    cross: Option<SubSaved<AttnSaved>>,
+    ffn: SubSaved<FfnSaved>,
+}
+
+/// Inputs a layer attends to besides itself.
+pub struct LayerInputs<'a> {
+    pub self_key_lens: Option<&'a Tensor>,
+    pub causal: bool,
+    pub memory: Option<&'a Tensor>,
+    pub memory_lens: Option<&'a Tensor>,
+}
+
+impl Layer {
+    fn sub<S>(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        x: Tensor,
+        ln: &Ln,
+        f: impl FnOnce(&Tensor) -> Result<(Tensor, S)>,
+    ) -> Result<(Tensor, SubSaved<S>)> {
+        if self.pre_ln {
+            let a = ln.forward(ps, &x)?;
+            let (y, inner) = f(&a)?;
+            let (y, off) = drop.apply(y, drop.hidden)?;
+            let out = ops::add(&x, &y)?;
+            Ok((
+                out,
+                SubSaved {
+                    x,
+                    mid: a,
+                    inner,
+                    drop: off,
+                },
+            ))
+        } else {
+            let (y, inner) = f(&x)?;
+            let (y, off) = drop.apply(y, drop.hidden)?;
+            let s = ops::add(&x, &y)?;
+            let out = ln.forward(ps, &s)?;
+            Ok((
+                out,
+                SubSaved {
+                    x,
+                    mid: s,
+                    inner,
+                    drop: off,
+                },
+            ))
+        }
+    }
+
+    /// Backward of a sublayer: `fb(inner, f_input, df_out) -> df_input`.
+    fn sub_backward<S>(
+        &self,
+        ps: &mut Params,
+        drop: &Dropout,
+        s: SubSaved<S>,
+        ln: &Ln,
+        dy: Tensor,
+        fb: impl FnOnce(&mut Params, S, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.pre_ln {
+            let df = drop.backward_ref(&dy, drop.hidden, s.drop)?;
+            let da = fb(ps, s.inner, &s.mid, df.as_ref().unwrap_or(&dy))?;
+            let dx = ln.backward(ps, &s.x, &da)?;
+            ops::add(&dy, &dx)
+        } else {
+            let ds = ln.backward(ps, &s.mid, &dy)?;
+            let df = drop.backward_ref(&ds, drop.hidden, s.drop)?;
+            let dx = fb(ps, s.inner, &s.x, df.as_ref().unwrap_or(&ds))?;
+            ops::add(&ds, &dx)
+        }
+    }
+
+    pub fn forward(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        x: Tensor,
+        inp: &LayerInputs,
+    ) -> Result<(Tensor, LayerSaved)> {
+        let (x, attn) = self.sub(ps, drop, x, &self.ln_self, |a| {
+            self.self_attn
+                .forward(ps, drop, a, a, inp.self_key_lens, inp.causal)
+        })?;
+        let (x, cross) = match &self.cross {
+            Some((ca, ln)) => {
+                let mem = inp
+                    .memory
+                    .expect("cross attention needs the encoder output");
+                let (x, s) = self.sub(ps, drop, x, ln, |a| {
+                    ca.forward(ps, drop, a, mem, inp.memory_lens, false)
+                })?;
+                (x, Some(s))
+            }
+            None => (x, None),
+        };
+        let (x, ffn) = self.sub(ps, drop, x, &self.ln_ffn, |a| self.ffn.forward(ps, drop, a))?;
+        Ok((x, LayerSaved { attn, cross, ffn }))
+    }
+
+    /// Returns dx; adds the gradient of the memory (encoder output) into `dmemory`.
+    pub fn backward(
+        &self,
+        ps: &mut Params,
+        drop: &Dropout,
+        s: LayerSaved,
+        dy: Tensor,
+        memory: Option<&Tensor>,
+        dmemory: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let dy = self.sub_backward(ps, drop, s.ffn, &self.ln_ffn, dy, |ps, inner, a, df| {
+            self.ffn.backward(ps, drop, inner, a, df)
+        })?;
+        let dy = match (&self.cross, s.cross) {
+            (Some((ca, ln)), Some(cs)) => {
+                let mem = memory.expect("cross attention needs the encoder output");
+                let mut dmem = None;
+                let dx = self.sub_backward(ps, drop, cs, ln, dy, |ps, inner, a, df| {
+                    let (dq, dm) = ca.backward(ps, drop, inner, a, mem, df)?;
+                    dmem = Some(dm);
+                    Ok(dq)
+                })?;
+                let dm = dmem.unwrap();
+                *dmemory = Some(match dmemory.take() {
+                    Some(acc) => ops::add(&acc, &dm)?,
+                    None => dm,
+                });
+                dx
+            }
+            _ => dy,
+        };
+        self.sub_backward(ps, drop, s.attn, &self.ln_self, dy, |ps, inner, a, df| {
+            let (dq, dkv) = self.self_attn.backward(ps, drop, inner, a, a, df)?;
+            ops::add(&dq, &dkv)
+        })
+    }
+}
+
+/// Position embeddings.
+pub enum Positions {
+    /// A trained table, row `offset + i`.
+    Learned { table: Pid, offset: usize },
+    /// A fixed table (sinusoids), row `offset + i`.
+    Fixed { table: Tensor, offset: usize },
+    /// None (the model has no absolute positions).
+    None,
+}
+
+/// Token (times `scale`) + position (+ token type) embeddings, optional LN, dropout.
+pub struct Emb {
+    pub tokens: Pid,
+    pub vocab: usize,
+    pub scale: f32,
+    pub positions: Positions,
+    pub types: Option<(Pid, usize)>,
+    pub ln: Option<Ln>,
+    pub max_positions: usize,
+}
+
+pub struct EmbSaved {
+    ids: Tensor,
+    pos: Tensor,
+    types: Option<Tensor>,
+    pre_ln: Option<Tensor>,
+    drop: Option<u64>,
+}
+
+impl EmbSaved {
+    /// Replaces the ids the table gradient is scattered by (padding rows masked to -1).
+    pub fn with_ids(self, ids: Tensor) -> Self {
+        EmbSaved { ids, ..self }
+    }
+}
+
+impl Emb {
+    /// ids, type ids: [b * l] i32; returns [b, l, h].
+    pub fn forward(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        ids: Tensor,
+        types: Option<Tensor>,
+        b: usize,
+        l: usize,
+    ) -> Result<(Tensor, EmbSaved)> {
+        let dev = ps.device.clone();
+        let offset = match &self.positions {
+            Positions::Learned { offset, .. } | Positions::Fixed { offset, .. } => *offset,
+            Positions::None => 0,
+        };
+        if l > self.max_positions {
+            return Err(crate::error::Error::Input(format!(
+                "a sequence of {l} tokens exceeds the model's {} positions",
+                self.max_positions
+            )));
+        }
+        let pos_rows: Vec<i32> = (0..b * l).map(|i| (offset + i % l) as i32).collect();
+        let pos = Tensor::from_i32(&pos_rows, &[b * l], &dev)?;
+        let tok = ps.w(self.tokens);
+        let mut lookups: Vec<(&Tensor, &Tensor)> = vec![(tok, &ids)];
+        match &self.positions {
+            Positions::Learned { table, .. } => lookups.push((ps.w(*table), &pos)),
+            Positions::Fixed { table, .. } => lookups.push((table, &pos)),
+            Positions::None => {}
+        }
+        if let (Some((t, _)), Some(ti)) = (self.types, types.as_ref()) {
+            lookups.push((ps.w(t), ti));
+        }
+        let h = tok.shape()[1];
+        let x = ops::embed_scaled(&lookups, self.scale)?.reshape(&[b, l, h])?;
+        let (x, pre_ln) = match &self.ln {
+            Some(ln) => (ln.forward(ps, &x)?, Some(x)),
+            None => (x, None),
+        };
+        let (x, off) = drop.apply(x, drop.hidden)?;
+        Ok((
+            x,
+            EmbSaved {
+                ids,
+                pos,
+                types,
+                pre_ln,
+                drop: off,
+            },
+        ))
+    }
+
+    pub fn backward(&self, ps: &mut Params, drop: &Dropout, s: EmbSaved, dy: Tensor) -> Result<()> {
+        let dy = drop.backward(dy, drop.hidden, s.drop)?;
+        let dx = match (&self.ln, &s.pre_ln) {
+            (Some(ln), Some(x)) => ln.backward(ps, x, &dy)?,
+            _ => dy,
+        };
+        let g = tops::embedding_backward(&s.ids, &dx, self.vocab, self.scale)?;
+        ps.accumulate(self.tokens, &g)?;
+        if let Positions::Learned { table, .. } = &self.positions {
+            let rows = ps.list[*table].shape[0];
+            let g = tops::embedding_backward(&s.pos, &dx, rows, 1.0)?;
+            ps.accumulate(*table, &g)?;
+        }
+        if let (Some((t, n)), Some(ti)) = (self.types, &s.types) {
+            let g = tops::embedding_backward(ti, &dx, n, 1.0)?;
+            ps.accumulate(t, &g)?;
+        }
+        Ok(())
+    }
+}
+
+/// Converts an f32 gradient to the compute dtype of `like`.
+pub fn as_dtype_of(g: Tensor, dtype: DType) -> Result<Tensor> {
+    if g.dtype() == dtype {
+        Ok(g)
+    } else {
+        ops::to_dtype(&g, dtype)
+    }
+}

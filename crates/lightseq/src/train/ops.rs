@@ -1,0 +1,439 @@
+//! Device-dispatching ops of the training path: the GEMMs of the backward passes, the
+//! softmax and its backward for attention, layer-norm/activation/embedding backward, the
+//! fused label-smoothed cross entropy, the fused Adam(W) step, and Philox dropout.
+//!
+//! Float tensors on the CPU run in f32; on CUDA in their dtype with f32 accumulation.
+//! Parameter gradients (`column_sum`, `layer_norm_backward`'s dgamma/dbeta,
+//! `embedding_backward`) are f32 whatever the input dtype: they feed f32 master weights.
+
+use crate::backend::cpu::train as cpu;
+pub use crate::backend::cpu::train::AdamHyper;
+use crate::backend::cuda::train_ops as cuda;
+use crate::error::{Error, Result};
+use crate::ops::Activation;
+use crate::tensor::{DType, Storage, Tensor};
+
+fn float_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
+    let dt = ts[0].dtype();
+    let dev = ts[0].cuda_device().map(|d| d.ordinal());
+    for t in ts {
+        if t.dtype() == DType::I32 {
+            return Err(Error::op(op, "expected a float tensor, got i32"));
+        }
+        if t.dtype() != dt {
+            return Err(Error::op(
+                op,
+                format!("mixed dtypes {dt} and {}", t.dtype()),
+            ));
+        }
+        if t.cuda_device().map(|d| d.ordinal()) != dev {
+            return Err(Error::op(op, "tensors are on different devices"));
+        }
+    }
+    Ok(dt)
+}
+
+fn need(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::op(op, what()))
+    }
+}
+
+fn cpu_out(shape: &[usize], dt: DType, v: Vec<f32>) -> Tensor {
+    Tensor::from_parts(shape.to_vec(), dt, Storage::CpuF32(v))
+}
+
+fn cuda_out(shape: &[usize], dt: DType, s: crate::backend::cuda::CudaStorage) -> Tensor {
+    Tensor::from_parts(shape.to_vec(), dt, Storage::Cuda(s))
+}
+
+/// Batched GEMM: for each of `batch`, C[m, n] = op(A) @ op(B), where op(A) is A [m, k]
+/// (or A^T of A stored [k, m] when `ta`) and op(B) is B [k, n] (or B^T of B stored [n, k]
+/// when `tb`). Batches are contiguous. The result has shape `out_shape` (m*n*batch elements).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    let dt = float_dtype(OP, &[a, b])?;
+    need(
+        OP,
+        a.len() == batch * m * k
+            && b.len() == batch * k * n
+            && out_shape.iter().product::<usize>() == batch * m * n,
+        || {
+            format!(
+                "a {:?}, b {:?} and out {out_shape:?} do not fit batch {batch} x [{m}, {k}] @ [{k}, {n}]",
+                a.shape(),
+                b.shape()
+            )
+        },
+    )?;
+    Ok(match (&a.storage, &b.storage) {
+        (Storage::CpuF32(av), Storage::CpuF32(bv)) => {
+            cpu_out(out_shape, dt, cpu::matmul(av, ta, bv, tb, batch, m, n, k))
+        }
+        (Storage::Cuda(x), Storage::Cuda(y)) => {
+            cuda_out(out_shape, dt, cuda::matmul(x, ta, y, tb, batch, m, n, k)?)
+        }
+        _ => unreachable!("checked by float_dtype"),
+    })
+}
+
+/// The input gradient of `y = x @ w^T`: `dy [..., n] @ w [n, k]` -> [..., k].
+pub fn linear_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let rows = dy.len() / n.max(1);
+    let mut shape = dy.shape().to_vec();
+    *shape.last_mut().unwrap() = k;
+    matmul(dy, false, w, false, 1, rows, k, n, &shape)
+}
+
+/// The weight gradient of `y = x @ w^T`: dy^T @ x over all rows, [n, k].
+pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let n = dy.shape().last().copied().unwrap_or(1);
+    let k = x.shape().last().copied().unwrap_or(1);
+    let rows = dy.len() / n.max(1);
+    matmul(dy, true, x, false, 1, n, k, rows, &[n, k])
+}
+
+/// [a, b, c, d] -> [a, c, b, d] (heads to the front and back).
+pub fn transpose_12(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "transpose_12";
+    let s = x.shape();
+    need(OP, s.len() == 4, || format!("expected 4 dims, got {s:?}"))?;
+    let (a, b, c, d) = (s[0], s[1], s[2], s[3]);
+    let dt = x.dtype();
+    let shape = [a, c, b, d];
+    Ok(match &x.storage {
+        Storage::CpuF32(v) => cpu_out(&shape, dt, cpu::transpose_12(v, a, b, c, d)),
+        Storage::Cuda(v) => cuda_out(&shape, dt, cuda::transpose_12(v, a, b, c, d)?),
+        Storage::CpuI32(_) => return Err(Error::op(OP, "expected a float tensor")),
+    })
+}
+
+/// Softmax over the last dim of `scale * s`, s [batch, heads, lq, lk]; keys at or past
+/// `key_lens[b]` (i32 [batch]) and, when `causal`, keys after the query are masked.
+/// Rows with every key masked come out as zeros.
+pub fn masked_softmax(
+    s: &Tensor,
+    key_lens: Option<&Tensor>,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    const OP: &str = "masked_softmax";
+    let dt = float_dtype(OP, &[s])?;
+    let sh = s.shape();
+    need(OP, sh.len() == 4, || format!("expected 4 dims, got {sh:?}"))?;
+    let (batch, heads, lq, lk) = (sh[0], sh[1], sh[2], sh[3]);
+    if let Some(kl) = key_lens {
+        need(
+            OP,
+            kl.dtype() == DType::I32 && kl.shape() == [batch],
+            || {
+                format!(
+                    "key lengths {:?} {}, expected i32 [{batch}]",
+                    kl.shape(),
+                    kl.dtype()
+                )
+            },
+        )?;
+    }
+    Ok(match &s.storage {
+        Storage::CpuF32(v) => {
+            let kl = key_lens.map(|k| k.cpu_i32(OP)).transpose()?;
+            cpu_out(
+                sh,
+                dt,
+                cpu::masked_softmax(v, kl, heads, lq, lk, scale, causal),
+            )
+        }
+        Storage::Cuda(v) => {
+            let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
+            cuda_out(
+                sh,
+                dt,
+                cuda::masked_softmax(v, kl, heads, lq, lk, scale, causal)?,
+            )
+        }
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// Gradient of `masked_softmax` at its input: `scale * P * (dP - rowsum(P * dP))`.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
+    const OP: &str = "softmax_backward";
+    let dt = float_dtype(OP, &[p, dp])?;
+    need(OP, p.shape() == dp.shape(), || {
+        format!("{:?} != {:?}", p.shape(), dp.shape())
+    })?;
+    let cols = p.shape().last().copied().unwrap_or(1);
+    Ok(match (&p.storage, &dp.storage) {
+        (Storage::CpuF32(a), Storage::CpuF32(b)) => {
+            cpu_out(p.shape(), dt, cpu::softmax_backward(a, b, cols, scale))
+        }
+        (Storage::Cuda(a), Storage::Cuda(b)) => cuda_out(
+            p.shape(),
+            dt,
+            cuda::softmax_backward(a, b, p.len() / cols.max(1), cols, scale)?,
+        ),
+        _ => unreachable!(),
+    })
+}
+
+/// Backward of `layer_norm(x)` over the last dim: (dx, dgamma f32, dbeta f32).
+pub fn layer_norm_backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "layer_norm_backward";
+    let dt = float_dtype(OP, &[x, gamma, dy])?;
+    let h = x.shape().last().copied().unwrap_or(1);
+    need(OP, gamma.shape() == [h] && dy.shape() == x.shape(), || {
+        format!(
+            "x {:?}, gamma {:?}, dy {:?}",
+            x.shape(),
+            gamma.shape(),
+            dy.shape()
+        )
+    })?;
+    let rows = x.len() / h.max(1);
+    Ok(match (&x.storage, &gamma.storage, &dy.storage) {
+        (Storage::CpuF32(xv), Storage::CpuF32(g), Storage::CpuF32(d)) => {
+            let (dx, dg, db) = cpu::layer_norm_backward(xv, g, d, rows, h, eps);
+            (
+                cpu_out(x.shape(), dt, dx),
+                cpu_out(&[h], DType::F32, dg),
+                cpu_out(&[h], DType::F32, db),
+            )
+        }
+        (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(d)) => {
+            let (dx, dg, db) = cuda::layer_norm_backward(xv, g, d, rows, h, eps)?;
+            (
+                cuda_out(x.shape(), dt, dx),
+                cuda_out(&[h], DType::F32, dg),
+                cuda_out(&[h], DType::F32, db),
+            )
+        }
+        _ => unreachable!(),
+    })
+}
+
+/// `act(x)` element-wise.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    const OP: &str = "activate";
+    let dt = float_dtype(OP, &[x])?;
+    Ok(match &x.storage {
+        Storage::CpuF32(v) => cpu_out(x.shape(), dt, cpu::activate(v, act)),
+        Storage::Cuda(v) => cuda_out(x.shape(), dt, cuda::activate(v, act)?),
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// `dy * act'(pre)` element-wise.
+pub fn activation_backward(pre: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
+    const OP: &str = "activation_backward";
+    let dt = float_dtype(OP, &[pre, dy])?;
+    need(OP, pre.shape() == dy.shape(), || {
+        format!("{:?} != {:?}", pre.shape(), dy.shape())
+    })?;
+    Ok(match (&pre.storage, &dy.storage) {
+        (Storage::CpuF32(a), Storage::CpuF32(b)) => {
+            cpu_out(pre.shape(), dt, cpu::activation_backward(a, b, act))
+        }
+        (Storage::Cuda(a), Storage::Cuda(b)) => {
+            cuda_out(pre.shape(), dt, cuda::activation_backward(a, b, act)?)
+        }
+        _ => unreachable!(),
+    })
+}
+
+/// Sum over all rows of the last dim: the bias gradient, f32 [cols].
+pub fn column_sum(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "column_sum";
+    float_dtype(OP, &[x])?;
+    let cols = x.shape().last().copied().unwrap_or(1);
+    let rows = x.len() / cols.max(1);
+    Ok(match &x.storage {
+        Storage::CpuF32(v) => cpu_out(&[cols], DType::F32, cpu::column_sum(v, rows, cols)),
+        Storage::Cuda(v) => cuda_out(&[cols], DType::F32, cuda::column_sum(v, rows, cols)?),
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// Gradient of a table [vocab, h] under `out[i] = scale * table[ids[i]]`; f32. Negative or
+/// out-of-range ids contribute nothing.
+pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize, scale: f32) -> Result<Tensor> {
+    const OP: &str = "embedding_backward";
+    float_dtype(OP, &[dy])?;
+    if ids.cuda_device().map(|d| d.ordinal()) != dy.cuda_device().map(|d| d.ordinal()) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    let h = dy.shape().last().copied().unwrap_or(1);
+    need(
+        OP,
+        ids.dtype() == DType::I32 && ids.len() * h == dy.len(),
+        || format!("ids {:?} {}, dy {:?}", ids.shape(), ids.dtype(), dy.shape()),
+    )?;
+    Ok(match &dy.storage {
+        Storage::CpuF32(d) => cpu_out(
+            &[vocab, h],
+            DType::F32,
+            cpu::embedding_backward(ids.cpu_i32(OP)?, d, h, vocab, scale),
+        ),
+        Storage::Cuda(d) => cuda_out(
+            &[vocab, h],
+            DType::F32,
+            cuda::embedding_backward(ids.cuda(OP)?, d, ids.len(), h, vocab, scale)?,
+        ),
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// The fused label-smoothed cross entropy of `logits [n, vocab]` against i32 `targets [n]`
+/// (negative = ignored): per-row loss and nll (f32 [n]) and `grad_scale * d loss/d logits`.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    eps: f32,
+    grad_scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "cross_entropy";
+    let dt = float_dtype(OP, &[logits])?;
+    let vocab = logits.shape().last().copied().unwrap_or(1);
+    let n = logits.len() / vocab.max(1);
+    need(
+        OP,
+        targets.dtype() == DType::I32 && targets.len() == n,
+        || format!("logits {:?}, targets {:?}", logits.shape(), targets.shape()),
+    )?;
+    Ok(match &logits.storage {
+        Storage::CpuF32(l) => {
+            let t = targets.cpu_i32(OP)?;
+            if let Some(bad) = t.iter().find(|&&t| t as usize >= vocab && t >= 0) {
+                return Err(Error::op(
+                    OP,
+                    format!("target {bad} outside a vocabulary of {vocab}"),
+                ));
+            }
+            let (loss, nll, d) = cpu::cross_entropy(l, t, vocab, eps, grad_scale);
+            (
+                cpu_out(&[n], DType::F32, loss),
+                cpu_out(&[n], DType::F32, nll),
+                cpu_out(logits.shape(), dt, d),
+            )
+        }
+        Storage::Cuda(l) => {
+            // Targets were checked against the vocabulary by the callers that build them
+            // (the trainer); the kernel marks any out-of-range row with NaN instead of
+            // reading past the row.
+            let (loss, nll, d) =
+                cuda::cross_entropy(l, targets.cuda(OP)?, n, vocab, eps, grad_scale)?;
+            (
+                cuda_out(&[n], DType::F32, loss),
+                cuda_out(&[n], DType::F32, nll),
+                cuda_out(logits.shape(), dt, d),
+            )
+        }
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place.
+pub fn adam_step(
+    param: &mut Tensor,
+    grad: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    h: &AdamHyper,
+) -> Result<()> {
+    const OP: &str = "adam_step";
+    for t in [&*param, grad, &*m, &*v] {
+        need(
+            OP,
+            t.dtype() == DType::F32 && t.len() == param.len(),
+            || format!("expected f32 tensors of {} elements", param.len()),
+        )?;
+    }
+    float_dtype(OP, &[param, grad, m, v])?;
+    match (
+        &mut param.storage,
+        &grad.storage,
+        &mut m.storage,
+        &mut v.storage,
+    ) {
+        (Storage::CpuF32(p), Storage::CpuF32(g), Storage::CpuF32(mv), Storage::CpuF32(vv)) => {
+            cpu::adam_step(p, g, mv, vv, h);
+        }
+        (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(mv), Storage::Cuda(vv)) => {
+            cuda::adam_step(p, g, mv, vv, h)?;
+        }
+        _ => unreachable!(),
+    }
+    Ok(())
+}
+
+/// Sum of squares of all elements, in f64.
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    const OP: &str = "sum_squares";
+    float_dtype(OP, &[x])?;
+    match &x.storage {
+        Storage::CpuF32(v) => Ok(cpu::sum_squares(v)),
+        Storage::Cuda(v) => cuda::sum_squares(v),
+        Storage::CpuI32(_) => unreachable!(),
+    }
+}
+
+/// Inverted dropout with rate `p`; the mask is Philox(seed, offset, element index), so
+/// calling it again with the output gradient and the same (seed, offset) is its backward.
+pub fn dropout(x: &Tensor, p: f32, seed: u64, offset: u64) -> Result<Tensor> {
+    const OP: &str = "dropout";
+    let dt = float_dtype(OP, &[x])?;
+    need(OP, (0.0..1.0).contains(&p), || {
+        format!("rate {p} outside [0, 1)")
+    })?;
+    Ok(match &x.storage {
+        Storage::CpuF32(v) => cpu_out(x.shape(), dt, cpu::dropout(v, p, seed, offset)),
+        Storage::Cuda(v) => cuda_out(x.shape(), dt, cuda::dropout(v, p, seed, offset)?),
+        Storage::CpuI32(_) => unreachable!(),
+    })
+}
+
+/// `acc += alpha * x`; acc is f32, x any float dtype of the same element count.
+pub fn add_scaled_into(acc: &mut Tensor, x: &Tensor, alpha: f32) -> Result<()> {
+    const OP: &str = "add_scaled_into";
+    if acc.cuda_device().map(|d| d.ordinal()) != x.cuda_device().map(|d| d.ordinal()) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    need(
+        OP,
+        acc.dtype() == DType::F32 && acc.len() == x.len() && x.dtype() != DType::I32,
+        || {
+            format!(
+                "acc {:?} {} and x {:?} {}",
+                acc.shape(),
+                acc.dtype(),
+                x.shape(),
+                x.dtype()
+            )
+        },
+    )?;
+    match (&mut acc.storage, &x.storage) {
+        (Storage::CpuF32(a), Storage::CpuF32(b)) => cpu::add_scaled_into(a, b, alpha),
+        (Storage::Cuda(a), Storage::Cuda(b)) => cuda::add_scaled_into(a, b, alpha)?,
+        _ => return Err(Error::op(OP, "tensors are on different devices")),
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Trainable parameters: f32 master values, a copy in the compute dtype when that is not
+//! f32, f32 gradients, Adam moments, and how each maps back to the checkpoint's tensors.
+
+use super::ops::{self as tops, AdamHyper};
+use crate::error::{Error, Result};
+use crate::io::Checkpoint;
+use crate::nn::transpose;
+use crate::ops::{self, zeros};
+use crate::tensor::{DType, Device, Tensor};
+
+/// Index of a parameter in a [`Params`].
+pub type Pid = usize;
+
+/// Named host copies: (checkpoint name, stored shape, f32 values).
+pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// How a parameter is stored in the checkpoint.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    /// As is, under each of these names (more than one for tied tensors).
+    Plain(Vec<String>),
+    /// Part `part` of `parts` of a Conv1D weight stored `[in, parts * out]` (GPT2's fused
+    /// c_attn); kept here as `[out, in]`.
+    Conv1d {
+        name: String,
+        part: usize,
+        parts: usize,
+    },
+}
+
+/// One parameter.
+pub struct Param {
+    pub stored: Stored,
+    /// Shape used for compute (`[out, in]` for linear weights).
+    pub shape: Vec<usize>,
+    pub value: Tensor,
+    compute: Option<Tensor>,
+    pub grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    /// Excluded from weight decay? (never, as torch's default param groups; kept explicit)
+    pub steps: u64,
+}
+
+/// All trainable parameters of a model.
+pub struct Params {
+    pub list: Vec<Param>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Params {
+    pub fn new(dtype: DType, device: &Device) -> Self {
+        Params {
+            list: Vec::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    fn push(&mut self, stored: Stored, shape: Vec<usize>, values: &[f32]) -> Result<Pid> {
+        let dev = &self.device;
+        let value = Tensor::from_f32(values, &shape, DType::F32, dev)?;
+        let compute = if self.dtype == DType::F32 {
+            None
+        } else {
+            Some(ops::to_dtype(&value, self.dtype)?)
+        };
+        self.list.push(Param {
+            stored,
+            value,
+            compute,
+            grad: zeros(&shape, DType::F32, dev)?,
+            m: zeros(&shape, DType::F32, dev)?,
+            v: zeros(&shape, DType::F32, dev)?,
+            shape,
+            steps: 0,
+        });
+        Ok(self.list.len() - 1)
+    }
+
+    /// Loads `name` (and any tied `aliases`) of `shape`.
+    pub fn load(&mut self, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Pid> {
+        self.load_tied(ck, &[name.to_string()], shape)
+    }
+
+    /// Loads one tensor stored under the first present of `names`; all of them are written
+    /// back when saving.
+    pub fn load_tied(&mut self, ck: &Checkpoint, names: &[String], shape: &[usize]) -> Result<Pid> {
+        let first = names
+            .iter()
+            .find(|n| ck.contains(n))
+            .ok_or_else(|| Error::MissingTensor {
+                dir: ck.dir().to_path_buf(),
+                name: names.join(" or "),
+            })?;
+        let v = ck.read_f32(first, shape)?;
+        self.push(Stored::Plain(names.to_vec()), shape.to_vec(), &v)
+    }
+
+    /// Loads the `parts` column blocks of a Conv1D weight `[in, parts * out]` as separate
+    /// `[out, in]` parameters.
+    pub fn load_conv1d(
+        &mut self,
+        ck: &Checkpoint,
+        name: &str,
+        n_in: usize,
+        out: usize,
+        parts: usize,
+    ) -> Result<Vec<Pid>> {
+        let v = ck.read_f32(name, &[n_in, parts * out])?;
+        let t = transpose(&v, n_in, parts * out); // [parts * out, in]
+        (0..parts)
+            .map(|p| {
+                self.push(
+                    Stored::Conv1d {
+                        name: name.to_string(),
+                        part: p,
+                        parts,
+                    },
+                    vec![out, n_in],
+                    &t[p * out * n_in..(p + 1) * out * n_in],
+                )
+            })
+            .collect()
+    }
+
+    /// Loads a bias stored as one `[parts * out]` vector, split in `parts`.
+    pub fn load_split_bias(
+        &mut self,
+        ck: &Checkpoint,
+        name: &str,
+        out: usize,
+        parts: usize,
+    ) -> Result<Vec<Pid>> {
+        let v = ck.read_f32(name, &[parts * out])?;
+        (0..parts)
+            .map(|p| {
+                self.push(
+                    Stored::Conv1d {
+                        name: name.to_string(),
+                        part: p,
+                        parts,
+                    },
+                    vec![out],
+                    &v[p * out..(p + 1) * out],
+                )
+            })
+            .collect()
+    }
+
+    /// The weight as compute uses it (the compute-dtype copy, or the f32 master).
+    pub fn w(&self, p: Pid) -> &Tensor {
+        let q = &self.list[p];
+        q.compute.as_ref().unwrap_or(&q.value)
+    }
+
+    /// Adds `g` (any float dtype, same element count) into parameter `p`'s gradient.
+    pub fn accumulate(&mut self, p: Pid, g: &Tensor) -> Result<()> {
+        tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
+    }
+
+    /// Zeroes every gradient.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for q in &mut self.list {
+            q.grad = zeros(&q.shape, DType::F32, &self.device)?;
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of all gradients (times `scale`).
+    pub fn grad_norm(&self, scale: f64) -> Result<f64> {
+        let mut s = 0f64;
+        for q in &self.list {
+            s += tops::sum_squares(&q.grad)?;
+        }
+        Ok(s.sqrt() * scale)
+    }
+
+    /// One Adam(W) step on every parameter with gradients multiplied by `grad_scale`,
+    /// then refreshes the compute copies.
+    pub fn adam(&mut self, h: &AdamHyper) -> Result<()> {
+        let dtype = self.dtype;
+        for q in &mut self.list {
+            q.steps += 1;
+            let hp = AdamHyper {
+                step: q.steps,
+                ..*h
+            };
+            tops::adam_step(&mut q.value, &q.grad, &mut q.m, &mut q.v, &hp)?;
+            if dtype != DType::F32 {
+                q.compute = Some(ops::to_dtype(&q.value, dtype)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors to write, under checkpoint names and stored shapes (f32).
+    pub fn state_dict(&self) -> Result<NamedTensors> {
+        self.named(|q| &q.value)
+    }
+
+    /// The gradients under checkpoint names and stored shapes.
+    pub fn grad_dict(&self) -> Result<NamedTensors> {
+        self.named(|q| &q.grad)
+    }
+
+    fn named(&self, pick: impl Fn(&Param) -> &Tensor) -> Result<NamedTensors> {
+        type Part = (usize, usize, Vec<usize>, Vec<f32>);
+        let mut out: NamedTensors = Vec::new();
+        let mut parts: std::collections::BTreeMap<String, Vec<Part>> = Default::default();
+        for q in &self.list {
+            let v = pick(q).to_f32_vec()?;
+            match &q.stored {
+                Stored::Plain(names) => {
+                    for n in names {
+                        out.push((n.clone(), q.shape.clone(), v.clone()));
+                    }
+                }
+                Stored::Conv1d {
+                    name,
+                    part,
+                    parts: n,
+                } => {
+                    parts
+                        .entry(name.clone())
+                        .or_default()
+                        .push((*part, *n, q.shape.clone(), v));
+                }
+            }
+        }
+        for (name, mut ps) in parts {
+            ps.sort_by_key(|p| p.0);
+            if ps[0].2.len() == 1 {
+                let all: Vec<f32> = ps.iter().flat_map(|p| p.3.iter().copied()).collect();
+                out.push((name, vec![all.len()], all));
+            } else {
+                let (o, i) = (ps[0].2[0], ps[0].2[1]);
+                // Stacked [parts * out, in] back to Conv1D's [in, parts * out].
+                let stacked: Vec<f32> = ps.iter().flat_map(|p| p.3.iter().copied()).collect();
+                let rows = ps.len() * o;
+                out.push((name, vec![i, rows], transpose(&stacked, rows, i)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Optimizer state (moments and step counts), for `--resume`.
+    pub fn optimizer_state(&self) -> Result<NamedTensors> {
+        let mut out = Vec::new();
+        for (i, q) in self.list.iter().enumerate() {
+            out.push((format!("{i}.m"), q.shape.clone(), q.m.to_f32_vec()?));
+            out.push((format!("{i}.v"), q.shape.clone(), q.v.to_f32_vec()?));
+            out.push((format!("{i}.step"), vec![1], vec![q.steps as f32]));
+        }
+        Ok(out)
+    }
+
+    /// Restores what [`Params::optimizer_state`] wrote.
+    pub fn load_optimizer_state(
+        &mut self,
+        f: &crate::io::safetensors::SafeTensorsFile,
+    ) -> Result<()> {
+        let dev = self.device.clone();
+        for (i, q) in self.list.iter_mut().enumerate() {
+            let get = |k: &str| -> Result<Vec<f32>> {
+                let (shape, v) = f.read_f32(&format!("{i}.{k}"))?;
+                if k != "step" && shape != q.shape {
+                    return Err(Error::Input(format!(
+                        "optimizer state {i}.{k} has shape {shape:?}, the model's parameter {:?}",
+                        q.shape
+                    )));
+                }
+                Ok(v)
+            };
+            q.m = Tensor::from_f32(&get("m")?, &q.shape, DType::F32, &dev)?;
+            q.v = Tensor::from_f32(&get("v")?, &q.shape, DType::F32, &dev)?;
+            q.steps = get("step")?[0] as u64;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,444 @@
+//! The CUDA bodies of the training ops (`lightseq::train::ops`) against the CPU bodies, for
+//! every dtype the op takes, on random inputs of odd shapes. Skips without a GPU unless
+//! LIGHTSEQ_REQUIRE_GPU=1.
+#![allow(clippy::too_many_arguments)]
+
+mod common;
+
+use common::{gpu, randn, rel_err};
+use lightseq::ops::Activation;
+use lightseq::train::ops::{self, AdamHyper};
+use lightseq::{DType, Device, Tensor};
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+const ACTS: [Activation; 6] = [
+    Activation::None,
+    Activation::Gelu,
+    Activation::GeluTanh,
+    Activation::Relu,
+    Activation::Silu,
+    Activation::QuickGelu,
+];
+
+fn tol(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 2e-2,
+    }
+}
+
+fn t(data: &[f32], shape: &[usize], dt: DType, dev: &Device) -> Tensor {
+    Tensor::from_f32(data, shape, dt, dev).unwrap()
+}
+
+fn ids(data: &[i32], dev: &Device) -> Tensor {
+    Tensor::from_i32(data, &[data.len()], dev).unwrap()
+}
+
+fn scaled(seed: u64, n: usize, s: f32) -> Vec<f32> {
+    randn(seed, n).into_iter().map(|v| v * s).collect()
+}
+
+/// Asserts that the CUDA tensor `g` matches the CPU tensor `c` within `tol` (relative).
+fn check(what: &str, dt: DType, g: &Tensor, c: &Tensor, tol: f64) {
+    assert_eq!(g.shape(), c.shape(), "{what} {dt}: shapes");
+    assert_eq!(g.dtype(), c.dtype(), "{what} {dt}: dtypes");
+    let (gv, cv) = (g.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+    let err = rel_err(&gv, &cv);
+    assert!(err <= tol, "{what} {dt}: rel err {err:.3e} > {tol:.1e}");
+    eprintln!("{what:<44} {dt:<5} rel err {err:.2e}");
+}
+
+#[test]
+fn cuda_matmul_matches_cpu() {
+    let Some(gpu) = gpu("cuda_matmul_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in DTYPES {
+        for (batch, m, n, k) in [(1, 37, 53, 71), (3, 19, 33, 45), (2, 128, 96, 257)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b) = (randn(1, batch * m * k), randn(2, batch * k * n));
+                let run = |d: &Device| {
+                    let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
+                    let b_shape = if tb { [batch, n, k] } else { [batch, k, n] };
+                    ops::matmul(
+                        &t(&a, &a_shape, dt, d),
+                        ta,
+                        &t(&b, &b_shape, dt, d),
+                        tb,
+                        batch,
+                        m,
+                        n,
+                        k,
+                        &[batch, m, n],
+                    )
+                    .unwrap()
+                };
+                let what = format!("matmul {batch}x[{m},{k}]@[{k},{n}] ta={ta} tb={tb}");
+                check(&what, dt, &run(&gpu), &run(&cpu), tol(dt));
+            }
+        }
+        // The linear-layer wrappers: rows = 33, in 37, out 29.
+        let (rows, kin, nout) = (33, 37, 29);
+        let (x, w, dy) = (
+            randn(3, rows * kin),
+            randn(4, nout * kin),
+            randn(5, rows * nout),
+        );
+        let ig = |d: &Device| {
+            ops::linear_input_grad(&t(&dy, &[rows, nout], dt, d), &t(&w, &[nout, kin], dt, d))
+                .unwrap()
+        };
+        check("linear_input_grad", dt, &ig(&gpu), &ig(&cpu), tol(dt));
+        let wg = |d: &Device| {
+            ops::linear_weight_grad(&t(&dy, &[rows, nout], dt, d), &t(&x, &[rows, kin], dt, d))
+                .unwrap()
+        };
+        check("linear_weight_grad", dt, &wg(&gpu), &wg(&cpu), tol(dt));
+        // Degenerate sizes: k = 0 gives zeros, m = 0 an empty result.
+        let z = ops::matmul(
+            &t(&[], &[2, 3, 0], dt, &gpu),
+            false,
+            &t(&[], &[2, 0, 4], dt, &gpu),
+            false,
+            2,
+            3,
+            4,
+            0,
+            &[2, 3, 4],
+        )
+        .unwrap();
+        assert_eq!(z.to_f32_vec().unwrap(), vec![0f32; 24], "matmul k = 0 {dt}");
+        let e = ops::matmul(
+            &t(&[], &[0, 5], dt, &gpu),
+            false,
+            &t(&randn(6, 15), &[5, 3], dt, &gpu),
+            false,
+            1,
+            0,
+            3,
+            5,
+            &[0, 3],
+        )
+        .unwrap();
+        assert!(e.to_f32_vec().unwrap().is_empty(), "matmul m = 0 {dt}");
+    }
+}
+
+#[test]
+fn cuda_attention_pieces_match_cpu() {
+    let Some(gpu) = gpu("cuda_attention_pieces_match_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in DTYPES {
+        // transpose_12 moves values: exact.
+        let shape = [2, 3, 5, 7];
+        let x = randn(10, 2 * 3 * 5 * 7);
+        let run = |d: &Device| ops::transpose_12(&t(&x, &shape, dt, d)).unwrap();
+        let (g, c) = (run(&gpu), run(&cpu));
+        assert_eq!(g.shape(), &[2, 5, 3, 7]);
+        assert_eq!(
+            g.to_f32_vec().unwrap(),
+            c.to_f32_vec().unwrap(),
+            "transpose_12 {dt}"
+        );
+
+        // masked_softmax: (shape, key lengths, causal); a key length of 0 gives zero rows.
+        let cases: [([usize; 4], Option<Vec<i32>>, bool); 5] = [
+            ([2, 2, 3, 19], None, false),
+            ([2, 3, 5, 1500], Some(vec![1200, 0]), false),
+            ([2, 2, 37, 37], None, true),
+            ([3, 2, 37, 37], Some(vec![37, 20, 1]), true),
+            ([1, 1, 4, 2000], Some(vec![1999]), true),
+        ];
+        for (sh, kl, causal) in cases {
+            let n: usize = sh.iter().product();
+            let s = scaled(11, n, 4.0);
+            let run = |d: &Device| {
+                let klt = kl.as_ref().map(|k| ids(k, d));
+                ops::masked_softmax(&t(&s, &sh, dt, d), klt.as_ref(), 0.125, causal).unwrap()
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            let what = format!("masked_softmax {sh:?} lens {kl:?} causal {causal}");
+            check(&what, dt, &g, &c, tol(dt));
+            // Masked entries (zeros on the CPU) are exactly zero on the GPU too.
+            let (gv, cv) = (g.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+            for (i, (a, b)) in gv.iter().zip(&cv).enumerate() {
+                if *b == 0.0 {
+                    assert_eq!(*a, 0.0, "{what} {dt}: element {i} should be masked");
+                }
+            }
+        }
+
+        // softmax_backward on rows of 37 and 1500.
+        for (rows, cols) in [(33, 37), (12, 1500)] {
+            let (p, dp) = (randn(12, rows * cols), randn(13, rows * cols));
+            let run = |d: &Device| {
+                ops::softmax_backward(
+                    &t(&p, &[rows, cols], dt, d),
+                    &t(&dp, &[rows, cols], dt, d),
+                    0.3,
+                )
+                .unwrap()
+            };
+            let what = format!("softmax_backward [{rows}, {cols}]");
+            check(&what, dt, &run(&gpu), &run(&cpu), tol(dt));
+        }
+    }
+}
+
+#[test]
+fn cuda_norm_activation_and_reductions_match_cpu() {
+    let Some(gpu) = gpu("cuda_norm_activation_and_reductions_match_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in DTYPES {
+        // layer_norm_backward: dx in the input dtype, dgamma and dbeta f32.
+        for (rows, h) in [(33, 37), (7, 1031), (300, 64)] {
+            let x: Vec<f32> = randn(20, rows * h).iter().map(|v| 2.0 * v + 0.5).collect();
+            let (g, dy) = (randn(21, h), randn(22, rows * h));
+            let run = |d: &Device| {
+                ops::layer_norm_backward(
+                    &t(&x, &[rows, h], dt, d),
+                    &t(&g, &[h], dt, d),
+                    &t(&dy, &[rows, h], dt, d),
+                    1e-5,
+                )
+                .unwrap()
+            };
+            let ((gdx, gdg, gdb), (cdx, cdg, cdb)) = (run(&gpu), run(&cpu));
+            assert_eq!(gdg.dtype(), DType::F32);
+            assert_eq!(gdb.dtype(), DType::F32);
+            let what = format!("layer_norm_backward [{rows}, {h}]");
+            check(&format!("{what} dx"), dt, &gdx, &cdx, tol(dt));
+            check(&format!("{what} dgamma"), dt, &gdg, &cdg, tol(dt));
+            check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
+        }
+
+        // activate and activation_backward for every activation.
+        let (rows, h) = (33, 37);
+        let pre = scaled(30, rows * h, 3.0);
+        let dy = randn(31, rows * h);
+        for act in ACTS {
+            let f = |d: &Device| ops::activate(&t(&pre, &[rows, h], dt, d), act).unwrap();
+            check(
+                &format!("activate {act:?}"),
+                dt,
+                &f(&gpu),
+                &f(&cpu),
+                tol(dt),
+            );
+            let b = |d: &Device| {
+                ops::activation_backward(
+                    &t(&pre, &[rows, h], dt, d),
+                    &t(&dy, &[rows, h], dt, d),
+                    act,
+                )
+                .unwrap()
+            };
+            let what = format!("activation_backward {act:?}");
+            check(&what, dt, &b(&gpu), &b(&cpu), tol(dt));
+        }
+
+        // column_sum: f32 out whatever the input.
+        for (rows, cols) in [(33, 37), (1000, 1031), (1, 5)] {
+            let x = randn(40, rows * cols);
+            let run = |d: &Device| ops::column_sum(&t(&x, &[rows, cols], dt, d)).unwrap();
+            let (g, c) = (run(&gpu), run(&cpu));
+            assert_eq!(g.dtype(), DType::F32);
+            check(&format!("column_sum [{rows}, {cols}]"), dt, &g, &c, tol(dt));
+        }
+
+        // sum_squares: both sides add the same values' squares in f64.
+        for n in [1, 37, 100_003] {
+            let x = randn(41, n);
+            let run = |d: &Device| ops::sum_squares(&t(&x, &[n], dt, d)).unwrap();
+            let (g, c) = (run(&gpu), run(&cpu));
+            let err = (g - c).abs() / c.abs();
+            assert!(err <= 1e-9, "sum_squares {n} {dt}: {g} vs {c}");
+            eprintln!(
+                "{:<44} {dt:<5} rel err {err:.2e}",
+                format!("sum_squares {n}")
+            );
+        }
+
+        // add_scaled_into: f32 accumulator, x of this dtype.
+        let n = 1037;
+        let (acc0, x) = (randn(42, n), randn(43, n));
+        let run = |d: &Device| {
+            let mut acc = t(&acc0, &[n], DType::F32, d);
+            ops::add_scaled_into(&mut acc, &t(&x, &[n], dt, d), 0.3).unwrap();
+            acc
+        };
+        let (g, c) = (run(&gpu), run(&cpu));
+        check("add_scaled_into", dt, &g, &c, 1e-6);
+    }
+}
+
+#[test]
+fn cuda_embedding_backward_matches_cpu() {
+    let Some(gpu) = gpu("cuda_embedding_backward_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let (vocab, h) = (20, 37);
+    // Repeats, ignored (-1) and out-of-range ids.
+    let id: Vec<i32> = (0..50)
+        .map(|i| match i % 11 {
+            3 => -1,
+            7 => vocab as i32 + 5,
+            _ => (i * 7 % vocab) as i32,
+        })
+        .collect();
+    let dy = randn(50, id.len() * h);
+    for dt in DTYPES {
+        let run = |d: &Device| {
+            ops::embedding_backward(&ids(&id, d), &t(&dy, &[id.len(), h], dt, d), vocab, 2.0)
+                .unwrap()
+        };
+        let (g, c) = (run(&gpu), run(&cpu));
+        assert_eq!(g.dtype(), DType::F32);
+        assert_eq!(g.shape(), &[vocab, h]);
+        check("embedding_backward", dt, &g, &c, tol(dt));
+    }
+}
+
+#[test]
+fn cuda_cross_entropy_matches_cpu() {
+    let Some(gpu) = gpu("cuda_cross_entropy_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for (n, vocab) in [(33, 5000), (5, 37), (3, 1)] {
+        let logits = scaled(60, n * vocab, 3.0);
+        let targets: Vec<i32> = (0..n)
+            .map(|i| {
+                if i % 5 == 2 {
+                    -1
+                } else {
+                    ((i * 7919 + 13) % vocab) as i32
+                }
+            })
+            .collect();
+        for dt in DTYPES {
+            for (eps, grad_scale) in [(0.1, 0.5), (0.0, 1.0)] {
+                let run = |d: &Device| {
+                    ops::cross_entropy(
+                        &t(&logits, &[n, vocab], dt, d),
+                        &ids(&targets, d),
+                        eps,
+                        grad_scale,
+                    )
+                    .unwrap()
+                };
+                let ((gl, gn, gd), (cl, cn, cd)) = (run(&gpu), run(&cpu));
+                let what = format!("cross_entropy [{n}, {vocab}] eps {eps}");
+                // Loss and nll are f32 from the same (rounded) logits.
+                check(&format!("{what} loss"), dt, &gl, &cl, 1e-5);
+                check(&format!("{what} nll"), dt, &gn, &cn, 1e-5);
+                check(&format!("{what} dlogits"), dt, &gd, &cd, tol(dt));
+                // Ignored rows are zero everywhere.
+                let (lv, gv) = (gl.to_f32_vec().unwrap(), gd.to_f32_vec().unwrap());
+                for (i, &tg) in targets.iter().enumerate() {
+                    if tg < 0 {
+                        assert_eq!(lv[i], 0.0, "{what} {dt}: loss of ignored row {i}");
+                        let row = &gv[i * vocab..(i + 1) * vocab];
+                        assert!(row.iter().all(|&v| v == 0.0), "{what} {dt}: row {i}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_adam_step_matches_cpu() {
+    let Some(gpu) = gpu("cuda_adam_step_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let n = 10_007;
+    let (p0, g0) = (randn(70, n), randn(71, n));
+    let m0: Vec<f32> = randn(72, n).iter().map(|v| 0.1 * v).collect();
+    let v0: Vec<f32> = randn(73, n).iter().map(|v| 0.01 * v * v).collect();
+    for decoupled in [true, false] {
+        for step in [1, 10] {
+            let hp = AdamHyper {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                decoupled,
+                step,
+                grad_scale: 0.5,
+            };
+            let run = |d: &Device| {
+                let f = DType::F32;
+                let (mut p, g) = (t(&p0, &[n], f, d), t(&g0, &[n], f, d));
+                let (mut m, mut v) = (t(&m0, &[n], f, d), t(&v0, &[n], f, d));
+                // Two steps, so the updated moments feed the second.
+                for s in [step, step + 1] {
+                    ops::adam_step(&mut p, &g, &mut m, &mut v, &AdamHyper { step: s, ..hp })
+                        .unwrap();
+                }
+                [p, m, v]
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            for (name, (a, b)) in ["param", "m", "v"].iter().zip(g.iter().zip(&c)) {
+                let what = format!("adam_step decoupled {decoupled} step {step} {name}");
+                check(&what, DType::F32, a, b, 1e-6);
+                let (av, bv) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+                let differing = av.iter().zip(&bv).filter(|(x, y)| x != y).count();
+                eprintln!("{what}: {differing} of {n} elements differ in their bits");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_dropout_masks_equal_cpu() {
+    let Some(gpu) = gpu("cuda_dropout_masks_equal_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let n = 10_007; // not a multiple of 4
+    let x = randn(80, n);
+    for (seed, offset) in [(1234u64, 5u64), (0x1234_5678_9abc_def0, 1u64 << 40)] {
+        for dt in DTYPES {
+            let run = |d: &Device| {
+                ops::dropout(&t(&x, &[n], dt, d), 0.1, seed, offset)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap()
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            let zeros = |v: &[f32]| v.iter().filter(|&&e| e == 0.0).count();
+            let (zg, zc) = (zeros(&g), zeros(&c));
+            assert_eq!(zg, zc, "dropout {dt} seed {seed}: zero counts");
+            assert!(
+                (zc as f64 / n as f64 - 0.1).abs() < 0.02,
+                "dropout {dt}: rate {zc}/{n}"
+            );
+            for i in 0..n {
+                assert_eq!(
+                    g[i] == 0.0,
+                    c[i] == 0.0,
+                    "dropout {dt} seed {seed}: mask at {i}"
+                );
+            }
+            if dt == DType::F32 {
+                assert_eq!(g, c, "dropout f32 seed {seed}: values");
+            } else {
+                let err = rel_err(&g, &c);
+                assert!(err <= tol(dt), "dropout {dt}: rel err {err}");
+            }
+            eprintln!("dropout {dt:<5} seed {seed:#x}: {zg} of {n} dropped, masks equal");
+        }
+    }
+}
