@@ -6,6 +6,9 @@ use clap::Args;
 use lightseq::generate::{generate, GenerationOptions, Inputs};
 use lightseq::io::ModelDir;
 use lightseq::models::{self, presets, Batch};
+use lightseq::train::models::{Example, Net, Task};
+use lightseq::train::optim::{AdamConfig, Kind, Schedule};
+use lightseq::train::trainer::{TrainConfig, Trainer};
 use lightseq::{DType, Device, DeviceSpec};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,7 +21,9 @@ pub struct BenchArgs {
     /// bert-base, gpt2, transformer-base, transformer-big or bart-base (seeded random weights).
     #[arg(long)]
     pub preset: Option<String>,
-    /// forward or generate.
+    /// forward, generate or train (one update per iteration: forward, backward, AdamW;
+    /// seq2seq rows with source and target of --seq tokens, causal-LM rows, or BERT
+    /// masked-LM rows with 15% of positions predicted).
     #[arg(long, default_value = "forward")]
     pub task: String,
     /// Batch sizes, comma-separated (every combination with --seq is timed).
@@ -84,7 +89,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let runner = match a.task.as_str() {
         "forward" => Runner::Forward(models::load(&dir, dtype, &device)?),
         "generate" => Runner::Generate(models::load_decoder(&dir, dtype, &device)?),
-        other => bail!("unknown task `{other}` (forward or generate)"),
+        "train" => Runner::Train(std::cell::RefCell::new(trainer(&dir, dtype, &device)?)),
+        other => bail!("unknown task `{other}` (forward, generate or train)"),
     };
     eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
     let mut results = Vec::new();
@@ -103,6 +109,29 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 enum Runner {
     Forward(Box<dyn models::Model>),
     Generate(Box<dyn models::decode::Decoder>),
+    Train(std::cell::RefCell<Trainer>),
+}
+
+fn trainer(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Trainer> {
+    let net = Net::load(dir, Some(Task::MaskedLm), dtype, device)?;
+    Ok(Trainer::new(
+        net,
+        TrainConfig {
+            lr: 1e-4,
+            schedule: Schedule::Constant,
+            optimizer: AdamConfig {
+                kind: Kind::AdamW,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+            clip_norm: Some(1.0),
+            label_smoothing: 0.1,
+            dropout: (0.0, 0.0, 0.0),
+            seed: 1,
+        },
+    ))
 }
 
 /// Times one (batch, seq) point and prints its row.
@@ -152,6 +181,41 @@ fn point(
                     match model.forward_on_device(&b) {
                         Some(r) => drop(r?),
                         None => drop(model.forward(&b)?),
+                    }
+                    device.synchronize()?;
+                    Ok(())
+                }),
+                batch * seq,
+            )
+        }
+        Runner::Train(tr) => {
+            let task = tr.borrow().net.task;
+            let rows: Vec<Example> = ids
+                .iter()
+                .enumerate()
+                .map(|(b, r)| match task {
+                    Task::Seq2Seq => Example::Seq2Seq {
+                        src: r.clone(),
+                        tgt: r.iter().rev().copied().collect(),
+                    },
+                    Task::CausalLm => Example::Causal {
+                        ids: r.iter().copied().chain([r[0]]).collect(),
+                    },
+                    _ => Example::Masked {
+                        ids: r.clone(),
+                        labels: r
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &t)| if (b + i) % 7 == 0 { t } else { -100 })
+                            .collect(),
+                    },
+                })
+                .collect();
+            (
+                Box::new(move || {
+                    let s = tr.borrow_mut().update(&[&rows])?;
+                    if !s.applied {
+                        eprintln!("f16 overflow at update {}, loss scale {}", s.step, s.loss_scale);
                     }
                     device.synchronize()?;
                     Ok(())

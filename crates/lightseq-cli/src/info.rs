@@ -4,6 +4,18 @@ use lightseq::models;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Prints a preset's config.json.
+pub fn preset(name: &str) -> Result<()> {
+    let cfg = models::presets::config(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown preset `{name}` (one of {})",
+            models::presets::NAMES.join(", ")
+        )
+    })?;
+    println!("{}", serde_json::to_string_pretty(&cfg)?);
+    Ok(())
+}
+
 pub fn run(model_dir: &Path) -> Result<()> {
     let dir = ModelDir::open(model_dir)?;
     let info = models::describe(&dir)?;

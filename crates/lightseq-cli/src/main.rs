@@ -58,7 +58,11 @@ enum Command {
     /// Show a model's architecture, sizes, parameter count and dtypes.
     Info {
         /// Model directory.
-        model_dir: PathBuf,
+        model_dir: Option<PathBuf>,
+        /// Print the config.json of a preset (bert-base, gpt2, transformer-base,
+        /// transformer-big, bart-base) instead.
+        #[arg(long, conflicts_with = "model_dir")]
+        preset: Option<String>,
     },
     /// Check parity with Hugging Face on the built-in fixture models and measure tokens/s.
     Demo {
@@ -90,7 +94,11 @@ fn main() {
             device,
             dtype,
         } => forward::run(&model_dir, &input, &out, &device, &dtype),
-        Command::Info { model_dir } => info::run(&model_dir),
+        Command::Info { model_dir, preset } => match (model_dir, preset) {
+            (Some(d), None) => info::run(&d),
+            (None, Some(p)) => info::preset(&p),
+            _ => Err(anyhow::anyhow!("give a model directory or --preset NAME")),
+        },
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
