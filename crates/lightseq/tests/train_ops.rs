@@ -12,13 +12,14 @@ use lightseq::{DType, Device, Tensor};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-const ACTS: [Activation; 6] = [
+const ACTS: [Activation; 7] = [
     Activation::None,
     Activation::Gelu,
     Activation::GeluTanh,
     Activation::Relu,
     Activation::Silu,
     Activation::QuickGelu,
+    Activation::Tanh,
 ];
 
 fn tol(dt: DType) -> f64 {
@@ -98,6 +99,30 @@ fn cuda_matmul_matches_cpu() {
                 .unwrap()
         };
         check("linear_weight_grad", dt, &wg(&gpu), &wg(&cpu), tol(dt));
+        // Accumulated into an f32 gradient that already holds values.
+        let acc0 = randn(6, nout * kin);
+        let wgi = |d: &Device| {
+            let mut acc = t(&acc0, &[nout, kin], DType::F32, d);
+            ops::linear_weight_grad_into(
+                &mut acc,
+                &t(&dy, &[rows, nout], dt, d),
+                &t(&x, &[rows, kin], dt, d),
+            )
+            .unwrap();
+            acc
+        };
+        check("linear_weight_grad_into", dt, &wgi(&gpu), &wgi(&cpu), tol(dt));
+        // Sum of squares over several tensors with one download.
+        let parts = [randn(7, 1000), randn(8, 3), randn(9, 70_000)];
+        let ss = |d: &Device| {
+            let ts: Vec<Tensor> = parts
+                .iter()
+                .map(|p| t(p, &[p.len()], dt, d))
+                .collect();
+            ops::sum_squares_all(&ts.iter().collect::<Vec<_>>()).unwrap()
+        };
+        let (g, c) = (ss(&gpu), ss(&cpu));
+        assert!(((g - c) / c).abs() < 1e-9, "sum_squares_all {dt}: {g} vs {c}");
         // Degenerate sizes: k = 0 gives zeros, m = 0 an empty result.
         let z = ops::matmul(
             &t(&[], &[2, 3, 0], dt, &gpu),
@@ -439,6 +464,27 @@ fn cuda_dropout_masks_equal_cpu() {
                 assert!(err <= tol(dt), "dropout {dt}: rel err {err}");
             }
             eprintln!("dropout {dt:<5} seed {seed:#x}: {zg} of {n} dropped, masks equal");
+        }
+    }
+}
+
+#[test]
+fn cuda_dtype_casts_match_cpu() {
+    let Some(gpu) = gpu("cuda_dtype_casts_match_cpu") else {
+        return;
+    };
+    let x = scaled(21, 4099, 3.0);
+    for from in DTYPES {
+        for to in DTYPES {
+            let run = |d: &Device| lightseq::ops::to_dtype(&t(&x, &[4099], from, d), to).unwrap();
+            let (g, c) = (run(&gpu), run(&Device::Cpu));
+            assert_eq!(g.dtype(), to);
+            // Rounding to the narrower type is exact on both sides: the values are equal.
+            assert_eq!(
+                g.to_f32_vec().unwrap(),
+                c.to_f32_vec().unwrap(),
+                "cast {from} -> {to}"
+            );
         }
     }
 }

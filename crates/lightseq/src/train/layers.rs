@@ -88,8 +88,7 @@ impl Lin {
     }
 
     pub fn backward_params(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<()> {
-        let dw = tops::linear_weight_grad(dy, x)?;
-        ps.accumulate(self.w, &dw)?;
+        ps.accumulate_weight_grad(self.w, dy, x)?;
         if let Some(b) = self.b {
             ps.accumulate(b, &tops::column_sum(dy)?)?;
         }

@@ -107,6 +107,33 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     matmul(dy, true, x, false, 1, n, k, rows, &[n, k])
 }
 
+/// `acc += dy^T @ x` over all rows: accumulates the weight gradient of `y = x @ w^T` into
+/// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly).
+pub fn linear_weight_grad_into(acc: &mut Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
+    const OP: &str = "linear_weight_grad_into";
+    float_dtype(OP, &[dy, x])?;
+    let n = dy.shape().last().copied().unwrap_or(1);
+    let k = x.shape().last().copied().unwrap_or(1);
+    let rows = dy.len() / n.max(1);
+    need(
+        OP,
+        acc.dtype() == DType::F32 && acc.len() == n * k && x.len() == rows * k,
+        || format!("acc {:?}, dy {:?}, x {:?}", acc.shape(), dy.shape(), x.shape()),
+    )?;
+    if acc.cuda_device().map(|d| d.ordinal()) != dy.cuda_device().map(|d| d.ordinal()) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    match (&mut acc.storage, &dy.storage, &x.storage) {
+        (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
+            cuda::weight_grad_into(a, d, xs, rows, n, k)
+        }
+        _ => {
+            let g = linear_weight_grad(dy, x)?;
+            add_scaled_into(acc, &g, 1.0)
+        }
+    }
+}
+
 /// [a, b, c, d] -> [a, c, b, d] (heads to the front and back).
 pub fn transpose_12(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "transpose_12";
@@ -394,6 +421,21 @@ pub fn sum_squares(x: &Tensor) -> Result<f64> {
         Storage::Cuda(v) => cuda::sum_squares(v),
         Storage::CpuI32(_) => unreachable!(),
     }
+}
+
+/// Sum of squares over all elements of all `xs` (one host round trip on CUDA).
+pub fn sum_squares_all(xs: &[&Tensor]) -> Result<f64> {
+    const OP: &str = "sum_squares_all";
+    if xs.is_empty() {
+        return Ok(0.0);
+    }
+    float_dtype(OP, &xs[..1])?;
+    if xs[0].cuda_device().is_some() {
+        let s: Vec<&crate::backend::cuda::CudaStorage> =
+            xs.iter().map(|x| x.cuda(OP)).collect::<Result<_>>()?;
+        return cuda::sum_squares_many(&s);
+    }
+    xs.iter().map(|x| sum_squares(x)).sum()
 }
 
 /// Inverted dropout with rate `p`; the mask is Philox(seed, offset, element index), so

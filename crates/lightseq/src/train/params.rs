@@ -160,6 +160,11 @@ impl Params {
         tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
     }
 
+    /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T` into parameter `p`'s gradient.
+    pub fn accumulate_weight_grad(&mut self, p: Pid, dy: &Tensor, x: &Tensor) -> Result<()> {
+        tops::linear_weight_grad_into(&mut self.list[p].grad, dy, x)
+    }
+
     /// Zeroes every gradient.
     pub fn zero_grads(&mut self) -> Result<()> {
         for q in &mut self.list {
@@ -170,11 +175,8 @@ impl Params {
 
     /// Global L2 norm of all gradients (times `scale`).
     pub fn grad_norm(&self, scale: f64) -> Result<f64> {
-        let mut s = 0f64;
-        for q in &self.list {
-            s += tops::sum_squares(&q.grad)?;
-        }
-        Ok(s.sqrt() * scale)
+        let grads: Vec<&Tensor> = self.list.iter().map(|q| &q.grad).collect();
+        Ok(tops::sum_squares_all(&grads)?.sqrt() * scale)
     }
 
     /// One Adam(W) step on every parameter with gradients multiplied by `grad_scale`,

@@ -15,7 +15,7 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 
 type AlgoKey = (DType, usize, usize, usize, bool);
 /// (dtype, ta, tb, batch, m, n, k) of `matmul_general`.
-type GeneralKey = (DType, bool, bool, usize, usize, usize, usize);
+type GeneralKey = (DType, bool, bool, bool, usize, usize, usize, usize);
 
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
@@ -117,8 +117,10 @@ impl Descs {
     /// Descriptors of the column-major `C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m)`,
     /// which is the row-major `C [m, n] = op(A) @ op(B)`; B is cuBLASLt's first operand.
     /// For `batch > 1` every layout is strided-batched with contiguous batches.
+    #[allow(clippy::too_many_arguments)]
     fn general(
         dt: DType,
+        c_f32: bool,
         ta: bool,
         tb: bool,
         batch: usize,
@@ -140,8 +142,14 @@ impl Descs {
         // column-major m x k (ld m), transposed.
         let (ar, ac) = if ta { (m, k) } else { (k, m) };
         let mut made = Vec::with_capacity(3);
-        for (r, c) in [(br, bc), (ar, ac), (n, m)] {
-            match lt::create_matrix_layout(ty, r as u64, c as u64, r as i64) {
+        let c_ty = if c_f32 {
+            sys::cudaDataType_t::CUDA_R_32F
+        } else {
+            ty
+        };
+        for (i, (r, c)) in [(br, bc), (ar, ac), (n, m)].into_iter().enumerate() {
+            let t = if i == 2 { c_ty } else { ty };
+            match lt::create_matrix_layout(t, r as u64, c as u64, r as i64) {
                 Ok(l) => made.push(l),
                 Err(err) => {
                     // SAFETY: each was created above, destroyed once.
@@ -275,10 +283,13 @@ impl BlasLt {
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
     /// `m`, `n` and `k` must be non-zero.
     #[allow(clippy::too_many_arguments)]
+    /// `C = op(A) op(B) + beta * C`; C is f32 when `c_f32`, else of dtype `dt`.
     pub(crate) fn matmul_general(
         &self,
         stream: &Arc<CudaStream>,
         dt: DType,
+        c_f32: bool,
+        beta: f32,
         ta: bool,
         tb: bool,
         batch: usize,
@@ -289,8 +300,8 @@ impl BlasLt {
         b: u64,
         c: u64,
     ) -> Result<()> {
-        let d = Descs::general(dt, ta, tb, batch, m, n, k)?;
-        let key = (dt, ta, tb, batch, m, n, k);
+        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k)?;
+        let key = (dt, c_f32, ta, tb, batch, m, n, k);
         let algo = {
             let mut algos = self.general_algos.lock().unwrap();
             match algos.get(&key) {
@@ -302,7 +313,7 @@ impl BlasLt {
                 }
             }
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         let (ws, _sync) = self.workspace.device_ptr(stream);
         // SAFETY: the caller guarantees the buffers' sizes; descriptors live until return.
         unsafe {

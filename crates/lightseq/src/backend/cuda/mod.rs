@@ -47,6 +47,30 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
+/// Keeps freed memory in the device's pool across synchronizations (the default threshold
+/// of 0 hands it back to the driver at every sync, and the next allocations pay to map it
+/// again), as a caching allocator does.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut max = u64::MAX;
+    // SAFETY: plain out-parameter and attribute value on this context's device.
+    unsafe {
+        ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| cuda_err("memory pool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut max as *mut u64 as *mut _,
+        )
+        .result()
+        .map_err(|e| cuda_err("memory pool attribute", e))?;
+    }
+    Ok(())
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`, checking that the driver, cuBLASLt and NVRTC are present.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
@@ -73,6 +97,7 @@ impl CudaDevice {
             .compute_capability()
             .map_err(|e| cuda_err("compute capability", e))?;
         let lt = blaslt::BlasLt::new(&stream)?;
+        keep_pool_memory(&ctx)?;
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,

@@ -37,6 +37,8 @@ pub const MODULES: &[KernelModule] = &[
             "scale",
             "index_select",
             "write_rows",
+            "to_f32",
+            "from_f32",
         ],
     },
     KernelModule {

@@ -311,9 +311,45 @@ pub(crate) fn attention(
 }
 
 /// Conversion between float dtypes (through the host; used off the hot path).
+/// Converts between float dtypes on the device (through f32 when neither side is f32).
 pub(crate) fn cast(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
-    let v = x.download_f32()?;
-    x.device().upload_f32(&v, dtype)
+    let dev = x.device();
+    let n = x.len();
+    let launch = |name: &str, kdt: DType, src: u64, dst: u64| -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = dev.kernel(name, kdt)?;
+        let total = n as i64;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&src).arg(&dst).arg(&total);
+        // SAFETY: argument types match the kernels' signatures in elementwise.cu.
+        launched(name, unsafe { l.launch(grid_1d(n, 256)) })
+    };
+    match (x.dtype(), dtype) {
+        (DType::F32, DType::F32) => {
+            let y = dev.alloc(DType::F32, n)?;
+            launch("to_f32", DType::F32, x.ptr(), y.ptr())?;
+            Ok(y)
+        }
+        (DType::F32, b) => {
+            let y = dev.alloc(b, n)?;
+            launch("from_f32", b, x.ptr(), y.ptr())?;
+            Ok(y)
+        }
+        (a, DType::F32) => {
+            let y = dev.alloc(DType::F32, n)?;
+            launch("to_f32", a, x.ptr(), y.ptr())?;
+            Ok(y)
+        }
+        (a, b) => {
+            let tmp = dev.alloc(DType::F32, n)?;
+            launch("to_f32", a, x.ptr(), tmp.ptr())?;
+            let y = dev.alloc(b, n)?;
+            launch("from_f32", b, tmp.ptr(), y.ptr())?;
+            Ok(y)
+        }
+    }
 }
 
 pub(crate) fn rms_norm(

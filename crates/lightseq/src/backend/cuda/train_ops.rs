@@ -81,6 +81,8 @@ pub(crate) fn matmul(
     dev.lt.matmul_general(
         dev.stream(),
         dt,
+        false,
+        0.0,
         ta,
         tb,
         batch,
@@ -92,6 +94,36 @@ pub(crate) fn matmul(
         c.ptr(),
     )?;
     Ok(c)
+}
+
+/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]`, the GEMM writing into `acc`.
+pub(crate) fn weight_grad_into(
+    acc: &CudaStorage,
+    dy: &CudaStorage,
+    x: &CudaStorage,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if rows == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let dev = dy.device();
+    dev.lt.matmul_general(
+        dev.stream(),
+        dy.dtype(),
+        true,
+        1.0,
+        true,
+        false,
+        1,
+        n,
+        k,
+        rows,
+        dy.ptr(),
+        x.ptr(),
+        acc.ptr(),
+    )
 }
 
 pub(crate) fn transpose_12(
@@ -434,6 +466,50 @@ pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
     // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds one
     // f64 per block.
     launched("sum_squares", unsafe { l.launch(cfg) })?;
+    let host = st
+        .clone_dtoh(&partial)
+        .map_err(|e| cuda_err("device to host copy", e))?;
+    Ok(host.iter().sum())
+}
+
+/// Sum of squares over several tensors with one download: each tensor's blocks write their
+/// partial sums into one shared buffer.
+pub(crate) fn sum_squares_many(xs: &[&CudaStorage]) -> Result<f64> {
+    let Some(first) = xs.iter().find(|x| x.len() > 0) else {
+        return Ok(0.0);
+    };
+    let dev = first.device();
+    let st = dev.stream();
+    let cfgs: Vec<LaunchConfig> = xs
+        .iter()
+        .map(|x| {
+            let mut c = grid_1d(x.len().max(1), 256);
+            c.grid_dim.0 = c.grid_dim.0.min(SUM_BLOCKS as u32);
+            c
+        })
+        .collect();
+    let total_blocks: usize = cfgs.iter().map(|c| c.grid_dim.0 as usize).sum();
+    let partial = st
+        .alloc_zeros::<f64>(total_blocks)
+        .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
+    let base = {
+        use cudarc::driver::DevicePtr;
+        partial.device_ptr(st).0
+    };
+    let mut offset = 0usize;
+    for (x, cfg) in xs.iter().zip(&cfgs) {
+        if x.len() > 0 {
+            let f = dev.kernel("sum_squares", x.dtype())?;
+            let (xp, total) = (x.ptr(), x.len() as i64);
+            let pp = base + (offset * std::mem::size_of::<f64>()) as u64;
+            let mut l = st.launch_builder(&f);
+            l.arg(&xp).arg(&pp).arg(&total);
+            // SAFETY: argument types match the kernel's signature in train.cu; this tensor's
+            // blocks write `grid_dim.0` f64 partials from `pp` on, inside `partial`.
+            launched("sum_squares", unsafe { l.launch(*cfg) })?;
+        }
+        offset += cfg.grid_dim.0 as usize;
+    }
     let host = st
         .clone_dtoh(&partial)
         .map_err(|e| cuda_err("device to host copy", e))?;

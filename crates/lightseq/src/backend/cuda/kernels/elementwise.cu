@@ -95,3 +95,17 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
 LS_FLOAT_TYPES(LS_ROWS)
 // Integer rows (ids) use the same kernel.
 LS_ROWS(int, i32)
+
+// Conversions through f32: to_f32_<src> widens, from_f32_<dst> narrows (round to nearest).
+#define LS_CAST(T, S)                                                                         \
+  extern "C" __global__ void to_f32_##S(const T* x, float* y, long long total) {              \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;           \
+         i += (long long)gridDim.x * blockDim.x)                                              \
+      y[i] = to_f(x[i]);                                                                      \
+  }                                                                                           \
+  extern "C" __global__ void from_f32_##S(const float* x, T* y, long long total) {            \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;           \
+         i += (long long)gridDim.x * blockDim.x)                                              \
+      y[i] = from_f<T>(x[i]);                                                                 \
+  }
+LS_FLOAT_TYPES(LS_CAST)

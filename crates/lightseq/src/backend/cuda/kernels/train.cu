@@ -202,6 +202,10 @@ __device__ __forceinline__ float activation_grad(float x, int act) {
       const float s = 1.f / (1.f + expf(-1.702f * x));
       return s + 1.702f * x * s * (1.f - s);
     }
+    case 6: {  // tanh
+      const float t = tanhf(x);
+      return 1.f - t * t;
+    }
     default: return 1.f;
   }
 }
