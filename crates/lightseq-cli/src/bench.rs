@@ -215,7 +215,10 @@ fn point(
                 Box::new(move || {
                     let s = tr.borrow_mut().update(&[&rows])?;
                     if !s.applied {
-                        eprintln!("f16 overflow at update {}, loss scale {}", s.step, s.loss_scale);
+                        eprintln!(
+                            "f16 overflow at update {}, loss scale {}",
+                            s.step, s.loss_scale
+                        );
                     }
                     device.synchronize()?;
                     Ok(())

@@ -1,5 +1,6 @@
 //! `lightseq demo`: parity with the Hugging Face outputs stored beside the embedded fixture
-//! models, then tokens/s of a BERT-base-sized encoder on the device found.
+//! models, tokens/s of a BERT-base-sized encoder on the device found, then a small
+//! Transformer trained from scratch (`demo_train`).
 
 use anyhow::{bail, Result};
 use lightseq::io::safetensors::{Bytes, SafeTensorsFile};
@@ -127,7 +128,7 @@ fn rel_err(out: &[f32], reference: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-pub fn run(device: &str) -> Result<()> {
+pub fn run(device: &str, train_steps: u64) -> Result<()> {
     let device = device.parse::<DeviceSpec>()?.open()?;
     println!("lightseq demo on {device}\n");
     println!("Parity with Hugging Face transformers (float64 reference, ragged batches):");
@@ -204,5 +205,14 @@ pub fn run(device: &str) -> Result<()> {
         bail!("{failed} parity check(s) failed");
     }
     println!("\nAll parity checks passed.");
+    if train_steps > 0 {
+        let acc = crate::demo_train::run(&device, train_steps)?;
+        if acc < 0.95 {
+            bail!(
+                "the trained model reached {:.1}% exact match, below 95%",
+                acc * 100.0
+            );
+        }
+    }
     Ok(())
 }

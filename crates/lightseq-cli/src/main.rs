@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod demo_train;
 mod forward;
 mod generate;
 mod info;
@@ -69,6 +70,9 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Updates of the training demo (0 skips it).
+        #[arg(long, default_value_t = 1500)]
+        train_steps: u64,
     },
 }
 
@@ -109,7 +113,10 @@ fn main() {
                     out_dir,
                 },
         } => convert_fairseq(&checkpoint, &out_dir),
-        Command::Demo { device } => demo::run(&device),
+        Command::Demo {
+            device,
+            train_steps,
+        } => demo::run(&device, train_steps),
     };
     if let Err(e) = result {
         let msg = format!("{e:#}").replace('\n', " ");

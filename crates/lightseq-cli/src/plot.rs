@@ -11,7 +11,47 @@ struct Canvas {
     px: Vec<[u8; 3]>,
 }
 
+/// 3x5 glyphs (rows top to bottom, 3 bits each, high bit left) for axis numbers.
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        'e' => [7, 5, 7, 4, 7],
+        _ => return None,
+    })
+}
+
 impl Canvas {
+    /// Writes `text` with its top-left corner at (x, y), each glyph pixel `scale` wide.
+    fn text(&mut self, x: i64, y: i64, text: &str, c: [u8; 3]) {
+        let scale = 2;
+        for (i, ch) in text.chars().enumerate() {
+            let Some(g) = glyph(ch) else { continue };
+            let ox = x + i as i64 * 4 * scale;
+            for (r, bits) in g.iter().enumerate() {
+                for col in 0..3 {
+                    if bits >> (2 - col) & 1 == 1 {
+                        for dx in 0..scale {
+                            for dy in 0..scale {
+                                self.set(ox + col * scale + dx, y + r as i64 * scale + dy, c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn new() -> Self {
         Canvas {
             px: vec![[255, 255, 255]; W * H],
@@ -71,6 +111,29 @@ pub fn loss_curve(path: &Path, series: &[Series]) -> std::io::Result<()> {
         c.line((x, MARGIN as f64), (x, (H - MARGIN) as f64), grid, 1);
     }
     let axis = [40, 40, 40];
+    // Axis numbers: the loss at the bottom and top grid lines, the first and last step.
+    let num = |v: f64| {
+        if v.abs() >= 1e4 || (v != 0.0 && v.abs() < 1e-2) {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    c.text(4, (H - MARGIN) as i64 - 5, &num(y0), axis);
+    c.text(4, MARGIN as i64 - 5, &num(y1), axis);
+    c.text(
+        MARGIN as i64,
+        (H - MARGIN) as i64 + 10,
+        &format!("{x0:.0}"),
+        axis,
+    );
+    let last = format!("{x1:.0}");
+    c.text(
+        (W - MARGIN) as i64 - 8 * last.len() as i64,
+        (H - MARGIN) as i64 + 10,
+        &last,
+        axis,
+    );
     let (ox, oy) = (MARGIN as f64, (H - MARGIN) as f64);
     c.line((ox, oy), ((W - MARGIN) as f64, oy), axis, 2);
     c.line((ox, oy), (ox, MARGIN as f64), axis, 2);

@@ -532,8 +532,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             curve.push((s.step as f64, s.loss));
             progress.show(&s, max_steps);
         }
-        run_valid(&mut tr, &mut valid_curve)?;
-        save(&tr, epoch + 1, 0)?;
+        // Epoch checkpoints and validation, unless epochs are tiny (many passes over a
+        // few rows), where the end of training is enough.
+        let last = epoch == epochs || tr.step >= max_steps;
+        if last || a.epochs.is_some() || per_epoch >= 20 {
+            run_valid(&mut tr, &mut valid_curve)?;
+            save(&tr, epoch + 1, 0)?;
+        }
         epoch += 1;
     }
     if let Some(done) = mid_epoch {

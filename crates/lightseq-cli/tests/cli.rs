@@ -363,71 +363,110 @@ fn generate_from_encoder_states_file() {
     assert_eq!(read_json(&a)["sequences"], read_json(&b)["sequences"]);
 }
 
-#[test]
-fn train_logs_the_pytorch_losses_and_saves_a_loadable_model() {
-    let d = tmpdir("train");
-    let refs = read_json(&fixtures().join("train/gpt2.json"));
-    let data = d.join("train.jsonl");
+fn train_rows(name: &str) -> (serde_json::Value, String) {
+    let refs = read_json(&fixtures().join(format!("train/{name}.json")));
     let lines: Vec<String> = refs["rows"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| serde_json::json!({ "ids": r }).to_string())
+        .map(|r| match r.get("src") {
+            Some(_) => r.to_string(),
+            None => serde_json::json!({ "ids": r }).to_string(),
+        })
         .collect();
-    write(&data, &(lines.join("\n") + "\n"));
-    for case in refs["cases"].as_array().unwrap() {
-        let log = d.join("log.jsonl");
-        let save = d.join("saved");
-        let ls = case["label_smoothing"].as_f64().unwrap().to_string();
-        let clip = case["clip_norm"].as_f64().unwrap_or(0.0).to_string();
-        let o = bin()
-            .args(["train", "--init"])
-            .arg(fixtures().join("gpt2"))
-            .arg("--train")
-            .arg(&data)
-            .arg("--save-dir")
-            .arg(&save)
-            .arg("--log")
-            .arg(&log)
-            .args([
-                "--max-steps",
-                "15",
-                "--lr",
-                "0.001",
-                "--adam-betas",
-                "0.9,0.98",
-                "--weight-decay",
-                "0.01",
-            ])
-            .args(["--label-smoothing", &ls, "--clip-norm", &clip])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let logged: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let want = case["steps"].as_array().unwrap();
-        assert_eq!(logged.len(), 15);
-        for (i, (g, w)) in logged.iter().zip(want).enumerate() {
-            assert_eq!(g["step"].as_u64(), Some(i as u64 + 1));
-            let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
-            assert!(
-                ((gl - wl) / wl).abs() <= 1e-4,
-                "step {}: {gl} vs torch {wl}",
-                i + 1
-            );
+    (refs, lines.join("\n") + "\n")
+}
+
+fn read_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_logs_the_pytorch_losses_and_saves_a_loadable_model() {
+    let d = tmpdir("train");
+    for name in ["gpt2", "marian"] {
+        let (refs, rows) = train_rows(name);
+        let data = d.join(format!("{name}.jsonl"));
+        write(&data, &rows);
+        for case in refs["cases"].as_array().unwrap() {
+            let log = d.join("log.jsonl");
+            let save = d.join("saved");
+            let ls = case["label_smoothing"].as_f64().unwrap().to_string();
+            let clip = case["clip_norm"].as_f64().unwrap_or(0.0).to_string();
+            let o = bin()
+                .args(["train", "--device", "cpu", "--init"])
+                .arg(fixtures().join(name))
+                .arg("--train")
+                .arg(&data)
+                .arg("--save-dir")
+                .arg(&save)
+                .arg("--log")
+                .arg(&log)
+                .args([
+                    "--max-steps",
+                    "15",
+                    "--lr",
+                    "0.001",
+                    "--adam-betas",
+                    "0.9,0.98",
+                    "--weight-decay",
+                    "0.01",
+                    "--dropout",
+                    "0",
+                    "--shuffle",
+                    "false",
+                ])
+                .args(["--label-smoothing", &ls, "--clip-norm", &clip])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let logged = read_log(&log);
+            let want = case["steps"].as_array().unwrap();
+            assert_eq!(logged.len(), 15);
+            for (i, (g, w)) in logged.iter().zip(want).enumerate() {
+                assert_eq!(g["step"].as_u64(), Some(i as u64 + 1));
+                for k in ["nll_loss", "lr", "tokens", "grad_norm"] {
+                    assert!(g.get(k).is_some(), "log line without {k}");
+                }
+                let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+                assert!(
+                    ((gl - wl) / wl).abs() <= 1e-4,
+                    "{name} step {}: {gl} vs torch {wl}",
+                    i + 1
+                );
+            }
+            for f in [
+                "config.json",
+                "model.safetensors",
+                "optimizer.safetensors",
+                "loss.png",
+            ] {
+                assert!(save.join(f).is_file(), "{name}: no {f} in the save dir");
+            }
+            // The saved directory loads and runs.
+            let inp = d.join("in.json");
+            if name == "marian" {
+                write(
+                    &inp,
+                    r#"{"input_ids": [[3, 14, 15], [35, 39]], "decoder_input_ids": [[88, 5], [88]]}"#,
+                );
+            } else {
+                write(&inp, r#"{"input_ids": [[3, 14, 15], [35, 39]]}"#);
+            }
+            let o = forward(&save, &inp, &d.join("out.safetensors"));
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
-        // The saved directory loads and runs.
-        let inp = d.join("in.json");
-        write(&inp, r#"{"input_ids": [[3, 14, 15], [35, 89]]}"#);
-        let o = forward(&save, &inp, &d.join("out.safetensors"));
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    let (_, rows) = train_rows("gpt2");
+    let data = d.join("gpt2.jsonl");
+    write(&data, &rows);
     let run = |extra: &[&str], model: &Path| {
         bin()
-            .args(["train", "--init"])
+            .args(["train", "--device", "cpu", "--init"])
             .arg(model)
             .arg("--train")
             .arg(&data)
@@ -438,15 +477,70 @@ fn train_logs_the_pytorch_losses_and_saves_a_loadable_model() {
             .unwrap()
     };
     assert_clean_error(
-        &run(&["--dropout", "0.1"], &fixtures().join("gpt2")),
+        &run(&["--dropout", "1.5"], &fixtures().join("gpt2")),
         "dropout",
     );
-    assert_clean_error(&run(&["--device", "cuda"], &fixtures().join("gpt2")), "cpu");
-    assert_clean_error(&run(&[], &fixtures().join("bart")), "gpt2");
+    assert_clean_error(&run(&[], &fixtures().join("t5")), "not supported");
+    assert_clean_error(&run(&[], &fixtures().join("marian")), "src");
     assert_clean_error(
         &run(&["--schedule", "step"], &fixtures().join("gpt2")),
         "unknown schedule",
     );
+    assert_clean_error(&run(&["--dtype", "f8"], &fixtures().join("gpt2")), "f8");
+}
+
+#[test]
+fn train_resumes_where_it_stopped() {
+    let d = tmpdir("resume");
+    let (_, rows) = train_rows("marian");
+    let data = d.join("marian.jsonl");
+    write(&data, &rows);
+    let train = |save: &Path, log: &Path, steps: &str, resume: bool| {
+        let mut c = bin();
+        c.args(["train", "--device", "cpu", "--init"])
+            .arg(fixtures().join("marian"))
+            .arg("--train")
+            .arg(&data)
+            .arg("--save-dir")
+            .arg(save)
+            .arg("--log")
+            .arg(log)
+            .args(["--max-steps", steps, "--lr", "0.001", "--dropout", "0"])
+            .args(["--label-smoothing", "0.1", "--schedule", "inverse_sqrt"])
+            .args([
+                "--warmup-steps",
+                "4",
+                "--max-tokens",
+                "40",
+                "--shuffle",
+                "true",
+            ]);
+        if resume {
+            c.arg("--resume");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (full, part) = (d.join("full"), d.join("part"));
+    train(&full, &d.join("full.jsonl"), "9", false);
+    train(&part, &d.join("part.jsonl"), "4", false);
+    train(&part, &d.join("part.jsonl"), "9", true);
+    let (a, b) = (
+        read_log(&d.join("full.jsonl")),
+        read_log(&d.join("part.jsonl")),
+    );
+    assert_eq!(a.len(), 9);
+    assert_eq!(b.len(), 9, "the resumed run appends steps 5..9");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["tokens"], y["tokens"], "same batches after resuming");
+        let (l1, l2) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(
+            (l1 - l2).abs() <= 1e-6 * l1,
+            "step {}: {l1} vs {l2}",
+            x["step"]
+        );
+    }
 }
 
 #[test]

@@ -111,18 +111,24 @@ fn cuda_matmul_matches_cpu() {
             .unwrap();
             acc
         };
-        check("linear_weight_grad_into", dt, &wgi(&gpu), &wgi(&cpu), tol(dt));
+        check(
+            "linear_weight_grad_into",
+            dt,
+            &wgi(&gpu),
+            &wgi(&cpu),
+            tol(dt),
+        );
         // Sum of squares over several tensors with one download.
         let parts = [randn(7, 1000), randn(8, 3), randn(9, 70_000)];
         let ss = |d: &Device| {
-            let ts: Vec<Tensor> = parts
-                .iter()
-                .map(|p| t(p, &[p.len()], dt, d))
-                .collect();
+            let ts: Vec<Tensor> = parts.iter().map(|p| t(p, &[p.len()], dt, d)).collect();
             ops::sum_squares_all(&ts.iter().collect::<Vec<_>>()).unwrap()
         };
         let (g, c) = (ss(&gpu), ss(&cpu));
-        assert!(((g - c) / c).abs() < 1e-9, "sum_squares_all {dt}: {g} vs {c}");
+        assert!(
+            ((g - c) / c).abs() < 1e-9,
+            "sum_squares_all {dt}: {g} vs {c}"
+        );
         // Degenerate sizes: k = 0 gives zeros, m = 0 an empty result.
         let z = ops::matmul(
             &t(&[], &[2, 3, 0], dt, &gpu),

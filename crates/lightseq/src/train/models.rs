@@ -796,11 +796,15 @@ impl Net {
                 table,
                 bias,
             } => {
-                let pre = dense.forward(ps, &x)?;
+                // Only predicted positions go through the head (the others carry no loss).
+                let picked: Vec<usize> = (0..b * l).filter(|&i| targets[i] >= 0).collect();
+                let xs = ops::index_select(&x, &picked)?;
+                let pre = dense.forward(ps, &xs)?;
                 let a = tops::activate(&pre, *act)?;
                 let t = ln.forward(ps, &a)?;
                 let logits = ops::linear(&t, ps.w(*table), Some(ps.w(*bias)), Activation::None)?;
-                let tt = Tensor::from_i32(&targets, &[b * l], &dev)?;
+                let tsel: Vec<i32> = picked.iter().map(|&i| targets[i]).collect();
+                let tt = Tensor::from_i32(&tsel, &[tsel.len()], &dev)?;
                 let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
                 drop_t(logits);
                 if grad_scale == 0.0 {
@@ -813,7 +817,11 @@ impl Net {
                 let dt = lin.backward(ps, &t, &dlogits)?;
                 let da = ln.backward(ps, &a, &dt)?;
                 let dpre = tops::activation_backward(&pre, &da, *act)?;
-                (st, dense.backward(ps, &x, &dpre)?)
+                let dxs = dense.backward(ps, &xs, &dpre)?;
+                let idx: Vec<i32> = picked.iter().map(|&i| i as i32).collect();
+                let idx_t = Tensor::from_i32(&idx, &[idx.len()], &dev)?;
+                let dx = tops::embedding_backward(&idx_t, &dxs, b * l, 1.0)?;
+                (st, as_dtype_of(dx, dtype)?)
             }
             Head::Pooler {
                 dense,

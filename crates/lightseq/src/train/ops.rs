@@ -118,7 +118,14 @@ pub fn linear_weight_grad_into(acc: &mut Tensor, dy: &Tensor, x: &Tensor) -> Res
     need(
         OP,
         acc.dtype() == DType::F32 && acc.len() == n * k && x.len() == rows * k,
-        || format!("acc {:?}, dy {:?}, x {:?}", acc.shape(), dy.shape(), x.shape()),
+        || {
+            format!(
+                "acc {:?}, dy {:?}, x {:?}",
+                acc.shape(),
+                dy.shape(),
+                x.shape()
+            )
+        },
     )?;
     if acc.cuda_device().map(|d| d.ordinal()) != dy.cuda_device().map(|d| d.ordinal()) {
         return Err(Error::op(OP, "tensors are on different devices"));

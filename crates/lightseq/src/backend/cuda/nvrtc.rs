@@ -84,6 +84,7 @@ pub const MODULES: &[KernelModule] = &[
             "sum_squares",
             "dropout",
             "add_scaled_into",
+            "sum_chunks",
         ],
     },
 ];

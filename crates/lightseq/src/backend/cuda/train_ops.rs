@@ -37,12 +37,70 @@ fn rows_grid(rows: usize, cols: usize, max: u32) -> LaunchConfig {
     }
 }
 
-/// A block per 32 columns, `COL_WARPS` warps striding over the rows.
-fn cols_grid(cols: usize) -> LaunchConfig {
+/// Blocks for a column reduction: 32 columns per block column, and enough chunks of rows
+/// (block rows, each of at least `4 * COL_WARPS` rows) to give the GPU ~1024 blocks.
+fn cols_grid(rows: usize, cols: usize) -> LaunchConfig {
+    let col_blocks = cols.div_ceil(32).max(1);
+    let chunks = 1024usize
+        .div_ceil(col_blocks)
+        .min(rows.div_ceil(4 * COL_WARPS as usize))
+        .clamp(1, 65535);
     LaunchConfig {
-        grid_dim: (cols.div_ceil(32).max(1) as u32, 1, 1),
+        grid_dim: (col_blocks as u32, chunks as u32, 1),
         block_dim: (32 * COL_WARPS, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Sums `chunks` rows of partial column sums [chunks, cols] into `out` [cols].
+fn sum_chunks(partial: &CudaStorage, out: &CudaStorage, chunks: usize, cols: usize) -> Result<()> {
+    let dev = partial.device();
+    let f = dev.kernel("sum_chunks", DType::F32)?;
+    let (pp, op, c, n) = (partial.ptr(), out.ptr(), chunks as i32, cols as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&pp).arg(&op).arg(&c).arg(&n);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("sum_chunks", unsafe { l.launch(grid_1d(cols, 256)) })
+}
+
+/// Output buffer for a column reduction: `out` itself when one chunk covers the rows,
+/// else a [chunks, cols] partial buffer that `finish` reduces into `out`.
+struct ColumnOut {
+    out: CudaStorage,
+    partial: Option<CudaStorage>,
+    chunks: usize,
+    cols: usize,
+}
+
+impl ColumnOut {
+    fn new(
+        dev: &std::sync::Arc<super::CudaDevice>,
+        cfg: &LaunchConfig,
+        cols: usize,
+    ) -> Result<Self> {
+        let chunks = cfg.grid_dim.1 as usize;
+        Ok(ColumnOut {
+            out: dev.alloc(DType::F32, cols)?,
+            partial: if chunks > 1 {
+                Some(dev.alloc(DType::F32, chunks * cols)?)
+            } else {
+                None
+            },
+            chunks,
+            cols,
+        })
+    }
+
+    /// Where the kernel writes.
+    fn target(&self) -> u64 {
+        self.partial.as_ref().unwrap_or(&self.out).ptr()
+    }
+
+    fn finish(self) -> Result<CudaStorage> {
+        if let Some(p) = &self.partial {
+            sum_chunks(p, &self.out, self.chunks, self.cols)?;
+        }
+        Ok(self.out)
     }
 }
 
@@ -143,11 +201,12 @@ pub(crate) fn transpose_12(
     }
     let f = dev.kernel("transpose_12", x.dtype())?;
     let (xp, yp) = (x.ptr(), out.ptr());
+    let rows = a * b * c;
     let [a, b, c, d] = [a, b, c, d].map(|v| v as i64);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp).arg(&yp).arg(&a).arg(&b).arg(&c).arg(&d);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("transpose_12", unsafe { l.launch(grid_1d(x.len(), 256)) })?;
+    launched("transpose_12", unsafe { l.launch(grid_1d(rows * 32, 256)) })?;
     Ok(out)
 }
 
@@ -233,8 +292,9 @@ pub(crate) fn layer_norm_backward(
         ));
     }
     let dx = dev.alloc(dt, rows * h)?;
-    let dgamma = dev.alloc(DType::F32, h)?;
-    let dbeta = dev.alloc(DType::F32, h)?;
+    let cfg = cols_grid(rows, h);
+    let dgamma = ColumnOut::new(dev, &cfg, h)?;
+    let dbeta = ColumnOut::new(dev, &cfg, h)?;
     // Per-row mean and rstd, shared by the dx pass and the parameter pass.
     let stats = dev.alloc(DType::F32, 2 * rows)?;
     let (xp, gp, dyp, dxp, sp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr(), stats.ptr());
@@ -254,7 +314,7 @@ pub(crate) fn layer_norm_backward(
         l.launch(rows_grid(rows, h, 512))
     })?;
     let f = dev.kernel("layer_norm_params", dt)?;
-    let (dgp, dbp) = (dgamma.ptr(), dbeta.ptr());
+    let (dgp, dbp) = (dgamma.target(), dbeta.target());
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&dyp)
@@ -264,8 +324,8 @@ pub(crate) fn layer_norm_backward(
         .arg(&r)
         .arg(&hh);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("layer_norm_params", unsafe { l.launch(cols_grid(h)) })?;
-    Ok((dx, dgamma, dbeta))
+    launched("layer_norm_params", unsafe { l.launch(cfg) })?;
+    Ok((dx, dgamma.finish()?, dbeta.finish()?))
 }
 
 fn unary(
@@ -310,14 +370,15 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
     if rows * cols == 0 {
         return dev.zeros(DType::F32, cols);
     }
-    let out = dev.alloc(DType::F32, cols)?;
+    let cfg = cols_grid(rows, cols);
+    let out = ColumnOut::new(dev, &cfg, cols)?;
     let f = dev.kernel("column_sum", x.dtype())?;
-    let (xp, op, r, c) = (x.ptr(), out.ptr(), rows as i64, cols as i32);
+    let (xp, op, r, c) = (x.ptr(), out.target(), rows as i64, cols as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp).arg(&op).arg(&r).arg(&c);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("column_sum", unsafe { l.launch(cols_grid(cols)) })?;
-    Ok(out)
+    launched("column_sum", unsafe { l.launch(cfg) })?;
+    out.finish()
 }
 
 pub(crate) fn embedding_backward(

@@ -24,18 +24,22 @@ __device__ __forceinline__ float block_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------
-// [a, b, c, d] -> [a, c, b, d].
+// [a, b, c, d] -> [a, c, b, d]: one warp per output row of d elements (the index
+// arithmetic once per row, coalesced copies along d).
 template <typename T>
 __device__ void transpose_12_body(const T* x, T* y, long long a, long long b, long long c,
                                   long long d) {
-  const long long total = a * b * c * d;
-  LS_GRID_LOOP(o, total) {
-    const long long e = o % d;
-    long long t = o / d;
-    const long long j = t % b;  // output is [a, c, b, d]
-    t /= b;
+  const long long rows = a * b * c;
+  const int lane = threadIdx.x & 31;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+  const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long r = warp; r < rows; r += warps) {
+    const long long j = r % b;  // output row r is (i, l, j) of [a, c, b]
+    const long long t = r / b;
     const long long l = t % c, i = t / c;
-    y[o] = x[((i * b + j) * c + l) * d + e];
+    const T* src = x + ((i * b + j) * c + l) * d;
+    T* dst = y + r * d;
+    for (long long e = lane; e < d; e += 32) dst[e] = src[e];
   }
 }
 
@@ -124,8 +128,10 @@ __device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy
   }
 }
 
-// Column reductions: block b covers columns [32 b, 32 b + 32); lane = column, warp w sums
-// rows w, w + warps, ...; the per-warp partials are then added in warp order.
+// Column reductions: block (b, y) covers columns [32 b, 32 b + 32) over the y-th chunk of
+// rows; lane = column, warp w sums rows w, w + warps, ... of the chunk; the per-warp
+// partials are added in warp order, and the chunks' partials by sum_chunks in chunk order
+// (deterministic, no atomics).
 #define LS_COL_WARPS_MAX 32
 
 // dgamma[j] = sum_r dy[r, j] * xhat[r, j], dbeta[j] = sum_r dy[r, j].
@@ -136,9 +142,14 @@ __device__ void layer_norm_params_body(const T* x, const T* dy, const float* sta
   __shared__ float sb[LS_COL_WARPS_MAX][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int col = blockIdx.x * 32 + lane;
+  // Block row y covers a chunk of rows and writes its partial sums to row y of the outputs.
+  const long long per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+  dgamma += (long long)blockIdx.y * h;
+  dbeta += (long long)blockIdx.y * h;
   float ag = 0.f, ab = 0.f;
   if (col < h) {
-    for (long long r = warp; r < rows; r += warps) {
+    for (long long r = r0 + warp; r < r1; r += warps) {
       const float d = to_f(dy[r * h + col]);
       const float xhat = (to_f(x[r * h + col]) - stats[2 * r]) * stats[2 * r + 1];
       ag += d * xhat;
@@ -165,9 +176,12 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
   __shared__ float sp[LS_COL_WARPS_MAX][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int col = blockIdx.x * 32 + lane;
+  const long long per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+  out += (long long)blockIdx.y * cols;
   float acc = 0.f;
   if (col < cols) {
-    for (long long r = warp; r < rows; r += warps) acc += to_f(x[r * cols + col]);
+    for (long long r = r0 + warp; r < r1; r += warps) acc += to_f(x[r * cols + col]);
   }
   sp[warp][lane] = acc;
   __syncthreads();
@@ -450,3 +464,18 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
     add_scaled_into_body<T>(acc, x, alpha, total);                                            \
   }
 LS_FLOAT_TYPES(LS_TRAIN)
+
+// out[j] = sum_c partial[c, j] for c < chunks, in order.
+__device__ void sum_chunks_body(const float* partial, float* out, int chunks, long long cols) {
+  LS_GRID_LOOP(j, cols) {
+    float t = 0.f;
+    for (int c = 0; c < chunks; ++c) t += partial[c * cols + j];
+    out[j] = t;
+  }
+}
+#define LS_SUM_CHUNKS(T, S)                                                                    \
+  extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, int chunks,     \
+                                            long long cols) {                                 \
+    sum_chunks_body(partial, out, chunks, cols);                                               \
+  }
+LS_FLOAT_TYPES(LS_SUM_CHUNKS)

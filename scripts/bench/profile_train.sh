@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Per-kernel GPU time of one training update (ncu, one metric pass per kernel), summed by
+# kernel name, for: bash scripts/bench/profile_train.sh PRESET BATCH SEQ [BINARY]
+set -u
+PRESET=${1:-bert-base}; BATCH=${2:-128}; SEQ=${3:-128}; BIN=${4:-.device/lightseq}
+OUT=${OUT:-/tmp}
+export LIGHTSEQ_CACHE_DIR=${LIGHTSEQ_CACHE_DIR:-/tmp/lightseq-kernels}
+# Warm the kernel cache so the profiled run compiles nothing.
+$BIN bench --preset "$PRESET" --task train --batch "$BATCH" --seq "$SEQ" --iters 1 --warmup 0 >/dev/null 2>&1
+ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  $BIN bench --preset "$PRESET" --task train --batch "$BATCH" --seq "$SEQ" --iters 1 --warmup 1 \
+  > "$OUT/ncu-train.csv" 2>/dev/null
+python3 - "$OUT/ncu-train.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+hdr = rows[0]; rows = rows[1:]
+ki, vi, ui = hdr.index("Kernel Name"), hdr.index("Metric Value"), hdr.index("Metric Unit")
+# The last update is the timed one: take the second half of the launches after loading.
+tot = collections.defaultdict(float); cnt = collections.Counter()
+half = rows[len(rows) // 2:]
+for r in half:
+    v = float(r[vi].replace(",", "")); u = r[ui]
+    v = v / 1e3 if u == "nsecond" else (v if u == "usecond" else v * 1e3)
+    name = r[ki].split("(")[0][:60]
+    tot[name] += v; cnt[name] += 1
+s = sum(tot.values())
+print(f"kernels in the last half: {len(half)}, GPU time {s/1e3:.2f} ms")
+for k, v in sorted(tot.items(), key=lambda x: -x[1])[:30]:
+    print(f"{v/1e3:8.2f} ms {cnt[k]:6d}x  {k}")
+PY
