@@ -89,7 +89,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let runner = match a.task.as_str() {
         "forward" => Runner::Forward(models::load(&dir, dtype, &device)?),
         "generate" => Runner::Generate(models::load_decoder(&dir, dtype, &device)?),
-        "train" => Runner::Train(std::cell::RefCell::new(trainer(&dir, dtype, &device)?)),
+        "train" => Runner::Train(Box::new(std::cell::RefCell::new(trainer(
+            &dir, dtype, &device,
+        )?))),
         other => bail!("unknown task `{other}` (forward, generate or train)"),
     };
     eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
@@ -109,7 +111,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 enum Runner {
     Forward(Box<dyn models::Model>),
     Generate(Box<dyn models::decode::Decoder>),
-    Train(std::cell::RefCell<Trainer>),
+    Train(Box<std::cell::RefCell<Trainer>>),
 }
 
 fn trainer(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Trainer> {
