@@ -168,19 +168,25 @@ def main():
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=tf.__version__,
                date=time.strftime("%Y-%m-%d"))
     print(env, flush=True)
+    os.makedirs(ARGS.out, exist_ok=True)
+
+    def dump():
+        # Written after every workload, so a run cut short keeps what it measured.
+        with open(os.path.join(ARGS.out, "train_bench.json"), "w") as fh:
+            json.dump(dict(env=env, rows=rows), fh, indent=1)
+        with open(os.path.join(ARGS.out, "train_bench.md"), "w") as fh:
+            fh.write(table(rows) + "\n")
+
     if "base" in only:
         transformer(rows, "Transformer-base", "transformer-base")
-    if "big" in only:
-        transformer(rows, "Transformer-big", "transformer-big")
+        dump()
     if "bert" in only:
         bert(rows)
-    os.makedirs(ARGS.out, exist_ok=True)
-    with open(os.path.join(ARGS.out, "train_bench.json"), "w") as fh:
-        json.dump(dict(env=env, rows=rows), fh, indent=1)
-    md = table(rows)
-    with open(os.path.join(ARGS.out, "train_bench.md"), "w") as fh:
-        fh.write(md + "\n")
-    print(md)
+        dump()
+    if "big" in only:
+        transformer(rows, "Transformer-big", "transformer-big")
+        dump()
+    print(table(rows))
 
 
 if __name__ == "__main__":

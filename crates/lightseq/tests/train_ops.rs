@@ -277,7 +277,8 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
         }
 
         // column_sum: f32 out whatever the input.
-        for (rows, cols) in [(33, 37), (1000, 1031), (1, 5)] {
+        // 768 and 3072 take the 16-byte path (cols a multiple of 8), the others the scalar one.
+        for (rows, cols) in [(33, 37), (1000, 1031), (1, 5), (2000, 768), (300, 3072), (7, 8)] {
             let x = randn(40, rows * cols);
             let run = |d: &Device| ops::column_sum(&t(&x, &[rows, cols], dt, d)).unwrap();
             let (g, c) = (run(&gpu), run(&cpu));
@@ -491,6 +492,41 @@ fn cuda_dtype_casts_match_cpu() {
                 c.to_f32_vec().unwrap(),
                 "cast {from} -> {to}"
             );
+        }
+    }
+}
+
+#[test]
+fn cuda_add_layer_norm_matches_cpu() {
+    let Some(gpu) = gpu("cuda_add_layer_norm_matches_cpu") else {
+        return;
+    };
+    // h = 37 and 768 run a warp per row, 1031 a block per row.
+    for dt in DTYPES {
+        for (rows, h) in [(33, 37), (19, 768), (7, 1031)] {
+            let (x, y) = (randn(31, rows * h), randn(32, rows * h));
+            let g: Vec<f32> = randn(33, h).iter().map(|v| 1.0 + 0.1 * v).collect();
+            let b = scaled(34, h, 0.1);
+            for with_y in [false, true] {
+                let run = |d: &Device| {
+                    let yt = t(&y, &[rows, h], dt, d);
+                    ops::add_layer_norm(
+                        &t(&x, &[rows, h], dt, d),
+                        with_y.then_some(&yt),
+                        &t(&g, &[h], dt, d),
+                        &t(&b, &[h], dt, d),
+                        1e-5,
+                    )
+                    .unwrap()
+                };
+                let ((gs, go), (cs, co)) = (run(&gpu), run(&Device::Cpu));
+                let what = format!("add_layer_norm {rows}x{h} with y {with_y}");
+                check(&what, dt, &go, &co, tol(dt));
+                assert_eq!(gs.is_some(), with_y);
+                if let (Some(gs), Some(cs)) = (gs, cs) {
+                    check(&format!("{what} (sum)"), dt, &gs, &cs, tol(dt));
+                }
+            }
         }
     }
 }

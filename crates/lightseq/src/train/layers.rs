@@ -106,7 +106,13 @@ pub struct Ln {
 
 impl Ln {
     pub fn forward(&self, ps: &Params, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, None, ps.w(self.g), ps.w(self.b), self.eps)
+        Ok(tops::add_layer_norm(x, None, ps.w(self.g), ps.w(self.b), self.eps)?.1)
+    }
+
+    /// `(x + y, LN(x + y))` in one pass.
+    pub fn add_forward(&self, ps: &Params, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (s, out) = tops::add_layer_norm(x, Some(y), ps.w(self.g), ps.w(self.b), self.eps)?;
+        Ok((s.expect("add_layer_norm returns the sum when given y"), out))
     }
 
     pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
@@ -337,8 +343,7 @@ impl Layer {
         } else {
             let (y, inner) = f(&x)?;
             let (y, off) = drop.apply(y, drop.hidden)?;
-            let s = ops::add(&x, &y)?;
-            let out = ln.forward(ps, &s)?;
+            let (s, out) = ln.add_forward(ps, &x, &y)?;
             Ok((
                 out,
                 SubSaved {

@@ -225,6 +225,42 @@ pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
     })
 }
 
+/// Layer norm over the last dim of `s = x + y` (y optional), returning `s` (when `y` is
+/// given: the layer norm's input, which its backward needs) and the normalized output.
+/// One fused pass on CUDA.
+pub fn add_layer_norm(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Option<Tensor>, Tensor)> {
+    const OP: &str = "add_layer_norm";
+    let mut all = vec![x, gamma, beta];
+    all.extend(y);
+    let dt = float_dtype(OP, &all)?;
+    let h = x.shape().last().copied().unwrap_or(1);
+    need(
+        OP,
+        gamma.shape() == [h] && beta.shape() == [h] && y.is_none_or(|y| y.shape() == x.shape()),
+        || format!("x {:?}, y {:?}, gamma {:?}", x.shape(), y.map(|y| y.shape()), gamma.shape()),
+    )?;
+    let rows = x.len() / h.max(1);
+    Ok(match (&x.storage, &gamma.storage, &beta.storage) {
+        (Storage::CpuF32(xv), Storage::CpuF32(g), Storage::CpuF32(b)) => {
+            let yv = y.map(|y| y.cpu_f32(OP)).transpose()?;
+            let (s, out) = cpu::add_layer_norm(xv, yv, g, b, rows, h, eps);
+            (s.map(|s| cpu_out(x.shape(), dt, s)), cpu_out(x.shape(), dt, out))
+        }
+        (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(b)) => {
+            let yv = y.map(|y| y.cuda(OP)).transpose()?;
+            let (s, out) = cuda::add_layer_norm(xv, yv, g, b, rows, h, eps)?;
+            (s.map(|s| cuda_out(x.shape(), dt, s)), cuda_out(x.shape(), dt, out))
+        }
+        _ => unreachable!(),
+    })
+}
+
 /// Backward of `layer_norm(x)` over the last dim: (dx, dgamma f32, dbeta f32).
 pub fn layer_norm_backward(
     x: &Tensor,

@@ -132,6 +132,21 @@ pub(crate) fn softmax_backward(p: &[f32], dp: &[f32], cols: usize, scale: f32) -
     ds
 }
 
+/// `s = x + y` (when `y`) and layer norm of s over rows of `h`: (s, out).
+pub(crate) fn add_layer_norm(
+    x: &[f32],
+    y: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> (Option<Vec<f32>>, Vec<f32>) {
+    let s = y.map(|y| super::add(x, y));
+    let out = super::layer_norm(s.as_deref().unwrap_or(x), None, gamma, beta, eps, rows, h);
+    (s, out)
+}
+
 /// Backward of layer norm over rows of `h`: returns (dx, dgamma, dbeta).
 pub(crate) fn layer_norm_backward(
     x: &[f32],

@@ -85,6 +85,8 @@ pub const MODULES: &[KernelModule] = &[
             "dropout",
             "add_scaled_into",
             "sum_chunks",
+            "add_layer_norm",
+            "column_sum_packed",
         ],
     },
 ];

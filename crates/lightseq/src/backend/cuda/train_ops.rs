@@ -37,10 +37,30 @@ fn rows_grid(rows: usize, cols: usize, max: u32) -> LaunchConfig {
     }
 }
 
+/// Launch shape of a row-wise kernel and its `per_warp` flag: a warp per row for rows of
+/// at most 1024 elements (8 rows per block), else a block per row.
+fn team_grid(rows: usize, cols: usize, max: u32) -> (LaunchConfig, i32) {
+    if cols <= 1024 {
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, 1)
+    } else {
+        (rows_grid(rows, cols, max), 0)
+    }
+}
+
 /// Blocks for a column reduction: 32 columns per block column, and enough chunks of rows
 /// (block rows, each of at least `4 * COL_WARPS` rows) to give the GPU ~1024 blocks.
 fn cols_grid(rows: usize, cols: usize) -> LaunchConfig {
-    let col_blocks = cols.div_ceil(32).max(1);
+    cols_grid_per(rows, cols, 32)
+}
+
+/// [`cols_grid`] with `per_block` columns per block column.
+fn cols_grid_per(rows: usize, cols: usize, per_block: usize) -> LaunchConfig {
+    let col_blocks = cols.div_ceil(per_block).max(1);
     let chunks = 1024usize
         .div_ceil(col_blocks)
         .min(rows.div_ceil(4 * COL_WARPS as usize))
@@ -244,10 +264,10 @@ pub(crate) fn masked_softmax(
         .arg(&kk)
         .arg(&scale)
         .arg(&c);
+    let (cfg, per_warp) = team_grid(rows, lk, 512);
+    l.arg(&per_warp);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("masked_softmax", unsafe {
-        l.launch(rows_grid(rows, lk, 512))
-    })?;
+    launched("masked_softmax", unsafe { l.launch(cfg) })?;
     Ok(out)
 }
 
@@ -266,12 +286,60 @@ pub(crate) fn softmax_backward(
     let f = dev.kernel("softmax_backward", p.dtype())?;
     let (pp, dpp, op, r, c) = (p.ptr(), dp.ptr(), out.ptr(), rows as i64, cols as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&pp).arg(&dpp).arg(&op).arg(&r).arg(&c).arg(&scale);
+    let (cfg, per_warp) = team_grid(rows, cols, 512);
+    l.arg(&pp)
+        .arg(&dpp)
+        .arg(&op)
+        .arg(&r)
+        .arg(&c)
+        .arg(&scale)
+        .arg(&per_warp);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("softmax_backward", unsafe {
-        l.launch(rows_grid(rows, cols, 512))
-    })?;
+    launched("softmax_backward", unsafe { l.launch(cfg) })?;
     Ok(out)
+}
+
+/// `s = x + y` (when `y`) and `LN(s)` over rows of `h`; returns (s, out), s only with `y`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_layer_norm(
+    x: &CudaStorage,
+    y: Option<&CudaStorage>,
+    gamma: &CudaStorage,
+    beta: &CudaStorage,
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> Result<(Option<CudaStorage>, CudaStorage)> {
+    let dev = x.device();
+    let dt = x.dtype();
+    let out = dev.alloc(dt, rows * h)?;
+    let s = y.map(|_| dev.alloc(dt, rows * h)).transpose()?;
+    if rows * h == 0 {
+        return Ok((s, out));
+    }
+    let f = dev.kernel("add_layer_norm", dt)?;
+    let (xp, yp, gp, bp) = (x.ptr(), y.map_or(0, |y| y.ptr()), gamma.ptr(), beta.ptr());
+    let (sp, op, r, hh) = (
+        s.as_ref().map_or(0, |s| s.ptr()),
+        out.ptr(),
+        rows as i64,
+        h as i32,
+    );
+    let (cfg, per_warp) = team_grid(rows, h, 512);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&yp)
+        .arg(&gp)
+        .arg(&bp)
+        .arg(&sp)
+        .arg(&op)
+        .arg(&r)
+        .arg(&hh)
+        .arg(&eps)
+        .arg(&per_warp);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("add_layer_norm", unsafe { l.launch(cfg) })?;
+    Ok((s, out))
 }
 
 pub(crate) fn layer_norm_backward(
@@ -309,10 +377,10 @@ pub(crate) fn layer_norm_backward(
         .arg(&r)
         .arg(&hh)
         .arg(&eps);
+    let (cfg_rows, per_warp) = team_grid(rows, h, 512);
+    l.arg(&per_warp);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("layer_norm_backward", unsafe {
-        l.launch(rows_grid(rows, h, 512))
-    })?;
+    launched("layer_norm_backward", unsafe { l.launch(cfg_rows) })?;
     let f = dev.kernel("layer_norm_params", dt)?;
     let (dgp, dbp) = (dgamma.target(), dbeta.target());
     let mut l = dev.stream().launch_builder(&f);
@@ -349,7 +417,7 @@ fn unary(
     }
     l.arg(&op).arg(&code).arg(&total);
     // SAFETY: argument types match the kernels' signatures in train.cu.
-    launched(name, unsafe { l.launch(grid_1d(x.len(), 256)) })?;
+    launched(name, unsafe { l.launch(grid_1d(x.len().div_ceil(4), 256)) })?;
     Ok(out)
 }
 
@@ -370,14 +438,21 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
     if rows * cols == 0 {
         return dev.zeros(DType::F32, cols);
     }
-    let cfg = cols_grid(rows, cols);
+    // 16-byte loads when every row starts aligned.
+    let n = 16 / x.dtype().size();
+    let packed = cols.is_multiple_of(n) && x.ptr().is_multiple_of(16);
+    let (cfg, name) = if packed {
+        (cols_grid_per(rows, cols, 32 * n), "column_sum_packed")
+    } else {
+        (cols_grid(rows, cols), "column_sum")
+    };
     let out = ColumnOut::new(dev, &cfg, cols)?;
-    let f = dev.kernel("column_sum", x.dtype())?;
+    let f = dev.kernel(name, x.dtype())?;
     let (xp, op, r, c) = (x.ptr(), out.target(), rows as i64, cols as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp).arg(&op).arg(&r).arg(&c);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("column_sum", unsafe { l.launch(cfg) })?;
+    launched(name, unsafe { l.launch(cfg) })?;
     out.finish()
 }
 

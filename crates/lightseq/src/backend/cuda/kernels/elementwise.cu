@@ -12,10 +12,7 @@ __device__ void bias_act_body(T* y, const T* bias, int act, long long total, int
 
 template <typename T>
 __device__ void add_body(const T* a, const T* b, T* out, long long total) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    out[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
-  }
+  ls_map2(a, b, out, total, [](float x, float y) { return x + y; });
 }
 
 #define LS_ELEMENTWISE(T, S)                                                                  \

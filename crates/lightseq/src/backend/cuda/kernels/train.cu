@@ -24,17 +24,30 @@ __device__ __forceinline__ float block_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------
-// [a, b, c, d] -> [a, c, b, d]: one warp per output row of d elements (the index
-// arithmetic once per row, coalesced copies along d).
+// [a, b, c, d] -> [a, c, b, d]. With rows of d elements in whole 16-byte packs, each thread
+// moves one pack (so a warp moves several rows at once); otherwise a warp per row.
 template <typename T>
 __device__ void transpose_12_body(const T* x, T* y, long long a, long long b, long long c,
                                   long long d) {
+  constexpr int N = 16 / sizeof(T);
   const long long rows = a * b * c;
+  if (d % N == 0 && ls_aligned16(x) && ls_aligned16(y)) {
+    const long long per_row = d / N, total = rows * per_row;
+    LS_GRID_LOOP(p, total) {
+      const long long r = p / per_row, e = p - r * per_row;
+      const long long j = r % b;  // output row r is (i, l, j) of [a, c, b]
+      const long long t = r / b;
+      const long long l = t % c, i = t / c;
+      reinterpret_cast<LsPack<T>*>(y)[p] =
+          reinterpret_cast<const LsPack<T>*>(x + ((i * b + j) * c + l) * d)[e];
+    }
+    return;
+  }
   const int lane = threadIdx.x & 31;
   const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
   const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
   for (long long r = warp; r < rows; r += warps) {
-    const long long j = r % b;  // output row r is (i, l, j) of [a, c, b]
+    const long long j = r % b;
     const long long t = r / b;
     const long long l = t % c, i = t / c;
     const T* src = x + ((i * b + j) * c + l) * d;
@@ -44,12 +57,38 @@ __device__ void transpose_12_body(const T* x, T* y, long long a, long long b, lo
 }
 
 // ---------------------------------------------------------------------------------------
+// Row-wise kernels run a row per "team": a warp for short rows (many rows per block, no
+// block-wide barriers) or a whole block for long ones. The host picks with `per_warp`.
+template <bool WARP>
+struct Team;
+
+template <>
+struct Team<true> {
+  __device__ static long long id() { return (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; }
+  __device__ static long long count() { return ((long long)gridDim.x * blockDim.x) >> 5; }
+  __device__ static int lane() { return threadIdx.x & 31; }
+  __device__ static int size() { return 32; }
+  __device__ static float sum(float v) { return warp_sum(v); }
+  __device__ static float max(float v) { return warp_max(v); }
+};
+
+template <>
+struct Team<false> {
+  __device__ static long long id() { return blockIdx.x; }
+  __device__ static long long count() { return gridDim.x; }
+  __device__ static int lane() { return threadIdx.x; }
+  __device__ static int size() { return blockDim.x; }
+  __device__ static float sum(float v) { return block_sum(v); }
+  __device__ static float max(float v) { return block_max(v); }
+};
+
 // Softmax over rows of lk of scale * s, s [batch, heads, lq, lk]; keys j >= key_lens[b]
 // and, when causal, j > i are masked; rows with no visible key are zeros.
-template <typename T>
+template <typename T, bool WARP>
 __device__ void masked_softmax_body(const T* s, const int* key_lens, T* p, long long rows,
                                     int heads, int lq, int lk, float scale, int causal) {
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+  using G = Team<WARP>;
+  for (long long r = G::id(); r < rows; r += G::count()) {
     const long long b = r / ((long long)heads * lq);
     const int i = (int)(r % lq);
     int limit = lk;
@@ -57,71 +96,106 @@ __device__ void masked_softmax_body(const T* s, const int* key_lens, T* p, long 
     if (causal) limit = min(limit, i + 1);
     const T* row = s + r * lk;
     T* out = p + r * lk;
-    if (limit == 0) {  // uniform over the block
-      for (int j = threadIdx.x; j < lk; j += blockDim.x) out[j] = from_f<T>(0.f);
+    if (limit == 0) {  // uniform over the team
+      for (int j = G::lane(); j < lk; j += G::size()) out[j] = from_f<T>(0.f);
       continue;
     }
     float m = LS_NEG_INF;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, to_f(row[j]) * scale);
-    m = block_max(m);
+    for (int j = G::lane(); j < limit; j += G::size()) m = fmaxf(m, to_f(row[j]) * scale);
+    m = G::max(m);
     float sum = 0.f;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(to_f(row[j]) * scale - m);
-    sum = block_sum(sum);
-    for (int j = threadIdx.x; j < lk; j += blockDim.x) {
+    for (int j = G::lane(); j < limit; j += G::size()) sum += expf(to_f(row[j]) * scale - m);
+    sum = G::sum(sum);
+    for (int j = G::lane(); j < lk; j += G::size()) {
       out[j] = from_f<T>(j < limit ? expf(to_f(row[j]) * scale - m) / sum : 0.f);
     }
   }
 }
 
 // ds = scale * p * (dp - sum_j p_j dp_j) per row of cols.
-template <typename T>
+template <typename T, bool WARP>
 __device__ void softmax_backward_body(const T* p, const T* dp, T* ds, long long rows, int cols,
                                       float scale) {
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+  using G = Team<WARP>;
+  for (long long r = G::id(); r < rows; r += G::count()) {
     const T* pr = p + r * cols;
     const T* dr = dp + r * cols;
     float dot = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) dot += to_f(pr[j]) * to_f(dr[j]);
-    dot = block_sum(dot);
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+    for (int j = G::lane(); j < cols; j += G::size()) dot += to_f(pr[j]) * to_f(dr[j]);
+    dot = G::sum(dot);
+    for (int j = G::lane(); j < cols; j += G::size()) {
       ds[r * cols + j] = from_f<T>(scale * to_f(pr[j]) * (to_f(dr[j]) - dot));
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------
+// Layer norm of s = x (+ y) over rows of h for training: writes s (rounded to T, when
+// s_out is given) and LN(s) computed from the rounded s, the tensor its backward reads.
+template <typename T, bool WARP>
+__device__ void add_layer_norm_body(const T* x, const T* y, const T* gamma, const T* beta,
+                                    T* s_out, T* out, long long rows, int h, float eps) {
+  using G = Team<WARP>;
+  for (long long r = G::id(); r < rows; r += G::count()) {
+    const T* xr = x + r * h;
+    const T* yr = y ? y + r * h : nullptr;
+    T* sr = s_out ? s_out + r * h : nullptr;
+    float sum = 0.f;
+    for (int j = G::lane(); j < h; j += G::size()) {
+      float v = to_f(xr[j]);
+      if (yr) v = to_f(from_f<T>(v + to_f(yr[j])));
+      if (sr) sr[j] = from_f<T>(v);
+      sum += v;
+    }
+    const float mean = G::sum(sum) / h;
+    float s2 = 0.f;
+    for (int j = G::lane(); j < h; j += G::size()) {
+      float v = to_f(xr[j]);
+      if (yr) v = to_f(from_f<T>(v + to_f(yr[j])));
+      s2 += (v - mean) * (v - mean);
+    }
+    const float inv = rsqrtf(G::sum(s2) / h + eps);
+    for (int j = G::lane(); j < h; j += G::size()) {
+      float v = to_f(xr[j]);
+      if (yr) v = to_f(from_f<T>(v + to_f(yr[j])));
+      out[r * h + j] = from_f<T>((v - mean) * inv * to_f(gamma[j]) + to_f(beta[j]));
+    }
+  }
+}
+
 // Layer-norm backward, per row: recomputes mean and rstd (two passes), writes them to
 // stats [rows, 2] for the parameter pass, and dx = rstd * (g - mean(g) - xhat * mean(g xhat))
 // with g = dy * gamma.
-template <typename T>
+template <typename T, bool WARP>
 __device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy, T* dx,
                                          float* stats, long long rows, int h, float eps) {
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+  using G = Team<WARP>;
+  for (long long r = G::id(); r < rows; r += G::count()) {
     const T* xr = x + r * h;
     const T* dyr = dy + r * h;
     float s = 0.f;
-    for (int j = threadIdx.x; j < h; j += blockDim.x) s += to_f(xr[j]);
-    const float mean = block_sum(s) / h;
+    for (int j = G::lane(); j < h; j += G::size()) s += to_f(xr[j]);
+    const float mean = G::sum(s) / h;
     float s2 = 0.f;
-    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    for (int j = G::lane(); j < h; j += G::size()) {
       const float d = to_f(xr[j]) - mean;
       s2 += d * d;
     }
-    const float rstd = 1.f / sqrtf(block_sum(s2) / h + eps);
+    const float rstd = 1.f / sqrtf(G::sum(s2) / h + eps);
     float a = 0.f, c = 0.f;
-    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    for (int j = G::lane(); j < h; j += G::size()) {
       const float g = to_f(dyr[j]) * to_f(gamma[j]);
       a += g;
       c += g * ((to_f(xr[j]) - mean) * rstd);
     }
-    const float s1 = block_sum(a) / h;
-    const float sx = block_sum(c) / h;
-    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+    const float s1 = G::sum(a) / h;
+    const float sx = G::sum(c) / h;
+    for (int j = G::lane(); j < h; j += G::size()) {
       const float g = to_f(dyr[j]) * to_f(gamma[j]);
       const float xhat = (to_f(xr[j]) - mean) * rstd;
       dx[r * h + j] = from_f<T>(rstd * (g - s1 - xhat * sx));
     }
-    if (threadIdx.x == 0) {
+    if (G::lane() == 0) {
       stats[2 * r] = mean;
       stats[2 * r + 1] = rstd;
     }
@@ -192,6 +266,49 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
   }
 }
 
+// column_sum with 16-byte loads: lane l of a block covers columns [(32 b + l) N, + N); needs
+// cols % N == 0 and an aligned x (the host checks).
+template <typename T>
+__device__ void column_sum_packed_body(const T* x, float* out, long long rows, int cols) {
+  constexpr int N = 16 / sizeof(T);
+  __shared__ float sp[16][32 * N + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 16);
+  const int col0 = (blockIdx.x * 32 + lane) * N;
+  const long long per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+  out += (long long)blockIdx.y * cols;
+  float acc[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc[k] = 0.f;
+  if (col0 < cols && warp < warps) {
+    for (long long r = r0 + warp; r < r1; r += warps) {
+      const LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * cols + col0);
+#pragma unroll
+      for (int k = 0; k < N; ++k) acc[k] += to_f(p.v[k]);
+    }
+  }
+  if (warp < warps) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) sp[warp][lane * N + k] = acc[k];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 32 * N; c += blockDim.x) {
+    const int col = blockIdx.x * 32 * N + c;
+    if (col < cols) {
+      float t = 0.f;
+      for (int w = 0; w < warps; ++w) t += sp[w][c];
+      out[col] = t;
+    }
+  }
+}
+
+#define LS_COLUMN_PACKED(T, S)                                                                 \
+  extern "C" __global__ void column_sum_packed_##S(const T* x, float* out, long long rows,    \
+                                                   int cols) {                                \
+    column_sum_packed_body<T>(x, out, rows, cols);                                             \
+  }
+LS_FLOAT_TYPES(LS_COLUMN_PACKED)
+
 // ---------------------------------------------------------------------------------------
 // Derivative of activate(x, act) (codes as ops::Activation::code(); the CPU reference is
 // train::grad::activation_grad).
@@ -226,13 +343,14 @@ __device__ __forceinline__ float activation_grad(float x, int act) {
 
 template <typename T>
 __device__ void activate_body(const T* x, T* y, int act, long long total) {
-  LS_GRID_LOOP(i, total) { y[i] = from_f<T>(activate(to_f(x[i]), act)); }
+  ls_map2(x, (const T*)nullptr, y, total, [act](float v, float) { return activate(v, act); });
 }
 
 template <typename T>
 __device__ void activation_backward_body(const T* pre, const T* dy, T* dx, int act,
                                          long long total) {
-  LS_GRID_LOOP(i, total) { dx[i] = from_f<T>(to_f(dy[i]) * activation_grad(to_f(pre[i]), act)); }
+  ls_map2(pre, dy, dx, total,
+          [act](float p, float d) { return d * activation_grad(p, act); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -403,17 +521,36 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   }                                                                                           \
   extern "C" __global__ void masked_softmax_##S(const T* s, const int* key_lens, T* p,        \
                                                 long long rows, int heads, int lq, int lk,    \
-                                                float scale, int causal) {                    \
-    masked_softmax_body<T>(s, key_lens, p, rows, heads, lq, lk, scale, causal);               \
+                                                float scale, int causal, int per_warp) {      \
+    if (per_warp)                                                                             \
+      masked_softmax_body<T, true>(s, key_lens, p, rows, heads, lq, lk, scale, causal);       \
+    else                                                                                      \
+      masked_softmax_body<T, false>(s, key_lens, p, rows, heads, lq, lk, scale, causal);      \
   }                                                                                           \
   extern "C" __global__ void softmax_backward_##S(const T* p, const T* dp, T* ds,             \
-                                                  long long rows, int cols, float scale) {    \
-    softmax_backward_body<T>(p, dp, ds, rows, cols, scale);                                   \
+                                                  long long rows, int cols, float scale,      \
+                                                  int per_warp) {                             \
+    if (per_warp)                                                                             \
+      softmax_backward_body<T, true>(p, dp, ds, rows, cols, scale);                           \
+    else                                                                                      \
+      softmax_backward_body<T, false>(p, dp, ds, rows, cols, scale);                          \
+  }                                                                                           \
+  extern "C" __global__ void add_layer_norm_##S(const T* x, const T* y, const T* gamma,       \
+                                                const T* beta, T* s_out, T* out,              \
+                                                long long rows, int h, float eps,             \
+                                                int per_warp) {                               \
+    if (per_warp)                                                                             \
+      add_layer_norm_body<T, true>(x, y, gamma, beta, s_out, out, rows, h, eps);              \
+    else                                                                                      \
+      add_layer_norm_body<T, false>(x, y, gamma, beta, s_out, out, rows, h, eps);             \
   }                                                                                           \
   extern "C" __global__ void layer_norm_backward_##S(const T* x, const T* gamma, const T* dy,  \
                                                      T* dx, float* stats, long long rows,     \
-                                                     int h, float eps) {                      \
-    layer_norm_backward_body<T>(x, gamma, dy, dx, stats, rows, h, eps);                       \
+                                                     int h, float eps, int per_warp) {        \
+    if (per_warp)                                                                             \
+      layer_norm_backward_body<T, true>(x, gamma, dy, dx, stats, rows, h, eps);               \
+    else                                                                                      \
+      layer_norm_backward_body<T, false>(x, gamma, dy, dx, stats, rows, h, eps);              \
   }                                                                                           \
   extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
                                                    const float* stats, float* dgamma,         \
