@@ -764,3 +764,52 @@ fn info_describes_model() {
         .unwrap();
     assert_clean_error(&o, "no such directory");
 }
+
+#[test]
+fn train_update_freq_sums_batches_into_one_update() {
+    // Split into small batches and summed back with --update-freq, each update is the full
+    // batch: the log must match the full-batch PyTorch reference.
+    let d = tmpdir("update_freq");
+    let (refs, rows) = train_rows("marian");
+    let data = d.join("marian.jsonl");
+    write(&data, &rows);
+    let case = &refs["cases"][1]; // no label smoothing, no clipping
+    let log = d.join("log.jsonl");
+    let o = bin()
+        .args(["train", "--device", "cpu", "--init"])
+        .arg(fixtures().join("marian"))
+        .arg("--train")
+        .arg(&data)
+        .arg("--valid")
+        .arg(&data)
+        .arg("--save-dir")
+        .arg(d.join("out"))
+        .arg("--log")
+        .arg(&log)
+        .args(["--max-tokens", "20", "--update-freq", "5", "--epochs", "6"])
+        .args([
+            "--lr",
+            "0.001",
+            "--adam-betas",
+            "0.9,0.98",
+            "--weight-decay",
+            "0.01",
+        ])
+        .args(["--dropout", "0", "--shuffle", "false"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let logged = read_log(&log);
+    assert_eq!(logged.len(), 6, "one update per epoch");
+    for (g, w) in logged.iter().zip(case["steps"].as_array().unwrap()) {
+        let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+        assert!(((gl - wl) / wl).abs() <= 1e-4, "{gl} vs torch {wl}");
+        assert_eq!(g["tokens"].as_u64(), Some(28));
+    }
+    let valid = std::fs::read_to_string(d.join("out/valid.jsonl")).unwrap();
+    assert_eq!(
+        valid.lines().count(),
+        6,
+        "a validation loss after every epoch"
+    );
+}

@@ -293,3 +293,100 @@ fn bad_generation_options_are_errors() {
         .unwrap()
         .is_empty());
 }
+
+/// f16 greedy decoding gives the f32 tokens wherever f32's choice is unambiguous: on every
+/// generation fixture, each f16 token must equal the f32 one up to the first step where
+/// f32's chosen logit does not lead every other by more than twice the largest f16 - f32
+/// logit difference at that step (teacher-forced forwards of both over the f32 output), the
+/// point past which f16 may legitimately choose otherwise. The comparison must cover most
+/// steps, so the test cannot pass by finding everything ambiguous.
+#[test]
+fn f16_greedy_agrees_with_f32_where_f32_is_unambiguous() {
+    let Some(dev) = gpu("f16_greedy_agrees_with_f32_where_f32_is_unambiguous") else {
+        return;
+    };
+    let (mut compared, mut total) = (0usize, 0usize);
+    for f in cases() {
+        let name = f["model"].as_str().unwrap();
+        let md = ModelDir::open(&fixtures_dir().join(name)).unwrap();
+        let defaults = GenerationOptions::model_defaults(&md.path, &md.config).unwrap();
+        let opts = GenerationOptions {
+            num_beams: Some(1),
+            do_sample: Some(false),
+            max_new_tokens: Some(10),
+            ..Default::default()
+        }
+        .or(&defaults);
+        let prompts: Vec<Vec<i64>> = serde_json::from_value(f["prompts"].clone()).unwrap();
+        let run = |dt: DType| -> Vec<Vec<i64>> {
+            let m = models::load_decoder(&md, dt, &dev).unwrap();
+            generate(m.as_ref(), Inputs::Ids(&prompts), &opts)
+                .unwrap()
+                .into_iter()
+                .map(|h| h[0].tokens.clone())
+                .collect()
+        };
+        let (want, got) = (run(DType::F32), run(DType::F16));
+        let enc_dec = models::load_decoder(&md, DType::F32, &dev)
+            .unwrap()
+            .is_encoder_decoder();
+        // Teacher-forced f32 logits over the f32 output: position k predicts token k + 1.
+        let batch = if enc_dec {
+            models::Batch {
+                input_ids: prompts.clone(),
+                decoder_input_ids: Some(want.clone()),
+                ..Default::default()
+            }
+        } else {
+            models::Batch {
+                input_ids: want.clone(),
+                ..Default::default()
+            }
+        };
+        let out = models::load(&md, DType::F32, &dev)
+            .unwrap()
+            .forward(&batch)
+            .unwrap();
+        let out16 = models::load(&md, DType::F16, &dev)
+            .unwrap()
+            .forward(&batch)
+            .unwrap();
+        assert_eq!(out.name, "logits", "{name}");
+        let [_, len, vocab] = out.shape;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let start = if enc_dec { 1 } else { prompts[i].len() };
+            total += w.len() - start;
+            for k in start..w.len() {
+                let at = (i * len + k - 1) * vocab..(i * len + k) * vocab;
+                let row = &out.data[at.clone()];
+                let diff = row
+                    .iter()
+                    .zip(&out16.data[at])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let chosen = row[w[k] as usize];
+                let rival = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(v, _)| *v != w[k] as usize)
+                    .map(|(_, &x)| x)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                if chosen - rival <= 2.0 * diff + 1e-4 {
+                    break;
+                }
+                assert_eq!(
+                    g.get(k),
+                    Some(&w[k]),
+                    "{name} prompt {i}: f16 token {k} differs from f32's unambiguous choice (margin {:.3})",
+                    chosen - rival
+                );
+                compared += 1;
+            }
+        }
+    }
+    eprintln!("f16 vs f32 greedy: {compared} of {total} generated tokens were unambiguous in f32 and all agreed");
+    assert!(
+        compared * 2 >= total,
+        "only {compared} of {total} steps were unambiguous: the check says too little"
+    );
+}

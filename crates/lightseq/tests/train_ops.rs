@@ -278,7 +278,14 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
 
         // column_sum: f32 out whatever the input.
         // 768 and 3072 take the 16-byte path (cols a multiple of 8), the others the scalar one.
-        for (rows, cols) in [(33, 37), (1000, 1031), (1, 5), (2000, 768), (300, 3072), (7, 8)] {
+        for (rows, cols) in [
+            (33, 37),
+            (1000, 1031),
+            (1, 5),
+            (2000, 768),
+            (300, 3072),
+            (7, 8),
+        ] {
             let x = randn(40, rows * cols);
             let run = |d: &Device| ops::column_sum(&t(&x, &[rows, cols], dt, d)).unwrap();
             let (g, c) = (run(&gpu), run(&cpu));

@@ -139,3 +139,92 @@ fn model_gradients_match_torch_autograd_on_gpu() {
         check(m, DType::F16, &dev, 1e-2);
     }
 }
+
+/// With dropout on (hidden, attention and activation, rate 0.1), the backward pass must
+/// reuse the forward's masks: the gradient's projection on a random direction equals the
+/// central finite difference of the loss, each loss evaluation drawing the same Philox masks.
+#[test]
+fn dropout_gradients_match_finite_differences() {
+    use lightseq::train::ops::add_scaled_into;
+    use lightseq::Tensor;
+    for name in ["gpt2", "marian", "bert_mlm"] {
+        let dir = fixtures_dir().join("train");
+        let case: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("grads_{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let model = ModelDir::open(&fixtures_dir().join(case["dir"].as_str().unwrap())).unwrap();
+        let mut net = Net::load(&model, None, DType::F32, &Device::Cpu).unwrap();
+        let rows = examples(&case);
+        let n = case["predicted"].as_u64().unwrap() as f64;
+        let drop = || Dropout {
+            hidden: 0.1,
+            attention: 0.1,
+            activation: 0.1,
+            seed: 42,
+            offset: std::cell::Cell::new(0),
+        };
+        let loss = |net: &mut Net| {
+            net.accumulate_grads(&rows, 0.1, 0.0, &drop())
+                .unwrap()
+                .loss_sum
+                / n
+        };
+        let plain = net
+            .accumulate_grads(&rows, 0.1, 0.0, &Dropout::off())
+            .unwrap()
+            .loss_sum
+            / n;
+        let base = loss(&mut net);
+        assert!(
+            (base - plain).abs() > 1e-3,
+            "{name}: dropout changed nothing"
+        );
+        assert_eq!(base, loss(&mut net), "{name}: masks are not reproducible");
+        net.accumulate_grads(&rows, 0.1, (1.0 / n) as f32, &drop())
+            .unwrap();
+        // A random unit direction over all parameters, and the gradient's projection on it.
+        let dirs: Vec<Vec<f32>> = net
+            .params
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| common::randn(100 + i as u64, p.value.len()))
+            .collect();
+        let norm = dirs
+            .iter()
+            .flatten()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt() as f32;
+        let mut proj = 0f64;
+        for (p, d) in net.params.list.iter().zip(&dirs) {
+            let g = p.grad.to_f32_vec().unwrap();
+            proj += g
+                .iter()
+                .zip(d)
+                .map(|(a, b)| (*a as f64) * (*b / norm) as f64)
+                .sum::<f64>();
+        }
+        let eps = 1e-2f32;
+        let mut shift = |net: &mut Net, s: f32| {
+            for (p, d) in net.params.list.iter_mut().zip(&dirs) {
+                let t = Tensor::from_f32(d, &p.shape, DType::F32, &Device::Cpu).unwrap();
+                add_scaled_into(&mut p.value, &t, s / norm).unwrap();
+            }
+        };
+        shift(&mut net, eps);
+        let up = loss(&mut net);
+        shift(&mut net, -2.0 * eps);
+        let down = loss(&mut net);
+        let fd = (up - down) / (2.0 * eps as f64);
+        let rel = ((fd - proj) / proj).abs();
+        eprintln!(
+            "{name}: directional derivative {proj:.6}, finite difference {fd:.6} (rel {rel:.1e})"
+        );
+        assert!(
+            rel < 2e-2,
+            "{name}: gradient {proj} vs finite difference {fd}"
+        );
+    }
+}

@@ -243,19 +243,32 @@ pub fn add_layer_norm(
     need(
         OP,
         gamma.shape() == [h] && beta.shape() == [h] && y.is_none_or(|y| y.shape() == x.shape()),
-        || format!("x {:?}, y {:?}, gamma {:?}", x.shape(), y.map(|y| y.shape()), gamma.shape()),
+        || {
+            format!(
+                "x {:?}, y {:?}, gamma {:?}",
+                x.shape(),
+                y.map(|y| y.shape()),
+                gamma.shape()
+            )
+        },
     )?;
     let rows = x.len() / h.max(1);
     Ok(match (&x.storage, &gamma.storage, &beta.storage) {
         (Storage::CpuF32(xv), Storage::CpuF32(g), Storage::CpuF32(b)) => {
             let yv = y.map(|y| y.cpu_f32(OP)).transpose()?;
             let (s, out) = cpu::add_layer_norm(xv, yv, g, b, rows, h, eps);
-            (s.map(|s| cpu_out(x.shape(), dt, s)), cpu_out(x.shape(), dt, out))
+            (
+                s.map(|s| cpu_out(x.shape(), dt, s)),
+                cpu_out(x.shape(), dt, out),
+            )
         }
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(b)) => {
             let yv = y.map(|y| y.cuda(OP)).transpose()?;
             let (s, out) = cuda::add_layer_norm(xv, yv, g, b, rows, h, eps)?;
-            (s.map(|s| cuda_out(x.shape(), dt, s)), cuda_out(x.shape(), dt, out))
+            (
+                s.map(|s| cuda_out(x.shape(), dt, s)),
+                cuda_out(x.shape(), dt, out),
+            )
         }
         _ => unreachable!(),
     })

@@ -94,7 +94,9 @@ pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&ap).arg(&bp).arg(&op).arg(&total);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
-    launched("add", unsafe { l.launch(grid_1d(a.len().div_ceil(4), 256)) })?;
+    launched("add", unsafe {
+        l.launch(grid_1d(a.len().div_ceil(4), 256))
+    })?;
     Ok(out)
 }
 
