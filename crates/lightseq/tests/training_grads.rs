@@ -207,7 +207,7 @@ fn dropout_gradients_match_finite_differences() {
                 .sum::<f64>();
         }
         let eps = 1e-2f32;
-        let mut shift = |net: &mut Net, s: f32| {
+        let shift = |net: &mut Net, s: f32| {
             for (p, d) in net.params.list.iter_mut().zip(&dirs) {
                 let t = Tensor::from_f32(d, &p.shape, DType::F32, &Device::Cpu).unwrap();
                 add_scaled_into(&mut p.value, &t, s / norm).unwrap();
