@@ -467,6 +467,10 @@ fn general_cases() -> Vec<(
         (2, 3, 40, 6, 1, 32, true, 37, None, false),
         (2, 12, 12, 2, 2, 12, true, 0, Some(4), true),
         (1, 1, 70, 8, 4, 64, true, 69, Some(33), false),
+        // Cross attention with many queries, and a head size past the fused kernel's 128:
+        // both take the GEMM path on CUDA.
+        (2, 20, 31, 4, 4, 16, false, 0, None, false),
+        (1, 24, 24, 2, 2, 160, true, 0, None, false),
     ]
 }
 

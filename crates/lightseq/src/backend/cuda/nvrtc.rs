@@ -87,6 +87,7 @@ pub const MODULES: &[KernelModule] = &[
             "sum_chunks",
             "add_layer_norm",
             "column_sum_packed",
+            "gather_heads",
         ],
     },
 ];

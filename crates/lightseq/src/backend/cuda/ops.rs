@@ -184,6 +184,56 @@ const TILED_MAX_HEAD_DIM: usize = 128;
 /// Heads per block of the single-query kernel (attention.cu: DEC_WARPS).
 const DEC_WARPS: usize = 4;
 
+/// Queries at or above this many per sequence go through tensor-core GEMMs (scores in f32,
+/// a masked softmax, probabilities times values) when the options allow it.
+const GEMM_ATTENTION_MIN_QUERIES: usize = 16;
+/// ... as long as the f32 score matrix stays under this many bytes.
+const GEMM_ATTENTION_MAX_SCORE_BYTES: usize = 1 << 30;
+
+/// Attention as batched GEMMs for encoders and prefill: heads gathered to
+/// [batch, heads, len, d], scores q k^T in f32, the masked softmax, then probabilities (in
+/// the tensors' dtype) times values. Used when every key range starts at 0 and there is no
+/// bias, window, offset or grouped heads; None otherwise.
+fn gemm_attention(
+    q: &Heads,
+    k: &Heads,
+    v: &Heads,
+    o: &AttentionOptions,
+) -> Result<Option<CudaStorage>> {
+    use super::train_ops as t;
+    const OP: &str = "attention";
+    let (qs, ks) = (q.tensor.shape(), k.tensor.shape());
+    let (batch, len_q, len_k) = (qs[0], qs[1], ks[1]);
+    let (nh, d) = (o.heads, o.head_dim);
+    let eligible = len_q >= GEMM_ATTENTION_MIN_QUERIES
+        && o.kv_heads == nh
+        && o.bias.is_none()
+        && o.window.is_none()
+        && o.q_offset == 0
+        && (!o.causal || len_q == len_k)
+        && o.key_ranges.iter().all(|r| r.0 == 0)
+        && batch * nh * len_q * len_k * 4 <= GEMM_ATTENTION_MAX_SCORE_BYTES;
+    if !eligible {
+        return Ok(None);
+    }
+    let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
+    let dev = qt.device();
+    let qh = t::gather_heads(qt, batch, len_q, qs[2], q.col, nh, d)?;
+    let kh = t::gather_heads(kt, batch, len_k, ks[2], k.col, nh, d)?;
+    let vh = t::gather_heads(vt, batch, len_k, v.tensor.shape()[2], v.col, nh, d)?;
+    let scores = t::matmul_f32_out(&qh, false, &kh, true, batch * nh, len_q, len_k, d)?;
+    let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
+    let ends = dev.upload_i32(&ends)?;
+    let p = t::masked_softmax(&scores, Some(&ends), nh, len_q, len_k, o.scale, o.causal)?;
+    let p = if qt.dtype() == DType::F32 {
+        p
+    } else {
+        cast(&p, qt.dtype())?
+    };
+    let ctx = t::matmul(&p, false, &vh, false, batch * nh, len_q, d, len_k)?;
+    Ok(Some(t::transpose_12(&ctx, batch, nh, len_q, d)?))
+}
+
 pub(crate) fn attention(
     q: &Heads,
     k: &Heads,
@@ -191,6 +241,11 @@ pub(crate) fn attention(
     o: &AttentionOptions,
 ) -> Result<CudaStorage> {
     const OP: &str = "attention";
+    if q.tensor.shape()[0] > 0 {
+        if let Some(out) = gemm_attention(q, k, v, o)? {
+            return Ok(out);
+        }
+    }
     let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
     let dev = qt.device();
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());

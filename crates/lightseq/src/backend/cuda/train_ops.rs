@@ -204,6 +204,77 @@ pub(crate) fn weight_grad_into(
     )
 }
 
+/// [batch, rows, width] -> [batch, heads, rows, d] from columns `col + h d ..`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_heads(
+    x: &CudaStorage,
+    batch: usize,
+    rows: usize,
+    width: usize,
+    col: usize,
+    heads: usize,
+    d: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let total = batch * heads * rows * d;
+    let out = dev.alloc(x.dtype(), total)?;
+    if total == 0 {
+        return Ok(out);
+    }
+    let f = dev.kernel("gather_heads", x.dtype())?;
+    let (xp, yp) = (x.ptr(), out.ptr());
+    let [b, r, w, c, h, dd] = [batch, rows, width, col, heads, d].map(|v| v as i64);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp)
+        .arg(&yp)
+        .arg(&b)
+        .arg(&r)
+        .arg(&w)
+        .arg(&c)
+        .arg(&h)
+        .arg(&dd);
+    // SAFETY: argument types match the kernel's signature in train.cu.
+    launched("gather_heads", unsafe {
+        l.launch(grid_1d(total.div_ceil(4), 256))
+    })?;
+    Ok(out)
+}
+
+/// Batched `C = op(A) op(B)` with an f32 result whatever the inputs' dtype.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_f32_out(
+    a: &CudaStorage,
+    ta: bool,
+    b: &CudaStorage,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let c = dev.zeros(DType::F32, batch * m * n)?;
+    if batch * m * n == 0 || k == 0 {
+        return Ok(c);
+    }
+    dev.lt.matmul_general(
+        dev.stream(),
+        a.dtype(),
+        true,
+        0.0,
+        ta,
+        tb,
+        batch,
+        m,
+        n,
+        k,
+        a.ptr(),
+        b.ptr(),
+        c.ptr(),
+    )?;
+    Ok(c)
+}
+
 pub(crate) fn transpose_12(
     x: &CudaStorage,
     a: usize,

@@ -56,6 +56,38 @@ __device__ void transpose_12_body(const T* x, T* y, long long a, long long b, lo
   }
 }
 
+// Heads out of a [batch, rows, width] projection: y [batch, heads, rows, d] from the columns
+// col + h d .. col + (h + 1) d of each row (16-byte packs when rows stay aligned).
+template <typename T>
+__device__ void gather_heads_body(const T* x, T* y, long long batch, long long rows,
+                                  long long width, long long col, long long heads, long long d) {
+  constexpr int N = 16 / sizeof(T);
+  const bool packed = d % N == 0 && width % N == 0 && col % N == 0 && ls_aligned16(x) &&
+                      ls_aligned16(y);
+  const long long unit = packed ? N : 1, per_row = d / unit;
+  const long long total = batch * heads * rows * per_row;
+  LS_GRID_LOOP(p, total) {
+    const long long e = p % per_row;
+    const long long t = p / per_row;  // (b, h, r) of the output
+    const long long r = t % rows, bh = t / rows;
+    const long long h = bh % heads, b = bh / heads;
+    const long long src = (b * rows + r) * width + col + h * d + e * unit;
+    if (packed) {
+      reinterpret_cast<LsPack<T>*>(y)[p] = *reinterpret_cast<const LsPack<T>*>(x + src);
+    } else {
+      y[p] = x[src];
+    }
+  }
+}
+
+#define LS_GATHER_HEADS(T, S)                                                                  \
+  extern "C" __global__ void gather_heads_##S(const T* x, T* y, long long batch,             \
+                                              long long rows, long long width, long long col, \
+                                              long long heads, long long d) {                 \
+    gather_heads_body<T>(x, y, batch, rows, width, col, heads, d);                             \
+  }
+LS_FLOAT_TYPES(LS_GATHER_HEADS)
+
 // ---------------------------------------------------------------------------------------
 // Row-wise kernels run a row per "team": a warp for short rows (many rows per block, no
 // block-wide barriers) or a whole block for long ones. The host picks with `per_warp`.
