@@ -8,9 +8,16 @@ tests/fixtures/train:
       rows one at a time; the seq2seq models run the batch padded (one forward with an
       attention mask), checked against rows one at a time.
   grads_<name>.safetensors + grads_<name>.json  one forward + backward (no optimizer) of
-      marian, bart, mbart, bert MLM, bert sequence classification and gpt2: the gradient
-      of every trainable parameter under its HF name (f32 values of the f64 run) and the
-      loss (`loss`, shape [1]).
+      marian, bart, mbart, bert MLM, bert sequence classification, gpt2 and ViT image
+      classification: the gradient of every trainable parameter under its HF name (f32
+      values of the f64 run) and the loss (`loss`, shape [1]). Parameter names are those
+      of the checkpoint (model.safetensors); where HF's module names differ (ViT in
+      transformers 5.x: vit.layers.0.attention.q_proj for the stored
+      vit.encoder.layer.0.attention.attention.query) the json maps checkpoint names to
+      module names under "module_names".
+
+Also writes the model directory it uses that make_fixtures.py does not: ../vit_cls, a
+tiny ViTForImageClassification (f32 safetensors, weights from make_fixtures.randomize).
 
 Loss: fairseq's label-smoothed cross entropy (eps 0.1 for the gradients) summed over the
 predicted positions and divided by their count. Seq2seq: decoder input
@@ -27,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_fixtures import ragged_ids  # noqa: E402
+from make_fixtures import ragged_ids, randomize  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
@@ -59,7 +66,55 @@ MODELS = {
     "mbart": ("mbart", "MBartForConditionalGeneration", "seq2seq"),
     "bert_mlm": ("bert_mlm_sharded", "BertForMaskedLM", "mlm"),
     "bert_cls": ("bert_cls_types", "BertForSequenceClassification", "cls"),
+    "vit_cls": ("vit_cls", "ViTForImageClassification", "image"),
 }
+
+
+def make_vit_cls(seed=370):
+    """tests/fixtures/vit_cls: a tiny ViT image classifier, f32 safetensors. No pooler
+    (ViTForImageClassification builds its ViTModel with add_pooling_layer=False); the
+    classifier reads the CLS position of the final layernorm."""
+    import shutil
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.set_default_dtype(torch.float32)
+    m = randomize(ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=12, patch_size=4, num_channels=3, num_labels=3, hidden_act="gelu",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True,
+        layer_norm_eps=1e-12)), seed)
+    # randomize draws LayerNorm gains as 1 + 0.1 N(0, 1) only for BERT/GPT2 names; ViT's
+    # (layernorm_before/after, layernorm) came out 0.1 N(0, 1), which leaves attention
+    # uniform (max probability 0.103 of 10 positions) and the query/key gradients at 1e-4
+    # of the total. Shift them to 1 + 0.1 N(0, 1), as randomize means to.
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "layernorm" in n and n.endswith(".weight"):
+                p.add_(1.0)
+    assert m.vit.pooler is None
+    out = os.path.join(FIXTURES, MODELS["vit_cls"][0])
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    m.float().save_pretrained(out, safe_serialization=True)
+    for name in os.listdir(out):
+        if name == "generation_config.json":
+            os.remove(os.path.join(out, name))
+
+
+def checkpoint_names(model, name):
+    """{module parameter name: checkpoint name} for a single-file fixture whose stored
+    names differ from the module's (HF 5.x ViT), matched by exact value (the weights are
+    random, so each is unique); asserts the match is one to one."""
+    from safetensors.torch import load_file
+    stored = load_file(os.path.join(FIXTURES, MODELS[name][0], "model.safetensors"))
+    out = {}
+    for n, p in model.named_parameters():
+        hits = [k for k, t in stored.items()
+                if t.shape == p.shape and torch.equal(t.double(), p.detach().double())]
+        assert len(hits) == 1, (name, n, hits)
+        out[n] = hits[0]
+    assert sorted(out.values()) == sorted(stored), (name, set(stored) - set(out.values()))
+    return out
 
 
 def load(name):
@@ -107,7 +162,8 @@ def pad_to(rows, value):
 def batch_loss(model, kind, rows, eps):
     """One padded forward of the whole batch: (loss sum, nll sum, predicted positions)."""
     c = model.config
-    pad = c.pad_token_id if c.pad_token_id is not None else 0
+    pad = getattr(c, "pad_token_id", None)
+    pad = pad if pad is not None else 0
     if kind == "seq2seq":
         start = decoder_start(model)
         src, src_mask = pad_to([r["src"] for r in rows], pad)
@@ -133,6 +189,10 @@ def batch_loss(model, kind, rows, eps):
         types, _ = pad_to([r["token_type_ids"] for r in rows], 0)
         logits = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         return (*fairseq_loss(logits, torch.tensor([r["label"] for r in rows]), eps), len(rows))
+    if kind == "image":
+        px = torch.tensor([r["pixel_values"] for r in rows], dtype=torch.float64)
+        logits = model(pixel_values=px).logits
+        return (*fairseq_loss(logits, torch.tensor([r["label"] for r in rows]), eps), len(rows))
     raise ValueError(kind)
 
 
@@ -157,6 +217,9 @@ def rowwise_loss(model, kind, rows, eps):
         elif kind == "cls":
             logits = model(input_ids=torch.tensor([r["ids"]]),
                            token_type_ids=torch.tensor([r["token_type_ids"]])).logits
+            targets = torch.tensor([r["label"]])
+        elif kind == "image":
+            logits = model(pixel_values=torch.tensor([r["pixel_values"]], dtype=torch.float64)).logits
             targets = torch.tensor([r["label"]])
         else:
             raise ValueError(kind)
@@ -218,6 +281,17 @@ def cls_rows(model, seed, lengths=(6, 3, 11, 8)):
                      "token_type_ids": torch.randint(0, c.type_vocab_size, (n,), generator=g).tolist(),
                      "label": int(torch.randint(0, c.num_labels, (1,), generator=g))})
     return rows
+
+
+def image_rows(model, seed, n=4):
+    """n images [channels, size, size] of standard normal values rounded to f32 (the
+    float64 run reads exactly those), labels in [0, num_labels)."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(n, c.num_channels, c.image_size, c.image_size, generator=g,
+                     dtype=torch.float64).float()
+    labels = torch.randint(0, c.num_labels, (n,), generator=g).tolist()
+    return [{"pixel_values": p.tolist(), "label": int(k)} for p, k in zip(px, labels)]
 
 
 def causal_rows(seed, vocab, lengths=(6, 11, 4, 9, 13)):
@@ -299,12 +373,18 @@ def write_grads(out_dir, name, rows, extra=None):
         assert err <= 1e-10 * max(1.0, g1[n].abs().max().item()), (name, n, err)
     no_grad = [n for n, p in params if p.grad is None]
 
-    tensors = {n: t.float().contiguous() for n, t in g.items()}
+    names = {n: n for n in g}
+    if kind == "image":
+        names = checkpoint_names(model, name)
+        extra = {**(extra or {}),
+                 "module_names": {names[n]: n for n in g if names[n] != n}}
+    tensors = {names[n]: t.float().contiguous() for n, t in g.items()}
     tensors["loss"] = torch.tensor([loss.item()], dtype=torch.float32)
     save_file(tensors, os.path.join(out_dir, f"grads_{name}.safetensors"))
     doc = {"model": name, "hf_class": cls, "dir": d, "label_smoothing": GRAD_EPS, "rows": rows,
            "loss": loss.item(), "nll_loss": (nll / count).item(), "predicted": count,
-           "tied": tied_names(model), "frozen": frozen, "no_grad": no_grad}
+           "tied": tied_names(model), "frozen": [names.get(n, n) for n in frozen],
+           "no_grad": [names[n] for n in no_grad]}
     doc.update(extra or {})
     with open(os.path.join(out_dir, f"grads_{name}.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -343,6 +423,9 @@ def main():
     write_grads(args.out, "bert_cls", cls_rows(model, 350), {"pad_token_id": model.config.pad_token_id,
                                                              "num_labels": model.config.num_labels})
     write_grads(args.out, "gpt2", causal_rows(360, 101, (7, 12, 3, 9)), {"pad_token_id": 0})
+    make_vit_cls(370)
+    model, _ = load("vit_cls")
+    write_grads(args.out, "vit_cls", image_rows(model, 380), {"num_labels": model.config.num_labels})
     torch.set_default_dtype(torch.float32)
 
 

@@ -1,6 +1,7 @@
 //! `lightseq train`: fine-tuning (`--init`) or training from scratch (`--preset`,
-//! `--config`) of Marian/BART/mBART translation models, GPT2 causal LMs and BERT (masked LM,
-//! sequence classification), on the CPU or CUDA, in f32, f16 (dynamic loss scaling) or bf16.
+//! `--config`) of Marian/BART/mBART translation models, GPT2 causal LMs, BERT (masked LM,
+//! sequence classification) and ViT image classifiers, on the CPU or CUDA, in f32, f16
+//! (dynamic loss scaling) or bf16.
 
 use crate::plot;
 use crate::text::Tokenizer;
@@ -32,8 +33,9 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     /// JSONL rows: {"src": [...], "tgt": [...]} (seq2seq), {"ids": [...]} (causal LM),
     /// {"ids": [...], "labels": [...]} (masked LM, -100 = not predicted), {"ids": [...],
-    /// "label": k, "token_type_ids": [...]} (classification); or text: {"text": "..."},
-    /// {"src": "...", "tgt": "..."} with the model's tokenizer.json.
+    /// "label": k, "token_type_ids": [...]} (classification), {"pixel_values": [[[...]]],
+    /// "label": k} (ViT image classification, [channels][height][width]); or text:
+    /// {"text": "..."}, {"src": "...", "tgt": "..."} with the model's tokenizer.json.
     #[arg(long)]
     pub train: PathBuf,
     /// Rows to report a validation loss on after every epoch and at the end.
@@ -110,6 +112,18 @@ fn ids_of(v: &Value, what: &str) -> Result<Vec<i64>> {
         .collect()
 }
 
+/// Appends the numbers of a (nested) JSON array to `out`, in row-major order.
+fn flatten_floats(v: &Value, out: &mut Vec<f32>) -> Result<()> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|x| flatten_floats(x, out)),
+        Value::Number(n) => {
+            out.push(n.as_f64().context("pixel values must be numbers")? as f32);
+            Ok(())
+        }
+        _ => bail!("pixel values must be numbers in (nested) lists"),
+    }
+}
+
 /// Parses one JSONL row for `task`.
 fn parse_row(v: &Value, task: Task, tok: Option<&Tokenizer>) -> Result<Example> {
     let text = |k: &str| -> Result<Option<Vec<i64>>> {
@@ -149,6 +163,21 @@ fn parse_row(v: &Value, task: Task, tok: Option<&Tokenizer>) -> Result<Example> 
                 "labels",
             )?,
         },
+        Task::ImageClassify => {
+            let mut pixels = Vec::new();
+            flatten_floats(
+                v.get("pixel_values")
+                    .context("expected {\"pixel_values\": [...], \"label\": k}")?,
+                &mut pixels,
+            )?;
+            Example::Image {
+                pixels,
+                label: v
+                    .get("label")
+                    .and_then(Value::as_i64)
+                    .context("expected an integer \"label\"")?,
+            }
+        }
         Task::Classify => Example::Classify {
             ids: match text("ids")? {
                 Some(x) => x,

@@ -1,5 +1,6 @@
 //! Whole-model gradients against torch autograd: one forward/backward of each trainable
-//! architecture (Marian, BART, mBART, BERT masked LM, BERT classification, GPT2) with
+//! architecture (Marian, BART, mBART, BERT masked LM, BERT classification, GPT2, ViT
+//! image classification) with
 //! label smoothing 0.1, every parameter's gradient within 1e-4 relative of HF transformers
 //! run in float64 (tests/fixtures/train/grads_*, from scripts/make_train_fixtures.py).
 //! Covers embeddings, self and cross attention, FFN, pre- and post-LN layers and each head.
@@ -29,7 +30,20 @@ fn examples(case: &Value) -> Vec<Example> {
         .unwrap()
         .iter()
         .map(|r| {
-            if r.get("src").is_some() {
+            if let Some(px) = r.get("pixel_values") {
+                fn flat(v: &Value, out: &mut Vec<f32>) {
+                    match v {
+                        Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+                        x => out.push(x.as_f64().unwrap() as f32),
+                    }
+                }
+                let mut pixels = Vec::new();
+                flat(px, &mut pixels);
+                Example::Image {
+                    pixels,
+                    label: r["label"].as_i64().unwrap(),
+                }
+            } else if r.get("src").is_some() {
                 Example::Seq2Seq {
                     src: ids(&r["src"]),
                     tgt: ids(&r["tgt"]),
@@ -120,7 +134,9 @@ fn check(name: &str, dtype: DType, device: &Device, tol: f64) {
     );
 }
 
-const MODELS: [&str; 6] = ["marian", "bart", "mbart", "bert_mlm", "bert_cls", "gpt2"];
+const MODELS: [&str; 7] = [
+    "marian", "bart", "mbart", "bert_mlm", "bert_cls", "gpt2", "vit_cls",
+];
 
 #[test]
 fn model_gradients_match_torch_autograd_on_cpu() {

@@ -90,7 +90,8 @@ impl VitConfig {
         Ok(c)
     }
 
-    fn grid(&self) -> (usize, usize) {
+    /// Patches per column and per row.
+    pub fn grid(&self) -> (usize, usize) {
         (self.image.0 / self.patch.0, self.image.1 / self.patch.1)
     }
 }

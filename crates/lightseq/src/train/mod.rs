@@ -13,3 +13,4 @@ pub mod optim;
 pub mod params;
 pub mod philox;
 pub mod trainer;
+pub mod vit;

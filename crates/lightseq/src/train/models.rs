@@ -1,5 +1,6 @@
 //! Trainable models built from [`super::layers`]: encoder-decoders of the BART family
-//! (Marian, BART, mBART), GPT2 (causal LM), BERT (masked LM and sequence classification).
+//! (Marian, BART, mBART), GPT2 (causal LM), BERT (masked LM and sequence classification),
+//! ViT (image classification, with [`super::vit`]'s patch embedding).
 //! Weights load from HF checkpoints under HF names and are written back under them.
 
 use super::layers::{as_dtype_of, Attn, Dropout, Emb, Ffn, Layer, LayerInputs, Lin, Ln, Positions};
@@ -28,6 +29,8 @@ pub enum Example {
         types: Option<Vec<i64>>,
         label: i64,
     },
+    /// Image classification: pixel values [channels, height, width], row-major.
+    Image { pixels: Vec<f32>, label: i64 },
 }
 
 impl Example {
@@ -37,6 +40,7 @@ impl Example {
             Example::Seq2Seq { src, tgt } => src.len().max(tgt.len()),
             Example::Causal { ids } => ids.len().saturating_sub(1),
             Example::Masked { ids, .. } | Example::Classify { ids, .. } => ids.len(),
+            Example::Image { .. } => 1,
         }
     }
 }
@@ -48,6 +52,7 @@ pub enum Task {
     CausalLm,
     MaskedLm,
     Classify,
+    ImageClassify,
 }
 
 enum Head {
@@ -61,6 +66,8 @@ enum Head {
         table: Pid,
         bias: Pid,
     },
+    /// A classifier on the first position (ViT's CLS token).
+    First { classifier: Lin, labels: usize },
     /// BERT's pooler (tanh(dense(x[:, 0]))) and classifier.
     Pooler {
         dense: Lin,
@@ -87,6 +94,8 @@ pub struct Net {
     /// Embedding rows whose lookups get no gradient (HF's `padding_idx`).
     padding_idx: Option<i64>,
     pub dropout: (f32, f32, f32),
+    /// ViT's patch embedding (image models only).
+    patches: Option<super::vit::PatchEmb>,
 }
 
 /// Statistics of one forward/backward pass.
@@ -164,6 +173,7 @@ impl Net {
                 Self::seq2seq(dir, kind, dtype, device)
             }
             "gpt2" => Self::gpt2(dir, dtype, device),
+            "vit" => Self::vit(dir, dtype, device),
             "bert" => {
                 let task = task.unwrap_or_else(|| {
                     let arch = dir.config.get("architectures").and_then(|a| a.get(0));
@@ -327,6 +337,7 @@ impl Net {
                 f(v, "attention_dropout").unwrap_or(0.0) as f32,
                 f(v, "activation_dropout").unwrap_or(0.0) as f32,
             ),
+            patches: None,
         })
     }
 
@@ -445,6 +456,7 @@ impl Net {
                 f(v, "attn_pdrop").unwrap_or(0.1) as f32,
                 0.0,
             ),
+            patches: None,
         })
     }
 
@@ -569,7 +581,179 @@ impl Net {
                 f(v, "attention_probs_dropout_prob").unwrap_or(0.1) as f32,
                 0.0,
             ),
+            patches: None,
         })
+    }
+
+    fn vit(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+        let c = crate::models::vit::VitConfig::parse(dir)?;
+        let v = &dir.config;
+        let ck = &dir.checkpoint;
+        let act = Activation::from_hf(&c.act)?;
+        let (h, nh, eps) = (c.hidden_size, c.heads, c.eps as f32);
+        let mut l = Loader {
+            ck,
+            ps: Params::new(dtype, device),
+        };
+        let patches = super::vit::PatchEmb::load(&mut l.ps, ck, &c)?;
+        let lin = |l: &mut Loader, p: &str, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
+            Ok(Lin {
+                w: l.p(&format!("{p}.weight"), &[n_out, n_in])?,
+                b: if bias {
+                    Some(l.p(&format!("{p}.bias"), &[n_out])?)
+                } else {
+                    None
+                },
+            })
+        };
+        let mut encoder = Vec::new();
+        for i in 0..c.num_layers {
+            let p = format!("vit.encoder.layer.{i}");
+            let a = format!("{p}.attention.attention");
+            encoder.push(Layer {
+                self_attn: Attn {
+                    q: lin(&mut l, &format!("{a}.query"), h, h, c.qkv_bias)?,
+                    k: lin(&mut l, &format!("{a}.key"), h, h, c.qkv_bias)?,
+                    v: lin(&mut l, &format!("{a}.value"), h, h, c.qkv_bias)?,
+                    o: lin(&mut l, &format!("{p}.attention.output.dense"), h, h, true)?,
+                    heads: nh,
+                    scale: ((h / nh) as f32).powf(-0.5),
+                },
+                ln_self: l.ln(&format!("{p}.layernorm_before"), h, eps)?,
+                cross: None,
+                ffn: Ffn {
+                    fc1: lin(
+                        &mut l,
+                        &format!("{p}.intermediate.dense"),
+                        h,
+                        c.intermediate_size,
+                        true,
+                    )?,
+                    fc2: lin(
+                        &mut l,
+                        &format!("{p}.output.dense"),
+                        c.intermediate_size,
+                        h,
+                        true,
+                    )?,
+                    act,
+                },
+                ln_ffn: l.ln(&format!("{p}.layernorm_after"), h, eps)?,
+                pre_ln: true,
+            });
+        }
+        let norm = l.ln("vit.layernorm", h, eps)?;
+        let labels = v
+            .get("id2label")
+            .and_then(Value::as_object)
+            .map(|m| m.len())
+            .or_else(|| u(v, "num_labels"))
+            .unwrap_or(2);
+        if !ck.contains("classifier.weight") {
+            return Err(unsupported(
+                "a ViT without a classifier (use a ViTForImageClassification checkpoint)".into(),
+            ));
+        }
+        let classifier = lin(&mut l, "classifier", h, labels, true)?;
+        Ok(Net {
+            task: Task::ImageClassify,
+            params: l.ps,
+            encoder_emb: None,
+            encoder,
+            encoder_norm: Some(norm),
+            decoder_emb: None,
+            decoder: Vec::new(),
+            decoder_norm: None,
+            head: Head::First { classifier, labels },
+            pad: 0,
+            decoder_start: 0,
+            vocab: labels,
+            padding_idx: None,
+            dropout: (
+                f(v, "hidden_dropout_prob").unwrap_or(0.0) as f32,
+                f(v, "attention_probs_dropout_prob").unwrap_or(0.0) as f32,
+                0.0,
+            ),
+            patches: Some(patches),
+        })
+    }
+
+    /// Forward and backward of an image classifier (see [`Net::accumulate_grads`]).
+    fn accumulate_image_grads(
+        &mut self,
+        rows: &[Example],
+        eps: f32,
+        grad_scale: f32,
+        drop: &Dropout,
+    ) -> Result<PassStats> {
+        let pe = self
+            .patches
+            .as_ref()
+            .expect("image models have a patch embedding");
+        let b = rows.len();
+        let mut pixels = Vec::with_capacity(b);
+        let mut labels = Vec::with_capacity(b);
+        let Head::First {
+            classifier,
+            labels: n_labels,
+        } = &self.head
+        else {
+            unreachable!("image models end in a classifier")
+        };
+        for (i, r) in rows.iter().enumerate() {
+            let Example::Image { pixels: px, label } = r else {
+                return Err(Error::Input(format!("row {}: not an image example", i + 1)));
+            };
+            if *label < 0 || *label as usize >= *n_labels {
+                return Err(Error::Input(format!(
+                    "row {}: label {label} outside the model's {n_labels} classes",
+                    i + 1
+                )));
+            }
+            pixels.push(px.as_slice());
+            labels.push(*label as i32);
+        }
+        let (x, saved) = pe.forward(&self.params, drop, &pixels)?;
+        let n = x.shape()[1];
+        let inp = LayerInputs {
+            self_key_lens: None,
+            causal: false,
+            memory: None,
+            memory_lens: None,
+        };
+        let mut x = x;
+        let mut layer_saved = Vec::new();
+        for layer in &self.encoder {
+            let (y, s) = layer.forward(&self.params, drop, x, &inp)?;
+            layer_saved.push(s);
+            x = y;
+        }
+        let norm = self.encoder_norm.as_ref().unwrap();
+        let y = norm.forward(&self.params, &x)?;
+        let h = y.shape()[2];
+        let y = y.reshape(&[b * n, h])?;
+        let first: Vec<usize> = (0..b).map(|i| i * n).collect();
+        let cls = ops::index_select(&y, &first)?;
+        let logits = classifier.forward(&self.params, &cls)?;
+        let dev = self.params.device.clone();
+        let tt = Tensor::from_i32(&labels, &[b], &dev)?;
+        let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
+        if grad_scale == 0.0 {
+            return Ok(st);
+        }
+        let ps = &mut self.params;
+        let dcls = classifier.backward(ps, &cls, &dlogits)?;
+        let idx: Vec<i32> = first.iter().map(|&i| i as i32).collect();
+        let idx_t = Tensor::from_i32(&idx, &[b], &dev)?;
+        let dy = tops::embedding_backward(&idx_t, &dcls, b * n, 1.0)?;
+        let dy = as_dtype_of(dy, ps.dtype)?.reshape(&[b, n, h])?;
+        let mut dy = norm.backward(ps, &x, &dy)?;
+        for (layer, s) in self.encoder.iter().zip(layer_saved).rev() {
+            let mut none = None;
+            dy = layer.backward(ps, drop, s, dy, None, &mut none)?;
+        }
+        pe.backward(ps, drop, saved, dy)?;
+        Ok(st)
     }
 
     /// Rows padded to [b, l] (i32), the ids the embedding backward uses (padding_idx rows
@@ -618,6 +802,9 @@ impl Net {
         let b = rows.len();
         if b == 0 {
             return Ok(PassStats::default());
+        }
+        if self.task == Task::ImageClassify {
+            return self.accumulate_image_grads(rows, eps, grad_scale, drop);
         }
         // Inputs per task.
         let mut src: Vec<&[i64]> = Vec::new();
@@ -822,6 +1009,9 @@ impl Net {
                 let idx_t = Tensor::from_i32(&idx, &[idx.len()], &dev)?;
                 let dx = tops::embedding_backward(&idx_t, &dxs, b * l, 1.0)?;
                 (st, as_dtype_of(dx, dtype)?)
+            }
+            Head::First { .. } => {
+                return Err(Error::Input("an image classifier takes image rows".into()))
             }
             Head::Pooler {
                 dense,

@@ -19,6 +19,9 @@ pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 pub enum Stored {
     /// As is, under each of these names (more than one for tied tensors).
     Plain(Vec<String>),
+    /// Under `name` with another shape of the same elements (ViT's [1, n, h] tables,
+    /// convolution weights kept as matrices).
+    Reshaped { name: String, shape: Vec<usize> },
     /// Part `part` of `parts` of a Conv1D weight stored `[in, parts * out]` (GPT2's fused
     /// c_attn); kept here as `[out, in]`.
     Conv1d {
@@ -96,6 +99,26 @@ impl Params {
             })?;
         let v = ck.read_f32(first, shape)?;
         self.push(Stored::Plain(names.to_vec()), shape.to_vec(), &v)
+    }
+
+    /// Loads `name`, stored as `stored` in the checkpoint, as a tensor of `shape` (the same
+    /// elements in the same order).
+    pub fn load_reshaped(
+        &mut self,
+        ck: &Checkpoint,
+        name: &str,
+        stored: &[usize],
+        shape: &[usize],
+    ) -> Result<Pid> {
+        let v = ck.read_f32(name, stored)?;
+        self.push(
+            Stored::Reshaped {
+                name: name.to_string(),
+                shape: stored.to_vec(),
+            },
+            shape.to_vec(),
+            &v,
+        )
     }
 
     /// Loads the `parts` column blocks of a Conv1D weight `[in, parts * out]` as separate
@@ -218,6 +241,9 @@ impl Params {
                     for n in names {
                         out.push((n.clone(), q.shape.clone(), v.clone()));
                     }
+                }
+                Stored::Reshaped { name, shape } => {
+                    out.push((name.clone(), shape.clone(), v));
                 }
                 Stored::Conv1d {
                     name,

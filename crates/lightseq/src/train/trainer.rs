@@ -92,7 +92,7 @@ impl Trainer {
                 Example::Seq2Seq { tgt, .. } => tgt.len(),
                 Example::Causal { ids } => ids.len().saturating_sub(1),
                 Example::Masked { labels, .. } => labels.iter().filter(|&&l| l >= 0).count(),
-                Example::Classify { .. } => 1,
+                Example::Classify { .. } | Example::Image { .. } => 1,
             })
             .sum()
     }
