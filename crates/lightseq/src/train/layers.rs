@@ -133,8 +133,8 @@ pub struct Attn {
     pub scale: f32,
 }
 
-/// What attention's backward needs.
-pub struct AttnSaved {
+/// What [`attend_backward`] needs.
+pub struct CoreSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -142,8 +142,15 @@ pub struct AttnSaved {
     /// P after dropout; None when attention dropout is off.
     pd: Option<Tensor>,
     drop: Option<u64>,
-    ctx: Tensor,
+    heads: usize,
+    scale: f32,
     dims: (usize, usize, usize, usize),
+}
+
+/// What attention's backward needs.
+pub struct AttnSaved {
+    core: CoreSaved,
+    ctx: Tensor,
 }
 
 fn heads_first(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
@@ -152,6 +159,92 @@ fn heads_first(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Ten
 
 fn heads_last(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
     tops::transpose_12(&x.reshape(&[b, nh, l, d])?)?.reshape(&[b, l, nh * d])
+}
+
+/// Scaled dot-product attention of projected q [b, lq, h] over k, v [b, lk, h] with
+/// `heads` heads: softmax(scale q k^T + mask) v, keys at or past `key_lens[b]` and, when
+/// `causal`, keys after the query masked; attention dropout on the probabilities.
+/// Returns the context [b, lq, h].
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    drop: &Dropout,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: usize,
+    scale: f32,
+    key_lens: Option<&Tensor>,
+    causal: bool,
+) -> Result<(Tensor, CoreSaved)> {
+    let (b, lq, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let (nh, d) = (heads, h / heads);
+    let q = heads_first(q, b, lq, nh, d)?;
+    let k = heads_first(k, b, lk, nh, d)?;
+    let v = heads_first(v, b, lk, nh, d)?;
+    let s = tops::matmul(&q, false, &k, true, b * nh, lq, lk, d, &[b, nh, lq, lk])?;
+    let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
+    std::mem::drop(s);
+    let (pd, off) = drop.apply_ref(&p, drop.attention)?;
+    let ctx = tops::matmul(
+        pd.as_ref().unwrap_or(&p),
+        false,
+        &v,
+        false,
+        b * nh,
+        lq,
+        d,
+        lk,
+        &[b, nh, lq, d],
+    )?;
+    let ctx = heads_last(ctx, b, lq, nh, d)?;
+    Ok((
+        ctx,
+        CoreSaved {
+            q,
+            k,
+            v,
+            p,
+            pd,
+            drop: off,
+            heads,
+            scale,
+            dims: (b, lq, lk, d),
+        },
+    ))
+}
+
+/// The backward of [`attend`]: (dq, dk, dv), each shaped like its input.
+pub fn attend_backward(
+    drop: &Dropout,
+    s: CoreSaved,
+    dctx: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, lq, lk, d) = s.dims;
+    let nh = s.heads;
+    let dctx = heads_first(dctx, b, lq, nh, d)?;
+    let dpd = tops::matmul(
+        &dctx,
+        false,
+        &s.v,
+        true,
+        b * nh,
+        lq,
+        lk,
+        d,
+        &[b, nh, lq, lk],
+    )?;
+    let pd = s.pd.as_ref().unwrap_or(&s.p);
+    let dv = tops::matmul(pd, true, &dctx, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
+    let dp = drop.backward(dpd, drop.attention, s.drop)?;
+    let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
+    let dq = tops::matmul(&ds, false, &s.k, false, b * nh, lq, d, lk, &[b, nh, lq, d])?;
+    let dk = tops::matmul(&ds, true, &s.q, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
+    Ok((
+        heads_last(dq, b, lq, nh, d)?,
+        heads_last(dk, b, lk, nh, d)?,
+        heads_last(dv, b, lk, nh, d)?,
+    ))
 }
 
 impl Attn {
@@ -166,42 +259,18 @@ impl Attn {
         key_lens: Option<&Tensor>,
         causal: bool,
     ) -> Result<(Tensor, AttnSaved)> {
-        let (b, lq, h) = (xq.shape()[0], xq.shape()[1], xq.shape()[2]);
-        let lk = xkv.shape()[1];
-        let (nh, d) = (self.heads, h / self.heads);
-        let q = heads_first(self.q.forward(ps, xq)?, b, lq, nh, d)?;
-        let k = heads_first(self.k.forward(ps, xkv)?, b, lk, nh, d)?;
-        let v = heads_first(self.v.forward(ps, xkv)?, b, lk, nh, d)?;
-        let s = tops::matmul(&q, false, &k, true, b * nh, lq, lk, d, &[b, nh, lq, lk])?;
-        let p = tops::masked_softmax(&s, key_lens, self.scale, causal)?;
-        std::mem::drop(s);
-        let (pd, off) = drop.apply_ref(&p, drop.attention)?;
-        let ctx = tops::matmul(
-            pd.as_ref().unwrap_or(&p),
-            false,
-            &v,
-            false,
-            b * nh,
-            lq,
-            d,
-            lk,
-            &[b, nh, lq, d],
+        let (ctx, core) = attend(
+            drop,
+            self.q.forward(ps, xq)?,
+            self.k.forward(ps, xkv)?,
+            self.v.forward(ps, xkv)?,
+            self.heads,
+            self.scale,
+            key_lens,
+            causal,
         )?;
-        let ctx = heads_last(ctx, b, lq, nh, d)?;
         let out = self.o.forward(ps, &ctx)?;
-        Ok((
-            out,
-            AttnSaved {
-                q,
-                k,
-                v,
-                p,
-                pd,
-                drop: off,
-                ctx,
-                dims: (b, lq, lk, d),
-            },
-        ))
+        Ok((out, AttnSaved { core, ctx }))
     }
 
     /// Returns (dxq, dxkv).
@@ -214,30 +283,8 @@ impl Attn {
         xkv: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, lq, lk, d) = s.dims;
-        let nh = self.heads;
         let dctx = self.o.backward(ps, &s.ctx, dout)?;
-        let dctx = heads_first(dctx, b, lq, nh, d)?;
-        let dpd = tops::matmul(
-            &dctx,
-            false,
-            &s.v,
-            true,
-            b * nh,
-            lq,
-            lk,
-            d,
-            &[b, nh, lq, lk],
-        )?;
-        let pd = s.pd.as_ref().unwrap_or(&s.p);
-        let dv = tops::matmul(pd, true, &dctx, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
-        let dp = drop.backward(dpd, drop.attention, s.drop)?;
-        let ds = tops::softmax_backward(&s.p, &dp, self.scale)?;
-        let dq = tops::matmul(&ds, false, &s.k, false, b * nh, lq, d, lk, &[b, nh, lq, d])?;
-        let dk = tops::matmul(&ds, true, &s.q, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
-        let dq = heads_last(dq, b, lq, nh, d)?;
-        let dk = heads_last(dk, b, lk, nh, d)?;
-        let dv = heads_last(dv, b, lk, nh, d)?;
+        let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
         let dxq = self.q.backward(ps, xq, &dq)?;
         let dxk = self.k.backward(ps, xkv, &dk)?;
         let dxv = self.v.backward(ps, xkv, &dv)?;

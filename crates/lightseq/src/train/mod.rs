@@ -1,12 +1,12 @@
-//! Training: device-generic ops with their backward passes (`ops`), the CPU reference
-//! backward pieces (`grad`), the label-smoothed cross entropy, Adam/AdamW with
-//! torch.optim's semantics, gradient clipping, learning-rate schedules and Philox dropout.
-//! Each is checked against torch autograd / torch.optim (tests/training_math.rs, fixtures
-//! from scripts/make_grad_fixtures.py).
+//! Training: device-generic ops with their backward passes (`ops`), layers and models built
+//! on them (`layers`, `models`, `vit`), parameters and optimizer state (`params`), the update
+//! loop (`trainer`), optimizer settings and schedules (`optim`), Philox dropout (`philox`).
+//! The ops are checked against torch autograd / torch.optim (tests/training_math.rs), the
+//! models' gradients and loss curves against HF transformers (tests/training_grads.rs,
+//! tests/training.rs).
 
 pub mod grad;
 pub mod layers;
-pub mod loss;
 pub mod models;
 pub mod ops;
 pub mod optim;

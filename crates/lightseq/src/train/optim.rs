@@ -1,4 +1,5 @@
-//! Adam and AdamW with torch.optim's semantics, clipping by the global L2 norm as
+//! Optimizer settings (Adam and AdamW with torch.optim's semantics; the update itself is
+//! the fused `train::ops::adam_step`), clipping by the global L2 norm as
 //! torch.nn.utils.clip_grad_norm_, and learning-rate schedules.
 
 /// Which update rule.
@@ -20,57 +21,10 @@ pub struct AdamConfig {
     pub weight_decay: f64,
 }
 
-/// First and second moments of one parameter tensor, in f32 like torch's.
-#[derive(Debug, Clone, Default)]
-pub struct AdamState {
-    pub step: u64,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
-}
-
-/// One step on `param` with gradient `grad` at learning rate `lr` (torch's formulas:
-/// bias-corrected moments, `denom = sqrt(v) / sqrt(1 - b2^t) + eps`).
-pub fn adam_step(cfg: &AdamConfig, lr: f64, param: &mut [f32], grad: &[f32], st: &mut AdamState) {
-    if st.m.is_empty() {
-        st.m = vec![0.0; param.len()];
-        st.v = vec![0.0; param.len()];
-    }
-    st.step += 1;
-    let t = st.step as i32;
-    let bc1 = 1.0 - cfg.beta1.powi(t);
-    let bc2 = 1.0 - cfg.beta2.powi(t);
-    let step_size = lr / bc1;
-    let bc2_sqrt = bc2.sqrt();
-    for i in 0..param.len() {
-        let mut g = grad[i];
-        match cfg.kind {
-            Kind::AdamW => param[i] *= (1.0 - lr * cfg.weight_decay) as f32,
-            Kind::Adam => g += (cfg.weight_decay as f32) * param[i],
-        }
-        st.m[i] = st.m[i] * cfg.beta1 as f32 + (1.0 - cfg.beta1 as f32) * g;
-        st.v[i] = st.v[i] * cfg.beta2 as f32 + (1.0 - cfg.beta2 as f32) * g * g;
-        let denom = (st.v[i].sqrt() as f64 / bc2_sqrt + cfg.eps) as f32;
-        param[i] -= (step_size as f32) * st.m[i] / denom;
-    }
-}
-
-/// Scales all gradients so their global L2 norm is at most `max_norm`, as
-/// torch.nn.utils.clip_grad_norm_ (coefficient `max_norm / (norm + 1e-6)`, applied when
-/// below 1). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
-    let total: f64 = grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&x| (x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let coef = max_norm / (total + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
-        }
-    }
-    total
+/// The factor torch.nn.utils.clip_grad_norm_ scales gradients by: `max_norm / (norm + 1e-6)`
+/// when that is below 1, else 1.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// Learning-rate schedules.

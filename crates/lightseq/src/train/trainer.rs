@@ -141,7 +141,7 @@ impl Trainer {
             return Ok(stats);
         }
         let clip = match self.cfg.clip_norm {
-            Some(c) if c > 0.0 => (c / (grad_norm + 1e-6)).min(1.0),
+            Some(c) if c > 0.0 => super::optim::clip_coefficient(grad_norm, c),
             _ => 1.0,
         };
         let o = &self.cfg.optimizer;
