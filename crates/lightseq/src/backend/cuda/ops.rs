@@ -8,7 +8,7 @@ use crate::ops::{Activation, AttentionOptions, Heads};
 use crate::tensor::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
+pub(super) fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
     let blocks = total.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -22,7 +22,7 @@ fn row_threads(cols: usize) -> u32 {
     (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-fn launched(
+pub(super) fn launched(
     name: &str,
     r: std::result::Result<
         Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,

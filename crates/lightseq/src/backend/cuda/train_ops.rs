@@ -1,6 +1,7 @@
 //! CUDA bodies of the training ops (`crate::train::ops`); kernels in `kernels/train.cu`,
 //! GEMMs through cuBLASLt. Shapes were checked by the front ends.
 
+use super::ops::{grid_1d, launched};
 use super::{cuda_err, CudaStorage};
 use crate::backend::cpu::train::AdamHyper;
 use crate::error::{Error, Result};
@@ -14,15 +15,6 @@ const MAX_BLOCKS: usize = 65535 * 8;
 const COL_WARPS: u32 = 16;
 /// Blocks of the sum-of-squares partials (each writes one f64).
 const SUM_BLOCKS: usize = 1024;
-
-fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
-    let blocks = total.div_ceil(threads as usize).clamp(1, MAX_BLOCKS) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// One block per row (grid-stride past `MAX_BLOCKS`), threads a multiple of 32 up to `max`.
 fn rows_grid(rows: usize, cols: usize, max: u32) -> LaunchConfig {
@@ -122,17 +114,6 @@ impl ColumnOut {
         }
         Ok(self.out)
     }
-}
-
-fn launched(
-    name: &str,
-    r: std::result::Result<
-        Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
-        cudarc::driver::DriverError,
-    >,
-) -> Result<()> {
-    r.map(|_| ())
-        .map_err(|e| cuda_err(&format!("launching {name}"), e))
 }
 
 #[allow(clippy::too_many_arguments)]
