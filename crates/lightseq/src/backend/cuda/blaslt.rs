@@ -13,15 +13,13 @@ use std::sync::{Arc, Mutex};
 
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-type AlgoKey = (DType, usize, usize, usize, bool);
-/// (dtype, ta, tb, batch, m, n, k) of `matmul_general`.
-type GeneralKey = (DType, bool, bool, bool, usize, usize, usize, usize);
+/// (dtype, f32 output, ta, tb, batch, m, n, k, bias) of `matmul_general`.
+type AlgoKey = (DType, bool, bool, bool, usize, usize, usize, usize, bool);
 
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
-    general_algos: Mutex<HashMap<GeneralKey, sys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the handle is used only from calls that enqueue on the device's one stream;
@@ -52,7 +50,7 @@ struct Descs {
 
 impl Drop for Descs {
     fn drop(&mut self) {
-        // SAFETY: each was created once in `Descs::new`.
+        // SAFETY: each was created once in `Descs::general`.
         unsafe {
             let _ = lt::destroy_matmul_desc(self.desc);
             for l in self.layouts {
@@ -63,60 +61,10 @@ impl Drop for Descs {
 }
 
 impl Descs {
-    fn new(dt: DType, m: usize, n: usize, k: usize, bias: Option<u64>) -> Result<Self> {
-        let e = |e| cuda_err("cuBLASLt descriptor", e);
-        let ty = data_type(dt);
-        let desc = lt::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cudaDataType_t::CUDA_R_32F,
-        )
-        .map_err(e)?;
-        // Column-major view: C (n x m) = W^T-op (n x k) * X (k x m).
-        let a = lt::create_matrix_layout(ty, k as u64, n as u64, k as i64).map_err(e)?;
-        let b = lt::create_matrix_layout(ty, k as u64, m as u64, k as i64).map_err(e)?;
-        let c = lt::create_matrix_layout(ty, n as u64, m as u64, n as i64).map_err(e)?;
-        let d = Descs {
-            desc,
-            layouts: [a, b, c],
-        };
-        let trans_a: i32 = 1;
-        let epilogue = if bias.is_some() {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-        } else {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
-        };
-        // SAFETY: attribute values point at locals of the sizes given.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                d.desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                &trans_a as *const i32 as *const c_void,
-                std::mem::size_of::<i32>(),
-            )
-            .map_err(e)?;
-            lt::set_matmul_desc_attribute(
-                d.desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &epilogue as *const _ as *const c_void,
-                std::mem::size_of::<sys::cublasLtEpilogue_t>(),
-            )
-            .map_err(e)?;
-            if let Some(ptr) = bias {
-                lt::set_matmul_desc_attribute(
-                    d.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &ptr as *const u64 as *const c_void,
-                    std::mem::size_of::<u64>(),
-                )
-                .map_err(e)?;
-            }
-        }
-        Ok(d)
-    }
-
     /// Descriptors of the column-major `C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m)`,
     /// which is the row-major `C [m, n] = op(A) @ op(B)`; B is cuBLASLt's first operand.
-    /// For `batch > 1` every layout is strided-batched with contiguous batches.
+    /// For `batch > 1` every layout is strided-batched with contiguous batches. With `bias`
+    /// (a device pointer to [n]) the epilogue adds it to every row of C.
     #[allow(clippy::too_many_arguments)]
     fn general(
         dt: DType,
@@ -127,6 +75,7 @@ impl Descs {
         m: usize,
         n: usize,
         k: usize,
+        bias: Option<u64>,
     ) -> Result<Self> {
         let e = |e| cuda_err("cuBLASLt descriptor", e);
         let ty = data_type(dt);
@@ -184,6 +133,23 @@ impl Descs {
                 std::mem::size_of::<i32>(),
             )
             .map_err(e)?;
+            if let Some(ptr) = bias {
+                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                lt::set_matmul_desc_attribute(
+                    d.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epilogue as *const _ as *const c_void,
+                    std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(e)?;
+                lt::set_matmul_desc_attribute(
+                    d.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &ptr as *const u64 as *const c_void,
+                    std::mem::size_of::<u64>(),
+                )
+                .map_err(e)?;
+            }
             if batch > 1 {
                 let count = i32::try_from(batch)
                     .map_err(|_| crate::error::Error::Cuda(format!("batch {batch} too large")))?;
@@ -220,7 +186,6 @@ impl BlasLt {
             handle,
             workspace,
             algos: Mutex::new(HashMap::new()),
-            general_algos: Mutex::new(HashMap::new()),
         })
     }
 
@@ -239,51 +204,17 @@ impl BlasLt {
         bias: Option<u64>,
         y: u64,
     ) -> Result<()> {
-        let d = Descs::new(dt, m, n, k, bias)?;
-        let key = (dt, m, n, k, bias.is_some());
-        let algo = {
-            let mut algos = self.algos.lock().unwrap();
-            match algos.get(&key) {
-                Some(a) => *a,
-                None => {
-                    let a = self.heuristic(&d)?;
-                    algos.insert(key, a);
-                    a
-                }
-            }
-        };
-        let (alpha, beta) = (1f32, 0f32);
-        let (ws, _sync) = self.workspace.device_ptr(stream);
-        // SAFETY: the caller guarantees the buffers' sizes; descriptors live until return.
-        unsafe {
-            lt::matmul(
-                self.handle,
-                d.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                w as *const c_void,
-                d.layouts[0],
-                x as *const c_void,
-                d.layouts[1],
-                y as *const c_void,
-                d.layouts[2],
-                y as *mut c_void,
-                d.layouts[2],
-                &algo,
-                ws as *mut c_void,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as *mut _,
-            )
-        }
-        .map_err(|e| cuda_err(&format!("cuBLASLt matmul {m}x{n}x{k} {dt}"), e))
+        self.matmul_general(
+            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, bias, y,
+        )
     }
 
     /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
     /// contiguous batches, op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
-    /// `m`, `n` and `k` must be non-zero.
+    /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c (+ bias)`;
+    /// c is f32 when `c_f32`, else of dtype `dt`; `bias` is a device pointer to [n].
     #[allow(clippy::too_many_arguments)]
-    /// `C = op(A) op(B) + beta * C`; C is f32 when `c_f32`, else of dtype `dt`.
     pub(crate) fn matmul_general(
         &self,
         stream: &Arc<CudaStream>,
@@ -298,12 +229,13 @@ impl BlasLt {
         k: usize,
         a: u64,
         b: u64,
+        bias: Option<u64>,
         c: u64,
     ) -> Result<()> {
-        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k)?;
-        let key = (dt, c_f32, ta, tb, batch, m, n, k);
+        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, bias)?;
+        let key = (dt, c_f32, ta, tb, batch, m, n, k, bias.is_some());
         let algo = {
-            let mut algos = self.general_algos.lock().unwrap();
+            let mut algos = self.algos.lock().unwrap();
             match algos.get(&key) {
                 Some(a) => *a,
                 None => {

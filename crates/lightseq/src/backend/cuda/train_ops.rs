@@ -150,6 +150,7 @@ pub(crate) fn matmul(
         k,
         a.ptr(),
         b.ptr(),
+        None,
         c.ptr(),
     )?;
     Ok(c)
@@ -181,6 +182,7 @@ pub(crate) fn weight_grad_into(
         rows,
         dy.ptr(),
         x.ptr(),
+        None,
         acc.ptr(),
     )
 }
@@ -251,6 +253,7 @@ pub(crate) fn matmul_f32_out(
         k,
         a.ptr(),
         b.ptr(),
+        None,
         c.ptr(),
     )?;
     Ok(c)
