@@ -211,6 +211,26 @@ pub trait Decoder: Send + Sync {
 }
 
 /// A state with one self-attention cache of `width` per layer.
+/// The decode state of decoder-only model `name`, which takes no source sequences.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decoder_only_state(
+    name: &str,
+    sources: Option<&[Vec<i64>]>,
+    layers: usize,
+    rows: usize,
+    capacity: usize,
+    width: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<DecodeState> {
+    if sources.is_some() {
+        return Err(Error::Input(format!(
+            "{name} is decoder-only: it takes no source sequences"
+        )));
+    }
+    new_state(layers, rows, capacity, width, dtype, device)
+}
+
 pub(crate) fn new_state(
     layers: usize,
     rows: usize,

@@ -2,7 +2,7 @@
 //! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
 //! returns logits.
 
-use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -163,12 +163,9 @@ impl Decoder for Gpt2 {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        if sources.is_some() {
-            return Err(Error::Input(
-                "GPT2 is decoder-only: it takes no source sequences".into(),
-            ));
-        }
-        new_state(
+        decoder_only_state(
+            "GPT2",
+            sources,
             self.cfg.n_layer,
             rows,
             capacity,

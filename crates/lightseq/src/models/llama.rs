@@ -2,7 +2,7 @@
 //! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
-use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -403,13 +403,10 @@ impl Decoder for Llama {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        if sources.is_some() {
-            return Err(Error::Input(
-                "this model is decoder-only: it takes no source sequences".into(),
-            ));
-        }
         let kd = self.cfg.kv_heads * self.cfg.head_dim;
-        new_state(
+        decoder_only_state(
+            "this model",
+            sources,
             self.cfg.num_layers,
             rows,
             capacity,

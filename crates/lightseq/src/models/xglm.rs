@@ -2,7 +2,7 @@
 //! scaled token embeddings, pre-LN layers with biased projections, LM head tied to the
 //! token embeddings.
 
-use super::decode::{decoder_forward, ids_tensor, new_state, DecodeState, Decoder};
+use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -183,12 +183,9 @@ impl Decoder for Xglm {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        if sources.is_some() {
-            return Err(Error::Input(
-                "XGLM is decoder-only: it takes no source sequences".into(),
-            ));
-        }
-        new_state(
+        decoder_only_state(
+            "XGLM",
+            sources,
             self.cfg.num_layers,
             rows,
             capacity,
