@@ -133,6 +133,19 @@ impl Params {
     ) -> Result<Vec<Pid>> {
         let v = ck.read_f32(name, &[n_in, parts * out])?;
         let t = transpose(&v, n_in, parts * out); // [parts * out, in]
+        self.push_parts(name, &t, parts, &[out, n_in])
+    }
+
+    /// Pushes `parts` consecutive equal blocks of `values` as parameters of `shape`, parts
+    /// of checkpoint tensor `name`.
+    fn push_parts(
+        &mut self,
+        name: &str,
+        values: &[f32],
+        parts: usize,
+        shape: &[usize],
+    ) -> Result<Vec<Pid>> {
+        let per = values.len() / parts;
         (0..parts)
             .map(|p| {
                 self.push(
@@ -141,8 +154,8 @@ impl Params {
                         part: p,
                         parts,
                     },
-                    vec![out, n_in],
-                    &t[p * out * n_in..(p + 1) * out * n_in],
+                    shape.to_vec(),
+                    &values[p * per..(p + 1) * per],
                 )
             })
             .collect()
@@ -157,19 +170,7 @@ impl Params {
         parts: usize,
     ) -> Result<Vec<Pid>> {
         let v = ck.read_f32(name, &[parts * out])?;
-        (0..parts)
-            .map(|p| {
-                self.push(
-                    Stored::Conv1d {
-                        name: name.to_string(),
-                        part: p,
-                        parts,
-                    },
-                    vec![out],
-                    &v[p * out..(p + 1) * out],
-                )
-            })
-            .collect()
+        self.push_parts(name, &v, parts, &[out])
     }
 
     /// The weight as compute uses it (the compute-dtype copy, or the f32 master).

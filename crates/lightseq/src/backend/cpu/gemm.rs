@@ -1,46 +1,60 @@
 use super::bias_act;
 use crate::ops::Activation;
 
-/// `y[m, n] = x[m, k] @ w[n, k]^T` with the `gemm` crate on rayon threads.
-pub(crate) fn matmul_nt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return y;
+/// For each of `batch`: C[m, n] = op(A) @ op(B); op(A) is A [m, k] or A^T with A [k, m]
+/// (`ta`), op(B) is B [k, n] or B^T with B [n, k] (`tb`). Row-major, contiguous batches.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut c = vec![0f32; batch * m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return c;
     }
-    if k == 0 {
-        return y;
-    }
-    let par = if (m * n * k) < 64 * 64 * 64 {
+    let par = if (batch * m * n * k) < 64 * 64 * 64 {
         gemm::Parallelism::None
     } else {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     };
-    // Row-major y (m x n): column stride 1, row stride n. x (m x k): cs 1, rs k.
-    // w^T (k x n) read from row-major w (n x k): element (kk, j) = w[j * k + kk], so cs k, rs 1.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+    // Strides of op(A) (m x k) and op(B) (k x n) read from row-major storage.
+    let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
+    for i in 0..batch {
+        let (ap, bp) = (&a[i * m * k..], &b[i * k * n..]);
+        let cp = &mut c[i * m * n..(i + 1) * m * n];
+        // SAFETY: the slices hold m*k, k*n and m*n elements addressed by these strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                cp.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                ap.as_ptr(),
+                a_cs,
+                a_rs,
+                bp.as_ptr(),
+                b_cs,
+                b_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
     }
-    y
+    c
 }
 
 pub(crate) fn linear(
@@ -52,7 +66,8 @@ pub(crate) fn linear(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut y = matmul_nt(x, w, m, n, k);
+    // x [m, k] @ w^T, w stored [n, k].
+    let mut y = matmul(x, false, w, true, 1, m, n, k);
     bias_act(&mut y, b, act, n);
     y
 }
