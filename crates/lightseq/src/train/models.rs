@@ -135,9 +135,16 @@ impl Loader<'_> {
         self.ps.load(self.ck, name, shape)
     }
     fn lin(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Lin> {
+        self.lin_bias(prefix, n_in, n_out, true)
+    }
+    fn lin_bias(&mut self, prefix: &str, n_in: usize, n_out: usize, bias: bool) -> Result<Lin> {
         Ok(Lin {
             w: self.p(&format!("{prefix}.weight"), &[n_out, n_in])?,
-            b: Some(self.p(&format!("{prefix}.bias"), &[n_out])?),
+            b: if bias {
+                Some(self.p(&format!("{prefix}.bias"), &[n_out])?)
+            } else {
+                None
+            },
         })
     }
     fn ln(&mut self, prefix: &str, h: usize, eps: f32) -> Result<Ln> {
@@ -261,41 +268,40 @@ impl Net {
         let encoder_emb = emb(&mut l, "encoder")?;
         let decoder_emb = emb(&mut l, "decoder")?;
         let qkvo = ["q_proj", "k_proj", "v_proj", "out_proj"];
-        let mut encoder = Vec::new();
-        for i in 0..c.encoder_layers {
-            let p = format!("model.encoder.layers.{i}");
-            encoder.push(Layer {
-                self_attn: l.attn(&format!("{p}.self_attn"), qkvo, d, c.encoder_heads)?,
+        // One layer of `side`; decoder layers add cross attention.
+        let layer = |l: &mut Loader, side: &str, i: usize| -> Result<Layer> {
+            let (heads, ffn_dim) = if side == "decoder" {
+                (c.decoder_heads, c.decoder_ffn_dim)
+            } else {
+                (c.encoder_heads, c.encoder_ffn_dim)
+            };
+            let p = format!("model.{side}.layers.{i}");
+            Ok(Layer {
+                self_attn: l.attn(&format!("{p}.self_attn"), qkvo, d, heads)?,
                 ln_self: l.ln(&format!("{p}.self_attn_layer_norm"), d, eps)?,
-                cross: None,
+                cross: if side == "decoder" {
+                    Some((
+                        l.attn(&format!("{p}.encoder_attn"), qkvo, d, heads)?,
+                        l.ln(&format!("{p}.encoder_attn_layer_norm"), d, eps)?,
+                    ))
+                } else {
+                    None
+                },
                 ffn: Ffn {
-                    fc1: l.lin(&format!("{p}.fc1"), d, c.encoder_ffn_dim)?,
-                    fc2: l.lin(&format!("{p}.fc2"), c.encoder_ffn_dim, d)?,
+                    fc1: l.lin(&format!("{p}.fc1"), d, ffn_dim)?,
+                    fc2: l.lin(&format!("{p}.fc2"), ffn_dim, d)?,
                     act,
                 },
                 ln_ffn: l.ln(&format!("{p}.final_layer_norm"), d, eps)?,
                 pre_ln,
-            });
-        }
-        let mut decoder = Vec::new();
-        for i in 0..c.decoder_layers {
-            let p = format!("model.decoder.layers.{i}");
-            decoder.push(Layer {
-                self_attn: l.attn(&format!("{p}.self_attn"), qkvo, d, c.decoder_heads)?,
-                ln_self: l.ln(&format!("{p}.self_attn_layer_norm"), d, eps)?,
-                cross: Some((
-                    l.attn(&format!("{p}.encoder_attn"), qkvo, d, c.decoder_heads)?,
-                    l.ln(&format!("{p}.encoder_attn_layer_norm"), d, eps)?,
-                )),
-                ffn: Ffn {
-                    fc1: l.lin(&format!("{p}.fc1"), d, c.decoder_ffn_dim)?,
-                    fc2: l.lin(&format!("{p}.fc2"), c.decoder_ffn_dim, d)?,
-                    act,
-                },
-                ln_ffn: l.ln(&format!("{p}.final_layer_norm"), d, eps)?,
-                pre_ln,
-            });
-        }
+            })
+        };
+        let encoder = (0..c.encoder_layers)
+            .map(|i| layer(&mut l, "encoder", i))
+            .collect::<Result<Vec<_>>>()?;
+        let decoder = (0..c.decoder_layers)
+            .map(|i| layer(&mut l, "decoder", i))
+            .collect::<Result<Vec<_>>>()?;
         let (encoder_norm, decoder_norm) = if pre_ln {
             (
                 Some(l.ln("model.encoder.layer_norm", d, eps)?),
@@ -596,46 +602,24 @@ impl Net {
             ps: Params::new(dtype, device),
         };
         let patches = super::vit::PatchEmb::load(&mut l.ps, ck, &c)?;
-        let lin = |l: &mut Loader, p: &str, n_in: usize, n_out: usize, bias: bool| -> Result<Lin> {
-            Ok(Lin {
-                w: l.p(&format!("{p}.weight"), &[n_out, n_in])?,
-                b: if bias {
-                    Some(l.p(&format!("{p}.bias"), &[n_out])?)
-                } else {
-                    None
-                },
-            })
-        };
         let mut encoder = Vec::new();
         for i in 0..c.num_layers {
             let p = format!("vit.encoder.layer.{i}");
             let a = format!("{p}.attention.attention");
             encoder.push(Layer {
                 self_attn: Attn {
-                    q: lin(&mut l, &format!("{a}.query"), h, h, c.qkv_bias)?,
-                    k: lin(&mut l, &format!("{a}.key"), h, h, c.qkv_bias)?,
-                    v: lin(&mut l, &format!("{a}.value"), h, h, c.qkv_bias)?,
-                    o: lin(&mut l, &format!("{p}.attention.output.dense"), h, h, true)?,
+                    q: l.lin_bias(&format!("{a}.query"), h, h, c.qkv_bias)?,
+                    k: l.lin_bias(&format!("{a}.key"), h, h, c.qkv_bias)?,
+                    v: l.lin_bias(&format!("{a}.value"), h, h, c.qkv_bias)?,
+                    o: l.lin(&format!("{p}.attention.output.dense"), h, h)?,
                     heads: nh,
                     scale: ((h / nh) as f32).powf(-0.5),
                 },
                 ln_self: l.ln(&format!("{p}.layernorm_before"), h, eps)?,
                 cross: None,
                 ffn: Ffn {
-                    fc1: lin(
-                        &mut l,
-                        &format!("{p}.intermediate.dense"),
-                        h,
-                        c.intermediate_size,
-                        true,
-                    )?,
-                    fc2: lin(
-                        &mut l,
-                        &format!("{p}.output.dense"),
-                        c.intermediate_size,
-                        h,
-                        true,
-                    )?,
+                    fc1: l.lin(&format!("{p}.intermediate.dense"), h, c.intermediate_size)?,
+                    fc2: l.lin(&format!("{p}.output.dense"), c.intermediate_size, h)?,
                     act,
                 },
                 ln_ffn: l.ln(&format!("{p}.layernorm_after"), h, eps)?,
@@ -654,7 +638,7 @@ impl Net {
                 "a ViT without a classifier (use a ViTForImageClassification checkpoint)".into(),
             ));
         }
-        let classifier = lin(&mut l, "classifier", h, labels, true)?;
+        let classifier = l.lin("classifier", h, labels)?;
         Ok(Net {
             task: Task::ImageClassify,
             params: l.ps,
