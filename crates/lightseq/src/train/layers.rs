@@ -34,12 +34,8 @@ impl Dropout {
 
     /// Applies rate `p` to `x`; returns the output and the offset its backward reuses.
     pub fn apply(&self, x: Tensor, p: f32) -> Result<(Tensor, Option<u64>)> {
-        if p <= 0.0 {
-            return Ok((x, None));
-        }
-        let off = self.offset.get();
-        self.offset.set(off + 1);
-        Ok((tops::dropout(&x, p, self.seed, off)?, Some(off)))
+        let (y, off) = self.apply_ref(&x, p)?;
+        Ok((y.unwrap_or(x), off))
     }
 
     /// [`Dropout::apply`] keeping the input: None when no dropout applies (use `x`).
@@ -62,10 +58,7 @@ impl Dropout {
 
     /// The backward of [`Dropout::apply`].
     pub fn backward(&self, dy: Tensor, p: f32, off: Option<u64>) -> Result<Tensor> {
-        match off {
-            Some(o) => tops::dropout(&dy, p, self.seed, o),
-            None => Ok(dy),
-        }
+        Ok(self.backward_ref(&dy, p, off)?.unwrap_or(dy))
     }
 }
 

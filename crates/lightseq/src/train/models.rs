@@ -720,8 +720,7 @@ impl Net {
         let cls = ops::index_select(&y, &first)?;
         let logits = classifier.forward(&self.params, &cls)?;
         let dev = self.params.device.clone();
-        let tt = Tensor::from_i32(&labels, &[b], &dev)?;
-        let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
+        let (st, dlogits) = loss(&logits, &labels, eps, grad_scale)?;
         if grad_scale == 0.0 {
             return Ok(st);
         }
@@ -951,8 +950,7 @@ impl Net {
         let (stats, dx) = match &self.head {
             Head::Tied { table, bias } => {
                 let logits = ops::linear(&x, ps.w(*table), bias.as_ref(), Activation::None)?;
-                let tt = Tensor::from_i32(&targets, &[b * l], &dev)?;
-                let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
+                let (st, dlogits) = loss(&logits, &targets, eps, grad_scale)?;
                 drop_t(logits);
                 if grad_scale == 0.0 {
                     return Ok(st);
@@ -975,8 +973,7 @@ impl Net {
                 let t = ln.forward(ps, &a)?;
                 let logits = ops::linear(&t, ps.w(*table), Some(ps.w(*bias)), Activation::None)?;
                 let tsel: Vec<i32> = picked.iter().map(|&i| targets[i]).collect();
-                let tt = Tensor::from_i32(&tsel, &[tsel.len()], &dev)?;
-                let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
+                let (st, dlogits) = loss(&logits, &tsel, eps, grad_scale)?;
                 drop_t(logits);
                 if grad_scale == 0.0 {
                     return Ok(st);
@@ -1018,8 +1015,7 @@ impl Net {
                     }
                 }
                 let lab: Vec<i32> = class_labels.iter().map(|&y| y as i32).collect();
-                let tt = Tensor::from_i32(&lab, &[b], &dev)?;
-                let (st, dlogits) = loss(&logits, &tt, eps, grad_scale)?;
+                let (st, dlogits) = loss(&logits, &lab, eps, grad_scale)?;
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
@@ -1068,21 +1064,23 @@ type Padded = (Vec<i32>, Vec<i32>, Vec<i32>, usize);
 
 fn drop_t(_t: Tensor) {}
 
+/// The label-smoothed loss of `logits` against host `targets` (-1: ignored): summed loss and
+/// nll, the predicted-token count, and the logits' gradient times `grad_scale`.
 fn loss(
     logits: &Tensor,
-    targets: &Tensor,
+    targets: &[i32],
     eps: f32,
     grad_scale: f32,
 ) -> Result<(PassStats, Tensor)> {
-    let (l, n, d) = tops::cross_entropy(logits, targets, eps, grad_scale)?;
+    let tt = Tensor::from_i32(targets, &[targets.len()], &logits.device())?;
+    let (l, n, d) = tops::cross_entropy(logits, &tt, eps, grad_scale)?;
     let lv = l.to_f32_vec()?;
     let nv = n.to_f32_vec()?;
-    let tv = targets.to_i32_vec()?;
     Ok((
         PassStats {
             loss_sum: lv.iter().map(|&x| x as f64).sum(),
             nll_sum: nv.iter().map(|&x| x as f64).sum(),
-            tokens: tv.iter().filter(|&&t| t >= 0).count(),
+            tokens: targets.iter().filter(|&&t| t >= 0).count(),
         },
         d,
     ))

@@ -636,31 +636,7 @@ pub(crate) fn adam_step(
 }
 
 pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
-    if x.len() == 0 {
-        return Ok(0.0);
-    }
-    let dev = x.device();
-    let cfg = {
-        let mut c = grid_1d(x.len(), 256);
-        c.grid_dim.0 = c.grid_dim.0.min(SUM_BLOCKS as u32);
-        c
-    };
-    let blocks = cfg.grid_dim.0 as usize;
-    let st = dev.stream();
-    let mut partial = st
-        .alloc_zeros::<f64>(blocks)
-        .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
-    let f = dev.kernel("sum_squares", x.dtype())?;
-    let (xp, total) = (x.ptr(), x.len() as i64);
-    let mut l = st.launch_builder(&f);
-    l.arg(&xp).arg(&mut partial).arg(&total);
-    // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds one
-    // f64 per block.
-    launched("sum_squares", unsafe { l.launch(cfg) })?;
-    let host = st
-        .clone_dtoh(&partial)
-        .map_err(|e| cuda_err("device to host copy", e))?;
-    Ok(host.iter().sum())
+    sum_squares_many(&[x])
 }
 
 /// Sum of squares over several tensors with one download: each tensor's blocks write their
