@@ -951,7 +951,7 @@ impl Net {
             Head::Tied { table, bias } => {
                 let logits = ops::linear(&x, ps.w(*table), bias.as_ref(), Activation::None)?;
                 let (st, dlogits) = loss(&logits, &targets, eps, grad_scale)?;
-                drop_t(logits);
+                std::mem::drop(logits); // the largest activation: free it before the backward
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
@@ -974,7 +974,7 @@ impl Net {
                 let logits = ops::linear(&t, ps.w(*table), Some(ps.w(*bias)), Activation::None)?;
                 let tsel: Vec<i32> = picked.iter().map(|&i| targets[i]).collect();
                 let (st, dlogits) = loss(&logits, &tsel, eps, grad_scale)?;
-                drop_t(logits);
+                std::mem::drop(logits); // the largest activation: free it before the backward
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
@@ -1061,8 +1061,6 @@ impl Net {
 
 /// Padded ids, backward ids, lengths, padded length.
 type Padded = (Vec<i32>, Vec<i32>, Vec<i32>, usize);
-
-fn drop_t(_t: Tensor) {}
 
 /// The label-smoothed loss of `logits` against host `targets` (-1: ignored): summed loss and
 /// nll, the predicted-token count, and the logits' gradient times `grad_scale`.

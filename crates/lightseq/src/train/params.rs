@@ -41,7 +41,7 @@ pub struct Param {
     pub grad: Tensor,
     m: Tensor,
     v: Tensor,
-    /// Excluded from weight decay? (never, as torch's default param groups; kept explicit)
+    /// Adam updates applied to this parameter (its bias-correction step).
     pub steps: u64,
 }
 
