@@ -20,7 +20,7 @@ tot = collections.defaultdict(float); cnt = collections.Counter()
 half = rows[len(rows) // 2:]
 for r in half:
     v = float(r[vi].replace(",", "")); u = r[ui]
-    v = v / 1e3 if u == "nsecond" else (v if u == "usecond" else v * 1e3)
+    v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[u]
     name = r[ki].split("(")[0][:60]
     tot[name] += v; cnt[name] += 1
 s = sum(tot.values())

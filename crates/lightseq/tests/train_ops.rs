@@ -82,42 +82,57 @@ fn cuda_matmul_matches_cpu() {
                 check(&what, dt, &run(&gpu), &run(&cpu), tol(dt));
             }
         }
-        // The linear-layer wrappers: rows = 33, in 37, out 29.
-        let (rows, kin, nout) = (33, 37, 29);
-        let (x, w, dy) = (
-            randn(3, rows * kin),
-            randn(4, nout * kin),
-            randn(5, rows * nout),
-        );
-        let ig = |d: &Device| {
-            ops::linear_input_grad(&t(&dy, &[rows, nout], dt, d), &t(&w, &[nout, kin], dt, d))
-                .unwrap()
-        };
-        check("linear_input_grad", dt, &ig(&gpu), &ig(&cpu), tol(dt));
-        let wg = |d: &Device| {
-            ops::linear_weight_grad(&t(&dy, &[rows, nout], dt, d), &t(&x, &[rows, kin], dt, d))
-                .unwrap()
-        };
-        check("linear_weight_grad", dt, &wg(&gpu), &wg(&cpu), tol(dt));
-        // Accumulated into an f32 gradient that already holds values.
-        let acc0 = randn(6, nout * kin);
-        let wgi = |d: &Device| {
-            let mut acc = t(&acc0, &[nout, kin], DType::F32, d);
-            ops::linear_weight_grad_into(
-                &mut acc,
-                &t(&dy, &[rows, nout], dt, d),
-                &t(&x, &[rows, kin], dt, d),
-            )
-            .unwrap();
-            acc
-        };
-        check(
-            "linear_weight_grad_into",
-            dt,
-            &wgi(&gpu),
-            &wgi(&cpu),
-            tol(dt),
-        );
+        // The linear-layer wrappers, at an odd shape and at one of whole 16-byte rows (where
+        // cuBLASLt may take the bias gradient into the GEMM's epilogue).
+        for (rows, kin, nout) in [(33, 37, 29), (96, 64, 40)] {
+            let (x, w, dy) = (
+                randn(3, rows * kin),
+                randn(4, nout * kin),
+                randn(5, rows * nout),
+            );
+            let ig = |d: &Device| {
+                let (dyt, wt) = (t(&dy, &[rows, nout], dt, d), t(&w, &[nout, kin], dt, d));
+                ops::linear_input_grad(&dyt, &wt).unwrap()
+            };
+            check("linear_input_grad", dt, &ig(&gpu), &ig(&cpu), tol(dt));
+            // Accumulated into a tensor that already holds values.
+            let x_acc = randn(10, rows * kin);
+            let igi = |d: &Device| {
+                let mut acc = t(&x_acc, &[rows, kin], dt, d);
+                let (dyt, wt) = (t(&dy, &[rows, nout], dt, d), t(&w, &[nout, kin], dt, d));
+                ops::linear_input_grad_into(&mut acc, &dyt, &wt).unwrap();
+                acc
+            };
+            check(
+                "linear_input_grad_into",
+                dt,
+                &igi(&gpu),
+                &igi(&cpu),
+                tol(dt),
+            );
+            let wg = |d: &Device| {
+                let (dyt, xt) = (t(&dy, &[rows, nout], dt, d), t(&x, &[rows, kin], dt, d));
+                ops::linear_weight_grad(&dyt, &xt).unwrap()
+            };
+            check("linear_weight_grad", dt, &wg(&gpu), &wg(&cpu), tol(dt));
+            // Accumulated into f32 gradients that already hold values, with and without
+            // the bias gradient.
+            let (acc0, bacc0) = (randn(6, nout * kin), randn(11, nout));
+            for with_bias in [false, true] {
+                let wgi = |d: &Device| {
+                    let mut acc = t(&acc0, &[nout, kin], DType::F32, d);
+                    let mut bacc = t(&bacc0, &[nout], DType::F32, d);
+                    let (dyt, xt) = (t(&dy, &[rows, nout], dt, d), t(&x, &[rows, kin], dt, d));
+                    let b = with_bias.then_some(&mut bacc);
+                    ops::linear_weight_grad_into(&mut acc, b, &dyt, &xt).unwrap();
+                    (acc, bacc)
+                };
+                let ((ga, gb), (ca, cb)) = (wgi(&gpu), wgi(&cpu));
+                let what = format!("linear_weight_grad_into {rows}x{kin}x{nout} bias {with_bias}");
+                check(&what, dt, &ga, &ca, tol(dt));
+                check(&format!("{what}: bias"), dt, &gb, &cb, tol(dt));
+            }
+        }
         // Sum of squares over several tensors with one download.
         let parts = [randn(7, 1000), randn(8, 3), randn(9, 70_000)];
         let ss = |d: &Device| {
@@ -417,24 +432,119 @@ fn cuda_adam_step_matches_cpu() {
                 step,
                 grad_scale: 0.5,
             };
-            let run = |d: &Device| {
+            let run = |d: &Device, copy_dtype: Option<DType>| {
                 let f = DType::F32;
                 let (mut p, g) = (t(&p0, &[n], f, d), t(&g0, &[n], f, d));
                 let (mut m, mut v) = (t(&m0, &[n], f, d), t(&v0, &[n], f, d));
+                let mut copy = copy_dtype.map(|dt| t(&p0, &[n], dt, d));
                 // Two steps, so the updated moments feed the second.
                 for s in [step, step + 1] {
-                    ops::adam_step(&mut p, &g, &mut m, &mut v, &AdamHyper { step: s, ..hp })
-                        .unwrap();
+                    let h = AdamHyper { step: s, ..hp };
+                    ops::adam_step(&mut p, &g, &mut m, &mut v, copy.as_mut(), &h).unwrap();
                 }
-                [p, m, v]
+                (p, m, v, copy)
             };
-            let (g, c) = (run(&gpu), run(&cpu));
+            // The copy written by the step is the new master value rounded to its dtype.
+            for dt in [DType::F16, DType::BF16] {
+                let (p, _, _, copy) = run(&gpu, Some(dt));
+                let want = lightseq::ops::to_dtype(&p, dt)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap();
+                assert_eq!(
+                    copy.unwrap().to_f32_vec().unwrap(),
+                    want,
+                    "adam_step {dt} copy"
+                );
+            }
+            let ((gp, gm, gv, _), (cp, cm, cv, _)) = (run(&gpu, None), run(&cpu, None));
+            let (g, c) = ([gp, gm, gv], [cp, cm, cv]);
             for (name, (a, b)) in ["param", "m", "v"].iter().zip(g.iter().zip(&c)) {
                 let what = format!("adam_step decoupled {decoupled} step {step} {name}");
                 check(&what, DType::F32, a, b, 1e-6);
                 let (av, bv) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
                 let differing = av.iter().zip(&bv).filter(|(x, y)| x != y).count();
                 eprintln!("{what}: {differing} of {n} elements differ in their bits");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_adam_step_all_matches_cpu() {
+    let Some(gpu) = gpu("cuda_adam_step_all_matches_cpu") else {
+        return;
+    };
+    // Tensors smaller and larger than one chunk of the multi-tensor launch (2^16), at
+    // different bias-correction steps.
+    let sizes = [(7usize, 1u64), (70_001, 3), (131_072, 1), (200_003, 12)];
+    let hp = AdamHyper {
+        lr: 2e-3,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        decoupled: true,
+        step: 0,
+        grad_scale: 0.25,
+    };
+    for copy_dt in [None, Some(DType::F16)] {
+        let run = |d: &Device| {
+            let mut ts: Vec<[Tensor; 4]> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, _))| {
+                    let s = 90 + 4 * i as u64;
+                    let m: Vec<f32> = randn(s + 2, n).iter().map(|v| 0.1 * v).collect();
+                    let v: Vec<f32> = randn(s + 3, n).iter().map(|v| 0.01 * v * v).collect();
+                    let f = DType::F32;
+                    [
+                        t(&randn(s, n), &[n], f, d),
+                        t(&randn(s + 1, n), &[n], f, d),
+                        t(&m, &[n], f, d),
+                        t(&v, &[n], f, d),
+                    ]
+                })
+                .collect();
+            let mut copies: Vec<Option<Tensor>> = sizes
+                .iter()
+                .map(|&(n, _)| copy_dt.map(|dt| t(&vec![0.0; n], &[n], dt, d)))
+                .collect();
+            let mut slots: Vec<ops::AdamSlot> = ts
+                .iter_mut()
+                .zip(copies.iter_mut())
+                .zip(&sizes)
+                .map(|(([p, g, m, v], c), &(_, step))| ops::AdamSlot {
+                    param: p,
+                    grad: g,
+                    m,
+                    v,
+                    copy: c.as_mut(),
+                    step,
+                })
+                .collect();
+            ops::adam_step_all(&mut slots, &hp).unwrap();
+            drop(slots);
+            (ts, copies)
+        };
+        let ((gt, gc), (ct, _)) = (run(&gpu), run(&Device::Cpu));
+        for (i, (g, c)) in gt.iter().zip(&ct).enumerate() {
+            for (name, (a, b)) in ["param", "grad", "m", "v"].iter().zip(g.iter().zip(c)) {
+                check(
+                    &format!("adam_step_all tensor {i} {name}"),
+                    DType::F32,
+                    a,
+                    b,
+                    1e-6,
+                );
+            }
+            if let Some(copy) = &gc[i] {
+                let want = lightseq::ops::to_dtype(&g[0], copy.dtype()).unwrap();
+                assert_eq!(
+                    copy.to_f32_vec().unwrap(),
+                    want.to_f32_vec().unwrap(),
+                    "adam_step_all tensor {i} copy"
+                );
             }
         }
     }

@@ -179,6 +179,7 @@ fn adam_and_adamw_match_torch_optim() {
                 &tensor(&f, &format!("g{i}"), &[n]),
                 &mut m,
                 &mut v,
+                None,
                 &h,
             )
             .unwrap();

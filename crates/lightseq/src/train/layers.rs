@@ -80,12 +80,20 @@ impl Lin {
         tops::linear_input_grad(dy, ps.w(self.w))
     }
 
+    /// Adds dW, db, and dx into `acc` (which must not share its storage).
+    pub fn backward_into(
+        &self,
+        ps: &mut Params,
+        x: &Tensor,
+        dy: &Tensor,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        self.backward_params(ps, x, dy)?;
+        tops::linear_input_grad_into(acc, dy, ps.w(self.w))
+    }
+
     pub fn backward_params(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<()> {
-        ps.accumulate_weight_grad(self.w, dy, x)?;
-        if let Some(b) = self.b {
-            ps.accumulate(b, &tops::column_sum(dy)?)?;
-        }
-        Ok(())
+        ps.accumulate_weight_grad(self.w, self.b, dy, x)
     }
 }
 
@@ -266,7 +274,26 @@ impl Attn {
         Ok((out, AttnSaved { core, ctx }))
     }
 
-    /// Returns (dxq, dxkv).
+    /// The backward of self-attention (`xq` = `xkv` = `x`): dx, the three projections'
+    /// input gradients summed by their GEMMs.
+    pub fn backward_self(
+        &self,
+        ps: &mut Params,
+        drop: &Dropout,
+        s: AttnSaved,
+        x: &Tensor,
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        let dctx = self.o.backward(ps, &s.ctx, dout)?;
+        let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
+        let mut dx = self.q.backward(ps, x, &dq)?;
+        self.k.backward_into(ps, x, &dk, &mut dx)?;
+        self.v.backward_into(ps, x, &dv, &mut dx)?;
+        Ok(dx)
+    }
+
+    /// Returns dxq; adds dxkv into `dkv` (set when None; its tensor must not share storage).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         ps: &mut Params,
@@ -275,13 +302,20 @@ impl Attn {
         xq: &Tensor,
         xkv: &Tensor,
         dout: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+        dkv: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
         let dctx = self.o.backward(ps, &s.ctx, dout)?;
         let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
         let dxq = self.q.backward(ps, xq, &dq)?;
-        let dxk = self.k.backward(ps, xkv, &dk)?;
-        let dxv = self.v.backward(ps, xkv, &dv)?;
-        Ok((dxq, ops::add(&dxk, &dxv)?))
+        let acc = match dkv {
+            Some(acc) => {
+                self.k.backward_into(ps, xkv, &dk, acc)?;
+                acc
+            }
+            None => dkv.insert(self.k.backward(ps, xkv, &dk)?),
+        };
+        self.v.backward_into(ps, xkv, &dv, acc)?;
+        Ok(dxq)
     }
 }
 
@@ -462,24 +496,14 @@ impl Layer {
         let dy = match (&self.cross, s.cross) {
             (Some((ca, ln)), Some(cs)) => {
                 let mem = memory.expect("cross attention needs the encoder output");
-                let mut dmem = None;
-                let dx = self.sub_backward(ps, drop, cs, ln, dy, |ps, inner, a, df| {
-                    let (dq, dm) = ca.backward(ps, drop, inner, a, mem, df)?;
-                    dmem = Some(dm);
-                    Ok(dq)
-                })?;
-                let dm = dmem.unwrap();
-                *dmemory = Some(match dmemory.take() {
-                    Some(acc) => ops::add(&acc, &dm)?,
-                    None => dm,
-                });
-                dx
+                self.sub_backward(ps, drop, cs, ln, dy, |ps, inner, a, df| {
+                    ca.backward(ps, drop, inner, a, mem, df, dmemory)
+                })?
             }
             _ => dy,
         };
         self.sub_backward(ps, drop, s.attn, &self.ln_self, dy, |ps, inner, a, df| {
-            let (dq, dkv) = self.self_attn.backward(ps, drop, inner, a, a, df)?;
-            ops::add(&dq, &dkv)
+            self.self_attn.backward_self(ps, drop, inner, a, df)
         })
     }
 }

@@ -99,6 +99,33 @@ pub fn linear_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul(dy, false, w, false, 1, rows, k, n, &shape)
 }
 
+/// `acc += dy @ w`: adds the input gradient of `y = x @ w^T` into `acc` (dy's dtype and
+/// x's shape; on CUDA the GEMM accumulates into it). `acc` must not share its storage.
+pub fn linear_input_grad_into(acc: &mut Tensor, dy: &Tensor, w: &Tensor) -> Result<()> {
+    const OP: &str = "linear_input_grad_into";
+    float_dtype(OP, &[acc, dy, w])?;
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let rows = dy.len() / n.max(1);
+    need(OP, acc.len() == rows * k && dy.len() == rows * n, || {
+        format!(
+            "acc {:?}, dy {:?}, w {:?}",
+            acc.shape(),
+            dy.shape(),
+            w.shape()
+        )
+    })?;
+    match (&mut acc.storage, &dy.storage, &w.storage) {
+        (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(ws)) => {
+            cuda::input_grad_into(a, d, ws, rows, n, k)
+        }
+        _ => {
+            let g = linear_input_grad(dy, w)?;
+            *acc = crate::ops::add(acc, &g)?;
+            Ok(())
+        }
+    }
+}
+
 /// The weight gradient of `y = x @ w^T`: dy^T @ x over all rows, [n, k].
 pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let n = dy.shape().last().copied().unwrap_or(1);
@@ -108,8 +135,15 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 }
 
 /// `acc += dy^T @ x` over all rows: accumulates the weight gradient of `y = x @ w^T` into
-/// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly).
-pub fn linear_weight_grad_into(acc: &mut Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
+/// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly); with `bias_acc`, also the
+/// bias gradient (dy's column sums) into f32 `bias_acc [n]` (on CUDA from the GEMM's
+/// epilogue where cuBLASLt offers one).
+pub fn linear_weight_grad_into(
+    acc: &mut Tensor,
+    bias_acc: Option<&mut Tensor>,
+    dy: &Tensor,
+    x: &Tensor,
+) -> Result<()> {
     const OP: &str = "linear_weight_grad_into";
     float_dtype(OP, &[dy, x])?;
     let n = dy.shape().last().copied().unwrap_or(1);
@@ -127,16 +161,34 @@ pub fn linear_weight_grad_into(acc: &mut Tensor, dy: &Tensor, x: &Tensor) -> Res
             )
         },
     )?;
-    if acc.cuda_device().map(|d| d.ordinal()) != dy.cuda_device().map(|d| d.ordinal()) {
+    if let Some(b) = &bias_acc {
+        need(OP, b.dtype() == DType::F32 && b.len() == n, || {
+            format!("bias acc {:?} for dy {:?}", b.shape(), dy.shape())
+        })?;
+    }
+    let dev = dy.cuda_device().map(|d| d.ordinal());
+    if acc.cuda_device().map(|d| d.ordinal()) != dev
+        || bias_acc
+            .as_ref()
+            .is_some_and(|b| b.cuda_device().map(|d| d.ordinal()) != dev)
+    {
         return Err(Error::op(OP, "tensors are on different devices"));
     }
     match (&mut acc.storage, &dy.storage, &x.storage) {
         (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
-            cuda::weight_grad_into(a, d, xs, rows, n, k)
+            let b = match bias_acc.map(|b| &b.storage) {
+                Some(Storage::Cuda(b)) => Some(b),
+                _ => None,
+            };
+            cuda::weight_grad_into(a, b, d, xs, rows, n, k)
         }
         _ => {
             let g = linear_weight_grad(dy, x)?;
-            add_scaled_into(acc, &g, 1.0)
+            add_scaled_into(acc, &g, 1.0)?;
+            match bias_acc {
+                Some(b) => add_scaled_into(b, &column_sum(dy)?, 1.0),
+                None => Ok(()),
+            }
         }
     }
 }
@@ -434,15 +486,32 @@ pub fn cross_entropy(
     })
 }
 
-/// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place.
+/// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place;
+/// `copy` (a tensor of param's size in another float dtype), when given, receives the new
+/// values rounded to its dtype in the same pass.
 pub fn adam_step(
     param: &mut Tensor,
     grad: &Tensor,
     m: &mut Tensor,
     v: &mut Tensor,
+    copy: Option<&mut Tensor>,
     h: &AdamHyper,
 ) -> Result<()> {
     const OP: &str = "adam_step";
+    if let Some(c) = &copy {
+        let same_device =
+            c.cuda_device().map(|d| d.ordinal()) == param.cuda_device().map(|d| d.ordinal());
+        need(
+            OP,
+            c.len() == param.len() && c.dtype() != DType::I32 && same_device,
+            || {
+                format!(
+                    "expected a float copy of {} elements on the parameter's device",
+                    param.len()
+                )
+            },
+        )?;
+    }
     for t in [&*param, grad, &*m, &*v] {
         need(
             OP,
@@ -461,11 +530,82 @@ pub fn adam_step(
             cpu::adam_step(p, g, mv, vv, h);
         }
         (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(mv), Storage::Cuda(vv)) => {
-            cuda::adam_step(p, g, mv, vv, h)?;
+            if let Some(Storage::Cuda(c)) = copy.as_ref().map(|c| &c.storage) {
+                return cuda::adam_step(p, g, mv, vv, Some(c), h);
+            }
+            cuda::adam_step(p, g, mv, vv, None, h)?;
         }
         _ => unreachable!(),
     }
+    if let Some(c) = copy {
+        *c = crate::ops::to_dtype(param, c.dtype())?;
+    }
     Ok(())
+}
+
+/// One parameter's tensors for [`adam_step_all`]: as [`adam_step`]'s arguments, with the
+/// parameter's own bias-correction step.
+pub struct AdamSlot<'a> {
+    pub param: &'a mut Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+    pub copy: Option<&'a mut Tensor>,
+    pub step: u64,
+}
+
+/// [`adam_step`] on every slot (`h.step` is replaced by each slot's step); on CUDA in one
+/// launch over all of them.
+pub fn adam_step_all(slots: &mut [AdamSlot], h: &AdamHyper) -> Result<()> {
+    let all_cuda = slots.iter().all(|s| {
+        [&*s.param, s.grad, &*s.m, &*s.v]
+            .into_iter()
+            .chain(s.copy.as_deref())
+            .all(|t| matches!(t.storage, Storage::Cuda(_)))
+    });
+    if !all_cuda || slots.is_empty() {
+        for s in slots.iter_mut() {
+            let hp = AdamHyper { step: s.step, ..*h };
+            adam_step(s.param, s.grad, s.m, s.v, s.copy.as_deref_mut(), &hp)?;
+        }
+        return Ok(());
+    }
+    const OP: &str = "adam_step_all";
+    let dev = slots[0].param.cuda_device().map(|d| d.ordinal());
+    for s in slots.iter() {
+        let n = s.param.len();
+        let ok = [&*s.param, s.grad, &*s.m, &*s.v]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.len() == n)
+            && s.copy
+                .as_deref()
+                .is_none_or(|c| c.len() == n && c.dtype() != DType::I32)
+            && [&*s.param, s.grad, &*s.m, &*s.v]
+                .into_iter()
+                .chain(s.copy.as_deref())
+                .all(|t| t.cuda_device().map(|d| d.ordinal()) == dev);
+        need(OP, ok, || {
+            format!("expected f32 tensors of {n} elements (and a float copy) on one device")
+        })?;
+    }
+    fn st(t: &Tensor) -> &crate::backend::cuda::CudaStorage {
+        match &t.storage {
+            Storage::Cuda(c) => c,
+            _ => unreachable!("checked above"),
+        }
+    }
+    let views: Vec<cuda::AdamBufs> = slots
+        .iter()
+        .map(|s| cuda::AdamBufs {
+            param: st(s.param),
+            grad: st(s.grad),
+            m: st(s.m),
+            v: st(s.v),
+            copy: s.copy.as_deref().map(st),
+            step: s.step,
+        })
+        .collect();
+    cuda::adam_step_many(&views, h)
 }
 
 /// Sum of squares of all elements, in f64.

@@ -184,9 +184,31 @@ impl Params {
         tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
     }
 
-    /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T` into parameter `p`'s gradient.
-    pub fn accumulate_weight_grad(&mut self, p: Pid, dy: &Tensor, x: &Tensor) -> Result<()> {
-        tops::linear_weight_grad_into(&mut self.list[p].grad, dy, x)
+    /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s
+    /// gradient, and with `bias`, dy's column sums into that parameter's.
+    pub fn accumulate_weight_grad(
+        &mut self,
+        p: Pid,
+        bias: Option<Pid>,
+        dy: &Tensor,
+        x: &Tensor,
+    ) -> Result<()> {
+        let Some(b) = bias else {
+            return tops::linear_weight_grad_into(&mut self.list[p].grad, None, dy, x);
+        };
+        if b == p {
+            return Err(Error::Input(format!(
+                "parameter {p} given as both weight and bias"
+            )));
+        }
+        // Two distinct elements of the list, borrowed mutably at once.
+        let (lo, hi) = self.list.split_at_mut(p.max(b));
+        let (w, bias) = if p < b {
+            (&mut lo[p], &mut hi[0])
+        } else {
+            (&mut hi[0], &mut lo[b])
+        };
+        tops::linear_weight_grad_into(&mut w.grad, Some(&mut bias.grad), dy, x)
     }
 
     /// Zeroes every gradient.
@@ -206,19 +228,22 @@ impl Params {
     /// One Adam(W) step on every parameter with gradients multiplied by `grad_scale`,
     /// then refreshes the compute copies.
     pub fn adam(&mut self, h: &AdamHyper) -> Result<()> {
-        let dtype = self.dtype;
-        for q in &mut self.list {
-            q.steps += 1;
-            let hp = AdamHyper {
-                step: q.steps,
-                ..*h
-            };
-            tops::adam_step(&mut q.value, &q.grad, &mut q.m, &mut q.v, &hp)?;
-            if dtype != DType::F32 {
-                q.compute = Some(ops::to_dtype(&q.value, dtype)?);
-            }
-        }
-        Ok(())
+        let mut slots: Vec<tops::AdamSlot> = self
+            .list
+            .iter_mut()
+            .map(|q| {
+                q.steps += 1;
+                tops::AdamSlot {
+                    param: &mut q.value,
+                    grad: &q.grad,
+                    m: &mut q.m,
+                    v: &mut q.v,
+                    copy: q.compute.as_mut(),
+                    step: q.steps,
+                }
+            })
+            .collect();
+        tops::adam_step_all(&mut slots, h)
     }
 
     /// The tensors to write, under checkpoint names and stored shapes (f32).

@@ -140,7 +140,7 @@ impl PatchEmb {
         let dy = drop.backward(dy, drop.hidden, s.drop)?;
         let rows = s.kinds.len();
         let dy = dy.reshape(&[rows, self.hidden])?;
-        ps.accumulate_weight_grad(self.proj, &dy, &s.unfolded)?;
+        ps.accumulate_weight_grad(self.proj, None, &dy, &s.unfolded)?;
         let dtable = tops::embedding_backward(&s.kinds, &dy, 2, 1.0)?;
         ps.accumulate(self.cls, &ops::index_select(&dtable, &[0])?)?;
         ps.accumulate(self.bias, &ops::index_select(&dtable, &[1])?)?;

@@ -1,6 +1,7 @@
 //! GEMMs through cuBLASLt: `y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n])`, and the general
-//! batched `C = op(A) @ op(B)` of the training path; row-major, f32 accumulation for every
-//! dtype (true f32 for f32 inputs: no TF32, for parity).
+//! batched `C = op(A) @ op(B)` of the training path (optionally with the bias gradient of
+//! a weight-gradient GEMM in its epilogue); row-major, f32 accumulation for every dtype
+//! (true f32 for f32 inputs: no TF32, for parity).
 
 use super::cuda_err;
 use crate::error::Result;
@@ -13,13 +14,36 @@ use std::sync::{Arc, Mutex};
 
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// (dtype, f32 output, ta, tb, batch, m, n, k, bias) of `matmul_general`.
-type AlgoKey = (DType, bool, bool, bool, usize, usize, usize, usize, bool);
+/// What a GEMM does after the product, with the device pointer it involves.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Epilogue {
+    None,
+    /// Adds bias [n] to every row of C.
+    Bias(u64),
+    /// Writes the column sums of op(A) ([m] f32: the sum over k) to the pointer: the bias
+    /// gradient of the weight-gradient GEMM `dW = dY^T @ X` (A = dY, ta).
+    BiasGradA(u64),
+}
+
+impl Epilogue {
+    fn kind(self) -> u8 {
+        match self {
+            Epilogue::None => 0,
+            Epilogue::Bias(_) => 1,
+            Epilogue::BiasGradA(_) => 2,
+        }
+    }
+}
+
+/// (dtype, f32 output, ta, tb, batch, m, n, k, epilogue kind) of `matmul_general`.
+type AlgoKey = (DType, bool, bool, bool, usize, usize, usize, usize, u8);
 
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+    /// The heuristic's first algorithm per shape; None where it found none (only kept for
+    /// the bias-gradient epilogue, which callers replace by a separate reduction).
+    algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 // SAFETY: the handle is used only from calls that enqueue on the device's one stream;
@@ -63,8 +87,8 @@ impl Drop for Descs {
 impl Descs {
     /// Descriptors of the column-major `C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m)`,
     /// which is the row-major `C [m, n] = op(A) @ op(B)`; B is cuBLASLt's first operand.
-    /// For `batch > 1` every layout is strided-batched with contiguous batches. With `bias`
-    /// (a device pointer to [n]) the epilogue adds it to every row of C.
+    /// For `batch > 1` every layout is strided-batched with contiguous batches. `epi` as
+    /// [`Epilogue`].
     #[allow(clippy::too_many_arguments)]
     fn general(
         dt: DType,
@@ -75,7 +99,7 @@ impl Descs {
         m: usize,
         n: usize,
         k: usize,
-        bias: Option<u64>,
+        epi: Epilogue,
     ) -> Result<Self> {
         let e = |e| cuda_err("cuBLASLt descriptor", e);
         let ty = data_type(dt);
@@ -133,8 +157,15 @@ impl Descs {
                 std::mem::size_of::<i32>(),
             )
             .map_err(e)?;
-            if let Some(ptr) = bias {
-                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            let (epilogue, ptr) = match epi {
+                Epilogue::None => (None, 0),
+                Epilogue::Bias(p) => (Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS), p),
+                // Our A is cuBLASLt's B (the column-major swap above).
+                Epilogue::BiasGradA(p) => {
+                    (Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB), p)
+                }
+            };
+            if let Some(epilogue) = epilogue {
                 lt::set_matmul_desc_attribute(
                     d.desc,
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -147,6 +178,16 @@ impl Descs {
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &ptr as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
+                )
+                .map_err(e)?;
+            }
+            if let Epilogue::BiasGradA(_) = epi {
+                let f32_ty = sys::cudaDataType_t::CUDA_R_32F;
+                lt::set_matmul_desc_attribute(
+                    d.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &f32_ty as *const _ as *const c_void,
+                    std::mem::size_of::<sys::cudaDataType_t>(),
                 )
                 .map_err(e)?;
             }
@@ -204,16 +245,19 @@ impl BlasLt {
         bias: Option<u64>,
         y: u64,
     ) -> Result<()> {
+        let epi = bias.map_or(Epilogue::None, Epilogue::Bias);
         self.matmul_general(
-            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, bias, y,
+            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, epi, y,
         )
+        .map(|_| ())
     }
 
     /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
     /// contiguous batches, op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
-    /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c (+ bias)`;
-    /// c is f32 when `c_f32`, else of dtype `dt`; `bias` is a device pointer to [n].
+    /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c` and the
+    /// epilogue `epi`; c is f32 when `c_f32`, else of dtype `dt`. Returns false, having
+    /// enqueued nothing, when no algorithm supports the bias-gradient epilogue for this shape.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul_general(
         &self,
@@ -229,21 +273,28 @@ impl BlasLt {
         k: usize,
         a: u64,
         b: u64,
-        bias: Option<u64>,
+        epi: Epilogue,
         c: u64,
-    ) -> Result<()> {
-        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, bias)?;
-        let key = (dt, c_f32, ta, tb, batch, m, n, k, bias.is_some());
+    ) -> Result<bool> {
+        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi)?;
+        let key = (dt, c_f32, ta, tb, batch, m, n, k, epi.kind());
         let algo = {
             let mut algos = self.algos.lock().unwrap();
             match algos.get(&key) {
                 Some(a) => *a,
                 None => {
-                    let a = self.heuristic(&d)?;
+                    let a = match self.heuristic(&d) {
+                        Ok(a) => Some(a),
+                        Err(_) if matches!(epi, Epilogue::BiasGradA(_)) => None,
+                        Err(e) => return Err(e),
+                    };
                     algos.insert(key, a);
                     a
                 }
             }
+        };
+        let Some(algo) = algo else {
+            return Ok(false);
         };
         let alpha = 1f32;
         let (ws, _sync) = self.workspace.device_ptr(stream);
@@ -273,7 +324,8 @@ impl BlasLt {
                 &format!("cuBLASLt matmul {batch} x {m}x{n}x{k} (ta {ta}, tb {tb}) {dt}"),
                 e,
             )
-        })
+        })?;
+        Ok(true)
     }
 
     fn heuristic(&self, d: &Descs) -> Result<sys::cublasLtMatmulAlgo_t> {

@@ -1,6 +1,7 @@
 //! CUDA bodies of the training ops (`crate::train::ops`); kernels in `kernels/train.cu`,
 //! GEMMs through cuBLASLt. Shapes were checked by the front ends.
 
+use super::blaslt::Epilogue;
 use super::ops::{grid_1d, launched};
 use super::{cuda_err, CudaStorage};
 use crate::backend::cpu::train::AdamHyper;
@@ -13,8 +14,6 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 const MAX_BLOCKS: usize = 65535 * 8;
 /// Warps per block of the column reductions (kernels allow up to 32).
 const COL_WARPS: u32 = 16;
-/// Blocks of the sum-of-squares partials (each writes one f64).
-const SUM_BLOCKS: usize = 1024;
 
 /// One block per row (grid-stride past `MAX_BLOCKS`), threads a multiple of 32 up to `max`.
 fn rows_grid(rows: usize, cols: usize, max: u32) -> LaunchConfig {
@@ -44,6 +43,29 @@ fn team_grid(rows: usize, cols: usize, max: u32) -> (LaunchConfig, i32) {
     }
 }
 
+/// 16-byte packs a lane of the register-cached row kernels holds at most (LS_RP in train.cu).
+const ROW_PACKS: usize = 4;
+
+/// Launch shape and team size of the register-cached row kernels (`*_rows` in train.cu)
+/// for rows of `cols` elements of `dt`: None unless rows are whole 16-byte packs, at most
+/// 32 * ROW_PACKS of them, and every pointer (0 for an absent one) is 16-byte aligned.
+fn row_team(rows: usize, cols: usize, dt: DType, ptrs: &[u64]) -> Option<(LaunchConfig, i32)> {
+    let n = 16 / dt.size();
+    if cols == 0 || !cols.is_multiple_of(n) || ptrs.iter().any(|p| !p.is_multiple_of(16)) {
+        return None;
+    }
+    let ts = (cols / n).div_ceil(ROW_PACKS).next_power_of_two();
+    if ts > 32 {
+        return None;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: ((rows * ts).div_ceil(256).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Some((cfg, ts as i32))
+}
+
 /// Blocks for a column reduction: 32 columns per block column, and enough chunks of rows
 /// (block rows, each of at least `4 * COL_WARPS` rows) to give the GPU ~1024 blocks.
 fn cols_grid(rows: usize, cols: usize) -> LaunchConfig {
@@ -71,8 +93,14 @@ fn sum_chunks(partial: &CudaStorage, out: &CudaStorage, chunks: usize, cols: usi
     let (pp, op, c, n) = (partial.ptr(), out.ptr(), chunks as i32, cols as i64);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&pp).arg(&op).arg(&c).arg(&n);
+    // 32 columns per block, a warp per run of chunks (up to 16 warps).
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(32).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (32 * chunks.clamp(1, 16) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("sum_chunks", unsafe { l.launch(grid_1d(cols, 256)) })
+    launched("sum_chunks", unsafe { l.launch(cfg) })
 }
 
 /// Output buffer for a column reduction: `out` itself when one chunk covers the rows,
@@ -150,15 +178,18 @@ pub(crate) fn matmul(
         k,
         a.ptr(),
         b.ptr(),
-        None,
+        Epilogue::None,
         c.ptr(),
     )?;
     Ok(c)
 }
 
-/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]`, the GEMM writing into `acc`.
+/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]`, the GEMM writing into `acc`; with
+/// `bias_acc`, also `bias_acc [n] (f32) += column sums of dy`, from the GEMM's epilogue
+/// where cuBLASLt has one for the shape, else from a column reduction.
 pub(crate) fn weight_grad_into(
     acc: &CudaStorage,
+    bias_acc: Option<&CudaStorage>,
     dy: &CudaStorage,
     x: &CudaStorage,
     rows: usize,
@@ -169,22 +200,67 @@ pub(crate) fn weight_grad_into(
         return Ok(());
     }
     let dev = dy.device();
-    dev.lt.matmul_general(
-        dev.stream(),
-        dy.dtype(),
-        true,
-        1.0,
-        true,
-        false,
-        1,
-        n,
-        k,
-        rows,
-        dy.ptr(),
-        x.ptr(),
-        None,
-        acc.ptr(),
-    )
+    let gemm = |epi| {
+        dev.lt.matmul_general(
+            dev.stream(),
+            dy.dtype(),
+            true,
+            1.0,
+            true,
+            false,
+            1,
+            n,
+            k,
+            rows,
+            dy.ptr(),
+            x.ptr(),
+            epi,
+            acc.ptr(),
+        )
+    };
+    let Some(bias_acc) = bias_acc else {
+        return gemm(Epilogue::None).map(|_| ());
+    };
+    let db = dev.alloc(DType::F32, n)?;
+    if !gemm(Epilogue::BiasGradA(db.ptr()))? {
+        gemm(Epilogue::None)?;
+        return add_scaled_into(bias_acc, &column_sum(dy, rows, n)?, 1.0);
+    }
+    add_scaled_into(bias_acc, &db, 1.0)
+}
+
+/// `acc [rows, k] += dy [rows, n] @ w [n, k]`, the GEMM accumulating into `acc` (all of
+/// dy's dtype).
+pub(crate) fn input_grad_into(
+    acc: &CudaStorage,
+    dy: &CudaStorage,
+    w: &CudaStorage,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if rows == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let dev = dy.device();
+    dev.lt
+        .matmul_general(
+            dev.stream(),
+            dy.dtype(),
+            false,
+            1.0,
+            false,
+            false,
+            1,
+            rows,
+            k,
+            n,
+            dy.ptr(),
+            w.ptr(),
+            Epilogue::None,
+            acc.ptr(),
+        )
+        .map(|_| ())
 }
 
 /// [batch, rows, width] -> [batch, heads, rows, d] from columns `col + h d ..`.
@@ -253,7 +329,7 @@ pub(crate) fn matmul_f32_out(
         k,
         a.ptr(),
         b.ptr(),
-        None,
+        Epilogue::None,
         c.ptr(),
     )?;
     Ok(c)
@@ -300,7 +376,6 @@ pub(crate) fn masked_softmax(
         return Ok(out);
     }
     let rows = s.len() / lk;
-    let f = dev.kernel("masked_softmax", s.dtype())?;
     let (sp, kp, op) = (s.ptr(), key_lens.map_or(0, |k| k.ptr()), out.ptr());
     let (r, h, q, kk, c) = (
         rows as i64,
@@ -309,6 +384,14 @@ pub(crate) fn masked_softmax(
         lk as i32,
         causal as i32,
     );
+    let (cfg, team, name) = match row_team(rows, lk, s.dtype(), &[sp, op]) {
+        Some((cfg, ts)) => (cfg, ts, "masked_softmax_rows"),
+        None => {
+            let (cfg, per_warp) = team_grid(rows, lk, 512);
+            (cfg, per_warp, "masked_softmax")
+        }
+    };
+    let f = dev.kernel(name, s.dtype())?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&sp)
         .arg(&kp)
@@ -318,11 +401,11 @@ pub(crate) fn masked_softmax(
         .arg(&q)
         .arg(&kk)
         .arg(&scale)
-        .arg(&c);
-    let (cfg, per_warp) = team_grid(rows, lk, 512);
-    l.arg(&per_warp);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("masked_softmax", unsafe { l.launch(cfg) })?;
+        .arg(&c)
+        .arg(&team);
+    // SAFETY: argument types match the kernel's signature in train.cu (the last argument
+    // is `per_warp` or `ts`).
+    launched(name, unsafe { l.launch(cfg) })?;
     Ok(out)
 }
 
@@ -338,19 +421,26 @@ pub(crate) fn softmax_backward(
     if rows * cols == 0 {
         return Ok(out);
     }
-    let f = dev.kernel("softmax_backward", p.dtype())?;
     let (pp, dpp, op, r, c) = (p.ptr(), dp.ptr(), out.ptr(), rows as i64, cols as i32);
+    let (cfg, team, name) = match row_team(rows, cols, p.dtype(), &[pp, dpp, op]) {
+        Some((cfg, ts)) => (cfg, ts, "softmax_backward_rows"),
+        None => {
+            let (cfg, per_warp) = team_grid(rows, cols, 512);
+            (cfg, per_warp, "softmax_backward")
+        }
+    };
+    let f = dev.kernel(name, p.dtype())?;
     let mut l = dev.stream().launch_builder(&f);
-    let (cfg, per_warp) = team_grid(rows, cols, 512);
     l.arg(&pp)
         .arg(&dpp)
         .arg(&op)
         .arg(&r)
         .arg(&c)
         .arg(&scale)
-        .arg(&per_warp);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("softmax_backward", unsafe { l.launch(cfg) })?;
+        .arg(&team);
+    // SAFETY: argument types match the kernel's signature in train.cu (the last argument
+    // is `per_warp` or `ts`).
+    launched(name, unsafe { l.launch(cfg) })?;
     Ok(out)
 }
 
@@ -372,7 +462,6 @@ pub(crate) fn add_layer_norm(
     if rows * h == 0 {
         return Ok((s, out));
     }
-    let f = dev.kernel("add_layer_norm", dt)?;
     let (xp, yp, gp, bp) = (x.ptr(), y.map_or(0, |y| y.ptr()), gamma.ptr(), beta.ptr());
     let (sp, op, r, hh) = (
         s.as_ref().map_or(0, |s| s.ptr()),
@@ -380,7 +469,14 @@ pub(crate) fn add_layer_norm(
         rows as i64,
         h as i32,
     );
-    let (cfg, per_warp) = team_grid(rows, h, 512);
+    let (cfg, team, name) = match row_team(rows, h, dt, &[xp, yp, gp, bp, sp, op]) {
+        Some((cfg, ts)) => (cfg, ts, "add_layer_norm_rows"),
+        None => {
+            let (cfg, per_warp) = team_grid(rows, h, 512);
+            (cfg, per_warp, "add_layer_norm")
+        }
+    };
+    let f = dev.kernel(name, dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&yp)
@@ -391,9 +487,10 @@ pub(crate) fn add_layer_norm(
         .arg(&r)
         .arg(&hh)
         .arg(&eps)
-        .arg(&per_warp);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("add_layer_norm", unsafe { l.launch(cfg) })?;
+        .arg(&team);
+    // SAFETY: argument types match the kernel's signature in train.cu (the last argument
+    // is `per_warp` or `ts`).
+    launched(name, unsafe { l.launch(cfg) })?;
     Ok((s, out))
 }
 
@@ -422,7 +519,14 @@ pub(crate) fn layer_norm_backward(
     let stats = dev.alloc(DType::F32, 2 * rows)?;
     let (xp, gp, dyp, dxp, sp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr(), stats.ptr());
     let (r, hh) = (rows as i64, h as i32);
-    let f = dev.kernel("layer_norm_backward", dt)?;
+    let (cfg_rows, team, name) = match row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
+        Some((cfg, ts)) => (cfg, ts, "layer_norm_backward_rows"),
+        None => {
+            let (cfg, per_warp) = team_grid(rows, h, 512);
+            (cfg, per_warp, "layer_norm_backward")
+        }
+    };
+    let f = dev.kernel(name, dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&gp)
@@ -431,11 +535,11 @@ pub(crate) fn layer_norm_backward(
         .arg(&sp)
         .arg(&r)
         .arg(&hh)
-        .arg(&eps);
-    let (cfg_rows, per_warp) = team_grid(rows, h, 512);
-    l.arg(&per_warp);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("layer_norm_backward", unsafe { l.launch(cfg_rows) })?;
+        .arg(&eps)
+        .arg(&team);
+    // SAFETY: argument types match the kernel's signature in train.cu (the last argument
+    // is `per_warp` or `ts`).
+    launched(name, unsafe { l.launch(cfg_rows) })?;
     let f = dev.kernel("layer_norm_params", dt)?;
     let (dgp, dbp) = (dgamma.target(), dbeta.target());
     let mut l = dev.stream().launch_builder(&f);
@@ -594,11 +698,13 @@ pub(crate) fn cross_entropy(
     Ok((loss, nll, d))
 }
 
+/// One Adam(W) step in place; `copy`, when given, receives the new values in its dtype.
 pub(crate) fn adam_step(
     param: &CudaStorage,
     grad: &CudaStorage,
     m: &CudaStorage,
     v: &CudaStorage,
+    copy: Option<&CudaStorage>,
     h: &AdamHyper,
 ) -> Result<()> {
     if param.len() == 0 {
@@ -613,14 +719,16 @@ pub(crate) fn adam_step(
     let decay_mul = (1.0 - h.lr * h.weight_decay) as f32;
     let weight_decay = h.weight_decay as f32;
     let decoupled = h.decoupled as i32;
-    let f = dev.kernel("adam_step", DType::F32)?;
+    let f = dev.kernel("adam_step", copy.map_or(DType::F32, |c| c.dtype()))?;
     let (pp, gp, mp, vp) = (param.ptr(), grad.ptr(), m.ptr(), v.ptr());
+    let cp = copy.map_or(0, |c| c.ptr());
     let total = param.len() as i64;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&pp)
         .arg(&gp)
         .arg(&mp)
         .arg(&vp)
+        .arg(&cp)
         .arg(&total)
         .arg(&h.grad_scale)
         .arg(&decoupled)
@@ -639,48 +747,132 @@ pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
     sum_squares_many(&[x])
 }
 
-/// Sum of squares over several tensors with one download: each tensor's blocks write their
-/// partial sums into one shared buffer.
+/// Elements per chunk of the multi-tensor launches (a block each).
+const MULTI_CHUNK: usize = 1 << 16;
+
+/// Uploads a chunk table (rows of u64 words, laid out as the kernel's struct).
+fn upload_table(
+    dev: &std::sync::Arc<super::CudaDevice>,
+    words: &[u64],
+) -> Result<cudarc::driver::CudaSlice<u64>> {
+    dev.stream()
+        .clone_htod(words)
+        .map_err(|e| cuda_err("uploading a chunk table", e))
+}
+
+/// Sum of squares over several tensors with one launch and one download: a chunk table
+/// over all of them (one dtype), each block writing one f64 partial, added here in order.
 pub(crate) fn sum_squares_many(xs: &[&CudaStorage]) -> Result<f64> {
     let Some(first) = xs.iter().find(|x| x.len() > 0) else {
         return Ok(0.0);
     };
     let dev = first.device();
-    let st = dev.stream();
-    let cfgs: Vec<LaunchConfig> = xs
-        .iter()
-        .map(|x| {
-            let mut c = grid_1d(x.len().max(1), 256);
-            c.grid_dim.0 = c.grid_dim.0.min(SUM_BLOCKS as u32);
-            c
-        })
-        .collect();
-    let total_blocks: usize = cfgs.iter().map(|c| c.grid_dim.0 as usize).sum();
-    let partial = st
-        .alloc_zeros::<f64>(total_blocks)
-        .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
-    let base = {
-        use cudarc::driver::DevicePtr;
-        partial.device_ptr(st).0
-    };
-    let mut offset = 0usize;
-    for (x, cfg) in xs.iter().zip(&cfgs) {
-        if x.len() > 0 {
-            let f = dev.kernel("sum_squares", x.dtype())?;
-            let (xp, total) = (x.ptr(), x.len() as i64);
-            let pp = base + (offset * std::mem::size_of::<f64>()) as u64;
-            let mut l = st.launch_builder(&f);
-            l.arg(&xp).arg(&pp).arg(&total);
-            // SAFETY: argument types match the kernel's signature in train.cu; this tensor's
-            // blocks write `grid_dim.0` f64 partials from `pp` on, inside `partial`.
-            launched("sum_squares", unsafe { l.launch(*cfg) })?;
-        }
-        offset += cfg.grid_dim.0 as usize;
+    let dt = first.dtype();
+    if xs.iter().any(|x| x.len() > 0 && x.dtype() != dt) {
+        return xs.iter().map(|x| sum_squares_many(&[*x])).sum();
     }
+    // SquaresChunk in train.cu: { const void* x; long long n; }.
+    let mut words = Vec::new();
+    for x in xs.iter().filter(|x| x.len() > 0) {
+        let (base, esize) = (x.ptr(), dt.size() as u64);
+        for start in (0..x.len()).step_by(MULTI_CHUNK) {
+            let n = MULTI_CHUNK.min(x.len() - start);
+            words.extend([base + start as u64 * esize, n as u64]);
+        }
+    }
+    let chunks = words.len() / 2;
+    let table = upload_table(dev, &words)?;
+    let st = dev.stream();
+    let partial = st
+        .alloc_zeros::<f64>(chunks)
+        .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
+    let f = dev.kernel("sum_squares_multi", dt)?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&table).arg(&partial);
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the table rows are SquaresChunk's layout, pointing into live tensors; the
+    // kernel writes one partial per chunk into `partial`.
+    launched("sum_squares_multi", unsafe { l.launch(cfg) })?;
     let host = st
         .clone_dtoh(&partial)
         .map_err(|e| cuda_err("device to host copy", e))?;
     Ok(host.iter().sum())
+}
+
+/// One parameter's buffers for [`adam_step_many`].
+pub(crate) struct AdamBufs<'a> {
+    pub param: &'a CudaStorage,
+    pub grad: &'a CudaStorage,
+    pub m: &'a CudaStorage,
+    pub v: &'a CudaStorage,
+    pub copy: Option<&'a CudaStorage>,
+    /// This parameter's bias-correction step.
+    pub step: u64,
+}
+
+/// [`adam_step`] over many parameters in one launch (the copies, if any, of one dtype).
+pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
+    let Some(first) = slots.iter().find(|s| s.param.len() > 0) else {
+        return Ok(());
+    };
+    let copy_dt = first.copy.map(|c| c.dtype());
+    if slots
+        .iter()
+        .any(|s| s.param.len() > 0 && s.copy.map(|c| c.dtype()) != copy_dt)
+    {
+        for s in slots {
+            let hp = AdamHyper { step: s.step, ..*h };
+            adam_step(s.param, s.grad, s.m, s.v, s.copy, &hp)?;
+        }
+        return Ok(());
+    }
+    let dev = first.param.device();
+    let csize = copy_dt.map_or(0, |d| d.size()) as u64;
+    // AdamChunk in train.cu: five pointers, n, step_size and bc2_sqrt as f64.
+    let mut words = Vec::new();
+    for s in slots.iter().filter(|s| s.param.len() > 0) {
+        // Host-side constants exactly as cpu::adam_step computes them.
+        let bc1 = 1.0 - h.beta1.powi(s.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(s.step as i32)).sqrt();
+        let step_size = (h.lr / bc1) as f32 as f64;
+        let ptrs = [s.param.ptr(), s.grad.ptr(), s.m.ptr(), s.v.ptr()];
+        let copy = s.copy.map_or(0, |c| c.ptr());
+        for start in (0..s.param.len()).step_by(MULTI_CHUNK) {
+            let n = MULTI_CHUNK.min(s.param.len() - start);
+            let off = start as u64;
+            words.extend(ptrs.map(|p| p + 4 * off));
+            words.push(if copy == 0 { 0 } else { copy + csize * off });
+            words.extend([n as u64, step_size.to_bits(), bc2_sqrt.to_bits()]);
+        }
+    }
+    let chunks = words.len() / 8;
+    let table = upload_table(dev, &words)?;
+    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+    let decay_mul = (1.0 - h.lr * h.weight_decay) as f32;
+    let weight_decay = h.weight_decay as f32;
+    let decoupled = h.decoupled as i32;
+    let f = dev.kernel("adam_multi", copy_dt.unwrap_or(DType::F32))?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&table)
+        .arg(&h.grad_scale)
+        .arg(&decoupled)
+        .arg(&decay_mul)
+        .arg(&weight_decay)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&h.eps);
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the table rows are AdamChunk's layout, pointing into live f32 buffers of at
+    // least `n` elements from each chunk's start (and the copy of the same size).
+    launched("adam_multi", unsafe { l.launch(cfg) })
 }
 
 pub(crate) fn dropout(x: &CudaStorage, p: f32, seed: u64, offset: u64) -> Result<CudaStorage> {

@@ -3,7 +3,7 @@
 // sums, the fused label-smoothed cross entropy, Adam(W), sums of squares, Philox dropout.
 // Every kernel is instantiated per float dtype as <name>_<dtype>; for the kernels whose
 // buffers are f32 by nature (adam_step, sum_squares, add_scaled_into) the suffix names the
-// dtype of the one non-f32 input, or is a plain alias. All math is f32 unless noted.
+// dtype of the one non-f32 input or output, or is a plain alias. All math is f32 unless noted.
 // Row-wise kernels take one block per row (grid-stride over rows) and need blockDim.x to be
 // a multiple of 32; column reductions are deterministic (no atomics).
 
@@ -26,52 +26,55 @@ __device__ __forceinline__ float block_max(float v) {
 // ---------------------------------------------------------------------------------------
 // [a, b, c, d] -> [a, c, b, d]. With rows of d elements in whole 16-byte packs, each thread
 // moves one pack (so a warp moves several rows at once); otherwise a warp per row.
-template <typename T>
-__device__ void transpose_12_body(const T* x, T* y, long long a, long long b, long long c,
-                                  long long d) {
+template <typename T, typename I>
+__device__ void transpose_12_body(const T* x, T* y, I a, I b, I c, I d) {
   constexpr int N = 16 / sizeof(T);
-  const long long rows = a * b * c;
+  const I rows = a * b * c;
   if (d % N == 0 && ls_aligned16(x) && ls_aligned16(y)) {
-    const long long per_row = d / N, total = rows * per_row;
-    LS_GRID_LOOP(p, total) {
-      const long long r = p / per_row, e = p - r * per_row;
-      const long long j = r % b;  // output row r is (i, l, j) of [a, c, b]
-      const long long t = r / b;
-      const long long l = t % c, i = t / c;
+    const I per_row = d / N, total = rows * per_row;
+    for (I p = blockIdx.x * (I)blockDim.x + threadIdx.x; p < total; p += (I)gridDim.x * blockDim.x) {
+      const I r = p / per_row, e = p - r * per_row;
+      const I j = r % b;  // output row r is (i, l, j) of [a, c, b]
+      const I t = r / b;
+      const I l = t % c, i = t / c;
       reinterpret_cast<LsPack<T>*>(y)[p] =
           reinterpret_cast<const LsPack<T>*>(x + ((i * b + j) * c + l) * d)[e];
     }
     return;
   }
   const int lane = threadIdx.x & 31;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-  const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
-  for (long long r = warp; r < rows; r += warps) {
-    const long long j = r % b;
-    const long long t = r / b;
-    const long long l = t % c, i = t / c;
+  const I warp = (blockIdx.x * (I)blockDim.x + threadIdx.x) >> 5;
+  const I warps = ((I)gridDim.x * blockDim.x) >> 5;
+  for (I r = warp; r < rows; r += warps) {
+    const I j = r % b;
+    const I t = r / b;
+    const I l = t % c, i = t / c;
     const T* src = x + ((i * b + j) * c + l) * d;
     T* dst = y + r * d;
-    for (long long e = lane; e < d; e += 32) dst[e] = src[e];
+    for (I e = lane; e < d; e += 32) dst[e] = src[e];
   }
 }
 
+// Index arithmetic in 32 bits when every index fits with room for a grid stride: 64-bit
+// division costs more than the 16-byte move it addresses.
+#define LS_FITS_32(total) ((total) < (1ll << 30))
+
 // Heads out of a [batch, rows, width] projection: y [batch, heads, rows, d] from the columns
 // col + h d .. col + (h + 1) d of each row (16-byte packs when rows stay aligned).
-template <typename T>
-__device__ void gather_heads_body(const T* x, T* y, long long batch, long long rows,
-                                  long long width, long long col, long long heads, long long d) {
+template <typename T, typename I>
+__device__ void gather_heads_body(const T* x, T* y, I batch, I rows, I width, I col, I heads,
+                                  I d) {
   constexpr int N = 16 / sizeof(T);
   const bool packed = d % N == 0 && width % N == 0 && col % N == 0 && ls_aligned16(x) &&
                       ls_aligned16(y);
-  const long long unit = packed ? N : 1, per_row = d / unit;
-  const long long total = batch * heads * rows * per_row;
-  LS_GRID_LOOP(p, total) {
-    const long long e = p % per_row;
-    const long long t = p / per_row;  // (b, h, r) of the output
-    const long long r = t % rows, bh = t / rows;
-    const long long h = bh % heads, b = bh / heads;
-    const long long src = (b * rows + r) * width + col + h * d + e * unit;
+  const I unit = packed ? N : 1, per_row = d / unit;
+  const I total = batch * heads * rows * per_row;
+  for (I p = blockIdx.x * (I)blockDim.x + threadIdx.x; p < total; p += (I)gridDim.x * blockDim.x) {
+    const I e = p % per_row;
+    const I t = p / per_row;  // (b, h, r) of the output
+    const I r = t % rows, bh = t / rows;
+    const I h = bh % heads, b = bh / heads;
+    const I src = (b * rows + r) * width + col + h * d + e * unit;
     if (packed) {
       reinterpret_cast<LsPack<T>*>(y)[p] = *reinterpret_cast<const LsPack<T>*>(x + src);
     } else {
@@ -84,7 +87,10 @@ __device__ void gather_heads_body(const T* x, T* y, long long batch, long long r
   extern "C" __global__ void gather_heads_##S(const T* x, T* y, long long batch,             \
                                               long long rows, long long width, long long col, \
                                               long long heads, long long d) {                 \
-    gather_heads_body<T>(x, y, batch, rows, width, col, heads, d);                             \
+    if (LS_FITS_32(batch * rows * width) && LS_FITS_32(batch * heads * rows * d))             \
+      gather_heads_body<T, int>(x, y, batch, rows, width, col, heads, d);                      \
+    else                                                                                       \
+      gather_heads_body<T, long long>(x, y, batch, rows, width, col, heads, d);                \
   }
 LS_FLOAT_TYPES(LS_GATHER_HEADS)
 
@@ -228,6 +234,265 @@ __device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy
       dx[r * h + j] = from_f<T>(rstd * (g - s1 - xhat * sx));
     }
     if (G::lane() == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Register-cached rows: a team of `ts` lanes (a power of two up to 32, aligned within the
+// warp) per row, lane tl of a team holding packs tl, tl + ts, ... (at most LS_RP 16-byte
+// packs), so every row is read from memory once and short rows do not leave lanes idle.
+// The host takes these kernels when rows are whole packs of at most 32 * LS_RP and every
+// buffer is 16-byte aligned (row_team in train_ops.rs), else the team kernels above.
+#define LS_RP 4
+
+__device__ __forceinline__ float team_sum(float v, int ts) {
+  for (int o = ts >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float team_max(float v, int ts) {
+  for (int o = ts >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(LS_FULL_MASK, v, o));
+  return v;
+}
+
+// Which rows this thread's team takes. Every lane of a warp runs the loop over `base` the
+// same number of times (a team past the last row has ok == false), so the team shuffles
+// always see the whole warp.
+struct TeamRows {
+  int ts, tl;
+  long long first, step, sub;
+  __device__ explicit TeamRows(int t) : ts(t) {
+    tl = threadIdx.x & (t - 1);
+    sub = (threadIdx.x & 31) / t;
+    first = (blockIdx.x * (long long)blockDim.x + (threadIdx.x & ~31)) / t;
+    step = (long long)gridDim.x * blockDim.x / t;
+  }
+};
+
+template <typename T>
+struct RowRegs {
+  static constexpr int N = 16 / sizeof(T);
+  float v[LS_RP][N];
+  // Packs tl + k ts below `packs` of `row` when `ok`; zeros elsewhere.
+  __device__ __forceinline__ void load(const T* row, int packs, int tl, int ts, bool ok) {
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      const int q = tl + k * ts;
+      if (ok && q < packs) {
+        const LsPack<T> p = reinterpret_cast<const LsPack<T>*>(row)[q];
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[k][e] = to_f(p.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[k][e] = 0.f;
+      }
+    }
+  }
+  __device__ __forceinline__ void store(T* row, int packs, int tl, int ts, bool ok) const {
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      const int q = tl + k * ts;
+      if (ok && q < packs) {
+        LsPack<T> p;
+#pragma unroll
+        for (int e = 0; e < N; ++e) p.v[e] = from_f<T>(v[k][e]);
+        reinterpret_cast<LsPack<T>*>(row)[q] = p;
+      }
+    }
+  }
+};
+
+// masked_softmax_body with register-cached rows.
+template <typename T>
+__device__ void masked_softmax_rows(const T* s, const int* key_lens, T* p, long long rows,
+                                    int heads, int lq, int lk, float scale, int causal, int ts) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = lk / N;
+  const TeamRows t(ts);
+  for (long long base = t.first; base < rows; base += t.step) {
+    const long long r = base + t.sub;
+    const bool ok = r < rows;
+    int limit = 0;
+    if (ok) {
+      limit = lk;
+      if (key_lens) limit = min(max(key_lens[r / ((long long)heads * lq)], 0), lk);
+      if (causal) limit = min(limit, (int)(r % lq) + 1);
+    }
+    RowRegs<T> x;
+    x.load(s + r * lk, packs, t.tl, ts, ok);
+    float m = LS_NEG_INF;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        if ((t.tl + k * ts) * N + e < limit) m = fmaxf(m, x.v[k][e] * scale);
+      }
+    }
+    m = team_max(m, ts);
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float ev =
+            (t.tl + k * ts) * N + e < limit ? expf(x.v[k][e] * scale - m) : 0.f;
+        x.v[k][e] = ev;
+        sum += ev;
+      }
+    }
+    sum = team_sum(sum, ts);
+    if (limit > 0) {
+#pragma unroll
+      for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) x.v[k][e] = x.v[k][e] / sum;
+      }
+    }
+    x.store(p + r * lk, packs, t.tl, ts, ok);
+  }
+}
+
+// softmax_backward_body with register-cached rows.
+template <typename T>
+__device__ void softmax_backward_rows(const T* p, const T* dp, T* ds, long long rows, int cols,
+                                      float scale, int ts) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = cols / N;
+  const TeamRows t(ts);
+  for (long long base = t.first; base < rows; base += t.step) {
+    const long long r = base + t.sub;
+    const bool ok = r < rows;
+    RowRegs<T> pv, dv;
+    pv.load(p + r * cols, packs, t.tl, ts, ok);
+    dv.load(dp + r * cols, packs, t.tl, ts, ok);
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) dot += pv.v[k][e] * dv.v[k][e];
+    }
+    dot = team_sum(dot, ts);
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) dv.v[k][e] = scale * pv.v[k][e] * (dv.v[k][e] - dot);
+    }
+    dv.store(ds + r * cols, packs, t.tl, ts, ok);
+  }
+}
+
+// add_layer_norm_body with register-cached rows.
+template <typename T>
+__device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, const T* beta,
+                                    T* s_out, T* out, long long rows, int h, float eps, int ts) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = h / N;
+  const TeamRows t(ts);
+  for (long long base = t.first; base < rows; base += t.step) {
+    const long long r = base + t.sub;
+    const bool ok = r < rows;
+    RowRegs<T> v;
+    v.load(x + r * h, packs, t.tl, ts, ok);
+    if (y) {
+      RowRegs<T> w;
+      w.load(y + r * h, packs, t.tl, ts, ok);
+#pragma unroll
+      for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) v.v[k][e] = to_f(from_f<T>(v.v[k][e] + w.v[k][e]));
+      }
+      if (s_out) v.store(s_out + r * h, packs, t.tl, ts, ok);
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) sum += v.v[k][e];
+    }
+    const float mean = team_sum(sum, ts) / h;
+    float s2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      if (t.tl + k * ts < packs) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) s2 += (v.v[k][e] - mean) * (v.v[k][e] - mean);
+      }
+    }
+    const float inv = rsqrtf(team_sum(s2, ts) / h + eps);
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      const int q = t.tl + k * ts;
+      if (ok && q < packs) {
+        const LsPack<T> g = reinterpret_cast<const LsPack<T>*>(gamma)[q];
+        const LsPack<T> b = reinterpret_cast<const LsPack<T>*>(beta)[q];
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          v.v[k][e] = (v.v[k][e] - mean) * inv * to_f(g.v[e]) + to_f(b.v[e]);
+        }
+      }
+    }
+    v.store(out + r * h, packs, t.tl, ts, ok);
+  }
+}
+
+// layer_norm_backward_body with register-cached rows.
+template <typename T>
+__device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy, T* dx,
+                                         float* stats, long long rows, int h, float eps,
+                                         int ts) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = h / N;
+  const TeamRows t(ts);
+  for (long long base = t.first; base < rows; base += t.step) {
+    const long long r = base + t.sub;
+    const bool ok = r < rows;
+    RowRegs<T> xv, gv;
+    xv.load(x + r * h, packs, t.tl, ts, ok);
+    gv.load(dy + r * h, packs, t.tl, ts, ok);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) s += xv.v[k][e];
+    }
+    const float mean = team_sum(s, ts) / h;
+    float s2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      if (t.tl + k * ts < packs) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) s2 += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
+      }
+    }
+    const float rstd = 1.f / sqrtf(team_sum(s2, ts) / h + eps);
+    // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
+    float a = 0.f, c = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      const int q = t.tl + k * ts;
+      if (q < packs) {
+        const LsPack<T> gm = reinterpret_cast<const LsPack<T>*>(gamma)[q];
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          gv.v[k][e] *= to_f(gm.v[e]);
+          xv.v[k][e] = (xv.v[k][e] - mean) * rstd;
+          a += gv.v[k][e];
+          c += gv.v[k][e] * xv.v[k][e];
+        }
+      }
+    }
+    const float s1 = team_sum(a, ts) / h;
+    const float sx = team_sum(c, ts) / h;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) gv.v[k][e] = rstd * (gv.v[k][e] - s1 - xv.v[k][e] * sx);
+    }
+    gv.store(dx + r * h, packs, t.tl, ts, ok);
+    if (ok && t.tl == 0) {
       stats[2 * r] = mean;
       stats[2 * r + 1] = rstd;
     }
@@ -403,6 +668,50 @@ __device__ void embedding_backward_body(const int* ids, const T* dy, float* d, l
 //   dz_v = (a * softmax_v - [v == t] c_nll - eps_i) * grad_scale,
 // with c_nll = 1 - eps - eps_i and a = c_nll + vocab * eps_i, both from the host. Rows with
 // a negative target are zeros; a target >= vocab gives NaN loss and nll and zero gradients.
+// The logits are read twice: once for the max, the sum of exponentials and the sum of
+// (max - z) together (online, rescaled when the running max grows), once for the gradient.
+
+// f(v, z[v]) for v < n, the aligned middle of the row in 16-byte packs.
+template <typename T, typename F>
+__device__ __forceinline__ void row_for_each(const T* z, int n, F f) {
+  constexpr int N = 16 / sizeof(T);
+  const int head = min(n, (int)(((16 - ((unsigned long long)z & 15)) & 15) / sizeof(T)));
+  for (int v = threadIdx.x; v < head; v += blockDim.x) f(v, to_f(z[v]));
+  const int packs = (n - head) / N;
+  const LsPack<T>* zp = reinterpret_cast<const LsPack<T>*>(z + head);
+  for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+    const LsPack<T> p = zp[q];
+#pragma unroll
+    for (int e = 0; e < N; ++e) f(head + q * N + e, to_f(p.v[e]));
+  }
+  for (int v = head + packs * N + threadIdx.x; v < n; v += blockDim.x) f(v, to_f(z[v]));
+}
+
+// g[v] = f(v, z[v]) for v < n; in 16-byte packs when z and g share their alignment.
+template <typename T, typename F>
+__device__ __forceinline__ void row_map(const T* z, T* g, int n, F f) {
+  constexpr int N = 16 / sizeof(T);
+  if ((((unsigned long long)z ^ (unsigned long long)g) & 15) != 0) {
+    for (int v = threadIdx.x; v < n; v += blockDim.x) g[v] = from_f<T>(f(v, to_f(z[v])));
+    return;
+  }
+  const int head = min(n, (int)(((16 - ((unsigned long long)z & 15)) & 15) / sizeof(T)));
+  for (int v = threadIdx.x; v < head; v += blockDim.x) g[v] = from_f<T>(f(v, to_f(z[v])));
+  const int packs = (n - head) / N;
+  const LsPack<T>* zp = reinterpret_cast<const LsPack<T>*>(z + head);
+  LsPack<T>* gp = reinterpret_cast<LsPack<T>*>(g + head);
+  for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+    const LsPack<T> p = zp[q];
+    LsPack<T> o;
+#pragma unroll
+    for (int e = 0; e < N; ++e) o.v[e] = from_f<T>(f(head + q * N + e, to_f(p.v[e])));
+    gp[q] = o;
+  }
+  for (int v = head + packs * N + threadIdx.x; v < n; v += blockDim.x) {
+    g[v] = from_f<T>(f(v, to_f(z[v])));
+  }
+}
+
 template <typename T>
 __device__ void cross_entropy_body(const T* logits, const int* targets, float* loss, float* nll,
                                    T* d, long long rows, int vocab, float c_nll, float eps_i,
@@ -420,37 +729,48 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
       }
       continue;
     }
-    float m = LS_NEG_INF;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) m = fmaxf(m, to_f(z[v]));
-    m = block_max(m);
-    float se = 0.f, sd = 0.f;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-      const float zv = to_f(z[v]);
-      se += expf(zv - m);
-      sd += m - zv;
-    }
-    const float log_se = logf(block_sum(se));
-    const float lse = m + log_se;
-    // sum_v (lse - z_v) = vocab * (lse - m) + sum_v (m - z_v): both terms >= 0, so no
-    // cancellation (unlike vocab * lse - sum_v z_v).
-    const float sm = vocab * log_se + block_sum(sd);
+    // This thread's running max m, sum of exp(z - m), sum of (m - z) (both terms of the
+    // latter >= 0, so no cancellation), and count.
+    float m = LS_NEG_INF, se = 0.f, sd = 0.f;
+    int cnt = 0;
+    row_for_each(z, vocab, [&](int, float zv) {
+      if (cnt == 0) {
+        m = zv;
+        se = 1.f;
+      } else if (zv > m) {
+        se = se * expf(m - zv) + 1.f;
+        sd += cnt * (zv - m);
+        m = zv;
+      } else {
+        se += expf(zv - m);
+        sd += m - zv;
+      }
+      ++cnt;
+    });
+    const float bm = block_max(cnt > 0 ? m : LS_NEG_INF);
+    const float log_se = logf(block_sum(cnt > 0 ? se * expf(m - bm) : 0.f));
+    const float lse = bm + log_se;
+    // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
+    const float sm = vocab * log_se + block_sum(cnt > 0 ? sd + cnt * (bm - m) : 0.f);
     if (threadIdx.x == 0) {
       const float nl = lse - to_f(z[t]);
       loss[r] = c_nll * nl + eps_i * sm;
       nll[r] = nl;
     }
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-      const float p = expf(to_f(z[v]) - lse);
+    row_map(z, g, vocab, [&](int v, float zv) {
+      const float p = expf(zv - lse);
       const float onehot = v == t ? c_nll : 0.f;
-      g[v] = from_f<T>((a * p - onehot - eps_i) * grad_scale);
-    }
+      return (a * p - onehot - eps_i) * grad_scale;
+    });
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // One Adam(W) step on f32 buffers in place, in cpu::adam_step's order of operations (the
-// _rn intrinsics keep the compiler from fusing into FMAs, so results match bit for bit).
-__device__ void adam_step_body(float* param, const float* grad, float* m, float* v,
+// _rn intrinsics keep the compiler from fusing into FMAs, so results match bit for bit);
+// with `copy`, also writes the new values rounded to T there (the compute copy).
+template <typename T>
+__device__ void adam_step_body(float* param, const float* grad, float* m, float* v, T* copy,
                                long long total, float grad_scale, int decoupled, float decay_mul,
                                float weight_decay, float b1, float b2, float step_size,
                                double bc2_sqrt, double eps) {
@@ -468,23 +788,73 @@ __device__ void adam_step_body(float* param, const float* grad, float* m, float*
     m[i] = mi;
     v[i] = vi;
     const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(vi), bc2_sqrt), eps));
-    param[i] = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+    p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+    param[i] = p;
+    if (copy) copy[i] = from_f<T>(p);
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Per-block partial sums of x^2 in f64 (the host adds the partials in order).
+// f64 sums of squares for the gradient norm (the host adds the partials in order).
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
   return v;
 }
 
+// Multi-tensor forms: one launch over a table of chunks of many tensors, a block per
+// chunk (the table layouts match AdamChunk / SquaresChunk in train_ops.rs).
+struct AdamChunk {
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  void* copy;  // T*, or null
+  long long n;
+  double step_size;  // the tensor's lr / bias correction 1, rounded to f32 as adam_step's
+  double bc2_sqrt;
+};
+
 template <typename T>
-__device__ void sum_squares_body(const T* x, double* partial, long long total) {
+__device__ void adam_multi_body(const AdamChunk* chunks, float grad_scale, int decoupled,
+                                float decay_mul, float weight_decay, float b1, float b2,
+                                double eps) {
+  const AdamChunk c = chunks[blockIdx.x];
+  const float ob1 = 1.f - b1, ob2 = 1.f - b2;
+  const float step_size = (float)c.step_size;
+  T* copy = reinterpret_cast<T*>(c.copy);
+  for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
+    float p = c.param[i];
+    float g = __fmul_rn(c.grad[i], grad_scale);
+    if (decoupled) {
+      p = __fmul_rn(p, decay_mul);
+    } else {
+      g = __fadd_rn(g, __fmul_rn(weight_decay, p));
+    }
+    const float mi = __fadd_rn(__fmul_rn(c.m[i], b1), __fmul_rn(ob1, g));
+    const float vi = __fadd_rn(__fmul_rn(c.v[i], b2), __fmul_rn(__fmul_rn(ob2, g), g));
+    c.m[i] = mi;
+    c.v[i] = vi;
+    const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(vi), c.bc2_sqrt), eps));
+    p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+    c.param[i] = p;
+    if (copy) copy[i] = from_f<T>(p);
+  }
+}
+
+struct SquaresChunk {
+  const void* x;  // T*
+  long long n;
+};
+
+// partial[chunk] = sum of x^2 over the chunk, in f64.
+template <typename T>
+__device__ void sum_squares_multi_body(const SquaresChunk* chunks, double* partial) {
   __shared__ double sp[32];
+  const SquaresChunk c = chunks[blockIdx.x];
+  const T* x = reinterpret_cast<const T*>(c.x);
   double acc = 0.0;
-  LS_GRID_LOOP(i, total) {
+  for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
     const double v = (double)to_f(x[i]);
     acc += v * v;
   }
@@ -498,6 +868,18 @@ __device__ void sum_squares_body(const T* x, double* partial, long long total) {
     if (lane == 0) partial[blockIdx.x] = t;
   }
 }
+
+#define LS_MULTI(T, S)                                                                         \
+  extern "C" __global__ void adam_multi_##S(const AdamChunk* chunks, float grad_scale,        \
+                                            int decoupled, float decay_mul,                   \
+                                            float weight_decay, float b1, float b2,           \
+                                            double eps) {                                     \
+    adam_multi_body<T>(chunks, grad_scale, decoupled, decay_mul, weight_decay, b1, b2, eps);  \
+  }                                                                                           \
+  extern "C" __global__ void sum_squares_multi_##S(const SquaresChunk* chunks,                \
+                                                   double* partial) {                         \
+    sum_squares_multi_body<T>(chunks, partial);                                               \
+  }
 
 // ---------------------------------------------------------------------------------------
 // Philox-4x32-10 as train::philox: counter (i / 4 as two words, offset as two words), key
@@ -549,7 +931,10 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
 #define LS_TRAIN(T, S)                                                                        \
   extern "C" __global__ void transpose_12_##S(const T* x, T* y, long long a, long long b,     \
                                               long long c, long long d) {                     \
-    transpose_12_body<T>(x, y, a, b, c, d);                                                   \
+    if (LS_FITS_32(a * b * c * d))                                                            \
+      transpose_12_body<T, int>(x, y, a, b, c, d);                                            \
+    else                                                                                      \
+      transpose_12_body<T, long long>(x, y, a, b, c, d);                                      \
   }                                                                                           \
   extern "C" __global__ void masked_softmax_##S(const T* s, const int* key_lens, T* p,        \
                                                 long long rows, int heads, int lq, int lk,    \
@@ -613,15 +998,13 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                           grad_scale);                                                        \
   }                                                                                           \
   extern "C" __global__ void adam_step_##S(float* param, const float* grad, float* m,         \
-                                           float* v, long long total, float grad_scale,       \
+                                           float* v, T* copy, long long total,                \
+                                           float grad_scale,                                  \
                                            int decoupled, float decay_mul,                    \
                                            float weight_decay, float b1, float b2,            \
                                            float step_size, double bc2_sqrt, double eps) {    \
-    adam_step_body(param, grad, m, v, total, grad_scale, decoupled, decay_mul, weight_decay,  \
-                   b1, b2, step_size, bc2_sqrt, eps);                                         \
-  }                                                                                           \
-  extern "C" __global__ void sum_squares_##S(const T* x, double* partial, long long total) {  \
-    sum_squares_body<T>(x, partial, total);                                                   \
+    adam_step_body<T>(param, grad, m, v, copy, total, grad_scale, decoupled, decay_mul,       \
+                      weight_decay, b1, b2, step_size, bc2_sqrt, eps);                        \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
                                          unsigned long long seed, unsigned long long offset,  \
@@ -634,12 +1017,50 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   }
 LS_FLOAT_TYPES(LS_TRAIN)
 
-// out[j] = sum_c partial[c, j] for c < chunks, in order.
+#define LS_TRAIN_ROWS(T, S)                                                                   \
+  extern "C" __global__ void masked_softmax_rows_##S(const T* s, const int* key_lens, T* p,   \
+                                                     long long rows, int heads, int lq,       \
+                                                     int lk, float scale, int causal,         \
+                                                     int ts) {                                \
+    masked_softmax_rows<T>(s, key_lens, p, rows, heads, lq, lk, scale, causal, ts);           \
+  }                                                                                           \
+  extern "C" __global__ void softmax_backward_rows_##S(const T* p, const T* dp, T* ds,        \
+                                                       long long rows, int cols, float scale, \
+                                                       int ts) {                              \
+    softmax_backward_rows<T>(p, dp, ds, rows, cols, scale, ts);                               \
+  }                                                                                           \
+  extern "C" __global__ void add_layer_norm_rows_##S(const T* x, const T* y, const T* gamma,  \
+                                                     const T* beta, T* s_out, T* out,         \
+                                                     long long rows, int h, float eps,        \
+                                                     int ts) {                                \
+    add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, rows, h, eps, ts);                  \
+  }                                                                                           \
+  extern "C" __global__ void layer_norm_backward_rows_##S(const T* x, const T* gamma,         \
+                                                          const T* dy, T* dx, float* stats,   \
+                                                          long long rows, int h, float eps,   \
+                                                          int ts) {                           \
+    layer_norm_backward_rows<T>(x, gamma, dy, dx, stats, rows, h, eps, ts);                   \
+  }
+LS_FLOAT_TYPES(LS_TRAIN_ROWS)
+LS_FLOAT_TYPES(LS_MULTI)
+
+// out[j] = sum_c partial[c, j] over c < chunks: block x covers 32 columns (lane = column),
+// warp w adds chunks w, w + warps, ... in order, and warp 0 adds the warps' sums in order
+// (deterministic).
 __device__ void sum_chunks_body(const float* partial, float* out, int chunks, long long cols) {
-  LS_GRID_LOOP(j, cols) {
-    float t = 0.f;
-    for (int c = 0; c < chunks; ++c) t += partial[c * cols + j];
-    out[j] = t;
+  __shared__ float sp[32][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const long long col = blockIdx.x * 32ll + lane;
+  float t = 0.f;
+  if (col < cols) {
+    for (int c = warp; c < chunks; c += warps) t += partial[c * cols + col];
+  }
+  sp[warp][lane] = t;
+  __syncthreads();
+  if (warp == 0 && col < cols) {
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += sp[w][lane];
+    out[col] = total;
   }
 }
 #define LS_SUM_CHUNKS(T, S)                                                                    \
