@@ -181,25 +181,30 @@ fn cuda_attention_pieces_match_cpu() {
     };
     let cpu = Device::Cpu;
     for dt in DTYPES {
-        // transpose_12 moves values: exact.
-        let shape = [2, 3, 5, 7];
-        let x = randn(10, 2 * 3 * 5 * 7);
-        let run = |d: &Device| ops::transpose_12(&t(&x, &shape, dt, d)).unwrap();
-        let (g, c) = (run(&gpu), run(&cpu));
-        assert_eq!(g.shape(), &[2, 5, 3, 7]);
-        assert_eq!(
-            g.to_f32_vec().unwrap(),
-            c.to_f32_vec().unwrap(),
-            "transpose_12 {dt}"
-        );
+        // transpose_12 moves values: exact (rows of 7 elements, and of whole 16-byte packs).
+        for shape in [[2, 3, 5, 7], [2, 3, 5, 16]] {
+            let x = randn(10, shape.iter().product());
+            let run = |d: &Device| ops::transpose_12(&t(&x, &shape, dt, d)).unwrap();
+            let (g, c) = (run(&gpu), run(&cpu));
+            assert_eq!(g.shape(), &[2, 5, 3, shape[3]]);
+            assert_eq!(
+                g.to_f32_vec().unwrap(),
+                c.to_f32_vec().unwrap(),
+                "transpose_12 {shape:?} {dt}"
+            );
+        }
 
         // masked_softmax: (shape, key lengths, causal); a key length of 0 gives zero rows.
-        let cases: [([usize; 4], Option<Vec<i32>>, bool); 5] = [
+        // Rows of whole 16-byte packs up to 128 packs take the register-cached kernel.
+        let cases: [([usize; 4], Option<Vec<i32>>, bool); 8] = [
             ([2, 2, 3, 19], None, false),
             ([2, 3, 5, 1500], Some(vec![1200, 0]), false),
             ([2, 2, 37, 37], None, true),
             ([3, 2, 37, 37], Some(vec![37, 20, 1]), true),
             ([1, 1, 4, 2000], Some(vec![1999]), true),
+            ([2, 2, 9, 32], Some(vec![32, 5]), false),
+            ([2, 3, 33, 64], Some(vec![0, 61]), true),
+            ([1, 2, 16, 512], Some(vec![300]), false),
         ];
         for (sh, kl, causal) in cases {
             let n: usize = sh.iter().product();
@@ -220,8 +225,8 @@ fn cuda_attention_pieces_match_cpu() {
             }
         }
 
-        // softmax_backward on rows of 37 and 1500.
-        for (rows, cols) in [(33, 37), (12, 1500)] {
+        // softmax_backward on rows of 37 and 1500, and of whole 16-byte packs.
+        for (rows, cols) in [(33, 37), (12, 1500), (40, 32), (9, 128), (5, 512)] {
             let (p, dp) = (randn(12, rows * cols), randn(13, rows * cols));
             let run = |d: &Device| {
                 ops::softmax_backward(
@@ -245,7 +250,7 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
     let cpu = Device::Cpu;
     for dt in DTYPES {
         // layer_norm_backward: dx in the input dtype, dgamma and dbeta f32.
-        for (rows, h) in [(33, 37), (7, 1031), (300, 64)] {
+        for (rows, h) in [(33, 37), (7, 1031), (300, 64), (150, 768)] {
             let x: Vec<f32> = randn(20, rows * h).iter().map(|v| 2.0 * v + 0.5).collect();
             let (g, dy) = (randn(21, h), randn(22, rows * h));
             let run = |d: &Device| {
@@ -618,9 +623,10 @@ fn cuda_add_layer_norm_matches_cpu() {
     let Some(gpu) = gpu("cuda_add_layer_norm_matches_cpu") else {
         return;
     };
-    // h = 37 and 768 run a warp per row, 1031 a block per row.
+    // h = 37 runs a warp per row and 1031 a block per row; 256 and 768 (f16, bf16) the
+    // register-cached kernel.
     for dt in DTYPES {
-        for (rows, h) in [(33, 37), (19, 768), (7, 1031)] {
+        for (rows, h) in [(33, 37), (19, 768), (7, 1031), (21, 256)] {
             let (x, y) = (randn(31, rows * h), randn(32, rows * h));
             let g: Vec<f32> = randn(33, h).iter().map(|v| 1.0 + 0.1 * v).collect();
             let b = scaled(34, h, 0.1);

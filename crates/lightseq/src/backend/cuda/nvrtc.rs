@@ -92,6 +92,7 @@ pub const MODULES: &[KernelModule] = &[
             "add_layer_norm_rows",
             "layer_norm_backward_rows",
             "adam_multi",
+            "layer_norm_params_packed",
             "sum_squares_multi",
         ],
     },

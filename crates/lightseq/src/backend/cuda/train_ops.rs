@@ -293,8 +293,10 @@ pub(crate) fn gather_heads(
         .arg(&h)
         .arg(&dd);
     // SAFETY: argument types match the kernel's signature in train.cu.
+    // A thread per 16-byte pack (as the kernel moves them when aligned).
+    let n = 16 / x.dtype().size();
     launched("gather_heads", unsafe {
-        l.launch(grid_1d(total.div_ceil(4), 256))
+        l.launch(grid_1d(total.div_ceil(n), 256))
     })?;
     Ok(out)
 }
@@ -356,8 +358,16 @@ pub(crate) fn transpose_12(
     let [a, b, c, d] = [a, b, c, d].map(|v| v as i64);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp).arg(&yp).arg(&a).arg(&b).arg(&c).arg(&d);
+    // A thread per 16-byte pack when rows are whole aligned packs, else a warp per row.
+    let n = 16 / x.dtype().size();
+    let packed = (d as usize).is_multiple_of(n) && xp.is_multiple_of(16) && yp.is_multiple_of(16);
+    let threads = if packed {
+        rows * d as usize / n
+    } else {
+        rows * 32
+    };
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("transpose_12", unsafe { l.launch(grid_1d(rows * 32, 256)) })?;
+    launched("transpose_12", unsafe { l.launch(grid_1d(threads, 256)) })?;
     Ok(out)
 }
 
@@ -512,12 +522,22 @@ pub(crate) fn layer_norm_backward(
         ));
     }
     let dx = dev.alloc(dt, rows * h)?;
-    let cfg = cols_grid(rows, h);
+    let (xp, gp, dyp, dxp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr());
+    // The parameter pass: 16-byte loads (8 warps a block) when rows are whole aligned packs.
+    let n = 16 / dt.size();
+    let packed = h.is_multiple_of(n) && xp.is_multiple_of(16) && dyp.is_multiple_of(16);
+    let (cfg, params_name) = if packed {
+        let mut cfg = cols_grid_per(rows, h, 32 * n);
+        cfg.block_dim.0 = 256;
+        (cfg, "layer_norm_params_packed")
+    } else {
+        (cols_grid(rows, h), "layer_norm_params")
+    };
     let dgamma = ColumnOut::new(dev, &cfg, h)?;
     let dbeta = ColumnOut::new(dev, &cfg, h)?;
     // Per-row mean and rstd, shared by the dx pass and the parameter pass.
     let stats = dev.alloc(DType::F32, 2 * rows)?;
-    let (xp, gp, dyp, dxp, sp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr(), stats.ptr());
+    let sp = stats.ptr();
     let (r, hh) = (rows as i64, h as i32);
     let (cfg_rows, team, name) = match row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
         Some((cfg, ts)) => (cfg, ts, "layer_norm_backward_rows"),
@@ -540,7 +560,7 @@ pub(crate) fn layer_norm_backward(
     // SAFETY: argument types match the kernel's signature in train.cu (the last argument
     // is `per_warp` or `ts`).
     launched(name, unsafe { l.launch(cfg_rows) })?;
-    let f = dev.kernel("layer_norm_params", dt)?;
+    let f = dev.kernel(params_name, dt)?;
     let (dgp, dbp) = (dgamma.target(), dbeta.target());
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
@@ -551,7 +571,7 @@ pub(crate) fn layer_norm_backward(
         .arg(&r)
         .arg(&hh);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("layer_norm_params", unsafe { l.launch(cfg) })?;
+    launched(params_name, unsafe { l.launch(cfg) })?;
     Ok((dx, dgamma.finish()?, dbeta.finish()?))
 }
 

@@ -541,6 +541,59 @@ __device__ void layer_norm_params_body(const T* x, const T* dy, const float* sta
   }
 }
 
+// layer_norm_params with 16-byte loads: lane l of a block covers columns
+// [(32 b + l) N, + N); needs h % N == 0 and aligned x and dy (the host checks).
+template <typename T>
+__device__ void layer_norm_params_packed_body(const T* x, const T* dy, const float* stats,
+                                              float* dgamma, float* dbeta, long long rows,
+                                              int h) {
+  constexpr int N = 16 / sizeof(T);
+  __shared__ float sg[8][32 * N + 1];
+  __shared__ float sb[8][32 * N + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 8);
+  const int col0 = (blockIdx.x * 32 + lane) * N;
+  const long long per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+  dgamma += (long long)blockIdx.y * h;
+  dbeta += (long long)blockIdx.y * h;
+  float ag[N], ab[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) ag[k] = ab[k] = 0.f;
+  if (col0 < h && warp < warps) {
+    for (long long r = r0 + warp; r < r1; r += warps) {
+      const LsPack<T> d = *reinterpret_cast<const LsPack<T>*>(dy + r * h + col0);
+      const LsPack<T> xv = *reinterpret_cast<const LsPack<T>*>(x + r * h + col0);
+      const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float dv = to_f(d.v[k]);
+        ag[k] += dv * ((to_f(xv.v[k]) - mean) * rstd);
+        ab[k] += dv;
+      }
+    }
+  }
+  if (warp < warps) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      sg[warp][lane * N + k] = ag[k];
+      sb[warp][lane * N + k] = ab[k];
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 32 * N; c += blockDim.x) {
+    const int col = blockIdx.x * 32 * N + c;
+    if (col < h) {
+      float tg = 0.f, tb = 0.f;
+      for (int w = 0; w < warps; ++w) {
+        tg += sg[w][c];
+        tb += sb[w][c];
+      }
+      dgamma[col] = tg;
+      dbeta[col] = tb;
+    }
+  }
+}
+
 // out[j] = sum_r x[r, j].
 template <typename T>
 __device__ void column_sum_body(const T* x, float* out, long long rows, int cols) {
@@ -968,6 +1021,12 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
       layer_norm_backward_body<T, true>(x, gamma, dy, dx, stats, rows, h, eps);               \
     else                                                                                      \
       layer_norm_backward_body<T, false>(x, gamma, dy, dx, stats, rows, h, eps);              \
+  }                                                                                           \
+  extern "C" __global__ void layer_norm_params_packed_##S(const T* x, const T* dy,            \
+                                                          const float* stats, float* dgamma,  \
+                                                          float* dbeta, long long rows,       \
+                                                          int h) {                            \
+    layer_norm_params_packed_body<T>(x, dy, stats, dgamma, dbeta, rows, h);                   \
   }                                                                                           \
   extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
                                                    const float* stats, float* dgamma,         \
