@@ -298,6 +298,67 @@ pub(crate) fn states_to_memory(
     Ok((memory, s[1]))
 }
 
+/// An encoder-decoder's encoder and the decoding state it feeds. The [`Decoder`] methods
+/// `begin`, `encode_sources` and `begin_from_states` of every encoder-decoder are the
+/// `enc_dec_*` functions below over this.
+pub(crate) trait EncoderDecoder {
+    /// The model's name, for errors.
+    fn name(&self) -> String;
+    /// Encodes source ids: the memory [batch * src_len, d_model] and the padding.
+    fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, super::Padded)>;
+    /// Decoding state over `memory` [batch * src_len, d_model], each item repeated for
+    /// `rows / batch` rows.
+    fn start(
+        &self,
+        memory: &Tensor,
+        lengths: &[usize],
+        src_len: usize,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<DecodeState>;
+    /// d_model, the compute dtype and the device of the memory.
+    fn memory_layout(&self) -> (usize, DType, &Device);
+}
+
+/// [`Decoder::begin`] of an encoder-decoder: encodes `sources` and starts from them.
+pub(crate) fn enc_dec_begin(
+    m: &impl EncoderDecoder,
+    sources: Option<&[Vec<i64>]>,
+    rows: usize,
+    capacity: usize,
+) -> Result<DecodeState> {
+    let src = sources.ok_or_else(|| {
+        Error::Input(format!(
+            "{} is an encoder-decoder: it needs source sequences",
+            m.name()
+        ))
+    })?;
+    let (memory, sp) = m.encode(src)?;
+    m.start(&memory, &sp.lengths, sp.len, rows, capacity)
+}
+
+/// [`Decoder::encode_sources`] of an encoder-decoder: f32 states [batch, src_len, d_model].
+pub(crate) fn enc_dec_encode_sources(
+    m: &impl EncoderDecoder,
+    sources: &[Vec<i64>],
+) -> Result<(Tensor, Vec<usize>)> {
+    let (memory, sp) = m.encode(sources)?;
+    Ok((memory_to_states(&memory, sp.batch, sp.len)?, sp.lengths))
+}
+
+/// [`Decoder::begin_from_states`] of an encoder-decoder.
+pub(crate) fn enc_dec_begin_from_states(
+    m: &impl EncoderDecoder,
+    states: &Tensor,
+    lengths: &[usize],
+    rows: usize,
+    capacity: usize,
+) -> Result<DecodeState> {
+    let (d_model, dtype, device) = m.memory_layout();
+    let (memory, src_len) = states_to_memory(states, lengths, d_model, dtype, device)?;
+    m.start(&memory, lengths, src_len, rows, capacity)
+}
+
 /// An encoder's output [batch * src_len, d] as f32 states [batch, src_len, d].
 pub(crate) fn memory_to_states(memory: &Tensor, batch: usize, src_len: usize) -> Result<Tensor> {
     let d = memory.shape()[1];

@@ -6,8 +6,8 @@
 //! are not read by HF's modeling code either).
 
 use super::decode::{
-    cross_state, decoder_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState,
-    Decoder,
+    cross_state, decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources,
+    ids_tensor, DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -528,8 +528,13 @@ impl Seq2Seq {
         let h = f.fc1.forward(x, self.act)?;
         f.fc2.forward(&h, Activation::None)
     }
+}
 
-    /// Encodes source ids: [batch * src_len, d_model].
+impl EncoderDecoder for Seq2Seq {
+    fn name(&self) -> String {
+        self.cfg.kind.name().to_string()
+    }
+
     fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
         let p = Padded::new(src, self.cfg.src_vocab, self.enc_embed.limit())?;
         let pad = self.cfg.pad_token_id as i64;
@@ -569,11 +574,7 @@ impl Seq2Seq {
         }
         Ok((x, p))
     }
-}
 
-impl Seq2Seq {
-    /// Decoding state over encoder output `memory` [batch * src_len, d], each item repeated
-    /// for `rows / batch` rows.
     fn start(
         &self,
         memory: &Tensor,
@@ -594,6 +595,10 @@ impl Seq2Seq {
             self.dtype,
             &self.device,
         )
+    }
+
+    fn memory_layout(&self) -> (usize, DType, &Device) {
+        (self.cfg.d_model, self.dtype, &self.device)
     }
 }
 
@@ -620,19 +625,11 @@ impl Decoder for Seq2Seq {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let src = sources.ok_or_else(|| {
-            Error::Input(format!(
-                "{} is an encoder-decoder: it needs source sequences",
-                self.cfg.kind.name()
-            ))
-        })?;
-        let (memory, sp) = self.encode(src)?;
-        self.start(&memory, &sp.lengths, sp.len, rows, capacity)
+        enc_dec_begin(self, sources, rows, capacity)
     }
 
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
-        let (memory, sp) = self.encode(sources)?;
-        Ok((memory_to_states(&memory, sp.batch, sp.len)?, sp.lengths))
+        enc_dec_encode_sources(self, sources)
     }
 
     fn begin_from_states(
@@ -642,9 +639,7 @@ impl Decoder for Seq2Seq {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let (memory, src_len) =
-            states_to_memory(states, lengths, self.cfg.d_model, self.dtype, &self.device)?;
-        self.start(&memory, lengths, src_len, rows, capacity)
+        enc_dec_begin_from_states(self, states, lengths, rows, capacity)
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {

@@ -3,8 +3,8 @@
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
 use super::decode::{
-    cross_state, decoder_forward, ids_tensor, memory_to_states, states_to_memory, DecodeState,
-    Decoder,
+    cross_state, decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources,
+    ids_tensor, DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -320,8 +320,12 @@ impl T5 {
     }
 }
 
-impl T5 {
-    /// Encodes source ids: [batch * src_len, d_model] after the final norm.
+impl EncoderDecoder for T5 {
+    fn name(&self) -> String {
+        "T5".into()
+    }
+
+    /// The memory is the encoder's output after its final norm.
     fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
         let (ids, sp) = self.pad_ids(src)?;
         let mut x = ops::embed(&[(&self.shared, &ids)])?;
@@ -370,6 +374,10 @@ impl T5 {
             &self.device,
         )
     }
+
+    fn memory_layout(&self) -> (usize, DType, &Device) {
+        (self.cfg.d_model, self.dtype, &self.device)
+    }
 }
 
 impl Decoder for T5 {
@@ -400,16 +408,11 @@ impl Decoder for T5 {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let src = sources.ok_or_else(|| {
-            Error::Input("T5 is an encoder-decoder: it needs source sequences".into())
-        })?;
-        let (memory, sp) = self.encode(src)?;
-        self.start(&memory, &sp.lengths, sp.len, rows, capacity)
+        enc_dec_begin(self, sources, rows, capacity)
     }
 
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
-        let (memory, sp) = self.encode(sources)?;
-        Ok((memory_to_states(&memory, sp.batch, sp.len)?, sp.lengths))
+        enc_dec_encode_sources(self, sources)
     }
 
     fn begin_from_states(
@@ -419,9 +422,7 @@ impl Decoder for T5 {
         rows: usize,
         capacity: usize,
     ) -> Result<DecodeState> {
-        let (memory, src_len) =
-            states_to_memory(states, lengths, self.cfg.d_model, self.dtype, &self.device)?;
-        self.start(&memory, lengths, src_len, rows, capacity)
+        enc_dec_begin_from_states(self, states, lengths, rows, capacity)
     }
 
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
