@@ -210,7 +210,6 @@ pub trait Decoder: Send + Sync {
     }
 }
 
-/// A state with one self-attention cache of `width` per layer.
 /// The decode state of decoder-only model `name`, which takes no source sequences.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decoder_only_state(
@@ -231,6 +230,7 @@ pub(crate) fn decoder_only_state(
     new_state(layers, rows, capacity, width, dtype, device)
 }
 
+/// A state with one self-attention cache of `width` per layer.
 pub(crate) fn new_state(
     layers: usize,
     rows: usize,
@@ -306,18 +306,36 @@ pub(crate) trait EncoderDecoder {
     fn name(&self) -> String;
     /// Encodes source ids: the memory [batch * src_len, d_model] and the padding.
     fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, super::Padded)>;
-    /// Decoding state over `memory` [batch * src_len, d_model], each item repeated for
-    /// `rows / batch` rows.
-    fn start(
-        &self,
-        memory: &Tensor,
-        lengths: &[usize],
-        src_len: usize,
-        rows: usize,
-        capacity: usize,
-    ) -> Result<DecodeState>;
+    /// The decoder layers' cross attentions, in order.
+    fn cross_attentions(&self) -> Vec<&CrossAttention>;
+    /// Width of a self-attention cache row (heads x head size).
+    fn cache_width(&self) -> usize;
     /// d_model, the compute dtype and the device of the memory.
     fn memory_layout(&self) -> (usize, DType, &Device);
+}
+
+/// Decoding state over `memory` [batch * src_len, d_model], each item repeated for
+/// `rows / batch` rows.
+fn enc_dec_start(
+    m: &impl EncoderDecoder,
+    memory: &Tensor,
+    lengths: &[usize],
+    src_len: usize,
+    rows: usize,
+    capacity: usize,
+) -> Result<DecodeState> {
+    let (_, dtype, device) = m.memory_layout();
+    cross_state(
+        &m.cross_attentions(),
+        memory,
+        lengths,
+        src_len,
+        rows,
+        capacity,
+        m.cache_width(),
+        dtype,
+        device,
+    )
 }
 
 /// [`Decoder::begin`] of an encoder-decoder: encodes `sources` and starts from them.
@@ -334,7 +352,7 @@ pub(crate) fn enc_dec_begin(
         ))
     })?;
     let (memory, sp) = m.encode(src)?;
-    m.start(&memory, &sp.lengths, sp.len, rows, capacity)
+    enc_dec_start(m, &memory, &sp.lengths, sp.len, rows, capacity)
 }
 
 /// [`Decoder::encode_sources`] of an encoder-decoder: f32 states [batch, src_len, d_model].
@@ -356,7 +374,7 @@ pub(crate) fn enc_dec_begin_from_states(
 ) -> Result<DecodeState> {
     let (d_model, dtype, device) = m.memory_layout();
     let (memory, src_len) = states_to_memory(states, lengths, d_model, dtype, device)?;
-    m.start(&memory, lengths, src_len, rows, capacity)
+    enc_dec_start(m, &memory, lengths, src_len, rows, capacity)
 }
 
 /// An encoder's output [batch * src_len, d] as f32 states [batch, src_len, d].

@@ -6,8 +6,8 @@
 //! are not read by HF's modeling code either).
 
 use super::decode::{
-    cross_state, decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources,
-    ids_tensor, DecodeState, Decoder, EncoderDecoder,
+    decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources, ids_tensor,
+    DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -575,26 +575,12 @@ impl EncoderDecoder for Seq2Seq {
         Ok((x, p))
     }
 
-    fn start(
-        &self,
-        memory: &Tensor,
-        lengths: &[usize],
-        src_len: usize,
-        rows: usize,
-        capacity: usize,
-    ) -> Result<DecodeState> {
-        let cross: Vec<&CrossAttention> = self.decoder.iter().map(|l| &l.cross).collect();
-        cross_state(
-            &cross,
-            memory,
-            lengths,
-            src_len,
-            rows,
-            capacity,
-            self.cfg.d_model,
-            self.dtype,
-            &self.device,
-        )
+    fn cross_attentions(&self) -> Vec<&CrossAttention> {
+        self.decoder.iter().map(|l| &l.cross).collect()
+    }
+
+    fn cache_width(&self) -> usize {
+        self.cfg.d_model
     }
 
     fn memory_layout(&self) -> (usize, DType, &Device) {

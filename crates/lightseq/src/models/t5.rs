@@ -3,8 +3,8 @@
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
 use super::decode::{
-    cross_state, decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources,
-    ids_tensor, DecodeState, Decoder, EncoderDecoder,
+    decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources, ids_tensor,
+    DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -352,27 +352,12 @@ impl EncoderDecoder for T5 {
         Ok((self.enc_norm.forward(&x, None)?, sp))
     }
 
-    fn start(
-        &self,
-        memory: &Tensor,
-        lengths: &[usize],
-        src_len: usize,
-        rows: usize,
-        capacity: usize,
-    ) -> Result<DecodeState> {
-        let cross: Vec<&CrossAttention> = self.decoder.iter().map(|b| &b.cross).collect();
-        let inner = self.cfg.num_heads * self.cfg.d_kv;
-        cross_state(
-            &cross,
-            memory,
-            lengths,
-            src_len,
-            rows,
-            capacity,
-            inner,
-            self.dtype,
-            &self.device,
-        )
+    fn cross_attentions(&self) -> Vec<&CrossAttention> {
+        self.decoder.iter().map(|b| &b.cross).collect()
+    }
+
+    fn cache_width(&self) -> usize {
+        self.cfg.num_heads * self.cfg.d_kv
     }
 
     fn memory_layout(&self) -> (usize, DType, &Device) {
