@@ -154,6 +154,21 @@ impl Loader<'_> {
             eps,
         })
     }
+    /// The feed-forward block: linear layers `fc1` (h -> inner) and `fc2` (inner -> h).
+    fn ffn(
+        &mut self,
+        fc1: &str,
+        fc2: &str,
+        h: usize,
+        inner: usize,
+        act: Activation,
+    ) -> Result<Ffn> {
+        Ok(Ffn {
+            fc1: self.lin(fc1, h, inner)?,
+            fc2: self.lin(fc2, inner, h)?,
+            act,
+        })
+    }
     fn attn(&mut self, prefix: &str, names: [&str; 4], h: usize, heads: usize) -> Result<Attn> {
         Ok(Attn {
             q: self.lin(&format!("{prefix}.{}", names[0]), h, h)?,
@@ -287,11 +302,7 @@ impl Net {
                 } else {
                     None
                 },
-                ffn: Ffn {
-                    fc1: l.lin(&format!("{p}.fc1"), d, ffn_dim)?,
-                    fc2: l.lin(&format!("{p}.fc2"), ffn_dim, d)?,
-                    act,
-                },
+                ffn: l.ffn(&format!("{p}.fc1"), &format!("{p}.fc2"), d, ffn_dim, act)?,
                 ln_ffn: l.ln(&format!("{p}.final_layer_norm"), d, eps)?,
                 pre_ln,
             })
@@ -514,11 +525,13 @@ impl Net {
                 self_attn: a,
                 ln_self: l.ln(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
                 cross: None,
-                ffn: Ffn {
-                    fc1: l.lin(&format!("{p}.intermediate.dense"), h, c.intermediate_size)?,
-                    fc2: l.lin(&format!("{p}.output.dense"), c.intermediate_size, h)?,
+                ffn: l.ffn(
+                    &format!("{p}.intermediate.dense"),
+                    &format!("{p}.output.dense"),
+                    h,
+                    c.intermediate_size,
                     act,
-                },
+                )?,
                 ln_ffn: l.ln(&format!("{p}.output.LayerNorm"), h, eps)?,
                 pre_ln: false,
             });
@@ -617,11 +630,13 @@ impl Net {
                 },
                 ln_self: l.ln(&format!("{p}.layernorm_before"), h, eps)?,
                 cross: None,
-                ffn: Ffn {
-                    fc1: l.lin(&format!("{p}.intermediate.dense"), h, c.intermediate_size)?,
-                    fc2: l.lin(&format!("{p}.output.dense"), c.intermediate_size, h)?,
+                ffn: l.ffn(
+                    &format!("{p}.intermediate.dense"),
+                    &format!("{p}.output.dense"),
+                    h,
+                    c.intermediate_size,
                     act,
-                },
+                )?,
                 ln_ffn: l.ln(&format!("{p}.layernorm_after"), h, eps)?,
                 pre_ln: true,
             });
