@@ -83,9 +83,11 @@ pub fn matmul(
         (Storage::CpuF32(av), Storage::CpuF32(bv)) => {
             cpu_out(out_shape, dt, cpu::matmul(av, ta, bv, tb, batch, m, n, k))
         }
-        (Storage::Cuda(x), Storage::Cuda(y)) => {
-            cuda_out(out_shape, dt, cuda::matmul(x, ta, y, tb, batch, m, n, k)?)
-        }
+        (Storage::Cuda(x), Storage::Cuda(y)) => cuda_out(
+            out_shape,
+            dt,
+            cuda::matmul(x, ta, y, tb, batch, m, n, k, false)?,
+        ),
         _ => unreachable!("checked by float_dtype"),
     })
 }

@@ -229,7 +229,7 @@ fn gemm_attention(
     let qh = t::gather_heads(qt, batch, len_q, qs[2], q.col, nh, d)?;
     let kh = t::gather_heads(kt, batch, len_k, ks[2], k.col, nh, d)?;
     let vh = t::gather_heads(vt, batch, len_k, v.tensor.shape()[2], v.col, nh, d)?;
-    let scores = t::matmul_f32_out(&qh, false, &kh, true, batch * nh, len_q, len_k, d)?;
+    let scores = t::matmul(&qh, false, &kh, true, batch * nh, len_q, len_k, d, true)?;
     let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
     let ends = dev.upload_i32(&ends)?;
     let p = t::masked_softmax(&scores, Some(&ends), nh, len_q, len_k, o.scale, o.causal)?;
@@ -238,7 +238,7 @@ fn gemm_attention(
     } else {
         cast(&p, qt.dtype())?
     };
-    let ctx = t::matmul(&p, false, &vh, false, batch * nh, len_q, d, len_k)?;
+    let ctx = t::matmul(&p, false, &vh, false, batch * nh, len_q, d, len_k, false)?;
     Ok(Some(t::transpose_12(&ctx, batch, nh, len_q, d)?))
 }
 

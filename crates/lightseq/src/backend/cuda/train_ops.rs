@@ -144,6 +144,8 @@ impl ColumnOut {
     }
 }
 
+/// Batched `C = op(A) op(B)` (see `BlasLt::matmul_general`), C in the inputs' dtype or,
+/// with `f32_out`, in f32.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     a: &CudaStorage,
@@ -154,9 +156,10 @@ pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
+    f32_out: bool,
 ) -> Result<CudaStorage> {
     let dev = a.device();
-    let dt = a.dtype();
+    let dt = if f32_out { DType::F32 } else { a.dtype() };
     let total = batch * m * n;
     if total == 0 {
         return dev.alloc(dt, 0);
@@ -167,8 +170,8 @@ pub(crate) fn matmul(
     let c = dev.alloc(dt, total)?;
     dev.lt.matmul_general(
         dev.stream(),
-        dt,
-        false,
+        a.dtype(),
+        f32_out,
         0.0,
         ta,
         tb,
@@ -299,42 +302,6 @@ pub(crate) fn gather_heads(
         l.launch(grid_1d(total.div_ceil(n), 256))
     })?;
     Ok(out)
-}
-
-/// Batched `C = op(A) op(B)` with an f32 result whatever the inputs' dtype.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_f32_out(
-    a: &CudaStorage,
-    ta: bool,
-    b: &CudaStorage,
-    tb: bool,
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<CudaStorage> {
-    let dev = a.device();
-    let c = dev.zeros(DType::F32, batch * m * n)?;
-    if batch * m * n == 0 || k == 0 {
-        return Ok(c);
-    }
-    dev.lt.matmul_general(
-        dev.stream(),
-        a.dtype(),
-        true,
-        0.0,
-        ta,
-        tb,
-        batch,
-        m,
-        n,
-        k,
-        a.ptr(),
-        b.ptr(),
-        Epilogue::None,
-        c.ptr(),
-    )?;
-    Ok(c)
 }
 
 pub(crate) fn transpose_12(
