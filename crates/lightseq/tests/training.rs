@@ -5,21 +5,13 @@
 
 mod common;
 
-use common::{fixtures_dir, gpu};
+use common::{fixtures_dir, gpu, ids};
 use lightseq::io::ModelDir;
 use lightseq::train::models::{Example, Net};
 use lightseq::train::optim::{AdamConfig, Kind, Schedule};
 use lightseq::train::trainer::{TrainConfig, Trainer};
 use lightseq::{DType, Device};
 use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
 
 fn curve(name: &str, device: &Device) {
     let refs: Value = serde_json::from_str(

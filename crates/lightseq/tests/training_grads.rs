@@ -8,21 +8,13 @@
 
 mod common;
 
-use common::{fixtures_dir, gpu, rel_err};
+use common::{fixtures_dir, gpu, ids, rel_err};
 use lightseq::io::safetensors::SafeTensorsFile;
 use lightseq::io::ModelDir;
 use lightseq::train::layers::Dropout;
 use lightseq::train::models::{Example, Net};
 use lightseq::{DType, Device};
 use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
 
 fn examples(case: &Value) -> Vec<Example> {
     case["rows"]

@@ -53,3 +53,12 @@ pub fn gpu(test: &str) -> Option<Device> {
         }
     }
 }
+
+/// A JSON array of integers as token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
