@@ -488,6 +488,40 @@ pub fn cross_entropy(
     })
 }
 
+/// Checks one Adam step's tensors: f32 `param`, `grad`, `m`, `v` of one size on one
+/// device, and `copy` (if any) a float tensor of that size on the same device.
+fn check_adam(
+    op: &'static str,
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    copy: Option<&Tensor>,
+) -> Result<()> {
+    if let Some(c) = copy {
+        let same_device =
+            c.cuda_device().map(|d| d.ordinal()) == param.cuda_device().map(|d| d.ordinal());
+        need(
+            op,
+            c.len() == param.len() && c.dtype() != DType::I32 && same_device,
+            || {
+                format!(
+                    "expected a float copy of {} elements on the parameter's device",
+                    param.len()
+                )
+            },
+        )?;
+    }
+    for t in [param, grad, m, v] {
+        need(
+            op,
+            t.dtype() == DType::F32 && t.len() == param.len(),
+            || format!("expected f32 tensors of {} elements", param.len()),
+        )?;
+    }
+    float_dtype(op, &[param, grad, m, v]).map(|_| ())
+}
+
 /// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place;
 /// `copy` (a tensor of param's size in another float dtype), when given, receives the new
 /// values rounded to its dtype in the same pass.
@@ -499,29 +533,7 @@ pub fn adam_step(
     copy: Option<&mut Tensor>,
     h: &AdamHyper,
 ) -> Result<()> {
-    const OP: &str = "adam_step";
-    if let Some(c) = &copy {
-        let same_device =
-            c.cuda_device().map(|d| d.ordinal()) == param.cuda_device().map(|d| d.ordinal());
-        need(
-            OP,
-            c.len() == param.len() && c.dtype() != DType::I32 && same_device,
-            || {
-                format!(
-                    "expected a float copy of {} elements on the parameter's device",
-                    param.len()
-                )
-            },
-        )?;
-    }
-    for t in [&*param, grad, &*m, &*v] {
-        need(
-            OP,
-            t.dtype() == DType::F32 && t.len() == param.len(),
-            || format!("expected f32 tensors of {} elements", param.len()),
-        )?;
-    }
-    float_dtype(OP, &[param, grad, m, v])?;
+    check_adam("adam_step", param, grad, m, v, copy.as_deref())?;
     match (
         &mut param.storage,
         &grad.storage,
@@ -575,20 +587,12 @@ pub fn adam_step_all(slots: &mut [AdamSlot], h: &AdamHyper) -> Result<()> {
     const OP: &str = "adam_step_all";
     let dev = slots[0].param.cuda_device().map(|d| d.ordinal());
     for s in slots.iter() {
-        let n = s.param.len();
-        let ok = [&*s.param, s.grad, &*s.m, &*s.v]
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && t.len() == n)
-            && s.copy
-                .as_deref()
-                .is_none_or(|c| c.len() == n && c.dtype() != DType::I32)
-            && [&*s.param, s.grad, &*s.m, &*s.v]
-                .into_iter()
-                .chain(s.copy.as_deref())
-                .all(|t| t.cuda_device().map(|d| d.ordinal()) == dev);
-        need(OP, ok, || {
-            format!("expected f32 tensors of {n} elements (and a float copy) on one device")
-        })?;
+        check_adam(OP, s.param, s.grad, s.m, s.v, s.copy.as_deref())?;
+        need(
+            OP,
+            s.param.cuda_device().map(|d| d.ordinal()) == dev,
+            || "parameters on different devices".into(),
+        )?;
     }
     fn st(t: &Tensor) -> &crate::backend::cuda::CudaStorage {
         match &t.storage {

@@ -80,7 +80,6 @@ pub const MODULES: &[KernelModule] = &[
             "activation_backward",
             "embedding_backward",
             "cross_entropy",
-            "adam_step",
             "dropout",
             "add_scaled_into",
             "sum_chunks",

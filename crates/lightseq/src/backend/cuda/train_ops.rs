@@ -694,40 +694,15 @@ pub(crate) fn adam_step(
     copy: Option<&CudaStorage>,
     h: &AdamHyper,
 ) -> Result<()> {
-    if param.len() == 0 {
-        return Ok(());
-    }
-    let dev = param.device();
-    // Host-side constants exactly as cpu::adam_step computes them.
-    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-    let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
-    let step_size = (h.lr / bc1) as f32;
-    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-    let decay_mul = (1.0 - h.lr * h.weight_decay) as f32;
-    let weight_decay = h.weight_decay as f32;
-    let decoupled = h.decoupled as i32;
-    let f = dev.kernel("adam_step", copy.map_or(DType::F32, |c| c.dtype()))?;
-    let (pp, gp, mp, vp) = (param.ptr(), grad.ptr(), m.ptr(), v.ptr());
-    let cp = copy.map_or(0, |c| c.ptr());
-    let total = param.len() as i64;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&pp)
-        .arg(&gp)
-        .arg(&mp)
-        .arg(&vp)
-        .arg(&cp)
-        .arg(&total)
-        .arg(&h.grad_scale)
-        .arg(&decoupled)
-        .arg(&decay_mul)
-        .arg(&weight_decay)
-        .arg(&b1)
-        .arg(&b2)
-        .arg(&step_size)
-        .arg(&bc2_sqrt)
-        .arg(&h.eps);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("adam_step", unsafe { l.launch(grid_1d(param.len(), 256)) })
+    let slot = AdamBufs {
+        param,
+        grad,
+        m,
+        v,
+        copy,
+        step: h.step,
+    };
+    adam_step_many(std::slice::from_ref(&slot), h)
 }
 
 pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
@@ -801,7 +776,8 @@ pub(crate) struct AdamBufs<'a> {
     pub step: u64,
 }
 
-/// [`adam_step`] over many parameters in one launch (the copies, if any, of one dtype).
+/// [`adam_step`] over many parameters in one launch (a launch per parameter when the
+/// copies' dtypes differ).
 pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
     let Some(first) = slots.iter().find(|s| s.param.len() > 0) else {
         return Ok(());
@@ -812,8 +788,7 @@ pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
         .any(|s| s.param.len() > 0 && s.copy.map(|c| c.dtype()) != copy_dt)
     {
         for s in slots {
-            let hp = AdamHyper { step: s.step, ..*h };
-            adam_step(s.param, s.grad, s.m, s.v, s.copy, &hp)?;
+            adam_step_many(std::slice::from_ref(s), h)?;
         }
         return Ok(());
     }

@@ -2,8 +2,9 @@
 // masked softmax and its backward, layer-norm / activation / embedding backward, column
 // sums, the fused label-smoothed cross entropy, Adam(W), sums of squares, Philox dropout.
 // Every kernel is instantiated per float dtype as <name>_<dtype>; for the kernels whose
-// buffers are f32 by nature (adam_step, sum_squares, add_scaled_into) the suffix names the
-// dtype of the one non-f32 input or output, or is a plain alias. All math is f32 unless noted.
+// buffers are f32 by nature (adam_multi, sum_squares_multi, add_scaled_into) the suffix
+// names the dtype of the one non-f32 input or output, or is a plain alias. All math is f32
+// unless noted.
 // Row-wise kernels take one block per row (grid-stride over rows) and need blockDim.x to be
 // a multiple of 32; column reductions are deterministic (no atomics).
 
@@ -819,35 +820,6 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
 }
 
 // ---------------------------------------------------------------------------------------
-// One Adam(W) step on f32 buffers in place, in cpu::adam_step's order of operations (the
-// _rn intrinsics keep the compiler from fusing into FMAs, so results match bit for bit);
-// with `copy`, also writes the new values rounded to T there (the compute copy).
-template <typename T>
-__device__ void adam_step_body(float* param, const float* grad, float* m, float* v, T* copy,
-                               long long total, float grad_scale, int decoupled, float decay_mul,
-                               float weight_decay, float b1, float b2, float step_size,
-                               double bc2_sqrt, double eps) {
-  const float ob1 = 1.f - b1, ob2 = 1.f - b2;
-  LS_GRID_LOOP(i, total) {
-    float p = param[i];
-    float g = __fmul_rn(grad[i], grad_scale);
-    if (decoupled) {
-      p = __fmul_rn(p, decay_mul);
-    } else {
-      g = __fadd_rn(g, __fmul_rn(weight_decay, p));
-    }
-    const float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(ob1, g));
-    const float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(ob2, g), g));
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(vi), bc2_sqrt), eps));
-    p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
-    param[i] = p;
-    if (copy) copy[i] = from_f<T>(p);
-  }
-}
-
-// ---------------------------------------------------------------------------------------
 // f64 sums of squares for the gradient norm (the host adds the partials in order).
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
@@ -864,10 +836,13 @@ struct AdamChunk {
   float* v;
   void* copy;  // T*, or null
   long long n;
-  double step_size;  // the tensor's lr / bias correction 1, rounded to f32 as adam_step's
+  double step_size;  // the tensor's lr / bias correction 1, rounded to f32 as cpu::adam_step's
   double bc2_sqrt;
 };
 
+// One Adam(W) step per chunk, on f32 buffers in place, in cpu::adam_step's order of
+// operations (the _rn intrinsics keep the compiler from fusing into FMAs, so results match
+// bit for bit); with a copy, also writes the new values rounded to T there.
 template <typename T>
 __device__ void adam_multi_body(const AdamChunk* chunks, float grad_scale, int decoupled,
                                 float decay_mul, float weight_decay, float b1, float b2,
@@ -1055,15 +1030,6 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                                                float grad_scale) {                            \
     cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, c_nll, eps_i, a,        \
                           grad_scale);                                                        \
-  }                                                                                           \
-  extern "C" __global__ void adam_step_##S(float* param, const float* grad, float* m,         \
-                                           float* v, T* copy, long long total,                \
-                                           float grad_scale,                                  \
-                                           int decoupled, float decay_mul,                    \
-                                           float weight_decay, float b1, float b2,            \
-                                           float step_size, double bc2_sqrt, double eps) {    \
-    adam_step_body<T>(param, grad, m, v, copy, total, grad_scale, decoupled, decay_mul,       \
-                      weight_decay, b1, b2, step_size, bc2_sqrt, eps);                        \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
                                          unsigned long long seed, unsigned long long offset,  \
