@@ -8,6 +8,8 @@ set -uo pipefail
 BIN=${1:-.device/lightseq}
 TESTS=${2:-.device/tests}
 export LIGHTSEQ_REQUIRE_GPU=1 LIGHTSEQ_REQUIRE_NVRTC=1
+# Decode steps that can be captured as CUDA graphs must be (no silent eager fallback).
+export LIGHTSEQ_CUDA_GRAPHS=require
 export LIGHTSEQ_FIXTURES=$PWD/tests/fixtures
 export LIGHTSEQ_CACHE_DIR=${LIGHTSEQ_CACHE_DIR:-/tmp/lightseq-kernels}
 status=0

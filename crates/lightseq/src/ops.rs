@@ -626,10 +626,13 @@ pub fn index_select(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
 
 /// Writes `src[:, :, src_col .. src_col + width]` ([batch, t, _]) into
 /// `dst[:, row .. row + t, dst_col .. dst_col + width]` ([batch, rows, _]): appending keys
-/// and values to a cache.
+/// and values to a cache. `row_on_device`, when given, holds `row` as i32 [1] on the
+/// device and the kernel reads it there, so a captured decode step writes at the row of
+/// each replay.
 pub fn write_rows(
     dst: &mut Tensor,
     row: usize,
+    row_on_device: Option<&Tensor>,
     dst_col: usize,
     src: &Tensor,
     src_col: usize,
@@ -667,8 +670,53 @@ pub fn write_rows(
             cpu::write_rows(d, s, &g);
             Ok(())
         }
-        (Storage::Cuda(d), Storage::Cuda(s)) => cuda::ops::write_rows(d, s, &g),
+        (Storage::Cuda(d), Storage::Cuda(s)) => {
+            let at = match row_on_device {
+                Some(t) if t.dtype() == DType::I32 && t.len() == 1 => Some(t.cuda(OP)?),
+                Some(_) => return Err(Error::op(OP, "the device row must be i32 [1]")),
+                None => None,
+            };
+            cuda::ops::write_rows(d, s, at, &g)
+        }
         _ => Err(Error::op(OP, "unsupported storage")),
+    }
+}
+
+/// Copies `src` into `dst` (same shape and dtype), keeping `dst`'s storage.
+pub fn copy_into(dst: &mut Tensor, src: &Tensor) -> Result<()> {
+    const OP: &str = "copy_into";
+    same_device(OP, &[dst, src])?;
+    if dst.shape() != src.shape() || dst.dtype() != src.dtype() {
+        return Err(Error::op(
+            OP,
+            format!(
+                "{:?} {} into {:?} {}",
+                src.shape(),
+                src.dtype(),
+                dst.shape(),
+                dst.dtype()
+            ),
+        ));
+    }
+    match (&mut dst.storage, &src.storage) {
+        (Storage::CpuF32(d), Storage::CpuF32(s)) => d.copy_from_slice(s),
+        (Storage::CpuI32(d), Storage::CpuI32(s)) => d.copy_from_slice(s),
+        (Storage::Cuda(d), Storage::Cuda(s)) => d.copy_from(s)?,
+        _ => return Err(Error::op(OP, "unsupported storage")),
+    }
+    Ok(())
+}
+
+/// A tensor whose values are unspecified until written (no fill on the device).
+pub fn empty(shape: &[usize], dtype: DType, device: &crate::tensor::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    match device {
+        crate::tensor::Device::Cpu => zeros(shape, dtype, device),
+        crate::tensor::Device::Cuda(d) => Ok(Tensor::from_parts(
+            shape.to_vec(),
+            dtype,
+            Storage::Cuda(d.alloc(dtype, n)?),
+        )),
     }
 }
 

@@ -2,6 +2,7 @@
 //! generative models implement. Full forward passes of decoders run through the same path
 //! (one step over the whole padded batch), so prefill, decode steps and `forward` share code.
 
+use super::step_graph::{self, StepGraph};
 use super::{Batch, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::nn::CrossAttention;
@@ -32,6 +33,8 @@ pub struct DecodeState {
     pub src_ranges_dev: Option<Tensor>,
     /// Encoder-decoders: consecutive rows sharing one source (0 when unknown).
     pub rows_per_item: usize,
+    /// Single-token steps captured as a CUDA graph (see `step_graph`).
+    pub(crate) graph: StepGraph,
 }
 
 impl DecodeState {
@@ -48,6 +51,7 @@ impl DecodeState {
             src_ranges: Vec::new(),
             src_ranges_dev: None,
             rows_per_item: 0,
+            graph: StepGraph::default(),
         }
     }
 
@@ -59,10 +63,15 @@ impl DecodeState {
 
     /// Ranges as an i32 tensor [2 * rows]: starts, then ends.
     pub fn ranges_tensor(ranges: &[(usize, usize)], device: &Device) -> Result<Tensor> {
+        let v = Self::ranges_i32(ranges);
+        Tensor::from_i32(&v, &[v.len()], device)
+    }
+
+    /// Ranges as i32 starts, then ends.
+    fn ranges_i32(ranges: &[(usize, usize)]) -> Vec<i32> {
         let mut v: Vec<i32> = ranges.iter().map(|r| r.0 as i32).collect();
         v.extend(ranges.iter().map(|r| r.1 as i32));
-        let n = v.len();
-        Tensor::from_i32(&v, &[n], device)
+        v
     }
 
     /// Key ranges of each row once `t` more positions are written.
@@ -119,9 +128,12 @@ impl DecodeState {
         if let Some(first) = self.caches.first() {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
             let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;
+            // Gathered rows go back into the same buffers, which a captured step uses.
             for c in &mut self.caches {
-                c.k = ops::index_select_by(&c.k, &idx)?;
-                c.v = ops::index_select_by(&c.v, &idx)?;
+                let k = ops::index_select_by(&c.k, &idx)?;
+                ops::copy_into(&mut c.k, &k)?;
+                let v = ops::index_select_by(&c.v, &idx)?;
+                ops::copy_into(&mut c.v, &v)?;
             }
         }
         self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
@@ -190,10 +202,41 @@ pub trait Decoder: Send + Sync {
     /// The LM head: hidden [n, d_model] -> logits [n, vocab].
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
 
+    /// Host-side inputs of a step of `tokens`, validated, for [`Decoder::decode_inputs`]:
+    /// i32 lists (token ids, positions, key ranges, ...) that the step's kernels read from
+    /// the device. None (the default) for models that only decode through `decode`.
+    fn step_inputs(
+        &self,
+        _st: &DecodeState,
+        _tokens: &[Vec<i64>],
+    ) -> Result<Option<Vec<Vec<i32>>>> {
+        Ok(None)
+    }
+
+    /// The step of `decode` over `inputs`, the device copies of `step_inputs` in order, for
+    /// `t` tokens per row. Every value a kernel reads that changes between steps must come
+    /// from `inputs`, and its only effect on `st` other than writing the caches must be
+    /// `st.len += t`: single-token steps are then captured once and replayed as a CUDA graph.
+    fn decode_inputs(
+        &self,
+        _st: &mut DecodeState,
+        _inputs: &[Tensor],
+        _t: usize,
+    ) -> Result<Tensor> {
+        Err(Error::Input(
+            "this model decodes only through `decode`".into(),
+        ))
+    }
+
     /// One step: feeds `tokens` and returns the logits of each row's last position,
     /// [rows, vocab], on the model's device.
     fn step_logits(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
         let t = st.check_step(tokens)?;
+        if t == 1 {
+            if let Some(logits) = step_graph::step(self, st, tokens)? {
+                return Ok(logits);
+            }
+        }
         let h = self.decode(st, tokens)?;
         let h = if t == 1 {
             h
@@ -201,13 +244,49 @@ pub trait Decoder: Send + Sync {
             let last: Vec<usize> = (0..st.rows).map(|r| r * t + t - 1).collect();
             ops::index_select(&h, &last)?
         };
-        self.logits(&h)
+        let logits = self.logits(&h)?;
+        if t == 1 {
+            st.graph.saw_eager_step(&logits);
+        }
+        Ok(logits)
     }
 
     /// [`Decoder::step_logits`] copied to the host as f32.
     fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
         self.step_logits(st, tokens)?.to_f32_vec()
     }
+}
+
+/// `decode` for models with [`Decoder::decode_inputs`]: uploads the step's inputs and runs it.
+pub(crate) fn decode_via_inputs<D: Decoder + ?Sized>(
+    m: &D,
+    st: &mut DecodeState,
+    tokens: &[Vec<i64>],
+) -> Result<Tensor> {
+    let t = st.check_step(tokens)?;
+    let host = m
+        .step_inputs(st, tokens)?
+        .ok_or_else(|| Error::Input("this model has no step inputs".into()))?;
+    let inputs = host
+        .iter()
+        .map(|h| Tensor::from_i32(h, &[h.len()], m.decoder_device()))
+        .collect::<Result<Vec<_>>>()?;
+    m.decode_inputs(st, &inputs, t)
+}
+
+/// The standard inputs of a decoder step, in order: token ids (checked against `vocab`),
+/// the position-table row of each token, the key ranges after the step (starts, then
+/// ends) and `st.len` (where the caches are written).
+pub(crate) fn standard_step_inputs(
+    st: &DecodeState,
+    tokens: &[Vec<i64>],
+    vocab: usize,
+    positions: Vec<i32>,
+) -> Result<Vec<Vec<i32>>> {
+    let t = st.check_step(tokens)?;
+    let ids = ids_host(tokens, vocab)?;
+    let ranges = DecodeState::ranges_i32(&st.key_ranges(t));
+    Ok(vec![ids, positions, ranges, vec![st.len as i32]])
 }
 
 /// The decode state of decoder-only model `name`, which takes no source sequences.
@@ -385,6 +464,13 @@ pub(crate) fn memory_to_states(memory: &Tensor, batch: usize, src_len: usize) ->
 
 /// Flattens equal-length rows of token ids into an i32 tensor [rows * t].
 pub(crate) fn ids_tensor(tokens: &[Vec<i64>], vocab: usize, device: &Device) -> Result<Tensor> {
+    let flat = ids_host(tokens, vocab)?;
+    let n = flat.len();
+    Tensor::from_i32(&flat, &[n], device)
+}
+
+/// The ids of `tokens`, row after row, checked against `vocab`.
+fn ids_host(tokens: &[Vec<i64>], vocab: usize) -> Result<Vec<i32>> {
     let mut flat = Vec::with_capacity(tokens.len() * tokens.first().map_or(0, Vec::len));
     for (r, row) in tokens.iter().enumerate() {
         for &id in row {
@@ -396,8 +482,7 @@ pub(crate) fn ids_tensor(tokens: &[Vec<i64>], vocab: usize, device: &Device) -> 
             flat.push(id as i32);
         }
     }
-    let n = flat.len();
-    Tensor::from_i32(&flat, &[n], device)
+    Ok(flat)
 }
 
 /// A forward pass of a decoder over whole sequences, through the decode path: logits for

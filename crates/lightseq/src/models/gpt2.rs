@@ -2,7 +2,10 @@
 //! token embeddings. Reads GPT2Model and GPT2LMHeadModel (`transformer.`) checkpoints;
 //! returns logits.
 
-use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
+use super::decode::{
+    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
+    Decoder,
+};
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -175,7 +178,7 @@ impl Decoder for Gpt2 {
         )
     }
 
-    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+    fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let t = st.check_step(tokens)?;
         let positions = st.positions(t);
         if let Some(&p) = positions.iter().max() {
@@ -186,11 +189,22 @@ impl Decoder for Gpt2 {
                 )));
             }
         }
-        let ids = ids_tensor(tokens, self.cfg.vocab_size, &self.device)?;
-        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
-        let mut x = ops::embed(&[(&self.wte, &ids), (&self.wpe, &pos)])?;
+        standard_step_inputs(st, tokens, self.cfg.vocab_size, positions).map(Some)
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        decode_via_inputs(self, st, tokens)
+    }
+
+    fn decode_inputs(&self, st: &mut DecodeState, inputs: &[Tensor], t: usize) -> Result<Tensor> {
+        let [ids, pos, rt, offset] = inputs else {
+            return Err(Error::op(
+                "GPT2 decode",
+                "expected the four standard step inputs",
+            ));
+        };
+        let mut x = ops::embed(&[(&self.wte, ids), (&self.wpe, pos)])?;
         let ranges = st.key_ranges(t);
-        let rt = st.key_ranges_on(t, &self.device)?;
         for (b, cache) in self.blocks.iter().zip(st.caches.iter_mut()) {
             let a = b.ln_1.forward(&x, None)?;
             let a = b.attn.forward_cached(
@@ -201,7 +215,8 @@ impl Decoder for Gpt2 {
                 st.len,
                 &ranges,
                 SelfAttentionExtras {
-                    ranges: Some(&rt),
+                    ranges: Some(rt),
+                    offset: Some(offset),
                     ..Default::default()
                 },
             )?;

@@ -7,6 +7,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod presets;
 pub mod seq2seq;
+mod step_graph;
 pub mod t5;
 pub mod vit;
 pub mod xglm;

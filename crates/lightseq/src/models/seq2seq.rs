@@ -6,8 +6,8 @@
 //! are not read by HF's modeling code either).
 
 use super::decode::{
-    decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources, ids_tensor,
-    DecodeState, Decoder, EncoderDecoder,
+    decode_via_inputs, decoder_forward, enc_dec_begin, enc_dec_begin_from_states,
+    enc_dec_encode_sources, ids_tensor, standard_step_inputs, DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -204,11 +204,27 @@ impl Embedding {
         Ok(out)
     }
 
-    fn forward(&self, ids: &Tensor, rows: &[i32], dtype: DType, device: &Device) -> Result<Tensor> {
-        let pos = Tensor::from_i32(rows, &[rows.len()], device)?;
+    /// The largest table row [`Embedding::rows`] can give a chunk of `t` tokens per row
+    /// after `past` positions.
+    fn max_row(&self, past: usize, t: usize) -> usize {
+        match &self.positions {
+            Positions::Table { offset, .. } => offset + past + t - 1,
+            Positions::Fairseq { pad, .. } => pad + past + t,
+        }
+    }
+
+    /// Embeds `ids` at table rows `pos` (i32 on the device), none of which exceeds `max_row`.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        max_row: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let x = match &self.positions {
             Positions::Table { table, .. } => {
-                ops::embed_scaled(&[(&self.tokens, ids), (table, &pos)], self.scale)?
+                ops::embed_scaled(&[(&self.tokens, ids), (table, pos)], self.scale)?
             }
             Positions::Fairseq {
                 table,
@@ -216,7 +232,7 @@ impl Embedding {
                 pad,
                 d,
             } => {
-                let need = rows.iter().map(|&r| r as usize + 1).max().unwrap_or(0);
+                let need = max_row + 1;
                 let grown;
                 let t = if need > *have {
                     grown = Tensor::from_f32(
@@ -229,7 +245,7 @@ impl Embedding {
                 } else {
                     table
                 };
-                ops::embed_scaled(&[(&self.tokens, ids), (t, &pos)], self.scale)?
+                ops::embed_scaled(&[(&self.tokens, ids), (t, pos)], self.scale)?
             }
         };
         match &self.norm {
@@ -548,9 +564,11 @@ impl EncoderDecoder for Seq2Seq {
             .collect();
         let ids = ids_tensor(&padded, self.cfg.src_vocab, &self.device)?;
         let rows = self.enc_embed.rows(&padded, 0)?;
+        let pos = Tensor::from_i32(&rows, &[rows.len()], &self.device)?;
+        let max_row = rows.iter().copied().max().unwrap_or(0) as usize;
         let mut x = self
             .enc_embed
-            .forward(&ids, &rows, self.dtype, &self.device)?;
+            .forward(&ids, &pos, max_row, self.dtype, &self.device)?;
         let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
         let rt = DecodeState::ranges_tensor(&ranges, &self.device)?;
         for l in &self.encoder {
@@ -628,15 +646,27 @@ impl Decoder for Seq2Seq {
         enc_dec_begin_from_states(self, states, lengths, rows, capacity)
     }
 
-    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
-        let t = st.check_step(tokens)?;
-        let ids = ids_tensor(tokens, self.cfg.tgt_vocab, &self.device)?;
+    fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let rows = self.dec_embed.rows(tokens, st.len)?;
+        standard_step_inputs(st, tokens, self.cfg.tgt_vocab, rows).map(Some)
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        decode_via_inputs(self, st, tokens)
+    }
+
+    fn decode_inputs(&self, st: &mut DecodeState, inputs: &[Tensor], t: usize) -> Result<Tensor> {
+        let [ids, pos, rt, offset] = inputs else {
+            return Err(Error::op(
+                "decode",
+                "expected the four standard step inputs",
+            ));
+        };
+        let max_row = self.dec_embed.max_row(st.len, t);
         let mut x = self
             .dec_embed
-            .forward(&ids, &rows, self.dtype, &self.device)?;
+            .forward(ids, pos, max_row, self.dtype, &self.device)?;
         let ranges = st.key_ranges(t);
-        let rt = st.key_ranges_on(t, &self.device)?;
         let (n_rows, len) = (st.rows, st.len);
         for ((l, cache), kv) in self.decoder.iter().zip(st.caches.iter_mut()).zip(&st.cross) {
             x = self.residual(&x, &l.ln_attn, |h| {
@@ -648,7 +678,8 @@ impl Decoder for Seq2Seq {
                     len,
                     &ranges,
                     SelfAttentionExtras {
-                        ranges: Some(&rt),
+                        ranges: Some(rt),
+                        offset: Some(offset),
                         ..Default::default()
                     },
                 )

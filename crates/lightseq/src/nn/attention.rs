@@ -24,6 +24,10 @@ pub struct SelfAttentionExtras<'a> {
     pub window: Option<usize>,
     /// The key ranges on the device (see `ops::AttentionOptions::ranges_on_device`).
     pub ranges: Option<&'a Tensor>,
+    /// `q_offset` on the device (i32 [1]), where the cache writes read it: with it and
+    /// `ranges`, a single-token step passes no step-dependent value to its kernels, so it
+    /// can be captured once and replayed.
+    pub offset: Option<&'a Tensor>,
 }
 
 /// Self-attention with one fused q/k/v projection ([q | k | v] rows of the weight).
@@ -206,14 +210,17 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let qkv = self.project(x, batch, t, extras.rope)?;
-        ops::write_rows(&mut cache.k, q_offset, 0, &qkv, qd, kd)?;
-        ops::write_rows(&mut cache.v, q_offset, 0, &qkv, qd + kd, kd)?;
+        ops::write_rows(&mut cache.k, q_offset, extras.offset, 0, &qkv, qd, kd)?;
+        ops::write_rows(&mut cache.v, q_offset, extras.offset, 0, &qkv, qd + kd, kd)?;
+        // One query per row sees keys up to its own position, which the key ranges (ending
+        // at q_offset + 1 at most) already enforce; the causal test would read q_offset.
+        let causal = t > 1 || extras.window.is_some();
         let opts = AttentionOptions {
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             scale: self.scale,
-            causal: true,
+            causal,
             q_offset,
             window: extras.window,
             key_ranges: key_ranges.to_vec(),

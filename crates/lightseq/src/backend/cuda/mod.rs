@@ -2,6 +2,7 @@
 //! stream per device, GEMMs through cuBLASLt, other ops as NVRTC-compiled kernels.
 
 mod blaslt;
+pub(crate) mod graph;
 pub mod nvrtc;
 pub(crate) mod ops;
 pub(crate) mod train_ops;
@@ -91,7 +92,9 @@ impl CudaDevice {
         // One stream per device orders all work; cudarc's per-buffer events are not needed.
         // SAFETY: no buffer has been allocated on this context yet.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream rather than the legacy default one, which cannot be captured
+        // into a CUDA graph (decode steps are replayed as graphs).
+        let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
         let name = ctx.name().map_err(|e| cuda_err("device name", e))?;
         let arch = ctx
             .compute_capability()
@@ -132,7 +135,8 @@ impl CudaDevice {
     }
 
     /// Peak bytes allocated from the device's memory pool since the last reset (the
-    /// stream-ordered allocator serves every tensor), and resets the mark when `reset`.
+    /// stream-ordered allocator serves every tensor) plus the peak of CUDA-graph
+    /// allocations, and resets both marks when `reset`.
     pub fn peak_memory(&self, reset: bool) -> Result<u64> {
         use cudarc::driver::sys;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
@@ -154,7 +158,8 @@ impl CudaDevice {
                     .map_err(|e| cuda_err("memory pool attribute", e))?;
             }
         }
-        Ok(value)
+        // Memory that captured decode steps allocate comes from the graph pool.
+        Ok(value + graph::peak_graph_memory(self.ctx.cu_device(), reset)?)
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
@@ -283,6 +288,52 @@ impl CudaStorage {
             Buf::BF16(b) => b.device_ptr(st).0,
             Buf::I32(b) => b.device_ptr(st).0,
         }
+    }
+
+    /// Overwrites this i32 buffer with `data` (same length) from the host.
+    pub(crate) fn write_i32(&mut self, data: &[i32]) -> Result<()> {
+        match &mut self.buf {
+            Buf::I32(b) if data.len() == self.len => {
+                if data.is_empty() {
+                    return Ok(());
+                }
+                self.dev
+                    .stream
+                    .memcpy_htod(data, b)
+                    .map_err(|e| cuda_err("host to device copy", e))
+            }
+            _ => Err(crate::error::Error::op(
+                "write_i32",
+                format!("{} ids into {} x {}", data.len(), self.len, self.dtype()),
+            )),
+        }
+    }
+
+    /// Copies `src` (same dtype and length) into this buffer on the stream.
+    pub(crate) fn copy_from(&mut self, src: &CudaStorage) -> Result<()> {
+        if src.dtype() != self.dtype() || src.len != self.len {
+            return Err(crate::error::Error::op(
+                "copy",
+                format!(
+                    "{} x {} into {} x {}",
+                    src.len,
+                    src.dtype(),
+                    self.len,
+                    self.dtype()
+                ),
+            ));
+        }
+        if self.len == 0 {
+            return Ok(());
+        }
+        let bytes = self.len * self.dtype().size();
+        let (dst, sp) = (self.ptr(), src.ptr());
+        // SAFETY: both buffers hold `bytes` bytes (same dtype and length, checked above)
+        // and the copy is ordered on the device's one stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, sp, bytes, self.dev.stream.cu_stream())
+        }
+        .map_err(|e| cuda_err("device to device copy", e))
     }
 
     pub(crate) fn download_f32(&self) -> Result<Vec<f32>> {

@@ -181,8 +181,8 @@ const ATT_MAX_HEAD_DIM: usize = 256;
 const TILED_Q: usize = 32;
 const TILED_K: usize = 32;
 const TILED_MAX_HEAD_DIM: usize = 128;
-/// Heads per block of the single-query kernel (attention.cu: DEC_WARPS).
-const DEC_WARPS: usize = 4;
+/// Threads per (head, row) block of the single-query kernel (attention.cu: DEC_THREADS).
+const DEC_THREADS: u32 = 128;
 
 /// Attention goes through tensor-core GEMMs (scores in f32, a masked softmax, probabilities
 /// times values) when the options allow it and the score matrix has at least this many
@@ -341,8 +341,8 @@ pub(crate) fn attention(
         .arg(&bp);
     let cfg = if decode {
         LaunchConfig {
-            grid_dim: (o.heads.div_ceil(DEC_WARPS) as u32, batch as u32, 1),
-            block_dim: (32 * DEC_WARPS as u32, 1, 1),
+            grid_dim: (o.heads as u32, batch as u32, 1),
+            block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         }
     } else if tiled {
@@ -544,7 +544,12 @@ pub(crate) fn index_select_dev(
     Ok(out)
 }
 
-pub(crate) fn write_rows(dst: &CudaStorage, src: &CudaStorage, g: &RowCopy) -> Result<()> {
+pub(crate) fn write_rows(
+    dst: &CudaStorage,
+    src: &CudaStorage,
+    row_on_device: Option<&CudaStorage>,
+    g: &RowCopy,
+) -> Result<()> {
     let total = g.batch * g.rows * g.width;
     if total == 0 {
         return Ok(());
@@ -552,6 +557,7 @@ pub(crate) fn write_rows(dst: &CudaStorage, src: &CudaStorage, g: &RowCopy) -> R
     let dev = dst.device();
     let f = dev.kernel("write_rows", dst.dtype())?;
     let (dp, sp) = (dst.ptr(), src.ptr());
+    let rp = row_on_device.map_or(0, |r| r.ptr());
     let a = [
         g.batch,
         g.rows,
@@ -565,7 +571,7 @@ pub(crate) fn write_rows(dst: &CudaStorage, src: &CudaStorage, g: &RowCopy) -> R
     ]
     .map(|v| v as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&dp).arg(&sp);
+    l.arg(&dp).arg(&sp).arg(&rp);
     for v in &a {
         l.arg(v);
     }
@@ -581,9 +587,15 @@ pub(crate) fn logprob_topk(
     mask_eos: Option<(&[bool], &[i64])>,
 ) -> Result<crate::ops::TopK> {
     let dev = x.device();
-    let vals = dev.alloc(DType::F32, rows * k)?;
-    let ids = dev.alloc(DType::I32, rows * k)?;
-    let lse = dev.alloc(DType::F32, rows)?;
+    // Candidates live in shared memory: 8 bytes each.
+    if k == 0 || k > 4096 {
+        return Err(Error::op(
+            "logprob_topk",
+            format!("k = {k} on CUDA (1 to 4096)"),
+        ));
+    }
+    // Log-probabilities, ids (as f32 bits) and log-sum-exps in one buffer: one download.
+    let out = dev.alloc(DType::F32, 2 * rows * k + rows)?;
     let (mask, eos) = match mask_eos {
         Some((m, e)) => {
             let flags: Vec<i32> = m.iter().map(|&b| b as i32).collect();
@@ -599,31 +611,37 @@ pub(crate) fn logprob_topk(
         mask.as_ref().map_or(0, |m| m.ptr()),
         eos.as_ref().map_or(0, |e| e.ptr()),
     );
-    let (vp, ip, lp) = (vals.ptr(), ids.ptr(), lse.ptr());
-    let (v, kk) = (vocab as i32, k as i32);
+    let op = out.ptr();
+    let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
+        .arg(&r)
         .arg(&v)
         .arg(&kk)
         .arg(&mp)
         .arg(&ep)
         .arg(&n_eos)
-        .arg(&vp)
-        .arg(&ip)
-        .arg(&lp);
-    // Wide blocks: each of the k rounds scans the row once.
-    let threads = if vocab * k > (1 << 18) { 1024 } else { 256 };
+        .arg(&op);
+    // One block per row reads it about seven times; wide blocks for long rows.
+    let threads = if vocab >= 8192 { 1024 } else { 256 };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: (k * 8) as u32,
     };
     // SAFETY: argument types match the kernel's signature in search.cu.
     launched("logprob_topk", unsafe { l.launch(cfg) })?;
+    let mut all = out.download_f32()?;
+    let lse = all.split_off(2 * rows * k);
+    let ids = all
+        .split_off(rows * k)
+        .iter()
+        .map(|v| v.to_bits() as i32)
+        .collect();
     Ok(crate::ops::TopK {
         k,
-        logprobs: vals.download_f32()?,
-        ids: ids.download_i32()?,
-        lse: lse.download_f32()?,
+        logprobs: all,
+        ids,
+        lse,
     })
 }

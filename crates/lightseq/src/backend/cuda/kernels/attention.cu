@@ -208,11 +208,14 @@ __device__ void attention_tiled_body(const T* q, const T* k, const T* v, T* out,
   }
 LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 
-// Single-query attention (decode steps): one warp per (row, head), 4 warps per block over
-// consecutive heads. The warp reads each key row cooperatively (lane-strided, coalesced),
-// reduces the dot product with shuffles, and keeps the online softmax in every lane; each
-// lane accumulates head_dim / 32 output dimensions.
-#define DEC_WARPS 4
+// Single-query attention (decode steps): one block of DEC_THREADS per (head, row). Keys go
+// in tiles of DEC_THREADS, a key per thread: each thread takes its key's dot product with
+// q (kept in shared memory), the block updates the online softmax with the tile's max and
+// sum, and the threads owning output dimensions add the tile's probability-weighted value
+// rows. The loads of a tile are independent, so a step over a short cache costs a few
+// memory latencies rather than one per key.
+#define DEC_THREADS 128
+#define DEC_DIMS_PER_THREAD ((ATT_MAX_DIM_PER_LANE * 32 + DEC_THREADS - 1) / DEC_THREADS)
 
 template <typename T>
 __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out,
@@ -221,51 +224,73 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
                                       int k_rs, long long v_bs, int v_rs, int causal,
                                       int q_offset, int window, float scale,
                                       const float* bias_table, const int* buckets) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.y, h = blockIdx.x * DEC_WARPS + warp;
-  if (h >= heads) return;
+  __shared__ float qs[ATT_MAX_DIM_PER_LANE * 32];
+  __shared__ float ps[DEC_THREADS];
+  const int tid = threadIdx.x;
+  const int h = blockIdx.x, b = blockIdx.y;
   const int kh = h / group;
-  float qv[ATT_MAX_DIM_PER_LANE], acc[ATT_MAX_DIM_PER_LANE];
   const T* q_row = q + b * q_bs + h * head_dim;
+  for (int d = tid; d < head_dim; d += DEC_THREADS) qs[d] = to_f(q_row[d]) * scale;
+  float acc[DEC_DIMS_PER_THREAD];
 #pragma unroll
-  for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
-    const int d = lane + 32 * t;
-    qv[t] = d < head_dim ? to_f(q_row[d]) * scale : 0.f;
-    acc[t] = 0.f;
-  }
+  for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) acc[t] = 0.f;
   int jb = key_start[b], je = key_end[b];
   if (causal) je = min(je, q_offset + 1);
   if (window > 0) jb = max(jb, q_offset + 1 - window);
   const T* k_base = k + b * k_bs + kh * head_dim;
   const T* v_base = v + b * v_bs + kh * head_dim;
+  const bool packed = (head_dim * sizeof(T)) % 16 == 0 && (k_rs * sizeof(T)) % 16 == 0 &&
+                      ls_aligned16(k_base);
+  __syncthreads();
   float run_max = LS_NEG_INF, run_sum = 0.f;
-  for (int j = jb; j < je; ++j) {
-    const T* kr = k_base + (long long)j * k_rs;
-    float part = 0.f;
+  for (int tile = jb; tile < je; tile += DEC_THREADS) {
+    const int j = tile + tid;
+    float s = LS_NEG_INF;
+    if (j < je) {
+      const T* kr = k_base + (long long)j * k_rs;
+      float dot = 0.f;
+      if (packed) {
+        // 16-byte loads: head_dim / per_pack independent loads per key row.
+        constexpr int per_pack = 16 / sizeof(T);
+        for (int d = 0; d < head_dim; d += per_pack) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(kr + d);
+          const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
-      const int d = lane + 32 * t;
-      if (d < head_dim) part += qv[t] * to_f(kr[d]);
+          for (int u = 0; u < per_pack; ++u) dot += qs[d + u] * to_f(e[u]);
+        }
+      } else {
+#pragma unroll 8
+        for (int d = 0; d < head_dim; ++d) dot += qs[d] * to_f(kr[d]);
+      }
+      s = dot;
+      if (bias_table) s += bias_table[buckets[j] * heads + h];
     }
-    float s = warp_sum(part);
-    if (bias_table) s += bias_table[buckets[j] * heads + h];
-    const float new_max = fmaxf(run_max, s);
+    const float new_max = fmaxf(run_max, block_max(s));
+    const float p = j < je ? expf(s - new_max) : 0.f;
+    ps[tid] = p;
     const float corr = expf(run_max - new_max);
-    const float p = expf(s - new_max);
-    run_sum = run_sum * corr + p;
-    const T* vr = v_base + (long long)j * v_rs;
-#pragma unroll
-    for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
-      const int d = lane + 32 * t;
-      acc[t] = acc[t] * corr + (d < head_dim ? p * to_f(vr[d]) : 0.f);
-    }
+    run_sum = run_sum * corr + block_sum(p);
     run_max = new_max;
+    // block_sum synchronized the block after every ps write.
+    const int n = min(DEC_THREADS, je - tile);
+#pragma unroll
+    for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+      const int d = tid + t * DEC_THREADS;
+      if (d < head_dim) {
+        const T* vr = v_base + (long long)tile * v_rs + d;
+        float a = 0.f;
+#pragma unroll 4
+        for (int i = 0; i < n; ++i) a += ps[i] * to_f(vr[(long long)i * v_rs]);
+        acc[t] = acc[t] * corr + a;
+      }
+    }
+    __syncthreads();  // ps is rewritten by the next tile
   }
   T* o_row = out + (long long)b * heads * head_dim + h * head_dim;
   const float inv = run_sum > 0.f ? 1.f / run_sum : 0.f;
 #pragma unroll
-  for (int t = 0; t < ATT_MAX_DIM_PER_LANE; ++t) {
-    const int d = lane + 32 * t;
+  for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+    const int d = tid + t * DEC_THREADS;
     if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
   }
 }

@@ -42,6 +42,18 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sum(lane < warps ? partial[lane] : 0.f);
 }
 
+// Max over the whole block; every thread gets it. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  return warp_max(lane < warps ? partial[lane] : LS_NEG_INF);
+}
+
 // Activation codes match ops::Activation::code().
 __device__ __forceinline__ float activate(float x, int act) {
   switch (act) {

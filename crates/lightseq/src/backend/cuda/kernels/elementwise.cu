@@ -82,12 +82,13 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
                                               long long n_out, long long row) {                \
     index_select_body<T>(x, idx, out, n_out, row);                                             \
   }                                                                                            \
-  extern "C" __global__ void write_rows_##S(T* dst, const T* src, int batch, int rows,         \
-                                            int width, int src_width, int src_col,             \
-                                            int dst_rows, int dst_width, int dst_row,          \
-                                            int dst_col) {                                     \
+  /* dst_row_at: when non-null, the destination row is read there (captured steps). */     \
+  extern "C" __global__ void write_rows_##S(T* dst, const T* src, const int* dst_row_at,     \
+                                            int batch, int rows, int width, int src_width,     \
+                                            int src_col, int dst_rows, int dst_width,          \
+                                            int dst_row, int dst_col) {                        \
     write_rows_body<T>(dst, src, batch, rows, width, src_width, src_col, dst_rows, dst_width,  \
-                       dst_row, dst_col);                                                      \
+                       dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
   }
 LS_FLOAT_TYPES(LS_ROWS)
 // Integer rows (ids) use the same kernel.

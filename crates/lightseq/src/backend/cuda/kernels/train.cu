@@ -12,18 +12,6 @@
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total);         \
        i += (long long)gridDim.x * blockDim.x)
 
-// Max over the whole block; every thread gets it. blockDim.x must be a multiple of 32.
-__device__ __forceinline__ float block_max(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  __syncthreads();  // a previous call may still be reading `partial`
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x >> 5;
-  return warp_max(lane < warps ? partial[lane] : LS_NEG_INF);
-}
-
 // ---------------------------------------------------------------------------------------
 // [a, b, c, d] -> [a, c, b, d]. With rows of d elements in whole 16-byte packs, each thread
 // moves one pack (so a warp moves several rows at once); otherwise a warp per row.

@@ -1,0 +1,178 @@
+//! Single-token decode steps replayed as CUDA graphs.
+//!
+//! A decode step launches a hundred or more small kernels whose host-side cost (about 5 us
+//! each, 9 per GEMM) exceeds their GPU time. Models whose steps read every step-dependent
+//! value from device inputs ([`Decoder::step_inputs`] / [`Decoder::decode_inputs`]) get
+//! their second single-token step captured; later steps copy their inputs into the
+//! captured buffers and replay the graph with one launch. The graph is captured again
+//! whenever the state's device buffers change (a reorder that moved cross-attention
+//! states), and the run falls back to launching kernels one by one if capture fails.
+//! `LIGHTSEQ_CUDA_GRAPHS=0` turns replay off; `LIGHTSEQ_CUDA_GRAPHS=require` makes a failed
+//! capture an error instead of a fallback (for tests).
+
+use super::decode::{DecodeState, Decoder};
+use crate::backend::cuda::graph::Graph;
+use crate::error::Result;
+use crate::ops;
+use crate::tensor::{DType, Device, Storage, Tensor};
+
+/// Where a run's graph stands.
+#[derive(Default)]
+pub(crate) enum StepGraph {
+    /// No single-token step has run yet.
+    #[default]
+    Cold,
+    /// One ran eagerly (its kernels are loaded); its logits had this dtype.
+    Warm(DType),
+    Ready(Box<Captured>),
+    /// Not captured for this run (CPU, unsupported model, capture failed, switched off).
+    Off,
+}
+
+pub(crate) struct Captured {
+    graph: Graph,
+    /// The step's inputs, in [`Decoder::step_inputs`] order, rewritten before each replay.
+    inputs: Vec<Tensor>,
+    /// The logits the graph writes.
+    out: Tensor,
+    /// Device buffers the graph reads and writes besides `inputs` and `out`.
+    fingerprint: Vec<u64>,
+}
+
+impl StepGraph {
+    /// Notes an eagerly run single-token step.
+    pub(crate) fn saw_eager_step(&mut self, logits: &Tensor) {
+        if matches!(self, StepGraph::Cold) && logits.device().is_cuda() {
+            *self = StepGraph::Warm(logits.dtype());
+        }
+    }
+}
+
+/// `LIGHTSEQ_CUDA_GRAPHS`: (enabled, required).
+fn mode() -> (bool, bool) {
+    match std::env::var("LIGHTSEQ_CUDA_GRAPHS").as_deref() {
+        Ok("0") => (false, false),
+        Ok("require") => (true, true),
+        _ => (true, false),
+    }
+}
+
+fn device_ptr(t: &Tensor) -> u64 {
+    match &t.storage {
+        Storage::Cuda(s) => s.ptr(),
+        _ => 0,
+    }
+}
+
+/// The device buffers a step reads and writes besides its inputs.
+fn fingerprint(st: &DecodeState) -> Vec<u64> {
+    let mut v = vec![st.rows as u64, st.capacity as u64];
+    for c in &st.caches {
+        v.push(device_ptr(&c.k));
+        v.push(device_ptr(&c.v));
+    }
+    v.extend(st.cross.iter().map(device_ptr));
+    v.extend(st.src_ranges_dev.iter().map(device_ptr));
+    v
+}
+
+fn upload(host: &[Vec<i32>], device: &Device) -> Result<Vec<Tensor>> {
+    host.iter()
+        .map(|h| Tensor::from_i32(h, &[h.len()], device))
+        .collect()
+}
+
+/// A fresh tensor holding `src`'s values.
+fn copied(src: &Tensor) -> Result<Tensor> {
+    let mut out = ops::empty(src.shape(), src.dtype(), &src.device())?;
+    ops::copy_into(&mut out, src)?;
+    Ok(out)
+}
+
+/// Runs one single-token step from a graph when the model and state allow it: Some(logits)
+/// when it did, None when the caller must run the step eagerly.
+pub(crate) fn step<D: Decoder + ?Sized>(
+    m: &D,
+    st: &mut DecodeState,
+    tokens: &[Vec<i64>],
+) -> Result<Option<Tensor>> {
+    let dev = match m.decoder_device() {
+        Device::Cuda(d) => d.clone(),
+        Device::Cpu => return Ok(None),
+    };
+    if matches!(st.graph, StepGraph::Cold | StepGraph::Off) {
+        return Ok(None);
+    }
+    let (enabled, required) = mode();
+    if !enabled {
+        st.graph = StepGraph::Off;
+        return Ok(None);
+    }
+    let Some(host) = m.step_inputs(st, tokens)? else {
+        st.graph = StepGraph::Off;
+        return Ok(None);
+    };
+    let fp = fingerprint(st);
+    let dtype = match std::mem::take(&mut st.graph) {
+        StepGraph::Ready(mut c) if c.fingerprint == fp => {
+            if c.inputs.len() != host.len() {
+                return Err(crate::error::Error::op(
+                    "decode step",
+                    "step inputs changed between steps",
+                ));
+            }
+            for (t, h) in c.inputs.iter_mut().zip(&host) {
+                let same = t.shape() == [h.len()];
+                match &mut t.storage {
+                    Storage::Cuda(s) if same => s.write_i32(h)?,
+                    _ => {
+                        return Err(crate::error::Error::op(
+                            "decode step",
+                            "step inputs changed shape between steps",
+                        ))
+                    }
+                }
+            }
+            c.graph.launch()?;
+            st.len += 1;
+            let logits = copied(&c.out)?;
+            st.graph = StepGraph::Ready(c);
+            return Ok(Some(logits));
+        }
+        StepGraph::Ready(c) => c.out.dtype(),
+        StepGraph::Warm(dt) => dt,
+        StepGraph::Cold | StepGraph::Off => unreachable!("returned above"),
+    };
+    let inputs = upload(&host, m.decoder_device())?;
+    let mut out = ops::empty(&[st.rows, m.vocab()], dtype, m.decoder_device())?;
+    let len = st.len;
+    dev.begin_capture()?;
+    let run = (|| -> Result<()> {
+        let h = m.decode_inputs(st, &inputs, 1)?;
+        let logits = m.logits(&h)?;
+        ops::copy_into(&mut out, &logits)
+    })();
+    let graph = dev.end_capture();
+    match (run, graph) {
+        (Ok(()), Ok(graph)) => {
+            graph.launch()?;
+            let logits = copied(&out)?;
+            st.graph = StepGraph::Ready(Box::new(Captured {
+                graph,
+                inputs,
+                out,
+                fingerprint: fp,
+            }));
+            Ok(Some(logits))
+        }
+        (run, graph) => {
+            // Nothing ran; the caller runs this step eagerly, and so do later steps.
+            st.len = len;
+            st.graph = StepGraph::Off;
+            match (required, run.and(graph.map(|_| ()))) {
+                (true, Err(e)) => Err(e),
+                _ => Ok(None),
+            }
+        }
+    }
+}
