@@ -391,7 +391,8 @@ fn f16_greedy_agrees_with_f32_where_f32_is_unambiguous() {
     );
 }
 
-/// Single-token steps replayed from CUDA graphs (gpt2 and the seq2seq models capture them)
+/// Single-token steps replayed from CUDA graphs (gpt2, xglm, llama and the seq2seq models
+/// capture them)
 /// give exactly the tokens and scores of launching every kernel, in f16, through beam
 /// search (cache reorders between replays), sampling and a batch with left padding. Twelve
 /// new tokens: the second single-token step is captured, the rest are replays.
@@ -400,7 +401,7 @@ fn gpu_graph_replay_matches_eager_launches() {
     let Some(dev) = gpu("gpu_graph_replay_matches_eager_launches") else {
         return;
     };
-    for name in ["gpt2", "bart", "marian"] {
+    for name in ["gpt2", "bart", "marian", "xglm", "llama"] {
         let md = ModelDir::open(&fixtures_dir().join(name)).unwrap();
         let m = models::load_decoder(&md, DType::F16, &dev).unwrap();
         let defaults = GenerationOptions::model_defaults(&md.path, &md.config).unwrap();

@@ -213,6 +213,12 @@ pub trait Decoder: Send + Sync {
         Ok(None)
     }
 
+    /// Whether single-token steps may be captured as a CUDA graph (models with
+    /// `decode_inputs` whose steps read no other step-dependent value).
+    fn graph_steps(&self) -> bool {
+        true
+    }
+
     /// The step of `decode` over `inputs`, the device copies of `step_inputs` in order, for
     /// `t` tokens per row. Every value a kernel reads that changes between steps must come
     /// from `inputs`, and its only effect on `st` other than writing the caches must be

@@ -2,7 +2,10 @@
 //! grouped-query attention, SwiGLU feed-forward. Differences: biases (Llama: per config;
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
-use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
+use super::decode::{
+    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
+    Decoder,
+};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -295,6 +298,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     head: Arc<Tensor>,
+    /// Rotary frequencies on the device when they do not depend on the sequence length
+    /// (every rope kind but dynamic NTK scaling).
+    fixed_rope: Option<Rope>,
     device: Device,
 }
 
@@ -367,8 +373,16 @@ impl Llama {
                 name: "lm_head.weight".into(),
             });
         };
+        let fixed_rope = match c.rope {
+            RopeKind::Dynamic { .. } => None,
+            _ => Some(Rope {
+                inv_freq: Tensor::from_f32(&c.inv_freq(0), &[c.head_dim / 2], DType::F32, device)?,
+                attention_scaling: 1.0,
+            }),
+        };
         Ok(Llama {
             norm: RmsNorm::load(&w, "norm", d, eps)?,
+            fixed_rope,
             cfg: c,
             act,
             dtype,
@@ -416,32 +430,59 @@ impl Decoder for Llama {
         )
     }
 
+    fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
+        let positions = st.positions(st.check_step(tokens)?);
+        standard_step_inputs(st, tokens, self.cfg.vocab_size, positions).map(Some)
+    }
+
     fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        decode_via_inputs(self, st, tokens)
+    }
+
+    fn graph_steps(&self) -> bool {
+        // Dynamic rope recomputes its frequencies as sequences grow, and sliding windows
+        // clip keys by the query position: both read step-dependent host values.
+        self.fixed_rope.is_some() && self.layers.iter().all(|l| l.window.is_none())
+    }
+
+    fn decode_inputs(&self, st: &mut DecodeState, inputs: &[Tensor], t: usize) -> Result<Tensor> {
         let c = &self.cfg;
-        let t = st.check_step(tokens)?;
-        let positions = st.positions(t);
-        let ids = ids_tensor(tokens, c.vocab_size, &self.device)?;
-        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
-        // Dynamic rope depends on the longest sequence seen so far.
-        let longest = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
-        let rope = Rope {
-            inv_freq: Tensor::from_f32(
-                &c.inv_freq(longest),
-                &[c.head_dim / 2],
-                DType::F32,
-                &self.device,
-            )?,
-            attention_scaling: 1.0,
+        let [ids, pos, rt, offset] = inputs else {
+            return Err(Error::op(
+                "decode",
+                "expected the four standard step inputs",
+            ));
         };
-        let mut x = ops::embed(&[(&self.tokens, &ids)])?;
+        let dynamic;
+        let rope = match &self.fixed_rope {
+            Some(r) => r,
+            None => {
+                // Dynamic rope depends on the longest sequence seen so far.
+                let longest = (0..st.rows)
+                    .map(|r| (st.len + t).saturating_sub(st.key_start[r]))
+                    .max()
+                    .unwrap_or(0);
+                dynamic = Rope {
+                    inv_freq: Tensor::from_f32(
+                        &c.inv_freq(longest),
+                        &[c.head_dim / 2],
+                        DType::F32,
+                        &self.device,
+                    )?,
+                    attention_scaling: 1.0,
+                };
+                &dynamic
+            }
+        };
+        let mut x = ops::embed(&[(&self.tokens, ids)])?;
         let ranges = st.key_ranges(t);
-        let rt = st.key_ranges_on(t, &self.device)?;
         for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
             let extras = SelfAttentionExtras {
-                rope: Some((&rope, &pos)),
+                rope: Some((rope, pos)),
                 window: l.window,
-                ranges: Some(&rt),
+                ranges: Some(rt),
+                offset: Some(offset),
                 ..Default::default()
             };
             x = ops::add(

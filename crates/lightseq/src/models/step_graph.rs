@@ -104,7 +104,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         return Ok(None);
     }
     let (enabled, required) = mode();
-    if !enabled {
+    if !enabled || !m.graph_steps() {
         st.graph = StepGraph::Off;
         return Ok(None);
     }

@@ -2,7 +2,10 @@
 //! scaled token embeddings, pre-LN layers with biased projections, LM head tied to the
 //! token embeddings.
 
-use super::decode::{decoder_forward, decoder_only_state, ids_tensor, DecodeState, Decoder};
+use super::decode::{
+    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
+    Decoder,
+};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -195,7 +198,7 @@ impl Decoder for Xglm {
         )
     }
 
-    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+    fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let c = &self.cfg;
         let t = st.check_step(tokens)?;
         let positions: Vec<i32> = st.positions(t).iter().map(|&p| p + OFFSET as i32).collect();
@@ -208,16 +211,28 @@ impl Decoder for Xglm {
                 c.max_position_embeddings
             )));
         }
-        let ids = ids_tensor(tokens, c.vocab_size, &self.device)?;
-        let pos = Tensor::from_i32(&positions, &[positions.len()], &self.device)?;
+        standard_step_inputs(st, tokens, c.vocab_size, positions).map(Some)
+    }
+
+    fn decode(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Tensor> {
+        decode_via_inputs(self, st, tokens)
+    }
+
+    fn decode_inputs(&self, st: &mut DecodeState, inputs: &[Tensor], t: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let [ids, pos, rt, offset] = inputs else {
+            return Err(Error::op(
+                "XGLM decode",
+                "expected the four standard step inputs",
+            ));
+        };
         let scale = if c.scale_embedding {
             (c.d_model as f32).sqrt()
         } else {
             1.0
         };
-        let mut x = ops::embed_scaled(&[(&self.tokens, &ids), (&self.positions, &pos)], scale)?;
+        let mut x = ops::embed_scaled(&[(&self.tokens, ids), (&self.positions, pos)], scale)?;
         let ranges = st.key_ranges(t);
-        let rt = st.key_ranges_on(t, &self.device)?;
         for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
             let a = l.attn.forward_cached(
@@ -228,7 +243,8 @@ impl Decoder for Xglm {
                 st.len,
                 &ranges,
                 SelfAttentionExtras {
-                    ranges: Some(&rt),
+                    ranges: Some(rt),
+                    offset: Some(offset),
                     ..Default::default()
                 },
             )?;
