@@ -9,6 +9,11 @@
 //! states), and the run falls back to launching kernels one by one if capture fails.
 //! `LIGHTSEQ_CUDA_GRAPHS=0` turns replay off; `LIGHTSEQ_CUDA_GRAPHS=require` makes a failed
 //! capture an error instead of a fallback (for tests).
+//!
+//! Capture records the device's one stream: work another thread enqueues on the same device
+//! while a step is being captured would land in that graph. Generating from several threads
+//! at once on one device therefore needs `LIGHTSEQ_CUDA_GRAPHS=0` until capture moves to a
+//! stream of its own.
 
 use super::decode::{DecodeState, Decoder};
 use crate::backend::cuda::graph::Graph;
