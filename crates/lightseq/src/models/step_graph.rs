@@ -10,10 +10,9 @@
 //! `LIGHTSEQ_CUDA_GRAPHS=0` turns replay off; `LIGHTSEQ_CUDA_GRAPHS=require` makes a failed
 //! capture an error instead of a fallback (for tests).
 //!
-//! Capture records the device's one stream: work another thread enqueues on the same device
-//! while a step is being captured would land in that graph. Generating from several threads
-//! at once on one device therefore needs `LIGHTSEQ_CUDA_GRAPHS=0` until capture moves to a
-//! stream of its own.
+//! The capturing thread's work goes to a capture stream of its own (other threads keep
+//! running on the device's stream); one thread captures at a time, and a step that finds
+//! another capture in progress runs eagerly and tries again at the next step.
 
 use super::decode::{DecodeState, Decoder};
 use crate::backend::cuda::graph::Graph;
@@ -151,7 +150,11 @@ pub(crate) fn step<D: Decoder + ?Sized>(
     let inputs = upload(&host, m.decoder_device())?;
     let mut out = ops::empty(&[st.rows, m.vocab()], dtype, m.decoder_device())?;
     let len = st.len;
-    dev.begin_capture()?;
+    if dev.begin_capture().is_err() {
+        // Another thread is capturing on this device: run this step eagerly, try later.
+        st.graph = StepGraph::Warm(dtype);
+        return Ok(None);
+    }
     let run = (|| -> Result<()> {
         let h = m.decode_inputs(st, &inputs, 1)?;
         let logits = m.logits(&h)?;

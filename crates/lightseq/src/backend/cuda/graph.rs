@@ -5,19 +5,26 @@
 use super::{cuda_err, CudaDevice};
 use crate::error::Result;
 use cudarc::driver::sys;
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{CudaGraph, CudaStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-/// An instantiated graph, replayed on the stream it was captured from.
+/// An instantiated graph, replayed on the device's stream.
 pub(crate) struct Graph {
     graph: Option<CudaGraph>,
+    /// The device's stream (the graph was captured from the capture stream).
+    stream: Arc<CudaStream>,
     device: sys::CUdevice,
 }
 
 impl Graph {
-    /// Enqueues one replay.
+    /// Enqueues one replay on the device's stream.
     pub(crate) fn launch(&self) -> Result<()> {
         match &self.graph {
-            Some(g) => g.launch().map_err(|e| cuda_err("graph launch", e)),
+            // SAFETY: a live executable graph and the device's stream.
+            Some(g) => unsafe { sys::cuGraphLaunch(g.cu_graph_exec(), self.stream.cu_stream()) }
+                .result()
+                .map_err(|e| cuda_err("graph launch", e)),
             None => Ok(()),
         }
     }
@@ -33,25 +40,41 @@ impl Drop for Graph {
 }
 
 impl CudaDevice {
-    /// Starts recording the stream's work instead of running it. Relaxed mode: calls that
+    /// Starts recording this thread's work into a graph: until `end_capture`, its ops go
+    /// to the capture stream (see `CudaDevice::stream`) and are recorded, not run, while
+    /// other threads' work runs on the device's stream as usual. Relaxed mode: calls that
     /// are not stream work (loading a module, cuBLASLt's heuristic) stay allowed.
     pub(crate) fn begin_capture(&self) -> Result<()> {
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(|e| cuda_err("begin capture", e))
+        let me = super::thread_token();
+        if self
+            .capturing
+            .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(cuda_err("begin capture", "another thread is capturing"));
+        }
+        let r = self
+            .capture_stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED);
+        if r.is_err() {
+            self.capturing.store(0, Ordering::Release);
+        }
+        r.map_err(|e| cuda_err("begin capture", e))
     }
 
     /// Ends a capture. Errs (and leaves no pending error behind) when the capture failed,
     /// e.g. because the captured code synchronized or copied from pageable host memory.
     pub(crate) fn end_capture(&self) -> Result<Graph> {
         let flags = sys::CUgraphInstantiate_flags(0);
-        let r = self.stream.end_capture(flags);
+        let r = self.capture_stream.end_capture(flags);
+        self.capturing.store(0, Ordering::Release);
         // Buffers freed while a capture was invalidated leave their error in the context;
         // the failure is reported here instead.
         let pending = self.ctx.check_err();
         match (r, pending) {
             (Ok(Some(g)), Ok(())) => Ok(Graph {
                 graph: Some(g),
+                stream: self.stream.clone(),
                 device: self.ctx.cu_device(),
             }),
             (Ok(None), _) => Err(cuda_err("end capture", "empty graph")),

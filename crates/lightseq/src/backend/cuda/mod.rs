@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -39,7 +40,19 @@ pub struct CudaDevice {
     kernels: nvrtc::KernelCache,
     lt: blaslt::BlasLt,
     stream: Arc<CudaStream>,
+    /// Where the thread in `capturing` records a decode step (graph.rs); other threads
+    /// keep using `stream` meanwhile.
+    capture_stream: Arc<CudaStream>,
+    /// The capturing thread's token (see `thread_token`), 0 when none.
+    capturing: AtomicU64,
     ctx: Arc<CudaContext>,
+}
+
+/// A process-unique, non-zero token of the calling thread.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    TOKEN.with(|t| *t)
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -95,6 +108,7 @@ impl CudaDevice {
         // A created stream rather than the legacy default one, which cannot be captured
         // into a CUDA graph (decode steps are replayed as graphs).
         let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
+        let capture_stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
         let name = ctx.name().map_err(|e| cuda_err("device name", e))?;
         let arch = ctx
             .compute_capability()
@@ -108,6 +122,8 @@ impl CudaDevice {
             kernels: nvrtc::KernelCache::new(arch),
             lt,
             stream,
+            capture_stream,
+            capturing: AtomicU64::new(0),
             ctx,
         }))
     }
@@ -162,8 +178,15 @@ impl CudaDevice {
         Ok(value + graph::peak_graph_memory(self.ctx.cu_device(), reset)?)
     }
 
+    /// The stream this thread's work goes to: the device's one stream, or the capture
+    /// stream while this thread records a graph.
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        let c = self.capturing.load(Ordering::Acquire);
+        if c != 0 && c == thread_token() {
+            &self.capture_stream
+        } else {
+            &self.stream
+        }
     }
 
     /// Waits for all queued work.
@@ -184,10 +207,10 @@ impl CudaDevice {
         // SAFETY: every op writes its whole output before anyone reads it.
         let buf = unsafe {
             match dtype {
-                DType::F32 => self.stream.alloc::<f32>(n).map(Buf::F32),
-                DType::F16 => self.stream.alloc::<f16>(n).map(Buf::F16),
-                DType::BF16 => self.stream.alloc::<bf16>(n).map(Buf::BF16),
-                DType::I32 => self.stream.alloc::<i32>(n).map(Buf::I32),
+                DType::F32 => self.stream().alloc::<f32>(n).map(Buf::F32),
+                DType::F16 => self.stream().alloc::<f16>(n).map(Buf::F16),
+                DType::BF16 => self.stream().alloc::<bf16>(n).map(Buf::BF16),
+                DType::I32 => self.stream().alloc::<i32>(n).map(Buf::I32),
             }
         }
         .map_err(|e| cuda_err(&format!("allocating {len} x {dtype}"), e))?;
@@ -201,7 +224,7 @@ impl CudaDevice {
     /// Zeroed device memory for `len` elements of `dtype`.
     pub(crate) fn zeros(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
         let mut s = self.alloc(dtype, len)?;
-        let st = &self.stream;
+        let st = self.stream();
         let r = match &mut s.buf {
             Buf::F32(b) => st.memset_zeros(b),
             Buf::F16(b) => st.memset_zeros(b),
@@ -217,7 +240,7 @@ impl CudaDevice {
         if data.is_empty() {
             return Ok(s);
         }
-        let st = &self.stream;
+        let st = self.stream();
         let r = match &mut s.buf {
             Buf::F32(b) => st.memcpy_htod(data, b),
             Buf::F16(b) => {
@@ -237,7 +260,7 @@ impl CudaDevice {
     pub(crate) fn upload_i32(self: &Arc<Self>, data: &[i32]) -> Result<CudaStorage> {
         let mut s = self.alloc(DType::I32, data.len())?;
         if let (Buf::I32(b), false) = (&mut s.buf, data.is_empty()) {
-            self.stream
+            self.stream()
                 .memcpy_htod(data, b)
                 .map_err(|e| cuda_err("host to device copy", e))?;
         }
@@ -281,7 +304,7 @@ impl CudaStorage {
 
     /// The raw device address, for kernel arguments and cuBLASLt.
     pub(crate) fn ptr(&self) -> u64 {
-        let st = &self.dev.stream;
+        let st = self.dev.stream();
         match &self.buf {
             Buf::F32(b) => b.device_ptr(st).0,
             Buf::F16(b) => b.device_ptr(st).0,
@@ -298,7 +321,7 @@ impl CudaStorage {
                     return Ok(());
                 }
                 self.dev
-                    .stream
+                    .stream()
                     .memcpy_htod(data, b)
                     .map_err(|e| cuda_err("host to device copy", e))
             }
@@ -329,9 +352,9 @@ impl CudaStorage {
         let bytes = self.len * self.dtype().size();
         let (dst, sp) = (self.ptr(), src.ptr());
         // SAFETY: both buffers hold `bytes` bytes (same dtype and length, checked above)
-        // and the copy is ordered on the device's one stream.
+        // and the copy is ordered on this thread's stream.
         unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst, sp, bytes, self.dev.stream.cu_stream())
+            cudarc::driver::result::memcpy_dtod_async(dst, sp, bytes, self.dev.stream().cu_stream())
         }
         .map_err(|e| cuda_err("device to device copy", e))
     }
@@ -340,7 +363,7 @@ impl CudaStorage {
         if self.len == 0 {
             return Ok(Vec::new());
         }
-        let st = &self.dev.stream;
+        let st = self.dev.stream();
         let e = |e| cuda_err("device to host copy", e);
         let mut v: Vec<f32> = match &self.buf {
             Buf::F32(b) => st.clone_dtoh(b).map_err(e)?,
@@ -372,7 +395,7 @@ impl CudaStorage {
             Buf::I32(b) if self.len > 0 => {
                 let mut v = self
                     .dev
-                    .stream
+                    .stream()
                     .clone_dtoh(b)
                     .map_err(|e| cuda_err("device to host copy", e))?;
                 v.truncate(self.len);
