@@ -52,6 +52,123 @@ fn check(what: &str, dt: DType, g: &Tensor, c: &Tensor, tol: f64) {
     eprintln!("{what:<44} {dt:<5} rel err {err:.2e}");
 }
 
+/// The attention GEMMs over heads read and written in place in [len, batch, heads * d]
+/// activations (head views: stride d, rows batch * heads * d apart) against the CPU, and
+/// the CPU's strided GEMM against the same product through contiguous copies.
+#[test]
+fn strided_matmul_over_heads() {
+    let (l, lk, b, nh, d) = (7, 5, 3, 2, 8);
+    let (row, bh) = (b * nh * d, b * nh);
+    let q = randn(801, l * row);
+    let k = randn(802, lk * row);
+    let run = |dev: &Device, dt: DType| {
+        let (qt, kt) = (
+            t(&q, &[l, b, nh * d], dt, dev),
+            t(&k, &[lk, b, nh * d], dt, dev),
+        );
+        let view = |x| ops::Mats {
+            t: x,
+            ld: row,
+            stride: d,
+        };
+        let s = ops::matmul_strided(
+            view(&qt),
+            false,
+            view(&kt),
+            true,
+            bh,
+            l,
+            lk,
+            d,
+            lk,
+            l * lk,
+            &[b, nh, l, lk],
+        )
+        .unwrap();
+        let sm = ops::Mats {
+            t: &s,
+            ld: lk,
+            stride: l * lk,
+        };
+        let ctx = ops::matmul_strided(
+            sm,
+            false,
+            view(&kt),
+            false,
+            bh,
+            l,
+            d,
+            lk,
+            row,
+            d,
+            &[l, b, nh * d],
+        )
+        .unwrap();
+        let dk = ops::matmul_strided(
+            sm,
+            true,
+            view(&qt),
+            false,
+            bh,
+            lk,
+            d,
+            l,
+            row,
+            d,
+            &[lk, b, nh * d],
+        )
+        .unwrap();
+        (s, ctx, dk)
+    };
+    // CPU against a naive loop over (batch, head).
+    let (s, ctx, dk) = run(&Device::Cpu, DType::F32);
+    let (sv, cv, dkv) = (
+        s.to_f32_vec().unwrap(),
+        ctx.to_f32_vec().unwrap(),
+        dk.to_f32_vec().unwrap(),
+    );
+    let at = |x: &[f32], pos: usize, i: usize, j: usize| x[pos * row + i * d + j];
+    let (mut ws, mut wc, mut wk) = (
+        vec![0f32; sv.len()],
+        vec![0f32; cv.len()],
+        vec![0f32; dkv.len()],
+    );
+    for i in 0..bh {
+        for a in 0..l {
+            for c in 0..lk {
+                ws[(i * l + a) * lk + c] = (0..d).map(|j| at(&q, a, i, j) * at(&k, c, i, j)).sum();
+            }
+        }
+        for a in 0..l {
+            for j in 0..d {
+                wc[a * row + i * d + j] = (0..lk)
+                    .map(|c| ws[(i * l + a) * lk + c] * at(&k, c, i, j))
+                    .sum();
+            }
+        }
+        for c in 0..lk {
+            for j in 0..d {
+                wk[c * row + i * d + j] = (0..l)
+                    .map(|a| ws[(i * l + a) * lk + c] * at(&q, a, i, j))
+                    .sum();
+            }
+        }
+    }
+    assert!(rel_err(&sv, &ws) < 1e-6, "scores");
+    assert!(rel_err(&cv, &wc) < 1e-6, "context");
+    assert!(rel_err(&dkv, &wk) < 1e-6, "key gradient");
+    let Some(gpu) = gpu("strided_matmul_over_heads") else {
+        return;
+    };
+    for dt in DTYPES {
+        let (gs, gc, gk) = run(&gpu, dt);
+        let (cs, cc, ck) = run(&Device::Cpu, dt);
+        check("strided matmul scores", dt, &gs, &cs, tol(dt));
+        check("strided matmul context", dt, &gc, &cc, tol(dt));
+        check("strided matmul key gradient", dt, &gk, &ck, tol(dt));
+    }
+}
+
 #[test]
 fn cuda_matmul_matches_cpu() {
     let Some(gpu) = gpu("cuda_matmul_matches_cpu") else {

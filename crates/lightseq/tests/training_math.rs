@@ -89,29 +89,54 @@ fn layer_norm_backward_matches_autograd() {
     close(&db, &t(&f, "dbeta"), "dbeta");
 }
 
+/// [a, b, w] -> [b, a, w].
+fn swap01(v: &[f32], a: usize, b: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for i in 0..a {
+        for j in 0..b {
+            out[(j * a + i) * w..][..w].copy_from_slice(&v[(i * b + j) * w..][..w]);
+        }
+    }
+    out
+}
+
 #[test]
 fn attention_backward_matches_autograd() {
+    // The fixtures are [batch, len, heads * d]; training activations are position-major
+    // [len, batch, heads * d].
     let (b, l, heads, d) = (2, 6, 3, 4);
+    let w = heads * d;
     let lens = Tensor::from_i32(&[6, 4], &[2], &Device::Cpu).unwrap();
+    let input = |f: &SafeTensorsFile, name: &str| {
+        Tensor::from_f32(
+            &swap01(&t(f, name), b, l, w),
+            &[l, b, w],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let check = |got: &Tensor, want: &[f32], what: &str| {
+        let e = rel_err(&swap01(&got.to_f32_vec().unwrap(), l, b, w), want);
+        assert!(e < 1e-5, "{what}: rel err {e}");
+    };
     for (name, causal) in [("full", false), ("causal", true)] {
         let f = load(&format!("attention_{name}"));
-        let shape = [b, l, heads * d];
         let (_, saved) = attend(
             &Dropout::off(),
-            tensor(&f, "q", &shape),
-            tensor(&f, "k", &shape),
-            tensor(&f, "v", &shape),
+            input(&f, "q"),
+            input(&f, "k"),
+            input(&f, "v"),
             heads,
             0.37,
             Some(&lens),
             causal,
         )
         .unwrap();
-        let (dq, dk, dv) =
-            attend_backward(&Dropout::off(), saved, tensor(&f, "dout", &shape)).unwrap();
-        close(&dq, &t(&f, "dq"), &format!("{name} dq"));
-        close(&dk, &t(&f, "dk"), &format!("{name} dk"));
-        close(&dv, &t(&f, "dv"), &format!("{name} dv"));
+        let (dq, dk, dv) = attend_backward(&Dropout::off(), saved, input(&f, "dout")).unwrap();
+        check(&dq, &t(&f, "dq"), &format!("{name} dq"));
+        check(&dk, &t(&f, "dk"), &format!("{name} dk"));
+        check(&dv, &t(&f, "dv"), &format!("{name} dv"));
     }
 }
 

@@ -4,7 +4,7 @@
 //! return what their backward needs; backward passes add parameter gradients into
 //! [`Params`] and return input gradients.
 
-use super::ops as tops;
+use super::ops::{self as tops, Mats};
 use super::params::{Params, Pid};
 use crate::error::Result;
 use crate::ops::{self, Activation};
@@ -154,18 +154,30 @@ pub struct AttnSaved {
     ctx: Tensor,
 }
 
-fn heads_first(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
-    tops::transpose_12(&x.reshape(&[b, l, nh, d])?)
+/// Every head of a [len, batch, heads * d] activation as a matrix [len, d] inside it: head
+/// h of sequence b (batch index b * heads + h) starts at element (b * heads + h) * d and its
+/// rows are batch * heads * d apart. The attention GEMMs read and write heads in place.
+fn head_mats(t: &Tensor, row: usize, d: usize) -> Mats<'_> {
+    Mats {
+        t,
+        ld: row,
+        stride: d,
+    }
 }
 
-fn heads_last(x: Tensor, b: usize, l: usize, nh: usize, d: usize) -> Result<Tensor> {
-    tops::transpose_12(&x.reshape(&[b, nh, l, d])?)?.reshape(&[b, l, nh * d])
+/// Score-shaped [batch, heads, lq, lk] matrices, contiguous.
+fn score_mats(t: &Tensor, lq: usize, lk: usize) -> Mats<'_> {
+    Mats {
+        t,
+        ld: lk,
+        stride: lq * lk,
+    }
 }
 
-/// Scaled dot-product attention of projected q [b, lq, h] over k, v [b, lk, h] with
+/// Scaled dot-product attention of projected q [lq, b, h] over k, v [lk, b, h] with
 /// `heads` heads: softmax(scale q k^T + mask) v, keys at or past `key_lens[b]` and, when
 /// `causal`, keys after the query masked; attention dropout on the probabilities.
-/// Returns the context [b, lq, h].
+/// Returns the context [lq, b, h].
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     drop: &Dropout,
@@ -177,28 +189,39 @@ pub fn attend(
     key_lens: Option<&Tensor>,
     causal: bool,
 ) -> Result<(Tensor, CoreSaved)> {
-    let (b, lq, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let lk = k.shape()[1];
+    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[0];
     let (nh, d) = (heads, h / heads);
-    let q = heads_first(q, b, lq, nh, d)?;
-    let k = heads_first(k, b, lk, nh, d)?;
-    let v = heads_first(v, b, lk, nh, d)?;
-    let s = tops::matmul(&q, false, &k, true, b * nh, lq, lk, d, &[b, nh, lq, lk])?;
+    let (bh, row) = (b * nh, b * h);
+    let s = tops::matmul_strided(
+        head_mats(&q, row, d),
+        false,
+        head_mats(&k, row, d),
+        true,
+        bh,
+        lq,
+        lk,
+        d,
+        lk,
+        lq * lk,
+        &[b, nh, lq, lk],
+    )?;
     let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
     std::mem::drop(s);
     let (pd, off) = drop.apply_ref(&p, drop.attention)?;
-    let ctx = tops::matmul(
-        pd.as_ref().unwrap_or(&p),
+    let ctx = tops::matmul_strided(
+        score_mats(pd.as_ref().unwrap_or(&p), lq, lk),
         false,
-        &v,
+        head_mats(&v, row, d),
         false,
-        b * nh,
+        bh,
         lq,
         d,
         lk,
-        &[b, nh, lq, d],
+        row,
+        d,
+        &[lq, b, h],
     )?;
-    let ctx = heads_last(ctx, b, lq, nh, d)?;
     Ok((
         ctx,
         CoreSaved {
@@ -223,33 +246,68 @@ pub fn attend_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, lq, lk, d) = s.dims;
     let nh = s.heads;
-    let dctx = heads_first(dctx, b, lq, nh, d)?;
-    let dpd = tops::matmul(
-        &dctx,
+    let (h, bh) = (nh * d, b * nh);
+    let row = b * h;
+    let dpd = tops::matmul_strided(
+        head_mats(&dctx, row, d),
         false,
-        &s.v,
+        head_mats(&s.v, row, d),
         true,
-        b * nh,
+        bh,
         lq,
         lk,
         d,
+        lk,
+        lq * lk,
         &[b, nh, lq, lk],
     )?;
     let pd = s.pd.as_ref().unwrap_or(&s.p);
-    let dv = tops::matmul(pd, true, &dctx, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
+    let dv = tops::matmul_strided(
+        score_mats(pd, lq, lk),
+        true,
+        head_mats(&dctx, row, d),
+        false,
+        bh,
+        lk,
+        d,
+        lq,
+        row,
+        d,
+        &[lk, b, h],
+    )?;
     let dp = drop.backward(dpd, drop.attention, s.drop)?;
     let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
-    let dq = tops::matmul(&ds, false, &s.k, false, b * nh, lq, d, lk, &[b, nh, lq, d])?;
-    let dk = tops::matmul(&ds, true, &s.q, false, b * nh, lk, d, lq, &[b, nh, lk, d])?;
-    Ok((
-        heads_last(dq, b, lq, nh, d)?,
-        heads_last(dk, b, lk, nh, d)?,
-        heads_last(dv, b, lk, nh, d)?,
-    ))
+    let dq = tops::matmul_strided(
+        score_mats(&ds, lq, lk),
+        false,
+        head_mats(&s.k, row, d),
+        false,
+        bh,
+        lq,
+        d,
+        lk,
+        row,
+        d,
+        &[lq, b, h],
+    )?;
+    let dk = tops::matmul_strided(
+        score_mats(&ds, lq, lk),
+        true,
+        head_mats(&s.q, row, d),
+        false,
+        bh,
+        lk,
+        d,
+        lq,
+        row,
+        d,
+        &[lk, b, h],
+    )?;
+    Ok((dq, dk, dv))
 }
 
 impl Attn {
-    /// xq [b, lq, h] attends to xkv [b, lk, h]; keys at or past `key_lens[b]` and, when
+    /// xq [lq, b, h] attends to xkv [lk, b, h]; keys at or past `key_lens[b]` and, when
     /// `causal`, keys after the query are masked.
     pub fn forward(
         &self,
@@ -545,7 +603,8 @@ impl EmbSaved {
 }
 
 impl Emb {
-    /// ids, type ids: [b * l] i32; returns [b, l, h].
+    /// ids, type ids: [l * b] i32, position-major (token i of sequence bi at row i * b + bi,
+    /// the layout of every training activation); returns [l, b, h].
     pub fn forward(
         &self,
         ps: &Params,
@@ -566,7 +625,7 @@ impl Emb {
                 self.max_positions
             )));
         }
-        let pos_rows: Vec<i32> = (0..b * l).map(|i| (offset + i % l) as i32).collect();
+        let pos_rows: Vec<i32> = (0..l * b).map(|r| (offset + r / b.max(1)) as i32).collect();
         let pos = Tensor::from_i32(&pos_rows, &[b * l], &dev)?;
         let tok = ps.w(self.tokens);
         let mut lookups: Vec<(&Tensor, &Tensor)> = vec![(tok, &ids)];
@@ -579,7 +638,7 @@ impl Emb {
             lookups.push((ps.w(t), ti));
         }
         let h = tok.shape()[1];
-        let x = ops::embed_scaled(&lookups, self.scale)?.reshape(&[b, l, h])?;
+        let x = ops::embed_scaled(&lookups, self.scale)?.reshape(&[l, b, h])?;
         let (x, pre_ln) = match &self.ln {
             Some(ln) => (ln.forward(ps, &x)?, Some(x)),
             None => (x, None),

@@ -713,7 +713,7 @@ impl Net {
             labels.push(*label as i32);
         }
         let (x, saved) = pe.forward(&self.params, drop, &pixels)?;
-        let n = x.shape()[1];
+        let n = x.shape()[0];
         let inp = LayerInputs {
             self_key_lens: None,
             causal: false,
@@ -730,8 +730,9 @@ impl Net {
         let norm = self.encoder_norm.as_ref().unwrap();
         let y = norm.forward(&self.params, &x)?;
         let h = y.shape()[2];
-        let y = y.reshape(&[b * n, h])?;
-        let first: Vec<usize> = (0..b).map(|i| i * n).collect();
+        let y = y.reshape(&[n * b, h])?;
+        // The class token of every image: the first b rows (position-major).
+        let first: Vec<usize> = (0..b).collect();
         let cls = ops::index_select(&y, &first)?;
         let logits = classifier.forward(&self.params, &cls)?;
         let dev = self.params.device.clone();
@@ -744,7 +745,7 @@ impl Net {
         let idx: Vec<i32> = first.iter().map(|&i| i as i32).collect();
         let idx_t = Tensor::from_i32(&idx, &[b], &dev)?;
         let dy = tops::embedding_backward(&idx_t, &dcls, b * n, 1.0)?;
-        let dy = as_dtype_of(dy, ps.dtype)?.reshape(&[b, n, h])?;
+        let dy = as_dtype_of(dy, ps.dtype)?.reshape(&[n, b, h])?;
         let mut dy = norm.backward(ps, &x, &dy)?;
         for (layer, s) in self.encoder.iter().zip(layer_saved).rev() {
             let mut none = None;
@@ -754,8 +755,9 @@ impl Net {
         Ok(st)
     }
 
-    /// Rows padded to [b, l] (i32), the ids the embedding backward uses (padding_idx rows
-    /// masked to -1), the lengths, and l.
+    /// Rows padded to l tokens, position-major ([l, b] i32: token i of row bi at i * b + bi,
+    /// the layout of the training activations), the ids the embedding backward uses
+    /// (padding_idx rows masked to -1), the lengths, and l.
     fn pad_rows(&self, rows: &[&[i64]], fill: i64) -> Result<Padded> {
         let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut ids = vec![fill as i32; rows.len() * l];
@@ -768,7 +770,7 @@ impl Net {
                         self.vocab
                     )));
                 }
-                ids[b * l + i] = t as i32;
+                ids[i * rows.len() + b] = t as i32;
             }
             lens.push(r.len() as i32);
         }
@@ -903,7 +905,7 @@ impl Net {
             let mut t = vec![0i32; b * l];
             for (bi, r) in types.iter().enumerate() {
                 for (i, &x) in r.iter().enumerate().take(l) {
-                    t[bi * l + i] = x as i32;
+                    t[i * b + bi] = x as i32;
                 }
             }
             Some(Tensor::from_i32(&t, &[b * l], &dev)?)
@@ -958,7 +960,7 @@ impl Net {
                         self.vocab
                     )));
                 }
-                targets[bi * l + i] = v as i32;
+                targets[i * b + bi] = v as i32;
             }
         }
         let ps = &mut self.params;
@@ -1015,7 +1017,8 @@ impl Net {
                 labels,
                 dropout,
             } => {
-                let first: Vec<usize> = (0..b).map(|i| i * l).collect();
+                // Position 0 of every row: the first b rows (position-major).
+                let first: Vec<usize> = (0..b).collect();
                 let cls = ops::index_select(&x, &first)?;
                 let pre = dense.forward(ps, &cls)?;
                 let pooled = tops::activate(&pre, Activation::Tanh)?;
@@ -1045,7 +1048,7 @@ impl Net {
             }
         };
         // Main stack backward.
-        let mut dy = dx.reshape(&[b, l, h])?;
+        let mut dy = dx.reshape(&[l, b, h])?;
         if let (Some(ln), Some(xin)) = (norm, &norm_in) {
             dy = ln.backward(ps, xin, &dy)?;
         }

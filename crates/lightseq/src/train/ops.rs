@@ -9,6 +9,7 @@
 use crate::backend::cpu::train as cpu;
 pub use crate::backend::cpu::train::AdamHyper;
 use crate::backend::cuda::train_ops as cuda;
+use crate::backend::GemmStrides;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::{DType, Storage, Tensor};
@@ -87,6 +88,79 @@ pub fn matmul(
             out_shape,
             dt,
             cuda::matmul(x, ta, y, tb, batch, m, n, k, false)?,
+        ),
+        _ => unreachable!("checked by float_dtype"),
+    })
+}
+
+/// One operand of [`matmul_strided`]: matrices inside `t`, matrix i starting at element
+/// `i * stride`, its rows `ld` elements apart.
+#[derive(Clone, Copy)]
+pub struct Mats<'a> {
+    pub t: &'a Tensor,
+    pub ld: usize,
+    pub stride: usize,
+}
+
+/// [`matmul`] over matrices at arbitrary strides: for i in 0..batch, C_i = op(A_i) @ op(B_i)
+/// with A_i and B_i read where `a` and `b` place them, and C_i written from element
+/// `i * c_stride` of a new tensor of `out_shape`, rows `c_ld` apart. The C matrices must
+/// not overlap and must cover the output (batch * m * n elements). Attention uses it to
+/// read heads in place from [tokens, heads * head_dim] activations and to write them back.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    a: Mats,
+    ta: bool,
+    b: Mats,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    c_ld: usize,
+    c_stride: usize,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "matmul_strided";
+    let dt = float_dtype(OP, &[a.t, b.t])?;
+    let out_len: usize = out_shape.iter().product();
+    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    let fits = |x: &Mats, rows: usize, cols: usize| {
+        x.ld >= cols && GemmStrides::extent(x.ld, x.stride, batch, rows, cols) <= x.t.len()
+    };
+    need(
+        OP,
+        fits(&a, ar, ac)
+            && fits(&b, br, bc)
+            && c_ld >= n
+            && out_len == batch * m * n
+            && GemmStrides::extent(c_ld, c_stride, batch, m, n) <= out_len,
+        || {
+            format!(
+                "a {:?} (ld {}, stride {}), b {:?} (ld {}, stride {}) and out {out_shape:?} (ld {c_ld}, stride {c_stride}) do not fit batch {batch} x [{m}, {k}] @ [{k}, {n}]",
+                a.t.shape(), a.ld, a.stride, b.t.shape(), b.ld, b.stride
+            )
+        },
+    )?;
+    let st = GemmStrides {
+        lda: a.ld,
+        ldb: b.ld,
+        ldc: c_ld,
+        batch_a: a.stride,
+        batch_b: b.stride,
+        batch_c: c_stride,
+    };
+    Ok(match (&a.t.storage, &b.t.storage) {
+        (Storage::CpuF32(av), Storage::CpuF32(bv)) => {
+            let mut c = vec![0f32; out_len];
+            crate::backend::cpu::matmul_strided(av, ta, bv, tb, batch, m, n, k, &st, &mut c);
+            cpu_out(out_shape, dt, c)
+        }
+        (Storage::Cuda(x), Storage::Cuda(y)) => cuda_out(
+            out_shape,
+            dt,
+            cuda::matmul_strided(x, ta, y, tb, batch, m, n, k, &st, out_len)?,
         ),
         _ => unreachable!("checked by float_dtype"),
     })

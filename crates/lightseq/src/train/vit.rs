@@ -69,7 +69,8 @@ impl PatchEmb {
         1 + (self.image.0 / self.patch.0) * (self.image.1 / self.patch.1)
     }
 
-    /// Images [channels, height, width] -> [b, 1 + patches, hidden].
+    /// Images [channels, height, width] -> [1 + patches, b, hidden] (position-major, as
+    /// every training activation).
     pub fn forward(
         &self,
         ps: &Params,
@@ -91,7 +92,7 @@ impl PatchEmb {
             }
             for gy in 0..gh {
                 for gx in 0..gw {
-                    let row = &mut unf[(bi * n + 1 + gy * gw + gx) * k..][..k];
+                    let row = &mut unf[((1 + gy * gw + gx) * b + bi) * k..][..k];
                     for c in 0..ch {
                         for y in 0..ph {
                             let src = (c * ih + gy * ph + y) * iw + gx * pw;
@@ -103,8 +104,8 @@ impl PatchEmb {
         }
         let dev = ps.device.clone();
         let unfolded = Tensor::from_f32(&unf, &[b * n, k], ps.dtype, &dev)?;
-        let kinds: Vec<i32> = (0..b * n).map(|i| i32::from(i % n != 0)).collect();
-        let positions: Vec<i32> = (0..b * n).map(|i| (i % n) as i32).collect();
+        let kinds: Vec<i32> = (0..n * b).map(|r| i32::from(r / b != 0)).collect();
+        let positions: Vec<i32> = (0..n * b).map(|r| (r / b) as i32).collect();
         let kinds = Tensor::from_i32(&kinds, &[b * n], &dev)?;
         let positions = Tensor::from_i32(&positions, &[b * n], &dev)?;
         // The two-row table [cls; bias], built by scattering each into its row.
@@ -117,7 +118,7 @@ impl PatchEmb {
         let table = as_dtype_of(table, ps.dtype)?;
         let x = ops::linear(&unfolded, ps.w(self.proj), None, Activation::None)?;
         let e = ops::embed(&[(&table, &kinds), (ps.w(self.pos), &positions)])?;
-        let x = ops::add(&x, &e)?.reshape(&[b, n, h])?;
+        let x = ops::add(&x, &e)?.reshape(&[n, b, h])?;
         let (x, off) = drop.apply(x, drop.hidden)?;
         Ok((
             x,

@@ -1,4 +1,5 @@
 use super::bias_act;
+use crate::backend::GemmStrides;
 use crate::ops::Activation;
 
 /// For each of `batch`: C[m, n] = op(A) @ op(B); op(A) is A [m, k] or A^T with A [k, m]
@@ -15,8 +16,37 @@ pub(crate) fn matmul(
     k: usize,
 ) -> Vec<f32> {
     let mut c = vec![0f32; batch * m * n];
-    if m == 0 || n == 0 || k == 0 {
-        return c;
+    let s = GemmStrides::packed(ta, tb, m, n, k);
+    matmul_strided(a, ta, b, tb, batch, m, n, k, &s, &mut c);
+    c
+}
+
+/// [`matmul`] with the matrices at the strides `s`, writing C_i into `c` (elements outside
+/// the C matrices are left as they are). The caller checks that the buffers hold them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_strided(
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    s: &GemmStrides,
+    c: &mut [f32],
+) {
+    if batch == 0 || m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..batch {
+            for r in 0..m {
+                let at = i * s.batch_c + r * s.ldc;
+                c[at..at + n].fill(0.0);
+            }
+        }
+        return;
     }
     let par = if (batch * m * n * k) < 64 * 64 * 64 {
         gemm::Parallelism::None
@@ -24,12 +54,20 @@ pub(crate) fn matmul(
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     };
     // Strides of op(A) (m x k) and op(B) (k x n) read from row-major storage.
-    let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
+    let (a_cs, a_rs) = if ta {
+        (s.lda as isize, 1)
+    } else {
+        (1, s.lda as isize)
+    };
+    let (b_cs, b_rs) = if tb {
+        (s.ldb as isize, 1)
+    } else {
+        (1, s.ldb as isize)
+    };
     for i in 0..batch {
-        let (ap, bp) = (&a[i * m * k..], &b[i * k * n..]);
-        let cp = &mut c[i * m * n..(i + 1) * m * n];
-        // SAFETY: the slices hold m*k, k*n and m*n elements addressed by these strides.
+        let (ap, bp) = (&a[i * s.batch_a..], &b[i * s.batch_b..]);
+        let cp = &mut c[i * s.batch_c..];
+        // SAFETY: the caller checked that each buffer holds its matrices at these strides.
         unsafe {
             gemm::gemm(
                 m,
@@ -37,7 +75,7 @@ pub(crate) fn matmul(
                 k,
                 cp.as_mut_ptr(),
                 1,
-                n as isize,
+                s.ldc as isize,
                 false,
                 ap.as_ptr(),
                 a_cs,
@@ -54,7 +92,6 @@ pub(crate) fn matmul(
             );
         }
     }
-    c
 }
 
 pub(crate) fn linear(

@@ -5,7 +5,7 @@ mod gemm;
 pub(crate) mod train;
 
 pub(crate) use attention::attention;
-pub(crate) use gemm::{linear, matmul};
+pub(crate) use gemm::{linear, matmul, matmul_strided};
 
 use crate::error::{Error, Result};
 use crate::ops::Activation;

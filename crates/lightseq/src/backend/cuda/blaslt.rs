@@ -4,6 +4,7 @@
 //! (true f32 for f32 inputs: no TF32, for parity).
 
 use super::cuda_err;
+use crate::backend::GemmStrides;
 use crate::error::Result;
 use crate::tensor::DType;
 use cudarc::cublaslt::{result as lt, sys};
@@ -35,8 +36,12 @@ impl Epilogue {
     }
 }
 
-/// (dtype, f32 output, ta, tb, batch, m, n, k, epilogue kind) of `matmul_general`.
-type AlgoKey = (DType, bool, bool, bool, usize, usize, usize, usize, u8);
+/// (dtype, f32 output, ta, tb, batch, m, n, k, epilogue kind) and strides of
+/// `matmul_general`.
+type AlgoKey = (
+    (DType, bool, bool, bool, usize, usize, usize, usize, u8),
+    GemmStrides,
+);
 
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
@@ -87,7 +92,7 @@ impl Drop for Descs {
 impl Descs {
     /// Descriptors of the column-major `C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m)`,
     /// which is the row-major `C [m, n] = op(A) @ op(B)`; B is cuBLASLt's first operand.
-    /// For `batch > 1` every layout is strided-batched with contiguous batches. `epi` as
+    /// For `batch > 1` every layout is strided-batched at the strides `st`. `epi` as
     /// [`Epilogue`].
     #[allow(clippy::too_many_arguments)]
     fn general(
@@ -100,6 +105,7 @@ impl Descs {
         n: usize,
         k: usize,
         epi: Epilogue,
+        st: &GemmStrides,
     ) -> Result<Self> {
         let e = |e| cuda_err("cuBLASLt descriptor", e);
         let ty = data_type(dt);
@@ -120,9 +126,10 @@ impl Descs {
         } else {
             ty
         };
+        let lds = [st.ldb, st.lda, st.ldc];
         for (i, (r, c)) in [(br, bc), (ar, ac), (n, m)].into_iter().enumerate() {
             let t = if i == 2 { c_ty } else { ty };
-            match lt::create_matrix_layout(t, r as u64, c as u64, r as i64) {
+            match lt::create_matrix_layout(t, r as u64, c as u64, lds[i] as i64) {
                 Ok(l) => made.push(l),
                 Err(err) => {
                     // SAFETY: each was created above, destroyed once.
@@ -194,7 +201,7 @@ impl Descs {
             if batch > 1 {
                 let count = i32::try_from(batch)
                     .map_err(|_| crate::error::Error::Cuda(format!("batch {batch} too large")))?;
-                let strides = [(k * n) as i64, (m * k) as i64, (m * n) as i64];
+                let strides = [st.batch_b as i64, st.batch_a as i64, st.batch_c as i64];
                 for (l, stride) in d.layouts.iter().zip(strides) {
                     lt::set_matrix_layout_attribute(
                         *l,
@@ -246,14 +253,15 @@ impl BlasLt {
         y: u64,
     ) -> Result<()> {
         let epi = bias.map_or(Epilogue::None, Epilogue::Bias);
+        let st = GemmStrides::packed(false, true, m, n, k);
         self.matmul_general(
-            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, epi, y,
+            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, epi, y, &st,
         )
         .map(|_| ())
     }
 
     /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
-    /// contiguous batches, op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
+    /// batches (at the strides `st`), op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
     /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c` and the
     /// epilogue `epi`; c is f32 when `c_f32`, else of dtype `dt`. Returns false, having
@@ -275,9 +283,10 @@ impl BlasLt {
         b: u64,
         epi: Epilogue,
         c: u64,
+        st: &GemmStrides,
     ) -> Result<bool> {
-        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi)?;
-        let key = (dt, c_f32, ta, tb, batch, m, n, k, epi.kind());
+        let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi, st)?;
+        let key = ((dt, c_f32, ta, tb, batch, m, n, k, epi.kind()), *st);
         let algo = {
             let mut algos = self.algos.lock().unwrap();
             match algos.get(&key) {

@@ -5,6 +5,7 @@ use super::blaslt::Epilogue;
 use super::ops::{grid_1d, launched};
 use super::{cuda_err, CudaStorage};
 use crate::backend::cpu::train::AdamHyper;
+use crate::backend::GemmStrides;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::DType;
@@ -183,6 +184,51 @@ pub(crate) fn matmul(
         b.ptr(),
         Epilogue::None,
         c.ptr(),
+        &GemmStrides::packed(ta, tb, m, n, k),
+    )?;
+    Ok(c)
+}
+
+/// The batched GEMM of [`matmul`] at the strides `st`, into a new buffer of `out_len`
+/// elements (of a's dtype) that the C matrices cover.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_strided(
+    a: &CudaStorage,
+    ta: bool,
+    b: &CudaStorage,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    st: &GemmStrides,
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let dt = a.dtype();
+    if batch * m * n == 0 {
+        return dev.alloc(dt, out_len);
+    }
+    if k == 0 {
+        return dev.zeros(dt, out_len);
+    }
+    let c = dev.alloc(dt, out_len)?;
+    dev.lt.matmul_general(
+        dev.stream(),
+        dt,
+        false,
+        0.0,
+        ta,
+        tb,
+        batch,
+        m,
+        n,
+        k,
+        a.ptr(),
+        b.ptr(),
+        Epilogue::None,
+        c.ptr(),
+        st,
     )?;
     Ok(c)
 }
@@ -219,6 +265,7 @@ pub(crate) fn weight_grad_into(
             x.ptr(),
             epi,
             acc.ptr(),
+            &GemmStrides::packed(true, false, n, k, rows),
         )
     };
     let Some(bias_acc) = bias_acc else {
@@ -262,6 +309,7 @@ pub(crate) fn input_grad_into(
             w.ptr(),
             Epilogue::None,
             acc.ptr(),
+            &GemmStrides::packed(false, false, rows, k, n),
         )
         .map(|_| ())
 }
