@@ -273,11 +273,15 @@ pub(crate) fn decode_via_inputs<D: Decoder + ?Sized>(
     let host = m
         .step_inputs(st, tokens)?
         .ok_or_else(|| Error::Input("this model has no step inputs".into()))?;
-    let inputs = host
-        .iter()
-        .map(|h| Tensor::from_i32(h, &[h.len()], m.decoder_device()))
-        .collect::<Result<Vec<_>>>()?;
+    let inputs = upload_step_inputs(&host, m.decoder_device())?;
     m.decode_inputs(st, &inputs, t)
+}
+
+/// [`Decoder::step_inputs`] on `device`, one i32 tensor per list.
+pub(crate) fn upload_step_inputs(host: &[Vec<i32>], device: &Device) -> Result<Vec<Tensor>> {
+    host.iter()
+        .map(|h| Tensor::from_i32(h, &[h.len()], device))
+        .collect()
 }
 
 /// The standard inputs of a decoder step, in order: token ids (checked against `vocab`),

@@ -14,7 +14,7 @@
 //! running on the device's stream); one thread captures at a time, and a step that finds
 //! another capture in progress runs eagerly and tries again at the next step.
 
-use super::decode::{DecodeState, Decoder};
+use super::decode::{upload_step_inputs, DecodeState, Decoder};
 use crate::backend::cuda::graph::Graph;
 use crate::error::Result;
 use crate::ops;
@@ -80,12 +80,6 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
     v
 }
 
-fn upload(host: &[Vec<i32>], device: &Device) -> Result<Vec<Tensor>> {
-    host.iter()
-        .map(|h| Tensor::from_i32(h, &[h.len()], device))
-        .collect()
-}
-
 /// A fresh tensor holding `src`'s values.
 fn copied(src: &Tensor) -> Result<Tensor> {
     let mut out = ops::empty(src.shape(), src.dtype(), &src.device())?;
@@ -147,7 +141,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         StepGraph::Warm(dt) => dt,
         StepGraph::Cold | StepGraph::Off => unreachable!("returned above"),
     };
-    let inputs = upload(&host, m.decoder_device())?;
+    let inputs = upload_step_inputs(&host, m.decoder_device())?;
     let mut out = ops::empty(&[st.rows, m.vocab()], dtype, m.decoder_device())?;
     let len = st.len;
     if dev.begin_capture().is_err() {

@@ -259,11 +259,7 @@ impl CudaDevice {
 
     pub(crate) fn upload_i32(self: &Arc<Self>, data: &[i32]) -> Result<CudaStorage> {
         let mut s = self.alloc(DType::I32, data.len())?;
-        if let (Buf::I32(b), false) = (&mut s.buf, data.is_empty()) {
-            self.stream()
-                .memcpy_htod(data, b)
-                .map_err(|e| cuda_err("host to device copy", e))?;
-        }
+        s.write_i32(data)?;
         Ok(s)
     }
 }

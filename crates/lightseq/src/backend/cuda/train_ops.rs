@@ -50,6 +50,25 @@ const ROW_PACKS: usize = 4;
 /// Launch shape and team size of the register-cached row kernels (`*_rows` in train.cu)
 /// for rows of `cols` elements of `dt`: None unless rows are whole 16-byte packs, at most
 /// 32 * ROW_PACKS of them, and every pointer (0 for an absent one) is 16-byte aligned.
+/// The launch of a row-wise kernel: `rows_name`, its register-cached variant (a team of
+/// `ts` lanes per row), when [`row_team`] allows, else `name` with `per_warp` rows per warp
+/// from [`team_grid`]. The i32 is the kernel's last argument either way.
+fn row_kernel(
+    rows: usize,
+    cols: usize,
+    dt: DType,
+    ptrs: &[u64],
+    (rows_name, name): (&'static str, &'static str),
+) -> (LaunchConfig, i32, &'static str) {
+    match row_team(rows, cols, dt, ptrs) {
+        Some((cfg, ts)) => (cfg, ts, rows_name),
+        None => {
+            let (cfg, per_warp) = team_grid(rows, cols, 512);
+            (cfg, per_warp, name)
+        }
+    }
+}
+
 fn row_team(rows: usize, cols: usize, dt: DType, ptrs: &[u64]) -> Option<(LaunchConfig, i32)> {
     let n = 16 / dt.size();
     if cols == 0 || !cols.is_multiple_of(n) || ptrs.iter().any(|p| !p.is_multiple_of(16)) {
@@ -409,13 +428,13 @@ pub(crate) fn masked_softmax(
         lk as i32,
         causal as i32,
     );
-    let (cfg, team, name) = match row_team(rows, lk, s.dtype(), &[sp, op]) {
-        Some((cfg, ts)) => (cfg, ts, "masked_softmax_rows"),
-        None => {
-            let (cfg, per_warp) = team_grid(rows, lk, 512);
-            (cfg, per_warp, "masked_softmax")
-        }
-    };
+    let (cfg, team, name) = row_kernel(
+        rows,
+        lk,
+        s.dtype(),
+        &[sp, op],
+        ("masked_softmax_rows", "masked_softmax"),
+    );
     let f = dev.kernel(name, s.dtype())?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&sp)
@@ -447,13 +466,13 @@ pub(crate) fn softmax_backward(
         return Ok(out);
     }
     let (pp, dpp, op, r, c) = (p.ptr(), dp.ptr(), out.ptr(), rows as i64, cols as i32);
-    let (cfg, team, name) = match row_team(rows, cols, p.dtype(), &[pp, dpp, op]) {
-        Some((cfg, ts)) => (cfg, ts, "softmax_backward_rows"),
-        None => {
-            let (cfg, per_warp) = team_grid(rows, cols, 512);
-            (cfg, per_warp, "softmax_backward")
-        }
-    };
+    let (cfg, team, name) = row_kernel(
+        rows,
+        cols,
+        p.dtype(),
+        &[pp, dpp, op],
+        ("softmax_backward_rows", "softmax_backward"),
+    );
     let f = dev.kernel(name, p.dtype())?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&pp)
@@ -494,13 +513,13 @@ pub(crate) fn add_layer_norm(
         rows as i64,
         h as i32,
     );
-    let (cfg, team, name) = match row_team(rows, h, dt, &[xp, yp, gp, bp, sp, op]) {
-        Some((cfg, ts)) => (cfg, ts, "add_layer_norm_rows"),
-        None => {
-            let (cfg, per_warp) = team_grid(rows, h, 512);
-            (cfg, per_warp, "add_layer_norm")
-        }
-    };
+    let (cfg, team, name) = row_kernel(
+        rows,
+        h,
+        dt,
+        &[xp, yp, gp, bp, sp, op],
+        ("add_layer_norm_rows", "add_layer_norm"),
+    );
     let f = dev.kernel(name, dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
@@ -554,13 +573,13 @@ pub(crate) fn layer_norm_backward(
     let stats = dev.alloc(DType::F32, 2 * rows)?;
     let sp = stats.ptr();
     let (r, hh) = (rows as i64, h as i32);
-    let (cfg_rows, team, name) = match row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
-        Some((cfg, ts)) => (cfg, ts, "layer_norm_backward_rows"),
-        None => {
-            let (cfg, per_warp) = team_grid(rows, h, 512);
-            (cfg, per_warp, "layer_norm_backward")
-        }
-    };
+    let (cfg_rows, team, name) = row_kernel(
+        rows,
+        h,
+        dt,
+        &[xp, gp, dyp, dxp],
+        ("layer_norm_backward_rows", "layer_norm_backward"),
+    );
     let f = dev.kernel(name, dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
