@@ -828,31 +828,72 @@ struct AdamChunk {
   double bc2_sqrt;
 };
 
-// One Adam(W) step per chunk, on f32 buffers in place, in cpu::adam_step's order of
-// operations (the _rn intrinsics keep the compiler from fusing into FMAs, so results match
-// bit for bit); with a copy, also writes the new values rounded to T there.
+// One Adam(W) update of one element, in cpu::adam_step's order of operations (the _rn
+// intrinsics keep the compiler from fusing into FMAs, so results match bit for bit).
+struct AdamConsts {
+  float grad_scale, decay_mul, weight_decay, b1, b2, ob1, ob2, step_size;
+  double bc2_sqrt, eps;
+  int decoupled;
+};
+
+__device__ __forceinline__ void adam_update(const AdamConsts& k, float& p, float g, float& m,
+                                            float& v) {
+  g = __fmul_rn(g, k.grad_scale);
+  if (k.decoupled) {
+    p = __fmul_rn(p, k.decay_mul);
+  } else {
+    g = __fadd_rn(g, __fmul_rn(k.weight_decay, p));
+  }
+  m = __fadd_rn(__fmul_rn(m, k.b1), __fmul_rn(k.ob1, g));
+  v = __fadd_rn(__fmul_rn(v, k.b2), __fmul_rn(__fmul_rn(k.ob2, g), g));
+  const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(v), k.bc2_sqrt), k.eps));
+  p = __fsub_rn(p, __fdiv_rn(__fmul_rn(k.step_size, m), denom));
+}
+
+// One Adam(W) step per chunk, on f32 buffers in place; with a copy, also writes the new
+// values rounded to T there. Four elements per thread and 16-byte loads when the chunk's
+// buffers allow (a thread per element keeps too few loads in flight to reach bandwidth),
+// then the tail one at a time.
 template <typename T>
 __device__ void adam_multi_body(const AdamChunk* chunks, float grad_scale, int decoupled,
                                 float decay_mul, float weight_decay, float b1, float b2,
                                 double eps) {
   const AdamChunk c = chunks[blockIdx.x];
-  const float ob1 = 1.f - b1, ob2 = 1.f - b2;
-  const float step_size = (float)c.step_size;
+  const AdamConsts k{grad_scale, decay_mul, weight_decay, b1, b2, 1.f - b1, 1.f - b2,
+                     (float)c.step_size, c.bc2_sqrt, eps, decoupled};
   T* copy = reinterpret_cast<T*>(c.copy);
-  for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
-    float p = c.param[i];
-    float g = __fmul_rn(c.grad[i], grad_scale);
-    if (decoupled) {
-      p = __fmul_rn(p, decay_mul);
-    } else {
-      g = __fadd_rn(g, __fmul_rn(weight_decay, p));
+  long long done = 0;
+  const bool packed = ls_aligned16(c.param) && ls_aligned16(c.grad) && ls_aligned16(c.m) &&
+                      ls_aligned16(c.v) &&
+                      ((unsigned long long)copy & (4 * sizeof(T) - 1)) == 0;
+  if (packed) {
+    const long long quads = c.n / 4;
+    for (long long q = threadIdx.x; q < quads; q += blockDim.x) {
+      float4 p = reinterpret_cast<const float4*>(c.param)[q];
+      const float4 g = reinterpret_cast<const float4*>(c.grad)[q];
+      float4 m = reinterpret_cast<const float4*>(c.m)[q];
+      float4 v = reinterpret_cast<const float4*>(c.v)[q];
+      adam_update(k, p.x, g.x, m.x, v.x);
+      adam_update(k, p.y, g.y, m.y, v.y);
+      adam_update(k, p.z, g.z, m.z, v.z);
+      adam_update(k, p.w, g.w, m.w, v.w);
+      reinterpret_cast<float4*>(c.param)[q] = p;
+      reinterpret_cast<float4*>(c.m)[q] = m;
+      reinterpret_cast<float4*>(c.v)[q] = v;
+      if (copy) {
+        copy[4 * q] = from_f<T>(p.x);
+        copy[4 * q + 1] = from_f<T>(p.y);
+        copy[4 * q + 2] = from_f<T>(p.z);
+        copy[4 * q + 3] = from_f<T>(p.w);
+      }
     }
-    const float mi = __fadd_rn(__fmul_rn(c.m[i], b1), __fmul_rn(ob1, g));
-    const float vi = __fadd_rn(__fmul_rn(c.v[i], b2), __fmul_rn(__fmul_rn(ob2, g), g));
-    c.m[i] = mi;
-    c.v[i] = vi;
-    const float denom = (float)(__dadd_rn(__ddiv_rn((double)__fsqrt_rn(vi), c.bc2_sqrt), eps));
-    p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+    done = quads * 4;
+  }
+  for (long long i = done + threadIdx.x; i < c.n; i += blockDim.x) {
+    float p = c.param[i], m = c.m[i], v = c.v[i];
+    adam_update(k, p, c.grad[i], m, v);
+    c.m[i] = m;
+    c.v[i] = v;
     c.param[i] = p;
     if (copy) copy[i] = from_f<T>(p);
   }
@@ -863,14 +904,28 @@ struct SquaresChunk {
   long long n;
 };
 
-// partial[chunk] = sum of x^2 over the chunk, in f64.
+// partial[chunk] = sum of x^2 over the chunk, in f64 (16-byte loads when x is aligned).
 template <typename T>
 __device__ void sum_squares_multi_body(const SquaresChunk* chunks, double* partial) {
+  constexpr int N = 16 / sizeof(T);
   __shared__ double sp[32];
   const SquaresChunk c = chunks[blockIdx.x];
   const T* x = reinterpret_cast<const T*>(c.x);
   double acc = 0.0;
-  for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
+  long long done = 0;
+  if (ls_aligned16(x)) {
+    const long long packs = c.n / N;
+    for (long long q = threadIdx.x; q < packs; q += blockDim.x) {
+      const LsPack<T> p = reinterpret_cast<const LsPack<T>*>(x)[q];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const double v = (double)to_f(p.v[e]);
+        acc += v * v;
+      }
+    }
+    done = packs * N;
+  }
+  for (long long i = done + threadIdx.x; i < c.n; i += blockDim.x) {
     const double v = (double)to_f(x[i]);
     acc += v * v;
   }
