@@ -95,6 +95,49 @@ impl Lin {
     pub fn backward_params(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<()> {
         ps.accumulate_weight_grad(self.w, self.b, dy, x)
     }
+
+    /// Adds dW, db; dx added into `acc` and returned, or returned alone when None.
+    pub fn backward_to(
+        &self,
+        ps: &mut Params,
+        x: &Tensor,
+        dy: &Tensor,
+        acc: Option<Tensor>,
+    ) -> Result<Tensor> {
+        match acc {
+            Some(mut acc) => {
+                self.backward_into(ps, x, dy, &mut acc)?;
+                Ok(acc)
+            }
+            None => self.backward(ps, x, dy),
+        }
+    }
+}
+
+/// A sublayer's output gradient, and where its backward leaves the input gradient.
+pub enum Dout<'a> {
+    /// Read this; return the input gradient alone.
+    Alone(&'a Tensor),
+    /// Read the first (or the accumulator itself when None) and return the accumulator
+    /// with the input gradient added: a post-LN residual's gradient, summed by the last
+    /// input-gradient GEMM instead of a separate pass.
+    Into(Option<&'a Tensor>, Tensor),
+}
+
+impl Dout<'_> {
+    fn read(&self) -> &Tensor {
+        match self {
+            Dout::Alone(d) | Dout::Into(Some(d), _) => d,
+            Dout::Into(None, acc) => acc,
+        }
+    }
+
+    fn acc(self) -> Option<Tensor> {
+        match self {
+            Dout::Alone(_) => None,
+            Dout::Into(_, acc) => Some(acc),
+        }
+    }
 }
 
 /// Layer normalization over the last dim.
@@ -340,11 +383,11 @@ impl Attn {
         drop: &Dropout,
         s: AttnSaved,
         x: &Tensor,
-        dout: &Tensor,
+        dout: Dout,
     ) -> Result<Tensor> {
-        let dctx = self.o.backward(ps, &s.ctx, dout)?;
+        let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
         let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
-        let mut dx = self.q.backward(ps, x, &dq)?;
+        let mut dx = self.q.backward_to(ps, x, &dq, dout.acc())?;
         self.k.backward_into(ps, x, &dk, &mut dx)?;
         self.v.backward_into(ps, x, &dv, &mut dx)?;
         Ok(dx)
@@ -359,12 +402,12 @@ impl Attn {
         s: AttnSaved,
         xq: &Tensor,
         xkv: &Tensor,
-        dout: &Tensor,
+        dout: Dout,
         dkv: &mut Option<Tensor>,
     ) -> Result<Tensor> {
-        let dctx = self.o.backward(ps, &s.ctx, dout)?;
+        let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
         let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
-        let dxq = self.q.backward(ps, xq, &dq)?;
+        let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
         let acc = match dkv {
             Some(acc) => {
                 self.k.backward_into(ps, xkv, &dk, acc)?;
@@ -385,15 +428,25 @@ pub struct Ffn {
 }
 
 pub struct FfnSaved {
-    pre: Tensor,
+    /// fc1's output before the activation; None for ReLU, whose derivative reads the same
+    /// from `hd` (positive exactly where the input was, and zero gradient where dropped).
+    pre: Option<Tensor>,
     hd: Tensor,
     drop: Option<u64>,
 }
 
 impl Ffn {
     pub fn forward(&self, ps: &Params, drop: &Dropout, x: &Tensor) -> Result<(Tensor, FfnSaved)> {
-        let pre = self.fc1.forward(ps, x)?;
-        let h = tops::activate(&pre, self.act)?;
+        let (pre, h) = if self.act == Activation::Relu {
+            // The GEMM applies ReLU in its epilogue.
+            let fc1 = &self.fc1;
+            let h = ops::linear(x, ps.w(fc1.w), fc1.b.map(|b| ps.w(b)), Activation::Relu)?;
+            (None, h)
+        } else {
+            let pre = self.fc1.forward(ps, x)?;
+            let h = tops::activate(&pre, self.act)?;
+            (Some(pre), h)
+        };
         let (hd, off) = drop.apply(h, drop.activation)?;
         let out = self.fc2.forward(ps, &hd)?;
         Ok((out, FfnSaved { pre, hd, drop: off }))
@@ -405,12 +458,12 @@ impl Ffn {
         drop: &Dropout,
         s: FfnSaved,
         x: &Tensor,
-        dout: &Tensor,
+        dout: Dout,
     ) -> Result<Tensor> {
-        let dhd = self.fc2.backward(ps, &s.hd, dout)?;
+        let dhd = self.fc2.backward(ps, &s.hd, dout.read())?;
         let dh = drop.backward(dhd, drop.activation, s.drop)?;
-        let dpre = tops::activation_backward(&s.pre, &dh, self.act)?;
-        self.fc1.backward(ps, x, &dpre)
+        let dpre = tops::activation_backward(s.pre.as_ref().unwrap_or(&s.hd), &dh, self.act)?;
+        self.fc1.backward_to(ps, x, &dpre, dout.acc())
     }
 }
 
@@ -488,7 +541,8 @@ impl Layer {
         }
     }
 
-    /// Backward of a sublayer: `fb(inner, f_input, df_out) -> df_input`.
+    /// Backward of a sublayer: `fb(inner, f_input, df_out) -> df_input` (for post-LN, the
+    /// residual's gradient plus df_input).
     fn sub_backward<S>(
         &self,
         ps: &mut Params,
@@ -496,18 +550,17 @@ impl Layer {
         s: SubSaved<S>,
         ln: &Ln,
         dy: Tensor,
-        fb: impl FnOnce(&mut Params, S, &Tensor, &Tensor) -> Result<Tensor>,
+        fb: impl FnOnce(&mut Params, S, &Tensor, Dout) -> Result<Tensor>,
     ) -> Result<Tensor> {
         if self.pre_ln {
             let df = drop.backward_ref(&dy, drop.hidden, s.drop)?;
-            let da = fb(ps, s.inner, &s.mid, df.as_ref().unwrap_or(&dy))?;
+            let da = fb(ps, s.inner, &s.mid, Dout::Alone(df.as_ref().unwrap_or(&dy)))?;
             let dx = ln.backward(ps, &s.x, &da)?;
             ops::add(&dy, &dx)
         } else {
             let ds = ln.backward(ps, &s.mid, &dy)?;
             let df = drop.backward_ref(&ds, drop.hidden, s.drop)?;
-            let dx = fb(ps, s.inner, &s.x, df.as_ref().unwrap_or(&ds))?;
-            ops::add(&ds, &dx)
+            fb(ps, s.inner, &s.x, Dout::Into(df.as_ref(), ds))
         }
     }
 

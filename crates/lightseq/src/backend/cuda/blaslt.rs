@@ -21,9 +21,10 @@ pub(crate) enum Epilogue {
     None,
     /// Adds bias [n] to every row of C.
     Bias(u64),
-    /// Writes the column sums of op(A) ([m] f32: the sum over k) to the pointer: the bias
-    /// gradient of the weight-gradient GEMM `dW = dY^T @ X` (A = dY, ta).
-    BiasGradA(u64),
+    /// max(C, 0), on the f32 result before rounding (exact: rounding keeps the sign).
+    Relu,
+    /// max(C + bias, 0).
+    BiasRelu(u64),
 }
 
 impl Epilogue {
@@ -31,7 +32,18 @@ impl Epilogue {
         match self {
             Epilogue::None => 0,
             Epilogue::Bias(_) => 1,
-            Epilogue::BiasGradA(_) => 2,
+            Epilogue::Relu => 2,
+            Epilogue::BiasRelu(_) => 3,
+        }
+    }
+
+    /// Bias plus, with `relu`, max(., 0).
+    pub(crate) fn with(bias: Option<u64>, relu: bool) -> Self {
+        match (bias, relu) {
+            (None, false) => Epilogue::None,
+            (Some(b), false) => Epilogue::Bias(b),
+            (None, true) => Epilogue::Relu,
+            (Some(b), true) => Epilogue::BiasRelu(b),
         }
     }
 }
@@ -47,7 +59,7 @@ pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     /// The heuristic's first algorithm per shape; None where it found none (only kept for
-    /// the bias-gradient epilogue, which callers replace by a separate reduction).
+    /// the ReLU epilogues, which callers replace by a separate pass).
     algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
@@ -164,13 +176,12 @@ impl Descs {
                 std::mem::size_of::<i32>(),
             )
             .map_err(e)?;
+            use sys::cublasLtEpilogue_t as E;
             let (epilogue, ptr) = match epi {
-                Epilogue::None => (None, 0),
-                Epilogue::Bias(p) => (Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS), p),
-                // Our A is cuBLASLt's B (the column-major swap above).
-                Epilogue::BiasGradA(p) => {
-                    (Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB), p)
-                }
+                Epilogue::None => (None, None),
+                Epilogue::Bias(p) => (Some(E::CUBLASLT_EPILOGUE_BIAS), Some(p)),
+                Epilogue::Relu => (Some(E::CUBLASLT_EPILOGUE_RELU), None),
+                Epilogue::BiasRelu(p) => (Some(E::CUBLASLT_EPILOGUE_RELU_BIAS), Some(p)),
             };
             if let Some(epilogue) = epilogue {
                 lt::set_matmul_desc_attribute(
@@ -180,21 +191,13 @@ impl Descs {
                     std::mem::size_of::<sys::cublasLtEpilogue_t>(),
                 )
                 .map_err(e)?;
+            }
+            if let Some(ptr) = ptr {
                 lt::set_matmul_desc_attribute(
                     d.desc,
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &ptr as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
-                )
-                .map_err(e)?;
-            }
-            if let Epilogue::BiasGradA(_) = epi {
-                let f32_ty = sys::cudaDataType_t::CUDA_R_32F;
-                lt::set_matmul_desc_attribute(
-                    d.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                    &f32_ty as *const _ as *const c_void,
-                    std::mem::size_of::<sys::cudaDataType_t>(),
                 )
                 .map_err(e)?;
             }
@@ -237,8 +240,9 @@ impl BlasLt {
         })
     }
 
-    /// Enqueues `y = x @ w^T (+ bias)` on `stream`. Pointers are device addresses of
+    /// Enqueues `y = epi(x @ w^T)` on `stream`. Pointers are device addresses of
     /// contiguous row-major buffers of dtype `dt`: x [m, k], w [n, k], bias [n], y [m, n].
+    /// Returns false, having enqueued nothing, when no algorithm has a ReLU epilogue.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul_nt(
         &self,
@@ -249,15 +253,13 @@ impl BlasLt {
         k: usize,
         x: u64,
         w: u64,
-        bias: Option<u64>,
+        epi: Epilogue,
         y: u64,
-    ) -> Result<()> {
-        let epi = bias.map_or(Epilogue::None, Epilogue::Bias);
+    ) -> Result<bool> {
         let st = GemmStrides::packed(false, true, m, n, k);
         self.matmul_general(
             stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, epi, y, &st,
         )
-        .map(|_| ())
     }
 
     /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
@@ -265,7 +267,7 @@ impl BlasLt {
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
     /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c` and the
     /// epilogue `epi`; c is f32 when `c_f32`, else of dtype `dt`. Returns false, having
-    /// enqueued nothing, when no algorithm supports the bias-gradient epilogue for this shape.
+    /// enqueued nothing, when no algorithm supports a ReLU epilogue for this shape.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul_general(
         &self,
@@ -294,7 +296,7 @@ impl BlasLt {
                 None => {
                     let a = match self.heuristic(&d) {
                         Ok(a) => Some(a),
-                        Err(_) if matches!(epi, Epilogue::BiasGradA(_)) => None,
+                        Err(_) if matches!(epi, Epilogue::Relu | Epilogue::BiasRelu(_)) => None,
                         Err(e) => return Err(e),
                     };
                     algos.insert(key, a);

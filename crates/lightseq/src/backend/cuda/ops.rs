@@ -2,6 +2,7 @@
 //! front end in `crate::ops`.
 
 use super::{cuda_err, CudaStorage};
+use super::blaslt::Epilogue;
 use crate::backend::cpu::{RotaryGeometry, RowCopy};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionOptions, Heads};
@@ -48,19 +49,14 @@ pub(crate) fn linear(
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    // Bias rides in the GEMM's epilogue; activations run as a separate pass so every
-    // activation has exactly the CPU's definition.
-    dev.lt.matmul_nt(
-        dev.stream(),
-        dt,
-        m,
-        n,
-        k,
-        x.ptr(),
-        w.ptr(),
-        b.map(|b| b.ptr()),
-        y.ptr(),
-    )?;
+    // Bias and ReLU ride in the GEMM's epilogue (ReLU is exact there); other activations
+    // run as a separate pass so every activation has exactly the CPU's definition.
+    let bias = b.map(|b| b.ptr());
+    let gemm = |epi| dev.lt.matmul_nt(dev.stream(), dt, m, n, k, x.ptr(), w.ptr(), epi, y.ptr());
+    if act == Activation::Relu && gemm(Epilogue::with(bias, true))? {
+        return Ok(y);
+    }
+    gemm(Epilogue::with(bias, false))?;
     if act != Activation::None {
         bias_act(&y, None, act, n)?;
     }

@@ -106,13 +106,21 @@ fn cols_grid_per(rows: usize, cols: usize, per_block: usize) -> LaunchConfig {
     }
 }
 
-/// Sums `chunks` rows of partial column sums [chunks, cols] into `out` [cols].
-fn sum_chunks(partial: &CudaStorage, out: &CudaStorage, chunks: usize, cols: usize) -> Result<()> {
+/// Sums `chunks` rows of partial column sums [chunks, cols] into `out` [cols]: written, or
+/// with `accumulate` added to what `out` holds.
+fn sum_chunks(
+    partial: &CudaStorage,
+    out: &CudaStorage,
+    chunks: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
     let dev = partial.device();
     let f = dev.kernel("sum_chunks", DType::F32)?;
     let (pp, op, c, n) = (partial.ptr(), out.ptr(), chunks as i32, cols as i64);
+    let acc = accumulate as i32;
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&pp).arg(&op).arg(&c).arg(&n);
+    l.arg(&pp).arg(&op).arg(&c).arg(&n).arg(&acc);
     // 32 columns per block, a warp per run of chunks (up to 16 warps).
     let cfg = LaunchConfig {
         grid_dim: (cols.div_ceil(32).clamp(1, MAX_BLOCKS) as u32, 1, 1),
@@ -158,7 +166,7 @@ impl ColumnOut {
 
     fn finish(self) -> Result<CudaStorage> {
         if let Some(p) = &self.partial {
-            sum_chunks(p, &self.out, self.chunks, self.cols)?;
+            sum_chunks(p, &self.out, self.chunks, self.cols, false)?;
         }
         Ok(self.out)
     }
@@ -287,15 +295,14 @@ pub(crate) fn weight_grad_into(
             &GemmStrides::packed(true, false, n, k, rows),
         )
     };
-    let Some(bias_acc) = bias_acc else {
-        return gemm(Epilogue::None).map(|_| ());
-    };
-    let db = dev.alloc(DType::F32, n)?;
-    if !gemm(Epilogue::BiasGradA(db.ptr()))? {
-        gemm(Epilogue::None)?;
-        return add_scaled_into(bias_acc, &column_sum(dy, rows, n)?, 1.0);
+    gemm(Epilogue::None)?;
+    match bias_acc {
+        // cuBLASLt's bias-gradient epilogue runs as a separate reduction kernel after the
+        // GEMM (and forces split-K reductions); this one reads dy at the copy rate and adds
+        // into the accumulator directly.
+        Some(b) => column_sum_into(b, dy, rows, n),
+        None => Ok(()),
     }
-    add_scaled_into(bias_acc, &db, 1.0)
 }
 
 /// `acc [rows, k] += dy [rows, n] @ w [n, k]`, the GEMM accumulating into `acc` (all of
@@ -646,27 +653,70 @@ pub(crate) fn activation_backward(
     unary("activation_backward", pre, Some(dy), act)
 }
 
+/// Grid and kernel of a column sum over `x` [rows, cols]: 16-byte loads when every row
+/// starts aligned.
+fn column_sum_launch(x: &CudaStorage, rows: usize, cols: usize) -> (LaunchConfig, &'static str) {
+    let n = 16 / x.dtype().size();
+    if cols.is_multiple_of(n) && x.ptr().is_multiple_of(16) {
+        // Fewer, longer row chunks than the other column reductions: the kernel keeps four
+        // rows in flight per warp, and the partials (and the pass adding them) shrink.
+        let mut cfg = cols_grid_per(rows, cols, 32 * n);
+        let col_blocks = cfg.grid_dim.0 as usize;
+        cfg.grid_dim.1 = 512usize
+            .div_ceil(col_blocks)
+            .min(rows.div_ceil(8 * COL_WARPS as usize))
+            .clamp(1, 65535) as u32;
+        (cfg, "column_sum_packed")
+    } else {
+        (cols_grid(rows, cols), "column_sum")
+    }
+}
+
+/// Runs the column-sum kernel, writing its [grid rows, cols] partials (or, with one grid
+/// row, the sums) at `target`.
+fn column_sum_kernel(
+    x: &CudaStorage,
+    rows: usize,
+    cols: usize,
+    (cfg, name): (LaunchConfig, &'static str),
+    target: u64,
+) -> Result<()> {
+    let dev = x.device();
+    let f = dev.kernel(name, x.dtype())?;
+    let (xp, r, c) = (x.ptr(), rows as i64, cols as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&target).arg(&r).arg(&c);
+    // SAFETY: argument types match the kernel's signature in train.cu; `target` holds
+    // cfg.grid_dim.1 * cols f32.
+    launched(name, unsafe { l.launch(cfg) })
+}
+
 pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<CudaStorage> {
     let dev = x.device();
     if rows * cols == 0 {
         return dev.zeros(DType::F32, cols);
     }
-    // 16-byte loads when every row starts aligned.
-    let n = 16 / x.dtype().size();
-    let packed = cols.is_multiple_of(n) && x.ptr().is_multiple_of(16);
-    let (cfg, name) = if packed {
-        (cols_grid_per(rows, cols, 32 * n), "column_sum_packed")
-    } else {
-        (cols_grid(rows, cols), "column_sum")
-    };
-    let out = ColumnOut::new(dev, &cfg, cols)?;
-    let f = dev.kernel(name, x.dtype())?;
-    let (xp, op, r, c) = (x.ptr(), out.target(), rows as i64, cols as i32);
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&xp).arg(&op).arg(&r).arg(&c);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched(name, unsafe { l.launch(cfg) })?;
+    let launch = column_sum_launch(x, rows, cols);
+    let out = ColumnOut::new(dev, &launch.0, cols)?;
+    column_sum_kernel(x, rows, cols, launch, out.target())?;
     out.finish()
+}
+
+/// `acc [cols] (f32) += column sums of x [rows, cols]`, the last pass adding into `acc`.
+pub(crate) fn column_sum_into(
+    acc: &CudaStorage,
+    x: &CudaStorage,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let launch = column_sum_launch(x, rows, cols);
+    let chunks = launch.0.grid_dim.1 as usize;
+    let partial = x.device().alloc(DType::F32, chunks * cols)?;
+    column_sum_kernel(x, rows, cols, launch, partial.ptr())?;
+    sum_chunks(&partial, acc, chunks, cols, true)
 }
 
 pub(crate) fn embedding_backward(

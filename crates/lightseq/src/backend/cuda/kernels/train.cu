@@ -620,7 +620,19 @@ __device__ void column_sum_packed_body(const T* x, float* out, long long rows, i
 #pragma unroll
   for (int k = 0; k < N; ++k) acc[k] = 0.f;
   if (col0 < cols && warp < warps) {
-    for (long long r = r0 + warp; r < r1; r += warps) {
+    long long r = r0 + warp;
+    // Four rows' loads in flight per step; added in row order as the one-row loop below.
+    for (; r + 3ll * warps < r1; r += 4ll * warps) {
+      LsPack<T> p[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        p[u] = *reinterpret_cast<const LsPack<T>*>(x + (r + u * warps) * cols + col0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc[k] += to_f(p[u].v[k]);
+    }
+    for (; r < r1; r += warps) {
       const LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * cols + col0);
 #pragma unroll
       for (int k = 0; k < N; ++k) acc[k] += to_f(p.v[k]);
@@ -1112,10 +1124,11 @@ LS_FLOAT_TYPES(LS_TRAIN)
 LS_FLOAT_TYPES(LS_TRAIN_ROWS)
 LS_FLOAT_TYPES(LS_MULTI)
 
-// out[j] = sum_c partial[c, j] over c < chunks: block x covers 32 columns (lane = column),
-// warp w adds chunks w, w + warps, ... in order, and warp 0 adds the warps' sums in order
-// (deterministic).
-__device__ void sum_chunks_body(const float* partial, float* out, int chunks, long long cols) {
+// out[j] = sum_c partial[c, j] over c < chunks (with accumulate, out[j] += that sum): block
+// x covers 32 columns (lane = column), warp w adds chunks w, w + warps, ... in order, and
+// warp 0 adds the warps' sums in order (deterministic).
+__device__ void sum_chunks_body(const float* partial, float* out, int chunks, long long cols,
+                                int accumulate) {
   __shared__ float sp[32][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const long long col = blockIdx.x * 32ll + lane;
@@ -1128,12 +1141,12 @@ __device__ void sum_chunks_body(const float* partial, float* out, int chunks, lo
   if (warp == 0 && col < cols) {
     float total = 0.f;
     for (int w = 0; w < warps; ++w) total += sp[w][lane];
-    out[col] = total;
+    out[col] = accumulate ? __fadd_rn(out[col], total) : total;
   }
 }
 #define LS_SUM_CHUNKS(T, S)                                                                    \
   extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, int chunks,     \
-                                            long long cols) {                                 \
-    sum_chunks_body(partial, out, chunks, cols);                                               \
+                                            long long cols, int accumulate) {                 \
+    sum_chunks_body(partial, out, chunks, cols, accumulate);                                   \
   }
 LS_FLOAT_TYPES(LS_SUM_CHUNKS)
