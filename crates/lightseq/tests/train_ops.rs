@@ -532,6 +532,72 @@ fn cuda_cross_entropy_matches_cpu() {
     }
 }
 
+/// The LM head over row-padded logits (CUDA pads rows to 8 elements) against the CPU's
+/// unpadded one: logits, loss, the logits' gradient, and the gradients added into nonzero
+/// accumulators, for vocabularies that are and are not multiples of 8.
+#[test]
+fn cuda_lm_head_over_padded_logits_matches_cpu() {
+    use lightseq::train::head;
+    let Some(gpu) = gpu("cuda_lm_head_over_padded_logits_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    // The first `vocab` columns of each row of a [rows, ld] tensor.
+    let unpad = |t: &Tensor, vocab: usize| -> Vec<f32> {
+        let ld = *t.shape().last().unwrap();
+        let v = t.to_f32_vec().unwrap();
+        v.chunks(ld).flat_map(|r| r[..vocab].to_vec()).collect()
+    };
+    for (rows, k, vocab) in [(19, 24, 37), (33, 64, 1003), (8, 16, 64)] {
+        let x = scaled(70, rows * k, 1.0);
+        let w = scaled(71, vocab * k, 0.5);
+        let b = scaled(72, vocab, 0.5);
+        let wg0 = scaled(73, vocab * k, 1.0);
+        let bg0 = scaled(74, vocab, 1.0);
+        let targets: Vec<i32> = (0..rows)
+            .map(|i| {
+                if i % 4 == 1 {
+                    -1
+                } else {
+                    ((i * 7919 + 3) % vocab) as i32
+                }
+            })
+            .collect();
+        for dt in DTYPES {
+            let run = |d: &Device| {
+                let (xt, wt) = (t(&x, &[rows, k], dt, d), t(&w, &[vocab, k], dt, d));
+                let logits = head::logits(&xt, &wt, Some(&t(&b, &[vocab], dt, d))).unwrap();
+                let (loss, nll, dl) =
+                    head::cross_entropy(&logits, &ids(&targets, d), 0.1, 0.5).unwrap();
+                let mut wg = t(&wg0, &[vocab, k], DType::F32, d);
+                let mut bg = t(&bg0, &[vocab], DType::F32, d);
+                head::weight_grad_into(&mut wg, Some(&mut bg), &xt, &dl).unwrap();
+                let dx = head::input_grad(&dl, &wt).unwrap();
+                (
+                    unpad(&logits.t, vocab),
+                    loss,
+                    nll,
+                    unpad(&dl.t, vocab),
+                    wg,
+                    bg,
+                    dx,
+                )
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            let what = format!("head [{rows}, {k}] vocab {vocab}");
+            let err = rel_err(&g.0, &c.0);
+            assert!(err <= tol(dt), "{what} {dt}: logits rel err {err:.3e}");
+            check(&format!("{what} loss"), dt, &g.1, &c.1, tol(dt));
+            check(&format!("{what} nll"), dt, &g.2, &c.2, tol(dt));
+            let err = rel_err(&g.3, &c.3);
+            assert!(err <= tol(dt), "{what} {dt}: dlogits rel err {err:.3e}");
+            check(&format!("{what} weight grad"), dt, &g.4, &c.4, tol(dt));
+            check(&format!("{what} bias grad"), dt, &g.5, &c.5, tol(dt));
+            check(&format!("{what} dx"), dt, &g.6, &c.6, tol(dt));
+        }
+    }
+}
+
 #[test]
 fn cuda_adam_step_matches_cpu() {
     let Some(gpu) = gpu("cuda_adam_step_matches_cpu") else {

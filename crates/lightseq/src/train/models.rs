@@ -3,6 +3,7 @@
 //! ViT (image classification, with [`super::vit`]'s patch embedding).
 //! Weights load from HF checkpoints under HF names and are written back under them.
 
+use super::head;
 use super::layers::{as_dtype_of, Attn, Dropout, Emb, Ffn, Layer, LayerInputs, Lin, Ln, Positions};
 use super::ops as tops;
 use super::params::{Params, Pid};
@@ -966,14 +967,16 @@ impl Net {
         let ps = &mut self.params;
         let (stats, dx) = match &self.head {
             Head::Tied { table, bias } => {
-                let logits = ops::linear(&x, ps.w(*table), bias.as_ref(), Activation::None)?;
-                let (st, dlogits) = loss(&logits, &targets, eps, grad_scale)?;
+                let logits = head::logits(&x, ps.w(*table), bias.as_ref())?;
+                let (st, dlogits) = head_loss(&logits, &targets, eps, grad_scale)?;
                 std::mem::drop(logits); // the largest activation: free it before the backward
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let lin = Lin { w: *table, b: None };
-                (st, lin.backward(ps, &x, &dlogits)?)
+                let (wg, _) = ps.grads_mut(*table, None)?;
+                head::weight_grad_into(wg, None, &x, &dlogits)?;
+                let dx = head::input_grad(&dlogits, ps.w(*table))?;
+                (st, dx.reshape(x.shape())?)
             }
             Head::Mlm {
                 dense,
@@ -988,18 +991,16 @@ impl Net {
                 let pre = dense.forward(ps, &xs)?;
                 let a = tops::activate(&pre, *act)?;
                 let t = ln.forward(ps, &a)?;
-                let logits = ops::linear(&t, ps.w(*table), Some(ps.w(*bias)), Activation::None)?;
+                let logits = head::logits(&t, ps.w(*table), Some(ps.w(*bias)))?;
                 let tsel: Vec<i32> = picked.iter().map(|&i| targets[i]).collect();
-                let (st, dlogits) = loss(&logits, &tsel, eps, grad_scale)?;
+                let (st, dlogits) = head_loss(&logits, &tsel, eps, grad_scale)?;
                 std::mem::drop(logits); // the largest activation: free it before the backward
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let lin = Lin {
-                    w: *table,
-                    b: Some(*bias),
-                };
-                let dt = lin.backward(ps, &t, &dlogits)?;
+                let (wg, bg) = ps.grads_mut(*table, Some(*bias))?;
+                head::weight_grad_into(wg, bg, &t, &dlogits)?;
+                let dt = head::input_grad(&dlogits, ps.w(*table))?.reshape(t.shape())?;
                 let da = ln.backward(ps, &a, &dt)?;
                 let dpre = tops::activation_backward(&pre, &da, *act)?;
                 let dxs = dense.backward(ps, &xs, &dpre)?;
@@ -1090,14 +1091,28 @@ fn loss(
 ) -> Result<(PassStats, Tensor)> {
     let tt = Tensor::from_i32(targets, &[targets.len()], &logits.device())?;
     let (l, n, d) = tops::cross_entropy(logits, &tt, eps, grad_scale)?;
-    let lv = l.to_f32_vec()?;
-    let nv = n.to_f32_vec()?;
-    Ok((
-        PassStats {
-            loss_sum: lv.iter().map(|&x| x as f64).sum(),
-            nll_sum: nv.iter().map(|&x| x as f64).sum(),
-            tokens: targets.iter().filter(|&&t| t >= 0).count(),
-        },
-        d,
-    ))
+    Ok((pass_stats(&l, &n, targets)?, d))
+}
+
+/// [`loss`] of an LM head's padded logits.
+fn head_loss(
+    logits: &head::HeadLogits,
+    targets: &[i32],
+    eps: f32,
+    grad_scale: f32,
+) -> Result<(PassStats, head::HeadLogits)> {
+    let tt = Tensor::from_i32(targets, &[targets.len()], &logits.t.device())?;
+    let (l, n, d) = head::cross_entropy(logits, &tt, eps, grad_scale)?;
+    Ok((pass_stats(&l, &n, targets)?, d))
+}
+
+/// Sums of the per-row losses and nlls, and the predicted-token count.
+fn pass_stats(loss: &Tensor, nll: &Tensor, targets: &[i32]) -> Result<PassStats> {
+    let lv = loss.to_f32_vec()?;
+    let nv = nll.to_f32_vec()?;
+    Ok(PassStats {
+        loss_sum: lv.iter().map(|&x| x as f64).sum(),
+        nll_sum: nv.iter().map(|&x| x as f64).sum(),
+        tokens: targets.iter().filter(|&&t| t >= 0).count(),
+    })
 }

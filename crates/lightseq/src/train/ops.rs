@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::{DType, Storage, Tensor};
 
-fn float_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
+pub(super) fn float_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
     let dt = ts[0].dtype();
     let dev = ts[0].cuda_device().map(|d| d.ordinal());
     for t in ts {
@@ -34,7 +34,7 @@ fn float_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
     Ok(dt)
 }
 
-fn need(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn need(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -46,7 +46,7 @@ fn cpu_out(shape: &[usize], dt: DType, v: Vec<f32>) -> Tensor {
     Tensor::from_parts(shape.to_vec(), dt, Storage::CpuF32(v))
 }
 
-fn cuda_out(shape: &[usize], dt: DType, s: crate::backend::cuda::CudaStorage) -> Tensor {
+pub(super) fn cuda_out(shape: &[usize], dt: DType, s: crate::backend::cuda::CudaStorage) -> Tensor {
     Tensor::from_parts(shape.to_vec(), dt, Storage::Cuda(s))
 }
 
@@ -256,7 +256,7 @@ pub fn linear_weight_grad_into(
                 Some(Storage::Cuda(b)) => Some(b),
                 _ => None,
             };
-            cuda::weight_grad_into(a, b, d, xs, rows, n, k)
+            cuda::weight_grad_into(a, b, d, xs, rows, n, k, n)
         }
         _ => {
             let g = linear_weight_grad(dy, x)?;
@@ -551,7 +551,7 @@ pub fn cross_entropy(
             // (the trainer); the kernel marks any out-of-range row with NaN instead of
             // reading past the row.
             let (loss, nll, d) =
-                cuda::cross_entropy(l, targets.cuda(OP)?, n, vocab, eps, grad_scale)?;
+                cuda::cross_entropy(l, targets.cuda(OP)?, n, vocab, vocab, eps, grad_scale)?;
             (
                 cuda_out(&[n], DType::F32, loss),
                 cuda_out(&[n], DType::F32, nll),

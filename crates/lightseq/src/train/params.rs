@@ -193,22 +193,32 @@ impl Params {
         dy: &Tensor,
         x: &Tensor,
     ) -> Result<()> {
+        let (w, b) = self.grads_mut(p, bias)?;
+        tops::linear_weight_grad_into(w, b, dy, x)
+    }
+
+    /// The gradients of a weight and of its bias, borrowed mutably at once.
+    pub fn grads_mut(
+        &mut self,
+        p: Pid,
+        bias: Option<Pid>,
+    ) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
         let Some(b) = bias else {
-            return tops::linear_weight_grad_into(&mut self.list[p].grad, None, dy, x);
+            return Ok((&mut self.list[p].grad, None));
         };
         if b == p {
             return Err(Error::Input(format!(
                 "parameter {p} given as both weight and bias"
             )));
         }
-        // Two distinct elements of the list, borrowed mutably at once.
+        // Two distinct elements of the list.
         let (lo, hi) = self.list.split_at_mut(p.max(b));
         let (w, bias) = if p < b {
             (&mut lo[p], &mut hi[0])
         } else {
             (&mut hi[0], &mut lo[b])
         };
-        tops::linear_weight_grad_into(&mut w.grad, Some(&mut bias.grad), dy, x)
+        Ok((&mut w.grad, Some(&mut bias.grad)))
     }
 
     /// Zeroes every gradient.

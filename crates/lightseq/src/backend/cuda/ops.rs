@@ -1,8 +1,8 @@
 //! CUDA bodies of the ops: argument packing and launch shapes. Shapes were checked by the
 //! front end in `crate::ops`.
 
-use super::{cuda_err, CudaStorage};
 use super::blaslt::Epilogue;
+use super::{cuda_err, CudaStorage};
 use crate::backend::cpu::{RotaryGeometry, RowCopy};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionOptions, Heads};
@@ -52,7 +52,10 @@ pub(crate) fn linear(
     // Bias and ReLU ride in the GEMM's epilogue (ReLU is exact there); other activations
     // run as a separate pass so every activation has exactly the CPU's definition.
     let bias = b.map(|b| b.ptr());
-    let gemm = |epi| dev.lt.matmul_nt(dev.stream(), dt, m, n, k, x.ptr(), w.ptr(), epi, y.ptr());
+    let gemm = |epi| {
+        dev.lt
+            .matmul_nt(dev.stream(), dt, m, n, k, x.ptr(), w.ptr(), epi, y.ptr())
+    };
     if act == Activation::Relu && gemm(Epilogue::with(bias, true))? {
         return Ok(y);
     }

@@ -260,9 +260,51 @@ pub(crate) fn matmul_strided(
     Ok(c)
 }
 
-/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]`, the GEMM writing into `acc`; with
-/// `bias_acc`, also `bias_acc [n] (f32) += column sums of dy`, from the GEMM's epilogue
-/// where cuBLASLt has one for the shape, else from a column reduction.
+/// `y [m, ld] = x [m, k] @ w [n, k]^T (+ b)` in the first `n` columns of each row; the
+/// columns past `n` are left unwritten.
+pub(crate) fn linear_ld(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    if k == 0 {
+        return dev.zeros(x.dtype(), m * ld);
+    }
+    let y = dev.alloc(x.dtype(), m * ld)?;
+    if m == 0 || n == 0 {
+        return Ok(y);
+    }
+    dev.lt.matmul_general(
+        dev.stream(),
+        x.dtype(),
+        false,
+        0.0,
+        false,
+        true,
+        1,
+        m,
+        n,
+        k,
+        x.ptr(),
+        w.ptr(),
+        Epilogue::with(b.map(|b| b.ptr()), false),
+        y.ptr(),
+        &GemmStrides {
+            ldc: ld,
+            ..GemmStrides::packed(false, true, m, n, k)
+        },
+    )?;
+    Ok(y)
+}
+
+/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart), the GEMM
+/// writing into `acc`; with `bias_acc`, also `bias_acc [n] (f32) += column sums of dy`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_into(
     acc: &CudaStorage,
     bias_acc: Option<&CudaStorage>,
@@ -271,6 +313,7 @@ pub(crate) fn weight_grad_into(
     rows: usize,
     n: usize,
     k: usize,
+    dy_ld: usize,
 ) -> Result<()> {
     if rows == 0 || n == 0 || k == 0 {
         return Ok(());
@@ -292,7 +335,10 @@ pub(crate) fn weight_grad_into(
             x.ptr(),
             epi,
             acc.ptr(),
-            &GemmStrides::packed(true, false, n, k, rows),
+            &GemmStrides {
+                lda: dy_ld,
+                ..GemmStrides::packed(true, false, n, k, rows)
+            },
         )
     };
     gemm(Epilogue::None)?;
@@ -300,7 +346,7 @@ pub(crate) fn weight_grad_into(
         // cuBLASLt's bias-gradient epilogue runs as a separate reduction kernel after the
         // GEMM (and forces split-K reductions); this one reads dy at the copy rate and adds
         // into the accumulator directly.
-        Some(b) => column_sum_into(b, dy, rows, n),
+        Some(b) => column_sum_into(b, dy, rows, n, dy_ld),
         None => Ok(()),
     }
 }
@@ -315,6 +361,21 @@ pub(crate) fn input_grad_into(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    input_grad_ld(acc, 1.0, dy, n, w, rows, n, k)
+}
+
+/// `acc [rows, k] = dy [rows, n] @ w [n, k] + beta * acc` with dy's rows `dy_ld` apart.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn input_grad_ld(
+    acc: &CudaStorage,
+    beta: f32,
+    dy: &CudaStorage,
+    dy_ld: usize,
+    w: &CudaStorage,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
     if rows == 0 || n == 0 || k == 0 {
         return Ok(());
     }
@@ -324,7 +385,7 @@ pub(crate) fn input_grad_into(
             dev.stream(),
             dy.dtype(),
             false,
-            1.0,
+            beta,
             false,
             false,
             1,
@@ -335,7 +396,10 @@ pub(crate) fn input_grad_into(
             w.ptr(),
             Epilogue::None,
             acc.ptr(),
-            &GemmStrides::packed(false, false, rows, k, n),
+            &GemmStrides {
+                lda: dy_ld,
+                ..GemmStrides::packed(false, false, rows, k, n)
+            },
         )
         .map(|_| ())
 }
@@ -653,11 +717,16 @@ pub(crate) fn activation_backward(
     unary("activation_backward", pre, Some(dy), act)
 }
 
-/// Grid and kernel of a column sum over `x` [rows, cols]: 16-byte loads when every row
-/// starts aligned.
-fn column_sum_launch(x: &CudaStorage, rows: usize, cols: usize) -> (LaunchConfig, &'static str) {
+/// Grid and kernel of a column sum over `x` [rows, cols] (rows `ld` apart): 16-byte loads
+/// when every row starts aligned and its last pack stays inside the row's `ld`.
+fn column_sum_launch(
+    x: &CudaStorage,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> (LaunchConfig, &'static str) {
     let n = 16 / x.dtype().size();
-    if cols.is_multiple_of(n) && x.ptr().is_multiple_of(16) {
+    if ld.is_multiple_of(n) && ld >= cols.next_multiple_of(n) && x.ptr().is_multiple_of(16) {
         // Fewer, longer row chunks than the other column reductions: the kernel keeps four
         // rows in flight per warp, and the partials (and the pass adding them) shrink.
         let mut cfg = cols_grid_per(rows, cols, 32 * n);
@@ -678,14 +747,15 @@ fn column_sum_kernel(
     x: &CudaStorage,
     rows: usize,
     cols: usize,
+    ld: usize,
     (cfg, name): (LaunchConfig, &'static str),
     target: u64,
 ) -> Result<()> {
     let dev = x.device();
     let f = dev.kernel(name, x.dtype())?;
-    let (xp, r, c) = (x.ptr(), rows as i64, cols as i32);
+    let (xp, r, c, ld) = (x.ptr(), rows as i64, cols as i32, ld as i64);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&xp).arg(&target).arg(&r).arg(&c);
+    l.arg(&xp).arg(&target).arg(&r).arg(&c).arg(&ld);
     // SAFETY: argument types match the kernel's signature in train.cu; `target` holds
     // cfg.grid_dim.1 * cols f32.
     launched(name, unsafe { l.launch(cfg) })
@@ -696,26 +766,28 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
     if rows * cols == 0 {
         return dev.zeros(DType::F32, cols);
     }
-    let launch = column_sum_launch(x, rows, cols);
+    let launch = column_sum_launch(x, rows, cols, cols);
     let out = ColumnOut::new(dev, &launch.0, cols)?;
-    column_sum_kernel(x, rows, cols, launch, out.target())?;
+    column_sum_kernel(x, rows, cols, cols, launch, out.target())?;
     out.finish()
 }
 
-/// `acc [cols] (f32) += column sums of x [rows, cols]`, the last pass adding into `acc`.
+/// `acc [cols] (f32) += column sums of x [rows, cols]` (rows `ld` apart), the last pass
+/// adding into `acc`.
 pub(crate) fn column_sum_into(
     acc: &CudaStorage,
     x: &CudaStorage,
     rows: usize,
     cols: usize,
+    ld: usize,
 ) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
-    let launch = column_sum_launch(x, rows, cols);
+    let launch = column_sum_launch(x, rows, cols, ld);
     let chunks = launch.0.grid_dim.1 as usize;
     let partial = x.device().alloc(DType::F32, chunks * cols)?;
-    column_sum_kernel(x, rows, cols, launch, partial.ptr())?;
+    column_sum_kernel(x, rows, cols, ld, launch, partial.ptr())?;
     sum_chunks(&partial, acc, chunks, cols, true)
 }
 
@@ -750,11 +822,15 @@ pub(crate) fn embedding_backward(
     Ok(out)
 }
 
+/// Label-smoothed cross entropy of `n` rows of `vocab` logits, rows `ld` apart: per-row
+/// loss and nll, and the logits' gradient in the same layout (zero in the row padding).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn cross_entropy(
     logits: &CudaStorage,
     targets: &CudaStorage,
     n: usize,
     vocab: usize,
+    ld: usize,
     eps: f32,
     grad_scale: f32,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
@@ -764,12 +840,12 @@ pub(crate) fn cross_entropy(
         return Ok((
             dev.zeros(DType::F32, n)?,
             dev.zeros(DType::F32, n)?,
-            dev.alloc(dt, n * vocab)?,
+            dev.zeros(dt, n * ld)?,
         ));
     }
     let loss = dev.alloc(DType::F32, n)?;
     let nll = dev.alloc(DType::F32, n)?;
-    let d = dev.alloc(dt, n * vocab)?;
+    let d = dev.alloc(dt, n * ld)?;
     // The constants of cpu::cross_entropy, in f64 then rounded.
     let eps64 = eps as f64;
     let eps_i = if vocab > 1 {
@@ -782,7 +858,7 @@ pub(crate) fn cross_entropy(
     let (c_nll, eps_i, a) = (c_nll as f32, eps_i as f32, a as f32);
     let f = dev.kernel("cross_entropy", dt)?;
     let (lp, tp, lossp, nllp, dp) = (logits.ptr(), targets.ptr(), loss.ptr(), nll.ptr(), d.ptr());
-    let (r, v) = (n as i64, vocab as i32);
+    let (r, v, ld) = (n as i64, vocab as i32, ld as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&lp)
         .arg(&tp)
@@ -791,6 +867,7 @@ pub(crate) fn cross_entropy(
         .arg(&dp)
         .arg(&r)
         .arg(&v)
+        .arg(&ld)
         .arg(&c_nll)
         .arg(&eps_i)
         .arg(&a)

@@ -583,9 +583,9 @@ __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const flo
   }
 }
 
-// out[j] = sum_r x[r, j].
+// out[j] = sum_r x[r, j], rows ld apart.
 template <typename T>
-__device__ void column_sum_body(const T* x, float* out, long long rows, int cols) {
+__device__ void column_sum_body(const T* x, float* out, long long rows, int cols, long long ld) {
   __shared__ float sp[LS_COL_WARPS_MAX][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int col = blockIdx.x * 32 + lane;
@@ -594,7 +594,7 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
   out += (long long)blockIdx.y * cols;
   float acc = 0.f;
   if (col < cols) {
-    for (long long r = r0 + warp; r < r1; r += warps) acc += to_f(x[r * cols + col]);
+    for (long long r = r0 + warp; r < r1; r += warps) acc += to_f(x[r * ld + col]);
   }
   sp[warp][lane] = acc;
   __syncthreads();
@@ -606,9 +606,11 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
 }
 
 // column_sum with 16-byte loads: lane l of a block covers columns [(32 b + l) N, + N); needs
-// cols % N == 0 and an aligned x (the host checks).
+// ld % N == 0, ld >= cols rounded up to N (a last pack may read row padding) and an
+// aligned x (the host checks).
 template <typename T>
-__device__ void column_sum_packed_body(const T* x, float* out, long long rows, int cols) {
+__device__ void column_sum_packed_body(const T* x, float* out, long long rows, int cols,
+                                       long long ld) {
   constexpr int N = 16 / sizeof(T);
   __shared__ float sp[16][32 * N + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 16);
@@ -626,14 +628,14 @@ __device__ void column_sum_packed_body(const T* x, float* out, long long rows, i
       LsPack<T> p[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        p[u] = *reinterpret_cast<const LsPack<T>*>(x + (r + u * warps) * cols + col0);
+        p[u] = *reinterpret_cast<const LsPack<T>*>(x + (r + u * warps) * ld + col0);
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
         for (int k = 0; k < N; ++k) acc[k] += to_f(p[u].v[k]);
     }
     for (; r < r1; r += warps) {
-      const LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * cols + col0);
+      const LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * ld + col0);
 #pragma unroll
       for (int k = 0; k < N; ++k) acc[k] += to_f(p.v[k]);
     }
@@ -655,8 +657,8 @@ __device__ void column_sum_packed_body(const T* x, float* out, long long rows, i
 
 #define LS_COLUMN_PACKED(T, S)                                                                 \
   extern "C" __global__ void column_sum_packed_##S(const T* x, float* out, long long rows,    \
-                                                   int cols) {                                \
-    column_sum_packed_body<T>(x, out, rows, cols);                                             \
+                                                   int cols, long long ld) {                  \
+    column_sum_packed_body<T>(x, out, rows, cols, ld);                                         \
   }
 LS_FLOAT_TYPES(LS_COLUMN_PACKED)
 
@@ -768,11 +770,13 @@ __device__ __forceinline__ void row_map(const T* z, T* g, int n, F f) {
 
 template <typename T>
 __device__ void cross_entropy_body(const T* logits, const int* targets, float* loss, float* nll,
-                                   T* d, long long rows, int vocab, float c_nll, float eps_i,
-                                   float a, float grad_scale) {
+                                   T* d, long long rows, int vocab, int ld, float c_nll,
+                                   float eps_i, float a, float grad_scale) {
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* z = logits + r * vocab;
-    T* g = d + r * vocab;
+    const T* z = logits + r * ld;
+    T* g = d + r * ld;
+    // Columns past the vocabulary (row padding) get zero gradients.
+    for (int v = vocab + threadIdx.x; v < ld; v += blockDim.x) g[v] = from_f<T>(0.f);
     const int t = targets[r];
     if (t < 0 || t >= vocab) {  // uniform over the block
       for (int v = threadIdx.x; v < vocab; v += blockDim.x) g[v] = from_f<T>(0.f);
@@ -1064,8 +1068,8 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
     layer_norm_params_body<T>(x, dy, stats, dgamma, dbeta, rows, h);                          \
   }                                                                                           \
   extern "C" __global__ void column_sum_##S(const T* x, float* out, long long rows,           \
-                                            int cols) {                                       \
-    column_sum_body<T>(x, out, rows, cols);                                                   \
+                                            int cols, long long ld) {                         \
+    column_sum_body<T>(x, out, rows, cols, ld);                                                \
   }                                                                                           \
   extern "C" __global__ void activate_##S(const T* x, T* y, int act, long long total) {       \
     activate_body<T>(x, y, act, total);                                                       \
@@ -1081,9 +1085,9 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   }                                                                                           \
   extern "C" __global__ void cross_entropy_##S(const T* logits, const int* targets,           \
                                                float* loss, float* nll, T* d, long long rows, \
-                                               int vocab, float c_nll, float eps_i, float a,  \
-                                               float grad_scale) {                            \
-    cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, c_nll, eps_i, a,        \
+                                               int vocab, int ld, float c_nll, float eps_i,   \
+                                               float a, float grad_scale) {                   \
+    cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, a,    \
                           grad_scale);                                                        \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
