@@ -386,6 +386,32 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("{what} dx"), dt, &gdx, &cdx, tol(dt));
             check(&format!("{what} dgamma"), dt, &gdg, &cdg, tol(dt));
             check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
+
+            // The accumulating form, twice into nonzero accumulators: the single-launch
+            // reduction (h a multiple of 8) must leave its counters ready for the next one.
+            let into = |d: &Device| {
+                let mut dg = t(&scaled(23, h, 1.0), &[h], DType::F32, d);
+                let mut db = t(&scaled(24, h, 1.0), &[h], DType::F32, d);
+                let mut dxs = Vec::new();
+                for _ in 0..2 {
+                    dxs.push(
+                        ops::layer_norm_backward_into(
+                            &t(&x, &[rows, h], dt, d),
+                            &t(&g, &[h], dt, d),
+                            &t(&dy, &[rows, h], dt, d),
+                            1e-5,
+                            &mut dg,
+                            &mut db,
+                        )
+                        .unwrap(),
+                    );
+                }
+                (dxs.pop().unwrap(), dg, db)
+            };
+            let ((gdx, gdg, gdb), (cdx, cdg, cdb)) = (into(&gpu), into(&cpu));
+            check(&format!("{what} into dx"), dt, &gdx, &cdx, tol(dt));
+            check(&format!("{what} into dgamma"), dt, &gdg, &cdg, tol(dt));
+            check(&format!("{what} into dbeta"), dt, &gdb, &cdb, tol(dt));
         }
 
         // activate and activation_backward for every activation.

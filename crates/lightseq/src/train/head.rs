@@ -135,7 +135,12 @@ pub fn input_grad(d: &HeadLogits, w: &Tensor) -> Result<Tensor> {
     let (Storage::Cuda(ds), Storage::Cuda(ws)) = (&d.t.storage, &w.storage) else {
         return super::ops::linear_input_grad(&d.t, w);
     };
-    let dx = ds.device().alloc(d.t.dtype(), rows * k)?;
+    let dev = ds.device();
+    let dx = if vocab == 0 {
+        dev.zeros(d.t.dtype(), rows * k)?
+    } else {
+        dev.alloc(d.t.dtype(), rows * k)?
+    };
     cuda::input_grad_ld(&dx, 0.0, ds, ld, ws, rows, vocab, k)?;
     Ok(cuda_out(&[rows, k], d.t.dtype(), dx))
 }

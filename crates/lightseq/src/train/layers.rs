@@ -160,10 +160,8 @@ impl Ln {
     }
 
     pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        let (dx, dg, db) = tops::layer_norm_backward(x, ps.w(self.g), dy, self.eps)?;
-        ps.accumulate(self.g, &dg)?;
-        ps.accumulate(self.b, &db)?;
-        Ok(dx)
+        let (gamma, dg, db) = ps.w_and_grads(self.g, self.g, self.b)?;
+        tops::layer_norm_backward_into(x, gamma, dy, self.eps, dg, db)
     }
 }
 

@@ -402,6 +402,61 @@ pub fn add_layer_norm(
     })
 }
 
+/// [`layer_norm_backward`] adding dgamma and dbeta into the f32 accumulators `dg_acc` and
+/// `db_acc` [h] (on CUDA the reduction adds into them directly); returns dx.
+pub fn layer_norm_backward_into(
+    x: &Tensor,
+    gamma: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    dg_acc: &mut Tensor,
+    db_acc: &mut Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "layer_norm_backward_into";
+    let dt = float_dtype(OP, &[x, gamma, dy])?;
+    let h = x.shape().last().copied().unwrap_or(1);
+    let acc_ok = |a: &Tensor| a.dtype() == DType::F32 && a.len() == h;
+    need(
+        OP,
+        gamma.shape() == [h] && dy.shape() == x.shape() && acc_ok(dg_acc) && acc_ok(db_acc),
+        || {
+            format!(
+                "x {:?}, gamma {:?}, dy {:?}, accumulators {:?} {:?}",
+                x.shape(),
+                gamma.shape(),
+                dy.shape(),
+                dg_acc.shape(),
+                db_acc.shape()
+            )
+        },
+    )?;
+    let rows = x.len() / h.max(1);
+    match (
+        &x.storage,
+        &gamma.storage,
+        &dy.storage,
+        &dg_acc.storage,
+        &db_acc.storage,
+    ) {
+        (
+            Storage::Cuda(xv),
+            Storage::Cuda(g),
+            Storage::Cuda(d),
+            Storage::Cuda(ga),
+            Storage::Cuda(ba),
+        ) => {
+            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (ga, ba), true)?;
+            Ok(cuda_out(x.shape(), dt, dx))
+        }
+        _ => {
+            let (dx, dg, db) = layer_norm_backward(x, gamma, dy, eps)?;
+            add_scaled_into(dg_acc, &dg, 1.0)?;
+            add_scaled_into(db_acc, &db, 1.0)?;
+            Ok(dx)
+        }
+    }
+}
+
 /// Backward of `layer_norm(x)` over the last dim: (dx, dgamma f32, dbeta f32).
 pub fn layer_norm_backward(
     x: &Tensor,
@@ -431,7 +486,9 @@ pub fn layer_norm_backward(
             )
         }
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(d)) => {
-            let (dx, dg, db) = cuda::layer_norm_backward(xv, g, d, rows, h, eps)?;
+            let dev = xv.device();
+            let (dg, db) = (dev.alloc(DType::F32, h)?, dev.alloc(DType::F32, h)?);
+            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (&dg, &db), false)?;
             (
                 cuda_out(x.shape(), dt, dx),
                 cuda_out(&[h], DType::F32, dg),

@@ -197,6 +197,40 @@ impl Params {
         tops::linear_weight_grad_into(w, b, dy, x)
     }
 
+    /// Parameter `read` as compute uses it (see [`Params::w`]) with the gradients of `p` and
+    /// `q` (all distinct, else an error), borrowed at once.
+    pub fn w_and_grads(
+        &mut self,
+        read: Pid,
+        p: Pid,
+        q: Pid,
+    ) -> Result<(&Tensor, &mut Tensor, &mut Tensor)> {
+        let (mut w, mut gp, mut gq) = (None, None, None);
+        for (i, par) in self.list.iter_mut().enumerate() {
+            // Disjoint fields of one element may be borrowed separately.
+            let Param {
+                value,
+                compute,
+                grad,
+                ..
+            } = par;
+            if i == read {
+                w = Some(compute.as_ref().unwrap_or(value) as &Tensor);
+            }
+            if i == p {
+                gp = Some(grad);
+            } else if i == q {
+                gq = Some(grad);
+            }
+        }
+        match (w, gp, gq) {
+            (Some(w), Some(gp), Some(gq)) if p != q => Ok((w, gp, gq)),
+            _ => Err(Error::Input(format!(
+                "parameters {read}, {p}, {q}: out of range or the gradients coincide"
+            ))),
+        }
+    }
+
     /// The gradients of a weight and of its bias, borrowed mutably at once.
     pub fn grads_mut(
         &mut self,

@@ -45,8 +45,14 @@ pub struct CudaDevice {
     capture_stream: Arc<CudaStream>,
     /// The capturing thread's token (see `thread_token`), 0 when none.
     capturing: AtomicU64,
+    /// Arrival counters of the single-launch column reductions (train.cu's
+    /// `ls_last_arrival`), zero between launches; made on first use.
+    column_counters: std::sync::OnceLock<CudaSlice<u32>>,
     ctx: Arc<CudaContext>,
 }
+
+/// Column blocks a single-launch column reduction may use (see `column_counters`).
+pub(crate) const COLUMN_COUNTERS: usize = 1 << 14;
 
 /// A process-unique, non-zero token of the calling thread.
 fn thread_token() -> u64 {
@@ -124,6 +130,7 @@ impl CudaDevice {
             stream,
             capture_stream,
             capturing: AtomicU64::new(0),
+            column_counters: std::sync::OnceLock::new(),
             ctx,
         }))
     }
@@ -187,6 +194,21 @@ impl CudaDevice {
         } else {
             &self.stream
         }
+    }
+
+    /// Device address of [`COLUMN_COUNTERS`] zeroed u32 arrival counters, shared by the
+    /// single-launch column reductions: each leaves its counters at zero, and all of them
+    /// run on the device's one stream, so one never sees another's arrivals.
+    pub(crate) fn column_counters(&self) -> Result<u64> {
+        if let Some(c) = self.column_counters.get() {
+            return Ok(c.device_ptr(&self.stream).0);
+        }
+        let c = self
+            .stream
+            .alloc_zeros::<u32>(COLUMN_COUNTERS)
+            .map_err(|e| cuda_err("allocating column counters", e))?;
+        let c = self.column_counters.get_or_init(|| c);
+        Ok(c.device_ptr(&self.stream).0)
     }
 
     /// Waits for all queued work.

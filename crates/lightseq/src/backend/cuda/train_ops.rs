@@ -115,9 +115,20 @@ fn sum_chunks(
     cols: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let dev = partial.device();
+    sum_chunks_at(partial.ptr(), out, chunks, cols, accumulate)
+}
+
+/// [`sum_chunks`] of the partials at device address `partial`.
+fn sum_chunks_at(
+    partial: u64,
+    out: &CudaStorage,
+    chunks: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let dev = out.device();
     let f = dev.kernel("sum_chunks", DType::F32)?;
-    let (pp, op, c, n) = (partial.ptr(), out.ptr(), chunks as i32, cols as i64);
+    let (pp, op, c, n) = (partial, out.ptr(), chunks as i32, cols as i64);
     let acc = accumulate as i32;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&pp).arg(&op).arg(&c).arg(&n).arg(&acc);
@@ -129,47 +140,6 @@ fn sum_chunks(
     };
     // SAFETY: argument types match the kernel's signature in train.cu.
     launched("sum_chunks", unsafe { l.launch(cfg) })
-}
-
-/// Output buffer for a column reduction: `out` itself when one chunk covers the rows,
-/// else a [chunks, cols] partial buffer that `finish` reduces into `out`.
-struct ColumnOut {
-    out: CudaStorage,
-    partial: Option<CudaStorage>,
-    chunks: usize,
-    cols: usize,
-}
-
-impl ColumnOut {
-    fn new(
-        dev: &std::sync::Arc<super::CudaDevice>,
-        cfg: &LaunchConfig,
-        cols: usize,
-    ) -> Result<Self> {
-        let chunks = cfg.grid_dim.1 as usize;
-        Ok(ColumnOut {
-            out: dev.alloc(DType::F32, cols)?,
-            partial: if chunks > 1 {
-                Some(dev.alloc(DType::F32, chunks * cols)?)
-            } else {
-                None
-            },
-            chunks,
-            cols,
-        })
-    }
-
-    /// Where the kernel writes.
-    fn target(&self) -> u64 {
-        self.partial.as_ref().unwrap_or(&self.out).ptr()
-    }
-
-    fn finish(self) -> Result<CudaStorage> {
-        if let Some(p) = &self.partial {
-            sum_chunks(p, &self.out, self.chunks, self.cols, false)?;
-        }
-        Ok(self.out)
-    }
 }
 
 /// Batched `C = op(A) op(B)` (see `BlasLt::matmul_general`), C in the inputs' dtype or,
@@ -262,6 +232,20 @@ pub(crate) fn matmul_strided(
 
 /// `y [m, ld] = x [m, k] @ w [n, k]^T (+ b)` in the first `n` columns of each row; the
 /// columns past `n` are left unwritten.
+/// `[0, n)` as the parts a GEMM dimension is cut into: a multiple of 16 bytes of elements and
+/// the rest. cuBLASLt runs a dimension such as a 30522-token vocabulary with sm80 fallback
+/// kernels at a fraction of the rate; cut, the large part gets the Hopper kernels and the
+/// rest (under 8 columns) costs a few microseconds.
+fn aligned_parts(n: usize, dt: DType) -> Vec<(usize, usize)> {
+    let unit = 16 / dt.size();
+    let main = n - n % unit;
+    if main == 0 || main == n {
+        vec![(0, n)]
+    } else {
+        vec![(0, main), (main, n - main)]
+    }
+}
+
 pub(crate) fn linear_ld(
     x: &CudaStorage,
     w: &CudaStorage,
@@ -279,26 +263,30 @@ pub(crate) fn linear_ld(
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    dev.lt.matmul_general(
-        dev.stream(),
-        x.dtype(),
-        false,
-        0.0,
-        false,
-        true,
-        1,
-        m,
-        n,
-        k,
-        x.ptr(),
-        w.ptr(),
-        Epilogue::with(b.map(|b| b.ptr()), false),
-        y.ptr(),
-        &GemmStrides {
-            ldc: ld,
-            ..GemmStrides::packed(false, true, m, n, k)
-        },
-    )?;
+    let es = x.dtype().size() as u64;
+    for (s, len) in aligned_parts(n, x.dtype()) {
+        let s64 = s as u64;
+        dev.lt.matmul_general(
+            dev.stream(),
+            x.dtype(),
+            false,
+            0.0,
+            false,
+            true,
+            1,
+            m,
+            len,
+            k,
+            x.ptr(),
+            w.ptr() + s64 * k as u64 * es,
+            Epilogue::with(b.map(|b| b.ptr() + s64 * es), false),
+            y.ptr() + s64 * es,
+            &GemmStrides {
+                ldc: ld,
+                ..GemmStrides::packed(false, true, m, len, k)
+            },
+        )?;
+    }
     Ok(y)
 }
 
@@ -319,7 +307,9 @@ pub(crate) fn weight_grad_into(
         return Ok(());
     }
     let dev = dy.device();
-    let gemm = |epi| {
+    let es = dy.dtype().size() as u64;
+    for (s, len) in aligned_parts(n, dy.dtype()) {
+        let s64 = s as u64;
         dev.lt.matmul_general(
             dev.stream(),
             dy.dtype(),
@@ -328,20 +318,19 @@ pub(crate) fn weight_grad_into(
             true,
             false,
             1,
-            n,
+            len,
             k,
             rows,
-            dy.ptr(),
+            dy.ptr() + s64 * es,
             x.ptr(),
-            epi,
-            acc.ptr(),
+            Epilogue::None,
+            acc.ptr() + s64 * k as u64 * 4,
             &GemmStrides {
                 lda: dy_ld,
-                ..GemmStrides::packed(true, false, n, k, rows)
+                ..GemmStrides::packed(true, false, len, k, rows)
             },
-        )
-    };
-    gemm(Epilogue::None)?;
+        )?;
+    }
     match bias_acc {
         // cuBLASLt's bias-gradient epilogue runs as a separate reduction kernel after the
         // GEMM (and forces split-K reductions); this one reads dy at the copy rate and adds
@@ -380,28 +369,32 @@ pub(crate) fn input_grad_ld(
         return Ok(());
     }
     let dev = dy.device();
-    dev.lt
-        .matmul_general(
+    let es = dy.dtype().size() as u64;
+    // The reduction dimension in aligned parts, the later ones accumulating.
+    for (i, (s, len)) in aligned_parts(n, dy.dtype()).into_iter().enumerate() {
+        let s64 = s as u64;
+        dev.lt.matmul_general(
             dev.stream(),
             dy.dtype(),
             false,
-            beta,
+            if i == 0 { beta } else { 1.0 },
             false,
             false,
             1,
             rows,
             k,
-            n,
-            dy.ptr(),
-            w.ptr(),
+            len,
+            dy.ptr() + s64 * es,
+            w.ptr() + s64 * k as u64 * es,
             Epilogue::None,
             acc.ptr(),
             &GemmStrides {
                 lda: dy_ld,
-                ..GemmStrides::packed(false, false, rows, k, n)
+                ..GemmStrides::packed(false, false, rows, k, len)
             },
-        )
-        .map(|_| ())
+        )?;
+    }
+    Ok(())
 }
 
 /// [batch, rows, width] -> [batch, heads, rows, d] from columns `col + h d ..`.
@@ -609,6 +602,9 @@ pub(crate) fn add_layer_norm(
     Ok((s, out))
 }
 
+/// The backward of layer norm over rows of `h`: returns dx; writes dgamma and dbeta (f32
+/// [h]) into `dgamma` and `dbeta`, or with `accumulate` adds them there.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_norm_backward(
     x: &CudaStorage,
     gamma: &CudaStorage,
@@ -616,30 +612,21 @@ pub(crate) fn layer_norm_backward(
     rows: usize,
     h: usize,
     eps: f32,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    (dgamma, dbeta): (&CudaStorage, &CudaStorage),
+    accumulate: bool,
+) -> Result<CudaStorage> {
     let dev = x.device();
     let dt = x.dtype();
-    if rows * h == 0 {
-        return Ok((
-            dev.alloc(dt, rows * h)?,
-            dev.zeros(DType::F32, h)?,
-            dev.zeros(DType::F32, h)?,
-        ));
-    }
     let dx = dev.alloc(dt, rows * h)?;
+    if rows * h == 0 {
+        if h > 0 {
+            // No rows: sums of zero chunks (zeros, or the accumulators unchanged).
+            sum_chunks_at(0, dgamma, 0, h, accumulate)?;
+            sum_chunks_at(0, dbeta, 0, h, accumulate)?;
+        }
+        return Ok(dx);
+    }
     let (xp, gp, dyp, dxp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr());
-    // The parameter pass: 16-byte loads (8 warps a block) when rows are whole aligned packs.
-    let n = 16 / dt.size();
-    let packed = h.is_multiple_of(n) && xp.is_multiple_of(16) && dyp.is_multiple_of(16);
-    let (cfg, params_name) = if packed {
-        let mut cfg = cols_grid_per(rows, h, 32 * n);
-        cfg.block_dim.0 = 256;
-        (cfg, "layer_norm_params_packed")
-    } else {
-        (cols_grid(rows, h), "layer_norm_params")
-    };
-    let dgamma = ColumnOut::new(dev, &cfg, h)?;
-    let dbeta = ColumnOut::new(dev, &cfg, h)?;
     // Per-row mean and rstd, shared by the dx pass and the parameter pass.
     let stats = dev.alloc(DType::F32, 2 * rows)?;
     let sp = stats.ptr();
@@ -665,19 +652,58 @@ pub(crate) fn layer_norm_backward(
     // SAFETY: argument types match the kernel's signature in train.cu (the last argument
     // is `per_warp` or `ts`).
     launched(name, unsafe { l.launch(cfg_rows) })?;
-    let f = dev.kernel(params_name, dt)?;
-    let (dgp, dbp) = (dgamma.target(), dbeta.target());
+    // The parameter pass: 16-byte loads (8 warps a block) when rows are whole aligned packs,
+    // in one launch whose last blocks add the partials; else partials and `sum_chunks`.
+    let n = 16 / dt.size();
+    let packed = h.is_multiple_of(n) && xp.is_multiple_of(16) && dyp.is_multiple_of(16);
+    let (dgp, dbp) = (dgamma.ptr(), dbeta.ptr());
+    if packed {
+        let mut cfg = cols_grid_per(rows, h, 32 * n);
+        if (cfg.grid_dim.0 as usize) <= super::COLUMN_COUNTERS {
+            cfg.block_dim.0 = 256;
+            let chunks = cfg.grid_dim.1 as usize;
+            let partial = dev.alloc(DType::F32, 2 * chunks * h)?;
+            let (pg, pb) = (partial.ptr(), partial.ptr() + (chunks * h * 4) as u64);
+            let counters = dev.column_counters()?;
+            let (pld, acc) = (h as i64, accumulate as i32);
+            let f = dev.kernel("layer_norm_params_packed", dt)?;
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&xp)
+                .arg(&dyp)
+                .arg(&sp)
+                .arg(&pg)
+                .arg(&pb)
+                .arg(&dgp)
+                .arg(&dbp)
+                .arg(&r)
+                .arg(&hh)
+                .arg(&pld)
+                .arg(&acc)
+                .arg(&counters);
+            // SAFETY: argument types match the kernel's signature in train.cu; the partials
+            // hold two blocks of grid rows of h f32, the counters cover the block columns.
+            launched("layer_norm_params_packed", unsafe { l.launch(cfg) })?;
+            return Ok(dx);
+        }
+    }
+    let cfg = cols_grid(rows, h);
+    let chunks = cfg.grid_dim.1 as usize;
+    let partial = dev.alloc(DType::F32, 2 * chunks * h)?;
+    let (pg, pb) = (partial.ptr(), partial.ptr() + (chunks * h * 4) as u64);
+    let f = dev.kernel("layer_norm_params", dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&dyp)
         .arg(&sp)
-        .arg(&dgp)
-        .arg(&dbp)
+        .arg(&pg)
+        .arg(&pb)
         .arg(&r)
         .arg(&hh);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched(params_name, unsafe { l.launch(cfg) })?;
-    Ok((dx, dgamma.finish()?, dbeta.finish()?))
+    launched("layer_norm_params", unsafe { l.launch(cfg) })?;
+    sum_chunks_at(pg, dgamma, chunks, h, accumulate)?;
+    sum_chunks_at(pb, dbeta, chunks, h, accumulate)?;
+    Ok(dx)
 }
 
 fn unary(
@@ -717,48 +743,69 @@ pub(crate) fn activation_backward(
     unary("activation_backward", pre, Some(dy), act)
 }
 
-/// Grid and kernel of a column sum over `x` [rows, cols] (rows `ld` apart): 16-byte loads
-/// when every row starts aligned and its last pack stays inside the row's `ld`.
-fn column_sum_launch(
+/// Column sums of `x` [rows, cols] (rows `ld` apart) written into, or with `accumulate`
+/// added to, f32 `out` [cols]. With 16-byte loads (rows aligned, the last pack inside the
+/// row's `ld`) one launch does it, its last block per column block adding the partials;
+/// otherwise a partial pass and `sum_chunks`.
+fn column_sums(
+    out: &CudaStorage,
+    accumulate: bool,
     x: &CudaStorage,
     rows: usize,
     cols: usize,
     ld: usize,
-) -> (LaunchConfig, &'static str) {
-    let n = 16 / x.dtype().size();
-    if ld.is_multiple_of(n) && ld >= cols.next_multiple_of(n) && x.ptr().is_multiple_of(16) {
-        // Fewer, longer row chunks than the other column reductions: the kernel keeps four
-        // rows in flight per warp, and the partials (and the pass adding them) shrink.
-        let mut cfg = cols_grid_per(rows, cols, 32 * n);
-        let col_blocks = cfg.grid_dim.0 as usize;
-        cfg.grid_dim.1 = 512usize
-            .div_ceil(col_blocks)
-            .min(rows.div_ceil(8 * COL_WARPS as usize))
-            .clamp(1, 65535) as u32;
-        (cfg, "column_sum_packed")
-    } else {
-        (cols_grid(rows, cols), "column_sum")
-    }
-}
-
-/// Runs the column-sum kernel, writing its [grid rows, cols] partials (or, with one grid
-/// row, the sums) at `target`.
-fn column_sum_kernel(
-    x: &CudaStorage,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    (cfg, name): (LaunchConfig, &'static str),
-    target: u64,
 ) -> Result<()> {
     let dev = x.device();
-    let f = dev.kernel(name, x.dtype())?;
-    let (xp, r, c, ld) = (x.ptr(), rows as i64, cols as i32, ld as i64);
+    let n = 16 / x.dtype().size();
+    let packed =
+        ld.is_multiple_of(n) && ld >= cols.next_multiple_of(n) && x.ptr().is_multiple_of(16);
+    let mut cfg = cols_grid_per(rows, cols, 32 * n);
+    if packed && (cfg.grid_dim.0 as usize) <= super::COLUMN_COUNTERS {
+        // Fewer, longer row chunks than the other column reductions: the kernel keeps four
+        // rows in flight per warp, and the last block's pass over the partials shrinks.
+        let col_blocks = cfg.grid_dim.0 as usize;
+        let chunks = 512usize
+            .div_ceil(col_blocks)
+            .min(rows.div_ceil(8 * COL_WARPS as usize))
+            .clamp(1, 65535);
+        cfg.grid_dim.1 = chunks as u32;
+        let pld = cols.next_multiple_of(n);
+        let partial = dev.alloc(DType::F32, chunks * pld)?;
+        let counters = dev.column_counters()?;
+        let f = dev.kernel("column_sum_packed", x.dtype())?;
+        let (xp, pp, op) = (x.ptr(), partial.ptr(), out.ptr());
+        let (r, c, ld, pld, acc) = (
+            rows as i64,
+            cols as i32,
+            ld as i64,
+            pld as i64,
+            accumulate as i32,
+        );
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&xp)
+            .arg(&pp)
+            .arg(&op)
+            .arg(&r)
+            .arg(&c)
+            .arg(&ld)
+            .arg(&pld)
+            .arg(&acc)
+            .arg(&counters);
+        // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
+        // grid rows of `pld` f32, and the counters cover the grid's block columns.
+        return launched("column_sum_packed", unsafe { l.launch(cfg) });
+    }
+    let cfg = cols_grid(rows, cols);
+    let chunks = cfg.grid_dim.1 as usize;
+    let partial = dev.alloc(DType::F32, chunks * cols)?;
+    let f = dev.kernel("column_sum", x.dtype())?;
+    let (xp, pp, r, c, ld) = (x.ptr(), partial.ptr(), rows as i64, cols as i32, ld as i64);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&xp).arg(&target).arg(&r).arg(&c).arg(&ld);
-    // SAFETY: argument types match the kernel's signature in train.cu; `target` holds
+    l.arg(&xp).arg(&pp).arg(&r).arg(&c).arg(&ld);
+    // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
     // cfg.grid_dim.1 * cols f32.
-    launched(name, unsafe { l.launch(cfg) })
+    launched("column_sum", unsafe { l.launch(cfg) })?;
+    sum_chunks(&partial, out, chunks, cols, accumulate)
 }
 
 pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<CudaStorage> {
@@ -766,14 +813,12 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
     if rows * cols == 0 {
         return dev.zeros(DType::F32, cols);
     }
-    let launch = column_sum_launch(x, rows, cols, cols);
-    let out = ColumnOut::new(dev, &launch.0, cols)?;
-    column_sum_kernel(x, rows, cols, cols, launch, out.target())?;
-    out.finish()
+    let out = dev.alloc(DType::F32, cols)?;
+    column_sums(&out, false, x, rows, cols, cols)?;
+    Ok(out)
 }
 
-/// `acc [cols] (f32) += column sums of x [rows, cols]` (rows `ld` apart), the last pass
-/// adding into `acc`.
+/// `acc [cols] (f32) += column sums of x [rows, cols]` (rows `ld` apart).
 pub(crate) fn column_sum_into(
     acc: &CudaStorage,
     x: &CudaStorage,
@@ -784,11 +829,7 @@ pub(crate) fn column_sum_into(
     if rows * cols == 0 {
         return Ok(());
     }
-    let launch = column_sum_launch(x, rows, cols, ld);
-    let chunks = launch.0.grid_dim.1 as usize;
-    let partial = x.device().alloc(DType::F32, chunks * cols)?;
-    column_sum_kernel(x, rows, cols, ld, launch, partial.ptr())?;
-    sum_chunks(&partial, acc, chunks, cols, true)
+    column_sums(acc, true, x, rows, cols, ld)
 }
 
 pub(crate) fn embedding_backward(

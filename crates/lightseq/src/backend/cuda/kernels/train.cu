@@ -530,12 +530,73 @@ __device__ void layer_norm_params_body(const T* x, const T* dy, const float* sta
   }
 }
 
+// Single-launch column reductions: every block (x, y) writes its partial sums of block
+// column x to row y of `partial` (rows `pld` >= the columns rounded up to N apart), then
+// counts its arrival in counter[x]; the last block of column x to arrive adds the rows in
+// order (warp w takes rows w, w + warps, ..., then the warps' sums in warp order: the same
+// for every launch of a grid) and resets counter[x] to zero for the next launch.
+__device__ bool ls_last_arrival(unsigned int* counter) {
+  __shared__ int last;
+  __threadfence();  // this block's partials, visible before its arrival is
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter + blockIdx.x, 1u) == gridDim.y - 1;
+    if (last) counter[blockIdx.x] = 0;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// The last block's sum: out[col] (+)= sum over rows of partial for this block column's
+// 32 N columns; `sp` is the block's [warps][32 N + 1] shared scratch.
+template <int N>
+__device__ void ls_sum_partials(const float* partial, long long pld, float* out,
+                                long long cols, int accumulate, float (*sp)[32 * N + 1],
+                                int warps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long col0 = ((long long)blockIdx.x * 32 + lane) * N;
+  float acc[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc[k] = 0.f;
+  if (warp < warps && col0 < cols) {
+#pragma unroll 4
+    for (int y = warp; y < (int)gridDim.y; y += warps) {
+      const float4* p = reinterpret_cast<const float4*>(partial + y * pld + col0);
+#pragma unroll
+      for (int q = 0; q < N / 4; ++q) {
+        const float4 v = __ldcg(p + q);  // written by other blocks: read from L2
+        acc[4 * q] += v.x;
+        acc[4 * q + 1] += v.y;
+        acc[4 * q + 2] += v.z;
+        acc[4 * q + 3] += v.w;
+      }
+    }
+  }
+  __syncthreads();  // the block's own reduction may still read sp
+  if (warp < warps) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) sp[warp][lane * N + k] = acc[k];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 32 * N; c += blockDim.x) {
+    const long long col = (long long)blockIdx.x * 32 * N + c;
+    if (col < cols) {
+      float t = 0.f;
+      for (int w = 0; w < warps; ++w) t += sp[w][c];
+      out[col] = accumulate ? __fadd_rn(out[col], t) : t;
+    }
+  }
+}
+
 // layer_norm_params with 16-byte loads: lane l of a block covers columns
 // [(32 b + l) N, + N); needs h % N == 0 and aligned x and dy (the host checks).
 template <typename T>
 __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const float* stats,
-                                              float* dgamma, float* dbeta, long long rows,
-                                              int h) {
+                                              float* pg, float* pb, float* dgamma,
+                                              float* dbeta, long long rows, int h,
+                                              long long pld, int accumulate,
+                                              unsigned int* counter) {
   constexpr int N = 16 / sizeof(T);
   __shared__ float sg[8][32 * N + 1];
   __shared__ float sb[8][32 * N + 1];
@@ -543,8 +604,8 @@ __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const flo
   const int col0 = (blockIdx.x * 32 + lane) * N;
   const long long per = (rows + gridDim.y - 1) / gridDim.y;
   const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
-  dgamma += (long long)blockIdx.y * h;
-  dbeta += (long long)blockIdx.y * h;
+  float* part_g = pg + (long long)blockIdx.y * pld;
+  float* part_b = pb + (long long)blockIdx.y * pld;
   float ag[N], ab[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) ag[k] = ab[k] = 0.f;
@@ -577,9 +638,13 @@ __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const flo
         tg += sg[w][c];
         tb += sb[w][c];
       }
-      dgamma[col] = tg;
-      dbeta[col] = tb;
+      part_g[col] = tg;
+      part_b[col] = tb;
     }
+  }
+  if (ls_last_arrival(counter)) {
+    ls_sum_partials<N>(pg, pld, dgamma, h, accumulate, sg, warps);
+    ls_sum_partials<N>(pb, pld, dbeta, h, accumulate, sb, warps);
   }
 }
 
@@ -608,16 +673,19 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
 // column_sum with 16-byte loads: lane l of a block covers columns [(32 b + l) N, + N); needs
 // ld % N == 0, ld >= cols rounded up to N (a last pack may read row padding) and an
 // aligned x (the host checks).
+// The block's partials go to row blockIdx.y of `partial` (rows pld apart), and the last
+// block of each block column writes (or with `accumulate` adds) the sums into `out`.
 template <typename T>
-__device__ void column_sum_packed_body(const T* x, float* out, long long rows, int cols,
-                                       long long ld) {
+__device__ void column_sum_packed_body(const T* x, float* partial, float* out, long long rows,
+                                       int cols, long long ld, long long pld, int accumulate,
+                                       unsigned int* counter) {
   constexpr int N = 16 / sizeof(T);
   __shared__ float sp[16][32 * N + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 16);
   const int col0 = (blockIdx.x * 32 + lane) * N;
   const long long per = (rows + gridDim.y - 1) / gridDim.y;
   const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
-  out += (long long)blockIdx.y * cols;
+  float* part = partial + (long long)blockIdx.y * pld;
   float acc[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) acc[k] = 0.f;
@@ -650,15 +718,17 @@ __device__ void column_sum_packed_body(const T* x, float* out, long long rows, i
     if (col < cols) {
       float t = 0.f;
       for (int w = 0; w < warps; ++w) t += sp[w][c];
-      out[col] = t;
+      part[col] = t;
     }
   }
+  if (ls_last_arrival(counter)) ls_sum_partials<N>(partial, pld, out, cols, accumulate, sp, warps);
 }
 
 #define LS_COLUMN_PACKED(T, S)                                                                 \
-  extern "C" __global__ void column_sum_packed_##S(const T* x, float* out, long long rows,    \
-                                                   int cols, long long ld) {                  \
-    column_sum_packed_body<T>(x, out, rows, cols, ld);                                         \
+  extern "C" __global__ void column_sum_packed_##S(                                           \
+      const T* x, float* partial, float* out, long long rows, int cols, long long ld,         \
+      long long pld, int accumulate, unsigned int* counter) {                                 \
+    column_sum_packed_body<T>(x, partial, out, rows, cols, ld, pld, accumulate, counter);      \
   }
 LS_FLOAT_TYPES(LS_COLUMN_PACKED)
 
@@ -1056,11 +1126,12 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
     else                                                                                      \
       layer_norm_backward_body<T, false>(x, gamma, dy, dx, stats, rows, h, eps);              \
   }                                                                                           \
-  extern "C" __global__ void layer_norm_params_packed_##S(const T* x, const T* dy,            \
-                                                          const float* stats, float* dgamma,  \
-                                                          float* dbeta, long long rows,       \
-                                                          int h) {                            \
-    layer_norm_params_packed_body<T>(x, dy, stats, dgamma, dbeta, rows, h);                   \
+  extern "C" __global__ void layer_norm_params_packed_##S(                                    \
+      const T* x, const T* dy, const float* stats, float* pg, float* pb, float* dgamma,       \
+      float* dbeta, long long rows, int h, long long pld, int accumulate,                     \
+      unsigned int* counter) {                                                                \
+    layer_norm_params_packed_body<T>(x, dy, stats, pg, pb, dgamma, dbeta, rows, h, pld,       \
+                                     accumulate, counter);                                    \
   }                                                                                           \
   extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
                                                    const float* stats, float* dgamma,         \
