@@ -652,45 +652,23 @@ pub(crate) fn layer_norm_backward(
     // SAFETY: argument types match the kernel's signature in train.cu (the last argument
     // is `per_warp` or `ts`).
     launched(name, unsafe { l.launch(cfg_rows) })?;
-    // The parameter pass: 16-byte loads (8 warps a block) when rows are whole aligned packs,
-    // in one launch whose last blocks add the partials; else partials and `sum_chunks`.
+    // The parameter pass: 16-byte loads (8 warps a block) when rows are whole aligned packs;
+    // `sum_chunks` adds its partials into the outputs. (A last-block tail as in
+    // `column_sums`, over two outputs and this grid's many row chunks, measured slower on
+    // an H200 than the two small passes.)
     let n = 16 / dt.size();
     let packed = h.is_multiple_of(n) && xp.is_multiple_of(16) && dyp.is_multiple_of(16);
-    let (dgp, dbp) = (dgamma.ptr(), dbeta.ptr());
-    if packed {
+    let (cfg, name) = if packed {
         let mut cfg = cols_grid_per(rows, h, 32 * n);
-        if (cfg.grid_dim.0 as usize) <= super::COLUMN_COUNTERS {
-            cfg.block_dim.0 = 256;
-            let chunks = cfg.grid_dim.1 as usize;
-            let partial = dev.alloc(DType::F32, 2 * chunks * h)?;
-            let (pg, pb) = (partial.ptr(), partial.ptr() + (chunks * h * 4) as u64);
-            let counters = dev.column_counters()?;
-            let (pld, acc) = (h as i64, accumulate as i32);
-            let f = dev.kernel("layer_norm_params_packed", dt)?;
-            let mut l = dev.stream().launch_builder(&f);
-            l.arg(&xp)
-                .arg(&dyp)
-                .arg(&sp)
-                .arg(&pg)
-                .arg(&pb)
-                .arg(&dgp)
-                .arg(&dbp)
-                .arg(&r)
-                .arg(&hh)
-                .arg(&pld)
-                .arg(&acc)
-                .arg(&counters);
-            // SAFETY: argument types match the kernel's signature in train.cu; the partials
-            // hold two blocks of grid rows of h f32, the counters cover the block columns.
-            launched("layer_norm_params_packed", unsafe { l.launch(cfg) })?;
-            return Ok(dx);
-        }
-    }
-    let cfg = cols_grid(rows, h);
+        cfg.block_dim.0 = 256;
+        (cfg, "layer_norm_params_packed")
+    } else {
+        (cols_grid(rows, h), "layer_norm_params")
+    };
     let chunks = cfg.grid_dim.1 as usize;
     let partial = dev.alloc(DType::F32, 2 * chunks * h)?;
     let (pg, pb) = (partial.ptr(), partial.ptr() + (chunks * h * 4) as u64);
-    let f = dev.kernel("layer_norm_params", dt)?;
+    let f = dev.kernel(name, dt)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&dyp)
@@ -700,7 +678,7 @@ pub(crate) fn layer_norm_backward(
         .arg(&r)
         .arg(&hh);
     // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("layer_norm_params", unsafe { l.launch(cfg) })?;
+    launched(name, unsafe { l.launch(cfg) })?;
     sum_chunks_at(pg, dgamma, chunks, h, accumulate)?;
     sum_chunks_at(pb, dbeta, chunks, h, accumulate)?;
     Ok(dx)

@@ -593,10 +593,7 @@ __device__ void ls_sum_partials(const float* partial, long long pld, float* out,
 // [(32 b + l) N, + N); needs h % N == 0 and aligned x and dy (the host checks).
 template <typename T>
 __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const float* stats,
-                                              float* pg, float* pb, float* dgamma,
-                                              float* dbeta, long long rows, int h,
-                                              long long pld, int accumulate,
-                                              unsigned int* counter) {
+                                              float* pg, float* pb, long long rows, int h) {
   constexpr int N = 16 / sizeof(T);
   __shared__ float sg[8][32 * N + 1];
   __shared__ float sb[8][32 * N + 1];
@@ -604,8 +601,8 @@ __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const flo
   const int col0 = (blockIdx.x * 32 + lane) * N;
   const long long per = (rows + gridDim.y - 1) / gridDim.y;
   const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
-  float* part_g = pg + (long long)blockIdx.y * pld;
-  float* part_b = pb + (long long)blockIdx.y * pld;
+  float* part_g = pg + (long long)blockIdx.y * h;
+  float* part_b = pb + (long long)blockIdx.y * h;
   float ag[N], ab[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) ag[k] = ab[k] = 0.f;
@@ -641,10 +638,6 @@ __device__ void layer_norm_params_packed_body(const T* x, const T* dy, const flo
       part_g[col] = tg;
       part_b[col] = tb;
     }
-  }
-  if (ls_last_arrival(counter)) {
-    ls_sum_partials<N>(pg, pld, dgamma, h, accumulate, sg, warps);
-    ls_sum_partials<N>(pb, pld, dbeta, h, accumulate, sb, warps);
   }
 }
 
@@ -1126,12 +1119,10 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
     else                                                                                      \
       layer_norm_backward_body<T, false>(x, gamma, dy, dx, stats, rows, h, eps);              \
   }                                                                                           \
-  extern "C" __global__ void layer_norm_params_packed_##S(                                    \
-      const T* x, const T* dy, const float* stats, float* pg, float* pb, float* dgamma,       \
-      float* dbeta, long long rows, int h, long long pld, int accumulate,                     \
-      unsigned int* counter) {                                                                \
-    layer_norm_params_packed_body<T>(x, dy, stats, pg, pb, dgamma, dbeta, rows, h, pld,       \
-                                     accumulate, counter);                                    \
+  extern "C" __global__ void layer_norm_params_packed_##S(const T* x, const T* dy,            \
+                                                          const float* stats, float* pg,      \
+                                                          float* pb, long long rows, int h) { \
+    layer_norm_params_packed_body<T>(x, dy, stats, pg, pb, rows, h);                          \
   }                                                                                           \
   extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
                                                    const float* stats, float* dgamma,         \
