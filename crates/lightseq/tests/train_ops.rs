@@ -507,6 +507,21 @@ fn cuda_embedding_backward_matches_cpu() {
         assert_eq!(g.dtype(), DType::F32);
         assert_eq!(g.shape(), &[vocab, h]);
         check("embedding_backward", dt, &g, &c, tol(dt));
+        // The accumulating form, into a nonzero table.
+        let acc0 = randn(51, vocab * h);
+        let into = |d: &Device| {
+            let mut acc = t(&acc0, &[vocab, h], DType::F32, d);
+            let dyt = t(&dy, &[id.len(), h], dt, d);
+            ops::embedding_backward_into(&mut acc, &ids(&id, d), &dyt, 2.0).unwrap();
+            acc
+        };
+        check(
+            "embedding_backward_into",
+            dt,
+            &into(&gpu),
+            &into(&cpu),
+            tol(dt),
+        );
     }
 }
 

@@ -713,16 +713,15 @@ impl Emb {
             (Some(ln), Some(x)) => ln.backward(ps, x, &dy)?,
             _ => dy,
         };
-        let g = tops::embedding_backward(&s.ids, &dx, self.vocab, self.scale)?;
-        ps.accumulate(self.tokens, &g)?;
+        let (g, _) = ps.grads_mut(self.tokens, None)?;
+        tops::embedding_backward_into(g, &s.ids, &dx, self.scale)?;
         if let Positions::Learned { table, .. } = &self.positions {
-            let rows = ps.list[*table].shape[0];
-            let g = tops::embedding_backward(&s.pos, &dx, rows, 1.0)?;
-            ps.accumulate(*table, &g)?;
+            let (g, _) = ps.grads_mut(*table, None)?;
+            tops::embedding_backward_into(g, &s.pos, &dx, 1.0)?;
         }
-        if let (Some((t, n)), Some(ti)) = (self.types, &s.types) {
-            let g = tops::embedding_backward(ti, &dx, n, 1.0)?;
-            ps.accumulate(t, &g)?;
+        if let (Some((t, _)), Some(ti)) = (self.types, &s.types) {
+            let (g, _) = ps.grads_mut(t, None)?;
+            tops::embedding_backward_into(g, ti, &dx, 1.0)?;
         }
         Ok(())
     }

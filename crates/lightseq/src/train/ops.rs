@@ -570,6 +570,44 @@ pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize, scale: f32) -
     })
 }
 
+/// [`embedding_backward`] added into the f32 accumulator `acc [vocab, h]` (on CUDA the
+/// kernel adds into it directly, without a zeroed table and an add pass).
+pub fn embedding_backward_into(
+    acc: &mut Tensor,
+    ids: &Tensor,
+    dy: &Tensor,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "embedding_backward_into";
+    float_dtype(OP, &[dy])?;
+    let h = dy.shape().last().copied().unwrap_or(1);
+    let vocab = acc.len() / h.max(1);
+    need(
+        OP,
+        acc.dtype() == DType::F32 && acc.len() == vocab * h,
+        || format!("acc {:?}, dy {:?}", acc.shape(), dy.shape()),
+    )?;
+    match (&acc.storage, &dy.storage) {
+        (Storage::Cuda(a), Storage::Cuda(d)) => {
+            need(
+                OP,
+                ids.dtype() == DType::I32 && ids.len() * h == dy.len(),
+                || format!("ids {:?} {}, dy {:?}", ids.shape(), ids.dtype(), dy.shape()),
+            )?;
+            if ids.cuda_device().map(|d| d.ordinal()) != Some(d.device().ordinal())
+                || a.device().ordinal() != d.device().ordinal()
+            {
+                return Err(Error::op(OP, "tensors are on different devices"));
+            }
+            cuda::embedding_backward_into(a, ids.cuda(OP)?, d, ids.len(), h, vocab, scale)
+        }
+        _ => {
+            let g = embedding_backward(ids, dy, vocab, scale)?;
+            add_scaled_into(acc, &g, 1.0)
+        }
+    }
+}
+
 /// The fused label-smoothed cross entropy of `logits [n, vocab]` against i32 `targets [n]`
 /// (negative = ignored): per-row loss and nll (f32 [n]) and `grad_scale * d loss/d logits`.
 pub fn cross_entropy(

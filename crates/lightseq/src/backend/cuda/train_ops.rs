@@ -818,13 +818,28 @@ pub(crate) fn embedding_backward(
     vocab: usize,
     scale: f32,
 ) -> Result<CudaStorage> {
+    let out = dy.device().zeros(DType::F32, vocab * h)?;
+    embedding_backward_into(&out, ids, dy, n, h, vocab, scale)?;
+    Ok(out)
+}
+
+/// `acc [vocab, h] (f32) += scale * dy[i]` at row `ids[i]` for each of the `n` rows of dy
+/// (ids outside the vocabulary skipped).
+pub(crate) fn embedding_backward_into(
+    acc: &CudaStorage,
+    ids: &CudaStorage,
+    dy: &CudaStorage,
+    n: usize,
+    h: usize,
+    vocab: usize,
+    scale: f32,
+) -> Result<()> {
     let dev = dy.device();
-    let out = dev.zeros(DType::F32, vocab * h)?;
     if n * h == 0 || vocab == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let f = dev.kernel("embedding_backward", dy.dtype())?;
-    let (ip, dp, op) = (ids.ptr(), dy.ptr(), out.ptr());
+    let (ip, dp, op) = (ids.ptr(), dy.ptr(), acc.ptr());
     let (nn, hh, v) = (n as i64, h as i32, vocab.min(i32::MAX as usize) as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&ip)
@@ -837,8 +852,7 @@ pub(crate) fn embedding_backward(
     // SAFETY: argument types match the kernel's signature in train.cu.
     launched("embedding_backward", unsafe {
         l.launch(grid_1d(n * h, 256))
-    })?;
-    Ok(out)
+    })
 }
 
 /// Label-smoothed cross entropy of `n` rows of `vocab` logits, rows `ld` apart: per-row
