@@ -206,6 +206,29 @@ fn head_mats(t: &Tensor, row: usize, d: usize) -> Mats<'_> {
     }
 }
 
+/// `a_h @ b_h^T` for every head h of `a` [lq, batch, heads * d] and `b` [lk, batch, heads *
+/// d], read in place: [batch, heads, lq, lk].
+fn head_scores(
+    a: &Tensor,
+    b: &Tensor,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let row = batch * heads * d;
+    tops::matmul_strided(
+        head_mats(a, row, d),
+        false,
+        head_mats(b, row, d),
+        true,
+        batch * heads,
+        lq,
+        lk,
+        d,
+        lk,
+        lq * lk,
+        &[batch, heads, lq, lk],
+    )
+}
+
 /// Score-shaped [batch, heads, lq, lk] matrices, contiguous.
 fn score_mats(t: &Tensor, lq: usize, lk: usize) -> Mats<'_> {
     Mats {
@@ -234,19 +257,7 @@ pub fn attend(
     let lk = k.shape()[0];
     let (nh, d) = (heads, h / heads);
     let (bh, row) = (b * nh, b * h);
-    let s = tops::matmul_strided(
-        head_mats(&q, row, d),
-        false,
-        head_mats(&k, row, d),
-        true,
-        bh,
-        lq,
-        lk,
-        d,
-        lk,
-        lq * lk,
-        &[b, nh, lq, lk],
-    )?;
+    let s = head_scores(&q, &k, (b, nh, lq, lk, d))?;
     let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
     std::mem::drop(s);
     let (pd, off) = drop.apply_ref(&p, drop.attention)?;
@@ -289,19 +300,7 @@ pub fn attend_backward(
     let nh = s.heads;
     let (h, bh) = (nh * d, b * nh);
     let row = b * h;
-    let dpd = tops::matmul_strided(
-        head_mats(&dctx, row, d),
-        false,
-        head_mats(&s.v, row, d),
-        true,
-        bh,
-        lq,
-        lk,
-        d,
-        lk,
-        lq * lk,
-        &[b, nh, lq, lk],
-    )?;
+    let dpd = head_scores(&dctx, &s.v, (b, nh, lq, lk, d))?;
     let pd = s.pd.as_ref().unwrap_or(&s.p);
     let dv = tops::matmul_strided(
         score_mats(pd, lq, lk),

@@ -156,34 +156,8 @@ pub(crate) fn matmul(
     k: usize,
     f32_out: bool,
 ) -> Result<CudaStorage> {
-    let dev = a.device();
-    let dt = if f32_out { DType::F32 } else { a.dtype() };
-    let total = batch * m * n;
-    if total == 0 {
-        return dev.alloc(dt, 0);
-    }
-    if k == 0 {
-        return dev.zeros(dt, total);
-    }
-    let c = dev.alloc(dt, total)?;
-    dev.lt.matmul_general(
-        dev.stream(),
-        a.dtype(),
-        f32_out,
-        0.0,
-        ta,
-        tb,
-        batch,
-        m,
-        n,
-        k,
-        a.ptr(),
-        b.ptr(),
-        Epilogue::None,
-        c.ptr(),
-        &GemmStrides::packed(ta, tb, m, n, k),
-    )?;
-    Ok(c)
+    let st = GemmStrides::packed(ta, tb, m, n, k);
+    gemm_into_new(a, ta, b, tb, batch, m, n, k, f32_out, &st, batch * m * n)
 }
 
 /// The batched GEMM of [`matmul`] at the strides `st`, into a new buffer of `out_len`
@@ -201,8 +175,27 @@ pub(crate) fn matmul_strided(
     st: &GemmStrides,
     out_len: usize,
 ) -> Result<CudaStorage> {
+    gemm_into_new(a, ta, b, tb, batch, m, n, k, false, st, out_len)
+}
+
+/// `C = op(A) op(B)` into a new buffer of `out_len` elements (f32 with `f32_out`, else a's
+/// dtype); zeros when k is 0.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into_new(
+    a: &CudaStorage,
+    ta: bool,
+    b: &CudaStorage,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    f32_out: bool,
+    st: &GemmStrides,
+    out_len: usize,
+) -> Result<CudaStorage> {
     let dev = a.device();
-    let dt = a.dtype();
+    let dt = if f32_out { DType::F32 } else { a.dtype() };
     if batch * m * n == 0 {
         return dev.alloc(dt, out_len);
     }
@@ -212,8 +205,8 @@ pub(crate) fn matmul_strided(
     let c = dev.alloc(dt, out_len)?;
     dev.lt.matmul_general(
         dev.stream(),
-        dt,
-        false,
+        a.dtype(),
+        f32_out,
         0.0,
         ta,
         tb,
@@ -230,8 +223,6 @@ pub(crate) fn matmul_strided(
     Ok(c)
 }
 
-/// `y [m, ld] = x [m, k] @ w [n, k]^T (+ b)` in the first `n` columns of each row; the
-/// columns past `n` are left unwritten.
 /// `[0, n)` as the parts a GEMM dimension is cut into: a multiple of 16 bytes of elements and
 /// the rest. cuBLASLt runs a dimension such as a 30522-token vocabulary with sm80 fallback
 /// kernels at a fraction of the rate; cut, the large part gets the Hopper kernels and the
@@ -246,6 +237,8 @@ fn aligned_parts(n: usize, dt: DType) -> Vec<(usize, usize)> {
     }
 }
 
+/// `y [m, ld] = x [m, k] @ w [n, k]^T (+ b)` in the first `n` columns of each row; the
+/// columns past `n` are left unwritten.
 pub(crate) fn linear_ld(
     x: &CudaStorage,
     w: &CudaStorage,
