@@ -8,16 +8,17 @@ tests/fixtures/train:
       rows one at a time; the seq2seq models run the batch padded (one forward with an
       attention mask), checked against rows one at a time.
   grads_<name>.safetensors + grads_<name>.json  one forward + backward (no optimizer) of
-      marian, bart, mbart, bert MLM, bert sequence classification, gpt2 and ViT image
-      classification: the gradient of every trainable parameter under its HF name (f32
+      marian, marian_relu (ReLU feed-forward), bart, mbart, bert MLM, bert sequence
+      classification, gpt2 and ViT image classification: the gradient of every trainable parameter under its HF name (f32
       values of the f64 run) and the loss (`loss`, shape [1]). Parameter names are those
       of the checkpoint (model.safetensors); where HF's module names differ (ViT in
       transformers 5.x: vit.layers.0.attention.q_proj for the stored
       vit.encoder.layer.0.attention.attention.query) the json maps checkpoint names to
       module names under "module_names".
 
-Also writes the model directory it uses that make_fixtures.py does not: ../vit_cls, a
-tiny ViTForImageClassification (f32 safetensors, weights from make_fixtures.randomize).
+Also writes the model directories it uses that make_fixtures.py does not: ../vit_cls, a
+tiny ViTForImageClassification, and ../marian_relu, the marian fixture with ReLU (f32
+safetensors, weights from make_fixtures.randomize).
 
 Loss: fairseq's label-smoothed cross entropy (eps 0.1 for the gradients) summed over the
 predicted positions and divided by their count. Seq2seq: decoder input
@@ -62,12 +63,32 @@ MODELS = {
     # name: (fixture dir, HF class, kind)
     "gpt2": ("gpt2", "GPT2LMHeadModel", "causal"),
     "marian": ("marian", "MarianMTModel", "seq2seq"),
+    "marian_relu": ("marian_relu", "MarianMTModel", "seq2seq"),
     "bart": ("bart", "BartForConditionalGeneration", "seq2seq"),
     "mbart": ("mbart", "MBartForConditionalGeneration", "seq2seq"),
     "bert_mlm": ("bert_mlm_sharded", "BertForMaskedLM", "mlm"),
     "bert_cls": ("bert_cls_types", "BertForSequenceClassification", "cls"),
     "vit_cls": ("vit_cls", "ViTForImageClassification", "image"),
 }
+
+
+def make_marian_relu(seed=390):
+    """tests/fixtures/marian_relu: the marian fixture's shapes (a vocabulary of 89, not a
+    multiple of 8) with a ReLU feed-forward, new random weights, f32 safetensors."""
+    import shutil
+    from transformers import MarianConfig, MarianMTModel
+    torch.set_default_dtype(torch.float32)
+    c = MarianConfig.from_pretrained(os.path.join(FIXTURES, MODELS["marian"][0]))
+    c.activation_function = "relu"
+    m = randomize(MarianMTModel(c), seed)
+    out = os.path.join(FIXTURES, MODELS["marian_relu"][0])
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    m.float().save_pretrained(out, safe_serialization=True)
+    for name in os.listdir(out):
+        if name == "generation_config.json":
+            os.remove(os.path.join(out, name))
 
 
 def make_vit_cls(seed=370):
@@ -423,6 +444,9 @@ def main():
     write_grads(args.out, "bert_cls", cls_rows(model, 350), {"pad_token_id": model.config.pad_token_id,
                                                              "num_labels": model.config.num_labels})
     write_grads(args.out, "gpt2", causal_rows(360, 101, (7, 12, 3, 9)), {"pad_token_id": 0})
+    make_marian_relu(390)
+    model, _ = load("marian_relu")
+    write_grads(args.out, "marian_relu", seq2seq_rows(model, 391), seq2seq_extra(model))
     make_vit_cls(370)
     model, _ = load("vit_cls")
     write_grads(args.out, "vit_cls", image_rows(model, 380), {"num_labels": model.config.num_labels})
