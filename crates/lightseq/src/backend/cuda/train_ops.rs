@@ -223,6 +223,90 @@ fn gemm_into_new(
     Ok(c)
 }
 
+/// Bits per row of a ReLU mask over outputs of `n` features (cuBLASLt wants a multiple of
+/// 128), and the i32 words the mask of `m` rows takes.
+fn relu_mask_layout(m: usize, n: usize) -> (usize, usize) {
+    let ld = n.next_multiple_of(128);
+    (ld, ld / 32 * m)
+}
+
+/// `h [m, n] = max(x [m, k] @ w [n, k]^T (+ b), 0)` and ReLU's bit mask (i32 words, see
+/// [`relu_mask_layout`]) for [`input_grad_drelu`]; None, with nothing enqueued, when
+/// cuBLASLt has no algorithm for the epilogue.
+pub(crate) fn linear_relu_mask(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
+    let dev = x.device();
+    if m * n * k == 0 {
+        return Ok(None);
+    }
+    let (aux_ld, words) = relu_mask_layout(m, n);
+    let h = dev.alloc(x.dtype(), m * n)?;
+    let mask = dev.alloc(DType::I32, words)?;
+    let epi = Epilogue::ReluAux {
+        bias: b.map(|b| b.ptr()),
+        aux: mask.ptr(),
+        aux_ld,
+    };
+    let ok = dev.lt.matmul_nt(
+        dev.stream(),
+        x.dtype(),
+        m,
+        n,
+        k,
+        x.ptr(),
+        w.ptr(),
+        epi,
+        h.ptr(),
+    )?;
+    Ok(ok.then_some((h, mask)))
+}
+
+/// `dx [rows, k] = dy [rows, n] @ w [n, k]` kept where the ReLU mask of the forward that
+/// made the [rows, k] activation is set (see [`linear_relu_mask`]), else 0; None, with
+/// nothing enqueued, when cuBLASLt has no algorithm for the epilogue.
+pub(crate) fn input_grad_drelu(
+    dy: &CudaStorage,
+    w: &CudaStorage,
+    mask: &CudaStorage,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<Option<CudaStorage>> {
+    let dev = dy.device();
+    let (aux_ld, words) = relu_mask_layout(rows, k);
+    if rows * n * k == 0 || mask.len() != words {
+        return Ok(None);
+    }
+    let dx = dev.alloc(dy.dtype(), rows * k)?;
+    let ok = dev.lt.matmul_general(
+        dev.stream(),
+        dy.dtype(),
+        false,
+        0.0,
+        false,
+        false,
+        1,
+        rows,
+        k,
+        n,
+        dy.ptr(),
+        w.ptr(),
+        Epilogue::DRelu {
+            aux: mask.ptr(),
+            aux_ld,
+        },
+        dx.ptr(),
+        &GemmStrides::packed(false, false, rows, k, n),
+    )?;
+    Ok(ok.then_some(dx))
+}
+
 /// `[0, n)` as the parts a GEMM dimension is cut into: a multiple of 16 bytes of elements and
 /// the rest. cuBLASLt runs a dimension such as a 30522-token vocabulary with sm80 fallback
 /// kernels at a fraction of the rate; cut, the large part gets the Hopper kernels and the
