@@ -9,6 +9,7 @@ use crate::backend::GemmStrides;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::DType;
+use crate::train::ops::AttentionDrop as DropSpec;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most blocks of a grid-stride launch.
@@ -1179,4 +1180,157 @@ pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) ->
     launched("add_scaled_into", unsafe {
         l.launch(grid_1d(acc.len(), 256))
     })
+}
+
+/// Dynamic shared memory (forward, backward) of the fused short attention
+/// (attention_train.cu) for these sizes, or None where it does not apply: f16/bf16 on
+/// sm_80 or later, both lengths at most 64, head_dim a multiple of 16 up to 128, and at
+/// most 48 KiB of shared memory.
+pub(crate) fn short_attention_smem(
+    dev: &super::CudaDevice,
+    dt: DType,
+    lq: usize,
+    lk: usize,
+    d: usize,
+) -> Option<(usize, usize)> {
+    let fits = matches!(dt, DType::F16 | DType::BF16)
+        && dev.arch() >= (8, 0)
+        && (1..=64).contains(&lq)
+        && (1..=64).contains(&lk)
+        && (16..=128).contains(&d)
+        && d.is_multiple_of(16);
+    if !fits {
+        return None;
+    }
+    // The kernels carve these regions in this order, each rounded to 128 bytes.
+    let r = |bytes: usize| bytes.next_multiple_of(128);
+    let (lqp, lkp) = (lq.next_multiple_of(16), lk.next_multiple_of(16));
+    let (es, wf) = (dt.size(), lkp.max(d));
+    let fwd = r(es * lqp * d) + 2 * r(es * lkp * d) + r(4 * lqp * wf) + r(es * lqp * lkp);
+    let bwd = 2 * r(es * lqp * d)
+        + 2 * r(es * lkp * d)
+        + 3 * r(es * lqp * lkp)
+        + r(4 * lqp.max(lkp) * wf);
+    (fwd.max(bwd) <= 48 << 10).then_some((fwd, bwd))
+}
+
+fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
+    match drop {
+        // As cpu::dropout: the kept scale in f32.
+        Some((p, seed, offset)) if p > 0.0 => (p, 1.0 / (1.0 - p), seed, offset),
+        _ => (0.0, 1.0, 0, 0),
+    }
+}
+
+/// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
+/// [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d], probabilities
+/// [batch, heads, lq, lk] before dropout); None where [`short_attention_smem`] says it does
+/// not apply.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn short_attention_forward(
+    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    key_lens: Option<&CudaStorage>,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+    causal: bool,
+    drop: Option<DropSpec>,
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
+    let dev = q.device();
+    let dt = q.dtype();
+    let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d) else {
+        return Ok(None);
+    };
+    let ctx = dev.alloc(dt, lq * batch * heads * d)?;
+    let probs = dev.alloc(dt, batch * heads * lq * lk)?;
+    if batch * heads == 0 {
+        return Ok(Some((ctx, probs)));
+    }
+    let f = dev.kernel("attn_short_fwd", dt)?;
+    let (qp, kp, vp, klp) = (q.ptr(), k.ptr(), v.ptr(), key_lens.map_or(0, |k| k.ptr()));
+    let (cp, pp) = (ctx.ptr(), probs.ptr());
+    let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
+    let causal = causal as i32;
+    let (p, keep, seed, offset) = drop_args(drop);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&klp)
+        .arg(&cp)
+        .arg(&pp)
+        .arg(&b)
+        .arg(&h)
+        .arg(&lq32)
+        .arg(&lk32)
+        .arg(&d32)
+        .arg(&scale)
+        .arg(&causal)
+        .arg(&p)
+        .arg(&keep)
+        .arg(&seed)
+        .arg(&offset);
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * heads) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match the kernel's signature in attention_train.cu; the
+    // buffers hold the sizes above and the shared memory is what the kernel carves.
+    launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
+    Ok(Some((ctx, probs)))
+}
+
+/// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
+/// layouts; None where it does not apply.
+pub(crate) fn short_attention_backward(
+    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    probs: &CudaStorage,
+    dctx: &CudaStorage,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+    drop: Option<DropSpec>,
+) -> Result<Option<(CudaStorage, CudaStorage, CudaStorage)>> {
+    let dev = q.device();
+    let dt = q.dtype();
+    let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d) else {
+        return Ok(None);
+    };
+    let dq = dev.alloc(dt, lq * batch * heads * d)?;
+    let dk = dev.alloc(dt, lk * batch * heads * d)?;
+    let dv = dev.alloc(dt, lk * batch * heads * d)?;
+    if batch * heads == 0 {
+        return Ok(Some((dq, dk, dv)));
+    }
+    let f = dev.kernel("attn_short_bwd", dt)?;
+    let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
+    let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
+    let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
+    let (p, keep, seed, offset) = drop_args(drop);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&pp)
+        .arg(&dcp)
+        .arg(&dqp)
+        .arg(&dkp)
+        .arg(&dvp)
+        .arg(&b)
+        .arg(&h)
+        .arg(&lq32)
+        .arg(&lk32)
+        .arg(&d32)
+        .arg(&scale)
+        .arg(&p)
+        .arg(&keep)
+        .arg(&seed)
+        .arg(&offset);
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * heads) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: as in short_attention_forward.
+    launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
+    Ok(Some((dq, dk, dv)))
 }
