@@ -132,6 +132,33 @@ __device__ __forceinline__ T at_drop(T pv, unsigned long long idx, float p, floa
   return from_f<T>(ls_philox_uniform(idx, seed, offset) >= p ? to_f(pv) * keep : 0.f);
 }
 
+// Carves q [lqp, d] and k, v [lkp, d] (in that order, 128-byte aligned) from shared
+// memory at `sm` and loads this block's head into them; returns the next free byte.
+template <typename T>
+__device__ unsigned char* at_load_qkv(unsigned char* sm, const T* q, const T* k, const T* v,
+                                      T*& qs, T*& ks, T*& vs, int lq, int lk, int d,
+                                      long long head0, long long stride) {
+  const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15;
+  qs = reinterpret_cast<T*>(sm);
+  sm += at_round(sizeof(T) * lqp * d);
+  ks = reinterpret_cast<T*>(sm);
+  sm += at_round(sizeof(T) * lkp * d);
+  vs = reinterpret_cast<T*>(sm);
+  sm += at_round(sizeof(T) * lkp * d);
+  at_load_head(qs, q + head0, lq, lqp, d, stride);
+  at_load_head(ks, k + head0, lk, lkp, d, stride);
+  at_load_head(vs, v + head0, lk, lkp, d, stride);
+  return sm;
+}
+
+// The gradient through dropout of d(dropped probability) at element `idx` (in f32).
+__device__ __forceinline__ float at_drop_grad(float g, unsigned long long idx, float p,
+                                              float keep, unsigned long long seed,
+                                              unsigned long long offset) {
+  if (p <= 0.f) return g;
+  return ls_philox_uniform(idx, seed, offset) >= p ? g * keep : 0.f;
+}
+
 // Forward: probs = softmax(scale * q k^T) with keys j >= key_lens[b] (and j > i when causal)
 // masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v.
 template <typename T>
@@ -143,19 +170,11 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   const int bh = blockIdx.x, bi = bh / heads;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, wf = max(lkp, d);
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
-  unsigned char* sm = at_smem;
-  T* qs = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lqp * d);
-  T* ks = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lkp * d);
-  T* vs = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lkp * d);
+  T *qs, *ks, *vs;
+  unsigned char* sm = at_load_qkv(at_smem, q, k, v, qs, ks, vs, lq, lk, d, head0, stride);
   float* f = reinterpret_cast<float*>(sm);
   sm += at_round(sizeof(float) * lqp * wf);
   T* ps = reinterpret_cast<T*>(sm);
-  at_load_head(qs, q + head0, lq, lqp, d, stride);
-  at_load_head(ks, k + head0, lk, lkp, d, stride);
-  at_load_head(vs, v + head0, lk, lkp, d, stride);
   __syncthreads();
   at_gemm<T, false, true>(qs, d, ks, d, f, wf, lqp, lkp, d);
   __syncthreads();
@@ -202,13 +221,8 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15;
   const int wf = max(lkp, d);  // f holds up to max(lqp, lkp) rows of wf
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
-  unsigned char* sm = at_smem;
-  T* qs = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lqp * d);
-  T* ks = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lkp * d);
-  T* vs = reinterpret_cast<T*>(sm);
-  sm += at_round(sizeof(T) * lkp * d);
+  T *qs, *ks, *vs;
+  unsigned char* sm = at_load_qkv(at_smem, q, k, v, qs, ks, vs, lq, lk, d, head0, stride);
   T* dos = reinterpret_cast<T*>(sm);
   sm += at_round(sizeof(T) * lqp * d);
   T* ps = reinterpret_cast<T*>(sm);
@@ -218,9 +232,6 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   T* dss = reinterpret_cast<T*>(sm);
   sm += at_round(sizeof(T) * lqp * lkp);
   float* f = reinterpret_cast<float*>(sm);
-  at_load_head(qs, q + head0, lq, lqp, d, stride);
-  at_load_head(ks, k + head0, lk, lkp, d, stride);
-  at_load_head(vs, v + head0, lk, lkp, d, stride);
   at_load_head(dos, dctx + head0, lq, lqp, d, stride);
   for (int p = threadIdx.x; p < lqp * lkp; p += blockDim.x) {
     const int i = p / lkp, j = p - i * lkp;
@@ -245,22 +256,16 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int i = warp; i < lqp; i += AT_WARPS) {
     const float* row = f + i * wf;
+    // The probabilities are zero past lq and lk, so those entries add nothing.
+    const unsigned long long idx0 = ((unsigned long long)bh * lq + i) * lk;
     float dot = 0.f;
     for (int j = lane; j < lkp; j += 32) {
-      float dp = row[j];
-      if (p_drop > 0.f && i < lq && j < lk) {
-        const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
-        dp = ls_philox_uniform(idx, seed, offset) >= p_drop ? dp * keep : 0.f;
-      }
+      const float dp = at_drop_grad(row[j], idx0 + j, p_drop, keep, seed, offset);
       dot += to_f(ps[i * lkp + j]) * dp;
     }
     dot = warp_sum(dot);
     for (int j = lane; j < lkp; j += 32) {
-      float dp = row[j];
-      if (p_drop > 0.f && i < lq && j < lk) {
-        const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
-        dp = ls_philox_uniform(idx, seed, offset) >= p_drop ? dp * keep : 0.f;
-      }
+      const float dp = at_drop_grad(row[j], idx0 + j, p_drop, keep, seed, offset);
       dss[i * lkp + j] = from_f<T>(scale * to_f(ps[i * lkp + j]) * (dp - dot));
     }
   }
