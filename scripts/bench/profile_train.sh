@@ -15,16 +15,19 @@ import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 hdr = rows[0]; rows = rows[1:]
 ki, vi, ui = hdr.index("Kernel Name"), hdr.index("Metric Value"), hdr.index("Metric Unit")
-# The last update is the timed one: take the second half of the launches after loading.
+# One update: the launches after the previous optimizer step up to the last one (the run
+# does two updates, each ending in adam_multi).
+steps = [i for i, r in enumerate(rows) if r[ki].startswith("adam_multi")]
+assert len(steps) >= 2, "expected two updates in the profile"
+update = rows[steps[-2] + 1:steps[-1] + 1]
 tot = collections.defaultdict(float); cnt = collections.Counter()
-half = rows[len(rows) // 2:]
-for r in half:
+for r in update:
     v = float(r[vi].replace(",", "")); u = r[ui]
     v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[u]
     name = r[ki].split("(")[0][:60]
     tot[name] += v; cnt[name] += 1
 s = sum(tot.values())
-print(f"kernels in the last half: {len(half)}, GPU time {s/1e3:.2f} ms")
+print(f"kernels in one update: {len(update)}, GPU time {s/1e3:.2f} ms")
 for k, v in sorted(tot.items(), key=lambda x: -x[1])[:30]:
     print(f"{v/1e3:8.2f} ms {cnt[k]:6d}x  {k}")
 PY
