@@ -325,7 +325,8 @@ pub fn linear_weight_grad_into(
 pub type AttentionDrop = (f32, u64, u64);
 
 /// Whether [`short_attention`] runs for q [lq, batch, heads * d] and k [lk, batch, heads * d]
-/// (CUDA, f16/bf16, sm_80+, both lengths at most 64, head_dim a multiple of 16 up to 128).
+/// (CUDA, f16/bf16, sm_80+, both lengths at most 64, head_dim a multiple of 16 up to 128,
+/// within 96 KiB of shared memory: all of it up to head_dim 64).
 pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
     let (Storage::Cuda(qs), Storage::Cuda(_)) = (&q.storage, &k.storage) else {
         return false;

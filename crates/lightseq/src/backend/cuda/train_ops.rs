@@ -1182,10 +1182,14 @@ pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) ->
     })
 }
 
+/// Dynamic shared memory a block may use after opting in: within what every sm_80+ GPU
+/// offers (99 KiB on sm_86/sm_89, more on sm_80 and sm_90).
+const SHORT_ATTENTION_SMEM: usize = 96 << 10;
+
 /// Dynamic shared memory (forward, backward) of the fused short attention
 /// (attention_train.cu) for these sizes, or None where it does not apply: f16/bf16 on
 /// sm_80 or later, both lengths at most 64, head_dim a multiple of 16 up to 128, and at
-/// most 48 KiB of shared memory.
+/// most [`SHORT_ATTENTION_SMEM`] of shared memory.
 pub(crate) fn short_attention_smem(
     dev: &super::CudaDevice,
     dt: DType,
@@ -1211,7 +1215,20 @@ pub(crate) fn short_attention_smem(
         + 2 * r(es * lkp * d)
         + 3 * r(es * lqp * lkp)
         + r(4 * lqp.max(lkp) * wf);
-    (fwd.max(bwd) <= 48 << 10).then_some((fwd, bwd))
+    (fwd.max(bwd) <= SHORT_ATTENTION_SMEM).then_some((fwd, bwd))
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory (past the default 48 KiB needs opting in).
+fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
+    if bytes <= 48 << 10 {
+        return Ok(());
+    }
+    use cudarc::driver::sys::CUfunction_attribute_enum as A;
+    f.set_attribute(
+        A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(|e| cuda_err("setting a kernel's shared memory", e))
 }
 
 fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
@@ -1246,6 +1263,7 @@ pub(crate) fn short_attention_forward(
         return Ok(Some((ctx, probs)));
     }
     let f = dev.kernel("attn_short_fwd", dt)?;
+    allow_smem(&f, smem)?;
     let (qp, kp, vp, klp) = (q.ptr(), k.ptr(), v.ptr(), key_lens.map_or(0, |k| k.ptr()));
     let (cp, pp) = (ctx.ptr(), probs.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
@@ -1302,6 +1320,7 @@ pub(crate) fn short_attention_backward(
         return Ok(Some((dq, dk, dv)));
     }
     let f = dev.kernel("attn_short_bwd", dt)?;
+    allow_smem(&f, smem)?;
     let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
     let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
