@@ -387,8 +387,8 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("{what} dgamma"), dt, &gdg, &cdg, tol(dt));
             check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
 
-            // The accumulating form, twice into nonzero accumulators: the single-launch
-            // reduction (h a multiple of 8) must leave its counters ready for the next one.
+            // The accumulating form, twice into nonzero accumulators (the sums are added to
+            // what the accumulators hold, not written over it).
             let into = |d: &Device| {
                 let mut dg = t(&scaled(23, h, 1.0), &[h], DType::F32, d);
                 let mut db = t(&scaled(24, h, 1.0), &[h], DType::F32, d);

@@ -128,8 +128,8 @@ pub enum Dout<'a> {
     /// Read this; return the input gradient alone.
     Alone(&'a Tensor),
     /// Read the first (or the accumulator itself when None) and return the accumulator
-    /// with the input gradient added: a post-LN residual's gradient, summed by the last
-    /// input-gradient GEMM instead of a separate pass.
+    /// with the input gradient added: a post-LN residual's gradient, summed by the
+    /// input-gradient GEMMs (beta = 1) instead of a separate pass.
     Into(Option<&'a Tensor>, Tensor),
 }
 

@@ -262,8 +262,8 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// `acc += dy^T @ x` over all rows: accumulates the weight gradient of `y = x @ w^T` into
 /// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly); with `bias_acc`, also the
-/// bias gradient (dy's column sums) into f32 `bias_acc [n]` (on CUDA from the GEMM's
-/// epilogue where cuBLASLt offers one).
+/// bias gradient (dy's column sums) into f32 `bias_acc [n]` (on CUDA a column reduction
+/// that adds into it).
 pub fn linear_weight_grad_into(
     acc: &mut Tensor,
     bias_acc: Option<&mut Tensor>,

@@ -198,7 +198,8 @@ impl CudaDevice {
 
     /// Device address of [`COLUMN_COUNTERS`] zeroed u32 arrival counters, shared by the
     /// single-launch column reductions: each leaves its counters at zero, and all of them
-    /// run on the device's one stream, so one never sees another's arrivals.
+    /// run on the device's one stream, so one never sees another's arrivals. (They are
+    /// training ops, never recorded into a graph on the capture stream.)
     pub(crate) fn column_counters(&self) -> Result<u64> {
         if let Some(c) = self.column_counters.get() {
             return Ok(c.device_ptr(&self.stream).0);

@@ -448,7 +448,8 @@ pub(crate) fn input_grad_ld(
     }
     let dev = dy.device();
     let es = dy.dtype().size() as u64;
-    // The reduction dimension in aligned parts, the later ones accumulating.
+    // The reduction dimension in aligned parts, the later ones accumulating (in dy's dtype:
+    // the output is rounded once per part).
     for (i, (s, len)) in aligned_parts(n, dy.dtype()).into_iter().enumerate() {
         let s64 = s as u64;
         dev.lt.matmul_general(

@@ -490,8 +490,9 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
 
 // Column reductions: block (b, y) covers columns [32 b, 32 b + 32) over the y-th chunk of
 // rows; lane = column, warp w sums rows w, w + warps, ... of the chunk; the per-warp
-// partials are added in warp order, and the chunks' partials by sum_chunks in chunk order
-// (deterministic, no atomics).
+// partials are added in warp order, and the chunks' partials in chunk order, by sum_chunks
+// or by the last block of the launch (column_sum_packed): deterministic either way (the
+// only atomic counts arrivals).
 #define LS_COL_WARPS_MAX 32
 
 // dgamma[j] = sum_r dy[r, j] * xhat[r, j], dbeta[j] = sum_r dy[r, j].
@@ -770,7 +771,8 @@ __device__ void activation_backward_body(const T* pre, const T* dy, T* dx, int a
 }
 
 // ---------------------------------------------------------------------------------------
-// d [vocab, h] (zeroed by the caller) += scale * dy[i] at row ids[i]; other ids skipped.
+// d [vocab, h] (f32: a zeroed table or a gradient accumulator) += scale * dy[i] at row
+// ids[i]; other ids skipped.
 template <typename T>
 __device__ void embedding_backward_body(const int* ids, const T* dy, float* d, long long n, int h,
                                         int vocab, float scale) {
