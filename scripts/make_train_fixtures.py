@@ -72,30 +72,35 @@ MODELS = {
 }
 
 
+def save_model_dir(m, name):
+    """Writes model `m` in f32 as the fixture directory of MODELS[name], replacing it (no
+    generation_config.json)."""
+    import shutil
+    out = os.path.join(FIXTURES, MODELS[name][0])
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    m.float().save_pretrained(out, safe_serialization=True)
+    for f in os.listdir(out):
+        if f == "generation_config.json":
+            os.remove(os.path.join(out, f))
+
+
 def make_marian_relu(seed=390):
     """tests/fixtures/marian_relu: the marian fixture's shapes (a vocabulary of 89, not a
     multiple of 8) with a ReLU feed-forward, new random weights, f32 safetensors."""
-    import shutil
     from transformers import MarianConfig, MarianMTModel
     torch.set_default_dtype(torch.float32)
     c = MarianConfig.from_pretrained(os.path.join(FIXTURES, MODELS["marian"][0]))
     c.activation_function = "relu"
     m = randomize(MarianMTModel(c), seed)
-    out = os.path.join(FIXTURES, MODELS["marian_relu"][0])
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    m.float().save_pretrained(out, safe_serialization=True)
-    for name in os.listdir(out):
-        if name == "generation_config.json":
-            os.remove(os.path.join(out, name))
+    save_model_dir(m, "marian_relu")
 
 
 def make_vit_cls(seed=370):
     """tests/fixtures/vit_cls: a tiny ViT image classifier, f32 safetensors. No pooler
     (ViTForImageClassification builds its ViTModel with add_pooling_layer=False); the
     classifier reads the CLS position of the final layernorm."""
-    import shutil
     from transformers import ViTConfig, ViTForImageClassification
     torch.set_default_dtype(torch.float32)
     m = randomize(ViTForImageClassification(ViTConfig(
@@ -112,14 +117,7 @@ def make_vit_cls(seed=370):
             if "layernorm" in n and n.endswith(".weight"):
                 p.add_(1.0)
     assert m.vit.pooler is None
-    out = os.path.join(FIXTURES, MODELS["vit_cls"][0])
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    m.float().save_pretrained(out, safe_serialization=True)
-    for name in os.listdir(out):
-        if name == "generation_config.json":
-            os.remove(os.path.join(out, name))
+    save_model_dir(m, "vit_cls")
 
 
 def checkpoint_names(model, name):

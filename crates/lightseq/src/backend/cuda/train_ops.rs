@@ -107,19 +107,8 @@ fn cols_grid_per(rows: usize, cols: usize, per_block: usize) -> LaunchConfig {
     }
 }
 
-/// Sums `chunks` rows of partial column sums [chunks, cols] into `out` [cols]: written, or
-/// with `accumulate` added to what `out` holds.
-fn sum_chunks(
-    partial: &CudaStorage,
-    out: &CudaStorage,
-    chunks: usize,
-    cols: usize,
-    accumulate: bool,
-) -> Result<()> {
-    sum_chunks_at(partial.ptr(), out, chunks, cols, accumulate)
-}
-
-/// [`sum_chunks`] of the partials at device address `partial`.
+/// Sums `chunks` rows of partial column sums [chunks, cols] at device address `partial`
+/// into `out` [cols]: written, or with `accumulate` added to what `out` holds.
 fn sum_chunks_at(
     partial: u64,
     out: &CudaStorage,
@@ -862,7 +851,7 @@ fn column_sums(
     // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
     // cfg.grid_dim.1 * cols f32.
     launched("column_sum", unsafe { l.launch(cfg) })?;
-    sum_chunks(&partial, out, chunks, cols, accumulate)
+    sum_chunks_at(partial.ptr(), out, chunks, cols, accumulate)
 }
 
 pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<CudaStorage> {
