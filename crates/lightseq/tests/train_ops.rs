@@ -639,48 +639,6 @@ fn cuda_lm_head_over_padded_logits_matches_cpu() {
     }
 }
 
-/// fc1 with ReLU and its bit mask in the GEMM epilogue, and fc2's input gradient with
-/// ReLU's derivative applied from that mask, against the CPU's separate passes.
-#[test]
-fn cuda_relu_mask_gemms_match_cpu() {
-    let Some(gpu) = gpu("cuda_relu_mask_gemms_match_cpu") else {
-        return;
-    };
-    let cpu = Device::Cpu;
-    for (rows, d, ffn) in [(37, 24, 40), (64, 32, 128), (19, 16, 200)] {
-        let x = scaled(80, rows * d, 1.0);
-        let (w1, b1) = (scaled(81, ffn * d, 0.3), scaled(82, ffn, 0.3));
-        let (w2, dy) = (scaled(83, d * ffn, 0.3), scaled(84, rows * d, 1.0));
-        for dt in DTYPES {
-            let what = format!("relu mask GEMMs [{rows}, {d}] ffn {ffn}");
-            let (w1g, w2g) = (t(&w1, &[ffn, d], dt, &gpu), t(&w2, &[d, ffn], dt, &gpu));
-            let (h, mask) = ops::linear_relu_mask(
-                &t(&x, &[rows, d], dt, &gpu),
-                &w1g,
-                Some(&t(&b1, &[ffn], dt, &gpu)),
-            )
-            .unwrap();
-            let mask = mask.unwrap_or_else(|| panic!("{what} {dt}: no ReLU-mask epilogue"));
-            let dpre = ops::linear_input_grad_relu(&t(&dy, &[rows, d], dt, &gpu), &w2g, &mask)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{what} {dt}: no DRELU epilogue"));
-            let hc = lightseq::ops::linear(
-                &t(&x, &[rows, d], dt, &cpu),
-                &t(&w1, &[ffn, d], dt, &cpu),
-                Some(&t(&b1, &[ffn], dt, &cpu)),
-                Activation::Relu,
-            )
-            .unwrap();
-            let dh =
-                ops::linear_input_grad(&t(&dy, &[rows, d], dt, &cpu), &t(&w2, &[d, ffn], dt, &cpu))
-                    .unwrap();
-            let dprec = ops::activation_backward(&hc, &dh, Activation::Relu).unwrap();
-            check(&format!("{what} h"), dt, &h, &hc, tol(dt));
-            check(&format!("{what} dpre"), dt, &dpre, &dprec, tol(dt));
-        }
-    }
-}
-
 /// The fused short-sequence attention (CUDA f16/bf16: forward and backward in one kernel
 /// each) against the CPU's unfused attention from the same rounded inputs: key lengths,
 /// causal masks, cross attention with other lengths, and attention dropout (the same Philox

@@ -473,34 +473,25 @@ pub struct FfnSaved {
     /// fc1's output before the activation; None for ReLU, whose derivative reads the same
     /// from `hd` (positive exactly where the input was, and zero gradient where dropped).
     pre: Option<Tensor>,
-    /// ReLU's bit mask from fc1's GEMM epilogue (CUDA), applied by fc2's input-gradient
-    /// GEMM in the backward.
-    relu_mask: Option<Tensor>,
     hd: Tensor,
     drop: Option<u64>,
 }
 
 impl Ffn {
     pub fn forward(&self, ps: &Params, drop: &Dropout, x: &Tensor) -> Result<(Tensor, FfnSaved)> {
-        let (pre, relu_mask, h) = if self.act == Activation::Relu {
+        let (pre, h) = if self.act == Activation::Relu {
             // The GEMM applies ReLU in its epilogue.
             let fc1 = &self.fc1;
-            let (h, mask) = tops::linear_relu_mask(x, ps.w(fc1.w), fc1.b.map(|b| ps.w(b)))?;
-            (None, mask, h)
+            let h = ops::linear(x, ps.w(fc1.w), fc1.b.map(|b| ps.w(b)), Activation::Relu)?;
+            (None, h)
         } else {
             let pre = self.fc1.forward(ps, x)?;
             let h = tops::activate(&pre, self.act)?;
-            (Some(pre), None, h)
+            (Some(pre), h)
         };
         let (hd, off) = drop.apply(h, drop.activation)?;
         let out = self.fc2.forward(ps, &hd)?;
-        let saved = FfnSaved {
-            pre,
-            relu_mask,
-            hd,
-            drop: off,
-        };
-        Ok((out, saved))
+        Ok((out, FfnSaved { pre, hd, drop: off }))
     }
 
     pub fn backward(
@@ -511,23 +502,9 @@ impl Ffn {
         x: &Tensor,
         dout: Dout,
     ) -> Result<Tensor> {
-        let d = dout.read();
-        self.fc2.backward_params(ps, &s.hd, d)?;
-        let w2 = ps.w(self.fc2.w);
-        // ReLU's derivative by fc2's input-gradient GEMM where the forward kept its mask;
-        // dropout's backward commutes with it.
-        let masked = match &s.relu_mask {
-            Some(mask) => tops::linear_input_grad_relu(d, w2, mask)?,
-            None => None,
-        };
-        let dpre = match masked {
-            Some(dm) => drop.backward(dm, drop.activation, s.drop)?,
-            None => {
-                let dhd = tops::linear_input_grad(d, w2)?;
-                let dh = drop.backward(dhd, drop.activation, s.drop)?;
-                tops::activation_backward(s.pre.as_ref().unwrap_or(&s.hd), &dh, self.act)?
-            }
-        };
+        let dhd = self.fc2.backward(ps, &s.hd, dout.read())?;
+        let dh = drop.backward(dhd, drop.activation, s.drop)?;
+        let dpre = tops::activation_backward(s.pre.as_ref().unwrap_or(&s.hd), &dh, self.act)?;
         self.fc1.backward_to(ps, x, &dpre, dout.acc())
     }
 }

@@ -166,56 +166,6 @@ pub fn matmul_strided(
     })
 }
 
-/// `max(x @ w^T + b, 0)` and, on CUDA, ReLU's bit mask from the GEMM's epilogue for
-/// [`linear_input_grad_relu`] (None on the CPU, or where cuBLASLt has no such algorithm).
-pub fn linear_relu_mask(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    const OP: &str = "linear_relu_mask";
-    if let (Storage::Cuda(xs), Storage::Cuda(ws)) = (&x.storage, &w.storage) {
-        let (n, k) = (w.shape()[0], w.shape().get(1).copied().unwrap_or(0));
-        let m = x.len() / k.max(1);
-        let bs = b.map(|b| b.cuda(OP)).transpose()?;
-        if x.len() == m * k && b.is_none_or(|b| b.len() == n) {
-            if let Some((h, mask)) = cuda::linear_relu_mask(xs, ws, bs, m, n, k)? {
-                let mut shape = x.shape().to_vec();
-                *shape.last_mut().unwrap() = n;
-                let words = mask.len();
-                return Ok((
-                    cuda_out(&shape, x.dtype(), h),
-                    Some(cuda_out(&[words], DType::I32, mask)),
-                ));
-            }
-        }
-    }
-    Ok((crate::ops::linear(x, w, b, Activation::Relu)?, None))
-}
-
-/// `dy @ w` with ReLU's derivative applied from `mask` (of [`linear_relu_mask`] for the
-/// activation this is the gradient of) by the GEMM's epilogue; None where that GEMM is
-/// not available (the caller applies the derivative itself).
-pub fn linear_input_grad_relu(dy: &Tensor, w: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
-    const OP: &str = "linear_input_grad_relu";
-    let (Storage::Cuda(d), Storage::Cuda(ws), Storage::Cuda(ms)) =
-        (&dy.storage, &w.storage, &mask.storage)
-    else {
-        return Ok(None);
-    };
-    let (n, k) = (w.shape()[0], w.shape().get(1).copied().unwrap_or(0));
-    let rows = dy.len() / n.max(1);
-    need(OP, dy.len() == rows * n && dy.dtype() == w.dtype(), || {
-        format!("dy {:?}, w {:?}", dy.shape(), w.shape())
-    })?;
-    let Some(dx) = cuda::input_grad_drelu(d, ws, ms, rows, n, k)? else {
-        return Ok(None);
-    };
-    let mut shape = dy.shape().to_vec();
-    *shape.last_mut().unwrap() = k;
-    Ok(Some(cuda_out(&shape, dy.dtype(), dx)))
-}
-
 /// The input gradient of `y = x @ w^T`: `dy [..., n] @ w [n, k]` -> [..., k].
 pub fn linear_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k) = (w.shape()[0], w.shape()[1]);

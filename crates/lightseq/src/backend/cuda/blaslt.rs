@@ -25,19 +25,6 @@ pub(crate) enum Epilogue {
     Relu,
     /// max(C + bias, 0).
     BiasRelu(u64),
-    /// max(C (+ bias), 0), also writing ReLU's bit mask (set where C (+ bias) > 0) to `aux`:
-    /// one row of `aux_ld` bits (a multiple of 128) per row of our C.
-    ReluAux {
-        bias: Option<u64>,
-        aux: u64,
-        aux_ld: usize,
-    },
-    /// C where the bit mask `aux` of a [`Epilogue::ReluAux`] GEMM with this C's shape is
-    /// set, else 0: ReLU's backward applied to an input-gradient GEMM.
-    DRelu {
-        aux: u64,
-        aux_ld: usize,
-    },
 }
 
 impl Epilogue {
@@ -47,15 +34,7 @@ impl Epilogue {
             Epilogue::Bias(_) => 1,
             Epilogue::Relu => 2,
             Epilogue::BiasRelu(_) => 3,
-            Epilogue::ReluAux { bias: None, .. } => 4,
-            Epilogue::ReluAux { bias: Some(_), .. } => 5,
-            Epilogue::DRelu { .. } => 6,
         }
-    }
-
-    /// Whether cuBLASLt may have no algorithm for it (callers then take another path).
-    fn optional(self) -> bool {
-        self.kind() >= 2
     }
 
     /// Bias plus, with `relu`, max(., 0).
@@ -80,7 +59,7 @@ pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     /// The heuristic's first algorithm per shape; None where it found none (only kept for
-    /// the ReLU epilogues, which callers replace by separate passes).
+    /// the ReLU epilogues, which callers replace by a separate pass).
     algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
@@ -203,11 +182,6 @@ impl Descs {
                 Epilogue::Bias(p) => (Some(E::CUBLASLT_EPILOGUE_BIAS), Some(p)),
                 Epilogue::Relu => (Some(E::CUBLASLT_EPILOGUE_RELU), None),
                 Epilogue::BiasRelu(p) => (Some(E::CUBLASLT_EPILOGUE_RELU_BIAS), Some(p)),
-                Epilogue::ReluAux { bias: None, .. } => (Some(E::CUBLASLT_EPILOGUE_RELU_AUX), None),
-                Epilogue::ReluAux { bias: Some(p), .. } => {
-                    (Some(E::CUBLASLT_EPILOGUE_RELU_AUX_BIAS), Some(p))
-                }
-                Epilogue::DRelu { .. } => (Some(E::CUBLASLT_EPILOGUE_DRELU), None),
             };
             if let Some(epilogue) = epilogue {
                 lt::set_matmul_desc_attribute(
@@ -224,23 +198,6 @@ impl Descs {
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &ptr as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
-                )
-                .map_err(e)?;
-            }
-            if let Epilogue::ReluAux { aux, aux_ld, .. } | Epilogue::DRelu { aux, aux_ld } = epi {
-                let ld = aux_ld as i64;
-                lt::set_matmul_desc_attribute(
-                    d.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
-                    &aux as *const u64 as *const c_void,
-                    std::mem::size_of::<u64>(),
-                )
-                .map_err(e)?;
-                lt::set_matmul_desc_attribute(
-                    d.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
-                    &ld as *const i64 as *const c_void,
-                    std::mem::size_of::<i64>(),
                 )
                 .map_err(e)?;
             }
@@ -339,7 +296,7 @@ impl BlasLt {
                 None => {
                     let a = match self.heuristic(&d) {
                         Ok(a) => Some(a),
-                        Err(_) if epi.optional() => None,
+                        Err(_) if matches!(epi, Epilogue::Relu | Epilogue::BiasRelu(_)) => None,
                         Err(e) => return Err(e),
                     };
                     algos.insert(key, a);
