@@ -198,6 +198,8 @@ pub struct CoreSaved {
     dims: (usize, usize, usize, usize),
     /// Saved by [`tops::short_attention`]; the backward is its fused backward.
     fused: bool,
+    /// The fused forward's dropout keep bits.
+    keep: Option<Tensor>,
 }
 
 /// What attention's backward needs.
@@ -273,7 +275,7 @@ pub fn attend(
         let off = drop.reserve(drop.attention);
         let spec = off.map(|o| (drop.attention, drop.seed, o));
         let fused = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
-        let (ctx, p) =
+        let (ctx, p, keep) =
             fused.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
         let saved = CoreSaved {
             q,
@@ -286,6 +288,7 @@ pub fn attend(
             scale,
             dims: (b, lq, lk, d),
             fused: true,
+            keep,
         };
         return Ok((ctx, saved));
     }
@@ -319,6 +322,7 @@ pub fn attend(
             scale,
             dims: (b, lq, lk, d),
             fused: false,
+            keep: None,
         },
     ))
 }
@@ -330,7 +334,7 @@ pub fn attend_backward(
     dctx: Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if s.fused {
-        let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
+        let spec = s.keep.as_ref().map(|k| (drop.attention, k));
         let grads = tops::short_attention_backward(
             (&s.q, &s.k, &s.v),
             &s.p,

@@ -125,14 +125,21 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
   return c;
 }
 
+// The Philox output of group q = i / 4 (elements 4q..4q + 3), and the uniform draw of
+// element i from it.
+__device__ __forceinline__ uint4 ls_philox_group(unsigned long long q, unsigned long long seed,
+                                                 unsigned long long offset) {
+  return philox4x32_10(make_uint4((unsigned int)q, (unsigned int)(q >> 32), (unsigned int)offset,
+                                  (unsigned int)(offset >> 32)),
+                       make_uint2((unsigned int)seed, (unsigned int)(seed >> 32)));
+}
+__device__ __forceinline__ float ls_philox_lane(uint4 o, unsigned long long i) {
+  const unsigned int r = i % 4 == 0 ? o.x : i % 4 == 1 ? o.y : i % 4 == 2 ? o.z : o.w;
+  return (float)(r >> 8) * 5.9604644775390625e-8f;  // 2^-24
+}
+
 // The uniform draw of element i (one Philox call; dropout_body shares a call among four).
 __device__ __forceinline__ float ls_philox_uniform(unsigned long long i, unsigned long long seed,
                                                    unsigned long long offset) {
-  const unsigned long long q = i / 4;
-  const uint4 o = philox4x32_10(
-      make_uint4((unsigned int)q, (unsigned int)(q >> 32), (unsigned int)offset,
-                 (unsigned int)(offset >> 32)),
-      make_uint2((unsigned int)seed, (unsigned int)(seed >> 32)));
-  const unsigned int lanes[4] = {o.x, o.y, o.z, o.w};
-  return (float)(lanes[i % 4] >> 8) * 5.9604644775390625e-8f;  // 2^-24
+  return ls_philox_lane(ls_philox_group(i / 4, seed, offset), i);
 }
