@@ -2,7 +2,7 @@
 //! (kernel, dtype) symbol the backend looks up. Needs libnvrtc and the CUDA headers, not a
 //! GPU. Skips with a message when NVRTC is absent, unless LIGHTSEQ_REQUIRE_NVRTC=1 (CI).
 
-use lightseq::backend::cuda::nvrtc::{self, KERNEL_DTYPES, MODULES};
+use lightseq::backend::cuda::nvrtc::{self, MODULES};
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
@@ -28,7 +28,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 m.name
             );
             for k in m.kernels {
-                for dt in KERNEL_DTYPES {
+                for &dt in m.dtypes {
                     let sym = format!("{k}_{}", dt.name());
                     assert!(
                         cubin

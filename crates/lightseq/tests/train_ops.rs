@@ -639,6 +639,81 @@ fn cuda_lm_head_over_padded_logits_matches_cpu() {
     }
 }
 
+/// The fused short-sequence attention (CUDA f16/bf16: forward and backward in one kernel
+/// each) against the CPU's unfused attention from the same rounded inputs: key lengths,
+/// causal masks, cross attention with other lengths, and attention dropout (the same Philox
+/// masks).
+#[test]
+fn cuda_short_attention_matches_cpu() {
+    use lightseq::train::layers::{attend, attend_backward, Dropout};
+    let Some(gpu) = gpu("cuda_short_attention_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    // (lq, lk, batch, heads, head_dim, key lengths, causal)
+    type Case = (usize, usize, usize, usize, usize, Option<Vec<i32>>, bool);
+    let cases: [Case; 5] = [
+        (32, 32, 3, 4, 64, Some(vec![32, 20, 7]), false),
+        (13, 13, 2, 2, 32, None, true),
+        (9, 29, 2, 3, 16, Some(vec![29, 0]), false),
+        (48, 40, 1, 2, 32, Some(vec![35]), true),
+        // Past the default 48 KiB of shared memory (the kernels opt in).
+        (64, 64, 2, 2, 64, Some(vec![64, 41]), true),
+    ];
+    for (lq, lk, b, nh, d, lens, causal) in cases {
+        let h = nh * d;
+        let (q, k, v) = (
+            scaled(90, lq * b * h, 1.0),
+            scaled(91, lk * b * h, 1.0),
+            scaled(92, lk * b * h, 1.0),
+        );
+        let dctx = scaled(93, lq * b * h, 1.0);
+        for dt in [DType::F16, DType::BF16] {
+            for rate in [0.0f32, 0.1] {
+                let run = |dev: &Device| {
+                    let drop = Dropout {
+                        hidden: 0.0,
+                        attention: rate,
+                        activation: 0.0,
+                        seed: 7,
+                        offset: std::cell::Cell::new(3),
+                    };
+                    let qt = t(&q, &[lq, b, h], dt, dev);
+                    let kt = t(&k, &[lk, b, h], dt, dev);
+                    if matches!(dev, Device::Cuda(_)) {
+                        assert!(
+                            ops::short_attention_fits(&qt, &kt, nh),
+                            "fused path not taken"
+                        );
+                    }
+                    let kl = lens.as_ref().map(|l| ids(l, dev));
+                    let (ctx, saved) = attend(
+                        &drop,
+                        qt,
+                        kt,
+                        t(&v, &[lk, b, h], dt, dev),
+                        nh,
+                        1.0 / (d as f32).sqrt(),
+                        kl.as_ref(),
+                        causal,
+                    )
+                    .unwrap();
+                    let (dq, dk, dv) =
+                        attend_backward(&drop, saved, t(&dctx, &[lq, b, h], dt, dev)).unwrap();
+                    (ctx, dq, dk, dv)
+                };
+                let (g, c) = (run(&gpu), run(&cpu));
+                let what = format!("short attention [{lq}, {lk}] b {b} heads {nh} d {d} causal {causal} dropout {rate}");
+                let tol = if dt == DType::F16 { 5e-3 } else { 3e-2 };
+                check(&format!("{what} ctx"), dt, &g.0, &c.0, tol);
+                check(&format!("{what} dq"), dt, &g.1, &c.1, tol);
+                check(&format!("{what} dk"), dt, &g.2, &c.2, tol);
+                check(&format!("{what} dv"), dt, &g.3, &c.3, tol);
+            }
+        }
+    }
+}
+
 #[test]
 fn cuda_adam_step_matches_cpu() {
     let Some(gpu) = gpu("cuda_adam_step_matches_cpu") else {

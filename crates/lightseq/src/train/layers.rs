@@ -6,7 +6,7 @@
 
 use super::ops::{self as tops, Mats};
 use super::params::{Params, Pid};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Tensor};
 use std::cell::Cell;
@@ -38,14 +38,23 @@ impl Dropout {
         Ok((y.unwrap_or(x), off))
     }
 
-    /// [`Dropout::apply`] keeping the input: None when no dropout applies (use `x`).
-    pub fn apply_ref(&self, x: &Tensor, p: f32) -> Result<(Option<Tensor>, Option<u64>)> {
+    /// Takes the next Philox offset for a dropout of rate `p` that a fused kernel applies
+    /// (None when `p` is 0), as [`Dropout::apply_ref`] would.
+    pub fn reserve(&self, p: f32) -> Option<u64> {
         if p <= 0.0 {
-            return Ok((None, None));
+            return None;
         }
         let off = self.offset.get();
         self.offset.set(off + 1);
-        Ok((Some(tops::dropout(x, p, self.seed, off)?), Some(off)))
+        Some(off)
+    }
+
+    /// [`Dropout::apply`] keeping the input: None when no dropout applies (use `x`).
+    pub fn apply_ref(&self, x: &Tensor, p: f32) -> Result<(Option<Tensor>, Option<u64>)> {
+        match self.reserve(p) {
+            Some(off) => Ok((Some(tops::dropout(x, p, self.seed, off)?), Some(off))),
+            None => Ok((None, None)),
+        }
     }
 
     /// The backward of [`Dropout::apply_ref`]: None when it was a no-op.
@@ -187,6 +196,10 @@ pub struct CoreSaved {
     heads: usize,
     scale: f32,
     dims: (usize, usize, usize, usize),
+    /// Saved by [`tops::short_attention`]; the backward is its fused backward.
+    fused: bool,
+    /// The fused forward's dropout keep bits.
+    keep: Option<Tensor>,
 }
 
 /// What attention's backward needs.
@@ -257,6 +270,28 @@ pub fn attend(
     let lk = k.shape()[0];
     let (nh, d) = (heads, h / heads);
     let (bh, row) = (b * nh, b * h);
+    if tops::short_attention_fits(&q, &k, heads) {
+        // One fused pass; the dropout offset is taken as apply_ref would.
+        let off = drop.reserve(drop.attention);
+        let spec = off.map(|o| (drop.attention, drop.seed, o));
+        let fused = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
+        let (ctx, p, keep) =
+            fused.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
+        let saved = CoreSaved {
+            q,
+            k,
+            v,
+            p,
+            pd: None,
+            drop: off,
+            heads,
+            scale,
+            dims: (b, lq, lk, d),
+            fused: true,
+            keep,
+        };
+        return Ok((ctx, saved));
+    }
     let s = head_scores(&q, &k, (b, nh, lq, lk, d))?;
     let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
     std::mem::drop(s);
@@ -286,6 +321,8 @@ pub fn attend(
             heads,
             scale,
             dims: (b, lq, lk, d),
+            fused: false,
+            keep: None,
         },
     ))
 }
@@ -296,6 +333,18 @@ pub fn attend_backward(
     s: CoreSaved,
     dctx: Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if s.fused {
+        let spec = s.keep.as_ref().map(|k| (drop.attention, k));
+        let grads = tops::short_attention_backward(
+            (&s.q, &s.k, &s.v),
+            &s.p,
+            &dctx,
+            s.heads,
+            s.scale,
+            spec,
+        )?;
+        return grads.ok_or_else(|| Error::op("attend_backward", "the fused backward did not run"));
+    }
     let (b, lq, lk, d) = s.dims;
     let nh = s.heads;
     let (h, bh) = (nh * d, b * nh);

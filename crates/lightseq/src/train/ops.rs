@@ -269,6 +269,145 @@ pub fn linear_weight_grad_into(
     }
 }
 
+/// Dropout of attention probabilities in the fused attention: (rate, seed, Philox offset),
+/// the mask [`dropout`] would draw at that offset over the [batch, heads, lq, lk]
+/// probabilities.
+pub type AttentionDrop = (f32, u64, u64);
+
+/// Whether [`short_attention`] runs for q [lq, batch, heads * d] and k [lk, batch, heads * d]
+/// (CUDA, f16/bf16, sm_80+, both lengths at most 64, head_dim a multiple of 16 up to 128,
+/// within 96 KiB of shared memory: all of it up to head_dim 64).
+pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
+    let (Storage::Cuda(qs), Storage::Cuda(_)) = (&q.storage, &k.storage) else {
+        return false;
+    };
+    let (qsh, ksh) = (q.shape(), k.shape());
+    if qsh.len() != 3 || ksh.len() != 3 || heads == 0 || qsh[2] % heads != 0 {
+        return false;
+    }
+    cuda::short_attention_smem(qs.device(), q.dtype(), qsh[0], ksh[0], qsh[2] / heads).is_some()
+}
+
+/// Fused multi-head attention for short sequences, one pass over q [lq, batch, heads * d],
+/// k and v [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d],
+/// probabilities [batch, heads, lq, lk] before dropout, dropout's keep bits for the
+/// backward when `drop` is on), as `masked_softmax` of the scaled scores with `key_lens`
+/// and `causal`, then dropout, then the product with v. None where
+/// [`short_attention_fits`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn short_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    key_lens: Option<&Tensor>,
+    causal: bool,
+    drop: Option<AttentionDrop>,
+) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
+    const OP: &str = "short_attention";
+    if !short_attention_fits(q, k, heads) {
+        return Ok(None);
+    }
+    float_dtype(OP, &[q, k, v])?;
+    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[0];
+    need(
+        OP,
+        k.shape() == [lk, b, h] && v.shape() == [lk, b, h],
+        || format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()),
+    )?;
+    if let Some(kl) = key_lens {
+        need(OP, kl.dtype() == DType::I32 && kl.shape() == [b], || {
+            format!("key lengths {:?}, expected i32 [{b}]", kl.shape())
+        })?;
+    }
+    let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
+    let Some((ctx, probs, keep)) = cuda::short_attention_forward(
+        (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
+        kl,
+        (b, heads, lq, lk, h / heads),
+        scale,
+        causal,
+        drop,
+    )?
+    else {
+        return Ok(None);
+    };
+    let dt = q.dtype();
+    Ok(Some((
+        cuda_out(&[lq, b, h], dt, ctx),
+        cuda_out(&[b, heads, lq, lk], dt, probs),
+        keep.map(|k| cuda_out(&[b, heads, lq, 2], DType::I32, k)),
+    )))
+}
+
+/// The backward of [`short_attention`] from dctx [lq, batch, heads * d] and its
+/// probabilities: (dq, dk, dv); None where it does not apply. `drop` is the dropout
+/// probability and the forward's keep bits.
+pub fn short_attention_backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    probs: &Tensor,
+    dctx: &Tensor,
+    heads: usize,
+    scale: f32,
+    drop: Option<(f32, &Tensor)>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    const OP: &str = "short_attention_backward";
+    if !short_attention_fits(q, k, heads) {
+        return Ok(None);
+    }
+    float_dtype(OP, &[q, k, v, probs, dctx])?;
+    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[0];
+    need(
+        OP,
+        v.shape() == k.shape() && probs.shape() == [b, heads, lq, lk] && dctx.shape() == q.shape(),
+        || {
+            format!(
+                "q {:?}, k {:?}, probs {:?}, dctx {:?}",
+                q.shape(),
+                k.shape(),
+                probs.shape(),
+                dctx.shape()
+            )
+        },
+    )?;
+    if let Some((_, bits)) = drop {
+        need(
+            OP,
+            bits.dtype() == DType::I32 && bits.shape() == [b, heads, lq, 2],
+            || {
+                format!(
+                    "keep bits {:?}, expected i32 [{b}, {heads}, {lq}, 2]",
+                    bits.shape()
+                )
+            },
+        )?;
+    }
+    let drop = match drop {
+        Some((p, bits)) => Some((p, bits.cuda(OP)?)),
+        None => None,
+    };
+    let Some((dq, dk, dv)) = cuda::short_attention_backward(
+        (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
+        probs.cuda(OP)?,
+        dctx.cuda(OP)?,
+        (b, heads, lq, lk, h / heads),
+        scale,
+        drop,
+    )?
+    else {
+        return Ok(None);
+    };
+    let dt = q.dtype();
+    Ok(Some((
+        cuda_out(q.shape(), dt, dq),
+        cuda_out(k.shape(), dt, dk),
+        cuda_out(v.shape(), dt, dv),
+    )))
+}
+
 /// [a, b, c, d] -> [a, c, b, d] (heads to the front and back).
 pub fn transpose_12(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "transpose_12";

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// A kernel source file and the kernels it defines. Every kernel is instantiated for each
-/// float dtype as `<name>_<dtype>` (`layer_norm_f16`).
+/// of the module's dtypes as `<name>_<dtype>` (`layer_norm_f16`).
 pub struct KernelModule {
     /// File stem under `kernels/`.
     pub name: &'static str,
@@ -23,6 +23,8 @@ pub struct KernelModule {
     pub source: &'static str,
     /// Kernel base names defined in it.
     pub kernels: &'static [&'static str],
+    /// The dtypes each kernel is instantiated for.
+    pub dtypes: &'static [DType],
 }
 
 /// Every kernel module of the backend.
@@ -40,31 +42,37 @@ pub const MODULES: &[KernelModule] = &[
             "to_f32",
             "from_f32",
         ],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "layer_norm",
         source: include_str!("kernels/layer_norm.cu"),
         kernels: &["layer_norm", "rms_norm"],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "embedding",
         source: include_str!("kernels/embedding.cu"),
         kernels: &["embed"],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "rotary",
         source: include_str!("kernels/rotary.cu"),
         kernels: &["rotary"],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
         kernels: &["logprob_topk"],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
         kernels: &["attention", "attention_tiled", "attention_decode"],
+        dtypes: &KERNEL_DTYPES,
     },
     KernelModule {
         name: "train",
@@ -94,10 +102,23 @@ pub const MODULES: &[KernelModule] = &[
             "layer_norm_params_packed",
             "sum_squares_multi",
         ],
+        dtypes: &KERNEL_DTYPES,
+    },
+    KernelModule {
+        name: "attention_train",
+        source: include_str!("kernels/attention_train.cu"),
+        kernels: &[
+            "attn_short_fwd_d64",
+            "attn_short_fwd_d128",
+            "attn_short_bwd_d64",
+            "attn_short_bwd_d128",
+        ],
+        // The tensor-core mma takes f16 and bf16 inputs only.
+        dtypes: &[DType::F16, DType::BF16],
     },
 ];
 
-/// Float dtypes every kernel is instantiated for.
+/// Float dtypes kernels are instantiated for, unless their module says otherwise.
 pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Checks that libnvrtc can be loaded.
@@ -329,6 +350,9 @@ impl KernelCache {
             .iter()
             .find(|m| m.kernels.contains(&name))
             .ok_or_else(|| Error::Cuda(format!("no kernel module defines `{name}`")))?;
+        if !module.dtypes.contains(&dtype) {
+            return Err(Error::Cuda(format!("kernel `{name}` has no {dtype} form")));
+        }
         let loaded = {
             let mut mods = self.modules.lock().unwrap();
             match mods.get(module.name) {

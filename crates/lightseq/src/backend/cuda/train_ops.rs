@@ -9,6 +9,7 @@ use crate::backend::GemmStrides;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::DType;
+use crate::train::ops::AttentionDrop as DropSpec;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most blocks of a grid-stride launch.
@@ -1085,4 +1086,207 @@ pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) ->
     launched("add_scaled_into", unsafe {
         l.launch(grid_1d(acc.len(), 256))
     })
+}
+
+/// Dynamic shared memory a block may use after opting in: within what every sm_80+ GPU
+/// offers (99 KiB on sm_86/sm_89, more on sm_80 and sm_90).
+const SHORT_ATTENTION_SMEM: usize = 96 << 10;
+
+/// Dynamic shared memory (forward, backward) of the fused short attention
+/// (attention_train.cu) for these sizes, or None where it does not apply: f16/bf16 on
+/// sm_80 or later, both lengths at most 64, head_dim a multiple of 16 up to 128, and at
+/// most [`SHORT_ATTENTION_SMEM`] of shared memory.
+pub(crate) fn short_attention_smem(
+    dev: &super::CudaDevice,
+    dt: DType,
+    lq: usize,
+    lk: usize,
+    d: usize,
+) -> Option<(usize, usize)> {
+    let fits = matches!(dt, DType::F16 | DType::BF16)
+        && dev.arch() >= (8, 0)
+        && (1..=64).contains(&lq)
+        && (1..=64).contains(&lk)
+        && (16..=128).contains(&d)
+        && d.is_multiple_of(16);
+    if !fits {
+        return None;
+    }
+    // The kernels carve these regions in this order, each rounded to 128 bytes: q, k, v,
+    // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients
+    // (backward). Rows are padded by 8 elements.
+    let r = |bytes: usize| bytes.next_multiple_of(128);
+    let (lqp, lkp) = (lq.next_multiple_of(16), lk.next_multiple_of(16));
+    let (es, ld, lds) = (dt.size(), d + 8, lkp + 8);
+    let qkv = r(es * lqp * ld) + 2 * r(es * lkp * ld);
+    // The forward adds each warp's dropout flags (AT_FLAG_BYTES).
+    let fwd = qkv + short_attention_threads(lq, lk) as usize / 32 * (16 * 64 + 16);
+    let bwd = qkv + r(es * lqp * ld) + 2 * r(es * lqp * lds);
+    (fwd.max(bwd) <= SHORT_ATTENTION_SMEM).then_some((fwd, bwd))
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory (past the default 48 KiB needs opting in).
+fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
+    if bytes <= 48 << 10 {
+        return Ok(());
+    }
+    use cudarc::driver::sys::CUfunction_attribute_enum as A;
+    f.set_attribute(
+        A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(|e| cuda_err("setting a kernel's shared memory", e))
+}
+
+/// The fused short-attention kernel for head_dim `d`: the variant for d <= 64 keeps half
+/// the accumulators of the one for d <= 128.
+fn short_attention_kernel(forward: bool, d: usize) -> &'static str {
+    match (forward, d <= 64) {
+        (true, true) => "attn_short_fwd_d64",
+        (true, false) => "attn_short_fwd_d128",
+        (false, true) => "attn_short_bwd_d64",
+        (false, false) => "attn_short_bwd_d128",
+    }
+}
+
+/// What [`short_attention_forward`] returns: ctx, probabilities, dropout keep bits.
+pub(crate) type ShortAttention = (CudaStorage, CudaStorage, Option<CudaStorage>);
+
+/// Threads of a fused short-attention block: a warp per 16 rows of the longer side.
+fn short_attention_threads(lq: usize, lk: usize) -> u32 {
+    (32 * lq.max(lk).div_ceil(16)) as u32
+}
+
+fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
+    match drop {
+        // As cpu::dropout: the kept scale in f32.
+        Some((p, seed, offset)) if p > 0.0 => (p, 1.0 / (1.0 - p), seed, offset),
+        _ => (0.0, 1.0, 0, 0),
+    }
+}
+
+/// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
+/// [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d], probabilities
+/// [batch, heads, lq, lk] before dropout, and with dropout its keep bits: one u64 per
+/// query row of each head, bit j for key j, as two i32); None where
+/// [`short_attention_smem`] says it does not apply.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn short_attention_forward(
+    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    key_lens: Option<&CudaStorage>,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+    causal: bool,
+    drop: Option<DropSpec>,
+) -> Result<Option<ShortAttention>> {
+    let dev = q.device();
+    let dt = q.dtype();
+    let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d) else {
+        return Ok(None);
+    };
+    let ctx = dev.alloc(dt, lq * batch * heads * d)?;
+    let probs = dev.alloc(dt, batch * heads * lq * lk)?;
+    let (p, keep, seed, offset) = drop_args(drop);
+    let keep_bits = if p > 0.0 {
+        Some(dev.alloc(DType::I32, 2 * batch * heads * lq)?)
+    } else {
+        None
+    };
+    if batch * heads == 0 {
+        return Ok(Some((ctx, probs, keep_bits)));
+    }
+    let f = dev.kernel(short_attention_kernel(true, d), dt)?;
+    allow_smem(&f, smem)?;
+    let (qp, kp, vp, klp) = (q.ptr(), k.ptr(), v.ptr(), key_lens.map_or(0, |k| k.ptr()));
+    let (cp, pp) = (ctx.ptr(), probs.ptr());
+    let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
+    let causal = causal as i32;
+    let kbp = keep_bits.as_ref().map_or(0, |k| k.ptr());
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&klp)
+        .arg(&cp)
+        .arg(&pp)
+        .arg(&b)
+        .arg(&h)
+        .arg(&lq32)
+        .arg(&lk32)
+        .arg(&d32)
+        .arg(&scale)
+        .arg(&causal)
+        .arg(&p)
+        .arg(&keep)
+        .arg(&seed)
+        .arg(&offset)
+        .arg(&kbp);
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * heads) as u32, 1, 1),
+        block_dim: (short_attention_threads(lq, lk), 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match the kernel's signature in attention_train.cu; the
+    // buffers hold the sizes above and the shared memory is what the kernel carves.
+    launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
+    Ok(Some((ctx, probs, keep_bits)))
+}
+
+/// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
+/// layouts; None where it does not apply. `drop` is the dropout probability and the
+/// forward's keep bits.
+pub(crate) fn short_attention_backward(
+    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    probs: &CudaStorage,
+    dctx: &CudaStorage,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+    drop: Option<(f32, &CudaStorage)>,
+) -> Result<Option<(CudaStorage, CudaStorage, CudaStorage)>> {
+    let dev = q.device();
+    let dt = q.dtype();
+    let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d) else {
+        return Ok(None);
+    };
+    let dq = dev.alloc(dt, lq * batch * heads * d)?;
+    let dk = dev.alloc(dt, lk * batch * heads * d)?;
+    let dv = dev.alloc(dt, lk * batch * heads * d)?;
+    if batch * heads == 0 {
+        return Ok(Some((dq, dk, dv)));
+    }
+    let f = dev.kernel(short_attention_kernel(false, d), dt)?;
+    allow_smem(&f, smem)?;
+    let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
+    let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
+    let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
+    let (p, keep, kbp) = match drop {
+        Some((p, bits)) if p > 0.0 => (p, 1.0 / (1.0 - p), bits.ptr()),
+        _ => (0.0f32, 1.0f32, 0),
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&pp)
+        .arg(&dcp)
+        .arg(&dqp)
+        .arg(&dkp)
+        .arg(&dvp)
+        .arg(&b)
+        .arg(&h)
+        .arg(&lq32)
+        .arg(&lk32)
+        .arg(&d32)
+        .arg(&scale)
+        .arg(&p)
+        .arg(&keep)
+        .arg(&kbp);
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * heads) as u32, 1, 1),
+        block_dim: (short_attention_threads(lq, lk), 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: as in short_attention_forward.
+    launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
+    Ok(Some((dq, dk, dv)))
 }

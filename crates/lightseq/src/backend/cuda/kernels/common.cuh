@@ -108,3 +108,38 @@ __device__ __forceinline__ void ls_map2(const T* a, const T* b, T* out, long lon
     out[i] = from_f<T>(f(to_f(a[i]), b ? to_f(b[i]) : 0.f));
   }
 }
+
+// Philox-4x32-10 as train::philox: counter (i / 4 as two words, offset as two words), key
+// (seed as two words), lane i % 4, u = (out >> 8) * 2^-24; dropout keeps i iff u >= p.
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k.x += 0x9E3779B9u;
+      k.y += 0xBB67AE85u;
+    }
+    const unsigned int hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const unsigned int hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+  }
+  return c;
+}
+
+// The Philox output of group q = i / 4 (elements 4q..4q + 3), and the uniform draw of
+// element i from it.
+__device__ __forceinline__ uint4 ls_philox_group(unsigned long long q, unsigned long long seed,
+                                                 unsigned long long offset) {
+  return philox4x32_10(make_uint4((unsigned int)q, (unsigned int)(q >> 32), (unsigned int)offset,
+                                  (unsigned int)(offset >> 32)),
+                       make_uint2((unsigned int)seed, (unsigned int)(seed >> 32)));
+}
+__device__ __forceinline__ float ls_philox_lane(uint4 o, unsigned long long i) {
+  const unsigned int r = i % 4 == 0 ? o.x : i % 4 == 1 ? o.y : i % 4 == 2 ? o.z : o.w;
+  return (float)(r >> 8) * 5.9604644775390625e-8f;  // 2^-24
+}
+
+// The uniform draw of element i (one Philox call; dropout_body shares a call among four).
+__device__ __forceinline__ float ls_philox_uniform(unsigned long long i, unsigned long long seed,
+                                                   unsigned long long offset) {
+  return ls_philox_lane(ls_philox_group(i / 4, seed, offset), i);
+}

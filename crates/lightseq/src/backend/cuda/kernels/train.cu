@@ -1034,22 +1034,6 @@ __device__ void sum_squares_multi_body(const SquaresChunk* chunks, double* parti
   }
 
 // ---------------------------------------------------------------------------------------
-// Philox-4x32-10 as train::philox: counter (i / 4 as two words, offset as two words), key
-// (seed as two words), lane i % 4, u = (out >> 8) * 2^-24; keep iff u >= p.
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k.x += 0x9E3779B9u;
-      k.y += 0xBB67AE85u;
-    }
-    const unsigned int hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
-    const unsigned int hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
-    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-  }
-  return c;
-}
-
 template <typename T>
 __device__ void dropout_body(const T* x, T* y, float p, float keep, unsigned long long seed,
                              unsigned long long offset, long long total) {

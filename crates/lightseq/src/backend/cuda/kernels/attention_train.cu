@@ -1,0 +1,512 @@
+// Fused attention for training on short sequences (both lengths at most 64): a block per
+// (sequence, head) stages the head's q, k, v (and in the backward dO) in shared memory and
+// runs every product on tensor cores (mma.sync m16n8k16, f32 accumulation), operands read
+// with ldmatrix. Each warp owns 16 query rows: its scores, probabilities and score
+// gradients stay in registers (an m16n8 accumulator is laid out as the m16k16 operand it
+// feeds next), so no score matrix goes through global memory except the probabilities the
+// backward reads.
+// Activations are position-major ([len, batch, heads * d]: head h of sequence b starts at
+// (b * heads + h) * d, rows batch * heads * d apart); the probabilities are [batch, heads,
+// lq, lk] as masked_softmax writes them. Lengths are padded to multiples of 16 inside the
+// block (zero rows, masked columns). Shared rows are d + 8 (or lkp + 8) elements apart so
+// that the eight 16-byte rows of an ldmatrix land in distinct banks. The block has
+// max(lqp, lkp) / 16 warps; the host sizes the shared memory in the same order.
+// f16 and bf16 only (the mma has no f32 inputs), sm_80 and later.
+#define AT_MAX_WARPS 4
+
+template <typename T>
+__device__ __forceinline__ unsigned int at_bits(T x);
+template <>
+__device__ __forceinline__ unsigned int at_bits(__half x) {
+  return __half_as_ushort(x);
+}
+template <>
+__device__ __forceinline__ unsigned int at_bits(__nv_bfloat16 x) {
+  return __bfloat16_as_ushort(x);
+}
+
+// Two floats rounded to T in one register, the first in the low half (the mma order).
+template <typename T>
+__device__ __forceinline__ unsigned int at_pack2(float lo, float hi) {
+  return at_bits(from_f<T>(lo)) | (at_bits(from_f<T>(hi)) << 16);
+}
+
+// c += a b for one m16n8k16 tile: PTX mma.sync, f32 accumulation (sm_80 and later).
+template <typename T>
+__device__ __forceinline__ void at_mma(float (&c)[4], const unsigned int (&a)[4],
+                                       unsigned int b0, unsigned int b1);
+template <>
+__device__ __forceinline__ void at_mma<__half>(float (&c)[4], const unsigned int (&a)[4],
+                                               unsigned int b0, unsigned int b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void at_mma<__nv_bfloat16>(float (&c)[4],
+                                                      const unsigned int (&a)[4],
+                                                      unsigned int b0, unsigned int b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned int at_smem_addr(const void* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// Four 8 x 8 matrices of 16-bit elements; lanes 8i..8i+7 give the row addresses of matrix
+// i. Plain: lane 4g + t gets (row g, columns 2t, 2t + 1) of each; transposed: (rows 2t,
+// 2t + 1, column g).
+template <bool TRANS>
+__device__ __forceinline__ void at_ldm(unsigned int (&r)[4], const void* p) {
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at_smem_addr(p)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at_smem_addr(p)));
+  }
+}
+
+// The mma's A operand (16 x 16 at row r0, column c0) of x [*, ld] held row-major.
+template <typename T>
+__device__ __forceinline__ void at_a(unsigned int (&a)[4], const T* x, int ld, int r0, int c0) {
+  const int lane = threadIdx.x & 31;
+  at_ldm<false>(a, x + (r0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8);
+}
+
+// The A operand (16 x 16 at row m0, column k0) of x^T, for x [k, m] held row-major.
+template <typename T>
+__device__ __forceinline__ void at_a_t(unsigned int (&a)[4], const T* x, int ld, int m0,
+                                       int k0) {
+  const int lane = threadIdx.x & 31;
+  at_ldm<true>(a, x + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
+}
+
+// B operands (k 16 from k0, columns n0..n0 + 15: b[0], b[1] for n0, b[2], b[3] for n0 + 8)
+// of y^T, for y [n, k] held row-major (a K-style operand).
+template <typename T>
+__device__ __forceinline__ void at_b_nk(unsigned int (&b)[4], const T* y, int ld, int n0,
+                                        int k0) {
+  const int lane = threadIdx.x & 31;
+  at_ldm<false>(b, y + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// B operands as at_b_nk of y [k, n] held row-major (a V-style operand).
+template <typename T>
+__device__ __forceinline__ void at_b_kn(unsigned int (&b)[4], const T* y, int ld, int k0,
+                                        int n0) {
+  const int lane = threadIdx.x & 31;
+  at_ldm<true>(b, y + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+}
+
+// 16 bytes global -> shared without passing through registers (sm_80 and later); the
+// copies of a thread complete at at_cp_wait.
+__device__ __forceinline__ void at_cp16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at_smem_addr(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void at_cp_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// dst [rows_pad, ld] (shared) = rows [0, rows) of a head (row r at src + r * stride), zero
+// rows past `rows`; d is a multiple of 16, ld of 8. Aligned rows are copied asynchronously
+// (all of a block's staging overlaps), so at_cp_wait and a barrier must follow.
+template <typename T>
+__device__ void at_stage(T* dst, int ld, const T* src, int rows, int rows_pad, int d,
+                         long long stride) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = d / N;
+  const bool aligned = ls_aligned16(src) && stride % N == 0;
+  for (int p = threadIdx.x; p < rows_pad * packs; p += blockDim.x) {
+    const int r = p / packs, c = (p - r * packs) * N;
+    T* out = dst + r * ld + c;
+    if (r < rows && aligned) {
+      at_cp16(out, src + r * stride + c);
+    } else {
+      LsPack<T> v;
+#pragma unroll
+      for (int e = 0; e < N; ++e) v.v[e] = r < rows ? src[r * stride + c + e] : from_f<T>(0.f);
+      *reinterpret_cast<LsPack<T>*>(out) = v;
+    }
+  }
+}
+
+__device__ __forceinline__ size_t at_round(size_t bytes) { return (bytes + 127) & ~(size_t)127; }
+
+// Carves `rows` x ld elements of T (128-byte aligned) from `sm`.
+template <typename T>
+__device__ __forceinline__ T* at_carve(unsigned char*& sm, int rows, int ld) {
+  T* p = reinterpret_cast<T*>(sm);
+  sm += at_round(sizeof(T) * rows * ld);
+  return p;
+}
+
+// Writes an accumulator row pair (columns c, c + 1 of rows g and g + 8 of a 16-row tile)
+// to a head in global memory (row r at dst + r * stride) for rows below `rows`.
+template <typename T>
+__device__ __forceinline__ void at_put(T* dst, long long stride, int rows, int r, int c,
+                                       const float (&acc)[4]) {
+  if (r < rows)
+    *reinterpret_cast<unsigned int*>(dst + r * stride + c) = at_pack2<T>(acc[0], acc[1]);
+  if (r + 8 < rows)
+    *reinterpret_cast<unsigned int*>(dst + (r + 8) * stride + c) = at_pack2<T>(acc[2], acc[3]);
+}
+
+// Bytes of keep flags a warp stages: 16 rows of up to 64 keys, plus the up to three
+// elements before the warp's first that share its first Philox group.
+#define AT_FLAG_BYTES (16 * 64 + 16)
+
+// Dropout's keep decisions (as dropout_body: element e of the probability tensor is kept
+// iff its Philox uniform is >= p) for the rows r0..r0 + 15 of head bh that are below lq, as
+// bit masks: km[h] bit j = key j of row r0 + g + 8h kept (0 for rows past lq). The warp's
+// elements are contiguous, so its lanes take their Philox groups (four elements each) in
+// turn, one call per group, and stage the flags in `flags` (AT_FLAG_BYTES, this warp's).
+__device__ void at_keep_bits(unsigned char* flags, int bh, int lq, int lk, int r0, float p,
+                             unsigned long long seed, unsigned long long offset,
+                             unsigned long long (&km)[2]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(16, lq - r0);
+  const unsigned long long e0 = ((unsigned long long)bh * lq + r0) * lk, g0 = e0 / 4;
+  const int groups = (int)((e0 + (unsigned long long)rows * lk - 1) / 4 - g0 + 1);
+  for (int x = lane; x < groups; x += 32) {
+    const uint4 o = ls_philox_group(g0 + x, seed, offset);
+    const float u[4] = {ls_philox_lane(o, 0), ls_philox_lane(o, 1), ls_philox_lane(o, 2),
+                        ls_philox_lane(o, 3)};
+    *reinterpret_cast<unsigned int*>(flags + 4 * x) =
+        (u[0] >= p) | (u[1] >= p) << 8 | (u[2] >= p) << 16 | (u[3] >= p) << 24;
+  }
+  __syncwarp();
+  // Lane t gathers keys 16t..16t + 15 of its two rows; the row's four lanes combine.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = r0 + g + 8 * h;
+    unsigned long long m = 0;
+    if (i < lq) {
+      const unsigned char* f = flags + (e0 - 4 * g0) + (i - r0) * lk;
+      for (int j = 16 * t; j < min(lk, 16 * t + 16); ++j)
+        m |= (unsigned long long)(f[j] != 0) << j;
+    }
+    m |= __shfl_xor_sync(0xffffffffu, m, 1);
+    m |= __shfl_xor_sync(0xffffffffu, m, 2);
+    km[h] = m;
+  }
+}
+
+// Forward: probs = softmax(scale * q k^T) with keys j >= key_lens[b] (and j > i when causal)
+// masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v.
+template <typename T, int DMAX>
+__device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const int* key_lens,
+                                    T* ctx, T* probs, int batch, int heads, int lq, int lk,
+                                    int d, float scale, int causal, float p_drop, float keep,
+                                    unsigned long long seed, unsigned long long offset,
+                                    unsigned long long* keep_bits) {
+  extern __shared__ __align__(128) unsigned char at_smem[];
+  const int bh = blockIdx.x, bi = bh / heads;
+  const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8;
+  const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
+  unsigned char* sm = at_smem;
+  T* qs = at_carve<T>(sm, lqp, ld);
+  T* ks = at_carve<T>(sm, lkp, ld);
+  T* vs = at_carve<T>(sm, lkp, ld);
+  unsigned char* flags = sm;
+  at_stage(qs, ld, q + head0, lq, lqp, d, stride);
+  at_stage(ks, ld, k + head0, lk, lkp, d, stride);
+  at_stage(vs, ld, v + head0, lk, lkp, d, stride);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = warp * 16;
+  unsigned long long km[2] = {~0ull, ~0ull};
+  if (r0 < lqp && p_drop > 0.f) {
+    // Overlaps the staging copies; the bits go out for the backward.
+    at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
+    if (t == 0) {
+      if (r0 + g < lq) keep_bits[(long long)bh * lq + r0 + g] = km[0];
+      if (r0 + g + 8 < lq) keep_bits[(long long)bh * lq + r0 + g + 8] = km[1];
+    }
+  }
+  at_cp_wait();
+  __syncthreads();
+  if (r0 >= lqp) return;
+  // s[n] holds scores of rows r0 + g, r0 + g + 8 at keys 8n + 2t, 8n + 2t + 1.
+  float s[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < DMAX / 16; ++kk) {
+    if (kk * 16 >= d) break;
+    unsigned int a[4];
+    at_a(a, qs, ld, r0, kk * 16);
+#pragma unroll
+    for (int n2 = 0; n2 < 4; ++n2) {
+      if (n2 * 16 >= lkp) break;
+      unsigned int b[4];
+      at_b_nk(b, ks, ld, n2 * 16, kk * 16);
+      at_mma<T>(s[2 * n2], a, b[0], b[1]);
+      at_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+  int limit = lk;
+  if (key_lens) limit = min(max(key_lens[bi], 0), lk);
+  // Softmax of the two rows this lane holds (h = 0: row r0 + g, h = 1: row r0 + g + 8);
+  // the four lanes of a row (t = 0..3) combine through shuffles.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = r0 + g + 8 * h;
+    int lim = i < lq ? limit : 0;
+    if (causal) lim = min(lim, i + 1);
+    float m = LS_NEG_INF;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (8 * n + 2 * t + e < lim) m = fmaxf(m, s[n][2 * h + e] * scale);
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool on = 8 * n + 2 * t + e < lim;
+        const float x = on ? expf(s[n][2 * h + e] * scale - m) : 0.f;
+        s[n][2 * h + e] = x;
+        sum += x;
+      }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int j = 8 * n + 2 * t;
+      // The probabilities as stored (rounded to T), then after dropout.
+      const float p0 = to_f(from_f<T>(s[n][2 * h] * inv));
+      const float p1 = to_f(from_f<T>(s[n][2 * h + 1] * inv));
+      float d0 = p0, d1 = p1;
+      if (i < lq && j < lk) {
+        const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
+        if (j + 1 >= lk) {
+          probs[idx] = from_f<T>(p0);
+        } else if (idx % 2 == 0) {
+          *reinterpret_cast<unsigned int*>(probs + idx) = at_pack2<T>(p0, p1);
+        } else {
+          probs[idx] = from_f<T>(p0);
+          probs[idx + 1] = from_f<T>(p1);
+        }
+        if (p_drop > 0.f) {
+          d0 = km[h] >> j & 1 ? to_f(from_f<T>(p0 * keep)) : 0.f;
+          d1 = km[h] >> (j + 1) & 1 ? to_f(from_f<T>(p1 * keep)) : 0.f;
+        }
+      }
+      s[n][2 * h] = d0;
+      s[n][2 * h + 1] = d1;
+    }
+  }
+  // ctx rows = dropout(probs) [16, lkp] @ v [lkp, d]; the probabilities are the A operand.
+  float o[DMAX / 8][4];
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    if (kk * 16 >= lkp) break;
+    const unsigned int a[4] = {
+        at_pack2<T>(s[2 * kk][0], s[2 * kk][1]), at_pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+        at_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+        at_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int n2 = 0; n2 < DMAX / 16; ++n2) {
+      if (n2 * 16 >= d) break;
+      unsigned int b[4];
+      at_b_kn(b, vs, ld, kk * 16, n2 * 16);
+      at_mma<T>(o[2 * n2], a, b[0], b[1]);
+      at_mma<T>(o[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) {
+    if (n * 8 >= d) break;
+    at_put(ctx + head0, stride, lq, r0 + g, 8 * n + 2 * t, o[n]);
+  }
+}
+
+// Backward from dctx: dv = dropout(probs)^T dctx; dp = dropout'(dctx v^T); ds = scale *
+// probs * (dp - rowsum(probs * dp)) (softmax_backward); dq = ds k; dk = ds^T q. Warps take
+// 16 query rows for dq (ds in registers), then 16 key rows for dk and dv, reading the
+// dropped probabilities and ds that the first phase left in shared memory.
+template <typename T, int DMAX>
+__device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T* probs,
+                                    const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,
+                                    int lq, int lk, int d, float scale, float p_drop,
+                                    float keep, const unsigned long long* keep_bits) {
+  extern __shared__ __align__(128) unsigned char at_smem[];
+  const int bh = blockIdx.x;
+  const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8, lds = lkp + 8;
+  const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
+  unsigned char* sm = at_smem;
+  T* qs = at_carve<T>(sm, lqp, ld);
+  T* ks = at_carve<T>(sm, lkp, ld);
+  T* vs = at_carve<T>(sm, lkp, ld);
+  T* dos = at_carve<T>(sm, lqp, ld);
+  T* pds = at_carve<T>(sm, lqp, lds);
+  T* dss = at_carve<T>(sm, lqp, lds);
+  at_stage(qs, ld, q + head0, lq, lqp, d, stride);
+  at_stage(ks, ld, k + head0, lk, lkp, d, stride);
+  at_stage(vs, ld, v + head0, lk, lkp, d, stride);
+  at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
+  at_cp_wait();
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = warp * 16;
+  if (r0 < lqp) {
+    // dp[n] = (dO v^T) at rows r0 + g (+ 8), keys 8n + 2t (+ 1).
+    float dp[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DMAX / 16; ++kk) {
+      if (kk * 16 >= d) break;
+      unsigned int a[4];
+      at_a(a, dos, ld, r0, kk * 16);
+#pragma unroll
+      for (int n2 = 0; n2 < 4; ++n2) {
+        if (n2 * 16 >= lkp) break;
+        unsigned int b[4];
+        at_b_nk(b, vs, ld, n2 * 16, kk * 16);
+        at_mma<T>(dp[2 * n2], a, b[0], b[1]);
+        at_mma<T>(dp[2 * n2 + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = r0 + g + 8 * h;
+      float pv[8][2], dot = 0.f;
+      const unsigned long long m = p_drop > 0.f && i < lq ? keep_bits[(long long)bh * lq + i] : 0;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int j = 8 * n + 2 * t;
+        float p0 = 0.f, p1 = 0.f, g0 = dp[n][2 * h], g1 = dp[n][2 * h + 1];
+        float pd0 = 0.f, pd1 = 0.f;
+        if (i < lq && j < lk) {
+          const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
+          p0 = to_f(probs[idx]);
+          if (j + 1 < lk) p1 = to_f(probs[idx + 1]);
+          pd0 = p0;
+          pd1 = p1;
+          if (p_drop > 0.f) {
+            const bool k0 = m >> j & 1, k1 = m >> (j + 1) & 1;
+            pd0 = k0 ? to_f(from_f<T>(p0 * keep)) : 0.f;
+            pd1 = k1 ? to_f(from_f<T>(p1 * keep)) : 0.f;
+            g0 = k0 ? g0 * keep : 0.f;
+            g1 = k1 ? g1 * keep : 0.f;
+          }
+        }
+        pv[n][0] = p0;
+        pv[n][1] = p1;
+        dp[n][2 * h] = g0;
+        dp[n][2 * h + 1] = g1;
+        dot += p0 * g0 + p1 * g1;
+        if (j < lkp)
+          *reinterpret_cast<unsigned int*>(pds + i * lds + j) = at_pack2<T>(pd0, pd1);
+      }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int j = 8 * n + 2 * t;
+        // ds rounded to T as the unfused path stores it.
+        const float ds0 = to_f(from_f<T>(scale * pv[n][0] * (dp[n][2 * h] - dot)));
+        const float ds1 = to_f(from_f<T>(scale * pv[n][1] * (dp[n][2 * h + 1] - dot)));
+        dp[n][2 * h] = ds0;
+        dp[n][2 * h + 1] = ds1;
+        if (j < lkp) *reinterpret_cast<unsigned int*>(dss + i * lds + j) = at_pack2<T>(ds0, ds1);
+      }
+    }
+    // dq rows = ds [16, lkp] @ k [lkp, d].
+    float acc[DMAX / 8][4];
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk * 16 >= lkp) break;
+      const unsigned int a[4] = {
+          at_pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), at_pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+          at_pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+          at_pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int n2 = 0; n2 < DMAX / 16; ++n2) {
+        if (n2 * 16 >= d) break;
+        unsigned int b[4];
+        at_b_kn(b, ks, ld, kk * 16, n2 * 16);
+        at_mma<T>(acc[2 * n2], a, b[0], b[1]);
+        at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) {
+      if (n * 8 >= d) break;
+      at_put(dq + head0, stride, lq, r0 + g, 8 * n + 2 * t, acc[n]);
+    }
+  }
+  __syncthreads();
+  if (r0 >= lkp) return;
+  // dv rows = dropout(probs)^T [16, lqp] @ dO [lqp, d]; dk rows = ds^T [16, lqp] @ q.
+#pragma unroll 1
+  for (int which = 0; which < 2; ++which) {
+    const T* x = which == 0 ? pds : dss;
+    const T* y = which == 0 ? dos : qs;
+    float acc[DMAX / 8][4];
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk * 16 >= lqp) break;
+      unsigned int a[4];
+      at_a_t(a, x, lds, r0, kk * 16);
+#pragma unroll
+      for (int n2 = 0; n2 < DMAX / 16; ++n2) {
+        if (n2 * 16 >= d) break;
+        unsigned int b[4];
+        at_b_kn(b, y, ld, kk * 16, n2 * 16);
+        at_mma<T>(acc[2 * n2], a, b[0], b[1]);
+        at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+      }
+    }
+    T* out = (which == 0 ? dv : dk) + head0;
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) {
+      if (n * 8 >= d) break;
+      at_put(out, stride, lk, r0 + g, 8 * n + 2 * t, acc[n]);
+    }
+  }
+}
+
+// Kernels per storage type and bound on head_dim (registers scale with it).
+#define LS_ATTN_SHORT(T, S, DMAX)                                                             \
+  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
+      attn_short_fwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const int* key_lens,   \
+                                   T* ctx, T* probs, int batch, int heads, int lq, int lk,    \
+                                   int d, float scale, int causal, float p_drop, float keep,  \
+                                   unsigned long long seed, unsigned long long offset,        \
+                                   unsigned long long* keep_bits) {                           \
+    attn_short_fwd_body<T, DMAX>(q, k, v, key_lens, ctx, probs, batch, heads, lq, lk, d,      \
+                                 scale, causal, p_drop, keep, seed, offset, keep_bits);       \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
+      attn_short_bwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const T* probs,        \
+                                   const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,  \
+                                   int lq, int lk, int d, float scale, float p_drop,          \
+                                   float keep, const unsigned long long* keep_bits) {         \
+    attn_short_bwd_body<T, DMAX>(q, k, v, probs, dctx, dq, dk, dv, batch, heads, lq, lk, d,   \
+                                 scale, p_drop, keep, keep_bits);                             \
+  }
+LS_ATTN_SHORT(__half, f16, 64)
+LS_ATTN_SHORT(__half, f16, 128)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 64)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 128)
