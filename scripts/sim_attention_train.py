@@ -68,6 +68,34 @@ def acc_as_a(s, kk):
             for l in LANES]
 
 
+def row_scores(x, y, r0, d, lkp):
+    """at_row_scores: x rows r0..r0+15 @ y^T, key tiles of 8."""
+    s = new_acc(8)
+    for kk in range(d // 16):
+        a = at_a(x, r0, kk * 16)
+        for n2 in range(lkp // 16):
+            b = at_b_nk(y, n2 * 16, kk * 16)
+            mma(s[2 * n2], a, regs(b, 0), regs(b, 1))
+            mma(s[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+    return s
+
+
+def mma_kn(acc, a, y, k0, d):
+    """at_mma_kn: acc += a @ y[k0..k0+16, 0..d)."""
+    for n2 in range(d // 16):
+        b = at_b_kn(y, k0, n2 * 16)
+        mma(acc[2 * n2], a, regs(b, 0), regs(b, 1))
+        mma(acc[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+
+
+def rows_by(s, y, lkp, d):
+    """at_rows_by: the score accumulators as the A operand, times y [lkp, d]."""
+    acc = new_acc(16)
+    for kk in range(lkp // 16):
+        mma_kn(acc, acc_as_a(s, kk), y, kk * 16, d)
+    return acc
+
+
 def stage(x, rows_pad, ld):
     m = np.zeros((rows_pad, ld))
     m[:, :] = np.nan  # the row padding past d is never read
@@ -101,13 +129,7 @@ def forward(q, k, v, lim_of, scale, keep_mask, keep):
         r0 = 16 * w
         if r0 >= lqp:
             continue
-        s = new_acc(8)
-        for kk in range(d // 16):
-            a = at_a(qs, r0, kk * 16)
-            for n2 in range(lkp // 16):
-                b = at_b_nk(ks, n2 * 16, kk * 16)
-                mma(s[2 * n2], a, regs(b, 0), regs(b, 1))
-                mma(s[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+        s = row_scores(qs, ks, r0, d, lkp)
         s0 = [x.copy() for x in s]  # what the shuffles read: every lane's scores
         for l in LANES:
             g, t = l // 4, l % 4
@@ -128,13 +150,7 @@ def forward(q, k, v, lim_of, scale, keep_mask, keep):
                         probs[i, j] = p
                         pd = p * keep if keep_mask[i, j] else 0.0
                     s[n][l][2 * h + e] = pd
-        o = new_acc(16)
-        for kk in range(lkp // 16):
-            a = acc_as_a(s, kk)
-            for n2 in range(d // 16):
-                b = at_b_kn(vs, kk * 16, n2 * 16)
-                mma(o[2 * n2], a, regs(b, 0), regs(b, 1))
-                mma(o[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+        o = rows_by(s, vs, lkp, d)
         for n in range(d // 8):
             put(ctx, lq, r0, 8 * n, o[n])
     return ctx, probs
@@ -155,13 +171,7 @@ def backward(q, k, v, probs, dctx, scale, keep_mask, keep):
         r0 = 16 * w
         if r0 >= lqp:
             continue
-        dp = new_acc(8)
-        for kk in range(d // 16):
-            a = at_a(dos, r0, kk * 16)
-            for n2 in range(lkp // 16):
-                b = at_b_nk(vs, n2 * 16, kk * 16)
-                mma(dp[2 * n2], a, regs(b, 0), regs(b, 1))
-                mma(dp[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+        dp = row_scores(dos, vs, r0, d, lkp)
         for h in range(2):
             pv, dots = {}, np.zeros(32)
             for l in LANES:
@@ -193,13 +203,7 @@ def backward(q, k, v, probs, dctx, scale, keep_mask, keep):
                         dp[n][l][2 * h + e] = ds
                         if j < lkp:
                             dss[i, j] = ds
-        acc = new_acc(16)
-        for kk in range(lkp // 16):
-            a = acc_as_a(dp, kk)
-            for n2 in range(d // 16):
-                b = at_b_kn(ks, kk * 16, n2 * 16)
-                mma(acc[2 * n2], a, regs(b, 0), regs(b, 1))
-                mma(acc[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+        acc = rows_by(dp, ks, lkp, d)
         for n in range(d // 8):
             put(dq, lq, r0, 8 * n, acc[n])
     for w in range(warps):
@@ -209,11 +213,7 @@ def backward(q, k, v, probs, dctx, scale, keep_mask, keep):
         for x, y, out in ((pds, dos, dv), (dss, qs, dk)):
             acc = new_acc(16)
             for kk in range(lqp // 16):
-                a = at_a_t(x, r0, kk * 16)
-                for n2 in range(d // 16):
-                    b = at_b_kn(y, kk * 16, n2 * 16)
-                    mma(acc[2 * n2], a, regs(b, 0), regs(b, 1))
-                    mma(acc[2 * n2 + 1], a, regs(b, 2), regs(b, 3))
+                mma_kn(acc, at_a_t(x, r0, kk * 16), y, kk * 16, d)
             for n in range(d // 8):
                 put(out, lk, r0, 8 * n, acc[n])
     return dq, dk, dv

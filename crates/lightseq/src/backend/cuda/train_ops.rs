@@ -1157,6 +1157,15 @@ fn short_attention_threads(lq: usize, lk: usize) -> u32 {
     (32 * lq.max(lk).div_ceil(16)) as u32
 }
 
+/// A block per head for the fused short attention.
+fn short_attention_cfg(heads: usize, lq: usize, lk: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (heads as u32, 1, 1),
+        block_dim: (short_attention_threads(lq, lk), 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
 fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
     match drop {
         // As cpu::dropout: the kept scale in f32.
@@ -1221,11 +1230,7 @@ pub(crate) fn short_attention_forward(
         .arg(&seed)
         .arg(&offset)
         .arg(&kbp);
-    let cfg = LaunchConfig {
-        grid_dim: ((batch * heads) as u32, 1, 1),
-        block_dim: (short_attention_threads(lq, lk), 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
     // SAFETY: argument types match the kernel's signature in attention_train.cu; the
     // buffers hold the sizes above and the shared memory is what the kernel carves.
     launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
@@ -1281,11 +1286,7 @@ pub(crate) fn short_attention_backward(
         .arg(&p)
         .arg(&keep)
         .arg(&kbp);
-    let cfg = LaunchConfig {
-        grid_dim: ((batch * heads) as u32, 1, 1),
-        block_dim: (short_attention_threads(lq, lk), 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
     // SAFETY: as in short_attention_forward.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
     Ok(Some((dq, dk, dv)))

@@ -161,6 +161,78 @@ __device__ __forceinline__ void at_put(T* dst, long long stride, int rows, int r
     *reinterpret_cast<unsigned int*>(dst + (r + 8) * stride + c) = at_pack2<T>(acc[2], acc[3]);
 }
 
+// acc[n] (n-tile n of a 16-row strip) += a (16 x 16) @ y [k0..k0 + 16, 0..d), for y [k, d]
+// held row-major.
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_mma_kn(float (&acc)[DMAX / 8][4], const unsigned int (&a)[4],
+                                          const T* y, int ld, int k0, int d) {
+#pragma unroll
+  for (int n2 = 0; n2 < DMAX / 16; ++n2) {
+    if (n2 * 16 >= d) break;
+    unsigned int b[4];
+    at_b_kn(b, y, ld, k0, n2 * 16);
+    at_mma<T>(acc[2 * n2], a, b[0], b[1]);
+    at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void at_zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// s = x [r0..r0 + 16, 0..d) @ y^T for y [lkp, d] held row-major: a warp's 16 rows of scores
+// (or of their gradient), key tiles of 8.
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_row_scores(float (&s)[8][4], const T* x, const T* y, int ld,
+                                              int r0, int d, int lkp) {
+  at_zero(s);
+#pragma unroll
+  for (int kk = 0; kk < DMAX / 16; ++kk) {
+    if (kk * 16 >= d) break;
+    unsigned int a[4];
+    at_a(a, x, ld, r0, kk * 16);
+#pragma unroll
+    for (int n2 = 0; n2 < 4; ++n2) {
+      if (n2 * 16 >= lkp) break;
+      unsigned int b[4];
+      at_b_nk(b, y, ld, n2 * 16, kk * 16);
+      at_mma<T>(s[2 * n2], a, b[0], b[1]);
+      at_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc = s [16, lkp] @ y [lkp, d] (y row-major): the score-shaped accumulators, rounded to
+// T, are the A operand as they lie in registers.
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_rows_by(float (&acc)[DMAX / 8][4], const float (&s)[8][4],
+                                           const T* y, int ld, int lkp, int d) {
+  at_zero(acc);
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    if (kk * 16 >= lkp) break;
+    const unsigned int a[4] = {
+        at_pack2<T>(s[2 * kk][0], s[2 * kk][1]), at_pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+        at_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+        at_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
+  }
+}
+
+// A warp's 16-row strip of accumulators to a head in global memory (at_put per tile).
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_put_rows(T* dst, long long stride, int rows, int r0, int d,
+                                            const float (&acc)[DMAX / 8][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) {
+    if (n * 8 >= d) break;
+    at_put(dst, stride, rows, r0 + (lane >> 2), 8 * n + 2 * (lane & 3), acc[n]);
+  }
+}
+
 // Bytes of keep flags a warp stages: 16 rows of up to 64 keys, plus the up to three
 // elements before the warp's first that share its first Philox group.
 #define AT_FLAG_BYTES (16 * 64 + 16)
@@ -237,22 +309,7 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   if (r0 >= lqp) return;
   // s[n] holds scores of rows r0 + g, r0 + g + 8 at keys 8n + 2t, 8n + 2t + 1.
   float s[8][4];
-#pragma unroll
-  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < DMAX / 16; ++kk) {
-    if (kk * 16 >= d) break;
-    unsigned int a[4];
-    at_a(a, qs, ld, r0, kk * 16);
-#pragma unroll
-    for (int n2 = 0; n2 < 4; ++n2) {
-      if (n2 * 16 >= lkp) break;
-      unsigned int b[4];
-      at_b_nk(b, ks, ld, n2 * 16, kk * 16);
-      at_mma<T>(s[2 * n2], a, b[0], b[1]);
-      at_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
-    }
-  }
+  at_row_scores<T, DMAX>(s, qs, ks, ld, r0, d, lkp);
   int limit = lk;
   if (key_lens) limit = min(max(key_lens[bi], 0), lk);
   // Softmax of the two rows this lane holds (h = 0: row r0 + g, h = 1: row r0 + g + 8);
@@ -311,29 +368,8 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   }
   // ctx rows = dropout(probs) [16, lkp] @ v [lkp, d]; the probabilities are the A operand.
   float o[DMAX / 8][4];
-#pragma unroll
-  for (int n = 0; n < DMAX / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    if (kk * 16 >= lkp) break;
-    const unsigned int a[4] = {
-        at_pack2<T>(s[2 * kk][0], s[2 * kk][1]), at_pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-        at_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-        at_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int n2 = 0; n2 < DMAX / 16; ++n2) {
-      if (n2 * 16 >= d) break;
-      unsigned int b[4];
-      at_b_kn(b, vs, ld, kk * 16, n2 * 16);
-      at_mma<T>(o[2 * n2], a, b[0], b[1]);
-      at_mma<T>(o[2 * n2 + 1], a, b[2], b[3]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < DMAX / 8; ++n) {
-    if (n * 8 >= d) break;
-    at_put(ctx + head0, stride, lq, r0 + g, 8 * n + 2 * t, o[n]);
-  }
+  at_rows_by<T, DMAX>(o, s, vs, ld, lkp, d);
+  at_put_rows<T, DMAX>(ctx + head0, stride, lq, r0, d, o);
 }
 
 // Backward from dctx: dv = dropout(probs)^T dctx; dp = dropout'(dctx v^T); ds = scale *
@@ -367,22 +403,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   if (r0 < lqp) {
     // dp[n] = (dO v^T) at rows r0 + g (+ 8), keys 8n + 2t (+ 1).
     float dp[8][4];
-#pragma unroll
-    for (int n = 0; n < 8; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < DMAX / 16; ++kk) {
-      if (kk * 16 >= d) break;
-      unsigned int a[4];
-      at_a(a, dos, ld, r0, kk * 16);
-#pragma unroll
-      for (int n2 = 0; n2 < 4; ++n2) {
-        if (n2 * 16 >= lkp) break;
-        unsigned int b[4];
-        at_b_nk(b, vs, ld, n2 * 16, kk * 16);
-        at_mma<T>(dp[2 * n2], a, b[0], b[1]);
-        at_mma<T>(dp[2 * n2 + 1], a, b[2], b[3]);
-      }
-    }
+    at_row_scores<T, DMAX>(dp, dos, vs, ld, r0, d, lkp);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int i = r0 + g + 8 * h;
@@ -430,29 +451,8 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
     }
     // dq rows = ds [16, lkp] @ k [lkp, d].
     float acc[DMAX / 8][4];
-#pragma unroll
-    for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      if (kk * 16 >= lkp) break;
-      const unsigned int a[4] = {
-          at_pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), at_pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
-          at_pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-          at_pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-      for (int n2 = 0; n2 < DMAX / 16; ++n2) {
-        if (n2 * 16 >= d) break;
-        unsigned int b[4];
-        at_b_kn(b, ks, ld, kk * 16, n2 * 16);
-        at_mma<T>(acc[2 * n2], a, b[0], b[1]);
-        at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < DMAX / 8; ++n) {
-      if (n * 8 >= d) break;
-      at_put(dq + head0, stride, lq, r0 + g, 8 * n + 2 * t, acc[n]);
-    }
+    at_rows_by<T, DMAX>(acc, dp, ks, ld, lkp, d);
+    at_put_rows<T, DMAX>(dq + head0, stride, lq, r0, d, acc);
   }
   __syncthreads();
   if (r0 >= lkp) return;
@@ -462,28 +462,15 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
     const T* x = which == 0 ? pds : dss;
     const T* y = which == 0 ? dos : qs;
     float acc[DMAX / 8][4];
-#pragma unroll
-    for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    at_zero(acc);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       if (kk * 16 >= lqp) break;
       unsigned int a[4];
       at_a_t(a, x, lds, r0, kk * 16);
-#pragma unroll
-      for (int n2 = 0; n2 < DMAX / 16; ++n2) {
-        if (n2 * 16 >= d) break;
-        unsigned int b[4];
-        at_b_kn(b, y, ld, kk * 16, n2 * 16);
-        at_mma<T>(acc[2 * n2], a, b[0], b[1]);
-        at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
-      }
+      at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
     }
-    T* out = (which == 0 ? dv : dk) + head0;
-#pragma unroll
-    for (int n = 0; n < DMAX / 8; ++n) {
-      if (n * 8 >= d) break;
-      at_put(out, stride, lk, r0 + g, 8 * n + 2 * t, acc[n]);
-    }
+    at_put_rows<T, DMAX>((which == 0 ? dv : dk) + head0, stride, lk, r0, d, acc);
   }
 }
 
