@@ -198,8 +198,6 @@ pub struct CoreSaved {
     dims: (usize, usize, usize, usize),
     /// Saved by [`tops::short_attention`]; the backward is its fused backward.
     fused: bool,
-    /// The fused forward's dropout keep bits.
-    keep: Option<Tensor>,
 }
 
 /// What attention's backward needs.
@@ -275,7 +273,7 @@ pub fn attend(
         let off = drop.reserve(drop.attention);
         let spec = off.map(|o| (drop.attention, drop.seed, o));
         let fused = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
-        let (ctx, p, keep) =
+        let (ctx, p) =
             fused.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
         let saved = CoreSaved {
             q,
@@ -288,7 +286,6 @@ pub fn attend(
             scale,
             dims: (b, lq, lk, d),
             fused: true,
-            keep,
         };
         return Ok((ctx, saved));
     }
@@ -322,7 +319,6 @@ pub fn attend(
             scale,
             dims: (b, lq, lk, d),
             fused: false,
-            keep: None,
         },
     ))
 }
@@ -334,7 +330,7 @@ pub fn attend_backward(
     dctx: Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if s.fused {
-        let spec = s.keep.as_ref().map(|k| (drop.attention, k));
+        let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
         let grads = tops::short_attention_backward(
             (&s.q, &s.k, &s.v),
             &s.p,

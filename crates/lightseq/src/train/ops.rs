@@ -290,9 +290,8 @@ pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
 
 /// Fused multi-head attention for short sequences, one pass over q [lq, batch, heads * d],
 /// k and v [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d],
-/// probabilities [batch, heads, lq, lk] before dropout, dropout's keep bits for the
-/// backward when `drop` is on), as `masked_softmax` of the scaled scores with `key_lens`
-/// and `causal`, then dropout, then the product with v. None where
+/// probabilities [batch, heads, lq, lk] before dropout), as `masked_softmax` of the scaled
+/// scores with `key_lens` and `causal`, then dropout, then the product with v. None where
 /// [`short_attention_fits`] is false.
 #[allow(clippy::too_many_arguments)]
 pub fn short_attention(
@@ -304,7 +303,7 @@ pub fn short_attention(
     key_lens: Option<&Tensor>,
     causal: bool,
     drop: Option<AttentionDrop>,
-) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
+) -> Result<Option<(Tensor, Tensor)>> {
     const OP: &str = "short_attention";
     if !short_attention_fits(q, k, heads) {
         return Ok(None);
@@ -323,7 +322,7 @@ pub fn short_attention(
         })?;
     }
     let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
-    let Some((ctx, probs, keep)) = cuda::short_attention_forward(
+    let Some((ctx, probs)) = cuda::short_attention_forward(
         (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
         kl,
         (b, heads, lq, lk, h / heads),
@@ -338,20 +337,18 @@ pub fn short_attention(
     Ok(Some((
         cuda_out(&[lq, b, h], dt, ctx),
         cuda_out(&[b, heads, lq, lk], dt, probs),
-        keep.map(|k| cuda_out(&[b, heads, lq, 2], DType::I32, k)),
     )))
 }
 
 /// The backward of [`short_attention`] from dctx [lq, batch, heads * d] and its
-/// probabilities: (dq, dk, dv); None where it does not apply. `drop` is the dropout
-/// probability and the forward's keep bits.
+/// probabilities: (dq, dk, dv); None where it does not apply. `drop` is the forward's.
 pub fn short_attention_backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     probs: &Tensor,
     dctx: &Tensor,
     heads: usize,
     scale: f32,
-    drop: Option<(f32, &Tensor)>,
+    drop: Option<AttentionDrop>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     const OP: &str = "short_attention_backward";
     if !short_attention_fits(q, k, heads) {
@@ -373,22 +370,6 @@ pub fn short_attention_backward(
             )
         },
     )?;
-    if let Some((_, bits)) = drop {
-        need(
-            OP,
-            bits.dtype() == DType::I32 && bits.shape() == [b, heads, lq, 2],
-            || {
-                format!(
-                    "keep bits {:?}, expected i32 [{b}, {heads}, {lq}, 2]",
-                    bits.shape()
-                )
-            },
-        )?;
-    }
-    let drop = match drop {
-        Some((p, bits)) => Some((p, bits.cuda(OP)?)),
-        None => None,
-    };
     let Some((dq, dk, dv)) = cuda::short_attention_backward(
         (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
         probs.cuda(OP)?,

@@ -1113,15 +1113,15 @@ pub(crate) fn short_attention_smem(
         return None;
     }
     // The kernels carve these regions in this order, each rounded to 128 bytes: q, k, v,
-    // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients
-    // (backward). Rows are padded by 8 elements.
+    // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients, dropout
+    // flags (backward). Rows are padded by 8 elements.
     let r = |bytes: usize| bytes.next_multiple_of(128);
     let (lqp, lkp) = (lq.next_multiple_of(16), lk.next_multiple_of(16));
     let (es, ld, lds) = (dt.size(), d + 8, lkp + 8);
-    let qkv = r(es * lqp * ld) + 2 * r(es * lkp * ld);
-    // The forward adds each warp's dropout flags (AT_FLAG_BYTES).
-    let fwd = qkv + short_attention_threads(lq, lk) as usize / 32 * (16 * 64 + 16);
-    let bwd = qkv + r(es * lqp * ld) + 2 * r(es * lqp * lds);
+    // Each warp's dropout flags: AT_FLAG_BYTES.
+    let flags = short_attention_threads(lq, lk) as usize / 32 * (16 * 64 + 16);
+    let fwd = r(es * lqp * ld) + 2 * r(es * lkp * ld) + flags;
+    let bwd = fwd + r(es * lqp * ld) + 2 * r(es * lqp * lds);
     (fwd.max(bwd) <= SHORT_ATTENTION_SMEM).then_some((fwd, bwd))
 }
 
@@ -1149,9 +1149,6 @@ fn short_attention_kernel(forward: bool, d: usize) -> &'static str {
     }
 }
 
-/// What [`short_attention_forward`] returns: ctx, probabilities, dropout keep bits.
-pub(crate) type ShortAttention = (CudaStorage, CudaStorage, Option<CudaStorage>);
-
 /// Threads of a fused short-attention block: a warp per 16 rows of the longer side.
 fn short_attention_threads(lq: usize, lk: usize) -> u32 {
     (32 * lq.max(lk).div_ceil(16)) as u32
@@ -1176,9 +1173,8 @@ fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
 
 /// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
 /// [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d], probabilities
-/// [batch, heads, lq, lk] before dropout, and with dropout its keep bits: one u64 per
-/// query row of each head, bit j for key j, as two i32); None where
-/// [`short_attention_smem`] says it does not apply.
+/// [batch, heads, lq, lk] before dropout); None where [`short_attention_smem`] says it does
+/// not apply.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn short_attention_forward(
     (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
@@ -1187,7 +1183,7 @@ pub(crate) fn short_attention_forward(
     scale: f32,
     causal: bool,
     drop: Option<DropSpec>,
-) -> Result<Option<ShortAttention>> {
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
     let dev = q.device();
     let dt = q.dtype();
     let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d) else {
@@ -1195,14 +1191,8 @@ pub(crate) fn short_attention_forward(
     };
     let ctx = dev.alloc(dt, lq * batch * heads * d)?;
     let probs = dev.alloc(dt, batch * heads * lq * lk)?;
-    let (p, keep, seed, offset) = drop_args(drop);
-    let keep_bits = if p > 0.0 {
-        Some(dev.alloc(DType::I32, 2 * batch * heads * lq)?)
-    } else {
-        None
-    };
     if batch * heads == 0 {
-        return Ok(Some((ctx, probs, keep_bits)));
+        return Ok(Some((ctx, probs)));
     }
     let f = dev.kernel(short_attention_kernel(true, d), dt)?;
     allow_smem(&f, smem)?;
@@ -1210,7 +1200,7 @@ pub(crate) fn short_attention_forward(
     let (cp, pp) = (ctx.ptr(), probs.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let causal = causal as i32;
-    let kbp = keep_bits.as_ref().map_or(0, |k| k.ptr());
+    let (p, keep, seed, offset) = drop_args(drop);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&qp)
         .arg(&kp)
@@ -1228,25 +1218,24 @@ pub(crate) fn short_attention_forward(
         .arg(&p)
         .arg(&keep)
         .arg(&seed)
-        .arg(&offset)
-        .arg(&kbp);
+        .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
     // SAFETY: argument types match the kernel's signature in attention_train.cu; the
     // buffers hold the sizes above and the shared memory is what the kernel carves.
     launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
-    Ok(Some((ctx, probs, keep_bits)))
+    Ok(Some((ctx, probs)))
 }
 
 /// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
-/// layouts; None where it does not apply. `drop` is the dropout probability and the
-/// forward's keep bits.
+/// layouts; None where it does not apply. `drop` is the forward's, whose dropout draws
+/// the kernel makes again.
 pub(crate) fn short_attention_backward(
     (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
     probs: &CudaStorage,
     dctx: &CudaStorage,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
     scale: f32,
-    drop: Option<(f32, &CudaStorage)>,
+    drop: Option<DropSpec>,
 ) -> Result<Option<(CudaStorage, CudaStorage, CudaStorage)>> {
     let dev = q.device();
     let dt = q.dtype();
@@ -1264,10 +1253,7 @@ pub(crate) fn short_attention_backward(
     let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
     let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
-    let (p, keep, kbp) = match drop {
-        Some((p, bits)) if p > 0.0 => (p, 1.0 / (1.0 - p), bits.ptr()),
-        _ => (0.0f32, 1.0f32, 0),
-    };
+    let (p, keep, seed, offset) = drop_args(drop);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&qp)
         .arg(&kp)
@@ -1285,7 +1271,8 @@ pub(crate) fn short_attention_backward(
         .arg(&scale)
         .arg(&p)
         .arg(&keep)
-        .arg(&kbp);
+        .arg(&seed)
+        .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
     // SAFETY: as in short_attention_forward.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;

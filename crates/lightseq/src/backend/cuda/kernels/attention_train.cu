@@ -279,8 +279,7 @@ template <typename T, int DMAX>
 __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const int* key_lens,
                                     T* ctx, T* probs, int batch, int heads, int lq, int lk,
                                     int d, float scale, int causal, float p_drop, float keep,
-                                    unsigned long long seed, unsigned long long offset,
-                                    unsigned long long* keep_bits) {
+                                    unsigned long long seed, unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x, bi = bh / heads;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8;
@@ -296,14 +295,9 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
   unsigned long long km[2] = {~0ull, ~0ull};
-  if (r0 < lqp && p_drop > 0.f) {
-    // Overlaps the staging copies; the bits go out for the backward.
+  // Overlaps the staging copies.
+  if (r0 < lqp && p_drop > 0.f)
     at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
-    if (t == 0) {
-      if (r0 + g < lq) keep_bits[(long long)bh * lq + r0 + g] = km[0];
-      if (r0 + g + 8 < lq) keep_bits[(long long)bh * lq + r0 + g + 8] = km[1];
-    }
-  }
   at_cp_wait();
   __syncthreads();
   if (r0 >= lqp) return;
@@ -380,7 +374,8 @@ template <typename T, int DMAX>
 __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T* probs,
                                     const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,
                                     int lq, int lk, int d, float scale, float p_drop,
-                                    float keep, const unsigned long long* keep_bits) {
+                                    float keep, unsigned long long seed,
+                                    unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8, lds = lkp + 8;
@@ -392,14 +387,19 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   T* dos = at_carve<T>(sm, lqp, ld);
   T* pds = at_carve<T>(sm, lqp, lds);
   T* dss = at_carve<T>(sm, lqp, lds);
+  unsigned char* flags = sm;
   at_stage(qs, ld, q + head0, lq, lqp, d, stride);
   at_stage(ks, ld, k + head0, lk, lkp, d, stride);
   at_stage(vs, ld, v + head0, lk, lkp, d, stride);
   at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
-  at_cp_wait();
-  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
+  // The forward's dropout decisions, drawn again (Philox is counter-based).
+  unsigned long long km[2] = {~0ull, ~0ull};
+  if (r0 < lqp && p_drop > 0.f)
+    at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
+  at_cp_wait();
+  __syncthreads();
   if (r0 < lqp) {
     // dp[n] = (dO v^T) at rows r0 + g (+ 8), keys 8n + 2t (+ 1).
     float dp[8][4];
@@ -408,7 +408,6 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
     for (int h = 0; h < 2; ++h) {
       const int i = r0 + g + 8 * h;
       float pv[8][2], dot = 0.f;
-      const unsigned long long m = p_drop > 0.f && i < lq ? keep_bits[(long long)bh * lq + i] : 0;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         const int j = 8 * n + 2 * t;
@@ -421,7 +420,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
           pd0 = p0;
           pd1 = p1;
           if (p_drop > 0.f) {
-            const bool k0 = m >> j & 1, k1 = m >> (j + 1) & 1;
+            const bool k0 = km[h] >> j & 1, k1 = km[h] >> (j + 1) & 1;
             pd0 = k0 ? to_f(from_f<T>(p0 * keep)) : 0.f;
             pd1 = k1 ? to_f(from_f<T>(p1 * keep)) : 0.f;
             g0 = k0 ? g0 * keep : 0.f;
@@ -480,18 +479,18 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
       attn_short_fwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const int* key_lens,   \
                                    T* ctx, T* probs, int batch, int heads, int lq, int lk,    \
                                    int d, float scale, int causal, float p_drop, float keep,  \
-                                   unsigned long long seed, unsigned long long offset,        \
-                                   unsigned long long* keep_bits) {                           \
+                                   unsigned long long seed, unsigned long long offset) {      \
     attn_short_fwd_body<T, DMAX>(q, k, v, key_lens, ctx, probs, batch, heads, lq, lk, d,      \
-                                 scale, causal, p_drop, keep, seed, offset, keep_bits);       \
+                                 scale, causal, p_drop, keep, seed, offset);                  \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_bwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const T* probs,        \
                                    const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,  \
                                    int lq, int lk, int d, float scale, float p_drop,          \
-                                   float keep, const unsigned long long* keep_bits) {         \
+                                   float keep, unsigned long long seed,                       \
+                                   unsigned long long offset) {                               \
     attn_short_bwd_body<T, DMAX>(q, k, v, probs, dctx, dq, dk, dv, batch, heads, lq, lk, d,   \
-                                 scale, p_drop, keep, keep_bits);                             \
+                                 scale, p_drop, keep, seed, offset);                          \
   }
 LS_ATTN_SHORT(__half, f16, 64)
 LS_ATTN_SHORT(__half, f16, 128)
