@@ -952,3 +952,39 @@ fn cuda_add_layer_norm_matches_cpu() {
         }
     }
 }
+
+/// An activation's backward with the following bias gradient summed in the same pass (one
+/// CUDA launch where the columns fill 16-byte packs, else the two ops) against the CPU's
+/// separate ops, added to a bias accumulator that already holds values; shapes with one
+/// row chunk, many, and columns that do not fill packs.
+#[test]
+fn cuda_activation_backward_bias_matches_cpu() {
+    let Some(gpu) = gpu("cuda_activation_backward_bias_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for (rows, cols) in [(37, 64), (1500, 96), (19, 40), (23, 36), (5, 1030)] {
+        let (pre, dy) = (scaled(60, rows * cols, 1.5), scaled(61, rows * cols, 1.0));
+        let acc0 = scaled(62, cols, 0.5);
+        for dt in DTYPES {
+            for act in ACTS {
+                let run = |d: &Device| {
+                    let mut acc = t(&acc0, &[cols], DType::F32, d);
+                    let dx = ops::activation_backward_bias_into(
+                        &t(&pre, &[rows, cols], dt, d),
+                        &t(&dy, &[rows, cols], dt, d),
+                        act,
+                        &mut acc,
+                    )
+                    .unwrap();
+                    (dx, acc)
+                };
+                let ((gdx, gacc), (cdx, cacc)) = (run(&gpu), run(&cpu));
+                let what = format!("activation_backward_bias {act:?} {rows}x{cols}");
+                check(&format!("{what} dx"), dt, &gdx, &cdx, tol(dt));
+                // Column sums of the rounded dx, so within dx's tolerance.
+                check(&format!("{what} bias"), DType::F32, &gacc, &cacc, tol(dt));
+            }
+        }
+    }
+}

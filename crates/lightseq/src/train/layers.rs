@@ -504,8 +504,24 @@ impl Ffn {
     ) -> Result<Tensor> {
         let dhd = self.fc2.backward(ps, &s.hd, dout.read())?;
         let dh = drop.backward(dhd, drop.activation, s.drop)?;
-        let dpre = tops::activation_backward(s.pre.as_ref().unwrap_or(&s.hd), &dh, self.act)?;
-        self.fc1.backward_to(ps, x, &dpre, dout.acc())
+        let pre = s.pre.as_ref().unwrap_or(&s.hd);
+        // fc1's bias gradient is summed in the activation's backward pass; fc1's backward
+        // then adds only its weight and input gradients.
+        let (dpre, fc1) = match self.fc1.b {
+            Some(b) => {
+                let bias_grad = ps.grads_mut(b, None)?.0;
+                let dpre = tops::activation_backward_bias_into(pre, &dh, self.act, bias_grad)?;
+                (
+                    dpre,
+                    Lin {
+                        b: None,
+                        ..self.fc1
+                    },
+                )
+            }
+            None => (tops::activation_backward(pre, &dh, self.act)?, self.fc1),
+        };
+        fc1.backward_to(ps, x, &dpre, dout.acc())
     }
 }
 

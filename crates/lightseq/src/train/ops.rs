@@ -648,6 +648,44 @@ pub fn activation_backward(pre: &Tensor, dy: &Tensor, act: Activation) -> Result
     })
 }
 
+/// [`activation_backward`] with the column sums of its result (the bias gradient of the
+/// linear that produced `pre`) added to the f32 `bias_acc` [cols]: on CUDA one pass where
+/// the shapes allow, otherwise the two ops.
+pub fn activation_backward_bias_into(
+    pre: &Tensor,
+    dy: &Tensor,
+    act: Activation,
+    bias_acc: &mut Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "activation_backward_bias_into";
+    let dt = float_dtype(OP, &[pre, dy])?;
+    let cols = pre.shape().last().copied().unwrap_or(1);
+    need(
+        OP,
+        pre.shape() == dy.shape() && bias_acc.dtype() == DType::F32 && bias_acc.len() == cols,
+        || {
+            format!(
+                "pre {:?}, dy {:?}, bias acc {:?} {}",
+                pre.shape(),
+                dy.shape(),
+                bias_acc.shape(),
+                bias_acc.dtype()
+            )
+        },
+    )?;
+    if let (Storage::Cuda(p), Storage::Cuda(d), Storage::Cuda(b)) =
+        (&pre.storage, &dy.storage, &bias_acc.storage)
+    {
+        let rows = pre.len() / cols.max(1);
+        if let Some(dx) = cuda::activation_backward_colsum(p, d, act, (rows, cols), b)? {
+            return Ok(cuda_out(pre.shape(), dt, dx));
+        }
+    }
+    let dx = activation_backward(pre, dy, act)?;
+    add_scaled_into(bias_acc, &column_sum(&dx)?, 1.0)?;
+    Ok(dx)
+}
+
 /// Sum over all rows of the last dim: the bias gradient, f32 [cols].
 pub fn column_sum(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "column_sum";

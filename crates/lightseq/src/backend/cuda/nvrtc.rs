@@ -93,6 +93,7 @@ pub const MODULES: &[KernelModule] = &[
             "sum_chunks",
             "add_layer_norm",
             "column_sum_packed",
+            "activation_backward_colsum",
             "gather_heads",
             "masked_softmax_rows",
             "softmax_backward_rows",

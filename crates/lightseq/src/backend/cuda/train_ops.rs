@@ -705,6 +705,121 @@ pub(crate) fn activation_backward(
     unary("activation_backward", pre, Some(dy), act)
 }
 
+/// The launch of a single-launch column reduction (train.cu's column_sum_packed_impl) over
+/// [rows, cols] in packs of `n`: grid, partial sums, their row pitch, arrival counters.
+struct PackedColumns {
+    cfg: LaunchConfig,
+    partial: CudaStorage,
+    pld: usize,
+    counters: u64,
+}
+
+impl PackedColumns {
+    /// None when the grid would have more block columns than there are counters.
+    fn new(
+        dev: &std::sync::Arc<super::CudaDevice>,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) -> Result<Option<Self>> {
+        let mut cfg = cols_grid_per(rows, cols, 32 * n);
+        let col_blocks = cfg.grid_dim.0 as usize;
+        if col_blocks > super::COLUMN_COUNTERS {
+            return Ok(None);
+        }
+        // Fewer, longer row chunks than the other column reductions: the kernel keeps four
+        // rows in flight per warp, and the last block's pass over the partials shrinks.
+        let chunks = 512usize
+            .div_ceil(col_blocks)
+            .min(rows.div_ceil(8 * COL_WARPS as usize))
+            .clamp(1, 65535);
+        cfg.grid_dim.1 = chunks as u32;
+        let pld = cols.next_multiple_of(n);
+        Ok(Some(PackedColumns {
+            cfg,
+            partial: dev.alloc(DType::F32, chunks * pld)?,
+            pld,
+            counters: dev.column_counters()?,
+        }))
+    }
+
+    /// Launches `name` (train.cu's column_sum_packed_impl) over x [rows, cols] (rows `ld`
+    /// apart) into `out`; `act`: the activation-backward form's dy, dx and activation code.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        name: &'static str,
+        x: &CudaStorage,
+        act: Option<(u64, u64, i32)>,
+        out: &CudaStorage,
+        (rows, cols, ld): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let dev = x.device();
+        let f = dev.kernel(name, x.dtype())?;
+        let (xp, pp, op) = (x.ptr(), self.partial.ptr(), out.ptr());
+        let (dyp, dxp, code) = act.unwrap_or_default();
+        let (r, c, ld, pld, acc) = (
+            rows as i64,
+            cols as i32,
+            ld as i64,
+            self.pld as i64,
+            accumulate as i32,
+        );
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&xp);
+        if act.is_some() {
+            l.arg(&dyp).arg(&dxp).arg(&code);
+        }
+        l.arg(&pp)
+            .arg(&op)
+            .arg(&r)
+            .arg(&c)
+            .arg(&ld)
+            .arg(&pld)
+            .arg(&acc)
+            .arg(&self.counters);
+        // SAFETY: argument types match the kernels' signatures in train.cu; the callers
+        // size x (and dy, dx) for rows of `ld`, `partial` holds grid rows of `pld` f32, and
+        // the counters cover the grid's block columns.
+        launched(name, unsafe { l.launch(self.cfg) })
+    }
+}
+
+/// dx = dy * act'(pre) for pre, dy [rows, cols] (contiguous), with dx's column sums added
+/// to the f32 `bias_acc` [cols] in the same pass (the bias gradient of the linear that
+/// produced `pre`). None where the single-launch reduction does not apply (cols not a
+/// multiple of 16 bytes, unaligned buffers); the caller then runs the two passes.
+pub(crate) fn activation_backward_colsum(
+    pre: &CudaStorage,
+    dy: &CudaStorage,
+    act: Activation,
+    (rows, cols): (usize, usize),
+    bias_acc: &CudaStorage,
+) -> Result<Option<CudaStorage>> {
+    let dev = pre.device();
+    let n = 16 / pre.dtype().size();
+    let aligned = pre.ptr().is_multiple_of(16) && dy.ptr().is_multiple_of(16);
+    if rows * cols == 0 || !cols.is_multiple_of(n) || !aligned {
+        return Ok(None);
+    }
+    let Some(p) = PackedColumns::new(dev, rows, cols, n)? else {
+        return Ok(None);
+    };
+    // Device allocations are 256-byte aligned.
+    let dx = dev.alloc(pre.dtype(), rows * cols)?;
+    let act = Some((dy.ptr(), dx.ptr(), act.code()));
+    p.launch(
+        "activation_backward_colsum",
+        pre,
+        act,
+        bias_acc,
+        (rows, cols, cols),
+        true,
+    )?;
+    Ok(Some(dx))
+}
+
 /// Column sums of `x` [rows, cols] (rows `ld` apart) written into, or with `accumulate`
 /// added to, f32 `out` [cols]. With 16-byte loads (rows aligned, the last pack inside the
 /// row's `ld`) one launch does it, its last block per column block adding the partials;
@@ -721,41 +836,17 @@ fn column_sums(
     let n = 16 / x.dtype().size();
     let packed =
         ld.is_multiple_of(n) && ld >= cols.next_multiple_of(n) && x.ptr().is_multiple_of(16);
-    let mut cfg = cols_grid_per(rows, cols, 32 * n);
-    if packed && (cfg.grid_dim.0 as usize) <= super::COLUMN_COUNTERS {
-        // Fewer, longer row chunks than the other column reductions: the kernel keeps four
-        // rows in flight per warp, and the last block's pass over the partials shrinks.
-        let col_blocks = cfg.grid_dim.0 as usize;
-        let chunks = 512usize
-            .div_ceil(col_blocks)
-            .min(rows.div_ceil(8 * COL_WARPS as usize))
-            .clamp(1, 65535);
-        cfg.grid_dim.1 = chunks as u32;
-        let pld = cols.next_multiple_of(n);
-        let partial = dev.alloc(DType::F32, chunks * pld)?;
-        let counters = dev.column_counters()?;
-        let f = dev.kernel("column_sum_packed", x.dtype())?;
-        let (xp, pp, op) = (x.ptr(), partial.ptr(), out.ptr());
-        let (r, c, ld, pld, acc) = (
-            rows as i64,
-            cols as i32,
-            ld as i64,
-            pld as i64,
-            accumulate as i32,
-        );
-        let mut l = dev.stream().launch_builder(&f);
-        l.arg(&xp)
-            .arg(&pp)
-            .arg(&op)
-            .arg(&r)
-            .arg(&c)
-            .arg(&ld)
-            .arg(&pld)
-            .arg(&acc)
-            .arg(&counters);
-        // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
-        // grid rows of `pld` f32, and the counters cover the grid's block columns.
-        return launched("column_sum_packed", unsafe { l.launch(cfg) });
+    if packed {
+        if let Some(p) = PackedColumns::new(dev, rows, cols, n)? {
+            return p.launch(
+                "column_sum_packed",
+                x,
+                None,
+                out,
+                (rows, cols, ld),
+                accumulate,
+            );
+        }
     }
     let cfg = cols_grid(rows, cols);
     let chunks = cfg.grid_dim.1 as usize;

@@ -664,69 +664,6 @@ __device__ void column_sum_body(const T* x, float* out, long long rows, int cols
   }
 }
 
-// column_sum with 16-byte loads: lane l of a block covers columns [(32 b + l) N, + N); needs
-// ld % N == 0, ld >= cols rounded up to N (a last pack may read row padding) and an
-// aligned x (the host checks).
-// The block's partials go to row blockIdx.y of `partial` (rows pld apart), and the last
-// block of each block column writes (or with `accumulate` adds) the sums into `out`.
-template <typename T>
-__device__ void column_sum_packed_body(const T* x, float* partial, float* out, long long rows,
-                                       int cols, long long ld, long long pld, int accumulate,
-                                       unsigned int* counter) {
-  constexpr int N = 16 / sizeof(T);
-  __shared__ float sp[16][32 * N + 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 16);
-  const int col0 = (blockIdx.x * 32 + lane) * N;
-  const long long per = (rows + gridDim.y - 1) / gridDim.y;
-  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
-  float* part = partial + (long long)blockIdx.y * pld;
-  float acc[N];
-#pragma unroll
-  for (int k = 0; k < N; ++k) acc[k] = 0.f;
-  if (col0 < cols && warp < warps) {
-    long long r = r0 + warp;
-    // Four rows' loads in flight per step; added in row order as the one-row loop below.
-    for (; r + 3ll * warps < r1; r += 4ll * warps) {
-      LsPack<T> p[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        p[u] = *reinterpret_cast<const LsPack<T>*>(x + (r + u * warps) * ld + col0);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int k = 0; k < N; ++k) acc[k] += to_f(p[u].v[k]);
-    }
-    for (; r < r1; r += warps) {
-      const LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * ld + col0);
-#pragma unroll
-      for (int k = 0; k < N; ++k) acc[k] += to_f(p.v[k]);
-    }
-  }
-  if (warp < warps) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) sp[warp][lane * N + k] = acc[k];
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < 32 * N; c += blockDim.x) {
-    const int col = blockIdx.x * 32 * N + c;
-    if (col < cols) {
-      float t = 0.f;
-      for (int w = 0; w < warps; ++w) t += sp[w][c];
-      part[col] = t;
-    }
-  }
-  if (ls_last_arrival(counter)) ls_sum_partials<N>(partial, pld, out, cols, accumulate, sp, warps);
-}
-
-#define LS_COLUMN_PACKED(T, S)                                                                 \
-  extern "C" __global__ void column_sum_packed_##S(                                           \
-      const T* x, float* partial, float* out, long long rows, int cols, long long ld,         \
-      long long pld, int accumulate, unsigned int* counter) {                                 \
-    column_sum_packed_body<T>(x, partial, out, rows, cols, ld, pld, accumulate, counter);      \
-  }
-LS_FLOAT_TYPES(LS_COLUMN_PACKED)
-
-// ---------------------------------------------------------------------------------------
 // Derivative of activate(x, act) (codes as ops::Activation::code(); the CPU reference is
 // train::grad::activation_grad).
 __device__ __forceinline__ float activation_grad(float x, int act) {
@@ -757,6 +694,116 @@ __device__ __forceinline__ float activation_grad(float x, int act) {
     default: return 1.f;
   }
 }
+
+// dy * activation_grad(x) per element of a pack, rounded to T (activation_backward_body).
+template <typename T>
+__device__ __forceinline__ LsPack<T> ls_act_backward_pack(const LsPack<T>& x, const LsPack<T>& dy,
+                                                        int act) {
+  LsPack<T> o;
+#pragma unroll
+  for (int k = 0; k < 16 / (int)sizeof(T); ++k)
+    o.v[k] = from_f<T>(to_f(dy.v[k]) * activation_grad(to_f(x.v[k]), act));
+  return o;
+}
+
+// column_sum with 16-byte loads: lane l of a block covers columns [(32 b + l) N, + N); needs
+// ld % N == 0, ld >= cols rounded up to N (a last pack may read row padding) and an
+// aligned x (the host checks).
+// The block's partials go to row blockIdx.y of `partial` (rows pld apart), and the last
+// block of each block column writes (or with `accumulate` adds) the sums into `out`.
+// With ACT, x is an activation's input (as activation_backward_body reads it) and each
+// pack summed is first made dx = dy * activation_grad(x), rounded to T and stored: the
+// activation's backward and the following linear's bias gradient in one pass.
+template <typename T, bool ACT>
+__device__ void column_sum_packed_impl(const T* x, const T* dy, T* dx, int act, float* partial,
+                                       float* out, long long rows, int cols, long long ld,
+                                       long long pld, int accumulate, unsigned int* counter) {
+  constexpr int N = 16 / sizeof(T);
+  __shared__ float sp[16][32 * N + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = min(blockDim.x >> 5, 16);
+  const int col0 = (blockIdx.x * 32 + lane) * N;
+  const long long per = (rows + gridDim.y - 1) / gridDim.y;
+  const long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+  float* part = partial + (long long)blockIdx.y * pld;
+  float acc[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc[k] = 0.f;
+  if (col0 < cols && warp < warps) {
+    long long r = r0 + warp;
+    // Four rows' loads in flight per step; added in row order as the one-row loop below.
+    for (; r + 3ll * warps < r1; r += 4ll * warps) {
+      LsPack<T> p[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        p[u] = *reinterpret_cast<const LsPack<T>*>(x + (r + u * warps) * ld + col0);
+      if (ACT) {
+        LsPack<T> g[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          g[u] = *reinterpret_cast<const LsPack<T>*>(dy + (r + u * warps) * ld + col0);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          p[u] = ls_act_backward_pack(p[u], g[u], act);
+          *reinterpret_cast<LsPack<T>*>(dx + (r + u * warps) * ld + col0) = p[u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc[k] += to_f(p[u].v[k]);
+    }
+    for (; r < r1; r += warps) {
+      LsPack<T> p = *reinterpret_cast<const LsPack<T>*>(x + r * ld + col0);
+      if (ACT) {
+        p = ls_act_backward_pack(p, *reinterpret_cast<const LsPack<T>*>(dy + r * ld + col0), act);
+        *reinterpret_cast<LsPack<T>*>(dx + r * ld + col0) = p;
+      }
+#pragma unroll
+      for (int k = 0; k < N; ++k) acc[k] += to_f(p.v[k]);
+    }
+  }
+  if (warp < warps) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) sp[warp][lane * N + k] = acc[k];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 32 * N; c += blockDim.x) {
+    const int col = blockIdx.x * 32 * N + c;
+    if (col < cols) {
+      float t = 0.f;
+      for (int w = 0; w < warps; ++w) t += sp[w][c];
+      part[col] = t;
+    }
+  }
+  if (ls_last_arrival(counter)) ls_sum_partials<N>(partial, pld, out, cols, accumulate, sp, warps);
+}
+
+template <typename T>
+__device__ void column_sum_packed_body(const T* x, float* partial, float* out, long long rows,
+                                       int cols, long long ld, long long pld, int accumulate,
+                                       unsigned int* counter) {
+  column_sum_packed_impl<T, false>(x, nullptr, nullptr, 0, partial, out, rows, cols, ld, pld,
+                                   accumulate, counter);
+}
+
+#define LS_COLUMN_PACKED(T, S)                                                                 \
+  extern "C" __global__ void column_sum_packed_##S(                                           \
+      const T* x, float* partial, float* out, long long rows, int cols, long long ld,         \
+      long long pld, int accumulate, unsigned int* counter) {                                 \
+    column_sum_packed_body<T>(x, partial, out, rows, cols, ld, pld, accumulate, counter);      \
+  }
+LS_FLOAT_TYPES(LS_COLUMN_PACKED)
+
+// dx = dy * activation_grad(pre) and `out` (+)= its column sums, as column_sum_packed (same
+// grid, partials and counters; dx has pre's layout).
+#define LS_ACT_BACKWARD_COLSUM(T, S)                                                           \
+  extern "C" __global__ void activation_backward_colsum_##S(                                  \
+      const T* pre, const T* dy, T* dx, int act, float* partial, float* out, long long rows,  \
+      int cols, long long ld, long long pld, int accumulate, unsigned int* counter) {         \
+    column_sum_packed_impl<T, true>(pre, dy, dx, act, partial, out, rows, cols, ld, pld,       \
+                                    accumulate, counter);                                     \
+  }
+LS_FLOAT_TYPES(LS_ACT_BACKWARD_COLSUM)
 
 template <typename T>
 __device__ void activate_body(const T* x, T* y, int act, long long total) {
