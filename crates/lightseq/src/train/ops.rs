@@ -673,13 +673,22 @@ pub fn activation_backward_bias_into(
             )
         },
     )?;
+    if bias_acc.cuda_device().map(|d| d.ordinal()) != pre.cuda_device().map(|d| d.ordinal()) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
     if let (Storage::Cuda(p), Storage::Cuda(d), Storage::Cuda(b)) =
         (&pre.storage, &dy.storage, &bias_acc.storage)
     {
         let rows = pre.len() / cols.max(1);
-        if let Some(dx) = cuda::activation_backward_colsum(p, d, act, (rows, cols), b)? {
-            return Ok(cuda_out(pre.shape(), dt, dx));
-        }
+        let dx = match cuda::activation_backward_colsum(p, d, act, (rows, cols), b)? {
+            Some(dx) => dx,
+            None => {
+                let dx = cuda::activation_backward(p, d, act)?;
+                cuda::column_sum_into(b, &dx, rows, cols, cols)?;
+                dx
+            }
+        };
+        return Ok(cuda_out(pre.shape(), dt, dx));
     }
     let dx = activation_backward(pre, dy, act)?;
     add_scaled_into(bias_acc, &column_sum(&dx)?, 1.0)?;

@@ -696,13 +696,15 @@ __device__ __forceinline__ float activation_grad(float x, int act) {
 }
 
 // dy * activation_grad(x) per element of a pack, rounded to T (activation_backward_body).
+// The product is rounded on its own (no contraction into the column sum's add), so the
+// sums are of dx exactly as stored, in f32 too.
 template <typename T>
 __device__ __forceinline__ LsPack<T> ls_act_backward_pack(const LsPack<T>& x, const LsPack<T>& dy,
                                                         int act) {
   LsPack<T> o;
 #pragma unroll
   for (int k = 0; k < 16 / (int)sizeof(T); ++k)
-    o.v[k] = from_f<T>(to_f(dy.v[k]) * activation_grad(to_f(x.v[k]), act));
+    o.v[k] = from_f<T>(__fmul_rn(to_f(dy.v[k]), activation_grad(to_f(x.v[k]), act)));
   return o;
 }
 
