@@ -249,6 +249,32 @@ fn score_mats(t: &Tensor, lq: usize, lk: usize) -> Mats<'_> {
     }
 }
 
+/// `op(p_h) @ x_h` for every head h: p [batch, heads, lq, lk] (transposed per head with
+/// `transpose`) times the heads of x, read in place, into [rows, batch, heads * d] where
+/// rows is lq, or lk when transposed.
+fn scores_by_heads(
+    p: &Tensor,
+    transpose: bool,
+    x: &Tensor,
+    (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let row = batch * heads * d;
+    let (rows, inner) = if transpose { (lk, lq) } else { (lq, lk) };
+    tops::matmul_strided(
+        score_mats(p, lq, lk),
+        transpose,
+        head_mats(x, row, d),
+        false,
+        batch * heads,
+        rows,
+        d,
+        inner,
+        row,
+        d,
+        &[rows, batch, heads * d],
+    )
+}
+
 /// Scaled dot-product attention of projected q [lq, b, h] over k, v [lk, b, h] with
 /// `heads` heads: softmax(scale q k^T + mask) v, keys at or past `key_lens[b]` and, when
 /// `causal`, keys after the query masked; attention dropout on the probabilities.
@@ -267,60 +293,35 @@ pub fn attend(
     let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let lk = k.shape()[0];
     let (nh, d) = (heads, h / heads);
-    let (bh, row) = (b * nh, b * h);
-    if tops::short_attention_fits(&q, &k, heads) {
+    let fused = tops::short_attention_fits(&q, &k, heads);
+    let (ctx, p, pd, off) = if fused {
         // One fused pass; the dropout offset is taken as apply_ref would.
         let off = drop.reserve(drop.attention);
         let spec = off.map(|o| (drop.attention, drop.seed, o));
-        let fused = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
-        let (ctx, p) =
-            fused.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
-        let saved = CoreSaved {
-            q,
-            k,
-            v,
-            p,
-            pd: None,
-            drop: off,
-            heads,
-            scale,
-            dims: (b, lq, lk, d),
-            fused: true,
-        };
-        return Ok((ctx, saved));
-    }
-    let s = head_scores(&q, &k, (b, nh, lq, lk, d))?;
-    let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
-    std::mem::drop(s);
-    let (pd, off) = drop.apply_ref(&p, drop.attention)?;
-    let ctx = tops::matmul_strided(
-        score_mats(pd.as_ref().unwrap_or(&p), lq, lk),
-        false,
-        head_mats(&v, row, d),
-        false,
-        bh,
-        lq,
-        d,
-        lk,
-        row,
-        d,
-        &[lq, b, h],
-    )?;
-    Ok((
-        ctx,
-        CoreSaved {
-            q,
-            k,
-            v,
-            p,
-            pd,
-            drop: off,
-            heads,
-            scale,
-            dims: (b, lq, lk, d),
-            fused: false,
-        },
-    ))
+        let out = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
+        let (ctx, p) = out.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
+        (ctx, p, None, off)
+    } else {
+        let s = head_scores(&q, &k, (b, nh, lq, lk, d))?;
+        let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
+        std::mem::drop(s);
+        let (pd, off) = drop.apply_ref(&p, drop.attention)?;
+        let ctx = scores_by_heads(pd.as_ref().unwrap_or(&p), false, &v, (b, nh, lq, lk, d))?;
+        (ctx, p, pd, off)
+    };
+    let saved = CoreSaved {
+        q,
+        k,
+        v,
+        p,
+        pd,
+        drop: off,
+        heads,
+        scale,
+        dims: (b, lq, lk, d),
+        fused,
+    };
+    Ok((ctx, saved))
 }
 
 /// The backward of [`attend`]: (dq, dk, dv), each shaped like its input.
@@ -342,52 +343,13 @@ pub fn attend_backward(
         return grads.ok_or_else(|| Error::op("attend_backward", "the fused backward did not run"));
     }
     let (b, lq, lk, d) = s.dims;
-    let nh = s.heads;
-    let (h, bh) = (nh * d, b * nh);
-    let row = b * h;
-    let dpd = head_scores(&dctx, &s.v, (b, nh, lq, lk, d))?;
-    let pd = s.pd.as_ref().unwrap_or(&s.p);
-    let dv = tops::matmul_strided(
-        score_mats(pd, lq, lk),
-        true,
-        head_mats(&dctx, row, d),
-        false,
-        bh,
-        lk,
-        d,
-        lq,
-        row,
-        d,
-        &[lk, b, h],
-    )?;
+    let dims = (b, s.heads, lq, lk, d);
+    let dpd = head_scores(&dctx, &s.v, dims)?;
+    let dv = scores_by_heads(s.pd.as_ref().unwrap_or(&s.p), true, &dctx, dims)?;
     let dp = drop.backward(dpd, drop.attention, s.drop)?;
     let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
-    let dq = tops::matmul_strided(
-        score_mats(&ds, lq, lk),
-        false,
-        head_mats(&s.k, row, d),
-        false,
-        bh,
-        lq,
-        d,
-        lk,
-        row,
-        d,
-        &[lq, b, h],
-    )?;
-    let dk = tops::matmul_strided(
-        score_mats(&ds, lq, lk),
-        true,
-        head_mats(&s.q, row, d),
-        false,
-        bh,
-        lk,
-        d,
-        lq,
-        row,
-        d,
-        &[lk, b, h],
-    )?;
+    let dq = scores_by_heads(&ds, false, &s.k, dims)?;
+    let dk = scores_by_heads(&ds, true, &s.q, dims)?;
     Ok((dq, dk, dv))
 }
 

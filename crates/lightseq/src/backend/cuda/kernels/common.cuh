@@ -137,9 +137,3 @@ __device__ __forceinline__ float ls_philox_lane(uint4 o, unsigned long long i) {
   const unsigned int r = i % 4 == 0 ? o.x : i % 4 == 1 ? o.y : i % 4 == 2 ? o.z : o.w;
   return (float)(r >> 8) * 5.9604644775390625e-8f;  // 2^-24
 }
-
-// The uniform draw of element i (one Philox call; dropout_body shares a call among four).
-__device__ __forceinline__ float ls_philox_uniform(unsigned long long i, unsigned long long seed,
-                                                   unsigned long long offset) {
-  return ls_philox_lane(ls_philox_group(i / 4, seed, offset), i);
-}

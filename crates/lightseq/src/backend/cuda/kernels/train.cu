@@ -1087,21 +1087,12 @@ template <typename T>
 __device__ void dropout_body(const T* x, T* y, float p, float keep, unsigned long long seed,
                              unsigned long long offset, long long total) {
   const long long groups = (total + 3) / 4;
-  const uint2 key = make_uint2((unsigned int)seed, (unsigned int)(seed >> 32));
   LS_GRID_LOOP(q, groups) {
-    const unsigned long long uq = (unsigned long long)q;
-    const uint4 o = philox4x32_10(
-        make_uint4((unsigned int)uq, (unsigned int)(uq >> 32), (unsigned int)offset,
-                   (unsigned int)(offset >> 32)),
-        key);
-    const unsigned int lanes[4] = {o.x, o.y, o.z, o.w};
+    const uint4 o = ls_philox_group((unsigned long long)q, seed, offset);
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const long long i = 4 * q + l;
-      if (i < total) {
-        const float u = (float)(lanes[l] >> 8) * 5.9604644775390625e-8f;  // 2^-24
-        y[i] = from_f<T>(u >= p ? to_f(x[i]) * keep : 0.f);
-      }
+      if (i < total) y[i] = from_f<T>(ls_philox_lane(o, l) >= p ? to_f(x[i]) * keep : 0.f);
     }
   }
 }
