@@ -366,8 +366,17 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
     };
     let cpu = Device::Cpu;
     for dt in DTYPES {
-        // layer_norm_backward: dx in the input dtype, dgamma and dbeta f32.
-        for (rows, h) in [(33, 37), (7, 1031), (300, 64), (150, 768)] {
+        // layer_norm_backward: dx in the input dtype, dgamma and dbeta f32. The last two
+        // shapes have more rows than one wave of the register-cached kernel takes, so its
+        // lanes carry parameter sums over several rows (and, at 128, over 8 teams a warp).
+        for (rows, h) in [
+            (33, 37),
+            (7, 1031),
+            (300, 64),
+            (150, 768),
+            (5000, 1024),
+            (3001, 128),
+        ] {
             let x: Vec<f32> = randn(20, rows * h).iter().map(|v| 2.0 * v + 0.5).collect();
             let (g, dy) = (randn(21, h), randn(22, rows * h));
             let run = |d: &Device| {

@@ -36,6 +36,8 @@ pub struct CudaDevice {
     ordinal: usize,
     name: String,
     arch: (i32, i32),
+    /// Streaming multiprocessors (CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).
+    sms: usize,
     // Field order matters for drop: kernels and cuBLASLt state go before the context.
     kernels: nvrtc::KernelCache,
     lt: blaslt::BlasLt,
@@ -119,12 +121,19 @@ impl CudaDevice {
         let arch = ctx
             .compute_capability()
             .map_err(|e| cuda_err("compute capability", e))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| cuda_err("multiprocessor count", e))?
+            .max(1) as usize;
         let lt = blaslt::BlasLt::new(&stream)?;
         keep_pool_memory(&ctx)?;
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,
             arch,
+            sms,
             kernels: nvrtc::KernelCache::new(arch),
             lt,
             stream,
@@ -148,6 +157,11 @@ impl CudaDevice {
     /// Compute capability (major, minor).
     pub fn arch(&self) -> (i32, i32) {
         self.arch
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sms
     }
 
     /// (free, total) device memory in bytes.

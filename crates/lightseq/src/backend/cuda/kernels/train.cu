@@ -427,14 +427,25 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
   }
 }
 
-// layer_norm_backward_body with register-cached rows.
+// layer_norm_backward_body with register-cached rows, the parameter sums folded in: the
+// columns a lane holds are the same for every row its team takes, so the lane keeps running
+// sums of dy * xhat and dy for them. At the end the block adds its teams' sums (across
+// teams in xor order, then warps in order) and writes them to row blockIdx.x of `partial`
+// [gridDim.x, 2 h] (dgamma's h columns, then dbeta's), which sum_chunks adds over blocks.
 template <typename T>
 __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy, T* dx,
-                                         float* stats, long long rows, int h, float eps,
+                                         float* partial, long long rows, int h, float eps,
                                          int ts) {
   constexpr int N = 16 / sizeof(T);
+  __shared__ float sred[2 * 32 * LS_RP * N];
   const int packs = h / N;
   const TeamRows t(ts);
+  float ag[LS_RP][N], ab[LS_RP][N];
+#pragma unroll
+  for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) ag[k][e] = ab[k][e] = 0.f;
+  }
   for (long long base = t.first; base < rows; base += t.step) {
     const long long r = base + t.sub;
     const bool ok = r < rows;
@@ -457,7 +468,8 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
       }
     }
     const float rstd = 1.f / sqrtf(team_sum(s2, ts) / h + eps);
-    // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
+    // g = dy * gamma replaces dy in gv; xhat replaces x in xv. A team past the last row
+    // loaded zeros, so it adds nothing to the parameter sums.
     float a = 0.f, c = 0.f;
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
@@ -466,8 +478,11 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
         const LsPack<T> gm = reinterpret_cast<const LsPack<T>*>(gamma)[q];
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          gv.v[k][e] *= to_f(gm.v[e]);
+          const float d = gv.v[k][e];
           xv.v[k][e] = (xv.v[k][e] - mean) * rstd;
+          ag[k][e] += d * xv.v[k][e];
+          ab[k][e] += d;
+          gv.v[k][e] = d * to_f(gm.v[e]);
           a += gv.v[k][e];
           c += gv.v[k][e] * xv.v[k][e];
         }
@@ -481,11 +496,38 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
       for (int e = 0; e < N; ++e) gv.v[k][e] = rstd * (gv.v[k][e] - s1 - xv.v[k][e] * sx);
     }
     gv.store(dx + r * h, packs, t.tl, ts, ok);
-    if (ok && t.tl == 0) {
-      stats[2 * r] = mean;
-      stats[2 * r + 1] = rstd;
+  }
+  // Teams of a warp hold the same columns: lanes below ts end with the warp's sums.
+#pragma unroll
+  for (int k = 0; k < LS_RP; ++k) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      for (int o = ts; o < 32; o <<= 1) {
+        ag[k][e] += __shfl_xor_sync(LS_FULL_MASK, ag[k][e], o);
+        ab[k][e] += __shfl_xor_sync(LS_FULL_MASK, ab[k][e], o);
+      }
     }
   }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int w = 0; w < warps; ++w) {
+    if (warp == w && lane < ts) {
+#pragma unroll
+      for (int k = 0; k < LS_RP; ++k) {
+        const int q = lane + k * ts;
+        if (q < packs) {
+#pragma unroll
+          for (int e = 0; e < N; ++e) {
+            const int j = q * N + e;
+            sred[j] = (w == 0 ? 0.f : sred[j]) + ag[k][e];
+            sred[h + j] = (w == 0 ? 0.f : sred[h + j]) + ab[k][e];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float* out = partial + blockIdx.x * 2ll * h;
+  for (int j = threadIdx.x; j < 2 * h; j += blockDim.x) out[j] = sred[j];
 }
 
 // Column reductions: block (b, y) covers columns [32 b, 32 b + 32) over the y-th chunk of
@@ -1208,24 +1250,26 @@ LS_FLOAT_TYPES(LS_TRAIN)
     add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, rows, h, eps, ts);                  \
   }                                                                                           \
   extern "C" __global__ void layer_norm_backward_rows_##S(const T* x, const T* gamma,         \
-                                                          const T* dy, T* dx, float* stats,   \
+                                                          const T* dy, T* dx, float* partial, \
                                                           long long rows, int h, float eps,   \
                                                           int ts) {                           \
-    layer_norm_backward_rows<T>(x, gamma, dy, dx, stats, rows, h, eps, ts);                   \
+    layer_norm_backward_rows<T>(x, gamma, dy, dx, partial, rows, h, eps, ts);                 \
   }
 LS_FLOAT_TYPES(LS_TRAIN_ROWS)
 LS_FLOAT_TYPES(LS_MULTI)
 
-// out[j] = sum_c partial[c, j] over c < chunks (with accumulate, out[j] += that sum): block
-// x covers 32 columns (lane = column), warp w adds chunks w, w + warps, ... in order, and
-// warp 0 adds the warps' sums in order (deterministic).
-__device__ void sum_chunks_body(const float* partial, float* out, int chunks, long long cols,
-                                int accumulate) {
+// out[j] = sum_c partial[c, j] over c < chunks (with accumulate, out[j] += that sum), the
+// columns from `split` on going to out2[j - split] instead: block x covers 32 columns
+// (lane = column), warp w adds chunks w, w + warps, ... in order, and warp 0 adds the
+// warps' sums in order (deterministic).
+__device__ void sum_chunks_body(const float* partial, float* out, float* out2, long long split,
+                                int chunks, long long cols, int accumulate) {
   __shared__ float sp[32][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const long long col = blockIdx.x * 32ll + lane;
   float t = 0.f;
   if (col < cols) {
+#pragma unroll 4
     for (int c = warp; c < chunks; c += warps) t += partial[c * cols + col];
   }
   sp[warp][lane] = t;
@@ -1233,12 +1277,14 @@ __device__ void sum_chunks_body(const float* partial, float* out, int chunks, lo
   if (warp == 0 && col < cols) {
     float total = 0.f;
     for (int w = 0; w < warps; ++w) total += sp[w][lane];
-    out[col] = accumulate ? __fadd_rn(out[col], total) : total;
+    float* o = col < split ? out + col : out2 + (col - split);
+    *o = accumulate ? __fadd_rn(*o, total) : total;
   }
 }
 #define LS_SUM_CHUNKS(T, S)                                                                    \
-  extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, int chunks,     \
-                                            long long cols, int accumulate) {                 \
-    sum_chunks_body(partial, out, chunks, cols, accumulate);                                   \
+  extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, float* out2,    \
+                                            long long split, int chunks, long long cols,      \
+                                            int accumulate) {                                 \
+    sum_chunks_body(partial, out, out2, split, chunks, cols, accumulate);                     \
   }
 LS_FLOAT_TYPES(LS_SUM_CHUNKS)
