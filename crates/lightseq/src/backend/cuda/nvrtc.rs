@@ -88,6 +88,7 @@ pub const MODULES: &[KernelModule] = &[
             "activation_backward",
             "embedding_backward",
             "cross_entropy",
+            "cross_entropy_cached",
             "dropout",
             "add_scaled_into",
             "sum_chunks",

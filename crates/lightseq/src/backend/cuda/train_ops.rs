@@ -14,6 +14,8 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most blocks of a grid-stride launch.
 const MAX_BLOCKS: usize = 65535 * 8;
+/// 16-byte packs a thread of cross_entropy_cached holds (LS_CE_PACKS in train.cu).
+const CE_PACKS: usize = 8;
 /// Warps per block of the column reductions (kernels allow up to 32).
 const COL_WARPS: u32 = 16;
 
@@ -1014,8 +1016,31 @@ pub(crate) fn cross_entropy(
     let c_nll = 1.0 - eps64 - eps_i;
     let a = c_nll + vocab as f64 * eps_i;
     let (c_nll, eps_i, a) = (c_nll as f32, eps_i as f32, a as f32);
-    let f = dev.kernel("cross_entropy", dt)?;
     let (lp, tp, lossp, nllp, dp) = (logits.ptr(), targets.ptr(), loss.ptr(), nll.ptr(), d.ptr());
+    // Rows of whole aligned 16-byte packs, at most CE_PACKS a thread of a 1024-thread block,
+    // are held in registers (one read of the logits); threads: enough for the row at
+    // CE_PACKS packs each, so 512 threads take a 32k f16 vocabulary, two blocks an SM.
+    let n_pack = 16 / dt.size();
+    let packs = ld / n_pack;
+    let cached = ld.is_multiple_of(n_pack)
+        && lp.is_multiple_of(16)
+        && dp.is_multiple_of(16)
+        && packs <= CE_PACKS * 1024;
+    let (name, cfg) = if cached {
+        let threads = packs
+            .div_ceil(CE_PACKS)
+            .next_multiple_of(32)
+            .clamp(32, 1024);
+        let cfg = LaunchConfig {
+            grid_dim: (n.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("cross_entropy_cached", cfg)
+    } else {
+        ("cross_entropy", rows_grid(n, vocab, 1024))
+    };
+    let f = dev.kernel(name, dt)?;
     let (r, v, ld) = (n as i64, vocab as i32, ld as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&lp)
@@ -1030,10 +1055,9 @@ pub(crate) fn cross_entropy(
         .arg(&eps_i)
         .arg(&a)
         .arg(&grad_scale);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("cross_entropy", unsafe {
-        l.launch(rows_grid(n, vocab, 1024))
-    })?;
+    // SAFETY: argument types match the kernels' signature in train.cu; the cached form's
+    // alignment and row length were checked above.
+    launched(name, unsafe { l.launch(cfg) })?;
     Ok((loss, nll, d))
 }
 

@@ -979,6 +979,93 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
   }
 }
 
+// cross_entropy_body with the row held in registers, LS_CE_PACKS 16-byte packs a thread
+// (pack q of the row in thread q % blockDim.x): the logits are read from memory once, and
+// the max is found before the sums, so no running rescale is needed. Needs ld % N == 0,
+// 16-byte aligned logits and d, and ld <= LS_CE_PACKS * N * blockDim.x (the host checks).
+#define LS_CE_PACKS 8
+template <typename T>
+__device__ void cross_entropy_cached_body(const T* logits, const int* targets, float* loss,
+                                          float* nll, T* d, long long rows, int vocab, int ld,
+                                          float c_nll, float eps_i, float a, float grad_scale) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = ld / N;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const LsPack<T>* zp = reinterpret_cast<const LsPack<T>*>(logits + r * ld);
+    LsPack<T>* gp = reinterpret_cast<LsPack<T>*>(d + r * ld);
+    const int t = targets[r];
+    if (t < 0 || t >= vocab) {  // uniform over the block
+      LsPack<T> zero;
+#pragma unroll
+      for (int e = 0; e < N; ++e) zero.v[e] = from_f<T>(0.f);
+      for (int q = threadIdx.x; q < packs; q += blockDim.x) gp[q] = zero;
+      if (threadIdx.x == 0) {
+        const float val = t < 0 ? 0.f : __int_as_float(0x7fc00000);
+        loss[r] = val;
+        nll[r] = val;
+      }
+      continue;
+    }
+    LsPack<T> z[LS_CE_PACKS];
+    float m = LS_NEG_INF;
+#pragma unroll
+    for (int k = 0; k < LS_CE_PACKS; ++k) {
+      const int q = threadIdx.x + k * blockDim.x;
+      if (q < packs) {
+        z[k] = zp[q];
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (q * N + e < vocab) m = fmaxf(m, to_f(z[k].v[e]));
+        }
+      }
+    }
+    const float bm = block_max(m);
+    // Sums of exp(z - bm) and of (bm - z) >= 0 over the vocabulary.
+    float se = 0.f, sd = 0.f;
+#pragma unroll
+    for (int k = 0; k < LS_CE_PACKS; ++k) {
+      const int q = threadIdx.x + k * blockDim.x;
+      if (q < packs) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (q * N + e < vocab) {
+            const float zv = to_f(z[k].v[e]);
+            se += expf(zv - bm);
+            sd += bm - zv;
+          }
+        }
+      }
+    }
+    const float log_se = logf(block_sum(se));
+    const float lse = bm + log_se;
+    // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
+    const float sm = vocab * log_se + block_sum(sd);
+    if (threadIdx.x == 0) {
+      const float nl = lse - to_f(logits[r * ld + t]);
+      loss[r] = c_nll * nl + eps_i * sm;
+      nll[r] = nl;
+    }
+#pragma unroll
+    for (int k = 0; k < LS_CE_PACKS; ++k) {
+      const int q = threadIdx.x + k * blockDim.x;
+      if (q < packs) {
+        LsPack<T> o;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          const int v = q * N + e;
+          float g = 0.f;  // columns past the vocabulary (row padding)
+          if (v < vocab) {
+            const float p = expf(to_f(z[k].v[e]) - lse);
+            g = (a * p - (v == t ? c_nll : 0.f) - eps_i) * grad_scale;
+          }
+          o.v[e] = from_f<T>(g);
+        }
+        gp[q] = o;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // f64 sums of squares for the gradient norm (the host adds the partials in order).
 __device__ __forceinline__ double warp_sum_d(double v) {
@@ -1219,6 +1306,12 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                                                float a, float grad_scale) {                   \
     cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, a,    \
                           grad_scale);                                                        \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(1024) cross_entropy_cached_##S(                \
+      const T* logits, const int* targets, float* loss, float* nll, T* d, long long rows,     \
+      int vocab, int ld, float c_nll, float eps_i, float a, float grad_scale) {               \
+    cross_entropy_cached_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, \
+                                 a, grad_scale);                                              \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
                                          unsigned long long seed, unsigned long long offset,  \
