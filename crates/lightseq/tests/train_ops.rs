@@ -423,6 +423,28 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("{what} into dbeta"), dt, &gdb, &cdb, tol(dt));
         }
 
+        // eps = 0 (allowed: a config's layer_norm_eps is taken as given), at a width where
+        // a warp holds several teams and most of them are past the single row: only real
+        // rows may reach the parameter sums.
+        for (rows, h) in [(1, 64), (3, 128)] {
+            let x = randn(25, rows * h);
+            let (g, dy) = (randn(26, h), randn(27, rows * h));
+            let run = |d: &Device| {
+                ops::layer_norm_backward(
+                    &t(&x, &[rows, h], dt, d),
+                    &t(&g, &[h], dt, d),
+                    &t(&dy, &[rows, h], dt, d),
+                    0.0,
+                )
+                .unwrap()
+            };
+            let ((gdx, gdg, gdb), (cdx, cdg, cdb)) = (run(&gpu), run(&cpu));
+            let what = format!("layer_norm_backward eps 0 [{rows}, {h}]");
+            check(&format!("{what} dx"), dt, &gdx, &cdx, tol(dt));
+            check(&format!("{what} dgamma"), dt, &gdg, &cdg, tol(dt));
+            check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
+        }
+
         // activate and activation_backward for every activation.
         let (rows, h) = (33, 37);
         let pre = scaled(30, rows * h, 3.0);

@@ -50,9 +50,6 @@ fn team_grid(rows: usize, cols: usize, max: u32) -> (LaunchConfig, i32) {
 /// 16-byte packs a lane of the register-cached row kernels holds at most (LS_RP in train.cu).
 const ROW_PACKS: usize = 4;
 
-/// Launch shape and team size of the register-cached row kernels (`*_rows` in train.cu)
-/// for rows of `cols` elements of `dt`: None unless rows are whole 16-byte packs, at most
-/// 32 * ROW_PACKS of them, and every pointer (0 for an absent one) is 16-byte aligned.
 /// The launch of a row-wise kernel: `rows_name`, its register-cached variant (a team of
 /// `ts` lanes per row), when [`row_team`] allows, else `name` with `per_warp` rows per warp
 /// from [`team_grid`]. The i32 is the kernel's last argument either way.
@@ -72,6 +69,9 @@ fn row_kernel(
     }
 }
 
+/// Launch shape and team size of the register-cached row kernels (`*_rows` in train.cu)
+/// for rows of `cols` elements of `dt`: None unless rows are whole 16-byte packs, at most
+/// 32 * ROW_PACKS of them, and every pointer (0 for an absent one) is 16-byte aligned.
 fn row_team(rows: usize, cols: usize, dt: DType, ptrs: &[u64]) -> Option<(LaunchConfig, i32)> {
     let n = 16 / dt.size();
     if cols == 0 || !cols.is_multiple_of(n) || ptrs.iter().any(|p| !p.is_multiple_of(16)) {

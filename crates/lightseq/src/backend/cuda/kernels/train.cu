@@ -467,9 +467,11 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
         for (int e = 0; e < N; ++e) s2 += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
       }
     }
-    const float rstd = 1.f / sqrtf(team_sum(s2, ts) / h + eps);
-    // g = dy * gamma replaces dy in gv; xhat replaces x in xv. A team past the last row
-    // loaded zeros, so it adds nothing to the parameter sums.
+    // A team past the last row loaded zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
+    // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
+    const float var = team_sum(s2, ts) / h;
+    const float rstd = ok ? 1.f / sqrtf(var + eps) : 0.f;
+    // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
     float a = 0.f, c = 0.f;
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
