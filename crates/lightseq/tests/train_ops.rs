@@ -730,6 +730,78 @@ fn cuda_short_attention_matches_cpu() {
     }
 }
 
+/// Self-attention over one projection's output holding q, k and v as column blocks (read in
+/// place by the fused kernels) against the same q, k and v as tensors of their own: the
+/// same kernels on the same values, so the results are equal element for element.
+#[test]
+fn cuda_packed_attention_matches_separate() {
+    use lightseq::train::layers::{attend, attend_backward, attend_packed, Dropout};
+    let Some(gpu) = gpu("cuda_packed_attention_matches_separate") else {
+        return;
+    };
+    // (len, batch, heads, head_dim, key lengths, causal)
+    type Case = (usize, usize, usize, usize, Option<Vec<i32>>, bool);
+    let cases: [Case; 3] = [
+        (32, 3, 4, 64, Some(vec![32, 20, 7]), false),
+        (13, 2, 2, 32, None, true),
+        (64, 2, 2, 128, Some(vec![64, 41]), true),
+    ];
+    for (l, b, nh, d, lens, causal) in cases {
+        let h = nh * d;
+        let qkv = scaled(95, l * b * 3 * h, 1.0);
+        // Column block `c` of every (position, sequence) row.
+        let block = |c: usize| -> Vec<f32> {
+            qkv.chunks(3 * h)
+                .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
+                .collect()
+        };
+        let (q, k, v) = (block(0), block(1), block(2));
+        let dctx = scaled(96, l * b * h, 1.0);
+        for dt in [DType::F16, DType::BF16] {
+            for rate in [0.0f32, 0.1] {
+                let drop = || Dropout {
+                    hidden: 0.0,
+                    attention: rate,
+                    activation: 0.0,
+                    seed: 11,
+                    offset: std::cell::Cell::new(5),
+                };
+                let kl = lens.as_ref().map(|x| ids(x, &gpu));
+                let scale = 1.0 / (d as f32).sqrt();
+                let (d1, d2) = (drop(), drop());
+                let packed = t(&qkv, &[l, b, 3 * h], dt, &gpu);
+                let (c1, s1) = attend_packed(&d1, packed, nh, scale, kl.as_ref(), causal).unwrap();
+                let (c2, s2) = attend(
+                    &d2,
+                    t(&q, &[l, b, h], dt, &gpu),
+                    t(&k, &[l, b, h], dt, &gpu),
+                    t(&v, &[l, b, h], dt, &gpu),
+                    nh,
+                    scale,
+                    kl.as_ref(),
+                    causal,
+                )
+                .unwrap();
+                let g1 = attend_backward(&d1, s1, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
+                let g2 = attend_backward(&d2, s2, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
+                let what = format!("packed attention [{l}] b {b} heads {nh} d {d} causal {causal} dropout {rate} {dt}");
+                for (name, x, y) in [
+                    ("ctx", &c1, &c2),
+                    ("dq", &g1.0, &g2.0),
+                    ("dk", &g1.1, &g2.1),
+                    ("dv", &g1.2, &g2.2),
+                ] {
+                    assert_eq!(x.shape(), y.shape(), "{what} {name}: shapes");
+                    let (xv, yv) = (x.to_f32_vec().unwrap(), y.to_f32_vec().unwrap());
+                    assert!(xv.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
+                    assert!(xv == yv, "{what} {name}: packed and separate differ");
+                }
+                eprintln!("{what}: equal");
+            }
+        }
+    }
+}
+
 #[test]
 fn cuda_adam_step_matches_cpu() {
     let Some(gpu) = gpu("cuda_adam_step_matches_cpu") else {

@@ -186,9 +186,7 @@ pub struct Attn {
 
 /// What [`attend_backward`] needs.
 pub struct CoreSaved {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    inputs: Inputs,
     p: Tensor,
     /// P after dropout; None when attention dropout is off.
     pd: Option<Tensor>,
@@ -198,6 +196,25 @@ pub struct CoreSaved {
     dims: (usize, usize, usize, usize),
     /// Saved by [`tops::short_attention`]; the backward is its fused backward.
     fused: bool,
+}
+
+/// Attention's q, k and v as the backward reads them. (One per attention layer: boxing
+/// the larger variant would only add an allocation.)
+#[allow(clippy::large_enum_variant)]
+enum Inputs {
+    Separate(Tensor, Tensor, Tensor),
+    /// One projection's output [len, batch, 3 h] holding q, k and v as column blocks (only
+    /// with the fused attention, which reads the blocks in place).
+    Packed(Tensor),
+}
+
+impl Inputs {
+    fn qkv(&self) -> tops::Qkv<'_> {
+        match self {
+            Inputs::Separate(q, k, v) => tops::Qkv::Separate(q, k, v),
+            Inputs::Packed(t) => tops::Qkv::Packed(t),
+        }
+    }
 }
 
 /// What attention's backward needs.
@@ -290,41 +307,79 @@ pub fn attend(
     key_lens: Option<&Tensor>,
     causal: bool,
 ) -> Result<(Tensor, CoreSaved)> {
-    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let lk = k.shape()[0];
-    let (nh, d) = (heads, h / heads);
-    let fused = tops::short_attention_fits(&q, &k, heads);
-    let (ctx, p, pd, off) = if fused {
+    attend_inputs(
+        drop,
+        Inputs::Separate(q, k, v),
+        heads,
+        scale,
+        key_lens,
+        causal,
+    )
+}
+
+/// [`attend`] for self-attention over one projection's output qkv [len, b, 3 h] holding q,
+/// k and v as column blocks; only where the fused attention runs
+/// ([`tops::Qkv::fits`]), else an error.
+pub fn attend_packed(
+    drop: &Dropout,
+    qkv: Tensor,
+    heads: usize,
+    scale: f32,
+    key_lens: Option<&Tensor>,
+    causal: bool,
+) -> Result<(Tensor, CoreSaved)> {
+    attend_inputs(drop, Inputs::Packed(qkv), heads, scale, key_lens, causal)
+}
+
+fn attend_inputs(
+    drop: &Dropout,
+    inputs: Inputs,
+    heads: usize,
+    scale: f32,
+    key_lens: Option<&Tensor>,
+    causal: bool,
+) -> Result<(Tensor, CoreSaved)> {
+    let fused = inputs.qkv().fits(heads);
+    let (ctx, p, pd, off, dims) = if fused {
         // One fused pass; the dropout offset is taken as apply_ref would.
         let off = drop.reserve(drop.attention);
         let spec = off.map(|o| (drop.attention, drop.seed, o));
-        let out = tops::short_attention(&q, &k, &v, heads, scale, key_lens, causal, spec)?;
+        let out = tops::short_attention(inputs.qkv(), heads, scale, key_lens, causal, spec)?;
         let (ctx, p) = out.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
-        (ctx, p, None, off)
+        let (b, lq, lk) = (p.shape()[0], p.shape()[2], p.shape()[3]);
+        let d = ctx.shape()[2] / heads;
+        (ctx, p, None, off, (b, lq, lk, d))
     } else {
-        let s = head_scores(&q, &k, (b, nh, lq, lk, d))?;
+        let Inputs::Separate(q, k, v) = &inputs else {
+            return Err(Error::op(
+                "attend",
+                "q, k and v packed in one tensor need the fused attention",
+            ));
+        };
+        let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let lk = k.shape()[0];
+        let (nh, d) = (heads, h / heads);
+        let s = head_scores(q, k, (b, nh, lq, lk, d))?;
         let p = tops::masked_softmax(&s, key_lens, scale, causal)?;
         std::mem::drop(s);
         let (pd, off) = drop.apply_ref(&p, drop.attention)?;
-        let ctx = scores_by_heads(pd.as_ref().unwrap_or(&p), false, &v, (b, nh, lq, lk, d))?;
-        (ctx, p, pd, off)
+        let ctx = scores_by_heads(pd.as_ref().unwrap_or(&p), false, v, (b, nh, lq, lk, d))?;
+        (ctx, p, pd, off, (b, lq, lk, d))
     };
     let saved = CoreSaved {
-        q,
-        k,
-        v,
+        inputs,
         p,
         pd,
         drop: off,
         heads,
         scale,
-        dims: (b, lq, lk, d),
+        dims,
         fused,
     };
     Ok((ctx, saved))
 }
 
-/// The backward of [`attend`]: (dq, dk, dv), each shaped like its input.
+/// The backward of [`attend`] (or [`attend_packed`]): (dq, dk, dv), each [len, b, h].
 pub fn attend_backward(
     drop: &Dropout,
     s: CoreSaved,
@@ -332,24 +387,24 @@ pub fn attend_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if s.fused {
         let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
-        let grads = tops::short_attention_backward(
-            (&s.q, &s.k, &s.v),
-            &s.p,
-            &dctx,
-            s.heads,
-            s.scale,
-            spec,
-        )?;
+        let grads =
+            tops::short_attention_backward(s.inputs.qkv(), &s.p, &dctx, s.heads, s.scale, spec)?;
         return grads.ok_or_else(|| Error::op("attend_backward", "the fused backward did not run"));
     }
+    let Inputs::Separate(q, k, v) = &s.inputs else {
+        return Err(Error::op(
+            "attend_backward",
+            "packed inputs without the fused attention",
+        ));
+    };
     let (b, lq, lk, d) = s.dims;
     let dims = (b, s.heads, lq, lk, d);
-    let dpd = head_scores(&dctx, &s.v, dims)?;
+    let dpd = head_scores(&dctx, v, dims)?;
     let dv = scores_by_heads(s.pd.as_ref().unwrap_or(&s.p), true, &dctx, dims)?;
     let dp = drop.backward(dpd, drop.attention, s.drop)?;
     let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
-    let dq = scores_by_heads(&ds, false, &s.k, dims)?;
-    let dk = scores_by_heads(&ds, true, &s.q, dims)?;
+    let dq = scores_by_heads(&ds, false, k, dims)?;
+    let dk = scores_by_heads(&ds, true, q, dims)?;
     Ok((dq, dk, dv))
 }
 
@@ -377,6 +432,46 @@ impl Attn {
         )?;
         let out = self.o.forward(ps, &ctx)?;
         Ok((out, AttnSaved { core, ctx }))
+    }
+
+    /// Self-attention of x [len, b, h]. Where the fused attention runs and the q, k and v
+    /// projections are alike (square, all with biases or none), one GEMM over their stacked
+    /// weights gives q, k and v as column blocks of one output, which the fused kernels read
+    /// in place: N = 3 h keeps the GEMM nearer its peak than three of N = h. Otherwise as
+    /// [`Attn::forward`] with x for both inputs. Its backward is [`Attn::backward_self`].
+    pub fn forward_self(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        x: &Tensor,
+        key_lens: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<(Tensor, AttnSaved)> {
+        let Some((w, b)) = self.stacked_qkv(ps, x)? else {
+            return self.forward(ps, drop, x, x, key_lens, causal);
+        };
+        let qkv = ops::linear(x, &w, b.as_ref(), Activation::None)?;
+        let (ctx, core) = attend_packed(drop, qkv, self.heads, self.scale, key_lens, causal)?;
+        let out = self.o.forward(ps, &ctx)?;
+        Ok((out, AttnSaved { core, ctx }))
+    }
+
+    /// q's, k's and v's weights (and biases) stacked, where [`Attn::forward_self`] packs them.
+    fn stacked_qkv(&self, ps: &Params, x: &Tensor) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let (wq, wk, wv) = (ps.w(self.q.w), ps.w(self.k.w), ps.w(self.v.w));
+        let h = x.shape().last().copied().unwrap_or(0);
+        let square = [wq, wk, wv].iter().all(|w| w.shape() == [h, h]);
+        if !square || !tops::Qkv::Separate(x, x, x).fits(self.heads) {
+            return Ok(None);
+        }
+        let b = match (self.q.b, self.k.b, self.v.b) {
+            (Some(bq), Some(bk), Some(bv)) => {
+                Some(tops::concat_rows(&[ps.w(bq), ps.w(bk), ps.w(bv)])?)
+            }
+            (None, None, None) => None,
+            _ => return Ok(None),
+        };
+        Ok(Some((tops::concat_rows(&[wq, wk, wv])?, b)))
     }
 
     /// The backward of self-attention (`xq` = `xkv` = `x`): dx, the three projections'
@@ -593,7 +688,7 @@ impl Layer {
     ) -> Result<(Tensor, LayerSaved)> {
         let (x, attn) = self.sub(ps, drop, x, &self.ln_self, |a| {
             self.self_attn
-                .forward(ps, drop, a, a, inp.self_key_lens, inp.causal)
+                .forward_self(ps, drop, a, inp.self_key_lens, inp.causal)
         })?;
         let (x, cross) = match &self.cross {
             Some((ca, ln)) => {

@@ -274,30 +274,106 @@ pub fn linear_weight_grad_into(
 /// probabilities.
 pub type AttentionDrop = (f32, u64, u64);
 
-/// Whether [`short_attention`] runs for q [lq, batch, heads * d] and k [lk, batch, heads * d]
-/// (CUDA, f16/bf16, sm_80+, both lengths at most 64, head_dim a multiple of 16 up to 128,
-/// within 96 KiB of shared memory: all of it up to head_dim 64).
-pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
-    let (Storage::Cuda(qs), Storage::Cuda(_)) = (&q.storage, &k.storage) else {
-        return false;
-    };
-    let (qsh, ksh) = (q.shape(), k.shape());
-    if qsh.len() != 3 || ksh.len() != 3 || heads == 0 || qsh[2] % heads != 0 {
-        return false;
-    }
-    cuda::short_attention_smem(qs.device(), q.dtype(), qsh[0], ksh[0], qsh[2] / heads).is_some()
+/// q, k and v for the fused attention: three tensors (q [lq, batch, heads * d], k and v
+/// [lk, batch, heads * d]), or one projection's output [len, batch, 3 * heads * d] holding
+/// q, k and v as column blocks (self-attention; the kernels read the blocks in place).
+#[derive(Clone, Copy)]
+pub enum Qkv<'a> {
+    Separate(&'a Tensor, &'a Tensor, &'a Tensor),
+    Packed(&'a Tensor),
 }
 
-/// Fused multi-head attention for short sequences, one pass over q [lq, batch, heads * d],
-/// k and v [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d],
-/// probabilities [batch, heads, lq, lk] before dropout), as `masked_softmax` of the scaled
-/// scores with `key_lens` and `causal`, then dropout, then the product with v. None where
-/// [`short_attention_fits`] is false.
+impl<'a> Qkv<'a> {
+    /// (lq, lk, batch, q's width), when the shapes are position-major.
+    fn dims(&self) -> Option<(usize, usize, usize, usize)> {
+        match self {
+            Qkv::Separate(q, k, _) => {
+                let (qs, ks) = (q.shape(), k.shape());
+                (qs.len() == 3 && ks.len() == 3).then(|| (qs[0], ks[0], qs[1], qs[2]))
+            }
+            Qkv::Packed(t) => {
+                let s = t.shape();
+                (s.len() == 3 && s[2] % 3 == 0).then(|| (s[0], s[0], s[1], s[2] / 3))
+            }
+        }
+    }
+
+    fn tensors(&self) -> Vec<&'a Tensor> {
+        match *self {
+            Qkv::Separate(q, k, v) => vec![q, k, v],
+            Qkv::Packed(t) => vec![t],
+        }
+    }
+
+    /// Whether [`short_attention`] runs for these inputs (CUDA, f16/bf16, sm_80+, both
+    /// lengths at most 64, head_dim a multiple of 16 up to 128, within 96 KiB of shared
+    /// memory: all of it up to head_dim 64).
+    pub fn fits(&self, heads: usize) -> bool {
+        let Storage::Cuda(s) = &self.tensors()[0].storage else {
+            return false;
+        };
+        if self.tensors().iter().any(|t| t.cuda_device().is_none()) {
+            return false;
+        }
+        let Some((lq, lk, _, h)) = self.dims() else {
+            return false;
+        };
+        if heads == 0 || h % heads != 0 {
+            return false;
+        }
+        cuda::short_attention_smem(s.device(), s.dtype(), lq, lk, h / heads).is_some()
+    }
+
+    /// The kernels' view of q, k and v; the shapes are checked.
+    fn blocks(
+        &self,
+        op: &'static str,
+    ) -> Result<(
+        cuda::HeadBlock<'a>,
+        cuda::HeadBlock<'a>,
+        cuda::HeadBlock<'a>,
+    )> {
+        let (_, lk, b, h) = self
+            .dims()
+            .ok_or_else(|| Error::op(op, "q, k and v must be [len, batch, width]"))?;
+        let block = |t: &'a Tensor, col, w| -> Result<cuda::HeadBlock<'a>> {
+            Ok(cuda::HeadBlock {
+                s: t.cuda(op)?,
+                col,
+                w,
+            })
+        };
+        match *self {
+            Qkv::Separate(q, k, v) => {
+                need(
+                    op,
+                    k.shape() == [lk, b, h] && v.shape() == [lk, b, h],
+                    || format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()),
+                )?;
+                Ok((block(q, 0, h)?, block(k, 0, h)?, block(v, 0, h)?))
+            }
+            Qkv::Packed(t) => Ok((
+                block(t, 0, 3 * h)?,
+                block(t, h, 3 * h)?,
+                block(t, 2 * h, 3 * h)?,
+            )),
+        }
+    }
+}
+
+/// Whether [`short_attention`] runs for q [lq, batch, heads * d] and k [lk, batch, heads * d]
+/// (see [`Qkv::fits`]).
+pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
+    Qkv::Separate(q, k, k).fits(heads)
+}
+
+/// Fused multi-head attention for short sequences, one pass over q, k and v (position-major,
+/// see [`Qkv`]): (ctx [lq, batch, heads * d], probabilities [batch, heads, lq, lk] before
+/// dropout), as `masked_softmax` of the scaled scores with `key_lens` and `causal`, then
+/// dropout, then the product with v. None where [`Qkv::fits`] is false.
 #[allow(clippy::too_many_arguments)]
 pub fn short_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     heads: usize,
     scale: f32,
     key_lens: Option<&Tensor>,
@@ -305,17 +381,12 @@ pub fn short_attention(
     drop: Option<AttentionDrop>,
 ) -> Result<Option<(Tensor, Tensor)>> {
     const OP: &str = "short_attention";
-    if !short_attention_fits(q, k, heads) {
+    if !qkv.fits(heads) {
         return Ok(None);
     }
-    float_dtype(OP, &[q, k, v])?;
-    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let lk = k.shape()[0];
-    need(
-        OP,
-        k.shape() == [lk, b, h] && v.shape() == [lk, b, h],
-        || format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()),
-    )?;
+    float_dtype(OP, &qkv.tensors())?;
+    let blocks = qkv.blocks(OP)?;
+    let (lq, lk, b, h) = qkv.dims().expect("checked by fits");
     if let Some(kl) = key_lens {
         need(OP, kl.dtype() == DType::I32 && kl.shape() == [b], || {
             format!("key lengths {:?}, expected i32 [{b}]", kl.shape())
@@ -323,7 +394,7 @@ pub fn short_attention(
     }
     let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
     let Some((ctx, probs)) = cuda::short_attention_forward(
-        (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
+        blocks,
         kl,
         (b, heads, lq, lk, h / heads),
         scale,
@@ -333,7 +404,7 @@ pub fn short_attention(
     else {
         return Ok(None);
     };
-    let dt = q.dtype();
+    let dt = qkv.tensors()[0].dtype();
     Ok(Some((
         cuda_out(&[lq, b, h], dt, ctx),
         cuda_out(&[b, heads, lq, lk], dt, probs),
@@ -341,9 +412,11 @@ pub fn short_attention(
 }
 
 /// The backward of [`short_attention`] from dctx [lq, batch, heads * d] and its
-/// probabilities: (dq, dk, dv); None where it does not apply. `drop` is the forward's.
+/// probabilities: (dq [lq, batch, heads * d], dk and dv [lk, batch, heads * d]), each
+/// contiguous whatever the inputs' layout; None where it does not apply. `drop` is the
+/// forward's.
 pub fn short_attention_backward(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    qkv: Qkv,
     probs: &Tensor,
     dctx: &Tensor,
     heads: usize,
@@ -351,27 +424,21 @@ pub fn short_attention_backward(
     drop: Option<AttentionDrop>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     const OP: &str = "short_attention_backward";
-    if !short_attention_fits(q, k, heads) {
+    if !qkv.fits(heads) {
         return Ok(None);
     }
-    float_dtype(OP, &[q, k, v, probs, dctx])?;
-    let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let lk = k.shape()[0];
+    let mut all = qkv.tensors();
+    all.extend([probs, dctx]);
+    float_dtype(OP, &all)?;
+    let blocks = qkv.blocks(OP)?;
+    let (lq, lk, b, h) = qkv.dims().expect("checked by fits");
     need(
         OP,
-        v.shape() == k.shape() && probs.shape() == [b, heads, lq, lk] && dctx.shape() == q.shape(),
-        || {
-            format!(
-                "q {:?}, k {:?}, probs {:?}, dctx {:?}",
-                q.shape(),
-                k.shape(),
-                probs.shape(),
-                dctx.shape()
-            )
-        },
+        probs.shape() == [b, heads, lq, lk] && dctx.shape() == [lq, b, h],
+        || format!("probs {:?}, dctx {:?}", probs.shape(), dctx.shape()),
     )?;
     let Some((dq, dk, dv)) = cuda::short_attention_backward(
-        (q.cuda(OP)?, k.cuda(OP)?, v.cuda(OP)?),
+        blocks,
         probs.cuda(OP)?,
         dctx.cuda(OP)?,
         (b, heads, lq, lk, h / heads),
@@ -381,12 +448,49 @@ pub fn short_attention_backward(
     else {
         return Ok(None);
     };
-    let dt = q.dtype();
+    let dt = dctx.dtype();
     Ok(Some((
-        cuda_out(q.shape(), dt, dq),
-        cuda_out(k.shape(), dt, dk),
-        cuda_out(v.shape(), dt, dv),
+        cuda_out(&[lq, b, h], dt, dq),
+        cuda_out(&[lk, b, h], dt, dk),
+        cuda_out(&[lk, b, h], dt, dv),
     )))
+}
+
+/// `parts` stacked along their first dimension (same dtype, device and trailing dims).
+pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "concat_rows";
+    let first = parts.first().ok_or_else(|| Error::op(OP, "no parts"))?;
+    let tail = &first.shape()[1..];
+    need(
+        OP,
+        parts.iter().all(|p| {
+            p.shape().len() == first.shape().len()
+                && &p.shape()[1..] == tail
+                && p.dtype() == first.dtype()
+        }),
+        || {
+            format!(
+                "parts {:?}",
+                parts.iter().map(|p| p.shape()).collect::<Vec<_>>()
+            )
+        },
+    )?;
+    let mut shape = first.shape().to_vec();
+    shape[0] = parts.iter().map(|p| p.shape()[0]).sum();
+    let dt = first.dtype();
+    match &first.storage {
+        Storage::Cuda(_) => {
+            let st: Vec<_> = parts.iter().map(|p| p.cuda(OP)).collect::<Result<_>>()?;
+            Ok(cuda_out(&shape, dt, cuda::concat(&st)?))
+        }
+        _ => {
+            let mut v = Vec::new();
+            for p in parts {
+                v.extend(p.to_f32_vec()?);
+            }
+            Ok(cpu_out(&shape, dt, v))
+        }
+    }
 }
 
 /// [a, b, c, d] -> [a, c, b, d] (heads to the front and back).

@@ -1341,19 +1341,78 @@ fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
 /// [batch, heads, lq, lk] before dropout); None where [`short_attention_smem`] says it does
 /// not apply.
 #[allow(clippy::too_many_arguments)]
+/// q, k or v as the fused attention reads it: rows of `w` elements per (position,
+/// sequence) in `s`, the heads starting at column `col` (w = heads * d and col = 0 for a
+/// tensor of its own; wider rows when q, k and v are one projection's column blocks).
+#[derive(Clone, Copy)]
+pub(crate) struct HeadBlock<'a> {
+    pub s: &'a CudaStorage,
+    pub col: usize,
+    pub w: usize,
+}
+
+impl HeadBlock<'_> {
+    fn ptr(&self) -> u64 {
+        self.s.ptr() + (self.col * self.s.dtype().size()) as u64
+    }
+}
+
+/// `parts` (one dtype, one device) one after another in a new buffer.
+pub(crate) fn concat(parts: &[&CudaStorage]) -> Result<CudaStorage> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::op("concat", "no parts"))?;
+    let (dev, dt) = (first.device(), first.dtype());
+    if parts.iter().any(|p| p.dtype() != dt) {
+        return Err(Error::op("concat", "parts of different dtypes"));
+    }
+    let out = dev.alloc(dt, parts.iter().map(|p| p.len()).sum())?;
+    let mut at = out.ptr();
+    for p in parts {
+        let bytes = p.len() * dt.size();
+        if bytes > 0 {
+            // SAFETY: `out` holds every part's bytes, each part's at its own offset; the
+            // copies are ordered on the device's stream.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    at,
+                    p.ptr(),
+                    bytes,
+                    dev.stream().cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("device to device copy", e))?;
+        }
+        at += bytes as u64;
+    }
+    Ok(out)
+}
+
+/// Row widths (q's, k's and v's) for the kernels, which take one width for k and v.
+fn head_widths(q: &HeadBlock, k: &HeadBlock, v: &HeadBlock) -> Result<(i32, i32)> {
+    if k.w != v.w {
+        return Err(Error::op(
+            "short_attention",
+            format!("k and v rows of {} and {} elements", k.w, v.w),
+        ));
+    }
+    Ok((q.w as i32, k.w as i32))
+}
+
 pub(crate) fn short_attention_forward(
-    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     key_lens: Option<&CudaStorage>,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
     scale: f32,
     causal: bool,
     drop: Option<DropSpec>,
 ) -> Result<Option<(CudaStorage, CudaStorage)>> {
-    let dev = q.device();
-    let dt = q.dtype();
+    let dev = q.s.device();
+    let dt = q.s.dtype();
     let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d) else {
         return Ok(None);
     };
+    let (qw, kvw) = head_widths(&q, &k, &v)?;
     let ctx = dev.alloc(dt, lq * batch * heads * d)?;
     let probs = dev.alloc(dt, batch * heads * lq * lk)?;
     if batch * heads == 0 {
@@ -1378,6 +1437,8 @@ pub(crate) fn short_attention_forward(
         .arg(&lq32)
         .arg(&lk32)
         .arg(&d32)
+        .arg(&qw)
+        .arg(&kvw)
         .arg(&scale)
         .arg(&causal)
         .arg(&p)
@@ -1385,8 +1446,9 @@ pub(crate) fn short_attention_forward(
         .arg(&seed)
         .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
-    // SAFETY: argument types match the kernel's signature in attention_train.cu; the
-    // buffers hold the sizes above and the shared memory is what the kernel carves.
+    // SAFETY: argument types match the kernel's signature in attention_train.cu; q, k and v
+    // hold lq and lk rows of their widths (the caller checks the shapes), the outputs the
+    // sizes above, and the shared memory is what the kernel carves.
     launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
     Ok(Some((ctx, probs)))
 }
@@ -1395,18 +1457,19 @@ pub(crate) fn short_attention_forward(
 /// layouts; None where it does not apply. `drop` is the forward's, whose dropout draws
 /// the kernel makes again.
 pub(crate) fn short_attention_backward(
-    (q, k, v): (&CudaStorage, &CudaStorage, &CudaStorage),
+    (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     probs: &CudaStorage,
     dctx: &CudaStorage,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
     scale: f32,
     drop: Option<DropSpec>,
 ) -> Result<Option<(CudaStorage, CudaStorage, CudaStorage)>> {
-    let dev = q.device();
-    let dt = q.dtype();
+    let dev = q.s.device();
+    let dt = q.s.dtype();
     let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d) else {
         return Ok(None);
     };
+    let (qw, kvw) = head_widths(&q, &k, &v)?;
     let dq = dev.alloc(dt, lq * batch * heads * d)?;
     let dk = dev.alloc(dt, lk * batch * heads * d)?;
     let dv = dev.alloc(dt, lk * batch * heads * d)?;
@@ -1433,6 +1496,8 @@ pub(crate) fn short_attention_backward(
         .arg(&lq32)
         .arg(&lk32)
         .arg(&d32)
+        .arg(&qw)
+        .arg(&kvw)
         .arg(&scale)
         .arg(&p)
         .arg(&keep)

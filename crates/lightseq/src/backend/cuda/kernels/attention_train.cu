@@ -6,7 +6,8 @@
 // feeds next), so no score matrix goes through global memory except the probabilities the
 // backward reads.
 // Activations are position-major ([len, batch, heads * d]: head h of sequence b starts at
-// (b * heads + h) * d, rows batch * heads * d apart); the probabilities are [batch, heads,
+// (b * heads + h) * d, rows batch * heads * d apart; the q, k and v read may be column
+// blocks of wider rows, see AtHeads); the probabilities are [batch, heads,
 // lq, lk] as masked_softmax writes them. Lengths are padded to multiples of 16 inside the
 // block (zero rows, masked columns). Shared rows are d + 8 (or lkp + 8) elements apart so
 // that the eight 16-byte rows of an ldmatrix land in distinct banks. The block has
@@ -273,25 +274,40 @@ __device__ void at_keep_bits(unsigned char* flags, int bh, int lq, int lk, int r
   }
 }
 
+// Where head bh = (b, h) of a position-major activation whose (position, sequence) rows are
+// `w` elements wide starts, and its row stride: w = heads * d for a tensor of its own, or
+// wider when q, k and v are column blocks of one projection's output (the pointer then
+// points at the block's first column).
+struct AtHeads {
+  long long head0, stride;
+  __device__ AtHeads(int bh, int heads, int batch, int d, int w) {
+    const int b = bh / heads;
+    head0 = (long long)b * w + (long long)(bh - b * heads) * d;
+    stride = (long long)batch * w;
+  }
+};
+
 // Forward: probs = softmax(scale * q k^T) with keys j >= key_lens[b] (and j > i when causal)
 // masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v.
 template <typename T, int DMAX>
 __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const int* key_lens,
                                     T* ctx, T* probs, int batch, int heads, int lq, int lk,
-                                    int d, float scale, int causal, float p_drop, float keep,
-                                    unsigned long long seed, unsigned long long offset) {
+                                    int d, int q_w, int kv_w, float scale, int causal,
+                                    float p_drop, float keep, unsigned long long seed,
+                                    unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x, bi = bh / heads;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8;
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
+  const AtHeads qh(bh, heads, batch, d, q_w), kvh(bh, heads, batch, d, kv_w);
   unsigned char* sm = at_smem;
   T* qs = at_carve<T>(sm, lqp, ld);
   T* ks = at_carve<T>(sm, lkp, ld);
   T* vs = at_carve<T>(sm, lkp, ld);
   unsigned char* flags = sm;
-  at_stage(qs, ld, q + head0, lq, lqp, d, stride);
-  at_stage(ks, ld, k + head0, lk, lkp, d, stride);
-  at_stage(vs, ld, v + head0, lk, lkp, d, stride);
+  at_stage(qs, ld, q + qh.head0, lq, lqp, d, qh.stride);
+  at_stage(ks, ld, k + kvh.head0, lk, lkp, d, kvh.stride);
+  at_stage(vs, ld, v + kvh.head0, lk, lkp, d, kvh.stride);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
   unsigned long long km[2] = {~0ull, ~0ull};
@@ -373,13 +389,14 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
 template <typename T, int DMAX>
 __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T* probs,
                                     const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,
-                                    int lq, int lk, int d, float scale, float p_drop,
-                                    float keep, unsigned long long seed,
+                                    int lq, int lk, int d, int q_w, int kv_w, float scale,
+                                    float p_drop, float keep, unsigned long long seed,
                                     unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8, lds = lkp + 8;
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
+  const AtHeads qh(bh, heads, batch, d, q_w), kvh(bh, heads, batch, d, kv_w);
   unsigned char* sm = at_smem;
   T* qs = at_carve<T>(sm, lqp, ld);
   T* ks = at_carve<T>(sm, lkp, ld);
@@ -388,9 +405,9 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   T* pds = at_carve<T>(sm, lqp, lds);
   T* dss = at_carve<T>(sm, lqp, lds);
   unsigned char* flags = sm;
-  at_stage(qs, ld, q + head0, lq, lqp, d, stride);
-  at_stage(ks, ld, k + head0, lk, lkp, d, stride);
-  at_stage(vs, ld, v + head0, lk, lkp, d, stride);
+  at_stage(qs, ld, q + qh.head0, lq, lqp, d, qh.stride);
+  at_stage(ks, ld, k + kvh.head0, lk, lkp, d, kvh.stride);
+  at_stage(vs, ld, v + kvh.head0, lk, lkp, d, kvh.stride);
   at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
@@ -478,19 +495,20 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_fwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const int* key_lens,   \
                                    T* ctx, T* probs, int batch, int heads, int lq, int lk,    \
-                                   int d, float scale, int causal, float p_drop, float keep,  \
-                                   unsigned long long seed, unsigned long long offset) {      \
-    attn_short_fwd_body<T, DMAX>(q, k, v, key_lens, ctx, probs, batch, heads, lq, lk, d,      \
-                                 scale, causal, p_drop, keep, seed, offset);                  \
+                                   int d, int q_w, int kv_w, float scale, int causal,         \
+                                   float p_drop, float keep, unsigned long long seed,         \
+                                   unsigned long long offset) {                               \
+    attn_short_fwd_body<T, DMAX>(q, k, v, key_lens, ctx, probs, batch, heads, lq, lk, d, q_w, \
+                                 kv_w, scale, causal, p_drop, keep, seed, offset);            \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_bwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const T* probs,        \
                                    const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,  \
-                                   int lq, int lk, int d, float scale, float p_drop,          \
-                                   float keep, unsigned long long seed,                       \
+                                   int lq, int lk, int d, int q_w, int kv_w, float scale,     \
+                                   float p_drop, float keep, unsigned long long seed,         \
                                    unsigned long long offset) {                               \
     attn_short_bwd_body<T, DMAX>(q, k, v, probs, dctx, dq, dk, dv, batch, heads, lq, lk, d,   \
-                                 scale, p_drop, keep, seed, offset);                          \
+                                 q_w, kv_w, scale, p_drop, keep, seed, offset);               \
   }
 LS_ATTN_SHORT(__half, f16, 64)
 LS_ATTN_SHORT(__half, f16, 128)
