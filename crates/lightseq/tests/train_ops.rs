@@ -715,7 +715,10 @@ fn cuda_short_attention_matches_cpu() {
                     )
                     .unwrap();
                     let (dq, dk, dv) =
-                        attend_backward(&drop, saved, t(&dctx, &[lq, b, h], dt, dev)).unwrap();
+                        attend_backward(&drop, saved, t(&dctx, &[lq, b, h], dt, dev))
+                            .unwrap()
+                            .separate()
+                            .expect("separate inputs give separate gradients");
                     (ctx, dq, dk, dv)
                 };
                 let (g, c) = (run(&gpu), run(&cpu));
@@ -736,6 +739,7 @@ fn cuda_short_attention_matches_cpu() {
 #[test]
 fn cuda_packed_attention_matches_separate() {
     use lightseq::train::layers::{attend, attend_backward, attend_packed, Dropout};
+    use lightseq::train::ops::QkvGrads;
     let Some(gpu) = gpu("cuda_packed_attention_matches_separate") else {
         return;
     };
@@ -785,16 +789,28 @@ fn cuda_packed_attention_matches_separate() {
                 let g1 = attend_backward(&d1, s1, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
                 let g2 = attend_backward(&d2, s2, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
                 let what = format!("packed attention [{l}] b {b} heads {nh} d {d} causal {causal} dropout {rate} {dt}");
-                for (name, x, y) in [
-                    ("ctx", &c1, &c2),
-                    ("dq", &g1.0, &g2.0),
-                    ("dk", &g1.1, &g2.1),
-                    ("dv", &g1.2, &g2.2),
-                ] {
-                    assert_eq!(x.shape(), y.shape(), "{what} {name}: shapes");
-                    let (xv, yv) = (x.to_f32_vec().unwrap(), y.to_f32_vec().unwrap());
-                    assert!(xv.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
-                    assert!(xv == yv, "{what} {name}: packed and separate differ");
+                let QkvGrads::Packed(dqkv) = g1 else {
+                    panic!("{what}: packed inputs should give one packed gradient");
+                };
+                assert_eq!(dqkv.shape(), [l, b, 3 * h], "{what}: dqkv shape");
+                let (dq, dk, dv) = g2.separate().expect("separate gradients");
+                // dq, dk and dv as column blocks of dqkv.
+                let dqkv = dqkv.to_f32_vec().unwrap();
+                let col = |c: usize| -> Vec<f32> {
+                    dqkv.chunks(3 * h)
+                        .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
+                        .collect()
+                };
+                let sep = |x: &Tensor| x.to_f32_vec().unwrap();
+                let pairs = [
+                    ("ctx", sep(&c1), sep(&c2)),
+                    ("dq", col(0), sep(&dq)),
+                    ("dk", col(1), sep(&dk)),
+                    ("dv", col(2), sep(&dv)),
+                ];
+                for (name, x, y) in pairs {
+                    assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
+                    assert!(x == y, "{what} {name}: packed and separate differ");
                 }
                 eprintln!("{what}: equal");
             }

@@ -121,7 +121,7 @@ pub fn weight_grad_into(
         return super::ops::linear_weight_grad_into(wg, bg, &d.t, x);
     };
     let bg = bg.map(|b| b.cuda(OP)).transpose()?;
-    cuda::weight_grad_into(wg.cuda(OP)?, bg, ds, xs, rows, vocab, k, ld)
+    cuda::weight_grad_into(wg.cuda(OP)?, bg, (ds, 0), xs, rows, vocab, k, ld)
 }
 
 /// The head's input gradient `d @ w` [rows, k] (w [vocab, k]).

@@ -221,6 +221,8 @@ impl Inputs {
 pub struct AttnSaved {
     core: CoreSaved,
     ctx: Tensor,
+    /// q's, k's and v's weights stacked, where [`Attn::forward_self`] packed them.
+    stacked: Option<Tensor>,
 }
 
 /// Every head of a [len, batch, heads * d] activation as a matrix [len, d] inside it: head
@@ -379,12 +381,9 @@ fn attend_inputs(
     Ok((ctx, saved))
 }
 
-/// The backward of [`attend`] (or [`attend_packed`]): (dq, dk, dv), each [len, b, h].
-pub fn attend_backward(
-    drop: &Dropout,
-    s: CoreSaved,
-    dctx: Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+/// The backward of [`attend`] (dq, dk, dv, each [len, b, h]) or of [`attend_packed`] (one
+/// gradient [len, b, 3 h] with their column blocks).
+pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<tops::QkvGrads> {
     if s.fused {
         let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
         let grads =
@@ -405,7 +404,7 @@ pub fn attend_backward(
     let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
     let dq = scores_by_heads(&ds, false, k, dims)?;
     let dk = scores_by_heads(&ds, true, q, dims)?;
-    Ok((dq, dk, dv))
+    Ok(tops::QkvGrads::Separate(dq, dk, dv))
 }
 
 impl Attn {
@@ -431,7 +430,8 @@ impl Attn {
             causal,
         )?;
         let out = self.o.forward(ps, &ctx)?;
-        Ok((out, AttnSaved { core, ctx }))
+        let stacked = None;
+        Ok((out, AttnSaved { core, ctx, stacked }))
     }
 
     /// Self-attention of x [len, b, h]. Where the fused attention runs and the q, k and v
@@ -453,7 +453,8 @@ impl Attn {
         let qkv = ops::linear(x, &w, b.as_ref(), Activation::None)?;
         let (ctx, core) = attend_packed(drop, qkv, self.heads, self.scale, key_lens, causal)?;
         let out = self.o.forward(ps, &ctx)?;
-        Ok((out, AttnSaved { core, ctx }))
+        let stacked = Some(w);
+        Ok((out, AttnSaved { core, ctx, stacked }))
     }
 
     /// q's, k's and v's weights (and biases) stacked, where [`Attn::forward_self`] packs them.
@@ -485,11 +486,35 @@ impl Attn {
         dout: Dout,
     ) -> Result<Tensor> {
         let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
-        let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
-        let mut dx = self.q.backward_to(ps, x, &dq, dout.acc())?;
-        self.k.backward_into(ps, x, &dk, &mut dx)?;
-        self.v.backward_into(ps, x, &dv, &mut dx)?;
-        Ok(dx)
+        let grads = attend_backward(drop, s.core, dctx)?;
+        match (grads, s.stacked) {
+            (tops::QkvGrads::Separate(dq, dk, dv), _) => {
+                let mut dx = self.q.backward_to(ps, x, &dq, dout.acc())?;
+                self.k.backward_into(ps, x, &dk, &mut dx)?;
+                self.v.backward_into(ps, x, &dv, &mut dx)?;
+                Ok(dx)
+            }
+            // One gradient holding dq, dk and dv as column blocks: each projection's
+            // parameter gradients read their block in place, and one GEMM over the stacked
+            // weights gives the input gradient.
+            (tops::QkvGrads::Packed(dqkv), Some(w)) => {
+                let h = w.shape()[1];
+                for (i, lin) in [&self.q, &self.k, &self.v].into_iter().enumerate() {
+                    ps.accumulate_weight_grad_cols(lin.w, lin.b, (&dqkv, i * h, h), x)?;
+                }
+                match dout.acc() {
+                    Some(mut acc) => {
+                        tops::linear_input_grad_into(&mut acc, &dqkv, &w)?;
+                        Ok(acc)
+                    }
+                    None => tops::linear_input_grad(&dqkv, &w),
+                }
+            }
+            (tops::QkvGrads::Packed(_), None) => Err(Error::op(
+                "attention backward",
+                "packed gradients without the stacked weights",
+            )),
+        }
     }
 
     /// Returns dxq; adds dxkv into `dkv` (set when None; its tensor must not share storage).
@@ -505,7 +530,12 @@ impl Attn {
         dkv: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
-        let (dq, dk, dv) = attend_backward(drop, s.core, dctx)?;
+        let tops::QkvGrads::Separate(dq, dk, dv) = attend_backward(drop, s.core, dctx)? else {
+            return Err(Error::op(
+                "attention backward",
+                "packed gradients from separate q and k, v inputs",
+            ));
+        };
         let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
         let acc = match dkv {
             Some(acc) => {

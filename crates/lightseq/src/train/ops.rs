@@ -210,6 +210,59 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     matmul(dy, true, x, false, 1, n, k, rows, &[n, k])
 }
 
+/// [`linear_weight_grad_into`] with dy the column block [col, col + n) of `dy_wide`
+/// [rows, w], read in place (CUDA only: packed gradients come from the fused attention).
+pub fn linear_weight_grad_cols_into(
+    acc: &mut Tensor,
+    bias_acc: Option<&mut Tensor>,
+    (dy_wide, col, n): (&Tensor, usize, usize),
+    x: &Tensor,
+) -> Result<()> {
+    const OP: &str = "linear_weight_grad_cols_into";
+    float_dtype(OP, &[dy_wide, x])?;
+    let w = dy_wide.shape().last().copied().unwrap_or(1);
+    let k = x.shape().last().copied().unwrap_or(1);
+    let rows = dy_wide.len() / w.max(1);
+    need(
+        OP,
+        col + n <= w
+            && acc.dtype() == DType::F32
+            && acc.len() == n * k
+            && x.len() == rows * k
+            && bias_acc
+                .as_ref()
+                .is_none_or(|b| b.dtype() == DType::F32 && b.len() == n),
+        || {
+            format!(
+                "acc {:?}, columns {col}..{} of dy {:?}, x {:?}",
+                acc.shape(),
+                col + n,
+                dy_wide.shape(),
+                x.shape()
+            )
+        },
+    )?;
+    let dev = dy_wide.cuda_device().map(|d| d.ordinal());
+    let on_dev = |t: &Tensor| t.cuda_device().map(|d| d.ordinal()) == dev;
+    if !on_dev(acc) || !on_dev(x) || bias_acc.as_ref().is_some_and(|b| !on_dev(b)) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    let b = match bias_acc.map(|b| &b.storage) {
+        Some(Storage::Cuda(b)) => Some(b),
+        Some(_) => return Err(Error::op(OP, "the bias gradient is not on the device")),
+        None => None,
+    };
+    match (&acc.storage, &dy_wide.storage, &x.storage) {
+        (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
+            cuda::weight_grad_into(a, b, (d, col), xs, rows, n, k, w)
+        }
+        _ => Err(Error::op(
+            OP,
+            "column blocks of a gradient are read on CUDA only",
+        )),
+    }
+}
+
 /// `acc += dy^T @ x` over all rows: accumulates the weight gradient of `y = x @ w^T` into
 /// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly); with `bias_acc`, also the
 /// bias gradient (dy's column sums) into f32 `bias_acc [n]` (on CUDA a column reduction
@@ -256,7 +309,7 @@ pub fn linear_weight_grad_into(
                 Some(Storage::Cuda(b)) => Some(b),
                 _ => None,
             };
-            cuda::weight_grad_into(a, b, d, xs, rows, n, k, n)
+            cuda::weight_grad_into(a, b, (d, 0), xs, rows, n, k, n)
         }
         _ => {
             let g = linear_weight_grad(dy, x)?;
@@ -411,10 +464,27 @@ pub fn short_attention(
     )))
 }
 
+/// Gradients of q, k and v, laid out as the inputs were ([`Qkv`]). (One per attention
+/// layer and step: boxing the larger variant would only add an allocation.)
+#[allow(clippy::large_enum_variant)]
+pub enum QkvGrads {
+    Separate(Tensor, Tensor, Tensor),
+    Packed(Tensor),
+}
+
+impl QkvGrads {
+    /// (dq, dk, dv) for separate inputs; None for packed ones.
+    pub fn separate(self) -> Option<(Tensor, Tensor, Tensor)> {
+        match self {
+            QkvGrads::Separate(dq, dk, dv) => Some((dq, dk, dv)),
+            QkvGrads::Packed(_) => None,
+        }
+    }
+}
+
 /// The backward of [`short_attention`] from dctx [lq, batch, heads * d] and its
-/// probabilities: (dq [lq, batch, heads * d], dk and dv [lk, batch, heads * d]), each
-/// contiguous whatever the inputs' layout; None where it does not apply. `drop` is the
-/// forward's.
+/// probabilities: the gradients of q, k and v in their inputs' layout; None where it does
+/// not apply. `drop` is the forward's.
 pub fn short_attention_backward(
     qkv: Qkv,
     probs: &Tensor,
@@ -422,7 +492,7 @@ pub fn short_attention_backward(
     heads: usize,
     scale: f32,
     drop: Option<AttentionDrop>,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+) -> Result<Option<QkvGrads>> {
     const OP: &str = "short_attention_backward";
     if !qkv.fits(heads) {
         return Ok(None);
@@ -437,8 +507,10 @@ pub fn short_attention_backward(
         probs.shape() == [b, heads, lq, lk] && dctx.shape() == [lq, b, h],
         || format!("probs {:?}, dctx {:?}", probs.shape(), dctx.shape()),
     )?;
-    let Some((dq, dk, dv)) = cuda::short_attention_backward(
+    let packed = matches!(qkv, Qkv::Packed(_));
+    let Some(grads) = cuda::short_attention_backward(
         blocks,
+        packed,
         probs.cuda(OP)?,
         dctx.cuda(OP)?,
         (b, heads, lq, lk, h / heads),
@@ -449,11 +521,14 @@ pub fn short_attention_backward(
         return Ok(None);
     };
     let dt = dctx.dtype();
-    Ok(Some((
-        cuda_out(&[lq, b, h], dt, dq),
-        cuda_out(&[lk, b, h], dt, dk),
-        cuda_out(&[lk, b, h], dt, dv),
-    )))
+    Ok(Some(match grads {
+        cuda::AttnGrads::Separate(dq, dk, dv) => QkvGrads::Separate(
+            cuda_out(&[lq, b, h], dt, dq),
+            cuda_out(&[lk, b, h], dt, dk),
+            cuda_out(&[lk, b, h], dt, dv),
+        ),
+        cuda::AttnGrads::Packed(g) => QkvGrads::Packed(cuda_out(&[lq, b, 3 * h], dt, g)),
+    }))
 }
 
 /// `parts` stacked along their first dimension (same dtype, device and trailing dims).
@@ -788,7 +863,7 @@ pub fn activation_backward_bias_into(
             Some(dx) => dx,
             None => {
                 let dx = cuda::activation_backward(p, d, act)?;
-                cuda::column_sum_into(b, &dx, rows, cols, cols)?;
+                cuda::column_sum_into(b, (&dx, 0), rows, cols, cols)?;
                 dx
             }
         };

@@ -197,6 +197,19 @@ impl Params {
         tops::linear_weight_grad_into(w, b, dy, x)
     }
 
+    /// [`Params::accumulate_weight_grad`] with dy the column block [col, col + n) of
+    /// `dy_wide` [.., w] (CUDA), read in place.
+    pub fn accumulate_weight_grad_cols(
+        &mut self,
+        p: Pid,
+        bias: Option<Pid>,
+        dy_cols: (&Tensor, usize, usize),
+        x: &Tensor,
+    ) -> Result<()> {
+        let (w, b) = self.grads_mut(p, bias)?;
+        tops::linear_weight_grad_cols_into(w, b, dy_cols, x)
+    }
+
     /// Parameter `read` as compute uses it (see [`Params::w`]) with the gradients of `p` and
     /// `q` (all distinct, else an error), borrowed at once.
     pub fn w_and_grads(

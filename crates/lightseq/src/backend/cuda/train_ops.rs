@@ -294,13 +294,14 @@ pub(crate) fn linear_ld(
     Ok(y)
 }
 
-/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart), the GEMM
+/// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart, from its
+/// column `dy_col` on), the GEMM
 /// writing into `acc`; with `bias_acc`, also `bias_acc [n] (f32) += column sums of dy`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_into(
     acc: &CudaStorage,
     bias_acc: Option<&CudaStorage>,
-    dy: &CudaStorage,
+    (dy, dy_col): (&CudaStorage, usize),
     x: &CudaStorage,
     rows: usize,
     n: usize,
@@ -312,6 +313,7 @@ pub(crate) fn weight_grad_into(
     }
     let dev = dy.device();
     let es = dy.dtype().size() as u64;
+    let dy_base = dy.ptr() + dy_col as u64 * es;
     for (s, len) in aligned_parts(n, dy.dtype()) {
         let s64 = s as u64;
         dev.lt.matmul_general(
@@ -325,7 +327,7 @@ pub(crate) fn weight_grad_into(
             len,
             k,
             rows,
-            dy.ptr() + s64 * es,
+            dy_base + s64 * es,
             x.ptr(),
             Epilogue::None,
             acc.ptr() + s64 * k as u64 * 4,
@@ -339,7 +341,7 @@ pub(crate) fn weight_grad_into(
         // cuBLASLt's bias-gradient epilogue runs as a separate reduction kernel after the
         // GEMM (and forces split-K reductions); this one reads dy at the copy rate and adds
         // into the accumulator directly.
-        Some(b) => column_sum_into(b, dy, rows, n, dy_ld),
+        Some(b) => column_sum_into(b, (dy, dy_col), rows, n, dy_ld),
         None => Ok(()),
     }
 }
@@ -798,7 +800,7 @@ impl PackedColumns {
     fn launch(
         &self,
         name: &'static str,
-        x: &CudaStorage,
+        (x, xp): (&CudaStorage, u64),
         act: Option<(u64, u64, i32)>,
         out: &CudaStorage,
         (rows, cols, ld): (usize, usize, usize),
@@ -806,7 +808,7 @@ impl PackedColumns {
     ) -> Result<()> {
         let dev = x.device();
         let f = dev.kernel(name, x.dtype())?;
-        let (xp, pp, op) = (x.ptr(), self.partial.ptr(), out.ptr());
+        let (pp, op) = (self.partial.ptr(), out.ptr());
         let (dyp, dxp, code) = act.unwrap_or_default();
         let (r, c, ld, pld, acc) = (
             rows as i64,
@@ -862,7 +864,7 @@ pub(crate) fn activation_backward_colsum(
     let act = Some((dy.ptr(), dx.ptr(), act.code()));
     p.launch(
         "activation_backward_colsum",
-        pre,
+        (pre, pre.ptr()),
         act,
         bias_acc,
         (rows, cols, cols),
@@ -878,21 +880,22 @@ pub(crate) fn activation_backward_colsum(
 fn column_sums(
     out: &CudaStorage,
     accumulate: bool,
-    x: &CudaStorage,
+    (x, x_col): (&CudaStorage, usize),
     rows: usize,
     cols: usize,
     ld: usize,
 ) -> Result<()> {
     let dev = x.device();
     let n = 16 / x.dtype().size();
+    let xp = x.ptr() + (x_col * x.dtype().size()) as u64;
     let packed =
-        ld.is_multiple_of(n) && ld >= cols.next_multiple_of(n) && x.ptr().is_multiple_of(16);
+        ld.is_multiple_of(n) && ld >= x_col + cols.next_multiple_of(n) && xp.is_multiple_of(16);
     if packed {
         // Two blocks per SM (H200, 15000 x 1024 f16: 14.5 us against 19 us at four).
         if let Some(p) = PackedColumns::new(dev, rows, cols, n, 2)? {
             return p.launch(
                 "column_sum_packed",
-                x,
+                (x, xp),
                 None,
                 out,
                 (rows, cols, ld),
@@ -904,7 +907,7 @@ fn column_sums(
     let chunks = cfg.grid_dim.1 as usize;
     let partial = dev.alloc(DType::F32, chunks * cols)?;
     let f = dev.kernel("column_sum", x.dtype())?;
-    let (xp, pp, r, c, ld) = (x.ptr(), partial.ptr(), rows as i64, cols as i32, ld as i64);
+    let (pp, r, c, ld) = (partial.ptr(), rows as i64, cols as i32, ld as i64);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp).arg(&pp).arg(&r).arg(&c).arg(&ld);
     // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
@@ -919,14 +922,15 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
         return dev.zeros(DType::F32, cols);
     }
     let out = dev.alloc(DType::F32, cols)?;
-    column_sums(&out, false, x, rows, cols, cols)?;
+    column_sums(&out, false, (x, 0), rows, cols, cols)?;
     Ok(out)
 }
 
-/// `acc [cols] (f32) += column sums of x [rows, cols]` (rows `ld` apart).
+/// `acc [cols] (f32) += column sums of x [rows, cols]` (rows `ld` apart, from its column
+/// `x_col` on).
 pub(crate) fn column_sum_into(
     acc: &CudaStorage,
-    x: &CudaStorage,
+    x: (&CudaStorage, usize),
     rows: usize,
     cols: usize,
     ld: usize,
@@ -1357,6 +1361,13 @@ impl HeadBlock<'_> {
     }
 }
 
+/// The fused attention's (dq, dk, dv): in one buffer laid out as the packed q, k and v
+/// were, or one each.
+pub(crate) enum AttnGrads {
+    Separate(CudaStorage, CudaStorage, CudaStorage),
+    Packed(CudaStorage),
+}
+
 /// `parts` (one dtype, one device) one after another in a new buffer.
 pub(crate) fn concat(parts: &[&CudaStorage]) -> Result<CudaStorage> {
     let first = parts
@@ -1454,32 +1465,57 @@ pub(crate) fn short_attention_forward(
 }
 
 /// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
-/// layouts; None where it does not apply. `drop` is the forward's, whose dropout draws
+/// layouts (`packed`: q, k and v are column blocks of one tensor, and so are their
+/// gradients); None where it does not apply. `drop` is the forward's, whose dropout draws
 /// the kernel makes again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn short_attention_backward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
+    packed: bool,
     probs: &CudaStorage,
     dctx: &CudaStorage,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
     scale: f32,
     drop: Option<DropSpec>,
-) -> Result<Option<(CudaStorage, CudaStorage, CudaStorage)>> {
+) -> Result<Option<AttnGrads>> {
     let dev = q.s.device();
     let dt = q.s.dtype();
     let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d) else {
         return Ok(None);
     };
     let (qw, kvw) = head_widths(&q, &k, &v)?;
-    let dq = dev.alloc(dt, lq * batch * heads * d)?;
-    let dk = dev.alloc(dt, lk * batch * heads * d)?;
-    let dv = dev.alloc(dt, lk * batch * heads * d)?;
-    if batch * heads == 0 {
-        return Ok(Some((dq, dk, dv)));
+    // The gradients take the inputs' layout: with `packed` (q, k and v column blocks of one
+    // tensor) one buffer like it, else one each.
+    if packed && !(std::ptr::eq(q.s, k.s) && std::ptr::eq(k.s, v.s) && lq == lk) {
+        return Err(Error::op(
+            "short_attention_backward",
+            "packed q, k and v must be blocks of one tensor",
+        ));
     }
+    let grads = if packed {
+        AttnGrads::Packed(dev.alloc(dt, lq * batch * q.w)?)
+    } else {
+        AttnGrads::Separate(
+            dev.alloc(dt, lq * batch * q.w)?,
+            dev.alloc(dt, lk * batch * k.w)?,
+            dev.alloc(dt, lk * batch * v.w)?,
+        )
+    };
+    if batch * heads == 0 {
+        return Ok(Some(grads));
+    }
+    let es = dt.size() as u64;
+    let (dqp, dkp, dvp) = match &grads {
+        AttnGrads::Packed(g) => (
+            g.ptr() + q.col as u64 * es,
+            g.ptr() + k.col as u64 * es,
+            g.ptr() + v.col as u64 * es,
+        ),
+        AttnGrads::Separate(dq, dk, dv) => (dq.ptr(), dk.ptr(), dv.ptr()),
+    };
     let f = dev.kernel(short_attention_kernel(false, d), dt)?;
     allow_smem(&f, smem)?;
     let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
-    let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let (p, keep, seed, offset) = drop_args(drop);
     let mut l = dev.stream().launch_builder(&f);
@@ -1506,5 +1542,5 @@ pub(crate) fn short_attention_backward(
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
     // SAFETY: as in short_attention_forward.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
-    Ok(Some((dq, dk, dv)))
+    Ok(Some(grads))
 }

@@ -6,8 +6,8 @@
 // feeds next), so no score matrix goes through global memory except the probabilities the
 // backward reads.
 // Activations are position-major ([len, batch, heads * d]: head h of sequence b starts at
-// (b * heads + h) * d, rows batch * heads * d apart; the q, k and v read may be column
-// blocks of wider rows, see AtHeads); the probabilities are [batch, heads,
+// (b * heads + h) * d, rows batch * heads * d apart; q, k and v may be column blocks of
+// wider rows, see AtHeads, and their gradients are written in the same layout); the probabilities are [batch, heads,
 // lq, lk] as masked_softmax writes them. Lengths are padded to multiples of 16 inside the
 // block (zero rows, masked columns). Shared rows are d + 8 (or lkp + 8) elements apart so
 // that the eight 16-byte rows of an ldmatrix land in distinct banks. The block has
@@ -468,7 +468,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
     // dq rows = ds [16, lkp] @ k [lkp, d].
     float acc[DMAX / 8][4];
     at_rows_by<T, DMAX>(acc, dp, ks, ld, lkp, d);
-    at_put_rows<T, DMAX>(dq + head0, stride, lq, r0, d, acc);
+    at_put_rows<T, DMAX>(dq + qh.head0, qh.stride, lq, r0, d, acc);
   }
   __syncthreads();
   if (r0 >= lkp) return;
@@ -486,7 +486,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
       at_a_t(a, x, lds, r0, kk * 16);
       at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
     }
-    at_put_rows<T, DMAX>((which == 0 ? dv : dk) + head0, stride, lk, r0, d, acc);
+    at_put_rows<T, DMAX>((which == 0 ? dv : dk) + kvh.head0, kvh.stride, lk, r0, d, acc);
   }
 }
 
