@@ -668,13 +668,15 @@ fn cuda_short_attention_matches_cpu() {
     let cpu = Device::Cpu;
     // (lq, lk, batch, heads, head_dim, key lengths, causal)
     type Case = (usize, usize, usize, usize, usize, Option<Vec<i32>>, bool);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (32, 32, 3, 4, 64, Some(vec![32, 20, 7]), false),
         (13, 13, 2, 2, 32, None, true),
         (9, 29, 2, 3, 16, Some(vec![29, 0]), false),
         (48, 40, 1, 2, 32, Some(vec![35]), true),
         // Past the default 48 KiB of shared memory (the kernels opt in).
         (64, 64, 2, 2, 64, Some(vec![64, 41]), true),
+        // The kernels for head_dim up to 128.
+        (32, 32, 2, 2, 128, Some(vec![32, 17]), false),
     ];
     for (lq, lk, b, nh, d, lens, causal) in cases {
         let h = nh * d;
