@@ -535,6 +535,7 @@ pub fn short_attention_backward(
 pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
     const OP: &str = "concat_rows";
     let first = parts.first().ok_or_else(|| Error::op(OP, "no parts"))?;
+    need(OP, !first.shape().is_empty(), || "scalar parts".to_string())?;
     let tail = &first.shape()[1..];
     need(
         OP,

@@ -1340,11 +1340,6 @@ fn drop_args(drop: Option<DropSpec>) -> (f32, f32, u64, u64) {
     }
 }
 
-/// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
-/// [lk, batch, heads * d] (position-major): (ctx [lq, batch, heads * d], probabilities
-/// [batch, heads, lq, lk] before dropout); None where [`short_attention_smem`] says it does
-/// not apply.
-#[allow(clippy::too_many_arguments)]
 /// q, k or v as the fused attention reads it: rows of `w` elements per (position,
 /// sequence) in `s`, the heads starting at column `col` (w = heads * d and col = 0 for a
 /// tensor of its own; wider rows when q, k and v are one projection's column blocks).
@@ -1374,8 +1369,11 @@ pub(crate) fn concat(parts: &[&CudaStorage]) -> Result<CudaStorage> {
         .first()
         .ok_or_else(|| Error::op("concat", "no parts"))?;
     let (dev, dt) = (first.device(), first.dtype());
-    if parts.iter().any(|p| p.dtype() != dt) {
-        return Err(Error::op("concat", "parts of different dtypes"));
+    if parts
+        .iter()
+        .any(|p| p.dtype() != dt || !std::sync::Arc::ptr_eq(p.device(), dev))
+    {
+        return Err(Error::op("concat", "parts of different dtypes or devices"));
     }
     let out = dev.alloc(dt, parts.iter().map(|p| p.len()).sum())?;
     let mut at = out.ptr();
@@ -1410,6 +1408,10 @@ fn head_widths(q: &HeadBlock, k: &HeadBlock, v: &HeadBlock) -> Result<(i32, i32)
     Ok((q.w as i32, k.w as i32))
 }
 
+/// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
+/// [lk, batch, heads * d] (position-major; see [`HeadBlock`] for wider rows): (ctx [lq,
+/// batch, heads * d], probabilities [batch, heads, lq, lk] before dropout); None where
+/// [`short_attention_smem`] says it does not apply.
 pub(crate) fn short_attention_forward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     key_lens: Option<&CudaStorage>,
@@ -1468,7 +1470,6 @@ pub(crate) fn short_attention_forward(
 /// layouts (`packed`: q, k and v are column blocks of one tensor, and so are their
 /// gradients); None where it does not apply. `drop` is the forward's, whose dropout draws
 /// the kernel makes again.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn short_attention_backward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     packed: bool,
@@ -1486,10 +1487,18 @@ pub(crate) fn short_attention_backward(
     let (qw, kvw) = head_widths(&q, &k, &v)?;
     // The gradients take the inputs' layout: with `packed` (q, k and v column blocks of one
     // tensor) one buffer like it, else one each.
-    if packed && !(std::ptr::eq(q.s, k.s) && std::ptr::eq(k.s, v.s) && lq == lk) {
+    // Packed: the blocks of one tensor, tiling its rows (so the gradient is written whole).
+    let hd = heads * d;
+    let tiled = std::ptr::eq(q.s, k.s)
+        && std::ptr::eq(k.s, v.s)
+        && lq == lk
+        && (q.col, k.col, v.col) == (0, hd, 2 * hd)
+        && q.w == 3 * hd
+        && k.w == q.w;
+    if packed && !tiled {
         return Err(Error::op(
             "short_attention_backward",
-            "packed q, k and v must be blocks of one tensor",
+            "packed q, k and v must be the column blocks 0, h, 2h of one [len, b, 3h] tensor",
         ));
     }
     let grads = if packed {
