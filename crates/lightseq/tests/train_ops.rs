@@ -736,11 +736,14 @@ fn cuda_short_attention_matches_cpu() {
 }
 
 /// Self-attention over one projection's output holding q, k and v as column blocks (read in
-/// place by the fused kernels) against the same q, k and v as tensors of their own: the
-/// same kernels on the same values, so the results are equal element for element.
+/// place by the fused kernels), and cross attention over one holding k and v, against the
+/// same q, k and v as tensors of their own: the same kernels on the same values, so the
+/// results are equal element for element.
 #[test]
 fn cuda_packed_attention_matches_separate() {
-    use lightseq::train::layers::{attend, attend_backward, attend_packed, Dropout};
+    use lightseq::train::layers::{
+        attend, attend_backward, attend_packed, attend_packed_kv, Dropout,
+    };
     use lightseq::train::ops::QkvGrads;
     let Some(gpu) = gpu("cuda_packed_attention_matches_separate") else {
         return;
@@ -809,6 +812,81 @@ fn cuda_packed_attention_matches_separate() {
                     ("dq", col(0), sep(&dq)),
                     ("dk", col(1), sep(&dk)),
                     ("dv", col(2), sep(&dv)),
+                ];
+                for (name, x, y) in pairs {
+                    assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
+                    assert!(x == y, "{what} {name}: packed and separate differ");
+                }
+                eprintln!("{what}: equal");
+            }
+        }
+    }
+    // Cross attention: q alone, k and v the column blocks of one [lk, b, 2h] tensor.
+    // (lq, lk, batch, heads, head_dim, key lengths)
+    type Cross = (usize, usize, usize, usize, usize, Option<Vec<i32>>);
+    let cross: [Cross; 2] = [
+        (17, 32, 3, 4, 64, Some(vec![32, 9, 20])),
+        (40, 24, 2, 2, 32, None),
+    ];
+    for (lq, lk, b, nh, d, lens) in cross {
+        let h = nh * d;
+        let q = scaled(97, lq * b * h, 1.0);
+        let kv = scaled(98, lk * b * 2 * h, 1.0);
+        let block = |c: usize| -> Vec<f32> {
+            kv.chunks(2 * h)
+                .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
+                .collect()
+        };
+        let (k, v) = (block(0), block(1));
+        let dctx = scaled(99, lq * b * h, 1.0);
+        for dt in [DType::F16, DType::BF16] {
+            for rate in [0.0f32, 0.1] {
+                let drop = || Dropout {
+                    hidden: 0.0,
+                    attention: rate,
+                    activation: 0.0,
+                    seed: 13,
+                    offset: std::cell::Cell::new(2),
+                };
+                let kl = lens.as_ref().map(|x| ids(x, &gpu));
+                let scale = 1.0 / (d as f32).sqrt();
+                let (d1, d2) = (drop(), drop());
+                let qt = || t(&q, &[lq, b, h], dt, &gpu);
+                let kvt = t(&kv, &[lk, b, 2 * h], dt, &gpu);
+                let (c1, s1) = attend_packed_kv(&d1, qt(), kvt, nh, scale, kl.as_ref()).unwrap();
+                let (c2, s2) = attend(
+                    &d2,
+                    qt(),
+                    t(&k, &[lk, b, h], dt, &gpu),
+                    t(&v, &[lk, b, h], dt, &gpu),
+                    nh,
+                    scale,
+                    kl.as_ref(),
+                    false,
+                )
+                .unwrap();
+                let g1 = attend_backward(&d1, s1, t(&dctx, &[lq, b, h], dt, &gpu)).unwrap();
+                let g2 = attend_backward(&d2, s2, t(&dctx, &[lq, b, h], dt, &gpu)).unwrap();
+                let what = format!(
+                    "packed kv attention [{lq}, {lk}] b {b} heads {nh} d {d} dropout {rate} {dt}"
+                );
+                let QkvGrads::PackedKv(dq1, dkv) = g1 else {
+                    panic!("{what}: packed k and v should give a packed gradient");
+                };
+                assert_eq!(dkv.shape(), [lk, b, 2 * h], "{what}: dkv shape");
+                let (dq2, dk, dv) = g2.separate().expect("separate gradients");
+                let dkv = dkv.to_f32_vec().unwrap();
+                let col = |c: usize| -> Vec<f32> {
+                    dkv.chunks(2 * h)
+                        .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
+                        .collect()
+                };
+                let sep = |x: &Tensor| x.to_f32_vec().unwrap();
+                let pairs = [
+                    ("ctx", sep(&c1), sep(&c2)),
+                    ("dq", sep(&dq1), sep(&dq2)),
+                    ("dk", col(0), sep(&dk)),
+                    ("dv", col(1), sep(&dv)),
                 ];
                 for (name, x, y) in pairs {
                     assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");

@@ -206,6 +206,9 @@ enum Inputs {
     /// One projection's output [len, batch, 3 h] holding q, k and v as column blocks (only
     /// with the fused attention, which reads the blocks in place).
     Packed(Tensor),
+    /// q, and one projection's output [lk, batch, 2 h] holding k and v (cross attention;
+    /// only with the fused attention, as Packed).
+    PackedKv(Tensor, Tensor),
 }
 
 impl Inputs {
@@ -213,6 +216,7 @@ impl Inputs {
         match self {
             Inputs::Separate(q, k, v) => tops::Qkv::Separate(q, k, v),
             Inputs::Packed(t) => tops::Qkv::Packed(t),
+            Inputs::PackedKv(q, kv) => tops::Qkv::PackedKv(q, kv),
         }
     }
 }
@@ -333,6 +337,20 @@ pub fn attend_packed(
     attend_inputs(drop, Inputs::Packed(qkv), heads, scale, key_lens, causal)
 }
 
+/// [`attend`] for cross attention of q [lq, b, h] over one projection's output kv [lk, b,
+/// 2 h] holding k and v as column blocks; only where the fused attention runs, else an
+/// error.
+pub fn attend_packed_kv(
+    drop: &Dropout,
+    q: Tensor,
+    kv: Tensor,
+    heads: usize,
+    scale: f32,
+    key_lens: Option<&Tensor>,
+) -> Result<(Tensor, CoreSaved)> {
+    attend_inputs(drop, Inputs::PackedKv(q, kv), heads, scale, key_lens, false)
+}
+
 fn attend_inputs(
     drop: &Dropout,
     inputs: Inputs,
@@ -407,6 +425,24 @@ pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<top
     Ok(tops::QkvGrads::Separate(dq, dk, dv))
 }
 
+/// The weights (and biases) of `lins` stacked along their outputs, where all are square
+/// [h, h] and all have biases or none; None otherwise.
+fn stacked(ps: &Params, lins: &[&Lin], h: usize) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let ws: Vec<&Tensor> = lins.iter().map(|l| ps.w(l.w)).collect();
+    if !ws.iter().all(|w| w.shape() == [h, h]) {
+        return Ok(None);
+    }
+    let b = if lins.iter().all(|l| l.b.is_some()) {
+        let bs: Vec<&Tensor> = lins.iter().filter_map(|l| l.b.map(|b| ps.w(b))).collect();
+        Some(tops::concat_rows(&bs)?)
+    } else if lins.iter().all(|l| l.b.is_none()) {
+        None
+    } else {
+        return Ok(None);
+    };
+    Ok(Some((tops::concat_rows(&ws)?, b)))
+}
+
 impl Attn {
     /// xq [lq, b, h] attends to xkv [lk, b, h]; keys at or past `key_lens[b]` and, when
     /// `causal`, keys after the query are masked.
@@ -447,7 +483,14 @@ impl Attn {
         key_lens: Option<&Tensor>,
         causal: bool,
     ) -> Result<(Tensor, AttnSaved)> {
-        let Some((w, b)) = self.stacked_qkv(ps, x)? else {
+        let h = x.shape().last().copied().unwrap_or(0);
+        let fits = tops::Qkv::Separate(x, x, x).fits(self.heads);
+        let packed = if fits {
+            stacked(ps, &[&self.q, &self.k, &self.v], h)?
+        } else {
+            None
+        };
+        let Some((w, b)) = packed else {
             return self.forward(ps, drop, x, x, key_lens, causal);
         };
         let qkv = ops::linear(x, &w, b.as_ref(), Activation::None)?;
@@ -457,22 +500,34 @@ impl Attn {
         Ok((out, AttnSaved { core, ctx, stacked }))
     }
 
-    /// q's, k's and v's weights (and biases) stacked, where [`Attn::forward_self`] packs them.
-    fn stacked_qkv(&self, ps: &Params, x: &Tensor) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        let (wq, wk, wv) = (ps.w(self.q.w), ps.w(self.k.w), ps.w(self.v.w));
-        let h = x.shape().last().copied().unwrap_or(0);
-        let square = [wq, wk, wv].iter().all(|w| w.shape() == [h, h]);
-        if !square || !tops::Qkv::Separate(x, x, x).fits(self.heads) {
-            return Ok(None);
-        }
-        let b = match (self.q.b, self.k.b, self.v.b) {
-            (Some(bq), Some(bk), Some(bv)) => {
-                Some(tops::concat_rows(&[ps.w(bq), ps.w(bk), ps.w(bv)])?)
-            }
-            (None, None, None) => None,
-            _ => return Ok(None),
+    /// Cross attention of xq [lq, b, h] over memory [lk, b, h] (no causal mask). Where the
+    /// fused attention runs and k and v are alike, one GEMM over their stacked weights gives
+    /// k and v as column blocks of one output, as [`Attn::forward_self`] does for q, k and v;
+    /// otherwise as [`Attn::forward`]. Its backward is [`Attn::backward`].
+    pub fn forward_cross(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        xq: &Tensor,
+        mem: &Tensor,
+        key_lens: Option<&Tensor>,
+    ) -> Result<(Tensor, AttnSaved)> {
+        let h = mem.shape().last().copied().unwrap_or(0);
+        let fits = tops::Qkv::Separate(xq, mem, mem).fits(self.heads);
+        let packed = if fits {
+            stacked(ps, &[&self.k, &self.v], h)?
+        } else {
+            None
         };
-        Ok(Some((tops::concat_rows(&[wq, wk, wv])?, b)))
+        let Some((w, b)) = packed else {
+            return self.forward(ps, drop, xq, mem, key_lens, false);
+        };
+        let q = self.q.forward(ps, xq)?;
+        let kv = ops::linear(mem, &w, b.as_ref(), Activation::None)?;
+        let (ctx, core) = attend_packed_kv(drop, q, kv, self.heads, self.scale, key_lens)?;
+        let out = self.o.forward(ps, &ctx)?;
+        let stacked = Some(w);
+        Ok((out, AttnSaved { core, ctx, stacked }))
     }
 
     /// The backward of self-attention (`xq` = `xkv` = `x`): dx, the three projections'
@@ -510,9 +565,9 @@ impl Attn {
                     None => tops::linear_input_grad(&dqkv, &w),
                 }
             }
-            (tops::QkvGrads::Packed(_), None) => Err(Error::op(
-                "attention backward",
-                "packed gradients without the stacked weights",
+            _ => Err(Error::op(
+                "self-attention backward",
+                "packed gradients without the stacked weights, or from cross attention",
             )),
         }
     }
@@ -530,22 +585,39 @@ impl Attn {
         dkv: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
-        let tops::QkvGrads::Separate(dq, dk, dv) = attend_backward(drop, s.core, dctx)? else {
-            return Err(Error::op(
-                "attention backward",
-                "packed gradients from separate q and k, v inputs",
-            ));
-        };
-        let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
-        let acc = match dkv {
-            Some(acc) => {
-                self.k.backward_into(ps, xkv, &dk, acc)?;
-                acc
+        match (attend_backward(drop, s.core, dctx)?, s.stacked) {
+            (tops::QkvGrads::Separate(dq, dk, dv), _) => {
+                let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
+                let acc = match dkv {
+                    Some(acc) => {
+                        self.k.backward_into(ps, xkv, &dk, acc)?;
+                        acc
+                    }
+                    None => dkv.insert(self.k.backward(ps, xkv, &dk)?),
+                };
+                self.v.backward_into(ps, xkv, &dv, acc)?;
+                Ok(dxq)
             }
-            None => dkv.insert(self.k.backward(ps, xkv, &dk)?),
-        };
-        self.v.backward_into(ps, xkv, &dv, acc)?;
-        Ok(dxq)
+            // dk and dv as column blocks of one gradient: k's and v's parameter gradients
+            // read their blocks in place, and one GEMM over the stacked weights gives the
+            // memory's gradient.
+            (tops::QkvGrads::PackedKv(dq, g_kv), Some(w)) => {
+                let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
+                let h = w.shape()[1];
+                for (i, lin) in [&self.k, &self.v].into_iter().enumerate() {
+                    ps.accumulate_weight_grad_cols(lin.w, lin.b, (&g_kv, i * h, h), xkv)?;
+                }
+                match dkv {
+                    Some(acc) => tops::linear_input_grad_into(acc, &g_kv, &w)?,
+                    None => *dkv = Some(tops::linear_input_grad(&g_kv, &w)?),
+                }
+                Ok(dxq)
+            }
+            _ => Err(Error::op(
+                "attention backward",
+                "packed k and v gradients without the stacked weights, or from self-attention",
+            )),
+        }
     }
 }
 
@@ -726,7 +798,7 @@ impl Layer {
                     .memory
                     .expect("cross attention needs the encoder output");
                 let (x, s) = self.sub(ps, drop, x, ln, |a| {
-                    ca.forward(ps, drop, a, mem, inp.memory_lens, false)
+                    ca.forward_cross(ps, drop, a, mem, inp.memory_lens)
                 })?;
                 (x, Some(s))
             }

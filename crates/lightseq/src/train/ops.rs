@@ -328,12 +328,14 @@ pub fn linear_weight_grad_into(
 pub type AttentionDrop = (f32, u64, u64);
 
 /// q, k and v for the fused attention: three tensors (q [lq, batch, heads * d], k and v
-/// [lk, batch, heads * d]), or one projection's output [len, batch, 3 * heads * d] holding
-/// q, k and v as column blocks (self-attention; the kernels read the blocks in place).
+/// [lk, batch, heads * d]); one projection's output [len, batch, 3 * heads * d] holding
+/// q, k and v as column blocks (self-attention); or q and one output [lk, batch, 2 * heads
+/// * d] holding k and v (cross attention). The kernels read the blocks in place.
 #[derive(Clone, Copy)]
 pub enum Qkv<'a> {
     Separate(&'a Tensor, &'a Tensor, &'a Tensor),
     Packed(&'a Tensor),
+    PackedKv(&'a Tensor, &'a Tensor),
 }
 
 impl<'a> Qkv<'a> {
@@ -348,6 +350,18 @@ impl<'a> Qkv<'a> {
                 let s = t.shape();
                 (s.len() == 3 && s[2] % 3 == 0).then(|| (s[0], s[0], s[1], s[2] / 3))
             }
+            Qkv::PackedKv(q, kv) => {
+                let (qs, ks) = (q.shape(), kv.shape());
+                (qs.len() == 3 && ks.len() == 3).then(|| (qs[0], ks[0], qs[1], qs[2]))
+            }
+        }
+    }
+
+    fn layout(&self) -> cuda::QkvLayout {
+        match self {
+            Qkv::Separate(..) => cuda::QkvLayout::Separate,
+            Qkv::Packed(_) => cuda::QkvLayout::Packed,
+            Qkv::PackedKv(..) => cuda::QkvLayout::PackedKv,
         }
     }
 
@@ -355,6 +369,7 @@ impl<'a> Qkv<'a> {
         match *self {
             Qkv::Separate(q, k, v) => vec![q, k, v],
             Qkv::Packed(t) => vec![t],
+            Qkv::PackedKv(q, kv) => vec![q, kv],
         }
     }
 
@@ -410,6 +425,12 @@ impl<'a> Qkv<'a> {
                 block(t, h, 3 * h)?,
                 block(t, 2 * h, 3 * h)?,
             )),
+            Qkv::PackedKv(q, kv) => {
+                need(op, kv.shape() == [lk, b, 2 * h], || {
+                    format!("q {:?}, kv {:?}", q.shape(), kv.shape())
+                })?;
+                Ok((block(q, 0, h)?, block(kv, 0, 2 * h)?, block(kv, h, 2 * h)?))
+            }
         }
     }
 }
@@ -470,6 +491,8 @@ pub fn short_attention(
 pub enum QkvGrads {
     Separate(Tensor, Tensor, Tensor),
     Packed(Tensor),
+    /// dq, and dk and dv as the column blocks of one [lk, batch, 2 h] gradient.
+    PackedKv(Tensor, Tensor),
 }
 
 impl QkvGrads {
@@ -477,7 +500,7 @@ impl QkvGrads {
     pub fn separate(self) -> Option<(Tensor, Tensor, Tensor)> {
         match self {
             QkvGrads::Separate(dq, dk, dv) => Some((dq, dk, dv)),
-            QkvGrads::Packed(_) => None,
+            QkvGrads::Packed(_) | QkvGrads::PackedKv(..) => None,
         }
     }
 }
@@ -507,10 +530,9 @@ pub fn short_attention_backward(
         probs.shape() == [b, heads, lq, lk] && dctx.shape() == [lq, b, h],
         || format!("probs {:?}, dctx {:?}", probs.shape(), dctx.shape()),
     )?;
-    let packed = matches!(qkv, Qkv::Packed(_));
     let Some(grads) = cuda::short_attention_backward(
         blocks,
-        packed,
+        qkv.layout(),
         probs.cuda(OP)?,
         dctx.cuda(OP)?,
         (b, heads, lq, lk, h / heads),
@@ -528,6 +550,10 @@ pub fn short_attention_backward(
             cuda_out(&[lk, b, h], dt, dv),
         ),
         cuda::AttnGrads::Packed(g) => QkvGrads::Packed(cuda_out(&[lq, b, 3 * h], dt, g)),
+        cuda::AttnGrads::PackedKv(dq, dkv) => QkvGrads::PackedKv(
+            cuda_out(&[lq, b, h], dt, dq),
+            cuda_out(&[lk, b, 2 * h], dt, dkv),
+        ),
     }))
 }
 

@@ -1356,11 +1356,21 @@ impl HeadBlock<'_> {
     }
 }
 
-/// The fused attention's (dq, dk, dv): in one buffer laid out as the packed q, k and v
-/// were, or one each.
+/// How q, k and v are stored for the fused attention: tensors of their own, the column
+/// blocks 0, h, 2h of one [len, b, 3h] tensor, or q alone and k, v the blocks 0, h of one
+/// [lk, b, 2h] tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QkvLayout {
+    Separate,
+    Packed,
+    PackedKv,
+}
+
+/// The fused attention's (dq, dk, dv), laid out as the inputs were (`QkvLayout`).
 pub(crate) enum AttnGrads {
     Separate(CudaStorage, CudaStorage, CudaStorage),
     Packed(CudaStorage),
+    PackedKv(CudaStorage, CudaStorage),
 }
 
 /// `parts` (one dtype, one device) one after another in a new buffer.
@@ -1467,12 +1477,11 @@ pub(crate) fn short_attention_forward(
 }
 
 /// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
-/// layouts (`packed`: q, k and v are column blocks of one tensor, and so are their
-/// gradients); None where it does not apply. `drop` is the forward's, whose dropout draws
+/// layout (`layout`); None where it does not apply. `drop` is the forward's, whose dropout draws
 /// the kernel makes again.
 pub(crate) fn short_attention_backward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
-    packed: bool,
+    layout: QkvLayout,
     probs: &CudaStorage,
     dctx: &CudaStorage,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
@@ -1485,30 +1494,41 @@ pub(crate) fn short_attention_backward(
         return Ok(None);
     };
     let (qw, kvw) = head_widths(&q, &k, &v)?;
-    // The gradients take the inputs' layout: with `packed` (q, k and v column blocks of one
-    // tensor) one buffer like it, else one each.
-    // Packed: the blocks of one tensor, tiling its rows (so the gradient is written whole).
+    // The gradients take the inputs' layout, checked to tile the packed tensors (so every
+    // column of a packed gradient is written).
     let hd = heads * d;
-    let tiled = std::ptr::eq(q.s, k.s)
-        && std::ptr::eq(k.s, v.s)
-        && lq == lk
-        && (q.col, k.col, v.col) == (0, hd, 2 * hd)
-        && q.w == 3 * hd
-        && k.w == q.w;
-    if packed && !tiled {
+    let same = |a: &HeadBlock, b: &HeadBlock| std::ptr::eq(a.s, b.s);
+    let tiled = match layout {
+        QkvLayout::Separate => q.w == hd && k.w == hd && v.w == hd,
+        QkvLayout::Packed => {
+            same(&q, &k)
+                && same(&k, &v)
+                && lq == lk
+                && (q.col, k.col, v.col) == (0, hd, 2 * hd)
+                && q.w == 3 * hd
+                && k.w == q.w
+        }
+        QkvLayout::PackedKv => {
+            same(&k, &v) && (q.col, k.col, v.col) == (0, 0, hd) && q.w == hd && k.w == 2 * hd
+        }
+    };
+    if !tiled {
         return Err(Error::op(
             "short_attention_backward",
-            "packed q, k and v must be the column blocks 0, h, 2h of one [len, b, 3h] tensor",
+            format!("q, k and v do not have the {layout:?} layout"),
         ));
     }
-    let grads = if packed {
-        AttnGrads::Packed(dev.alloc(dt, lq * batch * q.w)?)
-    } else {
-        AttnGrads::Separate(
+    let grads = match layout {
+        QkvLayout::Packed => AttnGrads::Packed(dev.alloc(dt, lq * batch * q.w)?),
+        QkvLayout::PackedKv => AttnGrads::PackedKv(
+            dev.alloc(dt, lq * batch * q.w)?,
+            dev.alloc(dt, lk * batch * k.w)?,
+        ),
+        QkvLayout::Separate => AttnGrads::Separate(
             dev.alloc(dt, lq * batch * q.w)?,
             dev.alloc(dt, lk * batch * k.w)?,
             dev.alloc(dt, lk * batch * v.w)?,
-        )
+        ),
     };
     if batch * heads == 0 {
         return Ok(Some(grads));
@@ -1519,6 +1539,11 @@ pub(crate) fn short_attention_backward(
             g.ptr() + q.col as u64 * es,
             g.ptr() + k.col as u64 * es,
             g.ptr() + v.col as u64 * es,
+        ),
+        AttnGrads::PackedKv(dq, dkv) => (
+            dq.ptr(),
+            dkv.ptr() + k.col as u64 * es,
+            dkv.ptr() + v.col as u64 * es,
         ),
         AttnGrads::Separate(dq, dk, dv) => (dq.ptr(), dk.ptr(), dv.ptr()),
     };
