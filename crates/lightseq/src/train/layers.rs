@@ -225,7 +225,8 @@ impl Inputs {
 pub struct AttnSaved {
     core: CoreSaved,
     ctx: Tensor,
-    /// q's, k's and v's weights stacked, where [`Attn::forward_self`] packed them.
+    /// The stacked weights of the packed projections: q's, k's and v's where
+    /// [`Attn::forward_self`] packed them, k's and v's where [`Attn::forward_cross`] did.
     stacked: Option<Tensor>,
 }
 
@@ -373,7 +374,7 @@ fn attend_inputs(
         let Inputs::Separate(q, k, v) = &inputs else {
             return Err(Error::op(
                 "attend",
-                "q, k and v packed in one tensor need the fused attention",
+                "packed q, k, v (or k, v) need the fused attention",
             ));
         };
         let (lq, b, h) = (q.shape()[0], q.shape()[1], q.shape()[2]);
@@ -399,8 +400,9 @@ fn attend_inputs(
     Ok((ctx, saved))
 }
 
-/// The backward of [`attend`] (dq, dk, dv, each [len, b, h]) or of [`attend_packed`] (one
-/// gradient [len, b, 3 h] with their column blocks).
+/// The backward of [`attend`] (dq, dk, dv, each [len, b, h]), of [`attend_packed`] (one
+/// gradient [len, b, 3 h] with their column blocks) or of [`attend_packed_kv`] (dq, and
+/// one [lk, b, 2 h] gradient holding dk and dv).
 pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<tops::QkvGrads> {
     if s.fused {
         let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
@@ -513,7 +515,9 @@ impl Attn {
         key_lens: Option<&Tensor>,
     ) -> Result<(Tensor, AttnSaved)> {
         let h = mem.shape().last().copied().unwrap_or(0);
-        let fits = tops::Qkv::Separate(xq, mem, mem).fits(self.heads);
+        // q's projection square too, so q has xq's width, which the check reads.
+        let fits =
+            ps.w(self.q.w).shape() == [h, h] && tops::Qkv::Separate(xq, mem, mem).fits(self.heads);
         let packed = if fits {
             stacked(ps, &[&self.k, &self.v], h)?
         } else {
