@@ -926,6 +926,27 @@ __device__ __forceinline__ void row_map(const T* z, T* g, int n, F f) {
   }
 }
 
+// The two cross-entropy kernels' shared pieces. An ignored row (target < 0) has loss and
+// nll 0, a target past the vocabulary NaN.
+__device__ __forceinline__ void ce_ignored_row(float* loss, float* nll, long long r, int t) {
+  const float val = t < 0 ? 0.f : __int_as_float(0x7fc00000);
+  loss[r] = val;
+  nll[r] = val;
+}
+
+// Row r's label-smoothed loss from its nll (lse - z_t) and sm = sum_v (lse - z_v).
+__device__ __forceinline__ void ce_row_loss(float* loss, float* nll, long long r, float nl,
+                                            float sm, float c_nll, float eps_i) {
+  loss[r] = c_nll * nl + eps_i * sm;
+  nll[r] = nl;
+}
+
+// The logit gradient from the probability p, at the target column or elsewhere.
+__device__ __forceinline__ float ce_grad(float p, bool target, float a, float c_nll,
+                                         float eps_i, float grad_scale) {
+  return (a * p - (target ? c_nll : 0.f) - eps_i) * grad_scale;
+}
+
 template <typename T>
 __device__ void cross_entropy_body(const T* logits, const int* targets, float* loss, float* nll,
                                    T* d, long long rows, int vocab, int ld, float c_nll,
@@ -938,11 +959,7 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
     const int t = targets[r];
     if (t < 0 || t >= vocab) {  // uniform over the block
       for (int v = threadIdx.x; v < vocab; v += blockDim.x) g[v] = from_f<T>(0.f);
-      if (threadIdx.x == 0) {
-        const float val = t < 0 ? 0.f : __int_as_float(0x7fc00000);
-        loss[r] = val;
-        nll[r] = val;
-      }
+      if (threadIdx.x == 0) ce_ignored_row(loss, nll, r, t);
       continue;
     }
     // This thread's running max m, sum of exp(z - m), sum of (m - z) (both terms of the
@@ -968,15 +985,9 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
     const float lse = bm + log_se;
     // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
     const float sm = vocab * log_se + block_sum(cnt > 0 ? sd + cnt * (bm - m) : 0.f);
-    if (threadIdx.x == 0) {
-      const float nl = lse - to_f(z[t]);
-      loss[r] = c_nll * nl + eps_i * sm;
-      nll[r] = nl;
-    }
+    if (threadIdx.x == 0) ce_row_loss(loss, nll, r, lse - to_f(z[t]), sm, c_nll, eps_i);
     row_map(z, g, vocab, [&](int v, float zv) {
-      const float p = expf(zv - lse);
-      const float onehot = v == t ? c_nll : 0.f;
-      return (a * p - onehot - eps_i) * grad_scale;
+      return ce_grad(expf(zv - lse), v == t, a, c_nll, eps_i, grad_scale);
     });
   }
 }
@@ -1003,11 +1014,7 @@ __device__ void cross_entropy_cached_body(const T* logits, const int* targets, f
 #pragma unroll
       for (int e = 0; e < N; ++e) zero.v[e] = from_f<T>(0.f);
       for (int q = threadIdx.x; q < packs; q += blockDim.x) gp[q] = zero;
-      if (threadIdx.x == 0) {
-        const float val = t < 0 ? 0.f : __int_as_float(0x7fc00000);
-        loss[r] = val;
-        nll[r] = val;
-      }
+      if (threadIdx.x == 0) ce_ignored_row(loss, nll, r, t);
       continue;
     }
     LsPack<T> z[LS_CE_PACKS];
@@ -1044,11 +1051,8 @@ __device__ void cross_entropy_cached_body(const T* logits, const int* targets, f
     const float lse = bm + log_se;
     // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
     const float sm = vocab * log_se + block_sum(sd);
-    if (threadIdx.x == 0) {
-      const float nl = lse - to_f(logits[r * ld + t]);
-      loss[r] = c_nll * nl + eps_i * sm;
-      nll[r] = nl;
-    }
+    if (threadIdx.x == 0)
+      ce_row_loss(loss, nll, r, lse - to_f(logits[r * ld + t]), sm, c_nll, eps_i);
 #pragma unroll
     for (int k = 0; k < LS_CE_PACKS; ++k) {
       const int q = threadIdx.x + k * blockDim.x;
@@ -1058,10 +1062,8 @@ __device__ void cross_entropy_cached_body(const T* logits, const int* targets, f
         for (int e = 0; e < N; ++e) {
           const int v = q * N + e;
           float g = 0.f;  // columns past the vocabulary (row padding)
-          if (v < vocab) {
-            const float p = __expf(to_f(z[k].v[e]) - lse);
-            g = (a * p - (v == t ? c_nll : 0.f) - eps_i) * grad_scale;
-          }
+          if (v < vocab)
+            g = ce_grad(__expf(to_f(z[k].v[e]) - lse), v == t, a, c_nll, eps_i, grad_scale);
           o.v[e] = from_f<T>(g);
         }
         gp[q] = o;
