@@ -668,8 +668,12 @@ fn cuda_short_attention_matches_cpu() {
     let cpu = Device::Cpu;
     // (lq, lk, batch, heads, head_dim, key lengths, causal)
     type Case = (usize, usize, usize, usize, usize, Option<Vec<i32>>, bool);
-    let cases: [Case; 6] = [
+    let lens_of = |b: usize, lk: usize| Some((0..b).map(|i| (lk - i % lk) as i32).collect());
+    let cases: [Case; 8] = [
         (32, 32, 3, 4, 64, Some(vec![32, 20, 7]), false),
+        // Thousands of (sequence, head) pairs, every key length from 1 to lk.
+        (24, 24, 250, 16, 32, lens_of(250, 24), false),
+        (20, 28, 150, 24, 16, lens_of(150, 28), true),
         (13, 13, 2, 2, 32, None, true),
         (9, 29, 2, 3, 16, Some(vec![29, 0]), false),
         (48, 40, 1, 2, 32, Some(vec![35]), true),
