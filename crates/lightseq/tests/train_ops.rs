@@ -52,6 +52,33 @@ fn check(what: &str, dt: DType, g: &Tensor, c: &Tensor, tol: f64) {
     eprintln!("{what:<44} {dt:<5} rel err {err:.2e}");
 }
 
+/// Column block `c` (of `h` columns) of every row of `data`, whose rows are `width` wide.
+fn column_block(data: &[f32], width: usize, c: usize, h: usize) -> Vec<f32> {
+    data.chunks(width)
+        .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
+        .collect()
+}
+
+/// Asserts that each named pair is element-for-element equal and not all zero.
+fn assert_equal_pairs(what: &str, pairs: &[(&str, Vec<f32>, Vec<f32>)]) {
+    for (name, x, y) in pairs {
+        assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
+        assert!(x == y, "{what} {name}: packed and separate differ");
+    }
+    eprintln!("{what}: equal");
+}
+
+/// Attention dropout alone at `rate`, drawn from (seed, offset).
+fn attention_dropout(rate: f32, seed: u64, offset: u64) -> lightseq::train::layers::Dropout {
+    lightseq::train::layers::Dropout {
+        hidden: 0.0,
+        attention: rate,
+        activation: 0.0,
+        seed,
+        offset: std::cell::Cell::new(offset),
+    }
+}
+
 /// The attention GEMMs over heads read and written in place in [len, batch, heads * d]
 /// activations (head views: stride d, rows batch * heads * d apart) against the CPU, and
 /// the CPU's strided GEMM against the same product through contiguous copies.
@@ -661,7 +688,7 @@ fn cuda_lm_head_over_padded_logits_matches_cpu() {
 /// masks).
 #[test]
 fn cuda_short_attention_matches_cpu() {
-    use lightseq::train::layers::{attend, attend_backward, Dropout};
+    use lightseq::train::layers::{attend, attend_backward};
     let Some(gpu) = gpu("cuda_short_attention_matches_cpu") else {
         return;
     };
@@ -693,13 +720,7 @@ fn cuda_short_attention_matches_cpu() {
         for dt in [DType::F16, DType::BF16] {
             for rate in [0.0f32, 0.1] {
                 let run = |dev: &Device| {
-                    let drop = Dropout {
-                        hidden: 0.0,
-                        attention: rate,
-                        activation: 0.0,
-                        seed: 7,
-                        offset: std::cell::Cell::new(3),
-                    };
+                    let drop = attention_dropout(rate, 7, 3);
                     let qt = t(&q, &[lq, b, h], dt, dev);
                     let kt = t(&k, &[lk, b, h], dt, dev);
                     if matches!(dev, Device::Cuda(_)) {
@@ -745,9 +766,7 @@ fn cuda_short_attention_matches_cpu() {
 /// results are equal element for element.
 #[test]
 fn cuda_packed_attention_matches_separate() {
-    use lightseq::train::layers::{
-        attend, attend_backward, attend_packed, attend_packed_kv, Dropout,
-    };
+    use lightseq::train::layers::{attend, attend_backward, attend_packed, attend_packed_kv};
     use lightseq::train::ops::QkvGrads;
     let Some(gpu) = gpu("cuda_packed_attention_matches_separate") else {
         return;
@@ -763,22 +782,12 @@ fn cuda_packed_attention_matches_separate() {
         let h = nh * d;
         let qkv = scaled(95, l * b * 3 * h, 1.0);
         // Column block `c` of every (position, sequence) row.
-        let block = |c: usize| -> Vec<f32> {
-            qkv.chunks(3 * h)
-                .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
-                .collect()
-        };
+        let block = |c: usize| column_block(&qkv, 3 * h, c, h);
         let (q, k, v) = (block(0), block(1), block(2));
         let dctx = scaled(96, l * b * h, 1.0);
         for dt in [DType::F16, DType::BF16] {
             for rate in [0.0f32, 0.1] {
-                let drop = || Dropout {
-                    hidden: 0.0,
-                    attention: rate,
-                    activation: 0.0,
-                    seed: 11,
-                    offset: std::cell::Cell::new(5),
-                };
+                let drop = || attention_dropout(rate, 11, 5);
                 let kl = lens.as_ref().map(|x| ids(x, &gpu));
                 let scale = 1.0 / (d as f32).sqrt();
                 let (d1, d2) = (drop(), drop());
@@ -805,11 +814,7 @@ fn cuda_packed_attention_matches_separate() {
                 let (dq, dk, dv) = g2.separate().expect("separate gradients");
                 // dq, dk and dv as column blocks of dqkv.
                 let dqkv = dqkv.to_f32_vec().unwrap();
-                let col = |c: usize| -> Vec<f32> {
-                    dqkv.chunks(3 * h)
-                        .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
-                        .collect()
-                };
+                let col = |c: usize| column_block(&dqkv, 3 * h, c, h);
                 let sep = |x: &Tensor| x.to_f32_vec().unwrap();
                 let pairs = [
                     ("ctx", sep(&c1), sep(&c2)),
@@ -817,11 +822,7 @@ fn cuda_packed_attention_matches_separate() {
                     ("dk", col(1), sep(&dk)),
                     ("dv", col(2), sep(&dv)),
                 ];
-                for (name, x, y) in pairs {
-                    assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
-                    assert!(x == y, "{what} {name}: packed and separate differ");
-                }
-                eprintln!("{what}: equal");
+                assert_equal_pairs(&what, &pairs);
             }
         }
     }
@@ -836,22 +837,14 @@ fn cuda_packed_attention_matches_separate() {
         let h = nh * d;
         let q = scaled(97, lq * b * h, 1.0);
         let kv = scaled(98, lk * b * 2 * h, 1.0);
-        let block = |c: usize| -> Vec<f32> {
-            kv.chunks(2 * h)
-                .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
-                .collect()
-        };
-        let (k, v) = (block(0), block(1));
+        let (k, v) = (
+            column_block(&kv, 2 * h, 0, h),
+            column_block(&kv, 2 * h, 1, h),
+        );
         let dctx = scaled(99, lq * b * h, 1.0);
         for dt in [DType::F16, DType::BF16] {
             for rate in [0.0f32, 0.1] {
-                let drop = || Dropout {
-                    hidden: 0.0,
-                    attention: rate,
-                    activation: 0.0,
-                    seed: 13,
-                    offset: std::cell::Cell::new(2),
-                };
+                let drop = || attention_dropout(rate, 13, 2);
                 let kl = lens.as_ref().map(|x| ids(x, &gpu));
                 let scale = 1.0 / (d as f32).sqrt();
                 let (d1, d2) = (drop(), drop());
@@ -880,11 +873,7 @@ fn cuda_packed_attention_matches_separate() {
                 assert_eq!(dkv.shape(), [lk, b, 2 * h], "{what}: dkv shape");
                 let (dq2, dk, dv) = g2.separate().expect("separate gradients");
                 let dkv = dkv.to_f32_vec().unwrap();
-                let col = |c: usize| -> Vec<f32> {
-                    dkv.chunks(2 * h)
-                        .flat_map(|row| row[c * h..(c + 1) * h].to_vec())
-                        .collect()
-                };
+                let col = |c: usize| column_block(&dkv, 2 * h, c, h);
                 let sep = |x: &Tensor| x.to_f32_vec().unwrap();
                 let pairs = [
                     ("ctx", sep(&c1), sep(&c2)),
@@ -892,11 +881,7 @@ fn cuda_packed_attention_matches_separate() {
                     ("dk", col(0), sep(&dk)),
                     ("dv", col(1), sep(&dv)),
                 ];
-                for (name, x, y) in pairs {
-                    assert!(x.iter().any(|&e| e != 0.0), "{what} {name}: all zero");
-                    assert!(x == y, "{what} {name}: packed and separate differ");
-                }
-                eprintln!("{what}: equal");
+                assert_equal_pairs(&what, &pairs);
             }
         }
     }
