@@ -104,6 +104,14 @@ def stage(x, rows_pad, ld):
     return m
 
 
+def stage_qkv(q, k, v):
+    """The lengths, head_dim, padded lengths and staged q, k, v (AtQkv)."""
+    lq, d = q.shape
+    lk = k.shape[0]
+    lqp, lkp = -(-lq // 16) * 16, -(-lk // 16) * 16
+    return lq, lk, d, lqp, lkp, (stage(q, lqp, d + 8), stage(k, lkp, d + 8), stage(v, lkp, d + 8))
+
+
 def new_acc(n):
     return [np.zeros((32, 4)) for _ in range(n)]
 
@@ -118,10 +126,7 @@ def put(out, rows, r0, c, acc):
 
 
 def forward(q, k, v, lim_of, scale, keep_mask, keep):
-    lq, d = q.shape
-    lk = k.shape[0]
-    lqp, lkp = -(-lq // 16) * 16, -(-lk // 16) * 16
-    qs, ks, vs = stage(q, lqp, d + 8), stage(k, lkp, d + 8), stage(v, lkp, d + 8)
+    lq, lk, d, lqp, lkp, (qs, ks, vs) = stage_qkv(q, k, v)
     ctx = np.full((lq, d), np.nan)
     probs = np.full((lq, lk), np.nan)
     warps = max(lqp, lkp) // 16
@@ -157,12 +162,9 @@ def forward(q, k, v, lim_of, scale, keep_mask, keep):
 
 
 def backward(q, k, v, probs, dctx, scale, keep_mask, keep):
-    lq, d = q.shape
-    lk = k.shape[0]
-    lqp, lkp = -(-lq // 16) * 16, -(-lk // 16) * 16
+    lq, lk, d, lqp, lkp, (qs, ks, vs) = stage_qkv(q, k, v)
     ld, lds = d + 8, lkp + 8
-    qs, ks, vs, dos = (stage(q, lqp, ld), stage(k, lkp, ld), stage(v, lkp, ld),
-                       stage(dctx, lqp, ld))
+    dos = stage(dctx, lqp, ld)
     pds = np.full((lqp, lds), np.nan)
     dss = np.full((lqp, lds), np.nan)
     dq, dk, dv = (np.full((lq, d), np.nan), np.full((lk, d), np.nan), np.full((lk, d), np.nan))

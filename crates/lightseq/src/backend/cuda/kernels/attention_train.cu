@@ -287,6 +287,27 @@ struct AtHeads {
   }
 };
 
+// Shared q [lqp, d + 8], k and v [lkp, d + 8], carved from `sm` in that order.
+template <typename T>
+struct AtQkv {
+  T *q, *k, *v;
+  __device__ AtQkv(unsigned char*& sm, int lq, int lk, int d) {
+    const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15;
+    q = at_carve<T>(sm, lqp, d + 8);
+    k = at_carve<T>(sm, lkp, d + 8);
+    v = at_carve<T>(sm, lkp, d + 8);
+  }
+
+  // Stages the pair's heads of q, k and v (asynchronously: at_cp_wait and a barrier follow).
+  __device__ void stage(const T* qg, const T* kg, const T* vg, const AtHeads& qh,
+                        const AtHeads& kvh, int lq, int lk, int d) {
+    const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8;
+    at_stage(q, ld, qg + qh.head0, lq, lqp, d, qh.stride);
+    at_stage(k, ld, kg + kvh.head0, lk, lkp, d, kvh.stride);
+    at_stage(v, ld, vg + kvh.head0, lk, lkp, d, kvh.stride);
+  }
+};
+
 // Forward: probs = softmax(scale * q k^T) with keys j >= key_lens[b] (and j > i when causal)
 // masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v.
 template <typename T, int DMAX>
@@ -301,13 +322,10 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
   const AtHeads qh(bh, heads, batch, d, q_w), kvh(bh, heads, batch, d, kv_w);
   unsigned char* sm = at_smem;
-  T* qs = at_carve<T>(sm, lqp, ld);
-  T* ks = at_carve<T>(sm, lkp, ld);
-  T* vs = at_carve<T>(sm, lkp, ld);
+  AtQkv<T> st(sm, lq, lk, d);
+  T *qs = st.q, *ks = st.k, *vs = st.v;
   unsigned char* flags = sm;
-  at_stage(qs, ld, q + qh.head0, lq, lqp, d, qh.stride);
-  at_stage(ks, ld, k + kvh.head0, lk, lkp, d, kvh.stride);
-  at_stage(vs, ld, v + kvh.head0, lk, lkp, d, kvh.stride);
+  st.stage(q, k, v, qh, kvh, lq, lk, d);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
   unsigned long long km[2] = {~0ull, ~0ull};
@@ -398,16 +416,13 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
   const AtHeads qh(bh, heads, batch, d, q_w), kvh(bh, heads, batch, d, kv_w);
   unsigned char* sm = at_smem;
-  T* qs = at_carve<T>(sm, lqp, ld);
-  T* ks = at_carve<T>(sm, lkp, ld);
-  T* vs = at_carve<T>(sm, lkp, ld);
+  AtQkv<T> st(sm, lq, lk, d);
+  T *qs = st.q, *ks = st.k, *vs = st.v;
   T* dos = at_carve<T>(sm, lqp, ld);
   T* pds = at_carve<T>(sm, lqp, lds);
   T* dss = at_carve<T>(sm, lqp, lds);
   unsigned char* flags = sm;
-  at_stage(qs, ld, q + qh.head0, lq, lqp, d, qh.stride);
-  at_stage(ks, ld, k + kvh.head0, lk, lkp, d, kvh.stride);
-  at_stage(vs, ld, v + kvh.head0, lk, lkp, d, kvh.stride);
+  st.stage(q, k, v, qh, kvh, lq, lk, d);
   at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
