@@ -429,12 +429,14 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
 
             // The accumulating form, twice into nonzero accumulators (the sums are added to
-            // what the accumulators hold, not written over it).
+            // what the accumulators hold, not written over it); the second call also adds
+            // dx's column sums into a third.
             let into = |d: &Device| {
                 let mut dg = t(&scaled(23, h, 1.0), &[h], DType::F32, d);
                 let mut db = t(&scaled(24, h, 1.0), &[h], DType::F32, d);
+                let mut ds = t(&scaled(25, h, 1.0), &[h], DType::F32, d);
                 let mut dxs = Vec::new();
-                for _ in 0..2 {
+                for call in 0..2 {
                     dxs.push(
                         ops::layer_norm_backward_into(
                             &t(&x, &[rows, h], dt, d),
@@ -443,16 +445,24 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
                             eps,
                             &mut dg,
                             &mut db,
+                            (call == 1).then_some(&mut ds),
                         )
                         .unwrap(),
                     );
                 }
-                (dxs.pop().unwrap(), dg, db)
+                (dxs.pop().unwrap(), dg, db, ds)
             };
-            let ((gdx, gdg, gdb), (cdx, cdg, cdb)) = (into(&gpu), into(&cpu));
+            let ((gdx, gdg, gdb, gds), (cdx, cdg, cdb, cds)) = (into(&gpu), into(&cpu));
             check(&format!("{what} into dx"), dt, &gdx, &cdx, tol(dt));
             check(&format!("{what} into dgamma"), dt, &gdg, &cdg, tol(dt));
             check(&format!("{what} into dbeta"), dt, &gdb, &cdb, tol(dt));
+            check(
+                &format!("{what} into dx column sums"),
+                dt,
+                &gds,
+                &cds,
+                tol(dt),
+            );
         }
 
         // activate and activation_backward for every activation.

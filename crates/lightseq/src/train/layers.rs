@@ -129,22 +129,33 @@ pub enum Dout<'a> {
     Alone(&'a Tensor),
     /// Read the first (or the accumulator itself when None) and return the accumulator
     /// with the input gradient added: a post-LN residual's gradient, summed by the
-    /// input-gradient GEMMs (beta = 1) instead of a separate pass.
-    Into(Option<&'a Tensor>, Tensor),
+    /// input-gradient GEMMs (beta = 1) instead of a separate pass. With `true`, the
+    /// sublayer's output bias already has its gradient (the layer norm's backward summed
+    /// the columns of the same gradient).
+    Into(Option<&'a Tensor>, Tensor, bool),
 }
 
 impl Dout<'_> {
     fn read(&self) -> &Tensor {
         match self {
-            Dout::Alone(d) | Dout::Into(Some(d), _) => d,
-            Dout::Into(None, acc) => acc,
+            Dout::Alone(d) | Dout::Into(Some(d), _, _) => d,
+            Dout::Into(None, acc, _) => acc,
+        }
+    }
+
+    /// The sublayer's output projection as its backward runs: without the bias when its
+    /// gradient is already added.
+    fn out(&self, lin: &Lin) -> Lin {
+        match self {
+            Dout::Into(_, _, true) => Lin { b: None, ..*lin },
+            _ => *lin,
         }
     }
 
     fn acc(self) -> Option<Tensor> {
         match self {
             Dout::Alone(_) => None,
-            Dout::Into(_, acc) => Some(acc),
+            Dout::Into(_, acc, _) => Some(acc),
         }
     }
 }
@@ -169,8 +180,20 @@ impl Ln {
     }
 
     pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        let (gamma, dg, db) = ps.w_and_grads(self.g, self.g, self.b)?;
-        tops::layer_norm_backward_into(x, gamma, dy, self.eps, dg, db)
+        self.backward_summing(ps, x, dy, None)
+    }
+
+    /// [`Ln::backward`], adding the column sums of dx into the gradient of `bias` when
+    /// given (the bias of a linear whose output, plus the residual, is `x`).
+    pub fn backward_summing(
+        &self,
+        ps: &mut Params,
+        x: &Tensor,
+        dy: &Tensor,
+        bias: Option<Pid>,
+    ) -> Result<Tensor> {
+        let (gamma, dg, db, dbias) = ps.w_and_grads(self.g, self.g, self.b, bias)?;
+        tops::layer_norm_backward_into(x, gamma, dy, self.eps, dg, db, dbias)
     }
 }
 
@@ -544,7 +567,7 @@ impl Attn {
         x: &Tensor,
         dout: Dout,
     ) -> Result<Tensor> {
-        let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
+        let dctx = dout.out(&self.o).backward(ps, &s.ctx, dout.read())?;
         let grads = attend_backward(drop, s.core, dctx)?;
         match (grads, s.stacked) {
             (tops::QkvGrads::Separate(dq, dk, dv), _) => {
@@ -588,7 +611,7 @@ impl Attn {
         dout: Dout,
         dkv: &mut Option<Tensor>,
     ) -> Result<Tensor> {
-        let dctx = self.o.backward(ps, &s.ctx, dout.read())?;
+        let dctx = dout.out(&self.o).backward(ps, &s.ctx, dout.read())?;
         match (attend_backward(drop, s.core, dctx)?, s.stacked) {
             (tops::QkvGrads::Separate(dq, dk, dv), _) => {
                 let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
@@ -665,7 +688,7 @@ impl Ffn {
         x: &Tensor,
         dout: Dout,
     ) -> Result<Tensor> {
-        let dhd = self.fc2.backward(ps, &s.hd, dout.read())?;
+        let dhd = dout.out(&self.fc2).backward(ps, &s.hd, dout.read())?;
         let dh = drop.backward(dhd, drop.activation, s.drop)?;
         let pre = s.pre.as_ref().unwrap_or(&s.hd);
         // fc1's bias gradient is summed in the activation's backward pass; fc1's backward
@@ -763,13 +786,16 @@ impl Layer {
     }
 
     /// Backward of a sublayer: `fb(inner, f_input, df_out) -> df_input` (for post-LN, the
-    /// residual's gradient plus df_input).
+    /// residual's gradient plus df_input). `out_bias` is the bias of the sublayer's output
+    /// projection.
+    #[allow(clippy::too_many_arguments)]
     fn sub_backward<S>(
         &self,
         ps: &mut Params,
         drop: &Dropout,
         s: SubSaved<S>,
         ln: &Ln,
+        out_bias: Option<Pid>,
         dy: Tensor,
         fb: impl FnOnce(&mut Params, S, &Tensor, Dout) -> Result<Tensor>,
     ) -> Result<Tensor> {
@@ -779,9 +805,17 @@ impl Layer {
             let dx = ln.backward(ps, &s.x, &da)?;
             ops::add(&dy, &dx)
         } else {
-            let ds = ln.backward(ps, &s.mid, &dy)?;
+            // Without dropout the output bias's gradient is the column sum of ds, which the
+            // layer norm's backward adds in its pass.
+            let summed = if s.drop.is_none() { out_bias } else { None };
+            let ds = ln.backward_summing(ps, &s.mid, &dy, summed)?;
             let df = drop.backward_ref(&ds, drop.hidden, s.drop)?;
-            fb(ps, s.inner, &s.x, Dout::Into(df.as_ref(), ds))
+            fb(
+                ps,
+                s.inner,
+                &s.x,
+                Dout::Into(df.as_ref(), ds, summed.is_some()),
+            )
         }
     }
 
@@ -822,21 +856,35 @@ impl Layer {
         memory: Option<&Tensor>,
         dmemory: &mut Option<Tensor>,
     ) -> Result<Tensor> {
-        let dy = self.sub_backward(ps, drop, s.ffn, &self.ln_ffn, dy, |ps, inner, a, df| {
-            self.ffn.backward(ps, drop, inner, a, df)
-        })?;
+        let fc2_b = self.ffn.fc2.b;
+        let dy = self.sub_backward(
+            ps,
+            drop,
+            s.ffn,
+            &self.ln_ffn,
+            fc2_b,
+            dy,
+            |ps, inner, a, df| self.ffn.backward(ps, drop, inner, a, df),
+        )?;
         let dy = match (&self.cross, s.cross) {
             (Some((ca, ln)), Some(cs)) => {
                 let mem = memory.expect("cross attention needs the encoder output");
-                self.sub_backward(ps, drop, cs, ln, dy, |ps, inner, a, df| {
+                self.sub_backward(ps, drop, cs, ln, ca.o.b, dy, |ps, inner, a, df| {
                     ca.backward(ps, drop, inner, a, mem, df, dmemory)
                 })?
             }
             _ => dy,
         };
-        self.sub_backward(ps, drop, s.attn, &self.ln_self, dy, |ps, inner, a, df| {
-            self.self_attn.backward_self(ps, drop, inner, a, df)
-        })
+        let o_b = self.self_attn.o.b;
+        self.sub_backward(
+            ps,
+            drop,
+            s.attn,
+            &self.ln_self,
+            o_b,
+            dy,
+            |ps, inner, a, df| self.self_attn.backward_self(ps, drop, inner, a, df),
+        )
     }
 }
 

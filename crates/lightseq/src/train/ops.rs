@@ -729,7 +729,9 @@ pub fn add_layer_norm(
 }
 
 /// [`layer_norm_backward`] adding dgamma and dbeta into the f32 accumulators `dg_acc` and
-/// `db_acc` [h] (on CUDA the reduction adds into them directly); returns dx.
+/// `db_acc` [h] (on CUDA the reduction adds into them directly); returns dx. With `dx_acc`,
+/// the column sums of dx go into it too: the bias gradient of a linear whose output (plus a
+/// residual) was normalized, summed on CUDA in the same pass.
 pub fn layer_norm_backward_into(
     x: &Tensor,
     gamma: &Tensor,
@@ -737,6 +739,7 @@ pub fn layer_norm_backward_into(
     eps: f32,
     dg_acc: &mut Tensor,
     db_acc: &mut Tensor,
+    dx_acc: Option<&mut Tensor>,
 ) -> Result<Tensor> {
     const OP: &str = "layer_norm_backward_into";
     let dt = float_dtype(OP, &[x, gamma, dy])?;
@@ -744,15 +747,20 @@ pub fn layer_norm_backward_into(
     let acc_ok = |a: &Tensor| a.dtype() == DType::F32 && a.len() == h;
     need(
         OP,
-        gamma.shape() == [h] && dy.shape() == x.shape() && acc_ok(dg_acc) && acc_ok(db_acc),
+        gamma.shape() == [h]
+            && dy.shape() == x.shape()
+            && acc_ok(dg_acc)
+            && acc_ok(db_acc)
+            && dx_acc.as_deref().is_none_or(acc_ok),
         || {
             format!(
-                "x {:?}, gamma {:?}, dy {:?}, accumulators {:?} {:?}",
+                "x {:?}, gamma {:?}, dy {:?}, accumulators {:?} {:?} {:?}",
                 x.shape(),
                 gamma.shape(),
                 dy.shape(),
                 dg_acc.shape(),
-                db_acc.shape()
+                db_acc.shape(),
+                dx_acc.as_deref().map(Tensor::shape)
             )
         },
     )?;
@@ -763,6 +771,7 @@ pub fn layer_norm_backward_into(
         &dy.storage,
         &dg_acc.storage,
         &db_acc.storage,
+        dx_acc.as_deref().map(|a| &a.storage),
     ) {
         (
             Storage::Cuda(xv),
@@ -770,14 +779,22 @@ pub fn layer_norm_backward_into(
             Storage::Cuda(d),
             Storage::Cuda(ga),
             Storage::Cuda(ba),
+            None | Some(Storage::Cuda(_)),
         ) => {
-            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (ga, ba), true)?;
+            let da = match dx_acc.as_deref().map(|a| &a.storage) {
+                Some(Storage::Cuda(da)) => Some(da),
+                _ => None,
+            };
+            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (ga, ba, da), true)?;
             Ok(cuda_out(x.shape(), dt, dx))
         }
         _ => {
             let (dx, dg, db) = layer_norm_backward(x, gamma, dy, eps)?;
             add_scaled_into(dg_acc, &dg, 1.0)?;
             add_scaled_into(db_acc, &db, 1.0)?;
+            if let Some(acc) = dx_acc {
+                add_scaled_into(acc, &column_sum(&dx)?, 1.0)?;
+            }
             Ok(dx)
         }
     }
@@ -814,7 +831,7 @@ pub fn layer_norm_backward(
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(d)) => {
             let dev = xv.device();
             let (dg, db) = (dev.alloc(DType::F32, h)?, dev.alloc(DType::F32, h)?);
-            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (&dg, &db), false)?;
+            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (&dg, &db, None), false)?;
             (
                 cuda_out(x.shape(), dt, dx),
                 cuda_out(&[h], DType::F32, dg),

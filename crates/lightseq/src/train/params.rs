@@ -210,15 +210,17 @@ impl Params {
         tops::linear_weight_grad_cols_into(w, b, dy_cols, x)
     }
 
-    /// Parameter `read` as compute uses it (see [`Params::w`]) with the gradients of `p` and
-    /// `q` (all distinct, else an error), borrowed at once.
+    /// Parameter `read` as compute uses it (see [`Params::w`]) with the gradients of `p`, `q`
+    /// and `r` when given (all distinct, else an error), borrowed at once.
+    #[allow(clippy::type_complexity)]
     pub fn w_and_grads(
         &mut self,
         read: Pid,
         p: Pid,
         q: Pid,
-    ) -> Result<(&Tensor, &mut Tensor, &mut Tensor)> {
-        let (mut w, mut gp, mut gq) = (None, None, None);
+        r: Option<Pid>,
+    ) -> Result<(&Tensor, &mut Tensor, &mut Tensor, Option<&mut Tensor>)> {
+        let (mut w, mut gp, mut gq, mut gr) = (None, None, None, None);
         for (i, par) in self.list.iter_mut().enumerate() {
             // Disjoint fields of one element may be borrowed separately.
             let Param {
@@ -234,12 +236,16 @@ impl Params {
                 gp = Some(grad);
             } else if i == q {
                 gq = Some(grad);
+            } else if Some(i) == r {
+                gr = Some(grad);
             }
         }
         match (w, gp, gq) {
-            (Some(w), Some(gp), Some(gq)) if p != q => Ok((w, gp, gq)),
+            (Some(w), Some(gp), Some(gq)) if p != q && r.is_some() == gr.is_some() => {
+                Ok((w, gp, gq, gr))
+            }
             _ => Err(Error::Input(format!(
-                "parameters {read}, {p}, {q}: out of range or the gradients coincide"
+                "parameters {read}, {p}, {q}, {r:?}: out of range or the gradients coincide"
             ))),
         }
     }

@@ -100,6 +100,7 @@ pub const MODULES: &[KernelModule] = &[
             "softmax_backward_rows",
             "add_layer_norm_rows",
             "layer_norm_backward_rows",
+            "layer_norm_backward_rows_dsum",
             "adam_multi",
             "layer_norm_params_packed",
             "sum_squares_multi",

@@ -50,6 +50,10 @@ fn team_grid(rows: usize, cols: usize, max: u32) -> (LaunchConfig, i32) {
 /// 16-byte packs a lane of the register-cached row kernels holds at most (LS_RP in train.cu).
 const ROW_PACKS: usize = 4;
 
+/// Shared bytes a warp of `layer_norm_backward_rows` stages its rows in (LS_LNB_WARP_BYTES
+/// in train.cu: 3 stages of x's and dy's packs for 32 lanes).
+const LNB_WARP_BYTES: u32 = 3 * 2 * ROW_PACKS as u32 * 32 * 16;
+
 /// The launch of a row-wise kernel: `rows_name`, its register-cached variant (a team of
 /// `ts` lanes per row), when [`row_team`] allows, else `name` with `per_warp` rows per warp
 /// from [`team_grid`]. The i32 is the kernel's last argument either way.
@@ -118,26 +122,29 @@ fn sum_chunks_at(
     cols: usize,
     accumulate: bool,
 ) -> Result<()> {
-    sum_chunks_split(partial, (out, out, cols), chunks, cols, accumulate)
+    sum_chunks_split(partial, (out, out, out), cols, chunks, cols, accumulate)
 }
 
-/// [`sum_chunks_at`] with the columns from `split` on going to `out2` (at column - split).
+/// [`sum_chunks_at`] with the columns from `split` on going to `out2` (at column - split),
+/// and those from 2 split on to `out3` (at column - 2 split).
 fn sum_chunks_split(
     partial: u64,
-    (out, out2, split): (&CudaStorage, &CudaStorage, usize),
+    (out, out2, out3): (&CudaStorage, &CudaStorage, &CudaStorage),
+    split: usize,
     chunks: usize,
     cols: usize,
     accumulate: bool,
 ) -> Result<()> {
     let dev = out.device();
     let f = dev.kernel("sum_chunks", DType::F32)?;
-    let (pp, op, op2) = (partial, out.ptr(), out2.ptr());
+    let (pp, op, op2, op3) = (partial, out.ptr(), out2.ptr(), out3.ptr());
     let (sp, c, n) = (split as i64, chunks as i32, cols as i64);
     let acc = accumulate as i32;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&pp)
         .arg(&op)
         .arg(&op2)
+        .arg(&op3)
         .arg(&sp)
         .arg(&c)
         .arg(&n)
@@ -610,7 +617,8 @@ pub(crate) fn add_layer_norm(
 }
 
 /// The backward of layer norm over rows of `h`: returns dx; writes dgamma and dbeta (f32
-/// [h]) into `dgamma` and `dbeta`, or with `accumulate` adds them there.
+/// [h]) into `dgamma` and `dbeta`, or with `accumulate` adds them there; with `dsum`, the
+/// column sums of dx (as stored) go there the same way.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_norm_backward(
     x: &CudaStorage,
@@ -619,7 +627,7 @@ pub(crate) fn layer_norm_backward(
     rows: usize,
     h: usize,
     eps: f32,
-    (dgamma, dbeta): (&CudaStorage, &CudaStorage),
+    (dgamma, dbeta, dsum): (&CudaStorage, &CudaStorage, Option<&CudaStorage>),
     accumulate: bool,
 ) -> Result<CudaStorage> {
     let dev = x.device();
@@ -628,29 +636,42 @@ pub(crate) fn layer_norm_backward(
     if rows * h == 0 {
         if h > 0 {
             // No rows: sums of zero chunks (zeros, or the accumulators unchanged).
-            sum_chunks_at(0, dgamma, 0, h, accumulate)?;
-            sum_chunks_at(0, dbeta, 0, h, accumulate)?;
+            for out in [Some(dgamma), Some(dbeta), dsum].into_iter().flatten() {
+                sum_chunks_at(0, out, 0, h, accumulate)?;
+            }
         }
         return Ok(dx);
     }
     let (xp, gp, dyp, dxp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr());
     let (r, hh) = (rows as i64, h as i32);
     if let Some((mut cfg, ts)) = row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
-        // One pass: dx, and per block the partial parameter sums. Its lanes keep running
-        // sums over the rows they take, so the grid is one full wave (more blocks would only
-        // add partial rows for sum_chunks to add). The running sums take ~160 registers at
-        // 16-bit rows of 1024: blocks of 4 warps fit three to an SM where 8 fit one.
-        let f = dev.kernel("layer_norm_backward_rows", dt)?;
+        // One pass: dx, and per block the partial parameter sums (and dx's column sums
+        // with `dsum`). Its lanes keep running sums over the rows they take, so the grid is
+        // one full wave (more blocks would only add partial rows for sum_chunks to add).
+        // The running sums take ~165 registers at 16-bit rows of 1024 (~200 with dx's):
+        // blocks of 4 warps fit three (two) to an SM where 8 fit one. Each warp stages its
+        // rows in LNB_WARP_BYTES of shared memory.
+        let name = match dsum {
+            Some(_) => "layer_norm_backward_rows_dsum",
+            None => "layer_norm_backward_rows",
+        };
+        let f = dev.kernel(name, dt)?;
         cfg.block_dim.0 = 128;
+        cfg.shared_mem_bytes = (cfg.block_dim.0 / 32) * LNB_WARP_BYTES;
         let per_sm = f
-            .occupancy_max_active_blocks_per_multiprocessor(cfg.block_dim.0, 0, None)
+            .occupancy_max_active_blocks_per_multiprocessor(
+                cfg.block_dim.0,
+                cfg.shared_mem_bytes as usize,
+                None,
+            )
             .map_err(|e| cuda_err("occupancy", e))?
             .max(1) as usize;
         let blocks = (rows * ts as usize)
             .div_ceil(cfg.block_dim.0 as usize)
             .min(per_sm * dev.sm_count());
         cfg.grid_dim.0 = blocks as u32;
-        let partial = dev.alloc(DType::F32, blocks * 2 * h)?;
+        let sums = if dsum.is_some() { 3 } else { 2 };
+        let partial = dev.alloc(DType::F32, blocks * sums * h)?;
         let pp = partial.ptr();
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&xp)
@@ -663,9 +684,11 @@ pub(crate) fn layer_norm_backward(
             .arg(&eps)
             .arg(&ts);
         // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
-        // a row of 2 h f32 per block of the grid.
-        launched("layer_norm_backward_rows", unsafe { l.launch(cfg) })?;
-        sum_chunks_split(pp, (dgamma, dbeta, h), blocks, 2 * h, accumulate)?;
+        // a row of `sums` h f32 per block of the grid, and the block's dynamic shared
+        // memory is the LNB_WARP_BYTES per warp the kernel stages in.
+        launched(name, unsafe { l.launch(cfg) })?;
+        let outs = (dgamma, dbeta, dsum.unwrap_or(dbeta));
+        sum_chunks_split(pp, outs, h, blocks, sums * h, accumulate)?;
         return Ok(dx);
     }
     // Per-row mean and rstd, shared by the dx pass and the parameter pass.
@@ -714,6 +737,9 @@ pub(crate) fn layer_norm_backward(
     launched(name, unsafe { l.launch(cfg) })?;
     sum_chunks_at(pg, dgamma, chunks, h, accumulate)?;
     sum_chunks_at(pb, dbeta, chunks, h, accumulate)?;
+    if let Some(out) = dsum {
+        column_sums(out, accumulate, (&dx, 0), rows, h, h)?;
+    }
     Ok(dx)
 }
 

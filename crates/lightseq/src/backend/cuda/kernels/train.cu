@@ -427,31 +427,110 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
   }
 }
 
+// 16 bytes global -> shared; asynchronous (cp.async) on sm_80 and later, where a thread's
+// copies complete at ls_cp_wait, a plain copy before.
+__device__ __forceinline__ void ls_cp16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+__device__ __forceinline__ void ls_cp_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `N` of this thread's most recent commit groups are pending.
+template <int N>
+__device__ __forceinline__ void ls_cp_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// Rows layer_norm_backward_rows keeps in flight per warp, and the shared bytes a warp stages
+// them in: per stage, LS_RP packs of x and of dy for each of its 32 lanes, lane-major (pack
+// k of lane l at (k 32 + l) 16, dy's after x's), so every access is conflict-free. The host
+// sizes the dynamic shared memory as warps times LS_LNB_WARP_BYTES.
+#define LS_LNB_STAGES 3
+#define LS_LNB_STAGE_BYTES (2 * LS_RP * 32 * 16)
+#define LS_LNB_WARP_BYTES (LS_LNB_STAGES * LS_LNB_STAGE_BYTES)
+
 // layer_norm_backward_body with register-cached rows, the parameter sums folded in: the
 // columns a lane holds are the same for every row its team takes, so the lane keeps running
-// sums of dy * xhat and dy for them. At the end the block adds its teams' sums (across
-// teams in xor order, then warps in order) and writes them to row blockIdx.x of `partial`
-// [gridDim.x, 2 h] (dgamma's h columns, then dbeta's), which sum_chunks adds over blocks.
-template <typename T>
+// sums of dy * xhat and dy for them (and with DSUM of dx as stored: the bias gradient of
+// the linear whose output, plus the residual, was normalized). Each lane streams its own
+// packs of a team's rows through LS_LNB_STAGES shared stages (cp.async), so a warp has the
+// next rows in flight while it works on one; a lane reads only what it copied, so no
+// barrier is needed. At the end the block adds its teams' sums (across teams in xor order,
+// then warps in order) and writes them to row blockIdx.x of `partial` [gridDim.x, S h]
+// (dgamma's h columns, dbeta's, then with DSUM dx's), which sum_chunks adds over blocks.
+template <typename T, bool DSUM>
 __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy, T* dx,
                                          float* partial, long long rows, int h, float eps,
                                          int ts) {
   constexpr int N = 16 / sizeof(T);
-  __shared__ float sred[2 * 32 * LS_RP * N];
+  constexpr int S = DSUM ? 3 : 2;
+  constexpr int KD = DSUM ? LS_RP : 1;
+  extern __shared__ __align__(16) unsigned char lnb_smem[];
   const int packs = h / N;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const TeamRows t(ts);
-  float ag[LS_RP][N], ab[LS_RP][N];
+  unsigned char* stages = lnb_smem + warp * LS_LNB_WARP_BYTES;
+  // Copies this lane's packs of the row its team takes at `base` into stage `st`, as one
+  // commit group (empty past the last row, so every lane counts the same groups).
+  auto issue = [&](long long base, int st) {
+    const long long r = base + t.sub;
+    if (r < rows) {
+      unsigned char* slot = stages + st * LS_LNB_STAGE_BYTES + lane * 16;
+#pragma unroll
+      for (int k = 0; k < LS_RP; ++k) {
+        const int q = t.tl + k * ts;
+        if (q < packs) {
+          ls_cp16(slot + k * 512, x + r * h + q * N);
+          ls_cp16(slot + (LS_RP + k) * 512, dy + r * h + q * N);
+        }
+      }
+    }
+    ls_cp_commit();
+  };
+  float ag[LS_RP][N], ab[LS_RP][N], ad[KD][N];
 #pragma unroll
   for (int k = 0; k < LS_RP; ++k) {
 #pragma unroll
     for (int e = 0; e < N; ++e) ag[k][e] = ab[k][e] = 0.f;
   }
+#pragma unroll
+  for (int k = 0; k < KD; ++k) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) ad[k][e] = 0.f;
+  }
+#pragma unroll
+  for (int st = 0; st < LS_LNB_STAGES - 1; ++st) issue(t.first + st * t.step, st);
+  int st = 0;
   for (long long base = t.first; base < rows; base += t.step) {
     const long long r = base + t.sub;
     const bool ok = r < rows;
+    ls_cp_wait<LS_LNB_STAGES - 2>();
     RowRegs<T> xv, gv;
-    xv.load(x + r * h, packs, t.tl, ts, ok);
-    gv.load(dy + r * h, packs, t.tl, ts, ok);
+    const unsigned char* slot = stages + st * LS_LNB_STAGE_BYTES + lane * 16;
+#pragma unroll
+    for (int k = 0; k < LS_RP; ++k) {
+      const bool in = ok && t.tl + k * ts < packs;
+      const LsPack<T> px = *reinterpret_cast<const LsPack<T>*>(slot + k * 512);
+      const LsPack<T> pd = *reinterpret_cast<const LsPack<T>*>(slot + (LS_RP + k) * 512);
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        xv.v[k][e] = in ? to_f(px.v[e]) : 0.f;
+        gv.v[k][e] = in ? to_f(pd.v[e]) : 0.f;
+      }
+    }
+    // The row LS_LNB_STAGES - 1 ahead goes to the stage read last iteration.
+    issue(base + (LS_LNB_STAGES - 1) * t.step, st == 0 ? LS_LNB_STAGES - 1 : st - 1);
+    st = st + 1 == LS_LNB_STAGES ? 0 : st + 1;
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
@@ -467,7 +546,7 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
         for (int e = 0; e < N; ++e) s2 += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
       }
     }
-    // A team past the last row loaded zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
+    // A team past the last row holds zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
     // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
     const float var = team_sum(s2, ts) / h;
     const float rstd = ok ? 1.f / sqrtf(var + eps) : 0.f;
@@ -495,7 +574,11 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
 #pragma unroll
-      for (int e = 0; e < N; ++e) gv.v[k][e] = rstd * (gv.v[k][e] - s1 - xv.v[k][e] * sx);
+      for (int e = 0; e < N; ++e) {
+        gv.v[k][e] = rstd * (gv.v[k][e] - s1 - xv.v[k][e] * sx);
+        // dx as stored (zero for a team past the last row: rstd is 0).
+        if (DSUM) ad[DSUM ? k : 0][e] += to_f(from_f<T>(gv.v[k][e]));
+      }
     }
     gv.store(dx + r * h, packs, t.tl, ts, ok);
   }
@@ -507,10 +590,15 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
       for (int o = ts; o < 32; o <<= 1) {
         ag[k][e] += __shfl_xor_sync(LS_FULL_MASK, ag[k][e], o);
         ab[k][e] += __shfl_xor_sync(LS_FULL_MASK, ab[k][e], o);
+        if (DSUM) ad[DSUM ? k : 0][e] += __shfl_xor_sync(LS_FULL_MASK, ad[DSUM ? k : 0][e], o);
       }
     }
   }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  // The stages are done with (the last groups were empty); their memory holds the block's
+  // sums, S h floats (at most 3 * 32 * LS_RP * N, within one warp's stages).
+  ls_cp_wait<0>();
+  __syncthreads();
+  float* sred = reinterpret_cast<float*>(lnb_smem);
   for (int w = 0; w < warps; ++w) {
     if (warp == w && lane < ts) {
 #pragma unroll
@@ -522,14 +610,15 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
             const int j = q * N + e;
             sred[j] = (w == 0 ? 0.f : sred[j]) + ag[k][e];
             sred[h + j] = (w == 0 ? 0.f : sred[h + j]) + ab[k][e];
+            if (DSUM) sred[2 * h + j] = (w == 0 ? 0.f : sred[2 * h + j]) + ad[DSUM ? k : 0][e];
           }
         }
       }
     }
     __syncthreads();
   }
-  float* out = partial + blockIdx.x * 2ll * h;
-  for (int j = threadIdx.x; j < 2 * h; j += blockDim.x) out[j] = sred[j];
+  float* out = partial + blockIdx.x * (long long)S * h;
+  for (int j = threadIdx.x; j < S * h; j += blockDim.x) out[j] = sred[j];
 }
 
 // Column reductions: block (b, y) covers columns [32 b, 32 b + 32) over the y-th chunk of
@@ -1352,17 +1441,22 @@ LS_FLOAT_TYPES(LS_TRAIN)
                                                           const T* dy, T* dx, float* partial, \
                                                           long long rows, int h, float eps,   \
                                                           int ts) {                           \
-    layer_norm_backward_rows<T>(x, gamma, dy, dx, partial, rows, h, eps, ts);                 \
+    layer_norm_backward_rows<T, false>(x, gamma, dy, dx, partial, rows, h, eps, ts);          \
+  }                                                                                           \
+  extern "C" __global__ void layer_norm_backward_rows_dsum_##S(                               \
+      const T* x, const T* gamma, const T* dy, T* dx, float* partial, long long rows, int h,  \
+      float eps, int ts) {                                                                    \
+    layer_norm_backward_rows<T, true>(x, gamma, dy, dx, partial, rows, h, eps, ts);           \
   }
 LS_FLOAT_TYPES(LS_TRAIN_ROWS)
 LS_FLOAT_TYPES(LS_MULTI)
 
 // out[j] = sum_c partial[c, j] over c < chunks (with accumulate, out[j] += that sum), the
-// columns from `split` on going to out2[j - split] instead: block x covers 32 columns
-// (lane = column), warp w adds chunks w, w + warps, ... in order, and warp 0 adds the
-// warps' sums in order (deterministic).
-__device__ void sum_chunks_body(const float* partial, float* out, float* out2, long long split,
-                                int chunks, long long cols, int accumulate) {
+// columns from `split` on going to out2[j - split] instead and those from 2 split on to
+// out3[j - 2 split]: block x covers 32 columns (lane = column), warp w adds chunks w,
+// w + warps, ... in order, and warp 0 adds the warps' sums in order (deterministic).
+__device__ void sum_chunks_body(const float* partial, float* out, float* out2, float* out3,
+                                long long split, int chunks, long long cols, int accumulate) {
   __shared__ float sp[32][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const long long col = blockIdx.x * 32ll + lane;
@@ -1376,14 +1470,16 @@ __device__ void sum_chunks_body(const float* partial, float* out, float* out2, l
   if (warp == 0 && col < cols) {
     float total = 0.f;
     for (int w = 0; w < warps; ++w) total += sp[w][lane];
-    float* o = col < split ? out + col : out2 + (col - split);
+    float* o = col < split       ? out + col
+               : col < 2 * split ? out2 + (col - split)
+                                 : out3 + (col - 2 * split);
     *o = accumulate ? __fadd_rn(*o, total) : total;
   }
 }
 #define LS_SUM_CHUNKS(T, S)                                                                    \
   extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, float* out2,    \
-                                            long long split, int chunks, long long cols,      \
-                                            int accumulate) {                                 \
-    sum_chunks_body(partial, out, out2, split, chunks, cols, accumulate);                     \
+                                            float* out3, long long split, int chunks,         \
+                                            long long cols, int accumulate) {                 \
+    sum_chunks_body(partial, out, out2, out3, split, chunks, cols, accumulate);               \
   }
 LS_FLOAT_TYPES(LS_SUM_CHUNKS)
