@@ -56,12 +56,6 @@ __device__ __forceinline__ void at_mma<__nv_bfloat16>(float (&c)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned int at_smem_addr(const void* p) {
-  unsigned int a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
 // Four 8 x 8 matrices of 16-bit elements; lanes 8i..8i+7 give the row addresses of matrix
 // i. Plain: lane 4g + t gets (row g, columns 2t, 2t + 1) of each; transposed: (rows 2t,
 // 2t + 1, column g).
@@ -70,11 +64,11 @@ __device__ __forceinline__ void at_ldm(unsigned int (&r)[4], const void* p) {
   if (TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(at_smem_addr(p)));
+                 : "r"(ls_smem_addr(p)));
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(at_smem_addr(p)));
+                 : "r"(ls_smem_addr(p)));
   }
 }
 
@@ -110,17 +104,9 @@ __device__ __forceinline__ void at_b_kn(unsigned int (&b)[4], const T* y, int ld
   at_ldm<true>(b, y + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
-// 16 bytes global -> shared without passing through registers (sm_80 and later); the
-// copies of a thread complete at at_cp_wait.
-__device__ __forceinline__ void at_cp16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at_smem_addr(dst)), "l"(src)
-               : "memory");
-}
-__device__ __forceinline__ void at_cp_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // dst [rows_pad, ld] (shared) = rows [0, rows) of a head (row r at src + r * stride), zero
 // rows past `rows`; d is a multiple of 16, ld of 8. Aligned rows are copied asynchronously
-// (all of a block's staging overlaps), so at_cp_wait and a barrier must follow.
+// (all of a block's staging overlaps), so ls_cp_wait_all and a barrier must follow.
 template <typename T>
 __device__ void at_stage(T* dst, int ld, const T* src, int rows, int rows_pad, int d,
                          long long stride) {
@@ -131,7 +117,7 @@ __device__ void at_stage(T* dst, int ld, const T* src, int rows, int rows_pad, i
     const int r = p / packs, c = (p - r * packs) * N;
     T* out = dst + r * ld + c;
     if (r < rows && aligned) {
-      at_cp16(out, src + r * stride + c);
+      ls_cp16(out, src + r * stride + c);
     } else {
       LsPack<T> v;
 #pragma unroll
@@ -298,7 +284,7 @@ struct AtQkv {
     v = at_carve<T>(sm, lkp, d + 8);
   }
 
-  // Stages the pair's heads of q, k and v (asynchronously: at_cp_wait and a barrier follow).
+  // Stages the pair's heads of q, k and v (asynchronously: ls_cp_wait_all and a barrier follow).
   __device__ void stage(const T* qg, const T* kg, const T* vg, const AtHeads& qh,
                         const AtHeads& kvh, int lq, int lk, int d) {
     const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8;
@@ -332,7 +318,7 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   // Overlaps the staging copies.
   if (r0 < lqp && p_drop > 0.f)
     at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
-  at_cp_wait();
+  ls_cp_wait_all();
   __syncthreads();
   if (r0 >= lqp) return;
   // s[n] holds scores of rows r0 + g, r0 + g + 8 at keys 8n + 2t, 8n + 2t + 1.
@@ -430,7 +416,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   unsigned long long km[2] = {~0ull, ~0ull};
   if (r0 < lqp && p_drop > 0.f)
     at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
-  at_cp_wait();
+  ls_cp_wait_all();
   __syncthreads();
   if (r0 < lqp) {
     // dp[n] = (dO v^T) at rows r0 + g (+ 8), keys 8n + 2t (+ 1).

@@ -83,6 +83,45 @@ __device__ __forceinline__ bool ls_aligned16(const void* p) {
   return ((unsigned long long)p & 15ull) == 0;
 }
 
+// The 32-bit shared-memory address of a generic pointer into shared memory (for ldmatrix
+// and cp.async operands).
+__device__ __forceinline__ unsigned int ls_smem_addr(const void* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared; asynchronous (cp.async, not through registers) on sm_80 and
+// later, where a thread's copies complete at ls_cp_wait or ls_cp_wait_all, a plain copy
+// before.
+__device__ __forceinline__ void ls_cp16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(ls_smem_addr(dst)), "l"(src)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+// Closes this thread's copies issued since the last commit into a group.
+__device__ __forceinline__ void ls_cp_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `N` of this thread's most recent commit groups are pending.
+template <int N>
+__device__ __forceinline__ void ls_cp_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+// Waits for all of this thread's copies, committed or not.
+__device__ __forceinline__ void ls_cp_wait_all() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // out[i] = f(a[i], b[i]) (b may be null for a unary f), in 16-byte packs when every
 // pointer is aligned, then the tail one element at a time. Grid-stride over packs.
 template <typename T, typename F>

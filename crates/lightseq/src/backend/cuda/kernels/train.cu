@@ -427,30 +427,6 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
   }
 }
 
-// 16 bytes global -> shared; asynchronous (cp.async) on sm_80 and later, where a thread's
-// copies complete at ls_cp_wait, a plain copy before.
-__device__ __forceinline__ void ls_cp16(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-  unsigned int a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-__device__ __forceinline__ void ls_cp_commit() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most `N` of this thread's most recent commit groups are pending.
-template <int N>
-__device__ __forceinline__ void ls_cp_wait() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
 // Rows layer_norm_backward_rows keeps in flight per warp, and the shared bytes a warp stages
 // them in: per stage, LS_RP packs of x and of dy for each of its 32 lanes, lane-major (pack
 // k of lane l at (k 32 + l) 16, dy's after x's), so every access is conflict-free. The host
