@@ -156,7 +156,7 @@ fn sum_chunks_split(
         shared_mem_bytes: 0,
     };
     // SAFETY: argument types match the kernel's signature in train.cu; `out` covers the
-    // columns below `split` and `out2` those from it on.
+    // columns below `split`, `out2` the next `split` and `out3` the rest.
     launched("sum_chunks", unsafe { l.launch(cfg) })
 }
 
