@@ -210,9 +210,14 @@ pub struct Attn {
 /// What [`attend_backward`] needs.
 pub struct CoreSaved {
     inputs: Inputs,
-    p: Tensor,
+    /// The probabilities; None with the fused attention, whose backward computes them again
+    /// from q, k and the mask.
+    p: Option<Tensor>,
     /// P after dropout; None when attention dropout is off.
     pd: Option<Tensor>,
+    /// The fused backward's mask: a copy of the key lengths, and causality.
+    key_lens: Option<Tensor>,
+    causal: bool,
     drop: Option<u64>,
     heads: usize,
     scale: f32,
@@ -388,11 +393,11 @@ fn attend_inputs(
         // One fused pass; the dropout offset is taken as apply_ref would.
         let off = drop.reserve(drop.attention);
         let spec = off.map(|o| (drop.attention, drop.seed, o));
-        let out = tops::short_attention(inputs.qkv(), heads, scale, key_lens, causal, spec)?;
-        let (ctx, p) = out.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
-        let (b, lq, lk) = (p.shape()[0], p.shape()[2], p.shape()[3]);
-        let d = ctx.shape()[2] / heads;
-        (ctx, p, None, off, (b, lq, lk, d))
+        let qkv = inputs.qkv();
+        let out = tops::short_attention(qkv, heads, scale, key_lens, causal, spec)?;
+        let ctx = out.ok_or_else(|| Error::op("attend", "the fused attention did not run"))?;
+        let (lq, lk, b, h) = qkv.dims().expect("the fused attention checked the shapes");
+        (ctx, None, None, off, (b, lq, lk, h / heads))
     } else {
         let Inputs::Separate(q, k, v) = &inputs else {
             return Err(Error::op(
@@ -408,12 +413,19 @@ fn attend_inputs(
         std::mem::drop(s);
         let (pd, off) = drop.apply_ref(&p, drop.attention)?;
         let ctx = scores_by_heads(pd.as_ref().unwrap_or(&p), false, v, (b, nh, lq, lk, d))?;
-        (ctx, p, pd, off, (b, lq, lk, d))
+        (ctx, Some(p), pd, off, (b, lq, lk, d))
+    };
+    // The caller keeps its key lengths only for the forward; a copy of b integers.
+    let key_lens = match key_lens {
+        Some(kl) if fused => Some(tops::concat_rows(&[kl])?),
+        _ => None,
     };
     let saved = CoreSaved {
         inputs,
         p,
         pd,
+        key_lens,
+        causal,
         drop: off,
         heads,
         scale,
@@ -429,8 +441,9 @@ fn attend_inputs(
 pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<tops::QkvGrads> {
     if s.fused {
         let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
+        let mask = (s.key_lens.as_ref(), s.causal);
         let grads =
-            tops::short_attention_backward(s.inputs.qkv(), &s.p, &dctx, s.heads, s.scale, spec)?;
+            tops::short_attention_backward(s.inputs.qkv(), &dctx, s.heads, s.scale, mask, spec)?;
         return grads.ok_or_else(|| Error::op("attend_backward", "the fused backward did not run"));
     }
     let Inputs::Separate(q, k, v) = &s.inputs else {
@@ -441,10 +454,13 @@ pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<top
     };
     let (b, lq, lk, d) = s.dims;
     let dims = (b, s.heads, lq, lk, d);
+    let p =
+        s.p.as_ref()
+            .ok_or_else(|| Error::op("attend_backward", "no probabilities saved"))?;
     let dpd = head_scores(&dctx, v, dims)?;
-    let dv = scores_by_heads(s.pd.as_ref().unwrap_or(&s.p), true, &dctx, dims)?;
+    let dv = scores_by_heads(s.pd.as_ref().unwrap_or(p), true, &dctx, dims)?;
     let dp = drop.backward(dpd, drop.attention, s.drop)?;
-    let ds = tops::softmax_backward(&s.p, &dp, s.scale)?;
+    let ds = tops::softmax_backward(p, &dp, s.scale)?;
     let dq = scores_by_heads(&ds, false, k, dims)?;
     let dk = scores_by_heads(&ds, true, q, dims)?;
     Ok(tops::QkvGrads::Separate(dq, dk, dv))

@@ -340,7 +340,7 @@ pub enum Qkv<'a> {
 
 impl<'a> Qkv<'a> {
     /// (lq, lk, batch, q's width), when the shapes are position-major.
-    fn dims(&self) -> Option<(usize, usize, usize, usize)> {
+    pub fn dims(&self) -> Option<(usize, usize, usize, usize)> {
         match self {
             Qkv::Separate(q, k, _) => {
                 let (qs, ks) = (q.shape(), k.shape());
@@ -389,7 +389,7 @@ impl<'a> Qkv<'a> {
         if heads == 0 || h % heads != 0 {
             return false;
         }
-        cuda::short_attention_smem(s.device(), s.dtype(), lq, lk, h / heads).is_some()
+        cuda::short_attention_smem(s.device(), s.dtype(), lq, lk, h / heads, true).is_some()
     }
 
     /// The kernels' view of q, k and v; the shapes are checked.
@@ -442,9 +442,10 @@ pub fn short_attention_fits(q: &Tensor, k: &Tensor, heads: usize) -> bool {
 }
 
 /// Fused multi-head attention for short sequences, one pass over q, k and v (position-major,
-/// see [`Qkv`]): (ctx [lq, batch, heads * d], probabilities [batch, heads, lq, lk] before
-/// dropout), as `masked_softmax` of the scaled scores with `key_lens` and `causal`, then
-/// dropout, then the product with v. None where [`Qkv::fits`] is false.
+/// see [`Qkv`]): ctx [lq, batch, heads * d], as `masked_softmax` of the scaled scores with
+/// `key_lens` and `causal`, then dropout, then the product with v. None where [`Qkv::fits`]
+/// is false. The probabilities are not kept: [`short_attention_backward`] computes them
+/// again from q, k and the same mask.
 #[allow(clippy::too_many_arguments)]
 pub fn short_attention(
     qkv: Qkv,
@@ -453,7 +454,7 @@ pub fn short_attention(
     key_lens: Option<&Tensor>,
     causal: bool,
     drop: Option<AttentionDrop>,
-) -> Result<Option<(Tensor, Tensor)>> {
+) -> Result<Option<Tensor>> {
     const OP: &str = "short_attention";
     if !qkv.fits(heads) {
         return Ok(None);
@@ -467,7 +468,7 @@ pub fn short_attention(
         })?;
     }
     let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
-    let Some((ctx, probs)) = cuda::short_attention_forward(
+    let Some(ctx) = cuda::short_attention_forward(
         blocks,
         kl,
         (b, heads, lq, lk, h / heads),
@@ -479,10 +480,7 @@ pub fn short_attention(
         return Ok(None);
     };
     let dt = qkv.tensors()[0].dtype();
-    Ok(Some((
-        cuda_out(&[lq, b, h], dt, ctx),
-        cuda_out(&[b, heads, lq, lk], dt, probs),
-    )))
+    Ok(Some(cuda_out(&[lq, b, h], dt, ctx)))
 }
 
 /// Gradients of q, k and v, laid out as the inputs were ([`Qkv`]). (One per attention
@@ -505,15 +503,15 @@ impl QkvGrads {
     }
 }
 
-/// The backward of [`short_attention`] from dctx [lq, batch, heads * d] and its
-/// probabilities: the gradients of q, k and v in their inputs' layout; None where it does
-/// not apply. `drop` is the forward's.
+/// The backward of [`short_attention`] from dctx [lq, batch, heads * d]: the gradients of
+/// q, k and v in their inputs' layout; None where it does not apply. `key_lens`, `causal`,
+/// `scale` and `drop` are the forward's.
 pub fn short_attention_backward(
     qkv: Qkv,
-    probs: &Tensor,
     dctx: &Tensor,
     heads: usize,
     scale: f32,
+    (key_lens, causal): (Option<&Tensor>, bool),
     drop: Option<AttentionDrop>,
 ) -> Result<Option<QkvGrads>> {
     const OP: &str = "short_attention_backward";
@@ -521,22 +519,27 @@ pub fn short_attention_backward(
         return Ok(None);
     }
     let mut all = qkv.tensors();
-    all.extend([probs, dctx]);
+    all.push(dctx);
     float_dtype(OP, &all)?;
     let blocks = qkv.blocks(OP)?;
     let (lq, lk, b, h) = qkv.dims().expect("checked by fits");
-    need(
-        OP,
-        probs.shape() == [b, heads, lq, lk] && dctx.shape() == [lq, b, h],
-        || format!("probs {:?}, dctx {:?}", probs.shape(), dctx.shape()),
-    )?;
+    need(OP, dctx.shape() == [lq, b, h], || {
+        format!("dctx {:?}, expected [{lq}, {b}, {h}]", dctx.shape())
+    })?;
+    if let Some(kl) = key_lens {
+        need(OP, kl.dtype() == DType::I32 && kl.shape() == [b], || {
+            format!("key lengths {:?}, expected i32 [{b}]", kl.shape())
+        })?;
+    }
+    let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
     let Some(grads) = cuda::short_attention_backward(
         blocks,
         qkv.layout(),
-        probs.cuda(OP)?,
+        kl,
         dctx.cuda(OP)?,
         (b, heads, lq, lk, h / heads),
         scale,
+        causal,
         drop,
     )?
     else {

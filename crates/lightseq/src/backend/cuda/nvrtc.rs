@@ -111,10 +111,14 @@ pub const MODULES: &[KernelModule] = &[
         name: "attention_train",
         source: include_str!("kernels/attention_train.cu"),
         kernels: &[
-            "attn_short_fwd_d64",
-            "attn_short_fwd_d128",
-            "attn_short_bwd_d64",
-            "attn_short_bwd_d128",
+            "attn_short_fwd_d64_l32",
+            "attn_short_fwd_d64_l64",
+            "attn_short_fwd_d128_l32",
+            "attn_short_fwd_d128_l64",
+            "attn_short_bwd_d64_l32",
+            "attn_short_bwd_d64_l64",
+            "attn_short_bwd_d128_l32",
+            "attn_short_bwd_d128_l64",
         ],
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],

@@ -1290,13 +1290,15 @@ const SHORT_ATTENTION_SMEM: usize = 96 << 10;
 /// Dynamic shared memory (forward, backward) of the fused short attention
 /// (attention_train.cu) for these sizes, or None where it does not apply: f16/bf16 on
 /// sm_80 or later, both lengths at most 64, head_dim a multiple of 16 up to 128, and at
-/// most [`SHORT_ATTENTION_SMEM`] of shared memory.
+/// most [`SHORT_ATTENTION_SMEM`] of shared memory. The dropout flags take shared memory only
+/// with `dropout`.
 pub(crate) fn short_attention_smem(
     dev: &super::CudaDevice,
     dt: DType,
     lq: usize,
     lk: usize,
     d: usize,
+    dropout: bool,
 ) -> Option<(usize, usize)> {
     let fits = matches!(dt, DType::F16 | DType::BF16)
         && dev.arch() >= (8, 0)
@@ -1308,15 +1310,23 @@ pub(crate) fn short_attention_smem(
         return None;
     }
     // The kernels carve these regions in this order, each rounded to 128 bytes: q, k, v,
-    // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients, dropout
-    // flags (backward). Rows are padded by 8 elements.
+    // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients (or
+    // those two over k and v), dropout flags (backward). Rows are padded by 8 elements. The flags go last, so a launch
+    // without dropout may leave them out.
     let r = |bytes: usize| bytes.next_multiple_of(128);
     let (lqp, lkp) = (lq.next_multiple_of(16), lk.next_multiple_of(16));
     let (es, ld, lds) = (dt.size(), d + 8, lkp + 8);
     // Each warp's dropout flags: AT_FLAG_BYTES.
-    let flags = short_attention_threads(lq, lk) as usize / 32 * (16 * 64 + 16);
+    let flags = if dropout {
+        short_attention_threads(lq, lk) as usize / 32 * (16 * 64 + 16)
+    } else {
+        0
+    };
     let fwd = r(es * lqp * ld) + 2 * r(es * lkp * ld) + flags;
-    let bwd = fwd + r(es * lqp * ld) + 2 * r(es * lqp * lds);
+    // The backward's dropped probabilities and score gradients go over k and v where both
+    // fit there (the kernel decides the same way).
+    let over_kv = r(es * lqp * lds) <= r(es * lkp * ld);
+    let bwd = fwd + r(es * lqp * ld) + if over_kv { 0 } else { 2 * r(es * lqp * lds) };
     (fwd.max(bwd) <= SHORT_ATTENTION_SMEM).then_some((fwd, bwd))
 }
 
@@ -1333,14 +1343,19 @@ fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
     .map_err(|e| cuda_err("setting a kernel's shared memory", e))
 }
 
-/// The fused short-attention kernel for head_dim `d`: the variant for d <= 64 keeps half
-/// the accumulators of the one for d <= 128.
-fn short_attention_kernel(forward: bool, d: usize) -> &'static str {
-    match (forward, d <= 64) {
-        (true, true) => "attn_short_fwd_d64",
-        (true, false) => "attn_short_fwd_d128",
-        (false, true) => "attn_short_bwd_d64",
-        (false, false) => "attn_short_bwd_d128",
+/// The fused short-attention kernel for head_dim `d` and lengths `lq`, `lk`: the variants
+/// for d <= 64 and for lengths up to 32 keep half the accumulators (and half the scores) of
+/// those for d <= 128 and lengths up to 64.
+fn short_attention_kernel(forward: bool, d: usize, lq: usize, lk: usize) -> &'static str {
+    match (forward, d <= 64, lq.max(lk) <= 32) {
+        (true, true, true) => "attn_short_fwd_d64_l32",
+        (true, true, false) => "attn_short_fwd_d64_l64",
+        (true, false, true) => "attn_short_fwd_d128_l32",
+        (true, false, false) => "attn_short_fwd_d128_l64",
+        (false, true, true) => "attn_short_bwd_d64_l32",
+        (false, true, false) => "attn_short_bwd_d64_l64",
+        (false, false, true) => "attn_short_bwd_d128_l32",
+        (false, false, false) => "attn_short_bwd_d128_l64",
     }
 }
 
@@ -1445,9 +1460,9 @@ fn head_widths(q: &HeadBlock, k: &HeadBlock, v: &HeadBlock) -> Result<(i32, i32)
 }
 
 /// The fused attention of `batch * heads` heads of q [lq, batch, heads * d] over k, v
-/// [lk, batch, heads * d] (position-major; see [`HeadBlock`] for wider rows): (ctx [lq,
-/// batch, heads * d], probabilities [batch, heads, lq, lk] before dropout); None where
-/// [`short_attention_smem`] says it does not apply.
+/// [lk, batch, heads * d] (position-major; see [`HeadBlock`] for wider rows): ctx [lq,
+/// batch, heads * d]; None where [`short_attention_smem`] says it does not apply. The
+/// probabilities are not kept: the backward computes them again.
 pub(crate) fn short_attention_forward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     key_lens: Option<&CudaStorage>,
@@ -1455,32 +1470,30 @@ pub(crate) fn short_attention_forward(
     scale: f32,
     causal: bool,
     drop: Option<DropSpec>,
-) -> Result<Option<(CudaStorage, CudaStorage)>> {
+) -> Result<Option<CudaStorage>> {
     let dev = q.s.device();
     let dt = q.s.dtype();
-    let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d) else {
+    let (p, keep, seed, offset) = drop_args(drop);
+    let Some((smem, _)) = short_attention_smem(dev, dt, lq, lk, d, p > 0.0) else {
         return Ok(None);
     };
     let (qw, kvw) = head_widths(&q, &k, &v)?;
     let ctx = dev.alloc(dt, lq * batch * heads * d)?;
-    let probs = dev.alloc(dt, batch * heads * lq * lk)?;
     if batch * heads == 0 {
-        return Ok(Some((ctx, probs)));
+        return Ok(Some(ctx));
     }
-    let f = dev.kernel(short_attention_kernel(true, d), dt)?;
+    let f = dev.kernel(short_attention_kernel(true, d, lq, lk), dt)?;
     allow_smem(&f, smem)?;
     let (qp, kp, vp, klp) = (q.ptr(), k.ptr(), v.ptr(), key_lens.map_or(0, |k| k.ptr()));
-    let (cp, pp) = (ctx.ptr(), probs.ptr());
+    let cp = ctx.ptr();
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let causal = causal as i32;
-    let (p, keep, seed, offset) = drop_args(drop);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&qp)
         .arg(&kp)
         .arg(&vp)
         .arg(&klp)
         .arg(&cp)
-        .arg(&pp)
         .arg(&b)
         .arg(&h)
         .arg(&lq32)
@@ -1499,24 +1512,27 @@ pub(crate) fn short_attention_forward(
     // hold lq and lk rows of their widths (the caller checks the shapes), the outputs the
     // sizes above, and the shared memory is what the kernel carves.
     launched("attn_short_fwd", unsafe { l.launch(cfg) })?;
-    Ok(Some((ctx, probs)))
+    Ok(Some(ctx))
 }
 
 /// The backward of [`short_attention_forward`] from dctx: (dq, dk, dv) in q's, k's and v's
-/// layout (`layout`); None where it does not apply. `drop` is the forward's, whose dropout draws
-/// the kernel makes again.
+/// layout (`layout`); None where it does not apply. `key_lens`, `causal`, `scale` and `drop`
+/// are the forward's: the kernel computes the probabilities and the dropout draws again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn short_attention_backward(
     (q, k, v): (HeadBlock, HeadBlock, HeadBlock),
     layout: QkvLayout,
-    probs: &CudaStorage,
+    key_lens: Option<&CudaStorage>,
     dctx: &CudaStorage,
     (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
     scale: f32,
+    causal: bool,
     drop: Option<DropSpec>,
 ) -> Result<Option<AttnGrads>> {
     let dev = q.s.device();
     let dt = q.s.dtype();
-    let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d) else {
+    let (p, keep, seed, offset) = drop_args(drop);
+    let Some((_, smem)) = short_attention_smem(dev, dt, lq, lk, d, p > 0.0) else {
         return Ok(None);
     };
     let (qw, kvw) = head_widths(&q, &k, &v)?;
@@ -1573,16 +1589,17 @@ pub(crate) fn short_attention_backward(
         ),
         AttnGrads::Separate(dq, dk, dv) => (dq.ptr(), dk.ptr(), dv.ptr()),
     };
-    let f = dev.kernel(short_attention_kernel(false, d), dt)?;
+    let f = dev.kernel(short_attention_kernel(false, d, lq, lk), dt)?;
     allow_smem(&f, smem)?;
-    let (qp, kp, vp, pp, dcp) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dctx.ptr());
+    let (qp, kp, vp, dcp) = (q.ptr(), k.ptr(), v.ptr(), dctx.ptr());
+    let klp = key_lens.map_or(0, |k| k.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
-    let (p, keep, seed, offset) = drop_args(drop);
+    let causal = causal as i32;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&qp)
         .arg(&kp)
         .arg(&vp)
-        .arg(&pp)
+        .arg(&klp)
         .arg(&dcp)
         .arg(&dqp)
         .arg(&dkp)
@@ -1595,12 +1612,13 @@ pub(crate) fn short_attention_backward(
         .arg(&qw)
         .arg(&kvw)
         .arg(&scale)
+        .arg(&causal)
         .arg(&p)
         .arg(&keep)
         .arg(&seed)
         .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
-    // SAFETY: as in short_attention_forward.
+    // SAFETY: as in short_attention_forward; key_lens, when given, holds `batch` i32.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
     Ok(Some(grads))
 }

@@ -3,15 +3,16 @@
 // runs every product on tensor cores (mma.sync m16n8k16, f32 accumulation), operands read
 // with ldmatrix. Each warp owns 16 query rows: its scores, probabilities and score
 // gradients stay in registers (an m16n8 accumulator is laid out as the m16k16 operand it
-// feeds next), so no score matrix goes through global memory except the probabilities the
-// backward reads.
+// feeds next), so no score matrix goes through global memory: the backward computes the
+// probabilities again from q and k, by the forward's code.
 // Activations are position-major ([len, batch, heads * d]: head h of sequence b starts at
 // (b * heads + h) * d, rows batch * heads * d apart; q, k and v may be column blocks of
-// wider rows, see AtHeads, and their gradients are written in the same layout); the probabilities are [batch, heads,
-// lq, lk] as masked_softmax writes them. Lengths are padded to multiples of 16 inside the
-// block (zero rows, masked columns). Shared rows are d + 8 (or lkp + 8) elements apart so
-// that the eight 16-byte rows of an ldmatrix land in distinct banks. The block has
-// max(lqp, lkp) / 16 warps; the host sizes the shared memory in the same order.
+// wider rows, see AtHeads, and their gradients are written in the same layout). Lengths
+// are padded to multiples of 16 inside the block (zero rows, masked columns). Shared rows
+// are d + 8 (or lkp + 8) elements apart so that the eight 16-byte rows of an ldmatrix land
+// in distinct banks. The block has max(lqp, lkp) / 16 warps; the host sizes the shared
+// memory in the same order. Kernels come per bound on head_dim (64, 128) and on both
+// lengths (32, 64), which size the register arrays.
 // f16 and bf16 only (the mma has no f32 inputs), sm_80 and later.
 #define AT_MAX_WARPS 4
 
@@ -24,6 +25,18 @@ __device__ __forceinline__ unsigned int at_bits(__half x) {
 template <>
 __device__ __forceinline__ unsigned int at_bits(__nv_bfloat16 x) {
   return __bfloat16_as_ushort(x);
+}
+
+// The T in the low 16 bits of x.
+template <typename T>
+__device__ __forceinline__ T at_unpack(unsigned int x);
+template <>
+__device__ __forceinline__ __half at_unpack(unsigned int x) {
+  return __ushort_as_half((unsigned short)(x & 0xffffu));
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 at_unpack(unsigned int x) {
+  return __ushort_as_bfloat16((unsigned short)(x & 0xffffu));
 }
 
 // Two floats rounded to T in one register, the first in the low half (the mma order).
@@ -170,10 +183,10 @@ __device__ __forceinline__ void at_zero(float (&acc)[N][4]) {
 }
 
 // s = x [r0..r0 + 16, 0..d) @ y^T for y [lkp, d] held row-major: a warp's 16 rows of scores
-// (or of their gradient), key tiles of 8.
-template <typename T, int DMAX>
-__device__ __forceinline__ void at_row_scores(float (&s)[8][4], const T* x, const T* y, int ld,
-                                              int r0, int d, int lkp) {
+// (or of their gradient), key tiles of 8 up to LMAX keys.
+template <typename T, int DMAX, int LMAX>
+__device__ __forceinline__ void at_row_scores(float (&s)[LMAX / 8][4], const T* x, const T* y,
+                                              int ld, int r0, int d, int lkp) {
   at_zero(s);
 #pragma unroll
   for (int kk = 0; kk < DMAX / 16; ++kk) {
@@ -181,7 +194,7 @@ __device__ __forceinline__ void at_row_scores(float (&s)[8][4], const T* x, cons
     unsigned int a[4];
     at_a(a, x, ld, r0, kk * 16);
 #pragma unroll
-    for (int n2 = 0; n2 < 4; ++n2) {
+    for (int n2 = 0; n2 < LMAX / 16; ++n2) {
       if (n2 * 16 >= lkp) break;
       unsigned int b[4];
       at_b_nk(b, y, ld, n2 * 16, kk * 16);
@@ -191,21 +204,78 @@ __device__ __forceinline__ void at_row_scores(float (&s)[8][4], const T* x, cons
   }
 }
 
-// acc = s [16, lkp] @ y [lkp, d] (y row-major): the score-shaped accumulators, rounded to
-// T, are the A operand as they lie in registers.
-template <typename T, int DMAX>
-__device__ __forceinline__ void at_rows_by(float (&acc)[DMAX / 8][4], const float (&s)[8][4],
-                                           const T* y, int ld, int lkp, int d) {
+// Score-shaped accumulators rounded to T, two to a register: sp[n][h] holds s[n][2h] and
+// s[n][2h + 1].
+template <typename T, int NT>
+__device__ __forceinline__ void at_pack_rows(unsigned int (&sp)[NT][2], const float (&s)[NT][4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    sp[n][0] = at_pack2<T>(s[n][0], s[n][1]);
+    sp[n][1] = at_pack2<T>(s[n][2], s[n][3]);
+  }
+}
+
+// acc = s [16, lkp] @ y [lkp, d] (y row-major), s packed by at_pack_rows: the score-shaped
+// accumulators are the A operand as they lie in registers.
+template <typename T, int DMAX, int LMAX>
+__device__ __forceinline__ void at_rows_by(float (&acc)[DMAX / 8][4],
+                                           const unsigned int (&sp)[LMAX / 8][2], const T* y,
+                                           int ld, int lkp, int d) {
   at_zero(acc);
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < LMAX / 16; ++kk) {
     if (kk * 16 >= lkp) break;
-    const unsigned int a[4] = {
-        at_pack2<T>(s[2 * kk][0], s[2 * kk][1]), at_pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-        at_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-        at_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    const unsigned int a[4] = {sp[2 * kk][0], sp[2 * kk][1], sp[2 * kk + 1][0],
+                               sp[2 * kk + 1][1]};
     at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
   }
+}
+
+// The masked softmax (masked_softmax's) of a warp's 16 rows of scores as at_row_scores
+// leaves them, in place: s[n][2h + e] becomes the probability, rounded to T, of row
+// r0 + g + 8h at key 8n + 2t + e; zero at masked keys (j >= key_lens[b], or j > i when
+// causal), keys past lk and rows past lq. The forward and the backward both call this, so
+// the backward sees the forward's probabilities without storing them.
+template <typename T, int LMAX>
+__device__ __forceinline__ void at_softmax(float (&s)[LMAX / 8][4], int r0, int lq, int limit,
+                                           int causal, float scale) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = r0 + g + 8 * h;
+    int lim = i < lq ? limit : 0;
+    if (causal) lim = min(lim, i + 1);
+    float m = LS_NEG_INF;
+#pragma unroll
+    for (int n = 0; n < LMAX / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (8 * n + 2 * t + e < lim) m = fmaxf(m, s[n][2 * h + e] * scale);
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < LMAX / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool on = 8 * n + 2 * t + e < lim;
+        const float x = on ? expf(s[n][2 * h + e] * scale - m) : 0.f;
+        s[n][2 * h + e] = x;
+        sum += x;
+      }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int n = 0; n < LMAX / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) s[n][2 * h + e] = to_f(from_f<T>(s[n][2 * h + e] * inv));
+  }
+}
+
+// The key limit of sequence b: key_lens[b] clamped to [0, lk], or lk without key lengths.
+__device__ __forceinline__ int at_key_limit(const int* key_lens, int b, int lk) {
+  return key_lens ? min(max(key_lens[b], 0), lk) : lk;
 }
 
 // A warp's 16-row strip of accumulators to a head in global memory (at_put per tile).
@@ -295,12 +365,13 @@ struct AtQkv {
 };
 
 // Forward: probs = softmax(scale * q k^T) with keys j >= key_lens[b] (and j > i when causal)
-// masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v.
-template <typename T, int DMAX>
+// masked, rows with no visible key zero (masked_softmax); ctx = dropout(probs) v. The
+// probabilities are not stored: the backward computes them again (at_softmax).
+template <typename T, int DMAX, int LMAX>
 __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const int* key_lens,
-                                    T* ctx, T* probs, int batch, int heads, int lq, int lk,
-                                    int d, int q_w, int kv_w, float scale, int causal,
-                                    float p_drop, float keep, unsigned long long seed,
+                                    T* ctx, int batch, int heads, int lq, int lk, int d,
+                                    int q_w, int kv_w, float scale, int causal, float p_drop,
+                                    float keep, unsigned long long seed,
                                     unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x, bi = bh / heads;
@@ -312,92 +383,56 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   T *qs = st.q, *ks = st.k, *vs = st.v;
   unsigned char* flags = sm;
   st.stage(q, k, v, qh, kvh, lq, lk, d);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
   const int r0 = warp * 16;
   unsigned long long km[2] = {~0ull, ~0ull};
   // Overlaps the staging copies.
   if (r0 < lqp && p_drop > 0.f)
     at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
+  const int limit = at_key_limit(key_lens, bi, lk);
   ls_cp_wait_all();
   __syncthreads();
   if (r0 >= lqp) return;
   // s[n] holds scores of rows r0 + g, r0 + g + 8 at keys 8n + 2t, 8n + 2t + 1.
-  float s[8][4];
-  at_row_scores<T, DMAX>(s, qs, ks, ld, r0, d, lkp);
-  int limit = lk;
-  if (key_lens) limit = min(max(key_lens[bi], 0), lk);
-  // Softmax of the two rows this lane holds (h = 0: row r0 + g, h = 1: row r0 + g + 8);
-  // the four lanes of a row (t = 0..3) combine through shuffles.
+  float s[LMAX / 8][4];
+  at_row_scores<T, DMAX, LMAX>(s, qs, ks, ld, r0, d, lkp);
+  at_softmax<T, LMAX>(s, r0, lq, limit, causal, scale);
+  if (p_drop > 0.f) {
+    // Dropout of the stored (rounded) probabilities; keys past lk and rows past lq have no
+    // keep bits.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int i = r0 + g + 8 * h;
-    int lim = i < lq ? limit : 0;
-    if (causal) lim = min(lim, i + 1);
-    float m = LS_NEG_INF;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+      for (int n = 0; n < LMAX / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (8 * n + 2 * t + e < lim) m = fmaxf(m, s[n][2 * h + e] * scale);
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    float sum = 0.f;
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool on = 8 * n + 2 * t + e < lim;
-        const float x = on ? expf(s[n][2 * h + e] * scale - m) : 0.f;
-        s[n][2 * h + e] = x;
-        sum += x;
-      }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      const int j = 8 * n + 2 * t;
-      // The probabilities as stored (rounded to T), then after dropout.
-      const float p0 = to_f(from_f<T>(s[n][2 * h] * inv));
-      const float p1 = to_f(from_f<T>(s[n][2 * h + 1] * inv));
-      float d0 = p0, d1 = p1;
-      if (i < lq && j < lk) {
-        const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
-        if (j + 1 >= lk) {
-          probs[idx] = from_f<T>(p0);
-        } else if (idx % 2 == 0) {
-          *reinterpret_cast<unsigned int*>(probs + idx) = at_pack2<T>(p0, p1);
-        } else {
-          probs[idx] = from_f<T>(p0);
-          probs[idx + 1] = from_f<T>(p1);
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * n + 2 * t + e;
+          float& x = s[n][2 * h + e];
+          x = km[h] >> j & 1 ? to_f(from_f<T>(x * keep)) : 0.f;
         }
-        if (p_drop > 0.f) {
-          d0 = km[h] >> j & 1 ? to_f(from_f<T>(p0 * keep)) : 0.f;
-          d1 = km[h] >> (j + 1) & 1 ? to_f(from_f<T>(p1 * keep)) : 0.f;
-        }
-      }
-      s[n][2 * h] = d0;
-      s[n][2 * h + 1] = d1;
-    }
   }
   // ctx rows = dropout(probs) [16, lkp] @ v [lkp, d]; the probabilities are the A operand.
+  unsigned int sp[LMAX / 8][2];
+  at_pack_rows<T>(sp, s);
   float o[DMAX / 8][4];
-  at_rows_by<T, DMAX>(o, s, vs, ld, lkp, d);
+  at_rows_by<T, DMAX, LMAX>(o, sp, vs, ld, lkp, d);
   at_put_rows<T, DMAX>(ctx + head0, stride, lq, r0, d, o);
 }
 
 // Backward from dctx: dv = dropout(probs)^T dctx; dp = dropout'(dctx v^T); ds = scale *
-// probs * (dp - rowsum(probs * dp)) (softmax_backward); dq = ds k; dk = ds^T q. Warps take
+// probs * (dp - rowsum(probs * dp)) (softmax_backward); dq = ds k; dk = ds^T q. The
+// probabilities are computed again from q and k as the forward computed them. Warps take
 // 16 query rows for dq (ds in registers), then 16 key rows for dk and dv, reading the
-// dropped probabilities and ds that the first phase left in shared memory.
-template <typename T, int DMAX>
-__device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T* probs,
+// dropped probabilities and ds that the first phase leaves in shared memory: over k and v,
+// which the second phase does not read, where they fit.
+template <typename T, int DMAX, int LMAX>
+__device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const int* key_lens,
                                     const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,
                                     int lq, int lk, int d, int q_w, int kv_w, float scale,
-                                    float p_drop, float keep, unsigned long long seed,
-                                    unsigned long long offset) {
+                                    int causal, float p_drop, float keep,
+                                    unsigned long long seed, unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
-  const int bh = blockIdx.x;
+  const int bh = blockIdx.x, bi = bh / heads;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8, lds = lkp + 8;
   const long long stride = (long long)batch * heads * d, head0 = (long long)bh * d;
   const AtHeads qh(bh, heads, batch, d, q_w), kvh(bh, heads, batch, d, kv_w);
@@ -405,8 +440,11 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   AtQkv<T> st(sm, lq, lk, d);
   T *qs = st.q, *ks = st.k, *vs = st.v;
   T* dos = at_carve<T>(sm, lqp, ld);
-  T* pds = at_carve<T>(sm, lqp, lds);
-  T* dss = at_carve<T>(sm, lqp, lds);
+  // The dropped probabilities and ds [lqp, lds] each: over k and v when both fit there.
+  const bool over_kv = at_round(sizeof(T) * lqp * lds) <= at_round(sizeof(T) * lkp * ld);
+  unsigned char* pd_at = reinterpret_cast<unsigned char*>(ks);
+  T* pds = at_carve<T>(over_kv ? pd_at : sm, lqp, lds);
+  T* dss = at_carve<T>(over_kv ? pd_at : sm, lqp, lds);
   unsigned char* flags = sm;
   st.stage(q, k, v, qh, kvh, lq, lk, d);
   at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
@@ -416,60 +454,66 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   unsigned long long km[2] = {~0ull, ~0ull};
   if (r0 < lqp && p_drop > 0.f)
     at_keep_bits(flags + warp * AT_FLAG_BYTES, bh, lq, lk, r0, p_drop, seed, offset, km);
+  const int limit = at_key_limit(key_lens, bi, lk);
   ls_cp_wait_all();
   __syncthreads();
+  // The probabilities and ds at rows r0 + g (+ 8h), keys 8n + 2t (+ 1), packed two to a
+  // register (at_pack_rows) for the second phase.
+  unsigned int pp[LMAX / 8][2], dsp[LMAX / 8][2];
   if (r0 < lqp) {
-    // dp[n] = (dO v^T) at rows r0 + g (+ 8), keys 8n + 2t (+ 1).
-    float dp[8][4];
-    at_row_scores<T, DMAX>(dp, dos, vs, ld, r0, d, lkp);
+    // p[n]: the probabilities; dp[n]: dO v^T, then ds.
+    float p[LMAX / 8][4], dp[LMAX / 8][4];
+    at_row_scores<T, DMAX, LMAX>(p, qs, ks, ld, r0, d, lkp);
+    at_softmax<T, LMAX>(p, r0, lq, limit, causal, scale);
+    at_row_scores<T, DMAX, LMAX>(dp, dos, vs, ld, r0, d, lkp);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float dot = 0.f;
+#pragma unroll
+      for (int n = 0; n < LMAX / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& gv = dp[n][2 * h + e];
+          if (p_drop > 0.f) gv = km[h] >> (8 * n + 2 * t + e) & 1 ? gv * keep : 0.f;
+          dot += p[n][2 * h + e] * gv;
+        }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      // ds rounded to T as the unfused path stores it.
+#pragma unroll
+      for (int n = 0; n < LMAX / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& gv = dp[n][2 * h + e];
+          gv = to_f(from_f<T>(scale * p[n][2 * h + e] * (gv - dot)));
+        }
+    }
+    at_pack_rows<T>(pp, p);
+    at_pack_rows<T>(dsp, dp);
+    // dq rows = ds [16, lkp] @ k [lkp, d].
+    float acc[DMAX / 8][4];
+    at_rows_by<T, DMAX, LMAX>(acc, dsp, ks, ld, lkp, d);
+    at_put_rows<T, DMAX>(dq + qh.head0, qh.stride, lq, r0, d, acc);
+  }
+  if (over_kv) __syncthreads();  // every warp is done with k and v
+  if (r0 < lqp) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int i = r0 + g + 8 * h;
-      float pv[8][2], dot = 0.f;
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < LMAX / 8; ++n) {
         const int j = 8 * n + 2 * t;
-        float p0 = 0.f, p1 = 0.f, g0 = dp[n][2 * h], g1 = dp[n][2 * h + 1];
-        float pd0 = 0.f, pd1 = 0.f;
-        if (i < lq && j < lk) {
-          const unsigned long long idx = ((unsigned long long)bh * lq + i) * lk + j;
-          p0 = to_f(probs[idx]);
-          if (j + 1 < lk) p1 = to_f(probs[idx + 1]);
-          pd0 = p0;
-          pd1 = p1;
-          if (p_drop > 0.f) {
-            const bool k0 = km[h] >> j & 1, k1 = km[h] >> (j + 1) & 1;
-            pd0 = k0 ? to_f(from_f<T>(p0 * keep)) : 0.f;
-            pd1 = k1 ? to_f(from_f<T>(p1 * keep)) : 0.f;
-            g0 = k0 ? g0 * keep : 0.f;
-            g1 = k1 ? g1 * keep : 0.f;
-          }
+        if (j >= lkp) break;
+        unsigned int pd = pp[n][h];
+        if (p_drop > 0.f) {
+          const float p0 = to_f(at_unpack<T>(pd)), p1 = to_f(at_unpack<T>(pd >> 16));
+          pd = at_pack2<T>(km[h] >> j & 1 ? p0 * keep : 0.f,
+                           km[h] >> (j + 1) & 1 ? p1 * keep : 0.f);
         }
-        pv[n][0] = p0;
-        pv[n][1] = p1;
-        dp[n][2 * h] = g0;
-        dp[n][2 * h + 1] = g1;
-        dot += p0 * g0 + p1 * g1;
-        if (j < lkp)
-          *reinterpret_cast<unsigned int*>(pds + i * lds + j) = at_pack2<T>(pd0, pd1);
-      }
-      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        const int j = 8 * n + 2 * t;
-        // ds rounded to T as the unfused path stores it.
-        const float ds0 = to_f(from_f<T>(scale * pv[n][0] * (dp[n][2 * h] - dot)));
-        const float ds1 = to_f(from_f<T>(scale * pv[n][1] * (dp[n][2 * h + 1] - dot)));
-        dp[n][2 * h] = ds0;
-        dp[n][2 * h + 1] = ds1;
-        if (j < lkp) *reinterpret_cast<unsigned int*>(dss + i * lds + j) = at_pack2<T>(ds0, ds1);
+        *reinterpret_cast<unsigned int*>(pds + i * lds + j) = pd;
+        *reinterpret_cast<unsigned int*>(dss + i * lds + j) = dsp[n][h];
       }
     }
-    // dq rows = ds [16, lkp] @ k [lkp, d].
-    float acc[DMAX / 8][4];
-    at_rows_by<T, DMAX>(acc, dp, ks, ld, lkp, d);
-    at_put_rows<T, DMAX>(dq + qh.head0, qh.stride, lq, r0, d, acc);
   }
   __syncthreads();
   if (r0 >= lkp) return;
@@ -481,7 +525,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
     float acc[DMAX / 8][4];
     at_zero(acc);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < LMAX / 16; ++kk) {
       if (kk * 16 >= lqp) break;
       unsigned int a[4];
       at_a_t(a, x, lds, r0, kk * 16);
@@ -491,27 +535,32 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const T*
   }
 }
 
-// Kernels per storage type and bound on head_dim (registers scale with it).
-#define LS_ATTN_SHORT(T, S, DMAX)                                                             \
+// Kernels per storage type, bound on head_dim and bound on both lengths (registers scale
+// with both).
+#define LS_ATTN_SHORT(T, S, DMAX, LMAX)                                                       \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
-      attn_short_fwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const int* key_lens,   \
-                                   T* ctx, T* probs, int batch, int heads, int lq, int lk,    \
-                                   int d, int q_w, int kv_w, float scale, int causal,         \
-                                   float p_drop, float keep, unsigned long long seed,         \
-                                   unsigned long long offset) {                               \
-    attn_short_fwd_body<T, DMAX>(q, k, v, key_lens, ctx, probs, batch, heads, lq, lk, d, q_w, \
-                                 kv_w, scale, causal, p_drop, keep, seed, offset);            \
+      attn_short_fwd_d##DMAX##_l##LMAX##_##S(                                                 \
+          const T* q, const T* k, const T* v, const int* key_lens, T* ctx, int batch,         \
+          int heads, int lq, int lk, int d, int q_w, int kv_w, float scale, int causal,       \
+          float p_drop, float keep, unsigned long long seed, unsigned long long offset) {     \
+    attn_short_fwd_body<T, DMAX, LMAX>(q, k, v, key_lens, ctx, batch, heads, lq, lk, d, q_w,  \
+                                       kv_w, scale, causal, p_drop, keep, seed, offset);      \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
-      attn_short_bwd_d##DMAX##_##S(const T* q, const T* k, const T* v, const T* probs,        \
-                                   const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,  \
-                                   int lq, int lk, int d, int q_w, int kv_w, float scale,     \
-                                   float p_drop, float keep, unsigned long long seed,         \
-                                   unsigned long long offset) {                               \
-    attn_short_bwd_body<T, DMAX>(q, k, v, probs, dctx, dq, dk, dv, batch, heads, lq, lk, d,   \
-                                 q_w, kv_w, scale, p_drop, keep, seed, offset);               \
+      attn_short_bwd_d##DMAX##_l##LMAX##_##S(                                                 \
+          const T* q, const T* k, const T* v, const int* key_lens, const T* dctx, T* dq,      \
+          T* dk, T* dv, int batch, int heads, int lq, int lk, int d, int q_w, int kv_w,       \
+          float scale, int causal, float p_drop, float keep, unsigned long long seed,         \
+          unsigned long long offset) {                                                        \
+    attn_short_bwd_body<T, DMAX, LMAX>(q, k, v, key_lens, dctx, dq, dk, dv, batch, heads, lq, \
+                                       lk, d, q_w, kv_w, scale, causal, p_drop, keep, seed,   \
+                                       offset);                                               \
   }
-LS_ATTN_SHORT(__half, f16, 64)
-LS_ATTN_SHORT(__half, f16, 128)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 64)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 128)
+LS_ATTN_SHORT(__half, f16, 64, 32)
+LS_ATTN_SHORT(__half, f16, 64, 64)
+LS_ATTN_SHORT(__half, f16, 128, 32)
+LS_ATTN_SHORT(__half, f16, 128, 64)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 32)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 64)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 32)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64)
