@@ -260,19 +260,25 @@ fn cuda_matmul_matches_cpu() {
             };
             check("linear_weight_grad", dt, &wg(&gpu), &wg(&cpu), tol(dt));
             // Accumulated into f32 gradients that already hold values, with and without
-            // the bias gradient.
+            // the bias gradient; and written over stale values (`overwrite`), against the
+            // CPU accumulating into zeros.
             let (acc0, bacc0) = (randn(6, nout * kin), randn(11, nout));
-            for with_bias in [false, true] {
-                let wgi = |d: &Device| {
-                    let mut acc = t(&acc0, &[nout, kin], DType::F32, d);
+            for (with_bias, overwrite) in [(false, false), (true, false), (true, true)] {
+                let wgi = |d: &Device, overwrite: bool, start: &[f32]| {
+                    let mut acc = t(start, &[nout, kin], DType::F32, d);
                     let mut bacc = t(&bacc0, &[nout], DType::F32, d);
                     let (dyt, xt) = (t(&dy, &[rows, nout], dt, d), t(&x, &[rows, kin], dt, d));
                     let b = with_bias.then_some(&mut bacc);
-                    ops::linear_weight_grad_into(&mut acc, b, &dyt, &xt).unwrap();
+                    ops::linear_weight_grad_into(&mut acc, b, &dyt, &xt, overwrite).unwrap();
                     (acc, bacc)
                 };
-                let ((ga, gb), (ca, cb)) = (wgi(&gpu), wgi(&cpu));
-                let what = format!("linear_weight_grad_into {rows}x{kin}x{nout} bias {with_bias}");
+                let zero = vec![0f32; nout * kin];
+                let cpu_start = if overwrite { &zero } else { &acc0 };
+                let ((ga, gb), (ca, cb)) =
+                    (wgi(&gpu, overwrite, &acc0), wgi(&cpu, false, cpu_start));
+                let what = format!(
+                    "linear_weight_grad_into {rows}x{kin}x{nout} bias {with_bias} overwrite {overwrite}"
+                );
                 check(&what, dt, &ga, &ca, tol(dt));
                 check(&format!("{what}: bias"), dt, &gb, &cb, tol(dt));
             }
@@ -657,15 +663,25 @@ fn cuda_lm_head_over_padded_logits_matches_cpu() {
                 }
             })
             .collect();
+        // The GPU writes the weight gradient over stale values for two of the shapes; the
+        // CPU accumulates into zeros there.
+        let overwrite = rows % 2 == 1;
         for dt in DTYPES {
             let run = |d: &Device| {
+                let on_gpu = matches!(d, Device::Cuda(_));
                 let (xt, wt) = (t(&x, &[rows, k], dt, d), t(&w, &[vocab, k], dt, d));
                 let logits = head::logits(&xt, &wt, Some(&t(&b, &[vocab], dt, d))).unwrap();
                 let (loss, nll, dl) =
                     head::cross_entropy(&logits, &ids(&targets, d), 0.1, 0.5).unwrap();
-                let mut wg = t(&wg0, &[vocab, k], DType::F32, d);
+                let wg_start = if overwrite && !on_gpu {
+                    vec![0f32; vocab * k]
+                } else {
+                    wg0.clone()
+                };
+                let mut wg = t(&wg_start, &[vocab, k], DType::F32, d);
                 let mut bg = t(&bg0, &[vocab], DType::F32, d);
-                head::weight_grad_into(&mut wg, Some(&mut bg), &xt, &dl).unwrap();
+                head::weight_grad_into(&mut wg, Some(&mut bg), &xt, &dl, overwrite && on_gpu)
+                    .unwrap();
                 let dx = head::input_grad(&dl, &wt).unwrap();
                 (
                     unpad(&logits.t, vocab),

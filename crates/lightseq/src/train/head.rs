@@ -90,12 +90,14 @@ pub fn cross_entropy(
 }
 
 /// The head's parameter gradients from the logits' gradient `d`: adds `d^T @ x` into the
-/// weight's f32 gradient `wg` [vocab, k] and, with `bg`, d's column sums into the bias's.
+/// weight's f32 gradient `wg` [vocab, k] (writes it there with `overwrite`) and, with `bg`,
+/// adds d's column sums into the bias's.
 pub fn weight_grad_into(
     wg: &mut Tensor,
     bg: Option<&mut Tensor>,
     x: &Tensor,
     d: &HeadLogits,
+    overwrite: bool,
 ) -> Result<()> {
     const OP: &str = "head_weight_grad_into";
     let (rows, ld, vocab) = (d.rows(), d.ld(), d.vocab);
@@ -118,10 +120,19 @@ pub fn weight_grad_into(
         },
     )?;
     let (Storage::Cuda(ds), Storage::Cuda(xs)) = (&d.t.storage, &x.storage) else {
-        return super::ops::linear_weight_grad_into(wg, bg, &d.t, x);
+        return super::ops::linear_weight_grad_into(wg, bg, &d.t, x, overwrite);
     };
     let bg = bg.map(|b| b.cuda(OP)).transpose()?;
-    cuda::weight_grad_into(wg.cuda(OP)?, bg, (ds, 0), xs, rows, vocab, k, ld)
+    cuda::weight_grad_into(
+        (wg.cuda(OP)?, overwrite),
+        bg,
+        (ds, 0),
+        xs,
+        rows,
+        vocab,
+        k,
+        ld,
+    )
 }
 
 /// The head's input gradient `d @ w` [rows, k] (w [vocab, k]).

@@ -973,8 +973,8 @@ impl Net {
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let (wg, _) = ps.grads_mut(*table, None)?;
-                head::weight_grad_into(wg, None, &x, &dlogits)?;
+                let (wg, overwrite, _) = ps.weight_grads(*table, None)?;
+                head::weight_grad_into(wg, None, &x, &dlogits, overwrite)?;
                 let dx = head::input_grad(&dlogits, ps.w(*table))?;
                 (st, dx.reshape(x.shape())?)
             }
@@ -998,8 +998,8 @@ impl Net {
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let (wg, bg) = ps.grads_mut(*table, Some(*bias))?;
-                head::weight_grad_into(wg, bg, &t, &dlogits)?;
+                let (wg, overwrite, bg) = ps.weight_grads(*table, Some(*bias))?;
+                head::weight_grad_into(wg, bg, &t, &dlogits, overwrite)?;
                 let dt = head::input_grad(&dlogits, ps.w(*table))?.reshape(t.shape())?;
                 let da = ln.backward(ps, &a, &dt)?;
                 let dpre = tops::activation_backward(&pre, &da, *act)?;

@@ -217,6 +217,7 @@ pub fn linear_weight_grad_cols_into(
     bias_acc: Option<&mut Tensor>,
     (dy_wide, col, n): (&Tensor, usize, usize),
     x: &Tensor,
+    overwrite: bool,
 ) -> Result<()> {
     const OP: &str = "linear_weight_grad_cols_into";
     float_dtype(OP, &[dy_wide, x])?;
@@ -254,7 +255,7 @@ pub fn linear_weight_grad_cols_into(
     };
     match (&acc.storage, &dy_wide.storage, &x.storage) {
         (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
-            cuda::weight_grad_into(a, b, (d, col), xs, rows, n, k, w)
+            cuda::weight_grad_into((a, overwrite), b, (d, col), xs, rows, n, k, w)
         }
         _ => Err(Error::op(
             OP,
@@ -263,15 +264,17 @@ pub fn linear_weight_grad_cols_into(
     }
 }
 
-/// `acc += dy^T @ x` over all rows: accumulates the weight gradient of `y = x @ w^T` into
-/// f32 `acc [n, k]` (on CUDA the GEMM writes into it directly); with `bias_acc`, also the
-/// bias gradient (dy's column sums) into f32 `bias_acc [n]` (on CUDA a column reduction
-/// that adds into it).
+/// `acc += dy^T @ x` over all rows (`acc = dy^T @ x` with `overwrite`, when acc's values
+/// are stale): accumulates the weight gradient of `y = x @ w^T` into f32 `acc [n, k]` (on
+/// CUDA the GEMM writes into it directly); with `bias_acc`, also adds the bias gradient
+/// (dy's column sums) into f32 `bias_acc [n]` (on CUDA a column reduction that adds into
+/// it).
 pub fn linear_weight_grad_into(
     acc: &mut Tensor,
     bias_acc: Option<&mut Tensor>,
     dy: &Tensor,
     x: &Tensor,
+    overwrite: bool,
 ) -> Result<()> {
     const OP: &str = "linear_weight_grad_into";
     float_dtype(OP, &[dy, x])?;
@@ -309,10 +312,13 @@ pub fn linear_weight_grad_into(
                 Some(Storage::Cuda(b)) => Some(b),
                 _ => None,
             };
-            cuda::weight_grad_into(a, b, (d, 0), xs, rows, n, k, n)
+            cuda::weight_grad_into((a, overwrite), b, (d, 0), xs, rows, n, k, n)
         }
         _ => {
             let g = linear_weight_grad(dy, x)?;
+            if overwrite {
+                *acc = crate::ops::zeros(acc.shape(), DType::F32, &acc.device())?;
+            }
             add_scaled_into(acc, &g, 1.0)?;
             match bias_acc {
                 Some(b) => add_scaled_into(b, &column_sum(dy)?, 1.0),

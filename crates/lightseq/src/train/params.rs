@@ -38,7 +38,11 @@ pub struct Param {
     pub shape: Vec<usize>,
     pub value: Tensor,
     compute: Option<Tensor>,
-    pub grad: Tensor,
+    /// Read it through [`Params::grad`]: while `grad_zero` holds, its values are stale.
+    grad: Tensor,
+    /// The gradient is zero since [`Params::zero_grads`]; `grad` is written (or zeroed) by
+    /// the first update that touches it, so the buffer is not cleared every step.
+    grad_zero: bool,
     m: Tensor,
     v: Tensor,
     /// Adam updates applied to this parameter (its bias-correction step).
@@ -74,6 +78,7 @@ impl Params {
             value,
             compute,
             grad: zeros(&shape, DType::F32, dev)?,
+            grad_zero: false,
             m: zeros(&shape, DType::F32, dev)?,
             v: zeros(&shape, DType::F32, dev)?,
             shape,
@@ -179,8 +184,25 @@ impl Params {
         q.compute.as_ref().unwrap_or(&q.value)
     }
 
+    /// Parameter `p`'s gradient.
+    pub fn grad(&mut self, p: Pid) -> Result<&Tensor> {
+        self.materialize(p)?;
+        Ok(&self.list[p].grad)
+    }
+
+    /// Zeroes `p`'s gradient buffer if it is stale ([`Param::grad_zero`]).
+    fn materialize(&mut self, p: Pid) -> Result<()> {
+        let q = &mut self.list[p];
+        if q.grad_zero {
+            q.grad = zeros(&q.shape, DType::F32, &self.device)?;
+            q.grad_zero = false;
+        }
+        Ok(())
+    }
+
     /// Adds `g` (any float dtype, same element count) into parameter `p`'s gradient.
     pub fn accumulate(&mut self, p: Pid, g: &Tensor) -> Result<()> {
+        self.materialize(p)?;
         tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
     }
 
@@ -193,8 +215,8 @@ impl Params {
         dy: &Tensor,
         x: &Tensor,
     ) -> Result<()> {
-        let (w, b) = self.grads_mut(p, bias)?;
-        tops::linear_weight_grad_into(w, b, dy, x)
+        let (w, overwrite, b) = self.weight_grads(p, bias)?;
+        tops::linear_weight_grad_into(w, b, dy, x, overwrite)
     }
 
     /// [`Params::accumulate_weight_grad`] with dy the column block [col, col + n) of
@@ -206,8 +228,26 @@ impl Params {
         dy_cols: (&Tensor, usize, usize),
         x: &Tensor,
     ) -> Result<()> {
-        let (w, b) = self.grads_mut(p, bias)?;
-        tops::linear_weight_grad_cols_into(w, b, dy_cols, x)
+        let (w, overwrite, b) = self.weight_grads(p, bias)?;
+        tops::linear_weight_grad_cols_into(w, b, dy_cols, x, overwrite)
+    }
+
+    /// [`Params::grads_mut`] for a write that covers all of the weight's gradient: the
+    /// gradient, whether the write should overwrite it (the gradient is zero, its buffer
+    /// stale) rather than add into it, and the bias's gradient. The weight's gradient counts
+    /// as written from here on.
+    #[allow(clippy::type_complexity)]
+    pub fn weight_grads(
+        &mut self,
+        p: Pid,
+        bias: Option<Pid>,
+    ) -> Result<(&mut Tensor, bool, Option<&mut Tensor>)> {
+        if let Some(b) = bias {
+            self.materialize(b)?;
+        }
+        let overwrite = std::mem::replace(&mut self.list[p].grad_zero, false);
+        let (w, b) = self.split_grads(p, bias)?;
+        Ok((w, overwrite, b))
     }
 
     /// Parameter `read` as compute uses it (see [`Params::w`]) with the gradients of `p`, `q`
@@ -220,6 +260,11 @@ impl Params {
         q: Pid,
         r: Option<Pid>,
     ) -> Result<(&Tensor, &mut Tensor, &mut Tensor, Option<&mut Tensor>)> {
+        for i in [Some(p), Some(q), r].into_iter().flatten() {
+            if i < self.list.len() {
+                self.materialize(i)?;
+            }
+        }
         let (mut w, mut gp, mut gq, mut gr) = (None, None, None, None);
         for (i, par) in self.list.iter_mut().enumerate() {
             // Disjoint fields of one element may be borrowed separately.
@@ -256,6 +301,20 @@ impl Params {
         p: Pid,
         bias: Option<Pid>,
     ) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
+        for i in std::iter::once(p).chain(bias) {
+            if i < self.list.len() {
+                self.materialize(i)?;
+            }
+        }
+        self.split_grads(p, bias)
+    }
+
+    /// The gradients of `p` and `bias`, as they are.
+    fn split_grads(
+        &mut self,
+        p: Pid,
+        bias: Option<Pid>,
+    ) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
         let Some(b) = bias else {
             return Ok((&mut self.list[p].grad, None));
         };
@@ -274,16 +333,23 @@ impl Params {
         Ok((&mut w.grad, Some(&mut bias.grad)))
     }
 
-    /// Zeroes every gradient.
+    /// Zeroes every gradient (lazily: see [`Param::grad_zero`]).
     pub fn zero_grads(&mut self) -> Result<()> {
         for q in &mut self.list {
-            q.grad = zeros(&q.shape, DType::F32, &self.device)?;
+            q.grad_zero = true;
         }
         Ok(())
     }
 
+    /// Zeroes the buffers of the gradients no update has touched since
+    /// [`Params::zero_grads`].
+    fn materialize_all(&mut self) -> Result<()> {
+        (0..self.list.len()).try_for_each(|p| self.materialize(p))
+    }
+
     /// Global L2 norm of all gradients (times `scale`).
-    pub fn grad_norm(&self, scale: f64) -> Result<f64> {
+    pub fn grad_norm(&mut self, scale: f64) -> Result<f64> {
+        self.materialize_all()?;
         let grads: Vec<&Tensor> = self.list.iter().map(|q| &q.grad).collect();
         Ok(tops::sum_squares_all(&grads)?.sqrt() * scale)
     }
@@ -291,6 +357,7 @@ impl Params {
     /// One Adam(W) step on every parameter with gradients multiplied by `grad_scale`,
     /// then refreshes the compute copies.
     pub fn adam(&mut self, h: &AdamHyper) -> Result<()> {
+        self.materialize_all()?;
         let mut slots: Vec<tops::AdamSlot> = self
             .list
             .iter_mut()
@@ -315,7 +382,8 @@ impl Params {
     }
 
     /// The gradients under checkpoint names and stored shapes.
-    pub fn grad_dict(&self) -> Result<NamedTensors> {
+    pub fn grad_dict(&mut self) -> Result<NamedTensors> {
+        self.materialize_all()?;
         self.named(|q| &q.grad)
     }
 

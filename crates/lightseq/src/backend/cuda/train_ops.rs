@@ -302,11 +302,12 @@ pub(crate) fn linear_ld(
 }
 
 /// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart, from its
-/// column `dy_col` on), the GEMM
-/// writing into `acc`; with `bias_acc`, also `bias_acc [n] (f32) += column sums of dy`.
+/// column `dy_col` on), the GEMM writing into `acc`, or `acc = ...` with `overwrite` (acc's
+/// values are then not read); with `bias_acc`, also `bias_acc [n] (f32) += column sums of
+/// dy`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_into(
-    acc: &CudaStorage,
+    (acc, overwrite): (&CudaStorage, bool),
     bias_acc: Option<&CudaStorage>,
     (dy, dy_col): (&CudaStorage, usize),
     x: &CudaStorage,
@@ -315,19 +316,35 @@ pub(crate) fn weight_grad_into(
     k: usize,
     dy_ld: usize,
 ) -> Result<()> {
-    if rows == 0 || n == 0 || k == 0 {
+    if n == 0 || k == 0 {
         return Ok(());
     }
     let dev = dy.device();
+    if rows == 0 {
+        if overwrite {
+            // SAFETY: acc holds n * k f32 (the caller checks); ordered on the stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    acc.ptr(),
+                    0,
+                    n * k * 4,
+                    dev.stream().cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("memset", e))?;
+        }
+        return Ok(());
+    }
     let es = dy.dtype().size() as u64;
     let dy_base = dy.ptr() + dy_col as u64 * es;
+    let beta = if overwrite { 0.0 } else { 1.0 };
     for (s, len) in aligned_parts(n, dy.dtype()) {
         let s64 = s as u64;
         dev.lt.matmul_general(
             dev.stream(),
             dy.dtype(),
             true,
-            1.0,
+            beta,
             true,
             false,
             1,
