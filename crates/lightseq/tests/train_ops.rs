@@ -513,6 +513,27 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("column_sum [{rows}, {cols}]"), dt, &g, &c, tol(dt));
         }
 
+        // column_sum_parts_into: the column sums of each block of a packed gradient added
+        // into accumulators that hold values (3 x 1024 and 2 x 768 take the one-launch
+        // 16-byte path, 3 x 37 the scalar one).
+        for (rows, parts, n) in [(15_008, 3, 1024), (301, 2, 768), (45, 3, 37), (9, 1, 16)] {
+            let x = randn(42, rows * parts * n);
+            let acc0: Vec<Vec<f32>> = (0..parts).map(|i| randn(43 + i as u64, n)).collect();
+            let run = |d: &Device| {
+                let mut accs: Vec<Tensor> =
+                    acc0.iter().map(|a| t(a, &[n], DType::F32, d)).collect();
+                let mut refs: Vec<&mut Tensor> = accs.iter_mut().collect();
+                let xt = t(&x, &[rows, parts * n], dt, d);
+                ops::column_sum_parts_into(&mut refs, &xt).unwrap();
+                accs
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            for (i, (gi, ci)) in g.iter().zip(&c).enumerate() {
+                let what = format!("column_sum_parts_into [{rows}, {parts} x {n}] part {i}");
+                check(&what, dt, gi, ci, tol(dt));
+            }
+        }
+
         // sum_squares: both sides add the same values' squares in f64.
         for n in [1, 37, 100_003] {
             let x = randn(41, n);

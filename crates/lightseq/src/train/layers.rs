@@ -197,6 +197,17 @@ impl Ln {
     }
 }
 
+/// Adds the column sums of the packed gradient `g`'s blocks (one per projection of `lins`,
+/// in order) into the projections' bias gradients, in one pass over `g`; false, with
+/// nothing done, when one of them has no bias.
+fn packed_bias_grads(ps: &mut Params, lins: &[&Lin], g: &Tensor) -> Result<bool> {
+    let Some(ids) = lins.iter().map(|l| l.b).collect::<Option<Vec<Pid>>>() else {
+        return Ok(false);
+    };
+    tops::column_sum_parts_into(&mut ps.grads_of(&ids)?, g)?;
+    Ok(true)
+}
+
 /// Multi-head attention with separate q, k, v and output projections.
 pub struct Attn {
     pub q: Lin,
@@ -597,8 +608,11 @@ impl Attn {
             // weights gives the input gradient.
             (tops::QkvGrads::Packed(dqkv), Some(w)) => {
                 let h = w.shape()[1];
-                for (i, lin) in [&self.q, &self.k, &self.v].into_iter().enumerate() {
-                    ps.accumulate_weight_grad_cols(lin.w, lin.b, (&dqkv, i * h, h), x)?;
+                let lins = [&self.q, &self.k, &self.v];
+                let biases_done = packed_bias_grads(ps, &lins, &dqkv)?;
+                for (i, lin) in lins.into_iter().enumerate() {
+                    let b = if biases_done { None } else { lin.b };
+                    ps.accumulate_weight_grad_cols(lin.w, b, (&dqkv, i * h, h), x)?;
                 }
                 match dout.acc() {
                     Some(mut acc) => {
@@ -647,8 +661,11 @@ impl Attn {
             (tops::QkvGrads::PackedKv(dq, g_kv), Some(w)) => {
                 let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
                 let h = w.shape()[1];
-                for (i, lin) in [&self.k, &self.v].into_iter().enumerate() {
-                    ps.accumulate_weight_grad_cols(lin.w, lin.b, (&g_kv, i * h, h), xkv)?;
+                let lins = [&self.k, &self.v];
+                let biases_done = packed_bias_grads(ps, &lins, &g_kv)?;
+                for (i, lin) in lins.into_iter().enumerate() {
+                    let b = if biases_done { None } else { lin.b };
+                    ps.accumulate_weight_grad_cols(lin.w, b, (&g_kv, i * h, h), xkv)?;
                 }
                 match dkv {
                     Some(acc) => tops::linear_input_grad_into(acc, &g_kv, &w)?,

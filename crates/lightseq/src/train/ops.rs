@@ -940,6 +940,44 @@ pub fn column_sum(x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `accs[i] += column sums of x's column block i`, for x [.., accs.len() * n] and up to three
+/// f32 accumulators [n]: the bias gradients of projections whose outputs are packed, in one
+/// pass over x.
+pub fn column_sum_parts_into(accs: &mut [&mut Tensor], x: &Tensor) -> Result<()> {
+    const OP: &str = "column_sum_parts_into";
+    float_dtype(OP, &[x])?;
+    let parts = accs.len();
+    let w = x.shape().last().copied().unwrap_or(1);
+    let n = w / parts.max(1);
+    need(
+        OP,
+        (1..=3).contains(&parts)
+            && n * parts == w
+            && accs.iter().all(|a| a.dtype() == DType::F32 && a.len() == n),
+        || {
+            let shapes: Vec<_> = accs.iter().map(|a| a.shape().to_vec()).collect();
+            format!("x {:?}, accumulators {shapes:?}", x.shape())
+        },
+    )?;
+    let dev = x.cuda_device().map(|d| d.ordinal());
+    if accs
+        .iter()
+        .any(|a| a.cuda_device().map(|d| d.ordinal()) != dev)
+    {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    if let Storage::Cuda(xs) = &x.storage {
+        let outs: Vec<_> = accs.iter().map(|a| a.cuda(OP)).collect::<Result<_>>()?;
+        return cuda::column_sum_parts_into(&outs, xs, x.len() / w.max(1), n, w);
+    }
+    let sums = column_sum(x)?.to_f32_vec()?;
+    for (i, acc) in accs.iter_mut().enumerate() {
+        let part = Tensor::from_f32(&sums[i * n..(i + 1) * n], &[n], DType::F32, &acc.device())?;
+        add_scaled_into(acc, &part, 1.0)?;
+    }
+    Ok(())
+}
+
 /// Gradient of a table [vocab, h] under `out[i] = scale * table[ids[i]]`; f32. Negative or
 /// out-of-range ids contribute nothing.
 pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize, scale: f32) -> Result<Tensor> {

@@ -295,6 +295,31 @@ impl Params {
         }
     }
 
+    /// The gradients of `ids` (distinct), borrowed mutably at once, in that order.
+    pub fn grads_of(&mut self, ids: &[Pid]) -> Result<Vec<&mut Tensor>> {
+        for &i in ids {
+            if i < self.list.len() {
+                self.materialize(i)?;
+            }
+        }
+        let mut slots: Vec<Option<&mut Tensor>> = ids.iter().map(|_| None).collect();
+        for (i, q) in self.list.iter_mut().enumerate() {
+            if let Some(at) = ids.iter().position(|&p| p == i) {
+                slots[at] = Some(&mut q.grad);
+            }
+        }
+        slots
+            .into_iter()
+            .map(|g| {
+                g.ok_or_else(|| {
+                    Error::Input(format!(
+                        "parameters {ids:?}: out of range or the gradients coincide"
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// The gradients of a weight and of its bias, borrowed mutably at once.
     pub fn grads_mut(
         &mut self,

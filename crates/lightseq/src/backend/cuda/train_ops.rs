@@ -755,7 +755,7 @@ pub(crate) fn layer_norm_backward(
     sum_chunks_at(pg, dgamma, chunks, h, accumulate)?;
     sum_chunks_at(pb, dbeta, chunks, h, accumulate)?;
     if let Some(out) = dsum {
-        column_sums(out, accumulate, (&dx, 0), rows, h, h)?;
+        column_sums(&Outs::one(out), accumulate, (&dx, 0), rows, h, h)?;
     }
     Ok(dx)
 }
@@ -838,20 +838,27 @@ impl PackedColumns {
     }
 
     /// Launches `name` (train.cu's column_sum_packed_impl) over x [rows, cols] (rows `ld`
-    /// apart) into `out`; `act`: the activation-backward form's dy, dx and activation code.
+    /// apart) into `outs` (see [`Outs`]); `act`: the activation-backward form's dy, dx and
+    /// activation code.
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         name: &'static str,
         (x, xp): (&CudaStorage, u64),
         act: Option<(u64, u64, i32)>,
-        out: &CudaStorage,
+        outs: &Outs,
         (rows, cols, ld): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
         let dev = x.device();
         let f = dev.kernel(name, x.dtype())?;
-        let (pp, op) = (self.partial.ptr(), out.ptr());
+        let pp = self.partial.ptr();
+        let (op, op2, op3) = (
+            outs.parts[0].ptr(),
+            outs.parts[1].ptr(),
+            outs.parts[2].ptr(),
+        );
+        let split = outs.split as i64;
         let (dyp, dxp, code) = act.unwrap_or_default();
         let (r, c, ld, pld, acc) = (
             rows as i64,
@@ -867,6 +874,9 @@ impl PackedColumns {
         }
         l.arg(&pp)
             .arg(&op)
+            .arg(&op2)
+            .arg(&op3)
+            .arg(&split)
             .arg(&r)
             .arg(&c)
             .arg(&ld)
@@ -874,9 +884,49 @@ impl PackedColumns {
             .arg(&acc)
             .arg(&self.counters);
         // SAFETY: argument types match the kernels' signatures in train.cu; the callers
-        // size x (and dy, dx) for rows of `ld`, `partial` holds grid rows of `pld` f32, and
-        // the counters cover the grid's block columns.
+        // size x (and dy, dx) for rows of `ld`, `partial` holds grid rows of `pld` f32, the
+        // counters cover the grid's block columns, and `outs` the columns (Outs::new).
         launched(name, unsafe { l.launch(self.cfg) })
+    }
+}
+
+/// The f32 outputs of a column reduction: column c goes to part c / split at c % split
+/// (train.cu's LsOuts); one part takes all the columns.
+pub(crate) struct Outs<'a> {
+    parts: [&'a CudaStorage; 3],
+    split: usize,
+}
+
+impl<'a> Outs<'a> {
+    /// One output of `cols` columns.
+    pub(crate) fn one(out: &'a CudaStorage) -> Self {
+        Outs {
+            parts: [out; 3],
+            split: usize::MAX >> 1,
+        }
+    }
+
+    /// Up to three outputs of `split` columns each, for `parts.len() * split` columns.
+    pub(crate) fn split(parts: &[&'a CudaStorage], split: usize) -> Result<Self> {
+        let ok = (1..=3).contains(&parts.len())
+            && parts
+                .iter()
+                .all(|p| p.dtype() == DType::F32 && p.len() >= split);
+        if !ok {
+            return Err(Error::op(
+                "column sums",
+                format!("{} outputs of {split} f32 columns", parts.len()),
+            ));
+        }
+        let last = parts[parts.len() - 1];
+        Ok(Outs {
+            parts: [
+                parts[0],
+                *parts.get(1).unwrap_or(&last),
+                *parts.get(2).unwrap_or(&last),
+            ],
+            split,
+        })
     }
 }
 
@@ -909,7 +959,7 @@ pub(crate) fn activation_backward_colsum(
         "activation_backward_colsum",
         (pre, pre.ptr()),
         act,
-        bias_acc,
+        &Outs::one(bias_acc),
         (rows, cols, cols),
         true,
     )?;
@@ -917,11 +967,11 @@ pub(crate) fn activation_backward_colsum(
 }
 
 /// Column sums of `x` [rows, cols] (rows `ld` apart) written into, or with `accumulate`
-/// added to, f32 `out` [cols]. With 16-byte loads (rows aligned, the last pack inside the
+/// added to, the f32 `outs`. With 16-byte loads (rows aligned, the last pack inside the
 /// row's `ld`) one launch does it, its last block per column block adding the partials;
 /// otherwise a partial pass and `sum_chunks`.
 fn column_sums(
-    out: &CudaStorage,
+    outs: &Outs,
     accumulate: bool,
     (x, x_col): (&CudaStorage, usize),
     rows: usize,
@@ -940,7 +990,7 @@ fn column_sums(
                 "column_sum_packed",
                 (x, xp),
                 None,
-                out,
+                outs,
                 (rows, cols, ld),
                 accumulate,
             );
@@ -956,7 +1006,9 @@ fn column_sums(
     // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
     // cfg.grid_dim.1 * cols f32.
     launched("column_sum", unsafe { l.launch(cfg) })?;
-    sum_chunks_at(partial.ptr(), out, chunks, cols, accumulate)
+    let [o1, o2, o3] = outs.parts;
+    let split = outs.split.min(cols);
+    sum_chunks_split(partial.ptr(), (o1, o2, o3), split, chunks, cols, accumulate)
 }
 
 pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<CudaStorage> {
@@ -965,7 +1017,7 @@ pub(crate) fn column_sum(x: &CudaStorage, rows: usize, cols: usize) -> Result<Cu
         return dev.zeros(DType::F32, cols);
     }
     let out = dev.alloc(DType::F32, cols)?;
-    column_sums(&out, false, (x, 0), rows, cols, cols)?;
+    column_sums(&Outs::one(&out), false, (x, 0), rows, cols, cols)?;
     Ok(out)
 }
 
@@ -981,7 +1033,24 @@ pub(crate) fn column_sum_into(
     if rows * cols == 0 {
         return Ok(());
     }
-    column_sums(acc, true, x, rows, cols, ld)
+    column_sums(&Outs::one(acc), true, x, rows, cols, ld)
+}
+
+/// `accs[i] [cols] (f32) += column sums of x [rows, accs.len() * cols]` over x's column
+/// block i (up to three blocks, rows `ld` apart): several biases' gradients from one
+/// packed gradient in one pass.
+pub(crate) fn column_sum_parts_into(
+    accs: &[&CudaStorage],
+    x: &CudaStorage,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Result<()> {
+    let outs = Outs::split(accs, cols)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    column_sums(&outs, true, (x, 0), rows, accs.len() * cols, ld)
 }
 
 pub(crate) fn embedding_backward(

@@ -658,10 +658,21 @@ __device__ bool ls_last_arrival(unsigned int* counter) {
   return last;
 }
 
-// The last block's sum: out[col] (+)= sum over rows of partial for this block column's
+// Where column `col` of a reduction's output goes: out (columns below split), out2 (the
+// next split) or out3 (the rest), each at the column's offset in its part.
+struct LsOuts {
+  float *out, *out2, *out3;
+  long long split;
+  __device__ float* at(long long col) const {
+    if (col < split) return out + col;
+    return col < 2 * split ? out2 + (col - split) : out3 + (col - 2 * split);
+  }
+};
+
+// The last block's sum: outs.at(col) (+)= sum over rows of partial for this block column's
 // 32 N columns; `sp` is the block's [warps][32 N + 1] shared scratch.
 template <int N>
-__device__ void ls_sum_partials(const float* partial, long long pld, float* out,
+__device__ void ls_sum_partials(const float* partial, long long pld, LsOuts outs,
                                 long long cols, int accumulate, float (*sp)[32 * N + 1],
                                 int warps) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -694,7 +705,8 @@ __device__ void ls_sum_partials(const float* partial, long long pld, float* out,
     if (col < cols) {
       float t = 0.f;
       for (int w = 0; w < warps; ++w) t += sp[w][c];
-      out[col] = accumulate ? __fadd_rn(out[col], t) : t;
+      float* o = outs.at(col);
+      *o = accumulate ? __fadd_rn(*o, t) : t;
     }
   }
 }
@@ -827,7 +839,7 @@ __device__ __forceinline__ LsPack<T> ls_act_backward_pack(const LsPack<T>& x, co
 // activation's backward and the following linear's bias gradient in one pass.
 template <typename T, bool ACT>
 __device__ void column_sum_packed_impl(const T* x, const T* dy, T* dx, int act, float* partial,
-                                       float* out, long long rows, int cols, long long ld,
+                                       LsOuts outs, long long rows, int cols, long long ld,
                                        long long pld, int accumulate, unsigned int* counter) {
   constexpr int N = 16 / sizeof(T);
   __shared__ float sp[16][32 * N + 1];
@@ -886,22 +898,26 @@ __device__ void column_sum_packed_impl(const T* x, const T* dy, T* dx, int act, 
       part[col] = t;
     }
   }
-  if (ls_last_arrival(counter)) ls_sum_partials<N>(partial, pld, out, cols, accumulate, sp, warps);
+  if (ls_last_arrival(counter)) ls_sum_partials<N>(partial, pld, outs, cols, accumulate, sp, warps);
 }
 
+// The column sums go to out, out2 and out3 by LsOuts (split = cols for one output).
 template <typename T>
-__device__ void column_sum_packed_body(const T* x, float* partial, float* out, long long rows,
-                                       int cols, long long ld, long long pld, int accumulate,
+__device__ void column_sum_packed_body(const T* x, float* partial, float* out, float* out2,
+                                       float* out3, long long split, long long rows, int cols,
+                                       long long ld, long long pld, int accumulate,
                                        unsigned int* counter) {
-  column_sum_packed_impl<T, false>(x, nullptr, nullptr, 0, partial, out, rows, cols, ld, pld,
-                                   accumulate, counter);
+  column_sum_packed_impl<T, false>(x, nullptr, nullptr, 0, partial, LsOuts{out, out2, out3, split},
+                                   rows, cols, ld, pld, accumulate, counter);
 }
 
 #define LS_COLUMN_PACKED(T, S)                                                                 \
   extern "C" __global__ void column_sum_packed_##S(                                           \
-      const T* x, float* partial, float* out, long long rows, int cols, long long ld,         \
-      long long pld, int accumulate, unsigned int* counter) {                                 \
-    column_sum_packed_body<T>(x, partial, out, rows, cols, ld, pld, accumulate, counter);      \
+      const T* x, float* partial, float* out, float* out2, float* out3, long long split,      \
+      long long rows, int cols, long long ld, long long pld, int accumulate,                  \
+      unsigned int* counter) {                                                                \
+    column_sum_packed_body<T>(x, partial, out, out2, out3, split, rows, cols, ld, pld,        \
+                              accumulate, counter);                                           \
   }
 LS_FLOAT_TYPES(LS_COLUMN_PACKED)
 
@@ -909,9 +925,11 @@ LS_FLOAT_TYPES(LS_COLUMN_PACKED)
 // grid, partials and counters; dx has pre's layout).
 #define LS_ACT_BACKWARD_COLSUM(T, S)                                                           \
   extern "C" __global__ void activation_backward_colsum_##S(                                  \
-      const T* pre, const T* dy, T* dx, int act, float* partial, float* out, long long rows,  \
-      int cols, long long ld, long long pld, int accumulate, unsigned int* counter) {         \
-    column_sum_packed_impl<T, true>(pre, dy, dx, act, partial, out, rows, cols, ld, pld,       \
+      const T* pre, const T* dy, T* dx, int act, float* partial, float* out, float* out2,     \
+      float* out3, long long split, long long rows, int cols, long long ld, long long pld,    \
+      int accumulate, unsigned int* counter) {                                                \
+    column_sum_packed_impl<T, true>(pre, dy, dx, act, partial,                                \
+                                    LsOuts{out, out2, out3, split}, rows, cols, ld, pld,      \
                                     accumulate, counter);                                     \
   }
 LS_FLOAT_TYPES(LS_ACT_BACKWARD_COLSUM)
