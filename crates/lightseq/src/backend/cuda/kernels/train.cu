@@ -1425,10 +1425,9 @@ LS_FLOAT_TYPES(LS_TRAIN)
                                                        int ts) {                              \
     softmax_backward_rows<T>(p, dp, ds, rows, cols, scale, ts);                               \
   }                                                                                           \
-  extern "C" __global__ void add_layer_norm_rows_##S(const T* x, const T* y, const T* gamma,  \
-                                                     const T* beta, T* s_out, T* out,         \
-                                                     long long rows, int h, float eps,        \
-                                                     int ts) {                                \
+  extern "C" __global__ void __launch_bounds__(256, 4) add_layer_norm_rows_##S(               \
+      const T* x, const T* y, const T* gamma, const T* beta, T* s_out, T* out, long long rows, \
+      int h, float eps, int ts) {                                                             \
     add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, rows, h, eps, ts);                  \
   }                                                                                           \
   extern "C" __global__ void layer_norm_backward_rows_##S(const T* x, const T* gamma,         \
