@@ -192,7 +192,10 @@ impl Params {
 
     /// Zeroes `p`'s gradient buffer if it is stale ([`Param::grad_zero`]).
     fn materialize(&mut self, p: Pid) -> Result<()> {
-        let q = &mut self.list[p];
+        let q = self
+            .list
+            .get_mut(p)
+            .ok_or_else(|| Error::Input(format!("no parameter {p}")))?;
         if q.grad_zero {
             q.grad = zeros(&q.shape, DType::F32, &self.device)?;
             q.grad_zero = false;
@@ -245,7 +248,11 @@ impl Params {
         if let Some(b) = bias {
             self.materialize(b)?;
         }
-        let overwrite = std::mem::replace(&mut self.list[p].grad_zero, false);
+        let q = self
+            .list
+            .get_mut(p)
+            .ok_or_else(|| Error::Input(format!("no parameter {p}")))?;
+        let overwrite = std::mem::replace(&mut q.grad_zero, false);
         let (w, b) = self.split_grads(p, bias)?;
         Ok((w, overwrite, b))
     }
@@ -261,9 +268,7 @@ impl Params {
         r: Option<Pid>,
     ) -> Result<(&Tensor, &mut Tensor, &mut Tensor, Option<&mut Tensor>)> {
         for i in [Some(p), Some(q), r].into_iter().flatten() {
-            if i < self.list.len() {
-                self.materialize(i)?;
-            }
+            self.materialize(i)?;
         }
         let (mut w, mut gp, mut gq, mut gr) = (None, None, None, None);
         for (i, par) in self.list.iter_mut().enumerate() {
@@ -298,9 +303,7 @@ impl Params {
     /// The gradients of `ids` (distinct), borrowed mutably at once, in that order.
     pub fn grads_of(&mut self, ids: &[Pid]) -> Result<Vec<&mut Tensor>> {
         for &i in ids {
-            if i < self.list.len() {
-                self.materialize(i)?;
-            }
+            self.materialize(i)?;
         }
         let mut slots: Vec<Option<&mut Tensor>> = ids.iter().map(|_| None).collect();
         for (i, q) in self.list.iter_mut().enumerate() {
@@ -327,9 +330,7 @@ impl Params {
         bias: Option<Pid>,
     ) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
         for i in std::iter::once(p).chain(bias) {
-            if i < self.list.len() {
-                self.materialize(i)?;
-            }
+            self.materialize(i)?;
         }
         self.split_grads(p, bias)
     }
