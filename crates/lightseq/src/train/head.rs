@@ -99,40 +99,8 @@ pub fn weight_grad_into(
     d: &HeadLogits,
     overwrite: bool,
 ) -> Result<()> {
-    const OP: &str = "head_weight_grad_into";
-    let (rows, ld, vocab) = (d.rows(), d.ld(), d.vocab);
-    let k = x.shape().last().copied().unwrap_or(1);
-    need(
-        OP,
-        x.len() == rows * k
-            && wg.dtype() == DType::F32
-            && wg.len() == vocab * k
-            && bg
-                .as_ref()
-                .is_none_or(|b| b.dtype() == DType::F32 && b.len() == vocab),
-        || {
-            format!(
-                "x {:?}, d {:?}, grad {:?}",
-                x.shape(),
-                d.t.shape(),
-                wg.shape()
-            )
-        },
-    )?;
-    let (Storage::Cuda(ds), Storage::Cuda(xs)) = (&d.t.storage, &x.storage) else {
-        return super::ops::linear_weight_grad_into(wg, bg, &d.t, x, overwrite);
-    };
-    let bg = bg.map(|b| b.cuda(OP)).transpose()?;
-    cuda::weight_grad_into(
-        (wg.cuda(OP)?, overwrite),
-        bg,
-        (ds, 0),
-        xs,
-        rows,
-        vocab,
-        k,
-        ld,
-    )
+    // The vocabulary's columns of the padded rows (all of them on the CPU).
+    super::ops::linear_weight_grad_cols_into(wg, bg, (&d.t, 0, d.vocab), x, overwrite)
 }
 
 /// The head's input gradient `d @ w` [rows, k] (w [vocab, k]).

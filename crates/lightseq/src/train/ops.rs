@@ -211,7 +211,8 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 }
 
 /// [`linear_weight_grad_into`] with dy the column block [col, col + n) of `dy_wide`
-/// [rows, w], read in place (CUDA only: packed gradients come from the fused attention).
+/// [rows, w], read in place (on CUDA; on the CPU only the whole of dy_wide, col 0 and
+/// n = w: packed gradients come from the fused attention).
 pub fn linear_weight_grad_cols_into(
     acc: &mut Tensor,
     bias_acc: Option<&mut Tensor>,
@@ -248,19 +249,26 @@ pub fn linear_weight_grad_cols_into(
     if !on_dev(acc) || !on_dev(x) || bias_acc.as_ref().is_some_and(|b| !on_dev(b)) {
         return Err(Error::op(OP, "tensors are on different devices"));
     }
-    let b = match bias_acc.map(|b| &b.storage) {
-        Some(Storage::Cuda(b)) => Some(b),
-        Some(_) => return Err(Error::op(OP, "the bias gradient is not on the device")),
-        None => None,
-    };
-    match (&acc.storage, &dy_wide.storage, &x.storage) {
-        (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
-            cuda::weight_grad_into((a, overwrite), b, (d, col), xs, rows, n, k, w)
-        }
-        _ => Err(Error::op(
+    if let (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) =
+        (&acc.storage, &dy_wide.storage, &x.storage)
+    {
+        let b = bias_acc.map(|b| b.cuda(OP)).transpose()?;
+        return cuda::weight_grad_into((a, overwrite), b, (d, col), xs, rows, n, k, w);
+    }
+    if col != 0 || n != w {
+        return Err(Error::op(
             OP,
             "column blocks of a gradient are read on CUDA only",
-        )),
+        ));
+    }
+    let g = linear_weight_grad(dy_wide, x)?;
+    if overwrite {
+        *acc = crate::ops::zeros(acc.shape(), DType::F32, &acc.device())?;
+    }
+    add_scaled_into(acc, &g, 1.0)?;
+    match bias_acc {
+        Some(b) => add_scaled_into(b, &column_sum(dy_wide)?, 1.0),
+        None => Ok(()),
     }
 }
 
@@ -276,56 +284,8 @@ pub fn linear_weight_grad_into(
     x: &Tensor,
     overwrite: bool,
 ) -> Result<()> {
-    const OP: &str = "linear_weight_grad_into";
-    float_dtype(OP, &[dy, x])?;
     let n = dy.shape().last().copied().unwrap_or(1);
-    let k = x.shape().last().copied().unwrap_or(1);
-    let rows = dy.len() / n.max(1);
-    need(
-        OP,
-        acc.dtype() == DType::F32 && acc.len() == n * k && x.len() == rows * k,
-        || {
-            format!(
-                "acc {:?}, dy {:?}, x {:?}",
-                acc.shape(),
-                dy.shape(),
-                x.shape()
-            )
-        },
-    )?;
-    if let Some(b) = &bias_acc {
-        need(OP, b.dtype() == DType::F32 && b.len() == n, || {
-            format!("bias acc {:?} for dy {:?}", b.shape(), dy.shape())
-        })?;
-    }
-    let dev = dy.cuda_device().map(|d| d.ordinal());
-    if acc.cuda_device().map(|d| d.ordinal()) != dev
-        || bias_acc
-            .as_ref()
-            .is_some_and(|b| b.cuda_device().map(|d| d.ordinal()) != dev)
-    {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
-    match (&mut acc.storage, &dy.storage, &x.storage) {
-        (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) => {
-            let b = match bias_acc.map(|b| &b.storage) {
-                Some(Storage::Cuda(b)) => Some(b),
-                _ => None,
-            };
-            cuda::weight_grad_into((a, overwrite), b, (d, 0), xs, rows, n, k, n)
-        }
-        _ => {
-            let g = linear_weight_grad(dy, x)?;
-            if overwrite {
-                *acc = crate::ops::zeros(acc.shape(), DType::F32, &acc.device())?;
-            }
-            add_scaled_into(acc, &g, 1.0)?;
-            match bias_acc {
-                Some(b) => add_scaled_into(b, &column_sum(dy)?, 1.0),
-                None => Ok(()),
-            }
-        }
-    }
+    linear_weight_grad_cols_into(acc, bias_acc, (dy, 0, n), x, overwrite)
 }
 
 /// Dropout of attention probabilities in the fused attention: (rate, seed, Philox offset),
@@ -468,12 +428,7 @@ pub fn short_attention(
     float_dtype(OP, &qkv.tensors())?;
     let blocks = qkv.blocks(OP)?;
     let (lq, lk, b, h) = qkv.dims().expect("checked by fits");
-    if let Some(kl) = key_lens {
-        need(OP, kl.dtype() == DType::I32 && kl.shape() == [b], || {
-            format!("key lengths {:?}, expected i32 [{b}]", kl.shape())
-        })?;
-    }
-    let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
+    let kl = key_lens_arg(OP, key_lens, b)?;
     let Some(ctx) = cuda::short_attention_forward(
         blocks,
         kl,
@@ -487,6 +442,22 @@ pub fn short_attention(
     };
     let dt = qkv.tensors()[0].dtype();
     Ok(Some(cuda_out(&[lq, b, h], dt, ctx)))
+}
+
+/// The fused attention's key lengths: i32 [batch] on the device, checked.
+fn key_lens_arg<'a>(
+    op: &'static str,
+    key_lens: Option<&'a Tensor>,
+    batch: usize,
+) -> Result<Option<&'a crate::backend::cuda::CudaStorage>> {
+    if let Some(kl) = key_lens {
+        need(
+            op,
+            kl.dtype() == DType::I32 && kl.shape() == [batch],
+            || format!("key lengths {:?}, expected i32 [{batch}]", kl.shape()),
+        )?;
+    }
+    key_lens.map(|k| k.cuda(op)).transpose()
 }
 
 /// Gradients of q, k and v, laid out as the inputs were ([`Qkv`]). (One per attention
@@ -532,12 +503,7 @@ pub fn short_attention_backward(
     need(OP, dctx.shape() == [lq, b, h], || {
         format!("dctx {:?}, expected [{lq}, {b}, {h}]", dctx.shape())
     })?;
-    if let Some(kl) = key_lens {
-        need(OP, kl.dtype() == DType::I32 && kl.shape() == [b], || {
-            format!("key lengths {:?}, expected i32 [{b}]", kl.shape())
-        })?;
-    }
-    let kl = key_lens.map(|k| k.cuda(OP)).transpose()?;
+    let kl = key_lens_arg(OP, key_lens, b)?;
     let Some(grads) = cuda::short_attention_backward(
         blocks,
         qkv.layout(),
