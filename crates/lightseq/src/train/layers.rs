@@ -197,15 +197,25 @@ impl Ln {
     }
 }
 
-/// Adds the column sums of the packed gradient `g`'s blocks (one per projection of `lins`,
-/// in order) into the projections' bias gradients, in one pass over `g`; false, with
-/// nothing done, when one of them has no bias.
-fn packed_bias_grads(ps: &mut Params, lins: &[&Lin], g: &Tensor) -> Result<bool> {
-    let Some(ids) = lins.iter().map(|l| l.b).collect::<Option<Vec<Pid>>>() else {
-        return Ok(false);
-    };
-    tops::column_sum_parts_into(&mut ps.grads_of(&ids)?, g)?;
-    Ok(true)
+/// The parameter gradients of projections `lins` of input `x` from their packed output
+/// gradient `g` (column block i of width h is lins[i]'s), each weight's read in place.
+/// Where every projection has a bias, one pass over `g` sums all their bias gradients.
+fn packed_param_grads(
+    ps: &mut Params,
+    lins: &[&Lin],
+    g: &Tensor,
+    h: usize,
+    x: &Tensor,
+) -> Result<()> {
+    let biases = lins.iter().map(|l| l.b).collect::<Option<Vec<Pid>>>();
+    if let Some(ids) = &biases {
+        tops::column_sum_parts_into(&mut ps.grads_of(ids)?, g)?;
+    }
+    for (i, lin) in lins.iter().enumerate() {
+        let b = if biases.is_some() { None } else { lin.b };
+        ps.accumulate_weight_grad_cols(lin.w, b, (g, i * h, h), x)?;
+    }
+    Ok(())
 }
 
 /// Multi-head attention with separate q, k, v and output projections.
@@ -607,13 +617,8 @@ impl Attn {
             // parameter gradients read their block in place, and one GEMM over the stacked
             // weights gives the input gradient.
             (tops::QkvGrads::Packed(dqkv), Some(w)) => {
-                let h = w.shape()[1];
                 let lins = [&self.q, &self.k, &self.v];
-                let biases_done = packed_bias_grads(ps, &lins, &dqkv)?;
-                for (i, lin) in lins.into_iter().enumerate() {
-                    let b = if biases_done { None } else { lin.b };
-                    ps.accumulate_weight_grad_cols(lin.w, b, (&dqkv, i * h, h), x)?;
-                }
+                packed_param_grads(ps, &lins, &dqkv, w.shape()[1], x)?;
                 match dout.acc() {
                     Some(mut acc) => {
                         tops::linear_input_grad_into(&mut acc, &dqkv, &w)?;
@@ -660,13 +665,7 @@ impl Attn {
             // memory's gradient.
             (tops::QkvGrads::PackedKv(dq, g_kv), Some(w)) => {
                 let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
-                let h = w.shape()[1];
-                let lins = [&self.k, &self.v];
-                let biases_done = packed_bias_grads(ps, &lins, &g_kv)?;
-                for (i, lin) in lins.into_iter().enumerate() {
-                    let b = if biases_done { None } else { lin.b };
-                    ps.accumulate_weight_grad_cols(lin.w, b, (&g_kv, i * h, h), xkv)?;
-                }
+                packed_param_grads(ps, &[&self.k, &self.v], &g_kv, w.shape()[1], xkv)?;
                 match dkv {
                     Some(acc) => tops::linear_input_grad_into(acc, &g_kv, &w)?,
                     None => *dkv = Some(tops::linear_input_grad(&g_kv, &w)?),

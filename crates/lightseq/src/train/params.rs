@@ -49,6 +49,12 @@ pub struct Param {
     pub steps: u64,
 }
 
+/// Parameter `p` of `list`, or an error naming it.
+fn param_mut(list: &mut [Param], p: Pid) -> Result<&mut Param> {
+    list.get_mut(p)
+        .ok_or_else(|| Error::Input(format!("no parameter {p}")))
+}
+
 /// All trainable parameters of a model.
 pub struct Params {
     pub list: Vec<Param>,
@@ -192,10 +198,7 @@ impl Params {
 
     /// Zeroes `p`'s gradient buffer if it is stale ([`Param::grad_zero`]).
     fn materialize(&mut self, p: Pid) -> Result<()> {
-        let q = self
-            .list
-            .get_mut(p)
-            .ok_or_else(|| Error::Input(format!("no parameter {p}")))?;
+        let q = param_mut(&mut self.list, p)?;
         if q.grad_zero {
             q.grad = zeros(&q.shape, DType::F32, &self.device)?;
             q.grad_zero = false;
@@ -248,11 +251,7 @@ impl Params {
         if let Some(b) = bias {
             self.materialize(b)?;
         }
-        let q = self
-            .list
-            .get_mut(p)
-            .ok_or_else(|| Error::Input(format!("no parameter {p}")))?;
-        let overwrite = std::mem::replace(&mut q.grad_zero, false);
+        let overwrite = std::mem::replace(&mut param_mut(&mut self.list, p)?.grad_zero, false);
         let (w, b) = self.split_grads(p, bias)?;
         Ok((w, overwrite, b))
     }

@@ -1397,8 +1397,8 @@ pub(crate) fn short_attention_smem(
     }
     // The kernels carve these regions in this order, each rounded to 128 bytes: q, k, v,
     // dropout flags (forward); q, k, v, dO, dropped probabilities, score gradients (or
-    // those two over k and v), dropout flags (backward). Rows are padded by 8 elements. The flags go last, so a launch
-    // without dropout may leave them out.
+    // those two over k and v), dropout flags (backward). Rows are padded by 8 elements.
+    // The flags go last, so a launch without dropout may leave them out.
     let r = |bytes: usize| bytes.next_multiple_of(128);
     let (lqp, lkp) = (lq.next_multiple_of(16), lk.next_multiple_of(16));
     let (es, ld, lds) = (dt.size(), d + 8, lkp + 8);
