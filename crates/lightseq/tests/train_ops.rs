@@ -609,9 +609,19 @@ fn cuda_cross_entropy_matches_cpu() {
         return;
     };
     let cpu = Device::Cpu;
-    // 5000 and 32000 are whole 16-byte packs (the register-cached kernel), 60000 too for
-    // 16-bit types only (f32 rows are too long for it); 37 and 1 are not.
-    for (n, vocab) in [(33, 5000), (5, 37), (3, 1), (12, 32000), (6, 60000)] {
+    // 5000 and 32000 are whole 16-byte packs (the staged kernel), 60000 too for
+    // 16-bit types only (f32 rows are too long for it); 37 and 1 are not. With more rows
+    // than the staged kernel's blocks, each block takes several rows in turn.
+    let rows = [
+        (33, 5000),
+        (5, 37),
+        (3, 1),
+        (12, 32000),
+        (6, 60000),
+        (1200, 5000),
+        (700, 32000),
+    ];
+    for (n, vocab) in rows {
         let logits = scaled(60, n * vocab, 3.0);
         let targets: Vec<i32> = (0..n)
             .map(|i| {

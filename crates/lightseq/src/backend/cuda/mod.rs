@@ -38,6 +38,8 @@ pub struct CudaDevice {
     arch: (i32, i32),
     /// Streaming multiprocessors (CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).
     sms: usize,
+    /// Shared memory a block may opt in to (MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), bytes.
+    smem_optin: usize,
     // Field order matters for drop: kernels and cuBLASLt state go before the context.
     kernels: nvrtc::KernelCache,
     lt: blaslt::BlasLt,
@@ -127,6 +129,12 @@ impl CudaDevice {
             )
             .map_err(|e| cuda_err("multiprocessor count", e))?
             .max(1) as usize;
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| cuda_err("shared memory per block", e))?
+            .max(0) as usize;
         let lt = blaslt::BlasLt::new(&stream)?;
         keep_pool_memory(&ctx)?;
         Ok(Arc::new(CudaDevice {
@@ -134,6 +142,7 @@ impl CudaDevice {
             name,
             arch,
             sms,
+            smem_optin,
             kernels: nvrtc::KernelCache::new(arch),
             lt,
             stream,
@@ -162,6 +171,11 @@ impl CudaDevice {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sms
+    }
+
+    /// Bytes of shared memory a block may use after opting in.
+    pub(crate) fn smem_per_block(&self) -> usize {
+        self.smem_optin
     }
 
     /// (free, total) device memory in bytes.

@@ -88,7 +88,7 @@ pub const MODULES: &[KernelModule] = &[
             "activation_backward",
             "embedding_backward",
             "cross_entropy",
-            "cross_entropy_cached",
+            "cross_entropy_staged",
             "dropout",
             "add_scaled_into",
             "sum_chunks",

@@ -1078,80 +1078,164 @@ __device__ void cross_entropy_body(const T* logits, const int* targets, float* l
 // cross_entropy_body with the row held in registers, LS_CE_PACKS 16-byte packs a thread
 // (pack q of the row in thread q % blockDim.x): the logits are read from memory once, and
 // the max is found before the sums, so no running rescale is needed. Needs ld % N == 0,
-// 16-byte aligned logits and d, and ld <= LS_CE_PACKS * N * blockDim.x (the host checks).
-// Exponentials take the hardware approximation (a few ulp at the arguments that matter,
-// z - max and z - lse near 0): with the row read once the kernel is bound by them.
+// 16-byte aligned logits and d, ld <= LS_CE_PACKS * N * blockDim.x, and ld elements of
+// shared memory (the host checks). Exponentials take the hardware approximation (a few
+// ulp at the arguments that matter, z - max and z - lse near 0).
 #define LS_CE_PACKS 8
+
+// fmaxf(m, the largest of a pack's elements), for 16-bit types pairwise in their own
+// format (exact) before one conversion.
 template <typename T>
-__device__ void cross_entropy_cached_body(const T* logits, const int* targets, float* loss,
-                                          float* nll, T* d, long long rows, int vocab, int ld,
-                                          float c_nll, float eps_i, float a, float grad_scale) {
+__device__ __forceinline__ float ce_pack_max(const LsPack<T>& p, float m) {
   constexpr int N = 16 / sizeof(T);
-  const int packs = ld / N;
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-    const LsPack<T>* zp = reinterpret_cast<const LsPack<T>*>(logits + r * ld);
-    LsPack<T>* gp = reinterpret_cast<LsPack<T>*>(d + r * ld);
-    const int t = targets[r];
-    if (t < 0 || t >= vocab) {  // uniform over the block
-      LsPack<T> zero;
 #pragma unroll
-      for (int e = 0; e < N; ++e) zero.v[e] = from_f<T>(0.f);
-      for (int q = threadIdx.x; q < packs; q += blockDim.x) gp[q] = zero;
-      if (threadIdx.x == 0) ce_ignored_row(loss, nll, r, t);
-      continue;
-    }
-    LsPack<T> z[LS_CE_PACKS];
-    float m = LS_NEG_INF;
+  for (int e = 0; e < N; ++e) m = fmaxf(m, to_f(p.v[e]));
+  return m;
+}
+#if __CUDA_ARCH__ >= 800
+template <>
+__device__ __forceinline__ float ce_pack_max(const LsPack<__half>& p, float m) {
+  const __half2* h = reinterpret_cast<const __half2*>(p.v);
+  const __half2 x = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+  return fmaxf(m, fmaxf(__low2float(x), __high2float(x)));
+}
+template <>
+__device__ __forceinline__ float ce_pack_max(const LsPack<__nv_bfloat16>& p, float m) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(p.v);
+  const __nv_bfloat162 x = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+  return fmaxf(m, fmaxf(__low2float(x), __high2float(x)));
+}
+#endif
+
+// Row r's loss, nll and gradient `gp` from its packs in z (pack q = threadIdx.x + k
+// blockDim.x in z[k]) and its target t (in the vocabulary); z_row is the row in memory.
+// Packs wholly inside the vocabulary skip the per-element bound; the gradient is
+// a' p - eps' with the constants pre-scaled by grad_scale, and c_nll' taken off the
+// target's element alone.
+template <typename T>
+__device__ __forceinline__ void ce_staged_row(const LsPack<T> (&z)[LS_CE_PACKS], const T* z_row,
+                                              LsPack<T>* gp, int packs, int vocab, int t,
+                                              long long r, float* loss, float* nll, float c_nll,
+                                              float eps_i, float a, float grad_scale) {
+  constexpr int N = 16 / sizeof(T);
+  float m = LS_NEG_INF;
 #pragma unroll
-    for (int k = 0; k < LS_CE_PACKS; ++k) {
-      const int q = threadIdx.x + k * blockDim.x;
-      if (q < packs) {
-        z[k] = zp[q];
+  for (int k = 0; k < LS_CE_PACKS; ++k) {
+    const int q = threadIdx.x + k * blockDim.x;
+    if (q < packs) {
+      if ((q + 1) * N <= vocab) {
+        m = ce_pack_max(z[k], m);
+      } else {
 #pragma unroll
         for (int e = 0; e < N; ++e) {
           if (q * N + e < vocab) m = fmaxf(m, to_f(z[k].v[e]));
         }
       }
     }
-    const float bm = block_max(m);
-    // Sums of exp(z - bm) and of (bm - z) >= 0 over the vocabulary.
-    float se = 0.f, sd = 0.f;
+  }
+  const float bm = block_max(m);
+  // Sums of exp(z - bm) and of (bm - z) >= 0 over the vocabulary.
+  float se = 0.f, sd = 0.f;
 #pragma unroll
-    for (int k = 0; k < LS_CE_PACKS; ++k) {
-      const int q = threadIdx.x + k * blockDim.x;
-      if (q < packs) {
+  for (int k = 0; k < LS_CE_PACKS; ++k) {
+    const int q = threadIdx.x + k * blockDim.x;
+    if (q < packs) {
+      const int valid = min(N, vocab - q * N);
 #pragma unroll
-        for (int e = 0; e < N; ++e) {
-          if (q * N + e < vocab) {
-            const float zv = to_f(z[k].v[e]);
-            se += __expf(zv - bm);
-            sd += bm - zv;
-          }
+      for (int e = 0; e < N; ++e) {
+        if (e < valid) {
+          const float zv = to_f(z[k].v[e]);
+          se += __expf(zv - bm);
+          sd += bm - zv;
         }
       }
     }
-    const float log_se = logf(block_sum(se));
-    const float lse = bm + log_se;
-    // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
-    const float sm = vocab * log_se + block_sum(sd);
-    if (threadIdx.x == 0)
-      ce_row_loss(loss, nll, r, lse - to_f(logits[r * ld + t]), sm, c_nll, eps_i);
+  }
+  const float log_se = logf(block_sum(se));
+  const float lse = bm + log_se;
+  // sum_v (lse - z_v) = vocab * (lse - bm) + sum_v (bm - z_v).
+  const float sm = vocab * log_se + block_sum(sd);
+  if (threadIdx.x == 0) ce_row_loss(loss, nll, r, lse - to_f(z_row[t]), sm, c_nll, eps_i);
+  const float as = a * grad_scale, es = eps_i * grad_scale, cs = c_nll * grad_scale;
+  const int tq = t / N;
+#pragma unroll
+  for (int k = 0; k < LS_CE_PACKS; ++k) {
+    const int q = threadIdx.x + k * blockDim.x;
+    if (q < packs) {
+      const int valid = min(N, vocab - q * N);
+      LsPack<T> o;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float g = fmaf(as, __expf(to_f(z[k].v[e]) - lse), -es);
+        // Zero past the vocabulary (row padding).
+        o.v[e] = from_f<T>(e < valid ? g : 0.f);
+      }
+      if (q == tq) {  // one thread of the block
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (q * N + e == t)
+            o.v[e] = from_f<T>(fmaf(as, __expf(to_f(z[k].v[e]) - lse), -es) - cs);
+        }
+      }
+      gp[q] = o;
+    }
+  }
+}
+
+// An ignored row's (target outside the vocabulary) zero gradient, loss and nll.
+template <typename T>
+__device__ __forceinline__ void ce_staged_ignored(LsPack<T>* gp, int packs, float* loss,
+                                                  float* nll, long long r, int t) {
+  constexpr int N = 16 / sizeof(T);
+  LsPack<T> zero;
+#pragma unroll
+  for (int e = 0; e < N; ++e) zero.v[e] = from_f<T>(0.f);
+  for (int q = threadIdx.x; q < packs; q += blockDim.x) gp[q] = zero;
+  if (threadIdx.x == 0) ce_ignored_row(loss, nll, r, t);
+}
+
+// Fewer blocks than rows, each staging its next row in shared memory (ld elements,
+// cp.async) while it works on the current one from registers, so the block's loads overlap
+// its exponentials and stores. A thread reads back only the packs it copied, so the staging
+// needs no barrier.
+template <typename T>
+__device__ void cross_entropy_staged_body(const T* logits, const int* targets, float* loss,
+                                          float* nll, T* d, long long rows, int vocab, int ld,
+                                          float c_nll, float eps_i, float a, float grad_scale) {
+  constexpr int N = 16 / sizeof(T);
+  extern __shared__ __align__(16) unsigned char ce_smem[];
+  LsPack<T>* stage = reinterpret_cast<LsPack<T>*>(ce_smem);
+  const int packs = ld / N;
+  // One commit group per row (empty past the last), so every thread counts the same.
+  auto issue = [&](long long r) {
+    if (r < rows) {
+      const LsPack<T>* zp = reinterpret_cast<const LsPack<T>*>(logits + r * ld);
+#pragma unroll
+      for (int k = 0; k < LS_CE_PACKS; ++k) {
+        const int q = threadIdx.x + k * blockDim.x;
+        if (q < packs) ls_cp16(stage + q, zp + q);
+      }
+    }
+    ls_cp_commit();
+  };
+  issue(blockIdx.x);
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    ls_cp_wait<0>();
+    LsPack<T> z[LS_CE_PACKS];
 #pragma unroll
     for (int k = 0; k < LS_CE_PACKS; ++k) {
       const int q = threadIdx.x + k * blockDim.x;
-      if (q < packs) {
-        LsPack<T> o;
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-          const int v = q * N + e;
-          float g = 0.f;  // columns past the vocabulary (row padding)
-          if (v < vocab)
-            g = ce_grad(__expf(to_f(z[k].v[e]) - lse), v == t, a, c_nll, eps_i, grad_scale);
-          o.v[e] = from_f<T>(g);
-        }
-        gp[q] = o;
-      }
+      if (q < packs) z[k] = stage[q];
     }
+    issue(r + gridDim.x);
+    LsPack<T>* gp = reinterpret_cast<LsPack<T>*>(d + r * ld);
+    const int t = targets[r];
+    if (t < 0 || t >= vocab) {  // uniform over the block
+      ce_staged_ignored(gp, packs, loss, nll, r, t);
+      continue;
+    }
+    ce_staged_row(z, logits + r * ld, gp, packs, vocab, t, r, loss, nll, c_nll, eps_i, a,
+                  grad_scale);
   }
 }
 
@@ -1396,10 +1480,10 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
     cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, a,    \
                           grad_scale);                                                        \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(1024) cross_entropy_cached_##S(                \
+  extern "C" __global__ void __launch_bounds__(1024) cross_entropy_staged_##S(                \
       const T* logits, const int* targets, float* loss, float* nll, T* d, long long rows,     \
       int vocab, int ld, float c_nll, float eps_i, float a, float grad_scale) {               \
-    cross_entropy_cached_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, \
+    cross_entropy_staged_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, \
                                  a, grad_scale);                                              \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
