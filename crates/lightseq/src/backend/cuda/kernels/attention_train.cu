@@ -290,6 +290,33 @@ __device__ __forceinline__ void at_put_rows(T* dst, long long stride, int rows, 
   }
 }
 
+// at_put_rows through `tile`, the warp's own 16 rows of shared memory (ld elements apart,
+// free for it to overwrite): the fragments go there, then whole rows leave as 16-byte
+// stores (a quarter of the store instructions, whole sectors). d is a multiple of 16.
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_put_rows_staged(T* dst, long long stride, int rows, int r0,
+                                                   int d, const float (&acc)[DMAX / 8][4],
+                                                   T* tile, int ld) {
+  constexpr int N = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  __syncwarp();  // every lane is done reading the tile
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) {
+    if (n * 8 >= d) break;
+    const int c = 8 * n + 2 * t;
+    *reinterpret_cast<unsigned int*>(tile + g * ld + c) = at_pack2<T>(acc[n][0], acc[n][1]);
+    *reinterpret_cast<unsigned int*>(tile + (g + 8) * ld + c) = at_pack2<T>(acc[n][2], acc[n][3]);
+  }
+  __syncwarp();
+  const int packs = d / N;
+  for (int p = lane; p < 16 * packs; p += 32) {
+    const int r = p / packs, c = (p - r * packs) * N;
+    if (r0 + r < rows)
+      *reinterpret_cast<LsPack<T>*>(dst + (r0 + r) * stride + c) =
+          *reinterpret_cast<const LsPack<T>*>(tile + r * ld + c);
+  }
+}
+
 // Bytes of keep flags a warp stages: 16 rows of up to 64 keys, plus the up to three
 // elements before the warp's first that share its first Philox group.
 #define AT_FLAG_BYTES (16 * 64 + 16)
@@ -416,7 +443,8 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   at_pack_rows<T>(sp, s);
   float o[DMAX / 8][4];
   at_rows_by<T, DMAX, LMAX>(o, sp, vs, ld, lkp, d);
-  at_put_rows<T, DMAX>(ctx + head0, stride, lq, r0, d, o);
+  // The warp's q rows are read by it alone, and no longer.
+  at_put_rows_staged<T, DMAX>(ctx + head0, stride, lq, r0, d, o, qs + r0 * ld, ld);
 }
 
 // Backward from dctx: dv = dropout(probs)^T dctx; dp = dropout'(dctx v^T); ds = scale *
