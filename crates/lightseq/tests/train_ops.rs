@@ -68,6 +68,38 @@ fn assert_equal_pairs(what: &str, pairs: &[(&str, Vec<f32>, Vec<f32>)]) {
     eprintln!("{what}: equal");
 }
 
+/// The column sums of the fused attention backward's partial bias sums (`sums` [rows, 3 h]:
+/// dq's, dk's and dv's columns) against the column sums of the gradients it returned, in
+/// f64. The sums are of unrounded values, so the error is measured against the gradient's
+/// own norm where its column sums nearly cancel (k's: softmax rows sum to zero).
+fn check_bias_sums(what: &str, dt: DType, sums: &Tensor, grads: [&Tensor; 3], h: usize) {
+    assert_eq!(sums.shape()[1], 3 * h, "{what}: bias sums shape");
+    let sv = sums.to_f32_vec().unwrap();
+    let rows = sv.len() / (3 * h);
+    for (i, g) in grads.iter().enumerate() {
+        let gv = g.to_f32_vec().unwrap();
+        let want: Vec<f64> = (0..h)
+            .map(|c| gv.chunks(h).map(|r| r[c] as f64).sum())
+            .collect();
+        let got: Vec<f64> = (0..h)
+            .map(|c| (0..rows).map(|r| sv[r * 3 * h + i * h + c] as f64).sum())
+            .collect();
+        let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let diff: Vec<f64> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let scale = norm(&want).max(gv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt());
+        let err = norm(&diff) / scale.max(1e-30);
+        assert!(
+            err <= tol(dt),
+            "{what}: bias sums of part {i}: rel err {err:.3e}"
+        );
+        assert!(
+            got.iter().any(|v| *v != 0.0),
+            "{what}: bias sums of part {i} all zero"
+        );
+    }
+    eprintln!("{what}: bias sums match");
+}
+
 /// Attention dropout alone at `rate`, drawn from (seed, offset).
 fn attention_dropout(rate: f32, seed: u64, offset: u64) -> lightseq::train::layers::Dropout {
     lightseq::train::layers::Dropout {
@@ -823,7 +855,9 @@ fn cuda_short_attention_matches_cpu() {
 /// results are equal element for element.
 #[test]
 fn cuda_packed_attention_matches_separate() {
-    use lightseq::train::layers::{attend, attend_backward, attend_packed, attend_packed_kv};
+    use lightseq::train::layers::{
+        attend, attend_backward, attend_backward_sums, attend_packed, attend_packed_kv,
+    };
     use lightseq::train::ops::QkvGrads;
     let Some(gpu) = gpu("cuda_packed_attention_matches_separate") else {
         return;
@@ -861,7 +895,8 @@ fn cuda_packed_attention_matches_separate() {
                     causal,
                 )
                 .unwrap();
-                let g1 = attend_backward(&d1, s1, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
+                let (g1, sums) =
+                    attend_backward_sums(&d1, s1, t(&dctx, &[l, b, h], dt, &gpu), true).unwrap();
                 let g2 = attend_backward(&d2, s2, t(&dctx, &[l, b, h], dt, &gpu)).unwrap();
                 let what = format!("packed attention [{l}] b {b} heads {nh} d {d} causal {causal} dropout {rate} {dt}");
                 let QkvGrads::Packed(dqkv) = g1 else {
@@ -869,6 +904,8 @@ fn cuda_packed_attention_matches_separate() {
                 };
                 assert_eq!(dqkv.shape(), [l, b, 3 * h], "{what}: dqkv shape");
                 let (dq, dk, dv) = g2.separate().expect("separate gradients");
+                let sums = sums.expect("the fused backward's bias sums");
+                check_bias_sums(&what, dt, &sums, [&dq, &dk, &dv], h);
                 // dq, dk and dv as column blocks of dqkv.
                 let dqkv = dqkv.to_f32_vec().unwrap();
                 let col = |c: usize| column_block(&dqkv, 3 * h, c, h);
@@ -919,7 +956,8 @@ fn cuda_packed_attention_matches_separate() {
                     false,
                 )
                 .unwrap();
-                let g1 = attend_backward(&d1, s1, t(&dctx, &[lq, b, h], dt, &gpu)).unwrap();
+                let (g1, sums) =
+                    attend_backward_sums(&d1, s1, t(&dctx, &[lq, b, h], dt, &gpu), true).unwrap();
                 let g2 = attend_backward(&d2, s2, t(&dctx, &[lq, b, h], dt, &gpu)).unwrap();
                 let what = format!(
                     "packed kv attention [{lq}, {lk}] b {b} heads {nh} d {d} dropout {rate} {dt}"
@@ -929,6 +967,8 @@ fn cuda_packed_attention_matches_separate() {
                 };
                 assert_eq!(dkv.shape(), [lk, b, 2 * h], "{what}: dkv shape");
                 let (dq2, dk, dv) = g2.separate().expect("separate gradients");
+                let sums = sums.expect("the fused backward's bias sums");
+                check_bias_sums(&what, dt, &sums, [&dq2, &dk, &dv], h);
                 let dkv = dkv.to_f32_vec().unwrap();
                 let col = |c: usize| column_block(&dkv, 2 * h, c, h);
                 let sep = |x: &Tensor| x.to_f32_vec().unwrap();

@@ -199,17 +199,18 @@ impl Ln {
 
 /// The parameter gradients of projections `lins` of input `x` from their packed output
 /// gradient `g` (column block i of width h is lins[i]'s), each weight's read in place.
-/// Where every projection has a bias, one pass over `g` sums all their bias gradients.
+/// Where every projection has a bias, one pass over `g` sums all their bias gradients, or
+/// over `sums` when given (partial column sums with the same column blocks).
 fn packed_param_grads(
     ps: &mut Params,
     lins: &[&Lin],
-    g: &Tensor,
+    (g, sums): (&Tensor, Option<&Tensor>),
     h: usize,
     x: &Tensor,
 ) -> Result<()> {
     let biases = lins.iter().map(|l| l.b).collect::<Option<Vec<Pid>>>();
     if let Some(ids) = &biases {
-        tops::column_sum_parts_into(&mut ps.grads_of(ids)?, g)?;
+        tops::column_sum_parts_into(&mut ps.grads_of(ids)?, sums.unwrap_or(g))?;
     }
     for (i, lin) in lins.iter().enumerate() {
         let b = if biases.is_some() { None } else { lin.b };
@@ -460,11 +461,23 @@ fn attend_inputs(
 /// gradient [len, b, 3 h] with their column blocks) or of [`attend_packed_kv`] (dq, and
 /// one [lk, b, 2 h] gradient holding dk and dv).
 pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<tops::QkvGrads> {
+    Ok(attend_backward_sums(drop, s, dctx, false)?.0)
+}
+
+/// [`attend_backward`], with `bias_sums` also the fused backward's partial column sums of
+/// dq, dk and dv ([`tops::short_attention_backward`]) where it ran; None otherwise.
+pub fn attend_backward_sums(
+    drop: &Dropout,
+    s: CoreSaved,
+    dctx: Tensor,
+    bias_sums: bool,
+) -> Result<(tops::QkvGrads, Option<Tensor>)> {
     if s.fused {
         let spec = s.drop.map(|o| (drop.attention, drop.seed, o));
         let mask = (s.key_lens.as_ref(), s.causal);
+        let qkv = s.inputs.qkv();
         let grads =
-            tops::short_attention_backward(s.inputs.qkv(), &dctx, s.heads, s.scale, mask, spec)?;
+            tops::short_attention_backward(qkv, &dctx, s.heads, s.scale, mask, spec, bias_sums)?;
         return grads.ok_or_else(|| Error::op("attend_backward", "the fused backward did not run"));
     }
     let Inputs::Separate(q, k, v) = &s.inputs else {
@@ -484,7 +497,7 @@ pub fn attend_backward(drop: &Dropout, s: CoreSaved, dctx: Tensor) -> Result<top
     let ds = tops::softmax_backward(p, &dp, s.scale)?;
     let dq = scores_by_heads(&ds, false, k, dims)?;
     let dk = scores_by_heads(&ds, true, q, dims)?;
-    Ok(tops::QkvGrads::Separate(dq, dk, dv))
+    Ok((tops::QkvGrads::Separate(dq, dk, dv), None))
 }
 
 /// The weights (and biases) of `lins` stacked along their outputs, where all are square
@@ -506,6 +519,12 @@ fn stacked(ps: &Params, lins: &[&Lin], h: usize) -> Result<Option<(Tensor, Optio
 }
 
 impl Attn {
+    /// Whether q, k and v all have biases (with packed inputs their gradients then come from
+    /// the fused backward's column sums).
+    fn has_biases(&self) -> bool {
+        self.q.b.is_some() && self.k.b.is_some() && self.v.b.is_some()
+    }
+
     /// xq [lq, b, h] attends to xkv [lk, b, h]; keys at or past `key_lens[b]` and, when
     /// `causal`, keys after the query are masked.
     pub fn forward(
@@ -605,7 +624,8 @@ impl Attn {
         dout: Dout,
     ) -> Result<Tensor> {
         let dctx = dout.out(&self.o).backward(ps, &s.ctx, dout.read())?;
-        let grads = attend_backward(drop, s.core, dctx)?;
+        let want_sums = self.has_biases() && s.stacked.is_some();
+        let (grads, sums) = attend_backward_sums(drop, s.core, dctx, want_sums)?;
         match (grads, s.stacked) {
             (tops::QkvGrads::Separate(dq, dk, dv), _) => {
                 let mut dx = self.q.backward_to(ps, x, &dq, dout.acc())?;
@@ -618,7 +638,7 @@ impl Attn {
             // weights gives the input gradient.
             (tops::QkvGrads::Packed(dqkv), Some(w)) => {
                 let lins = [&self.q, &self.k, &self.v];
-                packed_param_grads(ps, &lins, &dqkv, w.shape()[1], x)?;
+                packed_param_grads(ps, &lins, (&dqkv, sums.as_ref()), w.shape()[1], x)?;
                 match dout.acc() {
                     Some(mut acc) => {
                         tops::linear_input_grad_into(&mut acc, &dqkv, &w)?;
@@ -647,7 +667,9 @@ impl Attn {
         dkv: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let dctx = dout.out(&self.o).backward(ps, &s.ctx, dout.read())?;
-        match (attend_backward(drop, s.core, dctx)?, s.stacked) {
+        let want_sums = self.has_biases() && s.stacked.is_some();
+        let (grads, sums) = attend_backward_sums(drop, s.core, dctx, want_sums)?;
+        match (grads, s.stacked) {
             (tops::QkvGrads::Separate(dq, dk, dv), _) => {
                 let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
                 let acc = match dkv {
@@ -664,8 +686,17 @@ impl Attn {
             // read their blocks in place, and one GEMM over the stacked weights gives the
             // memory's gradient.
             (tops::QkvGrads::PackedKv(dq, g_kv), Some(w)) => {
-                let dxq = self.q.backward_to(ps, xq, &dq, dout.acc())?;
-                packed_param_grads(ps, &[&self.k, &self.v], &g_kv, w.shape()[1], xkv)?;
+                let (q, k, v) = match (&sums, self.q.b, self.k.b, self.v.b) {
+                    // All three bias gradients from the fused kernel's sums, in one pass.
+                    (Some(sums), Some(qb), Some(kb), Some(vb)) => {
+                        tops::column_sum_parts_into(&mut ps.grads_of(&[qb, kb, vb])?, sums)?;
+                        let unbiased = |l: &Lin| Lin { b: None, ..*l };
+                        (unbiased(&self.q), unbiased(&self.k), unbiased(&self.v))
+                    }
+                    _ => (self.q, self.k, self.v),
+                };
+                let dxq = q.backward_to(ps, xq, &dq, dout.acc())?;
+                packed_param_grads(ps, &[&k, &v], (&g_kv, None), w.shape()[1], xkv)?;
                 match dkv {
                     Some(acc) => tops::linear_input_grad_into(acc, &g_kv, &w)?,
                     None => *dkv = Some(tops::linear_input_grad(&g_kv, &w)?),

@@ -482,7 +482,9 @@ impl QkvGrads {
 
 /// The backward of [`short_attention`] from dctx [lq, batch, heads * d]: the gradients of
 /// q, k and v in their inputs' layout; None where it does not apply. `key_lens`, `causal`,
-/// `scale` and `drop` are the forward's.
+/// `scale` and `drop` are the forward's. With `bias_sums`, also partial column sums of dq,
+/// dk and dv, f32 [rows, 3 heads d] (dq's columns, dk's, dv's; summed over the kernel's rows
+/// before rounding): their column sums are the three projections' bias gradients.
 pub fn short_attention_backward(
     qkv: Qkv,
     dctx: &Tensor,
@@ -490,7 +492,8 @@ pub fn short_attention_backward(
     scale: f32,
     (key_lens, causal): (Option<&Tensor>, bool),
     drop: Option<AttentionDrop>,
-) -> Result<Option<QkvGrads>> {
+    bias_sums: bool,
+) -> Result<Option<(QkvGrads, Option<Tensor>)>> {
     const OP: &str = "short_attention_backward";
     if !qkv.fits(heads) {
         return Ok(None);
@@ -504,7 +507,7 @@ pub fn short_attention_backward(
         format!("dctx {:?}, expected [{lq}, {b}, {h}]", dctx.shape())
     })?;
     let kl = key_lens_arg(OP, key_lens, b)?;
-    let Some(grads) = cuda::short_attention_backward(
+    let Some((grads, sums)) = cuda::short_attention_backward(
         blocks,
         qkv.layout(),
         kl,
@@ -513,12 +516,14 @@ pub fn short_attention_backward(
         scale,
         causal,
         drop,
+        bias_sums,
     )?
     else {
         return Ok(None);
     };
     let dt = dctx.dtype();
-    Ok(Some(match grads {
+    let sums = sums.map(|s| cuda_out(&[s.rows, 3 * h], DType::F32, s.sums));
+    let grads = match grads {
         cuda::AttnGrads::Separate(dq, dk, dv) => QkvGrads::Separate(
             cuda_out(&[lq, b, h], dt, dq),
             cuda_out(&[lk, b, h], dt, dk),
@@ -529,7 +534,8 @@ pub fn short_attention_backward(
             cuda_out(&[lq, b, h], dt, dq),
             cuda_out(&[lk, b, 2 * h], dt, dkv),
         ),
-    }))
+    };
+    Ok(Some((grads, sums)))
 }
 
 /// `parts` stacked along their first dimension (same dtype, device and trailing dims).

@@ -1516,6 +1516,14 @@ pub(crate) enum AttnGrads {
     PackedKv(CudaStorage, CudaStorage),
 }
 
+/// The fused backward's per-warp column sums of dq, dk and dv: `rows` rows of 3 heads d
+/// f32 (dq's columns, then dk's, then dv's), whose column sums are the three projections'
+/// bias gradients.
+pub(crate) struct BiasSums {
+    pub(crate) sums: CudaStorage,
+    pub(crate) rows: usize,
+}
+
 /// `parts` (one dtype, one device) one after another in a new buffer.
 pub(crate) fn concat(parts: &[&CudaStorage]) -> Result<CudaStorage> {
     let first = parts
@@ -1630,7 +1638,8 @@ pub(crate) fn short_attention_backward(
     scale: f32,
     causal: bool,
     drop: Option<DropSpec>,
-) -> Result<Option<AttnGrads>> {
+    bias_sums: bool,
+) -> Result<Option<(AttnGrads, Option<BiasSums>)>> {
     let dev = q.s.device();
     let dt = q.s.dtype();
     let (p, keep, seed, offset) = drop_args(drop);
@@ -1674,8 +1683,20 @@ pub(crate) fn short_attention_backward(
             dev.alloc(dt, lk * batch * v.w)?,
         ),
     };
+    // The kernel's warps per block (short_attention_threads) write a row each per sequence.
+    let warps = lq.div_ceil(16).max(lk.div_ceil(16));
+    let sums = if bias_sums {
+        let rows = batch * warps;
+        Some(BiasSums {
+            sums: dev.alloc(DType::F32, rows * 3 * hd)?,
+            rows,
+        })
+    } else {
+        None
+    };
     if batch * heads == 0 {
-        return Ok(Some(grads));
+        // No rows or no columns: the sums are empty.
+        return Ok(Some((grads, sums)));
     }
     let es = dt.size() as u64;
     let (dqp, dkp, dvp) = match &grads {
@@ -1695,6 +1716,7 @@ pub(crate) fn short_attention_backward(
     allow_smem(&f, smem)?;
     let (qp, kp, vp, dcp) = (q.ptr(), k.ptr(), v.ptr(), dctx.ptr());
     let klp = key_lens.map_or(0, |k| k.ptr());
+    let bsp = sums.as_ref().map_or(0, |b| b.sums.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let causal = causal as i32;
     let mut l = dev.stream().launch_builder(&f);
@@ -1706,6 +1728,7 @@ pub(crate) fn short_attention_backward(
         .arg(&dqp)
         .arg(&dkp)
         .arg(&dvp)
+        .arg(&bsp)
         .arg(&b)
         .arg(&h)
         .arg(&lq32)
@@ -1720,7 +1743,9 @@ pub(crate) fn short_attention_backward(
         .arg(&seed)
         .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
-    // SAFETY: as in short_attention_forward; key_lens, when given, holds `batch` i32.
+    debug_assert_eq!(cfg.block_dim.0 as usize, 32 * warps);
+    // SAFETY: as in short_attention_forward; key_lens, when given, holds `batch` i32; the
+    // bias sums, when given, hold batch * warps rows of 3 * heads * d f32.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
-    Ok(Some(grads))
+    Ok(Some((grads, sums)))
 }

@@ -317,6 +317,32 @@ __device__ __forceinline__ void at_put_rows_staged(T* dst, long long stride, int
   }
 }
 
+// Column sums of a warp's 16-row strip of accumulators (rows from r0, those below
+// `rows`) to dst[0..d): the strip's share of a bias gradient (f32, unrounded).
+template <int DMAX>
+__device__ __forceinline__ void at_put_colsums(float* dst, int rows, int r0, int d,
+                                               const float (&acc)[DMAX / 8][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool lo = r0 + g < rows, hi = r0 + g + 8 < rows;
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) {
+    if (n * 8 >= d) break;
+    float s0 = (lo ? acc[n][0] : 0.f) + (hi ? acc[n][2] : 0.f);
+    float s1 = (lo ? acc[n][1] : 0.f) + (hi ? acc[n][3] : 0.f);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+    }
+    if (g == 0) *reinterpret_cast<float2*>(dst + 8 * n + 2 * t) = make_float2(s0, s1);
+  }
+}
+
+// at_put_colsums for a warp with no rows of that gradient.
+__device__ __forceinline__ void at_zero_colsums(float* dst, int d) {
+  for (int c = threadIdx.x & 31; c < d; c += 32) dst[c] = 0.f;
+}
+
 // Bytes of keep flags a warp stages: 16 rows of up to 64 keys, plus the up to three
 // elements before the warp's first that share its first Philox group.
 #define AT_FLAG_BYTES (16 * 64 + 16)
@@ -452,13 +478,17 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
 // probabilities are computed again from q and k as the forward computed them. Warps take
 // 16 query rows for dq (ds in registers), then 16 key rows for dk and dv, reading the
 // dropped probabilities and ds that the first phase leaves in shared memory: over k and v,
-// which the second phase does not read, where they fit.
+// which the second phase does not read, where they fit. With `bsum`, each warp also writes
+// the column sums of its rows of dq, dk and dv (the projections' bias gradients, before
+// the sum over warps and sequences) to row b * warps + warp of bsum [batch * warps, 3 hd]:
+// columns h d.. of dq's block, then of dk's and dv's (zeros for a warp without such rows).
 template <typename T, int DMAX, int LMAX>
 __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const int* key_lens,
-                                    const T* dctx, T* dq, T* dk, T* dv, int batch, int heads,
-                                    int lq, int lk, int d, int q_w, int kv_w, float scale,
-                                    int causal, float p_drop, float keep,
-                                    unsigned long long seed, unsigned long long offset) {
+                                    const T* dctx, T* dq, T* dk, T* dv, float* bsum,
+                                    int batch, int heads, int lq, int lk, int d, int q_w,
+                                    int kv_w, float scale, int causal, float p_drop,
+                                    float keep, unsigned long long seed,
+                                    unsigned long long offset) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int bh = blockIdx.x, bi = bh / heads;
   const int lqp = (lq + 15) & ~15, lkp = (lk + 15) & ~15, ld = d + 8, lds = lkp + 8;
@@ -478,6 +508,10 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
   at_stage(dos, ld, dctx + head0, lq, lqp, d, stride);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
+  const long long hd = (long long)heads * d;
+  float* bs = bsum == nullptr ? nullptr
+                              : bsum + ((long long)bi * (blockDim.x >> 5) + warp) * 3 * hd +
+                                    (long long)(bh - bi * heads) * d;
   // The forward's dropout decisions, drawn again (Philox is counter-based).
   unsigned long long km[2] = {~0ull, ~0ull};
   if (r0 < lqp && p_drop > 0.f)
@@ -522,6 +556,9 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
     float acc[DMAX / 8][4];
     at_rows_by<T, DMAX, LMAX>(acc, dsp, ks, ld, lkp, d);
     at_put_rows<T, DMAX>(dq + qh.head0, qh.stride, lq, r0, d, acc);
+    if (bs != nullptr) at_put_colsums<DMAX>(bs, lq, r0, d, acc);
+  } else if (bs != nullptr) {
+    at_zero_colsums(bs, d);
   }
   if (over_kv) __syncthreads();  // every warp is done with k and v
   if (r0 < lqp) {
@@ -544,7 +581,13 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
     }
   }
   __syncthreads();
-  if (r0 >= lkp) return;
+  if (r0 >= lkp) {
+    if (bs != nullptr) {
+      at_zero_colsums(bs + hd, d);
+      at_zero_colsums(bs + 2 * hd, d);
+    }
+    return;
+  }
   // dv rows = dropout(probs)^T [16, lqp] @ dO [lqp, d]; dk rows = ds^T [16, lqp] @ q.
 #pragma unroll 1
   for (int which = 0; which < 2; ++which) {
@@ -560,6 +603,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
       at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
     }
     at_put_rows<T, DMAX>((which == 0 ? dv : dk) + kvh.head0, kvh.stride, lk, r0, d, acc);
+    if (bs != nullptr) at_put_colsums<DMAX>(bs + (which == 0 ? 2 : 1) * hd, lk, r0, d, acc);
   }
 }
 
@@ -577,12 +621,12 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_bwd_d##DMAX##_l##LMAX##_##S(                                                 \
           const T* q, const T* k, const T* v, const int* key_lens, const T* dctx, T* dq,      \
-          T* dk, T* dv, int batch, int heads, int lq, int lk, int d, int q_w, int kv_w,       \
-          float scale, int causal, float p_drop, float keep, unsigned long long seed,         \
-          unsigned long long offset) {                                                        \
-    attn_short_bwd_body<T, DMAX, LMAX>(q, k, v, key_lens, dctx, dq, dk, dv, batch, heads, lq, \
-                                       lk, d, q_w, kv_w, scale, causal, p_drop, keep, seed,   \
-                                       offset);                                               \
+          T* dk, T* dv, float* bsum, int batch, int heads, int lq, int lk, int d, int q_w,    \
+          int kv_w, float scale, int causal, float p_drop, float keep,                        \
+          unsigned long long seed, unsigned long long offset) {                               \
+    attn_short_bwd_body<T, DMAX, LMAX>(q, k, v, key_lens, dctx, dq, dk, dv, bsum, batch,      \
+                                       heads, lq, lk, d, q_w, kv_w, scale, causal, p_drop,    \
+                                       keep, seed, offset);                                   \
   }
 LS_ATTN_SHORT(__half, f16, 64, 32)
 LS_ATTN_SHORT(__half, f16, 64, 64)
