@@ -1683,8 +1683,8 @@ pub(crate) fn short_attention_backward(
             dev.alloc(dt, lk * batch * v.w)?,
         ),
     };
-    // The kernel's warps per block (short_attention_threads) write a row each per sequence.
-    let warps = lq.div_ceil(16).max(lk.div_ceil(16));
+    // Each warp of a sequence's blocks writes a row.
+    let warps = short_attention_threads(lq, lk) as usize / 32;
     let sums = if bias_sums {
         let rows = batch * warps;
         Some(BiasSums {
@@ -1743,7 +1743,6 @@ pub(crate) fn short_attention_backward(
         .arg(&seed)
         .arg(&offset);
     let cfg = short_attention_cfg(batch * heads, lq, lk, smem);
-    debug_assert_eq!(cfg.block_dim.0 as usize, 32 * warps);
     // SAFETY: as in short_attention_forward; key_lens, when given, holds `batch` i32; the
     // bias sums, when given, hold batch * warps rows of 3 * heads * d f32.
     launched("attn_short_bwd", unsafe { l.launch(cfg) })?;
