@@ -1098,6 +1098,50 @@ pub(crate) fn embedding_backward_into(
     })
 }
 
+/// cross_entropy_staged and its launch for `n` rows `ld` apart, where it applies: rows of
+/// whole aligned 16-byte packs, at most CE_PACKS a thread of a 1024-thread block, held in
+/// registers (one read of the logits) and staged in shared memory (a row must fit a
+/// block's). Threads: enough for the row at CE_PACKS packs each, so 512 threads take a 32k
+/// f16 vocabulary, two blocks an SM; blocks: as many as fit at once, rows taken in turn.
+fn staged_cross_entropy(
+    dev: &std::sync::Arc<super::CudaDevice>,
+    dt: DType,
+    n: usize,
+    ld: usize,
+    (logits, d): (u64, u64),
+) -> Result<Option<(cudarc::driver::CudaFunction, LaunchConfig)>> {
+    let n_pack = 16 / dt.size();
+    let packs = ld / n_pack;
+    let smem = packs * 16;
+    let applies = ld.is_multiple_of(n_pack)
+        && logits.is_multiple_of(16)
+        && d.is_multiple_of(16)
+        && packs <= CE_PACKS * 1024
+        && smem <= dev.smem_per_block();
+    if !applies {
+        return Ok(None);
+    }
+    let threads = packs
+        .div_ceil(CE_PACKS)
+        .next_multiple_of(32)
+        .clamp(32, 1024);
+    let f = dev.kernel("cross_entropy_staged", dt)?;
+    allow_smem(&f, smem)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
+        .map_err(|e| cuda_err("cross-entropy occupancy", e))? as usize;
+    if per_sm == 0 {
+        return Ok(None);
+    }
+    // H200, 15008 x 32000 f16: 666 us against 895 us with a block per row and no staging.
+    let cfg = LaunchConfig {
+        grid_dim: (n.min(per_sm * dev.sm_count()).max(1) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    Ok(Some((f, cfg)))
+}
+
 /// Label-smoothed cross entropy of `n` rows of `vocab` logits, rows `ld` apart: per-row
 /// loss and nll, and the logits' gradient in the same layout (zero in the row padding).
 #[allow(clippy::too_many_arguments)]
@@ -1133,45 +1177,10 @@ pub(crate) fn cross_entropy(
     let a = c_nll + vocab as f64 * eps_i;
     let (c_nll, eps_i, a) = (c_nll as f32, eps_i as f32, a as f32);
     let (lp, tp, lossp, nllp, dp) = (logits.ptr(), targets.ptr(), loss.ptr(), nll.ptr(), d.ptr());
-    // Rows of whole aligned 16-byte packs, at most CE_PACKS a thread of a 1024-thread block,
-    // are held in registers (one read of the logits) and staged in shared memory; threads:
-    // enough for the row at CE_PACKS packs each, so 512 threads take a 32k f16 vocabulary,
-    // two blocks an SM. Otherwise (or where a row does not fit a block's shared memory)
-    // the logits are read twice.
-    let n_pack = 16 / dt.size();
-    let packs = ld / n_pack;
-    let smem = packs * 16;
-    let staged = ld.is_multiple_of(n_pack)
-        && lp.is_multiple_of(16)
-        && dp.is_multiple_of(16)
-        && packs <= CE_PACKS * 1024
-        && smem <= dev.smem_per_block();
-    let mut cfg = rows_grid(n, vocab, 1024);
-    let mut f = None;
-    if staged {
-        let threads = packs
-            .div_ceil(CE_PACKS)
-            .next_multiple_of(32)
-            .clamp(32, 1024);
-        let k = dev.kernel("cross_entropy_staged", dt)?;
-        allow_smem(&k, smem)?;
-        let per_sm = k
-            .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
-            .map_err(|e| cuda_err("cross-entropy occupancy", e))? as usize;
-        if per_sm > 0 {
-            // H200, 15008 x 32000 f16: 666 us against 895 us with a block per row and no
-            // staging.
-            cfg = LaunchConfig {
-                grid_dim: (n.min(per_sm * dev.sm_count()).max(1) as u32, 1, 1),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            f = Some(k);
-        }
-    }
-    let f = match f {
-        Some(f) => f,
-        None => dev.kernel("cross_entropy", dt)?,
+    // The staged kernel where it applies; otherwise the logits are read twice.
+    let (f, cfg) = match staged_cross_entropy(dev, dt, n, ld, (lp, dp))? {
+        Some(staged) => staged,
+        None => (dev.kernel("cross_entropy", dt)?, rows_grid(n, vocab, 1024)),
     };
     let (r, v, ld) = (n as i64, vocab as i32, ld as i32);
     let mut l = dev.stream().launch_builder(&f);
@@ -1188,7 +1197,7 @@ pub(crate) fn cross_entropy(
         .arg(&a)
         .arg(&grad_scale);
     // SAFETY: argument types match the kernels' signature in train.cu; the staged form's
-    // alignment, row length and shared memory were checked above.
+    // alignment, row length and shared memory were checked by staged_cross_entropy.
     launched("cross_entropy", unsafe { l.launch(cfg) })?;
     Ok((loss, nll, d))
 }
