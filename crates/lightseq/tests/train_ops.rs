@@ -590,6 +590,37 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
         let (g, c) = (run(&gpu), run(&cpu));
         check("add_scaled_into", dt, &g, &c, 1e-6);
     }
+
+    // add_range_into: a block of an f32 buffer copied or added, against the slice
+    // arithmetic done here.
+    let (n, offset, len) = (1037, 301, 517);
+    let (acc0, src) = (randn(44, len), randn(45, n));
+    for overwrite in [true, false] {
+        let mut acc = t(&acc0, &[len], DType::F32, &gpu);
+        ops::add_range_into(
+            &mut acc,
+            &t(&src, &[n], DType::F32, &gpu),
+            offset,
+            overwrite,
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..len)
+            .map(|i| src[offset + i] + if overwrite { 0.0 } else { acc0[i] })
+            .collect();
+        assert_eq!(
+            acc.to_f32_vec().unwrap(),
+            want,
+            "add_range_into, overwrite {overwrite}"
+        );
+    }
+    let mut acc = t(&acc0, &[len], DType::F32, &gpu);
+    let short = t(
+        &src[..offset + len - 1],
+        &[offset + len - 1],
+        DType::F32,
+        &gpu,
+    );
+    assert!(ops::add_range_into(&mut acc, &short, offset, true).is_err());
 }
 
 #[test]

@@ -198,9 +198,14 @@ impl Ln {
 }
 
 /// The parameter gradients of projections `lins` of input `x` from their packed output
-/// gradient `g` (column block i of width h is lins[i]'s), each weight's read in place.
+/// gradient `g` (column block i of width h is lins[i]'s).
 /// Where every projection has a bias, one pass over `g` sums all their bias gradients, or
 /// over `sums` when given (partial column sums with the same column blocks).
+/// Where every projection has one or none has, the weight gradients come from one GEMM over
+/// all of `g` into a scratch buffer, whose row blocks are then each weight's: at
+/// Transformer-big's shapes that GEMM fills the GPU without the split-K reductions that
+/// one 1024-wide weight gradient at a time takes. Otherwise each weight's gradient reads
+/// its column block of `g` in place.
 fn packed_param_grads(
     ps: &mut Params,
     lins: &[&Lin],
@@ -211,6 +216,17 @@ fn packed_param_grads(
     let biases = lins.iter().map(|l| l.b).collect::<Option<Vec<Pid>>>();
     if let Some(ids) = &biases {
         tops::column_sum_parts_into(&mut ps.grads_of(ids)?, sums.unwrap_or(g))?;
+    }
+    let none_biased = lins.iter().all(|l| l.b.is_none());
+    let n = lins.len() * h;
+    if (biases.is_some() || none_biased) && g.shape().last() == Some(&n) {
+        let k = x.shape().last().copied().unwrap_or(1);
+        let mut wide = ops::empty(&[n, k], DType::F32, &x.device())?;
+        tops::linear_weight_grad_cols_into(&mut wide, None, (g, 0, n), x, true)?;
+        for (i, lin) in lins.iter().enumerate() {
+            ps.accumulate_range(lin.w, &wide, i * h * k)?;
+        }
+        return Ok(());
     }
     for (i, lin) in lins.iter().enumerate() {
         let b = if biases.is_some() { None } else { lin.b };

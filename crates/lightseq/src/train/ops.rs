@@ -1233,6 +1233,50 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64, offset: u64) -> Result<Tensor> {
     })
 }
 
+/// `acc = src[offset..offset + acc.len()]`, or `acc +=` it unless `overwrite`; both f32
+/// (a block of a gradient computed for several parameters at once).
+pub fn add_range_into(
+    acc: &mut Tensor,
+    src: &Tensor,
+    offset: usize,
+    overwrite: bool,
+) -> Result<()> {
+    const OP: &str = "add_range_into";
+    if acc.cuda_device().map(|d| d.ordinal()) != src.cuda_device().map(|d| d.ordinal()) {
+        return Err(Error::op(OP, "tensors are on different devices"));
+    }
+    need(
+        OP,
+        acc.dtype() == DType::F32
+            && src.dtype() == DType::F32
+            && offset
+                .checked_add(acc.len())
+                .is_some_and(|end| end <= src.len()),
+        || {
+            format!(
+                "acc {:?} {} from element {offset} of {:?} {}",
+                acc.shape(),
+                acc.dtype(),
+                src.shape(),
+                src.dtype()
+            )
+        },
+    )?;
+    match (&mut acc.storage, &src.storage) {
+        (Storage::CpuF32(a), Storage::CpuF32(s)) => {
+            let s = &s[offset..offset + a.len()];
+            if overwrite {
+                a.copy_from_slice(s);
+            } else {
+                cpu::add_scaled_into(a, s, 1.0);
+            }
+        }
+        (Storage::Cuda(a), Storage::Cuda(s)) => cuda::add_range_into(a, s, offset, overwrite)?,
+        _ => return Err(Error::op(OP, "tensors are on different devices")),
+    }
+    Ok(())
+}
+
 /// `acc += alpha * x`; acc is f32, x any float dtype of the same element count.
 pub fn add_scaled_into(acc: &mut Tensor, x: &Tensor, alpha: f32) -> Result<()> {
     const OP: &str = "add_scaled_into";

@@ -212,6 +212,14 @@ impl Params {
         tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
     }
 
+    /// Adds `src[offset..offset + n]` (f32), n being `p`'s element count, into `p`'s
+    /// gradient: `p`'s share of a gradient computed for several parameters at once.
+    pub fn accumulate_range(&mut self, p: Pid, src: &Tensor, offset: usize) -> Result<()> {
+        let q = param_mut(&mut self.list, p)?;
+        let overwrite = std::mem::replace(&mut q.grad_zero, false);
+        tops::add_range_into(&mut q.grad, src, offset, overwrite)
+    }
+
     /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s
     /// gradient, and with `bias`, dy's column sums into that parameter's.
     pub fn accumulate_weight_grad(

@@ -1394,6 +1394,43 @@ pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) ->
     })
 }
 
+/// `acc = src[offset..]` (its first acc.len() elements), or `acc +=` them unless
+/// `overwrite`; both f32 (the caller checks the lengths).
+pub(crate) fn add_range_into(
+    acc: &CudaStorage,
+    src: &CudaStorage,
+    offset: usize,
+    overwrite: bool,
+) -> Result<()> {
+    if acc.len() == 0 {
+        return Ok(());
+    }
+    let dev = acc.device();
+    let (ap, sp, total) = (acc.ptr(), src.ptr() + offset as u64 * 4, acc.len() as i64);
+    if overwrite {
+        // SAFETY: acc holds acc.len() f32 and src at least offset + acc.len() (checked by
+        // the caller); the copy is ordered on the device's stream.
+        return unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                ap,
+                sp,
+                acc.len() * 4,
+                dev.stream().cu_stream(),
+            )
+        }
+        .map_err(|e| cuda_err("device to device copy", e));
+    }
+    let f = dev.kernel("add_scaled_into", DType::F32)?;
+    let alpha = 1.0f32;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&ap).arg(&sp).arg(&alpha).arg(&total);
+    // SAFETY: argument types match the kernel's signature in train.cu; both ranges hold
+    // `total` f32.
+    launched("add_scaled_into", unsafe {
+        l.launch(grid_1d(acc.len(), 256))
+    })
+}
+
 /// Dynamic shared memory a block may use after opting in: within what every sm_80+ GPU
 /// offers (99 KiB on sm_86/sm_89, more on sm_80 and sm_90).
 const SHORT_ATTENTION_SMEM: usize = 96 << 10;
