@@ -228,6 +228,57 @@ fn strided_matmul_over_heads() {
     }
 }
 
+/// GEMMs large enough to be tuned (2^32 FLOPs each), inside a tuning scope, against the
+/// CPU: a linear with a bias epilogue (candidates timed on the output itself) and a
+/// weight gradient added into an accumulator that holds values (timed on a scratch
+/// buffer, the accumulator only read).
+#[test]
+fn cuda_tuned_gemms_match_cpu() {
+    let Some(gpu) = gpu("cuda_tuned_gemms_match_cpu") else {
+        return;
+    };
+    let Device::Cuda(cuda) = &gpu else {
+        unreachable!("gpu() returns a CUDA device")
+    };
+    let cpu = Device::Cpu;
+    let (m, n, k) = (2048, 1024, 1024);
+    let (x, w, b) = (randn(60, m * k), scaled(61, n * k, 0.05), randn(62, n));
+    let (dy, acc0) = (randn(63, m * 2 * n), randn(64, n * k));
+    for dt in DTYPES {
+        let _tuning = cuda.gemm_tuning_scope();
+        let run = |d: &Device| {
+            let xt = t(&x, &[m, k], dt, d);
+            let y = lightseq::ops::linear(
+                &xt,
+                &t(&w, &[n, k], dt, d),
+                Some(&t(&b, &[n], dt, d)),
+                Activation::None,
+            )
+            .unwrap();
+            let mut acc = t(&acc0, &[n, k], DType::F32, d);
+            let dyt = t(&dy, &[m, 2 * n], dt, d);
+            // Only the whole of dy on the CPU; its second column block on the GPU, against
+            // the CPU's gradient of that block alone.
+            if d.is_cuda() {
+                ops::linear_weight_grad_cols_into(&mut acc, None, (&dyt, n, n), &xt, false)
+                    .unwrap();
+            } else {
+                let block = t(&column_block(&dy, 2 * n, 1, n), &[m, n], dt, d);
+                ops::linear_weight_grad_cols_into(&mut acc, None, (&block, 0, n), &xt, false)
+                    .unwrap();
+            }
+            (y, acc)
+        };
+        let ((gy, ga), (cy, ca)) = (run(&gpu), run(&cpu));
+        check("tuned linear with bias", dt, &gy, &cy, tol(dt));
+        check("tuned weight gradient added", dt, &ga, &ca, tol(dt));
+    }
+    assert!(
+        cuda.tuned_gemm_shapes() >= 1,
+        "no GEMM shape was tuned inside the scope"
+    );
+}
+
 #[test]
 fn cuda_matmul_matches_cpu() {
     let Some(gpu) = gpu("cuda_matmul_matches_cpu") else {

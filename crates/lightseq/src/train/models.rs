@@ -804,6 +804,10 @@ impl Net {
         if b == 0 {
             return Ok(PassStats::default());
         }
+        let _tuning = match &dev {
+            Device::Cuda(d) => Some(d.gemm_tuning_scope()),
+            Device::Cpu => None,
+        };
         if self.task == Task::ImageClassify {
             return self.accumulate_image_grads(rows, eps, grad_scale, drop);
         }

@@ -11,9 +11,87 @@ use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// Candidates timed per tuned shape.
+const TUNE_CANDIDATES: usize = 8;
+
+/// GEMMs below this many FLOPs keep the heuristic's first algorithm: they are too short
+/// to time reliably, and their shapes (decode steps) are many.
+const TUNE_MIN_FLOP: f64 = (1u64 << 31) as f64;
+
+/// Tuned choices, as indices into the heuristic's candidate list (which is the same for a
+/// given cuBLASLt and GPU), kept in `<cache dir>/gemm-tune-<device>-<cuBLASLt version>.txt`
+/// so that later processes reuse them and their results match. The file is best effort: a
+/// missing or unwritable one only means tuning again.
+struct Tuned {
+    path: Option<std::path::PathBuf>,
+    choices: Mutex<HashMap<String, usize>>,
+}
+
+impl Tuned {
+    fn load(device: &str) -> Self {
+        // SAFETY: a plain query of the loaded library's version.
+        let version = unsafe { sys::cublasLtGetVersion() };
+        let dev: String = device
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path =
+            super::nvrtc::cache_dir().map(|d| d.join(format!("gemm-tune-{dev}-{version}.txt")));
+        let choices = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|text| parse_choices(&text))
+            .unwrap_or_default();
+        Tuned {
+            path,
+            choices: Mutex::new(choices),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<usize> {
+        self.choices.lock().unwrap().get(key).copied()
+    }
+
+    fn record(&self, key: &str, index: usize) {
+        self.choices.lock().unwrap().insert(key.to_string(), index);
+        if let Some(p) = &self.path {
+            use std::io::Write;
+            let _ = std::fs::create_dir_all(p.parent().unwrap_or(p));
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+            {
+                let _ = writeln!(f, "{index} {key}");
+            }
+        }
+    }
+}
+
+/// Lines of `<candidate index> <GEMM key>`, the last line of a key winning; malformed
+/// lines are skipped.
+fn parse_choices(text: &str) -> HashMap<String, usize> {
+    text.lines()
+        .filter_map(|l| {
+            let (i, key) = l.split_once(' ')?;
+            Some((key.to_string(), i.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether `stream` is capturing a graph (no synchronizing calls allowed then).
+fn capturing(stream: &CudaStream) -> bool {
+    use cudarc::driver::sys as dsys;
+    let mut status = dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: plain out-parameter on a live stream.
+    let r = unsafe { dsys::cuStreamIsCapturing(stream.cu_stream(), &mut status) };
+    r != dsys::CUresult::CUDA_SUCCESS
+        || status != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+}
 
 /// What a GEMM does after the product, with the device pointer it involves.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +136,15 @@ type AlgoKey = (
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    /// LIGHTSEQ_GEMM_TUNE: 1 tunes every large GEMM, 0 none; unset, those inside a
+    /// [`BlasLt::tuning_scope`] (training passes, whose shapes repeat every update).
+    tune_env: Option<bool>,
+    /// Open tuning scopes.
+    scopes: AtomicUsize,
+    /// The GPU's name, which keys the file of tuned choices.
+    device: String,
+    /// The choices of [`BlasLt::fastest`], read from their file on first use.
+    tuned: OnceLock<Tuned>,
     /// The heuristic's first algorithm per shape; None where it found none (only kept for
     /// the ReLU epilogues, which callers replace by a separate pass).
     algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
@@ -228,7 +315,8 @@ impl Descs {
 }
 
 impl BlasLt {
-    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+    /// `device`: the GPU's name, which keys the file of tuned choices.
+    pub(crate) fn new(stream: &Arc<CudaStream>, device: &str) -> Result<Self> {
         let handle = lt::create_handle().map_err(|e| cuda_err("cuBLASLt handle", e))?;
         let workspace = stream
             .alloc_zeros::<u8>(WORKSPACE_BYTES)
@@ -236,8 +324,41 @@ impl BlasLt {
         Ok(BlasLt {
             handle,
             workspace,
+            tune_env: match std::env::var("LIGHTSEQ_GEMM_TUNE").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
+            scopes: AtomicUsize::new(0),
+            device: device.to_string(),
+            tuned: OnceLock::new(),
             algos: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Opens a scope in which GEMM shapes met for the first time are tuned (unless
+    /// LIGHTSEQ_GEMM_TUNE says otherwise); [`BlasLt::end_tuning_scope`] closes it.
+    pub(crate) fn begin_tuning_scope(&self) {
+        self.scopes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn end_tuning_scope(&self) {
+        self.scopes.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// GEMM shapes with a tuned choice (made in this process or read from the file).
+    pub(crate) fn tuned_shapes(&self) -> usize {
+        self.tuned
+            .get()
+            .map_or(0, |t| t.choices.lock().unwrap().len())
+    }
+
+    /// The tuned choices when tuning is on now.
+    fn tuning(&self) -> Option<&Tuned> {
+        let on = self
+            .tune_env
+            .unwrap_or_else(|| self.scopes.load(Ordering::SeqCst) > 0);
+        on.then(|| self.tuned.get_or_init(|| Tuned::load(&self.device)))
     }
 
     /// Enqueues `y = epi(x @ w^T)` on `stream`. Pointers are device addresses of
@@ -294,7 +415,17 @@ impl BlasLt {
             match algos.get(&key) {
                 Some(a) => *a,
                 None => {
-                    let a = match self.heuristic(&d) {
+                    let flop = 2.0 * (batch * m) as f64 * (n * k) as f64;
+                    let found = match self.tuning() {
+                        Some(t) if flop >= TUNE_MIN_FLOP && !capturing(stream) => {
+                            let c_bytes = GemmStrides::extent(st.ldc, st.batch_c, batch, m, n)
+                                * if c_f32 { 4 } else { dt.size() };
+                            let name = format!("{key:?}");
+                            self.fastest(t, &name, stream, &d, (a, b, c, c_bytes), beta)
+                        }
+                        _ => self.heuristic(&d),
+                    };
+                    let a = match found {
                         Ok(a) => Some(a),
                         Err(_) if matches!(epi, Epilogue::Relu | Epilogue::BiasRelu(_)) => None,
                         Err(e) => return Err(e),
@@ -307,9 +438,137 @@ impl BlasLt {
         let Some(algo) = algo else {
             return Ok(false);
         };
+        self.launch(stream, &d, &algo, (a, b, c, c), beta)
+            .map_err(|e| {
+                cuda_err(
+                    &format!("cuBLASLt matmul {batch} x {m}x{n}x{k} (ta {ta}, tb {tb}) {dt}"),
+                    e,
+                )
+            })?;
+        Ok(true)
+    }
+
+    /// Up to `count` algorithms for `d`, the heuristic's best first.
+    fn candidates(&self, d: &Descs, count: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        let e = |e| cuda_err("cuBLASLt heuristic", e);
+        let pref = lt::create_matmul_pref().map_err(e)?;
+        let size = WORKSPACE_BYTES;
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
+        let mut found = 0i32;
+        // SAFETY: descriptors are live; `results` has room for `count` entries and only the
+        // `found` the call fills are read; the preference is destroyed below.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &size as *const usize as *const c_void,
+                std::mem::size_of::<usize>(),
+            )
+            .and_then(|_| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    d.desc,
+                    d.layouts[0],
+                    d.layouts[1],
+                    d.layouts[2],
+                    d.layouts[2],
+                    pref,
+                    count as i32,
+                    results.as_mut_ptr(),
+                    &mut found,
+                )
+                .result()
+            })
+        };
+        // SAFETY: created above.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        r.map_err(e)?;
+        // SAFETY: the call wrote `found` (at most `count`) entries.
+        unsafe { results.set_len((found.max(0) as usize).min(count)) };
+        let algos: Vec<_> = results
+            .into_iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if algos.is_empty() {
+            return Err(cuda_err(
+                "cuBLASLt heuristic",
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            ));
+        }
+        Ok(algos)
+    }
+
+    /// The fastest of the heuristic's first candidates for the GEMM `key`: the one chosen
+    /// before (in this process or, through the tuning file, an earlier one), else each timed
+    /// on the call's own operands (into `c` without beta, else into a scratch buffer so
+    /// that `c` is only read) and the choice recorded.
+    #[allow(clippy::too_many_arguments)]
+    fn fastest(
+        &self,
+        tuned: &Tuned,
+        key: &str,
+        stream: &Arc<CudaStream>,
+        d: &Descs,
+        (a, b, c, c_bytes): (u64, u64, u64, usize),
+        beta: f32,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let algos = self.candidates(d, TUNE_CANDIDATES)?;
+        if algos.len() == 1 {
+            return Ok(algos[0]);
+        }
+        if let Some(i) = tuned.get(key).filter(|&i| i < algos.len()) {
+            return Ok(algos[i]);
+        }
+        let e = |e| cuda_err("GEMM tuning", e);
+        // Without beta the candidates may write the call's own output, which the call then
+        // writes again; with it, they write a scratch buffer so that c is only read.
+        let scratch = if beta == 0.0 {
+            None
+        } else {
+            Some(stream.alloc_zeros::<u8>(c_bytes.max(1)).map_err(e)?)
+        };
+        let held = scratch.as_ref().map(|s| s.device_ptr(stream));
+        let dp = held.as_ref().map_or(c, |(p, _sync)| *p);
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (
+            stream.context().new_event(timing).map_err(e)?,
+            stream.context().new_event(timing).map_err(e)?,
+        );
+        let mut best = (f32::INFINITY, 0);
+        for (i, algo) in algos.iter().enumerate() {
+            // A warm-up run, then three timed ones; an algorithm that fails is skipped.
+            if self.launch(stream, d, algo, (a, b, c, dp), beta).is_err() {
+                continue;
+            }
+            start.record(stream).map_err(e)?;
+            let mut ok = true;
+            for _ in 0..3 {
+                ok &= self.launch(stream, d, algo, (a, b, c, dp), beta).is_ok();
+            }
+            end.record(stream).map_err(e)?;
+            let ms = start.elapsed_ms(&end).map_err(e)?;
+            if ok && ms < best.0 {
+                best = (ms, i);
+            }
+        }
+        tuned.record(key, best.1);
+        Ok(algos[best.1])
+    }
+
+    /// Enqueues one matmul `d_out = op(a) op(b) + beta c` with `algo`.
+    fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        d: &Descs,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        (a, b, c, d_out): (u64, u64, u64, u64),
+        beta: f32,
+    ) -> std::result::Result<(), lt::CublasError> {
         let alpha = 1f32;
         let (ws, _sync) = self.workspace.device_ptr(stream);
-        // SAFETY: the caller guarantees the buffers' sizes; descriptors live until return.
+        // SAFETY: the caller guarantees the buffers' sizes (d_out as large as c); the
+        // descriptors live until return.
         unsafe {
             lt::matmul(
                 self.handle,
@@ -322,21 +581,14 @@ impl BlasLt {
                 d.layouts[1],
                 c as *const c_void,
                 d.layouts[2],
-                c as *mut c_void,
+                d_out as *mut c_void,
                 d.layouts[2],
-                &algo,
+                algo,
                 ws as *mut c_void,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as *mut _,
             )
         }
-        .map_err(|e| {
-            cuda_err(
-                &format!("cuBLASLt matmul {batch} x {m}x{n}x{k} (ta {ta}, tb {tb}) {dt}"),
-                e,
-            )
-        })?;
-        Ok(true)
     }
 
     fn heuristic(&self, d: &Descs) -> Result<sys::cublasLtMatmulAlgo_t> {
@@ -366,5 +618,19 @@ impl BlasLt {
         // SAFETY: created above.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
         Ok(r.map_err(e)?.algo)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_file_lines_parse() {
+        let text = "2 ((F16, false), GemmStrides { lda: 1 })\nbad\nx key\n0 ((F16, false), GemmStrides { lda: 1 })\n5 other key\n";
+        let c = parse_choices(text);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c["((F16, false), GemmStrides { lda: 1 })"], 0);
+        assert_eq!(c["other key"], 5);
     }
 }

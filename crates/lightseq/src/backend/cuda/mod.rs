@@ -58,6 +58,15 @@ pub struct CudaDevice {
 /// Column blocks a single-launch column reduction may use (see `column_counters`).
 pub(crate) const COLUMN_COUNTERS: usize = 1 << 14;
 
+/// See [`CudaDevice::gemm_tuning_scope`].
+pub struct GemmTuningScope(Arc<CudaDevice>);
+
+impl Drop for GemmTuningScope {
+    fn drop(&mut self) {
+        self.0.lt.end_tuning_scope();
+    }
+}
+
 /// A process-unique, non-zero token of the calling thread.
 fn thread_token() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -135,7 +144,7 @@ impl CudaDevice {
             )
             .map_err(|e| cuda_err("shared memory per block", e))?
             .max(0) as usize;
-        let lt = blaslt::BlasLt::new(&stream)?;
+        let lt = blaslt::BlasLt::new(&stream, &name)?;
         keep_pool_memory(&ctx)?;
         Ok(Arc::new(CudaDevice {
             ordinal,
@@ -151,6 +160,20 @@ impl CudaDevice {
             column_counters: std::sync::OnceLock::new(),
             ctx,
         }))
+    }
+
+    /// Tunes the GEMM shapes met for the first time until the scope is dropped: each of at
+    /// least 2^31 FLOPs times cuBLASLt's first candidates once and keeps the fastest (the
+    /// choices persist in the kernel cache folder). For training passes, whose shapes repeat
+    /// every update; LIGHTSEQ_GEMM_TUNE=0 or 1 turns tuning off or on everywhere instead.
+    pub fn gemm_tuning_scope(self: &Arc<Self>) -> GemmTuningScope {
+        self.lt.begin_tuning_scope();
+        GemmTuningScope(self.clone())
+    }
+
+    /// GEMM shapes with a tuned algorithm so far (see [`CudaDevice::gemm_tuning_scope`]).
+    pub fn tuned_gemm_shapes(&self) -> usize {
+        self.lt.tuned_shapes()
     }
 
     /// The device index.

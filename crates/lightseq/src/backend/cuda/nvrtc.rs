@@ -223,7 +223,7 @@ pub fn find_cuda_include() -> Result<PathBuf> {
     )))
 }
 
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LIGHTSEQ_CACHE_DIR") {
         return Some(PathBuf::from(p));
     }
