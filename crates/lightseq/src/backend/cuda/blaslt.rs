@@ -591,33 +591,9 @@ impl BlasLt {
         }
     }
 
+    /// The heuristic's first algorithm for `d`.
     fn heuristic(&self, d: &Descs) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let e = |e| cuda_err("cuBLASLt heuristic", e);
-        let pref = lt::create_matmul_pref().map_err(e)?;
-        let size = WORKSPACE_BYTES;
-        // SAFETY: descriptors are live; the preference is destroyed below.
-        let r = unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &size as *const usize as *const c_void,
-                std::mem::size_of::<usize>(),
-            )
-            .and_then(|_| {
-                lt::get_matmul_algo_heuristic(
-                    self.handle,
-                    d.desc,
-                    d.layouts[0],
-                    d.layouts[1],
-                    d.layouts[2],
-                    d.layouts[2],
-                    pref,
-                )
-            })
-        };
-        // SAFETY: created above.
-        let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        Ok(r.map_err(e)?.algo)
+        Ok(self.candidates(d, 1)?[0])
     }
 }
 
