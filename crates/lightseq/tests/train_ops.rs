@@ -231,7 +231,8 @@ fn strided_matmul_over_heads() {
 /// GEMMs large enough to be tuned (2^32 FLOPs each), inside a tuning scope, against the
 /// CPU: a linear with a bias epilogue (candidates timed on the output itself) and a
 /// weight gradient added into an accumulator that holds values (timed on a scratch
-/// buffer, the accumulator only read).
+/// buffer, the accumulator only read). Earlier choices, the tuning file's included, are
+/// forgotten first, so the shapes are timed here.
 #[test]
 fn cuda_tuned_gemms_match_cpu() {
     let Some(gpu) = gpu("cuda_tuned_gemms_match_cpu") else {
@@ -240,11 +241,17 @@ fn cuda_tuned_gemms_match_cpu() {
     let Device::Cuda(cuda) = &gpu else {
         unreachable!("gpu() returns a CUDA device")
     };
+    if std::env::var("LIGHTSEQ_GEMM_TUNE").as_deref() == Ok("0") {
+        eprintln!("cuda_tuned_gemms_match_cpu: skipped, LIGHTSEQ_GEMM_TUNE=0");
+        return;
+    }
+    cuda.retune_gemms();
     let cpu = Device::Cpu;
     let (m, n, k) = (2048, 1024, 1024);
     let (x, w, b) = (randn(60, m * k), scaled(61, n * k, 0.05), randn(62, n));
     let (dy, acc0) = (randn(63, m * 2 * n), randn(64, n * k));
     for dt in DTYPES {
+        let timed = cuda.timed_gemm_shapes();
         let _tuning = cuda.gemm_tuning_scope();
         let run = |d: &Device| {
             let xt = t(&x, &[m, k], dt, d);
@@ -272,11 +279,14 @@ fn cuda_tuned_gemms_match_cpu() {
         let ((gy, ga), (cy, ca)) = (run(&gpu), run(&cpu));
         check("tuned linear with bias", dt, &gy, &cy, tol(dt));
         check("tuned weight gradient added", dt, &ga, &ca, tol(dt));
+        // 16-bit GEMMs of this size have several candidates on sm_80 and later GPUs.
+        if dt != DType::F32 {
+            assert!(
+                cuda.timed_gemm_shapes() > timed,
+                "{dt}: no GEMM shape was timed inside the tuning scope"
+            );
+        }
     }
-    assert!(
-        cuda.tuned_gemm_shapes() >= 1,
-        "no GEMM shape was tuned inside the scope"
-    );
 }
 
 #[test]

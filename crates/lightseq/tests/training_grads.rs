@@ -301,8 +301,12 @@ fn packed_self_attention_gradients_match_cpu() {
     let grads = |dtype: DType, device: &Device| {
         let model = ModelDir::random("packed-attention", cfg.clone(), 3);
         let mut net = Net::load(&model, None, dtype, device).unwrap();
-        // A loss scale, as the trainer uses for f16, on both sides. Twice: the second
-        // pass adds into the gradients the first one wrote.
+        // A loss scale, as the trainer uses for f16, on both sides. A pass, then the
+        // gradients marked zero and two more: the first of those overwrites the stale
+        // buffers, the second adds into what it wrote.
+        net.accumulate_grads(&rows, 0.1, 1024.0 / 64.0, &Dropout::off())
+            .unwrap();
+        net.params.zero_grads().unwrap();
         for _ in 0..2 {
             net.accumulate_grads(&rows, 0.1, 1024.0 / 64.0, &Dropout::off())
                 .unwrap();

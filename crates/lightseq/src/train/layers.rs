@@ -219,8 +219,11 @@ fn packed_param_grads(
     }
     let none_biased = lins.iter().all(|l| l.b.is_none());
     let n = lins.len() * h;
-    if (biases.is_some() || none_biased) && g.shape().last() == Some(&n) {
-        let k = x.shape().last().copied().unwrap_or(1);
+    let k = x.shape().last().copied().unwrap_or(1);
+    let blocks_fit = lins
+        .iter()
+        .all(|l| ps.list.get(l.w).is_some_and(|p| p.shape == [h, k]));
+    if (biases.is_some() || none_biased) && g.shape().last() == Some(&n) && blocks_fit {
         let mut wide = ops::empty(&[n, k], DType::F32, &x.device())?;
         tops::linear_weight_grad_cols_into(&mut wide, None, (g, 0, n), x, true)?;
         for (i, lin) in lins.iter().enumerate() {
@@ -649,9 +652,9 @@ impl Attn {
                 self.v.backward_into(ps, x, &dv, &mut dx)?;
                 Ok(dx)
             }
-            // One gradient holding dq, dk and dv as column blocks: each projection's
-            // parameter gradients read their block in place, and one GEMM over the stacked
-            // weights gives the input gradient.
+            // One gradient holding dq, dk and dv as column blocks: the projections'
+            // parameter gradients come from it (packed_param_grads), and one GEMM over the
+            // stacked weights gives the input gradient.
             (tops::QkvGrads::Packed(dqkv), Some(w)) => {
                 let lins = [&self.q, &self.k, &self.v];
                 packed_param_grads(ps, &lins, (&dqkv, sums.as_ref()), w.shape()[1], x)?;
@@ -699,8 +702,8 @@ impl Attn {
                 Ok(dxq)
             }
             // dk and dv as column blocks of one gradient: k's and v's parameter gradients
-            // read their blocks in place, and one GEMM over the stacked weights gives the
-            // memory's gradient.
+            // come from it (packed_param_grads), and one GEMM over the stacked weights gives
+            // the memory's gradient.
             (tops::QkvGrads::PackedKv(dq, g_kv), Some(w)) => {
                 let (q, k, v) = match (&sums, self.q.b, self.k.b, self.v.b) {
                     // All three bias gradients from the fused kernel's sums, in one pass.

@@ -216,8 +216,9 @@ impl Params {
     /// gradient: `p`'s share of a gradient computed for several parameters at once.
     pub fn accumulate_range(&mut self, p: Pid, src: &Tensor, offset: usize) -> Result<()> {
         let q = param_mut(&mut self.list, p)?;
-        let overwrite = std::mem::replace(&mut q.grad_zero, false);
-        tops::add_range_into(&mut q.grad, src, offset, overwrite)
+        tops::add_range_into(&mut q.grad, src, offset, q.grad_zero)?;
+        q.grad_zero = false;
+        Ok(())
     }
 
     /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s

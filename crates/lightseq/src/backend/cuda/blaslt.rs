@@ -9,10 +9,43 @@ use crate::error::Result;
 use crate::tensor::DType;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+
+thread_local! {
+    /// Tuning scopes open on this thread (see [`begin_tuning_scope`]).
+    static TUNING_SCOPES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Opens a scope in which the GEMMs this thread enqueues tune shapes met for the first
+/// time (unless LIGHTSEQ_GEMM_TUNE says otherwise); [`end_tuning_scope`] closes it.
+pub(crate) fn begin_tuning_scope() {
+    TUNING_SCOPES.with(|s| s.set(s.get() + 1));
+}
+
+pub(crate) fn end_tuning_scope() {
+    TUNING_SCOPES.with(|s| s.set(s.get().saturating_sub(1)));
+}
+
+/// LIGHTSEQ_GEMM_TUNE: Some(true) for 1, Some(false) for 0; None when unset or another
+/// value (said once on stderr).
+fn tune_env() -> Option<bool> {
+    static BAD: Once = Once::new();
+    match std::env::var("LIGHTSEQ_GEMM_TUNE") {
+        Ok(v) if v == "1" => Some(true),
+        Ok(v) if v == "0" => Some(false),
+        Ok(v) => {
+            BAD.call_once(|| {
+                eprintln!("lightseq: LIGHTSEQ_GEMM_TUNE={v:?} is neither 0 nor 1; ignored")
+            });
+            None
+        }
+        Err(_) => None,
+    }
+}
 
 const WORKSPACE_BYTES: usize = 32 << 20;
 /// Candidates timed per tuned shape.
@@ -136,11 +169,13 @@ type AlgoKey = (
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    /// LIGHTSEQ_GEMM_TUNE: 1 tunes every large GEMM, 0 none; unset, those inside a
-    /// [`BlasLt::tuning_scope`] (training passes, whose shapes repeat every update).
+    /// LIGHTSEQ_GEMM_TUNE: 1 tunes every large GEMM, 0 none; unset, those enqueued inside a
+    /// tuning scope (training passes, whose shapes recur from update to update).
     tune_env: Option<bool>,
-    /// Open tuning scopes.
-    scopes: AtomicUsize,
+    /// Shapes timed by [`BlasLt::fastest`] in this process.
+    timed: AtomicUsize,
+    /// Set by [`BlasLt::retune`]: the file's choices are not to be used by this handle.
+    forget_file: AtomicBool,
     /// The GPU's name, which keys the file of tuned choices.
     device: String,
     /// The choices of [`BlasLt::fastest`], read from their file on first use.
@@ -324,41 +359,45 @@ impl BlasLt {
         Ok(BlasLt {
             handle,
             workspace,
-            tune_env: match std::env::var("LIGHTSEQ_GEMM_TUNE").as_deref() {
-                Ok("1") => Some(true),
-                Ok("0") => Some(false),
-                _ => None,
-            },
-            scopes: AtomicUsize::new(0),
+            tune_env: tune_env(),
+            timed: AtomicUsize::new(0),
+            forget_file: AtomicBool::new(false),
             device: device.to_string(),
             tuned: OnceLock::new(),
             algos: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Opens a scope in which GEMM shapes met for the first time are tuned (unless
-    /// LIGHTSEQ_GEMM_TUNE says otherwise); [`BlasLt::end_tuning_scope`] closes it.
-    pub(crate) fn begin_tuning_scope(&self) {
-        self.scopes.fetch_add(1, Ordering::SeqCst);
+    /// Shapes timed in this process (choices read from the file not counted).
+    pub(crate) fn timed_shapes(&self) -> usize {
+        self.timed.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn end_tuning_scope(&self) {
-        self.scopes.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// GEMM shapes with a tuned choice (made in this process or read from the file).
-    pub(crate) fn tuned_shapes(&self) -> usize {
-        self.tuned
-            .get()
-            .map_or(0, |t| t.choices.lock().unwrap().len())
+    /// Forgets every algorithm chosen so far, tuned ones and those read from the file
+    /// included: each shape is chosen again at its next use, and a tuned one timed again
+    /// (its new choice appended to the file, where a shape's last line wins).
+    pub(crate) fn retune(&self) {
+        self.algos.lock().unwrap().clear();
+        if let Some(t) = self.tuned.get() {
+            t.choices.lock().unwrap().clear();
+        }
+        self.forget_file.store(true, Ordering::SeqCst);
     }
 
     /// The tuned choices when tuning is on now.
     fn tuning(&self) -> Option<&Tuned> {
         let on = self
             .tune_env
-            .unwrap_or_else(|| self.scopes.load(Ordering::SeqCst) > 0);
-        on.then(|| self.tuned.get_or_init(|| Tuned::load(&self.device)))
+            .unwrap_or_else(|| TUNING_SCOPES.with(|s| s.get() > 0));
+        on.then(|| {
+            self.tuned.get_or_init(|| {
+                let mut t = Tuned::load(&self.device);
+                if self.forget_file.load(Ordering::SeqCst) {
+                    t.choices.get_mut().unwrap().clear();
+                }
+                t
+            })
+        })
     }
 
     /// Enqueues `y = epi(x @ w^T)` on `stream`. Pointers are device addresses of
@@ -421,7 +460,10 @@ impl BlasLt {
                             let c_bytes = GemmStrides::extent(st.ldc, st.batch_c, batch, m, n)
                                 * if c_f32 { 4 } else { dt.size() };
                             let name = format!("{key:?}");
+                            // Tuning that fails (no memory for a scratch buffer, no
+                            // candidate that ran) leaves the heuristic's choice.
                             self.fastest(t, &name, stream, &d, (a, b, c, c_bytes), beta)
+                                .or_else(|_| self.heuristic(&d))
                         }
                         _ => self.heuristic(&d),
                     };
@@ -552,6 +594,13 @@ impl BlasLt {
                 best = (ms, i);
             }
         }
+        if !best.0.is_finite() {
+            return Err(cuda_err(
+                "GEMM tuning",
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            ));
+        }
+        self.timed.fetch_add(1, Ordering::SeqCst);
         tuned.record(key, best.1);
         Ok(algos[best.1])
     }

@@ -58,12 +58,12 @@ pub struct CudaDevice {
 /// Column blocks a single-launch column reduction may use (see `column_counters`).
 pub(crate) const COLUMN_COUNTERS: usize = 1 << 14;
 
-/// See [`CudaDevice::gemm_tuning_scope`].
-pub struct GemmTuningScope(Arc<CudaDevice>);
+/// See [`CudaDevice::gemm_tuning_scope`]. Tied to the thread that opened it (not Send).
+pub struct GemmTuningScope(std::marker::PhantomData<*const ()>);
 
 impl Drop for GemmTuningScope {
     fn drop(&mut self) {
-        self.0.lt.end_tuning_scope();
+        blaslt::end_tuning_scope();
     }
 }
 
@@ -162,18 +162,28 @@ impl CudaDevice {
         }))
     }
 
-    /// Tunes the GEMM shapes met for the first time until the scope is dropped: each of at
-    /// least 2^31 FLOPs times cuBLASLt's first candidates once and keeps the fastest (the
-    /// choices persist in the kernel cache folder). For training passes, whose shapes repeat
-    /// every update; LIGHTSEQ_GEMM_TUNE=0 or 1 turns tuning off or on everywhere instead.
-    pub fn gemm_tuning_scope(self: &Arc<Self>) -> GemmTuningScope {
-        self.lt.begin_tuning_scope();
-        GemmTuningScope(self.clone())
+    /// Until the scope is dropped, GEMMs this thread enqueues (on any device) tune the shapes
+    /// they meet for the first time: each of at least 2^31 FLOPs times cuBLASLt's first 8
+    /// candidates once and keeps the fastest, and the choice persists in the kernel cache
+    /// folder for later runs. Each new shape costs ~32 runs of that GEMM once. For training
+    /// passes, whose shapes recur from update to update; LIGHTSEQ_GEMM_TUNE=0 or 1 turns
+    /// tuning off or on everywhere instead.
+    pub fn gemm_tuning_scope(&self) -> GemmTuningScope {
+        blaslt::begin_tuning_scope();
+        GemmTuningScope(std::marker::PhantomData)
     }
 
-    /// GEMM shapes with a tuned algorithm so far (see [`CudaDevice::gemm_tuning_scope`]).
-    pub fn tuned_gemm_shapes(&self) -> usize {
-        self.lt.tuned_shapes()
+    /// GEMM shapes this device timed for tuning in this process (choices read from the
+    /// tuning file are not counted).
+    pub fn timed_gemm_shapes(&self) -> usize {
+        self.lt.timed_shapes()
+    }
+
+    /// Forgets the GEMM algorithms chosen so far, tuned ones and the tuning file's included,
+    /// so that each shape is chosen (and tuned, inside a scope) again: for instance after
+    /// the GPU's clocks or power limit changed.
+    pub fn retune_gemms(&self) {
+        self.lt.retune();
     }
 
     /// The device index.
