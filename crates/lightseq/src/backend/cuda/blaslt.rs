@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 
 thread_local! {
@@ -174,14 +174,13 @@ pub(crate) struct BlasLt {
     tune_env: Option<bool>,
     /// Shapes timed by [`BlasLt::fastest`] in this process.
     timed: AtomicUsize,
-    /// Set by [`BlasLt::retune`]: the file's choices are not to be used by this handle.
-    forget_file: AtomicBool,
     /// The GPU's name, which keys the file of tuned choices.
     device: String,
     /// The choices of [`BlasLt::fastest`], read from their file on first use.
     tuned: OnceLock<Tuned>,
-    /// The heuristic's first algorithm per shape; None where it found none (only kept for
-    /// the ReLU epilogues, which callers replace by a separate pass).
+    /// The algorithm per shape (the heuristic's first, or the tuned one); None where the
+    /// heuristic found none (only kept for the ReLU epilogues, which callers replace by a
+    /// separate pass).
     algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
@@ -361,7 +360,6 @@ impl BlasLt {
             workspace,
             tune_env: tune_env(),
             timed: AtomicUsize::new(0),
-            forget_file: AtomicBool::new(false),
             device: device.to_string(),
             tuned: OnceLock::new(),
             algos: Mutex::new(HashMap::new()),
@@ -378,10 +376,12 @@ impl BlasLt {
     /// (its new choice appended to the file, where a shape's last line wins).
     pub(crate) fn retune(&self) {
         self.algos.lock().unwrap().clear();
-        if let Some(t) = self.tuned.get() {
-            t.choices.lock().unwrap().clear();
-        }
-        self.forget_file.store(true, Ordering::SeqCst);
+        self.tuned_choices().choices.lock().unwrap().clear();
+    }
+
+    /// The tuned choices, read from their file on first use.
+    fn tuned_choices(&self) -> &Tuned {
+        self.tuned.get_or_init(|| Tuned::load(&self.device))
     }
 
     /// The tuned choices when tuning is on now.
@@ -389,15 +389,7 @@ impl BlasLt {
         let on = self
             .tune_env
             .unwrap_or_else(|| TUNING_SCOPES.with(|s| s.get() > 0));
-        on.then(|| {
-            self.tuned.get_or_init(|| {
-                let mut t = Tuned::load(&self.device);
-                if self.forget_file.load(Ordering::SeqCst) {
-                    t.choices.get_mut().unwrap().clear();
-                }
-                t
-            })
-        })
+        on.then(|| self.tuned_choices())
     }
 
     /// Enqueues `y = epi(x @ w^T)` on `stream`. Pointers are device addresses of

@@ -58,6 +58,20 @@ pub struct CudaDevice {
 /// Column blocks a single-launch column reduction may use (see `column_counters`).
 pub(crate) const COLUMN_COUNTERS: usize = 1 << 14;
 
+/// Copies `bytes` bytes from device address `src` to `dst`, ordered on `dev`'s stream.
+///
+/// # Safety
+/// Both ranges lie within live allocations of `dev`.
+pub(crate) unsafe fn copy_device_bytes(
+    dev: &CudaDevice,
+    dst: u64,
+    src: u64,
+    bytes: usize,
+) -> Result<()> {
+    cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, dev.stream().cu_stream())
+        .map_err(|e| cuda_err("device to device copy", e))
+}
+
 /// See [`CudaDevice::gemm_tuning_scope`]. Tied to the thread that opened it (not Send).
 pub struct GemmTuningScope(std::marker::PhantomData<*const ()>);
 
@@ -430,13 +444,8 @@ impl CudaStorage {
             return Ok(());
         }
         let bytes = self.len * self.dtype().size();
-        let (dst, sp) = (self.ptr(), src.ptr());
-        // SAFETY: both buffers hold `bytes` bytes (same dtype and length, checked above)
-        // and the copy is ordered on this thread's stream.
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst, sp, bytes, self.dev.stream().cu_stream())
-        }
-        .map_err(|e| cuda_err("device to device copy", e))
+        // SAFETY: both buffers hold `bytes` bytes (same dtype and length, checked above).
+        unsafe { copy_device_bytes(&self.dev, self.ptr(), src.ptr(), bytes) }
     }
 
     pub(crate) fn download_f32(&self) -> Result<Vec<f32>> {

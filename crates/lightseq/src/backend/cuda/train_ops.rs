@@ -1383,15 +1383,37 @@ pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) ->
     if acc.len() == 0 {
         return Ok(());
     }
-    let dev = acc.device();
-    let f = dev.kernel("add_scaled_into", x.dtype())?;
-    let (ap, xp, total) = (acc.ptr(), x.ptr(), acc.len() as i64);
+    // SAFETY: acc (f32) and x (of its dtype) hold acc.len() elements (the caller checks).
+    unsafe {
+        launch_add_scaled(
+            acc.device(),
+            acc.ptr(),
+            (x.ptr(), x.dtype()),
+            alpha,
+            acc.len(),
+        )
+    }
+}
+
+/// Launches add_scaled_into: `acc[i] += alpha * x[i]` for `total` elements at device
+/// addresses `acc` (f32) and `x` (of dtype `dt`).
+///
+/// # Safety
+/// Both ranges hold `total` elements of their types in live allocations of `dev`.
+unsafe fn launch_add_scaled(
+    dev: &super::CudaDevice,
+    acc: u64,
+    (x, dt): (u64, DType),
+    alpha: f32,
+    total: usize,
+) -> Result<()> {
+    let f = dev.kernel("add_scaled_into", dt)?;
+    let n = total as i64;
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&ap).arg(&xp).arg(&alpha).arg(&total);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("add_scaled_into", unsafe {
-        l.launch(grid_1d(acc.len(), 256))
-    })
+    l.arg(&acc).arg(&x).arg(&alpha).arg(&n);
+    // SAFETY: argument types match the kernel's signature in train.cu; the caller vouches
+    // for the ranges.
+    launched("add_scaled_into", unsafe { l.launch(grid_1d(total, 256)) })
 }
 
 /// `acc = src[offset..]` (its first acc.len() elements), or `acc +=` them unless
@@ -1405,30 +1427,14 @@ pub(crate) fn add_range_into(
     if acc.len() == 0 {
         return Ok(());
     }
-    let dev = acc.device();
-    let (ap, sp, total) = (acc.ptr(), src.ptr() + offset as u64 * 4, acc.len() as i64);
+    let (ap, sp) = (acc.ptr(), src.ptr() + offset as u64 * 4);
     if overwrite {
         // SAFETY: acc holds acc.len() f32 and src at least offset + acc.len() (checked by
-        // the caller); the copy is ordered on the device's stream.
-        return unsafe {
-            cudarc::driver::result::memcpy_dtod_async(
-                ap,
-                sp,
-                acc.len() * 4,
-                dev.stream().cu_stream(),
-            )
-        }
-        .map_err(|e| cuda_err("device to device copy", e));
+        // the caller).
+        return unsafe { super::copy_device_bytes(acc.device(), ap, sp, acc.len() * 4) };
     }
-    let f = dev.kernel("add_scaled_into", DType::F32)?;
-    let alpha = 1.0f32;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&ap).arg(&sp).arg(&alpha).arg(&total);
-    // SAFETY: argument types match the kernel's signature in train.cu; both ranges hold
-    // `total` f32.
-    launched("add_scaled_into", unsafe {
-        l.launch(grid_1d(acc.len(), 256))
-    })
+    // SAFETY: as above; src's range is f32.
+    unsafe { launch_add_scaled(acc.device(), ap, (sp, DType::F32), 1.0, acc.len()) }
 }
 
 /// Dynamic shared memory a block may use after opting in: within what every sm_80+ GPU
@@ -1587,17 +1593,8 @@ pub(crate) fn concat(parts: &[&CudaStorage]) -> Result<CudaStorage> {
     for p in parts {
         let bytes = p.len() * dt.size();
         if bytes > 0 {
-            // SAFETY: `out` holds every part's bytes, each part's at its own offset; the
-            // copies are ordered on the device's stream.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    at,
-                    p.ptr(),
-                    bytes,
-                    dev.stream().cu_stream(),
-                )
-            }
-            .map_err(|e| cuda_err("device to device copy", e))?;
+            // SAFETY: `out` holds every part's bytes, each part's at its own offset.
+            unsafe { super::copy_device_bytes(dev, at, p.ptr(), bytes)? };
         }
         at += bytes as u64;
     }
