@@ -298,15 +298,9 @@ __device__ __forceinline__ void at_put_rows_staged(T* dst, long long stride, int
                                                    int d, const float (&acc)[DMAX / 8][4],
                                                    T* tile, int ld) {
   constexpr int N = 16 / sizeof(T);
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31;
   __syncwarp();  // every lane is done reading the tile
-#pragma unroll
-  for (int n = 0; n < DMAX / 8; ++n) {
-    if (n * 8 >= d) break;
-    const int c = 8 * n + 2 * t;
-    *reinterpret_cast<unsigned int*>(tile + g * ld + c) = at_pack2<T>(acc[n][0], acc[n][1]);
-    *reinterpret_cast<unsigned int*>(tile + (g + 8) * ld + c) = at_pack2<T>(acc[n][2], acc[n][3]);
-  }
+  at_put_rows<T, DMAX>(tile, ld, 16, 0, d, acc);
   __syncwarp();
   const int packs = d / N;
   for (int p = lane; p < 16 * packs; p += 32) {

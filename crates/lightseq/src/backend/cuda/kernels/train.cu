@@ -1547,9 +1547,7 @@ __device__ void sum_chunks_body(const float* partial, float* out, float* out2, f
   if (warp == 0 && col < cols) {
     float total = 0.f;
     for (int w = 0; w < warps; ++w) total += sp[w][lane];
-    float* o = col < split       ? out + col
-               : col < 2 * split ? out2 + (col - split)
-                                 : out3 + (col - 2 * split);
+    float* o = LsOuts{out, out2, out3, split}.at(col);
     *o = accumulate ? __fadd_rn(*o, total) : total;
   }
 }
