@@ -34,6 +34,17 @@ fn t(data: &[f32], shape: &[usize], dt: DType, dev: &Device) -> Tensor {
     Tensor::from_f32(data, shape, dt, dev).unwrap()
 }
 
+/// An f32 weight-gradient accumulator of `shape` holding `acc0`, and the `overwrite` flag
+/// to write it with: on CUDA as asked (writing over stale values); on the CPU, the
+/// reference, zeros accumulated into where `overwrite` is asked.
+fn grad_acc(acc0: &[f32], shape: &[usize], overwrite: bool, d: &Device) -> (Tensor, bool) {
+    if overwrite && !d.is_cuda() {
+        (t(&vec![0f32; acc0.len()], shape, DType::F32, d), false)
+    } else {
+        (t(acc0, shape, DType::F32, d), overwrite)
+    }
+}
+
 fn ids(data: &[i32], dev: &Device) -> Tensor {
     Tensor::from_i32(data, &[data.len()], dev).unwrap()
 }
@@ -86,7 +97,8 @@ fn check_bias_sums(what: &str, dt: DType, sums: &Tensor, grads: [&Tensor; 3], h:
             .collect();
         let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
         let diff: Vec<f64> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
-        let scale = norm(&want).max(gv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt());
+        let gv64: Vec<f64> = gv.iter().map(|v| *v as f64).collect();
+        let scale = norm(&want).max(norm(&gv64));
         let err = norm(&diff) / scale.max(1e-30);
         assert!(
             err <= tol(dt),
@@ -357,18 +369,15 @@ fn cuda_matmul_matches_cpu() {
             // CPU accumulating into zeros.
             let (acc0, bacc0) = (randn(6, nout * kin), randn(11, nout));
             for (with_bias, overwrite) in [(false, false), (true, false), (true, true)] {
-                let wgi = |d: &Device, overwrite: bool, start: &[f32]| {
-                    let mut acc = t(start, &[nout, kin], DType::F32, d);
+                let wgi = |d: &Device| {
+                    let (mut acc, write_over) = grad_acc(&acc0, &[nout, kin], overwrite, d);
                     let mut bacc = t(&bacc0, &[nout], DType::F32, d);
                     let (dyt, xt) = (t(&dy, &[rows, nout], dt, d), t(&x, &[rows, kin], dt, d));
                     let b = with_bias.then_some(&mut bacc);
-                    ops::linear_weight_grad_into(&mut acc, b, &dyt, &xt, overwrite).unwrap();
+                    ops::linear_weight_grad_into(&mut acc, b, &dyt, &xt, write_over).unwrap();
                     (acc, bacc)
                 };
-                let zero = vec![0f32; nout * kin];
-                let cpu_start = if overwrite { &zero } else { &acc0 };
-                let ((ga, gb), (ca, cb)) =
-                    (wgi(&gpu, overwrite, &acc0), wgi(&cpu, false, cpu_start));
+                let ((ga, gb), (ca, cb)) = (wgi(&gpu), wgi(&cpu));
                 let what = format!(
                     "linear_weight_grad_into {rows}x{kin}x{nout} bias {with_bias} overwrite {overwrite}"
                 );
@@ -823,20 +832,13 @@ fn cuda_lm_head_over_padded_logits_matches_cpu() {
         let overwrite = rows % 2 == 1;
         for dt in DTYPES {
             let run = |d: &Device| {
-                let on_gpu = matches!(d, Device::Cuda(_));
                 let (xt, wt) = (t(&x, &[rows, k], dt, d), t(&w, &[vocab, k], dt, d));
                 let logits = head::logits(&xt, &wt, Some(&t(&b, &[vocab], dt, d))).unwrap();
                 let (loss, nll, dl) =
                     head::cross_entropy(&logits, &ids(&targets, d), 0.1, 0.5).unwrap();
-                let wg_start = if overwrite && !on_gpu {
-                    vec![0f32; vocab * k]
-                } else {
-                    wg0.clone()
-                };
-                let mut wg = t(&wg_start, &[vocab, k], DType::F32, d);
+                let (mut wg, write_over) = grad_acc(&wg0, &[vocab, k], overwrite, d);
                 let mut bg = t(&bg0, &[vocab], DType::F32, d);
-                head::weight_grad_into(&mut wg, Some(&mut bg), &xt, &dl, overwrite && on_gpu)
-                    .unwrap();
+                head::weight_grad_into(&mut wg, Some(&mut bg), &xt, &dl, write_over).unwrap();
                 let dx = head::input_grad(&dl, &wt).unwrap();
                 (
                     unpad(&logits.t, vocab),
