@@ -261,7 +261,7 @@ fn cuda_tuned_gemms_match_cpu() {
     let cpu = Device::Cpu;
     let (m, n, k) = (2048, 1024, 1024);
     let (x, w, b) = (randn(60, m * k), scaled(61, n * k, 0.05), randn(62, n));
-    let (dy, acc0) = (randn(63, m * 2 * n), randn(64, n * k));
+    let (dy, acc0, r) = (randn(63, m * 2 * n), randn(64, n * k), randn(65, m * n));
     for dt in DTYPES {
         let timed = cuda.timed_gemm_shapes();
         let _tuning = cuda.gemm_tuning_scope();
@@ -274,6 +274,11 @@ fn cuda_tuned_gemms_match_cpu() {
                 Activation::None,
             )
             .unwrap();
+            // A residual added by the GEMM (beta = 1, read from another buffer): timed on
+            // the output itself, the residual only read.
+            let rt = t(&r, &[m, n], dt, d);
+            let ya = ops::linear_add(&xt, &t(&w, &[n, k], dt, d), None, &rt).unwrap();
+            assert_eq!(rt.to_f32_vec().unwrap(), t(&r, &[m, n], dt, &cpu).to_f32_vec().unwrap());
             let mut acc = t(&acc0, &[n, k], DType::F32, d);
             let dyt = t(&dy, &[m, 2 * n], dt, d);
             // Only the whole of dy on the CPU; its second column block on the GPU, against
@@ -286,10 +291,11 @@ fn cuda_tuned_gemms_match_cpu() {
                 ops::linear_weight_grad_cols_into(&mut acc, None, (&block, 0, n), &xt, false)
                     .unwrap();
             }
-            (y, acc)
+            (y, ya, acc)
         };
-        let ((gy, ga), (cy, ca)) = (run(&gpu), run(&cpu));
+        let ((gy, gya, ga), (cy, cya, ca)) = (run(&gpu), run(&cpu));
         check("tuned linear with bias", dt, &gy, &cy, tol(dt));
+        check("tuned linear plus residual", dt, &gya, &cya, tol(dt));
         check("tuned weight gradient added", dt, &ga, &ca, tol(dt));
         // 16-bit GEMMs of this size have several candidates on sm_80 and later GPUs.
         if dt != DType::F32 {
@@ -299,6 +305,39 @@ fn cuda_tuned_gemms_match_cpu() {
             );
         }
     }
+}
+
+/// `x @ w^T (+ b) + r` with the residual read by the GEMM, against the CPU's linear then
+/// add; widths that are not a multiple of 16 bytes run as two column parts.
+#[test]
+fn cuda_linear_add_matches_cpu() {
+    let Some(gpu) = gpu("cuda_linear_add_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    for dt in DTYPES {
+        for (m, n, k, bias) in [(37, 53, 71, true), (64, 96, 40, false), (5, 3, 9, true)] {
+            let (x, w, b, r) = (randn(70, m * k), randn(71, n * k), randn(72, n), randn(73, m * n));
+            let run = |d: &Device| {
+                let bt = t(&b, &[n], dt, d);
+                let rt = t(&r, &[m, n], dt, d);
+                ops::linear_add(
+                    &t(&x, &[m, k], dt, d),
+                    &t(&w, &[n, k], dt, d),
+                    bias.then_some(&bt),
+                    &rt,
+                )
+                .unwrap()
+            };
+            let what = format!("linear_add [{m},{k}] @ [{n},{k}]^T bias {bias}");
+            check(&what, dt, &run(&gpu), &run(&cpu), tol(dt));
+        }
+    }
+    // A residual of another shape is an error, not a GEMM over the wrong bytes.
+    let x = t(&randn(74, 6 * 4), &[6, 4], DType::F32, &gpu);
+    let w = t(&randn(75, 5 * 4), &[5, 4], DType::F32, &gpu);
+    let r = t(&randn(76, 6 * 4), &[6, 4], DType::F32, &gpu);
+    assert!(ops::linear_add(&x, &w, None, &r).is_err());
 }
 
 #[test]

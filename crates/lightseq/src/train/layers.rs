@@ -83,6 +83,14 @@ impl Lin {
         ops::linear(x, ps.w(self.w), self.b.map(|b| ps.w(b)), Activation::None)
     }
 
+    /// [`Lin::forward`] plus `res` when given (a residual, added by the GEMM).
+    pub fn forward_add(&self, ps: &Params, x: &Tensor, res: Option<&Tensor>) -> Result<Tensor> {
+        match res {
+            Some(r) => tops::linear_add(x, ps.w(self.w), self.b.map(|b| ps.w(b)), r),
+            None => self.forward(ps, x),
+        }
+    }
+
     /// Adds dW, db; returns dx.
     pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         self.backward_params(ps, x, dy)?;
@@ -545,7 +553,9 @@ impl Attn {
     }
 
     /// xq [lq, b, h] attends to xkv [lk, b, h]; keys at or past `key_lens[b]` and, when
-    /// `causal`, keys after the query are masked.
+    /// `causal`, keys after the query are masked. With `res`, the output projection adds it
+    /// (a residual of the output's shape).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ps: &Params,
@@ -554,6 +564,7 @@ impl Attn {
         xkv: &Tensor,
         key_lens: Option<&Tensor>,
         causal: bool,
+        res: Option<&Tensor>,
     ) -> Result<(Tensor, AttnSaved)> {
         let (ctx, core) = attend(
             drop,
@@ -565,7 +576,7 @@ impl Attn {
             key_lens,
             causal,
         )?;
-        let out = self.o.forward(ps, &ctx)?;
+        let out = self.o.forward_add(ps, &ctx, res)?;
         let stacked = None;
         Ok((out, AttnSaved { core, ctx, stacked }))
     }
@@ -582,6 +593,7 @@ impl Attn {
         x: &Tensor,
         key_lens: Option<&Tensor>,
         causal: bool,
+        res: Option<&Tensor>,
     ) -> Result<(Tensor, AttnSaved)> {
         let h = x.shape().last().copied().unwrap_or(0);
         let fits = tops::Qkv::Separate(x, x, x).fits(self.heads);
@@ -591,11 +603,11 @@ impl Attn {
             None
         };
         let Some((w, b)) = packed else {
-            return self.forward(ps, drop, x, x, key_lens, causal);
+            return self.forward(ps, drop, x, x, key_lens, causal, res);
         };
         let qkv = ops::linear(x, &w, b.as_ref(), Activation::None)?;
         let (ctx, core) = attend_packed(drop, qkv, self.heads, self.scale, key_lens, causal)?;
-        let out = self.o.forward(ps, &ctx)?;
+        let out = self.o.forward_add(ps, &ctx, res)?;
         let stacked = Some(w);
         Ok((out, AttnSaved { core, ctx, stacked }))
     }
@@ -611,6 +623,7 @@ impl Attn {
         xq: &Tensor,
         mem: &Tensor,
         key_lens: Option<&Tensor>,
+        res: Option<&Tensor>,
     ) -> Result<(Tensor, AttnSaved)> {
         let h = mem.shape().last().copied().unwrap_or(0);
         // q's projection square too, so q has xq's width, which the check reads.
@@ -622,12 +635,12 @@ impl Attn {
             None
         };
         let Some((w, b)) = packed else {
-            return self.forward(ps, drop, xq, mem, key_lens, false);
+            return self.forward(ps, drop, xq, mem, key_lens, false, res);
         };
         let q = self.q.forward(ps, xq)?;
         let kv = ops::linear(mem, &w, b.as_ref(), Activation::None)?;
         let (ctx, core) = attend_packed_kv(drop, q, kv, self.heads, self.scale, key_lens)?;
-        let out = self.o.forward(ps, &ctx)?;
+        let out = self.o.forward_add(ps, &ctx, res)?;
         let stacked = Some(w);
         Ok((out, AttnSaved { core, ctx, stacked }))
     }
@@ -746,7 +759,14 @@ pub struct FfnSaved {
 }
 
 impl Ffn {
-    pub fn forward(&self, ps: &Params, drop: &Dropout, x: &Tensor) -> Result<(Tensor, FfnSaved)> {
+    /// With `res`, fc2 adds it (a residual of the output's shape).
+    pub fn forward(
+        &self,
+        ps: &Params,
+        drop: &Dropout,
+        x: &Tensor,
+        res: Option<&Tensor>,
+    ) -> Result<(Tensor, FfnSaved)> {
         let (pre, h) = if self.act == Activation::Relu {
             // The GEMM applies ReLU in its epilogue.
             let fc1 = &self.fc1;
@@ -758,7 +778,7 @@ impl Ffn {
             (Some(pre), h)
         };
         let (hd, off) = drop.apply(h, drop.activation)?;
-        let out = self.fc2.forward(ps, &hd)?;
+        let out = self.fc2.forward_add(ps, &hd, res)?;
         Ok((out, FfnSaved { pre, hd, drop: off }))
     }
 
@@ -829,42 +849,46 @@ pub struct LayerInputs<'a> {
 }
 
 impl Layer {
+    /// One sublayer's forward. `f(input, res)` is the sublayer, its output projection adding
+    /// `res` when given: without hidden dropout the residual rides in that GEMM, so neither
+    /// the sublayer's own output nor a separate add pass is needed.
     fn sub<S>(
         &self,
         ps: &Params,
         drop: &Dropout,
         x: Tensor,
         ln: &Ln,
-        f: impl FnOnce(&Tensor) -> Result<(Tensor, S)>,
+        f: impl FnOnce(&Tensor, Option<&Tensor>) -> Result<(Tensor, S)>,
     ) -> Result<(Tensor, SubSaved<S>)> {
-        if self.pre_ln {
+        let fused = drop.hidden <= 0.0;
+        let (out, mid, inner, off) = if self.pre_ln {
             let a = ln.forward(ps, &x)?;
-            let (y, inner) = f(&a)?;
-            let (y, off) = drop.apply(y, drop.hidden)?;
-            let out = ops::add(&x, &y)?;
-            Ok((
-                out,
-                SubSaved {
-                    x,
-                    mid: a,
-                    inner,
-                    drop: off,
-                },
-            ))
+            if fused {
+                let (out, inner) = f(&a, Some(&x))?;
+                (out, a, inner, None)
+            } else {
+                let (y, inner) = f(&a, None)?;
+                let (y, off) = drop.apply(y, drop.hidden)?;
+                (ops::add(&x, &y)?, a, inner, off)
+            }
+        } else if fused {
+            let (s, inner) = f(&x, Some(&x))?;
+            (ln.forward(ps, &s)?, s, inner, None)
         } else {
-            let (y, inner) = f(&x)?;
+            let (y, inner) = f(&x, None)?;
             let (y, off) = drop.apply(y, drop.hidden)?;
             let (s, out) = ln.add_forward(ps, &x, &y)?;
-            Ok((
-                out,
-                SubSaved {
-                    x,
-                    mid: s,
-                    inner,
-                    drop: off,
-                },
-            ))
-        }
+            (out, s, inner, off)
+        };
+        Ok((
+            out,
+            SubSaved {
+                x,
+                mid,
+                inner,
+                drop: off,
+            },
+        ))
     }
 
     /// Backward of a sublayer: `fb(inner, f_input, df_out) -> df_input` (for post-LN, the
@@ -908,23 +932,25 @@ impl Layer {
         x: Tensor,
         inp: &LayerInputs,
     ) -> Result<(Tensor, LayerSaved)> {
-        let (x, attn) = self.sub(ps, drop, x, &self.ln_self, |a| {
+        let (x, attn) = self.sub(ps, drop, x, &self.ln_self, |a, res| {
             self.self_attn
-                .forward_self(ps, drop, a, inp.self_key_lens, inp.causal)
+                .forward_self(ps, drop, a, inp.self_key_lens, inp.causal, res)
         })?;
         let (x, cross) = match &self.cross {
             Some((ca, ln)) => {
                 let mem = inp
                     .memory
                     .expect("cross attention needs the encoder output");
-                let (x, s) = self.sub(ps, drop, x, ln, |a| {
-                    ca.forward_cross(ps, drop, a, mem, inp.memory_lens)
+                let (x, s) = self.sub(ps, drop, x, ln, |a, res| {
+                    ca.forward_cross(ps, drop, a, mem, inp.memory_lens, res)
                 })?;
                 (x, Some(s))
             }
             None => (x, None),
         };
-        let (x, ffn) = self.sub(ps, drop, x, &self.ln_ffn, |a| self.ffn.forward(ps, drop, a))?;
+        let (x, ffn) = self.sub(ps, drop, x, &self.ln_ffn, |a, res| {
+            self.ffn.forward(ps, drop, a, res)
+        })?;
         Ok((x, LayerSaved { attn, cross, ffn }))
     }
 

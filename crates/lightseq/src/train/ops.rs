@@ -166,6 +166,46 @@ pub fn matmul_strided(
     })
 }
 
+/// `x @ w^T (+ b) + r`, r of the output's shape: a linear whose output is added to a
+/// residual. On CUDA the GEMM reads `r` in its epilogue (no pass of its own, and the
+/// linear's output alone is never stored); elsewhere a linear, then an add.
+pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Result<Tensor> {
+    const OP: &str = "linear_add";
+    let mut all = vec![x, w, r];
+    all.extend(b);
+    let dt = float_dtype(OP, &all)?;
+    let (n, k) = match w.shape() {
+        &[n, k] => (n, k),
+        s => return Err(Error::op(OP, format!("w {s:?} is not 2-D"))),
+    };
+    let m = x.len() / k.max(1);
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    need(
+        OP,
+        x.shape().last() == Some(&k) && r.shape() == shape.as_slice(),
+        || format!("x {:?}, w {:?}, r {:?}", x.shape(), w.shape(), r.shape()),
+    )?;
+    match (&x.storage, &w.storage, b.map(|b| &b.storage), &r.storage) {
+        (Storage::Cuda(xs), Storage::Cuda(ws), bias, Storage::Cuda(rs)) if k > 0 => {
+            let bias = match bias {
+                Some(Storage::Cuda(bs)) => Some(bs),
+                None => None,
+                Some(_) => return Err(Error::op(OP, "the bias is on another device")),
+            };
+            // Checks b's shape as the linear does.
+            if let Some(b) = b {
+                need(OP, b.shape() == [n], || format!("bias {:?}, expected [{n}]", b.shape()))?;
+            }
+            let y = cuda::linear_add(xs, ws, bias, rs, m, n, k)?;
+            Ok(cuda_out(&shape, dt, y))
+        }
+        _ => crate::ops::add(&crate::ops::linear(x, w, b, Activation::None)?, r),
+    }
+}
+
 /// The input gradient of `y = x @ w^T`: `dy [..., n] @ w [n, k]` -> [..., k].
 pub fn linear_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k) = (w.shape()[0], w.shape()[1]);

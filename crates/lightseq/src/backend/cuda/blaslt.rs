@@ -410,16 +410,32 @@ impl BlasLt {
     ) -> Result<bool> {
         let st = GemmStrides::packed(false, true, m, n, k);
         self.matmul_general(
-            stream, dt, false, 0.0, false, true, 1, m, n, k, x, w, epi, y, &st,
+            stream,
+            dt,
+            false,
+            0.0,
+            false,
+            true,
+            1,
+            m,
+            n,
+            k,
+            x,
+            w,
+            epi,
+            (y, y),
+            &st,
         )
     }
 
     /// Enqueues the batched row-major `c = op(a) @ op(b)` on `stream`: for each of `batch`
     /// batches (at the strides `st`), op(a) is a [m, k] (or a^T of a stored [k, m] when `ta`) and op(b)
     /// is b [k, n] (or b^T of b stored [n, k] when `tb`); c is [m, n]. All of dtype `dt`.
-    /// `m`, `n` and `k` must be non-zero. Computes `c = op(a) @ op(b) + beta * c` and the
-    /// epilogue `epi`; c is f32 when `c_f32`, else of dtype `dt`. Returns false, having
-    /// enqueued nothing, when no algorithm supports a ReLU epilogue for this shape.
+    /// `m`, `n` and `k` must be non-zero. Computes `d = op(a) @ op(b) + beta * c` and the
+    /// epilogue `epi`, `(c, d)` being the matrix read (only when beta is not 0) and the one
+    /// written, which may be the same; both have the layout of `st`'s c and are f32 when
+    /// `c_f32`, else of dtype `dt`. Returns false, having enqueued nothing, when no algorithm
+    /// supports a ReLU epilogue for this shape.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul_general(
         &self,
@@ -436,7 +452,7 @@ impl BlasLt {
         a: u64,
         b: u64,
         epi: Epilogue,
-        c: u64,
+        (c, d_out): (u64, u64),
         st: &GemmStrides,
     ) -> Result<bool> {
         let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi, st)?;
@@ -454,7 +470,8 @@ impl BlasLt {
                             let name = format!("{key:?}");
                             // Tuning that fails (no memory for a scratch buffer, no
                             // candidate that ran) leaves the heuristic's choice.
-                            self.fastest(t, &name, stream, &d, (a, b, c, c_bytes), beta)
+                            let io = (a, b, c, d_out, c_bytes);
+                            self.fastest(t, &name, stream, &d, io, beta)
                                 .or_else(|_| self.heuristic(&d))
                         }
                         _ => self.heuristic(&d),
@@ -472,7 +489,7 @@ impl BlasLt {
         let Some(algo) = algo else {
             return Ok(false);
         };
-        self.launch(stream, &d, &algo, (a, b, c, c), beta)
+        self.launch(stream, &d, &algo, (a, b, c, d_out), beta)
             .map_err(|e| {
                 cuda_err(
                     &format!("cuBLASLt matmul {batch} x {m}x{n}x{k} (ta {ta}, tb {tb}) {dt}"),
@@ -535,8 +552,8 @@ impl BlasLt {
 
     /// The fastest of the heuristic's first candidates for the GEMM `key`: the one chosen
     /// before (in this process or, through the tuning file, an earlier one), else each timed
-    /// on the call's own operands (into `c` without beta, else into a scratch buffer so
-    /// that `c` is only read) and the choice recorded.
+    /// on the call's own operands (into `d` unless it is also the `c` that beta reads, else
+    /// into a scratch buffer so that `c` is only read) and the choice recorded.
     #[allow(clippy::too_many_arguments)]
     fn fastest(
         &self,
@@ -544,7 +561,7 @@ impl BlasLt {
         key: &str,
         stream: &Arc<CudaStream>,
         d: &Descs,
-        (a, b, c, c_bytes): (u64, u64, u64, usize),
+        (a, b, c, d_out, c_bytes): (u64, u64, u64, u64, usize),
         beta: f32,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
         let algos = self.candidates(d, TUNE_CANDIDATES)?;
@@ -555,15 +572,15 @@ impl BlasLt {
             return Ok(algos[i]);
         }
         let e = |e| cuda_err("GEMM tuning", e);
-        // Without beta the candidates may write the call's own output, which the call then
-        // writes again; with it, they write a scratch buffer so that c is only read.
-        let scratch = if beta == 0.0 {
+        // The candidates may write the call's own output, which the call then writes again,
+        // unless beta reads it: then they write a scratch buffer so that c is only read.
+        let scratch = if beta == 0.0 || c != d_out {
             None
         } else {
             Some(stream.alloc_zeros::<u8>(c_bytes.max(1)).map_err(e)?)
         };
         let held = scratch.as_ref().map(|s| s.device_ptr(stream));
-        let dp = held.as_ref().map_or(c, |(p, _sync)| *p);
+        let dp = held.as_ref().map_or(d_out, |(p, _sync)| *p);
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (
             stream.context().new_event(timing).map_err(e)?,

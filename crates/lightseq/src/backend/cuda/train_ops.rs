@@ -235,7 +235,7 @@ fn gemm_into_new(
         a.ptr(),
         b.ptr(),
         Epilogue::None,
-        c.ptr(),
+        (c.ptr(), c.ptr()),
         st,
     )?;
     Ok(c)
@@ -291,9 +291,54 @@ pub(crate) fn linear_ld(
             x.ptr(),
             w.ptr() + s64 * k as u64 * es,
             Epilogue::with(b.map(|b| b.ptr() + s64 * es), false),
-            y.ptr() + s64 * es,
+            (y.ptr() + s64 * es, y.ptr() + s64 * es),
             &GemmStrides {
                 ldc: ld,
+                ..GemmStrides::packed(false, true, m, len, k)
+            },
+        )?;
+    }
+    Ok(y)
+}
+
+/// `y [m, n] = x [m, k] @ w [n, k]^T (+ b) + r [m, n]`: the residual `r` is the GEMM's C
+/// (beta = 1), read in its epilogue, so the sum costs no pass of its own; `y` is a new
+/// buffer. `k` must be non-zero.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_add(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    r: &CudaStorage,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let y = dev.alloc(x.dtype(), m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(y);
+    }
+    let es = x.dtype().size() as u64;
+    for (s, len) in aligned_parts(n, x.dtype()) {
+        let s64 = s as u64;
+        dev.lt.matmul_general(
+            dev.stream(),
+            x.dtype(),
+            false,
+            1.0,
+            false,
+            true,
+            1,
+            m,
+            len,
+            k,
+            x.ptr(),
+            w.ptr() + s64 * k as u64 * es,
+            Epilogue::with(b.map(|b| b.ptr() + s64 * es), false),
+            (r.ptr() + s64 * es, y.ptr() + s64 * es),
+            &GemmStrides {
+                ldc: n,
                 ..GemmStrides::packed(false, true, m, len, k)
             },
         )?;
@@ -354,7 +399,7 @@ pub(crate) fn weight_grad_into(
             dy_base + s64 * es,
             x.ptr(),
             Epilogue::None,
-            acc.ptr() + s64 * k as u64 * 4,
+            (acc.ptr() + s64 * k as u64 * 4, acc.ptr() + s64 * k as u64 * 4),
             &GemmStrides {
                 lda: dy_ld,
                 ..GemmStrides::packed(true, false, len, k, rows)
@@ -418,7 +463,7 @@ pub(crate) fn input_grad_ld(
             dy.ptr() + s64 * es,
             w.ptr() + s64 * k as u64 * es,
             Epilogue::None,
-            acc.ptr(),
+            (acc.ptr(), acc.ptr()),
             &GemmStrides {
                 lda: dy_ld,
                 ..GemmStrides::packed(false, false, rows, k, len)
