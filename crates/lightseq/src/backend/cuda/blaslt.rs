@@ -159,10 +159,10 @@ impl Epilogue {
     }
 }
 
-/// (dtype, f32 output, ta, tb, batch, m, n, k, epilogue kind) and strides of
-/// `matmul_general`.
+/// (dtype, f32 output, C read (beta not 0), ta, tb, batch, m, n, k, epilogue kind) and
+/// strides of `matmul_general`.
 type AlgoKey = (
-    (DType, bool, bool, bool, usize, usize, usize, usize, u8),
+    (DType, bool, bool, bool, bool, usize, usize, usize, usize, u8),
     GemmStrides,
 );
 
@@ -456,7 +456,8 @@ impl BlasLt {
         st: &GemmStrides,
     ) -> Result<bool> {
         let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi, st)?;
-        let key = ((dt, c_f32, ta, tb, batch, m, n, k, epi.kind()), *st);
+        // Whether C is read is part of the key: its epilogue differs, so may the fastest.
+        let key = ((dt, c_f32, beta != 0.0, ta, tb, batch, m, n, k, epi.kind()), *st);
         let algo = {
             let mut algos = self.algos.lock().unwrap();
             match algos.get(&key) {

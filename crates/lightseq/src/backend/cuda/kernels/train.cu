@@ -237,6 +237,13 @@ __device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy
 // buffer is 16-byte aligned (row_team in train_ops.rs), else the team kernels above.
 #define LS_RP 4
 
+// The sum of a lane's per-pack partial sums, in pairs.
+__device__ __forceinline__ float pack_total(const float (&p)[LS_RP]) {
+  static_assert(LS_RP == 4, "pack_total adds four partial sums");
+  float a = p[0] + p[1], b = p[2] + p[3];
+  return a + b;
+}
+
 __device__ __forceinline__ float team_sum(float v, int ts) {
   for (int o = ts >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
   return v;
@@ -507,30 +514,34 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     // The row LS_LNB_STAGES - 1 ahead goes to the stage read last iteration.
     issue(base + (LS_LNB_STAGES - 1) * t.step, st == 0 ? LS_LNB_STAGES - 1 : st - 1);
     st = st + 1 == LS_LNB_STAGES ? 0 : st + 1;
-    float s = 0.f;
+    // The row sums run one chain per pack, added at the end: with two warps a scheduler,
+    // one chain through all of a lane's elements would leave it waiting on each add.
+    float sk[LS_RP];
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
+      sk[k] = 0.f;
 #pragma unroll
-      for (int e = 0; e < N; ++e) s += xv.v[k][e];
+      for (int e = 0; e < N; ++e) sk[k] += xv.v[k][e];
     }
-    const float mean = team_sum(s, ts) / h;
-    float s2 = 0.f;
+    const float mean = team_sum(pack_total(sk), ts) / h;
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
+      sk[k] = 0.f;
       if (t.tl + k * ts < packs) {
 #pragma unroll
-        for (int e = 0; e < N; ++e) s2 += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
+        for (int e = 0; e < N; ++e) sk[k] += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
       }
     }
     // A team past the last row holds zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
     // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
-    const float var = team_sum(s2, ts) / h;
+    const float var = team_sum(pack_total(sk), ts) / h;
     const float rstd = ok ? 1.f / sqrtf(var + eps) : 0.f;
     // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
-    float a = 0.f, c = 0.f;
+    float ak[LS_RP], ck[LS_RP];
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
       const int q = t.tl + k * ts;
+      ak[k] = ck[k] = 0.f;
       if (q < packs) {
         const LsPack<T> gm = reinterpret_cast<const LsPack<T>*>(gamma)[q];
 #pragma unroll
@@ -540,13 +551,13 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
           ag[k][e] += d * xv.v[k][e];
           ab[k][e] += d;
           gv.v[k][e] = d * to_f(gm.v[e]);
-          a += gv.v[k][e];
-          c += gv.v[k][e] * xv.v[k][e];
+          ak[k] += gv.v[k][e];
+          ck[k] += gv.v[k][e] * xv.v[k][e];
         }
       }
     }
-    const float s1 = team_sum(a, ts) / h;
-    const float sx = team_sum(c, ts) / h;
+    const float s1 = team_sum(pack_total(ak), ts) / h;
+    const float sx = team_sum(pack_total(ck), ts) / h;
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
 #pragma unroll
@@ -570,31 +581,37 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
       }
     }
   }
-  // The stages are done with (the last groups were empty); their memory holds the block's
-  // sums, S h floats (at most 3 * 32 * LS_RP * N, within one warp's stages).
+  // The warp's stages are done with (the last groups were empty; every lane's copies have
+  // landed once all have waited): they take the warp's sums, S h floats (at most
+  // 3 * 32 * LS_RP * N, the size of a warp's stages). The block then adds its warps' sums
+  // in warp order.
   ls_cp_wait<0>();
-  __syncthreads();
-  float* sred = reinterpret_cast<float*>(lnb_smem);
-  for (int w = 0; w < warps; ++w) {
-    if (warp == w && lane < ts) {
+  __syncwarp();
+  float* mine = reinterpret_cast<float*>(stages);
+  if (lane < ts) {
 #pragma unroll
-      for (int k = 0; k < LS_RP; ++k) {
-        const int q = lane + k * ts;
-        if (q < packs) {
+    for (int k = 0; k < LS_RP; ++k) {
+      const int q = lane + k * ts;
+      if (q < packs) {
 #pragma unroll
-          for (int e = 0; e < N; ++e) {
-            const int j = q * N + e;
-            sred[j] = (w == 0 ? 0.f : sred[j]) + ag[k][e];
-            sred[h + j] = (w == 0 ? 0.f : sred[h + j]) + ab[k][e];
-            if (DSUM) sred[2 * h + j] = (w == 0 ? 0.f : sred[2 * h + j]) + ad[DSUM ? k : 0][e];
-          }
+        for (int e = 0; e < N; ++e) {
+          const int j = q * N + e;
+          mine[j] = ag[k][e];
+          mine[h + j] = ab[k][e];
+          if (DSUM) mine[2 * h + j] = ad[DSUM ? k : 0][e];
         }
       }
     }
-    __syncthreads();
   }
+  __syncthreads();
   float* out = partial + blockIdx.x * (long long)S * h;
-  for (int j = threadIdx.x; j < S * h; j += blockDim.x) out[j] = sred[j];
+  for (int j = threadIdx.x; j < S * h; j += blockDim.x) {
+    float v = 0.f;
+    for (int w = 0; w < warps; ++w) {
+      v += reinterpret_cast<const float*>(lnb_smem + w * LS_LNB_WARP_BYTES)[j];
+    }
+    out[j] = v;
+  }
 }
 
 // Column reductions: block (b, y) covers columns [32 b, 32 b + 32) over the y-th chunk of
