@@ -278,7 +278,10 @@ fn cuda_tuned_gemms_match_cpu() {
             // the output itself, the residual only read.
             let rt = t(&r, &[m, n], dt, d);
             let ya = ops::linear_add(&xt, &t(&w, &[n, k], dt, d), None, &rt).unwrap();
-            assert_eq!(rt.to_f32_vec().unwrap(), t(&r, &[m, n], dt, &cpu).to_f32_vec().unwrap());
+            assert_eq!(
+                rt.to_f32_vec().unwrap(),
+                t(&r, &[m, n], dt, &cpu).to_f32_vec().unwrap()
+            );
             let mut acc = t(&acc0, &[n, k], DType::F32, d);
             let dyt = t(&dy, &[m, 2 * n], dt, d);
             // Only the whole of dy on the CPU; its second column block on the GPU, against
@@ -317,7 +320,12 @@ fn cuda_linear_add_matches_cpu() {
     let cpu = Device::Cpu;
     for dt in DTYPES {
         for (m, n, k, bias) in [(37, 53, 71, true), (64, 96, 40, false), (5, 3, 9, true)] {
-            let (x, w, b, r) = (randn(70, m * k), randn(71, n * k), randn(72, n), randn(73, m * n));
+            let (x, w, b, r) = (
+                randn(70, m * k),
+                randn(71, n * k),
+                randn(72, n),
+                randn(73, m * n),
+            );
             let run = |d: &Device| {
                 let bt = t(&b, &[n], dt, d);
                 let rt = t(&r, &[m, n], dt, d);
@@ -575,13 +583,52 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
             check(&format!("{what} dgamma"), dt, &gdg, &cdg, tol(dt));
             check(&format!("{what} dbeta"), dt, &gdb, &cdb, tol(dt));
 
+            // The forward's row statistics: kept on CUDA where the register-cached kernel
+            // runs (rows of whole 16-byte packs, at most 128 of them), and equal to each
+            // row's mean and 1 / sqrt(var + eps) of x as rounded to dt.
+            let forward_stats = |d: &Device| {
+                let (xt, gt, bt) = (
+                    t(&x, &[rows, h], dt, d),
+                    t(&g, &[h], dt, d),
+                    t(&randn(26, h), &[h], dt, d),
+                );
+                ops::add_layer_norm_stats(&xt, None, &gt, &bt, eps, true)
+                    .unwrap()
+                    .stats
+            };
+            let pack = 16 / dt.size();
+            let kept = forward_stats(&gpu);
+            assert_eq!(
+                kept.is_some(),
+                h % pack == 0 && h / pack <= 128,
+                "{dt} [{rows}, {h}]: statistics kept"
+            );
+            if let Some(st) = &kept {
+                let xr = t(&x, &[rows, h], dt, &cpu).to_f32_vec().unwrap();
+                let naive: Vec<f32> = xr
+                    .chunks(h)
+                    .flat_map(|row| {
+                        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+                        let var =
+                            row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+                        [mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32]
+                    })
+                    .collect();
+                let err = rel_err(&st.to_f32_vec().unwrap(), &naive);
+                assert!(
+                    err < 1e-5,
+                    "{dt} [{rows}, {h}]: statistics rel err {err:.2e}"
+                );
+            }
+
             // The accumulating form, twice into nonzero accumulators (the sums are added to
             // what the accumulators hold, not written over it); the second call also adds
-            // dx's column sums into a third.
+            // dx's column sums into a third, and on CUDA reads the forward's statistics.
             let into = |d: &Device| {
                 let mut dg = t(&scaled(23, h, 1.0), &[h], DType::F32, d);
                 let mut db = t(&scaled(24, h, 1.0), &[h], DType::F32, d);
                 let mut ds = t(&scaled(25, h, 1.0), &[h], DType::F32, d);
+                let stats = kept.as_ref().filter(|_| d.is_cuda());
                 let mut dxs = Vec::new();
                 for call in 0..2 {
                     dxs.push(
@@ -593,6 +640,7 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
                             &mut dg,
                             &mut db,
                             (call == 1).then_some(&mut ds),
+                            stats.filter(|_| call == 1),
                         )
                         .unwrap(),
                     );

@@ -181,27 +181,44 @@ impl Ln {
         Ok(tops::add_layer_norm(x, None, ps.w(self.g), ps.w(self.b), self.eps)?.1)
     }
 
-    /// `(x + y, LN(x + y))` in one pass.
-    pub fn add_forward(&self, ps: &Params, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (s, out) = tops::add_layer_norm(x, Some(y), ps.w(self.g), ps.w(self.b), self.eps)?;
-        Ok((s.expect("add_layer_norm returns the sum when given y"), out))
+    /// [`Ln::forward`], also returning the rows' statistics where the device keeps them
+    /// (for [`Ln::backward_summing`]).
+    pub fn forward_keep(&self, ps: &Params, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let f = tops::add_layer_norm_stats(x, None, ps.w(self.g), ps.w(self.b), self.eps, true)?;
+        Ok((f.out, f.stats))
+    }
+
+    /// `(x + y, LN(x + y))` in one pass, and the rows' statistics as
+    /// [`Ln::forward_keep`].
+    pub fn add_forward(
+        &self,
+        ps: &Params,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (g, b) = (ps.w(self.g), ps.w(self.b));
+        let f = tops::add_layer_norm_stats(x, Some(y), g, b, self.eps, true)?;
+        let s = f.sum.expect("add_layer_norm returns the sum when given y");
+        Ok((s, f.out, f.stats))
     }
 
     pub fn backward(&self, ps: &mut Params, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        self.backward_summing(ps, x, dy, None)
+        self.backward_summing(ps, x, dy, None, None)
     }
 
     /// [`Ln::backward`], adding the column sums of dx into the gradient of `bias` when
-    /// given (the bias of a linear whose output, plus the residual, is `x`).
+    /// given (the bias of a linear whose output, plus the residual, is `x`). `stats` are
+    /// the forward's of this `x`, when it kept them.
     pub fn backward_summing(
         &self,
         ps: &mut Params,
         x: &Tensor,
         dy: &Tensor,
         bias: Option<Pid>,
+        stats: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (gamma, dg, db, dbias) = ps.w_and_grads(self.g, self.g, self.b, bias)?;
-        tops::layer_norm_backward_into(x, gamma, dy, self.eps, dg, db, dbias)
+        tops::layer_norm_backward_into(x, gamma, dy, self.eps, dg, db, dbias, stats)
     }
 }
 
@@ -830,6 +847,8 @@ pub struct SubSaved<S> {
     x: Tensor,
     /// LN(x) for pre-LN; `x + f(x)` (the LN's input) for post-LN.
     mid: Tensor,
+    /// The layer norm's row statistics, where its forward kept them.
+    stats: Option<Tensor>,
     inner: S,
     drop: Option<u64>,
 }
@@ -861,30 +880,32 @@ impl Layer {
         f: impl FnOnce(&Tensor, Option<&Tensor>) -> Result<(Tensor, S)>,
     ) -> Result<(Tensor, SubSaved<S>)> {
         let fused = drop.hidden <= 0.0;
-        let (out, mid, inner, off) = if self.pre_ln {
-            let a = ln.forward(ps, &x)?;
+        let (out, mid, stats, inner, off) = if self.pre_ln {
+            let (a, stats) = ln.forward_keep(ps, &x)?;
             if fused {
                 let (out, inner) = f(&a, Some(&x))?;
-                (out, a, inner, None)
+                (out, a, stats, inner, None)
             } else {
                 let (y, inner) = f(&a, None)?;
                 let (y, off) = drop.apply(y, drop.hidden)?;
-                (ops::add(&x, &y)?, a, inner, off)
+                (ops::add(&x, &y)?, a, stats, inner, off)
             }
         } else if fused {
             let (s, inner) = f(&x, Some(&x))?;
-            (ln.forward(ps, &s)?, s, inner, None)
+            let (out, stats) = ln.forward_keep(ps, &s)?;
+            (out, s, stats, inner, None)
         } else {
             let (y, inner) = f(&x, None)?;
             let (y, off) = drop.apply(y, drop.hidden)?;
-            let (s, out) = ln.add_forward(ps, &x, &y)?;
-            (out, s, inner, off)
+            let (s, out, stats) = ln.add_forward(ps, &x, &y)?;
+            (out, s, stats, inner, off)
         };
         Ok((
             out,
             SubSaved {
                 x,
                 mid,
+                stats,
                 inner,
                 drop: off,
             },
@@ -908,13 +929,13 @@ impl Layer {
         if self.pre_ln {
             let df = drop.backward_ref(&dy, drop.hidden, s.drop)?;
             let da = fb(ps, s.inner, &s.mid, Dout::Alone(df.as_ref().unwrap_or(&dy)))?;
-            let dx = ln.backward(ps, &s.x, &da)?;
+            let dx = ln.backward_summing(ps, &s.x, &da, None, s.stats.as_ref())?;
             ops::add(&dy, &dx)
         } else {
             // Without dropout the output bias's gradient is the column sum of ds, which the
             // layer norm's backward adds in its pass.
             let summed = if s.drop.is_none() { out_bias } else { None };
-            let ds = ln.backward_summing(ps, &s.mid, &dy, summed)?;
+            let ds = ln.backward_summing(ps, &s.mid, &dy, summed, s.stats.as_ref())?;
             let df = drop.backward_ref(&ds, drop.hidden, s.drop)?;
             fb(
                 ps,

@@ -197,7 +197,9 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Res
             };
             // Checks b's shape as the linear does.
             if let Some(b) = b {
-                need(OP, b.shape() == [n], || format!("bias {:?}, expected [{n}]", b.shape()))?;
+                need(OP, b.shape() == [n], || {
+                    format!("bias {:?}, expected [{n}]", b.shape())
+                })?;
             }
             let y = cuda::linear_add(xs, ws, bias, rs, m, n, k)?;
             Ok(cuda_out(&shape, dt, y))
@@ -710,6 +712,30 @@ pub fn add_layer_norm(
     beta: &Tensor,
     eps: f32,
 ) -> Result<(Option<Tensor>, Tensor)> {
+    let f = add_layer_norm_stats(x, y, gamma, beta, eps, false)?;
+    Ok((f.sum, f.out))
+}
+
+/// What [`add_layer_norm_stats`] returns.
+pub struct LnForward {
+    /// `x + y`, when y was given.
+    pub sum: Option<Tensor>,
+    pub out: Tensor,
+    /// Each row's (mean, rstd), f32 [rows, 2], when asked for and the CUDA kernel that
+    /// keeps them ran; [`layer_norm_backward_into`] then reads them instead of computing
+    /// them again.
+    pub stats: Option<Tensor>,
+}
+
+/// [`add_layer_norm`], keeping each row's statistics for the backward when `want_stats`.
+pub fn add_layer_norm_stats(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    want_stats: bool,
+) -> Result<LnForward> {
     const OP: &str = "add_layer_norm";
     let mut all = vec![x, gamma, beta];
     all.extend(y);
@@ -732,18 +758,20 @@ pub fn add_layer_norm(
         (Storage::CpuF32(xv), Storage::CpuF32(g), Storage::CpuF32(b)) => {
             let yv = y.map(|y| y.cpu_f32(OP)).transpose()?;
             let (s, out) = cpu::add_layer_norm(xv, yv, g, b, rows, h, eps);
-            (
-                s.map(|s| cpu_out(x.shape(), dt, s)),
-                cpu_out(x.shape(), dt, out),
-            )
+            LnForward {
+                sum: s.map(|s| cpu_out(x.shape(), dt, s)),
+                out: cpu_out(x.shape(), dt, out),
+                stats: None,
+            }
         }
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(b)) => {
             let yv = y.map(|y| y.cuda(OP)).transpose()?;
-            let (s, out) = cuda::add_layer_norm(xv, yv, g, b, rows, h, eps)?;
-            (
-                s.map(|s| cuda_out(x.shape(), dt, s)),
-                cuda_out(x.shape(), dt, out),
-            )
+            let (s, out, st) = cuda::add_layer_norm(xv, yv, g, b, rows, h, eps, want_stats)?;
+            LnForward {
+                sum: s.map(|s| cuda_out(x.shape(), dt, s)),
+                out: cuda_out(x.shape(), dt, out),
+                stats: st.map(|st| cuda_out(&[rows, 2], DType::F32, st)),
+            }
         }
         _ => unreachable!(),
     })
@@ -752,7 +780,9 @@ pub fn add_layer_norm(
 /// [`layer_norm_backward`] adding dgamma and dbeta into the f32 accumulators `dg_acc` and
 /// `db_acc` [h] (on CUDA the reduction adds into them directly); returns dx. With `dx_acc`,
 /// the column sums of dx go into it too: the bias gradient of a linear whose output (plus a
-/// residual) was normalized, summed on CUDA in the same pass.
+/// residual) was normalized, summed on CUDA in the same pass. `stats` are the forward's
+/// ([`LnForward::stats`] of this `x`); without them the statistics are computed again.
+#[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward_into(
     x: &Tensor,
     gamma: &Tensor,
@@ -761,18 +791,25 @@ pub fn layer_norm_backward_into(
     dg_acc: &mut Tensor,
     db_acc: &mut Tensor,
     dx_acc: Option<&mut Tensor>,
+    stats: Option<&Tensor>,
 ) -> Result<Tensor> {
     const OP: &str = "layer_norm_backward_into";
     let dt = float_dtype(OP, &[x, gamma, dy])?;
     let h = x.shape().last().copied().unwrap_or(1);
+    let rows = x.len() / h.max(1);
     let acc_ok = |a: &Tensor| a.dtype() == DType::F32 && a.len() == h;
+    let stats_ok = stats.is_none_or(|s| {
+        let ordinal = |t: &Tensor| t.cuda_device().map(|d| d.ordinal());
+        s.dtype() == DType::F32 && s.len() == 2 * rows && ordinal(s) == ordinal(x)
+    });
     need(
         OP,
         gamma.shape() == [h]
             && dy.shape() == x.shape()
             && acc_ok(dg_acc)
             && acc_ok(db_acc)
-            && dx_acc.as_deref().is_none_or(acc_ok),
+            && dx_acc.as_deref().is_none_or(acc_ok)
+            && stats_ok,
         || {
             format!(
                 "x {:?}, gamma {:?}, dy {:?}, accumulators {:?} {:?} {:?}",
@@ -785,7 +822,6 @@ pub fn layer_norm_backward_into(
             )
         },
     )?;
-    let rows = x.len() / h.max(1);
     match (
         &x.storage,
         &gamma.storage,
@@ -806,7 +842,12 @@ pub fn layer_norm_backward_into(
                 Some(Storage::Cuda(da)) => Some(da),
                 _ => None,
             };
-            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (ga, ba, da), true)?;
+            let st = match stats.map(|s| &s.storage) {
+                Some(Storage::Cuda(st)) => Some(st),
+                _ => None,
+            };
+            let sums = (ga, ba, da);
+            let dx = cuda::layer_norm_backward(xv, g, d, st, rows, h, eps, sums, true)?;
             Ok(cuda_out(x.shape(), dt, dx))
         }
         _ => {
@@ -852,7 +893,8 @@ pub fn layer_norm_backward(
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(d)) => {
             let dev = xv.device();
             let (dg, db) = (dev.alloc(DType::F32, h)?, dev.alloc(DType::F32, h)?);
-            let dx = cuda::layer_norm_backward(xv, g, d, rows, h, eps, (&dg, &db, None), false)?;
+            let dx =
+                cuda::layer_norm_backward(xv, g, d, None, rows, h, eps, (&dg, &db, None), false)?;
             (
                 cuda_out(x.shape(), dt, dx),
                 cuda_out(&[h], DType::F32, dg),

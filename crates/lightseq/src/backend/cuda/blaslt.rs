@@ -162,7 +162,18 @@ impl Epilogue {
 /// (dtype, f32 output, C read (beta not 0), ta, tb, batch, m, n, k, epilogue kind) and
 /// strides of `matmul_general`.
 type AlgoKey = (
-    (DType, bool, bool, bool, bool, usize, usize, usize, usize, u8),
+    (
+        DType,
+        bool,
+        bool,
+        bool,
+        bool,
+        usize,
+        usize,
+        usize,
+        usize,
+        u8,
+    ),
     GemmStrides,
 );
 
@@ -457,7 +468,10 @@ impl BlasLt {
     ) -> Result<bool> {
         let d = Descs::general(dt, c_f32, ta, tb, batch, m, n, k, epi, st)?;
         // Whether C is read is part of the key: its epilogue differs, so may the fastest.
-        let key = ((dt, c_f32, beta != 0.0, ta, tb, batch, m, n, k, epi.kind()), *st);
+        let key = (
+            (dt, c_f32, beta != 0.0, ta, tb, batch, m, n, k, epi.kind()),
+            *st,
+        );
         let algo = {
             let mut algos = self.algos.lock().unwrap();
             match algos.get(&key) {

@@ -399,7 +399,10 @@ pub(crate) fn weight_grad_into(
             dy_base + s64 * es,
             x.ptr(),
             Epilogue::None,
-            (acc.ptr() + s64 * k as u64 * 4, acc.ptr() + s64 * k as u64 * 4),
+            (
+                acc.ptr() + s64 * k as u64 * 4,
+                acc.ptr() + s64 * k as u64 * 4,
+            ),
             &GemmStrides {
                 lda: dy_ld,
                 ..GemmStrides::packed(true, false, len, k, rows)
@@ -628,7 +631,12 @@ pub(crate) fn softmax_backward(
     Ok(out)
 }
 
-/// `s = x + y` (when `y`) and `LN(s)` over rows of `h`; returns (s, out), s only with `y`.
+/// What [`add_layer_norm`] returns: `s = x + y` (only with `y`), `LN(s)`, and with
+/// `want_stats` where the register-cached kernel runs, each row's (mean, rstd) as f32
+/// [rows, 2] for [`layer_norm_backward`].
+pub(crate) type AddLnOut = (Option<CudaStorage>, CudaStorage, Option<CudaStorage>);
+
+/// `s = x + y` (when `y`) and `LN(s)` over rows of `h`; see [`AddLnOut`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_layer_norm(
     x: &CudaStorage,
@@ -638,13 +646,14 @@ pub(crate) fn add_layer_norm(
     rows: usize,
     h: usize,
     eps: f32,
-) -> Result<(Option<CudaStorage>, CudaStorage)> {
+    want_stats: bool,
+) -> Result<AddLnOut> {
     let dev = x.device();
     let dt = x.dtype();
     let out = dev.alloc(dt, rows * h)?;
     let s = y.map(|_| dev.alloc(dt, rows * h)).transpose()?;
     if rows * h == 0 {
-        return Ok((s, out));
+        return Ok((s, out, None));
     }
     let (xp, yp, gp, bp) = (x.ptr(), y.map_or(0, |y| y.ptr()), gamma.ptr(), beta.ptr());
     let (sp, op, r, hh) = (
@@ -661,31 +670,38 @@ pub(crate) fn add_layer_norm(
         ("add_layer_norm_rows", "add_layer_norm"),
     );
     let f = dev.kernel(name, dt)?;
+    // Only the register-cached kernel writes statistics.
+    let rows_kernel = name == "add_layer_norm_rows";
+    let stats = if want_stats && rows_kernel {
+        Some(dev.alloc(DType::F32, 2 * rows)?)
+    } else {
+        None
+    };
+    let stp = stats.as_ref().map_or(0, |s| s.ptr());
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&xp)
-        .arg(&yp)
-        .arg(&gp)
-        .arg(&bp)
-        .arg(&sp)
-        .arg(&op)
-        .arg(&r)
-        .arg(&hh)
-        .arg(&eps)
-        .arg(&team);
-    // SAFETY: argument types match the kernel's signature in train.cu (the last argument
-    // is `per_warp` or `ts`).
+    l.arg(&xp).arg(&yp).arg(&gp).arg(&bp).arg(&sp).arg(&op);
+    if rows_kernel {
+        l.arg(&stp);
+    }
+    l.arg(&r).arg(&hh).arg(&eps).arg(&team);
+    // SAFETY: argument types match the kernel's signature in train.cu (the register-cached
+    // kernel takes the statistics pointer, null or [rows] float2; the last argument is
+    // `per_warp` or `ts`).
     launched(name, unsafe { l.launch(cfg) })?;
-    Ok((s, out))
+    Ok((s, out, stats))
 }
 
 /// The backward of layer norm over rows of `h`: returns dx; writes dgamma and dbeta (f32
 /// [h]) into `dgamma` and `dbeta`, or with `accumulate` adds them there; with `dsum`, the
-/// column sums of dx (as stored) go there the same way.
+/// column sums of dx (as stored) go there the same way. `stats`, the forward's (mean,
+/// rstd) per row from [`add_layer_norm`] of this `x`, spares the register-cached kernel
+/// computing them again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_norm_backward(
     x: &CudaStorage,
     gamma: &CudaStorage,
     dy: &CudaStorage,
+    stats: Option<&CudaStorage>,
     rows: usize,
     h: usize,
     eps: f32,
@@ -735,19 +751,22 @@ pub(crate) fn layer_norm_backward(
         let sums = if dsum.is_some() { 3 } else { 2 };
         let partial = dev.alloc(DType::F32, blocks * sums * h)?;
         let pp = partial.ptr();
+        let stp = stats.map_or(0, |s| s.ptr());
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&xp)
             .arg(&gp)
             .arg(&dyp)
+            .arg(&stp)
             .arg(&dxp)
             .arg(&pp)
             .arg(&r)
             .arg(&hh)
             .arg(&eps)
             .arg(&ts);
-        // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
-        // a row of `sums` h f32 per block of the grid, and the block's dynamic shared
-        // memory is the LNB_WARP_BYTES per warp the kernel stages in.
+        // SAFETY: argument types match the kernel's signature in train.cu; `stats` is null
+        // or 2 rows f32 (the caller checks); `partial` holds a row of `sums` h f32 per block
+        // of the grid, and the block's dynamic shared memory is the LNB_WARP_BYTES per warp
+        // the kernel stages in.
         launched(name, unsafe { l.launch(cfg) })?;
         let outs = (dgamma, dbeta, dsum.unwrap_or(dbeta));
         sum_chunks_split(pp, outs, h, blocks, sums * h, accumulate)?;

@@ -380,10 +380,12 @@ __device__ void softmax_backward_rows(const T* p, const T* dp, T* ds, long long 
   }
 }
 
-// add_layer_norm_body with register-cached rows.
+// add_layer_norm_body with register-cached rows; with `stats`, each row's (mean, rstd) as
+// float2 [rows], for layer_norm_backward_rows.
 template <typename T>
 __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, const T* beta,
-                                    T* s_out, T* out, long long rows, int h, float eps, int ts) {
+                                    T* s_out, T* out, float* stats, long long rows, int h,
+                                    float eps, int ts) {
   constexpr int N = 16 / sizeof(T);
   const int packs = h / N;
   const TeamRows t(ts);
@@ -418,6 +420,7 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
       }
     }
     const float inv = rsqrtf(team_sum(s2, ts) / h + eps);
+    if (stats && ok && t.tl == 0) reinterpret_cast<float2*>(stats)[r] = make_float2(mean, inv);
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
       const int q = t.tl + k * ts;
@@ -451,10 +454,12 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
 // barrier is needed. At the end the block adds its teams' sums (across teams in xor order,
 // then warps in order) and writes them to row blockIdx.x of `partial` [gridDim.x, S h]
 // (dgamma's h columns, dbeta's, then with DSUM dx's), which sum_chunks adds over blocks.
+// With `stats` (the forward's (mean, rstd) per row, add_layer_norm_rows') a row's
+// statistics are read instead of computed again.
 template <typename T, bool DSUM>
-__device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy, T* dx,
-                                         float* partial, long long rows, int h, float eps,
-                                         int ts) {
+__device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy,
+                                         const float* stats, T* dx, float* partial,
+                                         long long rows, int h, float eps, int ts) {
   constexpr int N = 16 / sizeof(T);
   constexpr int S = DSUM ? 3 : 2;
   constexpr int KD = DSUM ? LS_RP : 1;
@@ -493,10 +498,18 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
   }
 #pragma unroll
   for (int st = 0; st < LS_LNB_STAGES - 1; ++st) issue(t.first + st * t.step, st);
+  // The forward's (mean, rstd) of a team's row, one row ahead.
+  auto row_stats = [&](long long base) {
+    const long long r = base + t.sub;
+    return stats && r < rows ? reinterpret_cast<const float2*>(stats)[r] : make_float2(0.f, 0.f);
+  };
+  float2 next_stats = row_stats(t.first);
   int st = 0;
   for (long long base = t.first; base < rows; base += t.step) {
     const long long r = base + t.sub;
     const bool ok = r < rows;
+    const float2 row_st = next_stats;
+    next_stats = row_stats(base + t.step);
     ls_cp_wait<LS_LNB_STAGES - 2>();
     RowRegs<T> xv, gv;
     const unsigned char* slot = stages + st * LS_LNB_STAGE_BYTES + lane * 16;
@@ -514,28 +527,32 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     // The row LS_LNB_STAGES - 1 ahead goes to the stage read last iteration.
     issue(base + (LS_LNB_STAGES - 1) * t.step, st == 0 ? LS_LNB_STAGES - 1 : st - 1);
     st = st + 1 == LS_LNB_STAGES ? 0 : st + 1;
-    // The row sums run one chain per pack, added at the end: with two warps a scheduler,
-    // one chain through all of a lane's elements would leave it waiting on each add.
-    float sk[LS_RP];
+    // The row's mean and rstd: the forward's, else computed again. The row sums run one
+    // chain per pack, added at the end: with two warps a scheduler, one chain through all
+    // of a lane's elements would leave it waiting on each add.
+    float mean = row_st.x, rstd = row_st.y;
+    if (!stats) {
+      float sk[LS_RP];
 #pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
-      sk[k] = 0.f;
+      for (int k = 0; k < LS_RP; ++k) {
+        sk[k] = 0.f;
 #pragma unroll
-      for (int e = 0; e < N; ++e) sk[k] += xv.v[k][e];
-    }
-    const float mean = team_sum(pack_total(sk), ts) / h;
-#pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
-      sk[k] = 0.f;
-      if (t.tl + k * ts < packs) {
-#pragma unroll
-        for (int e = 0; e < N; ++e) sk[k] += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
+        for (int e = 0; e < N; ++e) sk[k] += xv.v[k][e];
       }
+      mean = team_sum(pack_total(sk), ts) / h;
+#pragma unroll
+      for (int k = 0; k < LS_RP; ++k) {
+        sk[k] = 0.f;
+        if (t.tl + k * ts < packs) {
+#pragma unroll
+          for (int e = 0; e < N; ++e) sk[k] += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
+        }
+      }
+      rstd = 1.f / sqrtf(team_sum(pack_total(sk), ts) / h + eps);
     }
     // A team past the last row holds zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
     // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
-    const float var = team_sum(pack_total(sk), ts) / h;
-    const float rstd = ok ? 1.f / sqrtf(var + eps) : 0.f;
+    if (!ok) rstd = 0.f;
     // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
     float ak[LS_RP], ck[LS_RP];
 #pragma unroll
@@ -1527,20 +1544,19 @@ LS_FLOAT_TYPES(LS_TRAIN)
     softmax_backward_rows<T>(p, dp, ds, rows, cols, scale, ts);                               \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(256, 4) add_layer_norm_rows_##S(               \
-      const T* x, const T* y, const T* gamma, const T* beta, T* s_out, T* out, long long rows, \
-      int h, float eps, int ts) {                                                             \
-    add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, rows, h, eps, ts);                  \
+      const T* x, const T* y, const T* gamma, const T* beta, T* s_out, T* out, float* stats,  \
+      long long rows, int h, float eps, int ts) {                                             \
+    add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, stats, rows, h, eps, ts);           \
   }                                                                                           \
-  extern "C" __global__ void layer_norm_backward_rows_##S(const T* x, const T* gamma,         \
-                                                          const T* dy, T* dx, float* partial, \
-                                                          long long rows, int h, float eps,   \
-                                                          int ts) {                           \
-    layer_norm_backward_rows<T, false>(x, gamma, dy, dx, partial, rows, h, eps, ts);          \
+  extern "C" __global__ void layer_norm_backward_rows_##S(                                    \
+      const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
+      long long rows, int h, float eps, int ts) {                                             \
+    layer_norm_backward_rows<T, false>(x, gamma, dy, stats, dx, partial, rows, h, eps, ts);   \
   }                                                                                           \
   extern "C" __global__ void layer_norm_backward_rows_dsum_##S(                               \
-      const T* x, const T* gamma, const T* dy, T* dx, float* partial, long long rows, int h,  \
-      float eps, int ts) {                                                                    \
-    layer_norm_backward_rows<T, true>(x, gamma, dy, dx, partial, rows, h, eps, ts);           \
+      const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
+      long long rows, int h, float eps, int ts) {                                             \
+    layer_norm_backward_rows<T, true>(x, gamma, dy, stats, dx, partial, rows, h, eps, ts);    \
   }
 LS_FLOAT_TYPES(LS_TRAIN_ROWS)
 LS_FLOAT_TYPES(LS_MULTI)
