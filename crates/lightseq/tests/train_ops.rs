@@ -346,6 +346,11 @@ fn cuda_linear_add_matches_cpu() {
     let w = t(&randn(75, 5 * 4), &[5, 4], DType::F32, &gpu);
     let r = t(&randn(76, 6 * 4), &[6, 4], DType::F32, &gpu);
     assert!(ops::linear_add(&x, &w, None, &r).is_err());
+    // So is a bias of another width.
+    let r = t(&randn(77, 6 * 5), &[6, 5], DType::F32, &gpu);
+    let b = t(&randn(78, 4), &[4], DType::F32, &gpu);
+    assert!(ops::linear_add(&x, &w, Some(&b), &r).is_err());
+    assert!(ops::linear_add(&x, &w, None, &r).is_ok());
 }
 
 #[test]

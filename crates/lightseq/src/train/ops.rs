@@ -185,8 +185,18 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Res
     }
     need(
         OP,
-        x.shape().last() == Some(&k) && r.shape() == shape.as_slice(),
-        || format!("x {:?}, w {:?}, r {:?}", x.shape(), w.shape(), r.shape()),
+        x.shape().last() == Some(&k)
+            && r.shape() == shape.as_slice()
+            && b.is_none_or(|b| b.shape() == [n]),
+        || {
+            let bias = b.map(|b| b.shape());
+            format!(
+                "x {:?}, w {:?}, bias {bias:?}, r {:?}",
+                x.shape(),
+                w.shape(),
+                r.shape()
+            )
+        },
     )?;
     match (&x.storage, &w.storage, b.map(|b| &b.storage), &r.storage) {
         (Storage::Cuda(xs), Storage::Cuda(ws), bias, Storage::Cuda(rs)) if k > 0 => {
@@ -195,12 +205,6 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Res
                 None => None,
                 Some(_) => return Err(Error::op(OP, "the bias is on another device")),
             };
-            // Checks b's shape as the linear does.
-            if let Some(b) = b {
-                need(OP, b.shape() == [n], || {
-                    format!("bias {:?}, expected [{n}]", b.shape())
-                })?;
-            }
             let y = cuda::linear_add(xs, ws, bias, rs, m, n, k)?;
             Ok(cuda_out(&shape, dt, y))
         }

@@ -271,40 +271,13 @@ pub(crate) fn linear_ld(
         return dev.zeros(x.dtype(), m * ld);
     }
     let y = dev.alloc(x.dtype(), m * ld)?;
-    if m == 0 || n == 0 {
-        return Ok(y);
-    }
-    let es = x.dtype().size() as u64;
-    for (s, len) in aligned_parts(n, x.dtype()) {
-        let s64 = s as u64;
-        dev.lt.matmul_general(
-            dev.stream(),
-            x.dtype(),
-            false,
-            0.0,
-            false,
-            true,
-            1,
-            m,
-            len,
-            k,
-            x.ptr(),
-            w.ptr() + s64 * k as u64 * es,
-            Epilogue::with(b.map(|b| b.ptr() + s64 * es), false),
-            (y.ptr() + s64 * es, y.ptr() + s64 * es),
-            &GemmStrides {
-                ldc: ld,
-                ..GemmStrides::packed(false, true, m, len, k)
-            },
-        )?;
-    }
+    linear_parts(x, w, b, None, &y, (m, n, k), ld)?;
     Ok(y)
 }
 
 /// `y [m, n] = x [m, k] @ w [n, k]^T (+ b) + r [m, n]`: the residual `r` is the GEMM's C
 /// (beta = 1), read in its epilogue, so the sum costs no pass of its own; `y` is a new
 /// buffer. `k` must be non-zero.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_add(
     x: &CudaStorage,
     w: &CudaStorage,
@@ -314,19 +287,36 @@ pub(crate) fn linear_add(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage> {
-    let dev = x.device();
-    let y = dev.alloc(x.dtype(), m * n)?;
+    let y = x.device().alloc(x.dtype(), m * n)?;
+    linear_parts(x, w, b, Some(r), &y, (m, n, k), n)?;
+    Ok(y)
+}
+
+/// The GEMMs of `y [m, ld] = x @ w^T (+ b) (+ r)` over the output's aligned column parts
+/// (y's and r's rows `ld` apart); nothing when m or n is 0. `k` must be non-zero.
+fn linear_parts(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    r: Option<&CudaStorage>,
+    y: &CudaStorage,
+    (m, n, k): (usize, usize, usize),
+    ld: usize,
+) -> Result<()> {
     if m == 0 || n == 0 {
-        return Ok(y);
+        return Ok(());
     }
+    let dev = x.device();
     let es = x.dtype().size() as u64;
+    let beta = if r.is_some() { 1.0 } else { 0.0 };
     for (s, len) in aligned_parts(n, x.dtype()) {
-        let s64 = s as u64;
+        let off = s as u64 * es;
+        let out = y.ptr() + off;
         dev.lt.matmul_general(
             dev.stream(),
             x.dtype(),
             false,
-            1.0,
+            beta,
             false,
             true,
             1,
@@ -334,16 +324,16 @@ pub(crate) fn linear_add(
             len,
             k,
             x.ptr(),
-            w.ptr() + s64 * k as u64 * es,
-            Epilogue::with(b.map(|b| b.ptr() + s64 * es), false),
-            (r.ptr() + s64 * es, y.ptr() + s64 * es),
+            w.ptr() + off * k as u64,
+            Epilogue::with(b.map(|b| b.ptr() + off), false),
+            (r.map_or(out, |r| r.ptr() + off), out),
             &GemmStrides {
-                ldc: n,
+                ldc: ld,
                 ..GemmStrides::packed(false, true, m, len, k)
             },
         )?;
     }
-    Ok(y)
+    Ok(())
 }
 
 /// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart, from its
