@@ -76,7 +76,8 @@ pub(crate) fn erf(x: f32) -> f32 {
     libm::erf(x as f64) as f32
 }
 
-fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+/// Err unless every tensor is on the first's device.
+pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     let first = ts[0].cuda_device().map(|d| d.ordinal());
     for t in &ts[1..] {
         if t.cuda_device().map(|d| d.ordinal()) != first {

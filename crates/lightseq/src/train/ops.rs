@@ -198,13 +198,9 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Res
             )
         },
     )?;
-    match (&x.storage, &w.storage, b.map(|b| &b.storage), &r.storage) {
-        (Storage::Cuda(xs), Storage::Cuda(ws), bias, Storage::Cuda(rs)) if k > 0 => {
-            let bias = match bias {
-                Some(Storage::Cuda(bs)) => Some(bs),
-                None => None,
-                Some(_) => return Err(Error::op(OP, "the bias is on another device")),
-            };
+    match (&x.storage, &w.storage, &r.storage) {
+        (Storage::Cuda(xs), Storage::Cuda(ws), Storage::Cuda(rs)) if k > 0 => {
+            let bias = b.map(|b| b.cuda(OP)).transpose()?;
             let y = cuda::linear_add(xs, ws, bias, rs, m, n, k)?;
             Ok(cuda_out(&shape, dt, y))
         }
@@ -290,11 +286,9 @@ pub fn linear_weight_grad_cols_into(
             )
         },
     )?;
-    let dev = dy_wide.cuda_device().map(|d| d.ordinal());
-    let on_dev = |t: &Tensor| t.cuda_device().map(|d| d.ordinal()) == dev;
-    if !on_dev(acc) || !on_dev(x) || bias_acc.as_ref().is_some_and(|b| !on_dev(b)) {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    let mut all = vec![dy_wide, &*acc, x];
+    all.extend(bias_acc.as_deref());
+    crate::ops::same_device(OP, &all)?;
     if let (Storage::Cuda(a), Storage::Cuda(d), Storage::Cuda(xs)) =
         (&acc.storage, &dy_wide.storage, &x.storage)
     {
@@ -802,10 +796,10 @@ pub fn layer_norm_backward_into(
     let h = x.shape().last().copied().unwrap_or(1);
     let rows = x.len() / h.max(1);
     let acc_ok = |a: &Tensor| a.dtype() == DType::F32 && a.len() == h;
-    let stats_ok = stats.is_none_or(|s| {
-        let ordinal = |t: &Tensor| t.cuda_device().map(|d| d.ordinal());
-        s.dtype() == DType::F32 && s.len() == 2 * rows && ordinal(s) == ordinal(x)
-    });
+    if let Some(s) = stats {
+        crate::ops::same_device(OP, &[x, s])?;
+    }
+    let stats_ok = stats.is_none_or(|s| s.dtype() == DType::F32 && s.len() == 2 * rows);
     need(
         OP,
         gamma.shape() == [h]
