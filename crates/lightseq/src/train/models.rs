@@ -107,6 +107,33 @@ pub struct PassStats {
     pub tokens: usize,
 }
 
+/// [`PassStats`] whose sums are still on the device: reading them waits for the work
+/// enqueued before, so a pass defers that read until the backward is enqueued too (no host
+/// round trip between the forward and the backward), and the trainer until its update's
+/// last work is.
+#[derive(Default)]
+pub struct PendingStats {
+    /// Per-row losses and nlls.
+    sums: Option<(Tensor, Tensor)>,
+    tokens: usize,
+}
+
+impl PendingStats {
+    /// The sums, read from the device.
+    pub fn read(self) -> Result<PassStats> {
+        let Some((loss, nll)) = self.sums else {
+            return Ok(PassStats::default());
+        };
+        let total =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_f32_vec()?.iter().map(|&x| x as f64).sum()) };
+        Ok(PassStats {
+            loss_sum: total(&loss)?,
+            nll_sum: total(&nll)?,
+            tokens: self.tokens,
+        })
+    }
+}
+
 fn f(v: &Value, k: &str) -> Option<f64> {
     v.get(k).and_then(Value::as_f64)
 }
@@ -685,7 +712,7 @@ impl Net {
         eps: f32,
         grad_scale: f32,
         drop: &Dropout,
-    ) -> Result<PassStats> {
+    ) -> Result<PendingStats> {
         let pe = self
             .patches
             .as_ref()
@@ -798,11 +825,23 @@ impl Net {
         grad_scale: f32,
         drop: &Dropout,
     ) -> Result<PassStats> {
+        self.accumulate_grads_pending(rows, eps, grad_scale, drop)?
+            .read()
+    }
+
+    /// [`Net::accumulate_grads`] with the statistics left on the device until read.
+    pub fn accumulate_grads_pending(
+        &mut self,
+        rows: &[Example],
+        eps: f32,
+        grad_scale: f32,
+        drop: &Dropout,
+    ) -> Result<PendingStats> {
         let dev = self.params.device.clone();
         let dtype = self.params.dtype;
         let b = rows.len();
         if b == 0 {
-            return Ok(PassStats::default());
+            return Ok(PendingStats::default());
         }
         let _tuning = match &dev {
             Device::Cuda(d) => Some(d.gemm_tuning_scope()),
@@ -1085,17 +1124,17 @@ impl Net {
 /// Padded ids, backward ids, lengths, padded length.
 type Padded = (Vec<i32>, Vec<i32>, Vec<i32>, usize);
 
-/// The label-smoothed loss of `logits` against host `targets` (-1: ignored): summed loss and
-/// nll, the predicted-token count, and the logits' gradient times `grad_scale`.
+/// The label-smoothed loss of `logits` against host `targets` (-1: ignored): per-row loss
+/// and nll with the predicted-token count, and the logits' gradient times `grad_scale`.
 fn loss(
     logits: &Tensor,
     targets: &[i32],
     eps: f32,
     grad_scale: f32,
-) -> Result<(PassStats, Tensor)> {
+) -> Result<(PendingStats, Tensor)> {
     let tt = Tensor::from_i32(targets, &[targets.len()], &logits.device())?;
     let (l, n, d) = tops::cross_entropy(logits, &tt, eps, grad_scale)?;
-    Ok((pass_stats(&l, &n, targets)?, d))
+    Ok((pending(l, n, targets), d))
 }
 
 /// [`loss`] of an LM head's padded logits.
@@ -1104,19 +1143,16 @@ fn head_loss(
     targets: &[i32],
     eps: f32,
     grad_scale: f32,
-) -> Result<(PassStats, head::HeadLogits)> {
+) -> Result<(PendingStats, head::HeadLogits)> {
     let tt = Tensor::from_i32(targets, &[targets.len()], &logits.t.device())?;
     let (l, n, d) = head::cross_entropy(logits, &tt, eps, grad_scale)?;
-    Ok((pass_stats(&l, &n, targets)?, d))
+    Ok((pending(l, n, targets), d))
 }
 
-/// Sums of the per-row losses and nlls, and the predicted-token count.
-fn pass_stats(loss: &Tensor, nll: &Tensor, targets: &[i32]) -> Result<PassStats> {
-    let lv = loss.to_f32_vec()?;
-    let nv = nll.to_f32_vec()?;
-    Ok(PassStats {
-        loss_sum: lv.iter().map(|&x| x as f64).sum(),
-        nll_sum: nv.iter().map(|&x| x as f64).sum(),
+/// The per-row losses and nlls, and the predicted-token count.
+fn pending(loss: Tensor, nll: Tensor, targets: &[i32]) -> PendingStats {
+    PendingStats {
+        sums: Some((loss, nll)),
         tokens: targets.iter().filter(|&&t| t >= 0).count(),
-    })
+    }
 }

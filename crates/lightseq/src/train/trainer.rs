@@ -3,7 +3,7 @@
 //! directory plus optimizer state) that `--resume` continues from.
 
 use super::layers::Dropout;
-use super::models::{Example, Net};
+use super::models::{Example, Net, PendingStats};
 use super::ops::AdamHyper;
 use super::optim::{AdamConfig, Kind, Schedule};
 use super::params::NamedTensors;
@@ -106,28 +106,40 @@ impl Trainer {
         }
         self.net.params.zero_grads()?;
         let drop = self.dropout();
-        let (mut loss, mut nll) = (0f64, 0f64);
         let eps = self.cfg.label_smoothing as f32;
         let gs = (self.loss_scale / total as f64) as f32;
+        let mut pending = Vec::with_capacity(micro.len());
         for m in micro {
-            let s = self.net.accumulate_grads(m, eps, gs, &drop)?;
-            loss += s.loss_sum;
-            nll += s.nll_sum;
+            pending.push(self.net.accumulate_grads_pending(m, eps, gs, &drop)?);
         }
         self.rng_offset = drop.offset.get();
         let grad_norm = self.net.params.grad_norm(1.0 / self.loss_scale)?;
         let lr = self.cfg.schedule.lr(self.cfg.lr, self.step + 1);
         let mut stats = StepStats {
             step: self.step + 1,
-            loss: loss / total as f64,
-            nll_loss: nll / total as f64,
+            loss: 0.0,
+            nll_loss: 0.0,
             tokens: total,
             grad_norm,
             lr,
             applied: true,
             loss_scale: self.loss_scale,
         };
+        // The losses are read once the update's last work is enqueued: reading them waits
+        // for the device.
+        let read_losses = |stats: &mut StepStats, pending: Vec<PendingStats>| -> Result<()> {
+            let (mut loss, mut nll) = (0f64, 0f64);
+            for p in pending {
+                let s = p.read()?;
+                loss += s.loss_sum;
+                nll += s.nll_sum;
+            }
+            stats.loss = loss / total as f64;
+            stats.nll_loss = nll / total as f64;
+            Ok(())
+        };
         if !grad_norm.is_finite() {
+            read_losses(&mut stats, pending)?;
             if self.net.params.dtype != DType::F16 || self.loss_scale <= 1e-4 {
                 return Err(Error::Input(format!(
                     "the gradient is not finite at update {} (loss {})",
@@ -155,6 +167,7 @@ impl Trainer {
             step: 0,
             grad_scale: (clip / self.loss_scale) as f32,
         })?;
+        read_losses(&mut stats, pending)?;
         self.step += 1;
         if self.net.params.dtype == DType::F16 {
             self.clean_steps += 1;
