@@ -47,9 +47,11 @@ enum Command {
     /// Generate from prompts (decoder-only) or sources (encoder-decoders): greedy, beam
     /// search, diverse beam search or sampling, with HF generate's options.
     Generate(Box<generate::GenerateArgs>),
-    /// Time a forward pass or a generation (model directory or preset of real shapes).
+    /// Time a forward pass, a generation or a training update (model directory or preset
+    /// of real shapes).
     Bench(Box<bench::BenchArgs>),
-    /// Fine-tune a model (for now: GPT2 causal LM on the CPU in f32).
+    /// Train a model from scratch or fine-tune one (Marian, BART, mBART, BERT, GPT2, ViT)
+    /// on the CPU or a GPU, in f32, f16 or bf16.
     Train(Box<train::TrainArgs>),
     /// Convert a checkpoint of another framework into a Hugging Face model directory.
     Convert {

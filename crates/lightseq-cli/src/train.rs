@@ -372,6 +372,24 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if a.update_freq == 0 {
         bail!("--update-freq must be at least 1");
     }
+    if a.max_tokens == Some(0) {
+        bail!("--max-tokens must be at least 1");
+    }
+    // As torch.optim and clip_grad_norm_ reject them: no negative rate, epsilon, decay or
+    // norm.
+    for (flag, v) in [
+        ("--lr", a.lr),
+        ("--adam-eps", a.adam_eps),
+        ("--weight-decay", a.weight_decay),
+        ("--clip-norm", a.clip_norm),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{flag} must be a finite number, at least 0 (got {v})");
+        }
+    }
+    if !(0.0..1.0).contains(&a.label_smoothing) {
+        bail!("--label-smoothing must be in [0, 1)");
+    }
     if let Some(p) = a.dropout {
         if !(0.0..1.0).contains(&p) {
             bail!("--dropout must be in [0, 1)");

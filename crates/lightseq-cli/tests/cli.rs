@@ -813,3 +813,53 @@ fn train_update_freq_sums_batches_into_one_update() {
         "a validation loss after every epoch"
     );
 }
+
+#[test]
+fn train_rejects_out_of_range_options() {
+    let d = tmpdir("train-options");
+    let data = d.join("rows.jsonl");
+    write(&data, "{\"ids\": [1, 2, 3, 4]}\n{\"ids\": [5, 6, 7]}\n");
+    let run = |extra: &[&str]| {
+        bin()
+            .arg("train")
+            .arg("--init")
+            .arg(fixtures().join("gpt2"))
+            .arg("--train")
+            .arg(&data)
+            .arg("--save-dir")
+            .arg(d.join("out"))
+            .args(["--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (flag, value) in [
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--adam-eps", "-1e-8"),
+        ("--weight-decay", "-0.1"),
+        ("--clip-norm", "-1"),
+        ("--clip-norm", "inf"),
+    ] {
+        let arg = format!("{flag}={value}");
+        assert_clean_error(&run(&[arg.as_str()]), &format!("{flag} must be"));
+    }
+    assert_clean_error(
+        &run(&["--label-smoothing", "1.5"]),
+        "--label-smoothing must be in [0, 1)",
+    );
+    assert_clean_error(&run(&["--max-tokens", "0"]), "--max-tokens must be");
+    assert_clean_error(&run(&["--update-freq", "0"]), "--update-freq must be");
+    assert_clean_error(&run(&["--dropout", "1"]), "--dropout must be");
+    // In range, the same run trains.
+    let o = run(&[
+        "--lr",
+        "1e-3",
+        "--label-smoothing",
+        "0.1",
+        "--clip-norm",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.join("out/model.safetensors").is_file());
+}
