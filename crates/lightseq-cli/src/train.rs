@@ -407,7 +407,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         None => None,
     };
     let net = Net::load(&dir, task, dtype, &device)?;
+    if !net.params.fresh.is_empty() {
+        eprintln!(
+            "initialized here (not in the checkpoint): {}",
+            net.params.fresh.join(", ")
+        );
+    }
     let task = net.task;
+    let config = net.saved_config(&dir.config);
     let dropout = match a.dropout {
         Some(p) => (p, p, p),
         None => net.dropout,
@@ -435,12 +442,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         dropout,
         seed: a.seed,
     };
-    // Buffers of the starting checkpoint (e.g. final_logits_bias) are written back as read.
+    // Buffers of the starting checkpoint (e.g. final_logits_bias) are written back as read;
+    // tensors read into parameters under other names are not.
     let mut extra = Vec::new();
     {
         let ck = &dir.checkpoint;
-        let params: std::collections::HashSet<String> =
+        let mut params: std::collections::HashSet<String> =
             net.params.state_dict()?.into_iter().map(|t| t.0).collect();
+        params.extend(net.params.renamed.iter().cloned());
         let mut names: Vec<&str> = ck.names().filter(|n| !params.contains(*n)).collect();
         names.sort();
         for n in names {
@@ -497,7 +506,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     };
     let mut curve: Vec<(f64, f64)> = Vec::new();
     let mut valid_curve: Vec<(f64, f64)> = Vec::new();
-    let config = dir.config.clone();
     let save = |tr: &Trainer, epoch: u64, done: usize| -> Result<()> {
         tr.save(
             &a.save_dir,

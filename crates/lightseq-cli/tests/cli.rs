@@ -863,3 +863,105 @@ fn train_rejects_out_of_range_options() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(d.join("out/model.safetensors").is_file());
 }
+
+#[test]
+fn train_a_classifier_from_a_masked_lm_checkpoint() {
+    let d = tmpdir("train-fresh-head");
+    let data = d.join("rows.jsonl");
+    write(
+        &data,
+        "{\"ids\": [2, 5, 9, 3], \"label\": 1}\n{\"ids\": [2, 7, 3], \"label\": 0}\n",
+    );
+    let train = |init: &Path, out: &str| {
+        bin()
+            .arg("train")
+            .arg("--init")
+            .arg(init)
+            .args(["--task", "classify", "--device", "cpu", "--max-steps", "2"])
+            .arg("--train")
+            .arg(&data)
+            .arg("--save-dir")
+            .arg(d.join(out))
+            .output()
+            .unwrap()
+    };
+    let o = train(&fixtures().join("bert_mlm_sharded"), "first");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("initialized here (not in the checkpoint): bert.pooler.dense.weight, bert.pooler.dense.bias, classifier.weight, classifier.bias"),
+        "{err}"
+    );
+    let config = read_json(&d.join("first/config.json"));
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["BertForSequenceClassification"])
+    );
+    assert_eq!(config["num_labels"], 2);
+    // Its own checkpoint has the head: nothing starts fresh, and the task comes from the
+    // saved architectures.
+    let o = bin()
+        .arg("train")
+        .arg("--init")
+        .arg(d.join("first"))
+        .args(["--device", "cpu", "--max-steps", "1"])
+        .arg("--train")
+        .arg(&data)
+        .arg("--save-dir")
+        .arg(d.join("second"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("initialized here"), "{err}");
+    assert!(err.contains("Classify"), "{err}");
+}
+
+#[test]
+fn train_a_vit_classifier_from_a_bare_vit_model() {
+    let d = tmpdir("train-vit-fresh");
+    let m = fixtures().join("vit");
+    let config = read_json(&m.join("config.json"));
+    let (side, ch) = (
+        config["image_size"].as_u64().unwrap() as usize,
+        config["num_channels"].as_u64().unwrap_or(3) as usize,
+    );
+    let rows: Vec<String> = (0..2)
+        .map(|k| {
+            let px: Vec<f32> = (0..ch * side * side)
+                .map(|i| ((i * 37 + k * 11) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            serde_json::json!({"pixel_values": px, "label": k}).to_string()
+        })
+        .collect();
+    let data = d.join("rows.jsonl");
+    write(&data, &(rows.join("\n") + "\n"));
+    let o = bin()
+        .arg("train")
+        .arg("--init")
+        .arg(&m)
+        .args(["--device", "cpu", "--max-steps", "1"])
+        .arg("--train")
+        .arg(&data)
+        .arg("--save-dir")
+        .arg(d.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "initialized here (not in the checkpoint): classifier.weight, classifier.bias"
+        ),
+        "{err}"
+    );
+    let saved = read_json(&d.join("out/config.json"));
+    assert_eq!(
+        saved["architectures"],
+        serde_json::json!(["ViTForImageClassification"])
+    );
+    // Saved under ViTForImageClassification's names, the encoder loads again as is.
+    let ck = lightseq::io::ModelDir::open(&d.join("out")).unwrap();
+    assert!(ck.checkpoint.contains("vit.embeddings.cls_token"));
+    assert!(!ck.checkpoint.contains("embeddings.cls_token"));
+}

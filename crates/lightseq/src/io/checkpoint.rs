@@ -269,7 +269,13 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
         let one = name.ends_with("weight") || name.ends_with("gamma");
         return vec![if one { 1.0 } else { 0.0 }; n];
     }
-    // SplitMix64 seeded by the tensor's name, so each tensor is independent of load order.
+    normal_values(seed, name, n, 0.02)
+}
+
+/// `n` values N(0, std), seeded by `seed` and the tensor's name (so each tensor is
+/// independent of the order of loading).
+pub(crate) fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
+    // SplitMix64.
     let mut state = name.bytes().fold(seed ^ 0x9e3779b97f4a7c15, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
@@ -284,7 +290,7 @@ fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
         .map(|_| {
             // Box-Muller from two uniforms in (0, 1].
             let (u1, u2) = (1.0 - next(), next());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
         })
         .collect()
 }

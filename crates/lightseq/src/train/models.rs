@@ -156,15 +156,80 @@ fn names_present(ck: &Checkpoint, canonical: &str, aliases: &[&str]) -> Vec<Stri
 struct Loader<'a> {
     ck: &'a Checkpoint,
     ps: Params,
+    /// A prefix the checkpoint's names lack (a bare encoder's, such as BertModel's, loaded
+    /// into a model with a head): names are read without it and saved with it.
+    strip: Option<&'static str>,
+    /// The std of fresh matrices for the head tensors a checkpoint may lack (HF's
+    /// `initializer_range`).
+    init_std: f64,
 }
 
-impl Loader<'_> {
-    fn p(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
-        self.ps.load(self.ck, name, shape)
+impl<'a> Loader<'a> {
+    fn new(ck: &'a Checkpoint, dtype: DType, device: &Device) -> Self {
+        Loader {
+            ck,
+            ps: Params::new(dtype, device),
+            strip: None,
+            init_std: 0.02,
+        }
     }
+
+    /// The checkpoint's name for tensor `name`.
+    fn read_name<'n>(&self, name: &'n str) -> &'n str {
+        match self.strip {
+            Some(pre) => name.strip_prefix(pre).unwrap_or(name),
+            None => name,
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.ck.contains(self.read_name(name))
+    }
+
+    fn p(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
+        let read = self.read_name(name).to_string();
+        self.ps.load_as(self.ck, &read, &[name.to_string()], shape)
+    }
+
+    /// One tensor stored under the first present of `names`, saved under all of them.
+    fn tied(&mut self, names: &[String], shape: &[usize]) -> Result<Pid> {
+        match names.iter().find(|n| self.has(n)) {
+            Some(first) => {
+                let read = self.read_name(first).to_string();
+                self.ps.load_as(self.ck, &read, names, shape)
+            }
+            None => self.ps.load_tied(self.ck, names, shape),
+        }
+    }
+
+    /// [`Loader::p`], or where the checkpoint lacks it (a head new to the model, as
+    /// HF's from_pretrained initializes it): matrices N(0, init_std), 1-D `weight`s 1 (norm
+    /// scales), other vectors 0.
+    fn p_or_fresh(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
+        if self.has(name) {
+            return self.p(name, shape);
+        }
+        let n = shape.iter().product();
+        let values = if shape.len() == 1 {
+            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+        } else {
+            crate::io::checkpoint::normal_values(0, name, n, self.init_std)
+        };
+        self.ps.add_fresh(name, shape, &values)
+    }
+
+    /// [`Loader::tied`], or a fresh tensor as [`Loader::p_or_fresh`] under the first name.
+    fn tied_or_fresh(&mut self, names: &[String], shape: &[usize]) -> Result<Pid> {
+        if names.iter().any(|n| self.has(n)) {
+            return self.tied(names, shape);
+        }
+        self.p_or_fresh(&names[0], shape)
+    }
+
     fn lin(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Lin> {
         self.lin_bias(prefix, n_in, n_out, true)
     }
+
     fn lin_bias(&mut self, prefix: &str, n_in: usize, n_out: usize, bias: bool) -> Result<Lin> {
         Ok(Lin {
             w: self.p(&format!("{prefix}.weight"), &[n_out, n_in])?,
@@ -175,6 +240,24 @@ impl Loader<'_> {
             },
         })
     }
+
+    /// A head's linear layer, fresh where the checkpoint lacks it.
+    fn lin_or_fresh(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Lin> {
+        Ok(Lin {
+            w: self.p_or_fresh(&format!("{prefix}.weight"), &[n_out, n_in])?,
+            b: Some(self.p_or_fresh(&format!("{prefix}.bias"), &[n_out])?),
+        })
+    }
+
+    /// A head's layer norm, fresh (scale 1, shift 0) where the checkpoint lacks it.
+    fn ln_or_fresh(&mut self, prefix: &str, h: usize, eps: f32) -> Result<Ln> {
+        Ok(Ln {
+            g: self.p_or_fresh(&format!("{prefix}.weight"), &[h])?,
+            b: self.p_or_fresh(&format!("{prefix}.bias"), &[h])?,
+            eps,
+        })
+    }
+
     fn ln(&mut self, prefix: &str, h: usize, eps: f32) -> Result<Ln> {
         Ok(Ln {
             g: self.p(&format!("{prefix}.weight"), &[h])?,
@@ -238,6 +321,28 @@ impl Net {
         }
     }
 
+    /// `config` as it describes this model once trained: for BERT and ViT, `architectures`
+    /// names the task's class (a classifier fine-tuned from a masked LM is saved as one),
+    /// and a classifier's label count is written where the config names no labels.
+    pub fn saved_config(&self, config: &Value) -> Value {
+        let mut c = config.clone();
+        let arch = match (self.task, c.get("model_type").and_then(Value::as_str)) {
+            (Task::MaskedLm, Some("bert")) => "BertForMaskedLM",
+            (Task::Classify, Some("bert")) => "BertForSequenceClassification",
+            (Task::ImageClassify, Some("vit")) => "ViTForImageClassification",
+            _ => return c,
+        };
+        if let Some(obj) = c.as_object_mut() {
+            obj.insert("architectures".into(), Value::from(vec![arch]));
+            if let Head::Pooler { labels, .. } | Head::First { labels, .. } = self.head {
+                if !obj.contains_key("id2label") {
+                    obj.insert("num_labels".into(), Value::from(labels));
+                }
+            }
+        }
+        c
+    }
+
     fn seq2seq(dir: &ModelDir, kind: Kind, dtype: DType, device: &Device) -> Result<Self> {
         let c = Seq2SeqConfig::parse(dir, kind)?;
         let v = &dir.config;
@@ -248,10 +353,7 @@ impl Net {
             ));
         }
         let act = Activation::from_hf(&c.activation)?;
-        let mut l = Loader {
-            ck,
-            ps: Params::new(dtype, device),
-        };
+        let mut l = Loader::new(ck, dtype, device);
         let d = c.d_model;
         let shared = l.ps.load_tied(
             ck,
@@ -407,10 +509,7 @@ impl Net {
         } else {
             1e-5
         };
-        let mut l = Loader {
-            ck,
-            ps: Params::new(dtype, device),
-        };
+        let mut l = Loader::new(ck, dtype, device);
         let wte_name = format!("{pre}wte.weight");
         let wte = l.ps.load_tied(
             ck,
@@ -515,21 +614,20 @@ impl Net {
         let act = Activation::from_hf(&c.hidden_act)?;
         let (h, nh) = (c.hidden_size, c.num_attention_heads);
         let eps = c.layer_norm_eps as f32;
-        let mut l = Loader {
-            ck,
-            ps: Params::new(dtype, device),
-        };
+        let mut l = Loader::new(ck, dtype, device);
+        l.init_std = f(v, "initializer_range").unwrap_or(0.02);
         let pre = "bert";
+        // A bare BertModel's tensors lack the prefix that its task models' carry.
+        let tok_name = format!("{pre}.embeddings.word_embeddings.weight");
+        if !ck.contains(&tok_name) && ck.contains("embeddings.word_embeddings.weight") {
+            l.strip = Some("bert.");
+        }
         let tok_names = if task == Task::MaskedLm {
-            names_present(
-                ck,
-                &format!("{pre}.embeddings.word_embeddings.weight"),
-                &["cls.predictions.decoder.weight"],
-            )
+            names_present(ck, &tok_name, &["cls.predictions.decoder.weight"])
         } else {
-            vec![format!("{pre}.embeddings.word_embeddings.weight")]
+            vec![tok_name]
         };
-        let tok = l.ps.load_tied(ck, &tok_names, &[c.vocab_size, h])?;
+        let tok = l.tied(&tok_names, &[c.vocab_size, h])?;
         let pos = l.p(
             &format!("{pre}.embeddings.position_embeddings.weight"),
             &[c.max_position_embeddings, h],
@@ -565,14 +663,15 @@ impl Net {
             });
         }
         let hidden_drop = f(v, "hidden_dropout_prob").unwrap_or(0.1) as f32;
+        // The task's head, initialized here where the checkpoint has none (as HF's
+        // from_pretrained does, e.g. a classifier on a pretrained encoder).
         let head = match task {
             Task::MaskedLm => Head::Mlm {
-                dense: l.lin("cls.predictions.transform.dense", h, h)?,
+                dense: l.lin_or_fresh("cls.predictions.transform.dense", h, h)?,
                 act,
-                ln: l.ln("cls.predictions.transform.LayerNorm", h, eps)?,
+                ln: l.ln_or_fresh("cls.predictions.transform.LayerNorm", h, eps)?,
                 table: tok,
-                bias: l.ps.load_tied(
-                    ck,
+                bias: l.tied_or_fresh(
                     &names_present(
                         ck,
                         "cls.predictions.bias",
@@ -589,8 +688,8 @@ impl Net {
                     .or_else(|| u(v, "num_labels"))
                     .unwrap_or(2);
                 Head::Pooler {
-                    dense: l.lin(&format!("{pre}.pooler.dense"), h, h)?,
-                    classifier: l.lin("classifier", h, labels)?,
+                    dense: l.lin_or_fresh(&format!("{pre}.pooler.dense"), h, h)?,
+                    classifier: l.lin_or_fresh("classifier", h, labels)?,
                     labels,
                     dropout: f(v, "classifier_dropout").unwrap_or(hidden_drop as f64) as f32,
                 }
@@ -638,11 +737,13 @@ impl Net {
         let ck = &dir.checkpoint;
         let act = Activation::from_hf(&c.act)?;
         let (h, nh, eps) = (c.hidden_size, c.heads, c.eps as f32);
-        let mut l = Loader {
-            ck,
-            ps: Params::new(dtype, device),
-        };
-        let patches = super::vit::PatchEmb::load(&mut l.ps, ck, &c)?;
+        let mut l = Loader::new(ck, dtype, device);
+        // A bare ViTModel's tensors lack the prefix that ViTForImageClassification's carry.
+        let bare = !ck.contains("vit.embeddings.cls_token") && ck.contains("embeddings.cls_token");
+        if bare {
+            l.strip = Some("vit.");
+        }
+        let patches = super::vit::PatchEmb::load(&mut l.ps, ck, &c, bare)?;
         let mut encoder = Vec::new();
         for i in 0..c.num_layers {
             let p = format!("vit.encoder.layer.{i}");
@@ -676,12 +777,9 @@ impl Net {
             .map(|m| m.len())
             .or_else(|| u(v, "num_labels"))
             .unwrap_or(2);
-        if !ck.contains("classifier.weight") {
-            return Err(unsupported(
-                "a ViT without a classifier (use a ViTForImageClassification checkpoint)".into(),
-            ));
-        }
-        let classifier = l.lin("classifier", h, labels)?;
+        // A classifier new to the checkpoint (a pretrained ViTModel) starts fresh.
+        l.init_std = f(v, "initializer_range").unwrap_or(0.02);
+        let classifier = l.lin_or_fresh("classifier", h, labels)?;
         Ok(Net {
             task: Task::ImageClassify,
             params: l.ps,

@@ -60,6 +60,12 @@ pub struct Params {
     pub list: Vec<Param>,
     pub dtype: DType,
     pub device: Device,
+    /// Checkpoint names of the tensors initialized here because the checkpoint lacked them
+    /// (a task head new to the model), in order of creation.
+    pub fresh: Vec<String>,
+    /// Checkpoint names read into parameters saved under other names (a bare encoder's
+    /// tensors, saved with its task model's prefix).
+    pub renamed: Vec<String>,
 }
 
 impl Params {
@@ -68,7 +74,19 @@ impl Params {
             list: Vec::new(),
             dtype,
             device: device.clone(),
+            fresh: Vec::new(),
+            renamed: Vec::new(),
         }
+    }
+
+    /// A parameter the checkpoint lacks, initialized to `values` and saved as `name`.
+    pub fn add_fresh(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<Pid> {
+        self.fresh.push(name.to_string());
+        self.push(
+            Stored::Plain(vec![name.to_string()]),
+            shape.to_vec(),
+            values,
+        )
     }
 
     fn push(&mut self, stored: Stored, shape: Vec<usize>, values: &[f32]) -> Result<Pid> {
@@ -108,7 +126,21 @@ impl Params {
                 dir: ck.dir().to_path_buf(),
                 name: names.join(" or "),
             })?;
-        let v = ck.read_f32(first, shape)?;
+        self.load_as(ck, first, names, shape)
+    }
+
+    /// Loads the checkpoint's tensor `read`, to be saved under `names`.
+    pub fn load_as(
+        &mut self,
+        ck: &Checkpoint,
+        read: &str,
+        names: &[String],
+        shape: &[usize],
+    ) -> Result<Pid> {
+        let v = ck.read_f32(read, shape)?;
+        if !names.iter().any(|n| n == read) {
+            self.renamed.push(read.to_string());
+        }
         self.push(Stored::Plain(names.to_vec()), shape.to_vec(), &v)
     }
 
@@ -121,7 +153,22 @@ impl Params {
         stored: &[usize],
         shape: &[usize],
     ) -> Result<Pid> {
-        let v = ck.read_f32(name, stored)?;
+        self.load_reshaped_as(ck, name, name, stored, shape)
+    }
+
+    /// [`Params::load_reshaped`] of the checkpoint's tensor `read`, to be saved as `name`.
+    pub fn load_reshaped_as(
+        &mut self,
+        ck: &Checkpoint,
+        read: &str,
+        name: &str,
+        stored: &[usize],
+        shape: &[usize],
+    ) -> Result<Pid> {
+        let v = ck.read_f32(read, stored)?;
+        if read != name {
+            self.renamed.push(read.to_string());
+        }
         self.push(
             Stored::Reshaped {
                 name: name.to_string(),

@@ -38,23 +38,38 @@ pub struct PatchSaved {
 }
 
 impl PatchEmb {
-    pub fn load(ps: &mut Params, ck: &Checkpoint, c: &VitConfig) -> Result<Self> {
+    /// `bare`: the checkpoint is a ViTModel's, its names without the `vit.` prefix that
+    /// they are saved with.
+    pub fn load(ps: &mut Params, ck: &Checkpoint, c: &VitConfig, bare: bool) -> Result<Self> {
         let (h, ch) = (c.hidden_size, c.channels);
         let (ph, pw) = c.patch;
         let (gh, gw) = c.grid();
-        let e = "vit.embeddings";
+        let name = |n: &str| format!("vit.embeddings.{n}");
+        let read = |n: &str| match bare {
+            true => format!("embeddings.{n}"),
+            false => name(n),
+        };
+        let bias = "patch_embeddings.projection.bias";
         Ok(PatchEmb {
-            proj: ps.load_reshaped(
+            proj: ps.load_reshaped_as(
                 ck,
-                &format!("{e}.patch_embeddings.projection.weight"),
+                &read("patch_embeddings.projection.weight"),
+                &name("patch_embeddings.projection.weight"),
                 &[h, ch, ph, pw],
                 &[h, ch * ph * pw],
             )?,
-            bias: ps.load(ck, &format!("{e}.patch_embeddings.projection.bias"), &[h])?,
-            cls: ps.load_reshaped(ck, &format!("{e}.cls_token"), &[1, 1, h], &[1, h])?,
-            pos: ps.load_reshaped(
+            bias: ps.load_as(ck, &read(bias), &[name(bias)], &[h])?,
+            cls: ps.load_reshaped_as(
                 ck,
-                &format!("{e}.position_embeddings"),
+                &read("cls_token"),
+                &name("cls_token"),
+                &[1, 1, h],
+                &[1, h],
+            )?,
+            pos: ps.load_reshaped_as(
+                ck,
+                &read("position_embeddings"),
+                &name("position_embeddings"),
                 &[1, 1 + gh * gw, h],
                 &[1 + gh * gw, h],
             )?,
