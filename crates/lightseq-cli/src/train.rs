@@ -139,10 +139,14 @@ fn parse_row(v: &Value, task: Task, tok: Option<&Tokenizer>) -> Result<Example> 
         }
     };
     Ok(match task {
-        Task::Seq2Seq => Example::Seq2Seq {
-            src: text("src")?.context("expected {\"src\": ..., \"tgt\": ...}")?,
-            tgt: text("tgt")?.context("expected {\"src\": ..., \"tgt\": ...}")?,
-        },
+        Task::Seq2Seq => {
+            let src = text("src")?.context("expected {\"src\": ..., \"tgt\": ...}")?;
+            let tgt = text("tgt")?.context("expected {\"src\": ..., \"tgt\": ...}")?;
+            if src.is_empty() || tgt.is_empty() {
+                bail!("`src` and `tgt` must not be empty");
+            }
+            Example::Seq2Seq { src, tgt }
+        }
         Task::CausalLm => Example::Causal {
             ids: match text("ids")? {
                 Some(x) => x,

@@ -851,6 +851,24 @@ fn train_rejects_out_of_range_options() {
     assert_clean_error(&run(&["--max-tokens", "0"]), "--max-tokens must be");
     assert_clean_error(&run(&["--update-freq", "0"]), "--update-freq must be");
     assert_clean_error(&run(&["--dropout", "1"]), "--dropout must be");
+    // A seq2seq row with nothing to translate or predict names its line.
+    let s2s = d.join("s2s.jsonl");
+    write(
+        &s2s,
+        "{\"src\": [5, 6], \"tgt\": [7, 2]}\n{\"src\": [5, 6], \"tgt\": []}\n",
+    );
+    let o = bin()
+        .arg("train")
+        .arg("--init")
+        .arg(fixtures().join("marian"))
+        .arg("--train")
+        .arg(&s2s)
+        .arg("--save-dir")
+        .arg(d.join("s2s-out"))
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "s2s.jsonl:2: `src` and `tgt` must not be empty");
     // In range, the same run trains.
     let o = run(&[
         "--lr",
