@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// For BERT: mlm or classify (default: from the config's architectures).
     #[arg(long)]
     pub task: Option<String>,
+    /// Classes of a classifier (BERT, ViT), as HF's from_pretrained(num_labels=N): replaces
+    /// the config's label count (default: its id2label or num_labels, else 2).
+    #[arg(long)]
+    pub num_labels: Option<usize>,
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value = "f32")]
@@ -296,6 +300,32 @@ fn optimizer(a: &TrainArgs) -> Result<AdamConfig> {
     })
 }
 
+/// Sets a classifier config's label count: `num_labels`, and id2label / label2id where they
+/// name another count (HF's defaults LABEL_i then, as from_pretrained(num_labels=N)).
+fn set_num_labels(config: &mut Value, n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("--num-labels must be at least 1");
+    }
+    let obj = config
+        .as_object_mut()
+        .context("config.json is not an object")?;
+    obj.insert("num_labels".into(), json!(n));
+    let named = obj
+        .get("id2label")
+        .and_then(Value::as_object)
+        .map(|m| m.len());
+    if named.is_some_and(|k| k != n) {
+        let id2label: serde_json::Map<String, Value> = (0..n)
+            .map(|i| (i.to_string(), json!(format!("LABEL_{i}"))))
+            .collect();
+        let label2id: serde_json::Map<String, Value> =
+            (0..n).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
+        obj.insert("id2label".into(), Value::Object(id2label));
+        obj.insert("label2id".into(), Value::Object(label2id));
+    }
+    Ok(())
+}
+
 /// The model to start from and where its config and tokenizer come from.
 fn open_model(a: &TrainArgs) -> Result<(ModelDir, Option<PathBuf>)> {
     if a.resume && a.save_dir.join("trainer_state.json").is_file() {
@@ -405,7 +435,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         Some("classify") => Some(Task::Classify),
         Some(t) => bail!("unknown --task `{t}` (mlm or classify)"),
     };
-    let (dir, source) = open_model(a)?;
+    let (mut dir, source) = open_model(a)?;
+    if let Some(n) = a.num_labels {
+        set_num_labels(&mut dir.config, n)?;
+    }
     let tok = match &source {
         Some(d) => Tokenizer::find(d)?,
         None => None,

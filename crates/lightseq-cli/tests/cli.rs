@@ -933,6 +933,31 @@ fn train_a_classifier_from_a_masked_lm_checkpoint() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("initialized here"), "{err}");
     assert!(err.contains("Classify"), "{err}");
+    // Three classes where the config names none: refused until --num-labels says so.
+    let three = d.join("three.jsonl");
+    write(
+        &three,
+        "{\"ids\": [2, 5, 9, 3], \"label\": 2}\n{\"ids\": [2, 7, 3], \"label\": 0}\n",
+    );
+    let run = |extra: &[&str], out: &str| {
+        bin()
+            .arg("train")
+            .arg("--init")
+            .arg(fixtures().join("bert_mlm_sharded"))
+            .args(["--task", "classify", "--device", "cpu", "--max-steps", "1"])
+            .args(extra)
+            .arg("--train")
+            .arg(&three)
+            .arg("--save-dir")
+            .arg(d.join(out))
+            .output()
+            .unwrap()
+    };
+    assert_clean_error(&run(&[], "two"), "outside the model's 2 classes");
+    let o = run(&["--num-labels", "3"], "three");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_json(&d.join("three/config.json"))["num_labels"], 3);
+    assert_clean_error(&run(&["--num-labels", "0"], "none"), "--num-labels must be");
 }
 
 #[test]

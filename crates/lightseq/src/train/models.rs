@@ -831,7 +831,7 @@ impl Net {
             };
             if *label < 0 || *label as usize >= *n_labels {
                 return Err(Error::Input(format!(
-                    "row {}: label {label} outside the model's {n_labels} classes",
+                    "row {}: label {label} outside the model's {n_labels} classes (the config's num_labels or id2label)",
                     i + 1
                 )));
             }
@@ -1169,7 +1169,7 @@ impl Net {
                 for (i, &y) in class_labels.iter().enumerate() {
                     if y < 0 || y as usize >= *labels {
                         return Err(Error::Input(format!(
-                            "row {}: label {y} outside the model's {labels} classes",
+                            "row {}: label {y} outside the model's {labels} classes (the config's num_labels or id2label)",
                             i + 1
                         )));
                     }
