@@ -281,6 +281,27 @@ fn bad_generation_options_are_errors() {
             max_length: Some(3),
             ..Default::default()
         },
+        // Non-finite values would turn the scores into NaN or infinity.
+        GenerationOptions {
+            do_sample: Some(true),
+            temperature: Some(f32::NAN),
+            ..Default::default()
+        },
+        GenerationOptions {
+            repetition_penalty: Some(f32::INFINITY),
+            ..Default::default()
+        },
+        GenerationOptions {
+            num_beams: Some(2),
+            length_penalty: Some(f32::NAN),
+            ..Default::default()
+        },
+        GenerationOptions {
+            num_beams: Some(4),
+            num_beam_groups: Some(2),
+            diversity_penalty: Some(f32::NAN),
+            ..Default::default()
+        },
     ];
     for o in cases {
         let r = generate(m.as_ref(), Inputs::Ids(&p), &o.clone().or(&d));

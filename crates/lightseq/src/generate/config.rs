@@ -235,16 +235,30 @@ impl Resolved {
             return bad("diverse (group) beam search does not sample".into());
         }
         let temperature = o.temperature.unwrap_or(1.0);
-        if do_sample && temperature <= 0.0 {
-            return bad(format!("temperature must be positive, got {temperature}"));
+        if do_sample && !(temperature > 0.0 && temperature.is_finite()) {
+            return bad(format!(
+                "temperature must be positive and finite, got {temperature}"
+            ));
         }
         let top_p = o.top_p.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&top_p) {
             return bad(format!("top_p must be in [0, 1], got {top_p}"));
         }
         let rp = o.repetition_penalty.unwrap_or(1.0);
-        if rp <= 0.0 {
-            return bad(format!("repetition_penalty must be positive, got {rp}"));
+        if !(rp > 0.0 && rp.is_finite()) {
+            return bad(format!(
+                "repetition_penalty must be positive and finite, got {rp}"
+            ));
+        }
+        // Non-finite penalties would turn every score into NaN or infinity.
+        for (name, v) in [
+            ("length_penalty", o.length_penalty),
+            ("diversity_penalty", o.diversity_penalty),
+            ("diverse_lambda", o.diverse_lambda),
+        ] {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return bad(format!("{name} must be finite, got {v}"));
+            }
         }
         let eos = o.eos_token_id.clone().unwrap_or_default();
         let decoder_start = if encoder_decoder {
