@@ -957,9 +957,7 @@ pub fn activation_backward_bias_into(
             )
         },
     )?;
-    if bias_acc.cuda_device().map(|d| d.ordinal()) != pre.cuda_device().map(|d| d.ordinal()) {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    crate::ops::same_device(OP, &[pre, bias_acc])?;
     if let (Storage::Cuda(p), Storage::Cuda(d), Storage::Cuda(b)) =
         (&pre.storage, &dy.storage, &bias_acc.storage)
     {
@@ -1011,13 +1009,9 @@ pub fn column_sum_parts_into(accs: &mut [&mut Tensor], x: &Tensor) -> Result<()>
             format!("x {:?}, accumulators {shapes:?}", x.shape())
         },
     )?;
-    let dev = x.cuda_device().map(|d| d.ordinal());
-    if accs
-        .iter()
-        .any(|a| a.cuda_device().map(|d| d.ordinal()) != dev)
-    {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    let mut all = vec![x];
+    all.extend(accs.iter().map(|a| &**a));
+    crate::ops::same_device(OP, &all)?;
     if let Storage::Cuda(xs) = &x.storage {
         let outs: Vec<_> = accs.iter().map(|a| a.cuda(OP)).collect::<Result<_>>()?;
         return cuda::column_sum_parts_into(&outs, xs, x.len() / w.max(1), n, w);
@@ -1035,9 +1029,7 @@ pub fn column_sum_parts_into(accs: &mut [&mut Tensor], x: &Tensor) -> Result<()>
 pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize, scale: f32) -> Result<Tensor> {
     const OP: &str = "embedding_backward";
     float_dtype(OP, &[dy])?;
-    if ids.cuda_device().map(|d| d.ordinal()) != dy.cuda_device().map(|d| d.ordinal()) {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    crate::ops::same_device(OP, &[ids, dy])?;
     let h = dy.shape().last().copied().unwrap_or(1);
     need(
         OP,
@@ -1322,9 +1314,7 @@ pub fn add_range_into(
     overwrite: bool,
 ) -> Result<()> {
     const OP: &str = "add_range_into";
-    if acc.cuda_device().map(|d| d.ordinal()) != src.cuda_device().map(|d| d.ordinal()) {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    crate::ops::same_device(OP, &[acc, src])?;
     need(
         OP,
         acc.dtype() == DType::F32
@@ -1360,9 +1350,7 @@ pub fn add_range_into(
 /// `acc += alpha * x`; acc is f32, x any float dtype of the same element count.
 pub fn add_scaled_into(acc: &mut Tensor, x: &Tensor, alpha: f32) -> Result<()> {
     const OP: &str = "add_scaled_into";
-    if acc.cuda_device().map(|d| d.ordinal()) != x.cuda_device().map(|d| d.ordinal()) {
-        return Err(Error::op(OP, "tensors are on different devices"));
-    }
+    crate::ops::same_device(OP, &[acc, x])?;
     need(
         OP,
         acc.dtype() == DType::F32 && acc.len() == x.len() && x.dtype() != DType::I32,
