@@ -147,7 +147,7 @@ impl Checkpoint {
     /// Reads `name` as f32, checking its shape against what config.json implies.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         if let Some(seed) = self.random_seed {
-            return Ok(random_values(seed, name, expected));
+            return Ok(init_values(seed, name, expected, 0.02));
         }
         let fi = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             dir: self.dir.clone(),
@@ -263,18 +263,15 @@ fn parse_config(path: &Path, text: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+/// Initial values of tensor `name` as HF initializes a new model: 1-D `weight`/`gamma`
+/// tensors (norm scales) 1, other vectors 0, matrices N(0, std) seeded by `seed` and the
+/// tensor's name (so each tensor is independent of the order of loading).
+pub(crate) fn init_values(seed: u64, name: &str, shape: &[usize], std: f64) -> Vec<f32> {
     let n: usize = shape.iter().product();
     if shape.len() == 1 {
         let one = name.ends_with("weight") || name.ends_with("gamma");
         return vec![if one { 1.0 } else { 0.0 }; n];
     }
-    normal_values(seed, name, n, 0.02)
-}
-
-/// `n` values N(0, std), seeded by `seed` and the tensor's name (so each tensor is
-/// independent of the order of loading).
-pub(crate) fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
     // SplitMix64.
     let mut state = name.bytes().fold(seed ^ 0x9e3779b97f4a7c15, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)

@@ -153,24 +153,33 @@ fn names_present(ck: &Checkpoint, canonical: &str, aliases: &[&str]) -> Vec<Stri
     out
 }
 
-struct Loader<'a> {
+/// Reads a model directory's tensors into parameters (see [`Loader::p`]).
+pub(super) struct Loader<'a> {
     ck: &'a Checkpoint,
-    ps: Params,
+    pub(super) ps: Params,
     /// A prefix the checkpoint's names lack (a bare encoder's, such as BertModel's, loaded
     /// into a model with a head): names are read without it and saved with it.
     strip: Option<&'static str>,
-    /// The std of fresh matrices for the head tensors a checkpoint may lack (HF's
-    /// `initializer_range`).
+    /// The std of fresh matrices for the head tensors a checkpoint may lack (the config's
+    /// `initializer_range`, as HF).
     init_std: f64,
 }
 
 impl<'a> Loader<'a> {
-    fn new(ck: &'a Checkpoint, dtype: DType, device: &Device) -> Self {
+    fn new(dir: &'a ModelDir, dtype: DType, device: &Device) -> Self {
         Loader {
-            ck,
+            ck: &dir.checkpoint,
             ps: Params::new(dtype, device),
             strip: None,
-            init_std: 0.02,
+            init_std: f(&dir.config, "initializer_range").unwrap_or(0.02),
+        }
+    }
+
+    /// Reads names without `prefix` when the checkpoint is a bare encoder's: it lacks
+    /// `prefix` + `probe` and has `probe`.
+    fn strip_if_bare(&mut self, prefix: &'static str, probe: &str) {
+        if !self.ck.contains(&format!("{prefix}{probe}")) && self.ck.contains(probe) {
+            self.strip = Some(prefix);
         }
     }
 
@@ -186,9 +195,21 @@ impl<'a> Loader<'a> {
         self.ck.contains(self.read_name(name))
     }
 
-    fn p(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
+    /// Tensor `name` (read as [`Loader::read_name`] maps it) of `shape`.
+    pub(super) fn p(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
         let read = self.read_name(name).to_string();
         self.ps.load_as(self.ck, &read, &[name.to_string()], shape)
+    }
+
+    /// Tensor `name`, stored as `stored`, as a tensor of `shape` (the same elements).
+    pub(super) fn reshaped(
+        &mut self,
+        name: &str,
+        stored: &[usize],
+        shape: &[usize],
+    ) -> Result<Pid> {
+        let read = self.read_name(name).to_string();
+        self.ps.load_reshaped(self.ck, &read, name, stored, shape)
     }
 
     /// One tensor stored under the first present of `names`, saved under all of them.
@@ -202,19 +223,14 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// [`Loader::p`], or where the checkpoint lacks it (a head new to the model, as
-    /// HF's from_pretrained initializes it): matrices N(0, init_std), 1-D `weight`s 1 (norm
-    /// scales), other vectors 0.
+    /// [`Loader::p`], or where the checkpoint lacks it (a head new to the model) as HF's
+    /// from_pretrained initializes it: matrices N(0, init_std), norm scales 1, other vectors
+    /// 0 (`init_values`).
     fn p_or_fresh(&mut self, name: &str, shape: &[usize]) -> Result<Pid> {
         if self.has(name) {
             return self.p(name, shape);
         }
-        let n = shape.iter().product();
-        let values = if shape.len() == 1 {
-            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
-        } else {
-            crate::io::checkpoint::normal_values(0, name, n, self.init_std)
-        };
+        let values = crate::io::checkpoint::init_values(0, name, shape, self.init_std);
         self.ps.add_fresh(name, shape, &values)
     }
 
@@ -353,7 +369,7 @@ impl Net {
             ));
         }
         let act = Activation::from_hf(&c.activation)?;
-        let mut l = Loader::new(ck, dtype, device);
+        let mut l = Loader::new(dir, dtype, device);
         let d = c.d_model;
         let shared = l.ps.load_tied(
             ck,
@@ -509,7 +525,7 @@ impl Net {
         } else {
             1e-5
         };
-        let mut l = Loader::new(ck, dtype, device);
+        let mut l = Loader::new(dir, dtype, device);
         let wte_name = format!("{pre}wte.weight");
         let wte = l.ps.load_tied(
             ck,
@@ -614,14 +630,11 @@ impl Net {
         let act = Activation::from_hf(&c.hidden_act)?;
         let (h, nh) = (c.hidden_size, c.num_attention_heads);
         let eps = c.layer_norm_eps as f32;
-        let mut l = Loader::new(ck, dtype, device);
-        l.init_std = f(v, "initializer_range").unwrap_or(0.02);
+        let mut l = Loader::new(dir, dtype, device);
         let pre = "bert";
         // A bare BertModel's tensors lack the prefix that its task models' carry.
+        l.strip_if_bare("bert.", "embeddings.word_embeddings.weight");
         let tok_name = format!("{pre}.embeddings.word_embeddings.weight");
-        if !ck.contains(&tok_name) && ck.contains("embeddings.word_embeddings.weight") {
-            l.strip = Some("bert.");
-        }
         let tok_names = if task == Task::MaskedLm {
             names_present(ck, &tok_name, &["cls.predictions.decoder.weight"])
         } else {
@@ -734,16 +747,12 @@ impl Net {
     fn vit(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
         let c = crate::models::vit::VitConfig::parse(dir)?;
         let v = &dir.config;
-        let ck = &dir.checkpoint;
         let act = Activation::from_hf(&c.act)?;
         let (h, nh, eps) = (c.hidden_size, c.heads, c.eps as f32);
-        let mut l = Loader::new(ck, dtype, device);
+        let mut l = Loader::new(dir, dtype, device);
         // A bare ViTModel's tensors lack the prefix that ViTForImageClassification's carry.
-        let bare = !ck.contains("vit.embeddings.cls_token") && ck.contains("embeddings.cls_token");
-        if bare {
-            l.strip = Some("vit.");
-        }
-        let patches = super::vit::PatchEmb::load(&mut l.ps, ck, &c, bare)?;
+        l.strip_if_bare("vit.", "embeddings.cls_token");
+        let patches = super::vit::PatchEmb::load(&mut l, &c)?;
         let mut encoder = Vec::new();
         for i in 0..c.num_layers {
             let p = format!("vit.encoder.layer.{i}");
@@ -778,7 +787,6 @@ impl Net {
             .or_else(|| u(v, "num_labels"))
             .unwrap_or(2);
         // A classifier new to the checkpoint (a pretrained ViTModel) starts fresh.
-        l.init_std = f(v, "initializer_range").unwrap_or(0.02);
         let classifier = l.lin_or_fresh("classifier", h, labels)?;
         Ok(Net {
             task: Task::ImageClassify,

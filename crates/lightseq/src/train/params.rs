@@ -111,11 +111,6 @@ impl Params {
         Ok(self.list.len() - 1)
     }
 
-    /// Loads `name` (and any tied `aliases`) of `shape`.
-    pub fn load(&mut self, ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Pid> {
-        self.load_tied(ck, &[name.to_string()], shape)
-    }
-
     /// Loads one tensor stored under the first present of `names`; all of them are written
     /// back when saving.
     pub fn load_tied(&mut self, ck: &Checkpoint, names: &[String], shape: &[usize]) -> Result<Pid> {
@@ -144,20 +139,9 @@ impl Params {
         self.push(Stored::Plain(names.to_vec()), shape.to_vec(), &v)
     }
 
-    /// Loads `name`, stored as `stored` in the checkpoint, as a tensor of `shape` (the same
-    /// elements in the same order).
+    /// Loads the checkpoint's tensor `read`, stored as `stored`, as a tensor of `shape` (the
+    /// same elements in the same order), to be saved as `name` with its stored shape.
     pub fn load_reshaped(
-        &mut self,
-        ck: &Checkpoint,
-        name: &str,
-        stored: &[usize],
-        shape: &[usize],
-    ) -> Result<Pid> {
-        self.load_reshaped_as(ck, name, name, stored, shape)
-    }
-
-    /// [`Params::load_reshaped`] of the checkpoint's tensor `read`, to be saved as `name`.
-    pub fn load_reshaped_as(
         &mut self,
         ck: &Checkpoint,
         read: &str,

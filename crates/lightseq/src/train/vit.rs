@@ -7,10 +7,10 @@
 //! token and the projection's bias, and the position table is looked up by row index.
 
 use super::layers::{as_dtype_of, Dropout};
+use super::models::Loader;
 use super::ops as tops;
 use super::params::{Params, Pid};
 use crate::error::{Error, Result};
-use crate::io::Checkpoint;
 use crate::models::vit::VitConfig;
 use crate::ops::{self, Activation};
 use crate::tensor::{DType, Tensor};
@@ -38,38 +38,21 @@ pub struct PatchSaved {
 }
 
 impl PatchEmb {
-    /// `bare`: the checkpoint is a ViTModel's, its names without the `vit.` prefix that
-    /// they are saved with.
-    pub fn load(ps: &mut Params, ck: &Checkpoint, c: &VitConfig, bare: bool) -> Result<Self> {
+    pub(super) fn load(l: &mut Loader, c: &VitConfig) -> Result<Self> {
         let (h, ch) = (c.hidden_size, c.channels);
         let (ph, pw) = c.patch;
         let (gh, gw) = c.grid();
-        let name = |n: &str| format!("vit.embeddings.{n}");
-        let read = |n: &str| match bare {
-            true => format!("embeddings.{n}"),
-            false => name(n),
-        };
-        let bias = "patch_embeddings.projection.bias";
+        let e = "vit.embeddings";
         Ok(PatchEmb {
-            proj: ps.load_reshaped_as(
-                ck,
-                &read("patch_embeddings.projection.weight"),
-                &name("patch_embeddings.projection.weight"),
+            proj: l.reshaped(
+                &format!("{e}.patch_embeddings.projection.weight"),
                 &[h, ch, ph, pw],
                 &[h, ch * ph * pw],
             )?,
-            bias: ps.load_as(ck, &read(bias), &[name(bias)], &[h])?,
-            cls: ps.load_reshaped_as(
-                ck,
-                &read("cls_token"),
-                &name("cls_token"),
-                &[1, 1, h],
-                &[1, h],
-            )?,
-            pos: ps.load_reshaped_as(
-                ck,
-                &read("position_embeddings"),
-                &name("position_embeddings"),
+            bias: l.p(&format!("{e}.patch_embeddings.projection.bias"), &[h])?,
+            cls: l.reshaped(&format!("{e}.cls_token"), &[1, 1, h], &[1, h])?,
+            pos: l.reshaped(
+                &format!("{e}.position_embeddings"),
                 &[1, 1 + gh * gw, h],
                 &[1 + gh * gw, h],
             )?,
