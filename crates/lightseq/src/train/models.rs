@@ -142,6 +142,16 @@ fn u(v: &Value, k: &str) -> Option<usize> {
     v.get(k).and_then(Value::as_u64).map(|x| x as usize)
 }
 
+/// A classifier config's class count, as HF reads it: id2label's size, else num_labels,
+/// else 2.
+fn num_labels(v: &Value) -> usize {
+    v.get("id2label")
+        .and_then(Value::as_object)
+        .map(|m| m.len())
+        .or_else(|| u(v, "num_labels"))
+        .unwrap_or(2)
+}
+
 fn names_present(ck: &Checkpoint, canonical: &str, aliases: &[&str]) -> Vec<String> {
     let mut out = vec![canonical.to_string()];
     out.extend(
@@ -694,12 +704,7 @@ impl Net {
                 )?,
             },
             Task::Classify => {
-                let labels = v
-                    .get("id2label")
-                    .and_then(Value::as_object)
-                    .map(|m| m.len())
-                    .or_else(|| u(v, "num_labels"))
-                    .unwrap_or(2);
+                let labels = num_labels(v);
                 Head::Pooler {
                     dense: l.lin_or_fresh(&format!("{pre}.pooler.dense"), h, h)?,
                     classifier: l.lin_or_fresh("classifier", h, labels)?,
@@ -780,12 +785,7 @@ impl Net {
             });
         }
         let norm = l.ln("vit.layernorm", h, eps)?;
-        let labels = v
-            .get("id2label")
-            .and_then(Value::as_object)
-            .map(|m| m.len())
-            .or_else(|| u(v, "num_labels"))
-            .unwrap_or(2);
+        let labels = num_labels(v);
         // A classifier new to the checkpoint (a pretrained ViTModel) starts fresh.
         let classifier = l.lin_or_fresh("classifier", h, labels)?;
         Ok(Net {
