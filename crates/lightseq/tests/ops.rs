@@ -474,8 +474,15 @@ fn general_cases() -> Vec<(
         // largest head and one that is not a power of two.
         (3, 1, 300, 4, 4, 128, true, 299, None, true),
         (2, 1, 150, 3, 1, 80, false, 0, None, false),
-        // Cross attention with 2^20 scores: the GEMM path on CUDA.
+        // Cross attention with 2^20 scores: the GEMM path on CUDA in f32, the flash kernel
+        // in f16 and bf16.
         (4, 256, 256, 4, 4, 16, false, 0, None, false),
+        // Flash-kernel cases (f16/bf16): windows across key tiles, queries over several
+        // blocks with an offset, a head narrower than its kernel's bound.
+        (2, 70, 70, 4, 2, 64, true, 0, Some(20), false),
+        (2, 100, 150, 2, 2, 128, true, 50, None, false),
+        (3, 2, 65, 2, 1, 48, false, 0, None, false),
+        (1, 200, 131, 3, 3, 96, false, 0, None, false),
     ]
 }
 

@@ -152,3 +152,39 @@ fn cpu_half_precision_weights_stay_within_tolerance() {
         check(&dir, DType::BF16, &Device::Cpu, 3e-2);
     }
 }
+
+/// BERT forwards of one shape run eagerly, then from a captured CUDA graph (with
+/// LIGHTSEQ_CUDA_GRAPHS=require, as in gpu-check, a failed capture is an error): every
+/// call, replays included, must compute from its own inputs.
+#[test]
+fn gpu_repeated_forwards_read_their_own_inputs() {
+    let Some(dev) = gpu("gpu_repeated_forwards_read_their_own_inputs") else {
+        return;
+    };
+    for name in ["bert", "bert_cls_types"] {
+        let dir = fixtures_dir().join(name);
+        let md = ModelDir::open(&dir).unwrap();
+        let first = batch(&dir);
+        // The same lengths, other tokens and token types.
+        let mut second = first.clone();
+        for r in &mut second.input_ids {
+            r.rotate_left(1);
+        }
+        for r in second.token_type_ids.iter_mut().flatten() {
+            r.reverse();
+        }
+        let cpu = models::load(&md, DType::F32, &Device::Cpu).unwrap();
+        let want = [&first, &second].map(|b| cpu.forward(b).unwrap().data);
+        assert!(
+            rel_err(&want[0], &want[1]) > 1e-2,
+            "{name}: inputs too alike"
+        );
+        let model = models::load(&md, DType::F16, &dev).unwrap();
+        for call in 0..6 {
+            let b = if call % 2 == 0 { &first } else { &second };
+            let err = rel_err(&model.forward(b).unwrap().data, &want[call % 2]);
+            eprintln!("{name:<20} call {call} f16 rel err {err:.2e}");
+            assert!(err <= 1e-2, "{name} call {call}: rel err {err}");
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! Reads BertModel checkpoints and the `bert.`-prefixed ones of BertForMaskedLM,
 //! BertForSequenceClassification and friends; returns the last hidden state.
 
+use super::forward_graph::{self, ForwardGraphs};
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::Result;
 use crate::io::ModelDir;
@@ -62,6 +63,7 @@ pub struct Bert {
     ln_emb: LayerNorm,
     layers: Vec<Layer>,
     device: Device,
+    graphs: ForwardGraphs,
 }
 
 impl Bert {
@@ -133,6 +135,7 @@ impl Bert {
             ln_emb,
             layers,
             device: device.clone(),
+            graphs: ForwardGraphs::default(),
         })
     }
 }
@@ -160,31 +163,73 @@ impl Bert {
         };
         let n = p.batch * p.len;
         let h = cfg.hidden_size;
-        let dev = &self.device;
-        let ids = Tensor::from_i32(&p.flatten(&batch.input_ids, 0), &[n], dev)?;
-        let pos = Tensor::from_i32(&p.positions(), &[n], dev)?;
-        let typ = Tensor::from_i32(&types, &[n], dev)?;
+        // Key ranges on the device (starts, then ends), so that a captured forward reads
+        // nothing from the host.
+        let mut ranges = vec![0i32; p.batch];
+        ranges.extend(p.lengths.iter().map(|&l| l as i32));
+        let host = [p.flatten(&batch.input_ids, 0), p.positions(), types, ranges];
+        let mut key = vec![p.len];
+        key.extend(&p.lengths);
+        let shape = forward_graph::Shape {
+            key,
+            tokens: n,
+            out: (&[n, h], self.word.dtype()),
+        };
+        let x = self
+            .graphs
+            .run(&self.device, shape, &host, |t| self.layers_from(&p, t))?;
+        Ok((x, p))
+    }
+
+    /// The encoder from device inputs: token ids, positions, token types, key ranges.
+    fn layers_from(&self, p: &Padded, inputs: &[Tensor]) -> Result<Tensor> {
+        let [ids, pos, typ, ranges] = inputs else {
+            return Err(crate::Error::op("bert", "expected four inputs"));
+        };
+        let cfg = &self.cfg;
+        let (n, h) = (p.batch * p.len, cfg.hidden_size);
         let e = ops::embed(&[
-            (&self.word, &ids),
-            (&self.position, &pos),
-            (&self.token_type, &typ),
+            (&self.word, ids),
+            (&self.position, pos),
+            (&self.token_type, typ),
         ])?;
         let mut x = self.ln_emb.forward(&e, None)?;
+        drop(e);
         let heads = cfg.num_attention_heads;
-        let scale = 1.0 / ((h / heads) as f32).sqrt();
+        let opts = ops::AttentionOptions {
+            heads,
+            kv_heads: heads,
+            head_dim: h / heads,
+            scale: 1.0 / ((h / heads) as f32).sqrt(),
+            causal: false,
+            q_offset: 0,
+            window: None,
+            key_ranges: p.lengths.iter().map(|&l| (0, l)).collect(),
+            bias: None,
+            ranges_on_device: Some(ranges),
+        };
+        // Intermediates are dropped as soon as they are used, which lowers the peak.
         for l in &self.layers {
             let qkv = l
                 .qkv
                 .forward(&x, Activation::None)?
                 .reshape(&[p.batch, p.len, 3 * h])?;
-            let a = ops::self_attention(&qkv, heads, &p.lengths, false, scale)?.reshape(&[n, h])?;
-            let a = l.out.forward(&a, Activation::None)?;
-            x = l.ln_attn.forward(&a, Some(&x))?;
+            let side = |i: usize| ops::Heads {
+                tensor: &qkv,
+                col: i * h,
+            };
+            let a = ops::attention(side(0), side(1), side(2), &opts)?.reshape(&[n, h])?;
+            drop(qkv);
+            let o = l.out.forward(&a, Activation::None)?;
+            drop(a);
+            x = l.ln_attn.forward(&o, Some(&x))?;
+            drop(o);
             let f = l.ffn_in.forward(&x, self.act)?;
-            let f = l.ffn_out.forward(&f, Activation::None)?;
-            x = l.ln_ffn.forward(&f, Some(&x))?;
+            let g = l.ffn_out.forward(&f, Activation::None)?;
+            drop(f);
+            x = l.ln_ffn.forward(&g, Some(&x))?;
         }
-        Ok((x, p))
+        Ok(x)
     }
 }
 

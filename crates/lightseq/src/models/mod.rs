@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod decode;
+mod forward_graph;
 pub mod gpt2;
 pub mod llama;
 pub mod presets;

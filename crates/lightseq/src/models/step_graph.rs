@@ -53,7 +53,7 @@ impl StepGraph {
 }
 
 /// `LIGHTSEQ_CUDA_GRAPHS`: (enabled, required).
-fn mode() -> (bool, bool) {
+pub(crate) fn mode() -> (bool, bool) {
     match std::env::var("LIGHTSEQ_CUDA_GRAPHS").as_deref() {
         Ok("0") => (false, false),
         Ok("require") => (true, true),
@@ -81,7 +81,7 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
 }
 
 /// A fresh tensor holding `src`'s values.
-fn copied(src: &Tensor) -> Result<Tensor> {
+pub(crate) fn copied(src: &Tensor) -> Result<Tensor> {
     let mut out = ops::empty(src.shape(), src.dtype(), &src.device())?;
     ops::copy_into(&mut out, src)?;
     Ok(out)

@@ -17,6 +17,10 @@ pub(crate) struct Graph {
     device: sys::CUdevice,
 }
 
+// SAFETY: the graph's handles may be used from any thread, one thread at a time; `&mut`
+// or a lock gives that (a Graph is not Sync).
+unsafe impl Send for Graph {}
+
 impl Graph {
     /// Enqueues one replay on the device's stream.
     pub(crate) fn launch(&self) -> Result<()> {

@@ -119,6 +119,8 @@ pub const MODULES: &[KernelModule] = &[
             "attn_short_bwd_d64_l64",
             "attn_short_bwd_d128_l32",
             "attn_short_bwd_d128_l64",
+            "attn_flash_d64",
+            "attn_flash_d128",
         ],
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],

@@ -229,9 +229,17 @@ fn gemm_attention(
     let kh = t::gather_heads(kt, batch, len_k, ks[2], k.col, nh, d)?;
     let vh = t::gather_heads(vt, batch, len_k, v.tensor.shape()[2], v.col, nh, d)?;
     let scores = t::matmul(&qh, false, &kh, true, batch * nh, len_q, len_k, d, true)?;
-    let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
-    let ends = dev.upload_i32(&ends)?;
-    let p = t::masked_softmax(&scores, Some(&ends), nh, len_q, len_k, o.scale, o.causal)?;
+    // The ends of the key ranges: the second half of the ranges on the device, or uploaded.
+    let uploaded;
+    let ends = match o.ranges_on_device {
+        Some(r) => r.cuda(OP)?.ptr() + 4 * batch as u64,
+        None => {
+            let ends: Vec<i32> = o.key_ranges.iter().map(|r| r.1 as i32).collect();
+            uploaded = dev.upload_i32(&ends)?;
+            uploaded.ptr()
+        }
+    };
+    let p = t::masked_softmax_at(&scores, ends, nh, len_q, len_k, o.scale, o.causal)?;
     let p = if qt.dtype() == DType::F32 {
         p
     } else {
@@ -241,6 +249,28 @@ fn gemm_attention(
     Ok(Some(t::transpose_12(&ctx, batch, nh, len_q, d)?))
 }
 
+/// Rows of queries a block of the flash kernel takes per warp (attention_train.cu).
+const FLASH_ROWS_PER_WARP: usize = 16;
+/// Keys per tile of the flash kernel (attention_train.cu: AF_BK).
+const FLASH_KEY_TILE: usize = 64;
+/// Warps per block of the flash kernel at most (attention_train.cu: AT_MAX_WARPS).
+const FLASH_MAX_WARPS: usize = 4;
+
+/// Whether the tensor-core flash kernel may run attention of more than one query: f16/bf16
+/// on sm_80 or later, head_dim a multiple of 16 up to 128, no bias table, unless
+/// LIGHTSEQ_FLASH_ATTENTION=0.
+fn flash_applies(dev: &super::CudaDevice, dt: DType, len_q: usize, o: &AttentionOptions) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off =
+        *OFF.get_or_init(|| std::env::var("LIGHTSEQ_FLASH_ATTENTION").is_ok_and(|v| v == "0"));
+    !off && len_q > 1
+        && matches!(dt, DType::F16 | DType::BF16)
+        && dev.arch() >= (8, 0)
+        && o.head_dim.is_multiple_of(16)
+        && (16..=128).contains(&o.head_dim)
+        && o.bias.is_none()
+}
+
 pub(crate) fn attention(
     q: &Heads,
     k: &Heads,
@@ -248,15 +278,16 @@ pub(crate) fn attention(
     o: &AttentionOptions,
 ) -> Result<CudaStorage> {
     const OP: &str = "attention";
-    if q.tensor.shape()[0] > 0 {
-        if let Some(out) = gemm_attention(q, k, v, o)? {
-            return Ok(out);
-        }
-    }
     let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
     let dev = qt.device();
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
     let (batch, len_q) = (qs[0], qs[1]);
+    let flash = flash_applies(dev, qt.dtype(), len_q, o);
+    if batch > 0 && !flash {
+        if let Some(out) = gemm_attention(q, k, v, o)? {
+            return Ok(out);
+        }
+    }
     let out = dev.alloc(qt.dtype(), batch * len_q * o.heads * o.head_dim)?;
     if batch == 0 || len_q == 0 {
         return Ok(out);
@@ -287,10 +318,17 @@ pub(crate) fn attention(
         ),
         None => (None, None),
     };
-    // Many queries: the shared-memory tiled kernel; single-query decode steps: a warp each.
+    // Many queries: the tensor-core flash kernel where it applies, else the shared-memory
+    // tiled kernel; single-query decode steps: a warp each.
     let tiled = len_q >= 8 && o.head_dim <= TILED_MAX_HEAD_DIM;
     let decode = len_q == 1;
-    let name = if decode {
+    let name = if flash {
+        if o.head_dim <= 64 {
+            "attn_flash_d64"
+        } else {
+            "attn_flash_d128"
+        }
+    } else if decode {
         "attention_decode"
     } else if tiled {
         "attention_tiled"
@@ -332,12 +370,28 @@ pub(crate) fn attention(
         .arg(&k_rs)
         .arg(&v_bs)
         .arg(&v_rs);
-    l.arg(&causal)
-        .arg(&q_offset)
-        .arg(&window)
-        .arg(&o.scale)
-        .arg(&tp)
-        .arg(&bp);
+    l.arg(&causal).arg(&q_offset).arg(&window).arg(&o.scale);
+    if !flash {
+        l.arg(&tp).arg(&bp);
+    }
+    if flash {
+        // q's rows, then one tile each of k and v, rows padded by 8 elements, each region
+        // rounded to 128 bytes (the kernel carves them in that order).
+        let warps = len_q.div_ceil(FLASH_ROWS_PER_WARP).min(FLASH_MAX_WARPS);
+        let rows = warps * FLASH_ROWS_PER_WARP;
+        let region = |r: usize| (r * (o.head_dim + 8) * elem as usize).next_multiple_of(128);
+        let smem = region(rows) + 2 * region(FLASH_KEY_TILE);
+        super::train_ops::allow_smem(&f, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (len_q.div_ceil(rows) as u32, o.heads as u32, batch as u32),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: argument types match attn_flash's signature (attention_train.cu); the
+        // shared memory is what it carves.
+        launched(OP, unsafe { l.launch(cfg) })?;
+        return Ok(out);
+    }
     let cfg = if decode {
         LaunchConfig {
             grid_dim: (o.heads as u32, batch as u32, 1),

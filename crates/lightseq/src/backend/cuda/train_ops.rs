@@ -547,13 +547,28 @@ pub(crate) fn masked_softmax(
     scale: f32,
     causal: bool,
 ) -> Result<CudaStorage> {
+    let kp = key_lens.map_or(0, |k| k.ptr());
+    masked_softmax_at(s, kp, heads, lq, lk, scale, causal)
+}
+
+/// [`masked_softmax`] with the key lengths at device address `kp` (i32 per sequence; 0 for
+/// none), which may point into a larger buffer.
+pub(crate) fn masked_softmax_at(
+    s: &CudaStorage,
+    kp: u64,
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<CudaStorage> {
     let dev = s.device();
     let out = dev.alloc(s.dtype(), s.len())?;
     if s.len() == 0 {
         return Ok(out);
     }
     let rows = s.len() / lk;
-    let (sp, kp, op) = (s.ptr(), key_lens.map_or(0, |k| k.ptr()), out.ptr());
+    let (sp, op) = (s.ptr(), out.ptr());
     let (r, h, q, kk, c) = (
         rows as i64,
         heads as i32,
@@ -1539,7 +1554,7 @@ pub(crate) fn short_attention_smem(
 }
 
 /// Lets `f` use `bytes` of dynamic shared memory (past the default 48 KiB needs opting in).
-fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
+pub(crate) fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
     if bytes <= 48 << 10 {
         return Ok(());
     }

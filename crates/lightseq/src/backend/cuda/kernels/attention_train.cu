@@ -630,3 +630,139 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 32)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 64)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 32)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64)
+
+// Flash attention forward for inference (encoders, prefill), any lengths: the layout, masks
+// and grouped heads of attention.cu (without its bias table). Query i of sequence b sits at
+// position q_offset + i and sees keys j with key_start[b] <= j < key_end[b], j <= q_offset +
+// i when causal and j > q_offset + i - window when window > 0; query head h reads key/value
+// head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
+// out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
+// head) and walks the keys they see in tiles of AF_BK staged in shared memory. Each warp
+// keeps its 16 rows' scores, running max and sum and output in registers (online softmax),
+// so no score matrix goes through memory. Probabilities are rounded to T before they
+// multiply the values, as the unfused path rounds them; rows that see no key are zero.
+#define AF_BK 64
+#define AF_FAR (1 << 30)
+
+template <typename T, int DMAX>
+__device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
+                                const int* key_start, const int* key_end, int len_q, int heads,
+                                int group, int d, long long q_bs, int q_rs, long long k_bs,
+                                int k_rs, long long v_bs, int v_rs, int causal, int q_offset,
+                                int window, float scale) {
+  extern __shared__ __align__(128) unsigned char at_smem[];
+  const int b = blockIdx.z, h = blockIdx.y, kh = h / group;
+  const int rows = (blockDim.x >> 5) * 16, q0 = blockIdx.x * rows;
+  const int nq = min(rows, len_q - q0), ld = d + 8;
+  unsigned char* sm = at_smem;
+  T* qs = at_carve<T>(sm, rows, ld);
+  T* ks = at_carve<T>(sm, AF_BK, ld);
+  T* vs = at_carve<T>(sm, AF_BK, ld);
+  at_stage(qs, ld, q + b * q_bs + (long long)q0 * q_rs + h * d, nq, rows, d, (long long)q_rs);
+  // The keys any of the block's queries sees.
+  int j_begin = key_start[b], j_end = key_end[b];
+  if (causal) j_end = min(j_end, q_offset + q0 + nq);
+  if (window > 0) j_begin = max(j_begin, q_offset + q0 + 1 - window);
+  const T* kg = k + b * k_bs + kh * d;
+  const T* vg = v + b * v_bs + kh * d;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = warp * 16;
+  // Keys [lo, hi) of this thread's rows r0 + g and r0 + g + 8 (none for rows past len_q).
+  int lo[2], hi[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    const int i = q0 + r0 + g + 8 * x, pos = q_offset + i;
+    lo[x] = window > 0 ? pos + 1 - window : -AF_FAR;
+    hi[x] = i < len_q ? (causal ? pos + 1 : AF_FAR) : -AF_FAR;
+  }
+  const float sl2 = scale * 1.4426950408889634f;  // scores in base 2
+  float o[DMAX / 8][4];
+  at_zero(o);
+  float m[2] = {LS_NEG_INF, LS_NEG_INF}, l[2] = {0.f, 0.f};
+  for (int j0 = j_begin; j0 < j_end; j0 += AF_BK) {
+    const int nk = min(AF_BK, j_end - j0), nkp = (nk + 15) & ~15;
+    __syncthreads();  // every warp is done with the previous tile
+    at_stage(ks, ld, kg + (long long)j0 * k_rs, nk, nkp, d, (long long)k_rs);
+    at_stage(vs, ld, vg + (long long)j0 * v_rs, nk, nkp, d, (long long)v_rs);
+    ls_cp_wait_all();
+    __syncthreads();
+    float s[AF_BK / 8][4];
+    at_row_scores<T, DMAX, AF_BK>(s, qs, ks, ld, r0, d, nkp);
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      float mx = m[x];
+#pragma unroll
+      for (int n = 0; n < AF_BK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * n + 2 * t + e, j = j0 + c;
+          const bool on = c < nk && j >= lo[x] && j < hi[x];
+          float& y = s[n][2 * x + e];
+          y = on ? y * sl2 : LS_NEG_INF;
+          mx = fmaxf(mx, y);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // Nothing seen yet (mx still -inf): nothing to rescale, every p is 0.
+      const bool any = mx != LS_NEG_INF;
+      const float corr = any ? exp2f(m[x] - mx) : 1.f;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < AF_BK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& y = s[n][2 * x + e];
+          y = any ? to_f(from_f<T>(exp2f(y - mx))) : 0.f;
+          sum += y;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      l[x] = l[x] * corr + sum;
+      m[x] = mx;
+#pragma unroll
+      for (int n = 0; n < DMAX / 8; ++n) {
+        o[n][2 * x] *= corr;
+        o[n][2 * x + 1] *= corr;
+      }
+    }
+    // o += p [16, nkp] @ v [nkp, d]; the probabilities are the A operand as they lie.
+    unsigned int sp[AF_BK / 8][2];
+    at_pack_rows<T>(sp, s);
+#pragma unroll
+    for (int kk = 0; kk < AF_BK / 16; ++kk) {
+      if (kk * 16 >= nkp) break;
+      const unsigned int a[4] = {sp[2 * kk][0], sp[2 * kk][1], sp[2 * kk + 1][0],
+                                 sp[2 * kk + 1][1]};
+      at_mma_kn<T, DMAX>(o, a, vs, ld, kk * 16, d);
+    }
+  }
+  // With no key tile at all, q's copies may still be in flight.
+  ls_cp_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    const float inv = l[x] > 0.f ? 1.f / l[x] : 0.f;
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) {
+      o[n][2 * x] *= inv;
+      o[n][2 * x + 1] *= inv;
+    }
+  }
+  // The warp's q rows are read by it alone, and no longer.
+  at_put_rows_staged<T, DMAX>(out + ((long long)b * len_q + q0) * heads * d + h * d,
+                              (long long)heads * d, nq, r0, d, o, qs + r0 * ld, ld);
+}
+
+#define LS_ATTN_FLASH(T, S, DMAX)                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS) attn_flash_d##DMAX##_##S(  \
+      const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,  \
+      int len_q, int heads, int group, int d, long long q_bs, int q_rs, long long k_bs,      \
+      int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window,              \
+      float scale) {                                                                         \
+    attn_flash_body<T, DMAX>(q, k, v, out, key_start, key_end, len_q, heads, group, d, q_bs, \
+                             q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale); \
+  }
+LS_ATTN_FLASH(__half, f16, 64)
+LS_ATTN_FLASH(__half, f16, 128)
+LS_ATTN_FLASH(__nv_bfloat16, bf16, 64)
+LS_ATTN_FLASH(__nv_bfloat16, bf16, 128)

@@ -1,0 +1,145 @@
+//! Small encoder forwards replayed as CUDA graphs.
+//!
+//! A BERT-base forward of a few sequences launches about a hundred kernels whose host-side
+//! cost (about 5 us each, 9 per GEMM) exceeds their GPU time. A model keeps one
+//! [`ForwardGraphs`]; a forward whose inputs all come from device tensors is captured the
+//! second time its shape (the batch's lengths) is met, and later forwards of that shape
+//! copy their inputs into the captured buffers and replay the graph with one launch. Only
+//! forwards of at most [`MAX_TOKENS`] tokens are captured (larger ones keep the GPU busy
+//! while the host enqueues), and only the [`MAX_SHAPES`] most recent shapes are kept.
+//! `LIGHTSEQ_CUDA_GRAPHS` switches this off or makes a failed capture an error, as for
+//! decode steps (see `step_graph`). A capture that fails (the forward uploaded from the
+//! host, e.g. an f32 attention through GEMMs) leaves that shape eager.
+
+use super::step_graph;
+use crate::backend::cuda::graph::Graph;
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::tensor::{DType, Device, Storage, Tensor};
+use std::sync::Mutex;
+
+/// Forwards of more tokens than this run eagerly.
+pub(crate) const MAX_TOKENS: usize = 4096;
+/// Captured shapes kept per model.
+pub(crate) const MAX_SHAPES: usize = 8;
+
+enum Slot {
+    /// Met once (run eagerly, which loaded its kernels and chose its GEMM algorithms).
+    Warm,
+    Ready {
+        graph: Graph,
+        /// The forward's inputs, rewritten before each replay.
+        inputs: Vec<Tensor>,
+        /// The output the graph writes.
+        out: Tensor,
+    },
+    /// Capture failed for this shape.
+    Eager,
+}
+
+/// The captured forwards of one model, most recently used last.
+#[derive(Default)]
+pub(crate) struct ForwardGraphs {
+    slots: Mutex<Vec<(Vec<usize>, Slot)>>,
+}
+
+/// What the forward needs to know besides its inputs.
+pub(crate) struct Shape<'a> {
+    /// Identifies the forward's work: equal keys must mean equal kernels and launch shapes
+    /// (the batch's lengths, for instance).
+    pub key: Vec<usize>,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// The output's shape and dtype.
+    pub out: (&'a [usize], DType),
+}
+
+fn upload(host: &[Vec<i32>], device: &Device) -> Result<Vec<Tensor>> {
+    host.iter()
+        .map(|h| Tensor::from_i32(h, &[h.len()], device))
+        .collect()
+}
+
+impl ForwardGraphs {
+    /// `body(inputs)`, with `inputs` the device copies of `host` (i32 vectors), eagerly or
+    /// from a captured graph.
+    pub(crate) fn run(
+        &self,
+        device: &Device,
+        shape: Shape,
+        host: &[Vec<i32>],
+        body: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let eager = || body(&upload(host, device)?);
+        let Device::Cuda(dev) = device else {
+            return eager();
+        };
+        let (enabled, required) = step_graph::mode();
+        if !enabled || shape.tokens > MAX_TOKENS {
+            return eager();
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(at) = slots.iter().position(|(k, _)| *k == shape.key) else {
+            if slots.len() >= MAX_SHAPES {
+                slots.remove(0);
+            }
+            slots.push((shape.key, Slot::Warm));
+            drop(slots);
+            return eager();
+        };
+        let (key, slot) = slots.remove(at);
+        match slot {
+            Slot::Ready {
+                graph,
+                mut inputs,
+                out,
+            } => {
+                let replayed = (|| {
+                    for (t, h) in inputs.iter_mut().zip(host) {
+                        match &mut t.storage {
+                            Storage::Cuda(s) => s.write_i32(h)?,
+                            _ => return Err(Error::op("forward graph", "inputs left the GPU")),
+                        }
+                    }
+                    graph.launch()?;
+                    step_graph::copied(&out)
+                })();
+                slots.push((key, Slot::Ready { graph, inputs, out }));
+                replayed
+            }
+            Slot::Eager => {
+                slots.push((key, Slot::Eager));
+                drop(slots);
+                eager()
+            }
+            Slot::Warm => {
+                let inputs = upload(host, device)?;
+                let mut out = ops::empty(shape.out.0, shape.out.1, device)?;
+                if dev.begin_capture().is_err() {
+                    // Another thread is capturing on this device: eager now, capture later.
+                    slots.push((key, Slot::Warm));
+                    drop(slots);
+                    return eager();
+                }
+                let run = body(&inputs).and_then(|y| ops::copy_into(&mut out, &y));
+                let graph = dev.end_capture();
+                match (run, graph) {
+                    (Ok(()), Ok(graph)) => {
+                        graph.launch()?;
+                        let y = step_graph::copied(&out)?;
+                        slots.push((key, Slot::Ready { graph, inputs, out }));
+                        Ok(y)
+                    }
+                    (run, graph) => {
+                        slots.push((key, Slot::Eager));
+                        drop(slots);
+                        if required {
+                            run.and(graph.map(|_| ()))?;
+                        }
+                        eager()
+                    }
+                }
+            }
+        }
+    }
+}
