@@ -763,6 +763,56 @@ pub fn index_select_by(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Beam reorders in place: row i of every tensor in `xs` ([rows, ...], one dtype and shape)
+/// takes the first `prefix` elements of row idx[i] (i32 [rows], each below rows); the rest
+/// of each row is unspecified afterwards.
+pub fn reorder_row_prefixes(xs: &mut [&mut Tensor], idx: &Tensor, prefix: usize) -> Result<()> {
+    const OP: &str = "reorder_row_prefixes";
+    let Some(first) = xs.first() else {
+        return Ok(());
+    };
+    let (shape, dt) = (first.shape().to_vec(), first.dtype());
+    let rows = shape.first().copied().unwrap_or(0);
+    let row: usize = shape.iter().skip(1).product();
+    if xs.iter().any(|x| x.shape() != shape || x.dtype() != dt)
+        || idx.dtype() != DType::I32
+        || idx.len() != rows
+        || prefix > row
+    {
+        return Err(Error::op(
+            OP,
+            format!(
+                "tensors {shape:?} {dt}, {} indices, prefix {prefix}",
+                idx.len()
+            ),
+        ));
+    }
+    let all: Vec<&Tensor> = xs.iter().map(|x| &**x).chain([idx]).collect();
+    same_device(OP, &all)?;
+    let cuda: Option<Vec<&crate::backend::cuda::CudaStorage>> = xs
+        .iter()
+        .map(|x| match &x.storage {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    match (cuda, &idx.storage) {
+        (Some(c), Storage::Cuda(i)) => cuda::ops::reorder_prefix(&c, i, rows, row, prefix),
+        _ => {
+            let ids = idx.to_i32_vec()?;
+            if ids.iter().any(|&i| i < 0 || i as usize >= rows) {
+                return Err(Error::op(OP, "index out of range"));
+            }
+            let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+            for x in xs.iter_mut() {
+                let g = index_select(x, &ids)?;
+                copy_into(x, &g)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The k most likely tokens of each row of `logits` [rows, vocab]: their log-probabilities
 /// (log-softmax over the whole row), ids, and each row's log-sum-exp, on the host. Order:
 /// most likely first, ties to the lower id. Rows flagged in `mask_eos` exclude the `eos` ids

@@ -285,9 +285,9 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             };
             check(&format!("linear {act:?}"), &run(&gpu), &run(&cpu));
         }
-        // Layer norm with a residual, widths below and above one block.
-        for h in [45, 1543] {
-            let rows = 9;
+        // Layer norm with a residual, widths below and above one block, and rows enough for
+        // the register-cached kernel (from 1024 rows on CUDA).
+        for (rows, h) in [(9, 45), (9, 1543), (1030, 768)] {
             let (x, r, g, bb) = (
                 randn(14, rows * h),
                 randn(15, rows * h),
@@ -744,7 +744,16 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    for (rows, vocab, k, ties) in [(5, 1037, 9, false), (5, 50257, 64, true)] {
+    // Two stages up to k = 64 and 4096 candidates a row (slices of 2048 tokens); one block
+    // a row past that.
+    for (rows, vocab, k, ties) in [
+        (5, 1037, 9, false),
+        (5, 50257, 64, true),
+        (5, 2 * 2048 + 1, 1, true),
+        (5, 250_112, 8, true),
+        (5, 250_112, 64, false),
+        (5, 32000, 65, true),
+    ] {
         logprob_topk_case(rows, vocab, k, ties);
     }
 }
@@ -791,6 +800,42 @@ fn logprob_topk_case(rows: usize, vocab: usize, k: usize, ties: bool) {
     if let Some(g) = gpu("logprob_topk_matches_a_full_sort") {
         for dt in [DType::F32, DType::F16, DType::BF16] {
             check(&g, dt, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn reorder_row_prefixes_match_a_gather() {
+    let (rows, pos, width) = (5, 7, 24);
+    let idx = [4i32, 4, 0, 2, 1];
+    let data: Vec<Vec<f32>> = (0..3).map(|i| randn(70 + i, rows * pos * width)).collect();
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu("reorder_row_prefixes_match_a_gather"));
+    for dev in &devices {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            // Whole 16-byte packs, and a prefix that ends inside one.
+            for prefix in [4 * width, 3 * width + 5] {
+                let mut xs: Vec<Tensor> = data
+                    .iter()
+                    .map(|d| t(d, &[rows, pos, width], dt, dev))
+                    .collect();
+                let it = Tensor::from_i32(&idx, &[rows], dev).unwrap();
+                let mut refs: Vec<&mut Tensor> = xs.iter_mut().collect();
+                ops::reorder_row_prefixes(&mut refs, &it, prefix).unwrap();
+                for (x, d) in xs.iter().zip(&data) {
+                    let got = x.to_f32_vec().unwrap();
+                    let want = dt.round_f32(d);
+                    let row = pos * width;
+                    for (i, &s) in idx.iter().enumerate() {
+                        let s = s as usize;
+                        assert_eq!(
+                            &got[i * row..i * row + prefix],
+                            &want[s * row..s * row + prefix],
+                            "{dev} {dt} prefix {prefix} row {i}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -154,13 +154,14 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
     e.iter().map(|v| v / s).collect()
 }
 
-/// log_softmax in f32 (HF computes it on f32 logits).
+/// log_softmax in f32 (HF computes it on f32 logits), the sum of exponentials in f64 as
+/// the CPU `logprob_topk` takes it (an f32 sum over a large vocabulary loses ~1e-4).
 pub fn log_softmax(x: &[f32]) -> Vec<f32> {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
         return vec![f32::NEG_INFINITY; x.len()];
     }
-    let s: f32 = x.iter().map(|v| (v - m).exp()).sum();
-    let lse = m + s.ln();
+    let s: f64 = x.iter().map(|v| (v - m).exp() as f64).sum();
+    let lse = m + (s.ln() as f32);
     x.iter().map(|v| v - lse).collect()
 }

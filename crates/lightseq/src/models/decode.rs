@@ -128,13 +128,15 @@ impl DecodeState {
         if let Some(first) = self.caches.first() {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
             let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;
-            // Gathered rows go back into the same buffers, which a captured step uses.
-            for c in &mut self.caches {
-                let k = ops::index_select_by(&c.k, &idx)?;
-                ops::copy_into(&mut c.k, &k)?;
-                let v = ops::index_select_by(&c.v, &idx)?;
-                ops::copy_into(&mut c.v, &v)?;
-            }
+            // Gathered rows go back into the same buffers, which a captured step uses; only
+            // the positions written so far move (keys past them are never read).
+            let width = first.k.shape()[2];
+            let mut all: Vec<&mut Tensor> = self
+                .caches
+                .iter_mut()
+                .flat_map(|c| [&mut c.k, &mut c.v])
+                .collect();
+            ops::reorder_row_prefixes(&mut all, &idx, self.len * width)?;
         }
         self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
         // Rows of one batch item share their source, so cross keys/values need no reorder

@@ -764,7 +764,8 @@ pub fn add_layer_norm_stats(
         }
         (Storage::Cuda(xv), Storage::Cuda(g), Storage::Cuda(b)) => {
             let yv = y.map(|y| y.cuda(OP)).transpose()?;
-            let (s, out, st) = cuda::add_layer_norm(xv, yv, g, b, rows, h, eps, want_stats)?;
+            let (s, out, st) =
+                cuda::add_layer_norm(xv, yv, g, b, rows, h, eps, (true, want_stats))?;
             LnForward {
                 sum: s.map(|s| cuda_out(x.shape(), dt, s)),
                 out: cuda_out(x.shape(), dt, out),

@@ -203,7 +203,8 @@ pub(crate) fn logprob_topk(
     for r in 0..rows {
         let row = &x[r * vocab..(r + 1) * vocab];
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+        // Summed in f64: large vocabularies lose ~1e-4 in an f32 sum.
+        let lse = m + (row.iter().map(|v| (v - m).exp() as f64).sum::<f64>().ln() as f32);
         let masked = mask_eos.is_some_and(|(f, _)| f[r]);
         let value = |j: usize| {
             if masked && mask_eos.unwrap().1.contains(&(j as i64)) {

@@ -38,6 +38,7 @@ pub const MODULES: &[KernelModule] = &[
             "glu",
             "scale",
             "index_select",
+            "reorder_prefix",
             "write_rows",
             "to_f32",
             "from_f32",
@@ -65,7 +66,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
-        kernels: &["logprob_topk"],
+        kernels: &["logprob_topk", "logprob_topk_slices", "logprob_topk_merge"],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

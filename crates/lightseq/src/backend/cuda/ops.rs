@@ -99,6 +99,15 @@ pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
     Ok(out)
 }
 
+/// From this many rows, layer norm runs through the training kernel (train.cu), which holds
+/// rows in registers (the block-per-row kernel took 23.6 us a launch at BERT-base 32 x 128,
+/// ~5x its byte floor); below, the block-per-row kernel of layer_norm.cu has the shorter
+/// latency (H200, ncu: 3.8 against 6.1 us at 128 rows, 4.0 against 5.5 us at 8).
+const LAYER_NORM_MANY_ROWS: usize = 1024;
+
+/// Layer norm of x (+ residual). With many rows the training kernel rounds the sum to the
+/// dtype before it is normalized (as an f16/bf16 model adds its residual in its dtype);
+/// the block-per-row kernel normalizes the f32 sum.
 pub(crate) fn layer_norm(
     x: &CudaStorage,
     residual: Option<&CudaStorage>,
@@ -108,6 +117,19 @@ pub(crate) fn layer_norm(
     rows: usize,
     h: usize,
 ) -> Result<CudaStorage> {
+    if rows >= LAYER_NORM_MANY_ROWS {
+        let (_, out, _) = super::train_ops::add_layer_norm(
+            x,
+            residual,
+            gamma,
+            beta,
+            rows,
+            h,
+            eps,
+            (false, false),
+        )?;
+        return Ok(out);
+    }
     let dev = x.device();
     let out = dev.alloc(x.dtype(), rows * h)?;
     if rows == 0 {
@@ -577,6 +599,67 @@ pub(crate) fn index_select(x: &CudaStorage, idx: &[usize], row: usize) -> Result
     index_select_dev(x, &ids, idx.len(), row)
 }
 
+/// Row i of every tensor in `xs` (same dtype, `rows` rows `row_stride` elements apart) takes
+/// the first `prefix` elements of row idx[i], in place. Tensors go in groups whose scratch
+/// (tensors x rows x prefix) stays within one tensor's size; two launches a group.
+pub(crate) fn reorder_prefix(
+    xs: &[&CudaStorage],
+    idx: &CudaStorage,
+    rows: usize,
+    row_stride: usize,
+    prefix: usize,
+) -> Result<()> {
+    let Some(first) = xs.first() else {
+        return Ok(());
+    };
+    if rows == 0 || prefix == 0 {
+        return Ok(());
+    }
+    let dev = first.device();
+    let dt = first.dtype();
+    let f = dev.kernel("reorder_prefix", dt)?;
+    let per_group = (row_stride / prefix).clamp(1, xs.len());
+    let scratch = dev.alloc(dt, per_group * rows * prefix)?;
+    let packs = prefix.div_ceil(16 / dt.size());
+    for group in xs.chunks(per_group) {
+        // Addresses as pairs of i32 (little-endian u64) in one upload.
+        let ptrs: Vec<i32> = group
+            .iter()
+            .flat_map(|x| {
+                let p = x.ptr();
+                [p as u32 as i32, (p >> 32) as u32 as i32]
+            })
+            .collect();
+        let ptrs = dev.upload_i32(&ptrs)?;
+        let (pp, ip, sp) = (ptrs.ptr(), idx.ptr(), scratch.ptr());
+        let (r, rs, pf) = (rows as i32, row_stride as i64, prefix as i64);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                packs.div_ceil(256).min(64) as u32,
+                rows as u32,
+                group.len() as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        for pass in [0i32, 1] {
+            let mut l = dev.stream().launch_builder(&f);
+            l.arg(&pp)
+                .arg(&ip)
+                .arg(&sp)
+                .arg(&r)
+                .arg(&rs)
+                .arg(&pf)
+                .arg(&pass);
+            // SAFETY: argument types match reorder_prefix in elementwise.cu; every tensor
+            // holds rows x row_stride elements (the caller checks), idx holds `rows`
+            // indices below rows, scratch group x rows x prefix elements.
+            launched("reorder_prefix", unsafe { l.launch(cfg) })?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn index_select_dev(
     x: &CudaStorage,
     ids: &CudaStorage,
@@ -658,7 +741,6 @@ pub(crate) fn logprob_topk(
         None => (None, None),
     };
     let n_eos = mask_eos.map_or(0, |(_, e)| e.len()) as i32;
-    let f = dev.kernel("logprob_topk", x.dtype())?;
     let (xp, mp, ep) = (
         x.ptr(),
         mask.as_ref().map_or(0, |m| m.ptr()),
@@ -666,6 +748,43 @@ pub(crate) fn logprob_topk(
     );
     let op = out.ptr();
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
+    let slices = vocab.div_ceil(TOPK_SLICE);
+    // The slices' sorts cost more than the row-per-block select once they take several
+    // waves (H200, ncu, 128 rows of 32000 tokens: 220 against 123 us a call); with few
+    // rows the select leaves most of the GPU idle.
+    let waves = rows * slices <= TOPK_SLICED_BLOCKS_PER_SM * dev.sm_count();
+    if rows > 0 && waves && k <= TOPK_SLICED_MAX_K && slices * k <= TOPK_MERGE_MAX {
+        // Candidates (u64 keys, as two i32 each) and (max, sum) per slice.
+        let cand = dev.alloc(DType::I32, 2 * rows * slices * k)?;
+        let stats = dev.alloc(DType::F32, 2 * rows * slices)?;
+        let (cp, sp) = (cand.ptr(), stats.ptr());
+        let f = dev.kernel("logprob_topk_slices", x.dtype())?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&xp).arg(&v).arg(&kk).arg(&mp).arg(&ep).arg(&n_eos);
+        l.arg(&cp).arg(&sp);
+        let cfg = LaunchConfig {
+            grid_dim: (slices as u32, rows as u32, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match logprob_topk_slices in search.cu; cand and stats
+        // hold rows * slices * k keys and rows * slices pairs.
+        launched("logprob_topk_slices", unsafe { l.launch(cfg) })?;
+        let f = dev.kernel("logprob_topk_merge", x.dtype())?;
+        let s32 = slices as i32;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&cp).arg(&sp).arg(&r).arg(&kk).arg(&s32).arg(&op);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (8 * (slices * k).next_power_of_two().max(2)) as u32,
+        };
+        // SAFETY: argument types match logprob_topk_merge; the shared memory holds the
+        // row's candidates padded to a power of two.
+        launched("logprob_topk_merge", unsafe { l.launch(cfg) })?;
+        return topk_download(&out, rows, k);
+    }
+    let f = dev.kernel("logprob_topk", x.dtype())?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&r)
@@ -684,6 +803,21 @@ pub(crate) fn logprob_topk(
     };
     // SAFETY: argument types match the kernel's signature in search.cu.
     launched("logprob_topk", unsafe { l.launch(cfg) })?;
+    topk_download(&out, rows, k)
+}
+
+/// Slice length of the two-stage top-k (search.cu: TK_SLICE).
+const TOPK_SLICE: usize = 2048;
+/// The two-stage top-k serves at most this many slice blocks per SM...
+const TOPK_SLICED_BLOCKS_PER_SM: usize = 8;
+/// ... and k up to this...
+const TOPK_SLICED_MAX_K: usize = 64;
+/// ... when a row's candidates (slices x k) number at most this (the merge sorts them in
+/// shared memory, 8 bytes each).
+const TOPK_MERGE_MAX: usize = 4096;
+
+/// The top-k buffer (log-probabilities, ids as f32 bits, log-sum-exps) on the host.
+fn topk_download(out: &CudaStorage, rows: usize, k: usize) -> Result<crate::ops::TopK> {
     let mut all = out.download_f32()?;
     let lse = all.split_off(2 * rows * k);
     let ids = all

@@ -641,7 +641,7 @@ pub(crate) fn softmax_backward(
 /// [rows, 2] for [`layer_norm_backward`].
 pub(crate) type AddLnOut = (Option<CudaStorage>, CudaStorage, Option<CudaStorage>);
 
-/// `s = x + y` (when `y`) and `LN(s)` over rows of `h`; see [`AddLnOut`].
+/// `s = x + y` (when `y` and `keep_sum`) and `LN(s)` over rows of `h`; see [`AddLnOut`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_layer_norm(
     x: &CudaStorage,
@@ -651,12 +651,15 @@ pub(crate) fn add_layer_norm(
     rows: usize,
     h: usize,
     eps: f32,
-    want_stats: bool,
+    (keep_sum, want_stats): (bool, bool),
 ) -> Result<AddLnOut> {
     let dev = x.device();
     let dt = x.dtype();
     let out = dev.alloc(dt, rows * h)?;
-    let s = y.map(|_| dev.alloc(dt, rows * h)).transpose()?;
+    let s = y
+        .filter(|_| keep_sum)
+        .map(|_| dev.alloc(dt, rows * h))
+        .transpose()?;
     if rows * h == 0 {
         return Ok((s, out, None));
     }

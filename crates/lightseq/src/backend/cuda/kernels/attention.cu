@@ -211,10 +211,15 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 // Single-query attention (decode steps): one block of DEC_THREADS per (head, row). Keys go
 // in tiles of DEC_THREADS, a key per thread: each thread takes its key's dot product with
 // q (kept in shared memory), the block updates the online softmax with the tile's max and
-// sum, and the threads owning output dimensions add the tile's probability-weighted value
-// rows. The loads of a tile are independent, so a step over a short cache costs a few
-// memory latencies rather than one per key.
+// sum, and the tile's probability-weighted value rows are added: where rows are whole
+// 16-byte packs, each thread takes a pack of dimensions for every (DEC_THREADS / packs)-th
+// key and the key groups' sums meet in shared memory; otherwise the threads owning output
+// dimensions walk all the tile's keys. The loads of a tile are independent, so a step over
+// a short cache costs a few memory latencies rather than one per key.
 #define DEC_THREADS 128
+// Tiles of fewer keys walk them per output dimension: the groups' reduction costs more
+// than it saves there (H200, Transformer-base steps over 8-9 keys).
+#define DEC_PACKED_MIN_KEYS 32
 #define DEC_DIMS_PER_THREAD ((ATT_MAX_DIM_PER_LANE * 32 + DEC_THREADS - 1) / DEC_THREADS)
 
 template <typename T>
@@ -226,6 +231,9 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
                                       const float* bias_table, const int* buckets) {
   __shared__ float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
+  // Per key group, its share of the output row (packed value path): at most
+  // DEC_THREADS / packs groups of head_dim, i.e. DEC_THREADS * 16 / sizeof(T) floats.
+  __shared__ float vsum[DEC_THREADS * 16 / sizeof(T)];
   const int tid = threadIdx.x;
   const int h = blockIdx.x, b = blockIdx.y;
   const int kh = h / group;
@@ -241,6 +249,8 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
   const T* v_base = v + b * v_bs + kh * head_dim;
   const bool packed = (head_dim * sizeof(T)) % 16 == 0 && (k_rs * sizeof(T)) % 16 == 0 &&
                       ls_aligned16(k_base);
+  const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
+                        ls_aligned16(v_base);
   __syncthreads();
   float run_max = LS_NEG_INF, run_sum = 0.f;
   for (int tile = jb; tile < je; tile += DEC_THREADS) {
@@ -273,18 +283,51 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
     run_max = new_max;
     // block_sum synchronized the block after every ps write.
     const int n = min(DEC_THREADS, je - tile);
+    if (packed_v && n >= DEC_PACKED_MIN_KEYS) {
+      // Threads take 16-byte packs of a value row, DEC_THREADS / packs keys at a time, and
+      // the key groups' sums meet in shared memory.
+      constexpr int P = 16 / sizeof(T);
+      const int packs = head_dim / P, groups = DEC_THREADS / packs;
+      const int g = tid / packs, c = (tid - g * packs) * P;
+      float a[P];
 #pragma unroll
-    for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
-      const int d = tid + t * DEC_THREADS;
-      if (d < head_dim) {
-        const T* vr = v_base + (long long)tile * v_rs + d;
-        float a = 0.f;
+      for (int u = 0; u < P; ++u) a[u] = 0.f;
+      if (g < groups) {
+#pragma unroll 2
+        for (int i = g; i < n; i += groups) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(v_base + (long long)(tile + i) * v_rs + c);
+          const T* e = reinterpret_cast<const T*>(&raw);
+          const float pi = ps[i];
+#pragma unroll
+          for (int u = 0; u < P; ++u) a[u] += pi * to_f(e[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < P; ++u) vsum[g * head_dim + c + u] = a[u];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+        const int d = tid + t * DEC_THREADS;
+        if (d < head_dim) {
+          float x = 0.f;
+          for (int gg = 0; gg < groups; ++gg) x += vsum[gg * head_dim + d];
+          acc[t] = acc[t] * corr + x;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+        const int d = tid + t * DEC_THREADS;
+        if (d < head_dim) {
+          const T* vr = v_base + (long long)tile * v_rs + d;
+          float a = 0.f;
 #pragma unroll 4
-        for (int i = 0; i < n; ++i) a += ps[i] * to_f(vr[(long long)i * v_rs]);
-        acc[t] = acc[t] * corr + a;
+          for (int i = 0; i < n; ++i) a += ps[i] * to_f(vr[(long long)i * v_rs]);
+          acc[t] = acc[t] * corr + a;
+        }
       }
     }
-    __syncthreads();  // ps is rewritten by the next tile
+    __syncthreads();  // ps and vsum are rewritten by the next tile
   }
   T* o_row = out + (long long)b * heads * head_dim + h * head_dim;
   const float inv = run_sum > 0.f ? 1.f / run_sum : 0.f;

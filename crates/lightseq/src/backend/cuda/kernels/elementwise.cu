@@ -94,6 +94,47 @@ LS_FLOAT_TYPES(LS_ROWS)
 // Integer rows (ids) use the same kernel.
 LS_ROWS(int, i32)
 
+// Beam reorders of caches in place, through `scratch` [tensors, rows, prefix]: pass 0
+// gathers the first `prefix` elements of row idx[i] of tensor t (at address ptrs[t], rows
+// `row_stride` elements apart) to scratch, pass 1 writes them back to row i. Grid (packs,
+// rows, tensors).
+template <typename T>
+__device__ void reorder_prefix_body(const unsigned long long* ptrs, const int* idx, T* scratch,
+                                    int rows, long long row_stride, long long prefix, int pass) {
+  constexpr int N = 16 / sizeof(T);
+  const int t = blockIdx.z, i = blockIdx.y;
+  T* x = reinterpret_cast<T*>(ptrs[t]);
+  T* row = x + (pass == 0 ? (long long)idx[i] : (long long)i) * row_stride;
+  T* s = scratch + ((long long)t * rows + i) * prefix;
+  const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  if (prefix % N == 0 && row_stride % N == 0 && ls_aligned16(x) && ls_aligned16(scratch)) {
+    LsPack<T>* rp = reinterpret_cast<LsPack<T>*>(row);
+    LsPack<T>* sp = reinterpret_cast<LsPack<T>*>(s);
+    for (long long p = first; p < prefix / N; p += step) {
+      if (pass == 0)
+        sp[p] = rp[p];
+      else
+        rp[p] = sp[p];
+    }
+    return;
+  }
+  for (long long e = first; e < prefix; e += step) {
+    if (pass == 0)
+      s[e] = row[e];
+    else
+      row[e] = s[e];
+  }
+}
+
+#define LS_REORDER(T, S)                                                                       \
+  extern "C" __global__ void reorder_prefix_##S(const unsigned long long* ptrs, const int* idx, \
+                                                T* scratch, int rows, long long row_stride,    \
+                                                long long prefix, int pass) {                  \
+    reorder_prefix_body<T>(ptrs, idx, scratch, rows, row_stride, prefix, pass);                \
+  }
+LS_FLOAT_TYPES(LS_REORDER)
+
 // Conversions through f32: to_f32_<src> widens, from_f32_<dst> narrows (round to nearest).
 #define LS_CAST(T, S)                                                                         \
   extern "C" __global__ void to_f32_##S(const T* x, float* y, long long total) {              \

@@ -1,5 +1,6 @@
-// Layer normalization of (x + residual) over rows of length h; one block per row,
-// two passes (mean, then variance about the mean) with f32 sums.
+// Layer normalization of (x + residual) over rows of length h for few rows (many rows go
+// through train.cu's register-cached add_layer_norm): one block per row, two passes (mean,
+// then variance about the mean) with f32 sums.
 
 template <typename T>
 __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const T* beta, T* out,

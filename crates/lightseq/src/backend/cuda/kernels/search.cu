@@ -152,3 +152,137 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
     logprob_topk_body<T>(logits, rows, vocab, k, mask_rows, eos, n_eos, out);                  \
   }
 LS_FLOAT_TYPES(LS_SEARCH)
+
+// The same results for k <= 64 in two stages that use the whole GPU when there are few
+// rows: logprob_topk_slices gives each (slice of TK_SLICE tokens, row) a block, which
+// sorts the slice's keys (bitonic, in shared memory) and keeps its k best and its
+// log-sum-exp statistics; logprob_topk_merge sorts a row's slices' candidates and ranks the
+// k best. A 64-bit key orders (value, index) as the output does: the order key of the value
+// above, the complement of the index below (ties to the lower index).
+#define TK_SLICE 2048
+
+__device__ __forceinline__ unsigned long long tk_key(float v, int j) {
+  return ((unsigned long long)order_key(v) << 32) | (0xffffffffu - (unsigned int)j);
+}
+
+__device__ __forceinline__ float tk_value(unsigned long long key) {
+  const unsigned int u = (unsigned int)(key >> 32);
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+__device__ __forceinline__ int tk_index(unsigned long long key) {
+  return (int)(0xffffffffu - (unsigned int)(key & 0xffffffffu));
+}
+
+// Sorts a[0..n) (n a power of two) largest first; every thread of the block calls it.
+__device__ void tk_sort_desc(unsigned long long* a, int n) {
+  for (int size = 2; size <= n; size <<= 1)
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      __syncthreads();
+      for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+        const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const unsigned long long x = a[lo], y = a[hi];
+        if ((x < y) == desc) {
+          a[lo] = y;
+          a[hi] = x;
+        }
+      }
+    }
+  __syncthreads();
+}
+
+__device__ __forceinline__ int tk_pow2(int n) {
+  int p = 2;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// Block (slice s, row r): cand[(r * slices + s) * k + t] = the slice's t-th best key (0
+// past the slice's length), stats[2 (r * slices + s) + 0, 1] = its max and sum of exp(x -
+// max) over the raw logits (masking does not renormalize).
+template <typename T>
+__device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, const int* mask_rows,
+                                         const int* eos, int n_eos,
+                                         unsigned long long* cand, float* stats) {
+  __shared__ unsigned long long keys[TK_SLICE];
+  const int s = blockIdx.x, slices = gridDim.x;
+  const long long row = blockIdx.y;
+  const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0), np = tk_pow2(n);
+  const T* x = logits + row * vocab;
+  const bool masked = mask_rows && mask_rows[row];
+  float m = LS_NEG_INF, sum = 0.f;
+  for (int t = threadIdx.x; t < np; t += blockDim.x) {
+    unsigned long long key = 0;
+    if (t < n) {
+      const int j = j0 + t;
+      float v = to_f(x[j]);
+      if (v != LS_NEG_INF) {
+        if (v > m) {
+          sum = sum * expf(m - v) + 1.f;
+          m = v;
+        } else {
+          sum += expf(v - m);
+        }
+      }
+      if (masked)
+        for (int e = 0; e < n_eos; ++e)
+          if (eos[e] == j) v = LS_NEG_INF;
+      key = tk_key(v, j);
+    }
+    keys[t] = key;
+  }
+  const float bm = block_max(m);
+  const float bs = block_sum(m == LS_NEG_INF ? 0.f : sum * expf(m - bm));
+  tk_sort_desc(keys, np);
+  const long long at = (row * slices + s);
+  for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = t < np ? keys[t] : 0ull;
+  if (threadIdx.x == 0) {
+    stats[2 * at] = bm;
+    stats[2 * at + 1] = bs;
+  }
+}
+
+// Block r: the k best of row r's slices' candidates, as logprob_topk writes them.
+__device__ void logprob_topk_merge_body(const unsigned long long* cand, const float* stats,
+                                        int rows, int k, int slices, float* out) {
+  extern __shared__ unsigned long long merge_keys[];
+  const long long row = blockIdx.x;
+  const int n = slices * k, np = tk_pow2(n);
+  for (int t = threadIdx.x; t < np; t += blockDim.x)
+    merge_keys[t] = t < n ? cand[row * n + t] : 0ull;
+  float m = LS_NEG_INF, sum = 0.f;
+  for (int s = threadIdx.x; s < slices; s += blockDim.x) {
+    const float ms = stats[2 * (row * slices + s)], ss = stats[2 * (row * slices + s) + 1];
+    if (ms == LS_NEG_INF) continue;
+    if (ms > m) {
+      sum = sum * expf(m - ms) + ss;
+      m = ms;
+    } else {
+      sum += ss * expf(ms - m);
+    }
+  }
+  const float bm = block_max(m);
+  const float lse = bm + logf(block_sum(m == LS_NEG_INF ? 0.f : sum * expf(m - bm)));
+  tk_sort_desc(merge_keys, np);
+  float* out_v = out;
+  int* out_i = reinterpret_cast<int*>(out + (long long)rows * k);
+  for (int t = threadIdx.x; t < k; t += blockDim.x) {
+    out_v[row * k + t] = tk_value(merge_keys[t]) - lse;
+    out_i[row * k + t] = tk_index(merge_keys[t]);
+  }
+  if (threadIdx.x == 0) out[2LL * rows * k + row] = lse;
+}
+
+#define LS_SEARCH_SLICES(T, S)                                                                 \
+  extern "C" __global__ void logprob_topk_slices_##S(                                          \
+      const T* logits, int vocab, int k, const int* mask_rows, const int* eos, int n_eos,      \
+      unsigned long long* cand, float* stats) {                                                \
+    logprob_topk_slices_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);         \
+  }                                                                                            \
+  extern "C" __global__ void logprob_topk_merge_##S(const unsigned long long* cand,            \
+                                                    const float* stats, int rows, int k,       \
+                                                    int slices, float* out) {                  \
+    logprob_topk_merge_body(cand, stats, rows, k, slices, out);                                \
+  }
+LS_FLOAT_TYPES(LS_SEARCH_SLICES)
