@@ -18,8 +18,9 @@ use crate::ops;
 use crate::tensor::{DType, Device, Storage, Tensor};
 use std::sync::Mutex;
 
-/// Forwards of more tokens than this run eagerly.
-pub(crate) const MAX_TOKENS: usize = 4096;
+/// Forwards of more tokens than this run eagerly: there the replay saves little (H200,
+/// BERT-base 32 x 128: 2.68 -> 2.50 ms) and its graph holds its own memory (+44 MiB).
+pub(crate) const MAX_TOKENS: usize = 2048;
 /// Captured shapes kept per model.
 pub(crate) const MAX_SHAPES: usize = 8;
 
