@@ -839,3 +839,14 @@ fn reorder_row_prefixes_match_a_gather() {
         }
     }
 }
+
+#[test]
+fn reorder_rejects_source_rows_out_of_range() {
+    use lightseq::models::decode::DecodeState;
+    use lightseq::nn::attention::KvCache;
+    let cache = KvCache::new(3, 4, 8, DType::F32, &Device::Cpu).unwrap();
+    let mut st = DecodeState::new(3, 4, vec![cache]);
+    assert!(st.reorder(&[0, 3, 1]).is_err());
+    assert!(st.reorder(&[0, 1]).is_err());
+    assert!(st.reorder(&[2, 2, 0]).is_ok());
+}

@@ -122,6 +122,12 @@ impl DecodeState {
                 format!("{} indices for {} rows", src.len(), self.rows),
             ));
         }
+        if let Some(&s) = src.iter().find(|&&s| s >= self.rows) {
+            return Err(Error::op(
+                "reorder",
+                format!("source row {s} of {} rows", self.rows),
+            ));
+        }
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }

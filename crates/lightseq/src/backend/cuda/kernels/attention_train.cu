@@ -639,8 +639,9 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64)
 // out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
 // head) and walks the keys they see in tiles of AF_BK staged in shared memory. Each warp
 // keeps its 16 rows' scores, running max and sum and output in registers (online softmax),
-// so no score matrix goes through memory. Probabilities are rounded to T before they
-// multiply the values, as the unfused path rounds them; rows that see no key are zero.
+// so no score matrix goes through memory. The probabilities (unnormalized, relative to the
+// running max) are rounded to T before they multiply the values, the sum is taken over the
+// rounded ones, and the output is divided by it at the end; rows that see no key are zero.
 #define AF_BK 64
 #define AF_FAR (1 << 30)
 
