@@ -269,21 +269,23 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             assert!(err <= tol, "{name} {dt}: rel err {err} > {tol}");
             eprintln!("{name:<14} {dt:<5} rel err {err:.2e}");
         };
-        // Linear with and without bias, odd sizes, every activation.
-        let (m, n, k) = (37, 53, 71);
-        let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
-        for (i, act) in ACTS.into_iter().enumerate() {
-            let bias = i % 2 == 0;
-            let run = |d: &Device| {
-                ops::linear(
-                    &t(&x, &[m, k], dt, d),
-                    &t(&w, &[n, k], dt, d),
-                    bias.then(|| t(&b, &[n], dt, d)).as_ref(),
-                    act,
-                )
-                .unwrap()
-            };
-            check(&format!("linear {act:?}"), &run(&gpu), &run(&cpu));
+        // Linear with and without bias, every activation: odd sizes (the activation pass
+        // element by element), and rows of whole 16-byte packs (pack by pack).
+        for (m, n, k) in [(37, 53, 71), (24, 64, 40)] {
+            let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
+            for (i, act) in ACTS.into_iter().enumerate() {
+                let bias = i % 2 == 0;
+                let run = |d: &Device| {
+                    ops::linear(
+                        &t(&x, &[m, k], dt, d),
+                        &t(&w, &[n, k], dt, d),
+                        bias.then(|| t(&b, &[n], dt, d)).as_ref(),
+                        act,
+                    )
+                    .unwrap()
+                };
+                check(&format!("linear {act:?} {n}"), &run(&gpu), &run(&cpu));
+            }
         }
         // Layer norm with a residual, widths below and above one block, and rows enough for
         // the register-cached kernel (from 1024 rows on CUDA).

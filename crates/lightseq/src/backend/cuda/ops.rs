@@ -78,8 +78,10 @@ pub(crate) fn bias_act(
     let (code, total, n) = (act.code(), y.len() as i64, n as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&yp).arg(&bp).arg(&code).arg(&total).arg(&n);
+    // A thread per 16-byte pack (the kernel loops over elements where packs do not apply).
+    let packs = y.len().div_ceil(16 / y.dtype().size());
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
-    launched("bias_act", unsafe { l.launch(grid_1d(y.len(), 256)) })
+    launched("bias_act", unsafe { l.launch(grid_1d(packs, 256)) })
 }
 
 pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
