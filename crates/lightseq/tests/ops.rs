@@ -746,8 +746,8 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    // Two stages up to k = 64 and 4096 candidates a row (slices of 2048 tokens); one block
-    // a row past that.
+    // Registers per thread up to k = 16; two stages up to k = 64 and 4096 candidates a row
+    // (slices of 2048 tokens) for few rows; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
         (5, 50257, 64, true),
@@ -755,6 +755,9 @@ fn logprob_topk_matches_a_full_sort() {
         (5, 250_112, 8, true),
         (5, 250_112, 64, false),
         (5, 32000, 65, true),
+        (5, 32000, 16, true),
+        (5, 32000, 17, false),
+        (5, 20, 18, true),
     ] {
         logprob_topk_case(rows, vocab, k, ties);
     }

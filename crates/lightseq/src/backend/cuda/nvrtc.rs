@@ -66,7 +66,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
-        kernels: &["logprob_topk", "logprob_topk_slices", "logprob_topk_merge"],
+        kernels: &[
+            "logprob_topk",
+            "logprob_topk_slices",
+            "logprob_topk_merge",
+            "logprob_topk_small",
+        ],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

@@ -750,6 +750,26 @@ pub(crate) fn logprob_topk(
     );
     let op = out.ptr();
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
+    if rows > 0 && k <= TOPK_SMALL_MAX_K {
+        let f = dev.kernel("logprob_topk_small", x.dtype())?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&xp)
+            .arg(&r)
+            .arg(&v)
+            .arg(&kk)
+            .arg(&mp)
+            .arg(&ep)
+            .arg(&n_eos)
+            .arg(&op);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (TOPK_SMALL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match logprob_topk_small in search.cu.
+        launched("logprob_topk_small", unsafe { l.launch(cfg) })?;
+        return topk_download(&out, rows, k);
+    }
     let slices = vocab.div_ceil(TOPK_SLICE);
     // The slices' sorts cost more than the row-per-block select once they take several
     // waves (H200, ncu, 128 rows of 32000 tokens: 220 against 123 us a call); with few
@@ -808,6 +828,11 @@ pub(crate) fn logprob_topk(
     topk_download(&out, rows, k)
 }
 
+/// Up to this k, a block per row keeps per-thread candidates in registers (search.cu:
+/// TK_SMALL)...
+const TOPK_SMALL_MAX_K: usize = 16;
+/// ... with this many threads (search.cu: TK_SMALL_THREADS).
+const TOPK_SMALL_THREADS: u32 = 512;
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).
 const TOPK_SLICE: usize = 2048;
 /// The two-stage top-k serves at most this many slice blocks per SM...
