@@ -855,3 +855,34 @@ fn reorder_rejects_source_rows_out_of_range() {
     assert!(st.reorder(&[0, 1]).is_err());
     assert!(st.reorder(&[2, 2, 0]).is_ok());
 }
+
+#[test]
+fn write_rows_pair_equals_two_writes() {
+    let (b, cap, t_new, width, src_w) = (3, 9, 2, 24, 80);
+    let src = randn(80, b * t_new * src_w);
+    let base = randn(81, b * cap * width);
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu("write_rows_pair_equals_two_writes"));
+    for dev in &devices {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let s = t(&src, &[b, t_new, src_w], dt, dev);
+            let fresh = || t(&base, &[b, cap, width], dt, dev);
+            let (mut k1, mut v1, mut k2, mut v2) = (fresh(), fresh(), fresh(), fresh());
+            // The row on the device holds the same value as `row` (captured steps read it).
+            let row = Tensor::from_i32(&[5], &[1], dev).unwrap();
+            ops::write_rows_pair((&mut k1, &mut v1), 5, Some(&row), &s, (7, 40), width).unwrap();
+            ops::write_rows(&mut k2, 5, None, 0, &s, 7, width).unwrap();
+            ops::write_rows(&mut v2, 5, None, 0, &s, 40, width).unwrap();
+            for (x, y) in [(&k1, &k2), (&v1, &v2)] {
+                assert_eq!(
+                    x.to_f32_vec().unwrap(),
+                    y.to_f32_vec().unwrap(),
+                    "{dev} {dt}"
+                );
+            }
+            // Sources past the row's columns are refused.
+            let bad = ops::write_rows_pair((&mut k1, &mut v1), 0, None, &s, (7, 60), width);
+            assert!(bad.is_err(), "{dev} {dt}");
+        }
+    }
+}

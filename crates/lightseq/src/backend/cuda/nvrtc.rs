@@ -40,6 +40,7 @@ pub const MODULES: &[KernelModule] = &[
             "index_select",
             "reorder_prefix",
             "write_rows",
+            "write_rows2",
             "to_f32",
             "from_f32",
         ],

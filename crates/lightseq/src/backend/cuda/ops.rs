@@ -717,6 +717,48 @@ pub(crate) fn write_rows(
     launched("write_rows", unsafe { l.launch(grid_1d(total, 256)) })
 }
 
+/// [`write_rows`] of one source into two destinations of one shape (a layer's key and value
+/// caches) in one launch: `dst.0` from column `g.src_col`, `dst.1` from `src_col1`.
+pub(crate) fn write_rows2(
+    dst: (&CudaStorage, &CudaStorage),
+    src: &CudaStorage,
+    row_on_device: Option<&CudaStorage>,
+    g: &RowCopy,
+    src_col1: usize,
+) -> Result<()> {
+    let total = g.batch * g.rows * g.width;
+    if total == 0 {
+        return Ok(());
+    }
+    let dev = dst.0.device();
+    let f = dev.kernel("write_rows2", dst.0.dtype())?;
+    let (d0, d1, sp) = (dst.0.ptr(), dst.1.ptr(), src.ptr());
+    let rp = row_on_device.map_or(0, |r| r.ptr());
+    let a = [
+        g.batch,
+        g.rows,
+        g.width,
+        g.src_width,
+        g.src_col,
+        src_col1,
+        g.dst_rows,
+        g.dst_width,
+        g.dst_row,
+        g.dst_col,
+    ]
+    .map(|v| v as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&d0).arg(&d1).arg(&sp).arg(&rp);
+    for v in &a {
+        l.arg(v);
+    }
+    let mut cfg = grid_1d(total, 256);
+    cfg.grid_dim.1 = 2;
+    // SAFETY: argument types match write_rows2 in elementwise.cu; both destinations have
+    // the shape the front end checked.
+    launched("write_rows2", unsafe { l.launch(cfg) })
+}
+
 pub(crate) fn logprob_topk(
     x: &CudaStorage,
     rows: usize,

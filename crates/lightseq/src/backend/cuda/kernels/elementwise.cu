@@ -108,6 +108,18 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
                                             int dst_row, int dst_col) {                        \
     write_rows_body<T>(dst, src, batch, rows, width, src_width, src_col, dst_rows, dst_width,  \
                        dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
+  }                                                                                            \
+  /* Two write_rows of one source in one launch (a layer's keys and values): blockIdx.y */     \
+  /* picks (dst0, src_col0) or (dst1, src_col1). */                                            \
+  extern "C" __global__ void write_rows2_##S(T* dst0, T* dst1, const T* src,                  \
+                                             const int* dst_row_at, int batch, int rows,       \
+                                             int width, int src_width, int src_col0,           \
+                                             int src_col1, int dst_rows, int dst_width,        \
+                                             int dst_row, int dst_col) {                       \
+    const bool second = blockIdx.y == 1;                                                       \
+    write_rows_body<T>(second ? dst1 : dst0, src, batch, rows, width, src_width,               \
+                       second ? src_col1 : src_col0, dst_rows, dst_width,                      \
+                       dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
   }
 LS_FLOAT_TYPES(LS_ROWS)
 // Integer rows (ids) use the same kernel.
