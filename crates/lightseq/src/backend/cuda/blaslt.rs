@@ -514,10 +514,29 @@ impl BlasLt {
         Ok(true)
     }
 
-    /// Up to `count` algorithms for `d`, the heuristic's best first.
+    /// Up to `count` algorithms for `d`, the heuristic's best first. With
+    /// LIGHTSEQ_GEMM_REDUCTION=inplace (an experiment, off by default), split-K algorithms
+    /// that reduce in a separate kernel are left out (small GEMMs took a 3.4 us reduction
+    /// launch after a 5.9 us GEMM, BERT-base 1 x 8, ncu, H200).
     fn candidates(&self, d: &Descs, count: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let e = |e| cuda_err("cuBLASLt heuristic", e);
         let pref = lt::create_matmul_pref().map_err(e)?;
+        static INPLACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let inplace = *INPLACE
+            .get_or_init(|| std::env::var("LIGHTSEQ_GEMM_REDUCTION").is_ok_and(|v| v == "inplace"));
+        if inplace {
+            let mask = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32;
+            // SAFETY: the preference is live; the attribute takes a u32. A cuBLASLt that
+            // refuses it just keeps every scheme.
+            let _ = unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &mask as *const u32 as *const c_void,
+                    std::mem::size_of::<u32>(),
+                )
+            };
+        }
         let size = WORKSPACE_BYTES;
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
         let mut found = 0i32;
