@@ -701,16 +701,9 @@ pub fn write_rows_pair(
             format!("destinations {:?} and {:?}", a.shape(), b.shape()),
         ));
     }
-    let cuda = matches!(
-        (&a.storage, &b.storage, &src.storage),
-        (Storage::Cuda(_), Storage::Cuda(_), Storage::Cuda(_))
-    );
-    if !cuda {
-        write_rows(a, row, row_on_device, 0, src, src_cols.0, width)?;
-        return write_rows(b, row, row_on_device, 0, src, src_cols.1, width);
-    }
     same_device(OP, &[a, b, src])?;
     same_float_dtype(OP, &[a, src])?;
+    // Both writes are checked before either happens.
     let (ds, ss) = (a.shape().to_vec(), src.shape());
     let fits = |col: usize| col + width <= ss[2];
     if ds.len() != 3
@@ -725,6 +718,14 @@ pub fn write_rows_pair(
             OP,
             format!("dst {ds:?} at row {row}, src {ss:?} cols {src_cols:?}+{width}"),
         ));
+    }
+    let cuda = matches!(
+        (&a.storage, &b.storage, &src.storage),
+        (Storage::Cuda(_), Storage::Cuda(_), Storage::Cuda(_))
+    );
+    if !cuda {
+        write_rows(a, row, row_on_device, 0, src, src_cols.0, width)?;
+        return write_rows(b, row, row_on_device, 0, src, src_cols.1, width);
     }
     let g = cpu::RowCopy {
         batch: ss[0],

@@ -880,9 +880,11 @@ fn write_rows_pair_equals_two_writes() {
                     "{dev} {dt}"
                 );
             }
-            // Sources past the row's columns are refused.
+            // Sources past the row's columns are refused, before anything is written.
+            let before = k1.to_f32_vec().unwrap();
             let bad = ops::write_rows_pair((&mut k1, &mut v1), 0, None, &s, (7, 60), width);
             assert!(bad.is_err(), "{dev} {dt}");
+            assert_eq!(k1.to_f32_vec().unwrap(), before, "{dev} {dt}");
         }
     }
 }

@@ -46,8 +46,9 @@ pub(crate) struct ForwardGraphs {
 
 /// What the forward needs to know besides its inputs.
 pub(crate) struct Shape<'a> {
-    /// Identifies the forward's work: equal keys must mean equal kernels and launch shapes
-    /// (the batch's lengths, for instance).
+    /// Identifies the forward's work: equal keys must mean equal kernels and launch shapes,
+    /// and nothing but the device inputs may differ between forwards of one key (batch and
+    /// padded length, for BERT).
     pub key: Vec<usize>,
     /// Tokens in the batch.
     pub tokens: usize,
