@@ -11,11 +11,12 @@
 //! decode steps (see `step_graph`). A capture that fails (the forward uploaded from the
 //! host, e.g. an f32 attention through GEMMs) leaves that shape eager.
 
+use super::decode::upload_step_inputs;
 use super::step_graph;
 use crate::backend::cuda::graph::Graph;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops;
-use crate::tensor::{DType, Device, Storage, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 use std::sync::Mutex;
 
 /// Forwards of more tokens than this run eagerly: there the replay saves little (H200,
@@ -56,12 +57,6 @@ pub(crate) struct Shape<'a> {
     pub out: (&'a [usize], DType),
 }
 
-fn upload(host: &[Vec<i32>], device: &Device) -> Result<Vec<Tensor>> {
-    host.iter()
-        .map(|h| Tensor::from_i32(h, &[h.len()], device))
-        .collect()
-}
-
 impl ForwardGraphs {
     /// `body(inputs)`, with `inputs` the device copies of `host` (i32 vectors), eagerly or
     /// from a captured graph.
@@ -72,7 +67,7 @@ impl ForwardGraphs {
         host: &[Vec<i32>],
         body: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let eager = || body(&upload(host, device)?);
+        let eager = || body(&upload_step_inputs(host, device)?);
         let Device::Cuda(dev) = device else {
             return eager();
         };
@@ -97,12 +92,7 @@ impl ForwardGraphs {
                 out,
             } => {
                 let replayed = (|| {
-                    for (t, h) in inputs.iter_mut().zip(host) {
-                        match &mut t.storage {
-                            Storage::Cuda(s) => s.write_i32(h)?,
-                            _ => return Err(Error::op("forward graph", "inputs left the GPU")),
-                        }
-                    }
+                    step_graph::rewrite_inputs("forward graph", &mut inputs, host)?;
                     graph.launch()?;
                     step_graph::copied(&out)
                 })();
@@ -115,7 +105,7 @@ impl ForwardGraphs {
                 eager()
             }
             Slot::Warm => {
-                let inputs = upload(host, device)?;
+                let inputs = upload_step_inputs(host, device)?;
                 let mut out = ops::empty(shape.out.0, shape.out.1, device)?;
                 if dev.begin_capture().is_err() {
                     // Another thread is capturing on this device: eager now, capture later.

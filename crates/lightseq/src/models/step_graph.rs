@@ -80,6 +80,34 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
     v
 }
 
+/// Writes `host` into a captured graph's device inputs, which must have the same count and
+/// lengths (`what` names the caller in errors).
+pub(crate) fn rewrite_inputs(
+    what: &'static str,
+    inputs: &mut [Tensor],
+    host: &[Vec<i32>],
+) -> Result<()> {
+    if inputs.len() != host.len() {
+        return Err(crate::error::Error::op(
+            what,
+            "inputs changed between calls",
+        ));
+    }
+    for (t, h) in inputs.iter_mut().zip(host) {
+        let same = t.shape() == [h.len()];
+        match &mut t.storage {
+            Storage::Cuda(s) if same => s.write_i32(h)?,
+            _ => {
+                return Err(crate::error::Error::op(
+                    what,
+                    "inputs changed shape between calls",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A fresh tensor holding `src`'s values.
 pub(crate) fn copied(src: &Tensor) -> Result<Tensor> {
     let mut out = ops::empty(src.shape(), src.dtype(), &src.device())?;
@@ -113,24 +141,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
     let fp = fingerprint(st);
     let dtype = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
-            if c.inputs.len() != host.len() {
-                return Err(crate::error::Error::op(
-                    "decode step",
-                    "step inputs changed between steps",
-                ));
-            }
-            for (t, h) in c.inputs.iter_mut().zip(&host) {
-                let same = t.shape() == [h.len()];
-                match &mut t.storage {
-                    Storage::Cuda(s) if same => s.write_i32(h)?,
-                    _ => {
-                        return Err(crate::error::Error::op(
-                            "decode step",
-                            "step inputs changed shape between steps",
-                        ))
-                    }
-                }
-            }
+            rewrite_inputs("decode step", &mut c.inputs, &host)?;
             c.graph.launch()?;
             st.len += 1;
             let logits = copied(&c.out)?;

@@ -395,9 +395,6 @@ pub(crate) fn attention(
         .arg(&v_bs)
         .arg(&v_rs);
     l.arg(&causal).arg(&q_offset).arg(&window).arg(&o.scale);
-    if !flash {
-        l.arg(&tp).arg(&bp);
-    }
     if flash {
         // q's rows, then one tile each of k and v, rows padded by 8 elements, each region
         // rounded to 128 bytes (the kernel carves them in that order).
@@ -416,6 +413,7 @@ pub(crate) fn attention(
         launched(OP, unsafe { l.launch(cfg) })?;
         return Ok(out);
     }
+    l.arg(&tp).arg(&bp);
     let cfg = if decode {
         LaunchConfig {
             grid_dim: (o.heads as u32, batch as u32, 1),
@@ -624,16 +622,9 @@ pub(crate) fn reorder_prefix(
     let scratch = dev.alloc(dt, per_group * rows * prefix)?;
     let packs = prefix.div_ceil(16 / dt.size());
     for group in xs.chunks(per_group) {
-        // Addresses as pairs of i32 (little-endian u64) in one upload.
-        let ptrs: Vec<i32> = group
-            .iter()
-            .flat_map(|x| {
-                let p = x.ptr();
-                [p as u32 as i32, (p >> 32) as u32 as i32]
-            })
-            .collect();
-        let ptrs = dev.upload_i32(&ptrs)?;
-        let (pp, ip, sp) = (ptrs.ptr(), idx.ptr(), scratch.ptr());
+        let ptrs: Vec<u64> = group.iter().map(|x| x.ptr()).collect();
+        let ptrs = super::train_ops::upload_table(dev, &ptrs)?;
+        let (ip, sp) = (idx.ptr(), scratch.ptr());
         let (r, rs, pf) = (rows as i32, row_stride as i64, prefix as i64);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -646,7 +637,7 @@ pub(crate) fn reorder_prefix(
         };
         for pass in [0i32, 1] {
             let mut l = dev.stream().launch_builder(&f);
-            l.arg(&pp)
+            l.arg(&ptrs)
                 .arg(&ip)
                 .arg(&sp)
                 .arg(&r)

@@ -1302,7 +1302,7 @@ pub(crate) fn sum_squares(x: &CudaStorage) -> Result<f64> {
 const MULTI_CHUNK: usize = 1 << 16;
 
 /// Uploads a chunk table (rows of u64 words, laid out as the kernel's struct).
-fn upload_table(
+pub(crate) fn upload_table(
     dev: &std::sync::Arc<super::CudaDevice>,
     words: &[u64],
 ) -> Result<cudarc::driver::CudaSlice<u64>> {

@@ -20,6 +20,25 @@ __device__ __forceinline__ bool before(float v, int i, float w, int j) {
   return v > w || (v == w && i < j);
 }
 
+// Adds w * exp(v) to a running log-sum-exp held as (max m, sum s of exp(x - m)), online;
+// v = -inf adds nothing.
+__device__ __forceinline__ void lse_add(float& m, float& s, float v, float w) {
+  if (v == LS_NEG_INF) return;
+  if (v > m) {
+    s = s * expf(m - v) + w;
+    m = v;
+  } else {
+    s += w * expf(v - m);
+  }
+}
+
+// The block's (max, sum of exp(x - max)) from each thread's lse_add pair; every thread of
+// the block calls it and gets them.
+__device__ __forceinline__ float2 block_lse_pair(float m, float s) {
+  const float bm = block_max(m);
+  return make_float2(bm, block_sum(m == LS_NEG_INF ? 0.f : s * expf(m - bm)));
+}
+
 // Output: out[row * k + t] log-probabilities, then (from out + rows * k) the ids as int
 // bits, then (from out + 2 * rows * k) each row's log-sum-exp: one buffer, one download.
 template <typename T>
@@ -45,18 +64,9 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
 
   // Log-sum-exp over the whole row (masking does not renormalize, as in HF), online.
   float m = LS_NEG_INF, s = 0.f;
-  for (int j = tid; j < vocab; j += nt) {
-    const float v = to_f(x[j]);
-    if (v == LS_NEG_INF) continue;
-    if (v > m) {
-      s = s * expf(m - v) + 1.f;
-      m = v;
-    } else {
-      s += expf(v - m);
-    }
-  }
-  const float bm = block_max(m);
-  const float lse = bm + logf(block_sum(m == LS_NEG_INF ? 0.f : s * expf(m - bm)));
+  for (int j = tid; j < vocab; j += nt) lse_add(m, s, to_f(x[j]), 1.f);
+  const float2 ms = block_lse_pair(m, s);
+  const float lse = ms.x + logf(ms.y);
 
   // Radix select of the k-th largest key: `prefix` holds its digits found so far, `need`
   // how many of the keys matching the prefix are still to be taken.
@@ -217,14 +227,7 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
     if (t < n) {
       const int j = j0 + t;
       float v = to_f(x[j]);
-      if (v != LS_NEG_INF) {
-        if (v > m) {
-          sum = sum * expf(m - v) + 1.f;
-          m = v;
-        } else {
-          sum += expf(v - m);
-        }
-      }
+      lse_add(m, sum, v, 1.f);
       if (masked)
         for (int e = 0; e < n_eos; ++e)
           if (eos[e] == j) v = LS_NEG_INF;
@@ -232,14 +235,13 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
     }
     keys[t] = key;
   }
-  const float bm = block_max(m);
-  const float bs = block_sum(m == LS_NEG_INF ? 0.f : sum * expf(m - bm));
+  const float2 bms = block_lse_pair(m, sum);
   tk_sort_desc(keys, np);
   const long long at = (row * slices + s);
   for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = t < np ? keys[t] : 0ull;
   if (threadIdx.x == 0) {
-    stats[2 * at] = bm;
-    stats[2 * at + 1] = bs;
+    stats[2 * at] = bms.x;
+    stats[2 * at + 1] = bms.y;
   }
 }
 
@@ -252,18 +254,10 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
   for (int t = threadIdx.x; t < np; t += blockDim.x)
     merge_keys[t] = t < n ? cand[row * n + t] : 0ull;
   float m = LS_NEG_INF, sum = 0.f;
-  for (int s = threadIdx.x; s < slices; s += blockDim.x) {
-    const float ms = stats[2 * (row * slices + s)], ss = stats[2 * (row * slices + s) + 1];
-    if (ms == LS_NEG_INF) continue;
-    if (ms > m) {
-      sum = sum * expf(m - ms) + ss;
-      m = ms;
-    } else {
-      sum += ss * expf(ms - m);
-    }
-  }
-  const float bm = block_max(m);
-  const float lse = bm + logf(block_sum(m == LS_NEG_INF ? 0.f : sum * expf(m - bm)));
+  for (int s = threadIdx.x; s < slices; s += blockDim.x)
+    lse_add(m, sum, stats[2 * (row * slices + s)], stats[2 * (row * slices + s) + 1]);
+  const float2 ms = block_lse_pair(m, sum);
+  const float lse = ms.x + logf(ms.y);
   tk_sort_desc(merge_keys, np);
   float* out_v = out;
   int* out_i = reinterpret_cast<int*>(out + (long long)rows * k);
