@@ -325,14 +325,7 @@ __device__ void logprob_topk_small_body(const T* logits, int rows, int vocab, in
   float m = LS_NEG_INF, sum = 0.f;
   for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
     float v = to_f(x[j]);
-    if (v != LS_NEG_INF) {
-      if (v > m) {
-        sum = sum * expf(m - v) + 1.f;
-        m = v;
-      } else {
-        sum += expf(v - m);
-      }
-    }
+    lse_add(m, sum, v, 1.f);
     if (masked)
       for (int e = 0; e < n_eos; ++e)
         if (eos[e] == j) v = LS_NEG_INF;
@@ -346,8 +339,8 @@ __device__ void logprob_topk_small_body(const T* logits, int rows, int vocab, in
       }
     }
   }
-  const float bm = block_max(m);
-  const float lse = bm + logf(block_sum(m == LS_NEG_INF ? 0.f : sum * expf(m - bm)));
+  const float2 ms = block_lse_pair(m, sum);
+  const float lse = ms.x + logf(ms.y);
   tk_warp_merge(best, k, warp_best + warp * TK_SMALL);
   __syncthreads();
   if (warp == 0) {
