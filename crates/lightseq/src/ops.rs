@@ -683,6 +683,74 @@ pub fn write_rows(
     }
 }
 
+/// Two [`write_rows`] of one source (a layer's keys and values): `dst.0` takes `width`
+/// columns of `src` from `src_cols.0`, `dst.1` from `src_cols.1`; one launch on CUDA.
+pub fn write_rows_pair(
+    dst: (&mut Tensor, &mut Tensor),
+    row: usize,
+    row_on_device: Option<&Tensor>,
+    src: &Tensor,
+    src_cols: (usize, usize),
+    width: usize,
+) -> Result<()> {
+    const OP: &str = "write_rows_pair";
+    let (a, b) = dst;
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return Err(Error::op(
+            OP,
+            format!("destinations {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    }
+    same_device(OP, &[a, b, src])?;
+    same_float_dtype(OP, &[a, src])?;
+    // Both writes are checked before either happens.
+    let (ds, ss) = (a.shape().to_vec(), src.shape());
+    let fits = |col: usize| col + width <= ss[2];
+    if ds.len() != 3
+        || ss.len() != 3
+        || ds[0] != ss[0]
+        || row + ss[1] > ds[1]
+        || width > ds[2]
+        || !fits(src_cols.0)
+        || !fits(src_cols.1)
+    {
+        return Err(Error::op(
+            OP,
+            format!("dst {ds:?} at row {row}, src {ss:?} cols {src_cols:?}+{width}"),
+        ));
+    }
+    let cuda = matches!(
+        (&a.storage, &b.storage, &src.storage),
+        (Storage::Cuda(_), Storage::Cuda(_), Storage::Cuda(_))
+    );
+    if !cuda {
+        write_rows(a, row, row_on_device, 0, src, src_cols.0, width)?;
+        return write_rows(b, row, row_on_device, 0, src, src_cols.1, width);
+    }
+    let g = cpu::RowCopy {
+        batch: ss[0],
+        rows: ss[1],
+        width,
+        src_width: ss[2],
+        src_col: src_cols.0,
+        dst_rows: ds[1],
+        dst_width: ds[2],
+        dst_row: row,
+        dst_col: 0,
+    };
+    let at = match row_on_device {
+        Some(t) if t.dtype() == DType::I32 && t.len() == 1 => Some(t.cuda(OP)?),
+        Some(_) => return Err(Error::op(OP, "the device row must be i32 [1]")),
+        None => None,
+    };
+    match (&a.storage, &b.storage, &src.storage) {
+        (Storage::Cuda(d0), Storage::Cuda(d1), Storage::Cuda(s)) => {
+            cuda::ops::write_rows2((d0, d1), s, at, &g, src_cols.1)
+        }
+        _ => unreachable!("checked above"),
+    }
+}
+
 /// Copies `src` into `dst` (same shape and dtype), keeping `dst`'s storage.
 pub fn copy_into(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     const OP: &str = "copy_into";

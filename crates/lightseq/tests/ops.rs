@@ -269,21 +269,23 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             assert!(err <= tol, "{name} {dt}: rel err {err} > {tol}");
             eprintln!("{name:<14} {dt:<5} rel err {err:.2e}");
         };
-        // Linear with and without bias, odd sizes, every activation.
-        let (m, n, k) = (37, 53, 71);
-        let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
-        for (i, act) in ACTS.into_iter().enumerate() {
-            let bias = i % 2 == 0;
-            let run = |d: &Device| {
-                ops::linear(
-                    &t(&x, &[m, k], dt, d),
-                    &t(&w, &[n, k], dt, d),
-                    bias.then(|| t(&b, &[n], dt, d)).as_ref(),
-                    act,
-                )
-                .unwrap()
-            };
-            check(&format!("linear {act:?}"), &run(&gpu), &run(&cpu));
+        // Linear with and without bias, every activation: odd sizes (the activation pass
+        // element by element), and rows of whole 16-byte packs (pack by pack).
+        for (m, n, k) in [(37, 53, 71), (24, 64, 40)] {
+            let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
+            for (i, act) in ACTS.into_iter().enumerate() {
+                let bias = i % 2 == 0;
+                let run = |d: &Device| {
+                    ops::linear(
+                        &t(&x, &[m, k], dt, d),
+                        &t(&w, &[n, k], dt, d),
+                        bias.then(|| t(&b, &[n], dt, d)).as_ref(),
+                        act,
+                    )
+                    .unwrap()
+                };
+                check(&format!("linear {act:?} {n}"), &run(&gpu), &run(&cpu));
+            }
         }
         // Layer norm with a residual, widths below and above one block, and rows enough for
         // the register-cached kernel (from 1024 rows on CUDA).
@@ -744,8 +746,8 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    // Two stages up to k = 64 and 4096 candidates a row (slices of 2048 tokens); one block
-    // a row past that.
+    // Registers per thread up to k = 16; two stages up to k = 64 and 4096 candidates a row
+    // (slices of 2048 tokens) for few rows; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
         (5, 50257, 64, true),
@@ -753,6 +755,9 @@ fn logprob_topk_matches_a_full_sort() {
         (5, 250_112, 8, true),
         (5, 250_112, 64, false),
         (5, 32000, 65, true),
+        (5, 32000, 16, true),
+        (5, 32000, 17, false),
+        (5, 20, 18, true),
     ] {
         logprob_topk_case(rows, vocab, k, ties);
     }
@@ -849,4 +854,37 @@ fn reorder_rejects_source_rows_out_of_range() {
     assert!(st.reorder(&[0, 3, 1]).is_err());
     assert!(st.reorder(&[0, 1]).is_err());
     assert!(st.reorder(&[2, 2, 0]).is_ok());
+}
+
+#[test]
+fn write_rows_pair_equals_two_writes() {
+    let (b, cap, t_new, width, src_w) = (3, 9, 2, 24, 80);
+    let src = randn(80, b * t_new * src_w);
+    let base = randn(81, b * cap * width);
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu("write_rows_pair_equals_two_writes"));
+    for dev in &devices {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let s = t(&src, &[b, t_new, src_w], dt, dev);
+            let fresh = || t(&base, &[b, cap, width], dt, dev);
+            let (mut k1, mut v1, mut k2, mut v2) = (fresh(), fresh(), fresh(), fresh());
+            // The row on the device holds the same value as `row` (captured steps read it).
+            let row = Tensor::from_i32(&[5], &[1], dev).unwrap();
+            ops::write_rows_pair((&mut k1, &mut v1), 5, Some(&row), &s, (7, 40), width).unwrap();
+            ops::write_rows(&mut k2, 5, None, 0, &s, 7, width).unwrap();
+            ops::write_rows(&mut v2, 5, None, 0, &s, 40, width).unwrap();
+            for (x, y) in [(&k1, &k2), (&v1, &v2)] {
+                assert_eq!(
+                    x.to_f32_vec().unwrap(),
+                    y.to_f32_vec().unwrap(),
+                    "{dev} {dt}"
+                );
+            }
+            // Sources past the row's columns are refused, before anything is written.
+            let before = k1.to_f32_vec().unwrap();
+            let bad = ops::write_rows_pair((&mut k1, &mut v1), 0, None, &s, (7, 60), width);
+            assert!(bad.is_err(), "{dev} {dt}");
+            assert_eq!(k1.to_f32_vec().unwrap(), before, "{dev} {dt}");
+        }
+    }
 }

@@ -153,9 +153,9 @@ fn cpu_half_precision_weights_stay_within_tolerance() {
     }
 }
 
-/// BERT forwards of one shape run eagerly, then from a captured CUDA graph (with
+/// BERT forwards of one padded shape run eagerly, then from a captured CUDA graph (with
 /// LIGHTSEQ_CUDA_GRAPHS=require, as in gpu-check, a failed capture is an error): every
-/// call, replays included, must compute from its own inputs.
+/// call, replays included, must compute from its own inputs and lengths.
 #[test]
 fn gpu_repeated_forwards_read_their_own_inputs() {
     let Some(dev) = gpu("gpu_repeated_forwards_read_their_own_inputs") else {
@@ -173,16 +173,26 @@ fn gpu_repeated_forwards_read_their_own_inputs() {
         for r in second.token_type_ids.iter_mut().flatten() {
             r.reverse();
         }
+        // The same padded shape with other lengths: the first row two tokens shorter (the
+        // longest row is another one).
+        let mut third = first.clone();
+        let n = third.input_ids[0].len() - 2;
+        third.input_ids[0].truncate(n);
+        for r in third.token_type_ids.iter_mut() {
+            r[0].truncate(n);
+        }
         let cpu = models::load(&md, DType::F32, &Device::Cpu).unwrap();
-        let want = [&first, &second].map(|b| cpu.forward(b).unwrap().data);
+        let batches = [&first, &second, &third];
+        let want = batches.map(|b| cpu.forward(b).unwrap());
+        assert_eq!(want[0].shape, want[2].shape, "{name}: padded shapes differ");
         assert!(
-            rel_err(&want[0], &want[1]) > 1e-2,
+            rel_err(&want[0].data, &want[1].data) > 1e-2,
             "{name}: inputs too alike"
         );
         let model = models::load(&md, DType::F16, &dev).unwrap();
-        for call in 0..6 {
-            let b = if call % 2 == 0 { &first } else { &second };
-            let err = rel_err(&model.forward(b).unwrap().data, &want[call % 2]);
+        for call in 0..9 {
+            let got = model.forward(batches[call % 3]).unwrap();
+            let err = rel_err(&got.data, &want[call % 3].data);
             eprintln!("{name:<20} call {call} f16 rel err {err:.2e}");
             assert!(err <= 1e-2, "{name} call {call}: rel err {err}");
         }

@@ -168,10 +168,10 @@ impl Bert {
         let mut ranges = vec![0i32; p.batch];
         ranges.extend(p.lengths.iter().map(|&l| l as i32));
         let host = [p.flatten(&batch.input_ids, 0), p.positions(), types, ranges];
-        let mut key = vec![p.len];
-        key.extend(&p.lengths);
+        // Every length-dependent value reaches the kernels through `ranges` on the
+        // device, so one graph serves every batch of this padded shape.
         let shape = forward_graph::Shape {
-            key,
+            key: vec![p.batch, p.len],
             tokens: n,
             out: (&[n, h], self.word.dtype()),
         };

@@ -3,7 +3,7 @@
 //! A BERT-base forward of a few sequences launches about a hundred kernels whose host-side
 //! cost (about 5 us each, 9 per GEMM) exceeds their GPU time. A model keeps one
 //! [`ForwardGraphs`]; a forward whose inputs all come from device tensors is captured the
-//! second time its shape (the batch's lengths) is met, and later forwards of that shape
+//! second time its shape (batch and padded length) is met, and later forwards of that shape
 //! copy their inputs into the captured buffers and replay the graph with one launch. Only
 //! forwards of at most [`MAX_TOKENS`] tokens are captured (larger ones keep the GPU busy
 //! while the host enqueues), and only the [`MAX_SHAPES`] most recent shapes are kept.
@@ -47,8 +47,9 @@ pub(crate) struct ForwardGraphs {
 
 /// What the forward needs to know besides its inputs.
 pub(crate) struct Shape<'a> {
-    /// Identifies the forward's work: equal keys must mean equal kernels and launch shapes
-    /// (the batch's lengths, for instance).
+    /// Identifies the forward's work: equal keys must mean equal kernels and launch shapes,
+    /// and nothing but the device inputs may differ between forwards of one key (batch and
+    /// padded length, for BERT).
     pub key: Vec<usize>,
     /// Tokens in the batch.
     pub tokens: usize,

@@ -210,8 +210,14 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let qkv = self.project(x, batch, t, extras.rope)?;
-        ops::write_rows(&mut cache.k, q_offset, extras.offset, 0, &qkv, qd, kd)?;
-        ops::write_rows(&mut cache.v, q_offset, extras.offset, 0, &qkv, qd + kd, kd)?;
+        ops::write_rows_pair(
+            (&mut cache.k, &mut cache.v),
+            q_offset,
+            extras.offset,
+            &qkv,
+            (qd, qd + kd),
+            kd,
+        )?;
         // One query per row sees keys up to its own position, which the key ranges (ending
         // at q_offset + 1 at most) already enforce; the causal test would read q_offset.
         let causal = t > 1 || extras.window.is_some();

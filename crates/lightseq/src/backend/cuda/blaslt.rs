@@ -47,6 +47,12 @@ fn tune_env() -> Option<bool> {
     }
 }
 
+/// LIGHTSEQ_GEMM_REDUCTION=inplace (an experiment): see `candidates`.
+fn reduction_inplace() -> bool {
+    static INPLACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INPLACE.get_or_init(|| std::env::var("LIGHTSEQ_GEMM_REDUCTION").is_ok_and(|v| v == "inplace"))
+}
+
 const WORKSPACE_BYTES: usize = 32 << 20;
 /// Candidates timed per tuned shape.
 const TUNE_CANDIDATES: usize = 8;
@@ -72,8 +78,10 @@ impl Tuned {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        let path =
-            super::nvrtc::cache_dir().map(|d| d.join(format!("gemm-tune-{dev}-{version}.txt")));
+        // The reduction experiment changes the candidate lists, so it keeps its own file.
+        let suffix = if reduction_inplace() { "-inplace" } else { "" };
+        let path = super::nvrtc::cache_dir()
+            .map(|d| d.join(format!("gemm-tune-{dev}-{version}{suffix}.txt")));
         let choices = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -514,10 +522,26 @@ impl BlasLt {
         Ok(true)
     }
 
-    /// Up to `count` algorithms for `d`, the heuristic's best first.
+    /// Up to `count` algorithms for `d`, the heuristic's best first. With
+    /// LIGHTSEQ_GEMM_REDUCTION=inplace (an experiment, off by default), split-K algorithms
+    /// that reduce in a separate kernel are left out (small GEMMs took a 3.4 us reduction
+    /// launch after a 5.9 us GEMM, BERT-base 1 x 8, ncu, H200).
     fn candidates(&self, d: &Descs, count: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let e = |e| cuda_err("cuBLASLt heuristic", e);
         let pref = lt::create_matmul_pref().map_err(e)?;
+        if reduction_inplace() {
+            let mask = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32;
+            // SAFETY: the preference is live; the attribute takes a u32. A cuBLASLt that
+            // refuses it just keeps every scheme.
+            let _ = unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &mask as *const u32 as *const c_void,
+                    std::mem::size_of::<u32>(),
+                )
+            };
+        }
         let size = WORKSPACE_BYTES;
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
         let mut found = 0i32;

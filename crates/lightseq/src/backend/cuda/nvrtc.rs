@@ -40,6 +40,7 @@ pub const MODULES: &[KernelModule] = &[
             "index_select",
             "reorder_prefix",
             "write_rows",
+            "write_rows2",
             "to_f32",
             "from_f32",
         ],
@@ -66,7 +67,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
-        kernels: &["logprob_topk", "logprob_topk_slices", "logprob_topk_merge"],
+        kernels: &[
+            "logprob_topk",
+            "logprob_topk_slices",
+            "logprob_topk_merge",
+            "logprob_topk_small",
+        ],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

@@ -78,8 +78,10 @@ pub(crate) fn bias_act(
     let (code, total, n) = (act.code(), y.len() as i64, n as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&yp).arg(&bp).arg(&code).arg(&total).arg(&n);
+    // A thread per 16-byte pack (the kernel loops over elements where packs do not apply).
+    let packs = y.len().div_ceil(16 / y.dtype().size());
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
-    launched("bias_act", unsafe { l.launch(grid_1d(y.len(), 256)) })
+    launched("bias_act", unsafe { l.launch(grid_1d(packs, 256)) })
 }
 
 pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
@@ -706,6 +708,48 @@ pub(crate) fn write_rows(
     launched("write_rows", unsafe { l.launch(grid_1d(total, 256)) })
 }
 
+/// [`write_rows`] of one source into two destinations of one shape (a layer's key and value
+/// caches) in one launch: `dst.0` from column `g.src_col`, `dst.1` from `src_col1`.
+pub(crate) fn write_rows2(
+    dst: (&CudaStorage, &CudaStorage),
+    src: &CudaStorage,
+    row_on_device: Option<&CudaStorage>,
+    g: &RowCopy,
+    src_col1: usize,
+) -> Result<()> {
+    let total = g.batch * g.rows * g.width;
+    if total == 0 {
+        return Ok(());
+    }
+    let dev = dst.0.device();
+    let f = dev.kernel("write_rows2", dst.0.dtype())?;
+    let (d0, d1, sp) = (dst.0.ptr(), dst.1.ptr(), src.ptr());
+    let rp = row_on_device.map_or(0, |r| r.ptr());
+    let a = [
+        g.batch,
+        g.rows,
+        g.width,
+        g.src_width,
+        g.src_col,
+        src_col1,
+        g.dst_rows,
+        g.dst_width,
+        g.dst_row,
+        g.dst_col,
+    ]
+    .map(|v| v as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&d0).arg(&d1).arg(&sp).arg(&rp);
+    for v in &a {
+        l.arg(v);
+    }
+    let mut cfg = grid_1d(total, 256);
+    cfg.grid_dim.1 = 2;
+    // SAFETY: argument types match write_rows2 in elementwise.cu; both destinations have
+    // the shape the front end checked.
+    launched("write_rows2", unsafe { l.launch(cfg) })
+}
+
 pub(crate) fn logprob_topk(
     x: &CudaStorage,
     rows: usize,
@@ -739,6 +783,26 @@ pub(crate) fn logprob_topk(
     );
     let op = out.ptr();
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
+    if rows > 0 && k <= TOPK_SMALL_MAX_K {
+        let f = dev.kernel("logprob_topk_small", x.dtype())?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&xp)
+            .arg(&r)
+            .arg(&v)
+            .arg(&kk)
+            .arg(&mp)
+            .arg(&ep)
+            .arg(&n_eos)
+            .arg(&op);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (TOPK_SMALL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match logprob_topk_small in search.cu.
+        launched("logprob_topk_small", unsafe { l.launch(cfg) })?;
+        return topk_download(&out, rows, k);
+    }
     let slices = vocab.div_ceil(TOPK_SLICE);
     // The slices' sorts cost more than the row-per-block select once they take several
     // waves (H200, ncu, 128 rows of 32000 tokens: 220 against 123 us a call); with few
@@ -797,6 +861,11 @@ pub(crate) fn logprob_topk(
     topk_download(&out, rows, k)
 }
 
+/// Up to this k, a block per row keeps per-thread candidates in registers (search.cu:
+/// TK_SMALL)...
+const TOPK_SMALL_MAX_K: usize = 16;
+/// ... with this many threads (search.cu: TK_SMALL_THREADS).
+const TOPK_SMALL_THREADS: u32 = 512;
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).
 const TOPK_SLICE: usize = 2048;
 /// The two-stage top-k serves at most this many slice blocks per SM...

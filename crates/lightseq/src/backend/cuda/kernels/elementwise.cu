@@ -2,8 +2,27 @@
 
 template <typename T>
 __device__ void bias_act_body(T* y, const T* bias, int act, long long total, int n) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
+  constexpr int N = 16 / sizeof(T);
+  const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  // 16-byte packs where everything is aligned to them.
+  if (ls_aligned16(y) && total % N == 0 && (!bias || (ls_aligned16(bias) && n % N == 0))) {
+    LsPack<T>* yp = reinterpret_cast<LsPack<T>*>(y);
+    const LsPack<T>* bp = reinterpret_cast<const LsPack<T>*>(bias);
+    for (long long p = first; p < total / N; p += step) {
+      LsPack<T> v = yp[p], b;
+      if (bias) b = bp[p % (n / N)];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        float x = to_f(v.v[e]);
+        if (bias) x += to_f(b.v[e]);
+        v.v[e] = from_f<T>(activate(x, act));
+      }
+      yp[p] = v;
+    }
+    return;
+  }
+  for (long long i = first; i < total; i += step) {
     float v = to_f(y[i]);
     if (bias) v += to_f(bias[i % n]);
     y[i] = from_f<T>(activate(v, act));
@@ -88,6 +107,18 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
                                             int src_col, int dst_rows, int dst_width,          \
                                             int dst_row, int dst_col) {                        \
     write_rows_body<T>(dst, src, batch, rows, width, src_width, src_col, dst_rows, dst_width,  \
+                       dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
+  }                                                                                            \
+  /* Two write_rows of one source in one launch (a layer's keys and values): blockIdx.y */     \
+  /* picks (dst0, src_col0) or (dst1, src_col1). */                                            \
+  extern "C" __global__ void write_rows2_##S(T* dst0, T* dst1, const T* src,                  \
+                                             const int* dst_row_at, int batch, int rows,       \
+                                             int width, int src_width, int src_col0,           \
+                                             int src_col1, int dst_rows, int dst_width,        \
+                                             int dst_row, int dst_col) {                       \
+    const bool second = blockIdx.y == 1;                                                       \
+    write_rows_body<T>(second ? dst1 : dst0, src, batch, rows, width, src_width,               \
+                       second ? src_col1 : src_col0, dst_rows, dst_width,                      \
                        dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
   }
 LS_FLOAT_TYPES(LS_ROWS)

@@ -280,3 +280,89 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
     logprob_topk_merge_body(cand, stats, rows, k, slices, out);                                \
   }
 LS_FLOAT_TYPES(LS_SEARCH_SLICES)
+
+// Top-k for k <= TK_SMALL (beam search, greedy): one block per row. Each thread keeps the
+// TK_SMALL best keys of its strided share of the row, sorted, in registers (an element
+// that beats the last one is inserted by a max/min pass); each warp then merges its lanes'
+// lists by k rounds of a warp-wide max (the winning lane pops its head), and warp 0 merges
+// the warps' lists the same way. Keys as tk_key: ties to the lower index.
+#define TK_SMALL 16
+#define TK_SMALL_THREADS 512
+
+// k rounds: out[r] = the r-th largest head over the warp's lists (held by every lane).
+__device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[TK_SMALL], int k,
+                                              unsigned long long* out) {
+  const int lane = threadIdx.x & 31;
+  for (int r = 0; r < k; ++r) {
+    unsigned long long top = best[0];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(LS_FULL_MASK, top, o);
+      top = other > top ? other : top;
+    }
+    if (best[0] == top && top != 0ull) {
+#pragma unroll
+      for (int i = 0; i < TK_SMALL - 1; ++i) best[i] = best[i + 1];
+      best[TK_SMALL - 1] = 0ull;
+    }
+    if (lane == 0) out[r] = top;
+  }
+}
+
+template <typename T>
+__device__ void logprob_topk_small_body(const T* logits, int rows, int vocab, int k,
+                                        const int* mask_rows, const int* eos, int n_eos,
+                                        float* out) {
+  __shared__ unsigned long long warp_best[32 * TK_SMALL];
+  __shared__ unsigned long long final_best[TK_SMALL];
+  const long long row = blockIdx.x;
+  const T* x = logits + row * vocab;
+  const bool masked = mask_rows && mask_rows[row];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  unsigned long long best[TK_SMALL];
+#pragma unroll
+  for (int i = 0; i < TK_SMALL; ++i) best[i] = 0ull;
+  float m = LS_NEG_INF, sum = 0.f;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+    float v = to_f(x[j]);
+    lse_add(m, sum, v, 1.f);
+    if (masked)
+      for (int e = 0; e < n_eos; ++e)
+        if (eos[e] == j) v = LS_NEG_INF;
+    unsigned long long c = tk_key(v, j);
+    if (c > best[TK_SMALL - 1]) {
+#pragma unroll
+      for (int i = 0; i < TK_SMALL; ++i) {
+        const unsigned long long hi = best[i] > c ? best[i] : c;
+        c = best[i] > c ? c : best[i];
+        best[i] = hi;
+      }
+    }
+  }
+  const float2 ms = block_lse_pair(m, sum);
+  const float lse = ms.x + logf(ms.y);
+  tk_warp_merge(best, k, warp_best + warp * TK_SMALL);
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < TK_SMALL; ++i)
+      best[i] = lane < warps && i < k ? warp_best[lane * TK_SMALL + i] : 0ull;
+    tk_warp_merge(best, k, final_best);
+    __syncwarp();
+    float* out_v = out;
+    int* out_i = reinterpret_cast<int*>(out + (long long)rows * k);
+    for (int r = lane; r < k; r += 32) {
+      out_v[row * k + r] = tk_value(final_best[r]) - lse;
+      out_i[row * k + r] = tk_index(final_best[r]);
+    }
+    if (lane == 0) out[2LL * rows * k + row] = lse;
+  }
+}
+
+#define LS_SEARCH_SMALL(T, S)                                                                  \
+  extern "C" __global__ void __launch_bounds__(TK_SMALL_THREADS) logprob_topk_small_##S(       \
+      const T* logits, int rows, int vocab, int k, const int* mask_rows, const int* eos,       \
+      int n_eos, float* out) {                                                                 \
+    logprob_topk_small_body<T>(logits, rows, vocab, k, mask_rows, eos, n_eos, out);            \
+  }
+LS_FLOAT_TYPES(LS_SEARCH_SMALL)
