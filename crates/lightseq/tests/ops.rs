@@ -746,8 +746,9 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    // Registers per thread up to k = 16; two stages up to k = 64 and 4096 candidates a row
-    // (slices of 2048 tokens) for few rows; one block a row past that.
+    // Two stages (slices of 2048 tokens, then a merge of at most 4096 candidates a row):
+    // per-thread lists in registers up to k = 16 at any row count, sorted slices up to k =
+    // 64 for few rows; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
         (5, 50257, 64, true),

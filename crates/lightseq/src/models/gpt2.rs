@@ -207,7 +207,7 @@ impl Decoder for Gpt2 {
         let ranges = st.key_ranges(t);
         for (b, cache) in self.blocks.iter().zip(st.caches.iter_mut()) {
             let a = b.ln_1.forward(&x, None)?;
-            let a = b.attn.forward_cached(
+            x = b.attn.forward_cached(
                 &a,
                 st.rows,
                 t,
@@ -217,13 +217,13 @@ impl Decoder for Gpt2 {
                 SelfAttentionExtras {
                     ranges: Some(rt),
                     offset: Some(offset),
+                    residual: Some(&x),
                     ..Default::default()
                 },
             )?;
-            x = ops::add(&x, &a)?;
             let m = b.ln_2.forward(&x, None)?;
             let f = b.c_fc.forward(&m, self.act)?;
-            x = ops::add(&x, &b.mlp_proj.forward(&f, Activation::None)?)?;
+            x = b.mlp_proj.forward_add(&f, &x)?;
         }
         st.len += t;
         self.ln_f.forward(&x, None)

@@ -483,16 +483,15 @@ impl Decoder for Llama {
                 window: l.window,
                 ranges: Some(rt),
                 offset: Some(offset),
+                residual: Some(&x),
                 ..Default::default()
             };
-            x = ops::add(
-                &x,
-                &l.attn
-                    .forward_cached(&h, st.rows, t, cache, st.len, &ranges, extras)?,
-            )?;
+            x = l
+                .attn
+                .forward_cached(&h, st.rows, t, cache, st.len, &ranges, extras)?;
             let h = l.ln_mlp.forward(&x, None)?;
             let h = ops::glu(&l.gate_up.forward(&h, Activation::None)?, self.act)?;
-            x = ops::add(&x, &l.down.forward(&h, Activation::None)?)?;
+            x = l.down.forward_add(&h, &x)?;
         }
         st.len += t;
         self.norm.forward(&x, None)

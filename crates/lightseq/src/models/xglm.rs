@@ -235,7 +235,7 @@ impl Decoder for Xglm {
         let ranges = st.key_ranges(t);
         for (l, cache) in self.layers.iter().zip(st.caches.iter_mut()) {
             let h = l.ln_attn.forward(&x, None)?;
-            let a = l.attn.forward_cached(
+            x = l.attn.forward_cached(
                 &h,
                 st.rows,
                 t,
@@ -245,15 +245,12 @@ impl Decoder for Xglm {
                 SelfAttentionExtras {
                     ranges: Some(rt),
                     offset: Some(offset),
+                    residual: Some(&x),
                     ..Default::default()
                 },
             )?;
-            x = ops::add(&x, &a)?;
             let h = l.ln_ffn.forward(&x, None)?;
-            let h = l
-                .fc2
-                .forward(&l.fc1.forward(&h, self.act)?, Activation::None)?;
-            x = ops::add(&x, &h)?;
+            x = l.fc2.forward_add(&l.fc1.forward(&h, self.act)?, &x)?;
         }
         st.len += t;
         self.norm.forward(&x, None)

@@ -28,6 +28,9 @@ pub struct SelfAttentionExtras<'a> {
     /// `ranges`, a single-token step passes no step-dependent value to its kernels, so it
     /// can be captured once and replayed.
     pub offset: Option<&'a Tensor>,
+    /// Added to the output by the output projection (a pre-norm block's residual,
+    /// [batch * len, hidden_out]).
+    pub residual: Option<&'a Tensor>,
 }
 
 /// Self-attention with one fused q/k/v projection ([q | k | v] rows of the weight).
@@ -249,6 +252,9 @@ impl SelfAttention {
             &opts,
         )?
         .reshape(&[batch * t, qd])?;
-        self.out.forward(&a, Activation::None)
+        match extras.residual {
+            Some(r) => self.out.forward_add(&a, r),
+            None => self.out.forward(&a, Activation::None),
+        }
     }
 }

@@ -182,6 +182,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref(), act)
     }
+
+    /// `forward(x) + r` (a pre-norm block's residual): on CUDA the GEMM adds `r` in its
+    /// epilogue, so the sum costs no pass of its own.
+    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        crate::train::ops::linear_add(x, &self.weight, self.bias.as_ref(), r)
+    }
 }
 
 /// RMS normalization with a learned scale (T5, Llama).

@@ -144,6 +144,8 @@ pub(crate) enum Epilogue {
     Relu,
     /// max(C + bias, 0).
     BiasRelu(u64),
+    /// GELU in its tanh form (HF `gelu_new`) of C + bias.
+    BiasGeluTanh(u64),
 }
 
 impl Epilogue {
@@ -153,6 +155,7 @@ impl Epilogue {
             Epilogue::Bias(_) => 1,
             Epilogue::Relu => 2,
             Epilogue::BiasRelu(_) => 3,
+            Epilogue::BiasGeluTanh(_) => 4,
         }
     }
 
@@ -322,6 +325,7 @@ impl Descs {
                 Epilogue::Bias(p) => (Some(E::CUBLASLT_EPILOGUE_BIAS), Some(p)),
                 Epilogue::Relu => (Some(E::CUBLASLT_EPILOGUE_RELU), None),
                 Epilogue::BiasRelu(p) => (Some(E::CUBLASLT_EPILOGUE_RELU_BIAS), Some(p)),
+                Epilogue::BiasGeluTanh(p) => (Some(E::CUBLASLT_EPILOGUE_GELU_BIAS), Some(p)),
             };
             if let Some(epilogue) = epilogue {
                 lt::set_matmul_desc_attribute(
@@ -501,7 +505,14 @@ impl BlasLt {
                     };
                     let a = match found {
                         Ok(a) => Some(a),
-                        Err(_) if matches!(epi, Epilogue::Relu | Epilogue::BiasRelu(_)) => None,
+                        Err(_)
+                            if matches!(
+                                epi,
+                                Epilogue::Relu | Epilogue::BiasRelu(_) | Epilogue::BiasGeluTanh(_)
+                            ) =>
+                        {
+                            None
+                        }
                         Err(e) => return Err(e),
                     };
                     algos.insert(key, a);

@@ -72,6 +72,7 @@ pub const MODULES: &[KernelModule] = &[
             "logprob_topk_slices",
             "logprob_topk_merge",
             "logprob_topk_small",
+            "logprob_topk_slices_small",
         ],
         dtypes: &KERNEL_DTYPES,
     },

@@ -45,12 +45,16 @@ pub(crate) fn linear(
 ) -> Result<CudaStorage> {
     let dev = x.device();
     let dt = x.dtype();
+    if m > 0 && k > 0 && act == Activation::None && !(n * dt.size()).is_multiple_of(16) {
+        return linear_unaligned(x, w, b, m, n, k);
+    }
     let y = dev.alloc(dt, m * n)?;
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    // Bias and ReLU ride in the GEMM's epilogue (ReLU is exact there); other activations
-    // run as a separate pass so every activation has exactly the CPU's definition.
+    // Bias and ReLU ride in the GEMM's epilogue (ReLU is exact there), and so does the tanh
+    // GELU of 16-bit outputs with a bias (cuBLASLt's GELU is that form, within the output's
+    // rounding); other activations run as a separate pass, with the CPU's definition.
     let bias = b.map(|b| b.ptr());
     let gemm = |epi| {
         dev.lt
@@ -59,10 +63,60 @@ pub(crate) fn linear(
     if act == Activation::Relu && gemm(Epilogue::with(bias, true))? {
         return Ok(y);
     }
+    if let (Activation::GeluTanh, Some(bp), false) = (act, bias, dt == DType::F32) {
+        if gelu_epilogue() && gemm(Epilogue::BiasGeluTanh(bp))? {
+            return Ok(y);
+        }
+    }
     gemm(Epilogue::with(bias, false))?;
     if act != Activation::None {
         bias_act(&y, None, act, n)?;
     }
+    Ok(y)
+}
+
+/// Whether the top-k for k <= 16 runs by slices (`logprob_topk_slices_small`, the default)
+/// or a block per row (`logprob_topk_small`, with LIGHTSEQ_TOPK_SMALL_SLICED=0, kept for
+/// comparison).
+fn topk_small_sliced() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LIGHTSEQ_TOPK_SMALL_SLICED").map_or(true, |v| v != "0"))
+}
+
+/// Whether the tanh GELU may ride in the GEMM's epilogue (LIGHTSEQ_GELU_EPILOGUE=0 keeps it
+/// a separate pass, for comparison).
+fn gelu_epilogue() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LIGHTSEQ_GELU_EPILOGUE").map_or(true, |v| v != "0"))
+}
+
+/// [`linear`] for rows that are not whole 16-byte packs (LM heads over vocabularies such as
+/// GPT2's 50257 or BART's 50265): cuBLASLt runs such an output with fallback kernels at a
+/// fraction of the rate (H200, GPT2's head at 32 rows: an `align1` kernel at 64 us), so the
+/// GEMM writes rows padded to whole packs and one pass packs them.
+fn linear_unaligned(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let ld = n.next_multiple_of(16 / x.dtype().size());
+    let padded = super::train_ops::linear_ld(x, w, b, m, n, k, ld)?;
+    let y = x.device().alloc(x.dtype(), m * n)?;
+    let g = RowCopy {
+        batch: 1,
+        rows: m,
+        width: n,
+        src_width: ld,
+        src_col: 0,
+        dst_rows: m,
+        dst_width: n,
+        dst_row: 0,
+        dst_col: 0,
+    };
+    write_rows(&y, &padded, None, &g)?;
     Ok(y)
 }
 
@@ -783,7 +837,15 @@ pub(crate) fn logprob_topk(
     );
     let op = out.ptr();
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
-    if rows > 0 && k <= TOPK_SMALL_MAX_K {
+    let slices = vocab.div_ceil(TOPK_SLICE);
+    // Slices, then a merge of their candidates: for k <= 16 per-thread lists in registers
+    // (cheap at any row count); for larger k sorted slices, whose sorts cost more than the
+    // row-per-block select once they take several waves (H200, ncu, 128 rows of 32000
+    // tokens: 220 against 123 us a call), while with few rows the select leaves most of the
+    // GPU idle.
+    let small = k <= TOPK_SMALL_MAX_K;
+    // (A grid's y dimension, the rows of the sliced kernels, stops at 65535.)
+    if rows > 0 && small && (!topk_small_sliced() || rows > 65535) {
         let f = dev.kernel("logprob_topk_small", x.dtype())?;
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&xp)
@@ -803,28 +865,31 @@ pub(crate) fn logprob_topk(
         launched("logprob_topk_small", unsafe { l.launch(cfg) })?;
         return topk_download(&out, rows, k);
     }
-    let slices = vocab.div_ceil(TOPK_SLICE);
-    // The slices' sorts cost more than the row-per-block select once they take several
-    // waves (H200, ncu, 128 rows of 32000 tokens: 220 against 123 us a call); with few
-    // rows the select leaves most of the GPU idle.
     let waves = rows * slices <= TOPK_SLICED_BLOCKS_PER_SM * dev.sm_count();
-    if rows > 0 && waves && k <= TOPK_SLICED_MAX_K && slices * k <= TOPK_MERGE_MAX {
+    let sliced = small || waves && k <= TOPK_SLICED_MAX_K;
+    if rows > 0 && rows <= 65535 && sliced && slices * k <= TOPK_MERGE_MAX {
         // Candidates (u64 keys, as two i32 each) and (max, sum) per slice.
         let cand = dev.alloc(DType::I32, 2 * rows * slices * k)?;
         let stats = dev.alloc(DType::F32, 2 * rows * slices)?;
         let (cp, sp) = (cand.ptr(), stats.ptr());
-        let f = dev.kernel("logprob_topk_slices", x.dtype())?;
+        let (name, threads) = if small {
+            ("logprob_topk_slices_small", TOPK_SMALL_SLICE_THREADS)
+        } else {
+            ("logprob_topk_slices", 512)
+        };
+        let f = dev.kernel(name, x.dtype())?;
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&xp).arg(&v).arg(&kk).arg(&mp).arg(&ep).arg(&n_eos);
         l.arg(&cp).arg(&sp);
         let cfg = LaunchConfig {
             grid_dim: (slices as u32, rows as u32, 1),
-            block_dim: (512, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types match logprob_topk_slices in search.cu; cand and stats
-        // hold rows * slices * k keys and rows * slices pairs.
-        launched("logprob_topk_slices", unsafe { l.launch(cfg) })?;
+        // SAFETY: argument types match logprob_topk_slices(_small) in search.cu (the small
+        // one needs exactly TK_SMALL_SLICE_THREADS threads); cand and stats hold rows *
+        // slices * k keys and rows * slices pairs.
+        launched(name, unsafe { l.launch(cfg) })?;
         let f = dev.kernel("logprob_topk_merge", x.dtype())?;
         let s32 = slices as i32;
         let mut l = dev.stream().launch_builder(&f);
@@ -866,6 +931,8 @@ pub(crate) fn logprob_topk(
 const TOPK_SMALL_MAX_K: usize = 16;
 /// ... with this many threads (search.cu: TK_SMALL_THREADS).
 const TOPK_SMALL_THREADS: u32 = 512;
+/// Threads of logprob_topk_slices_small (search.cu: TK_SMALL_SLICE_THREADS).
+const TOPK_SMALL_SLICE_THREADS: u32 = 256;
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).
 const TOPK_SLICE: usize = 2048;
 /// The two-stage top-k serves at most this many slice blocks per SM...
