@@ -71,7 +71,6 @@ pub const MODULES: &[KernelModule] = &[
             "logprob_topk",
             "logprob_topk_slices",
             "logprob_topk_merge",
-            "logprob_topk_small",
             "logprob_topk_slices_small",
         ],
         dtypes: &KERNEL_DTYPES,

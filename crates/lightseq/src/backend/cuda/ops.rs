@@ -75,14 +75,6 @@ pub(crate) fn linear(
     Ok(y)
 }
 
-/// Whether the top-k for k <= 16 runs by slices (`logprob_topk_slices_small`, the default)
-/// or a block per row (`logprob_topk_small`, with LIGHTSEQ_TOPK_SMALL_SLICED=0, kept for
-/// comparison).
-fn topk_small_sliced() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LIGHTSEQ_TOPK_SMALL_SLICED").map_or(true, |v| v != "0"))
-}
-
 /// Whether the tanh GELU may ride in the GEMM's epilogue (LIGHTSEQ_GELU_EPILOGUE=0 keeps it
 /// a separate pass, for comparison).
 fn gelu_epilogue() -> bool {
@@ -844,29 +836,9 @@ pub(crate) fn logprob_topk(
     // tokens: 220 against 123 us a call), while with few rows the select leaves most of the
     // GPU idle.
     let small = k <= TOPK_SMALL_MAX_K;
-    // (A grid's y dimension, the rows of the sliced kernels, stops at 65535.)
-    if rows > 0 && small && (!topk_small_sliced() || rows > 65535) {
-        let f = dev.kernel("logprob_topk_small", x.dtype())?;
-        let mut l = dev.stream().launch_builder(&f);
-        l.arg(&xp)
-            .arg(&r)
-            .arg(&v)
-            .arg(&kk)
-            .arg(&mp)
-            .arg(&ep)
-            .arg(&n_eos)
-            .arg(&op);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (TOPK_SMALL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types match logprob_topk_small in search.cu.
-        launched("logprob_topk_small", unsafe { l.launch(cfg) })?;
-        return topk_download(&out, rows, k);
-    }
     let waves = rows * slices <= TOPK_SLICED_BLOCKS_PER_SM * dev.sm_count();
     let sliced = small || waves && k <= TOPK_SLICED_MAX_K;
+    // (A grid's y dimension, the rows of the slice kernels, stops at 65535.)
     if rows > 0 && rows <= 65535 && sliced && slices * k <= TOPK_MERGE_MAX {
         // Candidates (u64 keys, as two i32 each) and (max, sum) per slice.
         let cand = dev.alloc(DType::I32, 2 * rows * slices * k)?;
@@ -926,12 +898,9 @@ pub(crate) fn logprob_topk(
     topk_download(&out, rows, k)
 }
 
-/// Up to this k, a block per row keeps per-thread candidates in registers (search.cu:
-/// TK_SMALL)...
+/// Up to this k, slices keep per-thread candidates in registers (search.cu: TK_SMALL)...
 const TOPK_SMALL_MAX_K: usize = 16;
-/// ... with this many threads (search.cu: TK_SMALL_THREADS).
-const TOPK_SMALL_THREADS: u32 = 512;
-/// Threads of logprob_topk_slices_small (search.cu: TK_SMALL_SLICE_THREADS).
+/// ... in blocks of this many threads (search.cu: TK_SMALL_SLICE_THREADS).
 const TOPK_SMALL_SLICE_THREADS: u32 = 256;
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).
 const TOPK_SLICE: usize = 2048;

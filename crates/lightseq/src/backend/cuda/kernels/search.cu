@@ -1,11 +1,12 @@
 // Search on the device: per row, log-softmax statistics and the k best tokens, so only
-// k (value, index) pairs per row cross to the host. One block per row.
+// k (value, index) pairs per row cross to the host. Either a block per row (the radix
+// select below) or a block per slice of a row and then one per row (further down).
 //
 // Order: larger value first, ties to the lower index (a stable top-k). With `mask_rows`
 // set for a row, the listed EOS ids are excluded (their log-probability is -inf), as HF's
 // min-length processor does on log-probabilities.
 //
-// Selection is a radix select: four passes of 8-bit digit histograms over order-preserving
+// The row-per-block selection is a radix select: four passes of 8-bit digit histograms over order-preserving
 // integer keys find the k-th largest key K; the keys above K are gathered, then the keys
 // equal to K in index order until k are held, and the k are ranked. About seven reads of
 // the row (which stays in L2) instead of the k full scans of a selection by rounds.
@@ -281,13 +282,9 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
   }
 LS_FLOAT_TYPES(LS_SEARCH_SLICES)
 
-// Top-k for k <= TK_SMALL (beam search, greedy): one block per row. Each thread keeps the
-// TK_SMALL best keys of its strided share of the row, sorted, in registers (an element
-// that beats the last one is inserted by a max/min pass); each warp then merges its lanes'
-// lists by k rounds of a warp-wide max (the winning lane pops its head), and warp 0 merges
-// the warps' lists the same way. Keys as tk_key: ties to the lower index.
+// Sorted per-thread lists of keys (tk_key order: ties to the lower index), at most
+// TK_SMALL long, merged by rounds of a warp-wide max: the top-k for k <= TK_SMALL.
 #define TK_SMALL 16
-#define TK_SMALL_THREADS 512
 
 // k rounds: out[r] = the r-th largest head over the warp's lists (held by every lane).
 __device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[TK_SMALL], int k,
@@ -309,64 +306,6 @@ __device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[TK_SMAL
   }
 }
 
-template <typename T>
-__device__ void logprob_topk_small_body(const T* logits, int rows, int vocab, int k,
-                                        const int* mask_rows, const int* eos, int n_eos,
-                                        float* out) {
-  __shared__ unsigned long long warp_best[32 * TK_SMALL];
-  __shared__ unsigned long long final_best[TK_SMALL];
-  const long long row = blockIdx.x;
-  const T* x = logits + row * vocab;
-  const bool masked = mask_rows && mask_rows[row];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  unsigned long long best[TK_SMALL];
-#pragma unroll
-  for (int i = 0; i < TK_SMALL; ++i) best[i] = 0ull;
-  float m = LS_NEG_INF, sum = 0.f;
-  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-    float v = to_f(x[j]);
-    lse_add(m, sum, v, 1.f);
-    if (masked)
-      for (int e = 0; e < n_eos; ++e)
-        if (eos[e] == j) v = LS_NEG_INF;
-    unsigned long long c = tk_key(v, j);
-    if (c > best[TK_SMALL - 1]) {
-#pragma unroll
-      for (int i = 0; i < TK_SMALL; ++i) {
-        const unsigned long long hi = best[i] > c ? best[i] : c;
-        c = best[i] > c ? c : best[i];
-        best[i] = hi;
-      }
-    }
-  }
-  const float2 ms = block_lse_pair(m, sum);
-  const float lse = ms.x + logf(ms.y);
-  tk_warp_merge(best, k, warp_best + warp * TK_SMALL);
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int i = 0; i < TK_SMALL; ++i)
-      best[i] = lane < warps && i < k ? warp_best[lane * TK_SMALL + i] : 0ull;
-    tk_warp_merge(best, k, final_best);
-    __syncwarp();
-    float* out_v = out;
-    int* out_i = reinterpret_cast<int*>(out + (long long)rows * k);
-    for (int r = lane; r < k; r += 32) {
-      out_v[row * k + r] = tk_value(final_best[r]) - lse;
-      out_i[row * k + r] = tk_index(final_best[r]);
-    }
-    if (lane == 0) out[2LL * rows * k + row] = lse;
-  }
-}
-
-#define LS_SEARCH_SMALL(T, S)                                                                  \
-  extern "C" __global__ void __launch_bounds__(TK_SMALL_THREADS) logprob_topk_small_##S(       \
-      const T* logits, int rows, int vocab, int k, const int* mask_rows, const int* eos,       \
-      int n_eos, float* out) {                                                                 \
-    logprob_topk_small_body<T>(logits, rows, vocab, k, mask_rows, eos, n_eos, out);            \
-  }
-LS_FLOAT_TYPES(LS_SEARCH_SMALL)
-
 // The block's k best of the lists in `best` (each thread's, sorted), left in `final_best`
 // [k] (shared); `best` is consumed. Every thread calls it; a barrier precedes the result.
 __device__ __forceinline__ void tk_small_block_merge(unsigned long long (&best)[TK_SMALL], int k,
@@ -384,12 +323,13 @@ __device__ __forceinline__ void tk_small_block_merge(unsigned long long (&best)[
   __syncthreads();
 }
 
-// logprob_topk_slices' results for k <= TK_SMALL: a block of TK_SMALL_SLICE_THREADS per
-// (slice of TK_SLICE tokens, row) loads its TK_SLICE / TK_SMALL_SLICE_THREADS elements a
-// thread at once, keeps them as a sorted list in registers (logprob_topk_small's
-// insertion), and merges the lists as logprob_topk_small does; logprob_topk_merge follows.
-// A row-per-block kernel runs one SM per row, and ran ~65 us a call on an H200 at 4 and at
-// 128 rows of 32000 tokens (issue-bound: ~64 insertions of 16 keys each per thread).
+// logprob_topk_slices' results for k <= TK_SMALL (beam search's 2 x beams, greedy): a
+// block of TK_SMALL_SLICE_THREADS per (slice of TK_SLICE tokens, row) loads its
+// TK_SLICE / TK_SMALL_SLICE_THREADS elements a thread at once, keeps them as a sorted list
+// in registers (an element that beats the last one is inserted by a max/min pass), and
+// merges the lists (tk_small_block_merge); logprob_topk_merge follows. A block per row,
+// each thread listing the 16 best of its strided share, ran ~65 us a call on an H200 at 4
+// and at 128 rows of 32000 tokens: one SM per row, issue-bound on the insertions.
 #define TK_SMALL_SLICE_THREADS 256
 
 template <typename T>
