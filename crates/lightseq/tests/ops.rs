@@ -746,9 +746,8 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    // Two stages (slices of 2048 tokens, then a merge of at most 4096 candidates a row):
-    // per-thread lists in registers up to k = 16 at any row count, sorted slices up to k =
-    // 64 for few rows; one block a row past that.
+    // Two stages (slices of 2048 tokens with per-thread lists, then a merge of at most
+    // 4096 candidates a row) up to k = 64; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
         (5, 50257, 64, true),

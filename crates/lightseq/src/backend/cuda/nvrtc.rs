@@ -67,12 +67,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
-        kernels: &[
-            "logprob_topk",
-            "logprob_topk_slices",
-            "logprob_topk_merge",
-            "logprob_topk_slices_small",
-        ],
+        kernels: &["logprob_topk", "logprob_topk_slices", "logprob_topk_merge"],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

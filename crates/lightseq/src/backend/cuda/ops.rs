@@ -830,38 +830,27 @@ pub(crate) fn logprob_topk(
     let op = out.ptr();
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
     let slices = vocab.div_ceil(TOPK_SLICE);
-    // Slices, then a merge of their candidates: for k <= 16 per-thread lists in registers
-    // (cheap at any row count); for larger k sorted slices, whose sorts cost more than the
-    // row-per-block select once they take several waves (H200, ncu, 128 rows of 32000
-    // tokens: 220 against 123 us a call), while with few rows the select leaves most of the
-    // GPU idle.
-    let small = k <= TOPK_SMALL_MAX_K;
-    let waves = rows * slices <= TOPK_SLICED_BLOCKS_PER_SM * dev.sm_count();
-    let sliced = small || waves && k <= TOPK_SLICED_MAX_K;
-    // (A grid's y dimension, the rows of the slice kernels, stops at 65535.)
-    if rows > 0 && rows <= 65535 && sliced && slices * k <= TOPK_MERGE_MAX {
+    // Slices (per-thread lists in registers), then a merge of their candidates; one block a
+    // row (a radix select) for larger k, more candidates than the merge sorts, or rows past
+    // a grid's y dimension (the rows of the slice kernel), 65535.
+    if rows > 0 && rows <= 65535 && k <= TOPK_SLICED_MAX_K && slices * k <= TOPK_MERGE_MAX {
         // Candidates (u64 keys, as two i32 each) and (max, sum) per slice.
         let cand = dev.alloc(DType::I32, 2 * rows * slices * k)?;
         let stats = dev.alloc(DType::F32, 2 * rows * slices)?;
         let (cp, sp) = (cand.ptr(), stats.ptr());
-        let (name, threads) = if small {
-            ("logprob_topk_slices_small", TOPK_SMALL_SLICE_THREADS)
-        } else {
-            ("logprob_topk_slices", 512)
-        };
-        let f = dev.kernel(name, x.dtype())?;
+        let f = dev.kernel("logprob_topk_slices", x.dtype())?;
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&xp).arg(&v).arg(&kk).arg(&mp).arg(&ep).arg(&n_eos);
         l.arg(&cp).arg(&sp);
         let cfg = LaunchConfig {
             grid_dim: (slices as u32, rows as u32, 1),
-            block_dim: (threads, 1, 1),
+            block_dim: (TOPK_SLICE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types match logprob_topk_slices(_small) in search.cu (the small
-        // one needs exactly TK_SMALL_SLICE_THREADS threads); cand and stats hold rows *
-        // slices * k keys and rows * slices pairs.
-        launched(name, unsafe { l.launch(cfg) })?;
+        // SAFETY: argument types match logprob_topk_slices in search.cu, which needs exactly
+        // TK_SLICE_THREADS threads and k <= TK_MAX_K; cand and stats hold rows * slices * k
+        // keys and rows * slices pairs.
+        launched("logprob_topk_slices", unsafe { l.launch(cfg) })?;
         let f = dev.kernel("logprob_topk_merge", x.dtype())?;
         let s32 = slices as i32;
         let mut l = dev.stream().launch_builder(&f);
@@ -898,15 +887,11 @@ pub(crate) fn logprob_topk(
     topk_download(&out, rows, k)
 }
 
-/// Up to this k, slices keep per-thread candidates in registers (search.cu: TK_SMALL)...
-const TOPK_SMALL_MAX_K: usize = 16;
-/// ... in blocks of this many threads (search.cu: TK_SMALL_SLICE_THREADS).
-const TOPK_SMALL_SLICE_THREADS: u32 = 256;
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).
 const TOPK_SLICE: usize = 2048;
-/// The two-stage top-k serves at most this many slice blocks per SM...
-const TOPK_SLICED_BLOCKS_PER_SM: usize = 8;
-/// ... and k up to this...
+/// Threads of a slice block (search.cu: TK_SLICE_THREADS).
+const TOPK_SLICE_THREADS: u32 = 256;
+/// The two-stage top-k serves k up to this (search.cu: TK_MAX_K)...
 const TOPK_SLICED_MAX_K: usize = 64;
 /// ... when a row's candidates (slices x k) number at most this (the merge sorts them in
 /// shared memory, 8 bytes each).

@@ -164,13 +164,17 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
   }
 LS_FLOAT_TYPES(LS_SEARCH)
 
-// The same results for k <= 64 in two stages that use the whole GPU when there are few
-// rows: logprob_topk_slices gives each (slice of TK_SLICE tokens, row) a block, which
-// sorts the slice's keys (bitonic, in shared memory) and keeps its k best and its
-// log-sum-exp statistics; logprob_topk_merge sorts a row's slices' candidates and ranks the
-// k best. A 64-bit key orders (value, index) as the output does: the order key of the value
-// above, the complement of the index below (ties to the lower index).
+// The same results for k <= 64 in two stages that use the whole GPU at any row count:
+// logprob_topk_slices gives each (slice of TK_SLICE tokens, row) a block, which keeps the
+// slice's k best keys and its log-sum-exp statistics; logprob_topk_merge sorts a row's
+// slices' candidates and ranks the k best. A 64-bit key orders (value, index) as the output
+// does: the order key of the value above, the complement of the index below (ties to the
+// lower index).
 #define TK_SLICE 2048
+// Threads of a slice block, and the keys each holds (TK_SLICE / TK_SLICE_THREADS).
+#define TK_SLICE_THREADS 256
+#define TK_LIST 8
+#define TK_MAX_K 64
 
 __device__ __forceinline__ unsigned long long tk_key(float v, int j) {
   return ((unsigned long long)order_key(v) << 32) | (0xffffffffu - (unsigned int)j);
@@ -209,37 +213,86 @@ __device__ __forceinline__ int tk_pow2(int n) {
   return p;
 }
 
-// Block (slice s, row r): cand[(r * slices + s) * k + t] = the slice's t-th best key (0
-// past the slice's length), stats[2 (r * slices + s) + 0, 1] = its max and sum of exp(x -
-// max) over the raw logits (masking does not renormalize).
+// k rounds: out[r] = the r-th largest head over the warp's lists (sorted, L keys each, 0
+// past their ends), popped from the winning lane's list; 0 once every list is empty.
+template <int L>
+__device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[L], int k,
+                                              unsigned long long* out) {
+  const int lane = threadIdx.x & 31;
+  for (int r = 0; r < k; ++r) {
+    unsigned long long top = best[0];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(LS_FULL_MASK, top, o);
+      top = other > top ? other : top;
+    }
+    if (best[0] == top && top != 0ull) {
+#pragma unroll
+      for (int i = 0; i < L - 1; ++i) best[i] = best[i + 1];
+      best[L - 1] = 0ull;
+    }
+    if (lane == 0) out[r] = top;
+  }
+}
+
+// Block (slice s, row r), TK_SLICE_THREADS threads: cand[(r * slices + s) * k + t] = the
+// slice's t-th best key (0 past the slice's length), stats[2 (r * slices + s) + 0, 1] = its
+// max and sum of exp(x - max) over the raw logits (masking does not renormalize). Each
+// thread loads its TK_LIST elements at once and keeps them as a sorted list in registers
+// (an element that beats the last one is inserted by a max/min pass); each warp takes its
+// k best by k rounds of a warp-wide max (tk_warp_merge), and the block sorts the warps'
+// k best (at most 8 x TK_MAX_K keys) in shared memory. Sorting the whole slice instead
+// (bitonic, 2048 keys) took 98 us a call at 32 rows of 50257 tokens (ncu, H200), and a
+// block per row with 16-key lists 65 us at 4 rows of 32000 (one SM a row, issue-bound).
 template <typename T>
 __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, const int* mask_rows,
                                          const int* eos, int n_eos,
                                          unsigned long long* cand, float* stats) {
-  __shared__ unsigned long long keys[TK_SLICE];
-  const int s = blockIdx.x, slices = gridDim.x;
+  constexpr int WARPS = TK_SLICE_THREADS / 32;
+  __shared__ unsigned long long warp_keys[WARPS * TK_MAX_K];
+  const int s = blockIdx.x, slices = gridDim.x, warp = threadIdx.x >> 5;
   const long long row = blockIdx.y;
-  const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0), np = tk_pow2(n);
-  const T* x = logits + row * vocab;
+  const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0);
+  const T* x = logits + row * vocab + j0;
   const bool masked = mask_rows && mask_rows[row];
+  float v[TK_LIST];
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u) {
+    const int t = threadIdx.x + u * TK_SLICE_THREADS;
+    v[u] = t < n ? to_f(x[t]) : LS_NEG_INF;
+  }
   float m = LS_NEG_INF, sum = 0.f;
-  for (int t = threadIdx.x; t < np; t += blockDim.x) {
-    unsigned long long key = 0;
+  unsigned long long best[TK_LIST];
+#pragma unroll
+  for (int i = 0; i < TK_LIST; ++i) best[i] = 0ull;
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u) {
+    const int t = threadIdx.x + u * TK_SLICE_THREADS;
     if (t < n) {
       const int j = j0 + t;
-      float v = to_f(x[j]);
-      lse_add(m, sum, v, 1.f);
+      float w = v[u];
+      lse_add(m, sum, w, 1.f);
       if (masked)
         for (int e = 0; e < n_eos; ++e)
-          if (eos[e] == j) v = LS_NEG_INF;
-      key = tk_key(v, j);
+          if (eos[e] == j) w = LS_NEG_INF;
+      unsigned long long c = tk_key(w, j);
+      if (c > best[TK_LIST - 1]) {
+#pragma unroll
+        for (int i = 0; i < TK_LIST; ++i) {
+          const unsigned long long hi = best[i] > c ? best[i] : c;
+          c = best[i] > c ? c : best[i];
+          best[i] = hi;
+        }
+      }
     }
-    keys[t] = key;
   }
   const float2 bms = block_lse_pair(m, sum);
-  tk_sort_desc(keys, np);
-  const long long at = (row * slices + s);
-  for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = t < np ? keys[t] : 0ull;
+  tk_warp_merge<TK_LIST>(best, k, warp_keys + warp * k);
+  const int nk = WARPS * k, np = tk_pow2(nk);
+  for (int t = nk + threadIdx.x; t < np; t += blockDim.x) warp_keys[t] = 0ull;
+  tk_sort_desc(warp_keys, np);
+  const long long at = row * slices + s;
+  for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = warp_keys[t];
   if (threadIdx.x == 0) {
     stats[2 * at] = bms.x;
     stats[2 * at + 1] = bms.y;
@@ -270,7 +323,7 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
 }
 
 #define LS_SEARCH_SLICES(T, S)                                                                 \
-  extern "C" __global__ void logprob_topk_slices_##S(                                          \
+  extern "C" __global__ void __launch_bounds__(TK_SLICE_THREADS) logprob_topk_slices_##S(     \
       const T* logits, int vocab, int k, const int* mask_rows, const int* eos, int n_eos,      \
       unsigned long long* cand, float* stats) {                                                \
     logprob_topk_slices_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);         \
@@ -281,115 +334,3 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
     logprob_topk_merge_body(cand, stats, rows, k, slices, out);                                \
   }
 LS_FLOAT_TYPES(LS_SEARCH_SLICES)
-
-// Sorted per-thread lists of keys (tk_key order: ties to the lower index), at most
-// TK_SMALL long, merged by rounds of a warp-wide max: the top-k for k <= TK_SMALL.
-#define TK_SMALL 16
-
-// k rounds: out[r] = the r-th largest head over the warp's lists (held by every lane).
-__device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[TK_SMALL], int k,
-                                              unsigned long long* out) {
-  const int lane = threadIdx.x & 31;
-  for (int r = 0; r < k; ++r) {
-    unsigned long long top = best[0];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(LS_FULL_MASK, top, o);
-      top = other > top ? other : top;
-    }
-    if (best[0] == top && top != 0ull) {
-#pragma unroll
-      for (int i = 0; i < TK_SMALL - 1; ++i) best[i] = best[i + 1];
-      best[TK_SMALL - 1] = 0ull;
-    }
-    if (lane == 0) out[r] = top;
-  }
-}
-
-// The block's k best of the lists in `best` (each thread's, sorted), left in `final_best`
-// [k] (shared); `best` is consumed. Every thread calls it; a barrier precedes the result.
-__device__ __forceinline__ void tk_small_block_merge(unsigned long long (&best)[TK_SMALL], int k,
-                                                     unsigned long long* warp_best,
-                                                     unsigned long long* final_best) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  tk_warp_merge(best, k, warp_best + warp * TK_SMALL);
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int i = 0; i < TK_SMALL; ++i)
-      best[i] = lane < warps && i < k ? warp_best[lane * TK_SMALL + i] : 0ull;
-    tk_warp_merge(best, k, final_best);
-  }
-  __syncthreads();
-}
-
-// logprob_topk_slices' results for k <= TK_SMALL (beam search's 2 x beams, greedy): a
-// block of TK_SMALL_SLICE_THREADS per (slice of TK_SLICE tokens, row) loads its
-// TK_SLICE / TK_SMALL_SLICE_THREADS elements a thread at once, keeps them as a sorted list
-// in registers (an element that beats the last one is inserted by a max/min pass), and
-// merges the lists (tk_small_block_merge); logprob_topk_merge follows. A block per row,
-// each thread listing the 16 best of its strided share, ran ~65 us a call on an H200 at 4
-// and at 128 rows of 32000 tokens: one SM per row, issue-bound on the insertions.
-#define TK_SMALL_SLICE_THREADS 256
-
-template <typename T>
-__device__ void logprob_topk_slices_small_body(const T* logits, int vocab, int k,
-                                               const int* mask_rows, const int* eos, int n_eos,
-                                               unsigned long long* cand, float* stats) {
-  constexpr int PER = TK_SLICE / TK_SMALL_SLICE_THREADS;
-  __shared__ unsigned long long warp_best[32 * TK_SMALL];
-  __shared__ unsigned long long final_best[TK_SMALL];
-  const int s = blockIdx.x, slices = gridDim.x;
-  const long long row = blockIdx.y;
-  const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0);
-  const T* x = logits + row * vocab + j0;
-  const bool masked = mask_rows && mask_rows[row];
-  float v[PER];
-#pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int t = threadIdx.x + u * TK_SMALL_SLICE_THREADS;
-    v[u] = t < n ? to_f(x[t]) : LS_NEG_INF;
-  }
-  float m = LS_NEG_INF, sum = 0.f;
-  unsigned long long best[TK_SMALL];
-#pragma unroll
-  for (int i = 0; i < TK_SMALL; ++i) best[i] = 0ull;
-#pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int t = threadIdx.x + u * TK_SMALL_SLICE_THREADS;
-    if (t < n) {
-      const int j = j0 + t;
-      float w = v[u];
-      lse_add(m, sum, w, 1.f);
-      if (masked)
-        for (int e = 0; e < n_eos; ++e)
-          if (eos[e] == j) w = LS_NEG_INF;
-      unsigned long long c = tk_key(w, j);
-      if (c > best[TK_SMALL - 1]) {
-#pragma unroll
-        for (int i = 0; i < TK_SMALL; ++i) {
-          const unsigned long long hi = best[i] > c ? best[i] : c;
-          c = best[i] > c ? c : best[i];
-          best[i] = hi;
-        }
-      }
-    }
-  }
-  const float2 bms = block_lse_pair(m, sum);
-  tk_small_block_merge(best, k, warp_best, final_best);
-  const long long at = row * slices + s;
-  for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = final_best[t];
-  if (threadIdx.x == 0) {
-    stats[2 * at] = bms.x;
-    stats[2 * at + 1] = bms.y;
-  }
-}
-
-#define LS_SEARCH_SLICES_SMALL(T, S)                                                           \
-  extern "C" __global__ void __launch_bounds__(TK_SMALL_SLICE_THREADS)                         \
-      logprob_topk_slices_small_##S(const T* logits, int vocab, int k, const int* mask_rows,   \
-                                    const int* eos, int n_eos, unsigned long long* cand,       \
-                                    float* stats) {                                            \
-    logprob_topk_slices_small_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);   \
-  }
-LS_FLOAT_TYPES(LS_SEARCH_SLICES_SMALL)
