@@ -51,6 +51,10 @@ CASES = [
     {"max_new_tokens": 6, "num_beams": 3, "forced_bos_token_id": 4, "begin_suppress_tokens": [6, 8],
      "min_length": 5, "num_return_sequences": 2},
     {"max_new_tokens": 6, "bad_words_ids": [[9], [3, 4]], "no_repeat_ngram_size": 1},
+    # Forced steps with no other host-side processor (the device path takes them).
+    {"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 4, "forced_eos_token_id": "eos",
+     "num_return_sequences": 2},
+    {"max_new_tokens": 7, "forced_bos_token_id": 4, "forced_eos_token_id": 3},
 ]
 
 

@@ -147,7 +147,11 @@ def main():
         gpt2(args.bin, rows)
     if "bart" in only:
         seq2seq(args.bin, rows, "BART-base", "bart-base",
-                lambda: tf.BartForConditionalGeneration(tf.BartConfig()), [1, 8, 32], [32])
+                lambda: tf.BartForConditionalGeneration(tf.BartConfig(
+                    vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                    decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                    activation_function="gelu", max_position_embeddings=1024, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)), [1, 8, 32], [32])
     if "big" in only:
         seq2seq(args.bin, rows, "Transformer-big", "transformer-big",
                 lambda: tf.MarianMTModel(tf.MarianConfig(

@@ -625,6 +625,55 @@ pub fn index_select(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_parts(shape, x.dtype(), storage))
 }
 
+/// The geometry of copying `src[:, :, src_col .. src_col + width]` ([batch, t, _]) into
+/// `dst[:, row .. row + t, dst_col .. dst_col + width]` ([batch, rows, _]), or an error of
+/// `op` when it does not fit.
+fn row_copy(
+    op: &'static str,
+    ds: &[usize],
+    row: usize,
+    dst_col: usize,
+    ss: &[usize],
+    src_col: usize,
+    width: usize,
+) -> Result<cpu::RowCopy> {
+    if ds.len() != 3
+        || ss.len() != 3
+        || ds[0] != ss[0]
+        || row + ss[1] > ds[1]
+        || dst_col + width > ds[2]
+        || src_col + width > ss[2]
+    {
+        return Err(Error::op(
+            op,
+            format!("dst {ds:?} at row {row} col {dst_col}, src {ss:?} cols {src_col}+{width}"),
+        ));
+    }
+    Ok(cpu::RowCopy {
+        batch: ss[0],
+        rows: ss[1],
+        width,
+        src_width: ss[2],
+        src_col,
+        dst_rows: ds[1],
+        dst_width: ds[2],
+        dst_row: row,
+        dst_col,
+    })
+}
+
+/// The device row of a row copy as its kernels read it (i32 [1] on the device).
+fn device_row<'a>(
+    op: &'static str,
+    row_on_device: Option<&'a Tensor>,
+) -> Result<Option<&'a crate::backend::cuda::CudaStorage>> {
+    match row_on_device {
+        Some(t) if t.dtype() == DType::I32 && t.len() == 1 => Ok(Some(t.cuda(op)?)),
+        Some(_) => Err(Error::op(op, "the device row must be i32 [1]")),
+        None => Ok(None),
+    }
+}
+
 /// Writes `src[:, :, src_col .. src_col + width]` ([batch, t, _]) into
 /// `dst[:, row .. row + t, dst_col .. dst_col + width]` ([batch, rows, _]): appending keys
 /// and values to a cache. `row_on_device`, when given, holds `row` as i32 [1] on the
@@ -642,42 +691,14 @@ pub fn write_rows(
     const OP: &str = "write_rows";
     same_device(OP, &[dst, src])?;
     same_float_dtype(OP, &[dst, src])?;
-    let (ds, ss) = (dst.shape().to_vec(), src.shape());
-    if ds.len() != 3
-        || ss.len() != 3
-        || ds[0] != ss[0]
-        || row + ss[1] > ds[1]
-        || dst_col + width > ds[2]
-        || src_col + width > ss[2]
-    {
-        return Err(Error::op(
-            OP,
-            format!("dst {ds:?} at row {row} col {dst_col}, src {ss:?} cols {src_col}+{width}"),
-        ));
-    }
-    let g = cpu::RowCopy {
-        batch: ss[0],
-        rows: ss[1],
-        width,
-        src_width: ss[2],
-        src_col,
-        dst_rows: ds[1],
-        dst_width: ds[2],
-        dst_row: row,
-        dst_col,
-    };
+    let g = row_copy(OP, dst.shape(), row, dst_col, src.shape(), src_col, width)?;
     match (&mut dst.storage, &src.storage) {
         (Storage::CpuF32(d), Storage::CpuF32(s)) => {
             cpu::write_rows(d, s, &g);
             Ok(())
         }
         (Storage::Cuda(d), Storage::Cuda(s)) => {
-            let at = match row_on_device {
-                Some(t) if t.dtype() == DType::I32 && t.len() == 1 => Some(t.cuda(OP)?),
-                Some(_) => return Err(Error::op(OP, "the device row must be i32 [1]")),
-                None => None,
-            };
-            cuda::ops::write_rows(d, s, at, &g)
+            cuda::ops::write_rows(d, s, device_row(OP, row_on_device)?, &g)
         }
         _ => Err(Error::op(OP, "unsupported storage")),
     }
@@ -704,50 +725,17 @@ pub fn write_rows_pair(
     same_device(OP, &[a, b, src])?;
     same_float_dtype(OP, &[a, src])?;
     // Both writes are checked before either happens.
-    let (ds, ss) = (a.shape().to_vec(), src.shape());
-    let fits = |col: usize| col + width <= ss[2];
-    if ds.len() != 3
-        || ss.len() != 3
-        || ds[0] != ss[0]
-        || row + ss[1] > ds[1]
-        || width > ds[2]
-        || !fits(src_cols.0)
-        || !fits(src_cols.1)
-    {
-        return Err(Error::op(
-            OP,
-            format!("dst {ds:?} at row {row}, src {ss:?} cols {src_cols:?}+{width}"),
-        ));
-    }
-    let cuda = matches!(
-        (&a.storage, &b.storage, &src.storage),
-        (Storage::Cuda(_), Storage::Cuda(_), Storage::Cuda(_))
-    );
-    if !cuda {
-        write_rows(a, row, row_on_device, 0, src, src_cols.0, width)?;
-        return write_rows(b, row, row_on_device, 0, src, src_cols.1, width);
-    }
-    let g = cpu::RowCopy {
-        batch: ss[0],
-        rows: ss[1],
-        width,
-        src_width: ss[2],
-        src_col: src_cols.0,
-        dst_rows: ds[1],
-        dst_width: ds[2],
-        dst_row: row,
-        dst_col: 0,
-    };
-    let at = match row_on_device {
-        Some(t) if t.dtype() == DType::I32 && t.len() == 1 => Some(t.cuda(OP)?),
-        Some(_) => return Err(Error::op(OP, "the device row must be i32 [1]")),
-        None => None,
-    };
+    let g = row_copy(OP, a.shape(), row, 0, src.shape(), src_cols.0, width)?;
+    row_copy(OP, a.shape(), row, 0, src.shape(), src_cols.1, width)?;
     match (&a.storage, &b.storage, &src.storage) {
         (Storage::Cuda(d0), Storage::Cuda(d1), Storage::Cuda(s)) => {
+            let at = device_row(OP, row_on_device)?;
             cuda::ops::write_rows2((d0, d1), s, at, &g, src_cols.1)
         }
-        _ => unreachable!("checked above"),
+        _ => {
+            write_rows(a, row, row_on_device, 0, src, src_cols.0, width)?;
+            write_rows(b, row, row_on_device, 0, src, src_cols.1, width)
+        }
     }
 }
 

@@ -94,15 +94,45 @@ pub fn process(cfg: &Resolved, row: &RowContext, scores: &mut [f32]) {
         force(scores, &cfg.forced_eos);
     }
     mask(scores, &cfg.suppress);
-    if !cfg.begin_suppress.is_empty() {
-        let begin = if row.input_len > 1 || cfg.forced_bos.is_none() {
-            row.input_len
-        } else {
-            row.input_len + 1
-        };
-        if len == begin {
-            mask(scores, &cfg.begin_suppress);
-        }
+    if !cfg.begin_suppress.is_empty() && len == begin_index(cfg, row) {
+        mask(scores, &cfg.begin_suppress);
+    }
+}
+
+/// The tokens [`process`] leaves at 0 when it forces this step (forced BOS or forced EOS),
+/// every other token being minus infinity whatever the logits were: ascending, without
+/// repeats, after the suppressions that follow the forcing. `None` when nothing is forced
+/// at this step, or when the suppressions leave no token (then every score is minus
+/// infinity and the host path handles the row).
+pub fn forced_tokens(cfg: &Resolved, row: &RowContext, vocab: usize) -> Option<Vec<i64>> {
+    let len = row.seq.len();
+    // Forced EOS runs after forced BOS, so it wins when both act.
+    let forced: &[i64] = if !cfg.forced_eos.is_empty() && len + 1 == row.max_length {
+        &cfg.forced_eos
+    } else if let (Some(b), 1) = (cfg.forced_bos.as_ref(), len) {
+        std::slice::from_ref(b)
+    } else {
+        return None;
+    };
+    let begin_suppressed = !cfg.begin_suppress.is_empty() && len == begin_index(cfg, row);
+    let mut keep: Vec<i64> = forced
+        .iter()
+        .copied()
+        .filter(|&t| t >= 0 && (t as usize) < vocab)
+        .filter(|t| !cfg.suppress.contains(t))
+        .filter(|t| !(begin_suppressed && cfg.begin_suppress.contains(t)))
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    (!keep.is_empty()).then_some(keep)
+}
+
+/// The sequence length at which HF's begin-suppression acts (after a forced BOS, one later).
+pub fn begin_index(cfg: &Resolved, row: &RowContext) -> usize {
+    if row.input_len > 1 || cfg.forced_bos.is_none() {
+        row.input_len
+    } else {
+        row.input_len + 1
     }
 }
 
@@ -164,4 +194,86 @@ pub fn log_softmax(x: &[f32]) -> Vec<f32> {
     let s: f64 = x.iter().map(|v| (v - m).exp() as f64).sum();
     let lse = m + (s.ln() as f32);
     x.iter().map(|v| v - lse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::config::GenerationOptions;
+
+    /// A small deterministic generator for the random cases.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+
+        fn ids(&mut self, max_len: u64, vocab: u64) -> Vec<i64> {
+            // Out-of-range ids too, which the processors ignore.
+            (0..self.below(max_len + 1))
+                .map(|_| self.below(vocab + 3) as i64 - 1)
+                .collect()
+        }
+    }
+
+    /// `forced_tokens` predicts exactly what `process` leaves on random scores: the forced
+    /// tokens at 0 and minus infinity elsewhere, or `None` when the step is not forced.
+    #[test]
+    fn forced_tokens_match_the_processors() {
+        let mut r = Lcg(7);
+        let vocab = 12usize;
+        let mut forced_seen = 0;
+        for _ in 0..4000 {
+            let o = GenerationOptions {
+                forced_eos_token_id: Some(r.ids(3, vocab as u64)),
+                forced_bos_token_id: (r.below(2) == 0).then(|| r.below(vocab as u64) as i64),
+                suppress_tokens: Some(r.ids(2, vocab as u64)),
+                begin_suppress_tokens: Some(r.ids(2, vocab as u64)),
+                repetition_penalty: Some(1.0 + r.below(2) as f32 * 0.5),
+                ..Default::default()
+            };
+            let cfg = Resolved::new(&o, false).unwrap();
+            let seq: Vec<i64> = (0..1 + r.below(5))
+                .map(|_| r.below(vocab as u64) as i64)
+                .collect();
+            let row = RowContext {
+                seq: &seq,
+                input_len: 1 + r.below(2) as usize,
+                max_length: 2 + r.below(5) as usize,
+                min_length: r.below(6) as usize,
+            };
+            let mut scores: Vec<f32> = (0..vocab)
+                .map(|_| r.below(1000) as f32 / 100.0 - 5.0)
+                .collect();
+            process(&cfg, &row, &mut scores);
+            let only_infinite = scores.iter().all(|s| *s == f32::NEG_INFINITY);
+            match forced_tokens(&cfg, &row, vocab) {
+                Some(f) => {
+                    forced_seen += 1;
+                    let want: Vec<f32> = (0..vocab as i64)
+                        .map(|t| {
+                            if f.contains(&t) {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    assert_eq!(scores, want, "forced {f:?}");
+                    assert!(f.windows(2).all(|w| w[0] < w[1]));
+                }
+                None => {
+                    let eos_step = !cfg.forced_eos.is_empty() && seq.len() + 1 == row.max_length;
+                    let bos_step = cfg.forced_bos.is_some() && seq.len() == 1;
+                    assert!(!(eos_step || bos_step) || only_infinite);
+                }
+            }
+        }
+        assert!(forced_seen > 300, "only {forced_seen} forced steps drawn");
+    }
 }

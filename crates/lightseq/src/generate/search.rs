@@ -4,7 +4,9 @@
 //! what each prompt gives by itself.
 
 use super::config::{EarlyStopping, Resolved};
-use super::processors::{log_softmax, process, softmax, warp, RowContext};
+use super::processors::{
+    begin_index, forced_tokens, log_softmax, process, softmax, warp, RowContext,
+};
 use super::Hypothesis;
 use crate::error::Result;
 use crate::models::decode::{DecodeState, Decoder};
@@ -15,11 +17,7 @@ use crate::ops;
 /// the device).
 fn host_processing_needed(cfg: &Resolved, row: &RowContext, eos_mask_on_device: bool) -> bool {
     let len = row.seq.len();
-    let begin = if row.input_len > 1 || cfg.forced_bos.is_none() {
-        row.input_len
-    } else {
-        row.input_len + 1
-    };
+    let begin = begin_index(cfg, row);
     cfg.repetition_penalty != 1.0
         || cfg.no_repeat_ngram_size > 0
         || !cfg.bad_words.is_empty()
@@ -138,8 +136,19 @@ pub fn greedy(
         } else {
             Some(1)
         };
+        // A row whose processors force one token takes it without its logits.
+        let forced: Vec<Option<i64>> = (0..rows)
+            .map(|r| {
+                let f = forced_tokens(cfg, &rows_ctx(r).1, vocab)?;
+                (unfinished[r] && f.len() == 1).then_some(f[0])
+            })
+            .collect();
         let fast = fast_k.filter(|_| {
-            (0..rows).all(|r| !unfinished[r] || !host_processing_needed(cfg, &rows_ctx(r).1, false))
+            (0..rows).all(|r| {
+                !unfinished[r]
+                    || forced[r].is_some()
+                    || !host_processing_needed(cfg, &rows_ctx(r).1, false)
+            })
         });
         let choices: Vec<Option<(usize, f32)>> = if let Some(k) = fast {
             let top = ops::logprob_topk(&logits, k.min(vocab), None)?;
@@ -147,6 +156,13 @@ pub fn greedy(
                 .map(|r| {
                     if !unfinished[r] {
                         return None;
+                    }
+                    if let Some(t) = forced[r] {
+                        // The host path draws once from the one-token distribution too.
+                        if cfg.do_sample {
+                            rng.uniform();
+                        }
+                        return Some((t as usize, 0.0));
                     }
                     let (ids, lps) = (
                         &top.ids[r * top.k..(r + 1) * top.k],
@@ -244,6 +260,21 @@ fn top_k_stable(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// Row `row` of `top` as the processors leave a forced step: the forced tokens at
+/// log-probability 0, then other tokens at minus infinity.
+fn set_forced(top: &mut ops::TopK, row: usize, forced: &[i64]) {
+    let others = (0i64..).filter(|t| !forced.contains(t));
+    let ids = forced.iter().copied().chain(others).take(top.k);
+    for (t, id) in ids.enumerate() {
+        top.ids[row * top.k + t] = id as i32;
+        top.logprobs[row * top.k + t] = if t < forced.len() {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+}
+
 /// Beam search over `limits.len()` items of `num_beams` rows each, in `num_beam_groups`
 /// groups (diverse beam search when more than one) with optional sibling-rank penalty.
 pub fn beam(
@@ -297,7 +328,9 @@ pub fn beam(
                 it.iter().all(|g| {
                     g.done
                         || g.running.iter().all(|(seq, _, _)| {
-                            !host_processing_needed(cfg, &row_ctx(&limits, b, seq), true)
+                            let row = row_ctx(&limits, b, seq);
+                            forced_tokens(cfg, &row, vocab).is_some()
+                                || !host_processing_needed(cfg, &row, true)
                         })
                 })
             });
@@ -311,11 +344,21 @@ pub fn beam(
                 }
             }
             let any = mask.iter().any(|&x| x);
-            Some(ops::logprob_topk(
+            let mut top = ops::logprob_topk(
                 &logits,
                 k.min(vocab),
                 any.then_some((&mask[..], &cfg.eos[..])),
-            )?)
+            )?;
+            for (b, it) in items.iter().enumerate() {
+                for g in it.iter().filter(|g| !g.done) {
+                    for (seq, _, row) in &g.running {
+                        if let Some(f) = forced_tokens(cfg, &row_ctx(&limits, b, seq), vocab) {
+                            set_forced(&mut top, *row, &f);
+                        }
+                    }
+                }
+            }
+            Some(top)
         } else {
             None
         };

@@ -50,7 +50,7 @@ fn tune_env() -> Option<bool> {
 /// LIGHTSEQ_GEMM_REDUCTION=inplace (an experiment): see `candidates`.
 fn reduction_inplace() -> bool {
     static INPLACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *INPLACE.get_or_init(|| std::env::var("LIGHTSEQ_GEMM_REDUCTION").is_ok_and(|v| v == "inplace"))
+    super::env_equals(&INPLACE, "LIGHTSEQ_GEMM_REDUCTION", "inplace")
 }
 
 const WORKSPACE_BYTES: usize = 32 << 20;

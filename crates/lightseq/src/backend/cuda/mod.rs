@@ -14,6 +14,12 @@ use half::{bf16, f16};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Whether the environment variable `var` equals `value`, read once into `cell` (a static
+/// of the caller's, one per variable): the switches of experiments and comparisons.
+pub(crate) fn env_equals(cell: &'static std::sync::OnceLock<bool>, var: &str, value: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
+}
+
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
 }

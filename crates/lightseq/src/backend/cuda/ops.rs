@@ -78,8 +78,8 @@ pub(crate) fn linear(
 /// Whether the tanh GELU may ride in the GEMM's epilogue (LIGHTSEQ_GELU_EPILOGUE=0 keeps it
 /// a separate pass, for comparison).
 fn gelu_epilogue() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LIGHTSEQ_GELU_EPILOGUE").map_or(true, |v| v != "0"))
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_GELU_EPILOGUE", "0")
 }
 
 /// [`linear`] for rows that are not whole 16-byte packs (LM heads over vocabularies such as
@@ -331,9 +331,8 @@ const FLASH_MAX_WARPS: usize = 4;
 /// LIGHTSEQ_FLASH_ATTENTION=0.
 fn flash_applies(dev: &super::CudaDevice, dt: DType, len_q: usize, o: &AttentionOptions) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off =
-        *OFF.get_or_init(|| std::env::var("LIGHTSEQ_FLASH_ATTENTION").is_ok_and(|v| v == "0"));
-    !off && len_q > 1
+    !super::env_equals(&OFF, "LIGHTSEQ_FLASH_ATTENTION", "0")
+        && len_q > 1
         && matches!(dt, DType::F16 | DType::BF16)
         && dev.arch() >= (8, 0)
         && o.head_dim.is_multiple_of(16)
