@@ -270,8 +270,9 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             eprintln!("{name:<14} {dt:<5} rel err {err:.2e}");
         };
         // Linear with and without bias, every activation: odd sizes (the activation pass
-        // element by element), and rows of whole 16-byte packs (pack by pack).
-        for (m, n, k) in [(37, 53, 71), (24, 64, 40)] {
+        // element by element), rows of whole 16-byte packs (pack by pack), and a head as
+        // wide as GPT2's vocabulary.
+        for (m, n, k) in [(37, 53, 71), (24, 64, 40), (4, 50257, 24)] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {
                 let bias = i % 2 == 0;

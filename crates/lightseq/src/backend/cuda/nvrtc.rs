@@ -41,6 +41,7 @@ pub const MODULES: &[KernelModule] = &[
             "reorder_prefix",
             "write_rows",
             "write_rows2",
+            "pack_rows",
             "to_f32",
             "from_f32",
         ],

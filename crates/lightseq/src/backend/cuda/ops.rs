@@ -96,7 +96,24 @@ fn linear_unaligned(
 ) -> Result<CudaStorage> {
     let ld = n.next_multiple_of(16 / x.dtype().size());
     let padded = super::train_ops::linear_ld(x, w, b, m, n, k, ld)?;
-    let y = x.device().alloc(x.dtype(), m * n)?;
+    let dev = x.device();
+    let y = dev.alloc(x.dtype(), m * n)?;
+    if m * n < i32::MAX as usize - 8 {
+        let f = dev.kernel("pack_rows", x.dtype())?;
+        let (yp, pp) = (y.ptr(), padded.ptr());
+        let (total, width, src_width) = ((m * n) as i32, n as i32, ld as i32);
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&yp).arg(&pp).arg(&total).arg(&width).arg(&src_width);
+        let cfg = LaunchConfig {
+            grid_dim: ((m * n).div_ceil(8 * 256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match pack_rows in elementwise.cu; y holds m * n elements
+        // and padded m rows of ld >= n; the allocator's blocks are 16-byte aligned.
+        launched("pack_rows", unsafe { l.launch(cfg) })?;
+        return Ok(y);
+    }
     let g = RowCopy {
         batch: 1,
         rows: m,

@@ -125,6 +125,44 @@ LS_FLOAT_TYPES(LS_ROWS)
 // Integer rows (ids) use the same kernel.
 LS_ROWS(int, i32)
 
+// dst [rows, width] (contiguous) = the first `width` columns of src [rows, src_width]. A
+// thread per 8 consecutive elements of dst (total = rows * width < 2^31), which it writes as
+// 16-byte packs; its loads are scalar, as dst's rows start at any element. With a division
+// per thread instead of two 64-bit ones per element, this packs a padded LM head's logits.
+template <typename T>
+__device__ void pack_rows_body(T* __restrict__ dst, const T* __restrict__ src, int total,
+                               int width, int src_width) {
+  constexpr int V = 8, PACK = 16 / sizeof(T);
+  const int e0 = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (e0 >= total) return;
+  int row = e0 / width, col = e0 - row * width;
+  __align__(16) T v[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    if (e0 + i < total) v[i] = src[(long long)row * src_width + col];
+    if (++col == width) {
+      col = 0;
+      ++row;
+    }
+  }
+  if (e0 + V <= total) {
+#pragma unroll
+    for (int p = 0; p < V / PACK; ++p)
+      reinterpret_cast<uint4*>(dst + e0)[p] = reinterpret_cast<const uint4*>(v)[p];
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      if (e0 + i < total) dst[e0 + i] = v[i];
+  }
+}
+
+#define LS_PACK_ROWS(T, S)                                                                     \
+  extern "C" __global__ void pack_rows_##S(T* dst, const T* src, int total, int width,         \
+                                           int src_width) {                                    \
+    pack_rows_body<T>(dst, src, total, width, src_width);                                      \
+  }
+LS_FLOAT_TYPES(LS_PACK_ROWS)
+
 // Beam reorders of caches in place, through `scratch` [tensors, rows, prefix]: pass 0
 // gathers the first `prefix` elements of row idx[i] of tensor t (at address ptrs[t], rows
 // `row_stride` elements apart) to scratch, pass 1 writes them back to row i. Grid (packs,
