@@ -847,7 +847,7 @@ pub(crate) fn logprob_topk(
     let (r, v, kk) = (rows as i32, vocab as i32, k as i32);
     let slices = vocab.div_ceil(TOPK_SLICE);
     // Slices (per-thread lists in registers), then a merge of their candidates; one block a
-    // row (a radix select) for larger k, more candidates than the merge sorts, or rows past
+    // row (a radix select) for larger k, more candidates than the merge holds, or rows past
     // a grid's y dimension (the rows of the slice kernel), 65535.
     if rows > 0 && rows <= 65535 && k <= TOPK_SLICED_MAX_K && slices * k <= TOPK_MERGE_MAX {
         // Candidates (u64 keys, as two i32 each) and (max, sum) per slice.
@@ -874,10 +874,10 @@ pub(crate) fn logprob_topk(
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (8 * (slices * k).next_power_of_two().max(2)) as u32,
+            shared_mem_bytes: (8 * slices * k) as u32,
         };
         // SAFETY: argument types match logprob_topk_merge; the shared memory holds the
-        // row's candidates padded to a power of two.
+        // row's candidates.
         launched("logprob_topk_merge", unsafe { l.launch(cfg) })?;
         return topk_download(&out, rows, k);
     }
@@ -909,9 +909,9 @@ const TOPK_SLICE: usize = 2048;
 const TOPK_SLICE_THREADS: u32 = 256;
 /// The two-stage top-k serves k up to this (search.cu: TK_MAX_K)...
 const TOPK_SLICED_MAX_K: usize = 64;
-/// ... when a row's candidates (slices x k) number at most this (the merge sorts them in
-/// shared memory, 8 bytes each).
-const TOPK_MERGE_MAX: usize = 4096;
+/// ... when a row's candidates (slices x k) number at most this (the merge ranks them in
+/// shared memory, 8 bytes each: 48 KiB, the most a launch takes without opting in).
+const TOPK_MERGE_MAX: usize = 6144;
 
 /// The top-k buffer (log-probabilities, ids as f32 bits, log-sum-exps) on the host.
 fn topk_download(out: &CudaStorage, rows: usize, k: usize) -> Result<crate::ops::TopK> {

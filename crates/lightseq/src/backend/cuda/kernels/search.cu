@@ -189,28 +189,23 @@ __device__ __forceinline__ int tk_index(unsigned long long key) {
   return (int)(0xffffffffu - (unsigned int)(key & 0xffffffffu));
 }
 
-// Sorts a[0..n) (n a power of two) largest first; every thread of the block calls it.
-__device__ void tk_sort_desc(unsigned long long* a, int n) {
-  for (int size = 2; size <= n; size <<= 1)
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
-      for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
-        const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
-        const bool desc = (lo & size) == 0;
-        const unsigned long long x = a[lo], y = a[hi];
-        if ((x < y) == desc) {
-          a[lo] = y;
-          a[hi] = x;
-        }
-      }
-    }
-  __syncthreads();
-}
-
-__device__ __forceinline__ int tk_pow2(int n) {
-  int p = 2;
-  while (p < n) p <<= 1;
-  return p;
+// Max of a 64-bit key over the warp; every lane gets it. On sm_80 and later two integer
+// reductions (the high words, then the low words of the lanes that hold the top high word)
+// replace five rounds of two shuffles.
+__device__ __forceinline__ unsigned long long tk_warp_max(unsigned long long v) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned int hi = __reduce_max_sync(LS_FULL_MASK, (unsigned int)(v >> 32));
+  const unsigned int lo =
+      __reduce_max_sync(LS_FULL_MASK, (unsigned int)(v >> 32) == hi ? (unsigned int)v : 0u);
+  return ((unsigned long long)hi << 32) | lo;
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(LS_FULL_MASK, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+#endif
 }
 
 // k rounds: out[r] = the r-th largest head over the warp's lists (sorted, L keys each, 0
@@ -220,12 +215,7 @@ __device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[L], int
                                               unsigned long long* out) {
   const int lane = threadIdx.x & 31;
   for (int r = 0; r < k; ++r) {
-    unsigned long long top = best[0];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(LS_FULL_MASK, top, o);
-      top = other > top ? other : top;
-    }
+    const unsigned long long top = tk_warp_max(best[0]);
     if (best[0] == top && top != 0ull) {
 #pragma unroll
       for (int i = 0; i < L - 1; ++i) best[i] = best[i + 1];
@@ -235,15 +225,98 @@ __device__ __forceinline__ void tk_warp_merge(unsigned long long (&best)[L], int
   }
 }
 
+// Max of a 64-bit key over the whole block; every thread gets it.
+__device__ __forceinline__ unsigned long long block_max_key(unsigned long long v) {
+  __shared__ unsigned long long partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = tk_warp_max(v);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  return tk_warp_max(lane < (int)(blockDim.x >> 5) ? partial[lane] : 0ull);
+}
+
+// The k best keys of `lists` (shared memory, visible to the whole block: nl lists of k
+// keys, each sorted largest first, 0 past its end, every key distinct), by rank, with no
+// sort: place(rank, key) for every rank below k. A key's rank is its place in its own list
+// plus, for every other list, how many of that list's keys beat it (a binary search). That
+// count is exact for the k best (whatever beats one of them is in some list) and at least
+// k for every other key. Keys below the largest k-th key of any list cannot rank below k
+// and are skipped, and a key stops counting once its rank reaches k. Bitonic sorts of the
+// candidates took 23 us a call for GPT2's merge (1250 keys, k = 50; ncu, H200).
+template <typename Place>
+__device__ __forceinline__ void tk_rank_place(const unsigned long long* lists, int nl, int k,
+                                              Place place) {
+  unsigned long long floor_key = 0ull;
+  for (int s = threadIdx.x; s < nl; s += blockDim.x) {
+    const unsigned long long kth = lists[s * k + k - 1];
+    floor_key = kth > floor_key ? kth : floor_key;
+  }
+  floor_key = block_max_key(floor_key);
+  for (int i = threadIdx.x; i < nl * k; i += blockDim.x) {
+    const unsigned long long key = lists[i];
+    if (key == 0ull || key < floor_key) continue;
+    const int own = i / k;
+    int rank = i - own * k;
+    for (int s = 0; s < nl && rank < k; ++s) {
+      const unsigned long long* list = lists + s * k;
+      if (s == own || list[0] < key) continue;
+      int lo = 1, hi = k;  // list[lo - 1] > key: find the first list[j] < key
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (list[mid] > key) lo = mid + 1;
+        else hi = mid;
+      }
+      rank += lo;
+    }
+    if (rank < k) place(rank, key);
+  }
+}
+
+// Lists a lane of tk_warp_kway holds.
+#define TK_KWAY_LISTS 4
+
+// The first warp's k rounds over nl <= 32 x TK_KWAY_LISTS lists (as tk_rank_place takes
+// them): lane l holds the heads of lists l, l + 32, ... in registers; a round takes the
+// warp-wide max and the lane that held it reads that list's next key. place(r, key) for
+// r < k. With 25 lists of 50 (GPT2) the ranks' binary searches, one dependent shared load
+// after another and divergent across a warp, took 42-45 us a call (ncu, H200).
+template <typename Place>
+__device__ __forceinline__ void tk_warp_kway(const unsigned long long* lists, int nl, int k,
+                                             Place place) {
+  const int lane = threadIdx.x & 31;
+  int pos[TK_KWAY_LISTS];
+  unsigned long long head[TK_KWAY_LISTS];
+#pragma unroll
+  for (int o = 0; o < TK_KWAY_LISTS; ++o) {
+    const int s = lane + 32 * o;
+    pos[o] = 0;
+    head[o] = s < nl ? lists[s * k] : 0ull;
+  }
+  for (int r = 0; r < k; ++r) {
+    unsigned long long mine = head[0];
+#pragma unroll
+    for (int o = 1; o < TK_KWAY_LISTS; ++o) mine = head[o] > mine ? head[o] : mine;
+    const unsigned long long top = tk_warp_max(mine);
+    if (lane == 0) place(r, top);
+#pragma unroll
+    for (int o = 0; o < TK_KWAY_LISTS; ++o)
+      if (top != 0ull && head[o] == top) {
+        const int s = lane + 32 * o;
+        head[o] = ++pos[o] < k ? lists[s * k + pos[o]] : 0ull;
+      }
+  }
+}
+
 // Block (slice s, row r), TK_SLICE_THREADS threads: cand[(r * slices + s) * k + t] = the
 // slice's t-th best key (0 past the slice's length), stats[2 (r * slices + s) + 0, 1] = its
 // max and sum of exp(x - max) over the raw logits (masking does not renormalize). Each
 // thread loads its TK_LIST elements at once and keeps them as a sorted list in registers
 // (an element that beats the last one is inserted by a max/min pass); each warp takes its
-// k best by k rounds of a warp-wide max (tk_warp_merge), and the block sorts the warps'
-// k best (at most 8 x TK_MAX_K keys) in shared memory. Sorting the whole slice instead
-// (bitonic, 2048 keys) took 98 us a call at 32 rows of 50257 tokens (ncu, H200), and a
-// block per row with 16-key lists 65 us at 4 rows of 32000 (one SM a row, issue-bound).
+// k best by k rounds of a warp-wide max (tk_warp_merge), and the block ranks the warps'
+// k best (tk_rank_place). Sorting the whole slice instead (bitonic, 2048 keys) took 98 us a
+// call at 32 rows of 50257 tokens (ncu, H200), and a block per row with 16-key lists 65 us
+// at 4 rows of 32000 (one SM a row, issue-bound).
 template <typename T>
 __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, const int* mask_rows,
                                          const int* eos, int n_eos,
@@ -288,11 +361,12 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
   }
   const float2 bms = block_lse_pair(m, sum);
   tk_warp_merge<TK_LIST>(best, k, warp_keys + warp * k);
-  const int nk = WARPS * k, np = tk_pow2(nk);
-  for (int t = nk + threadIdx.x; t < np; t += blockDim.x) warp_keys[t] = 0ull;
-  tk_sort_desc(warp_keys, np);
+  __syncthreads();
   const long long at = row * slices + s;
-  for (int t = threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = warp_keys[t];
+  // Ranks past the slice's length stay empty.
+  for (int t = min(k, n) + threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = 0ull;
+  tk_rank_place(warp_keys, WARPS, k,
+                [&](int rank, unsigned long long key) { cand[at * k + rank] = key; });
   if (threadIdx.x == 0) {
     stats[2 * at] = bms.x;
     stats[2 * at + 1] = bms.y;
@@ -304,20 +378,24 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
                                         int rows, int k, int slices, float* out) {
   extern __shared__ unsigned long long merge_keys[];
   const long long row = blockIdx.x;
-  const int n = slices * k, np = tk_pow2(n);
-  for (int t = threadIdx.x; t < np; t += blockDim.x)
-    merge_keys[t] = t < n ? cand[row * n + t] : 0ull;
+  const int n = slices * k;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) merge_keys[t] = cand[row * n + t];
   float m = LS_NEG_INF, sum = 0.f;
   for (int s = threadIdx.x; s < slices; s += blockDim.x)
     lse_add(m, sum, stats[2 * (row * slices + s)], stats[2 * (row * slices + s) + 1]);
+  // block_lse_pair's barriers also make the loaded keys visible to every thread.
   const float2 ms = block_lse_pair(m, sum);
   const float lse = ms.x + logf(ms.y);
-  tk_sort_desc(merge_keys, np);
   float* out_v = out;
   int* out_i = reinterpret_cast<int*>(out + (long long)rows * k);
-  for (int t = threadIdx.x; t < k; t += blockDim.x) {
-    out_v[row * k + t] = tk_value(merge_keys[t]) - lse;
-    out_i[row * k + t] = tk_index(merge_keys[t]);
+  const auto place = [&](int rank, unsigned long long key) {
+    out_v[row * k + rank] = tk_value(key) - lse;
+    out_i[row * k + rank] = tk_index(key);
+  };
+  if (slices <= 32 * TK_KWAY_LISTS) {
+    if (threadIdx.x < 32) tk_warp_kway(merge_keys, slices, k, place);
+  } else {
+    tk_rank_place(merge_keys, slices, k, place);
   }
   if (threadIdx.x == 0) out[2LL * rows * k + row] = lse;
 }
