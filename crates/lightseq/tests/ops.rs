@@ -748,7 +748,7 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
     // Two stages (slices of 2048 tokens with per-thread lists, then a merge of at most
-    // 6144 candidates a row: by k rounds of one warp up to 128 slices, by rank past that)
+    // 6016 candidates a row: by k rounds of one warp up to 128 slices, by rank past that)
     // up to k = 64; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
@@ -756,6 +756,7 @@ fn logprob_topk_matches_a_full_sort() {
         (5, 50257, 50, false),
         (5, 250_112, 48, true),
         (5, 300_000, 40, false),
+        (5, 94 * 2048, 64, false),
         (5, 2 * 2048 + 1, 1, true),
         (5, 2048 + 5, 40, true),
         (5, 250_112, 8, true),

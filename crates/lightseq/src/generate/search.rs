@@ -320,17 +320,23 @@ pub fn beam(
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
         // Device path: per-row log-probabilities' top candidates, when every live row can do
-        // without host-side processors at this step (the min-length EOS mask runs there).
+        // without host-side processors at this step (the min-length EOS mask runs there,
+        // and a forced step needs no logits).
+        let mut forced: Vec<(usize, Vec<i64>)> = Vec::new();
         let fast = !cfg.do_sample
             && groups == 1
             && cfg.diverse_lambda.is_none()
             && items.iter().enumerate().all(|(b, it)| {
                 it.iter().all(|g| {
                     g.done
-                        || g.running.iter().all(|(seq, _, _)| {
-                            let row = row_ctx(&limits, b, seq);
-                            forced_tokens(cfg, &row, vocab).is_some()
-                                || !host_processing_needed(cfg, &row, true)
+                        || g.running.iter().all(|(seq, _, row)| {
+                            let ctx = row_ctx(&limits, b, seq);
+                            if let Some(f) = forced_tokens(cfg, &ctx, vocab) {
+                                forced.push((*row, f));
+                                true
+                            } else {
+                                !host_processing_needed(cfg, &ctx, true)
+                            }
                         })
                 })
             });
@@ -349,14 +355,8 @@ pub fn beam(
                 k.min(vocab),
                 any.then_some((&mask[..], &cfg.eos[..])),
             )?;
-            for (b, it) in items.iter().enumerate() {
-                for g in it.iter().filter(|g| !g.done) {
-                    for (seq, _, row) in &g.running {
-                        if let Some(f) = forced_tokens(cfg, &row_ctx(&limits, b, seq), vocab) {
-                            set_forced(&mut top, *row, &f);
-                        }
-                    }
-                }
+            for (row, f) in &forced {
+                set_forced(&mut top, *row, f);
             }
             Some(top)
         } else {

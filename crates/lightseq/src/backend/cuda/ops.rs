@@ -909,9 +909,10 @@ const TOPK_SLICE: usize = 2048;
 const TOPK_SLICE_THREADS: u32 = 256;
 /// The two-stage top-k serves k up to this (search.cu: TK_MAX_K)...
 const TOPK_SLICED_MAX_K: usize = 64;
-/// ... when a row's candidates (slices x k) number at most this (the merge ranks them in
-/// shared memory, 8 bytes each: 48 KiB, the most a launch takes without opting in).
-const TOPK_MERGE_MAX: usize = 6144;
+/// ... when a row's candidates (slices x k) number at most this (the merge holds them in
+/// dynamic shared memory, 8 bytes each: 47 KiB, under the 48 KiB a launch takes without
+/// opting in, less the merge kernel's own 512 bytes of static shared memory).
+const TOPK_MERGE_MAX: usize = 6016;
 
 /// The top-k buffer (log-probabilities, ids as f32 bits, log-sum-exps) on the host.
 fn topk_download(out: &CudaStorage, rows: usize, k: usize) -> Result<crate::ops::TopK> {

@@ -166,8 +166,8 @@ LS_FLOAT_TYPES(LS_SEARCH)
 
 // The same results for k <= 64 in two stages that use the whole GPU at any row count:
 // logprob_topk_slices gives each (slice of TK_SLICE tokens, row) a block, which keeps the
-// slice's k best keys and its log-sum-exp statistics; logprob_topk_merge sorts a row's
-// slices' candidates and ranks the k best. A 64-bit key orders (value, index) as the output
+// slice's k best keys (sorted) and its log-sum-exp statistics; logprob_topk_merge merges a
+// row's slices' lists into its k best. A 64-bit key orders (value, index) as the output
 // does: the order key of the value above, the complement of the index below (ties to the
 // lower index).
 #define TK_SLICE 2048
