@@ -235,6 +235,8 @@ mod tests {
                 suppress_tokens: Some(r.ids(2, vocab as u64)),
                 begin_suppress_tokens: Some(r.ids(2, vocab as u64)),
                 repetition_penalty: Some(1.0 + r.below(2) as f32 * 0.5),
+                // The min-length EOS mask acts before the forcing.
+                eos_token_id: Some(r.ids(2, vocab as u64)),
                 ..Default::default()
             };
             let cfg = Resolved::new(&o, false).unwrap();
