@@ -749,18 +749,7 @@ pub(crate) fn write_rows(
     let f = dev.kernel("write_rows", dst.dtype())?;
     let (dp, sp) = (dst.ptr(), src.ptr());
     let rp = row_on_device.map_or(0, |r| r.ptr());
-    let a = [
-        g.batch,
-        g.rows,
-        g.width,
-        g.src_width,
-        g.src_col,
-        g.dst_rows,
-        g.dst_width,
-        g.dst_row,
-        g.dst_col,
-    ]
-    .map(|v| v as i32);
+    let a = row_copy_args(g, None);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&dp).arg(&sp).arg(&rp);
     for v in &a {
@@ -768,6 +757,15 @@ pub(crate) fn write_rows(
     }
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("write_rows", unsafe { l.launch(grid_1d(total, 256)) })
+}
+
+/// The integer arguments of `write_rows` in elementwise.cu, in its order; with `src_col1`,
+/// `write_rows2`'s, whose second source column follows the first.
+fn row_copy_args(g: &RowCopy, src_col1: Option<usize>) -> Vec<i32> {
+    let mut a = vec![g.batch, g.rows, g.width, g.src_width, g.src_col];
+    a.extend(src_col1);
+    a.extend([g.dst_rows, g.dst_width, g.dst_row, g.dst_col]);
+    a.into_iter().map(|v| v as i32).collect()
 }
 
 /// [`write_rows`] of one source into two destinations of one shape (a layer's key and value
@@ -787,19 +785,7 @@ pub(crate) fn write_rows2(
     let f = dev.kernel("write_rows2", dst.0.dtype())?;
     let (d0, d1, sp) = (dst.0.ptr(), dst.1.ptr(), src.ptr());
     let rp = row_on_device.map_or(0, |r| r.ptr());
-    let a = [
-        g.batch,
-        g.rows,
-        g.width,
-        g.src_width,
-        g.src_col,
-        src_col1,
-        g.dst_rows,
-        g.dst_width,
-        g.dst_row,
-        g.dst_col,
-    ]
-    .map(|v| v as i32);
+    let a = row_copy_args(g, Some(src_col1));
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&d0).arg(&d1).arg(&sp).arg(&rp);
     for v in &a {

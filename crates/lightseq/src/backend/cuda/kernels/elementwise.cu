@@ -126,9 +126,10 @@ LS_FLOAT_TYPES(LS_ROWS)
 LS_ROWS(int, i32)
 
 // dst [rows, width] (contiguous) = the first `width` columns of src [rows, src_width]. A
-// thread per 8 consecutive elements of dst (total = rows * width < 2^31 - 8), which it writes as
-// 16-byte packs; its loads are scalar, as dst's rows start at any element. With a division
-// per thread instead of two 64-bit ones per element, this packs a padded LM head's logits.
+// thread per 8 consecutive elements of dst (total = rows * width < 2^31 - 8), which it
+// writes as 16-byte packs; its loads are scalar, as dst's rows start at any element. With a
+// division per thread instead of two 64-bit ones per element, this packs a padded LM
+// head's logits.
 template <typename T>
 __device__ void pack_rows_body(T* __restrict__ dst, const T* __restrict__ src, int total,
                                int width, int src_width) {
