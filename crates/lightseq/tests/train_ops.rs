@@ -971,8 +971,12 @@ fn cuda_short_attention_matches_cpu() {
     // (lq, lk, batch, heads, head_dim, key lengths, causal)
     type Case = (usize, usize, usize, usize, usize, Option<Vec<i32>>, bool);
     let lens_of = |b: usize, lk: usize| Some((0..b).map(|i| (lk - i % lk) as i32).collect());
-    let cases: [Case; 8] = [
+    let cases: [Case; 10] = [
         (32, 32, 3, 4, 64, Some(vec![32, 20, 7]), false),
+        // Cross attention at head_dim 64: a warp with keys and no queries (9 x 29), and
+        // more queries than keys.
+        (9, 29, 5, 4, 64, Some(vec![29, 0, 15, 3, 1]), false),
+        (28, 20, 40, 4, 64, lens_of(40, 20), true),
         // Thousands of (sequence, head) pairs, every key length from 1 to lk.
         (24, 24, 250, 16, 32, lens_of(250, 24), false),
         (20, 28, 150, 24, 16, lens_of(150, 28), true),

@@ -311,6 +311,48 @@ __device__ __forceinline__ void at_put_rows_staged(T* dst, long long stride, int
   }
 }
 
+// at_put_rows for a head DMAX wide (a multiple of 64) through `tile`, 16 x DMAX elements of
+// shared memory that only this warp touches: the 16-byte chunk c of tile row r sits at
+// chunk c ^ (r & 7), so the fragments' 4-byte writes fall in distinct banks; then whole
+// rows leave as 16-byte stores (whole sectors, a quarter of the store instructions). dst
+// and stride are 16-byte aligned.
+template <typename T, int DMAX>
+__device__ __forceinline__ void at_put_strip_swizzled(T* dst, long long stride, int rows,
+                                                      int r0, const float (&acc)[DMAX / 8][4],
+                                                      T* tile) {
+  constexpr int N = 16 / sizeof(T), CHUNKS = DMAX / 8, ROW = 2 * DMAX;
+  static_assert(N == 8 && DMAX % 64 == 0, "8-column fragment tiles, 8 chunks a swizzle");
+  // The lane read by a volatile asm: the addresses below depend on it, so ptxas computes
+  // them here rather than hoisting them out of the caller's loop (where they are held
+  // throughout, and spilled).
+  int lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  const int g = lane >> 2, t = lane & 3;
+  // 32-bit shared addresses (through a generic pointer, ptxas holds 64 bits a store).
+  const unsigned int base = ls_smem_addr(tile), at = base + g * ROW + 4 * t;
+  __syncwarp();  // every lane is done reading the tile
+#pragma unroll
+  for (int n = 0; n < CHUNKS; ++n) {
+    // Rows g and g + 8 share the swizzle (g < 8).
+    const unsigned int a = at + ((n ^ g) << 4);
+    const unsigned int lo = at_pack2<T>(acc[n][0], acc[n][1]);
+    const unsigned int hi = at_pack2<T>(acc[n][2], acc[n][3]);
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(lo) : "memory");
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(a + 8 * ROW), "r"(hi) : "memory");
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 16 * CHUNKS / 32; ++i) {
+    const int p = lane + 32 * i, r = p / CHUNKS, c = p % CHUNKS;
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(base + r * ROW + ((c ^ (r & 7)) << 4))
+                 : "memory");
+    if (r0 + r < rows) *reinterpret_cast<uint4*>(dst + (r0 + r) * stride + c * N) = v;
+  }
+}
+
 // Column sums of a warp's 16-row strip of accumulators (rows from r0, those below
 // `rows`) to dst[0..d): the strip's share of a bias gradient (f32, unrounded).
 template <int DMAX>
@@ -467,15 +509,30 @@ __device__ void attn_short_fwd_body(const T* q, const T* k, const T* v, const in
   at_put_rows_staged<T, DMAX>(ctx + head0, stride, lq, r0, d, o, qs + r0 * ld, ld);
 }
 
+// The backward's staging tile of the calling warp (16 x DMAX elements): in k's and v's
+// space (from `kv`) past the dropped probabilities and ds, free once every warp is past
+// the first phase; null unless the head is DMAX wide (a multiple of 64) and every warp's
+// tile fits there.
+template <typename T, int DMAX>
+__device__ __forceinline__ T* at_bwd_tile(unsigned char* kv, int lqp, int lkp, int d) {
+  if (DMAX % 64 != 0 || d != DMAX) return nullptr;
+  const size_t used = 2 * at_round(sizeof(T) * lqp * (lkp + 8));
+  const size_t room = 2 * at_round(sizeof(T) * lkp * (d + 8));
+  if (used + (blockDim.x >> 5) * 16 * DMAX * sizeof(T) > room) return nullptr;
+  return reinterpret_cast<T*>(kv + used) + (threadIdx.x >> 5) * 16 * DMAX;
+}
+
 // Backward from dctx: dv = dropout(probs)^T dctx; dp = dropout'(dctx v^T); ds = scale *
 // probs * (dp - rowsum(probs * dp)) (softmax_backward); dq = ds k; dk = ds^T q. The
 // probabilities are computed again from q and k as the forward computed them. Warps take
 // 16 query rows for dq (ds in registers), then 16 key rows for dk and dv, reading the
 // dropped probabilities and ds that the first phase leaves in shared memory: over k and v,
-// which the second phase does not read, where they fit. With `bsum`, each warp also writes
-// the column sums of its rows of dq, dk and dv (the projections' bias gradients, before
-// the sum over warps and sequences) to row b * warps + warp of bsum [batch * warps, 3 hd]:
-// columns h d.. of dq's block, then of dk's and dv's (zeros for a warp without such rows).
+// which the second phase does not read, where they fit. Where the rest of k's and v's
+// space holds a 16-row tile for every warp (at_bwd_tile), dk and dv leave through it.
+// With `bsum`, each warp also writes the column sums of its rows of dq, dk and dv (the
+// projections' bias gradients, before the sum over warps and sequences) to row
+// b * warps + warp of bsum [batch * warps, 3 hd]: columns h d.. of dq's block, then of
+// dk's and dv's (zeros for a warp without such rows).
 template <typename T, int DMAX, int LMAX>
 __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const int* key_lens,
                                     const T* dctx, T* dq, T* dk, T* dv, float* bsum,
@@ -494,7 +551,8 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
   T* dos = at_carve<T>(sm, lqp, ld);
   // The dropped probabilities and ds [lqp, lds] each: over k and v when both fit there.
   const bool over_kv = at_round(sizeof(T) * lqp * lds) <= at_round(sizeof(T) * lkp * ld);
-  unsigned char* pd_at = reinterpret_cast<unsigned char*>(ks);
+  unsigned char* const kv0 = reinterpret_cast<unsigned char*>(ks);
+  unsigned char* pd_at = kv0;  // advanced by the carving below
   T* pds = at_carve<T>(over_kv ? pd_at : sm, lqp, lds);
   T* dss = at_carve<T>(over_kv ? pd_at : sm, lqp, lds);
   unsigned char* flags = sm;
@@ -549,6 +607,8 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
     // dq rows = ds [16, lkp] @ k [lkp, d].
     float acc[DMAX / 8][4];
     at_rows_by<T, DMAX, LMAX>(acc, dsp, ks, ld, lkp, d);
+    // dq leaves as 4-byte stores: staging it would wait for the barrier below (k and v
+    // are still read) and hold its strip in registers until then, which spilled.
     at_put_rows<T, DMAX>(dq + qh.head0, qh.stride, lq, r0, d, acc);
     if (bs != nullptr) at_put_colsums<DMAX>(bs, lq, r0, d, acc);
   } else if (bs != nullptr) {
@@ -583,6 +643,10 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
     return;
   }
   // dv rows = dropout(probs)^T [16, lqp] @ dO [lqp, d]; dk rows = ds^T [16, lqp] @ q.
+  // They leave through the warp's staging tile where there is one (16-byte stores).
+  T* const tile = over_kv ? at_bwd_tile<T, DMAX>(kv0, lqp, lkp, d) : nullptr;
+  const bool stage_kv = tile != nullptr && ls_aligned16(dk + kvh.head0) &&
+                        ls_aligned16(dv + kvh.head0) && kvh.stride % 8 == 0;
 #pragma unroll 1
   for (int which = 0; which < 2; ++which) {
     const T* x = which == 0 ? pds : dss;
@@ -596,14 +660,21 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
       at_a_t(a, x, lds, r0, kk * 16);
       at_mma_kn<T, DMAX>(acc, a, y, ld, kk * 16, d);
     }
-    at_put_rows<T, DMAX>((which == 0 ? dv : dk) + kvh.head0, kvh.stride, lk, r0, d, acc);
+    T* dst = (which == 0 ? dv : dk) + kvh.head0;
+    if (stage_kv) {
+      at_put_strip_swizzled<T, DMAX>(dst, kvh.stride, lk, r0, acc, tile);
+    } else {
+      at_put_rows<T, DMAX>(dst, kvh.stride, lk, r0, d, acc);
+    }
     if (bs != nullptr) at_put_colsums<DMAX>(bs + (which == 0 ? 2 : 1) * hd, lk, r0, d, acc);
   }
 }
 
 // Kernels per storage type, bound on head_dim and bound on both lengths (registers scale
-// with both).
-#define LS_ATTN_SHORT(T, S, DMAX, LMAX)                                                       \
+// with both). A block has at most 2 LMAX threads (a warp per 16 rows); BWD_BLOCKS is the
+// backward's blocks an SM to leave registers for (its shared memory allows 12 at d = 64
+// and lengths 32, where the register cap is what keeps ptxas from taking more).
+#define LS_ATTN_SHORT(T, S, DMAX, LMAX, BWD_BLOCKS)                                           \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_fwd_d##DMAX##_l##LMAX##_##S(                                                 \
           const T* q, const T* k, const T* v, const int* key_lens, T* ctx, int batch,         \
@@ -612,7 +683,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
     attn_short_fwd_body<T, DMAX, LMAX>(q, k, v, key_lens, ctx, batch, heads, lq, lk, d, q_w,  \
                                        kv_w, scale, causal, p_drop, keep, seed, offset);      \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
+  extern "C" __global__ void __launch_bounds__(2 * LMAX, BWD_BLOCKS)                          \
       attn_short_bwd_d##DMAX##_l##LMAX##_##S(                                                 \
           const T* q, const T* k, const T* v, const int* key_lens, const T* dctx, T* dq,      \
           T* dk, T* dv, float* bsum, int batch, int heads, int lq, int lk, int d, int q_w,    \
@@ -622,14 +693,14 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
                                        heads, lq, lk, d, q_w, kv_w, scale, causal, p_drop,    \
                                        keep, seed, offset);                                   \
   }
-LS_ATTN_SHORT(__half, f16, 64, 32)
-LS_ATTN_SHORT(__half, f16, 64, 64)
-LS_ATTN_SHORT(__half, f16, 128, 32)
-LS_ATTN_SHORT(__half, f16, 128, 64)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 32)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 64)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 32)
-LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64)
+LS_ATTN_SHORT(__half, f16, 64, 32, 12)
+LS_ATTN_SHORT(__half, f16, 64, 64, 4)
+LS_ATTN_SHORT(__half, f16, 128, 32, 6)
+LS_ATTN_SHORT(__half, f16, 128, 64, 3)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 32, 12)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 64, 4)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 32, 6)
+LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 
 // Flash attention forward for inference (encoders, prefill), any lengths: the layout, masks
 // and grouped heads of attention.cu (without its bias table). Query i of sequence b sits at
