@@ -126,6 +126,21 @@ __device__ void at_stage(T* dst, int ld, const T* src, int rows, int rows_pad, i
   constexpr int N = 16 / sizeof(T);
   const int packs = d / N;
   const bool aligned = ls_aligned16(src) && stride % N == 0;
+#if __CUDA_ARCH__ >= 800
+  if (aligned && blockDim.x % packs == 0) {
+    // Each thread keeps one column pack and steps its addresses row by row: no division
+    // and no address conversion a pack.
+    const int step = blockDim.x / packs, c = (threadIdx.x % packs) * N;
+    int r = threadIdx.x / packs;
+    const T* s = src + r * stride + c;
+    unsigned int a = ls_smem_addr(dst + r * ld + c);
+    for (; r < rows; r += step, s += step * stride, a += step * ld * sizeof(T))
+      ls_cp16_at(a, s);
+    for (; r < rows_pad; r += step)
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = make_uint4(0, 0, 0, 0);
+    return;
+  }
+#endif
   for (int p = threadIdx.x; p < rows_pad * packs; p += blockDim.x) {
     const int r = p / packs, c = (p - r * packs) * N;
     T* out = dst + r * ld + c;

@@ -102,6 +102,12 @@ __device__ __forceinline__ void ls_cp16(void* dst, const void* src) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
+#if __CUDA_ARCH__ >= 800
+// ls_cp16 to a 32-bit shared address (ls_smem_addr), for loops that step it themselves.
+__device__ __forceinline__ void ls_cp16_at(unsigned int dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+#endif
 // Closes this thread's copies issued since the last commit into a group.
 __device__ __forceinline__ void ls_cp_commit() {
 #if __CUDA_ARCH__ >= 800
