@@ -687,8 +687,9 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
 
 // Kernels per storage type, bound on head_dim and bound on both lengths (registers scale
 // with both). A block has at most 2 LMAX threads (a warp per 16 rows); BWD_BLOCKS is the
-// backward's blocks an SM to leave registers for (its shared memory allows 12 at d = 64
-// and lengths 32, where the register cap is what keeps ptxas from taking more).
+// backward's blocks an SM to leave registers for: at d = 64 and lengths 32, Hopper's
+// shared memory holds 12 without dropout (11 with its flags), and without the cap ptxas
+// takes registers for fewer.
 #define LS_ATTN_SHORT(T, S, DMAX, LMAX, BWD_BLOCKS)                                           \
   extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                             \
       attn_short_fwd_d##DMAX##_l##LMAX##_##S(                                                 \
