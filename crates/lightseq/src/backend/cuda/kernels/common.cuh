@@ -91,23 +91,24 @@ __device__ __forceinline__ unsigned int ls_smem_addr(const void* p) {
   return a;
 }
 
+#if __CUDA_ARCH__ >= 800
+// 16 bytes global -> the 32-bit shared address `dst` (ls_smem_addr), asynchronously: for
+// loops that step the address themselves.
+__device__ __forceinline__ void ls_cp16_at(unsigned int dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+#endif
+
 // 16 bytes global -> shared; asynchronous (cp.async, not through registers) on sm_80 and
 // later, where a thread's copies complete at ls_cp_wait or ls_cp_wait_all, a plain copy
 // before.
 __device__ __forceinline__ void ls_cp16(void* dst, const void* src) {
 #if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(ls_smem_addr(dst)), "l"(src)
-               : "memory");
+  ls_cp16_at(ls_smem_addr(dst), src);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
-#if __CUDA_ARCH__ >= 800
-// ls_cp16 to a 32-bit shared address (ls_smem_addr), for loops that step it themselves.
-__device__ __forceinline__ void ls_cp16_at(unsigned int dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-#endif
 // Closes this thread's copies issued since the last commit into a group.
 __device__ __forceinline__ void ls_cp_commit() {
 #if __CUDA_ARCH__ >= 800
