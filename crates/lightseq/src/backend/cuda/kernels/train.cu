@@ -1141,13 +1141,118 @@ __device__ __forceinline__ float ce_pack_max(const LsPack<__nv_bfloat16>& p, flo
 }
 #endif
 
+// 2^x by the hardware approximation (what __expf uses after its multiply by log2(e)).
+__device__ __forceinline__ float ls_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+#define LS_LOG2E 1.4426950408889634f
+// ce_staged_row's sums and gradient for 16-bit logits, with one exponential an element:
+// e_v = 2^LS_CE_SHIFT exp(z_v - bm) is summed in f32 and kept in registers as f16 (the
+// shift keeps it normal down to exp(z_v - bm) = 2^-29, and the largest, 2^15, in range),
+// and the gradient is a p_v - eps_i with p_v = e_v / sum(e): one multiply-add instead of a
+// second exponential. Rounding e_v to f16 costs p_v one f16 rounding (2^-11 relative)
+// before the gradient's own; the target's element, where a p - c_nll may cancel, is taken
+// from its logit in f32 as before. sum_v (lse - z_v) is vocab lse less the sum of the
+// logits (a difference of f32 sums: ~1e-7 relative, against the 2^-11 of the f16 rounding
+// and the 1e-2 tolerance of the f16 path).
+#define LS_CE_SHIFT 15.f
+
+// ce_staged_row_one_exp's first pass over a thread's packs: the sums of e_v and z_v, e_v
+// in place of z_v, and the target's logit zt (in the thread that holds it). With FULL every
+// pack lies wholly inside the vocabulary (the row has no padding), so no element is masked.
+template <bool FULL, typename T>
+__device__ __forceinline__ void ce_exp_pass(LsPack<T> (&z)[LS_CE_PACKS], int packs, int vocab,
+                                            int t, float c, float& se, float& sz, float& zt) {
+  constexpr int N = 16 / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < LS_CE_PACKS; ++k) {
+    const int q = threadIdx.x + k * blockDim.x;
+    if (q < packs) {
+      if (q == t / N) {  // one thread of the block
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (q * N + e == t) zt = to_f(z[k].v[e]);
+        }
+      }
+      const int valid = FULL ? N : min(N, vocab - q * N);
+#pragma unroll
+      for (int e = 0; e < N; e += 2) {
+        float z0 = to_f(z[k].v[e]), z1 = to_f(z[k].v[e + 1]);
+        float e0 = ls_ex2(fmaf(z0, LS_LOG2E, -c)), e1 = ls_ex2(fmaf(z1, LS_LOG2E, -c));
+        if (!FULL) {  // past the vocabulary counts nothing
+          if (e >= valid) e0 = z0 = 0.f;
+          if (e + 1 >= valid) e1 = z1 = 0.f;
+        }
+        se += e0 + e1;
+        sz += z0 + z1;
+        // e_v replaces z_v in the registers that held it.
+        reinterpret_cast<__half2*>(z[k].v)[e / 2] = __floats2half2_rn(e0, e1);
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void ce_staged_row_one_exp(
+    LsPack<T> (&z)[LS_CE_PACKS], const T* z_row, LsPack<T>* gp, int packs, int vocab, int t,
+    long long r, float* loss, float* nll, float c_nll, float eps_i, float a,
+    float grad_scale, float bm) {
+  constexpr int N = 16 / sizeof(T);
+  static_assert(N == 8, "16-bit logits");
+  const float c = fmaf(bm, LS_LOG2E, -LS_CE_SHIFT);
+  const bool full = vocab == packs * N;
+  float se = 0.f, sz = 0.f, zt = 0.f;
+  if (full) {
+    ce_exp_pass<true>(z, packs, vocab, t, c, se, sz, zt);
+  } else {
+    ce_exp_pass<false>(z, packs, vocab, t, c, se, sz, zt);
+  }
+  const float se_all = block_sum(se);
+  const float log_se = logf(se_all) - LS_CE_SHIFT * 0.69314718055994531f;
+  const float lse = bm + log_se;
+  const float sm = vocab * lse - block_sum(sz);
+  if (threadIdx.x == 0) ce_row_loss(loss, nll, r, lse - to_f(z_row[t]), sm, c_nll, eps_i);
+  const float as = a * grad_scale, es = eps_i * grad_scale, cs = c_nll * grad_scale;
+  const float k1 = as / se_all;
+#pragma unroll
+  for (int k = 0; k < LS_CE_PACKS; ++k) {
+    const int q = threadIdx.x + k * blockDim.x;
+    if (q < packs) {
+      LsPack<T> o;
+#pragma unroll
+      for (int e = 0; e < N; e += 2) {
+        const float2 pe = __half22float2(reinterpret_cast<const __half2*>(z[k].v)[e / 2]);
+        o.v[e] = from_f<T>(fmaf(k1, pe.x, -es));
+        o.v[e + 1] = from_f<T>(fmaf(k1, pe.y, -es));
+      }
+      if (!full) {  // zero past the vocabulary (row padding)
+        const int valid = min(N, vocab - q * N);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (e >= valid) o.v[e] = from_f<T>(0.f);
+        }
+      }
+      if (q == t / N) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (q * N + e == t) o.v[e] = from_f<T>(fmaf(as, __expf(zt - lse), -es) - cs);
+        }
+      }
+      gp[q] = o;
+    }
+  }
+}
+
 // Row r's loss, nll and gradient `gp` from its packs in z (pack q = threadIdx.x + k
 // blockDim.x in z[k]) and its target t (in the vocabulary); z_row is the row in memory.
 // Packs wholly inside the vocabulary skip the per-element bound; the gradient is
 // a' p - eps' with the constants pre-scaled by grad_scale, and c_nll' taken off the
 // target's element alone.
 template <typename T>
-__device__ __forceinline__ void ce_staged_row(const LsPack<T> (&z)[LS_CE_PACKS], const T* z_row,
+__device__ __forceinline__ void ce_staged_row(LsPack<T> (&z)[LS_CE_PACKS], const T* z_row,
                                               LsPack<T>* gp, int packs, int vocab, int t,
                                               long long r, float* loss, float* nll, float c_nll,
                                               float eps_i, float a, float grad_scale) {
@@ -1168,6 +1273,13 @@ __device__ __forceinline__ void ce_staged_row(const LsPack<T> (&z)[LS_CE_PACKS],
     }
   }
   const float bm = block_max(m);
+  // 16-bit logits: one exponential an element, kept in f16. f32 logits: the exponentials
+  // stay f32, computed twice (the f32 path must match the CPU to 1e-4).
+  if constexpr (sizeof(T) == 2) {
+    ce_staged_row_one_exp(z, z_row, gp, packs, vocab, t, r, loss, nll, c_nll, eps_i, a,
+                          grad_scale, bm);
+    return;
+  }
   // Sums of exp(z - bm) and of (bm - z) >= 0 over the vocabulary.
   float se = 0.f, sd = 0.f;
 #pragma unroll
