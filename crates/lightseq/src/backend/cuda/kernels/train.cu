@@ -553,6 +553,7 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     // A team past the last row holds zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
     // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
     if (!ok) rstd = 0.f;
+    const float shift = -mean * rstd;
     // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
     float ak[LS_RP], ck[LS_RP];
 #pragma unroll
@@ -564,7 +565,7 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
 #pragma unroll
         for (int e = 0; e < N; ++e) {
           const float d = gv.v[k][e];
-          xv.v[k][e] = (xv.v[k][e] - mean) * rstd;
+          xv.v[k][e] = fmaf(xv.v[k][e], rstd, shift);
           ag[k][e] += d * xv.v[k][e];
           ab[k][e] += d;
           gv.v[k][e] = d * to_f(gm.v[e]);
@@ -573,18 +574,21 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
         }
       }
     }
-    const float s1 = team_sum(pack_total(ak), ts) / h;
-    const float sx = team_sum(pack_total(ck), ts) / h;
+    // dx = rstd (g - s1 - xhat sx) = rstd g + (-rstd sx) xhat + (-rstd s1).
+    const float c0 = -rstd * (team_sum(pack_total(ak), ts) / h);
+    const float cx = -rstd * (team_sum(pack_total(ck), ts) / h);
 #pragma unroll
     for (int k = 0; k < LS_RP; ++k) {
+      LsPack<T> o;
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        gv.v[k][e] = rstd * (gv.v[k][e] - s1 - xv.v[k][e] * sx);
+        o.v[e] = from_f<T>(fmaf(gv.v[k][e], rstd, fmaf(xv.v[k][e], cx, c0)));
         // dx as stored (zero for a team past the last row: rstd is 0).
-        if (DSUM) ad[DSUM ? k : 0][e] += to_f(from_f<T>(gv.v[k][e]));
+        if (DSUM) ad[DSUM ? k : 0][e] += to_f(o.v[e]);
       }
+      const int q = t.tl + k * ts;
+      if (ok && q < packs) reinterpret_cast<LsPack<T>*>(dx + r * h)[q] = o;
     }
-    gv.store(dx + r * h, packs, t.tl, ts, ok);
   }
   // Teams of a warp hold the same columns: lanes below ts end with the warp's sums.
 #pragma unroll
