@@ -44,3 +44,36 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         }
     }
 }
+
+/// Every kernel a module's source defines is in its list (the backend looks kernels up by
+/// the list, so one missing there fails only when first launched). Needs no NVRTC.
+#[test]
+fn every_defined_kernel_is_listed() {
+    for m in MODULES {
+        let mut rest = m.source;
+        while let Some(at) = rest.find("__global__ void") {
+            rest = &rest[at + "__global__ void".len()..];
+            // The name follows, possibly after __launch_bounds__(...) and a line break in
+            // the macro.
+            let skip =
+                |t: &'static str| t.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            let mut tail = skip(rest);
+            if let Some(after) = tail.strip_prefix("__launch_bounds__") {
+                tail = skip(&after[after.find(')').unwrap() + 1..]);
+            }
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            // Names are written NAME_##S inside the instantiating macros; names built from
+            // more macro parameters (attn_flash_d##DMAX##_##S) are not checked.
+            let name = tail[..end].trim_end_matches('_');
+            if tail[end..].starts_with("##S") {
+                assert!(
+                    m.kernels.contains(&name),
+                    "{}.cu defines kernel {name}, which its module's list lacks",
+                    m.name
+                );
+            }
+        }
+    }
+}

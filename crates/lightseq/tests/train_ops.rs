@@ -791,7 +791,7 @@ fn cuda_embedding_backward_matches_cpu() {
         return;
     };
     let cpu = Device::Cpu;
-    let (vocab, h) = (20, 37);
+    let vocab = 20;
     // Repeats, ignored (-1) and out-of-range ids.
     let id: Vec<i32> = (0..50)
         .map(|i| match i % 11 {
@@ -800,31 +800,34 @@ fn cuda_embedding_backward_matches_cpu() {
             _ => (i * 7 % vocab) as i32,
         })
         .collect();
-    let dy = randn(50, id.len() * h);
-    for dt in DTYPES {
-        let run = |d: &Device| {
-            ops::embedding_backward(&ids(&id, d), &t(&dy, &[id.len(), h], dt, d), vocab, 2.0)
-                .unwrap()
-        };
-        let (g, c) = (run(&gpu), run(&cpu));
-        assert_eq!(g.dtype(), DType::F32);
-        assert_eq!(g.shape(), &[vocab, h]);
-        check("embedding_backward", dt, &g, &c, tol(dt));
-        // The accumulating form, into a nonzero table.
-        let acc0 = randn(51, vocab * h);
-        let into = |d: &Device| {
-            let mut acc = t(&acc0, &[vocab, h], DType::F32, d);
-            let dyt = t(&dy, &[id.len(), h], dt, d);
-            ops::embedding_backward_into(&mut acc, &ids(&id, d), &dyt, 2.0).unwrap();
-            acc
-        };
-        check(
-            "embedding_backward_into",
-            dt,
-            &into(&gpu),
-            &into(&cpu),
-            tol(dt),
-        );
+    // 37 columns take an element a thread; 64 whole 16-byte packs of dy (every dtype).
+    for h in [37, 64] {
+        let dy = randn(50, id.len() * h);
+        for dt in DTYPES {
+            let run = |d: &Device| {
+                ops::embedding_backward(&ids(&id, d), &t(&dy, &[id.len(), h], dt, d), vocab, 2.0)
+                    .unwrap()
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            assert_eq!(g.dtype(), DType::F32);
+            assert_eq!(g.shape(), &[vocab, h]);
+            check(&format!("embedding_backward h {h}"), dt, &g, &c, tol(dt));
+            // The accumulating form, into a nonzero table.
+            let acc0 = randn(51, vocab * h);
+            let into = |d: &Device| {
+                let mut acc = t(&acc0, &[vocab, h], DType::F32, d);
+                let dyt = t(&dy, &[id.len(), h], dt, d);
+                ops::embedding_backward_into(&mut acc, &ids(&id, d), &dyt, 2.0).unwrap();
+                acc
+            };
+            check(
+                &format!("embedding_backward_into h {h}"),
+                dt,
+                &into(&gpu),
+                &into(&cpu),
+                tol(dt),
+            );
+        }
     }
 }
 

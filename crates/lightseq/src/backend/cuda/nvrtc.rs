@@ -90,6 +90,7 @@ pub const MODULES: &[KernelModule] = &[
             "activate",
             "activation_backward",
             "embedding_backward",
+            "embedding_backward_packed",
             "cross_entropy",
             "cross_entropy_staged",
             "dropout",

@@ -1153,8 +1153,15 @@ pub(crate) fn embedding_backward_into(
     if n * h == 0 || vocab == 0 {
         return Ok(());
     }
-    let f = dev.kernel("embedding_backward", dy.dtype())?;
     let (ip, dp, op) = (ids.ptr(), dy.ptr(), acc.ptr());
+    // A 16-byte pack of dy a thread where rows are whole aligned packs, else an element.
+    let n_pack = 16 / dy.dtype().size();
+    let packed = h.is_multiple_of(n_pack) && dp.is_multiple_of(16) && op.is_multiple_of(16);
+    let (name, per) = match packed {
+        true => ("embedding_backward_packed", n_pack),
+        false => ("embedding_backward", 1),
+    };
+    let f = dev.kernel(name, dy.dtype())?;
     let (nn, hh, v) = (n as i64, h as i32, vocab.min(i32::MAX as usize) as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&ip)
@@ -1164,10 +1171,9 @@ pub(crate) fn embedding_backward_into(
         .arg(&hh)
         .arg(&v)
         .arg(&scale);
-    // SAFETY: argument types match the kernel's signature in train.cu.
-    launched("embedding_backward", unsafe {
-        l.launch(grid_1d(n * h, 256))
-    })
+    // SAFETY: argument types match the kernels' signature in train.cu; the packed one's
+    // alignment was checked above.
+    launched(name, unsafe { l.launch(grid_1d(n * h / per, 256)) })
 }
 
 /// cross_entropy_staged and its launch for `n` rows `ld` apart, where it applies: rows of

@@ -997,6 +997,40 @@ __device__ void embedding_backward_body(const int* ids, const T* dy, float* d, l
   }
 }
 
+// d[0..4) (16-byte aligned) += (a, b, c, e): one vector atomic on sm_90, four before.
+__device__ __forceinline__ void ls_atomic_add4(float* d, float a, float b, float c, float e) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(d), make_float4(a, b, c, e));
+#else
+  atomicAdd(d, a);
+  atomicAdd(d + 1, b);
+  atomicAdd(d + 2, c);
+  atomicAdd(d + 3, e);
+#endif
+}
+
+// embedding_backward_body a 16-byte pack of dy a thread, for rows of whole packs (dy and d
+// 16-byte aligned; the host checks), with I-bit index arithmetic: one row division a pack
+// instead of one an element, and vector atomics.
+template <typename T, typename I>
+__device__ void embedding_backward_packed(const int* ids, const T* dy, float* d, I rows, int h,
+                                          int vocab, float scale) {
+  constexpr int N = 16 / sizeof(T);
+  const I packs = h / N, total = rows * packs;
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+    const I r = i / packs;
+    const int id = ids[r];
+    if (id < 0 || id >= vocab) continue;
+    const LsPack<T> p = reinterpret_cast<const LsPack<T>*>(dy)[i];
+    float* o = d + (long long)id * h + (i - r * packs) * N;
+#pragma unroll
+    for (int e = 0; e < N; e += 4) {
+      ls_atomic_add4(o + e, scale * to_f(p.v[e]), scale * to_f(p.v[e + 1]),
+                     scale * to_f(p.v[e + 2]), scale * to_f(p.v[e + 3]));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Label-smoothed cross entropy, one block per row (cpu::cross_entropy's formula):
 //   loss = c_nll * nll + eps_i * sum_v (lse - z_v),  nll = lse - z_t,
@@ -1622,6 +1656,14 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                                                     long long n, int h, int vocab,            \
                                                     float scale) {                            \
     embedding_backward_body<T>(ids, dy, d, n, h, vocab, scale);                               \
+  }                                                                                           \
+  extern "C" __global__ void embedding_backward_packed_##S(const int* ids, const T* dy,       \
+                                                           float* d, long long n, int h,      \
+                                                           int vocab, float scale) {          \
+    if (LS_FITS_32(n * h))                                                                    \
+      embedding_backward_packed<T, int>(ids, dy, d, (int)n, h, vocab, scale);                 \
+    else                                                                                      \
+      embedding_backward_packed<T, long long>(ids, dy, d, n, h, vocab, scale);                \
   }                                                                                           \
   extern "C" __global__ void cross_entropy_##S(const T* logits, const int* targets,           \
                                                float* loss, float* nll, T* d, long long rows, \
