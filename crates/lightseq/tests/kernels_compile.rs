@@ -49,7 +49,16 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 /// the list, so one missing there fails only when first launched). Needs no NVRTC.
 #[test]
 fn every_defined_kernel_is_listed() {
+    let mut checked = 0;
     for m in MODULES {
+        // Every `__global__` must be one this parser reads, so that a declaration written
+        // another way fails here instead of going unchecked.
+        assert_eq!(
+            m.source.matches("__global__").count(),
+            m.source.matches("__global__ void").count(),
+            "{}.cu: a __global__ not followed by `void`",
+            m.name
+        );
         let mut rest = m.source;
         while let Some(at) = rest.find("__global__ void") {
             rest = &rest[at + "__global__ void".len()..];
@@ -67,13 +76,21 @@ fn every_defined_kernel_is_listed() {
             // Names are written NAME_##S inside the instantiating macros; names built from
             // more macro parameters (attn_flash_d##DMAX##_##S) are not checked.
             let name = tail[..end].trim_end_matches('_');
+            assert!(
+                tail[end..].starts_with("##"),
+                "{}.cu: kernel {name} is not named NAME_##S in a macro",
+                m.name
+            );
             if tail[end..].starts_with("##S") {
                 assert!(
                     m.kernels.contains(&name),
                     "{}.cu defines kernel {name}, which its module's list lacks",
                     m.name
                 );
+                checked += 1;
             }
         }
     }
+    // The modules define several dozen such kernels; none read means the parser is wrong.
+    assert!(checked >= 40, "only {checked} kernel names checked");
 }

@@ -1194,8 +1194,11 @@ __device__ __forceinline__ float ls_ex2(float x) {
 // second exponential. Rounding e_v to f16 costs p_v one f16 rounding (2^-11 relative)
 // before the gradient's own; the target's element, where a p - c_nll may cancel, is taken
 // from its logit in f32 as before. sum_v (lse - z_v) is vocab lse less the sum of the
-// logits (a difference of f32 sums: ~1e-7 relative, against the 2^-11 of the f16 rounding
-// and the 1e-2 tolerance of the f16 path).
+// logits: a difference of f32 sums, whose error (~1e-7 of vocab |lse|) is small against
+// the sum itself unless the logits share an offset far larger than their spread (an
+// offset of 100 spreads costs the smoothing term ~1e-5 of itself). The exponent's offset
+// bm log2(e) - 15 is rounded to f32: past |bm| ~ 1.1e7 (bf16 logits only; f16's largest
+// is 65504) that can push the largest e_v to f16 infinity.
 #define LS_CE_SHIFT 15.f
 
 // ce_staged_row_one_exp's first pass over a thread's packs: the sums of e_v and z_v, e_v
