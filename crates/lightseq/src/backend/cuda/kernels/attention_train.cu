@@ -763,7 +763,7 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
     lo[x] = window > 0 ? pos + 1 - window : -AF_FAR;
     hi[x] = i < len_q ? (causal ? pos + 1 : AF_FAR) : -AF_FAR;
   }
-  const float sl2 = scale * 1.4426950408889634f;  // scores in base 2
+  const float sl2 = scale * LS_LOG2E;  // scores in base 2
   float o[DMAX / 8][4];
   at_zero(o);
   float m[2] = {LS_NEG_INF, LS_NEG_INF}, l[2] = {0.f, 0.f};

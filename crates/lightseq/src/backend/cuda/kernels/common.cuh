@@ -6,6 +6,7 @@
 #define LS_FULL_MASK 0xffffffffu
 #define LS_NEG_INF (__int_as_float(0xff800000))
 #define LS_POS_INF (__int_as_float(0x7f800000))
+#define LS_LOG2E 1.4426950408889634f  // log2(e): exp(x) = 2^(x log2(e))
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

@@ -1186,7 +1186,6 @@ __device__ __forceinline__ float ls_ex2(float x) {
   return y;
 }
 
-#define LS_LOG2E 1.4426950408889634f
 // ce_staged_row's sums and gradient for 16-bit logits, with one exponential an element:
 // e_v = 2^LS_CE_SHIFT exp(z_v - bm) is summed in f32 and kept in registers as f16 (the
 // shift keeps it normal down to exp(z_v - bm) = 2^-29, and the largest, 2^15, in range),
