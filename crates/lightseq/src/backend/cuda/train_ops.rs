@@ -50,9 +50,15 @@ fn team_grid(rows: usize, cols: usize, max: u32) -> (LaunchConfig, i32) {
 /// 16-byte packs a lane of the register-cached row kernels holds at most (LS_RP in train.cu).
 const ROW_PACKS: usize = 4;
 
-/// Shared bytes a warp of `layer_norm_backward_rows` stages its rows in (LS_LNB_WARP_BYTES
-/// in train.cu: 3 stages of x's and dy's packs for 32 lanes).
-const LNB_WARP_BYTES: u32 = 3 * 2 * ROW_PACKS as u32 * 32 * 16;
+/// 16-byte packs a lane of `layer_norm_backward_rows` holds (LS_LNB_RP in train.cu): rows
+/// of up to 128 packs take teams of up to two warps.
+const LNB_PACKS: usize = 2;
+
+/// Shared bytes a warp of `layer_norm_backward_rows` with `rp` packs a lane stages its rows
+/// in (LS_LNB_WARP_BYTES(RP) in train.cu: 3 stages of x's and dy's packs for 32 lanes).
+const fn lnb_warp_bytes(rp: u32) -> u32 {
+    3 * 2 * rp * 32 * 16
+}
 
 /// The launch of a row-wise kernel: `rows_name`, its register-cached variant (a team of
 /// `ts` lanes per row), when [`row_team`] allows, else `name` with `per_warp` rows per warp
@@ -730,20 +736,26 @@ pub(crate) fn layer_norm_backward(
     }
     let (xp, gp, dyp, dxp) = (x.ptr(), gamma.ptr(), dy.ptr(), dx.ptr());
     let (r, hh) = (rows as i64, h as i32);
-    if let Some((mut cfg, ts)) = row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
+    if let Some((mut cfg, _)) = row_team(rows, h, dt, &[xp, gp, dyp, dxp]) {
         // One pass: dx, and per block the partial parameter sums (and dx's column sums
         // with `dsum`). Its lanes keep running sums over the rows they take, so the grid is
         // one full wave (more blocks would only add partial rows for sum_chunks to add).
-        // The running sums take ~165 registers at 16-bit rows of 1024 (~200 with dx's):
-        // blocks of 4 warps fit three (two) to an SM where 8 fit one. Each warp stages its
-        // rows in LNB_WARP_BYTES of shared memory.
+        // The running sums take most of the registers: two packs a lane (a team of up to
+        // two warps a row) keep them at ~120 at 16-bit rows of 1024, so an SM holds 16
+        // warps (four packs a lane took ~200 registers and held 8, ~15% slower on an
+        // H200). Blocks of 16 warps, one an SM, leave sum_chunks the fewest partial rows.
+        // Each warp stages its rows in lnb_warp_bytes of shared memory.
+        let ts = (h / (16 / dt.size()))
+            .div_ceil(LNB_PACKS)
+            .next_power_of_two() as i32;
         let name = match dsum {
             Some(_) => "layer_norm_backward_rows_dsum",
             None => "layer_norm_backward_rows",
         };
         let f = dev.kernel(name, dt)?;
-        cfg.block_dim.0 = 128;
-        cfg.shared_mem_bytes = (cfg.block_dim.0 / 32) * LNB_WARP_BYTES;
+        cfg.block_dim.0 = 512;
+        cfg.shared_mem_bytes = (cfg.block_dim.0 / 32) * lnb_warp_bytes(LNB_PACKS as u32);
+        allow_smem(&f, cfg.shared_mem_bytes as usize)?;
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(
                 cfg.block_dim.0,
@@ -773,8 +785,9 @@ pub(crate) fn layer_norm_backward(
             .arg(&ts);
         // SAFETY: argument types match the kernel's signature in train.cu; `stats` is null
         // or 2 rows f32 (the caller checks); `partial` holds a row of `sums` h f32 per block
-        // of the grid, and the block's dynamic shared memory is the LNB_WARP_BYTES per warp
-        // the kernel stages in.
+        // of the grid, and the block's dynamic shared memory is the lnb_warp_bytes per warp
+        // the kernel stages in; ts is at most 64 (row_team allows at most 128 packs) and
+        // the block 16 warps.
         launched(name, unsafe { l.launch(cfg) })?;
         let outs = (dgamma, dbeta, dsum.unwrap_or(dbeta));
         sum_chunks_split(pp, outs, h, blocks, sums * h, accumulate)?;
@@ -1562,9 +1575,10 @@ pub(crate) fn short_attention_smem(
     (fwd.max(bwd) <= SHORT_ATTENTION_SMEM).then_some((fwd, bwd))
 }
 
-/// Lets `f` use `bytes` of dynamic shared memory (past the default 48 KiB needs opting in).
+/// Lets `f` use `bytes` of dynamic shared memory (past the default 48 KiB, less what the
+/// kernel declares statically, needs opting in; the kernels here declare at most a few KiB).
 pub(crate) fn allow_smem(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<()> {
-    if bytes <= 48 << 10 {
+    if bytes <= 40 << 10 {
         return Ok(());
     }
     use cudarc::driver::sys::CUfunction_attribute_enum as A;

@@ -237,13 +237,6 @@ __device__ void layer_norm_backward_body(const T* x, const T* gamma, const T* dy
 // buffer is 16-byte aligned (row_team in train_ops.rs), else the team kernels above.
 #define LS_RP 4
 
-// The sum of a lane's per-pack partial sums, in pairs.
-__device__ __forceinline__ float pack_total(const float (&p)[LS_RP]) {
-  static_assert(LS_RP == 4, "pack_total adds four partial sums");
-  float a = p[0] + p[1], b = p[2] + p[3];
-  return a + b;
-}
-
 __device__ __forceinline__ float team_sum(float v, int ts) {
   for (int o = ts >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(LS_FULL_MASK, v, o);
   return v;
@@ -438,12 +431,28 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
 }
 
 // Rows layer_norm_backward_rows keeps in flight per warp, and the shared bytes a warp stages
-// them in: per stage, LS_RP packs of x and of dy for each of its 32 lanes, lane-major (pack
-// k of lane l at (k 32 + l) 16, dy's after x's), so every access is conflict-free. The host
-// sizes the dynamic shared memory as warps times LS_LNB_WARP_BYTES.
+// them in: per stage, RP packs of x and of dy for each of its 32 lanes, lane-major (pack k
+// of lane l at (k 32 + l) 16, dy's after x's), so every access is conflict-free. The host
+// sizes the dynamic shared memory as warps times LS_LNB_WARP_BYTES(RP).
 #define LS_LNB_STAGES 3
-#define LS_LNB_STAGE_BYTES (2 * LS_RP * 32 * 16)
-#define LS_LNB_WARP_BYTES (LS_LNB_STAGES * LS_LNB_STAGE_BYTES)
+#define LS_LNB_STAGE_BYTES(RP) (2 * (RP) * 32 * 16)
+#define LS_LNB_WARP_BYTES(RP) (LS_LNB_STAGES * LS_LNB_STAGE_BYTES(RP))
+// Warps a block of layer_norm_backward_rows may have (its two-warp teams' exchange slots).
+#define LS_LNB_MAX_WARPS 16
+// Packs a lane of layer_norm_backward_rows holds (LNB_PACKS in train_ops.rs); the host
+// launches it in blocks of 512 threads.
+#define LS_LNB_RP 2
+
+// The sum of a lane's per-pack partial sums, in pairs.
+template <int RP>
+__device__ __forceinline__ float pack_total_of(const float (&p)[RP]) {
+  static_assert(RP == 2 || RP == 4, "pack_total_of adds two or four partial sums");
+  if constexpr (RP == 2) {
+    return p[0] + p[1];
+  } else {
+    return (p[0] + p[1]) + (p[2] + p[3]);
+  }
+}
 
 // layer_norm_backward_body with register-cached rows, the parameter sums folded in: the
 // columns a lane holds are the same for every row its team takes, so the lane keeps running
@@ -456,38 +465,67 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
 // (dgamma's h columns, dbeta's, then with DSUM dx's), which sum_chunks adds over blocks.
 // With `stats` (the forward's (mean, rstd) per row, add_layer_norm_rows') a row's
 // statistics are read instead of computed again.
-template <typename T, bool DSUM>
+// A lane holds RP packs of a row. With RP = 2 a team may be two warps (ts = 64): each warp
+// of the pair sums its half and the pair trades the halves' sums through shared memory at
+// a named barrier, adding them in the same order, so both hold the same totals. The lanes'
+// running sums are what limit how many warps an SM holds; halving them lets it hold twice
+// as many.
+template <typename T, bool DSUM, int RP>
 __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy,
                                          const float* stats, T* dx, float* partial,
                                          long long rows, int h, float eps, int ts) {
   constexpr int N = 16 / sizeof(T);
   constexpr int S = DSUM ? 3 : 2;
-  constexpr int KD = DSUM ? LS_RP : 1;
+  constexpr int KD = DSUM ? RP : 1;
+  constexpr int STAGE = LS_LNB_STAGE_BYTES(RP), WARP_BYTES = LS_LNB_WARP_BYTES(RP);
   extern __shared__ __align__(16) unsigned char lnb_smem[];
+  // A two-warp team's halves' sums: [parity][warp], a row's exchange alternating parity.
+  __shared__ float2 lnb_trade[2][LS_LNB_MAX_WARPS];
   const int packs = h / N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const TeamRows t(ts);
-  unsigned char* stages = lnb_smem + warp * LS_LNB_WARP_BYTES;
+  const bool pair = ts > 32;
+  int parity = 0;
+  // Team totals of (a, b): shuffles within the warp, then for a pair one trade.
+  auto team_sum2 = [&](float a, float b) {
+    for (int o = min(ts, 32) >> 1; o > 0; o >>= 1) {
+      a += __shfl_xor_sync(LS_FULL_MASK, a, o);
+      b += __shfl_xor_sync(LS_FULL_MASK, b, o);
+    }
+    if (pair) {
+      if (lane == 0) lnb_trade[parity][warp] = make_float2(a, b);
+      // Both warps of the pair (named barrier 1 + pair index, 64 threads). A slot is
+      // written again two trades later, after the next barrier, which the partner reaches
+      // only once it has read it.
+      asm volatile("bar.sync %0, 64;" ::"r"(1 + (warp >> 1)) : "memory");
+      const float2 lo = lnb_trade[parity][warp & ~1], hi = lnb_trade[parity][warp | 1];
+      a = lo.x + hi.x;
+      b = lo.y + hi.y;
+      parity ^= 1;
+    }
+    return make_float2(a, b);
+  };
+  unsigned char* stages = lnb_smem + warp * WARP_BYTES;
   // Copies this lane's packs of the row its team takes at `base` into stage `st`, as one
   // commit group (empty past the last row, so every lane counts the same groups).
   auto issue = [&](long long base, int st) {
     const long long r = base + t.sub;
     if (r < rows) {
-      unsigned char* slot = stages + st * LS_LNB_STAGE_BYTES + lane * 16;
+      unsigned char* slot = stages + st * STAGE + lane * 16;
 #pragma unroll
-      for (int k = 0; k < LS_RP; ++k) {
+      for (int k = 0; k < RP; ++k) {
         const int q = t.tl + k * ts;
         if (q < packs) {
           ls_cp16(slot + k * 512, x + r * h + q * N);
-          ls_cp16(slot + (LS_RP + k) * 512, dy + r * h + q * N);
+          ls_cp16(slot + (RP + k) * 512, dy + r * h + q * N);
         }
       }
     }
     ls_cp_commit();
   };
-  float ag[LS_RP][N], ab[LS_RP][N], ad[KD][N];
+  float ag[RP][N], ab[RP][N], ad[KD][N];
 #pragma unroll
-  for (int k = 0; k < LS_RP; ++k) {
+  for (int k = 0; k < RP; ++k) {
 #pragma unroll
     for (int e = 0; e < N; ++e) ag[k][e] = ab[k][e] = 0.f;
   }
@@ -503,6 +541,7 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     const long long r = base + t.sub;
     return stats && r < rows ? reinterpret_cast<const float2*>(stats)[r] : make_float2(0.f, 0.f);
   };
+  const float inv_h = 1.f / h;
   float2 next_stats = row_stats(t.first);
   int st = 0;
   for (long long base = t.first; base < rows; base += t.step) {
@@ -511,17 +550,17 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     const float2 row_st = next_stats;
     next_stats = row_stats(base + t.step);
     ls_cp_wait<LS_LNB_STAGES - 2>();
-    RowRegs<T> xv, gv;
-    const unsigned char* slot = stages + st * LS_LNB_STAGE_BYTES + lane * 16;
+    float xv[RP][N], gv[RP][N];
+    const unsigned char* slot = stages + st * STAGE + lane * 16;
 #pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
+    for (int k = 0; k < RP; ++k) {
       const bool in = ok && t.tl + k * ts < packs;
       const LsPack<T> px = *reinterpret_cast<const LsPack<T>*>(slot + k * 512);
-      const LsPack<T> pd = *reinterpret_cast<const LsPack<T>*>(slot + (LS_RP + k) * 512);
+      const LsPack<T> pd = *reinterpret_cast<const LsPack<T>*>(slot + (RP + k) * 512);
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        xv.v[k][e] = in ? to_f(px.v[e]) : 0.f;
-        gv.v[k][e] = in ? to_f(pd.v[e]) : 0.f;
+        xv[k][e] = in ? to_f(px.v[e]) : 0.f;
+        gv[k][e] = in ? to_f(pd.v[e]) : 0.f;
       }
     }
     // The row LS_LNB_STAGES - 1 ahead goes to the stage read last iteration.
@@ -532,57 +571,58 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
     // of a lane's elements would leave it waiting on each add.
     float mean = row_st.x, rstd = row_st.y;
     if (!stats) {
-      float sk[LS_RP];
+      float sk[RP];
 #pragma unroll
-      for (int k = 0; k < LS_RP; ++k) {
+      for (int k = 0; k < RP; ++k) {
         sk[k] = 0.f;
 #pragma unroll
-        for (int e = 0; e < N; ++e) sk[k] += xv.v[k][e];
+        for (int e = 0; e < N; ++e) sk[k] += xv[k][e];
       }
-      mean = team_sum(pack_total(sk), ts) / h;
+      mean = team_sum2(pack_total_of(sk), 0.f).x / h;
 #pragma unroll
-      for (int k = 0; k < LS_RP; ++k) {
+      for (int k = 0; k < RP; ++k) {
         sk[k] = 0.f;
         if (t.tl + k * ts < packs) {
 #pragma unroll
-          for (int e = 0; e < N; ++e) sk[k] += (xv.v[k][e] - mean) * (xv.v[k][e] - mean);
+          for (int e = 0; e < N; ++e) sk[k] += (xv[k][e] - mean) * (xv[k][e] - mean);
         }
       }
-      rstd = 1.f / sqrtf(team_sum(pack_total(sk), ts) / h + eps);
+      rstd = 1.f / sqrtf(team_sum2(pack_total_of(sk), 0.f).x / h + eps);
     }
     // A team past the last row holds zeros; its rstd of 0 (not 1 / sqrt(eps), infinite at
     // eps = 0) keeps its xhat at 0, so it adds nothing to the parameter sums.
     if (!ok) rstd = 0.f;
     const float shift = -mean * rstd;
     // g = dy * gamma replaces dy in gv; xhat replaces x in xv.
-    float ak[LS_RP], ck[LS_RP];
+    float ak[RP], ck[RP];
 #pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
+    for (int k = 0; k < RP; ++k) {
       const int q = t.tl + k * ts;
       ak[k] = ck[k] = 0.f;
       if (q < packs) {
         const LsPack<T> gm = reinterpret_cast<const LsPack<T>*>(gamma)[q];
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          const float d = gv.v[k][e];
-          xv.v[k][e] = fmaf(xv.v[k][e], rstd, shift);
-          ag[k][e] += d * xv.v[k][e];
+          const float d = gv[k][e];
+          xv[k][e] = fmaf(xv[k][e], rstd, shift);
+          ag[k][e] += d * xv[k][e];
           ab[k][e] += d;
-          gv.v[k][e] = d * to_f(gm.v[e]);
-          ak[k] += gv.v[k][e];
-          ck[k] += gv.v[k][e] * xv.v[k][e];
+          gv[k][e] = d * to_f(gm.v[e]);
+          ak[k] += gv[k][e];
+          ck[k] += gv[k][e] * xv[k][e];
         }
       }
     }
     // dx = rstd (g - s1 - xhat sx) = rstd g + (-rstd sx) xhat + (-rstd s1).
-    const float c0 = -rstd * (team_sum(pack_total(ak), ts) / h);
-    const float cx = -rstd * (team_sum(pack_total(ck), ts) / h);
+    const float2 sums = team_sum2(pack_total_of(ak), pack_total_of(ck));
+    const float c0 = -rstd * (sums.x * inv_h);
+    const float cx = -rstd * (sums.y * inv_h);
 #pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
+    for (int k = 0; k < RP; ++k) {
       LsPack<T> o;
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        o.v[e] = from_f<T>(fmaf(gv.v[k][e], rstd, fmaf(xv.v[k][e], cx, c0)));
+        o.v[e] = from_f<T>(fmaf(gv[k][e], rstd, fmaf(xv[k][e], cx, c0)));
         // dx as stored (zero for a team past the last row: rstd is 0).
         if (DSUM) ad[DSUM ? k : 0][e] += to_f(o.v[e]);
       }
@@ -592,7 +632,7 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
   }
   // Teams of a warp hold the same columns: lanes below ts end with the warp's sums.
 #pragma unroll
-  for (int k = 0; k < LS_RP; ++k) {
+  for (int k = 0; k < RP; ++k) {
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       for (int o = ts; o < 32; o <<= 1) {
@@ -602,17 +642,18 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
       }
     }
   }
-  // The warp's stages are done with (the last groups were empty; every lane's copies have
-  // landed once all have waited): they take the warp's sums, S h floats (at most
-  // 3 * 32 * LS_RP * N, the size of a warp's stages). The block then adds its warps' sums
-  // in warp order.
+  // The stages are done with once every lane's copies have landed (the last groups were
+  // empty) and every warp is past its last row: a team's warps' stages then take its sums,
+  // S h floats (at most 3 * 32 * RP * N a warp of the team, the size of its stages). The
+  // block then adds its teams' sums in order.
   ls_cp_wait<0>();
-  __syncwarp();
-  float* mine = reinterpret_cast<float*>(stages);
-  if (lane < ts) {
+  __syncthreads();
+  const int team_warps = pair ? 2 : 1;
+  float* mine = reinterpret_cast<float*>(lnb_smem + (warp & ~(team_warps - 1)) * WARP_BYTES);
+  if (t.sub == 0) {
 #pragma unroll
-    for (int k = 0; k < LS_RP; ++k) {
-      const int q = lane + k * ts;
+    for (int k = 0; k < RP; ++k) {
+      const int q = t.tl + k * ts;
       if (q < packs) {
 #pragma unroll
         for (int e = 0; e < N; ++e) {
@@ -628,8 +669,8 @@ __device__ void layer_norm_backward_rows(const T* x, const T* gamma, const T* dy
   float* out = partial + blockIdx.x * (long long)S * h;
   for (int j = threadIdx.x; j < S * h; j += blockDim.x) {
     float v = 0.f;
-    for (int w = 0; w < warps; ++w) {
-      v += reinterpret_cast<const float*>(lnb_smem + w * LS_LNB_WARP_BYTES)[j];
+    for (int w = 0; w < warps; w += team_warps) {
+      v += reinterpret_cast<const float*>(lnb_smem + w * WARP_BYTES)[j];
     }
     out[j] = v;
   }
@@ -1708,15 +1749,17 @@ LS_FLOAT_TYPES(LS_TRAIN)
       long long rows, int h, float eps, int ts) {                                             \
     add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, stats, rows, h, eps, ts);           \
   }                                                                                           \
-  extern "C" __global__ void layer_norm_backward_rows_##S(                                    \
+  extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_rows_##S(             \
       const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
       long long rows, int h, float eps, int ts) {                                             \
-    layer_norm_backward_rows<T, false>(x, gamma, dy, stats, dx, partial, rows, h, eps, ts);   \
+    layer_norm_backward_rows<T, false, LS_LNB_RP>(x, gamma, dy, stats, dx, partial, rows, h,  \
+                                                 eps, ts);                                    \
   }                                                                                           \
-  extern "C" __global__ void layer_norm_backward_rows_dsum_##S(                               \
+  extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_rows_dsum_##S(        \
       const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
       long long rows, int h, float eps, int ts) {                                             \
-    layer_norm_backward_rows<T, true>(x, gamma, dy, stats, dx, partial, rows, h, eps, ts);    \
+    layer_norm_backward_rows<T, true, LS_LNB_RP>(x, gamma, dy, stats, dx, partial, rows, h,   \
+                                                 eps, ts);                                    \
   }
 LS_FLOAT_TYPES(LS_TRAIN_ROWS)
 LS_FLOAT_TYPES(LS_MULTI)
@@ -1732,8 +1775,16 @@ __device__ void sum_chunks_body(const float* partial, float* out, float* out2, f
   const long long col = blockIdx.x * 32ll + lane;
   float t = 0.f;
   if (col < cols) {
-#pragma unroll 4
-    for (int c = warp; c < chunks; c += warps) t += partial[c * cols + col];
+    // Eight loads in flight a step, added in chunk order.
+    int c = warp;
+    for (; c + 7 * warps < chunks; c += 8 * warps) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = partial[(c + u * warps) * cols + col];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) t += v[u];
+    }
+    for (; c < chunks; c += warps) t += partial[c * cols + col];
   }
   sp[warp][lane] = t;
   __syncthreads();
