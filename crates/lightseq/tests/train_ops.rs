@@ -1319,6 +1319,111 @@ fn cuda_adam_step_all_matches_cpu() {
     }
 }
 
+/// Weight gradients kept in the compute dtype (as their GEMMs wrote them): the multi-tensor
+/// Adam step and the sum of squares read them in place, mixed in one launch with f32
+/// gradients, and give what the CPU gives for the same values in f32.
+#[test]
+fn cuda_adam_and_norm_read_16_bit_gradients() {
+    let Some(gpu) = gpu("cuda_adam_and_norm_read_16_bit_gradients") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    // Sizes around one chunk (2^16) and not multiples of 4; gradients alternate between the
+    // copy's dtype and f32.
+    let sizes = [
+        (7usize, 1u64),
+        (70_001, 3),
+        (131_072, 1),
+        (200_003, 12),
+        (65_539, 2),
+    ];
+    let hp = AdamHyper {
+        lr: 2e-3,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        decoupled: true,
+        step: 0,
+        grad_scale: 0.25,
+    };
+    for dt in [DType::F16, DType::BF16] {
+        let grad_dt = |i: usize| if i.is_multiple_of(2) { dt } else { DType::F32 };
+        // The gradients' values as their dtype holds them.
+        let grads: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, _))| {
+                let g = randn(200 + i as u64, n);
+                t(&g, &[n], grad_dt(i), &cpu).to_f32_vec().unwrap()
+            })
+            .collect();
+        let run = |d: &Device, narrow: bool| {
+            let mut ts: Vec<[Tensor; 3]> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, _))| {
+                    let s = 300 + 4 * i as u64;
+                    let m: Vec<f32> = randn(s + 2, n).iter().map(|v| 0.1 * v).collect();
+                    let v: Vec<f32> = randn(s + 3, n).iter().map(|v| 0.01 * v * v).collect();
+                    let f = DType::F32;
+                    [
+                        t(&randn(s, n), &[n], f, d),
+                        t(&m, &[n], f, d),
+                        t(&v, &[n], f, d),
+                    ]
+                })
+                .collect();
+            let gs: Vec<Tensor> = grads
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let gd = if narrow { grad_dt(i) } else { DType::F32 };
+                    t(g, &[g.len()], gd, d)
+                })
+                .collect();
+            let mut copies: Vec<Option<Tensor>> = sizes
+                .iter()
+                .map(|&(n, _)| d.is_cuda().then(|| t(&vec![0.0; n], &[n], dt, d)))
+                .collect();
+            let norm = ops::sum_squares_all(&gs.iter().collect::<Vec<_>>()).unwrap();
+            let mut slots: Vec<ops::AdamSlot> = ts
+                .iter_mut()
+                .zip(&gs)
+                .zip(copies.iter_mut())
+                .zip(&sizes)
+                .map(|((([p, m, v], g), c), &(_, step))| ops::AdamSlot {
+                    param: p,
+                    grad: g,
+                    m,
+                    v,
+                    copy: c.as_mut(),
+                    step,
+                })
+                .collect();
+            ops::adam_step_all(&mut slots, &hp).unwrap();
+            drop(slots);
+            (ts, copies, norm)
+        };
+        let ((gt, gc, gnorm), (ct, _, cnorm)) = (run(&gpu, true), run(&cpu, false));
+        let err = (gnorm - cnorm).abs() / cnorm;
+        assert!(err < 1e-12, "{dt}: sum of squares {gnorm} vs {cnorm}");
+        for (i, (g, c)) in gt.iter().zip(&ct).enumerate() {
+            let what = format!("{dt} gradients, tensor {i} ({})", grad_dt(i));
+            for (name, (a, b)) in ["param", "m", "v"].iter().zip(g.iter().zip(c)) {
+                check(&format!("{what} {name}"), DType::F32, a, b, 1e-6);
+            }
+            let copy = gc[i].as_ref().unwrap();
+            let want = lightseq::ops::to_dtype(&g[0], dt).unwrap();
+            assert_eq!(
+                copy.to_f32_vec().unwrap(),
+                want.to_f32_vec().unwrap(),
+                "{what} copy"
+            );
+        }
+    }
+}
+
 #[test]
 fn cuda_dropout_masks_equal_cpu() {
     let Some(gpu) = gpu("cuda_dropout_masks_equal_cpu") else {

@@ -249,7 +249,10 @@ fn packed_param_grads(
         .iter()
         .all(|l| ps.list.get(l.w).is_some_and(|p| p.shape == [h, k]));
     if (biases.is_some() || none_biased) && g.shape().last() == Some(&n) && blocks_fit {
-        let mut wide = ops::empty(&[n, k], DType::F32, &x.device())?;
+        // In g's dtype where every weight's gradient may be kept so (see params.rs).
+        let narrow = lins.iter().all(|l| ps.narrow_write(l.w)) && g.dtype() == ps.dtype;
+        let dt = if narrow { g.dtype() } else { DType::F32 };
+        let mut wide = ops::empty(&[n, k], dt, &x.device())?;
         tops::linear_weight_grad_cols_into(&mut wide, None, (g, 0, n), x, true)?;
         for (i, lin) in lins.iter().enumerate() {
             ps.accumulate_range(lin.w, &wide, i * h * k)?;

@@ -254,7 +254,9 @@ pub fn linear_weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// [`linear_weight_grad_into`] with dy the column block [col, col + n) of `dy_wide`
 /// [rows, w], read in place (on CUDA; on the CPU only the whole of dy_wide, col 0 and
-/// n = w: packed gradients come from the fused attention).
+/// n = w: packed gradients come from the fused attention). On CUDA an overwritten `acc`
+/// may also be in dy's dtype: the GEMM then writes the gradient rounded to it, as PyTorch
+/// AMP's weight gradients are.
 pub fn linear_weight_grad_cols_into(
     acc: &mut Tensor,
     bias_acc: Option<&mut Tensor>,
@@ -267,10 +269,13 @@ pub fn linear_weight_grad_cols_into(
     let w = dy_wide.shape().last().copied().unwrap_or(1);
     let k = x.shape().last().copied().unwrap_or(1);
     let rows = dy_wide.len() / w.max(1);
+    // An overwritten gradient may be kept in dy's dtype (on CUDA, the GEMM's output).
+    let narrow_ok =
+        overwrite && acc.dtype() == dy_wide.dtype() && matches!(acc.storage, Storage::Cuda(_));
     need(
         OP,
         col + n <= w
-            && acc.dtype() == DType::F32
+            && (acc.dtype() == DType::F32 || narrow_ok)
             && acc.len() == n * k
             && x.len() == rows * k
             && bias_acc
@@ -1141,6 +1146,12 @@ pub fn cross_entropy(
 
 /// Checks one Adam step's tensors: f32 `param`, `grad`, `m`, `v` of one size on one
 /// device, and `copy` (if any) a float tensor of that size on the same device.
+/// Whether `grad` is kept in the dtype of the parameter's CUDA compute copy (a weight
+/// gradient as its GEMM wrote it; see `Params::weight_grads`).
+fn grad_in_copy(grad: &Tensor, copy: Option<&Tensor>) -> bool {
+    matches!(grad.storage, Storage::Cuda(_)) && copy.is_some_and(|c| c.dtype() == grad.dtype())
+}
+
 fn check_adam(
     op: &'static str,
     param: &Tensor,
@@ -1166,11 +1177,21 @@ fn check_adam(
     for t in [param, grad, m, v] {
         need(
             op,
-            t.dtype() == DType::F32 && t.len() == param.len(),
-            || format!("expected f32 tensors of {} elements", param.len()),
+            t.len() == param.len()
+                && (t.dtype() == DType::F32 || (std::ptr::eq(t, grad) && grad_in_copy(grad, copy))),
+            || {
+                format!(
+                    "expected f32 tensors of {} elements (the gradient may be in the dtype of \
+                     the parameter's CUDA copy)",
+                    param.len()
+                )
+            },
         )?;
     }
-    float_dtype(op, &[param, grad, m, v]).map(|_| ())
+    // The gradient's dtype may differ (checked above); its device may not.
+    float_dtype(op, &[grad])?;
+    crate::ops::same_device(op, &[param, grad])?;
+    float_dtype(op, &[param, m, v]).map(|_| ())
 }
 
 /// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place;
@@ -1306,8 +1327,9 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64, offset: u64) -> Result<Tensor> {
     })
 }
 
-/// `acc = src[offset..offset + acc.len()]`, or `acc +=` it unless `overwrite`; both f32
-/// (a block of a gradient computed for several parameters at once).
+/// `acc = src[offset..offset + acc.len()]`, or `acc +=` it unless `overwrite`; both f32,
+/// or overwriting on CUDA, both of one dtype (a block of a gradient computed for several
+/// parameters at once).
 pub fn add_range_into(
     acc: &mut Tensor,
     src: &Tensor,
@@ -1316,10 +1338,12 @@ pub fn add_range_into(
 ) -> Result<()> {
     const OP: &str = "add_range_into";
     crate::ops::same_device(OP, &[acc, src])?;
+    // f32 into f32, or (overwriting, on CUDA) a copy in the source's dtype.
+    let same_dtype_copy =
+        overwrite && acc.dtype() == src.dtype() && matches!(acc.storage, Storage::Cuda(_));
     need(
         OP,
-        acc.dtype() == DType::F32
-            && src.dtype() == DType::F32
+        ((acc.dtype() == DType::F32 && src.dtype() == DType::F32) || same_dtype_copy)
             && offset
                 .checked_add(acc.len())
                 .is_some_and(|end| end <= src.len()),

@@ -1,5 +1,12 @@
 //! Trainable parameters: f32 master values, a copy in the compute dtype when that is not
-//! f32, f32 gradients, Adam moments, and how each maps back to the checkpoint's tensors.
+//! f32, gradients, Adam moments, and how each maps back to the checkpoint's tensors.
+//!
+//! Gradients are f32, except that on CUDA with a 16-bit compute dtype a weight gradient
+//! written whole by one GEMM is kept as that GEMM wrote it, in the compute dtype: these
+//! are the values PyTorch AMP's weight gradients have (its f16 GEMM output, cast to f32),
+//! at half the bytes for the norm and the optimizer to read. A gradient that must be
+//! added to (tied weights, gradient accumulation over several batches) is widened to f32
+//! first, and stays f32 from then on.
 
 use super::ops::{self as tops, AdamHyper};
 use crate::error::{Error, Result};
@@ -7,6 +14,12 @@ use crate::io::Checkpoint;
 use crate::nn::transpose;
 use crate::ops::{self, zeros};
 use crate::tensor::{DType, Device, Tensor};
+
+/// LIGHTSEQ_WIDE_GRADS=1 keeps every gradient in f32 (for comparing with the default).
+fn wide_grads() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| std::env::var("LIGHTSEQ_WIDE_GRADS").is_ok_and(|v| v == "1"))
+}
 
 /// Index of a parameter in a [`Params`].
 pub type Pid = usize;
@@ -43,6 +56,9 @@ pub struct Param {
     /// The gradient is zero since [`Params::zero_grads`]; `grad` is written (or zeroed) by
     /// the first update that touches it, so the buffer is not cleared every step.
     grad_zero: bool,
+    /// Whether a whole write of the gradient may keep it in the compute dtype (see the
+    /// module's note); cleared for good the first time it has to be widened.
+    narrow: bool,
     m: Tensor,
     v: Tensor,
     /// Adam updates applied to this parameter (its bias-correction step).
@@ -97,12 +113,15 @@ impl Params {
         } else {
             Some(ops::to_dtype(&value, self.dtype)?)
         };
+        let narrow = compute.is_some() && dev.is_cuda() && !wide_grads();
         self.list.push(Param {
             stored,
             value,
             compute,
             grad: zeros(&shape, DType::F32, dev)?,
-            grad_zero: false,
+            // Zero: the first write of each gradient overwrites it (and may keep it narrow).
+            grad_zero: true,
+            narrow,
             m: zeros(&shape, DType::F32, dev)?,
             v: zeros(&shape, DType::F32, dev)?,
             shape,
@@ -227,7 +246,7 @@ impl Params {
         Ok(&self.list[p].grad)
     }
 
-    /// Zeroes `p`'s gradient buffer if it is stale ([`Param::grad_zero`]).
+    /// Zeroes `p`'s gradient buffer (as f32) if it is stale ([`Param::grad_zero`]).
     fn materialize(&mut self, p: Pid) -> Result<()> {
         let q = param_mut(&mut self.list, p)?;
         if q.grad_zero {
@@ -237,19 +256,65 @@ impl Params {
         Ok(())
     }
 
+    /// [`Params::materialize`], and an f32 gradient to add into: one kept in the compute
+    /// dtype is widened, and is kept f32 from then on.
+    fn writable(&mut self, p: Pid) -> Result<()> {
+        self.materialize(p)?;
+        let q = &mut self.list[p];
+        if q.grad.dtype() != DType::F32 {
+            q.grad = ops::to_dtype(&q.grad, DType::F32)?;
+            q.narrow = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the next write of `p`'s gradient overwrites it and may keep it in the
+    /// compute dtype (see the module's note).
+    pub fn narrow_write(&self, p: Pid) -> bool {
+        self.list.get(p).is_some_and(|q| q.grad_zero && q.narrow)
+    }
+
+    /// Readies `p`'s stale gradient buffer to be written whole in `dt`: the compute dtype
+    /// where [`Params::narrow_write`] allows, else f32. Marks the gradient written.
+    fn overwrite_in(&mut self, p: Pid, dt: DType) -> Result<()> {
+        let dev = self.device.clone();
+        let q = param_mut(&mut self.list, p)?;
+        let dt = if q.narrow && dt == self.dtype {
+            dt
+        } else {
+            DType::F32
+        };
+        if q.grad.dtype() != dt {
+            q.grad = ops::empty(&q.shape, dt, &dev)?;
+        }
+        q.grad_zero = false;
+        Ok(())
+    }
+
     /// Adds `g` (any float dtype, same element count) into parameter `p`'s gradient.
     pub fn accumulate(&mut self, p: Pid, g: &Tensor) -> Result<()> {
-        self.materialize(p)?;
+        self.writable(p)?;
         tops::add_scaled_into(&mut self.list[p].grad, g, 1.0)
     }
 
-    /// Adds `src[offset..offset + n]` (f32), n being `p`'s element count, into `p`'s
-    /// gradient: `p`'s share of a gradient computed for several parameters at once.
+    /// Adds `src[offset..offset + n]`, n being `p`'s element count, into `p`'s gradient:
+    /// `p`'s share of a gradient computed for several parameters at once. `src` is f32, or
+    /// in the compute dtype where [`Params::narrow_write`] holds (it is then copied as is).
     pub fn accumulate_range(&mut self, p: Pid, src: &Tensor, offset: usize) -> Result<()> {
-        let q = param_mut(&mut self.list, p)?;
-        tops::add_range_into(&mut q.grad, src, offset, q.grad_zero)?;
-        q.grad_zero = false;
-        Ok(())
+        let overwrite = param_mut(&mut self.list, p)?.grad_zero;
+        if overwrite {
+            self.overwrite_in(p, src.dtype())?;
+        } else {
+            self.writable(p)?;
+        }
+        let q = &mut self.list[p];
+        if q.grad.dtype() == src.dtype() {
+            tops::add_range_into(&mut q.grad, src, offset, overwrite)
+        } else {
+            // Only where the caller's buffer is narrower than the gradient allows.
+            let part = ops::to_dtype(src, DType::F32)?;
+            tops::add_range_into(&mut q.grad, &part, offset, overwrite)
+        }
     }
 
     /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s
@@ -289,9 +354,15 @@ impl Params {
         bias: Option<Pid>,
     ) -> Result<(&mut Tensor, bool, Option<&mut Tensor>)> {
         if let Some(b) = bias {
-            self.materialize(b)?;
+            self.writable(b)?;
         }
-        let overwrite = std::mem::replace(&mut param_mut(&mut self.list, p)?.grad_zero, false);
+        let overwrite = param_mut(&mut self.list, p)?.grad_zero;
+        if overwrite {
+            // Written whole by the caller's GEMM, in the compute dtype where allowed.
+            self.overwrite_in(p, self.dtype)?;
+        } else {
+            self.writable(p)?;
+        }
         let (w, b) = self.split_grads(p, bias)?;
         Ok((w, overwrite, b))
     }
@@ -307,7 +378,7 @@ impl Params {
         r: Option<Pid>,
     ) -> Result<(&Tensor, &mut Tensor, &mut Tensor, Option<&mut Tensor>)> {
         for i in [Some(p), Some(q), r].into_iter().flatten() {
-            self.materialize(i)?;
+            self.writable(i)?;
         }
         let (mut w, mut gp, mut gq, mut gr) = (None, None, None, None);
         for (i, par) in self.list.iter_mut().enumerate() {
@@ -342,7 +413,7 @@ impl Params {
     /// The gradients of `ids` (distinct), borrowed mutably at once, in that order.
     pub fn grads_of(&mut self, ids: &[Pid]) -> Result<Vec<&mut Tensor>> {
         for &i in ids {
-            self.materialize(i)?;
+            self.writable(i)?;
         }
         let mut slots: Vec<Option<&mut Tensor>> = ids.iter().map(|_| None).collect();
         for (i, q) in self.list.iter_mut().enumerate() {
@@ -369,7 +440,7 @@ impl Params {
         bias: Option<Pid>,
     ) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
         for i in std::iter::once(p).chain(bias) {
-            self.materialize(i)?;
+            self.writable(i)?;
         }
         self.split_grads(p, bias)
     }

@@ -344,8 +344,8 @@ fn linear_parts(
 
 /// `acc [n, k] (f32) += dy [rows, n]^T @ x [rows, k]` (dy's rows `dy_ld` apart, from its
 /// column `dy_col` on), the GEMM writing into `acc`, or `acc = ...` with `overwrite` (acc's
-/// values are then not read); with `bias_acc`, also `bias_acc [n] (f32) += column sums of
-/// dy`.
+/// values are then not read; acc may then be in dy's dtype); with `bias_acc`, also
+/// `bias_acc [n] (f32) += column sums of dy`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_into(
     (acc, overwrite): (&CudaStorage, bool),
@@ -361,14 +361,17 @@ pub(crate) fn weight_grad_into(
         return Ok(());
     }
     let dev = dy.device();
+    // acc is f32, or (overwritten) in dy's dtype: the GEMM's output type.
+    let acc_f32 = acc.dtype() == DType::F32;
+    let acc_es = acc.dtype().size() as u64;
     if rows == 0 {
         if overwrite {
-            // SAFETY: acc holds n * k f32 (the caller checks); ordered on the stream.
+            // SAFETY: acc holds n * k elements (the caller checks); ordered on the stream.
             unsafe {
                 cudarc::driver::result::memset_d8_async(
                     acc.ptr(),
                     0,
-                    n * k * 4,
+                    n * k * acc_es as usize,
                     dev.stream().cu_stream(),
                 )
             }
@@ -384,7 +387,7 @@ pub(crate) fn weight_grad_into(
         dev.lt.matmul_general(
             dev.stream(),
             dy.dtype(),
-            true,
+            acc_f32,
             beta,
             true,
             false,
@@ -396,8 +399,8 @@ pub(crate) fn weight_grad_into(
             x.ptr(),
             Epilogue::None,
             (
-                acc.ptr() + s64 * k as u64 * 4,
-                acc.ptr() + s64 * k as u64 * 4,
+                acc.ptr() + s64 * k as u64 * acc_es,
+                acc.ptr() + s64 * k as u64 * acc_es,
             ),
             &GemmStrides {
                 lda: dy_ld,
@@ -1337,13 +1340,40 @@ pub(crate) fn sum_squares_many(xs: &[&CudaStorage]) -> Result<f64> {
         return Ok(0.0);
     };
     let dev = first.device();
-    let dt = first.dtype();
-    if xs.iter().any(|x| x.len() > 0 && x.dtype() != dt) {
-        return xs.iter().map(|x| sum_squares_many(&[*x])).sum();
+    // One launch per dtype present (gradients may be f32 or kept in the compute dtype),
+    // then one read of all the partials.
+    let mut launches = Vec::new();
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let group: Vec<&CudaStorage> = xs
+            .iter()
+            .copied()
+            .filter(|x| x.len() > 0 && x.dtype() == dt)
+            .collect();
+        if !group.is_empty() {
+            launches.push(sum_squares_launch(dev, &group, dt)?);
+        }
     }
+    let mut total = 0.0;
+    for partial in &launches {
+        let host = dev
+            .stream()
+            .clone_dtoh(partial)
+            .map_err(|e| cuda_err("device to host copy", e))?;
+        total += host.iter().sum::<f64>();
+    }
+    Ok(total)
+}
+
+/// Enqueues `sum_squares_multi` over `xs` (all of dtype `dt`, none empty); returns its
+/// per-chunk partial sums.
+fn sum_squares_launch(
+    dev: &std::sync::Arc<super::CudaDevice>,
+    xs: &[&CudaStorage],
+    dt: DType,
+) -> Result<cudarc::driver::CudaSlice<f64>> {
     // SquaresChunk in train.cu: { const void* x; long long n; }.
     let mut words = Vec::new();
-    for x in xs.iter().filter(|x| x.len() > 0) {
+    for x in xs {
         let (base, esize) = (x.ptr(), dt.size() as u64);
         for start in (0..x.len()).step_by(MULTI_CHUNK) {
             let n = MULTI_CHUNK.min(x.len() - start);
@@ -1364,13 +1394,10 @@ pub(crate) fn sum_squares_many(xs: &[&CudaStorage]) -> Result<f64> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the table rows are SquaresChunk's layout, pointing into live tensors; the
-    // kernel writes one partial per chunk into `partial`.
+    // SAFETY: the table rows are SquaresChunk's layout, pointing into live tensors of `dt`;
+    // the kernel writes one partial per chunk into `partial`.
     launched("sum_squares_multi", unsafe { l.launch(cfg) })?;
-    let host = st
-        .clone_dtoh(&partial)
-        .map_err(|e| cuda_err("device to host copy", e))?;
-    Ok(host.iter().sum())
+    Ok(partial)
 }
 
 /// One parameter's buffers for [`adam_step_many`].
@@ -1402,24 +1429,38 @@ pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
     }
     let dev = first.param.device();
     let csize = copy_dt.map_or(0, |d| d.size()) as u64;
-    // AdamChunk in train.cu: five pointers, n, step_size and bc2_sqrt as f64.
+    // AdamChunk in train.cu: five pointers, n, step_size and bc2_sqrt as f64, grad_t.
     let mut words = Vec::new();
     for s in slots.iter().filter(|s| s.param.len() > 0) {
+        // A gradient kept in 16 bits is in the compute dtype, that of the copy.
+        let gdt = s.grad.dtype();
+        let grad_t = gdt != DType::F32;
+        if grad_t && Some(gdt) != copy_dt {
+            return Err(Error::op(
+                "adam_step_all",
+                format!("a {gdt} gradient for a parameter whose copy is {copy_dt:?}"),
+            ));
+        }
         // Host-side constants exactly as cpu::adam_step computes them.
         let bc1 = 1.0 - h.beta1.powi(s.step as i32);
         let bc2_sqrt = (1.0 - h.beta2.powi(s.step as i32)).sqrt();
         let step_size = (h.lr / bc1) as f32 as f64;
-        let ptrs = [s.param.ptr(), s.grad.ptr(), s.m.ptr(), s.v.ptr()];
         let copy = s.copy.map_or(0, |c| c.ptr());
         for start in (0..s.param.len()).step_by(MULTI_CHUNK) {
             let n = MULTI_CHUNK.min(s.param.len() - start);
             let off = start as u64;
-            words.extend(ptrs.map(|p| p + 4 * off));
+            words.extend([
+                s.param.ptr() + 4 * off,
+                s.grad.ptr() + gdt.size() as u64 * off,
+                s.m.ptr() + 4 * off,
+                s.v.ptr() + 4 * off,
+            ]);
             words.push(if copy == 0 { 0 } else { copy + csize * off });
             words.extend([n as u64, step_size.to_bits(), bc2_sqrt.to_bits()]);
+            words.push(grad_t as u64);
         }
     }
-    let chunks = words.len() / 8;
+    let chunks = words.len() / 9;
     let table = upload_table(dev, &words)?;
     let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
     let decay_mul = (1.0 - h.lr * h.weight_decay) as f32;
@@ -1441,7 +1482,8 @@ pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
         shared_mem_bytes: 0,
     };
     // SAFETY: the table rows are AdamChunk's layout, pointing into live f32 buffers of at
-    // least `n` elements from each chunk's start (and the copy of the same size).
+    // least `n` elements from each chunk's start (the copy, and a gradient with grad_t, of
+    // the same size in the kernel's dtype).
     launched("adam_multi", unsafe { l.launch(cfg) })
 }
 
@@ -1518,11 +1560,12 @@ pub(crate) fn add_range_into(
     if acc.len() == 0 {
         return Ok(());
     }
-    let (ap, sp) = (acc.ptr(), src.ptr() + offset as u64 * 4);
+    let es = src.dtype().size();
+    let (ap, sp) = (acc.ptr(), src.ptr() + (offset * es) as u64);
     if overwrite {
-        // SAFETY: acc holds acc.len() f32 and src at least offset + acc.len() (checked by
-        // the caller).
-        return unsafe { super::copy_device_bytes(acc.device(), ap, sp, acc.len() * 4) };
+        // SAFETY: acc holds acc.len() elements of src's dtype and src at least offset +
+        // acc.len() (checked by the caller).
+        return unsafe { super::copy_device_bytes(acc.device(), ap, sp, acc.len() * es) };
     }
     // SAFETY: as above; src's range is f32.
     unsafe { launch_add_scaled(acc.device(), ap, (sp, DType::F32), 1.0, acc.len()) }

@@ -1478,13 +1478,20 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 // chunk (the table layouts match AdamChunk / SquaresChunk in train_ops.rs).
 struct AdamChunk {
   float* param;
-  const float* grad;
+  const void* grad;  // f32, or T where grad_t
   float* m;
   float* v;
   void* copy;  // T*, or null
   long long n;
   double step_size;  // the tensor's lr / bias correction 1, rounded to f32 as cpu::adam_step's
   double bc2_sqrt;
+  long long grad_t;  // nonzero: the gradient is stored in T (as the GEMM that made it wrote it)
+};
+
+// Four consecutive T, loaded or stored as one access.
+template <typename T>
+struct alignas(4 * sizeof(T)) LsQuad {
+  T v[4];
 };
 
 // One Adam(W) update of one element, in cpu::adam_step's order of operations (the _rn
@@ -1521,15 +1528,26 @@ __device__ void adam_multi_body(const AdamChunk* chunks, float grad_scale, int d
   const AdamConsts k{grad_scale, decay_mul, weight_decay, b1, b2, 1.f - b1, 1.f - b2,
                      (float)c.step_size, c.bc2_sqrt, eps, decoupled};
   T* copy = reinterpret_cast<T*>(c.copy);
+  const bool grad_t = c.grad_t != 0;
+  const float* g32 = static_cast<const float*>(c.grad);
+  const T* gt = static_cast<const T*>(c.grad);
   long long done = 0;
-  const bool packed = ls_aligned16(c.param) && ls_aligned16(c.grad) && ls_aligned16(c.m) &&
-                      ls_aligned16(c.v) &&
-                      ((unsigned long long)copy & (4 * sizeof(T) - 1)) == 0;
+  const unsigned long long quad_t = 4 * sizeof(T) - 1;
+  const bool grad_ok =
+      grad_t ? ((unsigned long long)gt & quad_t) == 0 : ls_aligned16(c.grad);
+  const bool packed = ls_aligned16(c.param) && grad_ok && ls_aligned16(c.m) &&
+                      ls_aligned16(c.v) && ((unsigned long long)copy & quad_t) == 0;
   if (packed) {
     const long long quads = c.n / 4;
     for (long long q = threadIdx.x; q < quads; q += blockDim.x) {
       float4 p = reinterpret_cast<const float4*>(c.param)[q];
-      const float4 g = reinterpret_cast<const float4*>(c.grad)[q];
+      float4 g;
+      if (grad_t) {
+        const LsQuad<T> h = reinterpret_cast<const LsQuad<T>*>(gt)[q];
+        g = make_float4(to_f(h.v[0]), to_f(h.v[1]), to_f(h.v[2]), to_f(h.v[3]));
+      } else {
+        g = reinterpret_cast<const float4*>(g32)[q];
+      }
       float4 m = reinterpret_cast<const float4*>(c.m)[q];
       float4 v = reinterpret_cast<const float4*>(c.v)[q];
       adam_update(k, p.x, g.x, m.x, v.x);
@@ -1540,17 +1558,19 @@ __device__ void adam_multi_body(const AdamChunk* chunks, float grad_scale, int d
       reinterpret_cast<float4*>(c.m)[q] = m;
       reinterpret_cast<float4*>(c.v)[q] = v;
       if (copy) {
-        copy[4 * q] = from_f<T>(p.x);
-        copy[4 * q + 1] = from_f<T>(p.y);
-        copy[4 * q + 2] = from_f<T>(p.z);
-        copy[4 * q + 3] = from_f<T>(p.w);
+        LsQuad<T> o;
+        o.v[0] = from_f<T>(p.x);
+        o.v[1] = from_f<T>(p.y);
+        o.v[2] = from_f<T>(p.z);
+        o.v[3] = from_f<T>(p.w);
+        reinterpret_cast<LsQuad<T>*>(copy)[q] = o;
       }
     }
     done = quads * 4;
   }
   for (long long i = done + threadIdx.x; i < c.n; i += blockDim.x) {
     float p = c.param[i], m = c.m[i], v = c.v[i];
-    adam_update(k, p, c.grad[i], m, v);
+    adam_update(k, p, grad_t ? to_f(gt[i]) : g32[i], m, v);
     c.m[i] = m;
     c.v[i] = v;
     c.param[i] = p;
