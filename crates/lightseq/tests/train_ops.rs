@@ -1239,15 +1239,9 @@ fn cuda_adam_step_matches_cpu() {
     }
 }
 
-#[test]
-fn cuda_adam_step_all_matches_cpu() {
-    let Some(gpu) = gpu("cuda_adam_step_all_matches_cpu") else {
-        return;
-    };
-    // Tensors smaller and larger than one chunk of the multi-tensor launch (2^16), at
-    // different bias-correction steps.
-    let sizes = [(7usize, 1u64), (70_001, 3), (131_072, 1), (200_003, 12)];
-    let hp = AdamHyper {
+/// The hyperparameters of the multi-tensor Adam tests (`step` is each slot's).
+fn multi_adam_hyper() -> AdamHyper {
+    AdamHyper {
         lr: 2e-3,
         beta1: 0.9,
         beta2: 0.98,
@@ -1256,7 +1250,30 @@ fn cuda_adam_step_all_matches_cpu() {
         decoupled: true,
         step: 0,
         grad_scale: 0.25,
+    }
+}
+
+/// f32 parameter, first and second moments of `n` elements from seeds `s`, `s + 2`, `s + 3`.
+fn adam_state(s: u64, n: usize, d: &Device) -> [Tensor; 3] {
+    let m: Vec<f32> = randn(s + 2, n).iter().map(|v| 0.1 * v).collect();
+    let v: Vec<f32> = randn(s + 3, n).iter().map(|v| 0.01 * v * v).collect();
+    let f = DType::F32;
+    [
+        t(&randn(s, n), &[n], f, d),
+        t(&m, &[n], f, d),
+        t(&v, &[n], f, d),
+    ]
+}
+
+#[test]
+fn cuda_adam_step_all_matches_cpu() {
+    let Some(gpu) = gpu("cuda_adam_step_all_matches_cpu") else {
+        return;
     };
+    // Tensors smaller and larger than one chunk of the multi-tensor launch (2^16), at
+    // different bias-correction steps.
+    let sizes = [(7usize, 1u64), (70_001, 3), (131_072, 1), (200_003, 12)];
+    let hp = multi_adam_hyper();
     for copy_dt in [None, Some(DType::F16)] {
         let run = |d: &Device| {
             let mut ts: Vec<[Tensor; 4]> = sizes
@@ -1264,15 +1281,8 @@ fn cuda_adam_step_all_matches_cpu() {
                 .enumerate()
                 .map(|(i, &(n, _))| {
                     let s = 90 + 4 * i as u64;
-                    let m: Vec<f32> = randn(s + 2, n).iter().map(|v| 0.1 * v).collect();
-                    let v: Vec<f32> = randn(s + 3, n).iter().map(|v| 0.01 * v * v).collect();
-                    let f = DType::F32;
-                    [
-                        t(&randn(s, n), &[n], f, d),
-                        t(&randn(s + 1, n), &[n], f, d),
-                        t(&m, &[n], f, d),
-                        t(&v, &[n], f, d),
-                    ]
+                    let [p, m, v] = adam_state(s, n, d);
+                    [p, t(&randn(s + 1, n), &[n], DType::F32, d), m, v]
                 })
                 .collect();
             let mut copies: Vec<Option<Tensor>> = sizes
@@ -1337,16 +1347,7 @@ fn cuda_adam_and_norm_read_16_bit_gradients() {
         (200_003, 12),
         (65_539, 2),
     ];
-    let hp = AdamHyper {
-        lr: 2e-3,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        decoupled: true,
-        step: 0,
-        grad_scale: 0.25,
-    };
+    let hp = multi_adam_hyper();
     for dt in [DType::F16, DType::BF16] {
         let grad_dt = |i: usize| if i.is_multiple_of(2) { dt } else { DType::F32 };
         // The gradients' values as their dtype holds them.
@@ -1362,17 +1363,7 @@ fn cuda_adam_and_norm_read_16_bit_gradients() {
             let mut ts: Vec<[Tensor; 3]> = sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &(n, _))| {
-                    let s = 300 + 4 * i as u64;
-                    let m: Vec<f32> = randn(s + 2, n).iter().map(|v| 0.1 * v).collect();
-                    let v: Vec<f32> = randn(s + 3, n).iter().map(|v| 0.01 * v * v).collect();
-                    let f = DType::F32;
-                    [
-                        t(&randn(s, n), &[n], f, d),
-                        t(&m, &[n], f, d),
-                        t(&v, &[n], f, d),
-                    ]
-                })
+                .map(|(i, &(n, _))| adam_state(300 + 4 * i as u64, n, d))
                 .collect();
             let gs: Vec<Tensor> = grads
                 .iter()
