@@ -557,8 +557,9 @@ fn cuda_norm_activation_and_reductions_match_cpu() {
         // (3001, 128) have more rows than one wave of the register-cached kernel takes, so
         // its lanes carry parameter sums over several rows (and, at 128, over 8 teams a
         // warp). Rows of 65 to 128 packs (1024 and 768 in 16 bits, 512 in f32) take teams
-        // of two warps, which trade their halves' sums. The eps = 0 cases (a config's layer_norm_eps is taken as given) have warps
-        // whose teams are mostly past the last row: only real rows may reach the sums.
+        // of two warps, which trade their halves' sums. The eps = 0 cases (a config's
+        // layer_norm_eps is taken as given) have warps whose teams are mostly past the last
+        // row: only real rows may reach the sums.
         let shapes = [
             (33, 37, 1e-5),
             (7, 1031, 1e-5),

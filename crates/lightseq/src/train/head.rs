@@ -90,8 +90,8 @@ pub fn cross_entropy(
 }
 
 /// The head's parameter gradients from the logits' gradient `d`: adds `d^T @ x` into the
-/// weight's f32 gradient `wg` [vocab, k] (writes it there with `overwrite`) and, with `bg`,
-/// adds d's column sums into the bias's.
+/// weight's f32 gradient `wg` [vocab, k] (writes it there with `overwrite`, where on CUDA
+/// `wg` may also be in d's dtype) and, with `bg`, adds d's column sums into the bias's.
 pub fn weight_grad_into(
     wg: &mut Tensor,
     bg: Option<&mut Tensor>,

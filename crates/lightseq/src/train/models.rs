@@ -1122,7 +1122,9 @@ impl Net {
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let (wg, overwrite, _) = ps.weight_grads(*table, None)?;
+                // The table is also the embeddings', whose backward adds to its gradient.
+                ps.keep_wide(*table)?;
+                let (wg, overwrite, _) = ps.weight_grads(*table, None, dlogits.t.dtype())?;
                 head::weight_grad_into(wg, None, &x, &dlogits, overwrite)?;
                 let dx = head::input_grad(&dlogits, ps.w(*table))?;
                 (st, dx.reshape(x.shape())?)
@@ -1147,7 +1149,10 @@ impl Net {
                 if grad_scale == 0.0 {
                     return Ok(st);
                 }
-                let (wg, overwrite, bg) = ps.weight_grads(*table, Some(*bias))?;
+                // The table is also the word embeddings', whose backward adds to it.
+                ps.keep_wide(*table)?;
+                let (wg, overwrite, bg) =
+                    ps.weight_grads(*table, Some(*bias), dlogits.t.dtype())?;
                 head::weight_grad_into(wg, bg, &t, &dlogits, overwrite)?;
                 let dt = head::input_grad(&dlogits, ps.w(*table))?.reshape(t.shape())?;
                 let da = ln.backward(ps, &a, &dt)?;

@@ -319,7 +319,8 @@ pub fn linear_weight_grad_cols_into(
 
 /// `acc += dy^T @ x` over all rows (`acc = dy^T @ x` with `overwrite`, when acc's values
 /// are stale): accumulates the weight gradient of `y = x @ w^T` into f32 `acc [n, k]` (on
-/// CUDA the GEMM writes into it directly); with `bias_acc`, also adds the bias gradient
+/// CUDA the GEMM writes into it directly, and an overwritten `acc` may be in dy's dtype:
+/// see [`linear_weight_grad_cols_into`]); with `bias_acc`, also adds the bias gradient
 /// (dy's column sums) into f32 `bias_acc [n]` (on CUDA a column reduction that adds into
 /// it).
 pub fn linear_weight_grad_into(
@@ -1144,14 +1145,15 @@ pub fn cross_entropy(
     })
 }
 
-/// Checks one Adam step's tensors: f32 `param`, `grad`, `m`, `v` of one size on one
-/// device, and `copy` (if any) a float tensor of that size on the same device.
 /// Whether `grad` is kept in the dtype of the parameter's CUDA compute copy (a weight
 /// gradient as its GEMM wrote it; see `Params::weight_grads`).
 fn grad_in_copy(grad: &Tensor, copy: Option<&Tensor>) -> bool {
     matches!(grad.storage, Storage::Cuda(_)) && copy.is_some_and(|c| c.dtype() == grad.dtype())
 }
 
+/// Checks one Adam step's tensors: f32 `param`, `grad`, `m`, `v` of one size on one
+/// device (on CUDA `grad` may be in `copy`'s dtype instead), and `copy` (if any) a float
+/// tensor of that size on the same device.
 fn check_adam(
     op: &'static str,
     param: &Tensor,
@@ -1194,7 +1196,8 @@ fn check_adam(
     float_dtype(op, &[param, m, v]).map(|_| ())
 }
 
-/// One fused Adam(W) step on f32 `param` with f32 `grad` and moments `m`, `v`, in place;
+/// One fused Adam(W) step on f32 `param` with `grad` (f32, or on CUDA in `copy`'s dtype)
+/// and moments `m`, `v`, in place;
 /// `copy` (a tensor of param's size in another float dtype), when given, receives the new
 /// values rounded to its dtype in the same pass.
 pub fn adam_step(
@@ -1303,7 +1306,11 @@ pub fn sum_squares_all(xs: &[&Tensor]) -> Result<f64> {
     if xs.is_empty() {
         return Ok(0.0);
     }
-    float_dtype(OP, &xs[..1])?;
+    // Float tensors of any dtypes (gradients may be f32 or in the compute dtype).
+    for x in xs {
+        float_dtype(OP, &[x])?;
+    }
+    crate::ops::same_device(OP, xs)?;
     if xs[0].cuda_device().is_some() {
         let s: Vec<&crate::backend::cuda::CudaStorage> =
             xs.iter().map(|x| x.cuda(OP)).collect::<Result<_>>()?;

@@ -4,9 +4,11 @@
 //! Gradients are f32, except that on CUDA with a 16-bit compute dtype a weight gradient
 //! written whole by one GEMM is kept as that GEMM wrote it, in the compute dtype: these
 //! are the values PyTorch AMP's weight gradients have (its f16 GEMM output, cast to f32),
-//! at half the bytes for the norm and the optimizer to read. A gradient that must be
-//! added to (tied weights, gradient accumulation over several batches) is widened to f32
-//! first, and stays f32 from then on.
+//! at half the bytes for the norm and the optimizer to read. Where a gradient has more
+//! than one writer an update (a tied table, several batches an update) the caller keeps
+//! it f32 from the start ([`Params::keep_wide`], [`Params::keep_all_wide`]), so every
+//! update rounds alike; one found to need adding to otherwise is widened then, and stays
+//! f32.
 
 use super::ops::{self as tops, AdamHyper};
 use crate::error::{Error, Result};
@@ -53,8 +55,9 @@ pub struct Param {
     compute: Option<Tensor>,
     /// Read it through [`Params::grad`]: while `grad_zero` holds, its values are stale.
     grad: Tensor,
-    /// The gradient is zero since [`Params::zero_grads`]; `grad` is written (or zeroed) by
-    /// the first update that touches it, so the buffer is not cleared every step.
+    /// The gradient is zero (since [`Params::zero_grads`], or since the parameter was
+    /// made); `grad` is written (or zeroed) by the first update that touches it, so the
+    /// buffer is not cleared every step.
     grad_zero: bool,
     /// Whether a whole write of the gradient may keep it in the compute dtype (see the
     /// module's note); cleared for good the first time it has to be widened.
@@ -268,6 +271,20 @@ impl Params {
         Ok(())
     }
 
+    /// Keeps `p`'s gradient in f32: for a parameter with more than one writer an update
+    /// (a table tied to an output head), whose gradient is added to.
+    pub fn keep_wide(&mut self, p: Pid) -> Result<()> {
+        param_mut(&mut self.list, p)?.narrow = false;
+        Ok(())
+    }
+
+    /// Keeps every gradient in f32: for updates that sum several batches' gradients.
+    pub fn keep_all_wide(&mut self) {
+        for q in &mut self.list {
+            q.narrow = false;
+        }
+    }
+
     /// Whether the next write of `p`'s gradient overwrites it and may keep it in the
     /// compute dtype (see the module's note).
     pub fn narrow_write(&self, p: Pid) -> bool {
@@ -307,14 +324,8 @@ impl Params {
         } else {
             self.writable(p)?;
         }
-        let q = &mut self.list[p];
-        if q.grad.dtype() == src.dtype() {
-            tops::add_range_into(&mut q.grad, src, offset, overwrite)
-        } else {
-            // Only where the caller's buffer is narrower than the gradient allows.
-            let part = ops::to_dtype(src, DType::F32)?;
-            tops::add_range_into(&mut q.grad, &part, offset, overwrite)
-        }
+        // A 16-bit `src` is for gradients that narrow_write allowed (add_range_into checks).
+        tops::add_range_into(&mut self.list[p].grad, src, offset, overwrite)
     }
 
     /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s
@@ -326,7 +337,7 @@ impl Params {
         dy: &Tensor,
         x: &Tensor,
     ) -> Result<()> {
-        let (w, overwrite, b) = self.weight_grads(p, bias)?;
+        let (w, overwrite, b) = self.weight_grads(p, bias, dy.dtype())?;
         tops::linear_weight_grad_into(w, b, dy, x, overwrite)
     }
 
@@ -339,27 +350,31 @@ impl Params {
         dy_cols: (&Tensor, usize, usize),
         x: &Tensor,
     ) -> Result<()> {
-        let (w, overwrite, b) = self.weight_grads(p, bias)?;
+        let (w, overwrite, b) = self.weight_grads(p, bias, dy_cols.0.dtype())?;
         tops::linear_weight_grad_cols_into(w, b, dy_cols, x, overwrite)
     }
 
     /// [`Params::grads_mut`] for a write that covers all of the weight's gradient: the
     /// gradient, whether the write should overwrite it (the gradient is zero, its buffer
-    /// stale) rather than add into it, and the bias's gradient. The weight's gradient counts
-    /// as written from here on.
+    /// stale) rather than add into it, and the bias's gradient. An overwritten gradient
+    /// comes in `dy_dtype` where that is the compute dtype and the parameter may keep it
+    /// so (see the module's note), else f32. The weight's gradient counts as written from
+    /// here on.
     #[allow(clippy::type_complexity)]
     pub fn weight_grads(
         &mut self,
         p: Pid,
         bias: Option<Pid>,
+        dy_dtype: DType,
     ) -> Result<(&mut Tensor, bool, Option<&mut Tensor>)> {
         if let Some(b) = bias {
             self.writable(b)?;
         }
         let overwrite = param_mut(&mut self.list, p)?.grad_zero;
         if overwrite {
-            // Written whole by the caller's GEMM, in the compute dtype where allowed.
-            self.overwrite_in(p, self.dtype)?;
+            // Written whole by the caller's GEMM, in dy's dtype where that is the compute
+            // dtype and narrow writes are allowed.
+            self.overwrite_in(p, dy_dtype)?;
         } else {
             self.writable(p)?;
         }

@@ -104,6 +104,10 @@ impl Trainer {
         if total == 0 {
             return Err(Error::Input("the batch predicts no token".into()));
         }
+        if micro.len() > 1 {
+            // Several batches' gradients are summed: in f32 from the first write on.
+            self.net.params.keep_all_wide();
+        }
         self.net.params.zero_grads()?;
         let drop = self.dropout();
         let eps = self.cfg.label_smoothing as f32;

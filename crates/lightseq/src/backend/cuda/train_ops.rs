@@ -746,7 +746,8 @@ pub(crate) fn layer_norm_backward(
         // The running sums take most of the registers: two packs a lane (a team of up to
         // two warps a row) keep them at ~120 at 16-bit rows of 1024, so an SM holds 16
         // warps (four packs a lane took ~200 registers and held 8, ~15% slower on an
-        // H200). Blocks of 16 warps, one an SM, leave sum_chunks the fewest partial rows.
+        // H200). Blocks of 16 warps (one an SM at those registers) leave sum_chunks few
+        // partial rows.
         // Each warp stages its rows in lnb_warp_bytes of shared memory.
         let ts = (h / (16 / dt.size()))
             .div_ceil(LNB_PACKS)
@@ -1437,7 +1438,7 @@ pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
         let grad_t = gdt != DType::F32;
         if grad_t && Some(gdt) != copy_dt {
             return Err(Error::op(
-                "adam_step_all",
+                "adam step",
                 format!("a {gdt} gradient for a parameter whose copy is {copy_dt:?}"),
             ));
         }
@@ -1550,7 +1551,8 @@ unsafe fn launch_add_scaled(
 }
 
 /// `acc = src[offset..]` (its first acc.len() elements), or `acc +=` them unless
-/// `overwrite`; both f32 (the caller checks the lengths).
+/// `overwrite`; both f32, or when overwriting both of one dtype (the caller checks the
+/// dtypes and lengths).
 pub(crate) fn add_range_into(
     acc: &CudaStorage,
     src: &CudaStorage,

@@ -3,8 +3,8 @@
 // sums, the fused label-smoothed cross entropy, Adam(W), sums of squares, Philox dropout.
 // Every kernel is instantiated per float dtype as <name>_<dtype>; for the kernels whose
 // buffers are f32 by nature (adam_multi, sum_squares_multi, add_scaled_into) the suffix
-// names the dtype of the one non-f32 input or output, or is a plain alias. All math is f32
-// unless noted.
+// names the dtype of the non-f32 inputs or outputs (adam_multi's copy, and gradients kept
+// in that dtype), or is a plain alias. All math is f32 unless noted.
 // Row-wise kernels take one block per row (grid-stride over rows) and need blockDim.x to be
 // a multiple of 32; column reductions are deterministic (no atomics).
 
@@ -460,8 +460,9 @@ __device__ __forceinline__ float pack_total_of(const float (&p)[RP]) {
 // the linear whose output, plus the residual, was normalized). Each lane streams its own
 // packs of a team's rows through LS_LNB_STAGES shared stages (cp.async), so a warp has the
 // next rows in flight while it works on one; a lane reads only what it copied, so no
-// barrier is needed. At the end the block adds its teams' sums (across teams in xor order,
-// then warps in order) and writes them to row blockIdx.x of `partial` [gridDim.x, S h]
+// barrier is needed. At the end the block adds its teams' sums (a warp's teams in xor
+// order, then the warps, or pairs of warps, in order) and writes them to row blockIdx.x
+// of `partial` [gridDim.x, S h]
 // (dgamma's h columns, dbeta's, then with DSUM dx's), which sum_chunks adds over blocks.
 // With `stats` (the forward's (mean, rstd) per row, add_layer_norm_rows') a row's
 // statistics are read instead of computed again.
@@ -1516,8 +1517,8 @@ __device__ __forceinline__ void adam_update(const AdamConsts& k, float& p, float
   p = __fsub_rn(p, __fdiv_rn(__fmul_rn(k.step_size, m), denom));
 }
 
-// One Adam(W) step per chunk, on f32 buffers in place; with a copy, also writes the new
-// values rounded to T there. Four elements per thread and 16-byte loads when the chunk's
+// One Adam(W) step per chunk, on f32 buffers in place (the gradient f32, or T where the
+// chunk's grad_t says); with a copy, also writes the new values rounded to T there. Four elements per thread and 16-byte loads when the chunk's
 // buffers allow (a thread per element keeps too few loads in flight to reach bandwidth),
 // then the tail one at a time.
 template <typename T>
