@@ -324,8 +324,14 @@ impl Params {
         } else {
             self.writable(p)?;
         }
-        // A 16-bit `src` is for gradients that narrow_write allowed (add_range_into checks).
-        tops::add_range_into(&mut self.list[p].grad, src, offset, overwrite)
+        let q = &mut self.list[p];
+        if q.grad.dtype() == src.dtype() {
+            return tops::add_range_into(&mut q.grad, src, offset, overwrite);
+        }
+        // A 16-bit `src` whose part goes to an f32 gradient: only where one parameter takes
+        // two parts (the first write narrowed it, the second widened it).
+        let wide = ops::to_dtype(src, DType::F32)?;
+        tops::add_range_into(&mut q.grad, &wide, offset, overwrite)
     }
 
     /// Adds the weight gradient `dy^T @ x` of `y = x @ w^T + b` into parameter `p`'s
