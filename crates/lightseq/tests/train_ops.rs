@@ -1266,6 +1266,32 @@ fn adam_state(s: u64, n: usize, d: &Device) -> [Tensor; 3] {
     ]
 }
 
+/// One `adam_step_all` over `state` ([param, m, v] each) with `grads` and `copies`, at the
+/// bias-correction steps of `sizes` ((n, step) each).
+fn step_all(
+    state: &mut [[Tensor; 3]],
+    grads: &[Tensor],
+    copies: &mut [Option<Tensor>],
+    sizes: &[(usize, u64)],
+    hp: &AdamHyper,
+) {
+    let mut slots: Vec<ops::AdamSlot> = state
+        .iter_mut()
+        .zip(grads)
+        .zip(copies.iter_mut())
+        .zip(sizes)
+        .map(|((([p, m, v], g), c), &(_, step))| ops::AdamSlot {
+            param: p,
+            grad: g,
+            m,
+            v,
+            copy: c.as_mut(),
+            step,
+        })
+        .collect();
+    ops::adam_step_all(&mut slots, hp).unwrap();
+}
+
 #[test]
 fn cuda_adam_step_all_matches_cpu() {
     let Some(gpu) = gpu("cuda_adam_step_all_matches_cpu") else {
@@ -1277,39 +1303,32 @@ fn cuda_adam_step_all_matches_cpu() {
     let hp = multi_adam_hyper();
     for copy_dt in [None, Some(DType::F16)] {
         let run = |d: &Device| {
-            let mut ts: Vec<[Tensor; 4]> = sizes
+            let mut ts: Vec<[Tensor; 3]> = sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &(n, _))| {
-                    let s = 90 + 4 * i as u64;
-                    let [p, m, v] = adam_state(s, n, d);
-                    [p, t(&randn(s + 1, n), &[n], DType::F32, d), m, v]
-                })
+                .map(|(i, &(n, _))| adam_state(90 + 4 * i as u64, n, d))
+                .collect();
+            let gs: Vec<Tensor> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, _))| t(&randn(91 + 4 * i as u64, n), &[n], DType::F32, d))
                 .collect();
             let mut copies: Vec<Option<Tensor>> = sizes
                 .iter()
                 .map(|&(n, _)| copy_dt.map(|dt| t(&vec![0.0; n], &[n], dt, d)))
                 .collect();
-            let mut slots: Vec<ops::AdamSlot> = ts
-                .iter_mut()
-                .zip(copies.iter_mut())
-                .zip(&sizes)
-                .map(|(([p, g, m, v], c), &(_, step))| ops::AdamSlot {
-                    param: p,
-                    grad: g,
-                    m,
-                    v,
-                    copy: c.as_mut(),
-                    step,
-                })
-                .collect();
-            ops::adam_step_all(&mut slots, &hp).unwrap();
-            drop(slots);
-            (ts, copies)
+            step_all(&mut ts, &gs, &mut copies, &sizes, &hp);
+            (ts, gs, copies)
         };
-        let ((gt, gc), (ct, _)) = (run(&gpu), run(&Device::Cpu));
+        let ((gt, gg, gc), (ct, cg, _)) = (run(&gpu), run(&Device::Cpu));
         for (i, (g, c)) in gt.iter().zip(&ct).enumerate() {
-            for (name, (a, b)) in ["param", "grad", "m", "v"].iter().zip(g.iter().zip(c)) {
+            let pairs = [
+                (&g[0], &c[0]),
+                (&gg[i], &cg[i]),
+                (&g[1], &c[1]),
+                (&g[2], &c[2]),
+            ];
+            for (name, (a, b)) in ["param", "grad", "m", "v"].iter().zip(pairs) {
                 check(
                     &format!("adam_step_all tensor {i} {name}"),
                     DType::F32,
@@ -1379,22 +1398,7 @@ fn cuda_adam_and_norm_read_16_bit_gradients() {
                 .map(|&(n, _)| d.is_cuda().then(|| t(&vec![0.0; n], &[n], dt, d)))
                 .collect();
             let norm = ops::sum_squares_all(&gs.iter().collect::<Vec<_>>()).unwrap();
-            let mut slots: Vec<ops::AdamSlot> = ts
-                .iter_mut()
-                .zip(&gs)
-                .zip(copies.iter_mut())
-                .zip(&sizes)
-                .map(|((([p, m, v], g), c), &(_, step))| ops::AdamSlot {
-                    param: p,
-                    grad: g,
-                    m,
-                    v,
-                    copy: c.as_mut(),
-                    step,
-                })
-                .collect();
-            ops::adam_step_all(&mut slots, &hp).unwrap();
-            drop(slots);
+            step_all(&mut ts, &gs, &mut copies, &sizes, &hp);
             (ts, copies, norm)
         };
         let ((gt, gc, gnorm), (ct, _, cnorm)) = (run(&gpu, true), run(&cpu, false));

@@ -54,11 +54,9 @@ const ROW_PACKS: usize = 4;
 /// of up to 128 packs take teams of up to two warps.
 const LNB_PACKS: usize = 2;
 
-/// Shared bytes a warp of `layer_norm_backward_rows` with `rp` packs a lane stages its rows
-/// in (LS_LNB_WARP_BYTES(RP) in train.cu: 3 stages of x's and dy's packs for 32 lanes).
-const fn lnb_warp_bytes(rp: u32) -> u32 {
-    3 * 2 * rp * 32 * 16
-}
+/// Shared bytes a warp of `layer_norm_backward_rows` stages its rows in
+/// (LS_LNB_WARP_BYTES(LS_LNB_RP) in train.cu: 3 stages of x's and dy's packs for 32 lanes).
+const LNB_WARP_BYTES: u32 = 3 * 2 * LNB_PACKS as u32 * 32 * 16;
 
 /// The launch of a row-wise kernel: `rows_name`, its register-cached variant (a team of
 /// `ts` lanes per row), when [`row_team`] allows, else `name` with `per_warp` rows per warp
@@ -748,7 +746,7 @@ pub(crate) fn layer_norm_backward(
         // warps (four packs a lane took ~200 registers and held 8, ~15% slower on an
         // H200). Blocks of 16 warps (one an SM at those registers) leave sum_chunks few
         // partial rows.
-        // Each warp stages its rows in lnb_warp_bytes of shared memory.
+        // Each warp stages its rows in LNB_WARP_BYTES of shared memory.
         let ts = (h / (16 / dt.size()))
             .div_ceil(LNB_PACKS)
             .next_power_of_two() as i32;
@@ -758,7 +756,7 @@ pub(crate) fn layer_norm_backward(
         };
         let f = dev.kernel(name, dt)?;
         cfg.block_dim.0 = 512;
-        cfg.shared_mem_bytes = (cfg.block_dim.0 / 32) * lnb_warp_bytes(LNB_PACKS as u32);
+        cfg.shared_mem_bytes = (cfg.block_dim.0 / 32) * LNB_WARP_BYTES;
         allow_smem(&f, cfg.shared_mem_bytes as usize)?;
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(
@@ -789,7 +787,7 @@ pub(crate) fn layer_norm_backward(
             .arg(&ts);
         // SAFETY: argument types match the kernel's signature in train.cu; `stats` is null
         // or 2 rows f32 (the caller checks); `partial` holds a row of `sums` h f32 per block
-        // of the grid, and the block's dynamic shared memory is the lnb_warp_bytes per warp
+        // of the grid, and the block's dynamic shared memory is the LNB_WARP_BYTES per warp
         // the kernel stages in; ts is at most 64 (row_team allows at most 128 packs) and
         // the block 16 warps.
         launched(name, unsafe { l.launch(cfg) })?;

@@ -443,15 +443,13 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
 // launches it in blocks of 512 threads.
 #define LS_LNB_RP 2
 
-// The sum of a lane's per-pack partial sums, in pairs.
+// The sum of a lane's per-pack partial sums, in pack order.
 template <int RP>
 __device__ __forceinline__ float pack_total_of(const float (&p)[RP]) {
-  static_assert(RP == 2 || RP == 4, "pack_total_of adds two or four partial sums");
-  if constexpr (RP == 2) {
-    return p[0] + p[1];
-  } else {
-    return (p[0] + p[1]) + (p[2] + p[3]);
-  }
+  float s = p[0];
+#pragma unroll
+  for (int k = 1; k < RP; ++k) s += p[k];
+  return s;
 }
 
 // layer_norm_backward_body with register-cached rows, the parameter sums folded in: the
