@@ -338,16 +338,77 @@ pub struct AttentionOptions<'a> {
 /// (no [len_q x len_k] buffer) on every device. Returns [batch, len_q, heads * head_dim];
 /// rows of queries that see no key are zero.
 pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<Tensor> {
-    const OP: &str = "attention";
-    same_device(OP, &[q.tensor, k.tensor, v.tensor])?;
-    let dt = same_float_dtype(OP, &[q.tensor, k.tensor, v.tensor])?;
+    attention_with("attention", q, k, v, o, None)
+}
+
+/// A step of cached self-attention: [`write_rows_pair`] of the step's keys and values
+/// (`src`'s columns from `src_cols.0` and `src_cols.1`, `kv_heads * head_dim` wide) into
+/// the caches at `row` (`row_on_device` as there), then [`attention`] of `q` over the
+/// caches. On CUDA a single-query step does both in one launch.
+pub fn attention_cached(
+    q: Heads,
+    caches: (&mut Tensor, &mut Tensor),
+    row: usize,
+    row_on_device: Option<&Tensor>,
+    src: &Tensor,
+    src_cols: (usize, usize),
+    o: &AttentionOptions,
+) -> Result<Tensor> {
+    const OP: &str = "attention_cached";
+    let (kc, vc) = caches;
+    let width = o.kv_heads * o.head_dim;
+    let one_query = q.tensor.shape().get(1) == Some(&1) && src.shape().get(1) == Some(&1);
+    if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
+        write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
+        let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
+        return attention_with(OP, q, k, v, o, None);
+    }
+    if kc.shape() != vc.shape() || kc.dtype() != vc.dtype() || kc.shape().get(2) != Some(&width) {
+        return Err(Error::op(
+            OP,
+            format!(
+                "caches {:?} and {:?} for {} heads of {}",
+                kc.shape(),
+                vc.shape(),
+                o.kv_heads,
+                o.head_dim
+            ),
+        ));
+    }
+    same_device(OP, &[kc, vc, src])?;
+    same_float_dtype(OP, &[kc, src])?;
+    row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.0, width)?;
+    row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.1, width)?;
+    let append = cuda::ops::CacheAppend {
+        src: src.cuda(OP)?,
+        src_width: src.shape()[2],
+        cols: src_cols,
+        row,
+        row_on_device: device_row(OP, row_on_device)?,
+    };
+    let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
+    attention_with(OP, q, k, v, o, Some(&append))
+}
+
+/// [`attention`] under the name `OP`; with `append` (CUDA, one query), the kernel also
+/// writes the step's keys and values into k's and v's tensors.
+fn attention_with(
+    op: &'static str,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+    append: Option<&cuda::ops::CacheAppend>,
+) -> Result<Tensor> {
+    same_device(op, &[q.tensor, k.tensor, v.tensor])?;
+    let dt = same_float_dtype(op, &[q.tensor, k.tensor, v.tensor])?;
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
     if qs.len() != 3 || ks.len() != 3 || vs.len() != 3 || ks[..2] != vs[..2] || qs[0] != ks[0] {
-        return Err(Error::op(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}")));
+        return Err(Error::op(op, format!("q {qs:?}, k {ks:?}, v {vs:?}")));
     }
     if o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0 || !o.heads.is_multiple_of(o.kv_heads) {
         return Err(Error::op(
-            OP,
+            op,
             format!(
                 "{} heads over {} kv heads of size {}",
                 o.heads, o.kv_heads, o.head_dim
@@ -361,7 +422,7 @@ pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<T
     ] {
         if t.col + h * o.head_dim > t.tensor.shape()[2] {
             return Err(Error::op(
-                OP,
+                op,
                 format!(
                     "{side}: {h} heads of {} from column {} exceed width {}",
                     o.head_dim,
@@ -374,7 +435,7 @@ pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<T
     let (batch, len_q, len_k) = (qs[0], qs[1], ks[1]);
     if o.key_ranges.len() != batch || o.key_ranges.iter().any(|&(a, b)| a > b || b > len_k) {
         return Err(Error::op(
-            OP,
+            op,
             format!(
                 "key ranges {:?} for {batch} sequences of {len_k} keys",
                 o.key_ranges
@@ -388,17 +449,17 @@ pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<T
             || b.table.shape()[1] != o.heads
             || b.buckets.len() < need
         {
-            return Err(Error::op(OP, "relative bias table must be f32 [buckets, heads] with a bucket per relative position"));
+            return Err(Error::op(op, "relative bias table must be f32 [buckets, heads] with a bucket per relative position"));
         }
         let n = b.table.shape()[0] as i32;
         if b.buckets.iter().any(|&x| x < 0 || x >= n) {
-            return Err(Error::op(OP, "relative bias bucket out of range"));
+            return Err(Error::op(op, "relative bias bucket out of range"));
         }
-        same_device(OP, &[q.tensor, b.table])?;
+        same_device(op, &[q.tensor, b.table])?;
     }
     let storage = match &q.tensor.storage {
         Storage::CpuF32(_) => Storage::CpuF32(cpu::attention(&q, &k, &v, o)?),
-        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(&q, &k, &v, o)?),
+        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(&q, &k, &v, o, append)?),
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     };
     Ok(Tensor::from_parts(

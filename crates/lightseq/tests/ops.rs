@@ -271,8 +271,20 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         };
         // Linear with and without bias, every activation: odd sizes (the activation pass
         // element by element), rows of whole 16-byte packs (pack by pack), and a head as
-        // wide as GPT2's vocabulary.
-        for (m, n, k) in [(37, 53, 71), (24, 64, 40), (4, 50257, 24)] {
+        // wide as GPT2's vocabulary. In 16 bits, up to 16 rows with k a multiple of 32 go
+        // to the few-row kernels: one row and sixteen, columns past the last tile, fewer
+        // columns than a tile, k over one chunk or many warps' rounds, blocks of 16 and 32
+        // columns.
+        for (m, n, k) in [
+            (37, 53, 71),
+            (24, 64, 40),
+            (4, 50257, 24),
+            (1, 40, 32),
+            (16, 1000, 96),
+            (9, 7, 3072),
+            (3, 2304, 768),
+            (5, 8200, 64),
+        ] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {
                 let bias = i % 2 == 0;
@@ -861,6 +873,117 @@ fn reorder_rejects_source_rows_out_of_range() {
     assert!(st.reorder(&[0, 3, 1]).is_err());
     assert!(st.reorder(&[0, 1]).is_err());
     assert!(st.reorder(&[2, 2, 0]).is_ok());
+}
+
+/// A cached self-attention step: the step's keys and values land in the caches at its row
+/// and its queries attend over the caches with them (one launch on CUDA for one query a
+/// row), against host-written caches and the naive attention over them.
+#[test]
+fn attention_cached_appends_and_attends() {
+    // (batch, new positions, heads, kv_heads, head_dim, capacity, row): grouped heads over
+    // more than one key tile, a head of 40 bytes in 16 bits (not whole 16-byte packs), the
+    // first row, and two new positions (written, then attended causally).
+    let cases = [
+        (3, 1, 4, 2, 64, 160, 150),
+        (2, 1, 3, 3, 20, 40, 7),
+        (2, 1, 2, 1, 16, 9, 0),
+        (2, 2, 4, 2, 32, 50, 30),
+    ];
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu("attention_cached_appends_and_attends"));
+    for dev in &devices {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            for (ci, &(b, nt, heads, kvh, d, cap, row)) in cases.iter().enumerate() {
+                for on_device in [false, true] {
+                    let (qd, kd) = (heads * d, kvh * d);
+                    let w = qd + 2 * kd + 3;
+                    let seed = 900 + 10 * ci as u64;
+                    let src = dt.round_f32(&randn(seed, b * nt * w));
+                    let k0 = dt.round_f32(&randn(seed + 1, b * cap * kd));
+                    let v0 = dt.round_f32(&randn(seed + 2, b * cap * kd));
+                    let key_ranges: Vec<(usize, usize)> =
+                        (0..b).map(|i| (((i * 2) % 3).min(row), row + nt)).collect();
+                    let opts = ops::AttentionOptions {
+                        heads,
+                        kv_heads: kvh,
+                        head_dim: d,
+                        scale: 0.25,
+                        causal: nt > 1,
+                        q_offset: row,
+                        window: None,
+                        key_ranges,
+                        bias: None,
+                        ranges_on_device: None,
+                    };
+                    let s = t(&src, &[b, nt, w], dt, dev);
+                    let mut kc = t(&k0, &[b, cap, kd], dt, dev);
+                    let mut vc = t(&v0, &[b, cap, kd], dt, dev);
+                    let row_t =
+                        on_device.then(|| Tensor::from_i32(&[row as i32], &[1], dev).unwrap());
+                    let got = ops::attention_cached(
+                        ops::Heads { tensor: &s, col: 0 },
+                        (&mut kc, &mut vc),
+                        row,
+                        row_t.as_ref(),
+                        &s,
+                        (qd, qd + kd),
+                        &opts,
+                    )
+                    .unwrap();
+                    let (mut ek, mut ev) = (k0.clone(), v0.clone());
+                    for bi in 0..b {
+                        for i in 0..nt {
+                            let at = (bi * cap + row + i) * kd;
+                            let from = (bi * nt + i) * w + qd;
+                            ek[at..at + kd].copy_from_slice(&src[from..from + kd]);
+                            ev[at..at + kd].copy_from_slice(&src[from + kd..from + 2 * kd]);
+                        }
+                    }
+                    let what = format!("{dev} {dt} case {ci} device row {on_device}");
+                    assert_eq!(kc.to_f32_vec().unwrap(), ek, "keys, {what}");
+                    assert_eq!(vc.to_f32_vec().unwrap(), ev, "values, {what}");
+                    let want = naive_general_attention(
+                        (&src, nt, w, 0),
+                        (&ek, cap, kd, 0),
+                        (&ev, cap, kd, 0),
+                        b,
+                        &opts,
+                        None,
+                    );
+                    let err = rel_err(&got.to_f32_vec().unwrap(), &want);
+                    assert!(err <= tolerance(dt), "{what}: {err}");
+                }
+            }
+            // A row past the caches is refused before anything is written.
+            let (b, heads, d, cap) = (2, 2, 16, 4);
+            let s = t(
+                &randn(990, b * 3 * heads * d),
+                &[b, 1, 3 * heads * d],
+                dt,
+                dev,
+            );
+            let cache = randn(991, b * cap * heads * d);
+            let mut kc = t(&cache, &[b, cap, heads * d], dt, dev);
+            let mut vc = t(&cache, &[b, cap, heads * d], dt, dev);
+            let before = kc.to_f32_vec().unwrap();
+            let opts = ops::AttentionOptions {
+                heads,
+                kv_heads: heads,
+                head_dim: d,
+                scale: 1.0,
+                causal: false,
+                q_offset: cap,
+                window: None,
+                key_ranges: vec![(0, cap); b],
+                bias: None,
+                ranges_on_device: None,
+            };
+            let q = ops::Heads { tensor: &s, col: 0 };
+            let bad = ops::attention_cached(q, (&mut kc, &mut vc), cap, None, &s, (32, 64), &opts);
+            assert!(bad.is_err(), "{dev} {dt}");
+            assert_eq!(kc.to_f32_vec().unwrap(), before, "{dev} {dt}");
+        }
+    }
 }
 
 #[test]

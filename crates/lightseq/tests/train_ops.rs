@@ -319,7 +319,14 @@ fn cuda_linear_add_matches_cpu() {
     };
     let cpu = Device::Cpu;
     for dt in DTYPES {
-        for (m, n, k, bias) in [(37, 53, 71, true), (64, 96, 40, false), (5, 3, 9, true)] {
+        // The last two: few rows with k a multiple of 32 (the few-row kernels in 16 bits).
+        for (m, n, k, bias) in [
+            (37, 53, 71, true),
+            (64, 96, 40, false),
+            (5, 3, 9, true),
+            (16, 768, 3072, true),
+            (3, 21, 64, false),
+        ] {
             let (x, w, b, r) = (
                 randn(70, m * k),
                 randn(71, n * k),

@@ -213,14 +213,6 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let qkv = self.project(x, batch, t, extras.rope)?;
-        ops::write_rows_pair(
-            (&mut cache.k, &mut cache.v),
-            q_offset,
-            extras.offset,
-            &qkv,
-            (qd, qd + kd),
-            kd,
-        )?;
         // One query per row sees keys up to its own position, which the key ranges (ending
         // at q_offset + 1 at most) already enforce; the causal test would read q_offset.
         let causal = t > 1 || extras.window.is_some();
@@ -236,19 +228,16 @@ impl SelfAttention {
             bias: extras.bias,
             ranges_on_device: extras.ranges,
         };
-        let a = ops::attention(
+        let a = ops::attention_cached(
             Heads {
                 tensor: &qkv,
                 col: 0,
             },
-            Heads {
-                tensor: &cache.k,
-                col: 0,
-            },
-            Heads {
-                tensor: &cache.v,
-                col: 0,
-            },
+            (&mut cache.k, &mut cache.v),
+            q_offset,
+            extras.offset,
+            &qkv,
+            (qd, qd + kd),
             &opts,
         )?
         .reshape(&[batch * t, qd])?;

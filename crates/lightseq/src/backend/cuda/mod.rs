@@ -3,6 +3,7 @@
 
 mod blaslt;
 pub(crate) mod graph;
+mod linear_small;
 pub mod nvrtc;
 pub(crate) mod ops;
 pub(crate) mod train_ops;

@@ -129,6 +129,12 @@ pub const MODULES: &[KernelModule] = &[
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],
     },
+    KernelModule {
+        name: "linear_small",
+        source: include_str!("kernels/linear_small.cu"),
+        kernels: &["linear_small_n2", "linear_small_n4"],
+        dtypes: &[DType::F16, DType::BF16],
+    },
 ];
 
 /// Float dtypes kernels are instantiated for, unless their module says otherwise.

@@ -43,6 +43,9 @@ pub(crate) fn linear(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage> {
+    if let Some(y) = super::linear_small::linear_small(x, w, b, None, act, m, n, k)? {
+        return Ok(y);
+    }
     let dev = x.device();
     let dt = x.dtype();
     if m > 0 && k > 0 && act == Activation::None && !(n * dt.size()).is_multiple_of(16) {
@@ -357,11 +360,23 @@ fn flash_applies(dev: &super::CudaDevice, dt: DType, len_q: usize, o: &Attention
         && o.bias.is_none()
 }
 
+/// A single-query step's own keys and values, which [`attention`] appends to the caches it
+/// reads (k's and v's tensors) at `row`: `src` [batch, 1, src_width] holds them from
+/// columns `cols.0` and `cols.1`; `row_on_device`, when given, holds the row (i32 [1]).
+pub(crate) struct CacheAppend<'a> {
+    pub src: &'a CudaStorage,
+    pub src_width: usize,
+    pub cols: (usize, usize),
+    pub row: usize,
+    pub row_on_device: Option<&'a CudaStorage>,
+}
+
 pub(crate) fn attention(
     q: &Heads,
     k: &Heads,
     v: &Heads,
     o: &AttentionOptions,
+    append: Option<&CacheAppend>,
 ) -> Result<CudaStorage> {
     const OP: &str = "attention";
     let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
@@ -369,7 +384,13 @@ pub(crate) fn attention(
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
     let (batch, len_q) = (qs[0], qs[1]);
     let flash = flash_applies(dev, qt.dtype(), len_q, o);
-    if batch > 0 && !flash {
+    if append.is_some() && len_q != 1 {
+        return Err(Error::op(
+            OP,
+            "appending to the caches needs one query a row",
+        ));
+    }
+    if batch > 0 && !flash && append.is_none() {
         if let Some(out) = gemm_attention(q, k, v, o)? {
             return Ok(out);
         }
@@ -476,6 +497,19 @@ pub(crate) fn attention(
         return Ok(out);
     }
     l.arg(&tp).arg(&bp);
+    let (kn, kn_bs, vn_off, at_dev, at) = match append {
+        Some(a) => (
+            a.src.ptr() + a.cols.0 as u64 * elem,
+            a.src_width as i64,
+            a.cols.1 as i32 - a.cols.0 as i32,
+            a.row_on_device.map_or(0, |r| r.ptr()),
+            a.row as i32,
+        ),
+        None => (0, 0, 0, 0, 0),
+    };
+    if decode {
+        l.arg(&kn).arg(&kn_bs).arg(&vn_off).arg(&at_dev).arg(&at);
+    }
     let cfg = if decode {
         LaunchConfig {
             grid_dim: (o.heads as u32, batch as u32, 1),
@@ -507,7 +541,9 @@ pub(crate) fn attention(
             shared_mem_bytes: (ATT_WARPS * o.head_dim * 4) as u32,
         }
     };
-    // SAFETY: argument types match the kernel's signature in attention.cu.
+    // SAFETY: argument types match the kernel's signature in attention.cu (the decode
+    // kernel's last five: the appended rows, null when none; the front end checked that
+    // they fit the caches).
     launched(OP, unsafe { l.launch(cfg) })?;
     Ok(out)
 }

@@ -291,6 +291,10 @@ pub(crate) fn linear_add(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage> {
+    if let Some(y) = super::linear_small::linear_small(x, w, b, Some(r), Activation::None, m, n, k)?
+    {
+        return Ok(y);
+    }
     let y = x.device().alloc(x.dtype(), m * n)?;
     linear_parts(x, w, b, Some(r), &y, (m, n, k), n)?;
     Ok(y)

@@ -216,6 +216,11 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 // key and the key groups' sums meet in shared memory; otherwise the threads owning output
 // dimensions walk all the tile's keys. The loads of a tile are independent, so a step over
 // a short cache costs a few memory latencies rather than one per key.
+// With `kn` (the step's own key rows, its value rows `vn_off` elements further on, as the
+// projection wrote them), the kernel also appends them to the caches at row `at` (read from
+// `at_dev` when given): every block takes key `at` from `kn` instead of the cache, so no
+// block waits on another's write, and the first head of each key/value group copies them
+// into the caches at its end.
 #define DEC_THREADS 128
 // Tiles of fewer keys walk them per output dimension: the groups' reduction costs more
 // than it saves there (H200, Transformer-base steps over 8-9 keys).
@@ -223,12 +228,13 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 #define DEC_DIMS_PER_THREAD ((ATT_MAX_DIM_PER_LANE * 32 + DEC_THREADS - 1) / DEC_THREADS)
 
 template <typename T>
-__device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out,
-                                      const int* key_start, const int* key_end, int heads,
-                                      int group, int head_dim, long long q_bs, long long k_bs,
-                                      int k_rs, long long v_bs, int v_rs, int causal,
-                                      int q_offset, int window, float scale,
-                                      const float* bias_table, const int* buckets) {
+__device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int* key_start,
+                                      const int* key_end, int heads, int group, int head_dim,
+                                      long long q_bs, long long k_bs, int k_rs, long long v_bs,
+                                      int v_rs, int causal, int q_offset, int window,
+                                      float scale, const float* bias_table, const int* buckets,
+                                      const T* kn, long long kn_bs, int vn_off,
+                                      const int* at_dev, int at) {
   __shared__ float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
   // Per key group, its share of the output row (packed value path): at most
@@ -247,17 +253,21 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
   if (window > 0) jb = max(jb, q_offset + 1 - window);
   const T* k_base = k + b * k_bs + kh * head_dim;
   const T* v_base = v + b * v_bs + kh * head_dim;
+  // The appended row (-1: none) and its key and value.
+  const int wr = kn ? (at_dev ? *at_dev : at) : -1;
+  const T* kn_row = kn ? kn + b * kn_bs + kh * head_dim : k_base;
+  const T* vn_row = kn ? kn_row + vn_off : v_base;
   const bool packed = (head_dim * sizeof(T)) % 16 == 0 && (k_rs * sizeof(T)) % 16 == 0 &&
-                      ls_aligned16(k_base);
+                      ls_aligned16(k_base) && ls_aligned16(kn_row);
   const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
-                        ls_aligned16(v_base);
+                        ls_aligned16(v_base) && ls_aligned16(vn_row);
   __syncthreads();
   float run_max = LS_NEG_INF, run_sum = 0.f;
   for (int tile = jb; tile < je; tile += DEC_THREADS) {
     const int j = tile + tid;
     float s = LS_NEG_INF;
     if (j < je) {
-      const T* kr = k_base + (long long)j * k_rs;
+      const T* kr = j == wr ? kn_row : k_base + (long long)j * k_rs;
       float dot = 0.f;
       if (packed) {
         // 16-byte loads: head_dim / per_pack independent loads per key row.
@@ -295,7 +305,9 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
       if (g < groups) {
 #pragma unroll 2
         for (int i = g; i < n; i += groups) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(v_base + (long long)(tile + i) * v_rs + c);
+          const int j = tile + i;
+          const T* vr = j == wr ? vn_row : v_base + (long long)j * v_rs;
+          const uint4 raw = *reinterpret_cast<const uint4*>(vr + c);
           const T* e = reinterpret_cast<const T*>(&raw);
           const float pi = ps[i];
 #pragma unroll
@@ -319,10 +331,13 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
       for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
         const int d = tid + t * DEC_THREADS;
         if (d < head_dim) {
-          const T* vr = v_base + (long long)tile * v_rs + d;
           float a = 0.f;
 #pragma unroll 4
-          for (int i = 0; i < n; ++i) a += ps[i] * to_f(vr[(long long)i * v_rs]);
+          for (int i = 0; i < n; ++i) {
+            const int j = tile + i;
+            const T* vr = j == wr ? vn_row : v_base + (long long)j * v_rs;
+            a += ps[i] * to_f(vr[d]);
+          }
           acc[t] = acc[t] * corr + a;
         }
       }
@@ -336,16 +351,26 @@ __device__ void attention_decode_body(const T* q, const T* k, const T* v, T* out
     const int d = tid + t * DEC_THREADS;
     if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
   }
+  // No block reads row `wr` from the caches, so the append goes last, off the path above.
+  if (kn && h % group == 0) {
+    T* kd = k + b * k_bs + (long long)wr * k_rs + kh * head_dim;
+    T* vd = v + b * v_bs + (long long)wr * v_rs + kh * head_dim;
+    for (int d = tid; d < head_dim; d += DEC_THREADS) {
+      kd[d] = kn_row[d];
+      vd[d] = vn_row[d];
+    }
+  }
 }
 
 #define LS_ATTENTION_DECODE(T, S)                                                              \
   extern "C" __global__ void attention_decode_##S(                                             \
-      const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,    \
-      int len_q, int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, \
-      int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,   \
-      const float* bias_table, const int* buckets) {                                           \
+      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
+      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
+      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
+      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
+      const int* at_dev, int at) {                                                             \
     attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
                              k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
-                             bias_table, buckets);                                             \
+                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at);              \
   }
 LS_FLOAT_TYPES(LS_ATTENTION_DECODE)

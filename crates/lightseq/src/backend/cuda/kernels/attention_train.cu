@@ -45,30 +45,6 @@ __device__ __forceinline__ unsigned int at_pack2(float lo, float hi) {
   return at_bits(from_f<T>(lo)) | (at_bits(from_f<T>(hi)) << 16);
 }
 
-// c += a b for one m16n8k16 tile: PTX mma.sync, f32 accumulation (sm_80 and later).
-template <typename T>
-__device__ __forceinline__ void at_mma(float (&c)[4], const unsigned int (&a)[4],
-                                       unsigned int b0, unsigned int b1);
-template <>
-__device__ __forceinline__ void at_mma<__half>(float (&c)[4], const unsigned int (&a)[4],
-                                               unsigned int b0, unsigned int b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void at_mma<__nv_bfloat16>(float (&c)[4],
-                                                      const unsigned int (&a)[4],
-                                                      unsigned int b0, unsigned int b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Four 8 x 8 matrices of 16-bit elements; lanes 8i..8i+7 give the row addresses of matrix
 // i. Plain: lane 4g + t gets (row g, columns 2t, 2t + 1) of each; transposed: (rows 2t,
 // 2t + 1, column g).
@@ -186,8 +162,8 @@ __device__ __forceinline__ void at_mma_kn(float (&acc)[DMAX / 8][4], const unsig
     if (n2 * 16 >= d) break;
     unsigned int b[4];
     at_b_kn(b, y, ld, k0, n2 * 16);
-    at_mma<T>(acc[2 * n2], a, b[0], b[1]);
-    at_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+    ls_mma<T>(acc[2 * n2], a, b[0], b[1]);
+    ls_mma<T>(acc[2 * n2 + 1], a, b[2], b[3]);
   }
 }
 
@@ -213,8 +189,8 @@ __device__ __forceinline__ void at_row_scores(float (&s)[LMAX / 8][4], const T* 
       if (n2 * 16 >= lkp) break;
       unsigned int b[4];
       at_b_nk(b, y, ld, n2 * 16, kk * 16);
-      at_mma<T>(s[2 * n2], a, b[0], b[1]);
-      at_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
+      ls_mma<T>(s[2 * n2], a, b[0], b[1]);
+      ls_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
     }
   }
 }

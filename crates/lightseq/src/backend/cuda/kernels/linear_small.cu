@@ -1,0 +1,130 @@
+// Linear layers over few rows (decode steps): y [m, n] = act(x [m, k] w [n, k]^T + bias)
+// (+ r), for m <= 16 MT (MT row tiles of 16) and k a multiple of 32. Such a GEMM is a read of w; what costs is
+// latency, so every load is 16 bytes and goes straight to registers, without staging.
+//
+// A block takes 8 NT output columns and its warps split k: warp i takes the 32-wide chunks
+// i, i + warps, ... Within a chunk, lane 4 g + q loads elements 8 q .. 8 q + 7 of w's row
+// g (of each 8-column tile) and of x's rows g and g + 8 (of each 16-row tile). The mma
+// m16n8k16 sums over its k in any order as long as A and B agree, so the chunk's 32 k are
+// fed as two mma steps in a permuted order: step s takes, at the fragment places of k 2q,
+// 2q + 1 and 2q + 8, 2q + 9, the loaded elements 8 q + 4 s + {0, 1} and {2, 3}. Each lane's
+// two 16-byte loads of a row thus become the A and B registers of both steps as loaded.
+// The warps' partial tiles meet in shared memory, where the epilogue (bias, activation,
+// residual) runs in f32 and y is rounded once.
+// f16 and bf16 only (the mma has no f32 inputs), sm_80 and later.
+
+// Chunks a warp loads before its mma steps.
+#define LSM_CH 2
+// Warps a block has at most; the host sizes the shared memory as warps * MT * NT * 512 bytes.
+#define LSM_MAX_WARPS 16
+
+template <typename T, int MT, int NT>
+__device__ void linear_small_body(const T* x, const T* w, const T* bias, const T* r, T* y,
+                                  int m, int n, int k, int act) {
+  // [warp][tile value][lane]: the warps' partial accumulators (the host sizes it).
+  extern __shared__ float red[];
+  constexpr int VALS = MT * NT * 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * 8 * NT;
+  const int chunks = k >> 5;
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a) {
+#pragma unroll
+    for (int b = 0; b < NT; ++b) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+    }
+  }
+  // Row pointers at this lane's 8 elements of chunk 0; null where the row is past m or n.
+  const T* wr[NT];
+#pragma unroll
+  for (int b = 0; b < NT; ++b) {
+    const int col = n0 + 8 * b + g;
+    wr[b] = col < n ? w + (long long)col * k + 8 * q : nullptr;
+  }
+  const T* xr[MT][2];
+#pragma unroll
+  for (int a = 0; a < MT; ++a) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * a + 8 * h + g;
+      xr[a][h] = row < m ? x + (long long)row * k + 8 * q : nullptr;
+    }
+  }
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  for (int c0 = warp; c0 < chunks; c0 += warps * LSM_CH) {
+    uint4 wv[LSM_CH][NT], xv[LSM_CH][MT][2];
+#pragma unroll
+    for (int i = 0; i < LSM_CH; ++i) {
+      const int c = c0 + i * warps;
+      const bool ok = c < chunks;
+      const int off = c * 32;
+#pragma unroll
+      for (int b = 0; b < NT; ++b) {
+        wv[i][b] = ok && wr[b] ? __ldg(reinterpret_cast<const uint4*>(wr[b] + off)) : zero;
+      }
+#pragma unroll
+      for (int a = 0; a < MT; ++a) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xv[i][a][h] =
+              ok && xr[a][h] ? __ldg(reinterpret_cast<const uint4*>(xr[a][h] + off)) : zero;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < LSM_CH; ++i) {
+#pragma unroll
+      for (int a = 0; a < MT; ++a) {
+        const uint4 lo = xv[i][a][0], hi = xv[i][a][1];
+        const unsigned int a0[4] = {lo.x, hi.x, lo.y, hi.y};
+        const unsigned int a1[4] = {lo.z, hi.z, lo.w, hi.w};
+#pragma unroll
+        for (int b = 0; b < NT; ++b) {
+          ls_mma<T>(acc[a][b], a0, wv[i][b].x, wv[i][b].y);
+          ls_mma<T>(acc[a][b], a1, wv[i][b].z, wv[i][b].w);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < MT; ++a) {
+#pragma unroll
+    for (int b = 0; b < NT; ++b) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * VALS + (a * NT + b) * 4 + e) * 32 + lane] = acc[a][b][e];
+    }
+  }
+  __syncthreads();
+  // Value v of the tiles: lane l's accumulator e of tile (a, b); the m16n8 accumulator
+  // holds (row g, columns 2 q, 2 q + 1) in e = 0, 1 and row g + 8 in e = 2, 3.
+  for (int v = threadIdx.x; v < VALS * 32; v += blockDim.x) {
+    const int l = v & 31, e = (v >> 5) & 3, tile = v >> 7;
+    const int a = tile / NT, b = tile - a * NT;
+    const int row = 16 * a + (l >> 2) + 8 * (e >> 1);
+    const int col = n0 + 8 * b + 2 * (l & 3) + (e & 1);
+    if (row >= m || col >= n) continue;
+    float s = 0.f;
+    for (int i = 0; i < warps; ++i) s += red[(i * VALS + (tile << 2) + e) * 32 + l];
+    if (bias) s += to_f(bias[col]);
+    s = activate(s, act);
+    const long long at = (long long)row * n + col;
+    if (r) s += to_f(r[at]);
+    y[at] = from_f<T>(s);
+  }
+}
+
+// One row tile (m <= 16): with two, at 32 rows, cuBLASLt was faster (linear_small.rs).
+#define LS_LINEAR_SMALL(T, S, NT)                                                             \
+  extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
+      linear_small_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y,       \
+                               int m, int n, int k, int act) {                                \
+    linear_small_body<T, 1, NT>(x, w, bias, r, y, m, n, k, act);                              \
+  }
+#define LS_LINEAR_SMALL_ALL(T, S) \
+  LS_LINEAR_SMALL(T, S, 2)        \
+  LS_LINEAR_SMALL(T, S, 4)
+LS_LINEAR_SMALL_ALL(__half, f16)
+LS_LINEAR_SMALL_ALL(__nv_bfloat16, bf16)

@@ -1,0 +1,92 @@
+//! Linear layers over few rows (the GEMMs of decode steps) by the kernels of
+//! `kernels/linear_small.cu` instead of cuBLASLt: at 32 rows a GEMM is a read of its weight,
+//! and the library's kernels for it took 5-10 us where the weight's bytes take 1-2 us.
+
+use super::ops::launched;
+use super::CudaStorage;
+use crate::error::Result;
+use crate::ops::Activation;
+use crate::tensor::DType;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Rows the kernels take at most: one 16-row tile. With two tiles (32 rows, GPT2's GEMMs at
+/// batch 32) they took 8.4 us a launch on an H200, against cuBLASLt's ~5-10 us, and the
+/// sampling run was slower; at 1 row, GPT2 and Transformer-base generation ran ~1 ms faster.
+pub(crate) const MAX_ROWS: usize = 16;
+/// Columns the kernels take at most: wider outputs (LM heads) are a long read of the weight,
+/// which cuBLASLt streams faster (GPT2's head at 32 rows: 64.5 us here against 27 us).
+const MAX_COLS: usize = 16384;
+/// Chunks of 32 a warp loads before its mma steps (LSM_CH in linear_small.cu).
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Warps a block has at most (LSM_MAX_WARPS).
+const MAX_WARPS: usize = 16;
+
+/// Whether LIGHTSEQ_SMALL_GEMM=0 sends every GEMM to cuBLASLt.
+fn disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM", "0")
+}
+
+/// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
+/// or None where they do not apply: more than [`MAX_ROWS`] rows or [`MAX_COLS`] columns, k
+/// not a multiple of 32, f32, a GPU before sm_80, operands not 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_small(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    r: Option<&CudaStorage>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Option<CudaStorage>> {
+    let dev = x.device();
+    let dt = x.dtype();
+    let applies = !disabled()
+        && (1..=MAX_ROWS).contains(&m)
+        && (1..=MAX_COLS).contains(&n)
+        && k.is_multiple_of(32)
+        && k > 0
+        && n.max(k) <= i32::MAX as usize / 2
+        && matches!(dt, DType::F16 | DType::BF16)
+        && dev.arch() >= (8, 0)
+        && x.ptr().is_multiple_of(16)
+        && w.ptr().is_multiple_of(16);
+    if !applies {
+        return Ok(None);
+    }
+    // Columns a block takes: 32 where that still gives every SM a block, else 16.
+    let nt = if n.div_ceil(32) >= dev.sm_count() {
+        4
+    } else {
+        2
+    };
+    // Enough warps that each loads its share of k in about one round.
+    let warps = (k / 32).div_ceil(CHUNKS_IN_FLIGHT).clamp(4, MAX_WARPS);
+    let f = dev.kernel(&format!("linear_small_n{nt}"), dt)?;
+    let smem = warps * nt * 4 * 32 * 4;
+    super::train_ops::allow_smem(&f, smem)?;
+    let y = dev.alloc(dt, m * n)?;
+    let (xp, wp, bp, rp, yp) = (
+        x.ptr(),
+        w.ptr(),
+        b.map_or(0, |b| b.ptr()),
+        r.map_or(0, |r| r.ptr()),
+        y.ptr(),
+    );
+    let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&code);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(8 * nt) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match linear_small's signature; x is [m, k], w [n, k], b [n]
+    // and r [m, n] of dt (the front ends checked the shapes), and the shared memory is the
+    // warps' partial tiles the kernel indexes.
+    launched("linear_small", unsafe { l.launch(cfg) })?;
+    Ok(Some(y))
+}
