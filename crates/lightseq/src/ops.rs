@@ -338,13 +338,16 @@ pub struct AttentionOptions<'a> {
 /// (no [len_q x len_k] buffer) on every device. Returns [batch, len_q, heads * head_dim];
 /// rows of queries that see no key are zero.
 pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<Tensor> {
-    attention_with("attention", q, k, v, o, None)
+    const OP: &str = "attention";
+    let dt = check_attention(OP, &q, &k, &v, o)?;
+    run_attention(dt, &q, &k, &v, o, None)
 }
 
 /// A step of cached self-attention: [`write_rows_pair`] of the step's keys and values
 /// (`src`'s columns from `src_cols.0` and `src_cols.1`, `kv_heads * head_dim` wide) into
 /// the caches at `row` (`row_on_device` as there), then [`attention`] of `q` over the
-/// caches. On CUDA a single-query step does both in one launch.
+/// caches. Everything is checked before anything is written. On CUDA a single-query step
+/// does both in one launch.
 pub fn attention_cached(
     q: Heads,
     caches: (&mut Tensor, &mut Tensor),
@@ -357,25 +360,27 @@ pub fn attention_cached(
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
     let width = o.kv_heads * o.head_dim;
+    let dt = check_attention(
+        OP,
+        &q,
+        &Heads { tensor: kc, col: 0 },
+        &Heads { tensor: vc, col: 0 },
+        o,
+    )?;
     let one_query = q.tensor.shape().get(1) == Some(&1) && src.shape().get(1) == Some(&1);
     if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
         write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
         let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
-        return attention_with(OP, q, k, v, o, None);
+        return run_attention(dt, &q, &k, &v, o, None);
     }
-    if kc.shape() != vc.shape() || kc.dtype() != vc.dtype() || kc.shape().get(2) != Some(&width) {
+    // The checks of write_rows_pair, for the kernel's own writes.
+    if kc.shape() != vc.shape() {
         return Err(Error::op(
             OP,
-            format!(
-                "caches {:?} and {:?} for {} heads of {}",
-                kc.shape(),
-                vc.shape(),
-                o.kv_heads,
-                o.head_dim
-            ),
+            format!("caches {:?} and {:?}", kc.shape(), vc.shape()),
         ));
     }
-    same_device(OP, &[kc, vc, src])?;
+    same_device(OP, &[kc, src])?;
     same_float_dtype(OP, &[kc, src])?;
     row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.0, width)?;
     row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.1, width)?;
@@ -387,19 +392,17 @@ pub fn attention_cached(
         row_on_device: device_row(OP, row_on_device)?,
     };
     let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
-    attention_with(OP, q, k, v, o, Some(&append))
+    run_attention(dt, &q, &k, &v, o, Some(&append))
 }
 
-/// [`attention`] under the name `OP`; with `append` (CUDA, one query), the kernel also
-/// writes the step's keys and values into k's and v's tensors.
-fn attention_with(
+/// The checks of an [`attention`] call, as errors of `op`; returns the dtype.
+fn check_attention(
     op: &'static str,
-    q: Heads,
-    k: Heads,
-    v: Heads,
+    q: &Heads,
+    k: &Heads,
+    v: &Heads,
     o: &AttentionOptions,
-    append: Option<&cuda::ops::CacheAppend>,
-) -> Result<Tensor> {
+) -> Result<DType> {
     same_device(op, &[q.tensor, k.tensor, v.tensor])?;
     let dt = same_float_dtype(op, &[q.tensor, k.tensor, v.tensor])?;
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
@@ -416,9 +419,9 @@ fn attention_with(
         ));
     }
     for (side, t, h) in [
-        ("q", &q, o.heads),
-        ("k", &k, o.kv_heads),
-        ("v", &v, o.kv_heads),
+        ("q", q, o.heads),
+        ("k", k, o.kv_heads),
+        ("v", v, o.kv_heads),
     ] {
         if t.col + h * o.head_dim > t.tensor.shape()[2] {
             return Err(Error::op(
@@ -457,9 +460,23 @@ fn attention_with(
         }
         same_device(op, &[q.tensor, b.table])?;
     }
+    Ok(dt)
+}
+
+/// [`attention`] after [`check_attention`]; with `append` (CUDA, one query), the kernel
+/// also writes the step's keys and values into k's and v's tensors.
+fn run_attention(
+    dt: DType,
+    q: &Heads,
+    k: &Heads,
+    v: &Heads,
+    o: &AttentionOptions,
+    append: Option<&cuda::ops::CacheAppend>,
+) -> Result<Tensor> {
+    let (batch, len_q) = (q.tensor.shape()[0], q.tensor.shape()[1]);
     let storage = match &q.tensor.storage {
-        Storage::CpuF32(_) => Storage::CpuF32(cpu::attention(&q, &k, &v, o)?),
-        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(&q, &k, &v, o, append)?),
+        Storage::CpuF32(_) => Storage::CpuF32(cpu::attention(q, k, v, o)?),
+        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(q, k, v, o, append)?),
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     };
     Ok(Tensor::from_parts(

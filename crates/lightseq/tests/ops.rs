@@ -881,10 +881,12 @@ fn reorder_rejects_source_rows_out_of_range() {
 #[test]
 fn attention_cached_appends_and_attends() {
     // (batch, new positions, heads, kv_heads, head_dim, capacity, row): grouped heads over
-    // more than one key tile, a head of 40 bytes in 16 bits (not whole 16-byte packs), the
-    // first row, and two new positions (written, then attended causally).
+    // more than one key tile, one tile of 39-41 keys (values taken a 16-byte pack a thread,
+    // the new row among them), a head of 40 bytes in 16 bits (not whole 16-byte packs),
+    // the first row, and two new positions (written, then attended causally).
     let cases = [
         (3, 1, 4, 2, 64, 160, 150),
+        (3, 1, 4, 2, 64, 64, 40),
         (2, 1, 3, 3, 20, 40, 7),
         (2, 1, 2, 1, 16, 9, 0),
         (2, 2, 4, 2, 32, 50, 30),
@@ -896,7 +898,8 @@ fn attention_cached_appends_and_attends() {
             for (ci, &(b, nt, heads, kvh, d, cap, row)) in cases.iter().enumerate() {
                 for on_device in [false, true] {
                     let (qd, kd) = (heads * d, kvh * d);
-                    let w = qd + 2 * kd + 3;
+                    // Rows of whole 16-byte packs past q, k and v.
+                    let w = qd + 2 * kd + 8;
                     let seed = 900 + 10 * ci as u64;
                     let src = dt.round_f32(&randn(seed, b * nt * w));
                     let k0 = dt.round_f32(&randn(seed + 1, b * cap * kd));
@@ -980,6 +983,16 @@ fn attention_cached_appends_and_attends() {
             };
             let q = ops::Heads { tensor: &s, col: 0 };
             let bad = ops::attention_cached(q, (&mut kc, &mut vc), cap, None, &s, (32, 64), &opts);
+            assert!(bad.is_err(), "{dev} {dt}");
+            assert_eq!(kc.to_f32_vec().unwrap(), before, "{dev} {dt}");
+            // So are key ranges past the caches, with a row that fits.
+            let opts = ops::AttentionOptions {
+                q_offset: 1,
+                key_ranges: vec![(0, cap + 1); b],
+                ..opts
+            };
+            let q = ops::Heads { tensor: &s, col: 0 };
+            let bad = ops::attention_cached(q, (&mut kc, &mut vc), 1, None, &s, (32, 64), &opts);
             assert!(bad.is_err(), "{dev} {dt}");
             assert_eq!(kc.to_f32_vec().unwrap(), before, "{dev} {dt}");
         }

@@ -92,7 +92,9 @@ __device__ __forceinline__ unsigned int ls_smem_addr(const void* p) {
   return a;
 }
 
-// c += a b for one m16n8k16 tile: PTX mma.sync, f32 accumulation (sm_80 and later).
+// c += a b for one m16n8k16 tile: PTX mma.sync, f32 accumulation (sm_80 and later; the
+// kernels that call it are launched on sm_80+ only; an uncalled inline function is not
+// emitted, so modules that do not call it compile as before).
 template <typename T>
 __device__ __forceinline__ void ls_mma(float (&c)[4], const unsigned int (&a)[4],
                                        unsigned int b0, unsigned int b1);
