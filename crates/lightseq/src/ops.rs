@@ -374,16 +374,7 @@ pub fn attention_cached(
         return run_attention(dt, &q, &k, &v, o, None);
     }
     // The checks of write_rows_pair, for the kernel's own writes.
-    if kc.shape() != vc.shape() {
-        return Err(Error::op(
-            OP,
-            format!("caches {:?} and {:?}", kc.shape(), vc.shape()),
-        ));
-    }
-    same_device(OP, &[kc, src])?;
-    same_float_dtype(OP, &[kc, src])?;
-    row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.0, width)?;
-    row_copy(OP, kc.shape(), row, 0, src.shape(), src_cols.1, width)?;
+    row_copy_pair(OP, (kc, vc), row, src, src_cols, width)?;
     let append = cuda::ops::CacheAppend {
         src: src.cuda(OP)?,
         src_width: src.shape()[2],
@@ -794,17 +785,8 @@ pub fn write_rows_pair(
 ) -> Result<()> {
     const OP: &str = "write_rows_pair";
     let (a, b) = dst;
-    if a.shape() != b.shape() || a.dtype() != b.dtype() {
-        return Err(Error::op(
-            OP,
-            format!("destinations {:?} and {:?}", a.shape(), b.shape()),
-        ));
-    }
-    same_device(OP, &[a, b, src])?;
-    same_float_dtype(OP, &[a, src])?;
     // Both writes are checked before either happens.
-    let g = row_copy(OP, a.shape(), row, 0, src.shape(), src_cols.0, width)?;
-    row_copy(OP, a.shape(), row, 0, src.shape(), src_cols.1, width)?;
+    let g = row_copy_pair(OP, (a, b), row, src, src_cols, width)?;
     match (&a.storage, &b.storage, &src.storage) {
         (Storage::Cuda(d0), Storage::Cuda(d1), Storage::Cuda(s)) => {
             let at = device_row(OP, row_on_device)?;
@@ -815,6 +797,29 @@ pub fn write_rows_pair(
             write_rows(b, row, row_on_device, 0, src, src_cols.1, width)
         }
     }
+}
+
+/// The checks of [`write_rows_pair`] (destinations of one shape, dtype and device as
+/// `src`, both column ranges fitting), as errors of `op`; returns the first copy's geometry.
+fn row_copy_pair(
+    op: &'static str,
+    (a, b): (&Tensor, &Tensor),
+    row: usize,
+    src: &Tensor,
+    src_cols: (usize, usize),
+    width: usize,
+) -> Result<cpu::RowCopy> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return Err(Error::op(
+            op,
+            format!("destinations {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    }
+    same_device(op, &[a, b, src])?;
+    same_float_dtype(op, &[a, src])?;
+    let g = row_copy(op, a.shape(), row, 0, src.shape(), src_cols.0, width)?;
+    row_copy(op, a.shape(), row, 0, src.shape(), src_cols.1, width)?;
+    Ok(g)
 }
 
 /// Copies `src` into `dst` (same shape and dtype), keeping `dst`'s storage.

@@ -20,7 +20,7 @@ use crate::tensor::{DType, Device, Tensor};
 /// LIGHTSEQ_WIDE_GRADS=1 keeps every gradient in f32 (for comparing with the default).
 fn wide_grads() -> bool {
     static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WIDE.get_or_init(|| std::env::var("LIGHTSEQ_WIDE_GRADS").is_ok_and(|v| v == "1"))
+    crate::backend::cuda::env_equals(&WIDE, "LIGHTSEQ_WIDE_GRADS", "1")
 }
 
 /// Index of a parameter in a [`Params`].

@@ -1344,7 +1344,7 @@ pub(crate) fn sum_squares_many(xs: &[&CudaStorage]) -> Result<f64> {
     };
     let dev = first.device();
     // One launch per dtype present (gradients may be f32 or kept in the compute dtype),
-    // then one read of all the partials.
+    // all enqueued before the first of their partials is read back.
     let mut launches = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let group: Vec<&CudaStorage> = xs
