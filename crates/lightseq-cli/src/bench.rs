@@ -94,11 +94,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         )?))),
         other => bail!("unknown task `{other}` (forward, generate or train)"),
     };
-    eprintln!("loaded {name} in {:.1} s", t_load.elapsed().as_secs_f64());
+    let loaded_mb = match &device {
+        Device::Cuda(d) => d.memory_in_use()? as f64 / (1 << 20) as f64,
+        Device::Cpu => 0.0,
+    };
+    eprintln!(
+        "loaded {name} in {:.1} s ({loaded_mb:.0} MiB on the device)",
+        t_load.elapsed().as_secs_f64()
+    );
     let mut results = Vec::new();
     for &batch in &a.batch {
         for &seq in &a.seq {
-            results.push(point(a, &name, &dir, &device, dtype, &runner, batch, seq)?);
+            results.push(point(
+                a, &name, &dir, &device, dtype, &runner, batch, seq, loaded_mb,
+            )?);
         }
     }
     if let Some(p) = &a.json {
@@ -147,6 +156,7 @@ fn point(
     runner: &Runner,
     batch: usize,
     seq: usize,
+    loaded_mb: f64,
 ) -> Result<serde_json::Value> {
     let vocab = dir
         .config
@@ -273,5 +283,6 @@ fn point(
         "dtype": dtype.name(), "num_beams": a.num_beams, "device": device.to_string(),
         "median_ms": med * 1e3, "times_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
         "tokens_per_s": tokens as f64 / med, "peak_mem_mb": peak_mb,
+        "loaded_mem_mb": loaded_mb,
     }))
 }

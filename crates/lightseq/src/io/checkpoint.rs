@@ -165,6 +165,21 @@ impl Checkpoint {
         Ok(v)
     }
 
+    /// True when `a` and `b` hold the same shape and values. The tables of a random
+    /// checkpoint count as one, as a freshly built HF model ties them.
+    pub fn same_values(&self, a: &str, b: &str) -> Result<bool> {
+        if self.random_seed.is_some() {
+            return Ok(true);
+        }
+        let (Some((sa, _)), Some((sb, _))) = (self.info(a), self.info(b)) else {
+            return Ok(false);
+        };
+        if sa != sb {
+            return Ok(false);
+        }
+        Ok(self.read_f32(a, &sa)? == self.read_f32(b, &sb)?)
+    }
+
     /// Loads `name` onto `device` as `dtype`.
     pub fn tensor(
         &self,

@@ -75,6 +75,9 @@ pub struct Seq2SeqConfig {
     pub src_vocab: usize,
     pub tgt_vocab: usize,
     pub tie_word_embeddings: bool,
+    /// The encoder and decoder share one token table (`model.shared`): Marian's
+    /// `share_encoder_decoder_embeddings`, always for BART, mBART and M2M100, never for FSMT.
+    pub share_embeddings: bool,
 }
 
 fn get_usize(v: &Value, k: &str) -> Option<usize> {
@@ -92,8 +95,21 @@ impl Seq2SeqConfig {
         let need =
             |k: &str| get_usize(v, k).ok_or_else(|| bad(format!("missing or invalid `{k}`")));
         let d_model = need("d_model")?;
+        let share_embeddings = match kind {
+            Kind::Fsmt => false,
+            Kind::Marian => v
+                .get("share_encoder_decoder_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            _ => true,
+        };
         let (src_vocab, tgt_vocab) = match kind {
             Kind::Fsmt => (need("src_vocab_size")?, need("tgt_vocab_size")?),
+            // HF sizes a shared table (and the head) by `vocab_size` alone.
+            Kind::Marian if share_embeddings => {
+                let n = need("vocab_size")?;
+                (n, n)
+            }
             Kind::Marian => {
                 let v_src = need("vocab_size")?;
                 (v_src, get_usize(v, "decoder_vocab_size").unwrap_or(v_src))
@@ -134,6 +150,7 @@ impl Seq2SeqConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(kind != Kind::Fsmt),
+            share_embeddings,
         };
         for (heads, what) in [
             (cfg.encoder_heads, "encoder_attention_heads"),
@@ -337,6 +354,95 @@ fn first_present<'a>(w: &Weights, names: &[&'a str]) -> Result<&'a str> {
         })
 }
 
+/// Full checkpoint names of the token tables and the head.
+struct TableNames {
+    encoder: String,
+    decoder: String,
+    head: String,
+}
+
+impl TableNames {
+    /// Resolves the tables as HF ties them. With `tie_word_embeddings` and a shared table,
+    /// the encoder's and decoder's tables and the head are one tensor: `shared` (or the
+    /// first of the others present); a name present with values of its own stays its own
+    /// table, as HF leaves it untied. `root` is the checkpoint's root, `w` the base model.
+    fn resolve(root: &Weights, w: &Weights, cfg: &Seq2SeqConfig) -> Result<Self> {
+        let fsmt = cfg.kind == Kind::Fsmt;
+        let enc_names: &[&str] = if fsmt {
+            &["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+        } else {
+            &["encoder.embed_tokens.weight", "shared.weight"]
+        };
+        let enc_first = w.name(first_present(w, enc_names)?);
+        let dec_first = w.name(first_present(
+            w,
+            &["decoder.embed_tokens.weight", "shared.weight"],
+        )?);
+        let lm_head = root
+            .contains("lm_head.weight")
+            .then(|| "lm_head.weight".to_string());
+        // `name` when present with values other than `source`'s, else `source`.
+        let own = |name: Option<String>, source: &str| -> Result<String> {
+            Ok(match name {
+                Some(n) if n != source && !root.same_values(&n, source)? => n,
+                _ => source.to_string(),
+            })
+        };
+        let present = |n: &str| w.contains(n).then(|| w.name(n));
+        if fsmt {
+            let head = if cfg.tie_word_embeddings {
+                w.name("decoder.embed_tokens.weight")
+            } else {
+                w.name(first_present(
+                    w,
+                    &[
+                        "decoder.output_projection.weight",
+                        "decoder.embed_tokens.weight",
+                    ],
+                )?)
+            };
+            return Ok(TableNames {
+                encoder: enc_first,
+                decoder: dec_first,
+                head,
+            });
+        }
+        if !cfg.tie_word_embeddings {
+            let head = lm_head.unwrap_or_else(|| dec_first.clone());
+            return Ok(TableNames {
+                encoder: enc_first,
+                decoder: dec_first,
+                head,
+            });
+        }
+        if !cfg.share_embeddings {
+            let head = own(lm_head, &dec_first)?;
+            return Ok(TableNames {
+                encoder: enc_first,
+                decoder: dec_first,
+                head,
+            });
+        }
+        let source = [
+            "shared.weight",
+            "decoder.embed_tokens.weight",
+            "encoder.embed_tokens.weight",
+        ]
+        .iter()
+        .find_map(|n| present(n))
+        .or_else(|| lm_head.clone())
+        .ok_or_else(|| Error::MissingTensor {
+            dir: std::path::PathBuf::from(w.name("")),
+            name: "shared.weight or an embed_tokens.weight".into(),
+        })?;
+        Ok(TableNames {
+            encoder: own(present("encoder.embed_tokens.weight"), &source)?,
+            decoder: own(present("decoder.embed_tokens.weight"), &source)?,
+            head: own(lm_head, &source)?,
+        })
+    }
+}
+
 impl Seq2Seq {
     /// Loads a BART-family checkpoint (the *ForConditionalGeneration layout, or the base
     /// model's without the `model.` prefix).
@@ -360,50 +466,21 @@ impl Seq2Seq {
         let (sv, tv) = (cfg.src_vocab, cfg.tgt_vocab);
 
         // Token tables and head, resolved as HF ties them.
-        let enc_tok_name = match kind {
-            Kind::Fsmt => first_present(
-                &w,
-                &["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"],
-            )?,
-            _ => first_present(&w, &["encoder.embed_tokens.weight", "shared.weight"])?,
-        };
-        let dec_tok_name = first_present(&w, &["decoder.embed_tokens.weight", "shared.weight"])?;
+        let names = TableNames::resolve(&root, &w, &cfg)?;
         // Tables shared under one name (tied embeddings) are loaded once.
         let mut loaded: std::collections::HashMap<String, Arc<Tensor>> =
             std::collections::HashMap::new();
-        let mut table = |full: String, rows: usize| -> Result<Arc<Tensor>> {
-            if let Some(t) = loaded.get(&full) {
+        let mut table = |full: &str, rows: usize| -> Result<Arc<Tensor>> {
+            if let Some(t) = loaded.get(full) {
                 return Ok(t.clone());
             }
-            let t = Arc::new(root.tensor(&full, &[rows, d])?);
-            loaded.insert(full, t.clone());
+            let t = Arc::new(root.tensor(full, &[rows, d])?);
+            loaded.insert(full.to_string(), t.clone());
             Ok(t)
         };
-        let enc_tokens = table(w.name(enc_tok_name), sv)?;
-        let dec_tokens = table(w.name(dec_tok_name), tv)?;
-        let head = match kind {
-            Kind::Fsmt => {
-                let n = if cfg.tie_word_embeddings {
-                    "decoder.embed_tokens.weight"
-                } else {
-                    first_present(
-                        &w,
-                        &[
-                            "decoder.output_projection.weight",
-                            "decoder.embed_tokens.weight",
-                        ],
-                    )?
-                };
-                table(w.name(n), tv)?
-            }
-            _ => {
-                if !cfg.tie_word_embeddings && root.contains("lm_head.weight") {
-                    table("lm_head.weight".to_string(), tv)?
-                } else {
-                    table(w.name(dec_tok_name), tv)?
-                }
-            }
-        };
+        let enc_tokens = table(&names.encoder, sv)?;
+        let dec_tokens = table(&names.decoder, tv)?;
+        let head = table(&names.head, tv)?;
         let head_bias = if matches!(kind, Kind::Bart | Kind::MBart | Kind::Marian)
             && root.contains("final_logits_bias")
         {
@@ -762,5 +839,81 @@ pub fn info(c: &Seq2SeqConfig) -> ModelInfo {
             ("target vocab", c.tgt_vocab),
             ("max_position_embeddings", c.max_positions),
         ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::safetensors::serialize_f32;
+
+    /// A Marian-shaped directory holding only the named tables (`value` fills each).
+    fn dir(cfg: Value, tables: &[(&str, f32)]) -> ModelDir {
+        let data: Vec<(String, Vec<f32>)> = tables
+            .iter()
+            .map(|(n, v)| (n.to_string(), (0..24).map(|i| v + i as f32).collect()))
+            .collect();
+        let refs: Vec<(&str, &[usize], &[f32])> = data
+            .iter()
+            .map(|(n, v)| (n.as_str(), &[6usize, 4][..], &v[..]))
+            .collect();
+        let bytes: &'static [u8] = Box::leak(serialize_f32(&refs).into_boxed_slice());
+        ModelDir::from_static("tables", &cfg.to_string(), bytes).unwrap()
+    }
+
+    fn marian(extra: Value) -> Value {
+        let mut c = serde_json::json!({"model_type": "marian", "d_model": 4, "vocab_size": 6,
+            "encoder_attention_heads": 1, "decoder_attention_heads": 1});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    }
+
+    fn resolved(d: &ModelDir) -> (String, String, String) {
+        let cfg = Seq2SeqConfig::parse(d, Kind::Marian).unwrap();
+        let root = Weights::new(&d.checkpoint, DType::F32, &Device::Cpu);
+        let t = TableNames::resolve(&root, &root.pp("model"), &cfg).unwrap();
+        (t.encoder, t.decoder, t.head)
+    }
+
+    const SHARED: &str = "model.shared.weight";
+    const ENC: &str = "model.encoder.embed_tokens.weight";
+    const DEC: &str = "model.decoder.embed_tokens.weight";
+    const HEAD: &str = "lm_head.weight";
+
+    #[test]
+    fn aliases_of_one_table_load_once() {
+        // A torch .bin file stores every alias of a tied table.
+        let d = dir(
+            marian(serde_json::json!({})),
+            &[(SHARED, 1.0), (ENC, 1.0), (DEC, 1.0), (HEAD, 1.0)],
+        );
+        assert_eq!(resolved(&d), (SHARED.into(), SHARED.into(), SHARED.into()));
+        // Without `shared`, the decoder's table is the source.
+        let d = dir(marian(serde_json::json!({})), &[(ENC, 2.0), (DEC, 2.0)]);
+        assert_eq!(resolved(&d), (DEC.into(), DEC.into(), DEC.into()));
+        // A random checkpoint is a fresh HF model: one table.
+        let d = ModelDir::random("r", marian(serde_json::json!({})), 0);
+        assert_eq!(resolved(&d), (SHARED.into(), SHARED.into(), SHARED.into()));
+    }
+
+    #[test]
+    fn tables_with_their_own_values_stay_untied() {
+        let d = dir(
+            marian(serde_json::json!({})),
+            &[(SHARED, 1.0), (ENC, 3.0), (DEC, 1.0), (HEAD, 5.0)],
+        );
+        assert_eq!(resolved(&d), (ENC.into(), SHARED.into(), HEAD.into()));
+        // Separate vocabularies: the head ties to the decoder's table only.
+        let split = marian(serde_json::json!({"share_encoder_decoder_embeddings": false}));
+        let d = dir(split.clone(), &[(ENC, 1.0), (DEC, 2.0), (HEAD, 2.0)]);
+        assert_eq!(resolved(&d), (ENC.into(), DEC.into(), DEC.into()));
+        let d = dir(split, &[(ENC, 1.0), (DEC, 2.0), (HEAD, 4.0)]);
+        assert_eq!(resolved(&d), (ENC.into(), DEC.into(), HEAD.into()));
+        // An untied head is the checkpoint's lm_head, whatever its values.
+        let untied = marian(serde_json::json!({"tie_word_embeddings": false}));
+        let d = dir(untied, &[(SHARED, 1.0), (HEAD, 1.0)]);
+        assert_eq!(resolved(&d), (SHARED.into(), SHARED.into(), HEAD.into()));
     }
 }

@@ -48,6 +48,12 @@ impl<'a> Weights<'a> {
         self.ckpt.contains(&self.name(name))
     }
 
+    /// True when `a` and `b` hold the same shape and values (see
+    /// [`Checkpoint::same_values`]).
+    pub fn same_values(&self, a: &str, b: &str) -> Result<bool> {
+        self.ckpt.same_values(&self.name(a), &self.name(b))
+    }
+
     /// Values of `name`, checked against `shape`.
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.ckpt.read_f32(&self.name(name), shape)

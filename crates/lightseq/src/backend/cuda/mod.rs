@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -56,6 +57,10 @@ pub struct CudaDevice {
     capture_stream: Arc<CudaStream>,
     /// The capturing thread's token (see `thread_token`), 0 when none.
     capturing: AtomicU64,
+    /// Where that thread's allocations go while it captures.
+    capture_arena: std::sync::Mutex<Option<Arc<graph::CaptureArena>>>,
+    /// The arena every capture of this device shares while any graph holds it.
+    shared_arena: std::sync::Mutex<std::sync::Weak<graph::CaptureArena>>,
     /// Arrival counters of the single-launch column reductions (train.cu's
     /// `ls_last_arrival`), zero between launches; made on first use.
     column_counters: std::sync::OnceLock<CudaSlice<u32>>,
@@ -178,6 +183,8 @@ impl CudaDevice {
             stream,
             capture_stream,
             capturing: AtomicU64::new(0),
+            capture_arena: std::sync::Mutex::new(None),
+            shared_arena: std::sync::Mutex::new(std::sync::Weak::new()),
             column_counters: std::sync::OnceLock::new(),
             ctx,
         }))
@@ -267,15 +274,43 @@ impl CudaDevice {
         Ok(value + graph::peak_graph_memory(self.ctx.cu_device(), reset)?)
     }
 
+    /// Bytes of device memory in use now: the stream-ordered pool's allocations plus
+    /// what live CUDA graphs hold.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        use cudarc::driver::sys;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value: u64 = 0;
+        // SAFETY: plain out-parameters on this context's device.
+        unsafe {
+            self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))?;
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(|e| cuda_err("memory pool", e))?;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+                .result()
+                .map_err(|e| cuda_err("memory pool attribute", e))?;
+        }
+        Ok(value + graph::graph_memory_in_use(self.ctx.cu_device())?)
+    }
+
     /// The stream this thread's work goes to: the device's one stream, or the capture
     /// stream while this thread records a graph.
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
-        let c = self.capturing.load(Ordering::Acquire);
-        if c != 0 && c == thread_token() {
+        if self.capturing_here() {
             &self.capture_stream
         } else {
             &self.stream
         }
+    }
+
+    fn capturing_here(&self) -> bool {
+        let c = self.capturing.load(Ordering::Acquire);
+        c != 0 && c == thread_token()
+    }
+
+    fn arena_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<graph::CaptureArena>>> {
+        self.capture_arena.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Device address of [`COLUMN_COUNTERS`] zeroed u32 arrival counters, shared by the
@@ -309,6 +344,31 @@ impl CudaDevice {
     pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
         // Zero-length allocations are not allowed by the driver; keep one element.
         let n = len.max(1);
+        let arena = if self.capturing_here() {
+            self.arena_slot().clone()
+        } else {
+            None
+        };
+        if let Some(arena) = arena {
+            let ptr = arena.alloc(n * dtype.size())?;
+            let st = &self.stream;
+            // SAFETY: the block holds n elements and stays the arena's until released in
+            // CudaStorage's drop, which leaks the slice instead of freeing it.
+            let buf = unsafe {
+                match dtype {
+                    DType::F32 => Buf::F32(st.upgrade_device_ptr(ptr, n)),
+                    DType::F16 => Buf::F16(st.upgrade_device_ptr(ptr, n)),
+                    DType::BF16 => Buf::BF16(st.upgrade_device_ptr(ptr, n)),
+                    DType::I32 => Buf::I32(st.upgrade_device_ptr(ptr, n)),
+                }
+            };
+            return Ok(CudaStorage {
+                dev: self.clone(),
+                buf: ManuallyDrop::new(buf),
+                len,
+                arena: Some(arena),
+            });
+        }
         // SAFETY: every op writes its whole output before anyone reads it.
         let buf = unsafe {
             match dtype {
@@ -321,8 +381,9 @@ impl CudaDevice {
         .map_err(|e| cuda_err(&format!("allocating {len} x {dtype}"), e))?;
         Ok(CudaStorage {
             dev: self.clone(),
-            buf,
+            buf: ManuallyDrop::new(buf),
             len,
+            arena: None,
         })
     }
 
@@ -330,7 +391,7 @@ impl CudaDevice {
     pub(crate) fn zeros(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
         let mut s = self.alloc(dtype, len)?;
         let st = self.stream();
-        let r = match &mut s.buf {
+        let r = match &mut *s.buf {
             Buf::F32(b) => st.memset_zeros(b),
             Buf::F16(b) => st.memset_zeros(b),
             Buf::BF16(b) => st.memset_zeros(b),
@@ -346,7 +407,7 @@ impl CudaDevice {
             return Ok(s);
         }
         let st = self.stream();
-        let r = match &mut s.buf {
+        let r = match &mut *s.buf {
             Buf::F32(b) => st.memcpy_htod(data, b),
             Buf::F16(b) => {
                 let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
@@ -381,8 +442,26 @@ pub(crate) enum Buf {
 #[derive(Debug)]
 pub struct CudaStorage {
     dev: Arc<CudaDevice>,
-    buf: Buf,
+    buf: ManuallyDrop<Buf>,
     len: usize,
+    /// The capture arena holding `buf`, for buffers allocated during a capture.
+    arena: Option<Arc<graph::CaptureArena>>,
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        // SAFETY: `buf` is not touched again.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        match self.arena.take() {
+            None => drop(buf),
+            Some(arena) => arena.release(match buf {
+                Buf::F32(b) => b.leak(),
+                Buf::F16(b) => b.leak(),
+                Buf::BF16(b) => b.leak(),
+                Buf::I32(b) => b.leak(),
+            }),
+        }
+    }
 }
 
 impl CudaStorage {
@@ -391,7 +470,7 @@ impl CudaStorage {
     }
 
     pub(crate) fn dtype(&self) -> DType {
-        match self.buf {
+        match *self.buf {
             Buf::F32(_) => DType::F32,
             Buf::F16(_) => DType::F16,
             Buf::BF16(_) => DType::BF16,
@@ -406,7 +485,7 @@ impl CudaStorage {
     /// The raw device address, for kernel arguments and cuBLASLt.
     pub(crate) fn ptr(&self) -> u64 {
         let st = self.dev.stream();
-        match &self.buf {
+        match &*self.buf {
             Buf::F32(b) => b.device_ptr(st).0,
             Buf::F16(b) => b.device_ptr(st).0,
             Buf::BF16(b) => b.device_ptr(st).0,
@@ -416,7 +495,7 @@ impl CudaStorage {
 
     /// Overwrites this i32 buffer with `data` (same length) from the host.
     pub(crate) fn write_i32(&mut self, data: &[i32]) -> Result<()> {
-        match &mut self.buf {
+        match &mut *self.buf {
             Buf::I32(b) if data.len() == self.len => {
                 if data.is_empty() {
                     return Ok(());
@@ -461,7 +540,7 @@ impl CudaStorage {
         }
         let st = self.dev.stream();
         let e = |e| cuda_err("device to host copy", e);
-        let mut v: Vec<f32> = match &self.buf {
+        let mut v: Vec<f32> = match &*self.buf {
             Buf::F32(b) => st.clone_dtoh(b).map_err(e)?,
             Buf::F16(b) => st
                 .clone_dtoh(b)
@@ -487,7 +566,7 @@ impl CudaStorage {
     }
 
     pub(crate) fn download_i32(&self) -> Result<Vec<i32>> {
-        match &self.buf {
+        match &*self.buf {
             Buf::I32(b) if self.len > 0 => {
                 let mut v = self
                     .dev
