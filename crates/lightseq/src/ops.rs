@@ -357,6 +357,25 @@ pub fn attention_cached(
     src_cols: (usize, usize),
     o: &AttentionOptions,
 ) -> Result<Tensor> {
+    attention_cached_rows(q, caches, row, row_on_device, src, src_cols, o, None)
+}
+
+/// [`attention_cached`] where key position j of sequence b lives in cache row
+/// `key_rows[b * len_k + j]` (i32 [batch, len_k]): beam search composes its reorders into
+/// that table instead of moving the caches. The step's own keys and values go to each
+/// sequence's own row, so the table must name it at `row` and after. Values must be below
+/// batch (the CUDA kernel reads them unchecked; the decode state keeps them so).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_cached_rows(
+    q: Heads,
+    caches: (&mut Tensor, &mut Tensor),
+    row: usize,
+    row_on_device: Option<&Tensor>,
+    src: &Tensor,
+    src_cols: (usize, usize),
+    o: &AttentionOptions,
+    key_rows: Option<&Tensor>,
+) -> Result<Tensor> {
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
     let width = o.kv_heads * o.head_dim;
@@ -367,9 +386,40 @@ pub fn attention_cached(
         &Heads { tensor: vc, col: 0 },
         o,
     )?;
+    if let Some(t) = key_rows {
+        same_device(OP, &[kc, t])?;
+        if t.dtype() != DType::I32 || t.len() != kc.shape()[0] * kc.shape()[1] {
+            return Err(Error::op(
+                OP,
+                format!(
+                    "key rows {:?} {} for caches {:?}",
+                    t.shape(),
+                    t.dtype(),
+                    kc.shape()
+                ),
+            ));
+        }
+    }
     let one_query = q.tensor.shape().get(1) == Some(&1) && src.shape().get(1) == Some(&1);
     if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
         write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
+        if let Some(t) = key_rows {
+            // Keys gathered into their sequences' rows: off the hot path (CPU states and
+            // steps of several positions after a reorder).
+            let rows = t.to_i32_vec()?;
+            let (kg, vg) = (gather_positions(kc, &rows)?, gather_positions(vc, &rows)?);
+            let (k, v) = (
+                Heads {
+                    tensor: &kg,
+                    col: 0,
+                },
+                Heads {
+                    tensor: &vg,
+                    col: 0,
+                },
+            );
+            return run_attention(dt, &q, &k, &v, o, None);
+        }
         let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
         return run_attention(dt, &q, &k, &v, o, None);
     }
@@ -381,9 +431,40 @@ pub fn attention_cached(
         cols: src_cols,
         row,
         row_on_device: device_row(OP, row_on_device)?,
+        key_rows: key_rows.map(|t| t.cuda(OP)).transpose()?,
     };
     let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
     run_attention(dt, &q, &k, &v, o, Some(&append))
+}
+
+/// `x` [batch, len, width] with position j of sequence b taken from sequence
+/// `rows[b * len + j]`.
+fn gather_positions(x: &Tensor, rows: &[i32]) -> Result<Tensor> {
+    const OP: &str = "gather_positions";
+    let s = x.shape();
+    let (batch, len, width) = (s[0], s[1], s[2]);
+    if rows.len() != batch * len || rows.iter().any(|&r| r < 0 || r as usize >= batch) {
+        return Err(Error::op(
+            OP,
+            format!("key rows for {batch} x {len} positions"),
+        ));
+    }
+    // Flat source position of each output position.
+    let at = |i: usize| rows[i] as usize * len + i % len;
+    let storage = match &x.storage {
+        Storage::CpuF32(v) => Storage::CpuF32(
+            (0..batch * len)
+                .flat_map(|i| v[at(i) * width..(at(i) + 1) * width].iter().copied())
+                .collect(),
+        ),
+        Storage::Cuda(c) => {
+            let ids: Vec<i32> = (0..batch * len).map(|i| at(i) as i32).collect();
+            let ids = c.device().upload_i32(&ids)?;
+            Storage::Cuda(cuda::ops::index_select_dev(c, &ids, batch * len, width)?)
+        }
+        Storage::CpuI32(_) => return Err(Error::op(OP, "needs a float tensor")),
+    };
+    Ok(Tensor::from_parts(s.to_vec(), x.dtype(), storage))
 }
 
 /// The checks of an [`attention`] call, as errors of `op`; returns the dtype.

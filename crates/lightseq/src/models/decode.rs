@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::nn::CrossAttention;
 use crate::ops;
 use crate::tensor::{DType, Device, Tensor};
+use std::sync::Arc;
 
 pub use crate::nn::attention::KvCache;
 
@@ -35,6 +36,8 @@ pub struct DecodeState {
     pub rows_per_item: usize,
     /// Single-token steps captured as a CUDA graph (see `step_graph`).
     pub(crate) graph: StepGraph,
+    /// CUDA caches: the table the caches' `rows` share (see [`DecodeState::reorder`]).
+    pub(crate) key_rows: Option<Arc<Tensor>>,
 }
 
 impl DecodeState {
@@ -52,6 +55,7 @@ impl DecodeState {
             src_ranges_dev: None,
             rows_per_item: 0,
             graph: StepGraph::default(),
+            key_rows: None,
         }
     }
 
@@ -114,7 +118,10 @@ impl DecodeState {
         Ok(t)
     }
 
-    /// Reorders rows (beam search): row i takes the state of row `src[i]`.
+    /// Reorders rows (beam search): row i takes the state of row `src[i]`. CUDA caches do
+    /// not move: a table of the row holding each position of each sequence (shared by the
+    /// caches, read by the decode attention) is composed with `src` instead, which costs a
+    /// gather of [rows, len] ids rather than of every layer's keys and values.
     pub fn reorder(&mut self, src: &[usize]) -> Result<()> {
         if src.len() != self.rows {
             return Err(Error::op(
@@ -131,7 +138,33 @@ impl DecodeState {
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }
-        if let Some(first) = self.caches.first() {
+        if let Some(first) = self.caches.first().filter(|c| c.k.device().is_cuda()) {
+            let device = first.k.device();
+            let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
+            let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
+            // The caches let go of the table, so it can be written in place (the captured
+            // step reads it at this address).
+            for c in &mut self.caches {
+                c.rows = None;
+            }
+            let mut table = match self.key_rows.take() {
+                Some(t) => Arc::try_unwrap(t)
+                    .map_err(|_| Error::op("reorder", "the key rows are shared elsewhere"))?,
+                None => {
+                    let ids: Vec<i32> = (0..self.rows)
+                        .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
+                        .collect();
+                    Tensor::from_i32(&ids, &[self.rows, self.capacity], &device)?
+                }
+            };
+            // Positions from `len` on keep naming each row's own, where steps append.
+            ops::reorder_row_prefixes(&mut [&mut table], &idx, self.len)?;
+            let table = Arc::new(table);
+            for c in &mut self.caches {
+                c.rows = Some(table.clone());
+            }
+            self.key_rows = Some(table);
+        } else if let Some(first) = self.caches.first() {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
             let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;
             // Gathered rows go back into the same buffers, which a captured step uses; only

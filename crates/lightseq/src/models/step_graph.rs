@@ -77,6 +77,7 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
     }
     v.extend(st.cross.iter().map(device_ptr));
     v.extend(st.src_ranges_dev.iter().map(device_ptr));
+    v.extend(st.key_rows.iter().map(|t| device_ptr(t)));
     v
 }
 

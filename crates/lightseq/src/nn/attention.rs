@@ -178,6 +178,10 @@ impl CrossAttention {
 pub struct KvCache {
     pub k: Tensor,
     pub v: Tensor,
+    /// Beam search on CUDA: the row of `k` and `v` holding each position of each sequence
+    /// (i32 [rows, capacity], shared by a state's caches); reorders compose it instead of
+    /// moving the rows (see `DecodeState::reorder`). None: every sequence's own row.
+    pub(crate) rows: Option<std::sync::Arc<Tensor>>,
 }
 
 impl KvCache {
@@ -192,6 +196,7 @@ impl KvCache {
         Ok(KvCache {
             k: ops::zeros(&[rows, capacity, width], dtype, device)?,
             v: ops::zeros(&[rows, capacity, width], dtype, device)?,
+            rows: None,
         })
     }
 }
@@ -228,7 +233,7 @@ impl SelfAttention {
             bias: extras.bias,
             ranges_on_device: extras.ranges,
         };
-        let a = ops::attention_cached(
+        let a = ops::attention_cached_rows(
             Heads {
                 tensor: &qkv,
                 col: 0,
@@ -239,6 +244,7 @@ impl SelfAttention {
             &qkv,
             (qd, qd + kd),
             &opts,
+            cache.rows.as_deref(),
         )?
         .reshape(&[batch * t, qd])?;
         match extras.residual {

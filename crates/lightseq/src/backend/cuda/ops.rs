@@ -369,6 +369,9 @@ pub(crate) struct CacheAppend<'a> {
     pub cols: (usize, usize),
     pub row: usize,
     pub row_on_device: Option<&'a CudaStorage>,
+    /// Beam search: the cache row holding each key position of each row (i32 [batch,
+    /// len_k], values below batch); None: the row's own.
+    pub key_rows: Option<&'a CudaStorage>,
 }
 
 pub(crate) fn attention(
@@ -507,8 +510,14 @@ pub(crate) fn attention(
         ),
         None => (0, 0, 0, 0, 0),
     };
+    let key_rows = append.and_then(|a| a.key_rows).map_or(0, |t| t.ptr());
     if decode {
-        l.arg(&kn).arg(&kn_bs).arg(&vn_off).arg(&at_dev).arg(&at);
+        l.arg(&kn)
+            .arg(&kn_bs)
+            .arg(&vn_off)
+            .arg(&at_dev)
+            .arg(&at)
+            .arg(&key_rows);
     }
     let cfg = if decode {
         LaunchConfig {
@@ -542,8 +551,9 @@ pub(crate) fn attention(
         }
     };
     // SAFETY: argument types match the kernel's signature in attention.cu (the decode
-    // kernel's last five: the appended rows, null when none; the front end checked that
-    // they fit the caches).
+    // kernel's last six: the appended rows, null when none, and the key rows, whose
+    // values the decode state keeps below batch; the front end checked that they fit the
+    // caches).
     launched(OP, unsafe { l.launch(cfg) })?;
     Ok(out)
 }
@@ -715,7 +725,9 @@ pub(crate) fn reorder_prefix(
     }
     let dev = first.device();
     let dt = first.dtype();
-    let f = dev.kernel("reorder_prefix", dt)?;
+    // The kernel only copies: i32 tables move as f32 bit patterns.
+    let kernel_dt = if dt == DType::I32 { DType::F32 } else { dt };
+    let f = dev.kernel("reorder_prefix", kernel_dt)?;
     let per_group = (row_stride / prefix).clamp(1, xs.len());
     let scratch = dev.alloc(dt, per_group * rows * prefix)?;
     let packs = prefix.div_ceil(16 / dt.size());

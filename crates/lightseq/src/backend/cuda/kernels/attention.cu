@@ -221,6 +221,9 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 // `at_dev` when given): every block takes key `at` from `kn` instead of the cache, so no
 // block waits on another's write, and the first head of each key/value group copies them
 // into the caches at its end.
+// With `key_rows` (beam search: [batch, k_len] i32, k_len = k_bs / k_rs), key j of row b is
+// read from cache row key_rows[b * k_len + j]: reorders of the beams compose that table
+// instead of moving the caches. The appended key stays in row b.
 #define DEC_THREADS 128
 // Tiles of fewer keys walk them per output dimension: the groups' reduction costs more
 // than it saves there (H200, Transformer-base steps over 8-9 keys).
@@ -234,7 +237,7 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                                       int v_rs, int causal, int q_offset, int window,
                                       float scale, const float* bias_table, const int* buckets,
                                       const T* kn, long long kn_bs, int vn_off,
-                                      const int* at_dev, int at) {
+                                      const int* at_dev, int at, const int* key_rows) {
   __shared__ float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
   // Per key group, its share of the output row (packed value path): at most
@@ -253,21 +256,35 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
   if (window > 0) jb = max(jb, q_offset + 1 - window);
   const T* k_base = k + b * k_bs + kh * head_dim;
   const T* v_base = v + b * v_bs + kh * head_dim;
+  const int* rows_b = key_rows ? key_rows + b * (k_bs / k_rs) : nullptr;
   // The appended row (-1: none) and its key and value.
   const int wr = kn ? (at_dev ? *at_dev : at) : -1;
   const T* kn_row = kn ? kn + b * kn_bs + kh * head_dim : k_base;
   const T* vn_row = kn ? kn_row + vn_off : v_base;
+  // Key j's key and value rows (the cache row of its beam, or the appended row).
+  auto key_row = [&](int j) -> const T* {
+    if (j == wr) return kn_row;
+    const long long r = rows_b ? rows_b[j] : b;
+    return k + r * k_bs + kh * head_dim + (long long)j * k_rs;
+  };
+  auto value_row = [&](int j) -> const T* {
+    if (j == wr) return vn_row;
+    const long long r = rows_b ? rows_b[j] : b;
+    return v + r * v_bs + kh * head_dim + (long long)j * v_rs;
+  };
+  const bool rows_even =
+      !rows_b || ((k_bs * sizeof(T)) % 16 == 0 && (v_bs * sizeof(T)) % 16 == 0);
   const bool packed = (head_dim * sizeof(T)) % 16 == 0 && (k_rs * sizeof(T)) % 16 == 0 &&
-                      ls_aligned16(k_base) && ls_aligned16(kn_row);
+                      ls_aligned16(k_base) && ls_aligned16(kn_row) && rows_even;
   const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
-                        ls_aligned16(v_base) && ls_aligned16(vn_row);
+                        ls_aligned16(v_base) && ls_aligned16(vn_row) && rows_even;
   __syncthreads();
   float run_max = LS_NEG_INF, run_sum = 0.f;
   for (int tile = jb; tile < je; tile += DEC_THREADS) {
     const int j = tile + tid;
     float s = LS_NEG_INF;
     if (j < je) {
-      const T* kr = j == wr ? kn_row : k_base + (long long)j * k_rs;
+      const T* kr = key_row(j);
       float dot = 0.f;
       if (packed) {
         // 16-byte loads: head_dim / per_pack independent loads per key row.
@@ -306,7 +323,7 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
 #pragma unroll 2
         for (int i = g; i < n; i += groups) {
           const int j = tile + i;
-          const T* vr = j == wr ? vn_row : v_base + (long long)j * v_rs;
+          const T* vr = value_row(j);
           const uint4 raw = *reinterpret_cast<const uint4*>(vr + c);
           const T* e = reinterpret_cast<const T*>(&raw);
           const float pi = ps[i];
@@ -335,7 +352,7 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
 #pragma unroll 4
           for (int i = 0; i < n; ++i) {
             const int j = tile + i;
-            const T* vr = j == wr ? vn_row : v_base + (long long)j * v_rs;
+            const T* vr = value_row(j);
             a += ps[i] * to_f(vr[d]);
           }
           acc[t] = acc[t] * corr + a;
@@ -368,9 +385,9 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
       long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
       const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at) {                                                             \
+      const int* at_dev, int at, const int* key_rows) {                                        \
     attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
                              k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
-                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at);              \
+                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at, key_rows);    \
   }
 LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
