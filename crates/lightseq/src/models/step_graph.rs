@@ -3,7 +3,9 @@
 //! A decode step launches a hundred or more small kernels whose host-side cost (about 5 us
 //! each, 9 per GEMM) exceeds their GPU time. Models whose steps read every step-dependent
 //! value from device inputs ([`Decoder::step_inputs`] / [`Decoder::decode_inputs`]) get
-//! their second single-token step captured; later steps copy their inputs into the
+//! their first single-token step captured (kernels load and GEMM algorithms are chosen
+//! during the capture; a first capture that fails, as one that times GEMM algorithms does,
+//! runs eagerly and the next step is captured); later steps copy their inputs into the
 //! captured buffers and replay the graph with one launch. The graph is captured again
 //! whenever the state's device buffers change (a reorder that moved cross-attention
 //! states), and the run falls back to launching kernels one by one if capture fails.
@@ -18,7 +20,7 @@ use super::decode::{upload_step_inputs, DecodeState, Decoder};
 use crate::backend::cuda::graph::Graph;
 use crate::error::Result;
 use crate::ops;
-use crate::tensor::{DType, Device, Storage, Tensor};
+use crate::tensor::{Device, Storage, Tensor};
 
 /// Where a run's graph stands.
 #[derive(Default)]
@@ -26,8 +28,8 @@ pub(crate) enum StepGraph {
     /// No single-token step has run yet.
     #[default]
     Cold,
-    /// One ran eagerly (its kernels are loaded); its logits had this dtype.
-    Warm(DType),
+    /// One ran eagerly (its kernels are loaded).
+    Warm,
     Ready(Box<Captured>),
     /// Not captured for this run (CPU, unsupported model, capture failed, switched off).
     Off,
@@ -37,7 +39,7 @@ pub(crate) struct Captured {
     graph: Graph,
     /// The step's inputs, in [`Decoder::step_inputs`] order, rewritten before each replay.
     inputs: Vec<Tensor>,
-    /// The logits the graph writes.
+    /// The logits the graph writes (allocated during the capture).
     out: Tensor,
     /// Device buffers the graph reads and writes besides `inputs` and `out`.
     fingerprint: Vec<u64>,
@@ -47,7 +49,7 @@ impl StepGraph {
     /// Notes an eagerly run single-token step.
     pub(crate) fn saw_eager_step(&mut self, logits: &Tensor) {
         if matches!(self, StepGraph::Cold) && logits.device().is_cuda() {
-            *self = StepGraph::Warm(logits.dtype());
+            *self = StepGraph::Warm;
         }
     }
 }
@@ -127,7 +129,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         Device::Cuda(d) => d.clone(),
         Device::Cpu => return Ok(None),
     };
-    if matches!(st.graph, StepGraph::Cold | StepGraph::Off) {
+    if matches!(st.graph, StepGraph::Off) {
         return Ok(None);
     }
     let (enabled, required) = mode();
@@ -140,7 +142,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         return Ok(None);
     };
     let fp = fingerprint(st);
-    let dtype = match std::mem::take(&mut st.graph) {
+    let first_try = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
             rewrite_inputs("decode step", &mut c.inputs, &host)?;
             c.graph.launch()?;
@@ -149,26 +151,24 @@ pub(crate) fn step<D: Decoder + ?Sized>(
             st.graph = StepGraph::Ready(c);
             return Ok(Some(logits));
         }
-        StepGraph::Ready(c) => c.out.dtype(),
-        StepGraph::Warm(dt) => dt,
-        StepGraph::Cold | StepGraph::Off => unreachable!("returned above"),
+        StepGraph::Ready(_) | StepGraph::Warm => false,
+        StepGraph::Cold => true,
+        StepGraph::Off => unreachable!("returned above"),
     };
     let inputs = upload_step_inputs(&host, m.decoder_device())?;
-    let mut out = ops::empty(&[st.rows, m.vocab()], dtype, m.decoder_device())?;
     let len = st.len;
     if dev.begin_capture().is_err() {
         // Another thread is capturing on this device: run this step eagerly, try later.
-        st.graph = StepGraph::Warm(dtype);
+        st.graph = StepGraph::Warm;
         return Ok(None);
     }
-    let run = (|| -> Result<()> {
+    let run = (|| -> Result<Tensor> {
         let h = m.decode_inputs(st, &inputs, 1)?;
-        let logits = m.logits(&h)?;
-        ops::copy_into(&mut out, &logits)
+        m.logits(&h)
     })();
     let graph = dev.end_capture();
     match (run, graph) {
-        (Ok(()), Ok(graph)) => {
+        (Ok(out), Ok(graph)) => {
             graph.launch()?;
             let logits = copied(&out)?;
             st.graph = StepGraph::Ready(Box::new(Captured {
@@ -180,8 +180,14 @@ pub(crate) fn step<D: Decoder + ?Sized>(
             Ok(Some(logits))
         }
         (run, graph) => {
-            // Nothing ran; the caller runs this step eagerly, and so do later steps.
+            // Nothing ran; the caller runs this step eagerly. A first capture may fail
+            // where the next succeeds (GEMM tuning times algorithms on first use): that
+            // one is tried; after any other failure, later steps run eagerly too.
             st.len = len;
+            if first_try {
+                st.graph = StepGraph::Warm;
+                return Ok(None);
+            }
             st.graph = StepGraph::Off;
             match (required, run.and(graph.map(|_| ()))) {
                 (true, Err(e)) => Err(e),
