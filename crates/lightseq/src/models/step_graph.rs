@@ -39,7 +39,7 @@ pub(crate) struct Captured {
     graph: Graph,
     /// The step's inputs, in [`Decoder::step_inputs`] order, rewritten before each replay.
     inputs: Vec<Tensor>,
-    /// The logits the graph writes (allocated during the capture).
+    /// The logits the graph writes (from the device's pool, not the capture arena).
     out: Tensor,
     /// Device buffers the graph reads and writes besides `inputs` and `out`.
     fingerprint: Vec<u64>,
@@ -164,7 +164,11 @@ pub(crate) fn step<D: Decoder + ?Sized>(
     }
     let run = (|| -> Result<Tensor> {
         let h = m.decode_inputs(st, &inputs, 1)?;
-        m.logits(&h)
+        let logits = m.logits(&h)?;
+        let mut out =
+            dev.outside_arena(|| ops::empty(logits.shape(), logits.dtype(), m.decoder_device()))?;
+        ops::copy_into(&mut out, &logits)?;
+        Ok(out)
     })();
     let graph = dev.end_capture();
     match (run, graph) {

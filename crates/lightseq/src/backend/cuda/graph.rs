@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex};
 /// device's one stream: a capture records a block's users in that order, so a block is
 /// free once its last user was recorded, and two graphs never run at once, so every graph
 /// of a device shares one arena (its size is the largest capture's, not the sum). Blocks
-/// of tensors that outlive their capture stay taken until those tensors go. The graphs and
-/// those tensors hold the arena, which returns its chunks to the pool when the last of them
-/// goes.
+/// of tensors that outlive their capture stay taken until those tensors go, but they may
+/// be another graph's temporaries, which that graph's replays overwrite: a tensor read
+/// after a replay (a graph's output) comes from the pool instead
+/// (`CudaDevice::outside_arena`). The graphs and the tensors made in captures hold the
+/// arena, which returns its chunks to the pool when the last of them goes.
 pub(crate) struct CaptureArena {
     stream: Arc<CudaStream>,
     inner: Mutex<(Vec<CudaSlice<u8>>, Blocks)>,

@@ -100,6 +100,12 @@ fn thread_token() -> u64 {
     TOKEN.with(|t| *t)
 }
 
+thread_local! {
+    /// Set while this thread's allocations during a capture bypass the arena (see
+    /// `CudaDevice::outside_arena`).
+    static OUTSIDE_ARENA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "cuda:{} ({})", self.ordinal, self.name)
@@ -309,6 +315,17 @@ impl CudaDevice {
         c != 0 && c == thread_token()
     }
 
+    /// Runs `f` with this thread's allocations taken from the device's pool, not the
+    /// capture arena, while it captures: for a graph's output, which is read after a replay
+    /// and so must not share memory with another graph's temporaries (another thread may
+    /// replay that graph between the two).
+    pub(crate) fn outside_arena<R>(&self, f: impl FnOnce() -> R) -> R {
+        let before = OUTSIDE_ARENA.with(|c| c.replace(true));
+        let r = f();
+        OUTSIDE_ARENA.with(|c| c.set(before));
+        r
+    }
+
     fn arena_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<graph::CaptureArena>>> {
         self.capture_arena.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -344,7 +361,9 @@ impl CudaDevice {
     pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
         // Zero-length allocations are not allowed by the driver; keep one element.
         let n = len.max(1);
-        let arena = if self.capturing_here() {
+        let capturing = self.capturing_here();
+        let outside = capturing && OUTSIDE_ARENA.with(|c| c.get());
+        let arena = if capturing && !outside {
             self.arena_slot().clone()
         } else {
             None
@@ -369,13 +388,16 @@ impl CudaDevice {
                 arena: Some(arena),
             });
         }
+        // Outside the arena during a capture: in the device stream's order, before the
+        // graph's first replay (on the capture stream it would be graph memory).
+        let st = if outside { &self.stream } else { self.stream() };
         // SAFETY: every op writes its whole output before anyone reads it.
         let buf = unsafe {
             match dtype {
-                DType::F32 => self.stream().alloc::<f32>(n).map(Buf::F32),
-                DType::F16 => self.stream().alloc::<f16>(n).map(Buf::F16),
-                DType::BF16 => self.stream().alloc::<bf16>(n).map(Buf::BF16),
-                DType::I32 => self.stream().alloc::<i32>(n).map(Buf::I32),
+                DType::F32 => st.alloc::<f32>(n).map(Buf::F32),
+                DType::F16 => st.alloc::<f16>(n).map(Buf::F16),
+                DType::BF16 => st.alloc::<bf16>(n).map(Buf::BF16),
+                DType::I32 => st.alloc::<i32>(n).map(Buf::I32),
             }
         }
         .map_err(|e| cuda_err(&format!("allocating {len} x {dtype}"), e))?;
