@@ -367,17 +367,6 @@ impl TableNames {
     /// first of the others present); a name present with values of its own stays its own
     /// table, as HF leaves it untied. `root` is the checkpoint's root, `w` the base model.
     fn resolve(root: &Weights, w: &Weights, cfg: &Seq2SeqConfig) -> Result<Self> {
-        let fsmt = cfg.kind == Kind::Fsmt;
-        let enc_names: &[&str] = if fsmt {
-            &["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-        } else {
-            &["encoder.embed_tokens.weight", "shared.weight"]
-        };
-        let enc_first = w.name(first_present(w, enc_names)?);
-        let dec_first = w.name(first_present(
-            w,
-            &["decoder.embed_tokens.weight", "shared.weight"],
-        )?);
         let lm_head = root
             .contains("lm_head.weight")
             .then(|| "lm_head.weight".to_string());
@@ -389,40 +378,36 @@ impl TableNames {
             })
         };
         let present = |n: &str| w.contains(n).then(|| w.name(n));
-        if fsmt {
+        let first = |names: &[&str]| first_present(w, names).map(|n| w.name(n));
+        if cfg.kind == Kind::Fsmt {
             let head = if cfg.tie_word_embeddings {
                 w.name("decoder.embed_tokens.weight")
             } else {
-                w.name(first_present(
-                    w,
-                    &[
-                        "decoder.output_projection.weight",
-                        "decoder.embed_tokens.weight",
-                    ],
-                )?)
+                first(&[
+                    "decoder.output_projection.weight",
+                    "decoder.embed_tokens.weight",
+                ])?
             };
             return Ok(TableNames {
-                encoder: enc_first,
-                decoder: dec_first,
+                encoder: first(&["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"])?,
+                decoder: first(&["decoder.embed_tokens.weight", "shared.weight"])?,
                 head,
             });
         }
-        if !cfg.tie_word_embeddings {
-            let head = lm_head.unwrap_or_else(|| dec_first.clone());
+        if !cfg.tie_word_embeddings || !cfg.share_embeddings {
+            let decoder = first(&["decoder.embed_tokens.weight", "shared.weight"])?;
+            let head = if cfg.tie_word_embeddings {
+                own(lm_head, &decoder)?
+            } else {
+                lm_head.unwrap_or_else(|| decoder.clone())
+            };
             return Ok(TableNames {
-                encoder: enc_first,
-                decoder: dec_first,
+                encoder: first(&["encoder.embed_tokens.weight", "shared.weight"])?,
+                decoder,
                 head,
             });
         }
-        if !cfg.share_embeddings {
-            let head = own(lm_head, &dec_first)?;
-            return Ok(TableNames {
-                encoder: enc_first,
-                decoder: dec_first,
-                head,
-            });
-        }
+        // One table for all three: whichever of them the checkpoint holds, as HF ties.
         let source = [
             "shared.weight",
             "decoder.embed_tokens.weight",
@@ -433,7 +418,7 @@ impl TableNames {
         .or_else(|| lm_head.clone())
         .ok_or_else(|| Error::MissingTensor {
             dir: std::path::PathBuf::from(w.name("")),
-            name: "shared.weight or an embed_tokens.weight".into(),
+            name: "shared.weight, an embed_tokens.weight or lm_head.weight".into(),
         })?;
         Ok(TableNames {
             encoder: own(present("encoder.embed_tokens.weight"), &source)?,
@@ -472,6 +457,14 @@ impl Seq2Seq {
             std::collections::HashMap::new();
         let mut table = |full: &str, rows: usize| -> Result<Arc<Tensor>> {
             if let Some(t) = loaded.get(full) {
+                if t.shape()[0] != rows {
+                    return Err(Error::TensorShape {
+                        dir: dir.path.clone(),
+                        name: full.to_string(),
+                        expected: vec![rows, d],
+                        found: t.shape().to_vec(),
+                    });
+                }
                 return Ok(t.clone());
             }
             let t = Arc::new(root.tensor(full, &[rows, d])?);
@@ -896,6 +889,29 @@ mod tests {
         // A random checkpoint is a fresh HF model: one table.
         let d = ModelDir::random("r", marian(serde_json::json!({})), 0);
         assert_eq!(resolved(&d), (SHARED.into(), SHARED.into(), SHARED.into()));
+    }
+
+    #[test]
+    fn one_present_alias_serves_all_three() {
+        let d = dir(marian(serde_json::json!({})), &[(DEC, 2.0)]);
+        assert_eq!(resolved(&d), (DEC.into(), DEC.into(), DEC.into()));
+        let d = dir(marian(serde_json::json!({})), &[(ENC, 2.0)]);
+        assert_eq!(resolved(&d), (ENC.into(), ENC.into(), ENC.into()));
+    }
+
+    #[test]
+    fn a_table_shared_by_vocabularies_of_two_sizes_is_refused() {
+        // Separate vocabularies (6 and 5 ids) resolved to the one `shared` table.
+        let cfg = marian(serde_json::json!({
+            "share_encoder_decoder_embeddings": false, "decoder_vocab_size": 5
+        }));
+        // A base model's names (no `model.` prefix).
+        let d = dir(cfg, &[("shared.weight", 1.0)]);
+        let e = Seq2Seq::load(&d, Kind::Marian, DType::F32, &Device::Cpu).err();
+        assert!(
+            matches!(e, Some(Error::TensorShape { .. })),
+            "expected a shape error, got {e:?}"
+        );
     }
 
     #[test]
