@@ -314,6 +314,7 @@ pub fn beam(
                 .collect()
         })
         .collect();
+    st.reorders = true;
     let mut logits = m.step_logits(st, &first_step)?;
     let mut generated = 0usize;
     loop {

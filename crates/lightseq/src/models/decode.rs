@@ -38,6 +38,9 @@ pub struct DecodeState {
     pub(crate) graph: StepGraph,
     /// CUDA caches: the table the caches' `rows` share (see [`DecodeState::reorder`]).
     pub(crate) key_rows: Option<Arc<Tensor>>,
+    /// Set by beam search: the table is made before a single-token step is captured, so
+    /// the first reorder keeps the captured graph's buffers.
+    pub(crate) reorders: bool,
 }
 
 impl DecodeState {
@@ -56,6 +59,7 @@ impl DecodeState {
             rows_per_item: 0,
             graph: StepGraph::default(),
             key_rows: None,
+            reorders: false,
         }
     }
 
@@ -118,6 +122,31 @@ impl DecodeState {
         Ok(t)
     }
 
+    /// Gives CUDA caches a key-row table naming every row's own (see
+    /// [`DecodeState::reorder`]) when they have none.
+    pub(crate) fn ensure_key_rows(&mut self) -> Result<()> {
+        let Some(first) = self.caches.first() else {
+            return Ok(());
+        };
+        if self.key_rows.is_some() || !first.k.device().is_cuda() {
+            return Ok(());
+        }
+        let ids: Vec<i32> = (0..self.rows)
+            .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
+            .collect();
+        let table = Tensor::from_i32(&ids, &[self.rows, self.capacity], &first.k.device())?;
+        self.share_key_rows(Arc::new(table));
+        Ok(())
+    }
+
+    /// Makes `table` the state's key-row table and every cache's.
+    fn share_key_rows(&mut self, table: Arc<Tensor>) {
+        for c in &mut self.caches {
+            c.rows = Some(table.clone());
+        }
+        self.key_rows = Some(table);
+    }
+
     /// Reorders rows (beam search): row i takes the state of row `src[i]`. CUDA caches do
     /// not move: a table of the row holding each position of each sequence (shared by the
     /// caches, read by the decode attention) is composed with `src` instead, which costs a
@@ -138,32 +167,30 @@ impl DecodeState {
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }
-        if let Some(first) = self.caches.first().filter(|c| c.k.device().is_cuda()) {
-            let device = first.k.device();
+        if self.caches.first().is_some_and(|c| c.k.device().is_cuda()) {
+            self.ensure_key_rows()?;
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
-            let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
+            let idx = Tensor::from_i32(&idx, &[idx.len()], &self.caches[0].k.device())?;
+            let shared = self
+                .key_rows
+                .take()
+                .ok_or_else(|| Error::op("reorder", "no key-row table"))?;
             // The caches let go of the table, so it can be written in place (the captured
             // step reads it at this address).
             for c in &mut self.caches {
                 c.rows = None;
             }
-            let mut table = match self.key_rows.take() {
-                Some(t) => Arc::try_unwrap(t)
-                    .map_err(|_| Error::op("reorder", "the key rows are shared elsewhere"))?,
-                None => {
-                    let ids: Vec<i32> = (0..self.rows)
-                        .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
-                        .collect();
-                    Tensor::from_i32(&ids, &[self.rows, self.capacity], &device)?
+            let mut table = match Arc::try_unwrap(shared) {
+                Ok(t) => t,
+                Err(shared) => {
+                    self.share_key_rows(shared);
+                    return Err(Error::op("reorder", "the key rows are shared elsewhere"));
                 }
             };
             // Positions from `len` on keep naming each row's own, where steps append.
-            ops::reorder_row_prefixes(&mut [&mut table], &idx, self.len)?;
-            let table = Arc::new(table);
-            for c in &mut self.caches {
-                c.rows = Some(table.clone());
-            }
-            self.key_rows = Some(table);
+            let composed = ops::reorder_row_prefixes(&mut [&mut table], &idx, self.len);
+            self.share_key_rows(Arc::new(table));
+            composed?;
         } else if let Some(first) = self.caches.first() {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
             let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;

@@ -4,11 +4,13 @@
 //! each, 9 per GEMM) exceeds their GPU time. Models whose steps read every step-dependent
 //! value from device inputs ([`Decoder::step_inputs`] / [`Decoder::decode_inputs`]) get
 //! their first single-token step captured (kernels load and GEMM algorithms are chosen
-//! during the capture; a first capture that fails, as one that times GEMM algorithms does,
-//! runs eagerly and the next step is captured); later steps copy their inputs into the
-//! captured buffers and replay the graph with one launch. The graph is captured again
-//! whenever the state's device buffers change (a reorder that moved cross-attention
-//! states), and the run falls back to launching kernels one by one if capture fails.
+//! during the capture; while GEMM tuning is on, which times algorithms on the stream, the
+//! first step runs eagerly and the second is captured, as is the next step after a first
+//! capture that fails); later steps copy their inputs into the captured buffers and replay
+//! the graph with one launch. Beam search's key-row table (see `DecodeState::reorder`) is
+//! made before the capture. The graph is captured again whenever the state's device
+//! buffers change (a reorder that moved cross-attention states), and the run falls back to
+//! launching kernels one by one if capture fails.
 //! `LIGHTSEQ_CUDA_GRAPHS=0` turns replay off; `LIGHTSEQ_CUDA_GRAPHS=require` makes a failed
 //! capture an error instead of a fallback (for tests).
 //!
@@ -141,6 +143,9 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         st.graph = StepGraph::Off;
         return Ok(None);
     };
+    if st.reorders {
+        st.ensure_key_rows()?;
+    }
     let fp = fingerprint(st);
     let first_try = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
@@ -155,6 +160,12 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         StepGraph::Cold => true,
         StepGraph::Off => unreachable!("returned above"),
     };
+    if first_try && dev.gemm_tuning_on() {
+        // Tuning times new GEMM shapes on the stream, which a capture cannot: this step
+        // runs eagerly and tunes them, the next is captured with their choices.
+        st.graph = StepGraph::Warm;
+        return Ok(None);
+    }
     let inputs = upload_step_inputs(&host, m.decoder_device())?;
     let len = st.len;
     if dev.begin_capture().is_err() {
@@ -185,8 +196,9 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         }
         (run, graph) => {
             // Nothing ran; the caller runs this step eagerly. A first capture may fail
-            // where the next succeeds (GEMM tuning times algorithms on first use): that
-            // one is tried; after any other failure, later steps run eagerly too.
+            // where the next succeeds (something on first use the capture cannot
+            // record): that one is tried; after any other failure, later steps run
+            // eagerly too.
             st.len = len;
             if first_try {
                 st.graph = StepGraph::Warm;

@@ -407,6 +407,11 @@ impl BlasLt {
         self.tuned.get_or_init(|| Tuned::load(&self.device))
     }
 
+    /// Whether GEMMs met for the first time now are tuned (timed on the stream).
+    pub(crate) fn tuning_on(&self) -> bool {
+        self.tuning().is_some()
+    }
+
     /// The tuned choices when tuning is on now.
     fn tuning(&self) -> Option<&Tuned> {
         let on = self

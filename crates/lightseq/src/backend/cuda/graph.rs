@@ -167,7 +167,8 @@ impl Graph {
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        // Destroy the graph first, then hand the memory its allocations reserved back.
+        // Destroy the graph first (then its arena share goes, after this), and hand back any
+        // graph memory the driver still reserves.
         self.graph.take();
         // SAFETY: plain call on a valid device handle.
         let _ = unsafe { sys::cuDeviceGraphMemTrim(self.device) };

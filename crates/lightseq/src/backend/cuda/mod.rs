@@ -276,7 +276,8 @@ impl CudaDevice {
                     .map_err(|e| cuda_err("memory pool attribute", e))?;
             }
         }
-        // Memory that captured decode steps allocate comes from the graph pool.
+        // Captures allocate from the pool (the capture arena); graph memory proper stays
+        // near zero, but is counted should anything allocate it.
         Ok(value + graph::peak_graph_memory(self.ctx.cu_device(), reset)?)
     }
 
@@ -318,12 +319,24 @@ impl CudaDevice {
     /// Runs `f` with this thread's allocations taken from the device's pool, not the
     /// capture arena, while it captures: for a graph's output, which is read after a replay
     /// and so must not share memory with another graph's temporaries (another thread may
-    /// replay that graph between the two).
+    /// replay that graph between the two). Only for tensors that live as long as the graph:
+    /// one dropped earlier is freed at once while the graph still writes it.
     pub(crate) fn outside_arena<R>(&self, f: impl FnOnce() -> R) -> R {
-        let before = OUTSIDE_ARENA.with(|c| c.replace(true));
-        let r = f();
-        OUTSIDE_ARENA.with(|c| c.set(before));
-        r
+        /// Restores the flag however `f` ends.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                OUTSIDE_ARENA.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(OUTSIDE_ARENA.with(|c| c.replace(true)));
+        f()
+    }
+
+    /// Whether GEMM shapes met for the first time now would be tuned (timed on the
+    /// stream, which a capture cannot do).
+    pub(crate) fn gemm_tuning_on(&self) -> bool {
+        self.lt.tuning_on()
     }
 
     fn arena_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<graph::CaptureArena>>> {
