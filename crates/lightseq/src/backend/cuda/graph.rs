@@ -231,23 +231,13 @@ impl CudaDevice {
     }
 }
 
-/// Bytes of CUDA-graph allocations on `device` now.
-pub(crate) fn graph_memory_in_use(device: sys::CUdevice) -> Result<u64> {
-    let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT;
-    let mut value: u64 = 0;
-    // SAFETY: plain out-parameter of the size the attribute takes.
-    unsafe {
-        sys::cuDeviceGetGraphMemAttribute(device, attr, &mut value as *mut u64 as *mut _)
-            .result()
-            .map_err(|e| cuda_err("graph memory attribute", e))?;
-    }
-    Ok(value)
-}
-
-/// Peak bytes of CUDA-graph allocations on `device` since the last reset; resets the mark
-/// when `reset`.
-pub(crate) fn peak_graph_memory(device: sys::CUdevice, reset: bool) -> Result<u64> {
-    let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+/// A byte count of CUDA-graph allocations on `device` (the current or the high mark);
+/// zeroes it after reading when `reset` (the high mark only can be).
+pub(crate) fn graph_memory(
+    device: sys::CUdevice,
+    attr: sys::CUgraphMem_attribute,
+    reset: bool,
+) -> Result<u64> {
     let mut value: u64 = 0;
     // SAFETY: plain out-parameter / attribute value of the size the attribute takes.
     unsafe {

@@ -256,16 +256,40 @@ impl CudaDevice {
     /// stream-ordered allocator serves every tensor) plus the peak of CUDA-graph
     /// allocations, and resets both marks when `reset`.
     pub fn peak_memory(&self, reset: bool) -> Result<u64> {
+        use cudarc::driver::sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH as GRAPH;
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH as HIGH;
+        // Captures allocate from the pool (the capture arena); graph memory proper stays
+        // near zero, but is counted should anything allocate it.
+        Ok(self.pool_attribute(HIGH, reset)?
+            + graph::graph_memory(self.ctx.cu_device(), GRAPH, reset)?)
+    }
+
+    /// Bytes of device memory in use now: the stream-ordered pool's allocations plus
+    /// what live CUDA graphs hold.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        use cudarc::driver::sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT as GRAPH;
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT as NOW;
+        Ok(self.pool_attribute(NOW, false)?
+            + graph::graph_memory(self.ctx.cu_device(), GRAPH, false)?)
+    }
+
+    /// A byte count of the device's default memory pool; zeroes it after reading when
+    /// `reset` (for the high mark).
+    fn pool_attribute(
+        &self,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+        reset: bool,
+    ) -> Result<u64> {
         use cudarc::driver::sys;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let mut value: u64 = 0;
-        // SAFETY: plain out-parameters on this context's device.
+        // SAFETY: plain out-parameters on this context's device; the byte-count attributes
+        // take a u64.
         unsafe {
             self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))?;
             sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
                 .result()
                 .map_err(|e| cuda_err("memory pool", e))?;
-            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
             sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
                 .result()
                 .map_err(|e| cuda_err("memory pool attribute", e))?;
@@ -276,29 +300,7 @@ impl CudaDevice {
                     .map_err(|e| cuda_err("memory pool attribute", e))?;
             }
         }
-        // Captures allocate from the pool (the capture arena); graph memory proper stays
-        // near zero, but is counted should anything allocate it.
-        Ok(value + graph::peak_graph_memory(self.ctx.cu_device(), reset)?)
-    }
-
-    /// Bytes of device memory in use now: the stream-ordered pool's allocations plus
-    /// what live CUDA graphs hold.
-    pub fn memory_in_use(&self) -> Result<u64> {
-        use cudarc::driver::sys;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut value: u64 = 0;
-        // SAFETY: plain out-parameters on this context's device.
-        unsafe {
-            self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))?;
-            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
-                .result()
-                .map_err(|e| cuda_err("memory pool", e))?;
-            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
-            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
-                .result()
-                .map_err(|e| cuda_err("memory pool attribute", e))?;
-        }
-        Ok(value + graph::graph_memory_in_use(self.ctx.cu_device())?)
+        Ok(value)
     }
 
     /// The stream this thread's work goes to: the device's one stream, or the capture
