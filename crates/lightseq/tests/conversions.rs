@@ -89,3 +89,20 @@ fn bad_torch_files_are_clear_errors() {
         .to_string();
     assert!(e.contains("not a fairseq checkpoint"), "{e}");
 }
+
+/// torch.save stores tied weights under each of their names as one view of one storage:
+/// those compare equal without reading (a NaN in the storage would make a comparison of
+/// values say otherwise); other names compare by shape and values.
+#[test]
+fn aliased_torch_tensors_are_the_same_values() {
+    use lightseq::io::checkpoint::{Checkpoint, Source};
+    let p = fixtures_dir().join("torch_aliases/aliases.pt");
+    let ck = Checkpoint::from_files(p.clone(), vec![Source::Torch(TorchFile::open(&p).unwrap())]);
+    let same = |a: &str, b: &str| ck.same_values(a, b).unwrap();
+    assert!(same("shared", "embed"));
+    assert!(same("copy", "copy2"));
+    assert!(!same("shared", "copy"));
+    assert!(!same("copy", "other"));
+    assert!(!same("shared", "row"));
+    assert!(!same("shared", "missing"));
+}

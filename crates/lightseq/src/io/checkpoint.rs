@@ -165,11 +165,20 @@ impl Checkpoint {
         Ok(v)
     }
 
-    /// True when `a` and `b` hold the same shape and values. The tables of a random
-    /// checkpoint count as one, as a freshly built HF model ties them.
+    /// True when `a` and `b` hold the same shape and values (aliases of one torch view
+    /// without reading them). The tables of a random checkpoint count as one, as a freshly
+    /// built HF model ties them.
     pub fn same_values(&self, a: &str, b: &str) -> Result<bool> {
         if self.random_seed.is_some() {
             return Ok(true);
+        }
+        // Aliases of one stored view need no reading.
+        if let (Some(&fa), Some(&fb)) = (self.index.get(a), self.index.get(b)) {
+            if let (true, Source::Torch(t)) = (fa == fb, &self.files[fa]) {
+                if t.same_view(a, b) {
+                    return Ok(true);
+                }
+            }
         }
         let (Some((sa, _)), Some((sb, _))) = (self.info(a), self.info(b)) else {
             return Ok(false);

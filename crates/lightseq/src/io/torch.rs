@@ -168,6 +168,21 @@ impl TorchFile {
         Ok(Self::open_with_root(path)?.0)
     }
 
+    /// True when `a` and `b` are the same view of one storage (how torch.save stores tied
+    /// weights under each of their names).
+    pub fn same_view(&self, a: &str, b: &str) -> bool {
+        match (self.tensors.get(a), self.tensors.get(b)) {
+            (Some(x), Some(y)) => {
+                x.entry == y.entry
+                    && x.offset == y.offset
+                    && x.shape == y.shape
+                    && x.stride == y.stride
+                    && x.dtype == y.dtype
+            }
+            _ => false,
+        }
+    }
+
     /// A tensor's values as f32, gathered through its strides.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let t = self
