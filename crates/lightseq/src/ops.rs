@@ -403,24 +403,17 @@ pub(crate) fn attention_cached_rows(
     let one_query = q.tensor.shape().get(1) == Some(&1) && src.shape().get(1) == Some(&1);
     if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
         write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
-        if let Some(t) = key_rows {
-            // Keys gathered into their sequences' rows: off the hot path (CPU states and
-            // steps of several positions after a reorder).
-            let rows = t.to_i32_vec()?;
-            let (kg, vg) = (gather_positions(kc, &rows)?, gather_positions(vc, &rows)?);
-            let (k, v) = (
-                Heads {
-                    tensor: &kg,
-                    col: 0,
-                },
-                Heads {
-                    tensor: &vg,
-                    col: 0,
-                },
-            );
-            return run_attention(dt, &q, &k, &v, o, None);
-        }
-        let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
+        // With a table, keys gathered into their sequences' rows: off the hot path (steps
+        // of several positions after a reorder).
+        let gathered = match key_rows {
+            Some(t) => {
+                let rows = t.to_i32_vec()?;
+                Some((gather_positions(kc, &rows)?, gather_positions(vc, &rows)?))
+            }
+            None => None,
+        };
+        let (kt, vt) = gathered.as_ref().map_or((&*kc, &*vc), |(k, v)| (k, v));
+        let (k, v) = (Heads { tensor: kt, col: 0 }, Heads { tensor: vt, col: 0 });
         return run_attention(dt, &q, &k, &v, o, None);
     }
     // The checks of write_rows_pair, for the kernel's own writes.

@@ -147,6 +147,32 @@ impl DecodeState {
         self.key_rows = Some(table);
     }
 
+    /// Composes the key-row table with `idx` (i32 sources of each row, on the device):
+    /// row i takes row idx[i]'s positions written so far, in place (the captured step
+    /// reads the table at its address).
+    fn compose_key_rows(&mut self, idx: &Tensor) -> Result<()> {
+        self.ensure_key_rows()?;
+        let shared = self
+            .key_rows
+            .take()
+            .ok_or_else(|| Error::op("reorder", "no key-row table"))?;
+        // The caches let go of the table, so it can be written in place.
+        for c in &mut self.caches {
+            c.rows = None;
+        }
+        let mut table = match Arc::try_unwrap(shared) {
+            Ok(t) => t,
+            Err(shared) => {
+                self.share_key_rows(shared);
+                return Err(Error::op("reorder", "the key rows are shared elsewhere"));
+            }
+        };
+        // Positions from `len` on keep naming each row's own, where steps append.
+        let composed = ops::reorder_row_prefixes(&mut [&mut table], idx, self.len);
+        self.share_key_rows(Arc::new(table));
+        composed
+    }
+
     /// Reorders rows (beam search): row i takes the state of row `src[i]`. CUDA caches do
     /// not move: a table of the row holding each position of each sequence (shared by the
     /// caches, read by the decode attention) is composed with `src` instead, which costs a
@@ -167,42 +193,22 @@ impl DecodeState {
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }
-        if self.caches.first().is_some_and(|c| c.k.device().is_cuda()) {
-            self.ensure_key_rows()?;
+        if let Some(device) = self.caches.first().map(|c| c.k.device()) {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
-            let idx = Tensor::from_i32(&idx, &[idx.len()], &self.caches[0].k.device())?;
-            let shared = self
-                .key_rows
-                .take()
-                .ok_or_else(|| Error::op("reorder", "no key-row table"))?;
-            // The caches let go of the table, so it can be written in place (the captured
-            // step reads it at this address).
-            for c in &mut self.caches {
-                c.rows = None;
+            let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
+            if device.is_cuda() {
+                self.compose_key_rows(&idx)?;
+            } else {
+                // Gathered rows go back into the same buffers; only the positions written
+                // so far move (keys past them are never read).
+                let width = self.caches[0].k.shape()[2];
+                let mut all: Vec<&mut Tensor> = self
+                    .caches
+                    .iter_mut()
+                    .flat_map(|c| [&mut c.k, &mut c.v])
+                    .collect();
+                ops::reorder_row_prefixes(&mut all, &idx, self.len * width)?;
             }
-            let mut table = match Arc::try_unwrap(shared) {
-                Ok(t) => t,
-                Err(shared) => {
-                    self.share_key_rows(shared);
-                    return Err(Error::op("reorder", "the key rows are shared elsewhere"));
-                }
-            };
-            // Positions from `len` on keep naming each row's own, where steps append.
-            let composed = ops::reorder_row_prefixes(&mut [&mut table], &idx, self.len);
-            self.share_key_rows(Arc::new(table));
-            composed?;
-        } else if let Some(first) = self.caches.first() {
-            let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
-            let idx = Tensor::from_i32(&idx, &[idx.len()], &first.k.device())?;
-            // Gathered rows go back into the same buffers, which a captured step uses; only
-            // the positions written so far move (keys past them are never read).
-            let width = first.k.shape()[2];
-            let mut all: Vec<&mut Tensor> = self
-                .caches
-                .iter_mut()
-                .flat_map(|c| [&mut c.k, &mut c.v])
-                .collect();
-            ops::reorder_row_prefixes(&mut all, &idx, self.len * width)?;
         }
         self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
         // Rows of one batch item share their source, so cross keys/values need no reorder

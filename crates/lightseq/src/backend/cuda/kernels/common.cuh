@@ -98,25 +98,19 @@ __device__ __forceinline__ unsigned int ls_smem_addr(const void* p) {
 template <typename T>
 __device__ __forceinline__ void ls_mma(float (&c)[4], const unsigned int (&a)[4],
                                        unsigned int b0, unsigned int b1);
-template <>
-__device__ __forceinline__ void ls_mma<__half>(float (&c)[4], const unsigned int (&a)[4],
-                                               unsigned int b0, unsigned int b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void ls_mma<__nv_bfloat16>(float (&c)[4],
-                                                      const unsigned int (&a)[4],
-                                                      unsigned int b0, unsigned int b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The f16 and bf16 forms differ only in the PTX type of a and b.
+#define LS_MMA(T, PTX)                                                                      \
+  template <>                                                                               \
+  __device__ __forceinline__ void ls_mma<T>(float (&c)[4], const unsigned int (&a)[4],     \
+                                            unsigned int b0, unsigned int b1) {             \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                       \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"             \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));           \
+  }
+LS_MMA(__half, "f16")
+LS_MMA(__nv_bfloat16, "bf16")
+#undef LS_MMA
 
 #if __CUDA_ARCH__ >= 800
 // 16 bytes global -> the 32-bit shared address `dst` (ls_smem_addr), asynchronously: for
