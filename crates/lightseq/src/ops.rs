@@ -921,6 +921,32 @@ pub fn copy_into(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Sets every element of `x` to zero in place.
+pub fn zero_(x: &mut Tensor) -> Result<()> {
+    match &mut x.storage {
+        Storage::CpuF32(v) => v.fill(0.0),
+        Storage::CpuI32(v) => v.fill(0),
+        Storage::Cuda(s) => s.zero()?,
+    }
+    Ok(())
+}
+
+/// Overwrites i32 tensor `x` with `data` (of its length) from the host, in place.
+pub(crate) fn write_i32_(x: &mut Tensor, data: &[i32]) -> Result<()> {
+    if x.dtype() != DType::I32 || x.len() != data.len() {
+        return Err(Error::op(
+            "write_i32",
+            format!("{} ids into {:?} {}", data.len(), x.shape(), x.dtype()),
+        ));
+    }
+    match &mut x.storage {
+        Storage::CpuI32(v) => v.copy_from_slice(data),
+        Storage::Cuda(s) => s.write_i32(data)?,
+        Storage::CpuF32(_) => return Err(Error::op("write_i32", "not an i32 tensor")),
+    }
+    Ok(())
+}
+
 /// A tensor whose values are unspecified until written (no fill on the device).
 pub fn empty(shape: &[usize], dtype: DType, device: &crate::tensor::Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();

@@ -122,6 +122,31 @@ impl DecodeState {
         Ok(t)
     }
 
+    /// Makes a finished run's state the start of a new one over the same buffers: no
+    /// positions written, caches zeroed, the key-row table naming every row's own, the
+    /// captured graph kept. The caller sets the sources' values.
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        self.len = 0;
+        self.key_start = vec![0; self.rows];
+        self.key_end = None;
+        self.reorders = false;
+        for c in &mut self.caches {
+            ops::zero_(&mut c.k)?;
+            ops::zero_(&mut c.v)?;
+            c.rows = None;
+        }
+        if let Some(shared) = self.key_rows.take() {
+            let mut table = Arc::try_unwrap(shared)
+                .map_err(|_| Error::op("reset", "the key rows are shared elsewhere"))?;
+            let ids: Vec<i32> = (0..self.rows)
+                .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
+                .collect();
+            ops::write_i32_(&mut table, &ids)?;
+            self.share_key_rows(Arc::new(table));
+        }
+        Ok(())
+    }
+
     /// Gives CUDA caches a key-row table naming every row's own (see
     /// [`DecodeState::reorder`]) when they have none.
     pub(crate) fn ensure_key_rows(&mut self) -> Result<()> {
@@ -331,6 +356,10 @@ pub trait Decoder: Send + Sync {
         Ok(logits)
     }
 
+    /// Takes back a finished run's state, which the model may keep for its next run (see
+    /// [`Parking`]); the default drops it.
+    fn park(&self, _st: DecodeState) {}
+
     /// [`Decoder::step_logits`] copied to the host as f32.
     fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
         self.step_logits(st, tokens)?.to_f32_vec()
@@ -384,13 +413,77 @@ pub(crate) fn decoder_only_state(
     width: usize,
     dtype: DType,
     device: &Device,
+    parking: &Parking,
 ) -> Result<DecodeState> {
     if sources.is_some() {
         return Err(Error::Input(format!(
             "{name} is decoder-only: it takes no source sequences"
         )));
     }
-    new_state(layers, rows, capacity, width, dtype, device)
+    let shape = StateShape {
+        layers,
+        rows,
+        capacity,
+        width,
+        dtype,
+        src_len: 0,
+    };
+    match parking.take(&shape)? {
+        Some(st) => Ok(st),
+        None => new_state(layers, rows, capacity, width, dtype, device),
+    }
+}
+
+/// What a kept state must match to be reused.
+pub(crate) struct StateShape {
+    pub layers: usize,
+    pub rows: usize,
+    pub capacity: usize,
+    pub width: usize,
+    pub dtype: DType,
+    /// Source positions of the cross states (0: a decoder-only state).
+    pub src_len: usize,
+}
+
+/// A model's last finished run, kept for its next run of the same shape: reusing its
+/// buffers keeps a captured step graph valid, so that run replays from its first
+/// single-token step instead of capturing again, and saves the allocations. A run of
+/// another shape drops it before allocating its own.
+#[derive(Default)]
+pub(crate) struct Parking(std::sync::Mutex<Option<DecodeState>>);
+
+impl Parking {
+    /// Keeps `st` for the next run (the state kept before is dropped).
+    pub(crate) fn park(&self, st: DecodeState) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+    }
+
+    /// The kept state, reset for a new run, when it has `shape`; else None (and the kept
+    /// state is dropped).
+    pub(crate) fn take(&self, shape: &StateShape) -> Result<Option<DecodeState>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut st) = kept else {
+            return Ok(None);
+        };
+        let cache_shape = [shape.rows, shape.capacity, shape.width];
+        let fits = st.rows == shape.rows
+            && st.capacity == shape.capacity
+            && st.caches.len() == shape.layers
+            && st
+                .caches
+                .iter()
+                .all(|c| c.k.shape() == cache_shape && c.k.dtype() == shape.dtype)
+            && st
+                .cross
+                .iter()
+                .all(|c| c.shape().get(1) == Some(&shape.src_len))
+            && (st.cross.is_empty() == (shape.src_len == 0));
+        if !fits {
+            return Ok(None);
+        }
+        st.reset()?;
+        Ok(Some(st))
+    }
 }
 
 /// A state with one self-attention cache of `width` per layer.
@@ -422,6 +515,7 @@ pub(crate) fn cross_state(
     width: usize,
     dtype: DType,
     device: &Device,
+    parking: Option<&Parking>,
 ) -> Result<DecodeState> {
     let batch = lengths.len();
     if batch == 0 || !rows.is_multiple_of(batch) {
@@ -430,13 +524,47 @@ pub(crate) fn cross_state(
         )));
     }
     let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
-    let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
-    for c in cross {
-        let kv = c.memory(memory, batch, src_len)?;
-        st.cross.push(ops::index_select(&kv, &expand)?);
-    }
-    st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
-    st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, device)?);
+    let shape = StateShape {
+        layers: cross.len(),
+        rows,
+        capacity,
+        width,
+        dtype,
+        src_len,
+    };
+    let src_ranges: Vec<(usize, usize)> = expand.iter().map(|&b| (0, lengths[b])).collect();
+    let kept = match parking {
+        Some(p) => p.take(&shape)?,
+        None => None,
+    };
+    let mut st = match kept {
+        Some(mut st) => {
+            // The kept buffers take this run's values in place (a captured step reads
+            // them at their addresses).
+            for (c, dst) in cross.iter().zip(st.cross.iter_mut()) {
+                let kv = c.memory(memory, batch, src_len)?;
+                ops::copy_into(dst, &ops::index_select(&kv, &expand)?)?;
+            }
+            let ranges = DecodeState::ranges_i32(&src_ranges);
+            match &mut st.src_ranges_dev {
+                Some(t) => ops::write_i32_(t, &ranges)?,
+                None => {
+                    st.src_ranges_dev = Some(Tensor::from_i32(&ranges, &[ranges.len()], device)?)
+                }
+            }
+            st
+        }
+        None => {
+            let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
+            for c in cross {
+                let kv = c.memory(memory, batch, src_len)?;
+                st.cross.push(ops::index_select(&kv, &expand)?);
+            }
+            st.src_ranges_dev = Some(DecodeState::ranges_tensor(&src_ranges, device)?);
+            st
+        }
+    };
+    st.src_ranges = src_ranges;
     st.rows_per_item = rows / batch;
     Ok(st)
 }
@@ -475,6 +603,10 @@ pub(crate) trait EncoderDecoder {
     fn cache_width(&self) -> usize;
     /// d_model, the compute dtype and the device of the memory.
     fn memory_layout(&self) -> (usize, DType, &Device);
+    /// Where the model keeps its last run for the next one (see [`Parking`]).
+    fn parking(&self) -> Option<&Parking> {
+        None
+    }
 }
 
 /// Decoding state over `memory` [batch * src_len, d_model], each item repeated for
@@ -498,6 +630,7 @@ fn enc_dec_start(
         m.cache_width(),
         dtype,
         device,
+        m.parking(),
     )
 }
 
