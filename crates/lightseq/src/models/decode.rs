@@ -123,13 +123,18 @@ impl DecodeState {
     }
 
     /// Makes a finished run's state the start of a new one over the same buffers: no
-    /// positions written, caches zeroed, the key-row table naming every row's own, the
-    /// captured graph kept. The caller sets the sources' values.
+    /// positions written, caches zeroed, the key-row table naming every row's own, a
+    /// captured graph kept (any other graph state starts over). The caller sets the
+    /// sources' values.
     pub(crate) fn reset(&mut self) -> Result<()> {
         self.len = 0;
         self.key_start = vec![0; self.rows];
         self.key_end = None;
         self.reorders = false;
+        // A graph not captured in the last run (switched off then, or failed) is tried again.
+        if !matches!(self.graph, StepGraph::Ready(_)) {
+            self.graph = StepGraph::Cold;
+        }
         for c in &mut self.caches {
             ops::zero_(&mut c.k)?;
             ops::zero_(&mut c.v)?;
