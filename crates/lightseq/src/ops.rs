@@ -379,6 +379,9 @@ pub(crate) fn attention_cached_rows(
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
     let width = o.kv_heads * o.head_dim;
+    // From `row` on the table names each sequence's own row: with nothing before it
+    // (a prompt, a full forward) it says nothing.
+    let key_rows = key_rows.filter(|_| row > 0);
     let dt = check_attention(
         OP,
         &q,

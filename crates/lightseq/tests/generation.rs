@@ -575,8 +575,8 @@ fn reordered_steps_match_between_devices() {
 }
 
 /// A model keeps its last run's buffers (and captured step graph) for the next run of the
-/// same shape: runs alternating between shapes, beam search and greedy, give what each
-/// gives on a freshly loaded model.
+/// same shape: runs alternating between shapes, sources, beam search and greedy (the same
+/// rows either way), give what each gives on a freshly loaded model.
 #[test]
 fn runs_reusing_the_last_runs_buffers_match_fresh_ones() {
     let mut devices = vec![Device::Cpu];
@@ -591,10 +591,14 @@ fn runs_reusing_the_last_runs_buffers_match_fresh_ones() {
             let short = vec![p[0].clone(), p[2].clone()];
             // Same shape, other sources: the kept buffers must take the new values.
             let reversed: Vec<Vec<i64>> = p.iter().rev().cloned().collect();
+            // Greedy over as many rows as beam search over `p` (12), of the same lengths.
+            let p4: Vec<Vec<i64>> = (0..4).flat_map(|_| p.iter().cloned()).collect();
             let runs: Vec<(Vec<Vec<i64>>, GenerationOptions)> = [
                 (&p, 4, 6),
                 (&p, 4, 6),
                 (&reversed, 4, 6),
+                (&p4, 1, 6),
+                (&p, 4, 6),
                 (&short, 4, 6),
                 (&p, 1, 6),
                 (&p, 4, 6),

@@ -41,6 +41,11 @@ pub struct DecodeState {
     /// Set by beam search: the table is made before a single-token step is captured, so
     /// the first reorder keeps the captured graph's buffers.
     pub(crate) reorders: bool,
+    /// The [`Parking`] of the model that made this state (0: none); only it keeps it.
+    pub(crate) owner: u64,
+    /// The graph was captured in an earlier run (see [`Parking`]): if this run's buffers
+    /// differ after all, its capture is treated as the run's first.
+    pub(crate) graph_carried: bool,
 }
 
 impl DecodeState {
@@ -60,6 +65,8 @@ impl DecodeState {
             graph: StepGraph::default(),
             key_rows: None,
             reorders: false,
+            owner: 0,
+            graph_carried: false,
         }
     }
 
@@ -132,7 +139,8 @@ impl DecodeState {
         self.key_end = None;
         self.reorders = false;
         // A graph not captured in the last run (switched off then, or failed) is tried again.
-        if !matches!(self.graph, StepGraph::Ready(_)) {
+        self.graph_carried = matches!(self.graph, StepGraph::Ready(_));
+        if !self.graph_carried {
             self.graph = StepGraph::Cold;
         }
         for c in &mut self.caches {
@@ -433,10 +441,12 @@ pub(crate) fn decoder_only_state(
         dtype,
         src_len: 0,
     };
-    match parking.take(&shape)? {
-        Some(st) => Ok(st),
-        None => new_state(layers, rows, capacity, width, dtype, device),
-    }
+    let mut st = match parking.take(&shape)? {
+        Some(st) => st,
+        None => new_state(layers, rows, capacity, width, dtype, device)?,
+    };
+    st.owner = parking.id;
+    Ok(st)
 }
 
 /// What a kept state must match to be reused.
@@ -454,19 +464,51 @@ pub(crate) struct StateShape {
 /// buffers keeps a captured step graph valid, so that run replays from its first
 /// single-token step instead of capturing again, and saves the allocations. A run of
 /// another shape drops it before allocating its own.
-#[derive(Default)]
-pub(crate) struct Parking(std::sync::Mutex<Option<DecodeState>>);
+pub(crate) struct Parking {
+    /// Tells this model's states from others' (a graph bakes in its model's weights).
+    id: u64,
+    kept: std::sync::Mutex<Option<DecodeState>>,
+}
+
+impl Default for Parking {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Parking {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+}
 
 impl Parking {
-    /// Keeps `st` for the next run (the state kept before is dropped).
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<DecodeState>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `st`, a state this model made, for the next run (the state kept before is
+    /// dropped); other states are dropped.
     pub(crate) fn park(&self, st: DecodeState) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+        if st.owner == self.id {
+            *self.slot() = Some(st);
+        }
+    }
+
+    /// Drops the kept state unless it has `rows` rows of `capacity` positions: called
+    /// before a run allocates (an encoder-decoder's encoder runs before `take`).
+    pub(crate) fn keep_only(&self, rows: usize, capacity: usize) {
+        let mut slot = self.slot();
+        if slot
+            .as_ref()
+            .is_some_and(|st| st.rows != rows || st.capacity != capacity)
+        {
+            *slot = None;
+        }
     }
 
     /// The kept state, reset for a new run, when it has `shape`; else None (and the kept
     /// state is dropped).
     pub(crate) fn take(&self, shape: &StateShape) -> Result<Option<DecodeState>> {
-        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let kept = self.slot().take();
         let Some(mut st) = kept else {
             return Ok(None);
         };
@@ -571,6 +613,9 @@ pub(crate) fn cross_state(
     };
     st.src_ranges = src_ranges;
     st.rows_per_item = rows / batch;
+    if let Some(p) = parking {
+        st.owner = p.id;
+    }
     Ok(st)
 }
 
@@ -652,6 +697,9 @@ pub(crate) fn enc_dec_begin(
             m.name()
         ))
     })?;
+    if let Some(p) = m.parking() {
+        p.keep_only(rows, capacity);
+    }
     let (memory, sp) = m.encode(src)?;
     enc_dec_start(m, &memory, &sp.lengths, sp.len, rows, capacity)
 }
@@ -673,6 +721,9 @@ pub(crate) fn enc_dec_begin_from_states(
     rows: usize,
     capacity: usize,
 ) -> Result<DecodeState> {
+    if let Some(p) = m.parking() {
+        p.keep_only(rows, capacity);
+    }
     let (d_model, dtype, device) = m.memory_layout();
     let (memory, src_len) = states_to_memory(states, lengths, d_model, dtype, device)?;
     enc_dec_start(m, &memory, lengths, src_len, rows, capacity)
