@@ -151,10 +151,7 @@ impl DecodeState {
         if let Some(shared) = self.key_rows.take() {
             let mut table = Arc::try_unwrap(shared)
                 .map_err(|_| Error::op("reset", "the key rows are shared elsewhere"))?;
-            let ids: Vec<i32> = (0..self.rows)
-                .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
-                .collect();
-            ops::write_i32_(&mut table, &ids)?;
+            ops::write_i32_(&mut table, &self.own_rows())?;
             self.share_key_rows(Arc::new(table));
         }
         Ok(())
@@ -169,12 +166,20 @@ impl DecodeState {
         if self.key_rows.is_some() || !first.k.device().is_cuda() {
             return Ok(());
         }
-        let ids: Vec<i32> = (0..self.rows)
-            .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
-            .collect();
-        let table = Tensor::from_i32(&ids, &[self.rows, self.capacity], &first.k.device())?;
+        let table = Tensor::from_i32(
+            &self.own_rows(),
+            &[self.rows, self.capacity],
+            &first.k.device(),
+        )?;
         self.share_key_rows(Arc::new(table));
         Ok(())
+    }
+
+    /// A key-row table naming every row's own at every position ([rows, capacity]).
+    fn own_rows(&self) -> Vec<i32> {
+        (0..self.rows)
+            .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
+            .collect()
     }
 
     /// Makes `table` the state's key-row table and every cache's.
