@@ -379,9 +379,6 @@ pub(crate) fn attention_cached_rows(
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
     let width = o.kv_heads * o.head_dim;
-    // From `row` on the table names each sequence's own row: with nothing before it
-    // (a prompt, a full forward) it says nothing.
-    let key_rows = key_rows.filter(|_| row > 0);
     let dt = check_attention(
         OP,
         &q,
@@ -407,8 +404,12 @@ pub(crate) fn attention_cached_rows(
     if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
         write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
         // With a table, keys gathered into their sequences' rows: off the hot path (steps
-        // of several positions after a reorder).
-        let gathered = match key_rows {
+        // of several positions after a reorder). From `row` on the table names each
+        // sequence's own row, so with nothing before it (a prompt, a full forward) it says
+        // nothing. (A captured step keeps its table whatever `row` was at capture: replays
+        // write at the device's position.)
+        let at_start = row == 0 && row_on_device.is_none();
+        let gathered = match key_rows.filter(|_| !at_start) {
             Some(t) => {
                 let rows = t.to_i32_vec()?;
                 Some((gather_positions(kc, &rows)?, gather_positions(vc, &rows)?))
