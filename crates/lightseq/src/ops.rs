@@ -404,8 +404,12 @@ pub(crate) fn attention_cached_rows(
     if !(one_query && matches!(src.storage, Storage::Cuda(_))) {
         write_rows_pair((kc, vc), row, row_on_device, src, src_cols, width)?;
         // With a table, keys gathered into their sequences' rows: off the hot path (steps
-        // of several positions after a reorder).
-        let gathered = match key_rows {
+        // of several positions after a reorder). From `row` on the table names each
+        // sequence's own row, so with nothing before it (a prompt, a full forward) it says
+        // nothing. (A captured step keeps its table whatever `row` was at capture: replays
+        // write at the device's position.)
+        let at_start = row == 0 && row_on_device.is_none();
+        let gathered = match key_rows.filter(|_| !at_start) {
             Some(t) => {
                 let rows = t.to_i32_vec()?;
                 Some((gather_positions(kc, &rows)?, gather_positions(vc, &rows)?))
@@ -917,6 +921,32 @@ pub fn copy_into(dst: &mut Tensor, src: &Tensor) -> Result<()> {
         (Storage::CpuI32(d), Storage::CpuI32(s)) => d.copy_from_slice(s),
         (Storage::Cuda(d), Storage::Cuda(s)) => d.copy_from(s)?,
         _ => return Err(Error::op(OP, "unsupported storage")),
+    }
+    Ok(())
+}
+
+/// Sets every element of `x` to zero in place.
+pub fn zero_(x: &mut Tensor) -> Result<()> {
+    match &mut x.storage {
+        Storage::CpuF32(v) => v.fill(0.0),
+        Storage::CpuI32(v) => v.fill(0),
+        Storage::Cuda(s) => s.zero()?,
+    }
+    Ok(())
+}
+
+/// Overwrites i32 tensor `x` with `data` (of its length) from the host, in place.
+pub(crate) fn write_i32_(x: &mut Tensor, data: &[i32]) -> Result<()> {
+    if x.dtype() != DType::I32 || x.len() != data.len() {
+        return Err(Error::op(
+            "write_i32",
+            format!("{} ids into {:?} {}", data.len(), x.shape(), x.dtype()),
+        ));
+    }
+    match &mut x.storage {
+        Storage::CpuI32(v) => v.copy_from_slice(data),
+        Storage::Cuda(s) => s.write_i32(data)?,
+        Storage::CpuF32(_) => return Err(Error::op("write_i32", "not an i32 tensor")),
     }
     Ok(())
 }

@@ -573,3 +573,57 @@ fn reordered_steps_match_between_devices() {
         }
     }
 }
+
+/// A model keeps its last run's buffers (and captured step graph) for the next run of the
+/// same shape: runs alternating between shapes, sources, beam search and greedy (the same
+/// rows either way), give what each gives on a freshly loaded model.
+#[test]
+fn runs_reusing_the_last_runs_buffers_match_fresh_ones() {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu("runs_reusing_the_last_runs_buffers_match_fresh_ones"));
+    for dev in &devices {
+        for name in ["bart", "gpt2"] {
+            let md = ModelDir::open(&fixtures_dir().join(name)).unwrap();
+            let defaults = GenerationOptions::model_defaults(&md.path, &md.config).unwrap();
+            let load = || models::load_decoder(&md, DType::F32, dev).unwrap();
+            let m = load();
+            let p = prompts(m.vocab());
+            let short = vec![p[0].clone(), p[2].clone()];
+            // Same shape, other sources: the kept buffers must take the new values.
+            let reversed: Vec<Vec<i64>> = p.iter().rev().cloned().collect();
+            // Greedy over as many rows as beam search over `p` (12), of the same lengths.
+            let p4: Vec<Vec<i64>> = (0..4).flat_map(|_| p.iter().cloned()).collect();
+            let runs: Vec<(Vec<Vec<i64>>, GenerationOptions)> = [
+                (&p, 4, 6),
+                (&p, 4, 6),
+                (&reversed, 4, 6),
+                (&p4, 1, 6),
+                (&p, 4, 6),
+                (&short, 4, 6),
+                (&p, 1, 6),
+                (&p, 4, 6),
+                (&p, 4, 9),
+            ]
+            .into_iter()
+            .map(|(ids, beams, n)| {
+                let o = GenerationOptions {
+                    num_beams: Some(beams),
+                    max_new_tokens: Some(n),
+                    min_new_tokens: Some(n),
+                    ..Default::default()
+                }
+                .or(&defaults);
+                (ids.clone(), o)
+            })
+            .collect();
+            for (i, (ids, o)) in runs.iter().enumerate() {
+                let got = seqs(m.as_ref(), Inputs::Ids(ids), o);
+                let want = seqs(load().as_ref(), Inputs::Ids(ids), o);
+                assert_eq!(
+                    got, want,
+                    "{name} on {dev}: run {i} differs from a fresh model's"
+                );
+            }
+        }
+    }
+}

@@ -150,6 +150,7 @@ pub fn generate(
     } else {
         search::greedy(m, &mut st, &cfg, run)?
     };
+    m.park(st);
     Ok(out
         .into_iter()
         .map(|hyps| {

@@ -41,6 +41,11 @@ pub struct DecodeState {
     /// Set by beam search: the table is made before a single-token step is captured, so
     /// the first reorder keeps the captured graph's buffers.
     pub(crate) reorders: bool,
+    /// The [`Parking`] of the model that made this state (0: none); only it keeps it.
+    pub(crate) owner: u64,
+    /// The graph was captured in an earlier run (see [`Parking`]): if this run's buffers
+    /// differ after all, its capture is treated as the run's first.
+    pub(crate) graph_carried: bool,
 }
 
 impl DecodeState {
@@ -60,6 +65,8 @@ impl DecodeState {
             graph: StepGraph::default(),
             key_rows: None,
             reorders: false,
+            owner: 0,
+            graph_carried: false,
         }
     }
 
@@ -122,6 +129,34 @@ impl DecodeState {
         Ok(t)
     }
 
+    /// Makes a finished run's state the start of a new one over the same buffers: no
+    /// positions written, caches zeroed, the key-row table naming every row's own, a
+    /// captured graph kept (any other graph state starts over). The caller sets the
+    /// sources' values.
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        self.len = 0;
+        self.key_start = vec![0; self.rows];
+        self.key_end = None;
+        self.reorders = false;
+        // A graph not captured in the last run (switched off then, or failed) is tried again.
+        self.graph_carried = matches!(self.graph, StepGraph::Ready(_));
+        if !self.graph_carried {
+            self.graph = StepGraph::Cold;
+        }
+        for c in &mut self.caches {
+            ops::zero_(&mut c.k)?;
+            ops::zero_(&mut c.v)?;
+            c.rows = None;
+        }
+        if let Some(shared) = self.key_rows.take() {
+            let mut table = Arc::try_unwrap(shared)
+                .map_err(|_| Error::op("reset", "the key rows are shared elsewhere"))?;
+            ops::write_i32_(&mut table, &self.own_rows())?;
+            self.share_key_rows(Arc::new(table));
+        }
+        Ok(())
+    }
+
     /// Gives CUDA caches a key-row table naming every row's own (see
     /// [`DecodeState::reorder`]) when they have none.
     pub(crate) fn ensure_key_rows(&mut self) -> Result<()> {
@@ -131,12 +166,20 @@ impl DecodeState {
         if self.key_rows.is_some() || !first.k.device().is_cuda() {
             return Ok(());
         }
-        let ids: Vec<i32> = (0..self.rows)
-            .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
-            .collect();
-        let table = Tensor::from_i32(&ids, &[self.rows, self.capacity], &first.k.device())?;
+        let table = Tensor::from_i32(
+            &self.own_rows(),
+            &[self.rows, self.capacity],
+            &first.k.device(),
+        )?;
         self.share_key_rows(Arc::new(table));
         Ok(())
+    }
+
+    /// A key-row table naming every row's own at every position ([rows, capacity]).
+    fn own_rows(&self) -> Vec<i32> {
+        (0..self.rows)
+            .flat_map(|r| std::iter::repeat_n(r as i32, self.capacity))
+            .collect()
     }
 
     /// Makes `table` the state's key-row table and every cache's.
@@ -331,6 +374,10 @@ pub trait Decoder: Send + Sync {
         Ok(logits)
     }
 
+    /// Takes back a finished run's state, which the model may keep for its next run (see
+    /// [`Parking`]); the default drops it.
+    fn park(&self, _st: DecodeState) {}
+
     /// [`Decoder::step_logits`] copied to the host as f32.
     fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
         self.step_logits(st, tokens)?.to_f32_vec()
@@ -384,13 +431,111 @@ pub(crate) fn decoder_only_state(
     width: usize,
     dtype: DType,
     device: &Device,
+    parking: &Parking,
 ) -> Result<DecodeState> {
     if sources.is_some() {
         return Err(Error::Input(format!(
             "{name} is decoder-only: it takes no source sequences"
         )));
     }
-    new_state(layers, rows, capacity, width, dtype, device)
+    let shape = StateShape {
+        layers,
+        rows,
+        capacity,
+        width,
+        dtype,
+        src_len: 0,
+    };
+    let mut st = match parking.take(&shape)? {
+        Some(st) => st,
+        None => new_state(layers, rows, capacity, width, dtype, device)?,
+    };
+    st.owner = parking.id;
+    Ok(st)
+}
+
+/// What a kept state must match to be reused.
+pub(crate) struct StateShape {
+    pub layers: usize,
+    pub rows: usize,
+    pub capacity: usize,
+    pub width: usize,
+    pub dtype: DType,
+    /// Source positions of the cross states (0: a decoder-only state).
+    pub src_len: usize,
+}
+
+/// A model's last finished run, kept for its next run of the same shape: reusing its
+/// buffers keeps a captured step graph valid, so that run replays from its first
+/// single-token step instead of capturing again, and saves the allocations. A run of
+/// another shape drops it before allocating its own.
+pub(crate) struct Parking {
+    /// Tells this model's states from others' (a graph bakes in its model's weights).
+    id: u64,
+    kept: std::sync::Mutex<Option<DecodeState>>,
+}
+
+impl Default for Parking {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Parking {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Parking {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<DecodeState>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `st`, a state this model made, for the next run (the state kept before is
+    /// dropped); other states are dropped.
+    pub(crate) fn park(&self, st: DecodeState) {
+        if st.owner == self.id {
+            *self.slot() = Some(st);
+        }
+    }
+
+    /// Drops the kept state unless it has `rows` rows of `capacity` positions: called
+    /// before a run allocates (an encoder-decoder's encoder runs before `take`).
+    pub(crate) fn keep_only(&self, rows: usize, capacity: usize) {
+        let mut slot = self.slot();
+        if slot
+            .as_ref()
+            .is_some_and(|st| st.rows != rows || st.capacity != capacity)
+        {
+            *slot = None;
+        }
+    }
+
+    /// The kept state, reset for a new run, when it has `shape`; else None (and the kept
+    /// state is dropped).
+    pub(crate) fn take(&self, shape: &StateShape) -> Result<Option<DecodeState>> {
+        let kept = self.slot().take();
+        let Some(mut st) = kept else {
+            return Ok(None);
+        };
+        let cache_shape = [shape.rows, shape.capacity, shape.width];
+        let fits = st.rows == shape.rows
+            && st.capacity == shape.capacity
+            && st.caches.len() == shape.layers
+            && st
+                .caches
+                .iter()
+                .all(|c| c.k.shape() == cache_shape && c.k.dtype() == shape.dtype)
+            && st
+                .cross
+                .iter()
+                .all(|c| c.shape().get(1) == Some(&shape.src_len))
+            && (st.cross.is_empty() == (shape.src_len == 0));
+        if !fits {
+            return Ok(None);
+        }
+        st.reset()?;
+        Ok(Some(st))
+    }
 }
 
 /// A state with one self-attention cache of `width` per layer.
@@ -422,6 +567,7 @@ pub(crate) fn cross_state(
     width: usize,
     dtype: DType,
     device: &Device,
+    parking: Option<&Parking>,
 ) -> Result<DecodeState> {
     let batch = lengths.len();
     if batch == 0 || !rows.is_multiple_of(batch) {
@@ -430,14 +576,51 @@ pub(crate) fn cross_state(
         )));
     }
     let expand: Vec<usize> = (0..rows).map(|r| r / (rows / batch)).collect();
-    let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
-    for c in cross {
-        let kv = c.memory(memory, batch, src_len)?;
-        st.cross.push(ops::index_select(&kv, &expand)?);
-    }
-    st.src_ranges = expand.iter().map(|&b| (0, lengths[b])).collect();
-    st.src_ranges_dev = Some(DecodeState::ranges_tensor(&st.src_ranges, device)?);
+    let shape = StateShape {
+        layers: cross.len(),
+        rows,
+        capacity,
+        width,
+        dtype,
+        src_len,
+    };
+    let src_ranges: Vec<(usize, usize)> = expand.iter().map(|&b| (0, lengths[b])).collect();
+    let kept = match parking {
+        Some(p) => p.take(&shape)?,
+        None => None,
+    };
+    let mut st = match kept {
+        Some(mut st) => {
+            // The kept buffers take this run's values in place (a captured step reads
+            // them at their addresses).
+            for (c, dst) in cross.iter().zip(st.cross.iter_mut()) {
+                let kv = c.memory(memory, batch, src_len)?;
+                ops::copy_into(dst, &ops::index_select(&kv, &expand)?)?;
+            }
+            let ranges = DecodeState::ranges_i32(&src_ranges);
+            match &mut st.src_ranges_dev {
+                Some(t) => ops::write_i32_(t, &ranges)?,
+                None => {
+                    st.src_ranges_dev = Some(Tensor::from_i32(&ranges, &[ranges.len()], device)?)
+                }
+            }
+            st
+        }
+        None => {
+            let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
+            for c in cross {
+                let kv = c.memory(memory, batch, src_len)?;
+                st.cross.push(ops::index_select(&kv, &expand)?);
+            }
+            st.src_ranges_dev = Some(DecodeState::ranges_tensor(&src_ranges, device)?);
+            st
+        }
+    };
+    st.src_ranges = src_ranges;
     st.rows_per_item = rows / batch;
+    if let Some(p) = parking {
+        st.owner = p.id;
+    }
     Ok(st)
 }
 
@@ -475,6 +658,10 @@ pub(crate) trait EncoderDecoder {
     fn cache_width(&self) -> usize;
     /// d_model, the compute dtype and the device of the memory.
     fn memory_layout(&self) -> (usize, DType, &Device);
+    /// Where the model keeps its last run for the next one (see [`Parking`]).
+    fn parking(&self) -> Option<&Parking> {
+        None
+    }
 }
 
 /// Decoding state over `memory` [batch * src_len, d_model], each item repeated for
@@ -498,6 +685,7 @@ fn enc_dec_start(
         m.cache_width(),
         dtype,
         device,
+        m.parking(),
     )
 }
 
@@ -514,6 +702,9 @@ pub(crate) fn enc_dec_begin(
             m.name()
         ))
     })?;
+    if let Some(p) = m.parking() {
+        p.keep_only(rows, capacity);
+    }
     let (memory, sp) = m.encode(src)?;
     enc_dec_start(m, &memory, &sp.lengths, sp.len, rows, capacity)
 }
@@ -535,6 +726,9 @@ pub(crate) fn enc_dec_begin_from_states(
     rows: usize,
     capacity: usize,
 ) -> Result<DecodeState> {
+    if let Some(p) = m.parking() {
+        p.keep_only(rows, capacity);
+    }
     let (d_model, dtype, device) = m.memory_layout();
     let (memory, src_len) = states_to_memory(states, lengths, d_model, dtype, device)?;
     enc_dec_start(m, &memory, lengths, src_len, rows, capacity)

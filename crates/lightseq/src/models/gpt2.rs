@@ -4,7 +4,7 @@
 
 use super::decode::{
     decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder,
+    Decoder, Parking,
 };
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -70,6 +70,8 @@ pub struct Gpt2 {
     /// Untied head [vocab, n_embd]; None when tied to `wte`.
     lm_head: Option<Tensor>,
     device: Device,
+    /// The last run, kept for the next of its shape (see `decode::Parking`).
+    parking: Parking,
 }
 
 impl Gpt2 {
@@ -139,6 +141,7 @@ impl Gpt2 {
             ln_f,
             lm_head,
             device: device.clone(),
+            parking: Parking::default(),
         })
     }
 }
@@ -175,7 +178,12 @@ impl Decoder for Gpt2 {
             self.cfg.n_embd,
             self.dtype,
             &self.device,
+            &self.parking,
         )
+    }
+
+    fn park(&self, st: DecodeState) {
+        self.parking.park(st);
     }
 
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {

@@ -4,7 +4,7 @@
 
 use super::decode::{
     decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder,
+    Decoder, Parking,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -302,6 +302,8 @@ pub struct Llama {
     /// (every rope kind but dynamic NTK scaling).
     fixed_rope: Option<Rope>,
     device: Device,
+    /// The last run, kept for the next of its shape (see `decode::Parking`).
+    parking: Parking,
 }
 
 impl Llama {
@@ -390,6 +392,7 @@ impl Llama {
             layers,
             head,
             device: device.clone(),
+            parking: Parking::default(),
         })
     }
 }
@@ -427,7 +430,12 @@ impl Decoder for Llama {
             kd,
             self.dtype,
             &self.device,
+            &self.parking,
         )
+    }
+
+    fn park(&self, st: DecodeState) {
+        self.parking.park(st);
     }
 
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {

@@ -8,6 +8,7 @@
 use super::decode::{
     decode_via_inputs, decoder_forward, enc_dec_begin, enc_dec_begin_from_states,
     enc_dec_encode_sources, ids_tensor, standard_step_inputs, DecodeState, Decoder, EncoderDecoder,
+    Parking,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -314,6 +315,8 @@ pub struct Seq2Seq {
     head: Arc<Tensor>,
     head_bias: Option<Tensor>,
     device: Device,
+    /// The last run, kept for the next of its shape (see `decode::Parking`).
+    parking: Parking,
 }
 
 const LN_EPS: f32 = 1e-5;
@@ -591,6 +594,7 @@ impl Seq2Seq {
             head,
             head_bias,
             device: device.clone(),
+            parking: Parking::default(),
         })
     }
 
@@ -674,6 +678,10 @@ impl EncoderDecoder for Seq2Seq {
     fn memory_layout(&self) -> (usize, DType, &Device) {
         (self.cfg.d_model, self.dtype, &self.device)
     }
+
+    fn parking(&self) -> Option<&Parking> {
+        Some(&self.parking)
+    }
 }
 
 impl Decoder for Seq2Seq {
@@ -700,6 +708,10 @@ impl Decoder for Seq2Seq {
         capacity: usize,
     ) -> Result<DecodeState> {
         enc_dec_begin(self, sources, rows, capacity)
+    }
+
+    fn park(&self, st: DecodeState) {
+        self.parking.park(st);
     }
 
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {

@@ -147,6 +147,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         st.ensure_key_rows()?;
     }
     let fp = fingerprint(st);
+    let carried = std::mem::take(&mut st.graph_carried);
     let first_try = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
             rewrite_inputs("decode step", &mut c.inputs, &host)?;
@@ -156,7 +157,8 @@ pub(crate) fn step<D: Decoder + ?Sized>(
             st.graph = StepGraph::Ready(c);
             return Ok(Some(logits));
         }
-        StepGraph::Ready(_) | StepGraph::Warm => false,
+        StepGraph::Ready(_) => carried,
+        StepGraph::Warm => false,
         StepGraph::Cold => true,
         StepGraph::Off => unreachable!("returned above"),
     };

@@ -4,7 +4,7 @@
 
 use super::decode::{
     decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder,
+    Decoder, Parking,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -90,6 +90,8 @@ pub struct Xglm {
     norm: LayerNorm,
     head: Arc<Tensor>,
     device: Device,
+    /// The last run, kept for the next of its shape (see `decode::Parking`).
+    parking: Parking,
 }
 
 impl Xglm {
@@ -159,6 +161,7 @@ impl Xglm {
             norm,
             head,
             device: device.clone(),
+            parking: Parking::default(),
         })
     }
 }
@@ -195,7 +198,12 @@ impl Decoder for Xglm {
             self.cfg.d_model,
             self.dtype,
             &self.device,
+            &self.parking,
         )
+    }
+
+    fn park(&self, st: DecodeState) {
+        self.parking.park(st);
     }
 
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {

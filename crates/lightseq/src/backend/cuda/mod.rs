@@ -530,6 +530,18 @@ impl CudaStorage {
         }
     }
 
+    /// Sets every element to zero, on the stream.
+    pub(crate) fn zero(&mut self) -> Result<()> {
+        let st = self.dev.stream().clone();
+        let r = match &mut *self.buf {
+            Buf::F32(b) => st.memset_zeros(b),
+            Buf::F16(b) => st.memset_zeros(b),
+            Buf::BF16(b) => st.memset_zeros(b),
+            Buf::I32(b) => st.memset_zeros(b),
+        };
+        r.map_err(|e| cuda_err("memset", e))
+    }
+
     /// Overwrites this i32 buffer with `data` (same length) from the host.
     pub(crate) fn write_i32(&mut self, data: &[i32]) -> Result<()> {
         match &mut *self.buf {
