@@ -163,6 +163,7 @@ def main():
             f"fp16; medians; date {time.strftime('%Y-%m-%d')}")
     md = head + "\n\n" + table(rows) + "\n"
     print(md)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "bench.json"), "w") as f:

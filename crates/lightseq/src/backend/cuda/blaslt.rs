@@ -53,7 +53,32 @@ fn reduction_inplace() -> bool {
     super::env_equals(&INPLACE, "LIGHTSEQ_GEMM_REDUCTION", "inplace")
 }
 
-const WORKSPACE_BYTES: usize = 32 << 20;
+/// The cuBLASLt workspace, MiB, unless LIGHTSEQ_GEMM_WORKSPACE_MB says otherwise. 4 MiB
+/// ran as fast as 32 on every inference point tried (H200, docs/performance.md run 11)
+/// and leaves 28 MiB to the model.
+const WORKSPACE_MB: usize = 4;
+
+/// Bytes of the cuBLASLt workspace: LIGHTSEQ_GEMM_WORKSPACE_MB (1-1024), else
+/// [`WORKSPACE_MB`]. Algorithms needing more are not offered by the heuristic.
+fn workspace_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let mb = match std::env::var("LIGHTSEQ_GEMM_WORKSPACE_MB") {
+            Ok(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => {
+                    eprintln!(
+                        "lightseq: LIGHTSEQ_GEMM_WORKSPACE_MB={v:?} is not a size in 1-1024; \
+                         {WORKSPACE_MB} is used"
+                    );
+                    WORKSPACE_MB
+                }
+            },
+            Err(_) => WORKSPACE_MB,
+        };
+        mb << 20
+    })
+}
 /// Candidates timed per tuned shape.
 const TUNE_CANDIDATES: usize = 8;
 
@@ -62,9 +87,10 @@ const TUNE_CANDIDATES: usize = 8;
 const TUNE_MIN_FLOP: f64 = (1u64 << 31) as f64;
 
 /// Tuned choices, as indices into the heuristic's candidate list (which is the same for a
-/// given cuBLASLt and GPU), kept in `<cache dir>/gemm-tune-<device>-<cuBLASLt version>.txt`
-/// so that later processes reuse them and their results match. The file is best effort: a
-/// missing or unwritable one only means tuning again.
+/// given cuBLASLt, GPU and workspace), kept in
+/// `<cache dir>/gemm-tune-<device>-<cuBLASLt version>-ws<workspace MiB>.txt` so that later
+/// processes reuse them and their results match. The file is best effort: a missing or
+/// unwritable one only means tuning again.
 struct Tuned {
     path: Option<std::path::PathBuf>,
     choices: Mutex<HashMap<String, usize>>,
@@ -78,10 +104,12 @@ impl Tuned {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        // The reduction experiment changes the candidate lists, so it keeps its own file.
+        // The workspace and the reduction experiment change the candidate lists, so each
+        // keeps its own file.
+        let ws = workspace_bytes() >> 20;
         let suffix = if reduction_inplace() { "-inplace" } else { "" };
         let path = super::nvrtc::cache_dir()
-            .map(|d| d.join(format!("gemm-tune-{dev}-{version}{suffix}.txt")));
+            .map(|d| d.join(format!("gemm-tune-{dev}-{version}-ws{ws}{suffix}.txt")));
         let choices = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -376,7 +404,7 @@ impl BlasLt {
     pub(crate) fn new(stream: &Arc<CudaStream>, device: &str) -> Result<Self> {
         let handle = lt::create_handle().map_err(|e| cuda_err("cuBLASLt handle", e))?;
         let workspace = stream
-            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .alloc_zeros::<u8>(workspace_bytes())
             .map_err(|e| cuda_err("cuBLASLt workspace", e))?;
         Ok(BlasLt {
             handle,
@@ -558,7 +586,7 @@ impl BlasLt {
                 )
             };
         }
-        let size = WORKSPACE_BYTES;
+        let size = workspace_bytes();
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
         let mut found = 0i32;
         // SAFETY: descriptors are live; `results` has room for `count` entries and only the
@@ -698,7 +726,7 @@ impl BlasLt {
                 d.layouts[2],
                 algo,
                 ws as *mut c_void,
-                WORKSPACE_BYTES,
+                workspace_bytes(),
                 stream.cu_stream() as *mut _,
             )
         }
