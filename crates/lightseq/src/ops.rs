@@ -406,9 +406,9 @@ pub(crate) fn attention_cached_rows(
         // With a table, keys gathered into their sequences' rows: off the hot path (steps
         // of several positions after a reorder). From `row` on the table names each
         // sequence's own row, so with nothing before it (a prompt, a full forward) it says
-        // nothing. (A captured step keeps its table whatever `row` was at capture: replays
-        // write at the device's position.)
-        let at_start = row == 0 && row_on_device.is_none();
+        // nothing. (This path is never captured: only single-token steps are, and on CUDA
+        // they take the kernel below, which reads the table whatever `row` was at capture.)
+        let at_start = row == 0;
         let gathered = match key_rows.filter(|_| !at_start) {
             Some(t) => {
                 let rows = t.to_i32_vec()?;

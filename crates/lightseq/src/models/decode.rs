@@ -378,6 +378,11 @@ pub trait Decoder: Send + Sync {
     /// [`Parking`]); the default drops it.
     fn park(&self, _st: DecodeState) {}
 
+    /// Frees the state kept from the model's last run (caches, cross states, the captured
+    /// step graph), which otherwise stays allocated until a run of another shape or the
+    /// model's drop.
+    fn release_kept_state(&self) {}
+
     /// [`Decoder::step_logits`] copied to the host as f32.
     fn step(&self, st: &mut DecodeState, tokens: &[Vec<i64>]) -> Result<Vec<f32>> {
         self.step_logits(st, tokens)?.to_f32_vec()
@@ -491,11 +496,20 @@ impl Parking {
     }
 
     /// Keeps `st`, a state this model made, for the next run (the state kept before is
-    /// dropped); other states are dropped.
+    /// dropped); other states are dropped, and so is every state when
+    /// LIGHTSEQ_KEEP_DECODE_STATE=0.
     pub(crate) fn park(&self, st: DecodeState) {
-        if st.owner == self.id {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF
+            .get_or_init(|| std::env::var("LIGHTSEQ_KEEP_DECODE_STATE").is_ok_and(|v| v == "0"));
+        if st.owner == self.id && !off {
             *self.slot() = Some(st);
         }
+    }
+
+    /// Drops the kept state.
+    pub(crate) fn clear(&self) {
+        *self.slot() = None;
     }
 
     /// Drops the kept state unless it has `rows` rows of `capacity` positions: called
@@ -530,10 +544,10 @@ impl Parking {
                 .iter()
                 .all(|c| c.shape().get(1) == Some(&shape.src_len))
             && (st.cross.is_empty() == (shape.src_len == 0));
-        if !fits {
+        // A state that cannot be reset is dropped; the run allocates its own.
+        if !fits || st.reset().is_err() {
             return Ok(None);
         }
-        st.reset()?;
         Ok(Some(st))
     }
 }
@@ -809,5 +823,7 @@ pub(crate) fn decoder_forward(
         .collect();
     st.key_end = Some(p.lengths.clone());
     let h = m.decode(&mut st, &padded)?;
+    // Kept like a generation's (it may hold that run's captured step graph).
+    m.park(st);
     p.output("logits", &m.logits(&h)?)
 }

@@ -186,6 +186,10 @@ impl Decoder for Gpt2 {
         self.parking.park(st);
     }
 
+    fn release_kept_state(&self) {
+        self.parking.clear();
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let t = st.check_step(tokens)?;
         let positions = st.positions(t);

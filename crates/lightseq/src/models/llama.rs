@@ -438,6 +438,10 @@ impl Decoder for Llama {
         self.parking.park(st);
     }
 
+    fn release_kept_state(&self) {
+        self.parking.clear();
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let positions = st.positions(st.check_step(tokens)?);
         standard_step_inputs(st, tokens, self.cfg.vocab_size, positions).map(Some)

@@ -714,6 +714,10 @@ impl Decoder for Seq2Seq {
         self.parking.park(st);
     }
 
+    fn release_kept_state(&self) {
+        self.parking.clear();
+    }
+
     fn encode_sources(&self, sources: &[Vec<i64>]) -> Result<(Tensor, Vec<usize>)> {
         enc_dec_encode_sources(self, sources)
     }

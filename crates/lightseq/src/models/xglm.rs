@@ -206,6 +206,10 @@ impl Decoder for Xglm {
         self.parking.park(st);
     }
 
+    fn release_kept_state(&self) {
+        self.parking.clear();
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let c = &self.cfg;
         let t = st.check_step(tokens)?;
