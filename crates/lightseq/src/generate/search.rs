@@ -422,18 +422,19 @@ pub fn beam(
                     let vals = cand.iter().map(|&i| acc[i]).collect();
                     (cand, vals)
                 };
-                let seqs: Vec<(Vec<i64>, usize)> = cand
-                    .iter()
-                    .map(|&i| {
-                        let (seq, _, row) = &grp.running[i / vocab];
-                        let mut s = seq.clone();
-                        s.push((i % vocab) as i64);
-                        (s, *row)
-                    })
-                    .collect();
-                let stop: Vec<bool> = seqs
-                    .iter()
-                    .map(|(s, _)| cfg.eos.contains(s.last().unwrap()) || cur + 1 >= lim.max_length)
+                // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab;
+                // its sequence is built only where it survives (a running or finished slot).
+                let parent = |c: usize| cand[c] / vocab;
+                let token = |c: usize| (cand[c] % vocab) as i64;
+                let extend = |c: usize| {
+                    let seq = &grp.running[parent(c)].0;
+                    let mut s = Vec::with_capacity(seq.len() + 1);
+                    s.extend_from_slice(seq);
+                    s.push(token(c));
+                    s
+                };
+                let stop: Vec<bool> = (0..cand.len())
+                    .map(|c| cfg.eos.contains(&token(c)) || cur + 1 >= lim.max_length)
                     .collect();
                 let all_stop = stop.iter().all(|&s| s);
                 // Next running beams: the best candidates that did not stop.
@@ -446,35 +447,50 @@ pub fn beam(
                 let new_running: Vec<(Vec<i64>, f32, usize)> = sel
                     .iter()
                     .enumerate()
-                    .map(|(j, &i)| (seqs[i].0.clone(), pen[i], base + j))
+                    .map(|(j, &c)| (extend(c), pen[c], base + j))
                     .collect();
-                for (j, &i) in sel.iter().enumerate() {
-                    src[base + j] = seqs[i].1;
-                    next[base + j] = *seqs[i].0.last().unwrap();
-                    chosen.push(*seqs[i].0.last().unwrap());
+                for (j, &c) in sel.iter().enumerate() {
+                    src[base + j] = grp.running[parent(c)].2;
+                    next[base + j] = token(c);
+                    chosen.push(token(c));
                 }
-                // Finished slots: stopped candidates ranked within the first `gs`.
+                // Finished slots: the best `gs` of the finished ones and the stopped candidates
+                // ranked within the first `gs` (others compete at NEG), finished ones first on
+                // ties.
                 let gen_len = (cur + 1 - lim.input_len) as f32;
                 let all_full = grp.finished.iter().all(|f| f.2);
-                let mut merged: Vec<(Vec<i64>, f32, bool)> = grp.finished.clone();
-                for (i, (s, _)) in seqs.iter().enumerate() {
-                    let mut norm = vals[i] / gen_len.powf(cfg.length_penalty);
-                    if cfg.early_stopping == EarlyStopping::True && all_full {
-                        norm += NEG;
-                    }
-                    if !grp.open {
-                        norm += NEG;
-                    }
-                    let eligible = stop[i] && i < gs;
-                    if !eligible {
-                        norm += NEG;
-                    }
-                    merged.push((s.clone(), norm, eligible));
-                }
-                let scores: Vec<f32> = merged.iter().map(|m| m.1).collect();
+                let (norms, eligible): (Vec<f32>, Vec<bool>) = (0..cand.len())
+                    .map(|c| {
+                        let mut norm = vals[c] / gen_len.powf(cfg.length_penalty);
+                        if cfg.early_stopping == EarlyStopping::True && all_full {
+                            norm += NEG;
+                        }
+                        if !grp.open {
+                            norm += NEG;
+                        }
+                        let eligible = stop[c] && c < gs;
+                        if !eligible {
+                            norm += NEG;
+                        }
+                        (norm, eligible)
+                    })
+                    .unzip();
+                let mut old: Vec<Option<(Vec<i64>, f32, bool)>> = std::mem::take(&mut grp.finished)
+                    .into_iter()
+                    .map(Some)
+                    .collect();
+                let nf = old.len();
+                let scores: Vec<f32> = old
+                    .iter()
+                    .map(|f| f.as_ref().map_or(NEG, |f| f.1))
+                    .chain(norms.iter().copied())
+                    .collect();
                 grp.finished = top_k_stable(&scores, gs)
                     .into_iter()
-                    .map(|i| merged[i].clone())
+                    .map(|i| match old.get_mut(i).and_then(Option::take) {
+                        Some(f) => f,
+                        None => (extend(i - nf), norms[i - nf], eligible[i - nf]),
+                    })
                     .collect();
                 grp.running = new_running;
                 // Can a running beam still beat the worst finished one?
