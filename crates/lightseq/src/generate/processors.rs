@@ -142,11 +142,12 @@ pub fn warp(cfg: &Resolved, scores: &mut [f32], keep: usize) {
     if cfg.temperature != 1.0 {
         scores.iter_mut().for_each(|s| *s /= cfg.temperature);
     }
-    if cfg.top_k > 0 {
-        let k = cfg.top_k.max(keep).min(scores.len());
+    // With no more scores than k (the device's top-k handed over), nothing is below the
+    // k-th largest.
+    if cfg.top_k > 0 && cfg.top_k.max(keep) < scores.len() {
+        let k = cfg.top_k.max(keep);
         let mut sorted: Vec<f32> = scores.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let threshold = sorted[k - 1];
+        let (_, &mut threshold, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         scores
             .iter_mut()
             .filter(|s| **s < threshold)
@@ -187,13 +188,25 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
 /// log_softmax in f32 (HF computes it on f32 logits), the sum of exponentials in f64 as
 /// the CPU `logprob_topk` takes it (an f32 sum over a large vocabulary loses ~1e-4).
 pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    match log_sum_exp(x) {
+        Some(lse) => x.iter().map(|v| v - lse).collect(),
+        None => vec![f32::NEG_INFINITY; x.len()],
+    }
+}
+
+/// `log_softmax(x)[i]` without the rest.
+pub fn log_softmax_at(x: &[f32], i: usize) -> f32 {
+    log_sum_exp(x).map_or(f32::NEG_INFINITY, |lse| x[i] - lse)
+}
+
+/// The log-sum-exp of [`log_softmax`]; None when every value is minus infinity.
+fn log_sum_exp(x: &[f32]) -> Option<f32> {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
-        return vec![f32::NEG_INFINITY; x.len()];
+        return None;
     }
     let s: f64 = x.iter().map(|v| (v - m).exp() as f64).sum();
-    let lse = m + (s.ln() as f32);
-    x.iter().map(|v| v - lse).collect()
+    Some(m + (s.ln() as f32))
 }
 
 #[cfg(test)]
@@ -277,5 +290,52 @@ mod tests {
             }
         }
         assert!(forced_seen > 300, "only {forced_seen} forced steps drawn");
+    }
+
+    /// The top-k warp against a full sort's k-th largest (ties and minus infinity drawn),
+    /// and `log_softmax_at` against `log_softmax`, on random scores.
+    #[test]
+    fn top_k_warp_and_single_log_softmax_match_their_definitions() {
+        let mut r = Lcg(11);
+        for _ in 0..2000 {
+            let n = 1 + r.below(40) as usize;
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match r.below(8) {
+                    0 => f32::NEG_INFINITY,
+                    _ => r.below(12) as f32 / 4.0 - 1.5,
+                })
+                .collect();
+            let top_k = 1 + r.below(45) as usize;
+            let keep = 1 + r.below(3) as usize;
+            let cfg = Resolved::new(
+                &GenerationOptions {
+                    do_sample: Some(true),
+                    top_k: Some(top_k),
+                    ..Default::default()
+                },
+                false,
+            )
+            .unwrap();
+            let mut got = scores.clone();
+            warp(&cfg, &mut got, keep);
+            let k = top_k.max(keep).min(n);
+            let mut sorted = scores.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let want: Vec<f32> = scores
+                .iter()
+                .map(|&s| {
+                    if s < sorted[k - 1] {
+                        f32::NEG_INFINITY
+                    } else {
+                        s
+                    }
+                })
+                .collect();
+            assert_eq!(got, want, "top_k {top_k} keep {keep} over {scores:?}");
+            let full = log_softmax(&scores);
+            for (i, &w) in full.iter().enumerate() {
+                assert_eq!(log_softmax_at(&scores, i).to_bits(), w.to_bits());
+            }
+        }
     }
 }

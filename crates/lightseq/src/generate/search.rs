@@ -5,7 +5,7 @@
 
 use super::config::{EarlyStopping, Resolved};
 use super::processors::{
-    begin_index, forced_tokens, log_softmax, process, softmax, warp, RowContext,
+    begin_index, forced_tokens, log_softmax, log_softmax_at, process, softmax, warp, RowContext,
 };
 use super::Hypothesis;
 use crate::error::Result;
@@ -38,6 +38,23 @@ impl Rng {
     /// Seeded generator.
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x5DEECE66D)
+    }
+
+    /// A token drawn from softmax(`logits`) ([`Rng::categorical`] of [`softmax`]) and its
+    /// log-probability (as [`log_softmax`] gives it), from one pass of exponentials.
+    pub fn draw_logits(&mut self, logits: &[f32]) -> (usize, f32) {
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            // softmax gives zeros, from which categorical takes index 0.
+            self.uniform();
+            return (0, f32::NEG_INFINITY);
+        }
+        let e: Vec<f32> = logits.iter().map(|v| (v - m).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let p: Vec<f32> = e.iter().map(|v| v / sum).collect();
+        let i = self.categorical(&p);
+        let wide: f64 = e.iter().map(|&v| v as f64).sum();
+        (i, logits[i] - (m + wide.ln() as f32))
     }
 
     /// Uniform in [0, 1).
@@ -175,8 +192,8 @@ pub fn greedy(
                     // rest of the vocabulary has probability zero), drawn.
                     let mut s: Vec<f32> = lps.iter().map(|&lp| lp + top.lse[r]).collect();
                     warp(cfg, &mut s, 1);
-                    let j = rng.categorical(&softmax(&s));
-                    Some((ids[j] as usize, log_softmax(&s)[j]))
+                    let (j, lp) = rng.draw_logits(&s);
+                    Some((ids[j] as usize, lp))
                 })
                 .collect()
         } else {
@@ -188,20 +205,18 @@ pub fn greedy(
                     }
                     let mut s = host[r * vocab..(r + 1) * vocab].to_vec();
                     process(cfg, &rows_ctx(r).1, &mut s);
-                    let tok = if cfg.do_sample {
+                    if cfg.do_sample {
                         warp(cfg, &mut s, 1);
-                        rng.categorical(&softmax(&s))
-                    } else {
-                        // First maximum, as torch.argmax.
-                        let mut best = 0;
-                        for (i, &v) in s.iter().enumerate() {
-                            if v > s[best] {
-                                best = i;
-                            }
+                        return Some(rng.draw_logits(&s));
+                    }
+                    // First maximum, as torch.argmax.
+                    let mut tok = 0;
+                    for (i, &v) in s.iter().enumerate() {
+                        if v > s[tok] {
+                            tok = i;
                         }
-                        best
-                    };
-                    Some((tok, log_softmax(&s)[tok]))
+                    }
+                    Some((tok, log_softmax_at(&s, tok)))
                 })
                 .collect()
         };
@@ -573,4 +588,40 @@ fn sample_without_replacement(rng: &mut Rng, acc: &[f32], k: usize) -> Vec<usize
     }
     picked.sort_by(|&a, &b| acc[b].total_cmp(&acc[a]).then(a.cmp(&b)));
     picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `draw_logits` draws what `categorical` of `softmax` draws from the same generator
+    /// state, with `log_softmax`'s value, on random logits (minus infinity among them).
+    #[test]
+    fn draw_logits_matches_softmax_then_categorical() {
+        let mut src = Rng::new(3);
+        for case in 0..3000u64 {
+            let n = 1 + (src.uniform() * 60.0) as usize;
+            let all_masked = case % 97 == 0;
+            let logits: Vec<f32> = (0..n)
+                .map(|_| {
+                    if all_masked || src.uniform() < 0.2 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (src.uniform() * 20.0 - 10.0) as f32
+                    }
+                })
+                .collect();
+            let (mut a, mut b) = (Rng::new(case), Rng::new(case));
+            let (i, lp) = a.draw_logits(&logits);
+            let j = b.categorical(&softmax(&logits));
+            assert_eq!(i, j, "case {case}");
+            assert_eq!(
+                lp.to_bits(),
+                log_softmax(&logits)[j].to_bits(),
+                "case {case}"
+            );
+            // The generators stay in step.
+            assert_eq!(a.uniform(), b.uniform());
+        }
+    }
 }
