@@ -31,6 +31,53 @@ fn host_processing_needed(cfg: &Resolved, row: &RowContext, eos_mask_on_device: 
 /// HF's stand-in for minus infinity in beam scores.
 const NEG: f32 = -1.0e9;
 
+/// With LIGHTSEQ_SEARCH_TIMING=1, the host's time between a step's scores reaching it and
+/// the next step's launch (the search's bookkeeping, while the device waits), reported on
+/// stderr at the end of each search.
+struct HostClock {
+    since: Option<std::time::Instant>,
+    total: std::time::Duration,
+    steps: usize,
+}
+
+impl HostClock {
+    fn new() -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var("LIGHTSEQ_SEARCH_TIMING").is_ok_and(|v| v == "1"));
+        HostClock {
+            since: None,
+            total: std::time::Duration::ZERO,
+            steps: if on { 0 } else { usize::MAX },
+        }
+    }
+
+    /// The step's scores are on the host.
+    fn start(&mut self) {
+        if self.steps != usize::MAX {
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The next step is about to launch (or the search ends).
+    fn stop(&mut self) {
+        if let Some(t) = self.since.take() {
+            self.total += t.elapsed();
+            self.steps += 1;
+        }
+    }
+
+    fn report(&self, search: &str, rows: usize) {
+        if self.steps != usize::MAX && self.steps > 0 {
+            eprintln!(
+                "lightseq: {search} over {rows} rows: {:.1} us of host work a step ({} steps)",
+                self.total.as_secs_f64() * 1e6 / self.steps as f64,
+                self.steps
+            );
+        }
+    }
+}
+
 /// A deterministic generator for sampling (SplitMix64).
 pub struct Rng(u64);
 
@@ -133,6 +180,7 @@ pub fn greedy(
     let mut rng = Rng::new(cfg.seed);
     let mut logits = m.step_logits(st, &first_step)?;
     let vocab = m.vocab();
+    let mut clock = HostClock::new();
     loop {
         let mut next = vec![fill; rows];
         let rows_ctx = |r: usize| {
@@ -169,6 +217,7 @@ pub fn greedy(
         });
         let choices: Vec<Option<(usize, f32)>> = if let Some(k) = fast {
             let top = ops::logprob_topk(&logits, k.min(vocab), None)?;
+            clock.start();
             (0..rows)
                 .map(|r| {
                     if !unfinished[r] {
@@ -198,6 +247,7 @@ pub fn greedy(
                 .collect()
         } else {
             let host = logits.to_f32_vec()?;
+            clock.start();
             (0..rows)
                 .map(|r| {
                     if !unfinished[r] {
@@ -231,11 +281,14 @@ pub fn greedy(
             }
         }
         if !unfinished.iter().any(|&u| u) {
+            clock.stop();
             break;
         }
         let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+        clock.stop();
         logits = m.step_logits(st, &tokens)?;
     }
+    clock.report("greedy search / sampling", rows);
     Ok(seqs
         .into_iter()
         .zip(scores)
@@ -332,6 +385,7 @@ pub fn beam(
     st.reorders = true;
     let mut logits = m.step_logits(st, &first_step)?;
     let mut generated = 0usize;
+    let mut clock = HostClock::new();
     loop {
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
@@ -383,6 +437,7 @@ pub fn beam(
         } else {
             logits.to_f32_vec()?
         };
+        clock.start();
         for (b, item) in items.iter_mut().enumerate() {
             let lim = limits[b];
             let cur = lim.input_len + generated;
@@ -533,12 +588,15 @@ pub fn beam(
         }
         generated += 1;
         if items.iter().all(|it| it.iter().all(|g| g.done)) {
+            clock.stop();
             break;
         }
         st.reorder(&src)?;
         let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+        clock.stop();
         logits = m.step_logits(st, &tokens)?;
     }
+    clock.report("beam search", st.rows);
     let nret = cfg.num_return_sequences;
     Ok(items
         .into_iter()
