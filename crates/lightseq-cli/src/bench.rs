@@ -56,6 +56,11 @@ pub struct BenchArgs {
     pub top_p: Option<f32>,
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// End-of-sequence ids, comma-separated, in place of the model's (a preset may have
+    /// none). With min = max new tokens they are masked at every step, as a
+    /// `min_new_tokens` masks them.
+    #[arg(long, value_delimiter = ',')]
+    pub eos_token_id: Option<Vec<i64>>,
     /// Write the result as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -248,6 +253,7 @@ fn point(
                 top_k: a.top_k,
                 top_p: a.top_p,
                 temperature: a.temperature,
+                eos_token_id: a.eos_token_id.clone(),
                 seed: Some(0),
                 ..Default::default()
             }
