@@ -35,6 +35,7 @@ const NEG: f32 = -1.0e9;
 /// the next step's launch (the search's bookkeeping, while the device waits), reported on
 /// stderr at the end of each search.
 struct HostClock {
+    on: bool,
     since: Option<std::time::Instant>,
     total: std::time::Duration,
     steps: usize,
@@ -43,18 +44,17 @@ struct HostClock {
 impl HostClock {
     fn new() -> Self {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on =
-            *ON.get_or_init(|| std::env::var("LIGHTSEQ_SEARCH_TIMING").is_ok_and(|v| v == "1"));
         HostClock {
+            on: *ON.get_or_init(|| std::env::var("LIGHTSEQ_SEARCH_TIMING").is_ok_and(|v| v == "1")),
             since: None,
             total: std::time::Duration::ZERO,
-            steps: if on { 0 } else { usize::MAX },
+            steps: 0,
         }
     }
 
     /// The step's scores are on the host.
     fn start(&mut self) {
-        if self.steps != usize::MAX {
+        if self.on {
             self.since = Some(std::time::Instant::now());
         }
     }
@@ -68,7 +68,7 @@ impl HostClock {
     }
 
     fn report(&self, search: &str, rows: usize) {
-        if self.steps != usize::MAX && self.steps > 0 {
+        if self.on && self.steps > 0 {
             eprintln!(
                 "lightseq: {search} over {rows} rows: {:.1} us of host work a step ({} steps)",
                 self.total.as_secs_f64() * 1e6 / self.steps as f64,
