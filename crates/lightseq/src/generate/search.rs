@@ -45,7 +45,7 @@ impl HostClock {
     fn new() -> Self {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         HostClock {
-            on: *ON.get_or_init(|| std::env::var("LIGHTSEQ_SEARCH_TIMING").is_ok_and(|v| v == "1")),
+            on: crate::backend::cuda::env_equals(&ON, "LIGHTSEQ_SEARCH_TIMING", "1"),
             since: None,
             total: std::time::Duration::ZERO,
             steps: 0,

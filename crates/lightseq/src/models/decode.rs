@@ -500,8 +500,7 @@ impl Parking {
     /// LIGHTSEQ_KEEP_DECODE_STATE=0.
     pub(crate) fn park(&self, st: DecodeState) {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let off = *OFF
-            .get_or_init(|| std::env::var("LIGHTSEQ_KEEP_DECODE_STATE").is_ok_and(|v| v == "0"));
+        let off = crate::backend::cuda::env_equals(&OFF, "LIGHTSEQ_KEEP_DECODE_STATE", "0");
         if st.owner == self.id && !off {
             *self.slot() = Some(st);
         }
@@ -603,33 +602,32 @@ pub(crate) fn cross_state(
         Some(p) => p.take(&shape)?,
         None => None,
     };
+    // A layer's cross keys/values, repeated for each item's rows (one layer at a time,
+    // which keeps the peak to one layer's).
+    let layer_kv =
+        |c: &CrossAttention| ops::index_select(&c.memory(memory, batch, src_len)?, &expand);
+    // A kept state's buffers take this run's values in place (a captured step reads them
+    // at their addresses).
     let mut st = match kept {
         Some(mut st) => {
-            // The kept buffers take this run's values in place (a captured step reads
-            // them at their addresses).
             for (c, dst) in cross.iter().zip(st.cross.iter_mut()) {
-                let kv = c.memory(memory, batch, src_len)?;
-                ops::copy_into(dst, &ops::index_select(&kv, &expand)?)?;
-            }
-            let ranges = DecodeState::ranges_i32(&src_ranges);
-            match &mut st.src_ranges_dev {
-                Some(t) => ops::write_i32_(t, &ranges)?,
-                None => {
-                    st.src_ranges_dev = Some(Tensor::from_i32(&ranges, &[ranges.len()], device)?)
-                }
+                ops::copy_into(dst, &layer_kv(c)?)?;
             }
             st
         }
         None => {
             let mut st = new_state(cross.len(), rows, capacity, width, dtype, device)?;
             for c in cross {
-                let kv = c.memory(memory, batch, src_len)?;
-                st.cross.push(ops::index_select(&kv, &expand)?);
+                st.cross.push(layer_kv(c)?);
             }
-            st.src_ranges_dev = Some(DecodeState::ranges_tensor(&src_ranges, device)?);
             st
         }
     };
+    let ranges = DecodeState::ranges_i32(&src_ranges);
+    match &mut st.src_ranges_dev {
+        Some(t) => ops::write_i32_(t, &ranges)?,
+        None => st.src_ranges_dev = Some(Tensor::from_i32(&ranges, &[ranges.len()], device)?),
+    }
     st.src_ranges = src_ranges;
     st.rows_per_item = rows / batch;
     if let Some(p) = parking {

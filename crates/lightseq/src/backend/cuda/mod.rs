@@ -427,14 +427,7 @@ impl CudaDevice {
     /// Zeroed device memory for `len` elements of `dtype`.
     pub(crate) fn zeros(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
         let mut s = self.alloc(dtype, len)?;
-        let st = self.stream();
-        let r = match &mut *s.buf {
-            Buf::F32(b) => st.memset_zeros(b),
-            Buf::F16(b) => st.memset_zeros(b),
-            Buf::BF16(b) => st.memset_zeros(b),
-            Buf::I32(b) => st.memset_zeros(b),
-        };
-        r.map_err(|e| cuda_err("memset", e))?;
+        s.zero()?;
         Ok(s)
     }
 
