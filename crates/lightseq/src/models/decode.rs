@@ -760,7 +760,7 @@ pub(crate) fn ids_tensor(tokens: &[Vec<i64>], vocab: usize, device: &Device) -> 
 }
 
 /// The ids of `tokens`, row after row, checked against `vocab`.
-fn ids_host(tokens: &[Vec<i64>], vocab: usize) -> Result<Vec<i32>> {
+pub(crate) fn ids_host(tokens: &[Vec<i64>], vocab: usize) -> Result<Vec<i32>> {
     let mut flat = Vec::with_capacity(tokens.len() * tokens.first().map_or(0, Vec::len));
     for (r, row) in tokens.iter().enumerate() {
         for &id in row {

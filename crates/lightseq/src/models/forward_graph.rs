@@ -1,7 +1,8 @@
 //! Small encoder forwards replayed as CUDA graphs.
 //!
 //! A BERT-base forward of a few sequences launches about a hundred kernels whose host-side
-//! cost (about 5 us each, 9 per GEMM) exceeds their GPU time. A model keeps one
+//! cost (about 5 us each, 9 per GEMM) exceeds their GPU time; so does the encoder of an
+//! encoder-decoder (models/seq2seq.rs) before a short generation. A model keeps one
 //! [`ForwardGraphs`]; a forward whose inputs all come from device tensors is captured the
 //! second time its shape (batch and padded length) is met, and later forwards of that shape
 //! copy their inputs into the captured buffers and replay the graph with one launch. Only

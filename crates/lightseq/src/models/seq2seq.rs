@@ -7,9 +7,10 @@
 
 use super::decode::{
     decode_via_inputs, decoder_forward, enc_dec_begin, enc_dec_begin_from_states,
-    enc_dec_encode_sources, ids_tensor, standard_step_inputs, DecodeState, Decoder, EncoderDecoder,
-    Parking,
+    enc_dec_encode_sources, ids_host, standard_step_inputs, upload_step_inputs, DecodeState,
+    Decoder, EncoderDecoder, Parking,
 };
+use super::forward_graph::{self, ForwardGraphs};
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
 use crate::io::ModelDir;
@@ -272,6 +273,12 @@ impl Embedding {
         }
     }
 
+    /// Whether a forward up to table row `max_row` computes a larger position table on the
+    /// host (fairseq's sinusoid past the rows made at load), which a capture cannot hold.
+    fn grows(&self, max_row: usize) -> bool {
+        matches!(&self.positions, Positions::Fairseq { rows, .. } if max_row + 1 > *rows)
+    }
+
     fn limit(&self) -> usize {
         match &self.positions {
             Positions::Table { limit, .. } => *limit,
@@ -317,6 +324,8 @@ pub struct Seq2Seq {
     device: Device,
     /// The last run, kept for the next of its shape (see `decode::Parking`).
     parking: Parking,
+    /// Encoder forwards replayed as CUDA graphs (see `forward_graph`).
+    enc_graphs: ForwardGraphs,
 }
 
 const LN_EPS: f32 = 1e-5;
@@ -595,6 +604,7 @@ impl Seq2Seq {
             head_bias,
             device: device.clone(),
             parking: Parking::default(),
+            enc_graphs: ForwardGraphs::default(),
         })
     }
 
@@ -618,6 +628,43 @@ impl Seq2Seq {
         let h = f.fc1.forward(x, self.act)?;
         f.fc2.forward(&h, Activation::None)
     }
+
+    /// The encoder from device inputs: token ids, position rows (none above `max_row`), key
+    /// ranges (starts, then ends; `ranges` on the host).
+    fn encoder_from(
+        &self,
+        p: &Padded,
+        ranges: &[(usize, usize)],
+        max_row: usize,
+        inputs: &[Tensor],
+    ) -> Result<Tensor> {
+        let [ids, pos, rt] = inputs else {
+            return Err(Error::op("encoder", "expected three inputs"));
+        };
+        let mut x = self
+            .enc_embed
+            .forward(ids, pos, max_row, self.dtype, &self.device)?;
+        for l in &self.encoder {
+            x = self.residual(&x, &l.ln_attn, |h| {
+                l.attn.forward(
+                    h,
+                    p.batch,
+                    p.len,
+                    ranges,
+                    false,
+                    SelfAttentionExtras {
+                        ranges: Some(rt),
+                        ..Default::default()
+                    },
+                )
+            })?;
+            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+        }
+        if let Some(n) = &self.enc_norm {
+            x = n.forward(&x, None)?;
+        }
+        Ok(x)
+    }
 }
 
 impl EncoderDecoder for Seq2Seq {
@@ -636,34 +683,29 @@ impl EncoderDecoder for Seq2Seq {
                 v
             })
             .collect();
-        let ids = ids_tensor(&padded, self.cfg.src_vocab, &self.device)?;
-        let rows = self.enc_embed.rows(&padded, 0)?;
-        let pos = Tensor::from_i32(&rows, &[rows.len()], &self.device)?;
-        let max_row = rows.iter().copied().max().unwrap_or(0) as usize;
-        let mut x = self
-            .enc_embed
-            .forward(&ids, &pos, max_row, self.dtype, &self.device)?;
+        let ids = ids_host(&padded, self.cfg.src_vocab)?;
+        let pos = self.enc_embed.rows(&padded, 0)?;
+        // The bound of the padded length, not this batch's largest row: a captured forward
+        // serves every batch of its shape.
+        let max_row = self.enc_embed.max_row(0, p.len.max(1));
         let ranges: Vec<(usize, usize)> = p.lengths.iter().map(|&n| (0, n)).collect();
-        let rt = DecodeState::ranges_tensor(&ranges, &self.device)?;
-        for l in &self.encoder {
-            x = self.residual(&x, &l.ln_attn, |h| {
-                l.attn.forward(
-                    h,
-                    p.batch,
-                    p.len,
-                    &ranges,
-                    false,
-                    SelfAttentionExtras {
-                        ranges: Some(&rt),
-                        ..Default::default()
-                    },
-                )
-            })?;
-            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
-        }
-        if let Some(n) = &self.enc_norm {
-            x = n.forward(&x, None)?;
-        }
+        let mut range_ids = vec![0i32; p.batch];
+        range_ids.extend(p.lengths.iter().map(|&n| n as i32));
+        let host = [ids, pos, range_ids];
+        let body = |t: &[Tensor]| self.encoder_from(&p, &ranges, max_row, t);
+        let x = if p.len == 0 || self.enc_embed.grows(max_row) {
+            body(&upload_step_inputs(&host, &self.device)?)?
+        } else {
+            // Every length-dependent value reaches the kernels through the ranges on the
+            // device, so one graph serves every batch of this padded shape.
+            let n = p.batch * p.len;
+            let shape = forward_graph::Shape {
+                key: vec![p.batch, p.len],
+                tokens: n,
+                out: (&[n, self.cfg.d_model], self.dtype),
+            };
+            self.enc_graphs.run(&self.device, shape, &host, body)?
+        };
         Ok((x, p))
     }
 
