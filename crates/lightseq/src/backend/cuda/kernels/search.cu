@@ -4,7 +4,9 @@
 //
 // Order: larger value first, ties to the lower index (a stable top-k). With `mask_rows`
 // set for a row, the listed EOS ids are excluded (their log-probability is -inf), as HF's
-// min-length processor does on log-probabilities.
+// min-length processor does: on log-probabilities (flag 1, beam search), or on logits
+// before the softmax, so that the row's log-sum-exp leaves them out (flag 2, greedy
+// search and sampling).
 //
 // The row-per-block selection is a radix select: four passes of 8-bit digit histograms over order-preserving
 // integer keys find the k-th largest key K; the keys above K are gathered, then the keys
