@@ -1058,8 +1058,8 @@ pub fn reorder_row_prefixes(xs: &mut [&mut Tensor], idx: &Tensor, prefix: usize)
 
 /// The k most likely tokens of each row of `logits` [rows, vocab]: their log-probabilities
 /// (log-softmax over the whole row), ids, and each row's log-sum-exp, on the host. Order:
-/// most likely first, ties to the lower id. Rows flagged in `mask_eos` exclude the `eos` ids
-/// (log-probability -inf, the row not renormalized), as HF's min-length processor does.
+/// most likely first, ties to the lower id. Rows flagged in an [`EosMask`] exclude its ids,
+/// as HF's min-length processor does.
 pub struct TopK {
     pub k: usize,
     /// [rows * k]
@@ -1070,12 +1070,20 @@ pub struct TopK {
     pub lse: Vec<f32>,
 }
 
+/// End-of-sequence ids a [`logprob_topk`] leaves out of the flagged rows.
+#[derive(Clone, Copy, Debug)]
+pub struct EosMask<'a> {
+    /// One flag per row.
+    pub rows: &'a [bool],
+    pub eos: &'a [i64],
+    /// Whether a flagged row's log-sum-exp leaves the ids out too (HF's greedy search and
+    /// sampling mask logits before the softmax) or not (its beam search masks
+    /// log-probabilities after it).
+    pub renormalize: bool,
+}
+
 /// See [`TopK`].
-pub fn logprob_topk(
-    logits: &Tensor,
-    k: usize,
-    mask_eos: Option<(&[bool], &[i64])>,
-) -> Result<TopK> {
+pub fn logprob_topk(logits: &Tensor, k: usize, mask_eos: Option<EosMask>) -> Result<TopK> {
     const OP: &str = "logprob_topk";
     same_float_dtype(OP, &[logits])?;
     let s = logits.shape();
@@ -1083,8 +1091,8 @@ pub fn logprob_topk(
         return Err(Error::op(OP, format!("logits {s:?} with k {k}")));
     }
     let (rows, vocab) = (s[0], s[1]);
-    if let Some((m, _)) = mask_eos {
-        if m.len() != rows {
+    if let Some(m) = mask_eos {
+        if m.rows.len() != rows {
             return Err(Error::op(OP, "one mask flag per row"));
         }
     }

@@ -631,3 +631,74 @@ fn runs_reusing_the_last_runs_buffers_match_fresh_ones() {
         }
     }
 }
+
+/// Greedy search while rows are under their minimum length: the device top-k masks EOS in
+/// the logits and renormalizes (the fast path) where the host path processes every logit.
+/// A bad word equal to EOS changes no score (HF skips it) but sends every step to the host
+/// path, which is the reference. EOS is the token greedy search picks most often, so the
+/// mask decides steps.
+#[test]
+fn greedy_under_a_minimum_length_masks_eos_on_the_device_as_on_the_host() {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu(
+        "greedy_under_a_minimum_length_masks_eos_on_the_device_as_on_the_host",
+    ));
+    for dev in &devices {
+        for name in ["bart", "gpt2"] {
+            let md = ModelDir::open(&fixtures_dir().join(name)).unwrap();
+            let defaults = GenerationOptions::model_defaults(&md.path, &md.config).unwrap();
+            let m = models::load_decoder(&md, DType::F32, dev).unwrap();
+            let p = prompts(m.vocab());
+            let plain = GenerationOptions {
+                max_new_tokens: Some(8),
+                ..Default::default()
+            }
+            .or(&defaults);
+            let mut counts = vec![0usize; m.vocab()];
+            for (toks, _) in seqs(m.as_ref(), Inputs::Ids(&p), &plain)
+                .into_iter()
+                .flatten()
+            {
+                for &t in &toks {
+                    counts[t as usize] += 1;
+                }
+            }
+            let eos = (0..counts.len()).max_by_key(|&t| counts[t]).unwrap() as i64;
+            let opts = |host: bool| {
+                GenerationOptions {
+                    max_new_tokens: Some(8),
+                    min_new_tokens: Some(6),
+                    eos_token_id: Some(vec![eos]),
+                    bad_words_ids: host.then(|| vec![vec![eos]]),
+                    ..Default::default()
+                }
+                .or(&defaults)
+            };
+            let fast = seqs(m.as_ref(), Inputs::Ids(&p), &opts(false));
+            let host = seqs(m.as_ref(), Inputs::Ids(&p), &opts(true));
+            for (i, (f, h)) in fast.iter().zip(&host).enumerate() {
+                assert_eq!(f[0].0, h[0].0, "{name} on {dev}, prompt {i}: tokens");
+                assert!(
+                    (f[0].1 - h[0].1).abs() <= 1e-4,
+                    "{name} on {dev}, prompt {i}: score {} vs {}",
+                    f[0].1,
+                    h[0].1
+                );
+            }
+            // The mask decided steps: without the minimum length, some prompt ends sooner.
+            let unmasked = GenerationOptions {
+                max_new_tokens: Some(8),
+                eos_token_id: Some(vec![eos]),
+                ..Default::default()
+            }
+            .or(&defaults);
+            let free = seqs(m.as_ref(), Inputs::Ids(&p), &unmasked);
+            assert!(
+                free.iter()
+                    .zip(&fast)
+                    .any(|(a, b)| a[0].0.len() < b[0].0.len()),
+                "{name}: EOS {eos} never ended an unconstrained run"
+            );
+        }
+    }
+}

@@ -789,15 +789,25 @@ fn logprob_topk_case(rows: usize, vocab: usize, k: usize, ties: bool) {
     }
     let eos = [17i64, 400];
     let mask = [true, false, true, false, false];
-    let check = |dev: &Device, dt: DType, tol: f32| {
+    let check = |dev: &Device, dt: DType, tol: f32, renormalize: bool| {
         let t = Tensor::from_f32(&x, &[rows, vocab], dt, dev).unwrap();
         let xr = dt.round_f32(&x);
-        let top = ops::logprob_topk(&t, k, Some((&mask, &eos))).unwrap();
+        let eos_mask = ops::EosMask {
+            rows: &mask,
+            eos: &eos,
+            renormalize,
+        };
+        let top = ops::logprob_topk(&t, k, Some(eos_mask)).unwrap();
         for r in 0..rows {
             let row = &xr[r * vocab..(r + 1) * vocab];
+            // Renormalized rows sum over the tokens the mask leaves.
+            let kept: Vec<f64> = (0..vocab)
+                .filter(|j| !(renormalize && mask[r] && eos.contains(&(*j as i64))))
+                .map(|j| row[j] as f64)
+                .collect();
             let lse = {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln()
+                let m = kept.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                m + kept.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
             };
             let mut order: Vec<usize> = (0..vocab)
                 .filter(|j| !(mask[r] && eos.contains(&(*j as i64))))
@@ -820,10 +830,12 @@ fn logprob_topk_case(rows: usize, vocab: usize, k: usize, ties: bool) {
             assert!((top.lse[r] as f64 - lse).abs() <= tol as f64);
         }
     };
-    check(&Device::Cpu, DType::F32, 1e-4);
-    if let Some(g) = gpu("logprob_topk_matches_a_full_sort") {
-        for dt in [DType::F32, DType::F16, DType::BF16] {
-            check(&g, dt, 1e-4);
+    for renormalize in [false, true] {
+        check(&Device::Cpu, DType::F32, 1e-4, renormalize);
+        if let Some(g) = gpu("logprob_topk_matches_a_full_sort") {
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                check(&g, dt, 1e-4, renormalize);
+            }
         }
     }
 }

@@ -212,11 +212,24 @@ pub fn greedy(
             (0..rows).all(|r| {
                 !unfinished[r]
                     || forced[r].is_some()
-                    || !host_processing_needed(cfg, &rows_ctx(r).1, false)
+                    || !host_processing_needed(cfg, &rows_ctx(r).1, true)
             })
         });
         let choices: Vec<Option<(usize, f32)>> = if let Some(k) = fast {
-            let top = ops::logprob_topk(&logits, k.min(vocab), None)?;
+            // The min-length processor masks EOS in the logits, before the softmax (HF's
+            // greedy search and sampling), so the masked rows renormalize without it.
+            let mask: Vec<bool> = (0..rows)
+                .map(|r| !cfg.eos.is_empty() && seqs[r].len() < rows_ctx(r).0.min_length)
+                .collect();
+            let top = ops::logprob_topk(
+                &logits,
+                k.min(vocab),
+                mask.iter().any(|&m| m).then_some(ops::EosMask {
+                    rows: &mask,
+                    eos: &cfg.eos,
+                    renormalize: true,
+                }),
+            )?;
             clock.start();
             (0..rows)
                 .map(|r| {
@@ -420,10 +433,15 @@ pub fn beam(
                 }
             }
             let any = mask.iter().any(|&x| x);
+            // Beam search masks log-probabilities, after the softmax, as HF does.
             let mut top = ops::logprob_topk(
                 &logits,
                 k.min(vocab),
-                any.then_some((&mask[..], &cfg.eos[..])),
+                any.then_some(ops::EosMask {
+                    rows: &mask,
+                    eos: &cfg.eos,
+                    renormalize: false,
+                }),
             )?;
             for (row, f) in &forced {
                 set_forced(&mut top, *row, f);

@@ -192,7 +192,7 @@ pub(crate) fn logprob_topk(
     rows: usize,
     vocab: usize,
     k: usize,
-    mask_eos: Option<(&[bool], &[i64])>,
+    mask_eos: Option<crate::ops::EosMask>,
 ) -> crate::ops::TopK {
     let mut out = crate::ops::TopK {
         k,
@@ -202,17 +202,23 @@ pub(crate) fn logprob_topk(
     };
     for r in 0..rows {
         let row = &x[r * vocab..(r + 1) * vocab];
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Summed in f64: large vocabularies lose ~1e-4 in an f32 sum.
-        let lse = m + (row.iter().map(|v| (v - m).exp() as f64).sum::<f64>().ln() as f32);
-        let masked = mask_eos.is_some_and(|(f, _)| f[r]);
+        let mask = mask_eos.filter(|m| m.rows[r]);
         let value = |j: usize| {
-            if masked && mask_eos.unwrap().1.contains(&(j as i64)) {
+            if mask.is_some_and(|m| m.eos.contains(&(j as i64))) {
                 f32::NEG_INFINITY
             } else {
                 row[j]
             }
         };
+        let renormalize = mask.is_some_and(|m| m.renormalize);
+        let summed = |j: usize| if renormalize { value(j) } else { row[j] };
+        let m = (0..vocab).map(summed).fold(f32::NEG_INFINITY, f32::max);
+        // Summed in f64: large vocabularies lose ~1e-4 in an f32 sum.
+        let lse = m
+            + ((0..vocab)
+                .map(|j| (summed(j) - m).exp() as f64)
+                .sum::<f64>()
+                .ln() as f32);
         let mut idx: Vec<usize> = (0..vocab).collect();
         let cmp = |a: &usize, b: &usize| value(*b).total_cmp(&value(*a)).then(a.cmp(b));
         idx.select_nth_unstable_by(k - 1, cmp);

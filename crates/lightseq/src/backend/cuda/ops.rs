@@ -851,7 +851,7 @@ pub(crate) fn logprob_topk(
     rows: usize,
     vocab: usize,
     k: usize,
-    mask_eos: Option<(&[bool], &[i64])>,
+    mask_eos: Option<crate::ops::EosMask>,
 ) -> Result<crate::ops::TopK> {
     let dev = x.device();
     // Candidates live in shared memory: 8 bytes each.
@@ -863,15 +863,17 @@ pub(crate) fn logprob_topk(
     }
     // Log-probabilities, ids (as f32 bits) and log-sum-exps in one buffer: one download.
     let out = dev.alloc(DType::F32, 2 * rows * k + rows)?;
+    // Flags: 0 unmasked, 1 masked, 2 masked and renormalized (search.cu).
     let (mask, eos) = match mask_eos {
-        Some((m, e)) => {
-            let flags: Vec<i32> = m.iter().map(|&b| b as i32).collect();
-            let e: Vec<i32> = e.iter().map(|&t| t as i32).collect();
+        Some(m) => {
+            let on = 1 + m.renormalize as i32;
+            let flags: Vec<i32> = m.rows.iter().map(|&b| if b { on } else { 0 }).collect();
+            let e: Vec<i32> = m.eos.iter().map(|&t| t as i32).collect();
             (Some(dev.upload_i32(&flags)?), Some(dev.upload_i32(&e)?))
         }
         None => (None, None),
     };
-    let n_eos = mask_eos.map_or(0, |(_, e)| e.len()) as i32;
+    let n_eos = mask_eos.map_or(0, |m| m.eos.len()) as i32;
     let (xp, mp, ep) = (
         x.ptr(),
         mask.as_ref().map_or(0, |m| m.ptr()),

@@ -4,7 +4,9 @@
 //
 // Order: larger value first, ties to the lower index (a stable top-k). With `mask_rows`
 // set for a row, the listed EOS ids are excluded (their log-probability is -inf), as HF's
-// min-length processor does on log-probabilities.
+// min-length processor does: on log-probabilities (flag 1, beam search), or on logits
+// before the softmax, so that the row's log-sum-exp leaves them out (flag 2, greedy
+// search and sampling).
 //
 // The row-per-block selection is a radix select: four passes of 8-bit digit histograms over order-preserving
 // integer keys find the k-th largest key K; the keys above K are gathered, then the keys
@@ -54,7 +56,9 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x;
   const long long row = blockIdx.x;
   const T* x = logits + row * vocab;
+  // mask_rows: 0 unmasked, 1 masked, 2 masked and renormalized.
   const bool masked = mask_rows && mask_rows[row];
+  const bool renorm = masked && mask_rows[row] == 2;
   auto value = [&](int j) -> float {
     if (masked) {
       for (int e = 0; e < n_eos; ++e)
@@ -63,9 +67,10 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
     return to_f(x[j]);
   };
 
-  // Log-sum-exp over the whole row (masking does not renormalize, as in HF), online.
+  // Log-sum-exp over the whole row, online; over the unmasked tokens when renormalizing
+  // (HF's greedy search and sampling mask logits, its beam search log-probabilities).
   float m = LS_NEG_INF, s = 0.f;
-  for (int j = tid; j < vocab; j += nt) lse_add(m, s, to_f(x[j]), 1.f);
+  for (int j = tid; j < vocab; j += nt) lse_add(m, s, renorm ? value(j) : to_f(x[j]), 1.f);
   const float2 ms = block_lse_pair(m, s);
   const float lse = ms.x + logf(ms.y);
 
@@ -310,7 +315,7 @@ __device__ __forceinline__ void tk_warp_kway(const unsigned long long* lists, in
 
 // Block (slice s, row r), TK_SLICE_THREADS threads: cand[(r * slices + s) * k + t] = the
 // slice's t-th best key (0 past the slice's length), stats[2 (r * slices + s) + 0, 1] = its
-// max and sum of exp(x - max) over the raw logits (masking does not renormalize). Each
+// max and sum of exp(x - max) over the raw logits (the masked ones, mask flag 2). Each
 // thread loads its TK_LIST elements at once and keeps them as a sorted list in registers
 // (an element that beats the last one is inserted by a max/min pass); each warp takes its
 // k best by k rounds of a warp-wide max (tk_warp_merge), and the block ranks the warps'
@@ -328,6 +333,7 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
   const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0);
   const T* x = logits + row * vocab + j0;
   const bool masked = mask_rows && mask_rows[row];
+  const bool renorm = masked && mask_rows[row] == 2;
   float v[TK_LIST];
 #pragma unroll
   for (int u = 0; u < TK_LIST; ++u) {
@@ -344,10 +350,10 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
     if (t < n) {
       const int j = j0 + t;
       float w = v[u];
-      lse_add(m, sum, w, 1.f);
       if (masked)
         for (int e = 0; e < n_eos; ++e)
           if (eos[e] == j) w = LS_NEG_INF;
+      lse_add(m, sum, renorm ? w : v[u], 1.f);
       unsigned long long c = tk_key(w, j);
       if (c > best[TK_LIST - 1]) {
 #pragma unroll
