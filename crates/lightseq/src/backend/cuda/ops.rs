@@ -482,12 +482,19 @@ pub(crate) fn attention(
         .arg(&v_rs);
     l.arg(&causal).arg(&q_offset).arg(&window).arg(&o.scale);
     if flash {
-        // q's rows, then one tile each of k and v, rows padded by 8 elements, each region
-        // rounded to 128 bytes (the kernel carves them in that order).
+        // q's rows, then one or two tiles each of k and v, rows padded by 8 elements, each
+        // region rounded to 128 bytes (the kernel carves them in that order). Two stages
+        // where the keys span more than one tile and the buffers stay small.
         let warps = len_q.div_ceil(FLASH_ROWS_PER_WARP).min(FLASH_MAX_WARPS);
         let rows = warps * FLASH_ROWS_PER_WARP;
         let region = |r: usize| (r * (o.head_dim + 8) * elem as usize).next_multiple_of(128);
-        let smem = region(rows) + 2 * region(FLASH_KEY_TILE);
+        let stages: i32 = if o.head_dim <= 64 && ks[1] > FLASH_KEY_TILE {
+            2
+        } else {
+            1
+        };
+        let smem = region(rows) + 2 * stages as usize * region(FLASH_KEY_TILE);
+        l.arg(&stages);
         super::train_ops::allow_smem(&f, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (len_q.div_ceil(rows) as u32, o.heads as u32, batch as u32),

@@ -700,7 +700,8 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 // i when causal and j > q_offset + i - window when window > 0; query head h reads key/value
 // head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
 // out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
-// head) and walks the keys they see in tiles of AF_BK staged in shared memory. Each warp
+// head) and walks the keys they see in tiles of AF_BK staged in shared memory, in one
+// buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one. Each warp
 // keeps its 16 rows' scores, running max and sum and output in registers (online softmax),
 // so no score matrix goes through memory. The probabilities (unnormalized, relative to the
 // running max) are rounded to T before they multiply the values, the sum is taken over the
@@ -713,15 +714,18 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                                 const int* key_start, const int* key_end, int len_q, int heads,
                                 int group, int d, long long q_bs, int q_rs, long long k_bs,
                                 int k_rs, long long v_bs, int v_rs, int causal, int q_offset,
-                                int window, float scale) {
+                                int window, float scale, int kv_stages) {
   extern __shared__ __align__(128) unsigned char at_smem[];
   const int b = blockIdx.z, h = blockIdx.y, kh = h / group;
   const int rows = (blockDim.x >> 5) * 16, q0 = blockIdx.x * rows;
   const int nq = min(rows, len_q - q0), ld = d + 8;
   unsigned char* sm = at_smem;
   T* qs = at_carve<T>(sm, rows, ld);
-  T* ks = at_carve<T>(sm, AF_BK, ld);
-  T* vs = at_carve<T>(sm, AF_BK, ld);
+  T* const k0s = at_carve<T>(sm, AF_BK, ld);
+  T* const v0s = at_carve<T>(sm, AF_BK, ld);
+  const bool two = kv_stages == 2;
+  T* const k1s = two ? at_carve<T>(sm, AF_BK, ld) : k0s;
+  T* const v1s = two ? at_carve<T>(sm, AF_BK, ld) : v0s;
   at_stage(qs, ld, q + b * q_bs + (long long)q0 * q_rs + h * d, nq, rows, d, (long long)q_rs);
   // The keys any of the block's queries sees.
   int j_begin = key_start[b], j_end = key_end[b];
@@ -743,12 +747,30 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   float o[DMAX / 8][4];
   at_zero(o);
   float m[2] = {LS_NEG_INF, LS_NEG_INF}, l[2] = {0.f, 0.f};
-  for (int j0 = j_begin; j0 < j_end; j0 += AF_BK) {
+  // Key and value rows [j0, j0 + AF_BK) into (ks, vs), asynchronously where aligned.
+  auto stage_tile = [&](int j0, T* ks, T* vs) {
     const int nk = min(AF_BK, j_end - j0), nkp = (nk + 15) & ~15;
-    __syncthreads();  // every warp is done with the previous tile
     at_stage(ks, ld, kg + (long long)j0 * k_rs, nk, nkp, d, (long long)k_rs);
     at_stage(vs, ld, vg + (long long)j0 * v_rs, nk, nkp, d, (long long)v_rs);
-    ls_cp_wait_all();
+  };
+  // With two stages, the next tile's copies fly while the current one is worked on.
+  if (two && j_begin < j_end) stage_tile(j_begin, k0s, v0s);
+  ls_cp_commit();
+  int tile_no = 0;
+  for (int j0 = j_begin; j0 < j_end; j0 += AF_BK, ++tile_no) {
+    const int nk = min(AF_BK, j_end - j0), nkp = (nk + 15) & ~15;
+    const bool odd = two && (tile_no & 1);
+    const T* ks = odd ? k1s : k0s;
+    const T* vs = odd ? v1s : v0s;
+    __syncthreads();  // every warp is done with the previous tile (the other buffer)
+    if (two) {
+      if (j0 + AF_BK < j_end) stage_tile(j0 + AF_BK, odd ? k0s : k1s, odd ? v0s : v1s);
+      ls_cp_commit();
+      ls_cp_wait<1>();  // all but the newest group: this tile (and q) have landed
+    } else {
+      stage_tile(j0, k0s, v0s);
+      ls_cp_wait_all();
+    }
     __syncthreads();
     float s[AF_BK / 8][4];
     at_row_scores<T, DMAX, AF_BK>(s, qs, ks, ld, r0, d, nkp);
@@ -822,9 +844,10 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,  \
       int len_q, int heads, int group, int d, long long q_bs, int q_rs, long long k_bs,      \
       int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window,              \
-      float scale) {                                                                         \
+      float scale, int kv_stages) {                                                          \
     attn_flash_body<T, DMAX>(q, k, v, out, key_start, key_end, len_q, heads, group, d, q_bs, \
-                             q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale); \
+                             q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,  \
+                             kv_stages);                                                     \
   }
 LS_ATTN_FLASH(__half, f16, 64)
 LS_ATTN_FLASH(__half, f16, 128)

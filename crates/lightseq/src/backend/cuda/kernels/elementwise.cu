@@ -1,7 +1,7 @@
 // Element-wise kernels: bias + activation in place, addition.
 
-template <typename T>
-__device__ void bias_act_body(T* y, const T* bias, int act, long long total, int n) {
+template <typename T, int A>
+__device__ void bias_act_with(T* y, const T* bias, long long total, int n) {
   constexpr int N = 16 / sizeof(T);
   const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const long long step = (long long)gridDim.x * blockDim.x;
@@ -9,14 +9,15 @@ __device__ void bias_act_body(T* y, const T* bias, int act, long long total, int
   if (ls_aligned16(y) && total % N == 0 && (!bias || (ls_aligned16(bias) && n % N == 0))) {
     LsPack<T>* yp = reinterpret_cast<LsPack<T>*>(y);
     const LsPack<T>* bp = reinterpret_cast<const LsPack<T>*>(bias);
+    const int row_packs = n / N;
     for (long long p = first; p < total / N; p += step) {
       LsPack<T> v = yp[p], b;
-      if (bias) b = bp[p % (n / N)];
+      if (bias) b = bp[p % row_packs];
 #pragma unroll
       for (int e = 0; e < N; ++e) {
         float x = to_f(v.v[e]);
         if (bias) x += to_f(b.v[e]);
-        v.v[e] = from_f<T>(activate(x, act));
+        v.v[e] = from_f<T>(sizeof(T) == 2 && A == 1 ? ls_gelu_erf16(x) : activate(x, A));
       }
       yp[p] = v;
     }
@@ -25,8 +26,13 @@ __device__ void bias_act_body(T* y, const T* bias, int act, long long total, int
   for (long long i = first; i < total; i += step) {
     float v = to_f(y[i]);
     if (bias) v += to_f(bias[i % n]);
-    y[i] = from_f<T>(activate(v, act));
+    y[i] = from_f<T>(activate(v, A));
   }
+}
+
+template <typename T>
+__device__ void bias_act_body(T* y, const T* bias, int act, long long total, int n) {
+  LS_WITH_ACT(act, (bias_act_with<T, LS_A>(y, bias, total, n)))
 }
 
 template <typename T>
@@ -45,15 +51,19 @@ __device__ void add_body(const T* a, const T* b, T* out, long long total) {
 LS_FLOAT_TYPES(LS_ELEMENTWISE)
 
 // Gated unit: x [rows, 2n] = (gate, up); out [rows, n] = act(gate) * up.
-template <typename T>
-__device__ void glu_body(const T* x, T* out, int act, long long rows, int n) {
-  const long long total = rows * n;
+template <typename T, int A>
+__device__ void glu_with(const T* x, T* out, long long total, int n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const long long r = i / n, c = i % n;
     const float g = to_f(x[r * 2 * n + c]), u = to_f(x[r * 2 * n + n + c]);
-    out[i] = from_f<T>(activate(g, act) * u);
+    out[i] = from_f<T>(activate(g, A) * u);
   }
+}
+
+template <typename T>
+__device__ void glu_body(const T* x, T* out, int act, long long rows, int n) {
+  LS_WITH_ACT(act, (glu_with<T, LS_A>(x, out, rows * n, n)))
 }
 
 template <typename T>

@@ -1014,14 +1014,15 @@ LS_FLOAT_TYPES(LS_ACT_BACKWARD_COLSUM)
 
 template <typename T>
 __device__ void activate_body(const T* x, T* y, int act, long long total) {
-  ls_map2(x, (const T*)nullptr, y, total, [act](float v, float) { return activate(v, act); });
+  LS_WITH_ACT(act, (ls_map2(x, (const T*)nullptr, y, total,
+                            [](float v, float) { return activate(v, LS_A); })))
 }
 
 template <typename T>
 __device__ void activation_backward_body(const T* pre, const T* dy, T* dx, int act,
                                          long long total) {
-  ls_map2(pre, dy, dx, total,
-          [act](float p, float d) { return d * activation_grad(p, act); });
+  LS_WITH_ACT(act, (ls_map2(pre, dy, dx, total,
+                            [](float p, float d) { return d * activation_grad(p, LS_A); })))
 }
 
 // ---------------------------------------------------------------------------------------
