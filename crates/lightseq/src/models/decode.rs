@@ -811,14 +811,7 @@ pub(crate) fn decoder_forward(
         );
     }
     let mut st = m.begin(sources, p.batch, p.len)?;
-    let padded: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| {
-            let mut v = r.clone();
-            v.resize(p.len, pad_id);
-            v
-        })
-        .collect();
+    let padded = p.pad_rows(rows, pad_id);
     st.key_end = Some(p.lengths.clone());
     let h = m.decode(&mut st, &padded)?;
     // Kept like a generation's (it may hold that run's captured step graph).

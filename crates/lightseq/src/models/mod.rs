@@ -280,6 +280,17 @@ impl Padded {
         out
     }
 
+    /// `rows`, each right-padded with `pad` to the batch's length.
+    pub fn pad_rows(&self, rows: &[Vec<i64>], pad: i64) -> Vec<Vec<i64>> {
+        rows.iter()
+            .map(|r| {
+                let mut v = r.clone();
+                v.resize(self.len, pad);
+                v
+            })
+            .collect()
+    }
+
     /// Position ids 0..len for every row.
     pub fn positions(&self) -> Vec<i32> {
         (0..self.batch * self.len)

@@ -675,14 +675,7 @@ impl EncoderDecoder for Seq2Seq {
     fn encode(&self, src: &[Vec<i64>]) -> Result<(Tensor, Padded)> {
         let p = Padded::new(src, self.cfg.src_vocab, self.enc_embed.limit())?;
         let pad = self.cfg.pad_token_id as i64;
-        let padded: Vec<Vec<i64>> = src
-            .iter()
-            .map(|r| {
-                let mut v = r.clone();
-                v.resize(p.len, pad);
-                v
-            })
-            .collect();
+        let padded = p.pad_rows(src, pad);
         let ids = ids_host(&padded, self.cfg.src_vocab)?;
         let pos = self.enc_embed.rows(&padded, 0)?;
         // The bound of the padded length, not this batch's largest row: a captured forward
