@@ -15,6 +15,12 @@ pub struct RowContext<'a> {
     pub min_length: usize,
 }
 
+/// Whether HF's min-length processor masks EOS for a sequence of `len` tokens whose
+/// min_length is `min_length`.
+pub(crate) fn min_length_masks_eos(cfg: &Resolved, len: usize, min_length: usize) -> bool {
+    !cfg.eos.is_empty() && len < min_length
+}
+
 fn mask(scores: &mut [f32], tokens: &[i64]) {
     for &t in tokens {
         if t >= 0 && (t as usize) < scores.len() {
@@ -82,7 +88,7 @@ pub fn process(cfg: &Resolved, row: &RowContext, scores: &mut [f32]) {
             mask(scores, &b[b.len() - 1..]);
         }
     }
-    if !cfg.eos.is_empty() && len < row.min_length {
+    if min_length_masks_eos(cfg, len, row.min_length) {
         mask(scores, &cfg.eos);
     }
     if let Some(b) = cfg.forced_bos {

@@ -5,7 +5,8 @@
 
 use super::config::{EarlyStopping, Resolved};
 use super::processors::{
-    begin_index, forced_tokens, log_softmax, log_softmax_at, process, softmax, warp, RowContext,
+    begin_index, forced_tokens, log_softmax, log_softmax_at, min_length_masks_eos, process,
+    softmax, warp, RowContext,
 };
 use super::Hypothesis;
 use crate::error::Result;
@@ -25,7 +26,7 @@ fn host_processing_needed(cfg: &Resolved, row: &RowContext, eos_mask_on_device: 
         || (!cfg.begin_suppress.is_empty() && len == begin)
         || (cfg.forced_bos.is_some() && len == 1)
         || (!cfg.forced_eos.is_empty() && len + 1 == row.max_length)
-        || (!eos_mask_on_device && !cfg.eos.is_empty() && len < row.min_length)
+        || (!eos_mask_on_device && min_length_masks_eos(cfg, len, row.min_length))
 }
 
 /// HF's stand-in for minus infinity in beam scores.
@@ -219,7 +220,7 @@ pub fn greedy(
             // The min-length processor masks EOS in the logits, before the softmax (HF's
             // greedy search and sampling), so the masked rows renormalize without it.
             let mask: Vec<bool> = (0..rows)
-                .map(|r| !cfg.eos.is_empty() && seqs[r].len() < rows_ctx(r).0.min_length)
+                .map(|r| min_length_masks_eos(cfg, seqs[r].len(), rows_ctx(r).0.min_length))
                 .collect();
             let top = ops::logprob_topk(
                 &logits,
@@ -428,7 +429,7 @@ pub fn beam(
             for (b, it) in items.iter().enumerate() {
                 for g in it {
                     for (seq, _, row) in &g.running {
-                        mask[*row] = !cfg.eos.is_empty() && seq.len() < limits[b].min_length;
+                        mask[*row] = min_length_masks_eos(cfg, seq.len(), limits[b].min_length);
                     }
                 }
             }
