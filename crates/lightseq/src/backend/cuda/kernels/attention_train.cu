@@ -701,11 +701,12 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 // head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
 // out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
 // head) and walks the keys they see in tiles of AF_BK staged in shared memory, in one
-// buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one. Each warp
-// keeps its 16 rows' scores, running max and sum and output in registers (online softmax),
-// so no score matrix goes through memory. The probabilities (unnormalized, relative to the
-// running max) are rounded to T before they multiply the values, the sum is taken over the
-// rounded ones, and the output is divided by it at the end; rows that see no key are zero.
+// buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one.
+// Each warp keeps its 16 rows' scores, running max and sum and output in registers (online
+// softmax), so no score matrix goes through memory. The probabilities (unnormalized,
+// relative to the running max) are rounded to T before they multiply the values, the sum
+// is taken over the rounded ones, and the output is divided by it at the end; rows that
+// see no key are zero.
 #define AF_BK 64
 #define AF_FAR (1 << 30)
 

@@ -1,5 +1,11 @@
 // Element-wise kernels: bias + activation in place, addition.
 
+// Activation A of x for an output of type T: the rational erf GELU for 16-bit outputs.
+template <typename T, int A>
+__device__ __forceinline__ float bias_act_value(float x) {
+  return sizeof(T) == 2 && A == 1 ? ls_gelu_erf16(x) : activate(x, A);
+}
+
 template <typename T, int A>
 __device__ void bias_act_with(T* y, const T* bias, long long total, int n) {
   constexpr int N = 16 / sizeof(T);
@@ -17,7 +23,7 @@ __device__ void bias_act_with(T* y, const T* bias, long long total, int n) {
       for (int e = 0; e < N; ++e) {
         float x = to_f(v.v[e]);
         if (bias) x += to_f(b.v[e]);
-        v.v[e] = from_f<T>(sizeof(T) == 2 && A == 1 ? ls_gelu_erf16(x) : activate(x, A));
+        v.v[e] = from_f<T>(bias_act_value<T, A>(x));
       }
       yp[p] = v;
     }
@@ -26,7 +32,7 @@ __device__ void bias_act_with(T* y, const T* bias, long long total, int n) {
   for (long long i = first; i < total; i += step) {
     float v = to_f(y[i]);
     if (bias) v += to_f(bias[i % n]);
-    y[i] = from_f<T>(activate(v, A));
+    y[i] = from_f<T>(bias_act_value<T, A>(v));
   }
 }
 
