@@ -7,7 +7,7 @@ use super::CudaStorage;
 use crate::error::Result;
 use crate::ops::Activation;
 use crate::tensor::DType;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// Rows the kernels take at most: one 16-row tile. With two tiles (32 rows, GPT2's GEMMs at
 /// batch 32) they took 8.4 us a launch on an H200, against cuBLASLt's ~5-10 us, and the
@@ -76,7 +76,7 @@ pub(crate) fn linear_small(
         y.ptr(),
     );
     let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
     l.arg(&mi).arg(&ni).arg(&ki).arg(&code);
     let cfg = LaunchConfig {

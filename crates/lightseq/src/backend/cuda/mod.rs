@@ -3,6 +3,7 @@
 
 mod blaslt;
 pub(crate) mod graph;
+mod launch;
 mod linear_small;
 pub mod nvrtc;
 pub(crate) mod ops;
@@ -48,6 +49,8 @@ pub struct CudaDevice {
     sms: usize,
     /// Shared memory a block may opt in to (MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), bytes.
     smem_optin: usize,
+    /// Whether kernels launch with programmatic dependent launch (launch.rs).
+    pdl: bool,
     // Field order matters for drop: kernels and cuBLASLt state go before the context.
     kernels: nvrtc::KernelCache,
     lt: blaslt::BlasLt,
@@ -184,6 +187,7 @@ impl CudaDevice {
             arch,
             sms,
             smem_optin,
+            pdl: launch::pdl_enabled(arch),
             kernels: nvrtc::KernelCache::new(arch),
             lt,
             stream,
@@ -370,6 +374,11 @@ impl CudaDevice {
 
     pub(crate) fn kernel(&self, name: &str, dtype: DType) -> Result<cudarc::driver::CudaFunction> {
         self.kernels.function(&self.ctx, name, dtype)
+    }
+
+    /// A launch of `f` on this thread's stream ([`Self::stream`]).
+    pub(crate) fn launch<'a>(&'a self, f: &'a cudarc::driver::CudaFunction) -> launch::Launch<'a> {
+        launch::Launch::new(f, self.stream(), self.pdl)
     }
 
     /// Uninitialized device memory for `len` elements of `dtype`.

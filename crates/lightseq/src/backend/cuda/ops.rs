@@ -7,7 +7,7 @@ use crate::backend::cpu::{RotaryGeometry, RowCopy};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionOptions, Heads};
 use crate::tensor::DType;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 pub(super) fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
     let blocks = total.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
@@ -23,12 +23,9 @@ fn row_threads(cols: usize) -> u32 {
     (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-pub(super) fn launched(
+pub(super) fn launched<T>(
     name: &str,
-    r: std::result::Result<
-        Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
-        cudarc::driver::DriverError,
-    >,
+    r: std::result::Result<T, cudarc::driver::DriverError>,
 ) -> Result<()> {
     r.map(|_| ())
         .map_err(|e| cuda_err(&format!("launching {name}"), e))
@@ -105,7 +102,7 @@ fn linear_unaligned(
         let f = dev.kernel("pack_rows", x.dtype())?;
         let (yp, pp) = (y.ptr(), padded.ptr());
         let (total, width, src_width) = ((m * n) as i32, n as i32, ld as i32);
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&yp).arg(&pp).arg(&total).arg(&width).arg(&src_width);
         let cfg = LaunchConfig {
             grid_dim: ((m * n).div_ceil(8 * 256) as u32, 1, 1),
@@ -142,7 +139,7 @@ pub(crate) fn bias_act(
     let f = dev.kernel("bias_act", y.dtype())?;
     let (yp, bp) = (y.ptr(), b.map(|b| b.ptr()).unwrap_or(0));
     let (code, total, n) = (act.code(), y.len() as i64, n as i32);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&yp).arg(&bp).arg(&code).arg(&total).arg(&n);
     // A thread per 16-byte pack (the kernel loops over elements where packs do not apply).
     let packs = y.len().div_ceil(16 / y.dtype().size());
@@ -158,7 +155,7 @@ pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
     }
     let f = dev.kernel("add", a.dtype())?;
     let (ap, bp, op, total) = (a.ptr(), b.ptr(), out.ptr(), a.len() as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&ap).arg(&bp).arg(&op).arg(&total);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("add", unsafe {
@@ -212,7 +209,7 @@ pub(crate) fn layer_norm(
         out.ptr(),
     );
     let hh = h as i32;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&rp)
         .arg(&gp)
@@ -249,7 +246,7 @@ pub(crate) fn embed(
         ptrs[2 * i + 1] = ids.ptr();
     }
     let (op, hh) = (out.ptr(), h as i32);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     for p in &ptrs {
         l.arg(p);
     }
@@ -471,7 +468,7 @@ pub(crate) fn attention(
         table.unwrap_or(0),
         buckets.as_ref().map(|b| b.ptr()).unwrap_or(0),
     );
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&sp).arg(&ep);
     l.arg(&len_q_i).arg(&heads).arg(&group).arg(&hd);
     l.arg(&q_bs)
@@ -576,7 +573,7 @@ pub(crate) fn cast(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
         }
         let f = dev.kernel(name, kdt)?;
         let total = n as i64;
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&src).arg(&dst).arg(&total);
         // SAFETY: argument types match the kernels' signatures in elementwise.cu.
         launched(name, unsafe { l.launch(grid_1d(n, 256)) })
@@ -628,7 +625,7 @@ pub(crate) fn rms_norm(
         out.ptr(),
     );
     let hh = h as i32;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&rp).arg(&gp).arg(&op).arg(&hh).arg(&eps);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -648,7 +645,7 @@ pub(crate) fn glu(x: &CudaStorage, act: Activation, rows: usize, n: usize) -> Re
     }
     let f = dev.kernel("glu", x.dtype())?;
     let (xp, op, code, r, nn) = (x.ptr(), out.ptr(), act.code(), rows as i64, n as i32);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&op).arg(&code).arg(&r).arg(&nn);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("glu", unsafe { l.launch(grid_1d(rows * n, 256)) })?;
@@ -663,7 +660,7 @@ pub(crate) fn scale(x: &CudaStorage, s: f32) -> Result<CudaStorage> {
     }
     let f = dev.kernel("scale", x.dtype())?;
     let (xp, op, total) = (x.ptr(), out.ptr(), x.len() as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&op).arg(&s).arg(&total);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("scale", unsafe { l.launch(grid_1d(x.len(), 256)) })?;
@@ -689,7 +686,7 @@ pub(crate) fn rotary(
         g.head_dim as i32,
         g.half as i32,
     );
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&pp)
         .arg(&fp)
@@ -752,9 +749,10 @@ pub(crate) fn reorder_prefix(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let tp = super::launch::slice_ptr(&ptrs, dev.stream());
         for pass in [0i32, 1] {
-            let mut l = dev.stream().launch_builder(&f);
-            l.arg(&ptrs)
+            let mut l = dev.launch(&f);
+            l.arg(&tp)
                 .arg(&ip)
                 .arg(&sp)
                 .arg(&r)
@@ -783,7 +781,7 @@ pub(crate) fn index_select_dev(
     }
     let f = dev.kernel("index_select", x.dtype())?;
     let (xp, ip, op, nn, r) = (x.ptr(), ids.ptr(), out.ptr(), n as i64, row as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&ip).arg(&op).arg(&nn).arg(&r);
     // SAFETY: argument types match the kernel's signature in elementwise.cu.
     launched("index_select", unsafe { l.launch(grid_1d(n * row, 256)) })?;
@@ -805,7 +803,7 @@ pub(crate) fn write_rows(
     let (dp, sp) = (dst.ptr(), src.ptr());
     let rp = row_on_device.map_or(0, |r| r.ptr());
     let a = row_copy_args(g, None);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&dp).arg(&sp).arg(&rp);
     for v in &a {
         l.arg(v);
@@ -841,7 +839,7 @@ pub(crate) fn write_rows2(
     let (d0, d1, sp) = (dst.0.ptr(), dst.1.ptr(), src.ptr());
     let rp = row_on_device.map_or(0, |r| r.ptr());
     let a = row_copy_args(g, Some(src_col1));
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&d0).arg(&d1).arg(&sp).arg(&rp);
     for v in &a {
         l.arg(v);
@@ -898,7 +896,7 @@ pub(crate) fn logprob_topk(
         let stats = dev.alloc(DType::F32, 2 * rows * slices)?;
         let (cp, sp) = (cand.ptr(), stats.ptr());
         let f = dev.kernel("logprob_topk_slices", x.dtype())?;
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&xp).arg(&v).arg(&kk).arg(&mp).arg(&ep).arg(&n_eos);
         l.arg(&cp).arg(&sp);
         let cfg = LaunchConfig {
@@ -912,7 +910,7 @@ pub(crate) fn logprob_topk(
         launched("logprob_topk_slices", unsafe { l.launch(cfg) })?;
         let f = dev.kernel("logprob_topk_merge", x.dtype())?;
         let s32 = slices as i32;
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&cp).arg(&sp).arg(&r).arg(&kk).arg(&s32).arg(&op);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -925,7 +923,7 @@ pub(crate) fn logprob_topk(
         return topk_download(&out, rows, k);
     }
     let f = dev.kernel("logprob_topk", x.dtype())?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&r)
         .arg(&v)

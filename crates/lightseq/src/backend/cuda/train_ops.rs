@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ops::Activation;
 use crate::tensor::DType;
 use crate::train::ops::AttentionDrop as DropSpec;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// Most blocks of a grid-stride launch.
 const MAX_BLOCKS: usize = 65535 * 8;
@@ -144,7 +144,7 @@ fn sum_chunks_split(
     let (pp, op, op2, op3) = (partial, out.ptr(), out2.ptr(), out3.ptr());
     let (sp, c, n) = (split as i64, chunks as i32, cols as i64);
     let acc = accumulate as i32;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&pp)
         .arg(&op)
         .arg(&op2)
@@ -497,7 +497,7 @@ pub(crate) fn gather_heads(
     let f = dev.kernel("gather_heads", x.dtype())?;
     let (xp, yp) = (x.ptr(), out.ptr());
     let [b, r, w, c, h, dd] = [batch, rows, width, col, heads, d].map(|v| v as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&yp)
         .arg(&b)
@@ -534,7 +534,7 @@ pub(crate) fn transpose_12(
     let (xp, yp) = (x.ptr(), out.ptr());
     let rows = a * b * c;
     let [a, b, c, d] = [a, b, c, d].map(|v| v as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&yp).arg(&a).arg(&b).arg(&c).arg(&d);
     // A thread per 16-byte pack when rows are whole aligned packs, else a warp per row.
     let n = 16 / x.dtype().size();
@@ -595,7 +595,7 @@ pub(crate) fn masked_softmax_at(
         ("masked_softmax_rows", "masked_softmax"),
     );
     let f = dev.kernel(name, s.dtype())?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&sp)
         .arg(&kp)
         .arg(&op)
@@ -633,7 +633,7 @@ pub(crate) fn softmax_backward(
         ("softmax_backward_rows", "softmax_backward"),
     );
     let f = dev.kernel(name, p.dtype())?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&pp)
         .arg(&dpp)
         .arg(&op)
@@ -697,7 +697,7 @@ pub(crate) fn add_layer_norm(
         None
     };
     let stp = stats.as_ref().map_or(0, |s| s.ptr());
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&yp).arg(&gp).arg(&bp).arg(&sp).arg(&op);
     if rows_kernel {
         l.arg(&stp);
@@ -778,7 +778,7 @@ pub(crate) fn layer_norm_backward(
         let partial = dev.alloc(DType::F32, blocks * sums * h)?;
         let pp = partial.ptr();
         let stp = stats.map_or(0, |s| s.ptr());
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&xp)
             .arg(&gp)
             .arg(&dyp)
@@ -804,7 +804,7 @@ pub(crate) fn layer_norm_backward(
     let sp = stats.ptr();
     let (cfg_rows, per_warp) = team_grid(rows, h, 512);
     let f = dev.kernel("layer_norm_backward", dt)?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&gp)
         .arg(&dyp)
@@ -833,7 +833,7 @@ pub(crate) fn layer_norm_backward(
     let partial = dev.alloc(DType::F32, 2 * chunks * h)?;
     let (pg, pb) = (partial.ptr(), partial.ptr() + (chunks * h * 4) as u64);
     let f = dev.kernel(name, dt)?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&dyp)
         .arg(&sp)
@@ -865,7 +865,7 @@ fn unary(
     let f = dev.kernel(name, x.dtype())?;
     let (xp, dyp, op) = (x.ptr(), dy.map_or(0, |d| d.ptr()), out.ptr());
     let (code, total) = (act.code(), x.len() as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp);
     if dy.is_some() {
         l.arg(&dyp);
@@ -958,7 +958,7 @@ impl PackedColumns {
             self.pld as i64,
             accumulate as i32,
         );
-        let mut l = dev.stream().launch_builder(&f);
+        let mut l = dev.launch(&f);
         l.arg(&xp);
         if act.is_some() {
             l.arg(&dyp).arg(&dxp).arg(&code);
@@ -1092,7 +1092,7 @@ fn column_sums(
     let partial = dev.alloc(DType::F32, chunks * cols)?;
     let f = dev.kernel("column_sum", x.dtype())?;
     let (pp, r, c, ld) = (partial.ptr(), rows as i64, cols as i32, ld as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp).arg(&pp).arg(&r).arg(&c).arg(&ld);
     // SAFETY: argument types match the kernel's signature in train.cu; `partial` holds
     // cfg.grid_dim.1 * cols f32.
@@ -1182,7 +1182,7 @@ pub(crate) fn embedding_backward_into(
     };
     let f = dev.kernel(name, dy.dtype())?;
     let (nn, hh, v) = (n as i64, h as i32, vocab.min(i32::MAX as usize) as i32);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&ip)
         .arg(&dp)
         .arg(&op)
@@ -1280,7 +1280,7 @@ pub(crate) fn cross_entropy(
         None => (dev.kernel("cross_entropy", dt)?, rows_grid(n, vocab, 1024)),
     };
     let (r, v, ld) = (n as i64, vocab as i32, ld as i32);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&lp)
         .arg(&tp)
         .arg(&lossp)
@@ -1390,8 +1390,12 @@ fn sum_squares_launch(
         .alloc_zeros::<f64>(chunks)
         .map_err(|e| cuda_err("allocating sum_squares partials", e))?;
     let f = dev.kernel("sum_squares_multi", dt)?;
-    let mut l = st.launch_builder(&f);
-    l.arg(&table).arg(&partial);
+    let (tp, pp) = (
+        super::launch::slice_ptr(&table, st),
+        super::launch::slice_ptr(&partial, st),
+    );
+    let mut l = dev.launch(&f);
+    l.arg(&tp).arg(&pp);
     let cfg = LaunchConfig {
         grid_dim: (chunks as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -1470,8 +1474,9 @@ pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
     let weight_decay = h.weight_decay as f32;
     let decoupled = h.decoupled as i32;
     let f = dev.kernel("adam_multi", copy_dt.unwrap_or(DType::F32))?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&table)
+    let tp = super::launch::slice_ptr(&table, dev.stream());
+    let mut l = dev.launch(&f);
+    l.arg(&tp)
         .arg(&h.grad_scale)
         .arg(&decoupled)
         .arg(&decay_mul)
@@ -1500,7 +1505,7 @@ pub(crate) fn dropout(x: &CudaStorage, p: f32, seed: u64, offset: u64) -> Result
     let keep = 1.0 / (1.0 - p);
     let f = dev.kernel("dropout", x.dtype())?;
     let (xp, yp, total) = (x.ptr(), out.ptr(), x.len() as i64);
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&yp)
         .arg(&p)
@@ -1545,7 +1550,7 @@ unsafe fn launch_add_scaled(
 ) -> Result<()> {
     let f = dev.kernel("add_scaled_into", dt)?;
     let n = total as i64;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&acc).arg(&x).arg(&alpha).arg(&n);
     // SAFETY: argument types match the kernel's signature in train.cu; the caller vouches
     // for the ranges.
@@ -1780,7 +1785,7 @@ pub(crate) fn short_attention_forward(
     let cp = ctx.ptr();
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let causal = causal as i32;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&qp)
         .arg(&kp)
         .arg(&vp)
@@ -1901,7 +1906,7 @@ pub(crate) fn short_attention_backward(
     let bsp = sums.as_ref().map_or(0, |b| b.sums.ptr());
     let (b, h, lq32, lk32, d32) = (batch as i32, heads as i32, lq as i32, lk as i32, d as i32);
     let causal = causal as i32;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = dev.launch(&f);
     l.arg(&qp)
         .arg(&kp)
         .arg(&vp)

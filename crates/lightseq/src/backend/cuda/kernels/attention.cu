@@ -84,6 +84,7 @@ __device__ void attention_body(const T* q, const T* k, const T* v, T* out, const
       int len_q, int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, \
       int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,   \
       const float* bias_table, const int* buckets) {                                           \
+    LS_PDL_WAIT();                                                                             \
     attention_body<T>(q, k, v, out, key_start, key_end, len_q, heads, group, head_dim, q_bs,   \
                       q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,           \
                       bias_table, buckets);                                                    \
@@ -202,6 +203,7 @@ __device__ void attention_tiled_body(const T* q, const T* k, const T* v, T* out,
       int len_q, int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, \
       int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,   \
       const float* bias_table, const int* buckets) {                                           \
+    LS_PDL_WAIT();                                                                             \
     attention_tiled_body<T>(q, k, v, out, key_start, key_end, len_q, heads, group, head_dim,   \
                             q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window,      \
                             scale, bias_table, buckets);                                       \
@@ -386,6 +388,7 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
       const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
       const int* at_dev, int at, const int* key_rows) {                                        \
+    LS_PDL_WAIT();                                                                             \
     attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
                              k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
                              bias_table, buckets, kn, kn_bs, vn_off, at_dev, at, key_rows);    \

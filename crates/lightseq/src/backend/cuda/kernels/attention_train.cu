@@ -672,6 +672,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
           const T* q, const T* k, const T* v, const int* key_lens, T* ctx, int batch,         \
           int heads, int lq, int lk, int d, int q_w, int kv_w, float scale, int causal,       \
           float p_drop, float keep, unsigned long long seed, unsigned long long offset) {     \
+    LS_PDL_WAIT();                                                                            \
     attn_short_fwd_body<T, DMAX, LMAX>(q, k, v, key_lens, ctx, batch, heads, lq, lk, d, q_w,  \
                                        kv_w, scale, causal, p_drop, keep, seed, offset);      \
   }                                                                                           \
@@ -681,6 +682,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
           T* dk, T* dv, float* bsum, int batch, int heads, int lq, int lk, int d, int q_w,    \
           int kv_w, float scale, int causal, float p_drop, float keep,                        \
           unsigned long long seed, unsigned long long offset) {                               \
+    LS_PDL_WAIT();                                                                            \
     attn_short_bwd_body<T, DMAX, LMAX>(q, k, v, key_lens, dctx, dq, dk, dv, bsum, batch,      \
                                        heads, lq, lk, d, q_w, kv_w, scale, causal, p_drop,    \
                                        keep, seed, offset);                                   \
@@ -846,6 +848,7 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       int len_q, int heads, int group, int d, long long q_bs, int q_rs, long long k_bs,      \
       int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window,              \
       float scale, int kv_stages) {                                                          \
+    LS_PDL_WAIT();                                                                           \
     attn_flash_body<T, DMAX>(q, k, v, out, key_start, key_end, len_q, heads, group, d, q_bs, \
                              q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,  \
                              kv_stages);                                                     \

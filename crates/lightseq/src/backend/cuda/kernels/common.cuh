@@ -55,6 +55,18 @@ __device__ __forceinline__ float block_max(float v) {
   return warp_max(lane < warps ? partial[lane] : LS_NEG_INF);
 }
 
+// Programmatic dependent launch (sm_90+, launch.rs): a kernel may be scheduled while the
+// one before it in the stream is still finishing. Every kernel calls this first: it waits
+// until the previous kernel has completed and its writes are visible (at once when the
+// launch had no such dependency, and on older GPUs, where it is nothing).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LS_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define LS_PDL_WAIT() \
+  do {                \
+  } while (0)
+#endif
+
 // Activation codes match ops::Activation::code().
 __device__ __forceinline__ float activate(float x, int act) {
   switch (act) {

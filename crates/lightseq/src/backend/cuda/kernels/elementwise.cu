@@ -49,9 +49,11 @@ __device__ void add_body(const T* a, const T* b, T* out, long long total) {
 #define LS_ELEMENTWISE(T, S)                                                                  \
   extern "C" __global__ void bias_act_##S(T* y, const T* bias, int act, long long total,      \
                                           int n) {                                            \
+    LS_PDL_WAIT();                                                                            \
     bias_act_body<T>(y, bias, act, total, n);                                                 \
   }                                                                                           \
   extern "C" __global__ void add_##S(const T* a, const T* b, T* out, long long total) {       \
+    LS_PDL_WAIT();                                                                            \
     add_body<T>(a, b, out, total);                                                            \
   }
 LS_FLOAT_TYPES(LS_ELEMENTWISE)
@@ -82,9 +84,11 @@ __device__ void scale_body(const T* x, T* out, float s, long long total) {
 
 #define LS_GATED(T, S)                                                                        \
   extern "C" __global__ void glu_##S(const T* x, T* out, int act, long long rows, int n) {    \
+    LS_PDL_WAIT();                                                                            \
     glu_body<T>(x, out, act, rows, n);                                                        \
   }                                                                                           \
   extern "C" __global__ void scale_##S(const T* x, T* out, float s, long long total) {        \
+    LS_PDL_WAIT();                                                                            \
     scale_body<T>(x, out, s, total);                                                          \
   }
 LS_FLOAT_TYPES(LS_GATED)
@@ -115,6 +119,7 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
 #define LS_ROWS(T, S)                                                                          \
   extern "C" __global__ void index_select_##S(const T* x, const int* idx, T* out,              \
                                               long long n_out, long long row) {                \
+    LS_PDL_WAIT();                                                                             \
     index_select_body<T>(x, idx, out, n_out, row);                                             \
   }                                                                                            \
   /* dst_row_at: when non-null, the destination row is read there (captured steps). */     \
@@ -122,6 +127,7 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
                                             int batch, int rows, int width, int src_width,     \
                                             int src_col, int dst_rows, int dst_width,          \
                                             int dst_row, int dst_col) {                        \
+    LS_PDL_WAIT();                                                                             \
     write_rows_body<T>(dst, src, batch, rows, width, src_width, src_col, dst_rows, dst_width,  \
                        dst_row_at ? *dst_row_at : dst_row, dst_col);                           \
   }                                                                                            \
@@ -132,6 +138,7 @@ __device__ void write_rows_body(T* dst, const T* src, int batch, int rows, int w
                                              int width, int src_width, int src_col0,           \
                                              int src_col1, int dst_rows, int dst_width,        \
                                              int dst_row, int dst_col) {                       \
+    LS_PDL_WAIT();                                                                             \
     const bool second = blockIdx.y == 1;                                                       \
     write_rows_body<T>(second ? dst1 : dst0, src, batch, rows, width, src_width,               \
                        second ? src_col1 : src_col0, dst_rows, dst_width,                      \
@@ -176,6 +183,7 @@ __device__ void pack_rows_body(T* __restrict__ dst, const T* __restrict__ src, i
 #define LS_PACK_ROWS(T, S)                                                                     \
   extern "C" __global__ void pack_rows_##S(T* dst, const T* src, int total, int width,         \
                                            int src_width) {                                    \
+    LS_PDL_WAIT();                                                                             \
     pack_rows_body<T>(dst, src, total, width, src_width);                                      \
   }
 LS_FLOAT_TYPES(LS_PACK_ROWS)
@@ -217,6 +225,7 @@ __device__ void reorder_prefix_body(const unsigned long long* ptrs, const int* i
   extern "C" __global__ void reorder_prefix_##S(const unsigned long long* ptrs, const int* idx, \
                                                 T* scratch, int rows, long long row_stride,    \
                                                 long long prefix, int pass) {                  \
+    LS_PDL_WAIT();                                                                             \
     reorder_prefix_body<T>(ptrs, idx, scratch, rows, row_stride, prefix, pass);                \
   }
 LS_FLOAT_TYPES(LS_REORDER)
@@ -224,11 +233,13 @@ LS_FLOAT_TYPES(LS_REORDER)
 // Conversions through f32: to_f32_<src> widens, from_f32_<dst> narrows (round to nearest).
 #define LS_CAST(T, S)                                                                         \
   extern "C" __global__ void to_f32_##S(const T* x, float* y, long long total) {              \
+    LS_PDL_WAIT();                                                                            \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;           \
          i += (long long)gridDim.x * blockDim.x)                                              \
       y[i] = to_f(x[i]);                                                                      \
   }                                                                                           \
   extern "C" __global__ void from_f32_##S(const float* x, T* y, long long total) {            \
+    LS_PDL_WAIT();                                                                            \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;           \
          i += (long long)gridDim.x * blockDim.x)                                              \
       y[i] = from_f<T>(x[i]);                                                                 \

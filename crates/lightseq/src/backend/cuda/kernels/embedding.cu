@@ -21,6 +21,7 @@ __device__ void embed_body(const T* t0, const int* i0, const T* t1, const int* i
   extern "C" __global__ void embed_##S(const T* t0, const int* i0, const T* t1, const int* i1, \
                                        const T* t2, const int* i2, T* out, int h,             \
                                        float scale0) {                                        \
+    LS_PDL_WAIT();                                                                            \
     embed_body<T>(t0, i0, t1, i1, t2, i2, out, h, scale0);                                    \
   }
 LS_FLOAT_TYPES(LS_EMBED)

@@ -27,6 +27,7 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
 #define LS_LAYER_NORM(T, S)                                                                   \
   extern "C" __global__ void layer_norm_##S(const T* x, const T* res, const T* gamma,         \
                                             const T* beta, T* out, int h, float eps) {        \
+    LS_PDL_WAIT();                                                                            \
     layer_norm_body<T>(x, res, gamma, beta, out, h, eps);                                     \
   }
 LS_FLOAT_TYPES(LS_LAYER_NORM)
@@ -53,6 +54,7 @@ __device__ void rms_norm_body(const T* x, const T* res, const T* gamma, T* out, 
 #define LS_RMS_NORM(T, S)                                                                     \
   extern "C" __global__ void rms_norm_##S(const T* x, const T* res, const T* gamma, T* out,   \
                                           int h, float eps) {                                 \
+    LS_PDL_WAIT();                                                                            \
     rms_norm_body<T>(x, res, gamma, out, h, eps);                                             \
   }
 LS_FLOAT_TYPES(LS_RMS_NORM)

@@ -121,6 +121,7 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
   extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
       linear_small_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y,       \
                                int m, int n, int k, int act) {                                \
+    LS_PDL_WAIT();                                                                            \
     linear_small_body<T, 1, NT>(x, w, bias, r, y, m, n, k, act);                              \
   }
 #define LS_LINEAR_SMALL_ALL(T, S) \

@@ -24,6 +24,7 @@ __device__ void rotary_body(T* x, const int* positions, const float* inv_freq, i
   extern "C" __global__ void rotary_##S(T* x, const int* positions, const float* inv_freq,    \
                                         int width, int col, int heads, int head_dim, int half, \
                                         float scaling) {                                      \
+    LS_PDL_WAIT();                                                                            \
     rotary_body<T>(x, positions, inv_freq, width, col, heads, head_dim, half, scaling);       \
   }
 LS_FLOAT_TYPES(LS_ROTARY)

@@ -165,6 +165,7 @@ __device__ void logprob_topk_body(const T* logits, int rows, int vocab, int k,
   extern "C" __global__ void logprob_topk_##S(const T* logits, int rows, int vocab, int k,     \
                                               const int* mask_rows, const int* eos, int n_eos, \
                                               float* out) {                                    \
+    LS_PDL_WAIT();                                                                             \
     logprob_topk_body<T>(logits, rows, vocab, k, mask_rows, eos, n_eos, out);                  \
   }
 LS_FLOAT_TYPES(LS_SEARCH)
@@ -410,11 +411,13 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
   extern "C" __global__ void __launch_bounds__(TK_SLICE_THREADS) logprob_topk_slices_##S(     \
       const T* logits, int vocab, int k, const int* mask_rows, const int* eos, int n_eos,      \
       unsigned long long* cand, float* stats) {                                                \
+    LS_PDL_WAIT();                                                                             \
     logprob_topk_slices_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);         \
   }                                                                                            \
   extern "C" __global__ void logprob_topk_merge_##S(const unsigned long long* cand,            \
                                                     const float* stats, int rows, int k,       \
                                                     int slices, float* out) {                  \
+    LS_PDL_WAIT();                                                                             \
     logprob_topk_merge_body(cand, stats, rows, k, slices, out);                                \
   }
 LS_FLOAT_TYPES(LS_SEARCH_SLICES)

@@ -76,6 +76,7 @@ __device__ void gather_heads_body(const T* x, T* y, I batch, I rows, I width, I 
   extern "C" __global__ void gather_heads_##S(const T* x, T* y, long long batch,             \
                                               long long rows, long long width, long long col, \
                                               long long heads, long long d) {                 \
+    LS_PDL_WAIT();                                                                            \
     if (LS_FITS_32(batch * rows * width) && LS_FITS_32(batch * heads * rows * d))             \
       gather_heads_body<T, int>(x, y, batch, rows, width, col, heads, d);                      \
     else                                                                                       \
@@ -994,6 +995,7 @@ __device__ void column_sum_packed_body(const T* x, float* partial, float* out, f
       const T* x, float* partial, float* out, float* out2, float* out3, long long split,      \
       long long rows, int cols, long long ld, long long pld, int accumulate,                  \
       unsigned int* counter) {                                                                \
+    LS_PDL_WAIT();                                                                            \
     column_sum_packed_body<T>(x, partial, out, out2, out3, split, rows, cols, ld, pld,        \
                               accumulate, counter);                                           \
   }
@@ -1006,6 +1008,7 @@ LS_FLOAT_TYPES(LS_COLUMN_PACKED)
       const T* pre, const T* dy, T* dx, int act, float* partial, float* out, float* out2,     \
       float* out3, long long split, long long rows, int cols, long long ld, long long pld,    \
       int accumulate, unsigned int* counter) {                                                \
+    LS_PDL_WAIT();                                                                            \
     column_sum_packed_impl<T, true>(pre, dy, dx, act, partial,                                \
                                     LsOuts{out, out2, out3, split}, rows, cols, ld, pld,      \
                                     accumulate, counter);                                     \
@@ -1624,10 +1627,12 @@ __device__ void sum_squares_multi_body(const SquaresChunk* chunks, double* parti
                                             int decoupled, float decay_mul,                   \
                                             float weight_decay, float b1, float b2,           \
                                             double eps) {                                     \
+    LS_PDL_WAIT();                                                                            \
     adam_multi_body<T>(chunks, grad_scale, decoupled, decay_mul, weight_decay, b1, b2, eps);  \
   }                                                                                           \
   extern "C" __global__ void sum_squares_multi_##S(const SquaresChunk* chunks,                \
                                                    double* partial) {                         \
+    LS_PDL_WAIT();                                                                            \
     sum_squares_multi_body<T>(chunks, partial);                                               \
   }
 
@@ -1656,6 +1661,7 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
 #define LS_TRAIN(T, S)                                                                        \
   extern "C" __global__ void transpose_12_##S(const T* x, T* y, long long a, long long b,     \
                                               long long c, long long d) {                     \
+    LS_PDL_WAIT();                                                                            \
     if (LS_FITS_32(a * b * c * d))                                                            \
       transpose_12_body<T, int>(x, y, a, b, c, d);                                            \
     else                                                                                      \
@@ -1664,6 +1670,7 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   extern "C" __global__ void masked_softmax_##S(const T* s, const int* key_lens, T* p,        \
                                                 long long rows, int heads, int lq, int lk,    \
                                                 float scale, int causal, int per_warp) {      \
+    LS_PDL_WAIT();                                                                            \
     if (per_warp)                                                                             \
       masked_softmax_body<T, true>(s, key_lens, p, rows, heads, lq, lk, scale, causal);       \
     else                                                                                      \
@@ -1672,6 +1679,7 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   extern "C" __global__ void softmax_backward_##S(const T* p, const T* dp, T* ds,             \
                                                   long long rows, int cols, float scale,      \
                                                   int per_warp) {                             \
+    LS_PDL_WAIT();                                                                            \
     if (per_warp)                                                                             \
       softmax_backward_body<T, true>(p, dp, ds, rows, cols, scale);                           \
     else                                                                                      \
@@ -1681,6 +1689,7 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                                                 const T* beta, T* s_out, T* out,              \
                                                 long long rows, int h, float eps,             \
                                                 int per_warp) {                               \
+    LS_PDL_WAIT();                                                                            \
     if (per_warp)                                                                             \
       add_layer_norm_body<T, true>(x, y, gamma, beta, s_out, out, rows, h, eps);              \
     else                                                                                      \
@@ -1689,6 +1698,7 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   extern "C" __global__ void layer_norm_backward_##S(const T* x, const T* gamma, const T* dy,  \
                                                      T* dx, float* stats, long long rows,     \
                                                      int h, float eps, int per_warp) {        \
+    LS_PDL_WAIT();                                                                            \
     if (per_warp)                                                                             \
       layer_norm_backward_body<T, true>(x, gamma, dy, dx, stats, rows, h, eps);               \
     else                                                                                      \
@@ -1697,32 +1707,39 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
   extern "C" __global__ void layer_norm_params_packed_##S(const T* x, const T* dy,            \
                                                           const float* stats, float* pg,      \
                                                           float* pb, long long rows, int h) { \
+    LS_PDL_WAIT();                                                                            \
     layer_norm_params_packed_body<T>(x, dy, stats, pg, pb, rows, h);                          \
   }                                                                                           \
   extern "C" __global__ void layer_norm_params_##S(const T* x, const T* dy,                   \
                                                    const float* stats, float* dgamma,         \
                                                    float* dbeta, long long rows, int h) {     \
+    LS_PDL_WAIT();                                                                            \
     layer_norm_params_body<T>(x, dy, stats, dgamma, dbeta, rows, h);                          \
   }                                                                                           \
   extern "C" __global__ void column_sum_##S(const T* x, float* out, long long rows,           \
                                             int cols, long long ld) {                         \
+    LS_PDL_WAIT();                                                                            \
     column_sum_body<T>(x, out, rows, cols, ld);                                                \
   }                                                                                           \
   extern "C" __global__ void activate_##S(const T* x, T* y, int act, long long total) {       \
+    LS_PDL_WAIT();                                                                            \
     activate_body<T>(x, y, act, total);                                                       \
   }                                                                                           \
   extern "C" __global__ void activation_backward_##S(const T* pre, const T* dy, T* dx,        \
                                                      int act, long long total) {              \
+    LS_PDL_WAIT();                                                                            \
     activation_backward_body<T>(pre, dy, dx, act, total);                                     \
   }                                                                                           \
   extern "C" __global__ void embedding_backward_##S(const int* ids, const T* dy, float* d,    \
                                                     long long n, int h, int vocab,            \
                                                     float scale) {                            \
+    LS_PDL_WAIT();                                                                            \
     embedding_backward_body<T>(ids, dy, d, n, h, vocab, scale);                               \
   }                                                                                           \
   extern "C" __global__ void embedding_backward_packed_##S(const int* ids, const T* dy,       \
                                                            float* d, long long n, int h,      \
                                                            int vocab, float scale) {          \
+    LS_PDL_WAIT();                                                                            \
     if (LS_FITS_32(n * h))                                                                    \
       embedding_backward_packed<T, int>(ids, dy, d, (int)n, h, vocab, scale);                 \
     else                                                                                      \
@@ -1732,22 +1749,26 @@ __device__ void add_scaled_into_body(float* acc, const T* x, float alpha, long l
                                                float* loss, float* nll, T* d, long long rows, \
                                                int vocab, int ld, float c_nll, float eps_i,   \
                                                float a, float grad_scale) {                   \
+    LS_PDL_WAIT();                                                                            \
     cross_entropy_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, a,    \
                           grad_scale);                                                        \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(1024) cross_entropy_staged_##S(                \
       const T* logits, const int* targets, float* loss, float* nll, T* d, long long rows,     \
       int vocab, int ld, float c_nll, float eps_i, float a, float grad_scale) {               \
+    LS_PDL_WAIT();                                                                            \
     cross_entropy_staged_body<T>(logits, targets, loss, nll, d, rows, vocab, ld, c_nll, eps_i, \
                                  a, grad_scale);                                              \
   }                                                                                           \
   extern "C" __global__ void dropout_##S(const T* x, T* y, float p, float keep,               \
                                          unsigned long long seed, unsigned long long offset,  \
                                          long long total) {                                   \
+    LS_PDL_WAIT();                                                                            \
     dropout_body<T>(x, y, p, keep, seed, offset, total);                                      \
   }                                                                                           \
   extern "C" __global__ void add_scaled_into_##S(float* acc, const T* x, float alpha,         \
                                                  long long total) {                           \
+    LS_PDL_WAIT();                                                                            \
     add_scaled_into_body<T>(acc, x, alpha, total);                                            \
   }
 LS_FLOAT_TYPES(LS_TRAIN)
@@ -1757,27 +1778,32 @@ LS_FLOAT_TYPES(LS_TRAIN)
                                                      long long rows, int heads, int lq,       \
                                                      int lk, float scale, int causal,         \
                                                      int ts) {                                \
+    LS_PDL_WAIT();                                                                            \
     masked_softmax_rows<T>(s, key_lens, p, rows, heads, lq, lk, scale, causal, ts);           \
   }                                                                                           \
   extern "C" __global__ void softmax_backward_rows_##S(const T* p, const T* dp, T* ds,        \
                                                        long long rows, int cols, float scale, \
                                                        int ts) {                              \
+    LS_PDL_WAIT();                                                                            \
     softmax_backward_rows<T>(p, dp, ds, rows, cols, scale, ts);                               \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(256, 4) add_layer_norm_rows_##S(               \
       const T* x, const T* y, const T* gamma, const T* beta, T* s_out, T* out, float* stats,  \
       long long rows, int h, float eps, int ts) {                                             \
+    LS_PDL_WAIT();                                                                            \
     add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, stats, rows, h, eps, ts);           \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_rows_##S(             \
       const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
       long long rows, int h, float eps, int ts) {                                             \
+    LS_PDL_WAIT();                                                                            \
     layer_norm_backward_rows<T, false, LS_LNB_RP>(x, gamma, dy, stats, dx, partial, rows, h,  \
                                                  eps, ts);                                    \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_rows_dsum_##S(        \
       const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
       long long rows, int h, float eps, int ts) {                                             \
+    LS_PDL_WAIT();                                                                            \
     layer_norm_backward_rows<T, true, LS_LNB_RP>(x, gamma, dy, stats, dx, partial, rows, h,   \
                                                  eps, ts);                                    \
   }
@@ -1819,6 +1845,7 @@ __device__ void sum_chunks_body(const float* partial, float* out, float* out2, f
   extern "C" __global__ void sum_chunks_##S(const float* partial, float* out, float* out2,    \
                                             float* out3, long long split, int chunks,         \
                                             long long cols, int accumulate) {                 \
+    LS_PDL_WAIT();                                                                            \
     sum_chunks_body(partial, out, out2, out3, split, chunks, cols, accumulate);               \
   }
 LS_FLOAT_TYPES(LS_SUM_CHUNKS)

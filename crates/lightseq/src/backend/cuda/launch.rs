@@ -1,0 +1,100 @@
+//! Kernel launches, with programmatic dependent launch (PDL) where the GPU has it.
+//!
+//! On sm_90 and later a kernel launched with the programmatic-stream-serialization
+//! attribute may start while the kernel before it in the stream is still finishing: its
+//! blocks are scheduled as the previous kernel's blocks exit, instead of after the whole
+//! grid has completed and the launch has gone through. Every kernel of kernels/*.cu opens
+//! with `LS_PDL_WAIT()` (griddepcontrol.wait), which holds it until the previous kernel's
+//! writes are visible, so the overlap is only the launch's latency and the block
+//! scheduling, never a read of unfinished results. A decode step is ~90 kernels of 3-7 us
+//! each, where that latency is a visible share. Captured into a CUDA graph, the launch
+//! becomes a programmatic edge. `LIGHTSEQ_PDL=0` launches plainly.
+
+use cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig,
+};
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+/// Whether kernels on a GPU of compute capability `arch` are launched with PDL.
+pub(crate) fn pdl_enabled(arch: (i32, i32)) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    arch.0 >= 9 && !super::env_equals(&OFF, "LIGHTSEQ_PDL", "0")
+}
+
+/// The device address of `s`, to pass as a kernel argument (its memory is freed in stream
+/// order, so after the kernels enqueued before its drop).
+pub(crate) fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// A kernel launch being assembled: [`Launch::arg`] in the kernel's parameter order, then
+/// [`Launch::launch`]. The arguments are borrowed until the launch.
+pub(crate) struct Launch<'a> {
+    func: &'a CudaFunction,
+    stream: &'a CudaStream,
+    pdl: bool,
+    args: Vec<*mut c_void>,
+    _args: PhantomData<&'a ()>,
+}
+
+impl<'a> Launch<'a> {
+    pub(crate) fn new(func: &'a CudaFunction, stream: &'a CudaStream, pdl: bool) -> Self {
+        Launch {
+            func,
+            stream,
+            pdl,
+            args: Vec::with_capacity(24),
+            _args: PhantomData,
+        }
+    }
+
+    /// Appends a kernel argument (a device pointer as u64, or a scalar).
+    pub(crate) fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        self.args.push(value as *const T as *mut c_void);
+        self
+    }
+
+    /// Enqueues the kernel on the stream.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and type, and the
+    /// memory they point to must hold what the kernel reads and writes under `cfg`.
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        if !self.pdl {
+            return cudarc::driver::result::launch_kernel(
+                self.func.cu_function(),
+                g,
+                b,
+                cfg.shared_mem_bytes,
+                self.stream.cu_stream(),
+                &mut self.args,
+            );
+        }
+        // SAFETY (of the zeroed value): a plain C struct of integers and a union of them.
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: g.0,
+            gridDimY: g.1,
+            gridDimZ: g.2,
+            blockDimX: b.0,
+            blockDimY: b.1,
+            blockDimZ: b.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(
+            &config,
+            self.func.cu_function(),
+            self.args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+    }
+}
