@@ -214,6 +214,21 @@ __device__ __forceinline__ unsigned long long tk_warp_max(unsigned long long v) 
 #endif
 }
 
+// Sorts 8 keys, largest first: Batcher's odd-even merge network.
+__device__ __forceinline__ void tk_sort8_desc(unsigned long long (&a)[8]) {
+  const auto cx = [&](int i, int j) {
+    const unsigned long long hi = a[i] > a[j] ? a[i] : a[j];
+    a[j] = a[i] > a[j] ? a[j] : a[i];
+    a[i] = hi;
+  };
+  cx(0, 1), cx(2, 3), cx(4, 5), cx(6, 7);
+  cx(0, 2), cx(1, 3), cx(4, 6), cx(5, 7);
+  cx(1, 2), cx(5, 6);
+  cx(0, 4), cx(1, 5), cx(2, 6), cx(3, 7);
+  cx(2, 4), cx(3, 5);
+  cx(1, 2), cx(3, 4), cx(5, 6);
+}
+
 // k rounds: out[r] = the r-th largest head over the warp's lists (sorted, L keys each, 0
 // past their ends), popped from the winning lane's list; 0 once every list is empty.
 template <int L>
@@ -317,10 +332,9 @@ __device__ __forceinline__ void tk_warp_kway(const unsigned long long* lists, in
 // Block (slice s, row r), TK_SLICE_THREADS threads: cand[(r * slices + s) * k + t] = the
 // slice's t-th best key (0 past the slice's length), stats[2 (r * slices + s) + 0, 1] = its
 // max and sum of exp(x - max) over the raw logits (the masked ones, mask flag 2). Each
-// thread loads its TK_LIST elements at once and keeps them as a sorted list in registers
-// (an element that beats the last one is inserted by a max/min pass); each warp takes its
-// k best by k rounds of a warp-wide max (tk_warp_merge), and the block ranks the warps'
-// k best (tk_rank_place). Sorting the whole slice instead (bitonic, 2048 keys) took 98 us a
+// thread loads its TK_LIST elements at once and sorts them in registers (a network); each
+// warp takes its k best by k rounds of a warp-wide max (tk_warp_merge), and the block
+// ranks the warps' k best (tk_rank_place). Sorting the whole slice instead (bitonic, 2048 keys) took 98 us a
 // call at 32 rows of 50257 tokens (ncu, H200), and a block per row with 16-key lists 65 us
 // at 4 rows of 32000 (one SM a row, issue-bound).
 template <typename T>
@@ -342,12 +356,14 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
     v[u] = t < n ? to_f(x[t]) : LS_NEG_INF;
   }
   float m = LS_NEG_INF, sum = 0.f;
+  // A thread holds exactly TK_LIST keys, so its list is all of them, sorted by a network
+  // (19 compare-exchanges) rather than 8 insertions of 8 each; 0 past the slice's end.
+  static_assert(TK_SLICE == TK_LIST * TK_SLICE_THREADS, "a thread's keys are its list");
   unsigned long long best[TK_LIST];
-#pragma unroll
-  for (int i = 0; i < TK_LIST; ++i) best[i] = 0ull;
 #pragma unroll
   for (int u = 0; u < TK_LIST; ++u) {
     const int t = threadIdx.x + u * TK_SLICE_THREADS;
+    best[u] = 0ull;
     if (t < n) {
       const int j = j0 + t;
       float w = v[u];
@@ -355,17 +371,10 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
         for (int e = 0; e < n_eos; ++e)
           if (eos[e] == j) w = LS_NEG_INF;
       lse_add(m, sum, renorm ? w : v[u], 1.f);
-      unsigned long long c = tk_key(w, j);
-      if (c > best[TK_LIST - 1]) {
-#pragma unroll
-        for (int i = 0; i < TK_LIST; ++i) {
-          const unsigned long long hi = best[i] > c ? best[i] : c;
-          c = best[i] > c ? c : best[i];
-          best[i] = hi;
-        }
-      }
+      best[u] = tk_key(w, j);
     }
   }
+  tk_sort8_desc(best);
   const float2 bms = block_lse_pair(m, sum);
   tk_warp_merge<TK_LIST>(best, k, warp_keys + warp * k);
   __syncthreads();
