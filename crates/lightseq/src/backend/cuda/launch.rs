@@ -8,13 +8,15 @@
 //! writes are visible, so the overlap is only the launch's latency and the block
 //! scheduling, never a read of unfinished results. A decode step is ~90 kernels of 3-7 us
 //! each, where that latency is a visible share. Captured into a CUDA graph, the launch
-//! becomes a programmatic edge. `LIGHTSEQ_PDL=0` launches plainly.
+//! becomes a programmatic edge. `LIGHTSEQ_PDL=0` launches plainly, and so does a device
+//! whose driver refused a PDL launch once (the launch is retried plainly).
 
 use cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig,
 };
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether kernels on a GPU of compute capability `arch` are launched with PDL.
 pub(crate) fn pdl_enabled(arch: (i32, i32)) -> bool {
@@ -33,13 +35,14 @@ pub(crate) fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     stream: &'a CudaStream,
-    pdl: bool,
+    /// The device's switch, turned off for good when a PDL launch fails.
+    pdl: &'a AtomicBool,
     args: Vec<*mut c_void>,
     _args: PhantomData<&'a ()>,
 }
 
 impl<'a> Launch<'a> {
-    pub(crate) fn new(func: &'a CudaFunction, stream: &'a CudaStream, pdl: bool) -> Self {
+    pub(crate) fn new(func: &'a CudaFunction, stream: &'a CudaStream, pdl: &'a AtomicBool) -> Self {
         Launch {
             func,
             stream,
@@ -62,17 +65,40 @@ impl<'a> Launch<'a> {
     /// memory they point to must hold what the kernel reads and writes under `cfg`.
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
-        let (g, b) = (cfg.grid_dim, cfg.block_dim);
-        if !self.pdl {
-            return cudarc::driver::result::launch_kernel(
-                self.func.cu_function(),
-                g,
-                b,
-                cfg.shared_mem_bytes,
-                self.stream.cu_stream(),
-                &mut self.args,
-            );
+        let pdl_error = if self.pdl.load(Ordering::Relaxed) {
+            match self.launch_pdl(cfg) {
+                Ok(()) => return Ok(()),
+                Err(e) => Some(e),
+            }
+        } else {
+            None
+        };
+        cudarc::driver::result::launch_kernel(
+            self.func.cu_function(),
+            cfg.grid_dim,
+            cfg.block_dim,
+            cfg.shared_mem_bytes,
+            self.stream.cu_stream(),
+            &mut self.args,
+        )?;
+        // The plain launch went through where the PDL one did not: PDL is what failed.
+        if let Some(e) = pdl_error {
+            if self.pdl.swap(false, Ordering::Relaxed) {
+                eprintln!(
+                    "lightseq: the driver refused a programmatic dependent launch ({e:?}); \
+                     kernels on this device launch plainly from now on"
+                );
+            }
         }
+        Ok(())
+    }
+
+    /// The launch with the programmatic-stream-serialization attribute.
+    ///
+    /// # Safety
+    /// As for [`Launch::launch`].
+    unsafe fn launch_pdl(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
         // SAFETY (of the zeroed value): a plain C struct of integers and a union of them.
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

@@ -14,7 +14,7 @@ use crate::tensor::DType;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Whether the environment variable `var` equals `value`, read once into `cell` (a static
@@ -49,8 +49,9 @@ pub struct CudaDevice {
     sms: usize,
     /// Shared memory a block may opt in to (MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), bytes.
     smem_optin: usize,
-    /// Whether kernels launch with programmatic dependent launch (launch.rs).
-    pdl: bool,
+    /// Whether kernels launch with programmatic dependent launch (launch.rs); turned off
+    /// when the driver refuses such a launch.
+    pdl: AtomicBool,
     // Field order matters for drop: kernels and cuBLASLt state go before the context.
     kernels: nvrtc::KernelCache,
     lt: blaslt::BlasLt,
@@ -187,7 +188,7 @@ impl CudaDevice {
             arch,
             sms,
             smem_optin,
-            pdl: launch::pdl_enabled(arch),
+            pdl: AtomicBool::new(launch::pdl_enabled(arch)),
             kernels: nvrtc::KernelCache::new(arch),
             lt,
             stream,
@@ -378,7 +379,7 @@ impl CudaDevice {
 
     /// A launch of `f` on this thread's stream ([`Self::stream`]).
     pub(crate) fn launch<'a>(&'a self, f: &'a cudarc::driver::CudaFunction) -> launch::Launch<'a> {
-        launch::Launch::new(f, self.stream(), self.pdl)
+        launch::Launch::new(f, self.stream(), &self.pdl)
     }
 
     /// Uninitialized device memory for `len` elements of `dtype`.
