@@ -118,6 +118,43 @@ fn seqs(
         .collect()
 }
 
+/// A decoder-only batch whose long prompt ends at the last position of the model's table
+/// (HF's default max_length is capped there) beside a short prompt that goes on: the long
+/// prompt's rows keep stepping after they finish, and every result is the prompt's alone.
+#[test]
+fn a_prompt_at_the_position_limit_beside_a_short_one_generates_as_alone() {
+    let (m, d) = load("gpt2");
+    let limit = m.max_decoder_positions();
+    let vocab = m.vocab() as i64;
+    let long: Vec<i64> = (0..limit as i64 - 3).map(|i| (i * 7 + 3) % vocab).collect();
+    let short: Vec<i64> = vec![5 % vocab, 17 % vocab, 3 % vocab];
+    for beams in [1, 2] {
+        let o = GenerationOptions {
+            num_beams: Some(beams),
+            ..Default::default()
+        }
+        .or(&d);
+        let both = seqs(m.as_ref(), Inputs::Ids(&[long.clone(), short.clone()]), &o);
+        for (i, p) in [&long, &short].into_iter().enumerate() {
+            let alone = seqs(m.as_ref(), Inputs::Ids(std::slice::from_ref(p)), &o);
+            assert_eq!(both[i].len(), alone[0].len(), "beams {beams} prompt {i}");
+            for (b, a) in both[i].iter().zip(&alone[0]) {
+                assert_eq!(
+                    b.0, a.0,
+                    "beams {beams} prompt {i}: tokens differ from alone"
+                );
+                assert!((b.1 - a.1).abs() <= 1e-4, "beams {beams} prompt {i}: score");
+            }
+        }
+        assert_eq!(
+            both[0][0].0.len(),
+            limit,
+            "the long prompt ends at the limit"
+        );
+        assert!(both[1][0].0.len() > limit - long.len() + short.len());
+    }
+}
+
 #[test]
 fn diverse_lambda_zero_equals_beam_search() {
     for name in ["gpt2", "bart", "t5"] {

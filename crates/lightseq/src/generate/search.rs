@@ -292,6 +292,7 @@ pub fn greedy(
             next[r] = tok as i64;
             if cfg.eos.contains(&(tok as i64)) || seqs[r].len() >= lim.max_length {
                 unfinished[r] = false;
+                st.set_idle(r);
             }
         }
         if !unfinished.iter().any(|&u| u) {
@@ -603,6 +604,11 @@ pub fn beam(
                 let full = grp.finished.iter().all(|f| f.2);
                 grp.done =
                     !grp.open || (full && cfg.early_stopping == EarlyStopping::True) || all_stop;
+                if grp.done {
+                    for row in base..base + gs {
+                        st.set_idle(row);
+                    }
+                }
             }
         }
         generated += 1;

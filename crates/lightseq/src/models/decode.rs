@@ -46,6 +46,9 @@ pub struct DecodeState {
     /// The graph was captured in an earlier run (see [`Parking`]): if this run's buffers
     /// differ after all, its capture is treated as the run's first.
     pub(crate) graph_carried: bool,
+    /// Rows whose outputs are no longer read (their search has finished; see
+    /// [`DecodeState::set_idle`]).
+    idle: Vec<bool>,
 }
 
 impl DecodeState {
@@ -67,6 +70,17 @@ impl DecodeState {
             reorders: false,
             owner: 0,
             graph_carried: false,
+            idle: vec![false; rows],
+        }
+    }
+
+    /// Marks `row` as one whose outputs are no longer read: the search over it has
+    /// finished while other rows go on. Its later steps take position 0, so a finished row
+    /// of a short prompt's neighbour never asks for a position past the model's table
+    /// (rows advance together, and a long prompt's row can finish at the last one).
+    pub fn set_idle(&mut self, row: usize) {
+        if let Some(i) = self.idle.get_mut(row) {
+            *i = true;
         }
     }
 
@@ -100,12 +114,14 @@ impl DecodeState {
     }
 
     /// Position id of each of the next `t` tokens of each row ([rows * t]): the count of
-    /// real tokens before it (left padding excluded), 0 for padding.
+    /// real tokens before it (left padding excluded), 0 for padding and for idle rows.
     pub fn positions(&self, t: usize) -> Vec<i32> {
         let mut out = Vec::with_capacity(self.rows * t);
         for r in 0..self.rows {
+            let idle = self.idle.get(r).copied().unwrap_or(false);
             for i in 0..t {
-                out.push((self.len + i).saturating_sub(self.key_start[r]) as i32);
+                let p = (self.len + i).saturating_sub(self.key_start[r]);
+                out.push(if idle { 0 } else { p as i32 });
             }
         }
         out
@@ -138,6 +154,7 @@ impl DecodeState {
         self.key_start = vec![0; self.rows];
         self.key_end = None;
         self.reorders = false;
+        self.idle = vec![false; self.rows];
         // A graph not captured in the last run (switched off then, or failed) is tried again.
         self.graph_carried = matches!(self.graph, StepGraph::Ready(_));
         if !self.graph_carried {
