@@ -155,6 +155,45 @@ fn a_prompt_at_the_position_limit_beside_a_short_one_generates_as_alone() {
     }
 }
 
+/// HF's default length rule: without max_length or max_new_tokens in the call, 20 tokens
+/// past the input, capped at the model's max_position_embeddings (rotary models too); a
+/// model's configured max_length of 20 is that default, any other value a limit.
+#[test]
+fn default_lengths_follow_hf() {
+    let (m, d) = load("llama");
+    let limit = m.max_decoder_positions();
+    assert!(
+        limit < 1000,
+        "llama fixture: max_position_embeddings {limit}"
+    );
+    let vocab = m.vocab() as i64;
+    for len in [3, limit - 5] {
+        let p: Vec<i64> = (0..len as i64).map(|i| (i * 5 + 1) % vocab).collect();
+        let o = GenerationOptions {
+            eos_token_id: Some(vec![]),
+            ..Default::default()
+        }
+        .or(&d);
+        let out = seqs(m.as_ref(), Inputs::Ids(&[p]), &o);
+        assert_eq!(out[0][0].0.len(), (len + 20).min(limit), "prompt of {len}");
+    }
+    let dir = std::env::temp_dir().join(format!("lightseq-gen-defaults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (given, want) in [(20, None), (142, Some(142))] {
+        std::fs::write(
+            dir.join("generation_config.json"),
+            format!("{{\"max_length\": {given}}}"),
+        )
+        .unwrap();
+        let o = GenerationOptions::model_defaults(&dir, &serde_json::json!({})).unwrap();
+        assert_eq!(
+            o.max_length, want,
+            "generation_config.json max_length {given}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn diverse_lambda_zero_equals_beam_search() {
     for name in ["gpt2", "bart", "t5"] {
@@ -337,6 +376,15 @@ fn bad_generation_options_are_errors() {
             num_beams: Some(4),
             num_beam_groups: Some(2),
             diversity_penalty: Some(f32::NAN),
+            ..Default::default()
+        },
+        // Beam sampling draws 2 x 3 candidates a step without replacement; top_k 1 leaves
+        // 2 tokens of nonzero probability at the first step (torch.multinomial fails too).
+        GenerationOptions {
+            do_sample: Some(true),
+            num_beams: Some(3),
+            top_k: Some(1),
+            max_new_tokens: Some(4),
             ..Default::default()
         },
     ];

@@ -163,10 +163,21 @@ impl GenerationOptions {
                 path: p.clone(),
                 msg: format!("malformed JSON: {e}"),
             })?;
-            return Ok(Self::from_json(&v));
+            return Ok(Self::from_json(&v).without_default_max_length());
         }
         // Without generation_config.json HF derives one from config.json's generation keys.
-        Ok(Self::from_json(config))
+        Ok(Self::from_json(config).without_default_max_length())
+    }
+
+    /// A model's max_length equal to HF's default (20) counts as that default: 20 tokens
+    /// past the input, capped at the model's positions. HF compares the configured value
+    /// with its default's, so only a max_length given with the call, or a model's other
+    /// than 20, is an absolute limit.
+    fn without_default_max_length(mut self) -> Self {
+        if self.max_length == Some(20) {
+            self.max_length = None;
+        }
+        self
     }
 }
 

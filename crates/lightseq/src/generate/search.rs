@@ -502,7 +502,16 @@ pub fn beam(
                         }
                     }
                     let cand: Vec<usize> = if cfg.do_sample {
-                        sample_without_replacement(&mut rng, &acc, k)
+                        let cand = sample_without_replacement(&mut rng, &acc, k);
+                        // HF draws the k without replacement by torch.multinomial, which
+                        // fails the same way; fewer would leave beams without a parent.
+                        if cand.len() < k {
+                            return Err(crate::error::Error::Input(format!(
+                                "beam sampling draws {k} candidates a step ({gs} beams), but only {} tokens have a nonzero probability after top_k / top_p: raise top_k or top_p, or use fewer beams",
+                                cand.len()
+                            )));
+                        }
+                        cand
                     } else if let Some(lambda) = cfg.diverse_lambda {
                         let ranked = sibling_rank_penalized(&acc, gs, vocab, lambda);
                         top_k_stable(&ranked, k)

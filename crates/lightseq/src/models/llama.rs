@@ -410,8 +410,10 @@ impl Decoder for Llama {
         &self.device
     }
 
+    /// max_position_embeddings: rotary positions have no table, so nothing fails past it,
+    /// but HF caps its default generation length there.
     fn max_decoder_positions(&self) -> usize {
-        usize::MAX
+        self.cfg.max_positions
     }
 
     fn begin(
