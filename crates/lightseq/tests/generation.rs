@@ -194,6 +194,48 @@ fn default_lengths_follow_hf() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Samples of one prompt that end at EOS before the others come back as HF returns them:
+/// padded with the pad id (0 for T5, whose EOS is 1) and stripped of it, so each ends at
+/// its first EOS.
+#[test]
+fn shorter_samples_end_at_their_eos() {
+    let (m, d) = load("t5");
+    let p = prompts(m.vocab());
+    let mut shorter = 0;
+    for seed in 0..12 {
+        let o = GenerationOptions {
+            do_sample: Some(true),
+            num_return_sequences: Some(4),
+            max_new_tokens: Some(12),
+            seed: Some(seed),
+            ..Default::default()
+        }
+        .or(&d);
+        let eos = o.eos_token_id.clone().unwrap_or_default();
+        assert!(!eos.is_empty(), "t5 fixture: no EOS id");
+        for hyps in seqs(m.as_ref(), Inputs::Ids(&p), &o) {
+            let longest = hyps.iter().map(|h| h.0.len()).max().unwrap();
+            for (tokens, _) in &hyps {
+                // The decoder start token is the pad id; EOS is looked for after it.
+                if let Some(i) = tokens.iter().skip(1).position(|t| eos.contains(t)) {
+                    assert_eq!(
+                        tokens.len(),
+                        i + 2,
+                        "seed {seed}: tokens after EOS: {tokens:?}"
+                    );
+                }
+                if tokens.len() < longest {
+                    shorter += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        shorter > 0,
+        "no sample ended before the others: the check says nothing"
+    );
+}
+
 #[test]
 fn diverse_lambda_zero_equals_beam_search() {
     for name in ["gpt2", "bart", "t5"] {

@@ -125,14 +125,13 @@ pub fn generate(
         })
         .collect();
     st.key_start = starts.iter().map(|s| prompt_len - s.len()).collect();
-    // HF pads shorter returned beams with `pad_token_id or eos_token_id[0]`.
-    let hf_fill = if cfg.eos.is_empty() {
-        -1
-    } else {
-        match cfg.pad {
-            Some(p) if p != 0 => p,
-            _ => cfg.eos[0],
-        }
+    // HF pads shorter returned beams with `pad_token_id or eos_token_id[0]` (a pad id of
+    // 0 counts as none there), and the finished rows of greedy search and sampling with
+    // the pad id, which is eos_token_id[0] only where the model has none.
+    let hf_fill = match (cfg.eos.first(), cfg.pad) {
+        (None, _) => -1,
+        (Some(&e), pad) if cfg.num_beams > 1 => pad.filter(|&p| p != 0).unwrap_or(e),
+        (Some(&e), pad) => pad.unwrap_or(e),
     };
     let feed = cfg
         .pad
