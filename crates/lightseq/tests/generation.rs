@@ -12,7 +12,12 @@ use lightseq::models;
 use lightseq::{DType, Device};
 
 fn cases() -> Vec<serde_json::Value> {
-    let dir = fixtures_dir().join("generation");
+    fixture_files("generation", 6)
+}
+
+/// The fixture files of `sub` (at least `min`), parsed.
+fn fixture_files(sub: &str, min: usize) -> Vec<serde_json::Value> {
+    let dir = fixtures_dir().join(sub);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
@@ -20,8 +25,8 @@ fn cases() -> Vec<serde_json::Value> {
         .collect();
     files.sort();
     assert!(
-        files.len() >= 6,
-        "generation fixtures missing: run scripts/make_generation_fixtures.py"
+        files.len() >= min,
+        "{sub} fixtures missing: see scripts/make_generation_fixtures.py and make_group_beam_fixtures.py"
     );
     files
         .iter()
@@ -72,6 +77,15 @@ fn check_model(fixture: &serde_json::Value, device: &Device) -> Vec<Vec<Vec<Vec<
 #[test]
 fn cpu_generation_matches_hf_generate() {
     for f in cases() {
+        check_model(&f, &Device::Cpu);
+    }
+}
+
+/// Group (diverse) beam search against HF 4.x's `_group_beam_search` (HF 5.x has none):
+/// tests/fixtures/generation_groups, made by scripts/make_group_beam_fixtures.py.
+#[test]
+fn cpu_group_beam_search_matches_hf4_generate() {
+    for f in fixture_files("generation_groups", 3) {
         check_model(&f, &Device::Cpu);
     }
 }

@@ -125,12 +125,14 @@ pub fn generate(
         })
         .collect();
     st.key_start = starts.iter().map(|s| prompt_len - s.len()).collect();
-    // HF pads shorter returned beams with `pad_token_id or eos_token_id[0]` (a pad id of
-    // 0 counts as none there), and the finished rows of greedy search and sampling with
-    // the pad id, which is eos_token_id[0] only where the model has none.
+    // HF 5.x pads shorter returned beams with `pad_token_id or eos_token_id[0]` (a pad id
+    // of 0 counts as none there); HF 4.x's group beam search, and greedy search and
+    // sampling, pad with the pad id, which is eos_token_id[0] only where the model has none.
     let hf_fill = match (cfg.eos.first(), cfg.pad) {
         (None, _) => -1,
-        (Some(&e), pad) if cfg.num_beams > 1 => pad.filter(|&p| p != 0).unwrap_or(e),
+        (Some(&e), pad) if cfg.num_beams > 1 && cfg.num_beam_groups == 1 => {
+            pad.filter(|&p| p != 0).unwrap_or(e)
+        }
         (Some(&e), pad) => pad.unwrap_or(e),
     };
     let feed = cfg

@@ -378,6 +378,10 @@ pub fn beam(
     let gs = nb / groups;
     let vocab = m.vocab();
     let k = (2usize).max(1 + cfg.eos.len()) * gs;
+    // Group beam search follows HF 4.x's `_group_beam_search` (HF 5.x has none): beams do
+    // not stop at the length limit but are added to the finished ones after the last step,
+    // and a group is done by the best of its candidates, not of its running beams.
+    let hf4 = groups > 1;
     let mut rng = Rng::new(cfg.seed);
     // Per item and group.
     let mut items: Vec<Vec<Group>> = (0..limits.len())
@@ -469,6 +473,9 @@ pub fn beam(
                     for j in 0..gs {
                         src[base + j] = base + j;
                     }
+                    // A finished group's beams take the pad token, which later groups'
+                    // Hamming diversity counts (HF 4.x's group beam search).
+                    chosen.extend(std::iter::repeat_n(fill, gs));
                     continue;
                 }
                 let (cand, vals): (Vec<usize>, Vec<f32>) = if let Some(top) = &top {
@@ -532,8 +539,9 @@ pub fn beam(
                     s.push(token(c));
                     s
                 };
+                let last = cur + 1 >= lim.max_length;
                 let stop: Vec<bool> = (0..cand.len())
-                    .map(|c| cfg.eos.contains(&token(c)) || cur + 1 >= lim.max_length)
+                    .map(|c| cfg.eos.contains(&token(c)) || (last && !hf4))
                     .collect();
                 let all_stop = stop.iter().all(|&s| s);
                 // Next running beams: the best candidates that did not stop.
@@ -599,7 +607,8 @@ pub fn beam(
                     } else {
                         cur + 1 - lim.input_len
                     };
-                let best = grp.running[0].1 / (hyp_len as f32).powf(cfg.length_penalty);
+                let best_sum = if hf4 { vals[0] } else { grp.running[0].1 };
+                let best = best_sum / (hyp_len as f32).powf(cfg.length_penalty);
                 let worst = grp
                     .finished
                     .iter()
@@ -613,6 +622,25 @@ pub fn beam(
                 let full = grp.finished.iter().all(|f| f.2);
                 grp.done =
                     !grp.open || (full && cfg.early_stopping == EarlyStopping::True) || all_stop;
+                if hf4 && last && !grp.done {
+                    // HF 4.x's finalize: the running beams join the finished ones.
+                    let norm = gen_len.powf(cfg.length_penalty);
+                    let old = std::mem::take(&mut grp.finished);
+                    let mut all: Vec<(Vec<i64>, f32, bool)> = old
+                        .into_iter()
+                        .chain(
+                            grp.running
+                                .iter()
+                                .map(|(s, v, _)| (s.clone(), v / norm, true)),
+                        )
+                        .collect();
+                    let scores: Vec<f32> = all.iter().map(|f| f.1).collect();
+                    grp.finished = top_k_stable(&scores, gs)
+                        .into_iter()
+                        .map(|i| std::mem::take(&mut all[i]))
+                        .collect();
+                    grp.done = true;
+                }
                 if grp.done {
                     for row in base..base + gs {
                         st.set_idle(row);
