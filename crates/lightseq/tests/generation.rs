@@ -175,7 +175,7 @@ fn a_prompt_at_the_position_limit_beside_a_short_one_generates_as_alone() {
 #[test]
 fn default_lengths_follow_hf() {
     let (m, d) = load("llama");
-    let limit = m.max_decoder_positions();
+    let limit = m.default_length_cap();
     assert!(
         limit < 1000,
         "llama fixture: max_position_embeddings {limit}"
@@ -248,6 +248,38 @@ fn shorter_samples_end_at_their_eos() {
         shorter > 0,
         "no sample ended before the others: the check says nothing"
     );
+}
+
+/// Beam sampling draws 2 x beams candidates a step without replacement; with top_k 1 the
+/// warper keeps 2 tokens a beam, and at the first step only beam 0 has a nonzero
+/// probability (the others start at -1e9), so 2 tokens are drawable against 6 candidates
+/// at 3 beams. It runs, as HF's does (it panicked on an index before), and returns
+/// finite-scored beams of the full length.
+#[test]
+fn beam_sampling_with_fewer_tokens_than_candidates_runs() {
+    let (m, d) = load("gpt2");
+    let p = prompts(m.vocab());
+    for beams in [2, 3] {
+        let o = GenerationOptions {
+            do_sample: Some(true),
+            num_beams: Some(beams),
+            num_return_sequences: Some(beams),
+            top_k: Some(1),
+            max_new_tokens: Some(5),
+            min_new_tokens: Some(5),
+            ..Default::default()
+        }
+        .or(&d);
+        let out = seqs(m.as_ref(), Inputs::Ids(&p), &o);
+        for (i, hyps) in out.iter().enumerate() {
+            assert_eq!(hyps.len(), beams, "prompt {i}");
+            for (tokens, score) in hyps {
+                assert!(score.is_finite(), "prompt {i}, beams {beams}: {hyps:?}");
+                assert_eq!(tokens.len(), p[i].len() + 5, "prompt {i}, beams {beams}");
+                assert_eq!(&tokens[..p[i].len()], &p[i][..], "prompt {i}: prefix");
+            }
+        }
+    }
 }
 
 #[test]
@@ -432,15 +464,6 @@ fn bad_generation_options_are_errors() {
             num_beams: Some(4),
             num_beam_groups: Some(2),
             diversity_penalty: Some(f32::NAN),
-            ..Default::default()
-        },
-        // Beam sampling draws 2 x 3 candidates a step without replacement; top_k 1 leaves
-        // 2 tokens of nonzero probability at the first step (torch.multinomial fails too).
-        GenerationOptions {
-            do_sample: Some(true),
-            num_beams: Some(3),
-            top_k: Some(1),
-            max_new_tokens: Some(4),
             ..Default::default()
         },
     ];

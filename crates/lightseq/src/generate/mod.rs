@@ -90,7 +90,7 @@ pub fn generate(
     let limits: Vec<ItemLimits> = seeds
         .iter()
         .map(|s| {
-            let (max_length, min_length) = cfg.lengths(s.len(), m.max_decoder_positions())?;
+            let (max_length, min_length) = cfg.lengths(s.len(), m.default_length_cap())?;
             Ok(ItemLimits {
                 input_len: s.len(),
                 max_length,

@@ -509,14 +509,27 @@ pub fn beam(
                         }
                     }
                     let cand: Vec<usize> = if cfg.do_sample {
-                        let cand = sample_without_replacement(&mut rng, &acc, k);
-                        // HF draws the k without replacement by torch.multinomial, which
-                        // fails the same way; fewer would leave beams without a parent.
+                        let mut cand = sample_without_replacement(&mut rng, &acc, k);
+                        // Where fewer than k tokens have a nonzero probability, HF's
+                        // torch.multinomial (without replacement) fills its k with tokens of
+                        // probability zero; these take the best scores among the rest, so
+                        // every beam keeps a parent, and never outrank a drawn token.
                         if cand.len() < k {
-                            return Err(crate::error::Error::Input(format!(
-                                "beam sampling draws {k} candidates a step ({gs} beams), but only {} tokens have a nonzero probability after top_k / top_p: raise top_k or top_p, or use fewer beams",
-                                cand.len()
-                            )));
+                            let drawn: std::collections::HashSet<usize> =
+                                cand.iter().copied().collect();
+                            let rest: Vec<f32> = acc
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &v)| {
+                                    if drawn.contains(&i) {
+                                        f32::NEG_INFINITY
+                                    } else {
+                                        v
+                                    }
+                                })
+                                .collect();
+                            let fill = top_k_stable(&rest, k - cand.len());
+                            cand.extend(fill);
                         }
                         cand
                     } else if let Some(lambda) = cfg.diverse_lambda {

@@ -74,10 +74,16 @@ impl DecodeState {
         }
     }
 
-    /// Marks `row` as one whose outputs are no longer read: the search over it has
-    /// finished while other rows go on. Its later steps take position 0, so a finished row
-    /// of a short prompt's neighbour never asks for a position past the model's table
-    /// (rows advance together, and a long prompt's row can finish at the last one).
+    /// Whether `row`'s outputs are no longer read: the search over it has finished while
+    /// other rows go on. Its later steps take position 0, so a finished row beside a
+    /// shorter prompt never asks for a position past the model's table (rows advance
+    /// together, and a long prompt's row can finish at the last one), and it no longer
+    /// counts where a model looks at the longest row (dynamic rope scaling).
+    pub fn is_idle(&self, row: usize) -> bool {
+        self.idle.get(row).copied().unwrap_or(false)
+    }
+
+    /// Marks `row` idle (see [`DecodeState::is_idle`]).
     pub fn set_idle(&mut self, row: usize) {
         if let Some(i) = self.idle.get_mut(row) {
             *i = true;
@@ -299,6 +305,11 @@ pub trait Decoder: Send + Sync {
     fn decoder_device(&self) -> &Device;
     /// Longest decoder sequence the model's positions allow.
     fn max_decoder_positions(&self) -> usize;
+    /// Where HF caps a default generation length (20 new tokens): the model's
+    /// max_position_embeddings, which rotary models may step past.
+    fn default_length_cap(&self) -> usize {
+        self.max_decoder_positions()
+    }
     /// Starts a run of `rows` sequences with caches of `capacity` positions. Encoder-decoders
     /// encode `sources` (one per batch item) and repeat each item's encoding `rows /
     /// sources.len()` times (beams); decoder-only models take no sources.

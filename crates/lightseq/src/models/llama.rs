@@ -67,6 +67,9 @@ pub struct LlamaConfig {
     pub eps: f64,
     pub act: String,
     pub max_positions: usize,
+    /// max_position_embeddings as the config gives it: HF caps a default generation
+    /// length there (positions past it are still computed).
+    pub length_cap: Option<usize>,
     pub rope_theta: f64,
     pub rope: RopeKind,
     pub qkv_bias: bool,
@@ -211,6 +214,9 @@ impl LlamaConfig {
                 .unwrap_or("silu")
                 .to_string(),
             max_positions,
+            length_cap: get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize),
             rope_theta,
             rope,
             qkv_bias,
@@ -410,10 +416,14 @@ impl Decoder for Llama {
         &self.device
     }
 
-    /// max_position_embeddings: rotary positions have no table, so nothing fails past it,
-    /// but HF caps its default generation length there.
     fn max_decoder_positions(&self) -> usize {
-        self.cfg.max_positions
+        usize::MAX
+    }
+
+    /// Rotary positions have no table, but HF caps a default generation length at
+    /// max_position_embeddings.
+    fn default_length_cap(&self) -> usize {
+        self.cfg.length_cap.unwrap_or(usize::MAX)
     }
 
     fn begin(
@@ -471,8 +481,10 @@ impl Decoder for Llama {
         let rope = match &self.fixed_rope {
             Some(r) => r,
             None => {
-                // Dynamic rope depends on the longest sequence seen so far.
+                // Dynamic rope depends on the longest sequence seen so far (rows whose
+                // search has finished step on, but no longer count).
                 let longest = (0..st.rows)
+                    .filter(|&r| !st.is_idle(r))
                     .map(|r| (st.len + t).saturating_sub(st.key_start[r]))
                     .max()
                     .unwrap_or(0);
