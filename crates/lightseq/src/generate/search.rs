@@ -330,6 +330,26 @@ struct Group {
     done: bool,
 }
 
+/// The best `n` of the finished slots `old` and of new ones scored `new`, finished ones
+/// first on ties; a new one is built by `make` (from its index in `new`) only where kept.
+fn keep_best(
+    old: Vec<(Vec<i64>, f32, bool)>,
+    new: &[f32],
+    n: usize,
+    mut make: impl FnMut(usize) -> (Vec<i64>, f32, bool),
+) -> Vec<(Vec<i64>, f32, bool)> {
+    let nf = old.len();
+    let scores: Vec<f32> = old.iter().map(|f| f.1).chain(new.iter().copied()).collect();
+    let mut old: Vec<Option<(Vec<i64>, f32, bool)>> = old.into_iter().map(Some).collect();
+    top_k_stable(&scores, n)
+        .into_iter()
+        .map(|i| match old.get_mut(i).and_then(Option::take) {
+            Some(f) => f,
+            None => make(i - nf),
+        })
+        .collect()
+}
+
 /// Indices of the `k` largest values, ties to the lower index (stable).
 fn top_k_stable(v: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(v.len());
@@ -509,29 +529,7 @@ pub fn beam(
                         }
                     }
                     let cand: Vec<usize> = if cfg.do_sample {
-                        let mut cand = sample_without_replacement(&mut rng, &acc, k);
-                        // Where fewer than k tokens have a nonzero probability, HF's
-                        // torch.multinomial (without replacement) fills its k with tokens of
-                        // probability zero; these take the best scores among the rest, so
-                        // every beam keeps a parent, and never outrank a drawn token.
-                        if cand.len() < k {
-                            let drawn: std::collections::HashSet<usize> =
-                                cand.iter().copied().collect();
-                            let rest: Vec<f32> = acc
-                                .iter()
-                                .enumerate()
-                                .map(|(i, &v)| {
-                                    if drawn.contains(&i) {
-                                        f32::NEG_INFINITY
-                                    } else {
-                                        v
-                                    }
-                                })
-                                .collect();
-                            let fill = top_k_stable(&rest, k - cand.len());
-                            cand.extend(fill);
-                        }
-                        cand
+                        sample_without_replacement(&mut rng, &acc, k)
                     } else if let Some(lambda) = cfg.diverse_lambda {
                         let ranked = sibling_rank_penalized(&acc, gs, vocab, lambda);
                         top_k_stable(&ranked, k)
@@ -595,23 +593,8 @@ pub fn beam(
                         (norm, eligible)
                     })
                     .unzip();
-                let mut old: Vec<Option<(Vec<i64>, f32, bool)>> = std::mem::take(&mut grp.finished)
-                    .into_iter()
-                    .map(Some)
-                    .collect();
-                let nf = old.len();
-                let scores: Vec<f32> = old
-                    .iter()
-                    .map(|f| f.as_ref().map_or(NEG, |f| f.1))
-                    .chain(norms.iter().copied())
-                    .collect();
-                grp.finished = top_k_stable(&scores, gs)
-                    .into_iter()
-                    .map(|i| match old.get_mut(i).and_then(Option::take) {
-                        Some(f) => f,
-                        None => (extend(i - nf), norms[i - nf], eligible[i - nf]),
-                    })
-                    .collect();
+                let old = std::mem::take(&mut grp.finished);
+                grp.finished = keep_best(old, &norms, gs, |c| (extend(c), norms[c], eligible[c]));
                 grp.running = new_running;
                 // Can a running beam still beat the worst finished one?
                 let hyp_len =
@@ -638,20 +621,11 @@ pub fn beam(
                 if hf4 && last && !grp.done {
                     // HF 4.x's finalize: the running beams join the finished ones.
                     let norm = gen_len.powf(cfg.length_penalty);
+                    let scores: Vec<f32> = grp.running.iter().map(|r| r.1 / norm).collect();
                     let old = std::mem::take(&mut grp.finished);
-                    let mut all: Vec<(Vec<i64>, f32, bool)> = old
-                        .into_iter()
-                        .chain(
-                            grp.running
-                                .iter()
-                                .map(|(s, v, _)| (s.clone(), v / norm, true)),
-                        )
-                        .collect();
-                    let scores: Vec<f32> = all.iter().map(|f| f.1).collect();
-                    grp.finished = top_k_stable(&scores, gs)
-                        .into_iter()
-                        .map(|i| std::mem::take(&mut all[i]))
-                        .collect();
+                    grp.finished = keep_best(old, &scores, gs, |j| {
+                        (grp.running[j].0.clone(), scores[j], true)
+                    });
                     grp.done = true;
                 }
                 if grp.done {
@@ -711,6 +685,9 @@ fn sibling_rank_penalized(acc: &[f32], beams: usize, vocab: usize, lambda: f32) 
 }
 
 /// `k` distinct indices drawn in proportion to softmax(`acc`), sorted by score (beam sampling).
+/// Where fewer than `k` have a nonzero probability, the rest are the best-scoring of those
+/// of probability zero, after every drawn one: torch.multinomial without replacement (HF)
+/// fills its `k` with such indices too, and every beam keeps a parent.
 fn sample_without_replacement(rng: &mut Rng, acc: &[f32], k: usize) -> Vec<usize> {
     let mut p = softmax(acc);
     let mut picked = Vec::with_capacity(k);
@@ -720,6 +697,14 @@ fn sample_without_replacement(rng: &mut Rng, acc: &[f32], k: usize) -> Vec<usize
         p[i] = 0.0;
     }
     picked.sort_by(|&a, &b| acc[b].total_cmp(&acc[a]).then(a.cmp(&b)));
+    if picked.len() < k {
+        let mut rest = acc.to_vec();
+        for &i in &picked {
+            rest[i] = f32::NEG_INFINITY;
+        }
+        let fill = top_k_stable(&rest, k - picked.len());
+        picked.extend(fill);
+    }
     picked
 }
 

@@ -124,7 +124,7 @@ impl DecodeState {
     pub fn positions(&self, t: usize) -> Vec<i32> {
         let mut out = Vec::with_capacity(self.rows * t);
         for r in 0..self.rows {
-            let idle = self.idle.get(r).copied().unwrap_or(false);
+            let idle = self.is_idle(r);
             for i in 0..t {
                 let p = (self.len + i).saturating_sub(self.key_start[r]);
                 out.push(if idle { 0 } else { p as i32 });
