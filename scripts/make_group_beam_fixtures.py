@@ -15,14 +15,13 @@ import os
 import torch
 import transformers
 
+import make_generation_fixtures
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 
-MODELS = [
-    ("gpt2", "GPT2LMHeadModel", False),
-    ("bart", "BartForConditionalGeneration", True),
-    ("t5", "T5ForConditionalGeneration", True),
-]
+# A decoder-only model and two encoder-decoders (pad id 0 in BART, 1 in T5).
+MODELS = [m for m in make_generation_fixtures.MODELS if m[0] in ("gpt2", "bart", "t5")]
 
 CASES = [
     {"max_new_tokens": 8, "num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.5,
