@@ -378,6 +378,114 @@ fn set_forced(top: &mut ops::TopK, row: usize, forced: &[i64]) {
     }
 }
 
+/// A live group's choices at one step (phase 1 of [`beam`]): the candidates (beam times
+/// vocabulary plus token), their scores, which stop (EOS or the length limit), the scores
+/// that rank the next running beams (stopped ones at NEG) and those beams' candidates.
+struct Plan {
+    cand: Vec<usize>,
+    vals: Vec<f32>,
+    stop: Vec<bool>,
+    pen: Vec<f32>,
+    sel: Vec<usize>,
+    /// The step reaches the item's length limit.
+    last: bool,
+}
+
+/// Phase 2 of a beam-search step for one group: the new running beams' sequences, the
+/// finished slots, and whether the group can still improve (`open`) or is `done`. `base`
+/// is the group's first row, `cur` the sequence length before the step.
+#[allow(clippy::too_many_arguments)]
+fn finish_step(
+    cfg: &Resolved,
+    grp: &mut Group,
+    plan: Plan,
+    base: usize,
+    cur: usize,
+    lim: ItemLimits,
+    vocab: usize,
+    hf4: bool,
+) {
+    let gs = grp.running.len();
+    let Plan {
+        cand,
+        vals,
+        stop,
+        pen,
+        sel,
+        last,
+    } = plan;
+    let all_stop = stop.iter().all(|&s| s);
+    // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab; its
+    // sequence is built only where it survives (a running or finished slot).
+    let extend = |c: usize| {
+        let seq = &grp.running[cand[c] / vocab].0;
+        let mut s = Vec::with_capacity(seq.len() + 1);
+        s.extend_from_slice(seq);
+        s.push((cand[c] % vocab) as i64);
+        s
+    };
+    let new_running: Vec<(Vec<i64>, f32, usize)> = sel
+        .iter()
+        .enumerate()
+        .map(|(j, &c)| (extend(c), pen[c], base + j))
+        .collect();
+    // Finished slots: the best `gs` of the finished ones and the stopped candidates ranked
+    // within the first `gs` (others compete at NEG), finished ones first on ties.
+    let gen_len = (cur + 1 - lim.input_len) as f32;
+    let all_full = grp.finished.iter().all(|f| f.2);
+    let (norms, eligible): (Vec<f32>, Vec<bool>) = (0..cand.len())
+        .map(|c| {
+            let mut norm = vals[c] / gen_len.powf(cfg.length_penalty);
+            if cfg.early_stopping == EarlyStopping::True && all_full {
+                norm += NEG;
+            }
+            if !grp.open {
+                norm += NEG;
+            }
+            let eligible = stop[c] && c < gs;
+            if !eligible {
+                norm += NEG;
+            }
+            (norm, eligible)
+        })
+        .unzip();
+    let old = std::mem::take(&mut grp.finished);
+    grp.finished = keep_best(old, &norms, gs, |c| (extend(c), norms[c], eligible[c]));
+    grp.running = new_running;
+    // Can a running beam still beat the worst finished one?
+    let hyp_len = if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0 {
+        lim.max_length - lim.input_len
+    } else {
+        cur + 1 - lim.input_len
+    };
+    // HF 4.x's group beam search is done by its best candidate, HF 5.x's by its best
+    // running beam.
+    let best_sum = if hf4 { vals[0] } else { grp.running[0].1 };
+    let best = best_sum / (hyp_len as f32).powf(cfg.length_penalty);
+    let worst = grp
+        .finished
+        .iter()
+        .map(|f| f.1)
+        .fold(f32::INFINITY, f32::min);
+    let cond = grp
+        .finished
+        .iter()
+        .any(|f| best > if f.2 { worst } else { NEG });
+    grp.open = grp.open && cond;
+    let full = grp.finished.iter().all(|f| f.2);
+    grp.done = !grp.open || (full && cfg.early_stopping == EarlyStopping::True) || all_stop;
+    if hf4 && last && !grp.done {
+        // HF 4.x's finalize: the running beams join the finished ones.
+        let norm = gen_len.powf(cfg.length_penalty);
+        let scores: Vec<f32> = grp.running.iter().map(|r| r.1 / norm).collect();
+        let old = std::mem::take(&mut grp.finished);
+        grp.finished = keep_best(old, &scores, gs, |j| {
+            (grp.running[j].0.clone(), scores[j], true)
+        });
+        grp.done = true;
+    }
+}
+
 /// Beam search over `limits.len()` items of `num_beams` rows each, in `num_beam_groups`
 /// groups (diverse beam search when more than one) with optional sibling-rank penalty.
 pub fn beam(
@@ -482,12 +590,17 @@ pub fn beam(
             logits.to_f32_vec()?
         };
         clock.start();
-        for (b, item) in items.iter_mut().enumerate() {
+        // Phase 1, on the step's critical path: each live group's candidates and the
+        // next running beams (their source rows and tokens), which are all the next step
+        // needs.
+        let mut plans: Vec<Vec<Option<Plan>>> = Vec::with_capacity(items.len());
+        for (b, item) in items.iter().enumerate() {
             let lim = limits[b];
             let cur = lim.input_len + generated;
             // Tokens the item's earlier groups chose at this step (Hamming diversity).
             let mut chosen: Vec<i64> = Vec::new();
-            for (g, grp) in item.iter_mut().enumerate() {
+            let mut item_plans = Vec::with_capacity(item.len());
+            for (g, grp) in item.iter().enumerate() {
                 let base = b * nb + g * gs;
                 if grp.done {
                     for j in 0..gs {
@@ -496,6 +609,7 @@ pub fn beam(
                     // A finished group's beams take the pad token, which later groups'
                     // Hamming diversity counts (HF 4.x's group beam search).
                     chosen.extend(std::iter::repeat_n(fill, gs));
+                    item_plans.push(None);
                     continue;
                 }
                 let (cand, vals): (Vec<usize>, Vec<f32>) = if let Some(top) = &top {
@@ -539,22 +653,13 @@ pub fn beam(
                     let vals = cand.iter().map(|&i| acc[i]).collect();
                     (cand, vals)
                 };
-                // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab;
-                // its sequence is built only where it survives (a running or finished slot).
-                let parent = |c: usize| cand[c] / vocab;
-                let token = |c: usize| (cand[c] % vocab) as i64;
-                let extend = |c: usize| {
-                    let seq = &grp.running[parent(c)].0;
-                    let mut s = Vec::with_capacity(seq.len() + 1);
-                    s.extend_from_slice(seq);
-                    s.push(token(c));
-                    s
-                };
+                // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab.
+                // Group beam search's beams do not stop at the length limit (HF 4.x).
                 let last = cur + 1 >= lim.max_length;
-                let stop: Vec<bool> = (0..cand.len())
-                    .map(|c| cfg.eos.contains(&token(c)) || (last && !hf4))
+                let stop: Vec<bool> = cand
+                    .iter()
+                    .map(|&c| cfg.eos.contains(&((c % vocab) as i64)) || (last && !hf4))
                     .collect();
-                let all_stop = stop.iter().all(|&s| s);
                 // Next running beams: the best candidates that did not stop.
                 let pen: Vec<f32> = vals
                     .iter()
@@ -562,72 +667,52 @@ pub fn beam(
                     .map(|(v, &s)| if s { v + NEG } else { *v })
                     .collect();
                 let sel = top_k_stable(&pen, gs);
-                let new_running: Vec<(Vec<i64>, f32, usize)> = sel
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &c)| (extend(c), pen[c], base + j))
-                    .collect();
                 for (j, &c) in sel.iter().enumerate() {
-                    src[base + j] = grp.running[parent(c)].2;
-                    next[base + j] = token(c);
-                    chosen.push(token(c));
+                    let token = (cand[c] % vocab) as i64;
+                    src[base + j] = grp.running[cand[c] / vocab].2;
+                    next[base + j] = token;
+                    chosen.push(token);
                 }
-                // Finished slots: the best `gs` of the finished ones and the stopped candidates
-                // ranked within the first `gs` (others compete at NEG), finished ones first on
-                // ties.
-                let gen_len = (cur + 1 - lim.input_len) as f32;
-                let all_full = grp.finished.iter().all(|f| f.2);
-                let (norms, eligible): (Vec<f32>, Vec<bool>) = (0..cand.len())
-                    .map(|c| {
-                        let mut norm = vals[c] / gen_len.powf(cfg.length_penalty);
-                        if cfg.early_stopping == EarlyStopping::True && all_full {
-                            norm += NEG;
-                        }
-                        if !grp.open {
-                            norm += NEG;
-                        }
-                        let eligible = stop[c] && c < gs;
-                        if !eligible {
-                            norm += NEG;
-                        }
-                        (norm, eligible)
-                    })
-                    .unzip();
-                let old = std::mem::take(&mut grp.finished);
-                grp.finished = keep_best(old, &norms, gs, |c| (extend(c), norms[c], eligible[c]));
-                grp.running = new_running;
-                // Can a running beam still beat the worst finished one?
-                let hyp_len =
-                    if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0 {
-                        lim.max_length - lim.input_len
-                    } else {
-                        cur + 1 - lim.input_len
-                    };
-                let best_sum = if hf4 { vals[0] } else { grp.running[0].1 };
-                let best = best_sum / (hyp_len as f32).powf(cfg.length_penalty);
-                let worst = grp
-                    .finished
-                    .iter()
-                    .map(|f| f.1)
-                    .fold(f32::INFINITY, f32::min);
-                let cond = grp
-                    .finished
-                    .iter()
-                    .any(|f| best > if f.2 { worst } else { NEG });
-                grp.open = grp.open && cond;
-                let full = grp.finished.iter().all(|f| f.2);
-                grp.done =
-                    !grp.open || (full && cfg.early_stopping == EarlyStopping::True) || all_stop;
-                if hf4 && last && !grp.done {
-                    // HF 4.x's finalize: the running beams join the finished ones.
-                    let norm = gen_len.powf(cfg.length_penalty);
-                    let scores: Vec<f32> = grp.running.iter().map(|r| r.1 / norm).collect();
-                    let old = std::mem::take(&mut grp.finished);
-                    grp.finished = keep_best(old, &scores, gs, |j| {
-                        (grp.running[j].0.clone(), scores[j], true)
-                    });
-                    grp.done = true;
-                }
+                item_plans.push(Some(Plan {
+                    cand,
+                    vals,
+                    stop,
+                    pen,
+                    sel,
+                    last,
+                }));
+            }
+            plans.push(item_plans);
+        }
+        // The next step goes to the device before the bookkeeping below, which then runs
+        // while the device works. A group whose candidates all stop finishes at this step;
+        // where every live group does, the search ends here without a step. Otherwise some
+        // group ends only by the bookkeeping's checks, and where all do, the step launched
+        // is not read (one step's work, once a search).
+        let any_runs = plans
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|p| !p.stop.iter().all(|&s| s) && !(hf4 && p.last));
+        let pending = if any_runs {
+            st.reorder(&src)?;
+            let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+            clock.stop();
+            Some(m.step_logits(st, &tokens)?)
+        } else {
+            clock.stop();
+            None
+        };
+        // Phase 2: sequences, finished hypotheses and the groups' states.
+        for ((b, item), item_plans) in items.iter_mut().enumerate().zip(plans) {
+            let lim = limits[b];
+            let cur = lim.input_len + generated;
+            for ((g, grp), plan) in item.iter_mut().enumerate().zip(item_plans) {
+                let Some(plan) = plan else {
+                    continue;
+                };
+                let base = b * nb + g * gs;
+                finish_step(cfg, grp, plan, base, cur, lim, vocab, hf4);
                 if grp.done {
                     for row in base..base + gs {
                         st.set_idle(row);
@@ -637,13 +722,11 @@ pub fn beam(
         }
         generated += 1;
         if items.iter().all(|it| it.iter().all(|g| g.done)) {
-            clock.stop();
             break;
         }
-        st.reorder(&src)?;
-        let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
-        clock.stop();
-        logits = m.step_logits(st, &tokens)?;
+        logits = pending.ok_or_else(|| {
+            crate::error::Error::op("beam search", "a group runs on without a next step")
+        })?;
     }
     clock.report("beam search", st.rows);
     let nret = cfg.num_return_sequences;
