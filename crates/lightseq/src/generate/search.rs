@@ -621,8 +621,16 @@ pub fn beam(
                             c.push((j * vocab + id, top.logprobs[row * top.k + t] + score));
                         }
                     }
-                    c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                    c.truncate(k);
+                    // Best first, ties to the lower index: a total order, so selecting the
+                    // best k before sorting them gives what a full sort would.
+                    let order = |a: &(usize, f32), b: &(usize, f32)| {
+                        b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+                    };
+                    if c.len() > k {
+                        c.select_nth_unstable_by(k, order);
+                        c.truncate(k);
+                    }
+                    c.sort_by(order);
                     c.into_iter().unzip()
                 } else {
                     // Scores of every (beam, token), processed on log-probabilities.
@@ -688,19 +696,22 @@ pub fn beam(
         // while the device works. A group whose candidates all stop finishes at this step;
         // where every live group does, the search ends here without a step. Otherwise some
         // group ends only by the bookkeeping's checks, and where all do, the step launched
-        // is not read (one step's work, once a search).
-        let any_runs = plans
-            .iter()
-            .flatten()
-            .flatten()
-            .any(|p| !p.stop.iter().all(|&s| s) && !(hf4 && p.last));
-        let pending = if any_runs {
+        // is not read (one step's work, once a search). Rows of items that have finished
+        // advance too, so a step at the model's last position waits for the bookkeeping.
+        // Group beam search's groups all end at their last step (HF 4.x's finalize).
+        let any_runs = plans.iter().flatten().flatten().any(|p| {
+            let ends = p.stop.iter().all(|&s| s) || (hf4 && p.last);
+            !ends
+        });
+        let launch = |st: &mut DecodeState, clock: &mut HostClock| -> Result<crate::Tensor> {
             st.reorder(&src)?;
             let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
             clock.stop();
-            Some(m.step_logits(st, &tokens)?)
+            m.step_logits(st, &tokens)
+        };
+        let pending = if any_runs && st.len < m.max_decoder_positions() {
+            Some(launch(st, &mut clock)?)
         } else {
-            clock.stop();
             None
         };
         // Phase 2: sequences, finished hypotheses and the groups' states.
@@ -722,11 +733,13 @@ pub fn beam(
         }
         generated += 1;
         if items.iter().all(|it| it.iter().all(|g| g.done)) {
+            clock.stop();
             break;
         }
-        logits = pending.ok_or_else(|| {
-            crate::error::Error::op("beam search", "a group runs on without a next step")
-        })?;
+        logits = match pending {
+            Some(l) => l,
+            None => launch(st, &mut clock)?,
+        };
     }
     clock.report("beam search", st.rows);
     let nret = cfg.num_return_sequences;
