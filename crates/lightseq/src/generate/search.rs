@@ -40,6 +40,9 @@ struct HostClock {
     since: Option<std::time::Instant>,
     total: std::time::Duration,
     steps: usize,
+    /// Time between consecutive [`HostClock::lap`]s, by the name of the lap that ends it.
+    laps: Vec<(&'static str, std::time::Duration)>,
+    last_lap: Option<std::time::Instant>,
 }
 
 impl HostClock {
@@ -50,7 +53,24 @@ impl HostClock {
             since: None,
             total: std::time::Duration::ZERO,
             steps: 0,
+            laps: Vec::new(),
+            last_lap: None,
         }
+    }
+
+    /// Ends the lap `name`, which began at the previous lap's end.
+    fn lap(&mut self, name: &'static str) {
+        if !self.on {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if let Some(t) = self.last_lap {
+            match self.laps.iter_mut().find(|l| l.0 == name) {
+                Some(l) => l.1 += now - t,
+                None => self.laps.push((name, now - t)),
+            }
+        }
+        self.last_lap = Some(now);
     }
 
     /// The step's scores are on the host.
@@ -75,6 +95,14 @@ impl HostClock {
                 self.total.as_secs_f64() * 1e6 / self.steps as f64,
                 self.steps
             );
+            if !self.laps.is_empty() {
+                let laps: Vec<String> = self
+                    .laps
+                    .iter()
+                    .map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e6 / self.steps as f64))
+                    .collect();
+                eprintln!("lightseq: {search}, us a step: {}", laps.join(", "));
+            }
         }
     }
 }
@@ -557,6 +585,7 @@ pub fn beam(
                         })
                 })
             });
+        clock.lap("checks");
         let top = if fast {
             let mut mask = vec![false; st.rows];
             for (b, it) in items.iter().enumerate() {
@@ -589,6 +618,7 @@ pub fn beam(
         } else {
             logits.to_f32_vec()?
         };
+        clock.lap("scores");
         clock.start();
         // Phase 1, on the step's critical path: each live group's candidates and the
         // next running beams (their source rows and tokens), which are all the next step
@@ -704,10 +734,14 @@ pub fn beam(
             !ends
         });
         let launch = |st: &mut DecodeState, clock: &mut HostClock| -> Result<crate::Tensor> {
+            clock.lap("choices");
             st.reorder(&src)?;
             let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+            clock.lap("reorder");
             clock.stop();
-            m.step_logits(st, &tokens)
+            let logits = m.step_logits(st, &tokens);
+            clock.lap("launch");
+            logits
         };
         let pending = if any_runs && st.len < m.max_decoder_positions() {
             Some(launch(st, &mut clock)?)
@@ -731,6 +765,7 @@ pub fn beam(
                 }
             }
         }
+        clock.lap("bookkeeping");
         generated += 1;
         if items.iter().all(|it| it.iter().all(|g| g.done)) {
             clock.stop();
