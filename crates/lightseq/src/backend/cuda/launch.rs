@@ -5,9 +5,11 @@
 //! blocks are scheduled as the previous kernel's blocks exit, instead of after the whole
 //! grid has completed and the launch has gone through. Every kernel of kernels/*.cu opens
 //! with `LS_PDL_WAIT()` (griddepcontrol.wait), which holds it until the previous kernel's
-//! writes are visible, so the overlap is only the launch's latency and the block
-//! scheduling, never a read of unfinished results. A decode step is ~90 kernels of 3-7 us
-//! each, where that latency is a visible share. Captured into a CUDA graph, the launch
+//! writes are visible, and then lets the next kernel start (griddepcontrol.launch_dependents).
+//! The overlap is the launch's latency, the block scheduling and what a kernel does before
+//! its wait (the few-row GEMMs prefetch their weights into L2), never a read of unfinished
+//! results. A decode step is ~90 kernels of 3-7 us each, where that latency is a visible
+//! share. Captured into a CUDA graph, the launch
 //! becomes a programmatic edge. `LIGHTSEQ_PDL=0` launches plainly, and so does a device
 //! whose driver refused a PDL launch once (the launch is retried plainly).
 

@@ -27,6 +27,13 @@ fn disabled() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM", "0")
 }
 
+/// Whether LIGHTSEQ_SMALL_GEMM_PREFETCH=0 turns off the kernels' L2 prefetch of their
+/// weight rows ahead of the wait for the kernel before them.
+fn prefetch_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM_PREFETCH", "0")
+}
+
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
 /// or None where they do not apply: more than [`MAX_ROWS`] rows or [`MAX_COLS`] columns, k
 /// not a multiple of 32, f32, a GPU before sm_80, operands not 16-byte aligned.
@@ -76,9 +83,10 @@ pub(crate) fn linear_small(
         y.ptr(),
     );
     let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
+    let prefetch = i32::from(!prefetch_off());
     let mut l = dev.launch(&f);
     l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
-    l.arg(&mi).arg(&ni).arg(&ki).arg(&code);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&code).arg(&prefetch);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(8 * nt) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),

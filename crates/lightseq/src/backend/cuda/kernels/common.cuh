@@ -56,11 +56,16 @@ __device__ __forceinline__ float block_max(float v) {
 }
 
 // Programmatic dependent launch (sm_90+, launch.rs): a kernel may be scheduled while the
-// one before it in the stream is still finishing. Every kernel calls this first: it waits
-// until the previous kernel has completed and its writes are visible (at once when the
-// launch had no such dependency, and on older GPUs, where it is nothing).
+// one before it in the stream is still finishing. Every kernel calls this before it reads
+// anything an earlier kernel writes: it waits until the previous kernel has completed and
+// its writes are visible (at once when the launch had no such dependency, and on older
+// GPUs, where it is nothing). It then lets the next kernel be scheduled: the next one's
+// blocks start as this one's free their slots, and whatever they do before their own wait
+// (the few-row GEMMs prefetch their weights into L2) overlaps this kernel's work. Before
+// its wait a kernel may only prefetch, or read what no kernel still running may write.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define LS_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define LS_PDL_WAIT() \
+  asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define LS_PDL_WAIT() \
   do {                \

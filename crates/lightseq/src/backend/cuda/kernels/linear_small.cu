@@ -116,11 +116,28 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
   }
 }
 
+// Warms L2 with the block's rows of w (8 NT of them, contiguous in w [n, k]) before
+// LS_PDL_WAIT, so that the weight's DRAM latency passes behind the kernel before. A prefetch
+// only fills L2, the point of coherence: the loads after the wait read current values even
+// where the kernel before writes w (an optimizer step).
+template <typename T, int NT>
+__device__ __forceinline__ void linear_small_prefetch(const T* w, int n, int k) {
+  const int n0 = blockIdx.x * 8 * NT;
+  const int cols = min(8 * NT, n - n0);
+  if (cols <= 0) return;
+  const char* base = reinterpret_cast<const char*>(w + (long long)n0 * k);
+  const long long bytes = (long long)cols * k * sizeof(T);
+  for (long long off = threadIdx.x * 128LL; off < bytes; off += blockDim.x * 128LL) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+  }
+}
+
 // One row tile (m <= 16): with two, at 32 rows, cuBLASLt was faster (linear_small.rs).
 #define LS_LINEAR_SMALL(T, S, NT)                                                             \
   extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
       linear_small_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y,       \
-                               int m, int n, int k, int act) {                                \
+                               int m, int n, int k, int act, int prefetch) {                  \
+    if (prefetch) linear_small_prefetch<T, NT>(w, n, k);                                      \
     LS_PDL_WAIT();                                                                            \
     linear_small_body<T, 1, NT>(x, w, bias, r, y, m, n, k, act);                              \
   }
