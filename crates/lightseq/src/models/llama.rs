@@ -23,7 +23,41 @@ pub enum Flavor {
     Qwen2,
 }
 
+/// HF's defaults for config.json fields a family member may leave out (the config classes'
+/// constructor defaults in transformers 5.x).
+struct Defaults {
+    vocab_size: usize,
+    max_positions: usize,
+    /// None: the number of attention heads.
+    kv_heads: Option<usize>,
+    /// Where `sliding_window` is absent (an explicit null means none).
+    sliding_window: Option<usize>,
+}
+
 impl Flavor {
+    fn defaults(self) -> Defaults {
+        match self {
+            Flavor::Llama => Defaults {
+                vocab_size: 32000,
+                max_positions: 2048,
+                kv_heads: None,
+                sliding_window: None,
+            },
+            Flavor::Mistral => Defaults {
+                vocab_size: 32000,
+                max_positions: 4096 * 32,
+                kv_heads: Some(8),
+                sliding_window: Some(4096),
+            },
+            Flavor::Qwen2 => Defaults {
+                vocab_size: 151936,
+                max_positions: 32768,
+                kv_heads: Some(32),
+                sliding_window: Some(4096),
+            },
+        }
+    }
+
     /// The flavor of a `model_type`.
     pub fn from_model_type(mt: &str) -> Option<Self> {
         Some(match mt {
@@ -67,8 +101,9 @@ pub struct LlamaConfig {
     pub eps: f64,
     pub act: String,
     pub max_positions: usize,
-    /// max_position_embeddings as the config gives it: HF caps a default generation
-    /// length there (positions past it are still computed).
+    /// max_position_embeddings (HF's default for the flavor where the config leaves it
+    /// out): HF caps a default generation length there (positions past it are still
+    /// computed).
     pub length_cap: Option<usize>,
     pub rope_theta: f64,
     pub rope: RopeKind,
@@ -99,14 +134,12 @@ impl LlamaConfig {
         let hidden = get("hidden_size")
             .and_then(Value::as_u64)
             .ok_or_else(|| bad("missing `hidden_size`".into()))? as usize;
+        let defaults = flavor.defaults();
         let heads = u("num_attention_heads", 32);
         config_check(dir, heads > 0, || {
             "num_attention_heads must be positive".into()
         })?;
-        let kv_heads = u(
-            "num_key_value_heads",
-            if flavor == Flavor::Mistral { 8 } else { heads },
-        );
+        let kv_heads = u("num_key_value_heads", defaults.kv_heads.unwrap_or(heads));
         let head_dim = u("head_dim", hidden / heads);
         config_check(dir, kv_heads > 0 && heads.is_multiple_of(kv_heads), || {
             format!(
@@ -114,7 +147,7 @@ impl LlamaConfig {
             )
         })?;
         let num_layers = u("num_hidden_layers", 32);
-        let max_positions = u("max_position_embeddings", 2048);
+        let max_positions = u("max_position_embeddings", defaults.max_positions);
 
         // Rope parameters: a non-null legacy rope_scaling wins, then rope_parameters.
         let params = get("rope_scaling")
@@ -159,9 +192,10 @@ impl LlamaConfig {
             Flavor::Mistral => (false, false, false),
             Flavor::Qwen2 => (true, false, false),
         };
-        let window = get("sliding_window")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize);
+        let window = match v.get("sliding_window") {
+            None => defaults.sliding_window,
+            Some(w) => w.as_u64().map(|x| x as usize),
+        };
         let windows = match flavor {
             Flavor::Llama => vec![None; num_layers],
             Flavor::Mistral => vec![window; num_layers],
@@ -198,7 +232,7 @@ impl LlamaConfig {
         };
         Ok(LlamaConfig {
             flavor,
-            vocab_size: u("vocab_size", 32000),
+            vocab_size: u("vocab_size", defaults.vocab_size),
             hidden_size: hidden,
             intermediate_size: get("intermediate_size")
                 .and_then(Value::as_u64)
@@ -214,9 +248,7 @@ impl LlamaConfig {
                 .unwrap_or("silu")
                 .to_string(),
             max_positions,
-            length_cap: get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .map(|v| v as usize),
+            length_cap: Some(max_positions),
             rope_theta,
             rope,
             qkv_bias,
@@ -566,5 +598,60 @@ pub fn info(c: &LlamaConfig) -> ModelInfo {
             ("num_key_value_heads", c.kv_heads),
             ("head_dim", c.head_dim),
         ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flavor: Flavor, config: Value) -> LlamaConfig {
+        LlamaConfig::parse(&ModelDir::random("cfg", config, 0), flavor).unwrap()
+    }
+
+    /// Fields a config.json leaves out take the defaults of HF's config classes
+    /// (transformers 5.17: `LlamaConfig()`, `MistralConfig()`, `Qwen2Config()`, and
+    /// `Qwen2Config(use_sliding_window=True)` for the window).
+    #[test]
+    fn left_out_fields_take_hfs_defaults() {
+        let base = serde_json::json!({"hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 64, "num_hidden_layers": 2});
+        let with = |extra: Value| {
+            let mut c = base.clone();
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            c
+        };
+        let llama = parse(Flavor::Llama, base.clone());
+        assert_eq!(
+            (llama.vocab_size, llama.max_positions, llama.kv_heads),
+            (32000, 2048, 64)
+        );
+        assert_eq!(llama.length_cap, Some(2048));
+        assert_eq!(llama.windows, vec![None, None]);
+        let mistral = parse(Flavor::Mistral, base.clone());
+        assert_eq!(
+            (mistral.vocab_size, mistral.max_positions, mistral.kv_heads),
+            (32000, 131072, 8)
+        );
+        assert_eq!(mistral.windows, vec![Some(4096), Some(4096)]);
+        // An explicit null is no window.
+        let mistral = parse(
+            Flavor::Mistral,
+            with(serde_json::json!({"sliding_window": null})),
+        );
+        assert_eq!(mistral.windows, vec![None, None]);
+        let qwen = parse(Flavor::Qwen2, base.clone());
+        assert_eq!(
+            (qwen.vocab_size, qwen.max_positions, qwen.kv_heads),
+            (151936, 32768, 32)
+        );
+        assert_eq!(qwen.windows, vec![None, None]);
+        let qwen = parse(
+            Flavor::Qwen2,
+            with(serde_json::json!({"use_sliding_window": true, "max_window_layers": 1})),
+        );
+        assert_eq!(qwen.windows, vec![None, Some(4096)]);
     }
 }
