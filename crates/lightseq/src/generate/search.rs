@@ -743,7 +743,14 @@ pub fn beam(
             clock.lap("launch");
             logits
         };
-        let pending = if any_runs && st.len < m.max_decoder_positions() {
+        // Only a GPU has anything to overlap (a CPU step runs as it is called), and a
+        // model whose steps depend on which rows are idle needs this step's finished
+        // groups marked first.
+        let early = any_runs
+            && st.len < m.max_decoder_positions()
+            && m.decoder_device().is_cuda()
+            && !m.idle_rows_shape_steps();
+        let pending = if early {
             Some(launch(st, &mut clock)?)
         } else {
             None

@@ -310,6 +310,12 @@ pub trait Decoder: Send + Sync {
     fn default_length_cap(&self) -> usize {
         self.max_decoder_positions()
     }
+    /// Whether a step's outputs for some rows depend on which other rows are idle (see
+    /// [`DecodeState::set_idle`]): then a search marks finished rows idle before it
+    /// launches the next step (Llama's dynamic rope scales by the longest live row).
+    fn idle_rows_shape_steps(&self) -> bool {
+        false
+    }
     /// Starts a run of `rows` sequences with caches of `capacity` positions. Encoder-decoders
     /// encode `sources` (one per batch item) and repeat each item's encoding `rows /
     /// sources.len()` times (beams); decoder-only models take no sources.

@@ -139,7 +139,11 @@ impl LlamaConfig {
         config_check(dir, heads > 0, || {
             "num_attention_heads must be positive".into()
         })?;
-        let kv_heads = u("num_key_value_heads", defaults.kv_heads.unwrap_or(heads));
+        // HF: a left-out count takes the class default, an explicit null the head count.
+        let kv_heads = match v.get("num_key_value_heads") {
+            None => defaults.kv_heads.unwrap_or(heads),
+            Some(x) => x.as_u64().map_or(heads, |x| x as usize),
+        };
         let head_dim = u("head_dim", hidden / heads);
         config_check(dir, kv_heads > 0 && heads.is_multiple_of(kv_heads), || {
             format!(
@@ -248,7 +252,11 @@ impl LlamaConfig {
                 .unwrap_or("silu")
                 .to_string(),
             max_positions,
-            length_cap: Some(max_positions),
+            // An explicit null leaves HF no cap.
+            length_cap: match v.get("max_position_embeddings") {
+                Some(Value::Null) => None,
+                _ => Some(max_positions),
+            },
             rope_theta,
             rope,
             qkv_bias,
@@ -454,6 +462,10 @@ impl Decoder for Llama {
 
     /// Rotary positions have no table, but HF caps a default generation length at
     /// max_position_embeddings.
+    fn idle_rows_shape_steps(&self) -> bool {
+        self.fixed_rope.is_none()
+    }
+
     fn default_length_cap(&self) -> usize {
         self.cfg.length_cap.unwrap_or(usize::MAX)
     }
@@ -636,7 +648,14 @@ mod tests {
             (32000, 131072, 8)
         );
         assert_eq!(mistral.windows, vec![Some(4096), Some(4096)]);
-        // An explicit null is no window.
+        // An explicit null is no window; null head counts follow the heads; a null
+        // max_position_embeddings leaves no default-length cap.
+        let nulls = parse(
+            Flavor::Qwen2,
+            with(serde_json::json!({"num_key_value_heads": null,
+                "max_position_embeddings": null})),
+        );
+        assert_eq!((nulls.kv_heads, nulls.length_cap), (64, None));
         let mistral = parse(
             Flavor::Mistral,
             with(serde_json::json!({"sliding_window": null})),
