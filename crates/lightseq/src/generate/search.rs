@@ -722,6 +722,7 @@ pub fn beam(
             }
             plans.push(item_plans);
         }
+        clock.lap("choices");
         // The next step goes to the device before the bookkeeping below, which then runs
         // while the device works. A group whose candidates all stop finishes at this step;
         // where every live group does, the search ends here without a step. Otherwise some
@@ -734,7 +735,6 @@ pub fn beam(
             !ends
         });
         let launch = |st: &mut DecodeState, clock: &mut HostClock| -> Result<crate::Tensor> {
-            clock.lap("choices");
             st.reorder(&src)?;
             let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
             clock.lap("reorder");

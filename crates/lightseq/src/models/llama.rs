@@ -460,12 +460,13 @@ impl Decoder for Llama {
         usize::MAX
     }
 
-    /// Rotary positions have no table, but HF caps a default generation length at
-    /// max_position_embeddings.
+    /// Dynamic rope scales by the longest live row.
     fn idle_rows_shape_steps(&self) -> bool {
         self.fixed_rope.is_none()
     }
 
+    /// Rotary positions have no table, but HF caps a default generation length at
+    /// max_position_embeddings.
     fn default_length_cap(&self) -> usize {
         self.cfg.length_cap.unwrap_or(usize::MAX)
     }

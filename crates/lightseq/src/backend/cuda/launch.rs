@@ -9,9 +9,9 @@
 //! The overlap is the launch's latency, the block scheduling and what a kernel does before
 //! its wait (the few-row GEMMs prefetch their weights into L2), never a read of unfinished
 //! results. A decode step is ~90 kernels of 3-7 us each, where that latency is a visible
-//! share. Captured into a CUDA graph, the launch
-//! becomes a programmatic edge. `LIGHTSEQ_PDL=0` launches plainly, and so does a device
-//! whose driver refused a PDL launch once (the launch is retried plainly).
+//! share. Captured into a CUDA graph, the launch becomes a programmatic edge.
+//! `LIGHTSEQ_PDL=0` launches plainly, and so does a device whose driver refused a PDL
+//! launch once (the launch is retried plainly).
 
 use cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig,
