@@ -1056,6 +1056,36 @@ pub fn reorder_row_prefixes(xs: &mut [&mut Tensor], idx: &Tensor, prefix: usize)
     }
 }
 
+/// [`reorder_row_prefixes`] of one CUDA tensor `x` [rows, ...] through the caller's
+/// `scratch` (at least rows x prefix elements of x's dtype), which a caller reordering every
+/// step keeps, with its `idx`, instead of allocating them each time.
+pub(crate) fn reorder_row_prefix_with(
+    x: &mut Tensor,
+    idx: &Tensor,
+    scratch: &Tensor,
+    prefix: usize,
+) -> Result<()> {
+    const OP: &str = "reorder_row_prefix_with";
+    let rows = x.shape().first().copied().unwrap_or(0);
+    let row: usize = x.shape().iter().skip(1).product();
+    if idx.dtype() != DType::I32 || idx.len() != rows || prefix > row {
+        return Err(Error::op(
+            OP,
+            format!(
+                "tensor {:?}, {} indices, prefix {prefix}",
+                x.shape(),
+                idx.len()
+            ),
+        ));
+    }
+    match (&x.storage, &idx.storage, &scratch.storage) {
+        (Storage::Cuda(x), Storage::Cuda(i), Storage::Cuda(s)) => {
+            cuda::ops::reorder_prefix_one(x, i, s, rows, row, prefix)
+        }
+        _ => Err(Error::op(OP, "CUDA tensors only")),
+    }
+}
+
 /// The k most likely tokens of each row of `logits` [rows, vocab]: their log-probabilities
 /// (log-softmax over the whole row), ids, and each row's log-sum-exp, on the host. Order:
 /// most likely first, ties to the lower id. Rows flagged in an [`EosMask`] exclude its ids,

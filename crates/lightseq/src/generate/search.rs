@@ -406,17 +406,66 @@ fn set_forced(top: &mut ops::TopK, row: usize, forced: &[i64]) {
     }
 }
 
-/// A live group's choices at one step (phase 1 of [`beam`]): the candidates (beam times
-/// vocabulary plus token), their scores, which stop (EOS or the length limit), the scores
-/// that rank the next running beams (stopped ones at NEG) and those beams' candidates.
-struct Plan {
+/// A step's choices for every live group (phase 1 of [`beam`]), in flat buffers kept
+/// across steps: per group the candidates (beam times vocabulary plus token), their
+/// scores, which stop (EOS or the length limit), the scores that rank the next running
+/// beams (stopped ones at NEG) and those beams' candidates.
+#[derive(Default)]
+struct Choices {
     cand: Vec<usize>,
     vals: Vec<f32>,
     stop: Vec<bool>,
     pen: Vec<f32>,
     sel: Vec<usize>,
+    /// Per group, items' groups in order: None where the group was done before the step.
+    groups: Vec<Option<GroupChoice>>,
+    /// Scratch: (candidate, score) pairs of one group, and indices for ranking.
+    pairs: Vec<(usize, f32)>,
+    order: Vec<usize>,
+}
+
+/// Where one group's choices lie in [`Choices`]' buffers.
+#[derive(Clone, Copy)]
+struct GroupChoice {
+    /// The candidates: `cand[at..at + n]` (and the same range of vals, stop, pen).
+    at: usize,
+    n: usize,
+    /// The next running beams' candidates: `sel[sel_at..sel_at + group size]`.
+    sel_at: usize,
     /// The step reaches the item's length limit.
     last: bool,
+}
+
+impl Choices {
+    /// Clears the buffers for a new step.
+    fn clear(&mut self) {
+        self.cand.clear();
+        self.vals.clear();
+        self.stop.clear();
+        self.pen.clear();
+        self.sel.clear();
+        self.groups.clear();
+    }
+
+    /// Whether every candidate of the group stops.
+    fn all_stop(&self, gc: GroupChoice) -> bool {
+        self.stop[gc.at..gc.at + gc.n].iter().all(|&s| s)
+    }
+}
+
+/// Appends to `out` the indices of the `k` largest values of `v`, best first, ties to the
+/// lower index ([`top_k_stable`] without its allocation; `order` is scratch).
+fn push_top_k(v: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<usize>) {
+    let k = k.min(v.len());
+    order.clear();
+    order.extend(0..v.len());
+    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, cmp);
+        order.truncate(k);
+    }
+    order.sort_by(cmp);
+    out.extend_from_slice(order);
 }
 
 /// Phase 2 of a beam-search step for one group: the new running beams' sequences, the
@@ -426,7 +475,8 @@ struct Plan {
 fn finish_step(
     cfg: &Resolved,
     grp: &mut Group,
-    plan: Plan,
+    ch: &Choices,
+    gc: GroupChoice,
     base: usize,
     cur: usize,
     lim: ItemLimits,
@@ -434,14 +484,15 @@ fn finish_step(
     hf4: bool,
 ) {
     let gs = grp.running.len();
-    let Plan {
-        cand,
-        vals,
-        stop,
-        pen,
-        sel,
-        last,
-    } = plan;
+    let range = gc.at..gc.at + gc.n;
+    let (cand, vals, stop, pen) = (
+        &ch.cand[range.clone()],
+        &ch.vals[range.clone()],
+        &ch.stop[range.clone()],
+        &ch.pen[range],
+    );
+    let sel = &ch.sel[gc.sel_at..gc.sel_at + gs.min(gc.n)];
+    let last = gc.last;
     let all_stop = stop.iter().all(|&s| s);
     // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab; its
     // sequence is built only where it survives (a running or finished slot).
@@ -561,6 +612,10 @@ pub fn beam(
     let mut logits = m.step_logits(st, &first_step)?;
     let mut generated = 0usize;
     let mut clock = HostClock::new();
+    let mut ch = Choices::default();
+    let mut chosen: Vec<i64> = Vec::new();
+    // One token a row, rewritten in place each step.
+    let mut tokens: Vec<Vec<i64>> = vec![vec![fill]; st.rows];
     loop {
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
@@ -623,13 +678,12 @@ pub fn beam(
         // Phase 1, on the step's critical path: each live group's candidates and the
         // next running beams (their source rows and tokens), which are all the next step
         // needs.
-        let mut plans: Vec<Vec<Option<Plan>>> = Vec::with_capacity(items.len());
+        ch.clear();
         for (b, item) in items.iter().enumerate() {
             let lim = limits[b];
             let cur = lim.input_len + generated;
             // Tokens the item's earlier groups chose at this step (Hamming diversity).
-            let mut chosen: Vec<i64> = Vec::new();
-            let mut item_plans = Vec::with_capacity(item.len());
+            chosen.clear();
             for (g, grp) in item.iter().enumerate() {
                 let base = b * nb + g * gs;
                 if grp.done {
@@ -639,12 +693,14 @@ pub fn beam(
                     // A finished group's beams take the pad token, which later groups'
                     // Hamming diversity counts (HF 4.x's group beam search).
                     chosen.extend(std::iter::repeat_n(fill, gs));
-                    item_plans.push(None);
+                    ch.groups.push(None);
                     continue;
                 }
-                let (cand, vals): (Vec<usize>, Vec<f32>) = if let Some(top) = &top {
+                let at = ch.cand.len();
+                if let Some(top) = &top {
                     // The best K over all beams are among each beam's best K.
-                    let mut c: Vec<(usize, f32)> = Vec::with_capacity(gs * top.k);
+                    let c = &mut ch.pairs;
+                    c.clear();
                     for (j, (_, score, row)) in grp.running.iter().enumerate() {
                         for t in 0..top.k {
                             let id = top.ids[row * top.k + t] as usize;
@@ -661,7 +717,8 @@ pub fn beam(
                         c.truncate(k);
                     }
                     c.sort_by(order);
-                    c.into_iter().unzip()
+                    ch.cand.extend(c.iter().map(|p| p.0));
+                    ch.vals.extend(c.iter().map(|p| p.1));
                 } else {
                     // Scores of every (beam, token), processed on log-probabilities.
                     let mut acc = vec![0f32; gs * vocab];
@@ -688,39 +745,36 @@ pub fn beam(
                     } else {
                         top_k_stable(&acc, k)
                     };
-                    let vals = cand.iter().map(|&i| acc[i]).collect();
-                    (cand, vals)
+                    ch.vals.extend(cand.iter().map(|&i| acc[i]));
+                    ch.cand.extend(cand);
                 };
+                let n = ch.cand.len() - at;
                 // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab.
                 // Group beam search's beams do not stop at the length limit (HF 4.x).
                 let last = cur + 1 >= lim.max_length;
-                let stop: Vec<bool> = cand
-                    .iter()
-                    .map(|&c| cfg.eos.contains(&((c % vocab) as i64)) || (last && !hf4))
-                    .collect();
-                // Next running beams: the best candidates that did not stop.
-                let pen: Vec<f32> = vals
-                    .iter()
-                    .zip(&stop)
-                    .map(|(v, &s)| if s { v + NEG } else { *v })
-                    .collect();
-                let sel = top_k_stable(&pen, gs);
-                for (j, &c) in sel.iter().enumerate() {
-                    let token = (cand[c] % vocab) as i64;
-                    src[base + j] = grp.running[cand[c] / vocab].2;
+                for c in at..at + n {
+                    let stop = cfg.eos.contains(&((ch.cand[c] % vocab) as i64)) || (last && !hf4);
+                    ch.stop.push(stop);
+                    // Next running beams: the best candidates that did not stop.
+                    ch.pen
+                        .push(if stop { ch.vals[c] + NEG } else { ch.vals[c] });
+                }
+                let sel_at = ch.sel.len();
+                push_top_k(&ch.pen[at..at + n], gs, &mut ch.order, &mut ch.sel);
+                for (j, &c) in ch.sel[sel_at..].iter().enumerate() {
+                    let c = ch.cand[at + c];
+                    let token = (c % vocab) as i64;
+                    src[base + j] = grp.running[c / vocab].2;
                     next[base + j] = token;
                     chosen.push(token);
                 }
-                item_plans.push(Some(Plan {
-                    cand,
-                    vals,
-                    stop,
-                    pen,
-                    sel,
+                ch.groups.push(Some(GroupChoice {
+                    at,
+                    n,
+                    sel_at,
                     last,
                 }));
             }
-            plans.push(item_plans);
         }
         clock.lap("choices");
         // The next step goes to the device before the bookkeeping below, which then runs
@@ -730,13 +784,16 @@ pub fn beam(
         // is not read (one step's work, once a search). Rows of items that have finished
         // advance too, so a step at the model's last position waits for the bookkeeping.
         // Group beam search's groups all end at their last step (HF 4.x's finalize).
-        let any_runs = plans.iter().flatten().flatten().any(|p| {
-            let ends = p.stop.iter().all(|&s| s) || (hf4 && p.last);
-            !ends
-        });
-        let launch = |st: &mut DecodeState, clock: &mut HostClock| -> Result<crate::Tensor> {
+        let any_runs = ch
+            .groups
+            .iter()
+            .flatten()
+            .any(|&gc| !(ch.all_stop(gc) || (hf4 && gc.last)));
+        let mut launch = |st: &mut DecodeState, clock: &mut HostClock| -> Result<crate::Tensor> {
             st.reorder(&src)?;
-            let tokens: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+            for (t, &n) in tokens.iter_mut().zip(&next) {
+                t[0] = n;
+            }
             clock.lap("reorder");
             clock.stop();
             let logits = m.step_logits(st, &tokens);
@@ -756,15 +813,15 @@ pub fn beam(
             None
         };
         // Phase 2: sequences, finished hypotheses and the groups' states.
-        for ((b, item), item_plans) in items.iter_mut().enumerate().zip(plans) {
+        for (b, item) in items.iter_mut().enumerate() {
             let lim = limits[b];
             let cur = lim.input_len + generated;
-            for ((g, grp), plan) in item.iter_mut().enumerate().zip(item_plans) {
-                let Some(plan) = plan else {
+            for (g, grp) in item.iter_mut().enumerate() {
+                let Some(gc) = ch.groups[b * groups + g] else {
                     continue;
                 };
                 let base = b * nb + g * gs;
-                finish_step(cfg, grp, plan, base, cur, lim, vocab, hf4);
+                finish_step(cfg, grp, &ch, gc, base, cur, lim, vocab, hf4);
                 if grp.done {
                     for row in base..base + gs {
                         st.set_idle(row);

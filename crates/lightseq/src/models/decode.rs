@@ -49,6 +49,9 @@ pub struct DecodeState {
     /// Rows whose outputs are no longer read (their search has finished; see
     /// [`DecodeState::set_idle`]).
     idle: Vec<bool>,
+    /// CUDA reorders: the source rows ([rows] i32) and the composition's scratch ([rows,
+    /// capacity] i32), kept from the first reorder on.
+    reorder_bufs: Option<(Tensor, Tensor)>,
 }
 
 impl DecodeState {
@@ -71,6 +74,7 @@ impl DecodeState {
             owner: 0,
             graph_carried: false,
             idle: vec![false; rows],
+            reorder_bufs: None,
         }
     }
 
@@ -213,11 +217,28 @@ impl DecodeState {
         self.key_rows = Some(table);
     }
 
-    /// Composes the key-row table with `idx` (i32 sources of each row, on the device):
-    /// row i takes row idx[i]'s positions written so far, in place (the captured step
-    /// reads the table at its address).
-    fn compose_key_rows(&mut self, idx: &Tensor) -> Result<()> {
+    /// Composes the key-row table with `idx` (the source of each row): row i takes row
+    /// idx[i]'s positions written so far, in place (the captured step reads the table at
+    /// its address).
+    fn compose_key_rows(&mut self, idx: &[i32]) -> Result<()> {
         self.ensure_key_rows()?;
+        let (mut ids, scratch) = match self.reorder_bufs.take() {
+            Some(bufs) => bufs,
+            None => {
+                let device = self.caches[0].k.device();
+                (
+                    ops::empty(&[self.rows], DType::I32, &device)?,
+                    ops::empty(&[self.rows * self.capacity], DType::I32, &device)?,
+                )
+            }
+        };
+        ops::write_i32_(&mut ids, idx)?;
+        let composed = self.compose_key_rows_with(&ids, &scratch);
+        self.reorder_bufs = Some((ids, scratch));
+        composed
+    }
+
+    fn compose_key_rows_with(&mut self, idx: &Tensor, scratch: &Tensor) -> Result<()> {
         let shared = self
             .key_rows
             .take()
@@ -234,7 +255,7 @@ impl DecodeState {
             }
         };
         // Positions from `len` on keep naming each row's own, where steps append.
-        let composed = ops::reorder_row_prefixes(&mut [&mut table], idx, self.len);
+        let composed = ops::reorder_row_prefix_with(&mut table, idx, scratch, self.len);
         self.share_key_rows(Arc::new(table));
         composed
     }
@@ -261,10 +282,10 @@ impl DecodeState {
         }
         if let Some(device) = self.caches.first().map(|c| c.k.device()) {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
-            let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
             if device.is_cuda() {
                 self.compose_key_rows(&idx)?;
             } else {
+                let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
                 // Gathered rows go back into the same buffers; only the positions written
                 // so far move (keys past them are never read).
                 let width = self.caches[0].k.shape()[2];

@@ -27,6 +27,20 @@ fn disabled() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM", "0")
 }
 
+/// Rows the kernels take at most where LIGHTSEQ_SMALL_GEMM_ROWS=32 asks for two row tiles.
+const MAX_ROWS_TWO_TILES: usize = 32;
+
+/// The most rows the kernels take: [`MAX_ROWS`], or two tiles' with
+/// LIGHTSEQ_SMALL_GEMM_ROWS=32.
+fn max_rows() -> usize {
+    static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if super::env_equals(&TWO, "LIGHTSEQ_SMALL_GEMM_ROWS", "32") {
+        MAX_ROWS_TWO_TILES
+    } else {
+        MAX_ROWS
+    }
+}
+
 /// Whether LIGHTSEQ_SMALL_GEMM_PREFETCH=0 turns off the kernels' L2 prefetch of their
 /// weight rows ahead of the wait for the kernel before them.
 fn prefetch_off() -> bool {
@@ -51,7 +65,7 @@ pub(crate) fn linear_small(
     let dev = x.device();
     let dt = x.dtype();
     let applies = !disabled()
-        && (1..=MAX_ROWS).contains(&m)
+        && (1..=max_rows()).contains(&m)
         && (1..=MAX_COLS).contains(&n)
         && k.is_multiple_of(32)
         && k > 0
@@ -71,8 +85,14 @@ pub(crate) fn linear_small(
     };
     // Enough warps that each loads its share of k in about one round.
     let warps = (k / 32).div_ceil(CHUNKS_IN_FLIGHT).clamp(4, MAX_WARPS);
-    let f = dev.kernel(&format!("linear_small_n{nt}"), dt)?;
-    let smem = warps * nt * 4 * 32 * 4;
+    let tiles = m.div_ceil(16);
+    let name = if tiles == 1 {
+        format!("linear_small_n{nt}")
+    } else {
+        format!("linear_small_m2_n{nt}")
+    };
+    let f = dev.kernel(&name, dt)?;
+    let smem = warps * tiles * nt * 4 * 32 * 4;
     super::train_ops::allow_smem(&f, smem)?;
     let y = dev.alloc(dt, m * n)?;
     let (xp, wp, bp, rp, yp) = (

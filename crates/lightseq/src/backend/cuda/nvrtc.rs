@@ -39,6 +39,7 @@ pub const MODULES: &[KernelModule] = &[
             "scale",
             "index_select",
             "reorder_prefix",
+            "reorder_prefix_one",
             "write_rows",
             "write_rows2",
             "pack_rows",
@@ -132,7 +133,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "linear_small",
         source: include_str!("kernels/linear_small.cu"),
-        kernels: &["linear_small_n2", "linear_small_n4"],
+        kernels: &[
+            "linear_small_n2",
+            "linear_small_n4",
+            "linear_small_m2_n2",
+            "linear_small_m2_n4",
+        ],
         dtypes: &[DType::F16, DType::BF16],
     },
 ];

@@ -768,6 +768,61 @@ pub(crate) fn reorder_prefix(
     Ok(())
 }
 
+/// Row i of `x` (`rows` rows `row_stride` elements apart) takes the first `prefix` elements
+/// of row idx[i], in place, through `scratch` (at least rows x prefix elements of x's
+/// dtype): [`reorder_prefix`] for one tensor, without its table upload and allocations.
+pub(crate) fn reorder_prefix_one(
+    x: &CudaStorage,
+    idx: &CudaStorage,
+    scratch: &CudaStorage,
+    rows: usize,
+    row_stride: usize,
+    prefix: usize,
+) -> Result<()> {
+    if rows == 0 || prefix == 0 {
+        return Ok(());
+    }
+    let dt = x.dtype();
+    if scratch.dtype() != dt || scratch.len() < rows * prefix || idx.len() < rows {
+        return Err(Error::op(
+            "reorder_prefix_one",
+            format!(
+                "scratch of {} x {} and {} indices for {rows} rows of {prefix}",
+                scratch.len(),
+                scratch.dtype(),
+                idx.len()
+            ),
+        ));
+    }
+    let dev = x.device();
+    // The kernel only copies: i32 tables move as f32 bit patterns.
+    let kernel_dt = if dt == DType::I32 { DType::F32 } else { dt };
+    let f = dev.kernel("reorder_prefix_one", kernel_dt)?;
+    let packs = prefix.div_ceil(16 / dt.size());
+    let (xp, ip, sp) = (x.ptr(), idx.ptr(), scratch.ptr());
+    let (r, rs, pf) = (rows as i32, row_stride as i64, prefix as i64);
+    let cfg = LaunchConfig {
+        grid_dim: (packs.div_ceil(256).min(64) as u32, rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    for pass in [0i32, 1] {
+        let mut l = dev.launch(&f);
+        l.arg(&xp)
+            .arg(&ip)
+            .arg(&sp)
+            .arg(&r)
+            .arg(&rs)
+            .arg(&pf)
+            .arg(&pass);
+        // SAFETY: argument types match reorder_prefix_one in elementwise.cu; x holds rows x
+        // row_stride elements (the caller checks), idx `rows` indices below rows, scratch
+        // rows x prefix elements (checked above).
+        launched("reorder_prefix_one", unsafe { l.launch(cfg) })?;
+    }
+    Ok(())
+}
+
 pub(crate) fn index_select_dev(
     x: &CudaStorage,
     ids: &CudaStorage,

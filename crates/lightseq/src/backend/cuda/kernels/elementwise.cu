@@ -191,13 +191,12 @@ LS_FLOAT_TYPES(LS_PACK_ROWS)
 // Beam reorders of caches in place, through `scratch` [tensors, rows, prefix]: pass 0
 // gathers the first `prefix` elements of row idx[i] of tensor t (at address ptrs[t], rows
 // `row_stride` elements apart) to scratch, pass 1 writes them back to row i. Grid (packs,
-// rows, tensors).
+// rows, tensors); reorder_prefix_one takes one tensor's address itself (no table).
 template <typename T>
-__device__ void reorder_prefix_body(const unsigned long long* ptrs, const int* idx, T* scratch,
-                                    int rows, long long row_stride, long long prefix, int pass) {
+__device__ void reorder_prefix_body(T* x, const int* idx, T* scratch, int rows,
+                                    long long row_stride, long long prefix, int pass) {
   constexpr int N = 16 / sizeof(T);
   const int t = blockIdx.z, i = blockIdx.y;
-  T* x = reinterpret_cast<T*>(ptrs[t]);
   T* row = x + (pass == 0 ? (long long)idx[i] : (long long)i) * row_stride;
   T* s = scratch + ((long long)t * rows + i) * prefix;
   const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -226,7 +225,14 @@ __device__ void reorder_prefix_body(const unsigned long long* ptrs, const int* i
                                                 T* scratch, int rows, long long row_stride,    \
                                                 long long prefix, int pass) {                  \
     LS_PDL_WAIT();                                                                             \
-    reorder_prefix_body<T>(ptrs, idx, scratch, rows, row_stride, prefix, pass);                \
+    reorder_prefix_body<T>(reinterpret_cast<T*>(ptrs[blockIdx.z]), idx, scratch, rows,         \
+                           row_stride, prefix, pass);                                          \
+  }                                                                                            \
+  extern "C" __global__ void reorder_prefix_one_##S(T* x, const int* idx, T* scratch, int rows, \
+                                                    long long row_stride, long long prefix,    \
+                                                    int pass) {                                \
+    LS_PDL_WAIT();                                                                             \
+    reorder_prefix_body<T>(x, idx, scratch, rows, row_stride, prefix, pass);                   \
   }
 LS_FLOAT_TYPES(LS_REORDER)
 

@@ -132,17 +132,20 @@ __device__ __forceinline__ void linear_small_prefetch(const T* w, int n, int k) 
   }
 }
 
-// One row tile (m <= 16): with two, at 32 rows, cuBLASLt was faster (linear_small.rs).
-#define LS_LINEAR_SMALL(T, S, NT)                                                             \
+// One row tile (m <= 16), or two (m <= 32: linear_small_m2_*, which the host takes only
+// where LIGHTSEQ_SMALL_GEMM_ROWS=32 asks; see linear_small.rs).
+#define LS_LINEAR_SMALL(T, S, MT, NAME, NT)                                                   \
   extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
-      linear_small_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y,       \
-                               int m, int n, int k, int act, int prefetch) {                  \
+      NAME##_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y, int m, int n, \
+                         int k, int act, int prefetch) {                                      \
     if (prefetch) linear_small_prefetch<T, NT>(w, n, k);                                      \
     LS_PDL_WAIT();                                                                            \
-    linear_small_body<T, 1, NT>(x, w, bias, r, y, m, n, k, act);                              \
+    linear_small_body<T, MT, NT>(x, w, bias, r, y, m, n, k, act);                             \
   }
-#define LS_LINEAR_SMALL_ALL(T, S) \
-  LS_LINEAR_SMALL(T, S, 2)        \
-  LS_LINEAR_SMALL(T, S, 4)
+#define LS_LINEAR_SMALL_ALL(T, S)                  \
+  LS_LINEAR_SMALL(T, S, 1, linear_small, 2)        \
+  LS_LINEAR_SMALL(T, S, 1, linear_small, 4)        \
+  LS_LINEAR_SMALL(T, S, 2, linear_small_m2, 2)     \
+  LS_LINEAR_SMALL(T, S, 2, linear_small_m2, 4)
 LS_LINEAR_SMALL_ALL(__half, f16)
 LS_LINEAR_SMALL_ALL(__nv_bfloat16, bf16)
