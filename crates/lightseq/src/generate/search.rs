@@ -380,15 +380,9 @@ fn keep_best(
 
 /// Indices of the `k` largest values, ties to the lower index (stable).
 fn top_k_stable(v: &[f32], k: usize) -> Vec<usize> {
-    let k = k.min(v.len());
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
-    }
-    idx.sort_by(cmp);
-    idx
+    let mut out = Vec::with_capacity(k.min(v.len()));
+    push_top_k(v, k, &mut Vec::new(), &mut out);
+    out
 }
 
 /// Row `row` of `top` as the processors leave a forced step: the forced tokens at
@@ -430,8 +424,9 @@ struct GroupChoice {
     /// The candidates: `cand[at..at + n]` (and the same range of vals, stop, pen).
     at: usize,
     n: usize,
-    /// The next running beams' candidates: `sel[sel_at..sel_at + group size]`.
+    /// The next running beams' candidates: `sel[sel_at..sel_at + sel_n]`.
     sel_at: usize,
+    sel_n: usize,
     /// The step reaches the item's length limit.
     last: bool,
 }
@@ -454,7 +449,7 @@ impl Choices {
 }
 
 /// Appends to `out` the indices of the `k` largest values of `v`, best first, ties to the
-/// lower index ([`top_k_stable`] without its allocation; `order` is scratch).
+/// lower index (`order` is scratch, kept by callers that rank every step).
 fn push_top_k(v: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<usize>) {
     let k = k.min(v.len());
     order.clear();
@@ -491,7 +486,7 @@ fn finish_step(
         &ch.stop[range.clone()],
         &ch.pen[range],
     );
-    let sel = &ch.sel[gc.sel_at..gc.sel_at + gs.min(gc.n)];
+    let sel = &ch.sel[gc.sel_at..gc.sel_at + gc.sel_n];
     let last = gc.last;
     let all_stop = stop.iter().all(|&s| s);
     // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab; its
@@ -772,6 +767,7 @@ pub fn beam(
                     at,
                     n,
                     sel_at,
+                    sel_n: ch.sel.len() - sel_at,
                     last,
                 }));
             }

@@ -9,9 +9,11 @@ use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
-/// Rows the kernels take at most: one 16-row tile. With two tiles (32 rows, GPT2's GEMMs at
-/// batch 32) they took 8.4 us a launch on an H200, against cuBLASLt's ~5-10 us, and the
-/// sampling run was slower; at 1 row, GPT2 and Transformer-base generation ran ~1 ms faster.
+/// Rows the kernels take by default: one 16-row tile. Over two tiles (up to 32 rows, with
+/// LIGHTSEQ_SMALL_GEMM_ROWS=32) they beat cuBLASLt at Transformer-base's 32 rows (beam 4 at
+/// batch 8: 7-9%) and lose at GPT2's (batch 32: ~4%) on an H200 (inference run 14's
+/// session); at 1 row, GPT2 and Transformer-base generation ran ~1 ms faster than with
+/// cuBLASLt.
 pub(crate) const MAX_ROWS: usize = 16;
 /// Columns the kernels take at most: wider outputs (LM heads) are a long read of the weight,
 /// which cuBLASLt streams faster (GPT2's head at 32 rows: 64.5 us here against 27 us).
@@ -49,7 +51,8 @@ fn prefetch_off() -> bool {
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
-/// or None where they do not apply: more than [`MAX_ROWS`] rows or [`MAX_COLS`] columns, k
+/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`]) or more
+/// than [`MAX_COLS`] columns, k
 /// not a multiple of 32, f32, a GPU before sm_80, operands not 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_small(
@@ -93,7 +96,9 @@ pub(crate) fn linear_small(
     };
     let f = dev.kernel(&name, dt)?;
     let smem = warps * tiles * nt * 4 * 32 * 4;
-    super::train_ops::allow_smem(&f, smem)?;
+    // The function's limit is set to what any launch of it may take, so that launches on
+    // other threads with fewer warps never lower it under this one.
+    super::train_ops::allow_smem(&f, MAX_WARPS * tiles * nt * 4 * 32 * 4)?;
     let y = dev.alloc(dt, m * n)?;
     let (xp, wp, bp, rp, yp) = (
         x.ptr(),
