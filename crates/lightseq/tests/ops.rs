@@ -274,7 +274,8 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // wide as GPT2's vocabulary. In 16 bits, up to 16 rows with k a multiple of 32 go
         // to the few-row kernels: one row and sixteen, columns past the last tile, fewer
         // columns than a tile, k over one chunk or many warps' rounds, blocks of 16 and 32
-        // columns.
+        // columns; up to 32 rows (two row tiles) where the weight is at most 512 on a side
+        // (27 x 700 x 512, 32 x 512 x 2048); more rows go to cuBLASLt.
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),
@@ -284,6 +285,10 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (9, 7, 3072),
             (3, 2304, 768),
             (5, 8200, 64),
+            (27, 700, 512),
+            (32, 512, 2048),
+            (45, 1536, 512),
+            (128, 520, 256),
         ] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {

@@ -9,12 +9,17 @@ use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
-/// Rows the kernels take by default: one 16-row tile. Over two tiles (up to 32 rows, with
-/// LIGHTSEQ_SMALL_GEMM_ROWS=32) they beat cuBLASLt at Transformer-base's 32 rows (beam 4 at
-/// batch 8: 7-9%) and lose at GPT2's (batch 32: ~4%) on an H200 (inference run 14's
-/// session); at 1 row, GPT2 and Transformer-base generation ran ~1 ms faster than with
-/// cuBLASLt.
-pub(crate) const MAX_ROWS: usize = 16;
+/// Rows the kernels take by default where the narrower side of the weight (d_model, in a
+/// decode step) is over [`NARROW`]: one 16-row tile. At 1 row, GPT2 and Transformer-base
+/// generation ran ~1 ms faster than with cuBLASLt; at GPT2's 32 rows (768 wide) the two-tile
+/// kernels lost ~4% to cuBLASLt on an H200 (inference runs 14 and 15's sessions).
+const MAX_ROWS: usize = 16;
+/// Rows the kernels take by default where the weight is at most [`NARROW`] on a side: two
+/// 16-row tiles, which beat cuBLASLt at Transformer-base's 32 rows (beam 4 at batch 8: 3-5%
+/// of the whole generation, four rounds, run 15's session).
+const MAX_ROWS_NARROW: usize = 32;
+/// The weight side up to which [`MAX_ROWS_NARROW`] applies.
+const NARROW: usize = 512;
 /// Columns the kernels take at most: wider outputs (LM heads) are a long read of the weight,
 /// which cuBLASLt streams faster (GPT2's head at 32 rows: 64.5 us here against 27 us).
 const MAX_COLS: usize = 16384;
@@ -29,18 +34,26 @@ fn disabled() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM", "0")
 }
 
-/// Rows the kernels take at most where LIGHTSEQ_SMALL_GEMM_ROWS=32 asks for two row tiles.
-const MAX_ROWS_TWO_TILES: usize = 32;
+/// LIGHTSEQ_SMALL_GEMM_ROWS=16 or 32: the most rows the kernels take, in place of the
+/// default by shape.
+fn rows_override() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(
+        || match std::env::var("LIGHTSEQ_SMALL_GEMM_ROWS").as_deref() {
+            Ok("16") => Some(MAX_ROWS),
+            Ok("32") => Some(MAX_ROWS_NARROW),
+            _ => None,
+        },
+    )
+}
 
-/// The most rows the kernels take: [`MAX_ROWS`], or two tiles' with
-/// LIGHTSEQ_SMALL_GEMM_ROWS=32.
-fn max_rows() -> usize {
-    static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if super::env_equals(&TWO, "LIGHTSEQ_SMALL_GEMM_ROWS", "32") {
-        MAX_ROWS_TWO_TILES
+/// The most rows the kernels take for a weight [n, k].
+fn max_rows(n: usize, k: usize) -> usize {
+    rows_override().unwrap_or(if n.min(k) <= NARROW {
+        MAX_ROWS_NARROW
     } else {
         MAX_ROWS
-    }
+    })
 }
 
 /// Whether LIGHTSEQ_SMALL_GEMM_PREFETCH=0 turns off the kernels' L2 prefetch of their
@@ -51,9 +64,9 @@ fn prefetch_off() -> bool {
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
-/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`]) or more
-/// than [`MAX_COLS`] columns, k
-/// not a multiple of 32, f32, a GPU before sm_80, operands not 16-byte aligned.
+/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`] and
+/// [`MAX_ROWS_NARROW`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
+/// before sm_80, operands not 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_small(
     x: &CudaStorage,
@@ -68,7 +81,7 @@ pub(crate) fn linear_small(
     let dev = x.device();
     let dt = x.dtype();
     let applies = !disabled()
-        && (1..=max_rows()).contains(&m)
+        && (1..=max_rows(n, k)).contains(&m)
         && (1..=MAX_COLS).contains(&n)
         && k.is_multiple_of(32)
         && k > 0

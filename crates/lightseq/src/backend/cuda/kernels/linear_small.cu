@@ -132,8 +132,8 @@ __device__ __forceinline__ void linear_small_prefetch(const T* w, int n, int k) 
   }
 }
 
-// One row tile (m <= 16), or two (m <= 32: linear_small_m2_*, which the host takes only
-// where LIGHTSEQ_SMALL_GEMM_ROWS=32 asks; see linear_small.rs).
+// One row tile (m <= 16), or two (m <= 32: linear_small_m2_*; linear_small.rs says where
+// the host takes them).
 #define LS_LINEAR_SMALL(T, S, MT, NAME, NT)                                                   \
   extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
       NAME##_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y, int m, int n, \
