@@ -494,6 +494,9 @@ fn general_cases() -> Vec<(
         // largest head and one that is not a power of two.
         (3, 1, 300, 4, 4, 128, true, 299, None, true),
         (2, 1, 150, 3, 1, 80, false, 0, None, false),
+        // A decode step of many rows (beam search at batch 16) with grouped heads, a window,
+        // left padding and relative bias.
+        (64, 1, 40, 4, 2, 64, true, 39, Some(30), true),
         // Cross attention with 2^20 scores: the GEMM path on CUDA in f32, the flash kernel
         // in f16 and bf16.
         (4, 256, 256, 4, 4, 16, false, 0, None, false),
