@@ -750,20 +750,39 @@ pub(crate) fn reorder_prefix(
             shared_mem_bytes: 0,
         };
         let tp = super::launch::slice_ptr(&ptrs, dev.stream());
-        for pass in [0i32, 1] {
-            let mut l = dev.launch(&f);
-            l.arg(&tp)
-                .arg(&ip)
-                .arg(&sp)
-                .arg(&r)
-                .arg(&rs)
-                .arg(&pf)
-                .arg(&pass);
-            // SAFETY: argument types match reorder_prefix in elementwise.cu; every tensor
-            // holds rows x row_stride elements (the caller checks), idx holds `rows`
-            // indices below rows, scratch group x rows x prefix elements.
-            launched("reorder_prefix", unsafe { l.launch(cfg) })?;
-        }
+        // SAFETY: reorder_prefix in elementwise.cu takes these arguments; every tensor
+        // holds rows x row_stride elements (the caller checks), idx holds `rows` indices
+        // below rows, scratch group x rows x prefix elements.
+        unsafe { reorder_passes(dev, &f, "reorder_prefix", cfg, (tp, ip, sp), (r, rs, pf))? };
+    }
+    Ok(())
+}
+
+/// The two launches of a reorder kernel (pass 0 gathers the rows' prefixes into the
+/// scratch, pass 1 writes them back), whose arguments are (x or the table of tensors, idx,
+/// scratch, rows, row_stride, prefix, pass).
+///
+/// # Safety
+/// `f` takes exactly those arguments, and the buffers hold what its launch reads and writes.
+unsafe fn reorder_passes(
+    dev: &super::CudaDevice,
+    f: &cudarc::driver::CudaFunction,
+    name: &'static str,
+    cfg: LaunchConfig,
+    (xp, ip, sp): (u64, u64, u64),
+    (r, rs, pf): (i32, i64, i64),
+) -> Result<()> {
+    for pass in [0i32, 1] {
+        let mut l = dev.launch(f);
+        l.arg(&xp)
+            .arg(&ip)
+            .arg(&sp)
+            .arg(&r)
+            .arg(&rs)
+            .arg(&pf)
+            .arg(&pass);
+        // SAFETY: the caller's contract.
+        launched(name, unsafe { l.launch(cfg) })?;
     }
     Ok(())
 }
@@ -806,21 +825,19 @@ pub(crate) fn reorder_prefix_one(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    for pass in [0i32, 1] {
-        let mut l = dev.launch(&f);
-        l.arg(&xp)
-            .arg(&ip)
-            .arg(&sp)
-            .arg(&r)
-            .arg(&rs)
-            .arg(&pf)
-            .arg(&pass);
-        // SAFETY: argument types match reorder_prefix_one in elementwise.cu; x holds rows x
-        // row_stride elements (the caller checks), idx `rows` indices below rows, scratch
-        // rows x prefix elements (checked above).
-        launched("reorder_prefix_one", unsafe { l.launch(cfg) })?;
+    // SAFETY: reorder_prefix_one in elementwise.cu takes these arguments; x holds rows x
+    // row_stride elements (the caller checks), idx `rows` indices below rows, scratch rows x
+    // prefix elements (checked above).
+    unsafe {
+        reorder_passes(
+            dev,
+            &f,
+            "reorder_prefix_one",
+            cfg,
+            (xp, ip, sp),
+            (r, rs, pf),
+        )
     }
-    Ok(())
 }
 
 pub(crate) fn index_select_dev(
