@@ -2,9 +2,11 @@
 # Interleaved timings of `lightseq` binaries on the inference workloads of the grid
 # (BERT-base forward, Transformer-base beam 4, GPT2 top-k sampling), in one call on the GPU
 # machine, so that their ratios come from one run on one GPU:
-#   [ROUNDS=2] bash scripts/bench/ab_inference.sh SIDE SIDE...
+#   [ROUNDS=2] [PIN=CORE] bash scripts/bench/ab_inference.sh SIDE SIDE...
 # A side is a binary's path, with environment settings for it in front if any:
-# "ENV=V,ENV2=V:path".
+# "ENV=V,ENV2=V:path". The sides' order rotates from round to round. PIN runs every
+# process on that one CPU core (taskset): unpinned, generation times moved 5-8% between
+# processes on an H200 machine, pinned ~2-3% (docs/performance.md, inference run 15).
 set -u
 [ $# -ge 1 ] || { echo "usage: ab_inference.sh SIDE SIDE..." >&2; exit 2; }
 ROUNDS=${ROUNDS:-2}
@@ -15,11 +17,16 @@ run() {
   local -a e=()
   [ -n "$envs" ] && IFS=, read -r -a e <<<"$envs"
   shift
-  env ${e[@]+"${e[@]}"} "$bin" bench --device cuda --dtype f16 "$@" | grep median \
+  local -a pin=()
+  [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
+  env ${e[@]+"${e[@]}"} ${pin[@]+"${pin[@]}"} "$bin" bench --device cuda --dtype f16 "$@" | grep median \
     | sed 's/ on cuda.*median/ median/'
 }
+sides=("$@")
+n=${#sides[@]}
 for r in $(seq "$ROUNDS"); do
-  for side in "$@"; do
+  for i in $(seq 0 $((n - 1))); do
+    side=${sides[$(((i + r - 1) % n))]}
     echo "== $side (round $r)"
     run "$side" --preset bert-base --task forward --batch 1,8,32 --seq 8,32,128 --iters 30 --warmup 5
     run "$side" --preset transformer-base --task generate --batch 1,8,32 --seq 8,32,128 \
