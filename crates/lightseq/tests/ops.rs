@@ -275,7 +275,8 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // to the few-row kernels: one row and sixteen, columns past the last tile, fewer
         // columns than a tile, k over one chunk or many warps' rounds, blocks of 16 and 32
         // columns; up to 32 rows (two row tiles) where the weight is at most 512 on a side
-        // (27 x 700 x 512, 32 x 512 x 2048); more rows go to cuBLASLt.
+        // (27 x 700 x 512, 32 x 512 x 2048, and 29 x 8200 x 64 with blocks of 32 columns);
+        // more rows go to cuBLASLt.
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),
@@ -287,6 +288,7 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (5, 8200, 64),
             (27, 700, 512),
             (32, 512, 2048),
+            (29, 8200, 64),
             (45, 1536, 512),
             (128, 520, 256),
         ] {

@@ -319,13 +319,15 @@ fn cuda_linear_add_matches_cpu() {
     };
     let cpu = Device::Cpu;
     for dt in DTYPES {
-        // The last two: few rows with k a multiple of 32 (the few-row kernels in 16 bits).
+        // The last three: few rows with k a multiple of 32 (the few-row kernels in 16 bits;
+        // 30 rows over a weight at most 512 on a side take two row tiles).
         for (m, n, k, bias) in [
             (37, 53, 71, true),
             (64, 96, 40, false),
             (5, 3, 9, true),
             (16, 768, 3072, true),
             (3, 21, 64, false),
+            (30, 512, 2048, true),
         ] {
             let (x, w, b, r) = (
                 randn(70, m * k),

@@ -12,7 +12,7 @@ use cudarc::driver::LaunchConfig;
 /// Rows the kernels take by default where the narrower side of the weight (d_model, in a
 /// decode step) is over [`NARROW`]: one 16-row tile. At 1 row, GPT2 and Transformer-base
 /// generation ran ~1 ms faster than with cuBLASLt; at GPT2's 32 rows (768 wide) the two-tile
-/// kernels lost ~4% to cuBLASLt on an H200 (inference runs 14 and 15's sessions).
+/// kernels lost 4-6% to cuBLASLt on an H200 (inference runs 14 and 15's sessions).
 const MAX_ROWS: usize = 16;
 /// Rows the kernels take by default where the weight is at most [`NARROW`] on a side: two
 /// 16-row tiles, which beat cuBLASLt at Transformer-base's 32 rows (beam 4 at batch 8: 3-5%

@@ -763,7 +763,8 @@ pub(crate) fn reorder_prefix(
 /// scratch, rows, row_stride, prefix, pass).
 ///
 /// # Safety
-/// `f` takes exactly those arguments, and the buffers hold what its launch reads and writes.
+/// `f` takes exactly those arguments, and the buffers hold what its launch over `cfg`'s
+/// grid reads and writes (its y extent runs over idx, its z extent over a table's tensors).
 unsafe fn reorder_passes(
     dev: &super::CudaDevice,
     f: &cudarc::driver::CudaFunction,
