@@ -38,7 +38,6 @@ pub const MODULES: &[KernelModule] = &[
             "glu",
             "scale",
             "index_select",
-            "reorder_prefix",
             "reorder_prefix_one",
             "write_rows",
             "write_rows2",

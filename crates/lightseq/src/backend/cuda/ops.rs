@@ -712,8 +712,8 @@ pub(crate) fn index_select(x: &CudaStorage, idx: &[usize], row: usize) -> Result
 }
 
 /// Row i of every tensor in `xs` (same dtype, `rows` rows `row_stride` elements apart) takes
-/// the first `prefix` elements of row idx[i], in place. Tensors go in groups whose scratch
-/// (tensors x rows x prefix) stays within one tensor's size; two launches a group.
+/// the first `prefix` elements of row idx[i], in place: [`reorder_prefix_one`] for each,
+/// through one scratch.
 pub(crate) fn reorder_prefix(
     xs: &[&CudaStorage],
     idx: &CudaStorage,
@@ -727,70 +727,17 @@ pub(crate) fn reorder_prefix(
     if rows == 0 || prefix == 0 {
         return Ok(());
     }
-    let dev = first.device();
-    let dt = first.dtype();
-    // The kernel only copies: i32 tables move as f32 bit patterns.
-    let kernel_dt = if dt == DType::I32 { DType::F32 } else { dt };
-    let f = dev.kernel("reorder_prefix", kernel_dt)?;
-    let per_group = (row_stride / prefix).clamp(1, xs.len());
-    let scratch = dev.alloc(dt, per_group * rows * prefix)?;
-    let packs = prefix.div_ceil(16 / dt.size());
-    for group in xs.chunks(per_group) {
-        let ptrs: Vec<u64> = group.iter().map(|x| x.ptr()).collect();
-        let ptrs = super::train_ops::upload_table(dev, &ptrs)?;
-        let (ip, sp) = (idx.ptr(), scratch.ptr());
-        let (r, rs, pf) = (rows as i32, row_stride as i64, prefix as i64);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                packs.div_ceil(256).min(64) as u32,
-                rows as u32,
-                group.len() as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let tp = super::launch::slice_ptr(&ptrs, dev.stream());
-        // SAFETY: reorder_prefix in elementwise.cu takes these arguments; every tensor
-        // holds rows x row_stride elements (the caller checks), idx holds `rows` indices
-        // below rows, scratch group x rows x prefix elements.
-        unsafe { reorder_passes(dev, &f, "reorder_prefix", cfg, (tp, ip, sp), (r, rs, pf))? };
-    }
-    Ok(())
-}
-
-/// The two launches of a reorder kernel (pass 0 gathers the rows' prefixes into the
-/// scratch, pass 1 writes them back), whose arguments are (x or the table of tensors, idx,
-/// scratch, rows, row_stride, prefix, pass).
-///
-/// # Safety
-/// `f` takes exactly those arguments, and the buffers hold what its launch over `cfg`'s
-/// grid reads and writes (its y extent runs over idx, its z extent over a table's tensors).
-unsafe fn reorder_passes(
-    dev: &super::CudaDevice,
-    f: &cudarc::driver::CudaFunction,
-    name: &'static str,
-    cfg: LaunchConfig,
-    (xp, ip, sp): (u64, u64, u64),
-    (r, rs, pf): (i32, i64, i64),
-) -> Result<()> {
-    for pass in [0i32, 1] {
-        let mut l = dev.launch(f);
-        l.arg(&xp)
-            .arg(&ip)
-            .arg(&sp)
-            .arg(&r)
-            .arg(&rs)
-            .arg(&pf)
-            .arg(&pass);
-        // SAFETY: the caller's contract.
-        launched(name, unsafe { l.launch(cfg) })?;
+    let scratch = first.device().alloc(first.dtype(), rows * prefix)?;
+    for x in xs {
+        reorder_prefix_one(x, idx, &scratch, rows, row_stride, prefix)?;
     }
     Ok(())
 }
 
 /// Row i of `x` (`rows` rows `row_stride` elements apart) takes the first `prefix` elements
 /// of row idx[i], in place, through `scratch` (at least rows x prefix elements of x's
-/// dtype): [`reorder_prefix`] for one tensor, without its table upload and allocations.
+/// dtype), which a caller reordering every step keeps: pass 0 gathers the rows' prefixes
+/// into the scratch, pass 1 writes them back.
 pub(crate) fn reorder_prefix_one(
     x: &CudaStorage,
     idx: &CudaStorage,
@@ -820,25 +767,21 @@ pub(crate) fn reorder_prefix_one(
     let f = dev.kernel("reorder_prefix_one", kernel_dt)?;
     let packs = prefix.div_ceil(16 / dt.size());
     let (xp, ip, sp) = (x.ptr(), idx.ptr(), scratch.ptr());
-    let (r, rs, pf) = (rows as i32, row_stride as i64, prefix as i64);
+    let (rs, pf) = (row_stride as i64, prefix as i64);
     let cfg = LaunchConfig {
         grid_dim: (packs.div_ceil(256).min(64) as u32, rows as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: reorder_prefix_one in elementwise.cu takes these arguments; x holds rows x
-    // row_stride elements (the caller checks), idx `rows` indices below rows, scratch rows x
-    // prefix elements (checked above).
-    unsafe {
-        reorder_passes(
-            dev,
-            &f,
-            "reorder_prefix_one",
-            cfg,
-            (xp, ip, sp),
-            (r, rs, pf),
-        )
+    for pass in [0i32, 1] {
+        let mut l = dev.launch(&f);
+        l.arg(&xp).arg(&ip).arg(&sp).arg(&rs).arg(&pf).arg(&pass);
+        // SAFETY: argument types match reorder_prefix_one in elementwise.cu; x holds rows x
+        // row_stride elements (the caller checks), idx `rows` indices below rows (one block
+        // row each), scratch rows x prefix elements (checked above).
+        launched("reorder_prefix_one", unsafe { l.launch(cfg) })?;
     }
+    Ok(())
 }
 
 pub(crate) fn index_select_dev(

@@ -188,17 +188,16 @@ __device__ void pack_rows_body(T* __restrict__ dst, const T* __restrict__ src, i
   }
 LS_FLOAT_TYPES(LS_PACK_ROWS)
 
-// Beam reorders of caches in place, through `scratch` [tensors, rows, prefix]: pass 0
-// gathers the first `prefix` elements of row idx[i] of tensor t (at address ptrs[t], rows
-// `row_stride` elements apart) to scratch, pass 1 writes them back to row i. Grid (packs,
-// rows, tensors); reorder_prefix_one takes one tensor's address itself (no table).
+// Beam reorders of a tensor in place, through `scratch` [rows, prefix]: pass 0 gathers the
+// first `prefix` elements of row idx[i] of x (rows `row_stride` elements apart) to scratch,
+// pass 1 writes them back to row i. Grid (packs, rows).
 template <typename T>
-__device__ void reorder_prefix_body(T* x, const int* idx, T* scratch, int rows,
-                                    long long row_stride, long long prefix, int pass) {
+__device__ void reorder_prefix_body(T* x, const int* idx, T* scratch, long long row_stride,
+                                    long long prefix, int pass) {
   constexpr int N = 16 / sizeof(T);
-  const int t = blockIdx.z, i = blockIdx.y;
+  const int i = blockIdx.y;
   T* row = x + (pass == 0 ? (long long)idx[i] : (long long)i) * row_stride;
-  T* s = scratch + ((long long)t * rows + i) * prefix;
+  T* s = scratch + (long long)i * prefix;
   const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const long long step = (long long)gridDim.x * blockDim.x;
   if (prefix % N == 0 && row_stride % N == 0 && ls_aligned16(x) && ls_aligned16(scratch)) {
@@ -221,18 +220,11 @@ __device__ void reorder_prefix_body(T* x, const int* idx, T* scratch, int rows,
 }
 
 #define LS_REORDER(T, S)                                                                       \
-  extern "C" __global__ void reorder_prefix_##S(const unsigned long long* ptrs, const int* idx, \
-                                                T* scratch, int rows, long long row_stride,    \
-                                                long long prefix, int pass) {                  \
-    LS_PDL_WAIT();                                                                             \
-    reorder_prefix_body<T>(reinterpret_cast<T*>(ptrs[blockIdx.z]), idx, scratch, rows,         \
-                           row_stride, prefix, pass);                                          \
-  }                                                                                            \
-  extern "C" __global__ void reorder_prefix_one_##S(T* x, const int* idx, T* scratch, int rows, \
+  extern "C" __global__ void reorder_prefix_one_##S(T* x, const int* idx, T* scratch,          \
                                                     long long row_stride, long long prefix,    \
                                                     int pass) {                                \
     LS_PDL_WAIT();                                                                             \
-    reorder_prefix_body<T>(x, idx, scratch, rows, row_stride, prefix, pass);                   \
+    reorder_prefix_body<T>(x, idx, scratch, row_stride, prefix, pass);                         \
   }
 LS_FLOAT_TYPES(LS_REORDER)
 
