@@ -488,7 +488,7 @@ fn finish_step(
     );
     let sel = &ch.sel[gc.sel_at..gc.sel_at + gc.sel_n];
     let last = gc.last;
-    let all_stop = stop.iter().all(|&s| s);
+    let all_stop = ch.all_stop(gc);
     // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab; its
     // sequence is built only where it survives (a running or finished slot).
     let extend = |c: usize| {
