@@ -10,7 +10,7 @@ use cudarc::nvrtc::{result as nv, sys as nvsys};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 const COMMON: &str = include_str!("kernels/common.cuh");
 
@@ -250,6 +250,32 @@ pub(crate) fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lightseq/kernels"))
 }
 
+/// Macros from `LIGHTSEQ_NVRTC_DEFINES` (`NAME` or `NAME=VALUE`, separated by commas or
+/// spaces), defined in every kernel module: the kernels' compile-time experiments, timed
+/// against the default build in one process. Tokens that are not a C identifier with an
+/// optional value are left out, with one line on stderr.
+fn extra_defines() -> &'static [String] {
+    static DEFINES: OnceLock<Vec<String>> = OnceLock::new();
+    DEFINES.get_or_init(|| {
+        let Ok(v) = std::env::var("LIGHTSEQ_NVRTC_DEFINES") else {
+            return Vec::new();
+        };
+        v.split([',', ' '])
+            .filter(|t| !t.is_empty())
+            .filter(|t| {
+                let name = t.split('=').next().unwrap_or("");
+                let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok {
+                    eprintln!("lightseq: LIGHTSEQ_NVRTC_DEFINES: leaving out {t:?} (not NAME or NAME=VALUE)");
+                }
+                ok
+            })
+            .map(str::to_string)
+            .collect()
+    })
+}
+
 /// FNV-1a, stable across Rust versions (unlike std's hasher), for cache keys.
 fn fnv64(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -270,11 +296,12 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
         "{COMMON}\n#line 1 \"{}.cu\"\n{}",
         module.name, module.source
     );
-    let opts = vec![
+    let mut opts = vec![
         format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
         "--std=c++17".to_string(),
         format!("-I{}", include.display()),
     ];
+    opts.extend(extra_defines().iter().map(|d| format!("-D{d}")));
     let csrc = CString::new(src).map_err(|_| Error::Cuda("kernel source has a NUL byte".into()))?;
     let cname = CString::new(format!("{}.cu", module.name)).unwrap_or_default();
     let prog = nv::create_program(&csrc, Some(&cname)).map_err(|e| cuda_err("nvrtc", e))?;
@@ -316,6 +343,7 @@ fn cubin_cached(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
         COMMON.as_bytes(),
         module.source.as_bytes(),
         format!("nvrtc {ma}.{mi} sm_{}{}", arch.0, arch.1).as_bytes(),
+        extra_defines().join(" ").as_bytes(),
     ]);
     let file = cache_dir().map(|d| {
         d.join(format!(

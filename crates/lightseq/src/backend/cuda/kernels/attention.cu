@@ -232,6 +232,142 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 #define DEC_PACKED_MIN_KEYS 32
 #define DEC_DIMS_PER_THREAD ((ATT_MAX_DIM_PER_LANE * 32 + DEC_THREADS - 1) / DEC_THREADS)
 
+// Packs of a key row one thread reads for the scores (LIGHTSEQ_NVRTC_DEFINES may set it:
+// 2 halves a tile and its registers, 8 doubles them).
+#ifndef LS_DECODE_KEY_PACKS
+#define LS_DECODE_KEY_PACKS 4
+#endif
+
+// Whole 16-byte-pack rows of KP packs (KP = 4, 8, 16: head_dim 32, 64, 128 in f16/bf16):
+// every load of a tile is issued before any of its arithmetic. A tile holds TILE keys;
+// TPK threads share a key's row for the scores (lanes of a pair read adjacent packs), and
+// for the values thread (g, c) takes pack c of keys g, g + GROUPS, ... (VPT of them): the
+// key and the value loads of a tile are in flight together, behind one memory latency. The
+// softmax statistics go through one barrier a tile (each warp's max and sum, the
+// probabilities relative to their warp's max), and each thread keeps its pack's weighted
+// sum across tiles; the key groups' sums meet in shared memory once, at the end.
+template <typename T, int KP>
+__device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je, int h, int b,
+                                       int heads, int head_dim, long long k_bs, int k_rs,
+                                       long long v_bs, int v_rs, const T* k_head,
+                                       const T* v_head, float scale, const float* bias_table,
+                                       const int* buckets,
+                                       const T* kn_row, const T* vn_row, int wr,
+                                       const int* rows_b, float* qs, float* ps, float* vsum) {
+  constexpr int E = 16 / sizeof(T);
+  constexpr int TPK = KP >= LS_DECODE_KEY_PACKS ? KP / LS_DECODE_KEY_PACKS : 1;
+  constexpr int KPT = KP / TPK;
+  constexpr int TILE = DEC_THREADS / TPK;
+  constexpr int GROUPS = DEC_THREADS / KP;
+  constexpr int VPT = TILE / GROUPS;
+  constexpr int WARPS = DEC_THREADS / 32;
+  // A score thread's share of q, padded so that the TPK shares sit in different banks.
+  constexpr int QSEG = KPT * E + 4;
+  static_assert(KP * E <= DEC_THREADS, "a thread loads one element of q");
+  static_assert(TPK * QSEG <= ATT_MAX_DIM_PER_LANE * 32 && TILE <= DEC_THREADS &&
+                    GROUPS * KP * E <= DEC_THREADS * 16 / sizeof(T),
+                "the shared buffers are the caller's");
+  __shared__ float2 wstat[WARPS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kk = tid / TPK, part = tid - kk * TPK;
+  const int g = tid / KP, c = tid - g * KP;
+  const float qv = tid < head_dim ? to_f(q_row[tid]) * scale : 0.f;
+  // Key j's row in the cache of its beam (or the appended row), from element `off`.
+  auto key_pack = [&](int j, int pack) -> uint4 {
+    const T* r = j == wr ? kn_row
+                         : k_head + (rows_b ? (long long)rows_b[j] - b : 0) * k_bs +
+                               (long long)j * k_rs;
+    return reinterpret_cast<const uint4*>(r)[pack];
+  };
+  auto value_pack = [&](int j, int pack) -> uint4 {
+    const T* r = j == wr ? vn_row
+                         : v_head + (rows_b ? (long long)rows_b[j] - b : 0) * v_bs +
+                               (long long)j * v_rs;
+    return reinterpret_cast<const uint4*>(r)[pack];
+  };
+  float a[E];
+#pragma unroll
+  for (int u = 0; u < E; ++u) a[u] = 0.f;
+  float run_max = LS_NEG_INF, run_sum = 0.f;
+  for (int tile = jb; tile < je; tile += TILE) {
+    const int j = tile + kk;
+    uint4 kr[KPT], vr[VPT];
+#pragma unroll
+    for (int i = 0; i < KPT; ++i)
+      kr[i] = j < je ? key_pack(j, i * TPK + part) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int m = 0; m < VPT; ++m) {
+      const int jv = tile + g + m * GROUPS;
+      vr[m] = jv < je ? value_pack(jv, c) : make_uint4(0, 0, 0, 0);
+    }
+    if (tile == jb) {
+      if (tid < head_dim) {
+        const int pk = tid / E, i = pk / TPK;
+        qs[(pk - i * TPK) * QSEG + i * E + (tid - pk * E)] = qv;
+      }
+      __syncthreads();
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+      const T* e = reinterpret_cast<const T*>(&kr[i]);
+      const float* qq = qs + part * QSEG + i * E;
+#pragma unroll
+      for (int u = 0; u < E; ++u) dot += qq[u] * to_f(e[u]);
+    }
+#pragma unroll
+    for (int o = TPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(LS_FULL_MASK, dot, o);
+    float s = LS_NEG_INF;
+    if (j < je) {
+      s = dot;
+      if (bias_table) s += bias_table[buckets[j] * heads + h];
+    }
+    const float wm = warp_max(s);
+    const float p = s == LS_NEG_INF ? 0.f : expf(s - wm);
+    const float wsum = warp_sum(part == 0 ? p : 0.f);
+    if (part == 0) ps[kk] = p;
+    if (lane == 0) wstat[warp] = make_float2(wm, wsum);
+    __syncthreads();
+    float tmax = LS_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) tmax = fmaxf(tmax, wstat[w].x);
+    const float new_max = fmaxf(run_max, tmax);
+    float tsum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float2 st = wstat[w];
+      if (st.x != LS_NEG_INF) tsum += st.y * expf(st.x - new_max);
+    }
+    const float corr = run_max == LS_NEG_INF ? 0.f : expf(run_max - new_max);
+    run_sum = run_sum * corr + tsum;
+    run_max = new_max;
+#pragma unroll
+    for (int u = 0; u < E; ++u) a[u] *= corr;
+#pragma unroll
+    for (int m = 0; m < VPT; ++m) {
+      const int i = g + m * GROUPS;
+      if (tile + i < je) {
+        const float wmi = wstat[(i * TPK) >> 5].x;
+        const float pi = ps[i] * expf(wmi - new_max);
+        const T* e = reinterpret_cast<const T*>(&vr[m]);
+#pragma unroll
+        for (int u = 0; u < E; ++u) a[u] += pi * to_f(e[u]);
+      }
+    }
+    if (tile + TILE < je) __syncthreads();  // ps and wstat are rewritten by the next tile
+  }
+  float4* vs4 = reinterpret_cast<float4*>(vsum + g * head_dim + c * E);
+#pragma unroll
+  for (int u = 0; u < E; u += 4) vs4[u / 4] = make_float4(a[u], a[u + 1], a[u + 2], a[u + 3]);
+  __syncthreads();
+  if (tid < head_dim) {
+    float x = 0.f;
+#pragma unroll
+    for (int gg = 0; gg < GROUPS; ++gg) x += vsum[gg * head_dim + tid];
+    o_row[tid] = from_f<T>(run_sum > 0.f ? x / run_sum : 0.f);
+  }
+}
+
 template <typename T>
 __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int* key_start,
                                       const int* key_end, int heads, int group, int head_dim,
@@ -240,19 +376,16 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                                       float scale, const float* bias_table, const int* buckets,
                                       const T* kn, long long kn_bs, int vn_off,
                                       const int* at_dev, int at, const int* key_rows) {
-  __shared__ float qs[ATT_MAX_DIM_PER_LANE * 32];
+  __shared__ __align__(16) float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
   // Per key group, its share of the output row (packed value path): at most
   // DEC_THREADS / packs groups of head_dim, i.e. DEC_THREADS * 16 / sizeof(T) floats.
-  __shared__ float vsum[DEC_THREADS * 16 / sizeof(T)];
+  __shared__ __align__(16) float vsum[DEC_THREADS * 16 / sizeof(T)];
   const int tid = threadIdx.x;
   const int h = blockIdx.x, b = blockIdx.y;
   const int kh = h / group;
   const T* q_row = q + b * q_bs + h * head_dim;
-  for (int d = tid; d < head_dim; d += DEC_THREADS) qs[d] = to_f(q_row[d]) * scale;
-  float acc[DEC_DIMS_PER_THREAD];
-#pragma unroll
-  for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) acc[t] = 0.f;
+  T* o_row = out + (long long)b * heads * head_dim + h * head_dim;
   int jb = key_start[b], je = key_end[b];
   if (causal) je = min(je, q_offset + 1);
   if (window > 0) jb = max(jb, q_offset + 1 - window);
@@ -280,96 +413,114 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                       ls_aligned16(k_base) && ls_aligned16(kn_row) && rows_even;
   const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
                         ls_aligned16(v_base) && ls_aligned16(vn_row) && rows_even;
-  __syncthreads();
-  float run_max = LS_NEG_INF, run_sum = 0.f;
-  for (int tile = jb; tile < je; tile += DEC_THREADS) {
-    const int j = tile + tid;
-    float s = LS_NEG_INF;
-    if (j < je) {
-      const T* kr = key_row(j);
-      float dot = 0.f;
-      if (packed) {
-        // 16-byte loads: head_dim / per_pack independent loads per key row.
-        constexpr int per_pack = 16 / sizeof(T);
-        for (int d = 0; d < head_dim; d += per_pack) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(kr + d);
-          const T* e = reinterpret_cast<const T*>(&raw);
+#ifdef LS_DECODE_WALK
+  const int kp = 0;  // experiment: every row shape walks its keys as below
+#else
+  const int kp = packed && packed_v ? head_dim * (int)sizeof(T) / 16 : 0;
+#endif
+#define LS_DECODE_TILES(KP)                                                                    \
+  attention_decode_tiles<T, KP>(q_row, o_row, jb, je, h, b, heads, head_dim, k_bs, k_rs, v_bs, \
+                                v_rs, k_base, v_base, scale, bias_table, buckets, kn_row, vn_row, \
+                                wr, rows_b, qs, ps, vsum)
+  if (kp == 4) LS_DECODE_TILES(4);
+  else if (kp == 8) LS_DECODE_TILES(8);
+  else if (kp == 16) LS_DECODE_TILES(16);
+  else {
+    for (int d = tid; d < head_dim; d += DEC_THREADS) qs[d] = to_f(q_row[d]) * scale;
+    float acc[DEC_DIMS_PER_THREAD];
 #pragma unroll
-          for (int u = 0; u < per_pack; ++u) dot += qs[d + u] * to_f(e[u]);
-        }
-      } else {
+    for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) acc[t] = 0.f;
+    __syncthreads();
+    float run_max = LS_NEG_INF, run_sum = 0.f;
+    for (int tile = jb; tile < je; tile += DEC_THREADS) {
+      const int j = tile + tid;
+      float s = LS_NEG_INF;
+      if (j < je) {
+        const T* kr = key_row(j);
+        float dot = 0.f;
+        if (packed) {
+          // 16-byte loads: head_dim / per_pack independent loads per key row.
+          constexpr int per_pack = 16 / sizeof(T);
+          for (int d = 0; d < head_dim; d += per_pack) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(kr + d);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int u = 0; u < per_pack; ++u) dot += qs[d + u] * to_f(e[u]);
+          }
+        } else {
 #pragma unroll 8
-        for (int d = 0; d < head_dim; ++d) dot += qs[d] * to_f(kr[d]);
+          for (int d = 0; d < head_dim; ++d) dot += qs[d] * to_f(kr[d]);
+        }
+        s = dot;
+        if (bias_table) s += bias_table[buckets[j] * heads + h];
       }
-      s = dot;
-      if (bias_table) s += bias_table[buckets[j] * heads + h];
-    }
-    const float new_max = fmaxf(run_max, block_max(s));
-    const float p = j < je ? expf(s - new_max) : 0.f;
-    ps[tid] = p;
-    const float corr = expf(run_max - new_max);
-    run_sum = run_sum * corr + block_sum(p);
-    run_max = new_max;
-    // block_sum synchronized the block after every ps write.
-    const int n = min(DEC_THREADS, je - tile);
-    if (packed_v && n >= DEC_PACKED_MIN_KEYS) {
-      // Threads take 16-byte packs of a value row, DEC_THREADS / packs keys at a time, and
-      // the key groups' sums meet in shared memory.
-      constexpr int P = 16 / sizeof(T);
-      const int packs = head_dim / P, groups = DEC_THREADS / packs;
-      const int g = tid / packs, c = (tid - g * packs) * P;
-      float a[P];
+      const float new_max = fmaxf(run_max, block_max(s));
+      const float p = j < je ? expf(s - new_max) : 0.f;
+      ps[tid] = p;
+      const float corr = expf(run_max - new_max);
+      run_sum = run_sum * corr + block_sum(p);
+      run_max = new_max;
+      // block_sum synchronized the block after every ps write.
+      const int n = min(DEC_THREADS, je - tile);
+      if (packed_v && n >= DEC_PACKED_MIN_KEYS) {
+        // Threads take 16-byte packs of a value row, DEC_THREADS / packs keys at a time, and
+        // the key groups' sums meet in shared memory.
+        constexpr int P = 16 / sizeof(T);
+        const int packs = head_dim / P, groups = DEC_THREADS / packs;
+        const int g = tid / packs, c = (tid - g * packs) * P;
+        float a[P];
 #pragma unroll
-      for (int u = 0; u < P; ++u) a[u] = 0.f;
-      if (g < groups) {
+        for (int u = 0; u < P; ++u) a[u] = 0.f;
+        if (g < groups) {
 #pragma unroll 2
-        for (int i = g; i < n; i += groups) {
-          const int j = tile + i;
-          const T* vr = value_row(j);
-          const uint4 raw = *reinterpret_cast<const uint4*>(vr + c);
-          const T* e = reinterpret_cast<const T*>(&raw);
-          const float pi = ps[i];
-#pragma unroll
-          for (int u = 0; u < P; ++u) a[u] += pi * to_f(e[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < P; ++u) vsum[g * head_dim + c + u] = a[u];
-      }
-      __syncthreads();
-#pragma unroll
-      for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
-        const int d = tid + t * DEC_THREADS;
-        if (d < head_dim) {
-          float x = 0.f;
-          for (int gg = 0; gg < groups; ++gg) x += vsum[gg * head_dim + d];
-          acc[t] = acc[t] * corr + x;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
-        const int d = tid + t * DEC_THREADS;
-        if (d < head_dim) {
-          float a = 0.f;
-#pragma unroll 4
-          for (int i = 0; i < n; ++i) {
+          for (int i = g; i < n; i += groups) {
             const int j = tile + i;
             const T* vr = value_row(j);
-            a += ps[i] * to_f(vr[d]);
+            const uint4 raw = *reinterpret_cast<const uint4*>(vr + c);
+            const T* e = reinterpret_cast<const T*>(&raw);
+            const float pi = ps[i];
+#pragma unroll
+            for (int u = 0; u < P; ++u) a[u] += pi * to_f(e[u]);
           }
-          acc[t] = acc[t] * corr + a;
+#pragma unroll
+          for (int u = 0; u < P; ++u) vsum[g * head_dim + c + u] = a[u];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+          const int d = tid + t * DEC_THREADS;
+          if (d < head_dim) {
+            float x = 0.f;
+            for (int gg = 0; gg < groups; ++gg) x += vsum[gg * head_dim + d];
+            acc[t] = acc[t] * corr + x;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+          const int d = tid + t * DEC_THREADS;
+          if (d < head_dim) {
+            float a = 0.f;
+#pragma unroll 4
+            for (int i = 0; i < n; ++i) {
+              const int j = tile + i;
+              const T* vr = value_row(j);
+              a += ps[i] * to_f(vr[d]);
+            }
+            acc[t] = acc[t] * corr + a;
+          }
         }
       }
+      __syncthreads();  // ps and vsum are rewritten by the next tile
     }
-    __syncthreads();  // ps and vsum are rewritten by the next tile
-  }
-  T* o_row = out + (long long)b * heads * head_dim + h * head_dim;
-  const float inv = run_sum > 0.f ? 1.f / run_sum : 0.f;
+    const float inv = run_sum > 0.f ? 1.f / run_sum : 0.f;
 #pragma unroll
-  for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
-    const int d = tid + t * DEC_THREADS;
-    if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
+    for (int t = 0; t < DEC_DIMS_PER_THREAD; ++t) {
+      const int d = tid + t * DEC_THREADS;
+      if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
+    }
   }
+#undef LS_DECODE_TILES
   // No block reads row `wr` from the caches, so the append goes last, off the path above.
   if (kn && h % group == 0) {
     T* kd = k + b * k_bs + (long long)wr * k_rs + kh * head_dim;
