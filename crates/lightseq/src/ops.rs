@@ -337,9 +337,36 @@ pub struct AttentionOptions<'a> {
 /// Multi-head attention `softmax(q k^T * scale + bias + mask) v`, with an online softmax
 /// (no [len_q x len_k] buffer) on every device. Returns [batch, len_q, heads * head_dim];
 /// rows of queries that see no key are zero.
+///
+/// k and v may hold fewer sequences than q, a divisor of q's: with q's batch g times
+/// theirs, query sequence b attends to key sequence b / g (the beams of one source
+/// sharing its cross-attention keys and values, stored once).
 pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<Tensor> {
     const OP: &str = "attention";
     let dt = check_attention(OP, &q, &k, &v, o)?;
+    let (batch, len_q) = (q.tensor.shape()[0], q.tensor.shape()[1]);
+    let kv_batch = k.tensor.shape()[0];
+    // Only the single-query CUDA kernel reads shared rows in place; the other kernels get
+    // each query sequence's keys and values gathered.
+    if kv_batch != batch && matches!(q.tensor.storage, Storage::Cuda(_)) && len_q != 1 {
+        let per = batch / kv_batch;
+        let idx: Vec<usize> = (0..batch).map(|b| b / per).collect();
+        let k_rows = index_select(k.tensor, &idx)?;
+        let v_rows = if std::ptr::eq(k.tensor, v.tensor) {
+            None
+        } else {
+            Some(index_select(v.tensor, &idx)?)
+        };
+        let kh = Heads {
+            tensor: &k_rows,
+            col: k.col,
+        };
+        let vh = Heads {
+            tensor: v_rows.as_ref().unwrap_or(&k_rows),
+            col: v.col,
+        };
+        return run_attention(dt, &q, &kh, &vh, o, None);
+    }
     run_attention(dt, &q, &k, &v, o, None)
 }
 
@@ -379,6 +406,12 @@ pub(crate) fn attention_cached_rows(
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
     let width = o.kv_heads * o.head_dim;
+    if kc.shape().first() != q.tensor.shape().first() {
+        return Err(Error::op(
+            OP,
+            format!("caches {:?} for queries {:?}", kc.shape(), q.tensor.shape()),
+        ));
+    }
     let dt = check_attention(
         OP,
         &q,
@@ -475,7 +508,16 @@ fn check_attention(
     same_device(op, &[q.tensor, k.tensor, v.tensor])?;
     let dt = same_float_dtype(op, &[q.tensor, k.tensor, v.tensor])?;
     let (qs, ks, vs) = (q.tensor.shape(), k.tensor.shape(), v.tensor.shape());
-    if qs.len() != 3 || ks.len() != 3 || vs.len() != 3 || ks[..2] != vs[..2] || qs[0] != ks[0] {
+    // Keys and values may be shared by consecutive query sequences (a source's beams).
+    let shared_ok = ks
+        .first()
+        .is_some_and(|&n| n > 0 && qs.first().is_some_and(|&b| b % n == 0));
+    if qs.len() != 3
+        || ks.len() != 3
+        || vs.len() != 3
+        || ks[..2] != vs[..2]
+        || !(qs[0] == ks[0] || shared_ok)
+    {
         return Err(Error::op(op, format!("q {qs:?}, k {ks:?}, v {vs:?}")));
     }
     if o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0 || !o.heads.is_multiple_of(o.kv_heads) {

@@ -499,6 +499,8 @@ fn general_cases() -> Vec<(
         // A decode step of many rows (beam search at batch 16) with grouped heads, a window,
         // left padding and relative bias.
         (64, 1, 40, 4, 2, 64, true, 39, Some(30), true),
+        // Decode steps with heads of 32 (two packs of a row a thread in f16) over two tiles.
+        (8, 1, 150, 2, 2, 32, false, 0, None, false),
         // Cross attention with 2^20 scores: the GEMM path on CUDA in f32, the flash kernel
         // in f16 and bf16.
         (4, 256, 256, 4, 4, 16, false, 0, None, false),
@@ -516,11 +518,29 @@ fn run_general(
     dt: DType,
     case: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
+    run_general_shared(dev, dt, case, 1)
+}
+
+/// (case of `general_cases`, query sequences per key sequence): shared keys and values
+/// in the single-query kernel (heads of 64, 128 and 32) and gathered for many queries.
+const SHARED_CASES: [(usize, usize); 5] = [(7, 4), (5, 3), (8, 2), (2, 2), (0, 2)];
+
+/// A general case with keys and values for `b / share` sequences, query sequence i
+/// attending to key sequence i / share; the naive reference gets them repeated.
+fn run_general_shared(
+    dev: &Device,
+    dt: DType,
+    case: usize,
+    share: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
     let (b, lq, lk, heads, kvh, d, causal, q_offset, window, with_bias) = general_cases()[case];
     let qw = heads * d + 5; // extra columns: q sits at column 3 of a wider tensor
     let kvw = 2 * kvh * d; // k and v packed side by side
     let qd = randn(100 + case as u64, b * lq * qw);
-    let kvd = randn(200 + case as u64, b * lk * kvw);
+    let kvd = randn(200 + case as u64, b / share * lk * kvw);
+    let kv_rows: Vec<f32> = (0..b)
+        .flat_map(|i| kvd[i / share * lk * kvw..][..lk * kvw].iter().copied())
+        .collect();
     let key_ranges: Vec<(usize, usize)> = (0..b).map(|i| ((i * 3) % 4, lk - (i * 2) % 3)).collect();
     let n_buckets = 7;
     let table = randn(300 + case as u64, n_buckets * heads);
@@ -544,7 +564,7 @@ fn run_general(
         }),
     };
     let qt = t(&qd, &[b, lq, qw], dt, dev);
-    let kvt = t(&kvd, &[b, lk, kvw], dt, dev);
+    let kvt = t(&kvd, &[b / share, lk, kvw], dt, dev);
     let got = ops::attention(
         ops::Heads {
             tensor: &qt,
@@ -564,8 +584,8 @@ fn run_general(
     assert_eq!(got.shape(), &[b, lq, heads * d]);
     let want = naive_general_attention(
         (&DType::round_f32(dt, &qd), lq, qw, 3),
-        (&DType::round_f32(dt, &kvd), lk, kvw, 0),
-        (&DType::round_f32(dt, &kvd), lk, kvw, kvh * d),
+        (&DType::round_f32(dt, &kv_rows), lk, kvw, 0),
+        (&DType::round_f32(dt, &kv_rows), lk, kvw, kvh * d),
         b,
         &opts,
         Some(&table),
@@ -579,6 +599,11 @@ fn cpu_general_attention_matches_naive() {
         let (got, want, ..) = run_general(&Device::Cpu, DType::F32, case);
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "case {case}: {err}");
+    }
+    for (case, share) in SHARED_CASES {
+        let (got, want, ..) = run_general_shared(&Device::Cpu, DType::F32, case, share);
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "case {case} sharing keys by {share}: {err}");
     }
 }
 
@@ -687,6 +712,20 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
             assert!(eg <= tol, "attention case {case} {dt}: gpu vs cpu {eg}");
             assert!(ec <= 1e-5, "attention case {case} {dt}: cpu vs naive {ec}");
             eprintln!("attention case {case} {dt:<5} rel err {eg:.2e}");
+        }
+        for (case, share) in SHARED_CASES {
+            let (g, want, ..) = run_general_shared(&gpu, dt, case, share);
+            let (c, ..) = run_general_shared(&cpu, dt, case, share);
+            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
+            assert!(
+                eg <= tol,
+                "attention case {case}/{share} {dt}: gpu vs cpu {eg}"
+            );
+            assert!(
+                ec <= 1e-5,
+                "attention case {case}/{share} {dt}: cpu vs naive {ec}"
+            );
+            eprintln!("attention case {case} keys shared by {share} {dt:<5} rel err {eg:.2e}");
         }
         let (rows, h) = (7, 1031);
         let (x, r, gm) = (randn(50, rows * h), randn(51, rows * h), randn(52, h));

@@ -305,7 +305,11 @@ impl DecodeState {
         };
         if !self.cross.is_empty() && !src.iter().enumerate().all(|(i, &s)| same_item(i, s)) {
             for c in &mut self.cross {
-                *c = ops::index_select(c, src)?;
+                // Shared per item (or already per row after an earlier such reorder):
+                // gather each row's own.
+                let per = self.rows / c.shape()[0].max(1);
+                let idx: Vec<usize> = src.iter().map(|&s| s / per).collect();
+                *c = ops::index_select(c, &idx)?;
             }
             self.src_ranges = src.iter().map(|&s| self.src_ranges[s]).collect();
             if let Some(t) = &self.src_ranges_dev {
@@ -622,8 +626,8 @@ pub(crate) fn new_state(
 }
 
 /// An encoder-decoder's state over encoder output `memory` [batch * src_len, d] (batch =
-/// `lengths.len()`): cross keys/values of each layer computed once and repeated for the
-/// `rows / batch` rows of each item.
+/// `lengths.len()`): cross keys/values of each layer computed once per item, which its
+/// `rows / batch` rows share (`ops::attention` reads row r's from item r / (rows / batch)).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cross_state(
     cross: &[&CrossAttention],
@@ -656,11 +660,10 @@ pub(crate) fn cross_state(
     let kept = match parking {
         Some(p) => p.take(&shape)?,
         None => None,
-    };
-    // A layer's cross keys/values, repeated for each item's rows (one layer at a time,
-    // which keeps the peak to one layer's).
-    let layer_kv =
-        |c: &CrossAttention| ops::index_select(&c.memory(memory, batch, src_len)?, &expand);
+    }
+    // A kept state for as many rows of another beam count holds other items' rows.
+    .filter(|st| st.cross.iter().all(|c| c.shape().first() == Some(&batch)));
+    let layer_kv = |c: &CrossAttention| c.memory(memory, batch, src_len);
     // A kept state's buffers take this run's values in place (a captured step reads them
     // at their addresses).
     let mut st = match kept {

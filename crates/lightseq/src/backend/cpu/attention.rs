@@ -16,6 +16,8 @@ pub(crate) fn attention(q: &Heads, k: &Heads, v: &Heads, o: &AttentionOptions) -
     };
     let (qs, ks) = (q.tensor.shape(), k.tensor.shape());
     let (batch, len_q, len_k) = (qs[0], qs[1], ks[1]);
+    // Query sequences per key/value sequence (shared keys, see ops::attention).
+    let kv_div = batch / ks[0].max(1);
     let (qw, kw, vw) = (qs[2], ks[2], v.tensor.shape()[2]);
     let d = o.head_dim;
     let group = o.heads / o.kv_heads;
@@ -25,6 +27,7 @@ pub(crate) fn attention(q: &Heads, k: &Heads, v: &Heads, o: &AttentionOptions) -
         .enumerate()
         .for_each(|(row, orow)| {
             let (b, i) = (row / len_q, row % len_q);
+            let bk = b / kv_div;
             let pos = o.q_offset + i;
             let (k0, mut k1) = o.key_ranges[b];
             if o.causal {
@@ -43,7 +46,7 @@ pub(crate) fn attention(q: &Heads, k: &Heads, v: &Heads, o: &AttentionOptions) -
                 let qr = &qd[(b * len_q + i) * qw + q.col + h * d..][..d];
                 let mut max = f32::NEG_INFINITY;
                 for (s, j) in scores.iter_mut().zip(k0..k1) {
-                    let kr = &kd[(b * len_k + j) * kw + k.col + kh * d..][..d];
+                    let kr = &kd[(bk * len_k + j) * kw + k.col + kh * d..][..d];
                     let mut x = qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>() * o.scale;
                     if let Some((table, buckets)) = bias {
                         let idx = j + o.q_offset + len_q - 1 - pos;
@@ -60,7 +63,7 @@ pub(crate) fn attention(q: &Heads, k: &Heads, v: &Heads, o: &AttentionOptions) -
                 let oh = &mut orow[h * d..(h + 1) * d];
                 for (&p, j) in scores.iter().zip(k0..k1) {
                     let w = (p as f64 / sum) as f32;
-                    let vr = &vd[(b * len_k + j) * vw + v.col + kh * d..][..d];
+                    let vr = &vd[(bk * len_k + j) * vw + v.col + kh * d..][..d];
                     oh.iter_mut().zip(vr).for_each(|(a, x)| *a += w * x);
                 }
             }

@@ -390,7 +390,17 @@ pub(crate) fn attention(
             "appending to the caches needs one query a row",
         ));
     }
-    if batch > 0 && !flash && append.is_none() {
+    // Query rows per key/value row (the front end expands shared keys and values for
+    // every kernel but the single-query one, which reads row b / kv_div).
+    let kv_div = if ks[0] == 0 { 1 } else { batch / ks[0] };
+    if kv_div != 1 && (len_q != 1 || append.is_some()) {
+        return Err(Error::op(
+            OP,
+            format!("keys of {} sequences for {batch} queries", ks[0]),
+        ));
+    }
+    let kv_div_i = kv_div as i32;
+    if batch > 0 && !flash && append.is_none() && kv_div == 1 {
         if let Some(out) = gemm_attention(q, k, v, o)? {
             return Ok(out);
         }
@@ -521,7 +531,8 @@ pub(crate) fn attention(
             .arg(&vn_off)
             .arg(&at_dev)
             .arg(&at)
-            .arg(&key_rows);
+            .arg(&key_rows)
+            .arg(&kv_div_i);
     }
     let cfg = if decode {
         LaunchConfig {
@@ -555,9 +566,9 @@ pub(crate) fn attention(
         }
     };
     // SAFETY: argument types match the kernel's signature in attention.cu (the decode
-    // kernel's last six: the appended rows, null when none, and the key rows, whose
-    // values the decode state keeps below batch; the front end checked that they fit the
-    // caches).
+    // kernel's last seven: the appended rows, null when none, the key rows, whose values
+    // the decode state keeps below batch, and the query rows per key row; the front end
+    // checked that they fit the caches).
     launched(OP, unsafe { l.launch(cfg) })?;
     Ok(out)
 }

@@ -226,6 +226,8 @@ LS_FLOAT_TYPES(LS_ATTENTION_TILED)
 // With `key_rows` (beam search: [batch, k_len] i32, k_len = k_bs / k_rs), key j of row b is
 // read from cache row key_rows[b * k_len + j]: reorders of the beams compose that table
 // instead of moving the caches. The appended key stays in row b.
+// With kv_div > 1 (no `kn`, no `key_rows`), query row b reads key/value row b / kv_div:
+// the beams of one source share its cross keys and values.
 #define DEC_THREADS 128
 // Tiles of fewer keys walk them per output dimension: the groups' reduction costs more
 // than it saves there (H200, Transformer-base steps over 8-9 keys).
@@ -275,13 +277,13 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
   // Key j's row in the cache of its beam (or the appended row), from element `off`.
   auto key_pack = [&](int j, int pack) -> uint4 {
     const T* r = j == wr ? kn_row
-                         : k_head + (rows_b ? (long long)rows_b[j] - b : 0) * k_bs +
+                         : k_head + (rows_b ? (long long)rows_b[j] - b : 0LL) * k_bs +
                                (long long)j * k_rs;
     return reinterpret_cast<const uint4*>(r)[pack];
   };
   auto value_pack = [&](int j, int pack) -> uint4 {
     const T* r = j == wr ? vn_row
-                         : v_head + (rows_b ? (long long)rows_b[j] - b : 0) * v_bs +
+                         : v_head + (rows_b ? (long long)rows_b[j] - b : 0LL) * v_bs +
                                (long long)j * v_rs;
     return reinterpret_cast<const uint4*>(r)[pack];
   };
@@ -375,7 +377,8 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                                       int v_rs, int causal, int q_offset, int window,
                                       float scale, const float* bias_table, const int* buckets,
                                       const T* kn, long long kn_bs, int vn_off,
-                                      const int* at_dev, int at, const int* key_rows) {
+                                      const int* at_dev, int at, const int* key_rows,
+                                      int kv_div) {
   __shared__ __align__(16) float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
   // Per key group, its share of the output row (packed value path): at most
@@ -389,8 +392,10 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
   int jb = key_start[b], je = key_end[b];
   if (causal) je = min(je, q_offset + 1);
   if (window > 0) jb = max(jb, q_offset + 1 - window);
-  const T* k_base = k + b * k_bs + kh * head_dim;
-  const T* v_base = v + b * v_bs + kh * head_dim;
+  // Rows b of the queries read key/value row b / kv_div (beams sharing their source's).
+  const int bk = b / kv_div;
+  const T* k_base = k + bk * k_bs + kh * head_dim;
+  const T* v_base = v + bk * v_bs + kh * head_dim;
   const int* rows_b = key_rows ? key_rows + b * (k_bs / k_rs) : nullptr;
   // The appended row (-1: none) and its key and value.
   const int wr = kn ? (at_dev ? *at_dev : at) : -1;
@@ -399,12 +404,12 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
   // Key j's key and value rows (the cache row of its beam, or the appended row).
   auto key_row = [&](int j) -> const T* {
     if (j == wr) return kn_row;
-    const long long r = rows_b ? rows_b[j] : b;
+    const long long r = rows_b ? rows_b[j] : bk;
     return k + r * k_bs + kh * head_dim + (long long)j * k_rs;
   };
   auto value_row = [&](int j) -> const T* {
     if (j == wr) return vn_row;
-    const long long r = rows_b ? rows_b[j] : b;
+    const long long r = rows_b ? rows_b[j] : bk;
     return v + r * v_bs + kh * head_dim + (long long)j * v_rs;
   };
   const bool rows_even =
@@ -538,10 +543,11 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
       long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
       const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows) {                                        \
+      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
     LS_PDL_WAIT();                                                                             \
     attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
                              k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
-                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at, key_rows);    \
+                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at, key_rows,     \
+                             kv_div);                                                          \
   }
 LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
