@@ -1,6 +1,7 @@
 //! Generation: greedy, beam search, diverse beam search and sampling over any [`Decoder`],
 //! with HF `generate`'s options and semantics (see docs/generation.md).
 
+pub(crate) mod beam_select;
 pub mod config;
 pub mod processors;
 pub mod search;

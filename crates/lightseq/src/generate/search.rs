@@ -3,6 +3,7 @@
 //! Every row keeps the sequence HF would see for its prompt alone, so a ragged batch gives
 //! what each prompt gives by itself.
 
+use super::beam_select::{BeamSelect, SelectInputs};
 use super::config::{EarlyStopping, Resolved};
 use super::processors::{
     begin_index, forced_tokens, log_softmax, log_softmax_at, min_length_masks_eos, process,
@@ -29,8 +30,15 @@ fn host_processing_needed(cfg: &Resolved, row: &RowContext, eos_mask_on_device: 
         || (!eos_mask_on_device && min_length_masks_eos(cfg, len, row.min_length))
 }
 
+/// `LIGHTSEQ_DEVICE_BEAMS=0`: beam search chooses every step's beams on the host, after
+/// the step's top-k reaches it, instead of where the logits are (beam_select.rs).
+fn device_select_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !crate::backend::cuda::env_equals(&OFF, "LIGHTSEQ_DEVICE_BEAMS", "0")
+}
+
 /// HF's stand-in for minus infinity in beam scores.
-const NEG: f32 = -1.0e9;
+pub(crate) const NEG: f32 = -1.0e9;
 
 /// With LIGHTSEQ_SEARCH_TIMING=1, the host's time between a step's scores reaching it and
 /// the next step's launch (the search's bookkeeping, while the device waits), reported on
@@ -605,12 +613,26 @@ pub fn beam(
         .collect();
     st.reorders = true;
     let mut logits = m.step_logits(st, &first_step)?;
+    // One token a row, rewritten in place each step.
+    let mut tokens: Vec<Vec<i64>> = vec![vec![fill]; st.rows];
+    // The next beams chosen where the logits are (beam_select.rs) at steps that need nothing
+    // of the host but the choice: the next step then launches before the host's
+    // bookkeeping, which reads the choice while that step runs. The model must take its
+    // step's ids as a device input; rows must not shape the step.
+    let device_select = !cfg.do_sample
+        && groups == 1
+        && cfg.diverse_lambda.is_none()
+        && vocab >= k
+        && device_select_on()
+        && !m.idle_rows_shape_steps()
+        && m.step_ids_from_device()
+        && m.step_inputs(st, &tokens).ok().flatten().is_some();
     let mut generated = 0usize;
     let mut clock = HostClock::new();
     let mut ch = Choices::default();
     let mut chosen: Vec<i64> = Vec::new();
-    // One token a row, rewritten in place each step.
-    let mut tokens: Vec<Vec<i64>> = vec![vec![fill]; st.rows];
+    let mut params: Vec<f32> = Vec::new();
+    let mut rec: Vec<f32> = Vec::new();
     loop {
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
@@ -635,9 +657,20 @@ pub fn beam(
                         })
                 })
             });
+        // The device selects when nothing is forced, some live group is not at its last
+        // step (else the search ends without another step) and the model has a position
+        // left for the step it launches.
+        let on_device = device_select
+            && fast
+            && forced.is_empty()
+            && st.len < m.max_decoder_positions()
+            && items.iter().enumerate().any(|(b, it)| {
+                let last = limits[b].input_len + generated + 1 >= limits[b].max_length;
+                !last && it.iter().any(|g| !g.done)
+            });
         clock.lap("checks");
-        let top = if fast {
-            let mut mask = vec![false; st.rows];
+        let mut mask = vec![false; st.rows];
+        if fast {
             for (b, it) in items.iter().enumerate() {
                 for g in it {
                     for (seq, _, row) in &g.running {
@@ -645,7 +678,60 @@ pub fn beam(
                     }
                 }
             }
-            let any = mask.iter().any(|&x| x);
+        }
+        let any = mask.iter().any(|&x| x);
+        let mut pending = None;
+        if on_device {
+            // Each row's running score, then each group's flag (0 done, 1 running, 2 at its
+            // last step).
+            params.clear();
+            params.resize(st.rows, 0.0);
+            for (b, it) in items.iter().enumerate() {
+                for g in it {
+                    for &(_, score, row) in &g.running {
+                        params[row] = score;
+                    }
+                }
+                let last = limits[b].input_len + generated + 1 >= limits[b].max_length;
+                params.extend(it.iter().map(|g| match (g.done, last) {
+                    (true, _) => 0.0,
+                    (false, false) => 1.0,
+                    (false, true) => 2.0,
+                }));
+            }
+            let inputs = SelectInputs {
+                kt: k.min(vocab),
+                kc: k,
+                gs,
+                params: &params,
+                eos: &cfg.eos,
+                fill,
+                mask: any.then_some(ops::EosMask {
+                    rows: &mask,
+                    eos: &cfg.eos,
+                    renormalize: false,
+                }),
+            };
+            if st.select.is_none() {
+                st.select = Some(BeamSelect::new(st.rows, &logits.device())?);
+            }
+            st.select
+                .as_mut()
+                .expect("made above")
+                .run(&logits, &inputs)?;
+            st.reorder_from_select()?;
+            clock.lap("select");
+            clock.start();
+            st.ids_from_select = true;
+            let next = m.step_logits(st, &tokens);
+            st.ids_from_select = false;
+            pending = Some(next?);
+            clock.lap("launch");
+            clock.stop();
+            rec.clear();
+            rec.extend_from_slice(st.select.as_ref().expect("made above").record()?);
+        }
+        let top = if fast && !on_device {
             // Beam search masks log-probabilities, after the softmax, as HF does.
             let mut top = ops::logprob_topk(
                 &logits,
@@ -669,7 +755,9 @@ pub fn beam(
             logits.to_f32_vec()?
         };
         clock.lap("scores");
-        clock.start();
+        if !on_device {
+            clock.start();
+        }
         // Phase 1, on the step's critical path: each live group's candidates and the
         // next running beams (their source rows and tokens), which are all the next step
         // needs.
@@ -692,7 +780,12 @@ pub fn beam(
                     continue;
                 }
                 let at = ch.cand.len();
-                if let Some(top) = &top {
+                if on_device {
+                    // The device's ranked candidates: k values, then k candidates as bits.
+                    let r = &rec[(b * groups + g) * 2 * k..][..2 * k];
+                    ch.cand.extend(r[k..].iter().map(|c| c.to_bits() as usize));
+                    ch.vals.extend_from_slice(&r[..k]);
+                } else if let Some(top) = &top {
                     // The best K over all beams are among each beam's best K.
                     let c = &mut ch.pairs;
                     c.clear();
@@ -803,11 +896,9 @@ pub fn beam(
             && st.len < m.max_decoder_positions()
             && m.decoder_device().is_cuda()
             && !m.idle_rows_shape_steps();
-        let pending = if early {
-            Some(launch(st, &mut clock)?)
-        } else {
-            None
-        };
+        if early && pending.is_none() {
+            pending = Some(launch(st, &mut clock)?);
+        }
         // Phase 2: sequences, finished hypotheses and the groups' states.
         for (b, item) in items.iter_mut().enumerate() {
             let lim = limits[b];

@@ -5,6 +5,7 @@
 use super::step_graph::{self, StepGraph};
 use super::{Batch, ModelOutput, Padded};
 use crate::error::{Error, Result};
+use crate::generate::beam_select::BeamSelect;
 use crate::nn::CrossAttention;
 use crate::ops;
 use crate::tensor::{DType, Device, Tensor};
@@ -26,7 +27,8 @@ pub struct DecodeState {
     pub key_end: Option<Vec<usize>>,
     /// Self-attention caches, one per decoder layer.
     pub caches: Vec<KvCache>,
-    /// Encoder-decoders: cross-attention keys/values per layer [rows, src_len, 2 * inner].
+    /// Encoder-decoders: cross-attention keys/values per layer [items, src_len, 2 * inner],
+    /// shared by each item's `rows / items` rows ([rows, ...] after a reorder across items).
     pub cross: Vec<Tensor>,
     /// Encoder-decoders: valid source positions per row.
     pub src_ranges: Vec<(usize, usize)>,
@@ -52,6 +54,10 @@ pub struct DecodeState {
     /// CUDA reorders: the source rows ([rows] i32) and the composition's scratch ([rows,
     /// capacity] i32), kept from the first reorder on.
     reorder_bufs: Option<(Tensor, Tensor)>,
+    /// Beam search's selection on the device (generate/beam_select.rs), kept with the
+    /// state; with `ids_from_select` the next step reads its token ids from it.
+    pub(crate) select: Option<BeamSelect>,
+    pub(crate) ids_from_select: bool,
 }
 
 impl DecodeState {
@@ -75,6 +81,66 @@ impl DecodeState {
             graph_carried: false,
             idle: vec![false; rows],
             reorder_bufs: None,
+            select: None,
+            ids_from_select: false,
+        }
+    }
+
+    /// Reorders rows as [`DecodeState::reorder`] does, by the source rows the device
+    /// selection wrote (`select.src`), which stay within each group of rows: key starts
+    /// and cross states, the same across a group, do not move.
+    pub(crate) fn reorder_from_select(&mut self) -> Result<()> {
+        let sel = self
+            .select
+            .take()
+            .ok_or_else(|| Error::op("reorder", "no device selection"))?;
+        let moved = self.reorder_rows_by(&sel.src);
+        self.select = Some(sel);
+        moved
+    }
+
+    fn reorder_rows_by(&mut self, src: &Tensor) -> Result<()> {
+        let Some(device) = self.caches.first().map(|c| c.k.device()) else {
+            return Ok(());
+        };
+        if device.is_cuda() {
+            self.ensure_key_rows()?;
+            let (ids, scratch) = match self.reorder_bufs.take() {
+                Some(bufs) => bufs,
+                None => (
+                    ops::empty(&[self.rows], DType::I32, &device)?,
+                    ops::empty(&[self.rows * self.capacity], DType::I32, &device)?,
+                ),
+            };
+            let composed = self.compose_key_rows_with(src, &scratch);
+            self.reorder_bufs = Some((ids, scratch));
+            composed
+        } else {
+            let width = self.caches[0].k.shape()[2];
+            let len = self.len * width;
+            let mut all: Vec<&mut Tensor> = self
+                .caches
+                .iter_mut()
+                .flat_map(|c| [&mut c.k, &mut c.v])
+                .collect();
+            ops::reorder_row_prefixes(&mut all, src, len)
+        }
+    }
+
+    /// Puts the device selection's token ids into a step's first input (the ids, i32
+    /// [rows]) while the search asks for it (`ids_from_select`, set around its step).
+    pub(crate) fn take_select_ids(&self, inputs: &mut [Tensor]) -> Result<()> {
+        if !self.ids_from_select {
+            return Ok(());
+        }
+        match (self.select.as_ref(), inputs.first_mut()) {
+            (Some(sel), Some(ids)) if ids.shape() == sel.ids.shape() => {
+                ops::copy_into(ids, &sel.ids)
+            }
+            _ => Err(Error::op(
+                "decode step",
+                "the step's inputs do not take the selected ids",
+            )),
         }
     }
 
@@ -341,6 +407,13 @@ pub trait Decoder: Send + Sync {
     fn idle_rows_shape_steps(&self) -> bool {
         false
     }
+    /// Whether a single-token step's inputs other than its token ids ([`Decoder::step_inputs`])
+    /// do not depend on the tokens, so that the ids may come from a device buffer (beam
+    /// search's selection on the device). Positions counted over non-pad tokens (fairseq's)
+    /// depend on them.
+    fn step_ids_from_device(&self) -> bool {
+        false
+    }
     /// Starts a run of `rows` sequences with caches of `capacity` positions. Encoder-decoders
     /// encode `sources` (one per batch item) and repeat each item's encoding `rows /
     /// sources.len()` times (beams); decoder-only models take no sources.
@@ -458,7 +531,8 @@ pub(crate) fn decode_via_inputs<D: Decoder + ?Sized>(
     let host = m
         .step_inputs(st, tokens)?
         .ok_or_else(|| Error::Input("this model has no step inputs".into()))?;
-    let inputs = upload_step_inputs(&host, m.decoder_device())?;
+    let mut inputs = upload_step_inputs(&host, m.decoder_device())?;
+    st.take_select_ids(&mut inputs)?;
     m.decode_inputs(st, &inputs, t)
 }
 

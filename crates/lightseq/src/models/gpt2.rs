@@ -190,6 +190,10 @@ impl Decoder for Gpt2 {
         self.parking.clear();
     }
 
+    fn step_ids_from_device(&self) -> bool {
+        true
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let t = st.check_step(tokens)?;
         let positions = st.positions(t);

@@ -499,6 +499,10 @@ impl Decoder for Llama {
         self.parking.clear();
     }
 
+    fn step_ids_from_device(&self) -> bool {
+        true
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let positions = st.positions(st.check_step(tokens)?);
         standard_step_inputs(st, tokens, self.cfg.vocab_size, positions).map(Some)

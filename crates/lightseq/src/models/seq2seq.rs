@@ -767,6 +767,10 @@ impl Decoder for Seq2Seq {
         enc_dec_begin_from_states(self, states, lengths, rows, capacity)
     }
 
+    fn step_ids_from_device(&self) -> bool {
+        matches!(self.dec_embed.positions, Positions::Table { .. })
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let rows = self.dec_embed.rows(tokens, st.len)?;
         standard_step_inputs(st, tokens, self.cfg.tgt_vocab, rows).map(Some)

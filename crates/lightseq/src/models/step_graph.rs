@@ -151,6 +151,7 @@ pub(crate) fn step<D: Decoder + ?Sized>(
     let first_try = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
             rewrite_inputs("decode step", &mut c.inputs, &host)?;
+            st.take_select_ids(&mut c.inputs)?;
             c.graph.launch()?;
             st.len += 1;
             let logits = copied(&c.out)?;
@@ -168,7 +169,8 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         st.graph = StepGraph::Warm;
         return Ok(None);
     }
-    let inputs = upload_step_inputs(&host, m.decoder_device())?;
+    let mut inputs = upload_step_inputs(&host, m.decoder_device())?;
+    st.take_select_ids(&mut inputs)?;
     let len = st.len;
     if dev.begin_capture().is_err() {
         // Another thread is capturing on this device: run this step eagerly, try later.

@@ -210,6 +210,10 @@ impl Decoder for Xglm {
         self.parking.clear();
     }
 
+    fn step_ids_from_device(&self) -> bool {
+        true
+    }
+
     fn step_inputs(&self, st: &DecodeState, tokens: &[Vec<i64>]) -> Result<Option<Vec<Vec<i32>>>> {
         let c = &self.cfg;
         let t = st.check_step(tokens)?;

@@ -478,6 +478,35 @@ pub(crate) enum Buf {
     I32(CudaSlice<i32>),
 }
 
+/// Page-locked host memory that a download fills without blocking the stream
+/// ([`CudaStorage::download_f32_async`]).
+pub(crate) struct PinnedF32 {
+    host: cudarc::driver::PinnedHostSlice<f32>,
+    len: usize,
+    /// Recorded after each copy into `host`.
+    done: cudarc::driver::CudaEvent,
+}
+
+impl std::fmt::Debug for PinnedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinnedF32({})", self.len)
+    }
+}
+
+impl PinnedF32 {
+    /// Waits for the last copy into this memory, then gives its values.
+    pub(crate) fn wait(&self) -> Result<&[f32]> {
+        self.done
+            .synchronize()
+            .map_err(|e| cuda_err("device to host copy", e))?;
+        let all = self
+            .host
+            .as_slice()
+            .map_err(|e| cuda_err("device to host copy", e))?;
+        Ok(&all[..self.len])
+    }
+}
+
 /// Device memory of one tensor.
 #[derive(Debug)]
 pub struct CudaStorage {
@@ -615,6 +644,46 @@ impl CudaStorage {
         };
         v.truncate(self.len);
         Ok(v)
+    }
+
+    /// Starts copying this f32 buffer into page-locked host memory on the stream and
+    /// returns at once: [`PinnedF32::wait`] gives the values once the copy is done, while
+    /// work queued after it runs on. `dst` is (re)allocated when it is too small.
+    pub(crate) fn download_f32_async(&self, dst: &mut Option<PinnedF32>) -> Result<()> {
+        let Buf::F32(b) = &*self.buf else {
+            return Err(Error::op("download", "not an f32 buffer"));
+        };
+        let e = |e| cuda_err("device to host copy", e);
+        if dst.as_ref().is_none_or(|d| d.host.len() < self.len.max(1)) {
+            // SAFETY: the memory is written by the copy below before `wait` reads it.
+            let host = unsafe {
+                self.dev
+                    .stream()
+                    .context()
+                    .alloc_pinned_with_flags::<f32>(self.len.max(1), 0)
+            }
+            .map_err(e)?;
+            let done = self
+                .dev
+                .stream()
+                .context()
+                .new_event(Some(
+                    cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+                ))
+                .map_err(e)?;
+            *dst = Some(PinnedF32 { host, len: 0, done });
+        }
+        let d = dst.as_mut().expect("allocated above");
+        d.len = self.len;
+        let stream = self.dev.stream();
+        if self.len > 0 {
+            stream
+                .memcpy_dtoh(&b.slice(0..self.len), &mut d.host)
+                .map_err(e)?;
+        }
+        // The device's contexts track no events (see `CudaDevice::new`), so the copy's
+        // completion is recorded here.
+        d.done.record(stream).map_err(e)
     }
 
     pub(crate) fn download_i32(&self) -> Result<Vec<i32>> {

@@ -68,7 +68,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "search",
         source: include_str!("kernels/search.cu"),
-        kernels: &["logprob_topk", "logprob_topk_slices", "logprob_topk_merge"],
+        kernels: &[
+            "logprob_topk",
+            "logprob_topk_slices",
+            "logprob_topk_merge",
+            "beam_select",
+        ],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

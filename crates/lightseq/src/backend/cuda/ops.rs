@@ -392,7 +392,7 @@ pub(crate) fn attention(
     }
     // Query rows per key/value row (the front end expands shared keys and values for
     // every kernel but the single-query one, which reads row b / kv_div).
-    let kv_div = if ks[0] == 0 { 1 } else { batch / ks[0] };
+    let kv_div = batch.checked_div(ks[0]).unwrap_or(1);
     if kv_div != 1 && (len_q != 1 || append.is_some()) {
         return Err(Error::op(
             OP,
@@ -885,6 +885,19 @@ pub(crate) fn logprob_topk(
     k: usize,
     mask_eos: Option<crate::ops::EosMask>,
 ) -> Result<crate::ops::TopK> {
+    let out = logprob_topk_on_device(x, rows, vocab, k, mask_eos)?;
+    topk_download(&out, rows, k)
+}
+
+/// [`logprob_topk`]'s buffer, left on the device: rows * k log-probabilities, rows * k ids
+/// (as f32 bits), rows log-sum-exps.
+pub(crate) fn logprob_topk_on_device(
+    x: &CudaStorage,
+    rows: usize,
+    vocab: usize,
+    k: usize,
+    mask_eos: Option<crate::ops::EosMask>,
+) -> Result<CudaStorage> {
     let dev = x.device();
     // Candidates live in shared memory: 8 bytes each.
     if k == 0 || k > 4096 {
@@ -947,7 +960,7 @@ pub(crate) fn logprob_topk(
         // SAFETY: argument types match logprob_topk_merge; the shared memory holds the
         // row's candidates.
         launched("logprob_topk_merge", unsafe { l.launch(cfg) })?;
-        return topk_download(&out, rows, k);
+        return Ok(out);
     }
     let f = dev.kernel("logprob_topk", x.dtype())?;
     let mut l = dev.launch(&f);
@@ -968,7 +981,69 @@ pub(crate) fn logprob_topk(
     };
     // SAFETY: argument types match the kernel's signature in search.cu.
     launched("logprob_topk", unsafe { l.launch(cfg) })?;
-    topk_download(&out, rows, k)
+    Ok(out)
+}
+
+/// Beam search's next beams on the device (search.cu `beam_select`): from `topk`
+/// ([`logprob_topk_on_device`]'s buffer, `kt` a row) and `params` (f32: each row's running
+/// score, then each group's flag), writes `ids` and `src` (i32 [rows]) and `record` (f32
+/// [groups, 2 kc]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn beam_select(
+    topk: &CudaStorage,
+    rows: usize,
+    kt: usize,
+    kc: usize,
+    vocab: usize,
+    gs: usize,
+    params: &CudaStorage,
+    eos: &[i64],
+    fill: i64,
+    out: (&CudaStorage, &CudaStorage, &CudaStorage),
+) -> Result<()> {
+    const OP: &str = "beam_select";
+    let dev = topk.device();
+    let groups = rows / gs;
+    let n = gs * kt;
+    let smem = 8 * n + 16 * kc;
+    if gs == 0
+        || !rows.is_multiple_of(gs)
+        || kc > n
+        || smem > 48 * 1024
+        || vocab * gs > i32::MAX as usize
+    {
+        return Err(Error::op(
+            OP,
+            format!("{rows} rows in groups of {gs}, {kt} a row, {kc} kept"),
+        ));
+    }
+    let e: Vec<i32> = eos.iter().map(|&t| t as i32).collect();
+    let eos_dev = if e.is_empty() {
+        None
+    } else {
+        Some(dev.upload_i32(&e)?)
+    };
+    let f = dev.kernel("beam_select", DType::F32)?;
+    let (tp, pp, ep) = (
+        topk.ptr(),
+        params.ptr(),
+        eos_dev.as_ref().map_or(0, |t| t.ptr()),
+    );
+    let (ip, sp, rp) = (out.0.ptr(), out.1.ptr(), out.2.ptr());
+    let (r, kt_i, kc_i, v, g) = (rows as i32, kt as i32, kc as i32, vocab as i32, gs as i32);
+    let (ne, fl) = (e.len() as i32, fill as i32);
+    let mut l = dev.launch(&f);
+    l.arg(&tp).arg(&r).arg(&kt_i).arg(&kc_i).arg(&v).arg(&g);
+    l.arg(&pp).arg(&ep).arg(&ne).arg(&fl);
+    l.arg(&ip).arg(&sp).arg(&rp);
+    let cfg = LaunchConfig {
+        grid_dim: (groups as u32, 1, 1),
+        block_dim: (n.next_multiple_of(32).min(256) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match beam_select in search.cu; topk holds rows * kt values
+    // and ids, params rows + groups values, the outputs rows, rows and groups * 2 kc.
+    launched(OP, unsafe { l.launch(cfg) })
 }
 
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).

@@ -430,3 +430,87 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
     logprob_topk_merge_body(cand, stats, rows, k, slices, out);                                \
   }
 LS_FLOAT_TYPES(LS_SEARCH_SLICES)
+
+// Beam search's choice of the next beams (search.rs `beam`, one group of `gs` beams a
+// search), on the device so that the next step launches without the host: block g takes
+// group g's rows g * gs ... `topk` is logprob_topk's buffer for `rows` rows of `kt` (the
+// log-probabilities, then the ids as int bits); `params` holds each row's running score,
+// then a flag per group: 0 done, 1 running, 2 running at its last step (every candidate
+// stops there). Candidate (beam j, its t-th token) is cand = j * vocab + id with value
+// logprob + score_j; the best `kc` by value, ties to the lower cand, go to record[g] (kc
+// values, then kc cands as int bits), which the host downloads for its bookkeeping. A
+// candidate stops where its token is an EOS id or at the last step; ranked with stopped
+// ones at value + BS_NEG (ties to the better rank), the first gs give row base + i its
+// token (next_ids) and the row it continues (src_rows). A done group's rows keep their
+// rows and take `fill`. The host's own ranking (search.rs) follows the same order.
+#define BS_NEG (-1.0e9f)
+
+__device__ __forceinline__ unsigned long long bs_key(float v, unsigned int i) {
+  return ((unsigned long long)order_key(v) << 32) | (0xffffffffu - i);
+}
+
+__device__ void beam_select_body(const float* topk, int rows, int kt, int kc, int vocab, int gs,
+                                 const float* params, const int* eos, int n_eos, int fill,
+                                 int* next_ids, int* src_rows, float* record) {
+  extern __shared__ unsigned long long bs_keys[];  // gs * kt candidates, then kc ranks
+  const int n = gs * kt;
+  unsigned long long* pen = bs_keys + n;
+  float* rv = reinterpret_cast<float*>(pen + kc);
+  int* rc = reinterpret_cast<int*>(rv + kc);
+  const int g = blockIdx.x, base = g * gs, tid = threadIdx.x;
+  const float flag = params[rows + g];
+  if (flag == 0.f) {
+    for (int i = tid; i < gs; i += blockDim.x) {
+      next_ids[base + i] = fill;
+      src_rows[base + i] = base + i;
+    }
+    return;
+  }
+  const float* vals = topk;
+  const int* ids = reinterpret_cast<const int*>(topk + (long long)rows * kt);
+  for (int c = tid; c < n; c += blockDim.x) {
+    const int j = c / kt, row = base + j;
+    const float v = vals[(long long)row * kt + (c - j * kt)] + params[row];
+    const int cand = j * vocab + ids[(long long)row * kt + (c - j * kt)];
+    bs_keys[c] = bs_key(v, (unsigned int)cand);
+  }
+  __syncthreads();
+  // Each candidate's rank: how many beat it (the keys are distinct).
+  for (int c = tid; c < n; c += blockDim.x) {
+    const unsigned long long key = bs_keys[c];
+    int rank = 0;
+    for (int d = 0; d < n && rank < kc; ++d) rank += bs_keys[d] > key;
+    if (rank < kc) {
+      rv[rank] = tk_value(key);
+      rc[rank] = (int)(0xffffffffu - (unsigned int)(key & 0xffffffffu));
+    }
+  }
+  __syncthreads();
+  for (int c = tid; c < kc; c += blockDim.x) {
+    const int tok = rc[c] % vocab;
+    bool stop = flag == 2.f;
+    for (int e = 0; e < n_eos; ++e) stop = stop || eos[e] == tok;
+    pen[c] = bs_key(stop ? rv[c] + BS_NEG : rv[c], (unsigned int)c);
+    record[(long long)g * 2 * kc + c] = rv[c];
+    record[(long long)g * 2 * kc + kc + c] = __int_as_float(rc[c]);
+  }
+  __syncthreads();
+  for (int c = tid; c < kc; c += blockDim.x) {
+    int rank = 0;
+    for (int d = 0; d < kc; ++d) rank += pen[d] > pen[c];
+    if (rank < gs) {
+      next_ids[base + rank] = rc[c] % vocab;
+      src_rows[base + rank] = base + rc[c] / vocab;
+    }
+  }
+}
+
+#define LS_BEAM_SELECT(T, S)                                                                   \
+  extern "C" __global__ void beam_select_##S(                                                  \
+      const float* topk, int rows, int kt, int kc, int vocab, int gs, const float* params,     \
+      const int* eos, int n_eos, int fill, int* next_ids, int* src_rows, float* record) {      \
+    LS_PDL_WAIT();                                                                             \
+    beam_select_body(topk, rows, kt, kc, vocab, gs, params, eos, n_eos, fill, next_ids,        \
+                     src_rows, record);                                                        \
+  }
+LS_FLOAT_TYPES(LS_BEAM_SELECT)

@@ -1,0 +1,185 @@
+//! Beam search's choice of the next beams where the step's logits are (search.rs `beam`,
+//! one group a search): on CUDA a kernel after the top-k writes the next step's token ids
+//! and source rows on the device, so the next step launches without waiting for the host,
+//! which reads each group's ranked candidates (the record) while that step runs. The CPU
+//! runs the same selection in [`select_on_host`].
+
+use super::search::NEG;
+use crate::backend::{cpu, cuda};
+use crate::error::{Error, Result};
+use crate::ops::{self, EosMask};
+use crate::tensor::{DType, Device, Storage, Tensor};
+
+/// The selection's buffers, kept across a search's steps.
+pub(crate) struct BeamSelect {
+    /// The next step's token ids, i32 [rows].
+    pub ids: Tensor,
+    /// The row each row continues, i32 [rows].
+    pub src: Tensor,
+    /// Per group, its `kc` best candidates' values, then the candidates (beam * vocab +
+    /// token) as f32 bits: on CUDA in `record_dev`, copied into `pinned` without blocking;
+    /// on the CPU in `record_host`.
+    record_dev: Option<Tensor>,
+    pinned: Option<cuda::PinnedF32>,
+    record_host: Vec<f32>,
+}
+
+/// What one selection takes besides the logits.
+pub(crate) struct SelectInputs<'a> {
+    /// Top-k a row (at least `kc / gs`, at most the vocabulary).
+    pub kt: usize,
+    /// Candidates kept per group (the search's 2 x beams or more).
+    pub kc: usize,
+    /// Beams per group.
+    pub gs: usize,
+    /// Per row the running beam's score, then per group 0 (done), 1 (running) or 2
+    /// (running at its last step, where every candidate stops).
+    pub params: &'a [f32],
+    pub eos: &'a [i64],
+    /// The token of a done group's rows.
+    pub fill: i64,
+    pub mask: Option<EosMask<'a>>,
+}
+
+impl BeamSelect {
+    pub(crate) fn new(rows: usize, device: &Device) -> Result<Self> {
+        let zeros = vec![0i32; rows];
+        Ok(BeamSelect {
+            ids: Tensor::from_i32(&zeros, &[rows], device)?,
+            src: Tensor::from_i32(&zeros, &[rows], device)?,
+            record_dev: None,
+            pinned: None,
+            record_host: Vec::new(),
+        })
+    }
+
+    /// The last selection's record, once its copy to the host is done.
+    pub(crate) fn record(&self) -> Result<&[f32]> {
+        match &self.pinned {
+            Some(p) if self.record_dev.is_some() => p.wait(),
+            _ => Ok(&self.record_host),
+        }
+    }
+
+    /// Selects the next beams from `logits` [rows, vocab] (see search.cu `beam_select`).
+    pub(crate) fn run(&mut self, logits: &Tensor, inp: &SelectInputs) -> Result<()> {
+        const OP: &str = "beam_select";
+        let s = logits.shape();
+        let (rows, vocab) = (s[0], s[1]);
+        let groups = rows / inp.gs.max(1);
+        if s.len() != 2
+            || inp.gs == 0
+            || !rows.is_multiple_of(inp.gs)
+            || inp.kt == 0
+            || inp.kt > vocab
+            || inp.kc > inp.gs * inp.kt
+            || inp.params.len() != rows + groups
+            || self.ids.shape() != [rows]
+        {
+            return Err(Error::op(
+                OP,
+                format!(
+                    "logits {s:?}, {} beams a group, {} a row, {} kept",
+                    inp.gs, inp.kt, inp.kc
+                ),
+            ));
+        }
+        match &logits.storage {
+            Storage::CpuF32(v) => {
+                let top = cpu::logprob_topk(v, rows, vocab, inp.kt, inp.mask);
+                let (ids, src, record) = select_on_host(&top.logprobs, &top.ids, vocab, inp);
+                ops::write_i32_(&mut self.ids, &ids)?;
+                ops::write_i32_(&mut self.src, &src)?;
+                self.record_host = record;
+                Ok(())
+            }
+            Storage::Cuda(x) => {
+                let dev = x.device();
+                let top = cuda::ops::logprob_topk_on_device(x, rows, vocab, inp.kt, inp.mask)?;
+                let params = dev.upload_f32(inp.params, DType::F32)?;
+                let len = groups * 2 * inp.kc;
+                if self.record_dev.as_ref().is_none_or(|r| r.len() != len) {
+                    self.record_dev = Some(ops::empty(&[len], DType::F32, &logits.device())?);
+                }
+                let record = self
+                    .record_dev
+                    .as_ref()
+                    .expect("allocated above")
+                    .cuda(OP)?;
+                cuda::ops::beam_select(
+                    &top,
+                    rows,
+                    inp.kt,
+                    inp.kc,
+                    vocab,
+                    inp.gs,
+                    &params,
+                    inp.eos,
+                    inp.fill,
+                    (self.ids.cuda(OP)?, self.src.cuda(OP)?, record),
+                )?;
+                record.download_f32_async(&mut self.pinned)
+            }
+            Storage::CpuI32(_) => Err(Error::op(OP, "logits must be float")),
+        }
+    }
+}
+
+/// The selection on the host, from each row's top `kt` (log-probabilities and ids):
+/// (next ids, source rows, record), as search.cu's `beam_select` writes them.
+pub(crate) fn select_on_host(
+    logprobs: &[f32],
+    top_ids: &[i32],
+    vocab: usize,
+    inp: &SelectInputs,
+) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
+    let (kt, kc, gs) = (inp.kt, inp.kc, inp.gs);
+    let rows = logprobs.len() / kt;
+    let groups = rows / gs;
+    let mut ids = vec![inp.fill as i32; rows];
+    let mut src: Vec<i32> = (0..rows as i32).collect();
+    let mut record = vec![0f32; groups * 2 * kc];
+    for g in 0..groups {
+        let flag = inp.params[rows + g];
+        if flag == 0.0 {
+            continue;
+        }
+        let base = g * gs;
+        let mut cands: Vec<(usize, f32)> = (0..gs * kt)
+            .map(|c| {
+                let (j, t) = (c / kt, c % kt);
+                let at = (base + j) * kt + t;
+                (
+                    j * vocab + top_ids[at] as usize,
+                    logprobs[at] + inp.params[base + j],
+                )
+            })
+            .collect();
+        cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        cands.truncate(kc);
+        let rec = &mut record[g * 2 * kc..(g + 1) * 2 * kc];
+        for (c, &(cand, v)) in cands.iter().enumerate() {
+            rec[c] = v;
+            rec[kc + c] = f32::from_bits(cand as u32);
+        }
+        let pen: Vec<f32> = cands
+            .iter()
+            .map(|&(cand, v)| {
+                let stop = flag == 2.0 || inp.eos.contains(&((cand % vocab) as i64));
+                if stop {
+                    v + NEG
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..pen.len()).collect();
+        order.sort_by(|&a, &b| pen[b].total_cmp(&pen[a]).then(a.cmp(&b)));
+        for (i, &c) in order.iter().take(gs).enumerate() {
+            let cand = cands[c].0;
+            ids[base + i] = (cand % vocab) as i32;
+            src[base + i] = (base + cand / vocab) as i32;
+        }
+    }
+    (ids, src, record)
+}
