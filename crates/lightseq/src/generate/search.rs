@@ -37,6 +37,10 @@ fn device_select_on() -> bool {
     !crate::backend::cuda::env_equals(&OFF, "LIGHTSEQ_DEVICE_BEAMS", "0")
 }
 
+/// Most candidates (beams x top-k a row) a group may rank on the device; larger searches
+/// choose on the host.
+const MAX_DEVICE_CANDIDATES: usize = 2048;
+
 /// HF's stand-in for minus infinity in beam scores.
 pub(crate) const NEG: f32 = -1.0e9;
 
@@ -623,6 +627,8 @@ pub fn beam(
         && groups == 1
         && cfg.diverse_lambda.is_none()
         && vocab >= k
+        // The kernel ranks a group's candidates against each other in shared memory.
+        && gs * k <= MAX_DEVICE_CANDIDATES
         && device_select_on()
         && !m.idle_rows_shape_steps()
         && m.step_ids_from_device()
