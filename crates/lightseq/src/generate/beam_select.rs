@@ -183,3 +183,108 @@ pub(crate) fn select_on_host(
     }
     (ids, src, record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A naive selection from the full logits: every (beam, token) pair scored by its
+    /// log-softmax (f64) plus the beam's score, sorted whole.
+    fn naive(
+        logits: &[f32],
+        vocab: usize,
+        inp: &SelectInputs,
+    ) -> (Vec<i32>, Vec<i32>, Vec<(usize, f32)>) {
+        let rows = logits.len() / vocab;
+        let groups = rows / inp.gs;
+        let mut ids = vec![inp.fill as i32; rows];
+        let mut src: Vec<i32> = (0..rows as i32).collect();
+        let mut kept = Vec::new();
+        for g in 0..groups {
+            let flag = inp.params[rows + g];
+            if flag == 0.0 {
+                continue;
+            }
+            let base = g * inp.gs;
+            let mut all = Vec::new();
+            for j in 0..inp.gs {
+                let row = &logits[(base + j) * vocab..(base + j + 1) * vocab];
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                for (t, &x) in row.iter().enumerate() {
+                    let lp = (x as f64 - lse) as f32;
+                    all.push((j * vocab + t, lp + inp.params[base + j]));
+                }
+            }
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(inp.kc);
+            let stops = |c: usize| flag == 2.0 || inp.eos.contains(&((c % vocab) as i64));
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            order.sort_by_key(|&i| (stops(all[i].0), i));
+            for (r, &i) in order.iter().take(inp.gs).enumerate() {
+                ids[base + r] = (all[i].0 % vocab) as i32;
+                src[base + r] = (base + all[i].0 / vocab) as i32;
+            }
+            kept.extend(all);
+        }
+        (ids, src, kept)
+    }
+
+    #[test]
+    fn host_selection_matches_a_full_sort() {
+        let mut rng = crate::generate::search::Rng::new(7);
+        for (gs, vocab, eos, ties) in [(4, 50, vec![3i64], false), (2, 37, vec![0, 5], true)] {
+            let groups = 3;
+            let rows = groups * gs;
+            let kc = (1 + eos.len()).max(2) * gs;
+            // Tied logits (multiples of 0.5) exercise the index tie-break.
+            let logits: Vec<f32> = (0..rows * vocab)
+                .map(|_| {
+                    let x = (rng.uniform() * 6.0 - 3.0) as f32;
+                    if ties {
+                        (x * 2.0).round() / 2.0
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let mut params: Vec<f32> = (0..rows)
+                .map(|r| {
+                    if r % gs == 0 {
+                        0.0
+                    } else {
+                        -(rng.uniform() as f32)
+                    }
+                })
+                .collect();
+            params.extend([1.0, 0.0, 2.0]);
+            let inp = SelectInputs {
+                kt: kc,
+                kc,
+                gs,
+                params: &params,
+                eos: &eos,
+                fill: 1,
+                mask: None,
+            };
+            let top = cpu::logprob_topk(&logits, rows, vocab, kc, None);
+            let (ids, src, record) = select_on_host(&top.logprobs, &top.ids, vocab, &inp);
+            let (want_ids, want_src, want_kept) = naive(&logits, vocab, &inp);
+            assert_eq!(ids, want_ids, "gs {gs}");
+            assert_eq!(src, want_src, "gs {gs}");
+            // Groups 0 and 2 run; their records hold the naive ranking's candidates.
+            let got: Vec<(usize, f32)> = [0, 2]
+                .iter()
+                .flat_map(|&g| {
+                    let r = &record[g * 2 * kc..(g + 1) * 2 * kc];
+                    (0..kc).map(move |c| (r[kc + c].to_bits() as usize, r[c]))
+                })
+                .collect();
+            assert_eq!(got.len(), want_kept.len());
+            for (a, b) in got.iter().zip(&want_kept) {
+                assert_eq!(a.0, b.0, "gs {gs}: candidates differ");
+                assert!((a.1 - b.1).abs() < 1e-5, "gs {gs}: {} vs {}", a.1, b.1);
+            }
+        }
+    }
+}
