@@ -99,19 +99,15 @@ impl DecodeState {
         moved
     }
 
+    /// Row i of the caches takes row src[i]'s (i32 [rows], on the caches' device): on CUDA
+    /// by composing the key-row table, on the CPU by moving the rows (only the positions
+    /// written so far; keys past them are never read).
     fn reorder_rows_by(&mut self, src: &Tensor) -> Result<()> {
         let Some(device) = self.caches.first().map(|c| c.k.device()) else {
             return Ok(());
         };
         if device.is_cuda() {
-            self.ensure_key_rows()?;
-            let (ids, scratch) = match self.reorder_bufs.take() {
-                Some(bufs) => bufs,
-                None => (
-                    ops::empty(&[self.rows], DType::I32, &device)?,
-                    ops::empty(&[self.rows * self.capacity], DType::I32, &device)?,
-                ),
-            };
+            let (ids, scratch) = self.take_reorder_bufs(&device)?;
             let composed = self.compose_key_rows_with(src, &scratch);
             self.reorder_bufs = Some((ids, scratch));
             composed
@@ -124,6 +120,19 @@ impl DecodeState {
                 .flat_map(|c| [&mut c.k, &mut c.v])
                 .collect();
             ops::reorder_row_prefixes(&mut all, src, len)
+        }
+    }
+
+    /// The kept [`DecodeState::reorder_bufs`] (allocated at the first reorder), with the
+    /// key-row table made; the caller puts them back.
+    fn take_reorder_bufs(&mut self, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.ensure_key_rows()?;
+        match self.reorder_bufs.take() {
+            Some(bufs) => Ok(bufs),
+            None => Ok((
+                ops::empty(&[self.rows], DType::I32, device)?,
+                ops::empty(&[self.rows * self.capacity], DType::I32, device)?,
+            )),
         }
     }
 
@@ -286,18 +295,8 @@ impl DecodeState {
     /// Composes the key-row table with `idx` (the source of each row): row i takes row
     /// idx[i]'s positions written so far, in place (the captured step reads the table at
     /// its address).
-    fn compose_key_rows(&mut self, idx: &[i32]) -> Result<()> {
-        self.ensure_key_rows()?;
-        let (mut ids, scratch) = match self.reorder_bufs.take() {
-            Some(bufs) => bufs,
-            None => {
-                let device = self.caches[0].k.device();
-                (
-                    ops::empty(&[self.rows], DType::I32, &device)?,
-                    ops::empty(&[self.rows * self.capacity], DType::I32, &device)?,
-                )
-            }
-        };
+    fn compose_key_rows(&mut self, idx: &[i32], device: &Device) -> Result<()> {
+        let (mut ids, scratch) = self.take_reorder_bufs(device)?;
         ops::write_i32_(&mut ids, idx)?;
         let composed = self.compose_key_rows_with(&ids, &scratch);
         self.reorder_bufs = Some((ids, scratch));
@@ -349,18 +348,9 @@ impl DecodeState {
         if let Some(device) = self.caches.first().map(|c| c.k.device()) {
             let idx: Vec<i32> = src.iter().map(|&s| s as i32).collect();
             if device.is_cuda() {
-                self.compose_key_rows(&idx)?;
+                self.compose_key_rows(&idx, &device)?;
             } else {
-                let idx = Tensor::from_i32(&idx, &[idx.len()], &device)?;
-                // Gathered rows go back into the same buffers; only the positions written
-                // so far move (keys past them are never read).
-                let width = self.caches[0].k.shape()[2];
-                let mut all: Vec<&mut Tensor> = self
-                    .caches
-                    .iter_mut()
-                    .flat_map(|c| [&mut c.k, &mut c.v])
-                    .collect();
-                ops::reorder_row_prefixes(&mut all, &idx, self.len * width)?;
+                self.reorder_rows_by(&Tensor::from_i32(&idx, &[idx.len()], &device)?)?;
             }
         }
         self.key_start = src.iter().map(|&s| self.key_start[s]).collect();
