@@ -22,6 +22,9 @@ pub(crate) struct BeamSelect {
     record_dev: Option<Tensor>,
     pinned: Option<cuda::PinnedF32>,
     record_host: Vec<f32>,
+    /// CUDA: the EOS ids on the device (i32), with the list they hold, uploaded once a
+    /// search rather than once a step.
+    eos_dev: Option<(Vec<i64>, Tensor)>,
 }
 
 /// What one selection takes besides the logits.
@@ -50,6 +53,7 @@ impl BeamSelect {
             record_dev: None,
             pinned: None,
             record_host: Vec::new(),
+            eos_dev: None,
         })
     }
 
@@ -65,10 +69,14 @@ impl BeamSelect {
     pub(crate) fn run(&mut self, logits: &Tensor, inp: &SelectInputs) -> Result<()> {
         const OP: &str = "beam_select";
         let s = logits.shape();
-        let (rows, vocab) = (s[0], s[1]);
+        let [rows, vocab] = *s else {
+            return Err(Error::op(
+                OP,
+                format!("logits {s:?}: [rows, vocab] expected"),
+            ));
+        };
         let groups = rows / inp.gs.max(1);
-        if s.len() != 2
-            || inp.gs == 0
+        if inp.gs == 0
             || !rows.is_multiple_of(inp.gs)
             || inp.kt == 0
             || inp.kt > vocab
@@ -101,6 +109,17 @@ impl BeamSelect {
                 if self.record_dev.as_ref().is_none_or(|r| r.len() != len) {
                     self.record_dev = Some(ops::empty(&[len], DType::F32, &logits.device())?);
                 }
+                if !inp.eos.is_empty()
+                    && self.eos_dev.as_ref().is_none_or(|(ids, _)| ids != inp.eos)
+                {
+                    let e: Vec<i32> = inp.eos.iter().map(|&t| t as i32).collect();
+                    let t = Tensor::from_i32(&e, &[e.len()], &logits.device())?;
+                    self.eos_dev = Some((inp.eos.to_vec(), t));
+                }
+                let eos = match &self.eos_dev {
+                    Some((_, t)) if !inp.eos.is_empty() => Some(t.cuda(OP)?),
+                    _ => None,
+                };
                 let record = self
                     .record_dev
                     .as_ref()
@@ -114,7 +133,7 @@ impl BeamSelect {
                     vocab,
                     inp.gs,
                     &params,
-                    inp.eos,
+                    eos,
                     inp.fill,
                     (self.ids.cuda(OP)?, self.src.cuda(OP)?, record),
                 )?;

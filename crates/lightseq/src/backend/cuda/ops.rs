@@ -985,9 +985,9 @@ pub(crate) fn logprob_topk_on_device(
 }
 
 /// Beam search's next beams on the device (search.cu `beam_select`): from `topk`
-/// ([`logprob_topk_on_device`]'s buffer, `kt` a row) and `params` (f32: each row's running
-/// score, then each group's flag), writes `ids` and `src` (i32 [rows]) and `record` (f32
-/// [groups, 2 kc]).
+/// ([`logprob_topk_on_device`]'s buffer, `kt` a row), `params` (f32: each row's running
+/// score, then each group's flag) and the EOS ids (i32, None for none), writes `ids` and
+/// `src` (i32 [rows]) and `record` (f32 [groups, 2 kc]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn beam_select(
     topk: &CudaStorage,
@@ -997,13 +997,11 @@ pub(crate) fn beam_select(
     vocab: usize,
     gs: usize,
     params: &CudaStorage,
-    eos: &[i64],
+    eos: Option<&CudaStorage>,
     fill: i64,
     out: (&CudaStorage, &CudaStorage, &CudaStorage),
 ) -> Result<()> {
     const OP: &str = "beam_select";
-    let dev = topk.device();
-    let groups = rows / gs;
     let n = gs * kt;
     let smem = 8 * n + 16 * kc;
     if gs == 0
@@ -1011,27 +1009,20 @@ pub(crate) fn beam_select(
         || kc > n
         || smem > 48 * 1024
         || vocab * gs > i32::MAX as usize
+        || eos.is_some_and(|e| e.dtype() != DType::I32)
     {
         return Err(Error::op(
             OP,
             format!("{rows} rows in groups of {gs}, {kt} a row, {kc} kept"),
         ));
     }
-    let e: Vec<i32> = eos.iter().map(|&t| t as i32).collect();
-    let eos_dev = if e.is_empty() {
-        None
-    } else {
-        Some(dev.upload_i32(&e)?)
-    };
+    let groups = rows / gs;
+    let dev = topk.device();
     let f = dev.kernel("beam_select", DType::F32)?;
-    let (tp, pp, ep) = (
-        topk.ptr(),
-        params.ptr(),
-        eos_dev.as_ref().map_or(0, |t| t.ptr()),
-    );
+    let (tp, pp, ep) = (topk.ptr(), params.ptr(), eos.map_or(0, |t| t.ptr()));
     let (ip, sp, rp) = (out.0.ptr(), out.1.ptr(), out.2.ptr());
     let (r, kt_i, kc_i, v, g) = (rows as i32, kt as i32, kc as i32, vocab as i32, gs as i32);
-    let (ne, fl) = (e.len() as i32, fill as i32);
+    let (ne, fl) = (eos.map_or(0, |e| e.len()) as i32, fill as i32);
     let mut l = dev.launch(&f);
     l.arg(&tp).arg(&r).arg(&kt_i).arg(&kc_i).arg(&v).arg(&g);
     l.arg(&pp).arg(&ep).arg(&ne).arg(&fl);
