@@ -642,6 +642,8 @@ pub fn beam(
     loop {
         let mut src = vec![0usize; st.rows];
         let mut next = vec![fill; st.rows];
+        // Whether item b's step reaches its length limit.
+        let at_last = |b: usize| limits[b].input_len + generated + 1 >= limits[b].max_length;
         // Device path: per-row log-probabilities' top candidates, when every live row can do
         // without host-side processors at this step (the min-length EOS mask runs there,
         // and a forced step needs no logits).
@@ -670,10 +672,10 @@ pub fn beam(
             && fast
             && forced.is_empty()
             && st.len < m.max_decoder_positions()
-            && items.iter().enumerate().any(|(b, it)| {
-                let last = limits[b].input_len + generated + 1 >= limits[b].max_length;
-                !last && it.iter().any(|g| !g.done)
-            });
+            && items
+                .iter()
+                .enumerate()
+                .any(|(b, it)| !at_last(b) && it.iter().any(|g| !g.done));
         clock.lap("checks");
         let mut mask = vec![false; st.rows];
         if fast {
@@ -698,8 +700,7 @@ pub fn beam(
                         params[row] = score;
                     }
                 }
-                let last = limits[b].input_len + generated + 1 >= limits[b].max_length;
-                params.extend(it.iter().map(|g| match (g.done, last) {
+                params.extend(it.iter().map(|g| match (g.done, at_last(b)) {
                     (true, _) => 0.0,
                     (false, false) => 1.0,
                     (false, true) => 2.0,
@@ -769,8 +770,6 @@ pub fn beam(
         // needs.
         ch.clear();
         for (b, item) in items.iter().enumerate() {
-            let lim = limits[b];
-            let cur = lim.input_len + generated;
             // Tokens the item's earlier groups chose at this step (Hamming diversity).
             chosen.clear();
             for (g, grp) in item.iter().enumerate() {
@@ -845,7 +844,7 @@ pub fn beam(
                 let n = ch.cand.len() - at;
                 // Candidate c continues running beam cand[c] / vocab with token cand[c] % vocab.
                 // Group beam search's beams do not stop at the length limit (HF 4.x).
-                let last = cur + 1 >= lim.max_length;
+                let last = at_last(b);
                 for c in at..at + n {
                     let stop = cfg.eos.contains(&((ch.cand[c] % vocab) as i64)) || (last && !hf4);
                     ch.stop.push(stop);
