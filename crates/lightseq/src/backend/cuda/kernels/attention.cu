@@ -274,7 +274,7 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
   const int kk = tid / TPK, part = tid - kk * TPK;
   const int g = tid / KP, c = tid - g * KP;
   const float qv = tid < head_dim ? to_f(q_row[tid]) * scale : 0.f;
-  // Key j's row in the cache of its beam (or the appended row), from element `off`.
+  // Pack `pack` of key (value) j: in the cache row of its beam, or the appended row.
   auto key_pack = [&](int j, int pack) -> uint4 {
     const T* r = j == wr ? kn_row
                          : k_head + (rows_b ? (long long)rows_b[j] - b : 0LL) * k_bs +
