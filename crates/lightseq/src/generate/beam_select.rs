@@ -4,7 +4,7 @@
 //! which reads each group's ranked candidates (the record) while that step runs. The CPU
 //! runs the same selection in [`select_on_host`].
 
-use super::search::NEG;
+use super::search::{keep_best_pairs, push_top_k, NEG};
 use crate::backend::{cpu, cuda};
 use crate::error::{Error, Result};
 use crate::ops::{self, EosMask};
@@ -174,8 +174,7 @@ pub(crate) fn select_on_host(
                 )
             })
             .collect();
-        cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        cands.truncate(kc);
+        keep_best_pairs(&mut cands, kc);
         let rec = &mut record[g * 2 * kc..(g + 1) * 2 * kc];
         for (c, &(cand, v)) in cands.iter().enumerate() {
             rec[c] = v;
@@ -192,9 +191,9 @@ pub(crate) fn select_on_host(
                 }
             })
             .collect();
-        let mut order: Vec<usize> = (0..pen.len()).collect();
-        order.sort_by(|&a, &b| pen[b].total_cmp(&pen[a]).then(a.cmp(&b)));
-        for (i, &c) in order.iter().take(gs).enumerate() {
+        let mut sel = Vec::with_capacity(gs);
+        push_top_k(&pen, gs, &mut Vec::new(), &mut sel);
+        for (i, &c) in sel.iter().enumerate() {
             let cand = cands[c].0;
             ids[base + i] = (cand % vocab) as i32;
             src[base + i] = (base + cand / vocab) as i32;

@@ -460,9 +460,21 @@ impl Choices {
     }
 }
 
+/// Keeps the `k` best (candidate, score) pairs of `c`, best first, ties to the lower
+/// candidate: a total order, so selecting the best k before sorting them gives what a full
+/// sort would.
+pub(crate) fn keep_best_pairs(c: &mut Vec<(usize, f32)>, k: usize) {
+    let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if c.len() > k {
+        c.select_nth_unstable_by(k, order);
+        c.truncate(k);
+    }
+    c.sort_by(order);
+}
+
 /// Appends to `out` the indices of the `k` largest values of `v`, best first, ties to the
 /// lower index (`order` is scratch, kept by callers that rank every step).
-fn push_top_k(v: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<usize>) {
+pub(crate) fn push_top_k(v: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<usize>) {
     let k = k.min(v.len());
     order.clear();
     order.extend(0..v.len());
@@ -800,16 +812,7 @@ pub fn beam(
                             c.push((j * vocab + id, top.logprobs[row * top.k + t] + score));
                         }
                     }
-                    // Best first, ties to the lower index: a total order, so selecting the
-                    // best k before sorting them gives what a full sort would.
-                    let order = |a: &(usize, f32), b: &(usize, f32)| {
-                        b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-                    };
-                    if c.len() > k {
-                        c.select_nth_unstable_by(k, order);
-                        c.truncate(k);
-                    }
-                    c.sort_by(order);
+                    keep_best_pairs(c, k);
                     ch.cand.extend(c.iter().map(|p| p.0));
                     ch.vals.extend(c.iter().map(|p| p.1));
                 } else {
