@@ -79,7 +79,14 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
-        kernels: &["attention", "attention_tiled", "attention_decode"],
+        kernels: &[
+            "attention",
+            "attention_tiled",
+            "attention_decode",
+            "attention_decode_p4",
+            "attention_decode_p8",
+            "attention_decode_p16",
+        ],
         dtypes: &KERNEL_DTYPES,
     },
     KernelModule {

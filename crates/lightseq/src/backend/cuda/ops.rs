@@ -371,6 +371,44 @@ pub(crate) struct CacheAppend<'a> {
     pub key_rows: Option<&'a CudaStorage>,
 }
 
+/// `LIGHTSEQ_DECODE_TILES=0`: single-query steps take the two-phase decode kernel for
+/// every row shape.
+fn decode_tiles_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_TILES", "0")
+}
+
+/// The single-query kernel for these keys and values (base pointer and shape each): the
+/// tiled kernel of 4, 8 or 16 packs where every row the kernel reads (a sequence's, a
+/// cache row's, the step's appended one) starts on a 16-byte boundary and is whole packs,
+/// else the two-phase one (attention.cu).
+fn decode_kernel(
+    head_dim: usize,
+    elem: u64,
+    k: (u64, &[usize]),
+    v: (u64, &[usize]),
+    append: Option<&CacheAppend>,
+) -> &'static str {
+    let row = head_dim as u64 * elem;
+    let whole = |n: usize| (n as u64 * elem).is_multiple_of(16);
+    let rows_ok =
+        |(p, s): (u64, &[usize])| p.is_multiple_of(16) && whole(s[2]) && whole(s[1] * s[2]);
+    let step_ok = append.is_none_or(|a| {
+        (a.src.ptr() + a.cols.0 as u64 * elem).is_multiple_of(16)
+            && whole(a.src_width)
+            && (a.cols.1.abs_diff(a.cols.0) as u64 * elem).is_multiple_of(16)
+    });
+    if !decode_tiles_on() || !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+        return "attention_decode";
+    }
+    match row / 16 {
+        4 => "attention_decode_p4",
+        8 => "attention_decode_p8",
+        16 => "attention_decode_p16",
+        _ => "attention_decode",
+    }
+}
+
 pub(crate) fn attention(
     q: &Heads,
     k: &Heads,
@@ -439,6 +477,12 @@ pub(crate) fn attention(
     // tiled kernel; single-query decode steps: a warp each.
     let tiled = len_q >= 8 && o.head_dim <= TILED_MAX_HEAD_DIM;
     let decode = len_q == 1;
+    let elem = qt.dtype().size() as u64;
+    let (qp, kp, vp) = (
+        qt.ptr() + q.col as u64 * elem,
+        kt.ptr() + k.col as u64 * elem,
+        vt.ptr() + v.col as u64 * elem,
+    );
     let name = if flash {
         if o.head_dim <= 64 {
             "attn_flash_d64"
@@ -446,19 +490,13 @@ pub(crate) fn attention(
             "attn_flash_d128"
         }
     } else if decode {
-        "attention_decode"
+        decode_kernel(o.head_dim, elem, (kp, ks), (vp, vs), append)
     } else if tiled {
         "attention_tiled"
     } else {
         "attention"
     };
     let f = dev.kernel(name, qt.dtype())?;
-    let elem = qt.dtype().size() as u64;
-    let (qp, kp, vp) = (
-        qt.ptr() + q.col as u64 * elem,
-        kt.ptr() + k.col as u64 * elem,
-        vt.ptr() + v.col as u64 * elem,
-    );
     let (op, sp) = (out.ptr(), ranges.ptr());
     let ep = sp + 4 * batch as u64;
     let (len_q_i, heads, group, hd) = (

@@ -370,7 +370,7 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
   }
 }
 
-template <typename T>
+template <typename T, int KP>
 __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int* key_start,
                                       const int* key_end, int heads, int group, int head_dim,
                                       long long q_bs, long long k_bs, int k_rs, long long v_bs,
@@ -418,19 +418,12 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                       ls_aligned16(k_base) && ls_aligned16(kn_row) && rows_even;
   const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
                         ls_aligned16(v_base) && ls_aligned16(vn_row) && rows_even;
-#ifdef LS_DECODE_WALK
-  const int kp = 0;  // experiment: every row shape walks its keys as below
-#else
-  const int kp = packed && packed_v ? head_dim * (int)sizeof(T) / 16 : 0;
-#endif
-#define LS_DECODE_TILES(KP)                                                                    \
-  attention_decode_tiles<T, KP>(q_row, o_row, jb, je, h, b, heads, head_dim, k_bs, k_rs, v_bs, \
-                                v_rs, k_base, v_base, scale, bias_table, buckets, kn_row, vn_row, \
-                                wr, rows_b, qs, ps, vsum)
-  if (kp == 4) LS_DECODE_TILES(4);
-  else if (kp == 8) LS_DECODE_TILES(8);
-  else if (kp == 16) LS_DECODE_TILES(16);
-  else {
+  if constexpr (KP > 0) {
+    // The host launches this only for rows of KP whole packs, aligned (ops.rs).
+    attention_decode_tiles<T, KP>(q_row, o_row, jb, je, h, b, heads, head_dim, k_bs, k_rs, v_bs,
+                                  v_rs, k_base, v_base, scale, bias_table, buckets, kn_row,
+                                  vn_row, wr, rows_b, qs, ps, vsum);
+  } else {
     for (int d = tid; d < head_dim; d += DEC_THREADS) qs[d] = to_f(q_row[d]) * scale;
     float acc[DEC_DIMS_PER_THREAD];
 #pragma unroll
@@ -525,7 +518,6 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       if (d < head_dim) o_row[d] = from_f<T>(acc[t] * inv);
     }
   }
-#undef LS_DECODE_TILES
   // No block reads row `wr` from the caches, so the append goes last, off the path above.
   if (kn && h % group == 0) {
     T* kd = k + b * k_bs + (long long)wr * k_rs + kh * head_dim;
@@ -537,6 +529,24 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
   }
 }
 
+// attention_decode walks the keys in two phases (any row); attention_decode_p4, _p8 and
+// _p16 take rows of that many whole 16-byte packs, which the host checks, each its own
+// kernel so that its 64 registers hold 8 blocks an SM (one wave of a 128-row step's 1024
+// (head, row) blocks).
+#define LS_DECODE_ARGS                                                                         \
+  q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs, k_bs, k_rs, v_bs, v_rs,      \
+      causal, q_offset, window, scale, bias_table, buckets, kn, kn_bs, vn_off, at_dev, at,     \
+      key_rows, kv_div
+#define LS_DECODE_PACKED(T, S, KP)                                                             \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS, 8) attention_decode_p##KP##_##S(   \
+      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
+      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
+      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
+      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
+      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+    LS_PDL_WAIT();                                                                             \
+    attention_decode_body<T, KP>(LS_DECODE_ARGS);                                              \
+  }
 #define LS_ATTENTION_DECODE(T, S)                                                              \
   extern "C" __global__ void attention_decode_##S(                                             \
       const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
@@ -545,9 +555,9 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
       const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
     LS_PDL_WAIT();                                                                             \
-    attention_decode_body<T>(q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs,   \
-                             k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,          \
-                             bias_table, buckets, kn, kn_bs, vn_off, at_dev, at, key_rows,     \
-                             kv_div);                                                          \
-  }
+    attention_decode_body<T, 0>(LS_DECODE_ARGS);                                               \
+  }                                                                                            \
+  LS_DECODE_PACKED(T, S, 4)                                                                    \
+  LS_DECODE_PACKED(T, S, 8)                                                                    \
+  LS_DECODE_PACKED(T, S, 16)
 LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
