@@ -182,6 +182,9 @@ impl CudaDevice {
             .max(0) as usize;
         let lt = blaslt::BlasLt::new(&stream, &name)?;
         keep_pool_memory(&ctx)?;
+        // The kernel modules missing from the disk cache compile in the background while the
+        // model loads; the threads run on when dropped.
+        drop(nvrtc::prewarm(arch));
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,

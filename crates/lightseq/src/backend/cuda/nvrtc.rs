@@ -348,8 +348,9 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
     result
 }
 
-/// CUBIN for `module`, from the disk cache when the same source, NVRTC and arch built it.
-fn cubin_cached(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
+/// Where `module`'s CUBIN for `arch` is cached on disk: keyed by its source, NVRTC's
+/// version, the arch and LIGHTSEQ_NVRTC_DEFINES. None without a cache folder.
+fn cubin_file(module: &KernelModule, arch: (i32, i32)) -> Result<Option<PathBuf>> {
     let (ma, mi) = version()?;
     let key = fnv64(&[
         COMMON.as_bytes(),
@@ -357,12 +358,44 @@ fn cubin_cached(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
         format!("nvrtc {ma}.{mi} sm_{}{}", arch.0, arch.1).as_bytes(),
         extra_defines().join(" ").as_bytes(),
     ]);
-    let file = cache_dir().map(|d| {
+    Ok(cache_dir().map(|d| {
         d.join(format!(
             "{}-sm{}{}-{key:016x}.cubin",
             module.name, arch.0, arch.1
         ))
-    });
+    }))
+}
+
+/// A module's CUBIN for one arch once this process has it. The slot's lock is held while
+/// the CUBIN is read or compiled, so a second request (a kernel wanted while the prewarm
+/// compiles its module) waits for the first instead of compiling again.
+type CubinSlot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+
+fn cubin_slot(module: &'static str, arch: (i32, i32)) -> CubinSlot {
+    type Slots = Mutex<HashMap<(&'static str, (i32, i32)), CubinSlot>>;
+    static SLOTS: OnceLock<Slots> = OnceLock::new();
+    let mut slots = SLOTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    slots.entry((module, arch)).or_default().clone()
+}
+
+/// CUBIN for `module`: built once a process, from the disk cache when the same source,
+/// NVRTC and arch built it, else compiled (and written there).
+fn cubin_cached(module: &'static KernelModule, arch: (i32, i32)) -> Result<Arc<Vec<u8>>> {
+    let slot = cubin_slot(module.name, arch);
+    let mut held = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = held.as_ref() {
+        return Ok(c.clone());
+    }
+    let cubin = Arc::new(cubin_from_disk_or_compile(module, arch)?);
+    *held = Some(cubin.clone());
+    Ok(cubin)
+}
+
+fn cubin_from_disk_or_compile(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
+    let file = cubin_file(module, arch)?;
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             if !bytes.is_empty() {
@@ -370,18 +403,91 @@ fn cubin_cached(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
             }
         }
     }
+    announce_compiling(arch);
     let cubin = compile_module(module, arch)?;
     if let Some(f) = &file {
         // A cache that cannot be written only costs a recompile next time.
         if let Some(dir) = f.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = f.with_extension(format!(
+            "tmp{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         if std::fs::write(&tmp, &cubin).is_ok() {
             let _ = std::fs::rename(&tmp, f);
         }
     }
     Ok(cubin)
+}
+
+/// One line on stderr the first time this process compiles a kernel module: a first run
+/// spends tens of seconds there (H200 machine: ~45 s serially before the prewarm).
+fn announce_compiling(arch: (i32, i32)) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = cache_dir().map_or("nowhere: no cache folder".into(), |d| {
+            d.display().to_string()
+        });
+        eprintln!(
+            "lightseq: compiling CUDA kernels for sm_{}{} once (cached in {dir})",
+            arch.0, arch.1
+        );
+    });
+}
+
+/// Starts compiling, on background threads (as many as the machine has cores, the
+/// largest modules first), every module whose CUBIN for `arch` is not in the disk cache,
+/// once a process: a first run then waits about as long as its longest module takes
+/// instead of for each module in turn as its kernels are first launched. Returns the
+/// threads (none when nothing is missing, NVRTC or the CUDA headers are absent, or
+/// LIGHTSEQ_PREWARM=0); dropping them leaves them running.
+pub fn prewarm(arch: (i32, i32)) -> Vec<std::thread::JoinHandle<()>> {
+    static STARTED: OnceLock<Mutex<Vec<(i32, i32)>>> = OnceLock::new();
+    if std::env::var("LIGHTSEQ_PREWARM").as_deref() == Ok("0")
+        || check_available().is_err()
+        || find_cuda_include().is_err()
+    {
+        return Vec::new();
+    }
+    {
+        let mut started = STARTED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if started.contains(&arch) {
+            return Vec::new();
+        }
+        started.push(arch);
+    }
+    let on_disk = |m: &KernelModule| matches!(cubin_file(m, arch), Ok(Some(f)) if std::fs::metadata(&f).is_ok_and(|md| md.len() > 0));
+    let mut missing: Vec<&'static KernelModule> = MODULES.iter().filter(|m| !on_disk(m)).collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    missing.sort_by_key(|m| std::cmp::Reverse(m.source.len()));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(missing.len());
+    let missing = Arc::new(missing);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    (0..threads)
+        .filter_map(|i| {
+            let (missing, next) = (missing.clone(), next.clone());
+            std::thread::Builder::new()
+                .name(format!("lightseq-nvrtc-{i}"))
+                .spawn(move || {
+                    while let Some(m) =
+                        missing.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        // A module that fails reports its error when its kernel is wanted.
+                        let _ = cubin_cached(m, arch);
+                    }
+                })
+                .ok()
+        })
+        .collect()
 }
 
 /// Modules loaded into one context, and the functions taken from them.
@@ -424,7 +530,7 @@ impl KernelCache {
                 None => {
                     let cubin = cubin_cached(module, self.arch)?;
                     let m = ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
                         .map_err(|e| cuda_err(&format!("loading {}.cu", module.name), e))?;
                     mods.insert(module.name, m.clone());
                     m
