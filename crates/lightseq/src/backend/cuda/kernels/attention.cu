@@ -533,27 +533,25 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
 // _p16 take rows of that many whole 16-byte packs, which the host checks, each its own
 // kernel so that its 64 registers hold 8 blocks an SM (one wave of a 128-row step's 1024
 // (head, row) blocks).
+// The single-query kernels' parameters (attention() in ops.rs passes them in this order).
+#define LS_DECODE_PARAMS(T)                                                                    \
+  const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,         \
+      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
+      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
+      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
+      const int* at_dev, int at, const int* key_rows, int kv_div
 #define LS_DECODE_ARGS                                                                         \
   q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs, k_bs, k_rs, v_bs, v_rs,      \
       causal, q_offset, window, scale, bias_table, buckets, kn, kn_bs, vn_off, at_dev, at,     \
       key_rows, kv_div
 #define LS_DECODE_PACKED(T, S, KP)                                                             \
   extern "C" __global__ void __launch_bounds__(DEC_THREADS, 8) attention_decode_p##KP##_##S(   \
-      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
-      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
-      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
-      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+      LS_DECODE_PARAMS(T)) {                                                                   \
     LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, KP>(LS_DECODE_ARGS);                                              \
   }
 #define LS_ATTENTION_DECODE(T, S)                                                              \
-  extern "C" __global__ void attention_decode_##S(                                             \
-      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
-      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
-      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
-      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+  extern "C" __global__ void attention_decode_##S(LS_DECODE_PARAMS(T)) {                        \
     LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, 0>(LS_DECODE_ARGS);                                               \
   }                                                                                            \
