@@ -25,6 +25,9 @@ pub struct KernelModule {
     pub kernels: &'static [&'static str],
     /// The dtypes each kernel is instantiated for.
     pub dtypes: &'static [DType],
+    /// Macros defined when the file is compiled for this module (one file may serve two
+    /// modules, each instantiating some of its kernels).
+    pub defines: &'static [&'static str],
 }
 
 /// Every kernel module of the backend.
@@ -46,24 +49,28 @@ pub const MODULES: &[KernelModule] = &[
             "from_f32",
         ],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "layer_norm",
         source: include_str!("kernels/layer_norm.cu"),
         kernels: &["layer_norm", "rms_norm"],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "embedding",
         source: include_str!("kernels/embedding.cu"),
         kernels: &["embed"],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "rotary",
         source: include_str!("kernels/rotary.cu"),
         kernels: &["rotary"],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "search",
@@ -75,6 +82,7 @@ pub const MODULES: &[KernelModule] = &[
             "beam_select",
         ],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "attention",
@@ -88,6 +96,7 @@ pub const MODULES: &[KernelModule] = &[
             "attention_decode_p16",
         ],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "train",
@@ -122,6 +131,7 @@ pub const MODULES: &[KernelModule] = &[
             "sum_squares_multi",
         ],
         dtypes: &KERNEL_DTYPES,
+        defines: &[],
     },
     KernelModule {
         name: "attention_train",
@@ -135,11 +145,19 @@ pub const MODULES: &[KernelModule] = &[
             "attn_short_bwd_d64_l64",
             "attn_short_bwd_d128_l32",
             "attn_short_bwd_d128_l64",
-            "attn_flash_d64",
-            "attn_flash_d128",
         ],
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],
+        defines: &[],
+    },
+    // The same file's flash forward alone: inference needs it and not the training kernels
+    // (this machine, 2 cores, sm_89: ~35 s for the whole file).
+    KernelModule {
+        name: "attention_flash",
+        source: include_str!("kernels/attention_train.cu"),
+        kernels: &["attn_flash_d64", "attn_flash_d128"],
+        dtypes: &[DType::F16, DType::BF16],
+        defines: &["LS_FLASH_MODULE"],
     },
     KernelModule {
         name: "linear_small",
@@ -151,6 +169,7 @@ pub const MODULES: &[KernelModule] = &[
             "linear_small_m2_n4",
         ],
         dtypes: &[DType::F16, DType::BF16],
+        defines: &[],
     },
 ];
 
@@ -313,6 +332,7 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
         "--std=c++17".to_string(),
         format!("-I{}", include.display()),
     ];
+    opts.extend(module.defines.iter().map(|d| format!("-D{d}")));
     opts.extend(extra_defines().iter().map(|d| format!("-D{d}")));
     let csrc = CString::new(src).map_err(|_| Error::Cuda("kernel source has a NUL byte".into()))?;
     let cname = CString::new(format!("{}.cu", module.name)).unwrap_or_default();
@@ -355,6 +375,7 @@ fn cubin_file(module: &KernelModule, arch: (i32, i32)) -> Result<Option<PathBuf>
     let key = fnv64(&[
         COMMON.as_bytes(),
         module.source.as_bytes(),
+        module.defines.join(" ").as_bytes(),
         format!("nvrtc {ma}.{mi} sm_{}{}", arch.0, arch.1).as_bytes(),
         extra_defines().join(" ").as_bytes(),
     ]);

@@ -14,6 +14,8 @@
 // memory in the same order. Kernels come per bound on head_dim (64, 128) and on both
 // lengths (32, 64), which size the register arrays.
 // f16 and bf16 only (the mma has no f32 inputs), sm_80 and later.
+// Two kernel modules compile this file (nvrtc.rs): attention_train instantiates the
+// training kernels, attention_flash (LS_FLASH_MODULE defined) the flash forward alone.
 #define AT_MAX_WARPS 4
 
 template <typename T>
@@ -687,6 +689,7 @@ __device__ void attn_short_bwd_body(const T* q, const T* k, const T* v, const in
                                        heads, lq, lk, d, q_w, kv_w, scale, causal, p_drop,    \
                                        keep, seed, offset);                                   \
   }
+#ifndef LS_FLASH_MODULE
 LS_ATTN_SHORT(__half, f16, 64, 32, 12)
 LS_ATTN_SHORT(__half, f16, 64, 64, 4)
 LS_ATTN_SHORT(__half, f16, 128, 32, 6)
@@ -695,6 +698,7 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 32, 12)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 64, 64, 4)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 32, 6)
 LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
+#endif
 
 // Flash attention forward for inference (encoders, prefill), any lengths: the layout, masks
 // and grouped heads of attention.cu (without its bias table). Query i of sequence b sits at
@@ -853,7 +857,9 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                              q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,  \
                              kv_stages);                                                     \
   }
+#ifdef LS_FLASH_MODULE
 LS_ATTN_FLASH(__half, f16, 64)
 LS_ATTN_FLASH(__half, f16, 128)
 LS_ATTN_FLASH(__nv_bfloat16, bf16, 64)
 LS_ATTN_FLASH(__nv_bfloat16, bf16, 128)
+#endif
