@@ -92,6 +92,10 @@ enum ConvertFrom {
 
 fn main() {
     let cli = Cli::parse();
+    // Kernel modules missing from the cache compile on background threads once a GPU is
+    // opened; they are waited for before the process exits.
+    let training = matches!(cli.command, Command::Train(_) | Command::Demo { .. });
+    lightseq::backend::cuda::nvrtc::enable_prewarm(training);
     let result = match cli.command {
         Command::Forward {
             model_dir,
@@ -120,6 +124,7 @@ fn main() {
             train_steps,
         } => demo::run(&device, train_steps),
     };
+    lightseq::backend::cuda::nvrtc::finish_prewarm();
     if let Err(e) = result {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");

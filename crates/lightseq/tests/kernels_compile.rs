@@ -1,24 +1,11 @@
 //! Every kernel module compiles with NVRTC for sm_80 and sm_90 and defines every
-//! (kernel, dtype) symbol the backend looks up, and the prewarm leaves every module's CUBIN
-//! in the disk cache. Needs libnvrtc and the CUDA headers, not a GPU. Skips with a message
-//! when NVRTC is absent, unless LIGHTSEQ_REQUIRE_NVRTC=1 (CI).
+//! (kernel, dtype) symbol the backend looks up. Needs libnvrtc and the CUDA headers, not a
+//! GPU. Skips with a message when NVRTC is absent, unless LIGHTSEQ_REQUIRE_NVRTC=1 (CI).
 
 use lightseq::backend::cuda::nvrtc::{self, MODULES};
 
-/// Whether NVRTC and the CUDA headers are here; without them a test skips with a message,
-/// or panics under LIGHTSEQ_REQUIRE_NVRTC=1.
-fn nvrtc_present() -> bool {
-    match nvrtc::check_available().and_then(|_| nvrtc::find_cuda_include().map(|_| ())) {
-        Ok(()) => true,
-        Err(e) if std::env::var("LIGHTSEQ_REQUIRE_NVRTC").as_deref() == Ok("1") => {
-            panic!("NVRTC required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
-}
+mod common;
+use common::nvrtc_present;
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
@@ -105,51 +92,4 @@ fn every_defined_kernel_is_listed() {
     }
     // The modules define several dozen such kernels; none read means the parser is wrong.
     assert!(checked >= 40, "only {checked} kernel names checked");
-}
-
-/// The prewarm compiles every module missing from the disk cache on background threads and
-/// leaves each one's CUBIN there; a second prewarm of the same arch starts nothing.
-#[test]
-fn prewarm_fills_the_kernel_cache() {
-    if !nvrtc_present() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("lightseq-prewarm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    // Only this test reads the cache folder (the other compiles without it).
-    std::env::set_var("LIGHTSEQ_CACHE_DIR", &dir);
-    std::env::remove_var("LIGHTSEQ_PREWARM");
-    let arch = (8, 9);
-    let start = std::time::Instant::now();
-    let threads = nvrtc::prewarm(arch);
-    assert!(
-        !threads.is_empty(),
-        "an empty cache folder started no compiles"
-    );
-    for t in threads {
-        t.join().unwrap();
-    }
-    eprintln!(
-        "prewarm of {} modules for sm_89: {:.1} s",
-        MODULES.len(),
-        start.elapsed().as_secs_f64()
-    );
-    let files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    for m in MODULES {
-        let prefix = format!("{}-sm89-", m.name);
-        let name = files
-            .iter()
-            .find(|f| f.starts_with(&prefix) && f.ends_with(".cubin"))
-            .unwrap_or_else(|| panic!("no cached CUBIN of {}.cu in {files:?}", m.name));
-        let bytes = std::fs::read(dir.join(name)).unwrap();
-        assert!(bytes.starts_with(b"\x7fELF"), "{name}: not an ELF cubin");
-    }
-    assert!(
-        nvrtc::prewarm(arch).is_empty(),
-        "a second prewarm of the same arch started compiles"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,3 +62,19 @@ pub fn ids(v: &serde_json::Value) -> Vec<i64> {
         .map(|x| x.as_i64().unwrap())
         .collect()
 }
+
+/// Whether NVRTC and the CUDA headers are here; without them a test skips with a message,
+/// or panics under LIGHTSEQ_REQUIRE_NVRTC=1.
+pub fn nvrtc_present() -> bool {
+    use lightseq::backend::cuda::nvrtc;
+    match nvrtc::check_available().and_then(|_| nvrtc::find_cuda_include().map(|_| ())) {
+        Ok(()) => true,
+        Err(e) if std::env::var("LIGHTSEQ_REQUIRE_NVRTC").as_deref() == Ok("1") => {
+            panic!("NVRTC required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}

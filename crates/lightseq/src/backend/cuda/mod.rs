@@ -182,9 +182,9 @@ impl CudaDevice {
             .max(0) as usize;
         let lt = blaslt::BlasLt::new(&stream, &name)?;
         keep_pool_memory(&ctx)?;
-        // The kernel modules missing from the disk cache compile in the background while the
-        // model loads; the threads run on when dropped.
-        drop(nvrtc::prewarm(arch));
+        // Where the process turned the prewarm on, the kernel modules missing from the disk
+        // cache compile in the background while the model loads.
+        nvrtc::prewarm_on_open(arch);
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,

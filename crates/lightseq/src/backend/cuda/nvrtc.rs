@@ -436,8 +436,8 @@ fn cubin_from_disk_or_compile(module: &KernelModule, arch: (i32, i32)) -> Result
             std::process::id(),
             std::thread::current().id()
         ));
-        if std::fs::write(&tmp, &cubin).is_ok() {
-            let _ = std::fs::rename(&tmp, f);
+        if std::fs::write(&tmp, &cubin).is_err() || std::fs::rename(&tmp, f).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(cubin)
@@ -458,15 +458,60 @@ fn announce_compiling(arch: (i32, i32)) {
     });
 }
 
+/// Modules only training uses; the prewarm leaves them out unless asked for training.
+const TRAINING_ONLY: &[&str] = &["attention_train"];
+
+/// The prewarm of the devices this process opens: off until [`enable_prewarm`], and the
+/// threads it started, for [`finish_prewarm`].
+struct PrewarmState {
+    training: Option<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn prewarm_state() -> std::sync::MutexGuard<'static, PrewarmState> {
+    static STATE: Mutex<PrewarmState> = Mutex::new(PrewarmState {
+        training: None,
+        threads: Vec::new(),
+    });
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Turns the prewarm on for the devices this process opens from now on (with the
+/// training-only modules when `training`). A process that does this calls
+/// [`finish_prewarm`] before it exits, so that no thread is inside NVRTC while the
+/// process tears down; the command-line tool does both.
+pub fn enable_prewarm(training: bool) {
+    prewarm_state().training = Some(training);
+}
+
+/// Waits for the compiles the prewarm started.
+pub fn finish_prewarm() {
+    let threads = std::mem::take(&mut prewarm_state().threads);
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// On opening a device of `arch`: the prewarm, where [`enable_prewarm`] turned it on.
+pub(crate) fn prewarm_on_open(arch: (i32, i32)) {
+    let Some(training) = prewarm_state().training else {
+        return;
+    };
+    let threads = prewarm(arch, training);
+    prewarm_state().threads.extend(threads);
+}
+
 /// Starts compiling, on background threads (as many as the machine has cores, the
 /// largest modules first), every module whose CUBIN for `arch` is not in the disk cache,
-/// once a process: a first run then waits about as long as its longest module takes
-/// instead of for each module in turn as its kernels are first launched. Returns the
-/// threads (none when nothing is missing, NVRTC or the CUDA headers are absent, or
-/// LIGHTSEQ_PREWARM=0); dropping them leaves them running.
-pub fn prewarm(arch: (i32, i32)) -> Vec<std::thread::JoinHandle<()>> {
+/// once a process, the training-only ones only with `training`: a first run then waits
+/// about as long as the largest module it needs takes instead of for each module in turn
+/// as its kernels are first launched. Returns the threads (none when nothing is missing,
+/// there is no cache folder, NVRTC or the CUDA headers are absent, or LIGHTSEQ_PREWARM=0);
+/// the caller joins them before the process exits.
+pub fn prewarm(arch: (i32, i32), training: bool) -> Vec<std::thread::JoinHandle<()>> {
     static STARTED: OnceLock<Mutex<Vec<(i32, i32)>>> = OnceLock::new();
     if std::env::var("LIGHTSEQ_PREWARM").as_deref() == Ok("0")
+        || cache_dir().is_none()
         || check_available().is_err()
         || find_cuda_include().is_err()
     {
@@ -483,7 +528,11 @@ pub fn prewarm(arch: (i32, i32)) -> Vec<std::thread::JoinHandle<()>> {
         started.push(arch);
     }
     let on_disk = |m: &KernelModule| matches!(cubin_file(m, arch), Ok(Some(f)) if std::fs::metadata(&f).is_ok_and(|md| md.len() > 0));
-    let mut missing: Vec<&'static KernelModule> = MODULES.iter().filter(|m| !on_disk(m)).collect();
+    let mut missing: Vec<&'static KernelModule> = MODULES
+        .iter()
+        .filter(|m| training || !TRAINING_ONLY.contains(&m.name))
+        .filter(|m| !on_disk(m))
+        .collect();
     if missing.is_empty() {
         return Vec::new();
     }
