@@ -368,8 +368,8 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
     result
 }
 
-/// Where `module`'s CUBIN for `arch` is cached on disk: keyed by its source, NVRTC's
-/// version, the arch and LIGHTSEQ_NVRTC_DEFINES. None without a cache folder.
+/// Where `module`'s CUBIN for `arch` is cached on disk: keyed by its source and defines,
+/// NVRTC's version, the arch and LIGHTSEQ_NVRTC_DEFINES. None without a cache folder.
 fn cubin_file(module: &KernelModule, arch: (i32, i32)) -> Result<Option<PathBuf>> {
     let (ma, mi) = version()?;
     let key = fnv64(&[
@@ -461,17 +461,19 @@ fn announce_compiling(arch: (i32, i32)) {
 /// Modules only training uses; the prewarm leaves them out unless asked for training.
 const TRAINING_ONLY: &[&str] = &["attention_train"];
 
-/// The prewarm of the devices this process opens: off until [`enable_prewarm`], and the
-/// threads it started, for [`finish_prewarm`].
+/// The process's prewarm: off for the devices it opens until [`enable_prewarm`], the
+/// threads started for them (for [`finish_prewarm`]), and the arches already prewarmed.
 struct PrewarmState {
     training: Option<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    started: Vec<(i32, i32)>,
 }
 
 fn prewarm_state() -> std::sync::MutexGuard<'static, PrewarmState> {
     static STATE: Mutex<PrewarmState> = Mutex::new(PrewarmState {
         training: None,
         threads: Vec::new(),
+        started: Vec::new(),
     });
     STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -509,7 +511,6 @@ pub(crate) fn prewarm_on_open(arch: (i32, i32)) {
 /// there is no cache folder, NVRTC or the CUDA headers are absent, or LIGHTSEQ_PREWARM=0);
 /// the caller joins them before the process exits.
 pub fn prewarm(arch: (i32, i32), training: bool) -> Vec<std::thread::JoinHandle<()>> {
-    static STARTED: OnceLock<Mutex<Vec<(i32, i32)>>> = OnceLock::new();
     if std::env::var("LIGHTSEQ_PREWARM").as_deref() == Ok("0")
         || cache_dir().is_none()
         || check_available().is_err()
@@ -518,10 +519,7 @@ pub fn prewarm(arch: (i32, i32), training: bool) -> Vec<std::thread::JoinHandle<
         return Vec::new();
     }
     {
-        let mut started = STARTED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let started = &mut prewarm_state().started;
         if started.contains(&arch) {
             return Vec::new();
         }
