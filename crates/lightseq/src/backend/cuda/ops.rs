@@ -974,9 +974,10 @@ pub(crate) fn logprob_topk_on_device(
         let stats = dev.alloc(DType::F32, 2 * rows * slices)?;
         let (cp, sp) = (cand.ptr(), stats.ptr());
         let f = dev.kernel("logprob_topk_slices", x.dtype())?;
+        let filter = topk_filter_on() as i32;
         let mut l = dev.launch(&f);
         l.arg(&xp).arg(&v).arg(&kk).arg(&mp).arg(&ep).arg(&n_eos);
-        l.arg(&cp).arg(&sp);
+        l.arg(&filter).arg(&cp).arg(&sp);
         let cfg = LaunchConfig {
             grid_dim: (slices as u32, rows as u32, 1),
             block_dim: (TOPK_SLICE_THREADS, 1, 1),
@@ -1073,6 +1074,13 @@ pub(crate) fn beam_select(
     // SAFETY: argument types match beam_select in search.cu; topk holds rows * kt values
     // and ids, params rows + groups values, the outputs rows, rows and groups * 2 kc.
     launched(OP, unsafe { l.launch(cfg) })
+}
+
+/// `LIGHTSEQ_TOPK_FILTER=0`: the top-k's slice blocks sort every slice instead of ranking
+/// only the keys at or above a threshold (search.cu `logprob_topk_slices_filter`).
+fn topk_filter_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_TOPK_FILTER", "0")
 }
 
 /// Slice length of the two-stage top-k (search.cu: TK_SLICE).

@@ -389,6 +389,113 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
   }
 }
 
+// Candidates a filtering slice block holds (logprob_topk_slices_filter); a slice with more
+// (ties at the threshold) takes the sorting body above.
+#define TK_FILTER_CAP 512
+// k up to a warp's lanes: the threshold is the k-th largest of one warp's lane maxima.
+#define TK_FILTER_MAX_K 32
+
+// Max of a 32-bit key over the warp; every lane gets it.
+__device__ __forceinline__ unsigned int tk_warp_max32(unsigned int v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(LS_FULL_MASK, v);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(LS_FULL_MASK, v, o));
+  return v;
+#endif
+}
+
+// logprob_topk_slices_body's results for k <= TK_FILTER_MAX_K by a threshold instead of
+// sorts: each thread's largest key bounds the slice's k-th best from below once k threads
+// reach it, so theta = the largest over warps of a warp's k-th largest thread maximum
+// leaves at least k keys at or above it, the slice's k best among them. Only those (tens
+// of a slice's 2048 on real logits) are gathered and ranked by counting. Returns false,
+// the whole block alike and before writing anything, when more than TK_FILTER_CAP keys
+// reach theta (many equal values); the caller then sorts. The sorting body spent about 900
+// instructions a thread on its per-thread sorts, k warp rounds over lists and rank
+// searches, and was issue-bound (31 us for 128 rows of 32000 tokens, ncu, H200).
+template <typename T>
+__device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
+                                           const int* mask_rows, const int* eos, int n_eos,
+                                           unsigned long long* cand, float* stats) {
+  constexpr int WARPS = TK_SLICE_THREADS / 32;
+  __shared__ unsigned long long keys[TK_FILTER_CAP];
+  __shared__ unsigned int warp_kth[WARPS];
+  __shared__ int count;
+  const int s = blockIdx.x, slices = gridDim.x, lane = threadIdx.x & 31,
+            warp = threadIdx.x >> 5;
+  const long long row = blockIdx.y;
+  const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0);
+  const T* x = logits + row * vocab + j0;
+  const bool masked = mask_rows && mask_rows[row];
+  const bool renorm = masked && mask_rows[row] == 2;
+  // w: the values keys rank (EOS at -inf on masked rows); the log-sum-exp takes the raw
+  // value unless the row renormalizes.
+  float v[TK_LIST], w[TK_LIST];
+  float m = LS_NEG_INF;
+  unsigned int top = 0u;
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u) {
+    const int t = threadIdx.x + u * TK_SLICE_THREADS;
+    v[u] = w[u] = LS_NEG_INF;
+    if (t < n) {
+      v[u] = w[u] = to_f(x[t]);
+      if (masked)
+        for (int e = 0; e < n_eos; ++e)
+          if (eos[e] == j0 + t) w[u] = LS_NEG_INF;
+      if (renorm) v[u] = w[u];
+      m = fmaxf(m, v[u]);
+      top = max(top, order_key(w[u]));
+    }
+  }
+  float sum = 0.f;
+  if (m != LS_NEG_INF) {
+#pragma unroll
+    for (int u = 0; u < TK_LIST; ++u)
+      if (v[u] != LS_NEG_INF) sum += __expf(v[u] - m);
+  }
+  if (threadIdx.x == 0) count = 0;
+  const float2 bms = block_lse_pair(m, sum);
+  // The warp's k-th largest thread maximum, counting equal ones at once (a lower bound
+  // then, which keeps theta valid); 0 when fewer than k threads hold keys.
+  unsigned int kth = 0u;
+  for (int r = 0; r < k; ++r) {
+    kth = tk_warp_max32(top);
+    if (kth == 0u) break;
+    if (top == kth) top = 0u;
+  }
+  if (lane == 0) warp_kth[warp] = kth;
+  __syncthreads();  // block_lse_pair's barriers came before count's first use
+  unsigned int theta = 0u;
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) theta = max(theta, warp_kth[i]);
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u) {
+    const int t = threadIdx.x + u * TK_SLICE_THREADS;
+    if (t < n && order_key(w[u]) >= theta) {
+      const int at = atomicAdd(&count, 1);
+      if (at < TK_FILTER_CAP) keys[at] = tk_key(w[u], j0 + t);
+    }
+  }
+  __syncthreads();
+  const int nc = count;
+  if (nc > TK_FILTER_CAP) return false;
+  const long long at = row * slices + s;
+  for (int t = min(k, nc) + threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = 0ull;
+  for (int i = threadIdx.x; i < nc; i += blockDim.x) {
+    const unsigned long long key = keys[i];
+    int rank = 0;
+    for (int j = 0; j < nc && rank < k; ++j) rank += keys[j] > key;
+    if (rank < k) cand[at * k + rank] = key;
+  }
+  if (threadIdx.x == 0) {
+    stats[2 * at] = bms.x;
+    stats[2 * at + 1] = bms.y;
+  }
+  return true;
+}
+
 // Block r: the k best of row r's slices' candidates, as logprob_topk writes them.
 __device__ void logprob_topk_merge_body(const unsigned long long* cand, const float* stats,
                                         int rows, int k, int slices, float* out) {
@@ -419,8 +526,11 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
 #define LS_SEARCH_SLICES(T, S)                                                                 \
   extern "C" __global__ void __launch_bounds__(TK_SLICE_THREADS) logprob_topk_slices_##S(     \
       const T* logits, int vocab, int k, const int* mask_rows, const int* eos, int n_eos,      \
-      unsigned long long* cand, float* stats) {                                                \
+      int filter, unsigned long long* cand, float* stats) {                                    \
     LS_PDL_WAIT();                                                                             \
+    if (filter && k <= TK_FILTER_MAX_K &&                                                      \
+        logprob_topk_slices_filter<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats))   \
+      return;                                                                                  \
     logprob_topk_slices_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);         \
   }                                                                                            \
   extern "C" __global__ void logprob_topk_merge_##S(const unsigned long long* cand,            \
