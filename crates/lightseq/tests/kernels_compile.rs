@@ -27,7 +27,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 m.name
             );
             for k in m.kernels {
-                for &dt in m.dtypes {
+                for &dt in m.dtypes_of(k) {
                     let sym = format!("{k}_{}", dt.name());
                     assert!(
                         cubin

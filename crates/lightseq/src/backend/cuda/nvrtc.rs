@@ -28,6 +28,20 @@ pub struct KernelModule {
     /// Macros defined when the file is compiled for this module (one file may serve two
     /// modules, each instantiating some of its kernels).
     pub defines: &'static [&'static str],
+    /// Kernels of `kernels` instantiated for f16 and bf16 only (tensor-core forms in a
+    /// module of every dtype).
+    pub half_only: &'static [&'static str],
+}
+
+impl KernelModule {
+    /// The dtypes kernel `name` of this module is instantiated for.
+    pub fn dtypes_of(&self, name: &str) -> &'static [DType] {
+        if self.half_only.contains(&name) {
+            &[DType::F16, DType::BF16]
+        } else {
+            self.dtypes
+        }
+    }
 }
 
 /// Every kernel module of the backend.
@@ -50,6 +64,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "layer_norm",
@@ -57,6 +72,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["layer_norm", "rms_norm"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "embedding",
@@ -64,6 +80,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["embed"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "rotary",
@@ -71,6 +88,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["rotary"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "search",
@@ -83,6 +101,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "attention",
@@ -94,9 +113,17 @@ pub const MODULES: &[KernelModule] = &[
             "attention_decode_p4",
             "attention_decode_p8",
             "attention_decode_p16",
+            "attention_decode_m4",
+            "attention_decode_m8",
+            "attention_decode_m16",
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[
+            "attention_decode_m4",
+            "attention_decode_m8",
+            "attention_decode_m16",
+        ],
     },
     KernelModule {
         name: "train",
@@ -132,6 +159,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_only: &[],
     },
     KernelModule {
         name: "attention_train",
@@ -149,6 +177,7 @@ pub const MODULES: &[KernelModule] = &[
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],
         defines: &[],
+        half_only: &[],
     },
     // The same file's flash forward alone: inference needs it and not the training kernels
     // (this machine, 2 cores, sm_89: ~35 s for the whole file).
@@ -158,6 +187,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["attn_flash_d64", "attn_flash_d128"],
         dtypes: &[DType::F16, DType::BF16],
         defines: &["LS_FLASH_MODULE"],
+        half_only: &[],
     },
     KernelModule {
         name: "linear_small",
@@ -170,6 +200,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &[DType::F16, DType::BF16],
         defines: &[],
+        half_only: &[],
     },
 ];
 
@@ -590,7 +621,7 @@ impl KernelCache {
             .iter()
             .find(|m| m.kernels.contains(&name))
             .ok_or_else(|| Error::Cuda(format!("no kernel module defines `{name}`")))?;
-        if !module.dtypes.contains(&dtype) {
+        if !module.dtypes_of(name).contains(&dtype) {
             return Err(Error::Cuda(format!("kernel `{name}` has no {dtype} form")));
         }
         let loaded = {

@@ -378,13 +378,30 @@ fn decode_tiles_on() -> bool {
     !super::env_equals(&OFF, "LIGHTSEQ_DECODE_TILES", "0")
 }
 
-/// The single-query kernel for these keys and values (base pointer and shape each): the
-/// tiled kernel of 4, 8 or 16 packs where every row the kernel reads (a sequence's, a
-/// cache row's, the step's appended one) starts on a 16-byte boundary and is whole packs,
-/// else the two-phase one (attention.cu).
+/// `LIGHTSEQ_DECODE_MMA=0`: single-query steps of f16/bf16 take the scalar tiles instead of
+/// the tensor-core kernel.
+fn decode_mma_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_MMA", "0")
+}
+
+/// What [`decode_kernel`] chooses by besides the rows: the device's tensor cores and q's rows.
+struct DecodeTarget {
+    /// f16/bf16 on sm_80 or later.
+    mma: bool,
+    /// q's base and sequence stride in bytes.
+    q: (u64, u64),
+}
+
+/// The single-query kernel for these keys and values (base pointer and shape each): where
+/// every row the kernel reads (a sequence's, a cache row's, the step's appended one) starts
+/// on a 16-byte boundary and is 4, 8 or 16 whole packs, the tensor-core kernel of that many
+/// packs (f16/bf16 on sm_80+, q's rows aligned too) or else the scalar tiled one; other rows
+/// take the two-phase kernel (attention.cu).
 fn decode_kernel(
     head_dim: usize,
     elem: u64,
+    target: DecodeTarget,
     k: (u64, &[usize]),
     v: (u64, &[usize]),
     append: Option<&CacheAppend>,
@@ -398,7 +415,19 @@ fn decode_kernel(
             && whole(a.src_width)
             && (a.cols.1.abs_diff(a.cols.0) as u64 * elem).is_multiple_of(16)
     });
-    if !decode_tiles_on() || !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+    if !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+        return "attention_decode";
+    }
+    let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
+    if target.mma && q_ok && decode_mma_on() {
+        match row / 16 {
+            4 => return "attention_decode_m4",
+            8 => return "attention_decode_m8",
+            16 => return "attention_decode_m16",
+            _ => {}
+        }
+    }
+    if !decode_tiles_on() {
         return "attention_decode";
     }
     match row / 16 {
@@ -490,7 +519,11 @@ pub(crate) fn attention(
             "attn_flash_d128"
         }
     } else if decode {
-        decode_kernel(o.head_dim, elem, (kp, ks), (vp, vs), append)
+        let target = DecodeTarget {
+            mma: matches!(qt.dtype(), DType::F16 | DType::BF16) && dev.arch() >= (8, 0),
+            q: (qp, (qs[1] * qs[2]) as u64 * elem),
+        };
+        decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
     } else if tiled {
         "attention_tiled"
     } else {
