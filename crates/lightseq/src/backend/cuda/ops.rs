@@ -269,6 +269,8 @@ const TILED_K: usize = 32;
 const TILED_MAX_HEAD_DIM: usize = 128;
 /// Threads per (head, row) block of the single-query kernel (attention.cu: DEC_THREADS).
 const DEC_THREADS: u32 = 128;
+/// Threads of a grouped decode block (attention.cu GROUP_WARPS warps).
+const DEC_GROUP_THREADS: u32 = 256;
 
 /// Attention goes through tensor-core GEMMs (scores in f32, a masked softmax, probabilities
 /// times values) when the options allow it and the score matrix has at least this many
@@ -391,6 +393,17 @@ struct DecodeTarget {
     mma: bool,
     /// q's base and sequence stride in bytes.
     q: (u64, u64),
+    /// Query rows per key/value row.
+    kv_div: usize,
+}
+
+/// Largest kv_div the grouped decode kernel takes (q^T's 8 columns).
+const DECODE_GROUP_MAX: usize = 8;
+
+/// `LIGHTSEQ_DECODE_GROUP=0`: query rows sharing keys take a block each.
+fn decode_group_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_GROUP", "0")
 }
 
 /// The single-query kernel for these keys and values (base pointer and shape each): where
@@ -419,6 +432,15 @@ fn decode_kernel(
         return "attention_decode";
     }
     let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
+    let grouped = (2..=DECODE_GROUP_MAX).contains(&target.kv_div) && append.is_none();
+    if target.mma && q_ok && grouped && decode_group_on() {
+        match row / 16 {
+            4 => return "attention_decode_g4",
+            8 => return "attention_decode_g8",
+            16 => return "attention_decode_g16",
+            _ => {}
+        }
+    }
     if target.mma && q_ok && decode_mma_on() {
         match row / 16 {
             4 => return "attention_decode_m4",
@@ -522,6 +544,7 @@ pub(crate) fn attention(
         let target = DecodeTarget {
             mma: matches!(qt.dtype(), DType::F16 | DType::BF16) && dev.arch() >= (8, 0),
             q: (qp, (qs[1] * qs[2]) as u64 * elem),
+            kv_div,
         };
         decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
     } else if tiled {
@@ -605,7 +628,13 @@ pub(crate) fn attention(
             .arg(&key_rows)
             .arg(&kv_div_i);
     }
-    let cfg = if decode {
+    let cfg = if decode && name.starts_with("attention_decode_g") {
+        LaunchConfig {
+            grid_dim: (o.heads as u32, (batch / kv_div) as u32, 1),
+            block_dim: (DEC_GROUP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else if decode {
         LaunchConfig {
             grid_dim: (o.heads as u32, batch as u32, 1),
             block_dim: (DEC_THREADS, 1, 1),

@@ -561,6 +561,185 @@ __device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, i
 }
 #endif
 
+// Query rows that share their keys and values (kv_div = R > 1, at most 8: a source's beams
+// over its cross keys) in one block of GROUP_WARPS warps: attention_decode_mma's products
+// with the R rows as q^T's columns 0..R-1, so that the block reads each key and value once
+// for all of them. Lane (g, c) holds the scores of columns 2c and 2c + 1 (C's layout), and
+// p^T's column g reaches it from lanes (2c, g / 2) and (2c + 1, g / 2). Each column keeps
+// its own row's key range; the block walks their union.
+#define GROUP_WARPS 8
+#if __CUDA_ARCH__ >= 800
+template <typename T, int KP>
+__device__ void attention_decode_group(const T* q, const T* k, const T* v, T* out,
+                                       const int* key_start, const int* key_end, int heads,
+                                       int group, long long q_bs, long long k_bs, int k_rs,
+                                       long long v_bs, int v_rs, int causal, int q_offset,
+                                       int window, float scale, const float* bias_table,
+                                       const int* buckets, int R) {
+  constexpr int HD = KP * 8, KW = HD / 8, MT = HD / 16;
+  __shared__ float2 wstat[GROUP_WARPS][8];
+  __shared__ __align__(16) float wacc[GROUP_WARPS][8][HD];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int h = blockIdx.x, kh = h / group, b0 = blockIdx.y * R;
+  auto range = [&](int r, int& lo, int& hi) {
+    lo = key_start[b0 + r];
+    hi = key_end[b0 + r];
+    if (causal) hi = min(hi, q_offset + 1);
+    if (window > 0) lo = max(lo, q_offset + 1 - window);
+  };
+  int jb = 0x7fffffff, je = -0x7fffffff;
+  for (int r = 0; r < R; ++r) {
+    int lo, hi;
+    range(r, lo, hi);
+    if (lo < hi) {
+      jb = min(jb, lo);
+      je = max(je, hi);
+    }
+  }
+  // Lane c's columns 2c and 2c + 1 (an empty range past R).
+  int lo[2] = {0, 0}, hi[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (2 * c + i < R) range(2 * c + i, lo[i], hi[i]);
+  }
+  const T* k_head = k + (long long)blockIdx.y * k_bs + kh * HD;
+  const T* v_head = v + (long long)blockIdx.y * v_bs + kh * HD;
+  unsigned int qw[KW];
+  if (g < R) {
+    dec_load_words<KW>(qw, q + (long long)(b0 + g) * q_bs + h * HD + c * (HD / 4));
+  } else {
+#pragma unroll
+    for (int i = 0; i < KW; ++i) qw[i] = 0u;
+  }
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  float run_m[2] = {LS_NEG_INF, LS_NEG_INF}, run_l[2] = {0.f, 0.f};
+  const int spans = je > jb ? (je - jb + 15) >> 4 : 0;
+  for (int span = warp; span < spans; span += GROUP_WARPS) {
+    const int base = jb + 16 * span;
+    unsigned int kw[2][KW], vw[4][MT];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int j = base + 8 * r + g;
+      if (j < je) {
+        dec_load_words<KW>(kw[r], k_head + (long long)j * k_rs + c * (HD / 4));
+      } else {
+#pragma unroll
+        for (int i = 0; i < KW; ++i) kw[r][i] = 0u;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = base + 8 * (i >> 1) + 2 * c + (i & 1);
+      if (j < je) {
+        dec_load_words<MT>(vw[i], v_head + (long long)j * v_rs + g * (HD / 8));
+      } else {
+#pragma unroll
+        for (int x = 0; x < MT; ++x) vw[i][x] = 0u;
+      }
+    }
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int s = 0; s < MT; ++s) {
+      const unsigned int a[4] = {kw[0][2 * s], kw[1][2 * s], kw[0][2 * s + 1],
+                                 kw[1][2 * s + 1]};
+      ls_mma<T>(sc, a, qw[2 * s], qw[2 * s + 1]);
+    }
+    // Column 2c + i: keys base + g (sc[i]) and base + 8 + g (sc[2 + i]).
+    float pa[2], pb[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int ja = base + g, jb8 = base + 8 + g;
+      float sa = LS_NEG_INF, sb = LS_NEG_INF;
+      if (ja >= lo[i] && ja < hi[i]) {
+        sa = sc[i] * scale;
+        if (bias_table) sa += bias_table[buckets[ja] * heads + h];
+      }
+      if (jb8 >= lo[i] && jb8 < hi[i]) {
+        sb = sc[2 + i] * scale;
+        if (bias_table) sb += bias_table[buckets[jb8] * heads + h];
+      }
+      float mx = fmaxf(sa, sb);
+      mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 16));
+      const float new_m = fmaxf(run_m[i], mx);
+      const float corr = run_m[i] == LS_NEG_INF ? 0.f : expf(run_m[i] - new_m);
+      pa[i] = sa == LS_NEG_INF ? 0.f : expf(sa - new_m);
+      pb[i] = sb == LS_NEG_INF ? 0.f : expf(sb - new_m);
+      run_l[i] = run_l[i] * corr + pa[i] + pb[i];
+      run_m[i] = new_m;
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        acc[t][i] *= corr;
+        acc[t][2 + i] *= corr;
+      }
+    }
+    // p^T's column g: keys 2c and 2c + 8 from lane (2c, g / 2), 2c + 1 and 2c + 9 from lane
+    // (2c + 1, g / 2), each from that lane's column 2 (g / 2) + g % 2.
+    const int src0 = 8 * c + (g >> 1), src1 = src0 + 4;
+    const bool odd = g & 1;
+    const float a00 = __shfl_sync(LS_FULL_MASK, pa[0], src0);
+    const float a01 = __shfl_sync(LS_FULL_MASK, pa[1], src0);
+    const float a10 = __shfl_sync(LS_FULL_MASK, pa[0], src1);
+    const float a11 = __shfl_sync(LS_FULL_MASK, pa[1], src1);
+    const float b00 = __shfl_sync(LS_FULL_MASK, pb[0], src0);
+    const float b01 = __shfl_sync(LS_FULL_MASK, pb[1], src0);
+    const float b10 = __shfl_sync(LS_FULL_MASK, pb[0], src1);
+    const float b11 = __shfl_sync(LS_FULL_MASK, pb[1], src1);
+    const float x0 = odd ? a01 : a00, x1 = odd ? a11 : a10;
+    const float x2 = odd ? b01 : b00, x3 = odd ? b11 : b10;
+    float r0, r1, r2, r3, u0, u1;
+    const unsigned int bh0 = dec_pack2<T>(x0, x1, r0, r1);
+    const unsigned int bh1 = dec_pack2<T>(x2, x3, r2, r3);
+    const unsigned int bl0 = dec_pack2<T>(r0, r1, u0, u1);
+    const unsigned int bl1 = dec_pack2<T>(r2, r3, u0, u1);
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const unsigned int a[4] = {__byte_perm(vw[0][t], vw[1][t], 0x5410u),
+                                 __byte_perm(vw[0][t], vw[1][t], 0x7632u),
+                                 __byte_perm(vw[2][t], vw[3][t], 0x5410u),
+                                 __byte_perm(vw[2][t], vw[3][t], 0x7632u)};
+      ls_mma<T>(acc[t], a, bh0, bh1);
+      ls_mma<T>(acc[t], a, bl0, bl1);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    run_l[i] += __shfl_xor_sync(LS_FULL_MASK, run_l[i], 4);
+    run_l[i] += __shfl_xor_sync(LS_FULL_MASK, run_l[i], 8);
+    run_l[i] += __shfl_xor_sync(LS_FULL_MASK, run_l[i], 16);
+    const int col = 2 * c + i;
+    if (col < R) {
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        wacc[warp][col][g * (HD / 8) + 2 * t] = acc[t][i];
+        wacc[warp][col][g * (HD / 8) + 2 * t + 1] = acc[t][2 + i];
+      }
+      if (g == 0) wstat[warp][col] = make_float2(run_m[i], run_l[i]);
+    }
+  }
+  __syncthreads();
+  for (int x = tid; x < R * HD; x += GROUP_WARPS * 32) {
+    const int r = x / HD, d = x - r * HD;
+    float m = LS_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < GROUP_WARPS; ++w) m = fmaxf(m, wstat[w][r].x);
+    float den = 0.f, num = 0.f;
+#pragma unroll
+    for (int w = 0; w < GROUP_WARPS; ++w) {
+      const float2 st = wstat[w][r];
+      const float f = st.x == LS_NEG_INF ? 0.f : expf(st.x - m);
+      den += st.y * f;
+      num += wacc[w][r][d] * f;
+    }
+    out[((long long)(b0 + r) * heads + h) * HD + d] = from_f<T>(den > 0.f ? num / den : 0.f);
+  }
+}
+#endif
+
 template <typename T, int KP, bool MMA = false>
 __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int* key_start,
                                       const int* key_end, int heads, int group, int head_dim,
@@ -772,7 +951,30 @@ LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
     LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, KP, true>(LS_DECODE_ARGS);                                        \
   }
-#define LS_DECODE_MMA_ALL(T, S) \
-  LS_DECODE_MMA(T, S, 4, 8) LS_DECODE_MMA(T, S, 8, 6) LS_DECODE_MMA(T, S, 16, 4)
+// attention_decode_g4, _g8 and _g16: query rows b of a block kv_div (2..8) at a time over
+// their shared key/value row b / kv_div (attention_decode_group), grid (heads, batch /
+// kv_div), GROUP_WARPS warps; no appended keys, no key-row table.
+#define LS_DECODE_GROUP(T, S, KP)                                                              \
+  extern "C" __global__ void __launch_bounds__(GROUP_WARPS * 32)                               \
+      attention_decode_g##KP##_##S(                                                            \
+      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
+      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
+      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
+      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
+      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+    LS_PDL_WAIT();                                                                             \
+    LS_DECODE_GROUP_CALL(T, KP)                                                                \
+  }
+#if __CUDA_ARCH__ >= 800
+#define LS_DECODE_GROUP_CALL(T, KP)                                                            \
+  attention_decode_group<T, KP>(q, k, v, out, key_start, key_end, heads, group, q_bs, k_bs,     \
+                                k_rs, v_bs, v_rs, causal, q_offset, window, scale, bias_table, \
+                                buckets, kv_div);
+#else
+#define LS_DECODE_GROUP_CALL(T, KP)
+#endif
+#define LS_DECODE_MMA_ALL(T, S)                                                                \
+  LS_DECODE_MMA(T, S, 4, 8) LS_DECODE_MMA(T, S, 8, 6) LS_DECODE_MMA(T, S, 16, 4)               \
+  LS_DECODE_GROUP(T, S, 4) LS_DECODE_GROUP(T, S, 8) LS_DECODE_GROUP(T, S, 16)
 LS_DECODE_MMA_ALL(__half, f16)
 LS_DECODE_MMA_ALL(__nv_bfloat16, bf16)
