@@ -416,6 +416,81 @@ __device__ __forceinline__ unsigned int dec_pack2(float lo, float hi, float& rlo
          ((unsigned int)(*reinterpret_cast<const unsigned short*>(&b)) << 16);
 }
 
+// Lane quarter c of q's row `row` as q^T's column (zeros where `row` is null: the columns
+// no query row fills).
+template <int HD, typename T>
+__device__ __forceinline__ void dec_q_words(unsigned int (&qw)[HD / 8], const T* row, int c) {
+  if (row) {
+    dec_load_words<HD / 8>(qw, row + c * (HD / 4));
+  } else {
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) qw[i] = 0u;
+  }
+}
+
+// A 16-key span's operands for lane (g, c): the quarter c of keys base + g and base + 8 + g
+// (zeros past je), and dimensions [g HD / 8, (g + 1) HD / 8) of keys base + 2c, + 2c + 1,
+// + 2c + 8, + 2c + 9; key_row(j) and value_row(j) give key j's rows.
+template <int HD, typename KR, typename VR>
+__device__ __forceinline__ void dec_span_load(unsigned int (&kw)[2][HD / 8],
+                                              unsigned int (&vw)[4][HD / 16], int base, int je,
+                                              int g, int c, KR key_row, VR value_row) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = base + 8 * r + g;
+    if (j < je) {
+      dec_load_words<HD / 8>(kw[r], key_row(j) + c * (HD / 4));
+    } else {
+#pragma unroll
+      for (int i = 0; i < HD / 8; ++i) kw[r][i] = 0u;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = base + 8 * (i >> 1) + 2 * c + (i & 1);
+    if (j < je) {
+      dec_load_words<HD / 16>(vw[i], value_row(j) + g * (HD / 8));
+    } else {
+#pragma unroll
+      for (int x = 0; x < HD / 16; ++x) vw[i][x] = 0u;
+    }
+  }
+}
+
+// s^T = K q^T over a span: sc in C's layout (keys g and g + 8, columns 2c and 2c + 1).
+template <typename T, int HD>
+__device__ __forceinline__ void dec_span_scores(float (&sc)[4], const unsigned int (&kw)[2][HD / 8],
+                                                const unsigned int (&qw)[HD / 8]) {
+  sc[0] = sc[1] = sc[2] = sc[3] = 0.f;
+#pragma unroll
+  for (int s = 0; s < HD / 16; ++s) {
+    const unsigned int a[4] = {kw[0][2 * s], kw[1][2 * s], kw[0][2 * s + 1], kw[1][2 * s + 1]};
+    ls_mma<T>(sc, a, qw[2 * s], qw[2 * s + 1]);
+  }
+}
+
+// o^T += V^T p^T over a span: p^T's column of lane (g, c) holds keys 2c, 2c + 1 (x0, x1) and
+// 2c + 8, 2c + 9 (x2, x3), each as a 16-bit part and its 16-bit remainder.
+template <typename T, int HD>
+__device__ __forceinline__ void dec_span_values(float (&acc)[HD / 16][4],
+                                                const unsigned int (&vw)[4][HD / 16], float x0,
+                                                float x1, float x2, float x3) {
+  float r0, r1, r2, r3, u0, u1;
+  const unsigned int bh0 = dec_pack2<T>(x0, x1, r0, r1);
+  const unsigned int bh1 = dec_pack2<T>(x2, x3, r2, r3);
+  const unsigned int bl0 = dec_pack2<T>(r0, r1, u0, u1);
+  const unsigned int bl1 = dec_pack2<T>(r2, r3, u0, u1);
+#pragma unroll
+  for (int t = 0; t < HD / 16; ++t) {
+    const unsigned int a[4] = {__byte_perm(vw[0][t], vw[1][t], 0x5410u),
+                               __byte_perm(vw[0][t], vw[1][t], 0x7632u),
+                               __byte_perm(vw[2][t], vw[3][t], 0x5410u),
+                               __byte_perm(vw[2][t], vw[3][t], 0x7632u)};
+    ls_mma<T>(acc[t], a, bh0, bh1);
+    ls_mma<T>(acc[t], a, bl0, bl1);
+  }
+}
+
 template <typename T, int KP>
 __device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, int h, int b,
                                      int heads, long long k_bs, int k_rs, long long v_bs,
@@ -442,12 +517,7 @@ __device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, i
                          (long long)j * v_rs;
   };
   unsigned int qw[KW];
-  if (g == 0) {
-    dec_load_words<KW>(qw, q_row + c * (HD / 4));
-  } else {
-#pragma unroll
-    for (int i = 0; i < KW; ++i) qw[i] = 0u;
-  }
+  dec_q_words<HD>(qw, g == 0 ? q_row : nullptr, c);
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
@@ -456,33 +526,9 @@ __device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, i
   for (int span = warp; span < spans; span += WARPS) {
     const int base = jb + 16 * span;
     unsigned int kw[2][KW], vw[4][MT];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int j = base + 8 * r + g;
-      if (j < je) {
-        dec_load_words<KW>(kw[r], key_row(j) + c * (HD / 4));
-      } else {
-#pragma unroll
-        for (int i = 0; i < KW; ++i) kw[r][i] = 0u;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = base + 8 * (i >> 1) + 2 * c + (i & 1);
-      if (j < je) {
-        dec_load_words<MT>(vw[i], value_row(j) + g * (HD / 8));
-      } else {
-#pragma unroll
-        for (int x = 0; x < MT; ++x) vw[i][x] = 0u;
-      }
-    }
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int s = 0; s < MT; ++s) {
-      const unsigned int a[4] = {kw[0][2 * s], kw[1][2 * s], kw[0][2 * s + 1],
-                                 kw[1][2 * s + 1]};
-      ls_mma<T>(sc, a, qw[2 * s], qw[2 * s + 1]);
-    }
+    dec_span_load<HD>(kw, vw, base, je, g, c, key_row, value_row);
+    float sc[4];
+    dec_span_scores<T, HD>(sc, kw, qw);
     // Column 0 (lanes c = 0): keys base + g (sc[0]) and base + 8 + g (sc[2]).
     float s0 = LS_NEG_INF, s1 = LS_NEG_INF;
     if (base + g < je) {
@@ -514,23 +560,10 @@ __device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, i
     const float x1 = __shfl_sync(LS_FULL_MASK, p0, 8 * c + 4);
     const float x2 = __shfl_sync(LS_FULL_MASK, p1, 8 * c);
     const float x3 = __shfl_sync(LS_FULL_MASK, p1, 8 * c + 4);
-    unsigned int bh0 = 0u, bh1 = 0u, bl0 = 0u, bl1 = 0u;
-    if (g == 0) {
-      float r0, r1, r2, r3, u0, u1;
-      bh0 = dec_pack2<T>(x0, x1, r0, r1);
-      bh1 = dec_pack2<T>(x2, x3, r2, r3);
-      bl0 = dec_pack2<T>(r0, r1, u0, u1);
-      bl1 = dec_pack2<T>(r2, r3, u0, u1);
-    }
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      const unsigned int a[4] = {__byte_perm(vw[0][t], vw[1][t], 0x5410u),
-                                 __byte_perm(vw[0][t], vw[1][t], 0x7632u),
-                                 __byte_perm(vw[2][t], vw[3][t], 0x5410u),
-                                 __byte_perm(vw[2][t], vw[3][t], 0x7632u)};
-      ls_mma<T>(acc[t], a, bh0, bh1);
-      ls_mma<T>(acc[t], a, bl0, bl1);
-    }
+    // Columns 1-7 of p^T stay zero.
+    const bool col0 = g == 0;
+    dec_span_values<T, HD>(acc, vw, col0 ? x0 : 0.f, col0 ? x1 : 0.f, col0 ? x2 : 0.f,
+                           col0 ? x3 : 0.f);
   }
   run_l += __shfl_xor_sync(LS_FULL_MASK, run_l, 4);
   run_l += __shfl_xor_sync(LS_FULL_MASK, run_l, 8);
@@ -606,12 +639,7 @@ __device__ void attention_decode_group(const T* q, const T* k, const T* v, T* ou
   const T* k_head = k + (long long)blockIdx.y * k_bs + kh * HD;
   const T* v_head = v + (long long)blockIdx.y * v_bs + kh * HD;
   unsigned int qw[KW];
-  if (g < R) {
-    dec_load_words<KW>(qw, q + (long long)(b0 + g) * q_bs + h * HD + c * (HD / 4));
-  } else {
-#pragma unroll
-    for (int i = 0; i < KW; ++i) qw[i] = 0u;
-  }
+  dec_q_words<HD>(qw, g < R ? q + (long long)(b0 + g) * q_bs + h * HD : nullptr, c);
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
@@ -620,33 +648,11 @@ __device__ void attention_decode_group(const T* q, const T* k, const T* v, T* ou
   for (int span = warp; span < spans; span += GROUP_WARPS) {
     const int base = jb + 16 * span;
     unsigned int kw[2][KW], vw[4][MT];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int j = base + 8 * r + g;
-      if (j < je) {
-        dec_load_words<KW>(kw[r], k_head + (long long)j * k_rs + c * (HD / 4));
-      } else {
-#pragma unroll
-        for (int i = 0; i < KW; ++i) kw[r][i] = 0u;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = base + 8 * (i >> 1) + 2 * c + (i & 1);
-      if (j < je) {
-        dec_load_words<MT>(vw[i], v_head + (long long)j * v_rs + g * (HD / 8));
-      } else {
-#pragma unroll
-        for (int x = 0; x < MT; ++x) vw[i][x] = 0u;
-      }
-    }
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int s = 0; s < MT; ++s) {
-      const unsigned int a[4] = {kw[0][2 * s], kw[1][2 * s], kw[0][2 * s + 1],
-                                 kw[1][2 * s + 1]};
-      ls_mma<T>(sc, a, qw[2 * s], qw[2 * s + 1]);
-    }
+    dec_span_load<HD>(
+        kw, vw, base, je, g, c, [&](int j) { return k_head + (long long)j * k_rs; },
+        [&](int j) { return v_head + (long long)j * v_rs; });
+    float sc[4];
+    dec_span_scores<T, HD>(sc, kw, qw);
     // Column 2c + i: keys base + g (sc[i]) and base + 8 + g (sc[2 + i]).
     float pa[2], pb[2];
 #pragma unroll
@@ -691,20 +697,7 @@ __device__ void attention_decode_group(const T* q, const T* k, const T* v, T* ou
     const float b11 = __shfl_sync(LS_FULL_MASK, pb[1], src1);
     const float x0 = odd ? a01 : a00, x1 = odd ? a11 : a10;
     const float x2 = odd ? b01 : b00, x3 = odd ? b11 : b10;
-    float r0, r1, r2, r3, u0, u1;
-    const unsigned int bh0 = dec_pack2<T>(x0, x1, r0, r1);
-    const unsigned int bh1 = dec_pack2<T>(x2, x3, r2, r3);
-    const unsigned int bl0 = dec_pack2<T>(r0, r1, u0, u1);
-    const unsigned int bl1 = dec_pack2<T>(r2, r3, u0, u1);
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      const unsigned int a[4] = {__byte_perm(vw[0][t], vw[1][t], 0x5410u),
-                                 __byte_perm(vw[0][t], vw[1][t], 0x7632u),
-                                 __byte_perm(vw[2][t], vw[3][t], 0x5410u),
-                                 __byte_perm(vw[2][t], vw[3][t], 0x7632u)};
-      ls_mma<T>(acc[t], a, bh0, bh1);
-      ls_mma<T>(acc[t], a, bl0, bl1);
-    }
+    dec_span_values<T, HD>(acc, vw, x0, x1, x2, x3);
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -943,11 +936,7 @@ LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
 #define LS_DECODE_MMA(T, S, KP, MINB)                                                          \
   extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB)                              \
       attention_decode_m##KP##_##S(                                                            \
-      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
-      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
-      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
-      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+      LS_DECODE_PARAMS(T)) {                                                                   \
     LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, KP, true>(LS_DECODE_ARGS);                                        \
   }
@@ -957,11 +946,7 @@ LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
 #define LS_DECODE_GROUP(T, S, KP)                                                              \
   extern "C" __global__ void __launch_bounds__(GROUP_WARPS * 32)                               \
       attention_decode_g##KP##_##S(                                                            \
-      const T* q, T* k, T* v, T* out, const int* key_start, const int* key_end, int len_q,     \
-      int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
-      long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
-      const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows, int kv_div) {                            \
+      LS_DECODE_PARAMS(T)) {                                                                   \
     LS_PDL_WAIT();                                                                             \
     LS_DECODE_GROUP_CALL(T, KP)                                                                \
   }
