@@ -26,8 +26,8 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 "{}.cu: not an ELF cubin",
                 m.name
             );
-            for k in m.kernels {
-                for &dt in m.dtypes {
+            for &k in m.kernels.iter().chain(m.half_kernels) {
+                for &dt in m.dtypes_of(k) {
                     let sym = format!("{k}_{}", dt.name());
                     assert!(
                         cubin
@@ -82,7 +82,7 @@ fn every_defined_kernel_is_listed() {
             );
             if tail[end..].starts_with("##S") {
                 assert!(
-                    m.kernels.contains(&name),
+                    m.has_kernel(name),
                     "{}.cu defines kernel {name}, which its module's list lacks",
                     m.name
                 );

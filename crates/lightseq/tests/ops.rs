@@ -518,7 +518,7 @@ fn run_general(
     dt: DType,
     case: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
-    run_general_shared(dev, dt, case, 1)
+    run_general_shared(dev, dt, case, 1, false)
 }
 
 /// (case of `general_cases`, query sequences per key sequence): shared keys and values
@@ -526,15 +526,22 @@ fn run_general(
 const SHARED_CASES: [(usize, usize); 5] = [(7, 4), (5, 3), (8, 2), (2, 2), (0, 2)];
 
 /// A general case with keys and values for `b / share` sequences, query sequence i
-/// attending to key sequence i / share; the naive reference gets them repeated.
+/// attending to key sequence i / share; the naive reference gets them repeated. q sits at
+/// column 3 of a wider tensor, or with `q_aligned` at column 0 of rows of whole 16-byte
+/// packs (the tensor-core decode kernels need q's rows aligned).
 fn run_general_shared(
     dev: &Device,
     dt: DType,
     case: usize,
     share: usize,
+    q_aligned: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
     let (b, lq, lk, heads, kvh, d, causal, q_offset, window, with_bias) = general_cases()[case];
-    let qw = heads * d + 5; // extra columns: q sits at column 3 of a wider tensor
+    let (qc, qw) = if q_aligned {
+        (0, heads * d + 8)
+    } else {
+        (3, heads * d + 5)
+    };
     let kvw = 2 * kvh * d; // k and v packed side by side
     let qd = randn(100 + case as u64, b * lq * qw);
     let kvd = randn(200 + case as u64, b / share * lk * kvw);
@@ -568,7 +575,7 @@ fn run_general_shared(
     let got = ops::attention(
         ops::Heads {
             tensor: &qt,
-            col: 3,
+            col: qc,
         },
         ops::Heads {
             tensor: &kvt,
@@ -583,7 +590,7 @@ fn run_general_shared(
     .unwrap();
     assert_eq!(got.shape(), &[b, lq, heads * d]);
     let want = naive_general_attention(
-        (&DType::round_f32(dt, &qd), lq, qw, 3),
+        (&DType::round_f32(dt, &qd), lq, qw, qc),
         (&DType::round_f32(dt, &kv_rows), lk, kvw, 0),
         (&DType::round_f32(dt, &kv_rows), lk, kvw, kvh * d),
         b,
@@ -601,7 +608,7 @@ fn cpu_general_attention_matches_naive() {
         assert!(err < 1e-5, "case {case}: {err}");
     }
     for (case, share) in SHARED_CASES {
-        let (got, want, ..) = run_general_shared(&Device::Cpu, DType::F32, case, share);
+        let (got, want, ..) = run_general_shared(&Device::Cpu, DType::F32, case, share, false);
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "case {case} sharing keys by {share}: {err}");
     }
@@ -713,19 +720,25 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
             assert!(ec <= 1e-5, "attention case {case} {dt}: cpu vs naive {ec}");
             eprintln!("attention case {case} {dt:<5} rel err {eg:.2e}");
         }
-        for (case, share) in SHARED_CASES {
-            let (g, want, ..) = run_general_shared(&gpu, dt, case, share);
-            let (c, ..) = run_general_shared(&cpu, dt, case, share);
+        // Unaligned q, then aligned q (the tensor-core decode kernels in f16/bf16: a block a
+        // row, and a block over the rows sharing their keys), decode steps unshared too.
+        let aligned = SHARED_CASES.into_iter().chain((4..=8).map(|c| (c, 1)));
+        let shared = SHARED_CASES.into_iter().map(|c| (c, false));
+        for ((case, share), q_aligned) in shared.chain(aligned.map(|c| (c, true))) {
+            let (g, want, ..) = run_general_shared(&gpu, dt, case, share, q_aligned);
+            let (c, ..) = run_general_shared(&cpu, dt, case, share, q_aligned);
             let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
             assert!(
                 eg <= tol,
-                "attention case {case}/{share} {dt}: gpu vs cpu {eg}"
+                "attention case {case}/{share} (q aligned: {q_aligned}) {dt}: gpu vs cpu {eg}"
             );
             assert!(
                 ec <= 1e-5,
-                "attention case {case}/{share} {dt}: cpu vs naive {ec}"
+                "attention case {case}/{share} (q aligned: {q_aligned}) {dt}: cpu vs naive {ec}"
             );
-            eprintln!("attention case {case} keys shared by {share} {dt:<5} rel err {eg:.2e}");
+            eprintln!(
+                "attention case {case} keys shared by {share} q aligned {q_aligned} {dt:<5} rel err {eg:.2e}"
+            );
         }
         let (rows, h) = (7, 1031);
         let (x, r, gm) = (randn(50, rows * h), randn(51, rows * h), randn(52, h));

@@ -28,6 +28,25 @@ pub struct KernelModule {
     /// Macros defined when the file is compiled for this module (one file may serve two
     /// modules, each instantiating some of its kernels).
     pub defines: &'static [&'static str],
+    /// Further kernels, instantiated for f16 and bf16 only (tensor-core forms in a module
+    /// of every dtype).
+    pub half_kernels: &'static [&'static str],
+}
+
+impl KernelModule {
+    /// Whether the module has kernel `name` (for some dtype).
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.kernels.contains(&name) || self.half_kernels.contains(&name)
+    }
+
+    /// The dtypes kernel `name` of this module is instantiated for.
+    pub fn dtypes_of(&self, name: &str) -> &'static [DType] {
+        if self.half_kernels.contains(&name) {
+            &[DType::F16, DType::BF16]
+        } else {
+            self.dtypes
+        }
+    }
 }
 
 /// Every kernel module of the backend.
@@ -50,6 +69,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "layer_norm",
@@ -57,6 +77,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["layer_norm", "rms_norm"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "embedding",
@@ -64,6 +85,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["embed"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "rotary",
@@ -71,6 +93,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["rotary"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "search",
@@ -83,6 +106,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "attention",
@@ -97,6 +121,14 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[
+            "attention_decode_m4",
+            "attention_decode_m8",
+            "attention_decode_m16",
+            "attention_decode_g4",
+            "attention_decode_g8",
+            "attention_decode_g16",
+        ],
     },
     KernelModule {
         name: "train",
@@ -132,6 +164,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
+        half_kernels: &[],
     },
     KernelModule {
         name: "attention_train",
@@ -149,6 +182,7 @@ pub const MODULES: &[KernelModule] = &[
         // The tensor-core mma takes f16 and bf16 inputs only.
         dtypes: &[DType::F16, DType::BF16],
         defines: &[],
+        half_kernels: &[],
     },
     // The same file's flash forward alone: inference needs it and not the training kernels
     // (this machine, 2 cores, sm_89: ~35 s for the whole file).
@@ -158,6 +192,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &["attn_flash_d64", "attn_flash_d128"],
         dtypes: &[DType::F16, DType::BF16],
         defines: &["LS_FLASH_MODULE"],
+        half_kernels: &[],
     },
     KernelModule {
         name: "linear_small",
@@ -170,6 +205,7 @@ pub const MODULES: &[KernelModule] = &[
         ],
         dtypes: &[DType::F16, DType::BF16],
         defines: &[],
+        half_kernels: &[],
     },
 ];
 
@@ -586,9 +622,9 @@ impl KernelCache {
         }
         let module = MODULES
             .iter()
-            .find(|m| m.kernels.contains(&name))
+            .find(|m| m.has_kernel(name))
             .ok_or_else(|| Error::Cuda(format!("no kernel module defines `{name}`")))?;
-        if !module.dtypes.contains(&dtype) {
+        if !module.dtypes_of(name).contains(&dtype) {
             return Err(Error::Cuda(format!("kernel `{name}` has no {dtype} form")));
         }
         let loaded = {

@@ -269,6 +269,8 @@ const TILED_K: usize = 32;
 const TILED_MAX_HEAD_DIM: usize = 128;
 /// Threads per (head, row) block of the single-query kernel (attention.cu: DEC_THREADS).
 const DEC_THREADS: u32 = 128;
+/// Threads of a grouped decode block (attention.cu GROUP_WARPS warps).
+const DEC_GROUP_THREADS: u32 = 256;
 
 /// Attention goes through tensor-core GEMMs (scores in f32, a masked softmax, probabilities
 /// times values) when the options allow it and the score matrix has at least this many
@@ -378,13 +380,41 @@ fn decode_tiles_on() -> bool {
     !super::env_equals(&OFF, "LIGHTSEQ_DECODE_TILES", "0")
 }
 
-/// The single-query kernel for these keys and values (base pointer and shape each): the
-/// tiled kernel of 4, 8 or 16 packs where every row the kernel reads (a sequence's, a
-/// cache row's, the step's appended one) starts on a 16-byte boundary and is whole packs,
-/// else the two-phase one (attention.cu).
+/// `LIGHTSEQ_DECODE_MMA=0`: single-query steps of f16/bf16 take the scalar tiles instead of
+/// the tensor-core kernel.
+fn decode_mma_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_MMA", "0")
+}
+
+/// What [`decode_kernel`] chooses by besides the rows: the device's tensor cores and q's rows.
+struct DecodeTarget {
+    /// f16/bf16 on sm_80 or later.
+    mma: bool,
+    /// q's base and sequence stride in bytes.
+    q: (u64, u64),
+    /// Query rows per key/value row.
+    kv_div: usize,
+}
+
+/// Largest kv_div the grouped decode kernel takes (q^T's 8 columns).
+const DECODE_GROUP_MAX: usize = 8;
+
+/// `LIGHTSEQ_DECODE_GROUP=0`: query rows sharing keys take a block each.
+fn decode_group_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_GROUP", "0")
+}
+
+/// The single-query kernel for these keys and values (base pointer and shape each): where
+/// every row the kernel reads (a sequence's, a cache row's, the step's appended one) starts
+/// on a 16-byte boundary and is 4, 8 or 16 whole packs, the tensor-core kernel of that many
+/// packs (f16/bf16 on sm_80+, q's rows aligned too) or else the scalar tiled one; other rows
+/// take the two-phase kernel (attention.cu).
 fn decode_kernel(
     head_dim: usize,
     elem: u64,
+    target: DecodeTarget,
     k: (u64, &[usize]),
     v: (u64, &[usize]),
     append: Option<&CacheAppend>,
@@ -398,7 +428,28 @@ fn decode_kernel(
             && whole(a.src_width)
             && (a.cols.1.abs_diff(a.cols.0) as u64 * elem).is_multiple_of(16)
     });
-    if !decode_tiles_on() || !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+    if !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+        return "attention_decode";
+    }
+    let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
+    let grouped = (2..=DECODE_GROUP_MAX).contains(&target.kv_div) && append.is_none();
+    if target.mma && q_ok && grouped && decode_group_on() {
+        match row / 16 {
+            4 => return "attention_decode_g4",
+            8 => return "attention_decode_g8",
+            16 => return "attention_decode_g16",
+            _ => {}
+        }
+    }
+    if target.mma && q_ok && decode_mma_on() {
+        match row / 16 {
+            4 => return "attention_decode_m4",
+            8 => return "attention_decode_m8",
+            16 => return "attention_decode_m16",
+            _ => {}
+        }
+    }
+    if !decode_tiles_on() {
         return "attention_decode";
     }
     match row / 16 {
@@ -490,7 +541,12 @@ pub(crate) fn attention(
             "attn_flash_d128"
         }
     } else if decode {
-        decode_kernel(o.head_dim, elem, (kp, ks), (vp, vs), append)
+        let target = DecodeTarget {
+            mma: matches!(qt.dtype(), DType::F16 | DType::BF16) && dev.arch() >= (8, 0),
+            q: (qp, (qs[1] * qs[2]) as u64 * elem),
+            kv_div,
+        };
+        decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
     } else if tiled {
         "attention_tiled"
     } else {
@@ -572,7 +628,13 @@ pub(crate) fn attention(
             .arg(&key_rows)
             .arg(&kv_div_i);
     }
-    let cfg = if decode {
+    let cfg = if decode && name.starts_with("attention_decode_g") {
+        LaunchConfig {
+            grid_dim: (o.heads as u32, (batch / kv_div) as u32, 1),
+            block_dim: (DEC_GROUP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else if decode {
         LaunchConfig {
             grid_dim: (o.heads as u32, batch as u32, 1),
             block_dim: (DEC_THREADS, 1, 1),
