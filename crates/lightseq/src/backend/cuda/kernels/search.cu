@@ -394,6 +394,8 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
 #define TK_FILTER_CAP 512
 // k up to a warp's lanes: the threshold is the k-th largest of one warp's lane maxima.
 #define TK_FILTER_MAX_K 32
+// EOS ids a filtering thread reads before its logits' loads wait.
+#define TK_EOS_REGS 4
 
 // Max of a 32-bit key over the warp; every lane gets it.
 __device__ __forceinline__ unsigned int tk_warp_max32(unsigned int v) {
@@ -420,7 +422,8 @@ __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
                                            const int* mask_rows, const int* eos, int n_eos,
                                            unsigned long long* cand, float* stats) {
   constexpr int WARPS = TK_SLICE_THREADS / 32;
-  __shared__ unsigned long long keys[TK_FILTER_CAP];
+  // Room for the ranking's reads of 4 at a time past the last key (zeros, ranking nothing).
+  __shared__ unsigned long long keys[TK_FILTER_CAP + 4];
   __shared__ unsigned int warp_kth[WARPS];
   __shared__ int count;
   const int s = blockIdx.x, slices = gridDim.x, lane = threadIdx.x & 31,
@@ -428,26 +431,47 @@ __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
   const long long row = blockIdx.y;
   const int j0 = s * TK_SLICE, n = min(TK_SLICE, vocab - j0);
   const T* x = logits + row * vocab + j0;
-  const bool masked = mask_rows && mask_rows[row];
-  const bool renorm = masked && mask_rows[row] == 2;
-  // w: the values keys rank (EOS at -inf on masked rows); the log-sum-exp takes the raw
-  // value unless the row renormalizes.
+  const int flag = mask_rows ? mask_rows[row] : 0;
+  const bool renorm = flag == 2;
+  // Bit u: the thread's u-th token is an EOS id of a masked row. The first ids load with
+  // the logits (a loop over them waited for its loads before the logits' were issued).
+  const auto eos_bit = [&](int id) {
+    const int t = id - j0 - (int)threadIdx.x;
+    return t >= 0 && t % TK_SLICE_THREADS == 0 && t / TK_SLICE_THREADS < TK_LIST
+               ? 1u << (t / TK_SLICE_THREADS)
+               : 0u;
+  };
+  int first_ids[TK_EOS_REGS];
+#pragma unroll
+  for (int e = 0; e < TK_EOS_REGS; ++e) first_ids[e] = e < n_eos ? eos[e] : -1;
+  // All of the thread's loads first, so that they wait on memory together (converted
+  // as they load, the compiler waited on the first before issuing the rest).
+  T raw[TK_LIST];
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u) {
+    const int t = threadIdx.x + u * TK_SLICE_THREADS;
+    if (t < n) raw[u] = x[t];
+  }
+  unsigned int eos_bits = 0u;
+#pragma unroll
+  for (int e = 0; e < TK_EOS_REGS; ++e) eos_bits |= eos_bit(first_ids[e]);
+  for (int e = TK_EOS_REGS; e < n_eos; ++e) eos_bits |= eos_bit(eos[e]);
+  if (!flag) eos_bits = 0u;
   float v[TK_LIST], w[TK_LIST];
+#pragma unroll
+  for (int u = 0; u < TK_LIST; ++u)
+    v[u] = threadIdx.x + u * TK_SLICE_THREADS < n ? to_f(raw[u]) : LS_NEG_INF;
+  // w: the values keys rank (EOS at -inf on masked rows); v: what the log-sum-exp takes,
+  // the raw value unless the row renormalizes.
   float m = LS_NEG_INF;
   unsigned int top = 0u;
 #pragma unroll
   for (int u = 0; u < TK_LIST; ++u) {
     const int t = threadIdx.x + u * TK_SLICE_THREADS;
-    v[u] = w[u] = LS_NEG_INF;
-    if (t < n) {
-      v[u] = w[u] = to_f(x[t]);
-      if (masked)
-        for (int e = 0; e < n_eos; ++e)
-          if (eos[e] == j0 + t) w[u] = LS_NEG_INF;
-      if (renorm) v[u] = w[u];
-      m = fmaxf(m, v[u]);
-      top = max(top, order_key(w[u]));
-    }
+    w[u] = (eos_bits >> u) & 1u ? LS_NEG_INF : v[u];
+    if (renorm) v[u] = w[u];
+    m = fmaxf(m, v[u]);
+    if (t < n) top = max(top, order_key(w[u]));
   }
   float sum = 0.f;
   if (m != LS_NEG_INF) {
@@ -481,12 +505,16 @@ __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
   __syncthreads();
   const int nc = count;
   if (nc > TK_FILTER_CAP) return false;
+  if (threadIdx.x < 4) keys[nc + threadIdx.x] = 0ull;
+  __syncthreads();
   const long long at = row * slices + s;
   for (int t = min(k, nc) + threadIdx.x; t < k; t += blockDim.x) cand[at * k + t] = 0ull;
+  // A key's rank: how many keys beat it (all distinct), four independent reads a round.
   for (int i = threadIdx.x; i < nc; i += blockDim.x) {
     const unsigned long long key = keys[i];
     int rank = 0;
-    for (int j = 0; j < nc && rank < k; ++j) rank += keys[j] > key;
+    for (int j = 0; j < nc && rank < k; j += 4)
+      rank += (keys[j] > key) + (keys[j + 1] > key) + (keys[j + 2] > key) + (keys[j + 3] > key);
     if (rank < k) cand[at * k + rank] = key;
   }
   if (threadIdx.x == 0) {
