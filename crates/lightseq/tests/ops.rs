@@ -510,6 +510,12 @@ fn general_cases() -> Vec<(
         (2, 100, 150, 2, 2, 128, true, 50, None, false),
         (3, 2, 65, 2, 1, 48, false, 0, None, false),
         (1, 200, 131, 3, 3, 96, false, 0, None, false),
+        // Decode steps whose beams share keys with enough work for the grouped tensor-core
+        // kernel (heads x key rows x keys >= 8192 in f16/bf16), heads of 64, 32 and 128,
+        // with a window, relative bias and grouped heads.
+        (32, 1, 300, 4, 4, 64, true, 299, Some(200), false),
+        (16, 1, 520, 4, 4, 32, false, 0, None, true),
+        (8, 1, 600, 4, 2, 128, true, 599, None, false),
     ]
 }
 
@@ -522,8 +528,18 @@ fn run_general(
 }
 
 /// (case of `general_cases`, query sequences per key sequence): shared keys and values
-/// in the single-query kernel (heads of 64, 128 and 32) and gathered for many queries.
-const SHARED_CASES: [(usize, usize); 5] = [(7, 4), (5, 3), (8, 2), (2, 2), (0, 2)];
+/// in the single-query kernels (heads of 64, 128 and 32; the last three enough for the
+/// grouped one) and gathered for many queries.
+const SHARED_CASES: [(usize, usize); 8] = [
+    (7, 4),
+    (5, 3),
+    (8, 2),
+    (2, 2),
+    (0, 2),
+    (14, 4),
+    (15, 2),
+    (16, 2),
+];
 
 /// A general case with keys and values for `b / share` sequences, query sequence i
 /// attending to key sequence i / share; the naive reference gets them repeated. q sits at
@@ -720,8 +736,8 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
             assert!(ec <= 1e-5, "attention case {case} {dt}: cpu vs naive {ec}");
             eprintln!("attention case {case} {dt:<5} rel err {eg:.2e}");
         }
-        // Unaligned q, then aligned q (the tensor-core decode kernels in f16/bf16: a block a
-        // row, and a block over the rows sharing their keys), decode steps unshared too.
+        // Unaligned q, then aligned q (the grouped tensor-core decode kernel in f16/bf16 for
+        // cases 14-16, whose steps have the work it needs), decode steps unshared too.
         let aligned = SHARED_CASES.into_iter().chain((4..=8).map(|c| (c, 1)));
         let shared = SHARED_CASES.into_iter().map(|c| (c, false));
         for ((case, share), q_aligned) in shared.chain(aligned.map(|c| (c, true))) {

@@ -122,9 +122,6 @@ pub const MODULES: &[KernelModule] = &[
         dtypes: &KERNEL_DTYPES,
         defines: &[],
         half_kernels: &[
-            "attention_decode_m4",
-            "attention_decode_m8",
-            "attention_decode_m16",
             "attention_decode_g4",
             "attention_decode_g8",
             "attention_decode_g16",

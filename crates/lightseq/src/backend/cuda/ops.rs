@@ -380,13 +380,6 @@ fn decode_tiles_on() -> bool {
     !super::env_equals(&OFF, "LIGHTSEQ_DECODE_TILES", "0")
 }
 
-/// `LIGHTSEQ_DECODE_MMA=0`: single-query steps of f16/bf16 take the scalar tiles instead of
-/// the tensor-core kernel.
-fn decode_mma_on() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !super::env_equals(&OFF, "LIGHTSEQ_DECODE_MMA", "0")
-}
-
 /// What [`decode_kernel`] chooses by besides the rows: the device's tensor cores and q's rows.
 struct DecodeTarget {
     /// f16/bf16 on sm_80 or later.
@@ -395,10 +388,19 @@ struct DecodeTarget {
     q: (u64, u64),
     /// Query rows per key/value row.
     kv_div: usize,
+    /// Heads times key/value rows times keys a row: the grouped kernel's blocks times keys.
+    group_work: usize,
 }
 
 /// Largest kv_div the grouped decode kernel takes (q^T's 8 columns).
 const DECODE_GROUP_MAX: usize = 8;
+
+/// The grouped decode kernel takes steps of at least this much [`DecodeTarget::group_work`].
+/// It has a block for kv_div query rows where the tiles have one a row, so few or short
+/// rows leave it too few blocks. Transformer-base beam 4 on an H200, ms a search against
+/// the tiles: 8 x 128 (8192) 39.2 vs 40.3 and 32 x 128 (32768) 50.1 vs 52.7, 32 x 32 (8192)
+/// 11.7 vs 11.9; 8 x 32 (2048) 9.58 vs 9.39 and 1 x 32 (256) 7.62 vs 7.39.
+const DECODE_GROUP_MIN_WORK: usize = 8192;
 
 /// `LIGHTSEQ_DECODE_GROUP=0`: query rows sharing keys take a block each.
 fn decode_group_on() -> bool {
@@ -408,9 +410,10 @@ fn decode_group_on() -> bool {
 
 /// The single-query kernel for these keys and values (base pointer and shape each): where
 /// every row the kernel reads (a sequence's, a cache row's, the step's appended one) starts
-/// on a 16-byte boundary and is 4, 8 or 16 whole packs, the tensor-core kernel of that many
-/// packs (f16/bf16 on sm_80+, q's rows aligned too) or else the scalar tiled one; other rows
-/// take the two-phase kernel (attention.cu).
+/// on a 16-byte boundary and is 4, 8 or 16 whole packs, the tensor-core kernel for query
+/// rows that share their keys (f16/bf16 on sm_80+, q's rows aligned too, enough work) or
+/// else the scalar tiled one of that many packs; other rows take the two-phase kernel
+/// (attention.cu).
 fn decode_kernel(
     head_dim: usize,
     elem: u64,
@@ -432,20 +435,14 @@ fn decode_kernel(
         return "attention_decode";
     }
     let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
-    let grouped = (2..=DECODE_GROUP_MAX).contains(&target.kv_div) && append.is_none();
+    let grouped = (2..=DECODE_GROUP_MAX).contains(&target.kv_div)
+        && append.is_none()
+        && target.group_work >= DECODE_GROUP_MIN_WORK;
     if target.mma && q_ok && grouped && decode_group_on() {
         match row / 16 {
             4 => return "attention_decode_g4",
             8 => return "attention_decode_g8",
             16 => return "attention_decode_g16",
-            _ => {}
-        }
-    }
-    if target.mma && q_ok && decode_mma_on() {
-        match row / 16 {
-            4 => return "attention_decode_m4",
-            8 => return "attention_decode_m8",
-            16 => return "attention_decode_m16",
             _ => {}
         }
     }
@@ -545,6 +542,7 @@ pub(crate) fn attention(
             mma: matches!(qt.dtype(), DType::F16 | DType::BF16) && dev.arch() >= (8, 0),
             q: (qp, (qs[1] * qs[2]) as u64 * elem),
             kv_div,
+            group_work: o.heads * ks[0] * ks[1],
         };
         decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
     } else if tiled {

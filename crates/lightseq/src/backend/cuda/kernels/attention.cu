@@ -370,23 +370,21 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
   }
 }
 
-// Tensor-core form of the single-query step for rows of KP whole 16-byte packs of f16/bf16
-// (head_dim 8 KP = 32, 64, 128; sm_80+; the host launches it only there). Each warp of the
-// block takes spans of 16 keys (spans w, w + 4, ... of [jb, je)) with its own online
-// softmax, and the warps' states meet in shared memory at the end. The products run
-// transposed, so that a span's 16 keys fill the m16n8k16 tile's rows and q is column 0 of
-// the 8 (columns 1-7 zero): s^T = K q^T is one product per 16 dimensions, lane (g, c) =
-// (lane / 4, lane % 4) giving the A operand keys g and g + 8's quarter c of the dimensions,
-// which stands for the tile's k indices 2c, 2c + 1, 2c + 8, 2c + 9 of every k-step (a dot
-// product does not depend on the order of its terms, so each lane loads whole 16-byte packs
-// and q is read in the same order). Column 0 of the scores is in lanes c = 0 (keys g and
-// g + 8); its probabilities reach the B operand of o^T = V^T p^T by four shuffles, split into
-// a 16-bit part and its 16-bit remainder so that they keep f32's precision. V^T's A operand
-// is built from lane (g, c)'s dimensions [g HD / 8, (g + 1) HD / 8) of keys 2c, 2c + 1,
-// 2c + 8, 2c + 9, paired across keys by byte permutes: m-tile t's rows g and g + 8 are
-// dimensions g HD / 8 + 2t and + 1, so lane (g, 0) ends with its HD / 8 dimensions in order.
-// A key costs a fraction of the scalar tiles' instructions (H200 ncu: those were issue-bound
-// at 128 rows a step).
+// Tensor-core spans of the grouped single-query kernel below, for rows of KP whole 16-byte
+// packs of f16/bf16 (head_dim 8 KP = 32, 64, 128; sm_80+; the host launches it only there).
+// A warp takes spans of 16 keys with its own online softmax. The products run transposed,
+// so that a span's 16 keys fill the m16n8k16 tile's rows and the query rows are q^T's
+// columns: s^T = K q^T is one product per 16 dimensions, lane (g, c) = (lane / 4, lane % 4)
+// giving the A operand keys g and g + 8's quarter c of the dimensions, which stands for the
+// tile's k indices 2c, 2c + 1, 2c + 8, 2c + 9 of every k-step (a dot product does not
+// depend on the order of its terms, so each lane loads whole 16-byte packs and q is read in
+// the same order). The probabilities reach the B operand of o^T = V^T p^T by shuffles,
+// split into a 16-bit part and its 16-bit remainder so that they keep f32's precision.
+// V^T's A operand is built from lane (g, c)'s dimensions [g HD / 8, (g + 1) HD / 8) of keys
+// 2c, 2c + 1, 2c + 8, 2c + 9, paired across keys by byte permutes: m-tile t's rows g and
+// g + 8 are dimensions g HD / 8 + 2t and + 1. The same products for one query row a block
+// (q as column 0 of 8) were measured and not kept: 12.06 / 10.98 us a launch against the
+// scalar tiles' 12.5 / 11.0 at Transformer-base 32 x 128 (ncu, H200), slower end to end.
 #if __CUDA_ARCH__ >= 800
 template <int W, typename T>
 __device__ __forceinline__ void dec_load_words(unsigned int (&w)[W], const T* p) {
@@ -491,112 +489,11 @@ __device__ __forceinline__ void dec_span_values(float (&acc)[HD / 16][4],
   }
 }
 
-template <typename T, int KP>
-__device__ void attention_decode_mma(const T* q_row, T* o_row, int jb, int je, int h, int b,
-                                     int heads, long long k_bs, int k_rs, long long v_bs,
-                                     int v_rs, const T* k_head, const T* v_head, float scale,
-                                     const float* bias_table, const int* buckets,
-                                     const T* kn_row, const T* vn_row, int wr,
-                                     const int* rows_b) {
-  constexpr int HD = KP * 8;   // head_dim
-  constexpr int KW = HD / 8;   // 32-bit words of a key row's quarter
-  constexpr int MT = HD / 16;  // k-steps of s^T, m-tiles of o^T
-  constexpr int WARPS = DEC_THREADS / 32;
-  __shared__ float2 wstat[WARPS];
-  __shared__ __align__(16) float wacc[WARPS][HD];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, c = lane & 3;
-  auto key_row = [&](int j) -> const T* {
-    return j == wr ? kn_row
-                   : k_head + (rows_b ? (long long)rows_b[j] - b : 0LL) * k_bs +
-                         (long long)j * k_rs;
-  };
-  auto value_row = [&](int j) -> const T* {
-    return j == wr ? vn_row
-                   : v_head + (rows_b ? (long long)rows_b[j] - b : 0LL) * v_bs +
-                         (long long)j * v_rs;
-  };
-  unsigned int qw[KW];
-  dec_q_words<HD>(qw, g == 0 ? q_row : nullptr, c);
-  float acc[MT][4];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  float run_m = LS_NEG_INF, run_l = 0.f;
-  const int spans = (je - jb + 15) >> 4;
-  for (int span = warp; span < spans; span += WARPS) {
-    const int base = jb + 16 * span;
-    unsigned int kw[2][KW], vw[4][MT];
-    dec_span_load<HD>(kw, vw, base, je, g, c, key_row, value_row);
-    float sc[4];
-    dec_span_scores<T, HD>(sc, kw, qw);
-    // Column 0 (lanes c = 0): keys base + g (sc[0]) and base + 8 + g (sc[2]).
-    float s0 = LS_NEG_INF, s1 = LS_NEG_INF;
-    if (base + g < je) {
-      s0 = sc[0] * scale;
-      if (bias_table) s0 += bias_table[buckets[base + g] * heads + h];
-    }
-    if (base + 8 + g < je) {
-      s1 = sc[2] * scale;
-      if (bias_table) s1 += bias_table[buckets[base + 8 + g] * heads + h];
-    }
-    float mx = fmaxf(s0, s1);
-    mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 4));
-    mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 8));
-    mx = fmaxf(mx, __shfl_xor_sync(LS_FULL_MASK, mx, 16));
-    const float new_m = fmaxf(run_m, mx);
-    const float corr = run_m == LS_NEG_INF ? 0.f : expf(run_m - new_m);
-    const float p0 = s0 == LS_NEG_INF ? 0.f : expf(s0 - new_m);
-    const float p1 = s1 == LS_NEG_INF ? 0.f : expf(s1 - new_m);
-    run_l = run_l * corr + p0 + p1;
-    run_m = new_m;
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      acc[t][0] *= corr;
-      acc[t][2] *= corr;
-    }
-    // p^T's column 0 in lanes g = 0: keys 2c, 2c + 1 (lanes 8c and 8c + 4's first key) and
-    // 2c + 8, 2c + 9 (their second).
-    const float x0 = __shfl_sync(LS_FULL_MASK, p0, 8 * c);
-    const float x1 = __shfl_sync(LS_FULL_MASK, p0, 8 * c + 4);
-    const float x2 = __shfl_sync(LS_FULL_MASK, p1, 8 * c);
-    const float x3 = __shfl_sync(LS_FULL_MASK, p1, 8 * c + 4);
-    // Columns 1-7 of p^T stay zero.
-    const bool col0 = g == 0;
-    dec_span_values<T, HD>(acc, vw, col0 ? x0 : 0.f, col0 ? x1 : 0.f, col0 ? x2 : 0.f,
-                           col0 ? x3 : 0.f);
-  }
-  run_l += __shfl_xor_sync(LS_FULL_MASK, run_l, 4);
-  run_l += __shfl_xor_sync(LS_FULL_MASK, run_l, 8);
-  run_l += __shfl_xor_sync(LS_FULL_MASK, run_l, 16);
-  if (c == 0) {
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      wacc[warp][g * (HD / 8) + 2 * t] = acc[t][0];
-      wacc[warp][g * (HD / 8) + 2 * t + 1] = acc[t][2];
-    }
-    if (g == 0) wstat[warp] = make_float2(run_m, run_l);
-  }
-  __syncthreads();
-  if (tid < HD) {
-    float m = LS_NEG_INF;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) m = fmaxf(m, wstat[w].x);
-    float den = 0.f, num = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      const float2 st = wstat[w];
-      const float f = st.x == LS_NEG_INF ? 0.f : expf(st.x - m);
-      den += st.y * f;
-      num += wacc[w][tid] * f;
-    }
-    o_row[tid] = from_f<T>(den > 0.f ? num / den : 0.f);
-  }
-}
 #endif
 
 // Query rows that share their keys and values (kv_div = R > 1, at most 8: a source's beams
-// over its cross keys) in one block of GROUP_WARPS warps: attention_decode_mma's products
-// with the R rows as q^T's columns 0..R-1, so that the block reads each key and value once
+// over its cross keys) in one block of GROUP_WARPS warps: the span products above with
+// the R rows as q^T's columns 0..R-1, so that the block reads each key and value once
 // for all of them. Lane (g, c) holds the scores of columns 2c and 2c + 1 (C's layout), and
 // p^T's column g reaches it from lanes (2c, g / 2) and (2c + 1, g / 2). Each column keeps
 // its own row's key range; the block walks their union.
@@ -733,7 +630,7 @@ __device__ void attention_decode_group(const T* q, const T* k, const T* v, T* ou
 }
 #endif
 
-template <typename T, int KP, bool MMA = false>
+template <typename T, int KP>
 __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int* key_start,
                                       const int* key_end, int heads, int group, int head_dim,
                                       long long q_bs, long long k_bs, int k_rs, long long v_bs,
@@ -781,14 +678,7 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                       ls_aligned16(k_base) && ls_aligned16(kn_row) && rows_even;
   const bool packed_v = (head_dim * sizeof(T)) % 16 == 0 && (v_rs * sizeof(T)) % 16 == 0 &&
                         ls_aligned16(v_base) && ls_aligned16(vn_row) && rows_even;
-  if constexpr (MMA) {
-#if __CUDA_ARCH__ >= 800
-    // As the tiles: rows of KP whole packs, aligned, q's too (ops.rs), f16/bf16 on sm_80+.
-    attention_decode_mma<T, KP>(q_row, o_row, jb, je, h, b, heads, k_bs, k_rs, v_bs, v_rs,
-                                k_base, v_base, scale, bias_table, buckets, kn_row, vn_row, wr,
-                                rows_b);
-#endif
-  } else if constexpr (KP > 0) {
+  if constexpr (KP > 0) {
     // The host launches this only for rows of KP whole packs, aligned (ops.rs).
     attention_decode_tiles<T, KP>(q_row, o_row, jb, je, h, b, heads, head_dim, k_bs, k_rs, v_bs,
                                   v_rs, k_base, v_base, scale, bias_table, buckets, kn_row,
@@ -930,16 +820,6 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
   LS_DECODE_PACKED(T, S, 16)
 LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
 
-// attention_decode_m4, _m8 and _m16: the tensor-core form (attention_decode_mma), f16 and
-// bf16 only; blocks an SM as many as their registers allow without spilling (ptxas sm_90:
-// 56, 80 and 128 registers; 128 rows of 8 heads are 1024 blocks).
-#define LS_DECODE_MMA(T, S, KP, MINB)                                                          \
-  extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB)                              \
-      attention_decode_m##KP##_##S(                                                            \
-      LS_DECODE_PARAMS(T)) {                                                                   \
-    LS_PDL_WAIT();                                                                             \
-    attention_decode_body<T, KP, true>(LS_DECODE_ARGS);                                        \
-  }
 // attention_decode_g4, _g8 and _g16: query rows b of a block kv_div (2..8) at a time over
 // their shared key/value row b / kv_div (attention_decode_group), grid (heads, batch /
 // kv_div), GROUP_WARPS warps; no appended keys, no key-row table.
@@ -958,8 +838,7 @@ LS_FLOAT_TYPES(LS_ATTENTION_DECODE)
 #else
 #define LS_DECODE_GROUP_CALL(T, KP)
 #endif
-#define LS_DECODE_MMA_ALL(T, S)                                                                \
-  LS_DECODE_MMA(T, S, 4, 8) LS_DECODE_MMA(T, S, 8, 6) LS_DECODE_MMA(T, S, 16, 4)               \
+#define LS_DECODE_GROUPS(T, S)                                                                 \
   LS_DECODE_GROUP(T, S, 4) LS_DECODE_GROUP(T, S, 8) LS_DECODE_GROUP(T, S, 16)
-LS_DECODE_MMA_ALL(__half, f16)
-LS_DECODE_MMA_ALL(__nv_bfloat16, bf16)
+LS_DECODE_GROUPS(__half, f16)
+LS_DECODE_GROUPS(__nv_bfloat16, bf16)
