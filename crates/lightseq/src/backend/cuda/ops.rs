@@ -431,7 +431,7 @@ fn decode_kernel(
             && whole(a.src_width)
             && (a.cols.1.abs_diff(a.cols.0) as u64 * elem).is_multiple_of(16)
     });
-    if !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
+    if !decode_tiles_on() || !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
         return "attention_decode";
     }
     let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
@@ -445,9 +445,6 @@ fn decode_kernel(
             16 => return "attention_decode_g16",
             _ => {}
         }
-    }
-    if !decode_tiles_on() {
-        return "attention_decode";
     }
     match row / 16 {
         4 => "attention_decode_p4",
