@@ -837,10 +837,9 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
 #[test]
 fn logprob_topk_matches_a_full_sort() {
     // A short vocabulary, and GPT2's with values on a grid of 1/4 so that many tie.
-    // Two stages (slices of 2048 tokens, ranked above a threshold up to k = 32 or sorted
-    // by per-thread lists, then a merge of at most 6016 candidates a row: by k rounds of
-    // one warp up to 128 slices, by rank past that) up to k = 64; one block a row past
-    // that.
+    // Two stages (slices of 2048 tokens, ranked above a threshold or sorted by per-thread
+    // lists, then a merge of at most 6016 candidates a row: by k rounds of one warp up to
+    // 128 slices, by rank past that) up to k = 64; one block a row past that.
     for (rows, vocab, k, ties) in [
         (5, 1037, 9, false),
         (5, 50257, 64, true),
@@ -855,7 +854,7 @@ fn logprob_topk_matches_a_full_sort() {
         (5, 32000, 65, true),
         (5, 32000, 16, true),
         (5, 32000, 17, false),
-        (5, 20, 18, true),
+        (5, 20, 16, true),
         (5, 32000, 32, false),
         (5, 32000, 33, false),
         (5, 2048 + 7, 31, true),
@@ -863,8 +862,8 @@ fn logprob_topk_matches_a_full_sort() {
         logprob_topk_case(rows, vocab, k, if ties { 0.25 } else { 0.0 });
     }
     // Values on a grid of 8, nearly all 0: every slice has more keys at its threshold
-    // than the filtering top-k (k <= 32) holds, so it sorts.
-    for k in [1, 8, 32] {
+    // than the filtering top-k holds, so it sorts.
+    for k in [1, 8, 32, 50] {
         logprob_topk_case(5, 32000, k, 8.0);
     }
 }
@@ -875,8 +874,15 @@ fn logprob_topk_case(rows: usize, vocab: usize, k: usize, grid: f32) {
     if grid > 0.0 {
         x.iter_mut().for_each(|v| *v = (*v / grid).round() * grid);
     }
-    let eos = [17i64, 400];
+    // Five EOS ids, one past the first slice; on the rows they are masked on they hold the
+    // row's largest values, so a mask that slipped would show in the ids.
+    let eos = [17i64, 400, 3, 9, 5000];
     let mask = [true, false, true, false, false];
+    for (r, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        for &e in eos.iter().filter(|&&e| (e as usize) < vocab) {
+            x[r * vocab + e as usize] = 10.0 + e as f32 / 4096.0;
+        }
+    }
     let check = |dev: &Device, dt: DType, tol: f32, renormalize: bool| {
         let t = Tensor::from_f32(&x, &[rows, vocab], dt, dev).unwrap();
         let xr = dt.round_f32(&x);

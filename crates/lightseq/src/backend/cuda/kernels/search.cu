@@ -392,8 +392,9 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
 // Candidates a filtering slice block holds (logprob_topk_slices_filter); a slice with more
 // (ties at the threshold) takes the sorting body above.
 #define TK_FILTER_CAP 512
-// k up to a warp's lanes: the threshold is the k-th largest of one warp's lane maxima.
-#define TK_FILTER_MAX_K 32
+// k the filter serves: up to a warp's lanes the threshold may be one warp's k-th largest
+// lane maximum; past that only the second bound (below) applies.
+#define TK_FILTER_MAX_K 64
 // EOS ids a filtering thread reads before its logits' loads wait.
 #define TK_EOS_REGS 4
 
@@ -410,9 +411,11 @@ __device__ __forceinline__ unsigned int tk_warp_max32(unsigned int v) {
 
 // logprob_topk_slices_body's results for k <= TK_FILTER_MAX_K by a threshold instead of
 // sorts: each thread's largest key bounds the slice's k-th best from below once k threads
-// reach it, so theta = the largest over warps of a warp's k-th largest thread maximum
-// leaves at least k keys at or above it, the slice's k best among them. Only those (tens
-// of a slice's 2048 on real logits) are gathered and ranked by counting. Returns false,
+// reach it. Two such bounds: a warp's k-th largest thread maximum (k <= 32), whose largest
+// over warps leaves k threads' keys at or above it, and a warp's ceil(k / 8)-th largest,
+// whose smallest over the 8 warps leaves 8 ceil(k / 8) >= k; theta is the larger. Only the
+// keys at or above theta (tens of a slice's 2048 on real logits) are gathered and ranked
+// by counting. Returns false,
 // the whole block alike and before writing anything, when more than TK_FILTER_CAP keys
 // reach theta (many equal values); the caller then sorts. The sorting body spent about 900
 // instructions a thread on its per-thread sorts, k warp rounds over lists and rank
@@ -424,7 +427,7 @@ __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
   constexpr int WARPS = TK_SLICE_THREADS / 32;
   // Room for the ranking's reads of 4 at a time past the last key (zeros, ranking nothing).
   __shared__ unsigned long long keys[TK_FILTER_CAP + 4];
-  __shared__ unsigned int warp_kth[WARPS];
+  __shared__ unsigned int warp_kth[WARPS], warp_kth8[WARPS];
   __shared__ int count;
   const int s = blockIdx.x, slices = gridDim.x, lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5;
@@ -477,23 +480,35 @@ __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
   if (m != LS_NEG_INF) {
 #pragma unroll
     for (int u = 0; u < TK_LIST; ++u)
-      if (v[u] != LS_NEG_INF) sum += __expf(v[u] - m);
+      sum += v[u] == m ? 1.f : __expf(v[u] - m);  // a +inf maximum counts, not NaN
   }
   if (threadIdx.x == 0) count = 0;
   const float2 bms = block_lse_pair(m, sum);
-  // The warp's k-th largest thread maximum, counting equal ones at once (a lower bound
-  // then, which keeps theta valid); 0 when fewer than k threads hold keys.
-  unsigned int kth = 0u;
-  for (int r = 0; r < k; ++r) {
-    kth = tk_warp_max32(top);
-    if (kth == 0u) break;
-    if (top == kth) top = 0u;
+  // The warp's k-th (k <= 32) and ceil(k / 8)-th largest thread maxima, tied lanes
+  // counted by a ballot a round (coarse 16-bit logits tie often); 0 where fewer threads
+  // hold keys, which bounds nothing.
+  const int k8 = (k + WARPS - 1) / WARPS, need = k <= 32 ? k : k8;
+  unsigned int kth = 0u, kth8 = 0u;
+  for (int seen = 0; seen < need;) {
+    const unsigned int mx = tk_warp_max32(top);
+    if (mx == 0u) break;
+    seen += __popc(__ballot_sync(LS_FULL_MASK, top == mx));
+    if (top == mx) top = 0u;
+    if (kth8 == 0u && seen >= k8) kth8 = mx;
+    if (k <= 32 && seen >= k) kth = mx;
   }
-  if (lane == 0) warp_kth[warp] = kth;
+  if (lane == 0) {
+    warp_kth[warp] = kth;
+    warp_kth8[warp] = kth8;
+  }
   __syncthreads();  // block_lse_pair's barriers came before count's first use
-  unsigned int theta = 0u;
+  unsigned int theta = 0u, theta8 = 0xffffffffu;
 #pragma unroll
-  for (int i = 0; i < WARPS; ++i) theta = max(theta, warp_kth[i]);
+  for (int i = 0; i < WARPS; ++i) {
+    theta = max(theta, warp_kth[i]);
+    theta8 = min(theta8, warp_kth8[i]);
+  }
+  theta = max(theta, theta8);
 #pragma unroll
   for (int u = 0; u < TK_LIST; ++u) {
     const int t = threadIdx.x + u * TK_SLICE_THREADS;
