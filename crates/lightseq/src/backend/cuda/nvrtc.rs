@@ -186,7 +186,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "attention_flash",
         source: include_str!("kernels/attention_train.cu"),
-        kernels: &["attn_flash_d64", "attn_flash_d128"],
+        kernels: &[
+            "attn_flash_d64",
+            "attn_flash_d128",
+            "attn_flash_s_d64",
+            "attn_flash_s_d128",
+        ],
         dtypes: &[DType::F16, DType::BF16],
         defines: &["LS_FLASH_MODULE"],
         half_kernels: &[],

@@ -345,6 +345,12 @@ const FLASH_KEY_TILE: usize = 64;
 /// Warps per block of the flash kernel at most (attention_train.cu: AT_MAX_WARPS).
 const FLASH_MAX_WARPS: usize = 4;
 
+/// `LIGHTSEQ_FLASH_SHORT=0`: keys of at most 32 take the flash kernel of 64-key tiles too.
+fn flash_short_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_equals(&OFF, "LIGHTSEQ_FLASH_SHORT", "0")
+}
+
 /// Whether the tensor-core flash kernel may run attention of more than one query: f16/bf16
 /// on sm_80 or later, head_dim a multiple of 16 up to 128, no bias table, unless
 /// LIGHTSEQ_FLASH_ATTENTION=0.
@@ -528,11 +534,14 @@ pub(crate) fn attention(
         kt.ptr() + k.col as u64 * elem,
         vt.ptr() + v.col as u64 * elem,
     );
+    // Keys of at most half a tile take the kernel of half tiles.
+    let short_keys = ks[1] <= FLASH_KEY_TILE / 2 && flash_short_on();
     let name = if flash {
-        if o.head_dim <= 64 {
-            "attn_flash_d64"
-        } else {
-            "attn_flash_d128"
+        match (o.head_dim <= 64, short_keys) {
+            (true, false) => "attn_flash_d64",
+            (false, false) => "attn_flash_d128",
+            (true, true) => "attn_flash_s_d64",
+            (false, true) => "attn_flash_s_d128",
         }
     } else if decode {
         let target = DecodeTarget {
@@ -589,7 +598,12 @@ pub(crate) fn attention(
         } else {
             1
         };
-        let smem = region(rows) + 2 * stages as usize * region(FLASH_KEY_TILE);
+        let tile = if short_keys {
+            FLASH_KEY_TILE / 2
+        } else {
+            FLASH_KEY_TILE
+        };
+        let smem = region(rows) + 2 * stages as usize * region(tile);
         l.arg(&stages);
         super::train_ops::allow_smem(&f, smem)?;
         let cfg = LaunchConfig {

@@ -706,17 +706,19 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 // i when causal and j > q_offset + i - window when window > 0; query head h reads key/value
 // head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
 // out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
-// head) and walks the keys they see in tiles of AF_BK staged in shared memory, in one
+// head) and walks the keys they see in tiles of BK staged in shared memory, in one
 // buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one.
 // Each warp keeps its 16 rows' scores, running max and sum and output in registers (online
 // softmax), so no score matrix goes through memory. The probabilities (unnormalized,
 // relative to the running max) are rounded to T before they multiply the values, the sum
 // is taken over the rounded ones, and the output is divided by it at the end; rows that
-// see no key are zero.
+// see no key are zero. BK is 64 (attn_flash_d*), or 32 (attn_flash_s_d*, for keys of at
+// most 32): at short lengths the kernel is one warp's serial walk, whose softmax and
+// packing over a 64-key tile were half masked-off work.
 #define AF_BK 64
 #define AF_FAR (1 << 30)
 
-template <typename T, int DMAX>
+template <typename T, int DMAX, int BK>
 __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                                 const int* key_start, const int* key_end, int len_q, int heads,
                                 int group, int d, long long q_bs, int q_rs, long long k_bs,
@@ -728,11 +730,11 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   const int nq = min(rows, len_q - q0), ld = d + 8;
   unsigned char* sm = at_smem;
   T* qs = at_carve<T>(sm, rows, ld);
-  T* const k0s = at_carve<T>(sm, AF_BK, ld);
-  T* const v0s = at_carve<T>(sm, AF_BK, ld);
+  T* const k0s = at_carve<T>(sm, BK, ld);
+  T* const v0s = at_carve<T>(sm, BK, ld);
   const bool two = kv_stages == 2;
-  T* const k1s = two ? at_carve<T>(sm, AF_BK, ld) : k0s;
-  T* const v1s = two ? at_carve<T>(sm, AF_BK, ld) : v0s;
+  T* const k1s = two ? at_carve<T>(sm, BK, ld) : k0s;
+  T* const v1s = two ? at_carve<T>(sm, BK, ld) : v0s;
   at_stage(qs, ld, q + b * q_bs + (long long)q0 * q_rs + h * d, nq, rows, d, (long long)q_rs);
   // The keys any of the block's queries sees.
   int j_begin = key_start[b], j_end = key_end[b];
@@ -754,9 +756,9 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   float o[DMAX / 8][4];
   at_zero(o);
   float m[2] = {LS_NEG_INF, LS_NEG_INF}, l[2] = {0.f, 0.f};
-  // Key and value rows [j0, j0 + AF_BK) into (ks, vs), asynchronously where aligned.
+  // Key and value rows [j0, j0 + BK) into (ks, vs), asynchronously where aligned.
   auto stage_tile = [&](int j0, T* ks, T* vs) {
-    const int nk = min(AF_BK, j_end - j0), nkp = (nk + 15) & ~15;
+    const int nk = min(BK, j_end - j0), nkp = (nk + 15) & ~15;
     at_stage(ks, ld, kg + (long long)j0 * k_rs, nk, nkp, d, (long long)k_rs);
     at_stage(vs, ld, vg + (long long)j0 * v_rs, nk, nkp, d, (long long)v_rs);
   };
@@ -764,14 +766,14 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   if (two && j_begin < j_end) stage_tile(j_begin, k0s, v0s);
   ls_cp_commit();
   int tile_no = 0;
-  for (int j0 = j_begin; j0 < j_end; j0 += AF_BK, ++tile_no) {
-    const int nk = min(AF_BK, j_end - j0), nkp = (nk + 15) & ~15;
+  for (int j0 = j_begin; j0 < j_end; j0 += BK, ++tile_no) {
+    const int nk = min(BK, j_end - j0), nkp = (nk + 15) & ~15;
     const bool odd = two && (tile_no & 1);
     const T* ks = odd ? k1s : k0s;
     const T* vs = odd ? v1s : v0s;
     __syncthreads();  // every warp is done with the previous tile (the other buffer)
     if (two) {
-      if (j0 + AF_BK < j_end) stage_tile(j0 + AF_BK, odd ? k0s : k1s, odd ? v0s : v1s);
+      if (j0 + BK < j_end) stage_tile(j0 + BK, odd ? k0s : k1s, odd ? v0s : v1s);
       ls_cp_commit();
       ls_cp_wait<1>();  // all but the newest group: this tile (and q) have landed
     } else {
@@ -779,13 +781,13 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       ls_cp_wait_all();
     }
     __syncthreads();
-    float s[AF_BK / 8][4];
-    at_row_scores<T, DMAX, AF_BK>(s, qs, ks, ld, r0, d, nkp);
+    float s[BK / 8][4];
+    at_row_scores<T, DMAX, BK>(s, qs, ks, ld, r0, d, nkp);
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       float mx = m[x];
 #pragma unroll
-      for (int n = 0; n < AF_BK / 8; ++n)
+      for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = 8 * n + 2 * t + e, j = j0 + c;
@@ -801,7 +803,7 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       const float corr = any ? exp2f(m[x] - mx) : 1.f;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < AF_BK / 8; ++n)
+      for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& y = s[n][2 * x + e];
@@ -819,10 +821,10 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       }
     }
     // o += p [16, nkp] @ v [nkp, d]; the probabilities are the A operand as they lie.
-    unsigned int sp[AF_BK / 8][2];
+    unsigned int sp[BK / 8][2];
     at_pack_rows<T>(sp, s);
 #pragma unroll
-    for (int kk = 0; kk < AF_BK / 16; ++kk) {
+    for (int kk = 0; kk < BK / 16; ++kk) {
       if (kk * 16 >= nkp) break;
       const unsigned int a[4] = {sp[2 * kk][0], sp[2 * kk][1], sp[2 * kk + 1][0],
                                  sp[2 * kk + 1][1]};
@@ -846,17 +848,22 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                               (long long)heads * d, nq, r0, d, o, qs + r0 * ld, ld);
 }
 
-#define LS_ATTN_FLASH(T, S, DMAX)                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS) attn_flash_d##DMAX##_##S(  \
+// P names the variant: attn_flash_d64_f16 (P empty), attn_flash_s_d64_f16 (P = _s).
+#define LS_ATTN_FLASH_ENTRY(T, S, DMAX, P, BK)                                               \
+  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                            \
+      attn_flash##P##_d##DMAX##_##S(                                                         \
       const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,  \
       int len_q, int heads, int group, int d, long long q_bs, int q_rs, long long k_bs,      \
       int k_rs, long long v_bs, int v_rs, int causal, int q_offset, int window,              \
       float scale, int kv_stages) {                                                          \
     LS_PDL_WAIT();                                                                           \
-    attn_flash_body<T, DMAX>(q, k, v, out, key_start, key_end, len_q, heads, group, d, q_bs, \
-                             q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset, window, scale,  \
-                             kv_stages);                                                     \
+    attn_flash_body<T, DMAX, BK>(q, k, v, out, key_start, key_end, len_q, heads, group, d,   \
+                                 q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset,       \
+                                 window, scale, kv_stages);                                  \
   }
+#define LS_ATTN_FLASH(T, S, DMAX)                                                            \
+  LS_ATTN_FLASH_ENTRY(T, S, DMAX, , AF_BK)                                                   \
+  LS_ATTN_FLASH_ENTRY(T, S, DMAX, _s, AF_BK / 2)
 #ifdef LS_FLASH_MODULE
 LS_ATTN_FLASH(__half, f16, 64)
 LS_ATTN_FLASH(__half, f16, 128)
