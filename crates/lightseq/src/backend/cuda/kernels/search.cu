@@ -415,9 +415,8 @@ __device__ __forceinline__ unsigned int tk_warp_max32(unsigned int v) {
 // over warps leaves k threads' keys at or above it, and a warp's ceil(k / 8)-th largest,
 // whose smallest over the 8 warps leaves 8 ceil(k / 8) >= k; theta is the larger. Only the
 // keys at or above theta (tens of a slice's 2048 on real logits) are gathered and ranked
-// by counting. Returns false,
-// the whole block alike and before writing anything, when more than TK_FILTER_CAP keys
-// reach theta (many equal values); the caller then sorts. The sorting body spent about 900
+// by counting. Returns false, the whole block alike and before writing anything, when
+// more than TK_FILTER_CAP keys reach theta (many equal values); the caller then sorts. The sorting body spent about 900
 // instructions a thread on its per-thread sorts, k warp rounds over lists and rank
 // searches, and was issue-bound (31 us for 128 rows of 32000 tokens, ncu, H200).
 template <typename T>
