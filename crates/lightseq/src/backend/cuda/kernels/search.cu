@@ -392,9 +392,6 @@ __device__ void logprob_topk_slices_body(const T* logits, int vocab, int k, cons
 // Candidates a filtering slice block holds (logprob_topk_slices_filter); a slice with more
 // (ties at the threshold) takes the sorting body above.
 #define TK_FILTER_CAP 512
-// k the filter serves: up to a warp's lanes the threshold may be one warp's k-th largest
-// lane maximum; past that only the second bound (below) applies.
-#define TK_FILTER_MAX_K 64
 // EOS ids a filtering thread reads before its logits' loads wait.
 #define TK_EOS_REGS 4
 
@@ -409,16 +406,17 @@ __device__ __forceinline__ unsigned int tk_warp_max32(unsigned int v) {
 #endif
 }
 
-// logprob_topk_slices_body's results for k <= TK_FILTER_MAX_K by a threshold instead of
+// logprob_topk_slices_body's results (any k up to TK_MAX_K) by a threshold instead of
 // sorts: each thread's largest key bounds the slice's k-th best from below once k threads
 // reach it. Two such bounds: a warp's k-th largest thread maximum (k <= 32), whose largest
 // over warps leaves k threads' keys at or above it, and a warp's ceil(k / 8)-th largest,
 // whose smallest over the 8 warps leaves 8 ceil(k / 8) >= k; theta is the larger. Only the
 // keys at or above theta (tens of a slice's 2048 on real logits) are gathered and ranked
 // by counting. Returns false, the whole block alike and before writing anything, when
-// more than TK_FILTER_CAP keys reach theta (many equal values); the caller then sorts. The sorting body spent about 900
-// instructions a thread on its per-thread sorts, k warp rounds over lists and rank
-// searches, and was issue-bound (31 us for 128 rows of 32000 tokens, ncu, H200).
+// more than TK_FILTER_CAP keys reach theta (many equal values); the caller then sorts.
+// The sorting body spent about 900 instructions a thread on its per-thread sorts, k warp
+// rounds over lists and rank searches, and was issue-bound (31 us for 128 rows of 32000
+// tokens, ncu, H200).
 template <typename T>
 __device__ bool logprob_topk_slices_filter(const T* logits, int vocab, int k,
                                            const int* mask_rows, const int* eos, int n_eos,
@@ -570,7 +568,7 @@ __device__ void logprob_topk_merge_body(const unsigned long long* cand, const fl
       const T* logits, int vocab, int k, const int* mask_rows, const int* eos, int n_eos,      \
       int filter, unsigned long long* cand, float* stats) {                                    \
     LS_PDL_WAIT();                                                                             \
-    if (filter && k <= TK_FILTER_MAX_K &&                                                      \
+    if (filter &&                                                                              \
         logprob_topk_slices_filter<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats))   \
       return;                                                                                  \
     logprob_topk_slices_body<T>(logits, vocab, k, mask_rows, eos, n_eos, cand, stats);         \
