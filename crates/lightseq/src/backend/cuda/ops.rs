@@ -352,7 +352,8 @@ fn flash_short_on() -> bool {
 }
 
 /// Whether the tensor-core flash kernel may run attention of more than one query: f16/bf16
-/// on sm_80 or later, head_dim a multiple of 16 up to 128, no bias table, unless
+/// on sm_80 or later, head_dim a multiple of 16 up to 128, a positive scale (the kernel
+/// takes the running max of unscaled scores), no bias table, unless
 /// LIGHTSEQ_FLASH_ATTENTION=0.
 fn flash_applies(dev: &super::CudaDevice, dt: DType, len_q: usize, o: &AttentionOptions) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -362,6 +363,8 @@ fn flash_applies(dev: &super::CudaDevice, dt: DType, len_q: usize, o: &Attention
         && dev.arch() >= (8, 0)
         && o.head_dim.is_multiple_of(16)
         && (16..=128).contains(&o.head_dim)
+        && o.scale > 0.0
+        && o.scale.is_finite()
         && o.bias.is_none()
 }
 

@@ -705,18 +705,150 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 // position q_offset + i and sees keys j with key_start[b] <= j < key_end[b], j <= q_offset +
 // i when causal and j > q_offset + i - window when window > 0; query head h reads key/value
 // head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
-// out is [batch, len_q, heads * d]. A block takes 16 * warps queries of one (sequence,
+// out is [batch, len_q, heads * d]; scale > 0. A block takes 16 * warps queries of one (sequence,
 // head) and walks the keys they see in tiles of BK staged in shared memory, in one
 // buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one.
 // Each warp keeps its 16 rows' scores, running max and sum and output in registers (online
 // softmax), so no score matrix goes through memory. The probabilities (unnormalized,
 // relative to the running max) are rounded to T before they multiply the values, the sum
-// is taken over the rounded ones, and the output is divided by it at the end; rows that
-// see no key are zero. BK is 64 (attn_flash_d*), or 32 (attn_flash_s_d*, for keys of at
-// most 32): at short lengths the kernel is one warp's serial walk, whose softmax and
-// packing over a 64-key tile were half masked-off work.
+// is taken over the rounded ones (by the same mma), and the output is divided by it at the
+// end; rows that see no key are zero. BK is 64 (attn_flash_d*), or 32 (attn_flash_s_d*, for
+// keys of at most 32): at short lengths the kernel is one warp's serial walk, whose
+// softmax and packing over a 64-key tile were half masked-off work.
 #define AF_BK 64
 #define AF_FAR (1 << 30)
+
+// 2^x by the special-function unit alone (ex2.approx.ftz); 2^-inf is 0. exp2f wraps the
+// same instruction in a fix-up for results below 2^-126, several instructions an element,
+// for probabilities that f16 rounds to zero anyway (bf16 would keep them as subnormals,
+// 2^-126 of the row's largest at most).
+__device__ __forceinline__ float af_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ldmatrix x4 (at_ldm) from a 32-bit shared address: the flash loop steps its operands'
+// addresses by constants from a per-lane base instead of recomputing 64-bit pointers.
+template <bool TRANS>
+__device__ __forceinline__ void af_ldm(unsigned int (&r)[4], unsigned int addr) {
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
+// Two ones of T in a register: as the mma's B operand, the product is A's row sums.
+template <typename T>
+__device__ __forceinline__ unsigned int af_ones();
+template <>
+__device__ __forceinline__ unsigned int af_ones<__half>() {
+  return 0x3c003c00u;
+}
+template <>
+__device__ __forceinline__ unsigned int af_ones<__nv_bfloat16>() {
+  return 0x3f803f80u;
+}
+
+// One key tile of a warp's 16 rows (attn_flash_body): the scores, the online softmax's
+// update of m (the running max of the unscaled scores), the sums `ls` and o, and o += p v.
+// qa, ka and va are this lane's ldmatrix addresses in q (its rows), the key tile and the
+// value tile (at_a, at_b_nk and at_b_kn's lane offsets), ld2 a shared row's bytes. Key
+// column c of the tile is visible to the thread's row x when c_lo[x] <= c < c_hi[x]; FULL:
+// every column of a whole tile is visible to every row of the warp, and nothing is masked.
+// sl2 = scale * log2(e) > 0. The row sums of the rounded probabilities come from the same
+// mma as o, against a column of ones (ls[0], ls[1]: row g; ls[2], ls[3]: row g + 8).
+template <typename T, int DMAX, int BK, bool FULL>
+__device__ __forceinline__ void af_tile(float (&o)[DMAX / 8][4], float (&ls)[4], float (&m)[2],
+                                        unsigned int qa, unsigned int ka, unsigned int va,
+                                        int ld2, int d, int nk, const int (&c_lo)[2],
+                                        const int (&c_hi)[2], float sl2) {
+  const int t = threadIdx.x & 3;
+  const int nkp = FULL ? BK : (nk + 15) & ~15;
+  float s[BK / 8][4];
+  at_zero(s);
+#pragma unroll
+  for (int kk = 0; kk < DMAX / 16; ++kk) {
+    if (kk * 16 >= d) break;
+    unsigned int a[4];
+    af_ldm<false>(a, qa + kk * 32);
+#pragma unroll
+    for (int n2 = 0; n2 < BK / 16; ++n2) {
+      if (n2 * 16 >= nkp) break;
+      unsigned int b[4];
+      af_ldm<false>(b, ka + n2 * 16 * ld2 + kk * 32);
+      ls_mma<T>(s[2 * n2], a, b[0], b[1]);
+      ls_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+  // The probabilities (relative to the running max), rounded to T and packed as the A
+  // operand of o += p v: sp[n][x] holds row x's keys 8n + 2t and 8n + 2t + 1.
+  unsigned int sp[BK / 8][2];
+  float corr[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    float mx = m[x];
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& y = s[n][2 * x + e];
+        if (!FULL) {
+          const int c = 8 * n + 2 * t + e;
+          if (c < c_lo[x] || c >= c_hi[x]) y = LS_NEG_INF;
+        }
+        mx = fmaxf(mx, y);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // Nothing seen yet (mx still -inf): nothing to rescale, every p is 2^-inf = 0.
+    const bool any = mx != LS_NEG_INF;
+    corr[x] = any ? af_exp2((m[x] - mx) * sl2) : 1.f;
+    const float nb = any ? -mx * sl2 : 0.f;
+    m[x] = mx;
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+      sp[n][x] = at_pack2<T>(af_exp2(fmaf(s[n][2 * x], sl2, nb)),
+                             af_exp2(fmaf(s[n][2 * x + 1], sl2, nb)));
+  }
+  // Past the first tiles the running max seldom moves: most tiles skip the rescale.
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+    ls[0] *= corr[0];
+    ls[1] *= corr[0];
+    ls[2] *= corr[1];
+    ls[3] *= corr[1];
+  }
+  // o += p [16, nkp] @ v [nkp, d], and the row sums; the probabilities are the A operand
+  // as they lie.
+  const unsigned int one = af_ones<T>();
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    if (kk * 16 >= nkp) break;
+    const unsigned int a[4] = {sp[2 * kk][0], sp[2 * kk][1], sp[2 * kk + 1][0],
+                               sp[2 * kk + 1][1]};
+    ls_mma<T>(ls, a, one, one);
+#pragma unroll
+    for (int n2 = 0; n2 < DMAX / 16; ++n2) {
+      if (n2 * 16 >= d) break;
+      unsigned int b[4];
+      af_ldm<true>(b, va + kk * 16 * ld2 + n2 * 32);
+      ls_mma<T>(o[2 * n2], a, b[0], b[1]);
+      ls_mma<T>(o[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
 
 template <typename T, int DMAX, int BK>
 __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
@@ -742,7 +874,7 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   if (window > 0) j_begin = max(j_begin, q_offset + q0 + 1 - window);
   const T* kg = k + b * k_bs + kh * d;
   const T* vg = v + b * v_bs + kh * d;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   const int r0 = warp * 16;
   // Keys [lo, hi) of this thread's rows r0 + g and r0 + g + 8 (none for rows past len_q).
   int lo[2], hi[2];
@@ -755,7 +887,15 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   const float sl2 = scale * LS_LOG2E;  // scores in base 2
   float o[DMAX / 8][4];
   at_zero(o);
-  float m[2] = {LS_NEG_INF, LS_NEG_INF}, l[2] = {0.f, 0.f};
+  float m[2] = {LS_NEG_INF, LS_NEG_INF}, ls[4] = {0.f, 0.f, 0.f, 0.f};
+  // This lane's ldmatrix addresses: q's A operand (at_a), the key tiles' B operand
+  // (at_b_nk) and the value tiles' (at_b_kn).
+  const int ld2 = ld * (int)sizeof(T);
+  const unsigned int qa = ls_smem_addr(qs) + (r0 + (lane & 15)) * ld2 + (lane >> 4) * 16;
+  const unsigned int k_lane = ((lane & 7) + (lane >> 4) * 8) * ld2 + ((lane >> 3) & 1) * 16;
+  const unsigned int v_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld2 + (lane >> 4) * 16;
+  const unsigned int ka0 = ls_smem_addr(k0s) + k_lane, ka1 = ls_smem_addr(k1s) + k_lane;
+  const unsigned int va0 = ls_smem_addr(v0s) + v_lane, va1 = ls_smem_addr(v1s) + v_lane;
   // Key and value rows [j0, j0 + BK) into (ks, vs), asynchronously where aligned.
   auto stage_tile = [&](int j0, T* ks, T* vs) {
     const int nk = min(BK, j_end - j0), nkp = (nk + 15) & ~15;
@@ -767,10 +907,9 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   ls_cp_commit();
   int tile_no = 0;
   for (int j0 = j_begin; j0 < j_end; j0 += BK, ++tile_no) {
-    const int nk = min(BK, j_end - j0), nkp = (nk + 15) & ~15;
+    const int nk = min(BK, j_end - j0);
     const bool odd = two && (tile_no & 1);
-    const T* ks = odd ? k1s : k0s;
-    const T* vs = odd ? v1s : v0s;
+    const unsigned int ka = odd ? ka1 : ka0, va = odd ? va1 : va0;
     __syncthreads();  // every warp is done with the previous tile (the other buffer)
     if (two) {
       if (j0 + BK < j_end) stage_tile(j0 + BK, odd ? k0s : k1s, odd ? v0s : v1s);
@@ -781,54 +920,21 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
       ls_cp_wait_all();
     }
     __syncthreads();
-    float s[BK / 8][4];
-    at_row_scores<T, DMAX, BK>(s, qs, ks, ld, r0, d, nkp);
+    // The tile's visible columns of each row; a warp whose rows see all of a whole tile
+    // (the common case away from the causal diagonal, windows and ragged ends) skips the
+    // masks.
+    int c_lo[2], c_hi[2];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
-      float mx = m[x];
-#pragma unroll
-      for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = 8 * n + 2 * t + e, j = j0 + c;
-          const bool on = c < nk && j >= lo[x] && j < hi[x];
-          float& y = s[n][2 * x + e];
-          y = on ? y * sl2 : LS_NEG_INF;
-          mx = fmaxf(mx, y);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // Nothing seen yet (mx still -inf): nothing to rescale, every p is 0.
-      const bool any = mx != LS_NEG_INF;
-      const float corr = any ? exp2f(m[x] - mx) : 1.f;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& y = s[n][2 * x + e];
-          y = any ? to_f(from_f<T>(exp2f(y - mx))) : 0.f;
-          sum += y;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      l[x] = l[x] * corr + sum;
-      m[x] = mx;
-#pragma unroll
-      for (int n = 0; n < DMAX / 8; ++n) {
-        o[n][2 * x] *= corr;
-        o[n][2 * x + 1] *= corr;
-      }
+      c_lo[x] = lo[x] - j0;
+      c_hi[x] = min(hi[x] - j0, nk);
     }
-    // o += p [16, nkp] @ v [nkp, d]; the probabilities are the A operand as they lie.
-    unsigned int sp[BK / 8][2];
-    at_pack_rows<T>(sp, s);
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      if (kk * 16 >= nkp) break;
-      const unsigned int a[4] = {sp[2 * kk][0], sp[2 * kk][1], sp[2 * kk + 1][0],
-                                 sp[2 * kk + 1][1]};
-      at_mma_kn<T, DMAX>(o, a, vs, ld, kk * 16, d);
+    const bool full = __all_sync(0xffffffffu, max(c_lo[0], c_lo[1]) <= 0 &&
+                                                  min(c_hi[0], c_hi[1]) >= BK);
+    if (full) {
+      af_tile<T, DMAX, BK, true>(o, ls, m, qa, ka, va, ld2, d, nk, c_lo, c_hi, sl2);
+    } else {
+      af_tile<T, DMAX, BK, false>(o, ls, m, qa, ka, va, ld2, d, nk, c_lo, c_hi, sl2);
     }
   }
   // With no key tile at all, q's copies may still be in flight.
@@ -836,7 +942,7 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   __syncthreads();
 #pragma unroll
   for (int x = 0; x < 2; ++x) {
-    const float inv = l[x] > 0.f ? 1.f / l[x] : 0.f;
+    const float l = ls[2 * x], inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int n = 0; n < DMAX / 8; ++n) {
       o[n][2 * x] *= inv;
@@ -848,9 +954,10 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                               (long long)heads * d, nq, r0, d, o, qs + r0 * ld, ld);
 }
 
-// P names the variant: attn_flash_d64_f16 (P empty), attn_flash_s_d64_f16 (P = _s).
-#define LS_ATTN_FLASH_ENTRY(T, S, DMAX, P, BK)                                               \
-  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS)                            \
+// P names the variant: attn_flash_d64_f16 (P empty), attn_flash_s_d64_f16 (P = _s); MINB is
+// the blocks an SM that registers are left for.
+#define LS_ATTN_FLASH_ENTRY(T, S, DMAX, P, BK, MINB)                                         \
+  extern "C" __global__ void __launch_bounds__(32 * AT_MAX_WARPS, MINB)                      \
       attn_flash##P##_d##DMAX##_##S(                                                         \
       const T* q, const T* k, const T* v, T* out, const int* key_start, const int* key_end,  \
       int len_q, int heads, int group, int d, long long q_bs, int q_rs, long long k_bs,      \
@@ -861,12 +968,13 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
                                  q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, causal, q_offset,       \
                                  window, scale, kv_stages);                                  \
   }
-#define LS_ATTN_FLASH(T, S, DMAX)                                                            \
-  LS_ATTN_FLASH_ENTRY(T, S, DMAX, , AF_BK)                                                   \
-  LS_ATTN_FLASH_ENTRY(T, S, DMAX, _s, AF_BK / 2)
+// MINB: 4 blocks an SM at head_dim 64 (128 registers), 3 at 128 (168).
+#define LS_ATTN_FLASH(T, S, DMAX, MINB)                                                      \
+  LS_ATTN_FLASH_ENTRY(T, S, DMAX, , AF_BK, MINB)                                             \
+  LS_ATTN_FLASH_ENTRY(T, S, DMAX, _s, AF_BK / 2, MINB)
 #ifdef LS_FLASH_MODULE
-LS_ATTN_FLASH(__half, f16, 64)
-LS_ATTN_FLASH(__half, f16, 128)
-LS_ATTN_FLASH(__nv_bfloat16, bf16, 64)
-LS_ATTN_FLASH(__nv_bfloat16, bf16, 128)
+LS_ATTN_FLASH(__half, f16, 64, 4)
+LS_ATTN_FLASH(__half, f16, 128, 3)
+LS_ATTN_FLASH(__nv_bfloat16, bf16, 64, 4)
+LS_ATTN_FLASH(__nv_bfloat16, bf16, 128, 3)
 #endif
