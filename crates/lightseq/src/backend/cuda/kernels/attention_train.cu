@@ -295,12 +295,19 @@ __device__ __forceinline__ void at_put_rows_staged(T* dst, long long stride, int
   __syncwarp();  // every lane is done reading the tile
   at_put_rows<T, DMAX>(tile, ld, 16, 0, d, acc);
   __syncwarp();
-  const int packs = d / N;
-  for (int p = lane; p < 16 * packs; p += 32) {
-    const int r = p / packs, c = (p - r * packs) * N;
+  // Lane takes packs lane, lane + 32, ... of the tile's 16 rows: (row, pack) stepped
+  // without a division a pack.
+  const int packs = d / N, dr = 32 / packs, dc = 32 - dr * packs;
+  for (int r = lane / packs, c = lane - r * packs; r < 16;) {
     if (r0 + r < rows)
-      *reinterpret_cast<LsPack<T>*>(dst + (r0 + r) * stride + c) =
-          *reinterpret_cast<const LsPack<T>*>(tile + r * ld + c);
+      *reinterpret_cast<LsPack<T>*>(dst + (r0 + r) * stride + c * N) =
+          *reinterpret_cast<const LsPack<T>*>(tile + r * ld + c * N);
+    r += dr;
+    c += dc;
+    if (c >= packs) {
+      c -= packs;
+      ++r;
+    }
   }
 }
 
@@ -896,9 +903,38 @@ __device__ void attn_flash_body(const T* q, const T* k, const T* v, T* out,
   const unsigned int v_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld2 + (lane >> 4) * 16;
   const unsigned int ka0 = ls_smem_addr(k0s) + k_lane, ka1 = ls_smem_addr(k1s) + k_lane;
   const unsigned int va0 = ls_smem_addr(v0s) + v_lane, va1 = ls_smem_addr(v1s) + v_lane;
-  // Key and value rows [j0, j0 + BK) into (ks, vs), asynchronously where aligned.
+  // Key and value rows [j0, j0 + BK) into (ks, vs), asynchronously where aligned. Aligned
+  // rows take at_stage's plan with its per-thread constants worked out once here: thread
+  // copies column pack sc of rows sr, sr + sstep, ... of both tiles (at_stage would divide
+  // by the packs a row for every tile).
+  constexpr int N = 16 / sizeof(T);
+  const int packs = d / N;
+  const bool fast = blockDim.x % packs == 0 && ls_aligned16(kg) && ls_aligned16(vg) &&
+                    k_rs % N == 0 && v_rs % N == 0;
+  const int sstep = blockDim.x / packs, sc = (threadIdx.x % packs) * N, sr = threadIdx.x / packs;
   auto stage_tile = [&](int j0, T* ks, T* vs) {
     const int nk = min(BK, j_end - j0), nkp = (nk + 15) & ~15;
+#if __CUDA_ARCH__ >= 800
+    if (fast) {
+      const T* kp = kg + (long long)(j0 + sr) * k_rs + sc;
+      const T* vp = vg + (long long)(j0 + sr) * v_rs + sc;
+      unsigned int kd = ls_smem_addr(ks + sr * ld + sc), vd = ls_smem_addr(vs + sr * ld + sc);
+      int r = sr;
+      for (; r < nk; r += sstep) {
+        ls_cp16_at(kd, kp);
+        ls_cp16_at(vd, vp);
+        kp += sstep * k_rs;
+        vp += sstep * v_rs;
+        kd += sstep * ld2;
+        vd += sstep * ld2;
+      }
+      for (; r < nkp; r += sstep) {
+        *reinterpret_cast<uint4*>(ks + r * ld + sc) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(vs + r * ld + sc) = make_uint4(0, 0, 0, 0);
+      }
+      return;
+    }
+#endif
     at_stage(ks, ld, kg + (long long)j0 * k_rs, nk, nkp, d, (long long)k_rs);
     at_stage(vs, ld, vg + (long long)j0 * v_rs, nk, nkp, d, (long long)v_rs);
   };
