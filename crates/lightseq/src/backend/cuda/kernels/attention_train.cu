@@ -799,9 +799,10 @@ __device__ __forceinline__ void af_tile(float (&o)[DMAX / 8][4], float (&ls)[4],
   float corr[2];
 #pragma unroll
   for (int x = 0; x < 2; ++x) {
-    float mx = m[x];
+    // The row's max by a tree (depth log2(BK / 4)), not a chain of BK / 4 dependent steps.
+    float tm[BK / 8];
 #pragma unroll
-    for (int n = 0; n < BK / 8; ++n)
+    for (int n = 0; n < BK / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& y = s[n][2 * x + e];
@@ -809,8 +810,14 @@ __device__ __forceinline__ void af_tile(float (&o)[DMAX / 8][4], float (&ls)[4],
           const int c = 8 * n + 2 * t + e;
           if (c < c_lo[x] || c >= c_hi[x]) y = LS_NEG_INF;
         }
-        mx = fmaxf(mx, y);
       }
+      tm[n] = fmaxf(s[n][2 * x], s[n][2 * x + 1]);
+    }
+#pragma unroll
+    for (int w = BK / 16; w >= 1; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) tm[n] = fmaxf(tm[n], tm[n + w]);
+    float mx = fmaxf(m[x], tm[0]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     // Nothing seen yet (mx still -inf): nothing to rescale, every p is 2^-inf = 0.
