@@ -48,19 +48,25 @@ __device__ __forceinline__ unsigned int at_pack2(float lo, float hi) {
 }
 
 // Four 8 x 8 matrices of 16-bit elements; lanes 8i..8i+7 give the row addresses of matrix
-// i. Plain: lane 4g + t gets (row g, columns 2t, 2t + 1) of each; transposed: (rows 2t,
-// 2t + 1, column g).
+// i (32-bit shared addresses, ls_smem_addr). Plain: lane 4g + t gets (row g, columns 2t,
+// 2t + 1) of each; transposed: (rows 2t, 2t + 1, column g).
 template <bool TRANS>
-__device__ __forceinline__ void at_ldm(unsigned int (&r)[4], const void* p) {
+__device__ __forceinline__ void at_ldm_at(unsigned int (&r)[4], unsigned int addr) {
   if (TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(ls_smem_addr(p)));
+                 : "r"(addr));
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(ls_smem_addr(p)));
+                 : "r"(addr));
   }
+}
+
+// at_ldm_at from a generic pointer into shared memory.
+template <bool TRANS>
+__device__ __forceinline__ void at_ldm(unsigned int (&r)[4], const void* p) {
+  at_ldm_at<TRANS>(r, ls_smem_addr(p));
 }
 
 // The mma's A operand (16 x 16 at row r0, column c0) of x [*, ld] held row-major.
@@ -735,21 +741,6 @@ __device__ __forceinline__ float af_exp2(float x) {
   return y;
 }
 
-// ldmatrix x4 (at_ldm) from a 32-bit shared address: the flash loop steps its operands'
-// addresses by constants from a per-lane base instead of recomputing 64-bit pointers.
-template <bool TRANS>
-__device__ __forceinline__ void af_ldm(unsigned int (&r)[4], unsigned int addr) {
-  if (TRANS) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-}
-
 // Two ones of T in a register: as the mma's B operand, the product is A's row sums.
 template <typename T>
 __device__ __forceinline__ unsigned int af_ones();
@@ -783,12 +774,12 @@ __device__ __forceinline__ void af_tile(float (&o)[DMAX / 8][4], float (&ls)[4],
   for (int kk = 0; kk < DMAX / 16; ++kk) {
     if (kk * 16 >= d) break;
     unsigned int a[4];
-    af_ldm<false>(a, qa + kk * 32);
+    at_ldm_at<false>(a, qa + kk * 32);
 #pragma unroll
     for (int n2 = 0; n2 < BK / 16; ++n2) {
       if (n2 * 16 >= nkp) break;
       unsigned int b[4];
-      af_ldm<false>(b, ka + n2 * 16 * ld2 + kk * 32);
+      at_ldm_at<false>(b, ka + n2 * 16 * ld2 + kk * 32);
       ls_mma<T>(s[2 * n2], a, b[0], b[1]);
       ls_mma<T>(s[2 * n2 + 1], a, b[2], b[3]);
     }
@@ -857,7 +848,7 @@ __device__ __forceinline__ void af_tile(float (&o)[DMAX / 8][4], float (&ls)[4],
     for (int n2 = 0; n2 < DMAX / 16; ++n2) {
       if (n2 * 16 >= d) break;
       unsigned int b[4];
-      af_ldm<true>(b, va + kk * 16 * ld2 + n2 * 32);
+      at_ldm_at<true>(b, va + kk * 16 * ld2 + n2 * 32);
       ls_mma<T>(o[2 * n2], a, b[0], b[1]);
       ls_mma<T>(o[2 * n2 + 1], a, b[2], b[3]);
     }
