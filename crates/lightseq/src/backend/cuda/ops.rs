@@ -422,7 +422,8 @@ fn decode_group_on() -> bool {
 /// on a 16-byte boundary and is 4, 8 or 16 whole packs, the tensor-core kernel for query
 /// rows that share their keys (f16/bf16 on sm_80+, q's rows aligned too, enough work) or
 /// else the scalar tiled one of that many packs; other rows take the two-phase kernel
-/// (attention.cu).
+/// (attention.cu). With the kernel's name comes whether it is the grouped one, whose
+/// blocks each take a (head, key sequence) rather than a (head, query row).
 fn decode_kernel(
     head_dim: usize,
     elem: u64,
@@ -430,7 +431,7 @@ fn decode_kernel(
     k: (u64, &[usize]),
     v: (u64, &[usize]),
     append: Option<&CacheAppend>,
-) -> &'static str {
+) -> (&'static str, bool) {
     let row = head_dim as u64 * elem;
     let whole = |n: usize| (n as u64 * elem).is_multiple_of(16);
     let rows_ok =
@@ -441,7 +442,7 @@ fn decode_kernel(
             && (a.cols.1.abs_diff(a.cols.0) as u64 * elem).is_multiple_of(16)
     });
     if !decode_tiles_on() || !row.is_multiple_of(16) || !rows_ok(k) || !rows_ok(v) || !step_ok {
-        return "attention_decode";
+        return ("attention_decode", false);
     }
     let q_ok = target.q.0.is_multiple_of(16) && target.q.1.is_multiple_of(16);
     let grouped = (2..=DECODE_GROUP_MAX).contains(&target.kv_div)
@@ -449,18 +450,19 @@ fn decode_kernel(
         && target.group_work >= DECODE_GROUP_MIN_WORK;
     if target.mma && q_ok && grouped && decode_group_on() {
         match row / 16 {
-            4 => return "attention_decode_g4",
-            8 => return "attention_decode_g8",
-            16 => return "attention_decode_g16",
+            4 => return ("attention_decode_g4", true),
+            8 => return ("attention_decode_g8", true),
+            16 => return ("attention_decode_g16", true),
             _ => {}
         }
     }
-    match row / 16 {
+    let name = match row / 16 {
         4 => "attention_decode_p4",
         8 => "attention_decode_p8",
         16 => "attention_decode_p16",
         _ => "attention_decode",
-    }
+    };
+    (name, false)
 }
 
 pub(crate) fn attention(
@@ -539,6 +541,7 @@ pub(crate) fn attention(
     );
     // Keys of at most half a tile take the kernel of half tiles.
     let short_keys = ks[1] <= FLASH_KEY_TILE / 2 && flash_short_on();
+    let mut grouped = false;
     let name = if flash {
         match (o.head_dim <= 64, short_keys) {
             (true, false) => "attn_flash_d64",
@@ -553,7 +556,9 @@ pub(crate) fn attention(
             kv_div,
             group_work: o.heads * ks[0] * ks[1],
         };
-        decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
+        let (name, g) = decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append);
+        grouped = g;
+        name
     } else if tiled {
         "attention_tiled"
     } else {
@@ -640,7 +645,7 @@ pub(crate) fn attention(
             .arg(&key_rows)
             .arg(&kv_div_i);
     }
-    let cfg = if decode && name.starts_with("attention_decode_g") {
+    let cfg = if grouped {
         LaunchConfig {
             grid_dim: (o.heads as u32, (batch / kv_div) as u32, 1),
             block_dim: (DEC_GROUP_THREADS, 1, 1),
