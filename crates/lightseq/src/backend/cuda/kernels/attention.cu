@@ -382,9 +382,10 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
 // split into a 16-bit part and its 16-bit remainder (about 22 significant bits in f16, 16
 // in bf16, against one part's 11 or 8). V^T's A operand is built from lane (g, c)'s
 // dimensions [g HD / 8, (g + 1) HD / 8) of keys 2c, 2c + 1, 2c + 8, 2c + 9, paired across
-// keys by byte permutes: m-tile t's rows g and g + 8 are dimensions g HD / 8 + 2t and + 1. The same products for one query row a block
-// (q as column 0 of 8) were measured and not kept: 12.06 / 10.98 us a launch against the
-// scalar tiles' 12.5 / 11.0 at Transformer-base 32 x 128 (ncu, H200), slower end to end.
+// keys by byte permutes: m-tile t's rows g and g + 8 are dimensions g HD / 8 + 2t and + 1.
+// The same products for one query row a block (q as column 0 of 8) were measured and not
+// kept: 12.06 / 10.98 us a launch against the scalar tiles' 12.5 / 11.0 at
+// Transformer-base 32 x 128 (ncu, H200), slower end to end.
 #if __CUDA_ARCH__ >= 800
 template <int W, typename T>
 __device__ __forceinline__ void dec_load_words(unsigned int (&w)[W], const T* p) {

@@ -718,9 +718,9 @@ LS_ATTN_SHORT(__nv_bfloat16, bf16, 128, 64, 3)
 // position q_offset + i and sees keys j with key_start[b] <= j < key_end[b], j <= q_offset +
 // i when causal and j > q_offset + i - window when window > 0; query head h reads key/value
 // head h / group. Head h of sequence b, row r, starts at x + b * x_bs + r * x_rs + h * d;
-// out is [batch, len_q, heads * d]; scale > 0. A block takes 16 * warps queries of one (sequence,
-// head) and walks the keys they see in tiles of BK staged in shared memory, in one
-// buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one.
+// out is [batch, len_q, heads * d]; scale > 0. A block takes 16 * warps queries of one
+// (sequence, head) and walks the keys they see in tiles of BK staged in shared memory, in
+// one buffer or (kv_stages = 2) two, the next tile's copies in flight over the current one.
 // Each warp keeps its 16 rows' scores, running max and sum and output in registers (online
 // softmax), so no score matrix goes through memory. The probabilities (unnormalized,
 // relative to the running max) are rounded to T before they multiply the values, the sum
