@@ -539,8 +539,8 @@ pub(crate) fn attention(
         kt.ptr() + k.col as u64 * elem,
         vt.ptr() + v.col as u64 * elem,
     );
-    // Keys of at most half a tile take the kernel of half tiles.
-    let short_keys = ks[1] <= FLASH_KEY_TILE / 2 && flash_short_on();
+    // Keys of at most half a tile take the flash kernel of half tiles.
+    let short_keys = flash && ks[1] <= FLASH_KEY_TILE / 2 && flash_short_on();
     let mut grouped = false;
     let name = if flash {
         match (o.head_dim <= 64, short_keys) {
