@@ -1,0 +1,162 @@
+// Latency of grid-wide barriers, of a flag handed between blocks, and of graph-launched
+// kernels (plain and with programmatic dependent launch) on the GPU at hand: what a decode
+// step's dependent stages cost before any work (docs/performance.md, session 33, item 4).
+// On the GPU machine: nvcc -O3 -arch=sm_90 -o sync_latency scripts/bench/sync_latency.cu
+// && ./sync_latency
+#include <cooperative_groups.h>
+#include <cstdio>
+#include <cuda_runtime.h>
+namespace cg = cooperative_groups;
+
+__global__ void coop_sync(int iters, int* sink) {
+  cg::grid_group g = cg::this_grid();
+  for (int i = 0; i < iters; ++i) g.sync();
+  if (threadIdx.x == 0 && blockIdx.x == 0) *sink = iters;
+}
+
+// Sense-reversing barrier on a global counter: thread 0 of each block arrives, the last
+// flips the generation; others spin on it.
+__device__ void my_barrier(unsigned int* count, volatile unsigned int* gen, unsigned int nblocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int g0 = *gen;
+    __threadfence();
+    if (atomicAdd(count, 1u) == nblocks - 1) {
+      *count = 0;
+      __threadfence();
+      *gen = g0 + 1;
+    } else {
+      while (*gen == g0) {}
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+__global__ void flag_sync(int iters, unsigned int* count, unsigned int* gen) {
+  for (int i = 0; i < iters; ++i) my_barrier(count, gen, gridDim.x);
+}
+
+// One block hands a flag to the next block in a chain (a producer/consumer dependency).
+__global__ void chain(int iters, volatile unsigned int* flags) {
+  const unsigned int b = blockIdx.x, n = gridDim.x;
+  for (int i = 0; i < iters; ++i) {
+    if (threadIdx.x == 0) {
+      const unsigned int want = i * n + b;
+      while (flags[0] != want) {}
+      __threadfence();
+      flags[0] = want + 1;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void empty_kernel() {}
+__global__ void empty_pdl() {
+  asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory");
+}
+
+int main() {
+  int dev = 0, sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceProp p;
+  cudaGetDeviceProperties(&p, dev);
+  printf("%s, %d SMs\n", p.name, sms);
+  int* sink;
+  unsigned int *count, *gen, *flags;
+  cudaMalloc(&sink, 4);
+  cudaMalloc(&count, 4);
+  cudaMalloc(&gen, 4);
+  cudaMalloc(&flags, 4);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  float ms;
+  for (int threads : {128, 256, 512}) {
+    int iters = 2000;
+    void* args[] = {&iters, &sink};
+    cudaLaunchCooperativeKernel((void*)coop_sync, sms, threads, args, 0, 0);
+    cudaEventRecord(a);
+    cudaLaunchCooperativeKernel((void*)coop_sync, sms, threads, args, 0, 0);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    printf("cg grid.sync, %d blocks x %d threads: %.3f us a barrier (%s)\n", sms, threads,
+           ms * 1e3 / iters, cudaGetErrorString(cudaGetLastError()));
+    cudaMemset(count, 0, 4);
+    cudaMemset(gen, 0, 4);
+    void* args2[] = {&iters, &count, &gen};
+    cudaLaunchCooperativeKernel((void*)flag_sync, sms, threads, args2, 0, 0);
+    cudaEventRecord(a);
+    cudaLaunchCooperativeKernel((void*)flag_sync, sms, threads, args2, 0, 0);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    printf("atomic barrier, %d blocks x %d threads: %.3f us a barrier (%s)\n", sms, threads,
+           ms * 1e3 / iters, cudaGetErrorString(cudaGetLastError()));
+  }
+  {
+    int iters = 200;
+    cudaMemset(flags, 0, 4);
+    void* args[] = {&iters, &flags};
+    cudaLaunchCooperativeKernel((void*)chain, sms, 128, args, 0, 0);
+    cudaDeviceSynchronize();
+    cudaMemset(flags, 0, 4);
+    cudaEventRecord(a);
+    cudaLaunchCooperativeKernel((void*)chain, sms, 128, args, 0, 0);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    printf("flag hand-off between blocks (SM to SM): %.3f us a hop (%s)\n",
+           ms * 1e3 / (iters * sms), cudaGetErrorString(cudaGetLastError()));
+  }
+  for (int nodes : {73, 200}) {
+    cudaStream_t s;
+    cudaStreamCreate(&s);
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    for (int i = 0; i < nodes; ++i) empty_kernel<<<sms, 128, 0, s>>>();
+    cudaStreamEndCapture(s, &g);
+    cudaGraphInstantiate(&ge, g, 0);
+    cudaGraphLaunch(ge, s);
+    cudaStreamSynchronize(s);
+    cudaEventRecord(a, s);
+    for (int r = 0; r < 20; ++r) cudaGraphLaunch(ge, s);
+    cudaEventRecord(b, s);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    printf("graph of %d empty %d-block kernels: %.3f us a kernel\n", nodes, sms,
+           ms * 1e3 / (20 * nodes));
+  }
+  for (int nodes : {73, 200}) {
+    cudaStream_t s;
+    cudaStreamCreate(&s);
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    for (int i = 0; i < nodes; ++i) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(sms);
+      cfg.blockDim = dim3(128);
+      cfg.stream = s;
+      cudaLaunchAttribute at[1];
+      at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      at[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = at;
+      cfg.numAttrs = 1;
+      cudaLaunchKernelEx(&cfg, empty_pdl);
+    }
+    cudaStreamEndCapture(s, &g);
+    cudaGraphInstantiate(&ge, g, 0);
+    cudaGraphLaunch(ge, s);
+    cudaStreamSynchronize(s);
+    cudaEventRecord(a, s);
+    for (int r = 0; r < 20; ++r) cudaGraphLaunch(ge, s);
+    cudaEventRecord(b, s);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+    printf("graph of %d empty %d-block kernels with programmatic dependent launch: %.3f us a kernel (%s)\n",
+           nodes, sms, ms * 1e3 / (20 * nodes), cudaGetErrorString(cudaGetLastError()));
+  }
+  return 0;
+}
