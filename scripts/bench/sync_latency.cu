@@ -55,6 +55,50 @@ __global__ void empty_pdl() {
   asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory");
 }
 
+// Microseconds a kernel when a graph of `nodes` empty kernels of `blocks` blocks replays
+// (20 replays after a warm one); with `pdl`, each launch allows programmatic dependent
+// launch and the kernel waits for its predecessor as ours do.
+float graph_us_per_kernel(int nodes, int blocks, bool pdl) {
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+  for (int i = 0; i < nodes; ++i) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(128);
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    if (pdl) {
+      cudaLaunchKernelEx(&cfg, empty_pdl);
+    } else {
+      cudaLaunchKernelEx(&cfg, empty_kernel);
+    }
+  }
+  cudaStreamEndCapture(s, &g);
+  cudaGraphInstantiate(&ge, g, 0);
+  cudaGraphLaunch(ge, s);
+  cudaStreamSynchronize(s);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  cudaEventRecord(a, s);
+  for (int r = 0; r < 20; ++r) cudaGraphLaunch(ge, s);
+  cudaEventRecord(b, s);
+  cudaEventSynchronize(b);
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, a, b);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+  return ms * 1e3f / (20 * nodes);
+}
+
 int main() {
   int dev = 0, sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -109,54 +153,12 @@ int main() {
     printf("flag hand-off between blocks (SM to SM): %.3f us a hop (%s)\n",
            ms * 1e3 / (iters * sms), cudaGetErrorString(cudaGetLastError()));
   }
-  for (int nodes : {73, 200}) {
-    cudaStream_t s;
-    cudaStreamCreate(&s);
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
-    for (int i = 0; i < nodes; ++i) empty_kernel<<<sms, 128, 0, s>>>();
-    cudaStreamEndCapture(s, &g);
-    cudaGraphInstantiate(&ge, g, 0);
-    cudaGraphLaunch(ge, s);
-    cudaStreamSynchronize(s);
-    cudaEventRecord(a, s);
-    for (int r = 0; r < 20; ++r) cudaGraphLaunch(ge, s);
-    cudaEventRecord(b, s);
-    cudaEventSynchronize(b);
-    cudaEventElapsedTime(&ms, a, b);
-    printf("graph of %d empty %d-block kernels: %.3f us a kernel\n", nodes, sms,
-           ms * 1e3 / (20 * nodes));
-  }
-  for (int nodes : {73, 200}) {
-    cudaStream_t s;
-    cudaStreamCreate(&s);
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
-    for (int i = 0; i < nodes; ++i) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(sms);
-      cfg.blockDim = dim3(128);
-      cfg.stream = s;
-      cudaLaunchAttribute at[1];
-      at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      at[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = at;
-      cfg.numAttrs = 1;
-      cudaLaunchKernelEx(&cfg, empty_pdl);
+  for (bool pdl : {false, true}) {
+    for (int nodes : {73, 200}) {
+      printf("graph of %d empty %d-block kernels%s: %.3f us a kernel (%s)\n", nodes, sms,
+             pdl ? " with programmatic dependent launch" : "", graph_us_per_kernel(nodes, sms, pdl),
+             cudaGetErrorString(cudaGetLastError()));
     }
-    cudaStreamEndCapture(s, &g);
-    cudaGraphInstantiate(&ge, g, 0);
-    cudaGraphLaunch(ge, s);
-    cudaStreamSynchronize(s);
-    cudaEventRecord(a, s);
-    for (int r = 0; r < 20; ++r) cudaGraphLaunch(ge, s);
-    cudaEventRecord(b, s);
-    cudaEventSynchronize(b);
-    cudaEventElapsedTime(&ms, a, b);
-    printf("graph of %d empty %d-block kernels with programmatic dependent launch: %.3f us a kernel (%s)\n",
-           nodes, sms, ms * 1e3 / (20 * nodes), cudaGetErrorString(cudaGetLastError()));
   }
   return 0;
 }
