@@ -552,6 +552,18 @@ fn run_general_shared(
     share: usize,
     q_aligned: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
+    run_general_scaled(dev, dt, case, share, q_aligned, 0.3)
+}
+
+/// [`run_general_shared`] with the scores scaled by `scale`.
+fn run_general_scaled(
+    dev: &Device,
+    dt: DType,
+    case: usize,
+    share: usize,
+    q_aligned: bool,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<(usize, usize)>, usize, usize) {
     let (b, lq, lk, heads, kvh, d, causal, q_offset, window, with_bias) = general_cases()[case];
     let (qc, qw) = if q_aligned {
         (0, heads * d + 8)
@@ -575,7 +587,7 @@ fn run_general_shared(
         heads,
         kv_heads: kvh,
         head_dim: d,
-        scale: 0.3,
+        scale,
         causal,
         q_offset,
         window,
@@ -628,7 +640,17 @@ fn cpu_general_attention_matches_naive() {
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "case {case} sharing keys by {share}: {err}");
     }
+    for (case, scale) in NON_POSITIVE_SCALES {
+        let (got, want, ..) = run_general_scaled(&Device::Cpu, DType::F32, case, 1, false, scale);
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "case {case} scale {scale}: {err}");
+    }
 }
+
+/// (case of `general_cases`, scale): scales the flash kernel does not take (it folds a
+/// positive scale into its exponent), on cases that it takes in 16 bits at scale 0.3 (a
+/// zero scale averages the visible values).
+const NON_POSITIVE_SCALES: [(usize, f32); 4] = [(9, -0.3), (10, 0.0), (11, -0.05), (13, -0.3)];
 
 fn naive_rms(x: &[f32], g: &[f32], h: usize, eps: f64) -> Vec<f32> {
     x.chunks(h)
@@ -755,6 +777,20 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
             eprintln!(
                 "attention case {case} keys shared by {share} q aligned {q_aligned} {dt:<5} rel err {eg:.2e}"
             );
+        }
+        for (case, scale) in NON_POSITIVE_SCALES {
+            let (g, want, ..) = run_general_scaled(&gpu, dt, case, 1, false, scale);
+            let (c, ..) = run_general_scaled(&cpu, dt, case, 1, false, scale);
+            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
+            assert!(
+                eg <= tol,
+                "attention case {case} scale {scale} {dt}: gpu vs cpu {eg}"
+            );
+            assert!(
+                ec <= 1e-5,
+                "attention case {case} scale {scale} {dt}: cpu vs naive {ec}"
+            );
+            eprintln!("attention case {case} scale {scale} {dt:<5} rel err {eg:.2e}");
         }
         let (rows, h) = (7, 1031);
         let (x, r, gm) = (randn(50, rows * h), randn(51, rows * h), randn(52, h));
