@@ -425,6 +425,12 @@ fn cubin_file(module: &KernelModule, arch: (i32, i32)) -> Result<Option<PathBuf>
     }))
 }
 
+/// Whether a cache file of `len` bytes holds a CUBIN: an empty one (a write cut short) is
+/// compiled again. The prewarm's check of the folder and the read share this rule.
+fn usable_cubin_len(len: u64) -> bool {
+    len > 0
+}
+
 /// A module's CUBIN for one arch once this process has it. The slot's lock is held while
 /// the CUBIN is read or compiled, so a second request (a kernel wanted while the prewarm
 /// compiles its module) waits for the first instead of compiling again.
@@ -457,7 +463,7 @@ fn cubin_from_disk_or_compile(module: &KernelModule, arch: (i32, i32)) -> Result
     let file = cubin_file(module, arch)?;
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
-            if !bytes.is_empty() {
+            if usable_cubin_len(bytes.len() as u64) {
                 return Ok(bytes);
             }
         }
@@ -563,7 +569,10 @@ pub fn prewarm(arch: (i32, i32), training: bool) -> Vec<std::thread::JoinHandle<
         }
         started.push(arch);
     }
-    let on_disk = |m: &KernelModule| matches!(cubin_file(m, arch), Ok(Some(f)) if std::fs::metadata(&f).is_ok_and(|md| md.len() > 0));
+    let on_disk = |m: &KernelModule| {
+        matches!(cubin_file(m, arch), Ok(Some(f))
+            if std::fs::metadata(&f).is_ok_and(|md| usable_cubin_len(md.len())))
+    };
     let mut missing: Vec<&'static KernelModule> = MODULES
         .iter()
         .filter(|m| training || !TRAINING_ONLY.contains(&m.name))
