@@ -541,14 +541,15 @@ pub(crate) fn attention(
     );
     // Keys of at most half a tile take the flash kernel of half tiles.
     let short_keys = flash && ks[1] <= FLASH_KEY_TILE / 2 && flash_short_on();
-    let mut grouped = false;
-    let name = if flash {
-        match (o.head_dim <= 64, short_keys) {
+    // The kernel, and whether it is the grouped decode kernel (its own launch shape).
+    let (name, grouped) = if flash {
+        let name = match (o.head_dim <= 64, short_keys) {
             (true, false) => "attn_flash_d64",
             (false, false) => "attn_flash_d128",
             (true, true) => "attn_flash_s_d64",
             (false, true) => "attn_flash_s_d128",
-        }
+        };
+        (name, false)
     } else if decode {
         let target = DecodeTarget {
             mma: matches!(qt.dtype(), DType::F16 | DType::BF16) && dev.arch() >= (8, 0),
@@ -556,13 +557,11 @@ pub(crate) fn attention(
             kv_div,
             group_work: o.heads * ks[0] * ks[1],
         };
-        let (name, g) = decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append);
-        grouped = g;
-        name
+        decode_kernel(o.head_dim, elem, target, (kp, ks), (vp, vs), append)
     } else if tiled {
-        "attention_tiled"
+        ("attention_tiled", false)
     } else {
-        "attention"
+        ("attention", false)
     };
     let f = dev.kernel(name, qt.dtype())?;
     let (op, sp) = (out.ptr(), ranges.ptr());
