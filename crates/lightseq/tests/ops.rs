@@ -750,13 +750,18 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
     let cpu = Device::Cpu;
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let tol = tolerance(dt);
+        // The GPU against the CPU (within the dtype's tolerance), the CPU against the f64
+        // reference.
+        let agree = |what: String, g: &[f32], c: &[f32], want: &[f32]| {
+            let (eg, ec) = (rel_err(g, c), rel_err(c, want));
+            assert!(eg <= tol, "attention {what} {dt}: gpu vs cpu {eg}");
+            assert!(ec <= 1e-5, "attention {what} {dt}: cpu vs naive {ec}");
+            eprintln!("attention {what} {dt:<5} rel err {eg:.2e}");
+        };
         for case in 0..general_cases().len() {
             let (g, want, ..) = run_general(&gpu, dt, case);
             let (c, ..) = run_general(&cpu, dt, case);
-            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
-            assert!(eg <= tol, "attention case {case} {dt}: gpu vs cpu {eg}");
-            assert!(ec <= 1e-5, "attention case {case} {dt}: cpu vs naive {ec}");
-            eprintln!("attention case {case} {dt:<5} rel err {eg:.2e}");
+            agree(format!("case {case}"), &g, &c, &want);
         }
         // Unaligned q, then aligned q (the grouped tensor-core decode kernel in f16/bf16 for
         // cases 14-16, whose steps have the work it needs), decode steps unshared too.
@@ -765,32 +770,13 @@ fn cuda_general_ops_match_cpu_for_every_dtype() {
         for ((case, share), q_aligned) in shared.chain(aligned.map(|c| (c, true))) {
             let (g, want, ..) = run_general_shared(&gpu, dt, case, share, q_aligned);
             let (c, ..) = run_general_shared(&cpu, dt, case, share, q_aligned);
-            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
-            assert!(
-                eg <= tol,
-                "attention case {case}/{share} (q aligned: {q_aligned}) {dt}: gpu vs cpu {eg}"
-            );
-            assert!(
-                ec <= 1e-5,
-                "attention case {case}/{share} (q aligned: {q_aligned}) {dt}: cpu vs naive {ec}"
-            );
-            eprintln!(
-                "attention case {case} keys shared by {share} q aligned {q_aligned} {dt:<5} rel err {eg:.2e}"
-            );
+            let what = format!("case {case} keys shared by {share} q aligned {q_aligned}");
+            agree(what, &g, &c, &want);
         }
         for (case, scale) in NON_POSITIVE_SCALES {
             let (g, want, ..) = run_general_scaled(&gpu, dt, case, 1, false, scale);
             let (c, ..) = run_general_scaled(&cpu, dt, case, 1, false, scale);
-            let (eg, ec) = (rel_err(&g, &c), rel_err(&c, &want));
-            assert!(
-                eg <= tol,
-                "attention case {case} scale {scale} {dt}: gpu vs cpu {eg}"
-            );
-            assert!(
-                ec <= 1e-5,
-                "attention case {case} scale {scale} {dt}: cpu vs naive {ec}"
-            );
-            eprintln!("attention case {case} scale {scale} {dt:<5} rel err {eg:.2e}");
+            agree(format!("case {case} scale {scale}"), &g, &c, &want);
         }
         let (rows, h) = (7, 1031);
         let (x, r, gm) = (randn(50, rows * h), randn(51, rows * h), randn(52, h));
