@@ -99,6 +99,26 @@ float graph_us_per_kernel(int nodes, int blocks, bool pdl) {
   return ms * 1e3f / (20 * nodes);
 }
 
+// Microseconds of one cooperative launch of `kernel` over `blocks` blocks, timed after a
+// warm one; `zero`, when set, is cleared before each launch.
+float coop_us(const void* kernel, void** args, int blocks, int threads, unsigned int* zero) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  float ms = 0.f;
+  for (int round = 0; round < 2; ++round) {
+    if (zero) cudaMemset(zero, 0, 4);
+    cudaEventRecord(a);
+    cudaLaunchCooperativeKernel(kernel, blocks, threads, args, 0, 0);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    cudaEventElapsedTime(&ms, a, b);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms * 1e3f;
+}
+
 int main() {
   int dev = 0, sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -111,47 +131,24 @@ int main() {
   cudaMalloc(&count, 4);
   cudaMalloc(&gen, 4);
   cudaMalloc(&flags, 4);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  float ms;
+  cudaMemset(gen, 0, 4);
   for (int threads : {128, 256, 512}) {
     int iters = 2000;
     void* args[] = {&iters, &sink};
-    cudaLaunchCooperativeKernel((void*)coop_sync, sms, threads, args, 0, 0);
-    cudaEventRecord(a);
-    cudaLaunchCooperativeKernel((void*)coop_sync, sms, threads, args, 0, 0);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    cudaEventElapsedTime(&ms, a, b);
+    float us = coop_us((void*)coop_sync, args, sms, threads, nullptr);
     printf("cg grid.sync, %d blocks x %d threads: %.3f us a barrier (%s)\n", sms, threads,
-           ms * 1e3 / iters, cudaGetErrorString(cudaGetLastError()));
-    cudaMemset(count, 0, 4);
-    cudaMemset(gen, 0, 4);
+           us / iters, cudaGetErrorString(cudaGetLastError()));
     void* args2[] = {&iters, &count, &gen};
-    cudaLaunchCooperativeKernel((void*)flag_sync, sms, threads, args2, 0, 0);
-    cudaEventRecord(a);
-    cudaLaunchCooperativeKernel((void*)flag_sync, sms, threads, args2, 0, 0);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    cudaEventElapsedTime(&ms, a, b);
+    us = coop_us((void*)flag_sync, args2, sms, threads, count);
     printf("atomic barrier, %d blocks x %d threads: %.3f us a barrier (%s)\n", sms, threads,
-           ms * 1e3 / iters, cudaGetErrorString(cudaGetLastError()));
+           us / iters, cudaGetErrorString(cudaGetLastError()));
   }
   {
     int iters = 200;
-    cudaMemset(flags, 0, 4);
     void* args[] = {&iters, &flags};
-    cudaLaunchCooperativeKernel((void*)chain, sms, 128, args, 0, 0);
-    cudaDeviceSynchronize();
-    cudaMemset(flags, 0, 4);
-    cudaEventRecord(a);
-    cudaLaunchCooperativeKernel((void*)chain, sms, 128, args, 0, 0);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    cudaEventElapsedTime(&ms, a, b);
-    printf("flag hand-off between blocks (SM to SM): %.3f us a hop (%s)\n",
-           ms * 1e3 / (iters * sms), cudaGetErrorString(cudaGetLastError()));
+    float us = coop_us((void*)chain, args, sms, 128, flags);
+    printf("flag hand-off between blocks (SM to SM): %.3f us a hop (%s)\n", us / (iters * sms),
+           cudaGetErrorString(cudaGetLastError()));
   }
   for (bool pdl : {false, true}) {
     for (int nodes : {73, 200}) {
