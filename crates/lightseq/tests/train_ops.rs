@@ -1249,6 +1249,59 @@ fn cuda_adam_step_matches_cpu() {
     }
 }
 
+/// A few-row linear right after the Adam step that rewrote its 16-bit weight copy reads the
+/// new weight: the few-row kernels read a weight before waiting for the kernel before them
+/// only while no kernel has written it since its upload.
+#[test]
+fn cuda_linear_after_adam_reads_the_new_weight() {
+    let Some(gpu) = gpu("cuda_linear_after_adam_reads_the_new_weight") else {
+        return;
+    };
+    let (m, n, k) = (4, 512, 512);
+    let hp = AdamHyper {
+        lr: 0.5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        decoupled: true,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let f = DType::F32;
+    for dt in [DType::F16, DType::BF16] {
+        let mut p = t(&randn(80, n * k), &[n, k], f, &gpu);
+        let mut copy = t(&randn(80, n * k), &[n, k], dt, &gpu);
+        let (mut mm, mut vv) = (
+            t(&vec![0.0; n * k], &[n, k], f, &gpu),
+            t(&vec![0.0; n * k], &[n, k], f, &gpu),
+        );
+        let x = t(&randn(81, m * k), &[m, k], dt, &gpu);
+        let b = t(&randn(82, n), &[n], dt, &gpu);
+        for step in 1..=3u64 {
+            let g = t(&randn(83 + step, n * k), &[n, k], f, &gpu);
+            let h = AdamHyper { step, ..hp };
+            ops::adam_step(&mut p, &g, &mut mm, &mut vv, Some(&mut copy), &h).unwrap();
+            let y = lightseq::ops::linear(&x, &copy, Some(&b), Activation::None).unwrap();
+            let cpu = Device::Cpu;
+            let want = lightseq::ops::linear(
+                &t(&x.to_f32_vec().unwrap(), &[m, k], dt, &cpu),
+                &t(&copy.to_f32_vec().unwrap(), &[n, k], dt, &cpu),
+                Some(&t(&b.to_f32_vec().unwrap(), &[n], dt, &cpu)),
+                Activation::None,
+            )
+            .unwrap();
+            check(
+                &format!("linear after adam step {step}"),
+                dt,
+                &y,
+                &want,
+                tol(dt),
+            );
+        }
+    }
+}
+
 /// The hyperparameters of the multi-tensor Adam tests (`step` is each slot's).
 fn multi_adam_hyper() -> AdamHyper {
     AdamHyper {

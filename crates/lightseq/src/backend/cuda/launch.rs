@@ -7,7 +7,7 @@
 //! with `LS_PDL_WAIT()` (griddepcontrol.wait), which holds it until the previous kernel's
 //! writes are visible, and then lets the next kernel start (griddepcontrol.launch_dependents).
 //! The overlap is the launch's latency, the block scheduling and what a kernel does before
-//! its wait (the few-row GEMMs prefetch their weights into L2), never a read of unfinished
+//! its wait (the few-row GEMMs read their weights), never a read of unfinished
 //! results. A decode step is ~90 kernels of 3-7 us each, where that latency is a visible
 //! share. Captured into a CUDA graph, the launch becomes a programmatic edge.
 //! `LIGHTSEQ_PDL=0` launches plainly, and so does a device whose driver refused a PDL

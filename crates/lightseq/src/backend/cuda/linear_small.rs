@@ -63,6 +63,13 @@ fn prefetch_off() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM_PREFETCH", "0")
 }
 
+/// Whether LIGHTSEQ_SMALL_GEMM_EARLY_W=0 keeps the kernels from reading their weight and
+/// bias before the wait for the kernel before them.
+fn early_w_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM_EARLY_W", "0")
+}
+
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
 /// or None where they do not apply: more rows than they take (see [`MAX_ROWS`] and
 /// [`MAX_ROWS_NARROW`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
@@ -121,7 +128,16 @@ pub(crate) fn linear_small(
         y.ptr(),
     );
     let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
-    let prefetch = i32::from(!prefetch_off());
+    // Mode 2 reads the first round of w and the bias into registers before the wait for
+    // the kernel before (what a decode step's GEMM waits on is x, not its weight): only for
+    // buffers no kernel has written since their upload, which no kernel still running can
+    // be writing. Mode 1 prefetches w into L2 before the wait, 0 does neither.
+    let unchanged = w.uploaded_unchanged() && b.is_none_or(|b| b.uploaded_unchanged());
+    let prefetch = if unchanged && !early_w_off() {
+        2
+    } else {
+        i32::from(!prefetch_off())
+    };
     let mut l = dev.launch(&f);
     l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
     l.arg(&mi).arg(&ni).arg(&ki).arg(&code).arg(&prefetch);

@@ -414,6 +414,7 @@ impl CudaDevice {
                 buf: ManuallyDrop::new(buf),
                 len,
                 arena: Some(arena),
+                uploaded_unchanged: AtomicBool::new(false),
             });
         }
         // Outside the arena during a capture: in the device stream's order, before the
@@ -434,6 +435,7 @@ impl CudaDevice {
             buf: ManuallyDrop::new(buf),
             len,
             arena: None,
+            uploaded_unchanged: AtomicBool::new(false),
         })
     }
 
@@ -463,6 +465,7 @@ impl CudaDevice {
             Buf::I32(_) => return Err(Error::op("upload", "float data for an i32 buffer")),
         };
         r.map_err(|e| cuda_err("host to device copy", e))?;
+        s.uploaded_unchanged.store(true, Ordering::Relaxed);
         Ok(s)
     }
 
@@ -518,6 +521,11 @@ pub struct CudaStorage {
     len: usize,
     /// The capture arena holding `buf`, for buffers allocated during a capture.
     arena: Option<Arc<graph::CaptureArena>>,
+    /// Whether the buffer holds what a host upload wrote and no kernel has written it since
+    /// (weights of a loaded model): no kernel still running can be writing it, so kernels
+    /// may read it before their programmatic-launch wait (linear_small.rs). Every op that
+    /// writes an existing buffer in place calls [`CudaStorage::mark_written`] first.
+    uploaded_unchanged: AtomicBool,
 }
 
 impl Drop for CudaStorage {
@@ -554,6 +562,16 @@ impl CudaStorage {
         self.len
     }
 
+    /// Whether the buffer still holds what a host upload wrote (see `uploaded_unchanged`).
+    pub(crate) fn uploaded_unchanged(&self) -> bool {
+        self.uploaded_unchanged.load(Ordering::Relaxed)
+    }
+
+    /// Records that a kernel is about to write this buffer in place.
+    pub(crate) fn mark_written(&self) {
+        self.uploaded_unchanged.store(false, Ordering::Relaxed);
+    }
+
     /// The raw device address, for kernel arguments and cuBLASLt.
     pub(crate) fn ptr(&self) -> u64 {
         let st = self.dev.stream();
@@ -567,6 +585,7 @@ impl CudaStorage {
 
     /// Sets every element to zero, on the stream.
     pub(crate) fn zero(&mut self) -> Result<()> {
+        self.mark_written();
         let st = self.dev.stream().clone();
         let r = match &mut *self.buf {
             Buf::F32(b) => st.memset_zeros(b),
@@ -579,6 +598,7 @@ impl CudaStorage {
 
     /// Overwrites this i32 buffer with `data` (same length) from the host.
     pub(crate) fn write_i32(&mut self, data: &[i32]) -> Result<()> {
+        self.mark_written();
         match &mut *self.buf {
             Buf::I32(b) if data.len() == self.len => {
                 if data.is_empty() {
@@ -598,6 +618,7 @@ impl CudaStorage {
 
     /// Copies `src` (same dtype and length) into this buffer on the stream.
     pub(crate) fn copy_from(&mut self, src: &CudaStorage) -> Result<()> {
+        self.mark_written();
         if src.dtype() != self.dtype() || src.len != self.len {
             return Err(crate::error::Error::op(
                 "copy",

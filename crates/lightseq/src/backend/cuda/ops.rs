@@ -494,6 +494,10 @@ pub(crate) fn attention(
         ));
     }
     let kv_div_i = kv_div as i32;
+    if append.is_some() {
+        kt.mark_written();
+        vt.mark_written();
+    }
     if batch > 0 && !flash && append.is_none() && kv_div == 1 {
         if let Some(out) = gemm_attention(q, k, v, o)? {
             return Ok(out);
@@ -848,6 +852,7 @@ pub(crate) fn reorder_prefix(
     row_stride: usize,
     prefix: usize,
 ) -> Result<()> {
+    xs.iter().for_each(|x| x.mark_written());
     let Some(first) = xs.first() else {
         return Ok(());
     };
@@ -873,6 +878,7 @@ pub(crate) fn reorder_prefix_one(
     row_stride: usize,
     prefix: usize,
 ) -> Result<()> {
+    x.mark_written();
     if rows == 0 || prefix == 0 {
         return Ok(());
     }
@@ -937,6 +943,7 @@ pub(crate) fn write_rows(
     row_on_device: Option<&CudaStorage>,
     g: &RowCopy,
 ) -> Result<()> {
+    dst.mark_written();
     let total = g.batch * g.rows * g.width;
     if total == 0 {
         return Ok(());
@@ -973,6 +980,8 @@ pub(crate) fn write_rows2(
     g: &RowCopy,
     src_col1: usize,
 ) -> Result<()> {
+    dst.0.mark_written();
+    dst.1.mark_written();
     let total = g.batch * g.rows * g.width;
     if total == 0 {
         return Ok(());

@@ -359,6 +359,8 @@ pub(crate) fn weight_grad_into(
     k: usize,
     dy_ld: usize,
 ) -> Result<()> {
+    acc.mark_written();
+    bias_acc.inspect(|b| b.mark_written());
     if n == 0 || k == 0 {
         return Ok(());
     }
@@ -429,6 +431,7 @@ pub(crate) fn input_grad_into(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    acc.mark_written();
     input_grad_ld(acc, 1.0, dy, n, w, rows, n, k)
 }
 
@@ -1121,6 +1124,7 @@ pub(crate) fn column_sum_into(
     cols: usize,
     ld: usize,
 ) -> Result<()> {
+    acc.mark_written();
     if rows * cols == 0 {
         return Ok(());
     }
@@ -1137,6 +1141,7 @@ pub(crate) fn column_sum_parts_into(
     cols: usize,
     ld: usize,
 ) -> Result<()> {
+    accs.iter().for_each(|a| a.mark_written());
     let outs = Outs::split(accs, cols)?;
     if rows * cols == 0 {
         return Ok(());
@@ -1168,6 +1173,7 @@ pub(crate) fn embedding_backward_into(
     vocab: usize,
     scale: f32,
 ) -> Result<()> {
+    acc.mark_written();
     let dev = dy.device();
     if n * h == 0 || vocab == 0 {
         return Ok(());
@@ -1421,6 +1427,12 @@ pub(crate) struct AdamBufs<'a> {
 /// [`adam_step`] over many parameters in one launch (a launch per parameter when the
 /// copies' dtypes differ).
 pub(crate) fn adam_step_many(slots: &[AdamBufs], h: &AdamHyper) -> Result<()> {
+    for s in slots {
+        s.param.mark_written();
+        s.m.mark_written();
+        s.v.mark_written();
+        s.copy.inspect(|c| c.mark_written());
+    }
     let Some(first) = slots.iter().find(|s| s.param.len() > 0) else {
         return Ok(());
     };
@@ -1521,6 +1533,7 @@ pub(crate) fn dropout(x: &CudaStorage, p: f32, seed: u64, offset: u64) -> Result
 }
 
 pub(crate) fn add_scaled_into(acc: &CudaStorage, x: &CudaStorage, alpha: f32) -> Result<()> {
+    acc.mark_written();
     if acc.len() == 0 {
         return Ok(());
     }
@@ -1566,6 +1579,7 @@ pub(crate) fn add_range_into(
     offset: usize,
     overwrite: bool,
 ) -> Result<()> {
+    acc.mark_written();
     if acc.len() == 0 {
         return Ok(());
     }

@@ -61,7 +61,7 @@ __device__ __forceinline__ float block_max(float v) {
 // its writes are visible (at once when the launch had no such dependency, and on older
 // GPUs, where it is nothing). It then lets the next kernel be scheduled: the next one's
 // blocks start as this one's free their slots, and whatever they do before their own wait
-// (the few-row GEMMs prefetch their weights into L2) overlaps this kernel's work. Before
+// (the few-row GEMMs read their weights) overlaps this kernel's work. Before
 // its wait a kernel may only prefetch, or read what no kernel still running may write.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define LS_PDL_WAIT() \

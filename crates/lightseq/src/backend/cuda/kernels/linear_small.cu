@@ -10,7 +10,10 @@
 // 2q + 1 and 2q + 8, 2q + 9, the loaded elements 8 q + 4 s + {0, 1} and {2, 3}. Each lane's
 // two 16-byte loads of a row thus become the A and B registers of both steps as loaded.
 // The warps' partial tiles meet in shared memory, where the epilogue (bias, activation,
-// residual) runs in f32 and y is rounded once.
+// residual) runs in f32 and y is rounded once. What a decode step's GEMM waits for is x:
+// the first round of w and the bias can be in registers before the wait for the kernel
+// before (where the host says no running kernel writes them), and the residual is read
+// right after it, so that the loop and the reduction hide its latency.
 // f16 and bf16 only (the mma has no f32 inputs), sm_80 and later.
 
 // Chunks a warp loads before its mma steps.
@@ -18,9 +21,29 @@
 // Warps a block has at most; the host sizes the shared memory as warps * MT * NT * 512 bytes.
 #define LSM_MAX_WARPS 16
 
+// Loads a warp's w of one round (chunks c0, c0 + warps, ..., LSM_CH of them) into wv.
+template <typename T, int NT>
+__device__ __forceinline__ void linear_small_load_w(uint4 (&wv)[LSM_CH][NT],
+                                                    const T* const (&wr)[NT], int c0, int warps,
+                                                    int chunks) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < LSM_CH; ++i) {
+    const int c = c0 + i * warps;
+    const bool ok = c < chunks;
+#pragma unroll
+    for (int b = 0; b < NT; ++b) {
+      wv[i][b] = ok && wr[b] ? __ldg(reinterpret_cast<const uint4*>(wr[b] + c * 32)) : zero;
+    }
+  }
+}
+
+// early_w: the warp's first round of w and the bias are read before LS_PDL_WAIT (the host
+// passes it only where no kernel that may still be running writes them); the residual is
+// read right after the wait, so that its latency passes behind the main loop.
 template <typename T, int MT, int NT>
 __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T* r, T* y,
-                                  int m, int n, int k, int act) {
+                                  int m, int n, int k, int act, bool early_w) {
   // [warp][tile value][lane]: the warps' partial accumulators (the host sizes it).
   extern __shared__ float red[];
   constexpr int VALS = MT * NT * 4;
@@ -53,18 +76,33 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
       xr[a][h] = row < m ? x + (long long)row * k + 8 * q : nullptr;
     }
   }
+  // The epilogue's first value of this thread (value v = threadIdx.x, see below): its bias
+  // and residual are read ahead of the loop.
+  const int v0 = threadIdx.x;
+  const int e0 = (v0 >> 5) & 3, tile0 = v0 >> 7;
+  const int row0 = 16 * (tile0 / NT) + ((v0 & 31) >> 2) + 8 * (e0 >> 1);
+  const int col0 = n0 + 8 * (tile0 % NT) + 2 * (v0 & 3) + (e0 & 1);
+  const bool has0 = v0 < VALS * 32 && row0 < m && col0 < n;
+  uint4 wv[LSM_CH][NT];
+  float bias0 = 0.f;
+  if (early_w) {
+    linear_small_load_w<T, NT>(wv, wr, warp, warps, chunks);
+    if (bias && has0) bias0 = to_f(bias[col0]);
+  }
+  LS_PDL_WAIT();
+  if (!early_w) {
+    linear_small_load_w<T, NT>(wv, wr, warp, warps, chunks);
+    if (bias && has0) bias0 = to_f(bias[col0]);
+  }
+  const float r0 = r && has0 ? to_f(r[(long long)row0 * n + col0]) : 0.f;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   for (int c0 = warp; c0 < chunks; c0 += warps * LSM_CH) {
-    uint4 wv[LSM_CH][NT], xv[LSM_CH][MT][2];
+    uint4 xv[LSM_CH][MT][2];
 #pragma unroll
     for (int i = 0; i < LSM_CH; ++i) {
       const int c = c0 + i * warps;
       const bool ok = c < chunks;
       const int off = c * 32;
-#pragma unroll
-      for (int b = 0; b < NT; ++b) {
-        wv[i][b] = ok && wr[b] ? __ldg(reinterpret_cast<const uint4*>(wr[b] + off)) : zero;
-      }
 #pragma unroll
       for (int a = 0; a < MT; ++a) {
 #pragma unroll
@@ -88,6 +126,8 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
         }
       }
     }
+    const int next = c0 + warps * LSM_CH;
+    if (next < chunks) linear_small_load_w<T, NT>(wv, wr, next, warps, chunks);
   }
 #pragma unroll
   for (int a = 0; a < MT; ++a) {
@@ -108,10 +148,11 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
     if (row >= m || col >= n) continue;
     float s = 0.f;
     for (int i = 0; i < warps; ++i) s += red[(i * VALS + (tile << 2) + e) * 32 + l];
-    if (bias) s += to_f(bias[col]);
+    const bool first = v == v0;
+    if (bias) s += first ? bias0 : to_f(bias[col]);
     s = activate(s, act);
     const long long at = (long long)row * n + col;
-    if (r) s += to_f(r[at]);
+    if (r) s += first ? r0 : to_f(r[at]);
     y[at] = from_f<T>(s);
   }
 }
@@ -119,7 +160,8 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
 // Warms L2 with the block's rows of w (8 NT of them, contiguous in w [n, k]) before
 // LS_PDL_WAIT, so that the weight's DRAM latency passes behind the kernel before. A prefetch
 // only fills L2, the point of coherence: the loads after the wait read current values even
-// where the kernel before writes w (an optimizer step).
+// where the kernel before writes w (an optimizer step). Where the host knows that no kernel
+// still running writes w (mode 2), the first round of w goes to registers before the wait.
 template <typename T, int NT>
 __device__ __forceinline__ void linear_small_prefetch(const T* w, int n, int k) {
   const int n0 = blockIdx.x * 8 * NT;
@@ -133,14 +175,14 @@ __device__ __forceinline__ void linear_small_prefetch(const T* w, int n, int k) 
 }
 
 // One row tile (m <= 16), or two (m <= 32: linear_small_m2_*; linear_small.rs says where
-// the host takes them).
+// the host takes them). prefetch: 0 nothing before the wait, 1 the L2 prefetch of w, 2 that
+// and the first round of w and the bias in registers.
 #define LS_LINEAR_SMALL(T, S, MT, NAME, NT)                                                   \
   extern "C" __global__ void __launch_bounds__(LSM_MAX_WARPS * 32)                            \
       NAME##_n##NT##_##S(const T* x, const T* w, const T* bias, const T* r, T* y, int m, int n, \
                          int k, int act, int prefetch) {                                      \
     if (prefetch) linear_small_prefetch<T, NT>(w, n, k);                                      \
-    LS_PDL_WAIT();                                                                            \
-    linear_small_body<T, MT, NT>(x, w, bias, r, y, m, n, k, act);                             \
+    linear_small_body<T, MT, NT>(x, w, bias, r, y, m, n, k, act, prefetch == 2);              \
   }
 #define LS_LINEAR_SMALL_ALL(T, S)                  \
   LS_LINEAR_SMALL(T, S, 1, linear_small, 2)        \
