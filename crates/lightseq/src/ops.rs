@@ -342,6 +342,28 @@ pub struct AttentionOptions<'a> {
 /// theirs, query sequence b attends to key sequence b / g (the beams of one source
 /// sharing its cross-attention keys and values, stored once).
 pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<Tensor> {
+    attention_with(q, k, v, o, false)
+}
+
+/// [`attention`] called right after the kernels that computed q (a layer's query
+/// projection): whatever else it reads (k, v, the key ranges) was written before those, so
+/// the CUDA decode kernels may read it before they wait for the kernel before them.
+pub(crate) fn attention_after_projection(
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Tensor> {
+    attention_with(q, k, v, o, true)
+}
+
+fn attention_with(
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+    settled: bool,
+) -> Result<Tensor> {
     const OP: &str = "attention";
     let dt = check_attention(OP, &q, &k, &v, o)?;
     let (batch, len_q) = (q.tensor.shape()[0], q.tensor.shape()[1]);
@@ -365,9 +387,10 @@ pub fn attention(q: Heads, k: Heads, v: Heads, o: &AttentionOptions) -> Result<T
             tensor: v_rows.as_ref().unwrap_or(&k_rows),
             col: v.col,
         };
-        return run_attention(dt, &q, &kh, &vh, o, None);
+        // The gather just wrote the keys and values.
+        return run_attention(dt, &q, &kh, &vh, o, None, false);
     }
-    run_attention(dt, &q, &k, &v, o, None)
+    run_attention(dt, &q, &k, &v, o, None, settled)
 }
 
 /// A step of cached self-attention: [`write_rows_pair`] of the step's keys and values
@@ -384,7 +407,7 @@ pub fn attention_cached(
     src_cols: (usize, usize),
     o: &AttentionOptions,
 ) -> Result<Tensor> {
-    attention_cached_rows(q, caches, row, row_on_device, src, src_cols, o, None)
+    attention_cached_rows(q, caches, row, row_on_device, src, src_cols, o, None, false)
 }
 
 /// [`attention_cached`] where key position j of sequence b lives in cache row
@@ -392,6 +415,9 @@ pub fn attention_cached(
 /// that table instead of moving the caches. The step's own keys and values go to each
 /// sequence's own row, so the table must name it at `row` and after. Values must be below
 /// batch (the CUDA kernel reads them unchecked; the decode state keeps them so).
+/// `settled`: called right after the kernels that computed q and `src` (the layer's
+/// projection), so that the caches, the table and the ranges were written before those
+/// (see [`attention_after_projection`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_cached_rows(
     q: Heads,
@@ -402,6 +428,7 @@ pub(crate) fn attention_cached_rows(
     src_cols: (usize, usize),
     o: &AttentionOptions,
     key_rows: Option<&Tensor>,
+    settled: bool,
 ) -> Result<Tensor> {
     const OP: &str = "attention_cached";
     let (kc, vc) = caches;
@@ -451,7 +478,8 @@ pub(crate) fn attention_cached_rows(
         };
         let (kt, vt) = gathered.as_ref().map_or((&*kc, &*vc), |(k, v)| (k, v));
         let (k, v) = (Heads { tensor: kt, col: 0 }, Heads { tensor: vt, col: 0 });
-        return run_attention(dt, &q, &k, &v, o, None);
+        // The rows were just written.
+        return run_attention(dt, &q, &k, &v, o, None, false);
     }
     // The checks of write_rows_pair, for the kernel's own writes.
     row_copy_pair(OP, (kc, vc), row, src, src_cols, width)?;
@@ -464,7 +492,7 @@ pub(crate) fn attention_cached_rows(
         key_rows: key_rows.map(|t| t.cuda(OP)).transpose()?,
     };
     let (k, v) = (Heads { tensor: kc, col: 0 }, Heads { tensor: vc, col: 0 });
-    run_attention(dt, &q, &k, &v, o, Some(&append))
+    run_attention(dt, &q, &k, &v, o, Some(&append), settled)
 }
 
 /// `x` [batch, len, width] with position j of sequence b taken from sequence
@@ -583,11 +611,12 @@ fn run_attention(
     v: &Heads,
     o: &AttentionOptions,
     append: Option<&cuda::ops::CacheAppend>,
+    settled: bool,
 ) -> Result<Tensor> {
     let (batch, len_q) = (q.tensor.shape()[0], q.tensor.shape()[1]);
     let storage = match &q.tensor.storage {
         Storage::CpuF32(_) => Storage::CpuF32(cpu::attention(q, k, v, o)?),
-        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(q, k, v, o, append)?),
+        Storage::Cuda(_) => Storage::Cuda(cuda::ops::attention(q, k, v, o, append, settled)?),
         Storage::CpuI32(_) => unreachable!("checked by same_float_dtype"),
     };
     Ok(Tensor::from_parts(

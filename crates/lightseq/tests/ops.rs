@@ -1159,3 +1159,98 @@ fn write_rows_pair_equals_two_writes() {
         }
     }
 }
+
+/// Decode steps of the attention layers (`nn::SelfAttention::forward_cached` appending to
+/// its cache, `nn::CrossAttention::forward` over a fixed memory), on CUDA against the CPU in
+/// f16 and bf16: the single-query kernels read the caches and ranges before they wait for
+/// the projection kernel before them, and q and the appended row after it. Head sizes of 4,
+/// 8 and 16 whole 16-byte packs (the tiled kernels), and 24 (the two-phase kernel); caches of
+/// more keys than one tile by the last step.
+#[test]
+fn cuda_attention_layer_steps_match_cpu() {
+    use lightseq::nn::{CrossAttention, KvCache, Linear, SelfAttention, SelfAttentionExtras};
+    let Some(gpu) = gpu("cuda_attention_layer_steps_match_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let lin = |seed: u64, n: usize, k: usize, dt: DType, d: &Device| Linear {
+        weight: t(
+            &randn(seed, n * k)
+                .iter()
+                .map(|v| v * 0.2)
+                .collect::<Vec<_>>(),
+            &[n, k],
+            dt,
+            d,
+        ),
+        bias: Some(t(&randn(seed + 1, n), &[n], dt, d)),
+    };
+    for dt in [DType::F16, DType::BF16] {
+        for (heads, head_dim, steps) in [(4, 32, 5), (8, 64, 70), (2, 128, 9), (3, 24, 6)] {
+            let (batch, hidden, src_len) = (4, 96, 11);
+            let qd = heads * head_dim;
+            let layers = |d: &Device| {
+                (
+                    SelfAttention {
+                        qkv: lin(30, 3 * qd, hidden, dt, d),
+                        out: lin(32, hidden, qd, dt, d),
+                        heads,
+                        kv_heads: heads,
+                        head_dim,
+                        scale: 0.4 / (head_dim as f32).sqrt(),
+                    },
+                    CrossAttention {
+                        q: lin(34, qd, hidden, dt, d),
+                        kv: lin(36, 2 * qd, hidden, dt, d),
+                        out: lin(38, hidden, qd, dt, d),
+                        heads,
+                        head_dim,
+                        scale: 0.4 / (head_dim as f32).sqrt(),
+                    },
+                )
+            };
+            let memory = randn(40, batch * src_len * hidden);
+            // Sources of different lengths: row b sees its first src_len - b keys.
+            let src_ranges: Vec<(usize, usize)> = (0..batch).map(|b| (0, src_len - b)).collect();
+            let run = |d: &Device| {
+                let (sa, ca) = layers(d);
+                let kv = ca
+                    .memory(
+                        &t(&memory, &[batch * src_len, hidden], dt, d),
+                        batch,
+                        src_len,
+                    )
+                    .unwrap();
+                let mut cache = KvCache::new(batch, steps, heads * head_dim, dt, d).unwrap();
+                let mut outs = Vec::new();
+                for step in 0..steps {
+                    let x = t(
+                        &randn(50 + step as u64, batch * hidden),
+                        &[batch, hidden],
+                        dt,
+                        d,
+                    );
+                    let ranges: Vec<(usize, usize)> = (0..batch).map(|_| (0, step + 1)).collect();
+                    let extras = SelfAttentionExtras::default();
+                    let a = sa
+                        .forward_cached(&x, batch, 1, &mut cache, step, &ranges, extras)
+                        .unwrap();
+                    let c = ca
+                        .forward(&a, batch, 1, &kv, &src_ranges, None, None)
+                        .unwrap();
+                    outs.push(c.to_f32_vec().unwrap());
+                }
+                outs
+            };
+            let (g, c) = (run(&gpu), run(&cpu));
+            for (step, (gs, cs)) in g.iter().zip(&c).enumerate() {
+                let err = rel_err(gs, cs);
+                assert!(
+                    err < tolerance(dt),
+                    "{dt} heads {heads} x {head_dim}, step {step}: rel err {err:.2e}"
+                );
+            }
+            eprintln!("attention layer steps {dt} {heads} x {head_dim}: {steps} steps ok");
+        }
+    }
+}

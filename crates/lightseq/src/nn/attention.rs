@@ -160,7 +160,8 @@ impl CrossAttention {
             bias,
             ranges_on_device,
         };
-        let a = ops::attention(
+        // The projection above is the last thing launched before.
+        let a = ops::attention_after_projection(
             Heads { tensor: &q, col: 0 },
             Heads { tensor: kv, col: 0 },
             Heads {
@@ -245,6 +246,8 @@ impl SelfAttention {
             (qd, qd + kd),
             &opts,
             cache.rows.as_deref(),
+            // The projection above is the last thing launched before.
+            true,
         )?
         .reshape(&[batch * t, qd])?;
         match extras.residual {

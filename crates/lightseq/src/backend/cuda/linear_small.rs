@@ -63,13 +63,6 @@ fn prefetch_off() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM_PREFETCH", "0")
 }
 
-/// Whether LIGHTSEQ_SMALL_GEMM_EARLY_W=0 keeps the kernels from reading their weight and
-/// bias before the wait for the kernel before them.
-fn early_w_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM_EARLY_W", "0")
-}
-
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
 /// or None where they do not apply: more rows than they take (see [`MAX_ROWS`] and
 /// [`MAX_ROWS_NARROW`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
@@ -133,7 +126,7 @@ pub(crate) fn linear_small(
     // buffers no kernel has written since their upload, which no kernel still running can
     // be writing. Mode 1 prefetches w into L2 before the wait, 0 does neither.
     let unchanged = w.uploaded_unchanged() && b.is_none_or(|b| b.uploaded_unchanged());
-    let prefetch = if unchanged && !early_w_off() {
+    let prefetch = if unchanged && !super::early_reads_off() {
         2
     } else {
         i32::from(!prefetch_off())

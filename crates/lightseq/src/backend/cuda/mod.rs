@@ -23,6 +23,15 @@ pub(crate) fn env_equals(cell: &'static std::sync::OnceLock<bool>, var: &str, va
     *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
 }
 
+/// `LIGHTSEQ_EARLY_READS=0`: kernels read nothing before their programmatic-launch wait
+/// (launch.rs) but the few-row GEMMs' L2 prefetch: no weights, biases or layer-norm
+/// parameters that no kernel has written since their upload, no caches of a decode step's
+/// attention.
+pub(crate) fn early_reads_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    env_equals(&OFF, "LIGHTSEQ_EARLY_READS", "0")
+}
+
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
 }

@@ -209,6 +209,10 @@ pub(crate) fn layer_norm(
         out.ptr(),
     );
     let hh = h as i32;
+    // gamma and beta before the wait where no kernel can be writing them.
+    let early = i32::from(
+        gamma.uploaded_unchanged() && beta.uploaded_unchanged() && !super::early_reads_off(),
+    );
     let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&rp)
@@ -216,7 +220,8 @@ pub(crate) fn layer_norm(
         .arg(&bp)
         .arg(&op)
         .arg(&hh)
-        .arg(&eps);
+        .arg(&eps)
+        .arg(&early);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (row_threads(h).min(512), 1, 1),
@@ -471,6 +476,7 @@ pub(crate) fn attention(
     v: &Heads,
     o: &AttentionOptions,
     append: Option<&CacheAppend>,
+    settled: bool,
 ) -> Result<CudaStorage> {
     const OP: &str = "attention";
     let (qt, kt, vt) = (q.tensor.cuda(OP)?, k.tensor.cuda(OP)?, v.tensor.cuda(OP)?);
@@ -639,6 +645,10 @@ pub(crate) fn attention(
         None => (0, 0, 0, 0, 0),
     };
     let key_rows = append.and_then(|a| a.key_rows).map_or(0, |t| t.ptr());
+    // The single-query kernels read the key ranges, the write position, the row table and
+    // their first tile of cached keys and values before waiting for the kernel before, where
+    // the caller vouches that that kernel wrote none of them (`settled`: it computed q).
+    let early = i32::from(settled && !grouped && !super::early_reads_off());
     if decode {
         l.arg(&kn)
             .arg(&kn_bs)
@@ -646,7 +656,8 @@ pub(crate) fn attention(
             .arg(&at_dev)
             .arg(&at)
             .arg(&key_rows)
-            .arg(&kv_div_i);
+            .arg(&kv_div_i)
+            .arg(&early);
     }
     let cfg = if grouped {
         LaunchConfig {

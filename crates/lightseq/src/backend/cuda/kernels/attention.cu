@@ -255,7 +255,8 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
                                        const T* v_head, float scale, const float* bias_table,
                                        const int* buckets,
                                        const T* kn_row, const T* vn_row, int wr,
-                                       const int* rows_b, float* qs, float* ps, float* vsum) {
+                                       const int* rows_b, float* qs, float* ps, float* vsum,
+                                       bool early) {
   constexpr int E = 16 / sizeof(T);
   constexpr int TPK = KP >= LS_DECODE_KEY_PACKS ? KP / LS_DECODE_KEY_PACKS : 1;
   constexpr int KPT = KP / TPK;
@@ -273,7 +274,6 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kk = tid / TPK, part = tid - kk * TPK;
   const int g = tid / KP, c = tid - g * KP;
-  const float qv = tid < head_dim ? to_f(q_row[tid]) * scale : 0.f;
   // Pack `pack` of key (value) j: in the cache row of its beam, or the appended row.
   auto key_pack = [&](int j, int pack) -> uint4 {
     const T* r = j == wr ? kn_row
@@ -291,17 +291,43 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
 #pragma unroll
   for (int u = 0; u < E; ++u) a[u] = 0.f;
   float run_max = LS_NEG_INF, run_sum = 0.f;
-  for (int tile = jb; tile < je; tile += TILE) {
+  uint4 kr[KPT], vr[VPT];
+  // A tile's key and value packs; with `cached_only`, the appended row's stay zero.
+  auto load_tile = [&](int tile, bool cached_only) {
     const int j = tile + kk;
-    uint4 kr[KPT], vr[VPT];
 #pragma unroll
-    for (int i = 0; i < KPT; ++i)
-      kr[i] = j < je ? key_pack(j, i * TPK + part) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < KPT; ++i) {
+      kr[i] = j < je && !(cached_only && j == wr) ? key_pack(j, i * TPK + part)
+                                                  : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
     for (int m = 0; m < VPT; ++m) {
       const int jv = tile + g + m * GROUPS;
-      vr[m] = jv < je ? value_pack(jv, c) : make_uint4(0, 0, 0, 0);
+      vr[m] = jv < je && !(cached_only && jv == wr) ? value_pack(jv, c) : make_uint4(0, 0, 0, 0);
     }
+  };
+  // early: the first tile's cached keys and values are read before the wait (the caller
+  // vouches that no kernel still running writes them), q and the appended row after it.
+  if (early) {
+    if (jb < je) load_tile(jb, true);
+    LS_PDL_WAIT();
+    if (jb < je) {
+      const int j = jb + kk;
+      if (j == wr) {
+#pragma unroll
+        for (int i = 0; i < KPT; ++i) kr[i] = key_pack(j, i * TPK + part);
+      }
+#pragma unroll
+      for (int m = 0; m < VPT; ++m) {
+        const int jv = jb + g + m * GROUPS;
+        if (jv == wr) vr[m] = value_pack(jv, c);
+      }
+    }
+  }
+  const float qv = tid < head_dim ? to_f(q_row[tid]) * scale : 0.f;
+  for (int tile = jb; tile < je; tile += TILE) {
+    const int j = tile + kk;
+    if (tile != jb || !early) load_tile(tile, false);
     if (tile == jb) {
       if (tid < head_dim) {
         const int pk = tid / E, i = pk / TPK;
@@ -639,7 +665,11 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                                       float scale, const float* bias_table, const int* buckets,
                                       const T* kn, long long kn_bs, int vn_off,
                                       const int* at_dev, int at, const int* key_rows,
-                                      int kv_div) {
+                                      int kv_div, bool early) {
+  // early (the packed kernels only): the key ranges, the write position, the row table and
+  // the first tile of the caches are read before the wait for the kernel before, which
+  // the caller vouches writes none of them (it wrote q and the appended row).
+  if (!early) LS_PDL_WAIT();
   __shared__ __align__(16) float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
   // Per key group, its share of the output row (packed value path): at most
@@ -683,8 +713,9 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
     // The host launches this only for rows of KP whole packs, aligned (ops.rs).
     attention_decode_tiles<T, KP>(q_row, o_row, jb, je, h, b, heads, head_dim, k_bs, k_rs, v_bs,
                                   v_rs, k_base, v_base, scale, bias_table, buckets, kn_row,
-                                  vn_row, wr, rows_b, qs, ps, vsum);
+                                  vn_row, wr, rows_b, qs, ps, vsum, early);
   } else {
+    if (early) LS_PDL_WAIT();
     for (int d = tid; d < head_dim; d += DEC_THREADS) qs[d] = to_f(q_row[d]) * scale;
     float acc[DEC_DIMS_PER_THREAD];
 #pragma unroll
@@ -800,20 +831,19 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
       int heads, int group, int head_dim, long long q_bs, int q_rs, long long k_bs, int k_rs,  \
       long long v_bs, int v_rs, int causal, int q_offset, int window, float scale,             \
       const float* bias_table, const int* buckets, const T* kn, long long kn_bs, int vn_off,   \
-      const int* at_dev, int at, const int* key_rows, int kv_div
+      const int* at_dev, int at, const int* key_rows, int kv_div, int early
 #define LS_DECODE_ARGS                                                                         \
   q, k, v, out, key_start, key_end, heads, group, head_dim, q_bs, k_bs, k_rs, v_bs, v_rs,      \
       causal, q_offset, window, scale, bias_table, buckets, kn, kn_bs, vn_off, at_dev, at,     \
-      key_rows, kv_div
+      key_rows, kv_div, early != 0
+// attention_decode_body waits for the kernel before (LS_PDL_WAIT), early or not.
 #define LS_DECODE_PACKED(T, S, KP)                                                             \
   extern "C" __global__ void __launch_bounds__(DEC_THREADS, 8) attention_decode_p##KP##_##S(   \
       LS_DECODE_PARAMS(T)) {                                                                   \
-    LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, KP>(LS_DECODE_ARGS);                                              \
   }
 #define LS_ATTENTION_DECODE(T, S)                                                              \
   extern "C" __global__ void attention_decode_##S(LS_DECODE_PARAMS(T)) {                        \
-    LS_PDL_WAIT();                                                                             \
     attention_decode_body<T, 0>(LS_DECODE_ARGS);                                               \
   }                                                                                            \
   LS_DECODE_PACKED(T, S, 4)                                                                    \

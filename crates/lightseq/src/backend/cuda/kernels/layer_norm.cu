@@ -1,10 +1,26 @@
 // Layer normalization of (x + residual) over rows of length h for few rows (many rows go
 // through train.cu's register-cached add_layer_norm): one block per row, two passes (mean,
-// then variance about the mean) with f32 sums.
+// then variance about the mean) with f32 sums. With `early`, a thread's first LN_EARLY
+// elements of gamma and beta are read before the wait for the kernel before (the host
+// passes it where no kernel has written them since their upload).
+
+#define LN_EARLY 4
 
 template <typename T>
 __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const T* beta, T* out,
-                                int h, float eps) {
+                                int h, float eps, bool early) {
+  float ge[LN_EARLY], be[LN_EARLY];
+  auto load_params = [&] {
+#pragma unroll
+    for (int i = 0; i < LN_EARLY; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      ge[i] = j < h ? to_f(gamma[j]) : 0.f;
+      be[i] = j < h ? to_f(beta[j]) : 0.f;
+    }
+  };
+  if (early) load_params();
+  LS_PDL_WAIT();
+  if (!early) load_params();
   const long long base = (long long)blockIdx.x * h;
   x += base;
   out += base;
@@ -18,7 +34,15 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
     s2 += d * d;
   }
   const float inv = rsqrtf(block_sum(s2) / h + eps);
-  for (int j = threadIdx.x; j < h; j += blockDim.x) {
+#pragma unroll
+  for (int i = 0; i < LN_EARLY; ++i) {
+    const int j = threadIdx.x + i * blockDim.x;
+    if (j < h) {
+      const float v = to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
+      out[j] = from_f<T>((v - mean) * inv * ge[i] + be[i]);
+    }
+  }
+  for (int j = threadIdx.x + LN_EARLY * blockDim.x; j < h; j += blockDim.x) {
     const float v = to_f(x[j]) + (res ? to_f(res[j]) : 0.f);
     out[j] = from_f<T>((v - mean) * inv * to_f(gamma[j]) + to_f(beta[j]));
   }
@@ -26,9 +50,9 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
 
 #define LS_LAYER_NORM(T, S)                                                                   \
   extern "C" __global__ void layer_norm_##S(const T* x, const T* res, const T* gamma,         \
-                                            const T* beta, T* out, int h, float eps) {        \
-    LS_PDL_WAIT();                                                                            \
-    layer_norm_body<T>(x, res, gamma, beta, out, h, eps);                                     \
+                                            const T* beta, T* out, int h, float eps,          \
+                                            int early) {                                      \
+    layer_norm_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                         \
   }
 LS_FLOAT_TYPES(LS_LAYER_NORM)
 
