@@ -532,8 +532,9 @@ pub struct CudaStorage {
     arena: Option<Arc<graph::CaptureArena>>,
     /// Whether the buffer holds what a host upload wrote and no kernel has written it since
     /// (weights of a loaded model): no kernel still running can be writing it, so kernels
-    /// may read it before their programmatic-launch wait (linear_small.rs). Every op that
-    /// writes an existing buffer in place calls [`CudaStorage::mark_written`] first.
+    /// may read it before their programmatic-launch wait (the few-row GEMMs' weights and
+    /// biases, the few-row layer norm's parameters). Every op that writes an existing buffer
+    /// in place calls [`CudaStorage::mark_written`] first.
     uploaded_unchanged: AtomicBool,
 }
 

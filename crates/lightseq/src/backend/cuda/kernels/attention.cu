@@ -307,7 +307,9 @@ __device__ void attention_decode_tiles(const T* q_row, T* o_row, int jb, int je,
     }
   };
   // early: the first tile's cached keys and values are read before the wait (the caller
-  // vouches that no kernel still running writes them), q and the appended row after it.
+  // vouches that no kernel still running writes them), q and the appended row after it
+  // (where the appended row lies past je its packs are never used: scores and weights of
+  // keys at or past je are masked below).
   if (early) {
     if (jb < je) load_tile(jb, true);
     LS_PDL_WAIT();
@@ -666,9 +668,9 @@ __device__ void attention_decode_body(const T* q, T* k, T* v, T* out, const int*
                                       const T* kn, long long kn_bs, int vn_off,
                                       const int* at_dev, int at, const int* key_rows,
                                       int kv_div, bool early) {
-  // early (the packed kernels only): the key ranges, the write position, the row table and
-  // the first tile of the caches are read before the wait for the kernel before, which
-  // the caller vouches writes none of them (it wrote q and the appended row).
+  // early: the key ranges, the write position, the row table and (the packed kernels) the
+  // first tile of the caches are read before the wait for the kernel before, which the
+  // caller vouches writes none of them (it wrote q and the appended row).
   if (!early) LS_PDL_WAIT();
   __shared__ __align__(16) float qs[ATT_MAX_DIM_PER_LANE * 32];
   __shared__ float ps[DEC_THREADS];
