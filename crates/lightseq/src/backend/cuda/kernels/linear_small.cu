@@ -85,15 +85,14 @@ __device__ void linear_small_body(const T* x, const T* w, const T* bias, const T
   const bool has0 = v0 < VALS * 32 && row0 < m && col0 < n;
   uint4 wv[LSM_CH][NT];
   float bias0 = 0.f;
-  if (early_w) {
+  // The first round of w and the first bias value: before the wait with early_w.
+  auto read_ahead = [&] {
     linear_small_load_w<T, NT>(wv, wr, warp, warps, chunks);
     if (bias && has0) bias0 = to_f(bias[col0]);
-  }
+  };
+  if (early_w) read_ahead();
   LS_PDL_WAIT();
-  if (!early_w) {
-    linear_small_load_w<T, NT>(wv, wr, warp, warps, chunks);
-    if (bias && has0) bias0 = to_f(bias[col0]);
-  }
+  if (!early_w) read_ahead();
   const float r0 = r && has0 ? to_f(r[(long long)row0 * n + col0]) : 0.f;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   for (int c0 = warp; c0 < chunks; c0 += warps * LSM_CH) {
