@@ -1189,6 +1189,7 @@ fn cuda_attention_layer_steps_match_cpu() {
         for (heads, head_dim, steps) in [(4, 32, 5), (8, 64, 70), (2, 128, 9), (3, 24, 6)] {
             let (batch, hidden, src_len) = (4, 96, 11);
             let qd = heads * head_dim;
+            let scale = 0.4 / (head_dim as f32).sqrt();
             let layers = |d: &Device| {
                 (
                     SelfAttention {
@@ -1197,7 +1198,7 @@ fn cuda_attention_layer_steps_match_cpu() {
                         heads,
                         kv_heads: heads,
                         head_dim,
-                        scale: 0.4 / (head_dim as f32).sqrt(),
+                        scale,
                     },
                     CrossAttention {
                         q: lin(34, qd, hidden, dt, d),
@@ -1205,7 +1206,7 @@ fn cuda_attention_layer_steps_match_cpu() {
                         out: lin(38, hidden, qd, dt, d),
                         heads,
                         head_dim,
-                        scale: 0.4 / (head_dim as f32).sqrt(),
+                        scale,
                     },
                 )
             };

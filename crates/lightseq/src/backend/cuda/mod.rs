@@ -533,8 +533,9 @@ pub struct CudaStorage {
     /// Whether the buffer holds what a host upload wrote and no kernel has written it since
     /// (weights of a loaded model): no kernel still running can be writing it, so kernels
     /// may read it before their programmatic-launch wait (the few-row GEMMs' weights and
-    /// biases, the few-row layer norm's parameters). Every op that writes an existing buffer
-    /// in place calls [`CudaStorage::mark_written`] first.
+    /// biases, the few-row layer norm's parameters). Every op that can write an existing
+    /// float buffer in place calls [`CudaStorage::mark_written`] first (only `upload_f32`
+    /// sets the flag, so i32 buffers never carry it).
     uploaded_unchanged: AtomicBool,
 }
 
@@ -608,7 +609,6 @@ impl CudaStorage {
 
     /// Overwrites this i32 buffer with `data` (same length) from the host.
     pub(crate) fn write_i32(&mut self, data: &[i32]) -> Result<()> {
-        self.mark_written();
         match &mut *self.buf {
             Buf::I32(b) if data.len() == self.len => {
                 if data.is_empty() {
