@@ -271,12 +271,12 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         };
         // Linear with and without bias, every activation: odd sizes (the activation pass
         // element by element), rows of whole 16-byte packs (pack by pack), and a head as
-        // wide as GPT2's vocabulary. In 16 bits, up to 16 rows with k a multiple of 32 go
-        // to the few-row kernels: one row and sixteen, columns past the last tile, fewer
-        // columns than a tile, k over one chunk or many warps' rounds, blocks of 16 and 32
-        // columns; up to 32 rows (two row tiles) where the weight is at most 512 on a side
-        // (27 x 700 x 512, 32 x 512 x 2048, and 29 x 8200 x 64 with blocks of 32 columns);
-        // more rows go to cuBLASLt.
+        // wide as GPT2's vocabulary. In 16 bits, up to 32 rows with k a multiple of 32 go
+        // to the few-row kernels: one row and sixteen (one row tile), columns past the last
+        // tile, fewer columns than a tile, k over one chunk or many warps' rounds, blocks of
+        // 16 and 32 columns; 17-32 rows take two row tiles (27 x 700 x 512, 32 x 512 x 2048,
+        // 29 x 8200 x 64 with blocks of 32 columns, 30 x 2304 x 768, 17 x 96 x 4096). More
+        // rows go to cuBLASLt, at the sizes of batched decode steps and short forwards too.
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),
@@ -291,6 +291,14 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (29, 8200, 64),
             (45, 1536, 512),
             (128, 520, 256),
+            (33, 768, 768),
+            (64, 3072, 768),
+            (100, 768, 3072),
+            (128, 2048, 512),
+            (17, 96, 4096),
+            (30, 2304, 768),
+            (120, 1000, 96),
+            (129, 64, 64),
         ] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {

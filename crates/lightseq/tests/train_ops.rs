@@ -319,8 +319,9 @@ fn cuda_linear_add_matches_cpu() {
     };
     let cpu = Device::Cpu;
     for dt in DTYPES {
-        // The last three: few rows with k a multiple of 32 (the few-row kernels in 16 bits;
-        // 30 rows over a weight at most 512 on a side take two row tiles).
+        // The last seven: rows with k a multiple of 32 (up to 32 go to the few-row kernels
+        // in 16 bits: 30 and 32 rows take two row tiles; an LM head's width, not a multiple
+        // of 8, goes to cuBLASLt, as do 48 and 128 rows).
         for (m, n, k, bias) in [
             (37, 53, 71, true),
             (64, 96, 40, false),
@@ -328,6 +329,10 @@ fn cuda_linear_add_matches_cpu() {
             (16, 768, 3072, true),
             (3, 21, 64, false),
             (30, 512, 2048, true),
+            (4, 33001, 512, true),
+            (128, 512, 2048, true),
+            (48, 700, 768, false),
+            (32, 768, 3072, true),
         ] {
             let (x, w, b, r) = (
                 randn(70, m * k),

@@ -9,16 +9,18 @@ use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
-/// Rows the kernels take by default where the narrower side of the weight (d_model, in a
-/// decode step) is over [`NARROW`]: one 16-row tile. At 1 row, GPT2 and Transformer-base
-/// generation ran ~1 ms faster than with cuBLASLt; at GPT2's 32 rows (768 wide) the two-tile
-/// kernels lost 4-6% to cuBLASLt on an H200 (inference runs 14 and 15's sessions).
-const MAX_ROWS: usize = 16;
-/// Rows the kernels take by default where the weight is at most [`NARROW`] on a side: two
-/// 16-row tiles, which beat cuBLASLt at Transformer-base's 32 rows (beam 4 at batch 8: 3-5%
-/// of the whole generation, four rounds, run 15's session).
-const MAX_ROWS_NARROW: usize = 32;
-/// The weight side up to which [`MAX_ROWS_NARROW`] applies.
+/// Rows the kernels take by default: two 16-row tiles. On sm_90, where they read the
+/// weight's first round before the wait (inference run 21 on), two tiles beat cuBLASLt at
+/// 17-32 rows of weights 768 wide and more too (H200, session 35: GPT2 sampling at 32 rows
+/// 16.8-17.1 -> 14.6-14.8 ms, BART-base beam 4 at batch 8 12.5-12.6 -> 9.9-10.1, BERT-base
+/// 1 x 32 0.40 -> 0.33, Transformer-big beam 4 at batch 8 12.3 -> 11.2).
+const MAX_ROWS: usize = 32;
+/// One tile: what the kernels take without the early weight reads (GPUs before sm_90)
+/// where the weight is over [`NARROW`] on a side (without them, at GPT2's 32 rows, 768
+/// wide, two tiles lost 4-6% to cuBLASLt: runs 14-15), and what LIGHTSEQ_SMALL_GEMM_ROWS=16
+/// limits them to everywhere.
+const ONE_TILE: usize = 16;
+/// The weight side up to which two tiles beat cuBLASLt without the early reads (run 15).
 const NARROW: usize = 512;
 /// Columns the kernels take at most: wider outputs (LM heads) are a long read of the weight,
 /// which cuBLASLt streams faster (GPT2's head at 32 rows: 64.5 us here against 27 us).
@@ -34,26 +36,17 @@ fn disabled() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_SMALL_GEMM", "0")
 }
 
-/// LIGHTSEQ_SMALL_GEMM_ROWS=16 or 32: the most rows the kernels take, in place of the
-/// default by shape.
-fn rows_override() -> Option<usize> {
-    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(
-        || match std::env::var("LIGHTSEQ_SMALL_GEMM_ROWS").as_deref() {
-            Ok("16") => Some(MAX_ROWS),
-            Ok("32") => Some(MAX_ROWS_NARROW),
-            _ => None,
-        },
-    )
-}
-
-/// The most rows the kernels take for a weight [n, k].
-fn max_rows(n: usize, k: usize) -> usize {
-    rows_override().unwrap_or(if n.min(k) <= NARROW {
-        MAX_ROWS_NARROW
+/// The most rows the kernels take for a weight [n, k] on a GPU of compute capability
+/// `arch`: LIGHTSEQ_SMALL_GEMM_ROWS=16 keeps them to one tile.
+fn max_rows(n: usize, k: usize, arch: (i32, i32)) -> usize {
+    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if super::env_equals(&ONE, "LIGHTSEQ_SMALL_GEMM_ROWS", "16")
+        || (arch < (9, 0) && n.min(k) > NARROW)
+    {
+        ONE_TILE
     } else {
         MAX_ROWS
-    })
+    }
 }
 
 /// Whether LIGHTSEQ_SMALL_GEMM_PREFETCH=0 turns off the kernels' L2 prefetch of their
@@ -64,8 +57,7 @@ fn prefetch_off() -> bool {
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
-/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`] and
-/// [`MAX_ROWS_NARROW`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
+/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
 /// before sm_80, operands not 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_small(
@@ -81,7 +73,7 @@ pub(crate) fn linear_small(
     let dev = x.device();
     let dt = x.dtype();
     let applies = !disabled()
-        && (1..=max_rows(n, k)).contains(&m)
+        && (1..=max_rows(n, k, dev.arch())).contains(&m)
         && (1..=MAX_COLS).contains(&n)
         && k.is_multiple_of(32)
         && k > 0
