@@ -275,8 +275,9 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // to the few-row kernels: one row and sixteen (one row tile), columns past the last
         // tile, fewer columns than a tile, k over one chunk or many warps' rounds, blocks of
         // 16 and 32 columns; 17-32 rows take two row tiles (27 x 700 x 512, 32 x 512 x 2048,
-        // 29 x 8200 x 64 with blocks of 32 columns, 30 x 2304 x 768, 17 x 96 x 4096). More
-        // rows go to cuBLASLt, at the sizes of batched decode steps and short forwards too.
+        // 29 x 8200 x 64 with blocks of 32 columns, 17 x 96 x 4096, and on sm_90 and later
+        // 30 x 2304 x 768). More rows go to cuBLASLt, at the sizes of batched decode steps
+        // and short forwards too.
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),

@@ -320,8 +320,9 @@ fn cuda_linear_add_matches_cpu() {
     let cpu = Device::Cpu;
     for dt in DTYPES {
         // The last seven: rows with k a multiple of 32 (up to 32 go to the few-row kernels
-        // in 16 bits: 30 and 32 rows take two row tiles; an LM head's width, not a multiple
-        // of 8, goes to cuBLASLt, as do 48 and 128 rows).
+        // in 16 bits: 30 rows take two row tiles, and 32 rows of 768 x 3072 on sm_90 and
+        // later; an LM head wider than 16384 goes to cuBLASLt, in two column parts as its
+        // width is not a multiple of 8, and so do 48 and 128 rows).
         for (m, n, k, bias) in [
             (37, 53, 71, true),
             (64, 96, 40, false),

@@ -9,8 +9,9 @@ use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
-/// Rows the kernels take by default: two 16-row tiles. On sm_90, where they read the
-/// weight's first round before the wait (inference run 21 on), two tiles beat cuBLASLt at
+/// Rows the kernels take by default: two 16-row tiles. On sm_90 and later, where they
+/// read the weight's first round before the wait (inference run 21 on; the choice is by
+/// GPU, so it stands where those reads are off for a weight), two tiles beat cuBLASLt at
 /// 17-32 rows of weights 768 wide and more too (H200, session 35: GPT2 sampling at 32 rows
 /// 16.8-17.1 -> 14.6-14.8 ms, BART-base beam 4 at batch 8 12.5-12.6 -> 9.9-10.1, BERT-base
 /// 1 x 32 0.40 -> 0.33, Transformer-big beam 4 at batch 8 12.3 -> 11.2).
@@ -57,8 +58,9 @@ fn prefetch_off() -> bool {
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the few-row kernels,
-/// or None where they do not apply: more rows than they take (see [`MAX_ROWS`]) or more than [`MAX_COLS`] columns, k not a multiple of 32, f32, a GPU
-/// before sm_80, operands not 16-byte aligned.
+/// or None where they do not apply: more rows than they take ([`MAX_ROWS`], or
+/// [`ONE_TILE`]: see `max_rows`), more than [`MAX_COLS`] columns, k not a multiple of 32,
+/// f32, a GPU before sm_80, operands not 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_small(
     x: &CudaStorage,
