@@ -276,8 +276,12 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // tile, fewer columns than a tile, k over one chunk or many warps' rounds, blocks of
         // 16 and 32 columns; 17-32 rows take two row tiles (27 x 700 x 512, 32 x 512 x 2048,
         // 29 x 8200 x 64 with blocks of 32 columns, 17 x 96 x 4096, and on sm_90 and later
-        // 30 x 2304 x 768). More rows go to cuBLASLt, at the sizes of batched decode steps
-        // and short forwards too.
+        // 30 x 2304 x 768). On sm_90, 33-128 rows (and fewer where k is not a multiple of
+        // 32) go to the warpgroup-MMA kernel where its blocks fit: 33 x 768 x 768,
+        // 64 x 3072 x 768, 128 x 2048 x 512, 45 x 1536 x 512 in clusters of 4-8 blocks;
+        // 24 x 64 x 40 and 120 x 1000 x 96 with a part-filled chunk of k; 128 x 520 x 256
+        // with a part-filled block of columns. The rest (100 x 768 x 3072, 129 x 64 x 64)
+        // go to cuBLASLt, at the sizes of batched decode steps and short forwards too.
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),

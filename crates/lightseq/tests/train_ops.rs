@@ -1263,7 +1263,14 @@ fn cuda_linear_after_adam_reads_the_new_weight() {
     let Some(gpu) = gpu("cuda_linear_after_adam_reads_the_new_weight") else {
         return;
     };
-    let (m, n, k) = (4, 512, 512);
+    // 4 rows: the few-row kernels; 64: the warpgroup-MMA kernel on sm_90.
+    for m in [4, 64] {
+        linear_after_adam(&gpu, m);
+    }
+}
+
+fn linear_after_adam(gpu: &Device, m: usize) {
+    let (n, k) = (512, 512);
     let hp = AdamHyper {
         lr: 0.5,
         beta1: 0.9,
@@ -1276,16 +1283,16 @@ fn cuda_linear_after_adam_reads_the_new_weight() {
     };
     let f = DType::F32;
     for dt in [DType::F16, DType::BF16] {
-        let mut p = t(&randn(80, n * k), &[n, k], f, &gpu);
-        let mut copy = t(&randn(80, n * k), &[n, k], dt, &gpu);
+        let mut p = t(&randn(80, n * k), &[n, k], f, gpu);
+        let mut copy = t(&randn(80, n * k), &[n, k], dt, gpu);
         let (mut mm, mut vv) = (
-            t(&vec![0.0; n * k], &[n, k], f, &gpu),
-            t(&vec![0.0; n * k], &[n, k], f, &gpu),
+            t(&vec![0.0; n * k], &[n, k], f, gpu),
+            t(&vec![0.0; n * k], &[n, k], f, gpu),
         );
-        let x = t(&randn(81, m * k), &[m, k], dt, &gpu);
-        let b = t(&randn(82, n), &[n], dt, &gpu);
+        let x = t(&randn(81, m * k), &[m, k], dt, gpu);
+        let b = t(&randn(82, n), &[n], dt, gpu);
         for step in 1..=3u64 {
-            let g = t(&randn(83 + step, n * k), &[n, k], f, &gpu);
+            let g = t(&randn(83 + step, n * k), &[n, k], f, gpu);
             let h = AdamHyper { step, ..hp };
             ops::adam_step(&mut p, &g, &mut mm, &mut vv, Some(&mut copy), &h).unwrap();
             let y = lightseq::ops::linear(&x, &copy, Some(&b), Activation::None).unwrap();

@@ -85,14 +85,44 @@ impl<'a> Launch<'a> {
         )?;
         // The plain launch went through where the PDL one did not: PDL is what failed.
         if let Some(e) = pdl_error {
-            if self.pdl.swap(false, Ordering::Relaxed) {
-                eprintln!(
-                    "lightseq: the driver refused a programmatic dependent launch ({e:?}); \
-                     kernels on this device launch plainly from now on"
-                );
-            }
+            self.pdl_failed(e);
         }
         Ok(())
+    }
+
+    /// Enqueues the kernel in thread-block clusters of `cluster` blocks (sm_90 and later;
+    /// the grid a whole number of clusters in each dimension), with PDL where it is on.
+    ///
+    /// # Safety
+    /// As for [`Launch::launch`].
+    pub(crate) unsafe fn launch_cluster(
+        &mut self,
+        cfg: LaunchConfig,
+        cluster: (u32, u32, u32),
+    ) -> Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        if self.pdl.load(Ordering::Relaxed) {
+            match self.launch_ex(cfg, Some(cluster), true) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.launch_ex(cfg, Some(cluster), false)?;
+                    self.pdl_failed(e);
+                    return Ok(());
+                }
+            }
+        }
+        self.launch_ex(cfg, Some(cluster), false)
+    }
+
+    /// Turns PDL off for the device after a PDL launch failed where a plain one went
+    /// through.
+    fn pdl_failed(&self, e: DriverError) {
+        if self.pdl.swap(false, Ordering::Relaxed) {
+            eprintln!(
+                "lightseq: the driver refused a programmatic dependent launch ({e:?}); \
+                 kernels on this device launch plainly from now on"
+            );
+        }
     }
 
     /// The launch with the programmatic-stream-serialization attribute.
@@ -100,11 +130,38 @@ impl<'a> Launch<'a> {
     /// # Safety
     /// As for [`Launch::launch`].
     unsafe fn launch_pdl(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        self.launch_ex(cfg, None, true)
+    }
+
+    /// `cuLaunchKernelEx` with a cluster shape and the programmatic-stream-serialization
+    /// attribute, each where asked.
+    ///
+    /// # Safety
+    /// As for [`Launch::launch`].
+    unsafe fn launch_ex(
+        &mut self,
+        cfg: LaunchConfig,
+        cluster: Option<(u32, u32, u32)>,
+        pdl: bool,
+    ) -> Result<(), DriverError> {
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
-        // SAFETY (of the zeroed value): a plain C struct of integers and a union of them.
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        // SAFETY (of the zeroed values): plain C structs of integers and a union of them.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut count = 0;
+        if pdl {
+            let a = &mut attrs[count];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            count += 1;
+        }
+        if let Some((x, y, z)) = cluster {
+            let a = &mut attrs[count];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            a.value.clusterDim.x = x;
+            a.value.clusterDim.y = y;
+            a.value.clusterDim.z = z;
+            count += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: g.0,
             gridDimY: g.1,
@@ -114,8 +171,8 @@ impl<'a> Launch<'a> {
             blockDimZ: b.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: count as u32,
         };
         sys::cuLaunchKernelEx(
             &config,

@@ -5,6 +5,7 @@ mod blaslt;
 pub(crate) mod graph;
 mod launch;
 mod linear_small;
+mod linear_wg;
 pub mod nvrtc;
 pub(crate) mod ops;
 pub(crate) mod train_ops;

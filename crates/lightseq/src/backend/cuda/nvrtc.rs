@@ -209,7 +209,40 @@ pub const MODULES: &[KernelModule] = &[
         defines: &[],
         half_kernels: &[],
     },
+    KernelModule {
+        name: "linear_wg",
+        source: include_str!("kernels/linear_wg.cu"),
+        kernels: &[
+            "linear_wg_n8",
+            "linear_wg_n16",
+            "linear_wg_n32",
+            "linear_wg_n64",
+        ],
+        dtypes: &[DType::F16, DType::BF16],
+        defines: &[],
+        half_kernels: &[],
+    },
 ];
+
+/// Modules of sm_90a's own instructions (the warpgroup MMA): compiled for `sm_90a`, and
+/// only for GPUs of compute capability 9.0, since later architectures lack them.
+const SM90A_ONLY: &[&str] = &["linear_wg"];
+
+/// Whether `module` can be built for a GPU of compute capability `arch`.
+pub fn module_supports(module: &KernelModule, arch: (i32, i32)) -> bool {
+    !SM90A_ONLY.contains(&module.name) || arch == (9, 0)
+}
+
+/// NVRTC's target for `module` on `arch`: `sm_XY`, or `sm_90a` for the modules of its own
+/// instructions.
+fn target(module: &KernelModule, arch: (i32, i32)) -> String {
+    let suffix = if SM90A_ONLY.contains(&module.name) {
+        "a"
+    } else {
+        ""
+    };
+    format!("sm_{}{}{suffix}", arch.0, arch.1)
+}
 
 /// Float dtypes kernels are instantiated for, unless their module says otherwise.
 pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -359,6 +392,12 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
 
 /// Compiles one module for `sm_XY` and returns its CUBIN.
 pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>> {
+    if !module_supports(module, arch) {
+        return Err(Error::Cuda(format!(
+            "{}.cu uses sm_90a's own instructions and is not built for sm_{}{}",
+            module.name, arch.0, arch.1
+        )));
+    }
     check_available()?;
     let include = find_cuda_include()?;
     let src = format!(
@@ -366,7 +405,7 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
         module.name, module.source
     );
     let mut opts = vec![
-        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        format!("--gpu-architecture={}", target(module, arch)),
         "--std=c++17".to_string(),
         format!("-I{}", include.display()),
     ];
@@ -395,8 +434,9 @@ pub fn compile_module(module: &KernelModule, arch: (i32, i32)) -> Result<Vec<u8>
                     .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
                     .unwrap_or_default();
                 Err(Error::Cuda(format!(
-                    "NVRTC failed on {}.cu for sm_{}{} ({e}):\n{log}",
-                    module.name, arch.0, arch.1
+                    "NVRTC failed on {}.cu for {} ({e}):\n{log}",
+                    module.name,
+                    target(module, arch)
                 )))
             }
         }
@@ -414,7 +454,7 @@ fn cubin_file(module: &KernelModule, arch: (i32, i32)) -> Result<Option<PathBuf>
         COMMON.as_bytes(),
         module.source.as_bytes(),
         module.defines.join(" ").as_bytes(),
-        format!("nvrtc {ma}.{mi} sm_{}{}", arch.0, arch.1).as_bytes(),
+        format!("nvrtc {ma}.{mi} {}", target(module, arch)).as_bytes(),
         extra_defines().join(" ").as_bytes(),
     ]);
     Ok(cache_dir().map(|d| {
@@ -576,7 +616,7 @@ pub fn prewarm(arch: (i32, i32), training: bool) -> Vec<std::thread::JoinHandle<
     let mut missing: Vec<&'static KernelModule> = MODULES
         .iter()
         .filter(|m| training || !TRAINING_ONLY.contains(&m.name))
-        .filter(|m| !on_disk(m))
+        .filter(|m| module_supports(m, arch) && !on_disk(m))
         .collect();
     if missing.is_empty() {
         return Vec::new();

@@ -43,6 +43,9 @@ pub(crate) fn linear(
     if let Some(y) = super::linear_small::linear_small(x, w, b, None, act, m, n, k)? {
         return Ok(y);
     }
+    if let Some(y) = super::linear_wg::linear_wg(x, w, b, None, act, m, n, k)? {
+        return Ok(y);
+    }
     let dev = x.device();
     let dt = x.dtype();
     if m > 0 && k > 0 && act == Activation::None && !(n * dt.size()).is_multiple_of(16) {

@@ -295,6 +295,9 @@ pub(crate) fn linear_add(
     {
         return Ok(y);
     }
+    if let Some(y) = super::linear_wg::linear_wg(x, w, b, Some(r), Activation::None, m, n, k)? {
+        return Ok(y);
+    }
     let y = x.device().alloc(x.dtype(), m * n)?;
     linear_parts(x, w, b, Some(r), &y, (m, n, k), n)?;
     Ok(y)

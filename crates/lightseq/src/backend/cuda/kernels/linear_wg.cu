@@ -1,0 +1,376 @@
+// GEMMs of a few dozen to a hundred-odd rows on Hopper's warpgroup MMA (sm_90a only):
+// y [m, n] = act(x [m, k] w [n, k]^T + bias) (+ r). These are the GEMMs of batched decode
+// steps (beams x batch rows) and of short forwards, where what costs is latency: each
+// block's loads are all in flight at once, its weight's before the wait for the kernel
+// before (PDL), and k may be split over a thread-block cluster.
+//
+// Grid (n / BN, m / 64, S), clusters of (1, 1, S): the S blocks of a cluster take one
+// 64-row by BN-column output tile and split its k in runs of whole 64-wide chunks. A block
+// (one warpgroup, 128 threads) copies its chunks of w and x into shared memory with
+// cp.async (w first, and before the wait where the host says no running kernel writes
+// it), in the 128-byte swizzled layout the MMA reads: row r's 16-byte piece c at
+// r * 128 + ((c ^ (r & 7)) * 16), each chunk's tile 1024-byte aligned. Each chunk's MMAs
+// start as soon as its copies land. The partial tile goes to shared memory; block q of
+// the cluster owns rows [q, q + 1) 64 / S of the tile, and every block sends each other
+// block its slice of those rows through the copy engine (distributed shared memory,
+// completing on the owner's mbarrier). Pushed, the slices cost no round trip of loads: a
+// form that read the other blocks' tiles spent half its time waiting on those loads
+// (ncu). The owner sums the slices and runs the epilogue (bias, activation, residual) in
+// f32, rounding y once.
+
+// Rows of a block's tile (the MMA's m).
+#define LWG_ROWS 64
+
+template <typename T, int BN>
+struct LwgMma;
+template <>
+struct LwgMma<__half, 8> {
+  static __device__ __forceinline__ void run(float (&d)[4], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__nv_bfloat16, 8> {
+  static __device__ __forceinline__ void run(float (&d)[4], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__half, 16> {
+  static __device__ __forceinline__ void run(float (&d)[8], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__nv_bfloat16, 16> {
+  static __device__ __forceinline__ void run(float (&d)[8], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__half, 32> {
+  static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__nv_bfloat16, 32> {
+  static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__half, 64> {
+  static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+  }
+};
+template <>
+struct LwgMma<__nv_bfloat16, 64> {
+  static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a,
+                                             unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+  }
+};
+
+// The MMA's shared-memory descriptor of a K-major tile in the 128-byte swizzle: start
+// address, 16 bytes between the core matrices along k (unused within one swizzle row),
+// 1024 bytes between groups of 8 rows.
+__device__ __forceinline__ unsigned long long lwg_desc(unsigned addr) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) |
+         (1ull << 62);
+}
+
+// Copies rows [r0, r0 + rows) by k [k0, k0 + 64) of p [prows, k] into the swizzled tile at
+// shared address dst; pieces past prows or k are zero-filled.
+template <typename T>
+__device__ __forceinline__ void lwg_load_tile(unsigned dst, const T* p, int prows, int k, int r0,
+                                              int rows, int k0) {
+  for (int i = threadIdx.x; i < rows * 8; i += blockDim.x) {
+    const int row = i >> 3, c = i & 7;
+    const int gr = r0 + row, gk = k0 + 8 * c;
+    const bool ok = gr < prows && gk < k;
+    const T* src = ok ? p + (long long)gr * k + gk : p;
+    const unsigned at = dst + row * 128 + ((c ^ (row & 7)) << 4);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at), "l"(src),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+  }
+}
+
+__device__ __forceinline__ void lwg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most `pending` of this thread's copy groups are in flight (0-8).
+__device__ __forceinline__ void lwg_wait_copies(int pending) {
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+  }
+}
+
+// Keeps the compiler from moving accesses of an accumulator across the asynchronous MMAs.
+__device__ __forceinline__ void lwg_pin(float& v) { asm volatile("" : "+f"(v)::"memory"); }
+
+// Eight values of a 16-byte pack of T, as floats.
+template <typename T>
+__device__ __forceinline__ void lwg_unpack(uint4 p, float (&f)[8]) {
+  const T* t = reinterpret_cast<const T*>(&p);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) f[e] = to_f(t[e]);
+}
+
+// Values at..at + 7 of v as floats, where columns col..col + 7 of `cols` exist: one
+// 16-byte load where all eight do and rows are whole packs, else one by one; zeros past
+// the last column or where v is null.
+template <typename T>
+__device__ __forceinline__ void lwg_load8(const T* v, long long at, int col, int cols,
+                                          bool packed, float (&f)[8]) {
+  if (v && packed && col + 8 <= cols) {
+    lwg_unpack<T>(*reinterpret_cast<const uint4*>(v + at), f);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) f[e] = v && col + e < cols ? to_f(v[at + e]) : 0.f;
+}
+
+template <int A>
+__device__ __forceinline__ void lwg_activate(float (&v)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = activate(v[e], A);
+}
+
+template <typename T, int BN>
+__device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r, T* y, int m,
+                               int n, int k, int act, bool early_w) {
+  extern __shared__ unsigned char lwg_raw[];
+  constexpr int ROWS = LWG_ROWS, STRIDE = BN + 4, ITEMS = BN / 8;
+  const unsigned raw = ls_smem_addr(lwg_raw);
+  const unsigned base = (raw + 1023u) & ~1023u;
+  float* red = reinterpret_cast<float*>(lwg_raw + (base - raw));
+  const int s = gridDim.z, z = blockIdx.z;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * ROWS;
+  const int chunks = (k + 63) >> 6;
+  const int per = (chunks + s - 1) / s;
+  const int c0 = z * per;
+  const int nc = max(0, min(per, chunks - c0));
+  // Chunk j's tile of x at a_at + j * 8192, of w at b_at + j * BN * 128; the partial tile
+  // (red, rows STRIDE floats apart) reuses them once the MMAs are done. Past both: the
+  // slices the cluster's other blocks send (recv, 64 / s rows from each block by rank),
+  // then the barrier they complete on.
+  const unsigned a_at = base, b_at = base + per * ROWS * 128;
+  const unsigned tiles = max(per * (ROWS + BN) * 128, ROWS * STRIDE * 4);
+  const unsigned recv = base + tiles, bar = recv + ROWS * STRIDE * 4;
+  const int share = ROWS / s;
+  const unsigned slice = share * STRIDE * 4;
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                 "r"((s - 1) * slice)
+                 : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // The cluster's barriers are set up before any block sends to them (waited for below).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  // The epilogue's items: this block's share of the tile's rows, eight columns an item.
+  // The first item of each thread has its bias read with w and its residual right after
+  // the wait, so that their latency passes behind the copies and the MMAs.
+  const bool packed = (n & 7) == 0;
+  const int i0 = threadIdx.x;
+  const int row0 = m0 + z * share + i0 / ITEMS, col0 = n0 + (i0 % ITEMS) * 8;
+  const bool has0 = i0 < share * ITEMS && row0 < m && col0 < n;
+  float bias0[8], res0[8];
+  auto load_w = [&] {
+    for (int j = 0; j < nc; ++j) lwg_load_tile<T>(b_at + j * BN * 128, w, n, k, n0, BN, (c0 + j) * 64);
+    lwg_commit();
+  };
+  auto load_bias0 = [&] { lwg_load8<T>(has0 ? bias : nullptr, col0, col0, n, packed, bias0); };
+  if (early_w) {
+    load_w();
+    load_bias0();
+  }
+  LS_PDL_WAIT();
+  if (!early_w) {
+    load_w();
+    load_bias0();
+  }
+  for (int j = 0; j < nc; ++j) {
+    lwg_load_tile<T>(a_at + j * ROWS * 128, x, m, k, m0, ROWS, (c0 + j) * 64);
+    lwg_commit();
+  }
+  lwg_load8<T>(has0 ? r : nullptr, (long long)row0 * n + col0, col0, n, packed, res0);
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  for (int j = 0; j < nc; ++j) {
+    // w's group and x's chunks up to j have landed: the MMAs read them through the async
+    // proxy, which the fence orders after this thread's copies.
+    lwg_wait_copies(nc - 1 - j);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      LwgMma<T, BN>::run(acc, lwg_desc(a_at + j * ROWS * 128 + kk * 32),
+                         lwg_desc(b_at + j * BN * 128 + kk * 32));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) lwg_pin(acc[i]);
+  // Every warp's MMAs are done with the tiles before the partial tile overwrites them.
+  __syncthreads();
+  // The accumulator of warp v, lane l: n8 block i holds (row 16 v + l / 4, columns
+  // 8 i + 2 (l % 4) + {0, 1}) in values 4 i + {0, 1}, and the row 8 below in 4 i + {2, 3}.
+  {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = 16 * warp + (lane >> 2);
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int col = 8 * i + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(red + row * STRIDE + col) = make_float2(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<float2*>(red + (row + 8) * STRIDE + col) =
+          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+  }
+  // The partial tile is whole in shared memory; thread q sends rows [q share, (q + 1)
+  // share) to block q (q != z) through the copy engine, into block q's slot z.
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  const int q = threadIdx.x;
+  if (q < s && q != z) {
+    unsigned dst, rbar;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(recv + z * slice), "r"(q));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(bar), "r"(q));
+    asm volatile(
+        "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+        "[%3];" ::"r"(dst),
+        "r"(base + q * slice), "r"(slice), "r"(rbar)
+        : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+  }
+  // The other blocks' slices have landed once the barrier's phase 0 completes.
+  {
+    unsigned done = 0;
+    while (!done) {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\t"
+          "selp.u32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(bar)
+          : "memory");
+    }
+  }
+  // Each item sums its values over its own partial tile and the received slices.
+  for (int i = threadIdx.x; i < share * ITEMS; i += blockDim.x) {
+    const int sr = i / ITEMS, lc = (i % ITEMS) * 8;
+    const int lr = z * share + sr;
+    const int row = m0 + lr, col = n0 + lc;
+    float v[8];
+    {
+      const float4* own = reinterpret_cast<const float4*>(red + lr * STRIDE + lc);
+      const float4 a = own[0], b = own[1];
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    const float* got = red + (recv - base) / 4 + sr * STRIDE + lc;
+    for (int p = 0; p < s; ++p) {
+      if (p == z) continue;
+      const float4* in = reinterpret_cast<const float4*>(got + p * (slice / 4));
+      const float4 a = in[0], b = in[1];
+      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+    }
+    if (row >= m || col >= n) continue;
+    const long long at_y = (long long)row * n + col;
+    float bv[8], rv[8];
+    if (i == i0) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        bv[e] = bias0[e];
+        rv[e] = res0[e];
+      }
+    } else {
+      lwg_load8<T>(bias, col, col, n, packed, bv);
+      lwg_load8<T>(r, at_y, col, n, packed, rv);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += bv[e];
+    LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += rv[e];
+    if (packed && col + 8 <= n) {
+      uint4 out;
+      T* ot = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ot[e] = from_f<T>(v[e]);
+      *reinterpret_cast<uint4*>(y + at_y) = out;
+    } else {
+      for (int e = 0; e < 8 && col + e < n; ++e) y[at_y + e] = from_f<T>(v[e]);
+    }
+  }
+  // No block leaves while the copy engine may still read its partial tile.
+  if (q < s && q != z) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
+// BN output columns a block. early: w is read before the wait (the host passes 1 only
+// where no kernel that may still be running writes it).
+#define LS_LINEAR_WG(T, S, BN)                                                              \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                      \
+      linear_wg_n##BN##_##S(const T* x, const T* w, const T* bias, const T* r, T* y, int m, \
+                            int n, int k, int act, int early) {                             \
+    linear_wg_body<T, BN>(x, w, bias, r, y, m, n, k, act, early != 0);                      \
+  }
+#define LS_LINEAR_WG_ALL(T, S) \
+  LS_LINEAR_WG(T, S, 8)        \
+  LS_LINEAR_WG(T, S, 16)       \
+  LS_LINEAR_WG(T, S, 32)       \
+  LS_LINEAR_WG(T, S, 64)
+LS_LINEAR_WG_ALL(__half, f16)
+LS_LINEAR_WG_ALL(__nv_bfloat16, bf16)

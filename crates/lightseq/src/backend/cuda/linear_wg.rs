@@ -1,0 +1,190 @@
+//! GEMMs of 33-128 rows (batched decode steps, short forwards) on sm_90 by
+//! `kernels/linear_wg.cu` (Hopper's warpgroup MMA) instead of cuBLASLt. Alone, a launch
+//! is no faster than the library's (H200, ncu, Transformer-base's GEMMs at 128 rows:
+//! 5.8-8.5 us against 5.0-7.0), but the kernel takes part in programmatic dependent
+//! launch, which cuBLASLt's do not: it reads its weight before waiting for the kernel
+//! before, and lets the kernel after start while it runs. In a decode step that made
+//! Transformer-base's beam search at batch 32 4-7% faster (docs/performance.md, run 24).
+//! The kernel splits k over a thread-block cluster, so that each block's loads are few
+//! and all in flight at once.
+
+use super::ops::launched;
+use super::CudaStorage;
+use crate::error::Result;
+use crate::ops::Activation;
+use crate::tensor::DType;
+use cudarc::driver::LaunchConfig;
+
+/// Rows the kernel takes by default.
+const MAX_ROWS: usize = 128;
+/// Columns the kernel takes at most: wider outputs (LM heads) are a long read of the
+/// weight, which cuBLASLt streams well.
+const MAX_COLS: usize = 16384;
+/// Rows of a block's tile (LWG_ROWS).
+const BLOCK_ROWS: usize = 64;
+/// Chunks of 64 k a block takes at most.
+const MAX_CHUNKS: usize = 8;
+/// Blocks a cluster has at most (k is split over them).
+const MAX_SPLIT: usize = 8;
+/// Chunks a block takes where the split allows (the split is doubled down to this).
+const TARGET_CHUNKS: usize = 2;
+/// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
+const SM_SMEM: usize = 228 << 10;
+const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
+
+/// Whether LIGHTSEQ_WG_GEMM=0 sends these GEMMs to cuBLASLt.
+fn disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_equals(&OFF, "LIGHTSEQ_WG_GEMM", "0")
+}
+
+/// A positive whole number from the environment variable `var`, read once.
+fn env_count(cell: &'static std::sync::OnceLock<Option<usize>>, var: &str) -> Option<usize> {
+    *cell.get_or_init(|| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&v| v > 0)
+    })
+}
+
+/// The most rows the kernel takes (LIGHTSEQ_WG_GEMM_ROWS, for comparisons).
+fn max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    env_count(&ROWS, "LIGHTSEQ_WG_GEMM_ROWS").unwrap_or(MAX_ROWS)
+}
+
+/// Bytes of shared memory a block of width `bn` takes for `per` chunks: its tiles or the
+/// partial tile that reuses them, the slices received from the cluster, its barrier, and
+/// room to align the tiles to 1024 bytes.
+fn smem_bytes(bn: usize, per: usize) -> usize {
+    let red = BLOCK_ROWS * (bn + 4) * 4;
+    (per * (BLOCK_ROWS + bn) * 128).max(red) + red + 16 + 1024
+}
+
+/// A launch's shape: the block width and the blocks a cluster splits k over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Plan {
+    width: usize,
+    split: usize,
+}
+
+/// The plan for n columns, `row_blocks` blocks of rows and k of `chunks` chunks: 32
+/// columns a block, k split over the fewest blocks that leave each [`TARGET_CHUNKS`]
+/// chunks (up to [`MAX_SPLIT`] blocks); where that does not fit (more than [`MAX_CHUNKS`]
+/// chunks or `smem` bytes a block, or more blocks than the GPU holds at once), 16, 64 or
+/// 8 columns. H200, Transformer-base's decode GEMMs at 128 rows, per launch (ncu) and
+/// over a generation: 32 columns in clusters of 4 (two chunks a block) beat 8 or 16
+/// columns unsplit (8.2 us a launch at 512 x 512, generation +7-12%) and 64 in clusters
+/// of 8; see docs/performance.md, run 24. LIGHTSEQ_WG_GEMM_COLS and LIGHTSEQ_WG_GEMM_SPLIT
+/// set the width and the split (for comparisons). None where nothing fits.
+fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> Option<Plan> {
+    static COLS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let want_cols = env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS");
+    let want_split = env_count(&SPLIT, "LIGHTSEQ_WG_GEMM_SPLIT");
+    let split = want_split.map_or_else(
+        || {
+            let mut s = 1;
+            while s < MAX_SPLIT && chunks.div_ceil(s) > TARGET_CHUNKS {
+                s *= 2;
+            }
+            s
+        },
+        |s| 1 << s.min(MAX_SPLIT).ilog2(),
+    );
+    let per = chunks.div_ceil(split);
+    // The widths the kernel is built for (BN), in the order they are tried.
+    [32, 16, 64, 8]
+        .into_iter()
+        .filter(|&w| want_cols.is_none_or(|c| c == w))
+        .find(|&width| {
+            let bytes = smem_bytes(width, per);
+            let blocks = n.div_ceil(width) * row_blocks * split;
+            per <= MAX_CHUNKS
+                && bytes <= smem
+                && blocks <= SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * sms
+        })
+        .map(|width| Plan { width, split })
+}
+
+/// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the warpgroup-MMA
+/// kernel, or None where it does not apply: a GPU other than sm_90, more rows than it
+/// takes ([`MAX_ROWS`]), more than [`MAX_COLS`] columns, k not a multiple of 8 or over
+/// 4096, f32, operands not 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_wg(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    r: Option<&CudaStorage>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Option<CudaStorage>> {
+    let dev = x.device();
+    let dt = x.dtype();
+    let aligned = |p: u64| p.is_multiple_of(16);
+    let applies = dev.arch() == (9, 0)
+        && !disabled()
+        && (1..=max_rows()).contains(&m)
+        && (1..=MAX_COLS).contains(&n)
+        && k > 0
+        && k.is_multiple_of(8)
+        && m.max(n).max(k) <= i32::MAX as usize / 2
+        && m.div_ceil(BLOCK_ROWS) <= u16::MAX as usize
+        && matches!(dt, DType::F16 | DType::BF16)
+        && aligned(x.ptr())
+        && aligned(w.ptr())
+        && b.is_none_or(|b| aligned(b.ptr()))
+        && r.is_none_or(|r| aligned(r.ptr()));
+    if !applies {
+        return Ok(None);
+    }
+    let row_blocks = m.div_ceil(BLOCK_ROWS);
+    let chunks = k.div_ceil(64);
+    let smem_max = dev.smem_per_block();
+    let Some(Plan { width, split }) = plan(n, row_blocks, chunks, dev.sm_count(), smem_max) else {
+        return Ok(None);
+    };
+    let smem = smem_bytes(width, chunks.div_ceil(split));
+    let f = dev.kernel(&format!("linear_wg_n{width}"), dt)?;
+    // The function's limit is set to what any launch of it may take, so that launches on
+    // other threads never lower it under this one.
+    let most = (1..=MAX_CHUNKS)
+        .map(|per| smem_bytes(width, per))
+        .filter(|&b| b <= smem_max)
+        .max()
+        .unwrap_or(smem);
+    super::train_ops::allow_smem(&f, most)?;
+    let y = dev.alloc(dt, m * n)?;
+    let (xp, wp, bp, rp, yp) = (
+        x.ptr(),
+        w.ptr(),
+        b.map_or(0, |b| b.ptr()),
+        r.map_or(0, |r| r.ptr()),
+        y.ptr(),
+    );
+    let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
+    // The weight and the bias are read before the wait for the kernel before only where no
+    // kernel that may still be running writes them (see linear_small.rs).
+    let unchanged = w.uploaded_unchanged() && b.is_none_or(|b| b.uploaded_unchanged());
+    let early = i32::from(unchanged && !super::early_reads_off());
+    let mut l = dev.launch(&f);
+    l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&code).arg(&early);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(width) as u32, row_blocks as u32, split as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match linear_wg_n*'s signature; x is [m, k], w [n, k], b [n]
+    // and r [m, n] of dt (the front ends checked the shapes), all 16-byte aligned; the
+    // shared memory holds the block's tiles as the kernel lays them out, and the grid is
+    // whole clusters of `split` along z.
+    launched("linear_wg", unsafe {
+        l.launch_cluster(cfg, (1, 1, split as u32))
+    })?;
+    Ok(Some(y))
+}
