@@ -21,96 +21,53 @@
 // Rows of a block's tile (the MMA's m).
 #define LWG_ROWS 64
 
+// The warpgroup MMA m64nBNk16 with f32 accumulators (BN / 2 a thread), A and B K-major
+// in shared memory: LWG_D_BN lists the accumulator operands, LWG_AB_BN the descriptors'.
 template <typename T, int BN>
 struct LwgMma;
-template <>
-struct LwgMma<__half, 8> {
-  static __device__ __forceinline__ void run(float (&d)[4], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__nv_bfloat16, 8> {
-  static __device__ __forceinline__ void run(float (&d)[4], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__half, 16> {
-  static __device__ __forceinline__ void run(float (&d)[8], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__nv_bfloat16, 16> {
-  static __device__ __forceinline__ void run(float (&d)[8], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__half, 32> {
-  static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__nv_bfloat16, 32> {
-  static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__half, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct LwgMma<__nv_bfloat16, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a,
-                                             unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b));
-  }
-};
+#define LWG_D_8 "{%0, %1, %2, %3}"
+#define LWG_AB_8 "%4, %5"
+#define LWG_OUT_8 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define LWG_D_16 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define LWG_AB_16 "%8, %9"
+#define LWG_OUT_16 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define LWG_D_32 "{%0, %1, %2, %3, %4, %5, %6, %7, " \
+    "%8, %9, %10, %11, %12, %13, %14, %15}"
+#define LWG_AB_32 "%16, %17"
+#define LWG_OUT_32 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define LWG_D_64 "{%0, %1, %2, %3, %4, %5, %6, %7, " \
+    "%8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, " \
+    "%24, %25, %26, %27, %28, %29, %30, %31}"
+#define LWG_AB_64 "%32, %33"
+#define LWG_OUT_64 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+    "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define LWG_MMA(T, S, BN)                                                                  \
+  template <>                                                                               \
+  struct LwgMma<T, BN> {                                                                    \
+    static __device__ __forceinline__ void run(float (&d)[BN / 2], unsigned long long a,   \
+                                               unsigned long long b) {                     \
+      asm volatile("wgmma.mma_async.sync.aligned.m64n" #BN "k16.f32." #S "." #S " " LWG_D_##BN \
+                   ", " LWG_AB_##BN ", 1, 1, 1, 0, 0;"                                      \
+                   : LWG_OUT_##BN                                                           \
+                   : "l"(a), "l"(b));                                                       \
+    }                                                                                       \
+  };
+#define LWG_MMA_ALL(BN) LWG_MMA(__half, f16, BN) LWG_MMA(__nv_bfloat16, bf16, BN)
+LWG_MMA_ALL(8)
+LWG_MMA_ALL(16)
+LWG_MMA_ALL(32)
+LWG_MMA_ALL(64)
 
 // The MMA's shared-memory descriptor of a K-major tile in the 128-byte swizzle: start
 // address, 16 bytes between the core matrices along k (unused within one swizzle row),
@@ -137,7 +94,9 @@ __device__ __forceinline__ void lwg_load_tile(unsigned dst, const T* p, int prow
   }
 }
 
-__device__ __forceinline__ void lwg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void lwg_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
 
 // Waits until at most `pending` of this thread's copy groups are in flight (0-8).
 __device__ __forceinline__ void lwg_wait_copies(int pending) {
@@ -225,7 +184,9 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
   const bool has0 = i0 < share * ITEMS && row0 < m && col0 < n;
   float bias0[8], res0[8];
   auto load_w = [&] {
-    for (int j = 0; j < nc; ++j) lwg_load_tile<T>(b_at + j * BN * 128, w, n, k, n0, BN, (c0 + j) * 64);
+    for (int j = 0; j < nc; ++j) {
+      lwg_load_tile<T>(b_at + j * BN * 128, w, n, k, n0, BN, (c0 + j) * 64);
+    }
     lwg_commit();
   };
   auto load_bias0 = [&] { lwg_load8<T>(has0 ? bias : nullptr, col0, col0, n, packed, bias0); };
@@ -273,7 +234,8 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i) {
       const int col = 8 * i + 2 * (lane & 3);
-      *reinterpret_cast<float2*>(red + row * STRIDE + col) = make_float2(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<float2*>(red + row * STRIDE + col) =
+          make_float2(acc[4 * i], acc[4 * i + 1]);
       *reinterpret_cast<float2*>(red + (row + 8) * STRIDE + col) =
           make_float2(acc[4 * i + 2], acc[4 * i + 3]);
     }
@@ -286,7 +248,9 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
   const int q = threadIdx.x;
   if (q < s && q != z) {
     unsigned dst, rbar;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(recv + z * slice), "r"(q));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(dst)
+                 : "r"(recv + z * slice), "r"(q));
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(bar), "r"(q));
     asm volatile(
         "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, "
