@@ -2,10 +2,10 @@
 //! `kernels/linear_small.cu` instead of cuBLASLt: at 32 rows a GEMM is a read of its weight,
 //! and the library's kernels for it took 5-10 us where the weight's bytes take 1-2 us.
 
+use super::linear_own::Linear;
 use super::ops::launched;
 use super::CudaStorage;
 use crate::error::Result;
-use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
@@ -61,17 +61,8 @@ fn prefetch_off() -> bool {
 /// or None where they do not apply: more rows than they take ([`MAX_ROWS`], or
 /// [`ONE_TILE`]: see `max_rows`), more than [`MAX_COLS`] columns, k not a multiple of 32,
 /// f32, a GPU before sm_80, operands not 16-byte aligned.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn linear_small(
-    x: &CudaStorage,
-    w: &CudaStorage,
-    b: Option<&CudaStorage>,
-    r: Option<&CudaStorage>,
-    act: Activation,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<Option<CudaStorage>> {
+pub(crate) fn linear_small(op: &Linear) -> Result<Option<CudaStorage>> {
+    let Linear { x, w, m, n, k, .. } = *op;
     let dev = x.device();
     let dt = x.dtype();
     let applies = !disabled()
@@ -107,27 +98,18 @@ pub(crate) fn linear_small(
     // other threads with fewer warps never lower it under this one.
     super::train_ops::allow_smem(&f, MAX_WARPS * tiles * nt * 4 * 32 * 4)?;
     let y = dev.alloc(dt, m * n)?;
-    let (xp, wp, bp, rp, yp) = (
-        x.ptr(),
-        w.ptr(),
-        b.map_or(0, |b| b.ptr()),
-        r.map_or(0, |r| r.ptr()),
-        y.ptr(),
-    );
-    let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
     // Mode 2 reads the first round of w and the bias into registers before the wait for
     // the kernel before (what a decode step's GEMM waits on is x, not its weight): only for
     // buffers no kernel has written since their upload, which no kernel still running can
     // be writing. Mode 1 prefetches w into L2 before the wait, 0 does neither.
-    let unchanged = w.uploaded_unchanged() && b.is_none_or(|b| b.uploaded_unchanged());
-    let prefetch = if unchanged && !super::early_reads_off() {
+    let prefetch = if op.weights_read_early() {
         2
     } else {
         i32::from(!prefetch_off())
     };
+    let args = op.args(&y, prefetch);
     let mut l = dev.launch(&f);
-    l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
-    l.arg(&mi).arg(&ni).arg(&ki).arg(&code).arg(&prefetch);
+    args.push(&mut l);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(8 * nt) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),

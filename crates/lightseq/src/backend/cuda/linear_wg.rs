@@ -8,10 +8,10 @@
 //! The kernel splits k over a thread-block cluster, so that each block's loads are few
 //! and all in flight at once.
 
+use super::linear_own::Linear;
 use super::ops::launched;
 use super::CudaStorage;
 use crate::error::Result;
-use crate::ops::Activation;
 use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
@@ -112,17 +112,17 @@ fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> 
 /// kernel, or None where it does not apply: a GPU other than sm_90, more rows than it
 /// takes ([`MAX_ROWS`]), more than [`MAX_COLS`] columns, k not a multiple of 8 or over
 /// 4096, f32, operands not 16-byte aligned.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn linear_wg(
-    x: &CudaStorage,
-    w: &CudaStorage,
-    b: Option<&CudaStorage>,
-    r: Option<&CudaStorage>,
-    act: Activation,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<Option<CudaStorage>> {
+pub(crate) fn linear_wg(op: &Linear) -> Result<Option<CudaStorage>> {
+    let Linear {
+        x,
+        w,
+        b,
+        r,
+        m,
+        n,
+        k,
+        ..
+    } = *op;
     let dev = x.device();
     let dt = x.dtype();
     let aligned = |p: u64| p.is_multiple_of(16);
@@ -159,21 +159,11 @@ pub(crate) fn linear_wg(
         .unwrap_or(smem);
     super::train_ops::allow_smem(&f, most)?;
     let y = dev.alloc(dt, m * n)?;
-    let (xp, wp, bp, rp, yp) = (
-        x.ptr(),
-        w.ptr(),
-        b.map_or(0, |b| b.ptr()),
-        r.map_or(0, |r| r.ptr()),
-        y.ptr(),
-    );
-    let (mi, ni, ki, code) = (m as i32, n as i32, k as i32, act.code());
     // The weight and the bias are read before the wait for the kernel before only where no
     // kernel that may still be running writes them (see linear_small.rs).
-    let unchanged = w.uploaded_unchanged() && b.is_none_or(|b| b.uploaded_unchanged());
-    let early = i32::from(unchanged && !super::early_reads_off());
+    let args = op.args(&y, i32::from(op.weights_read_early()));
     let mut l = dev.launch(&f);
-    l.arg(&xp).arg(&wp).arg(&bp).arg(&rp).arg(&yp);
-    l.arg(&mi).arg(&ni).arg(&ki).arg(&code).arg(&early);
+    args.push(&mut l);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(width) as u32, row_blocks as u32, split as u32),
         block_dim: (128, 1, 1),

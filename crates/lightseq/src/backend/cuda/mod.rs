@@ -4,6 +4,7 @@
 mod blaslt;
 pub(crate) mod graph;
 mod launch;
+mod linear_own;
 mod linear_small;
 mod linear_wg;
 pub mod nvrtc;
@@ -31,6 +32,13 @@ pub(crate) fn env_equals(cell: &'static std::sync::OnceLock<bool>, var: &str, va
 pub(crate) fn early_reads_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     env_equals(&OFF, "LIGHTSEQ_EARLY_READS", "0")
+}
+
+/// Whether kernels may read `bufs` before their programmatic-launch wait: each present one
+/// still holds what a host upload wrote (`CudaStorage::uploaded_unchanged`), so no kernel
+/// that may still be running writes it, and LIGHTSEQ_EARLY_READS is not 0.
+pub(crate) fn read_early(bufs: &[Option<&CudaStorage>]) -> bool {
+    !early_reads_off() && bufs.iter().flatten().all(|b| b.uploaded_unchanged())
 }
 
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {

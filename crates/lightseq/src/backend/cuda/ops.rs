@@ -2,6 +2,7 @@
 //! front end in `crate::ops`.
 
 use super::blaslt::Epilogue;
+use super::linear_own::{linear_own, Linear};
 use super::{cuda_err, CudaStorage};
 use crate::backend::cpu::{RotaryGeometry, RowCopy};
 use crate::error::{Error, Result};
@@ -40,10 +41,17 @@ pub(crate) fn linear(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage> {
-    if let Some(y) = super::linear_small::linear_small(x, w, b, None, act, m, n, k)? {
-        return Ok(y);
-    }
-    if let Some(y) = super::linear_wg::linear_wg(x, w, b, None, act, m, n, k)? {
+    let op = Linear {
+        x,
+        w,
+        b,
+        r: None,
+        act,
+        m,
+        n,
+        k,
+    };
+    if let Some(y) = linear_own(&op)? {
         return Ok(y);
     }
     let dev = x.device();
@@ -213,9 +221,7 @@ pub(crate) fn layer_norm(
     );
     let hh = h as i32;
     // gamma and beta before the wait where no kernel can be writing them.
-    let early = i32::from(
-        gamma.uploaded_unchanged() && beta.uploaded_unchanged() && !super::early_reads_off(),
-    );
+    let early = i32::from(super::read_early(&[Some(gamma), Some(beta)]));
     let mut l = dev.launch(&f);
     l.arg(&xp)
         .arg(&rp)

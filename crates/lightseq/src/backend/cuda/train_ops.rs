@@ -291,11 +291,17 @@ pub(crate) fn linear_add(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage> {
-    if let Some(y) = super::linear_small::linear_small(x, w, b, Some(r), Activation::None, m, n, k)?
-    {
-        return Ok(y);
-    }
-    if let Some(y) = super::linear_wg::linear_wg(x, w, b, Some(r), Activation::None, m, n, k)? {
+    let op = super::linear_own::Linear {
+        x,
+        w,
+        b,
+        r: Some(r),
+        act: Activation::None,
+        m,
+        n,
+        k,
+    };
+    if let Some(y) = super::linear_own::linear_own(&op)? {
         return Ok(y);
     }
     let y = x.device().alloc(x.dtype(), m * n)?;

@@ -1,0 +1,78 @@
+//! The linears our own kernels take before cuBLASLt: the few-row kernels (linear_small.rs)
+//! up to 32 rows, then on sm_90 the warpgroup-MMA kernel (linear_wg.rs). Both take the same
+//! arguments in the same order: x, w, bias, residual, y; m, n, k, the activation code, and
+//! what they may read before the wait for the kernel before.
+
+use super::launch::Launch;
+use super::CudaStorage;
+use crate::error::Result;
+use crate::ops::Activation;
+
+/// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r`, b and r optional.
+#[derive(Clone, Copy)]
+pub(crate) struct Linear<'a> {
+    pub x: &'a CudaStorage,
+    pub w: &'a CudaStorage,
+    pub b: Option<&'a CudaStorage>,
+    pub r: Option<&'a CudaStorage>,
+    pub act: Activation,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `op` by our kernels, or None where neither applies (cuBLASLt's then).
+pub(crate) fn linear_own(op: &Linear) -> Result<Option<CudaStorage>> {
+    if let Some(y) = super::linear_small::linear_small(op)? {
+        return Ok(Some(y));
+    }
+    super::linear_wg::linear_wg(op)
+}
+
+impl Linear<'_> {
+    /// Whether the kernels may read the weight and the bias before their wait (see
+    /// [`super::read_early`]).
+    pub(super) fn weights_read_early(&self) -> bool {
+        super::read_early(&[Some(self.w), self.b])
+    }
+
+    /// The kernels' arguments for output `y` and read-ahead mode `mode`.
+    pub(super) fn args(&self, y: &CudaStorage, mode: i32) -> LinearArgs {
+        LinearArgs {
+            ptrs: [
+                self.x.ptr(),
+                self.w.ptr(),
+                self.b.map_or(0, |b| b.ptr()),
+                self.r.map_or(0, |r| r.ptr()),
+                y.ptr(),
+            ],
+            ints: [
+                self.m as i32,
+                self.n as i32,
+                self.k as i32,
+                self.act.code(),
+                mode,
+            ],
+        }
+    }
+}
+
+/// A linear kernel's arguments, in its parameters' order.
+pub(super) struct LinearArgs {
+    /// x, w, bias, residual, y (0 for an absent bias or residual).
+    ptrs: [u64; 5],
+    /// m, n, k, the activation code, the read-ahead mode.
+    ints: [i32; 5],
+}
+
+impl LinearArgs {
+    /// Appends the arguments to a launch.
+    pub(super) fn push<'a>(&'a self, l: &mut Launch<'a>) {
+        for p in &self.ptrs {
+            l.arg(p);
+        }
+        for i in &self.ints {
+            l.arg(i);
+        }
+    }
+}
