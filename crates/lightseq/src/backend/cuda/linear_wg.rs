@@ -26,8 +26,12 @@ const BLOCK_ROWS: usize = 64;
 const MAX_CHUNKS: usize = 8;
 /// Blocks a cluster has at most (k is split over them).
 const MAX_SPLIT: usize = 8;
-/// Chunks a block takes where the split allows (the split is doubled down to this).
-const TARGET_CHUNKS: usize = 2;
+/// Chunks a block takes where the split allows: the split is doubled until a block takes
+/// at most [`SMALL_CLUSTER_CHUNKS`] in clusters of up to [`SMALL_CLUSTER`] blocks, and at
+/// most [`LARGE_CLUSTER_CHUNKS`] in larger ones.
+const SMALL_CLUSTER_CHUNKS: usize = 2;
+const SMALL_CLUSTER: usize = 4;
+const LARGE_CLUSTER_CHUNKS: usize = 4;
 /// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
 const SM_SMEM: usize = 228 << 10;
 const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
@@ -69,35 +73,55 @@ struct Plan {
     split: usize,
 }
 
+/// The blocks a cluster splits `chunks` chunks of k over: the fewest that leave each two
+/// chunks, in clusters of up to four; eight only where four would leave a block more than
+/// four chunks. H200, over a generation at 128 rows: k = 512 (8 chunks) in fours beat
+/// pairs (Transformer-base 32 x 32, run 24), k = 1024 (16) in fours beat eights
+/// (Transformer-big 32 x 32, 15.56-15.59 ms against 15.89-16.11, run 25), and k = 2048
+/// (32) in eights beat fours (Transformer-base 32 x 32, 10.98-11.01 against 11.25).
+fn default_split(chunks: usize) -> usize {
+    let mut s = 1;
+    while s < MAX_SPLIT {
+        let most = if s < SMALL_CLUSTER {
+            SMALL_CLUSTER_CHUNKS
+        } else {
+            LARGE_CLUSTER_CHUNKS
+        };
+        if chunks.div_ceil(s) <= most {
+            break;
+        }
+        s *= 2;
+    }
+    s
+}
+
 /// The plan for n columns, `row_blocks` blocks of rows and k of `chunks` chunks: 32
-/// columns a block, k split over the fewest blocks that leave each [`TARGET_CHUNKS`]
-/// chunks (up to [`MAX_SPLIT`] blocks); where that does not fit (more than [`MAX_CHUNKS`]
-/// chunks or `smem` bytes a block, or more blocks than the GPU holds at once), 16, 64 or
-/// 8 columns. H200, Transformer-base's decode GEMMs at 128 rows, per launch (ncu) and
-/// over a generation: 32 columns in clusters of 4 (two chunks a block) beat 8 or 16
-/// columns unsplit (8.2 us a launch at 512 x 512, generation +7-12%) and 64 in clusters
-/// of 8; see docs/performance.md, run 24. LIGHTSEQ_WG_GEMM_COLS and LIGHTSEQ_WG_GEMM_SPLIT
-/// set the width and the split (for comparisons). None where nothing fits.
+/// columns a block, else 16, else 8, k split by [`default_split`]; None where none fits
+/// (more than [`MAX_CHUNKS`] chunks or `smem` bytes a block, or more blocks than the GPU
+/// holds at once), and cuBLASLt takes the GEMM. H200, over generations and forwards: 32
+/// columns in clusters of 4 (two chunks a block) beat 8 or 16 columns unsplit at
+/// Transformer-base's 128 rows (8.2 us a launch at 512 x 512, generation +7-12%) and 64
+/// columns in clusters of 8 (run 24); with this split, 64 columns where 32 did not fit (the
+/// 2304- and 3072-wide GEMMs of BERT-base at 128 rows) made its forward 0.52 ms against
+/// 0.45 with cuBLASLt there (run 25), so a block takes 64 only when LIGHTSEQ_WG_GEMM_COLS
+/// asks. LIGHTSEQ_WG_GEMM_COLS and LIGHTSEQ_WG_GEMM_SPLIT set the width and the split
+/// (for comparisons).
 fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> Option<Plan> {
     static COLS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let want_cols = env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS");
     let want_split = env_count(&SPLIT, "LIGHTSEQ_WG_GEMM_SPLIT");
-    let split = want_split.map_or_else(
-        || {
-            let mut s = 1;
-            while s < MAX_SPLIT && chunks.div_ceil(s) > TARGET_CHUNKS {
-                s *= 2;
-            }
-            s
-        },
-        |s| 1 << s.min(MAX_SPLIT).ilog2(),
-    );
+    let split = want_split.map_or_else(|| default_split(chunks), |s| 1 << s.min(MAX_SPLIT).ilog2());
     let per = chunks.div_ceil(split);
-    // The widths the kernel is built for (BN), in the order they are tried.
-    [32, 16, 64, 8]
-        .into_iter()
-        .filter(|&w| want_cols.is_none_or(|c| c == w))
+    // The widths the kernel is built for (BN): the default order, or the one asked for.
+    let widths: &[usize] = match want_cols {
+        Some(c) => &[c],
+        None => &[32, 16, 8],
+    };
+    widths
+        .iter()
+        .copied()
+        .filter(|w| [8, 16, 32, 64].contains(w))
         .find(|&width| {
             let bytes = smem_bytes(width, per);
             let blocks = n.div_ceil(width) * row_blocks * split;
