@@ -202,3 +202,87 @@ pub(crate) fn linear_wg(op: &Linear) -> Result<Option<CudaStorage>> {
     })?;
     Ok(Some(y))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H200's SMs and its shared memory a block may opt into.
+    const SMS: usize = 132;
+    const SMEM: usize = 227 << 10;
+
+    #[test]
+    fn plans_fit_the_gpu_at_once() {
+        for rows in [1usize, 33, 64, 100, 128] {
+            for chunks in 1..=64 {
+                for n in (8..=16384)
+                    .step_by(8 * 37)
+                    .chain([512, 768, 1024, 2304, 3072])
+                {
+                    let row_blocks = rows.div_ceil(BLOCK_ROWS);
+                    let Some(p) = plan(n, row_blocks, chunks, SMS, SMEM) else {
+                        continue;
+                    };
+                    let per = chunks.div_ceil(p.split);
+                    let bytes = smem_bytes(p.width, per);
+                    let blocks = n.div_ceil(p.width) * row_blocks * p.split;
+                    assert!([8, 16, 32].contains(&p.width), "{p:?}");
+                    assert!(p.split.is_power_of_two() && p.split <= MAX_SPLIT, "{p:?}");
+                    assert!(per <= MAX_CHUNKS && bytes <= SMEM, "{p:?} {chunks}");
+                    let resident = SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * SMS;
+                    assert!(
+                        blocks <= resident,
+                        "{p:?} n {n} rows {rows} chunks {chunks}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_leaves_each_block_few_chunks_in_small_clusters() {
+        for chunks in 1..=64 {
+            let s = default_split(chunks);
+            let per = chunks.div_ceil(s);
+            let most = if s < SMALL_CLUSTER {
+                SMALL_CLUSTER_CHUNKS
+            } else {
+                LARGE_CLUSTER_CHUNKS
+            };
+            assert!(per <= most || s == MAX_SPLIT, "{chunks} chunks: {s}");
+            // Half the split would leave some block more than its limit.
+            if s > 1 {
+                let half = s / 2;
+                let most_half = if half < SMALL_CLUSTER {
+                    SMALL_CLUSTER_CHUNKS
+                } else {
+                    LARGE_CLUSTER_CHUNKS
+                };
+                assert!(chunks.div_ceil(half) > most_half, "{chunks} chunks: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn measured_shapes_take_the_measured_plans() {
+        let p = |n, rows: usize, k: usize| plan(n, rows.div_ceil(64), k.div_ceil(64), SMS, SMEM);
+        let on = |width, split| Some(Plan { width, split });
+        // Transformer-base's decode GEMMs at 128 rows (run 24).
+        assert_eq!(p(1536, 128, 512), on(32, 4));
+        assert_eq!(p(512, 128, 512), on(32, 4));
+        assert_eq!(p(2048, 128, 512), on(32, 4));
+        assert_eq!(p(512, 128, 2048), on(32, 8));
+        // Transformer-big's 1024 x 1024 GEMMs in fours; its QKV and FFN GEMMs to cuBLASLt.
+        assert_eq!(p(1024, 128, 1024), on(32, 4));
+        assert_eq!(p(3072, 128, 1024), None);
+        assert_eq!(p(4096, 128, 1024), None);
+        assert_eq!(p(1024, 128, 4096), None);
+        // BERT-base at 128 rows: the 2304- and 3072-wide GEMMs to cuBLASLt (64-column blocks
+        // lost there, run 25); at 64 rows every GEMM on 32 columns.
+        assert_eq!(p(2304, 128, 768), None);
+        assert_eq!(p(3072, 128, 768), None);
+        assert_eq!(p(2304, 64, 768), on(32, 4));
+        assert_eq!(p(3072, 64, 768), on(32, 4));
+        assert_eq!(p(768, 64, 3072), on(32, 8));
+    }
+}
