@@ -26,12 +26,6 @@ const BLOCK_ROWS: usize = 64;
 const MAX_CHUNKS: usize = 8;
 /// Blocks a cluster has at most (k is split over them).
 const MAX_SPLIT: usize = 8;
-/// Chunks a block takes where the split allows: the split is doubled until a block takes
-/// at most [`SMALL_CLUSTER_CHUNKS`] in clusters of up to [`SMALL_CLUSTER`] blocks, and at
-/// most [`LARGE_CLUSTER_CHUNKS`] in larger ones.
-const SMALL_CLUSTER_CHUNKS: usize = 2;
-const SMALL_CLUSTER: usize = 4;
-const LARGE_CLUSTER_CHUNKS: usize = 4;
 /// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
 const SM_SMEM: usize = 228 << 10;
 const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
@@ -73,63 +67,71 @@ struct Plan {
     split: usize,
 }
 
-/// The blocks a cluster splits `chunks` chunks of k over: the fewest that leave each two
-/// chunks, in clusters of up to four; eight only where four would leave a block more than
-/// four chunks. H200, over a generation at 128 rows: k = 512 (8 chunks) in fours beat
-/// pairs (Transformer-base 32 x 32, run 24), k = 1024 (16) in fours beat eights
-/// (Transformer-big 32 x 32, 15.56-15.59 ms against 15.89-16.11, run 25), and k = 2048
-/// (32) in eights beat fours (Transformer-base 32 x 32, 10.98-11.01 against 11.25).
+/// The blocks a cluster splits k of `chunks` chunks of 64 over: one for up to two chunks,
+/// two for up to four, four for up to sixteen (k <= 1024), eight beyond, so that a block
+/// takes two chunks, or three to four in fours, or up to eight in eights. H200, over a
+/// generation at 128 rows: k = 512 (8 chunks) in fours beat pairs (Transformer-base
+/// 32 x 32, run 24), k = 1024 (16) in fours beat eights (Transformer-big 32 x 32,
+/// 15.56-15.59 ms against 15.89-16.11, run 25), and k = 2048 (32) in eights beat fours
+/// (Transformer-base 32 x 32, 10.98-11.01 against 11.25).
 fn default_split(chunks: usize) -> usize {
-    let mut s = 1;
-    while s < MAX_SPLIT {
-        let most = if s < SMALL_CLUSTER {
-            SMALL_CLUSTER_CHUNKS
-        } else {
-            LARGE_CLUSTER_CHUNKS
-        };
-        if chunks.div_ceil(s) <= most {
-            break;
-        }
-        s *= 2;
+    match chunks {
+        0..=2 => 1,
+        3..=4 => 2,
+        5..=16 => 4,
+        _ => MAX_SPLIT,
     }
-    s
 }
 
-/// The plan for n columns, `row_blocks` blocks of rows and k of `chunks` chunks: 32
-/// columns a block, else 16, else 8, k split by [`default_split`]; None where none fits
-/// (more than [`MAX_CHUNKS`] chunks or `smem` bytes a block, or more blocks than the GPU
-/// holds at once), and cuBLASLt takes the GEMM. H200, over generations and forwards: 32
-/// columns in clusters of 4 (two chunks a block) beat 8 or 16 columns unsplit at
-/// Transformer-base's 128 rows (8.2 us a launch at 512 x 512, generation +7-12%) and 64
-/// columns in clusters of 8 (run 24); with this split, 64 columns where 32 did not fit (the
-/// 2304- and 3072-wide GEMMs of BERT-base at 128 rows) made its forward 0.52 ms against
-/// 0.45 with cuBLASLt there (run 25), so a block takes 64 only when LIGHTSEQ_WG_GEMM_COLS
-/// asks. LIGHTSEQ_WG_GEMM_COLS and LIGHTSEQ_WG_GEMM_SPLIT set the width and the split
-/// (for comparisons).
+/// The widths the kernel is built for (BN), and the one taken unless another is asked for.
+const WIDTHS: [usize; 4] = [8, 16, 32, 64];
+const DEFAULT_WIDTH: usize = 32;
+
+/// The plan for n columns, `row_blocks` blocks of rows and k of `chunks` chunks, with the
+/// width and split LIGHTSEQ_WG_GEMM_COLS and LIGHTSEQ_WG_GEMM_SPLIT ask for (for
+/// comparisons; a width the kernel is not built for is ignored); see [`plan_with`].
 fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> Option<Plan> {
     static COLS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let want_cols = env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS");
+    let want_cols = env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS").filter(|c| WIDTHS.contains(c));
     let want_split = env_count(&SPLIT, "LIGHTSEQ_WG_GEMM_SPLIT");
+    plan_with(n, row_blocks, chunks, sms, smem, want_cols, want_split)
+}
+
+/// The plan: 32 columns a block (or `want_cols`), k split by [`default_split`] (or over
+/// `want_split` blocks, rounded down to a power of two); None where it does not fit (more than [`MAX_CHUNKS`] chunks or `smem` bytes a block, or more blocks
+/// than the GPU holds at once), and cuBLASLt takes the GEMM. H200, over generations and
+/// forwards: 32 columns in clusters of 4 (two chunks a block) beat 8 or 16 columns unsplit
+/// at Transformer-base's 128 rows (8.2 us a launch at 512 x 512, generation +7-12%) and 64
+/// columns in clusters of 8 (run 24). Narrower blocks never fit where 32 columns do not:
+/// halving the width doubles the blocks and less than doubles the blocks an SM holds. With
+/// 64 columns tried where 32 did not fit, the 2304- and 3072-wide GEMMs of BERT-base at 128
+/// rows took 64-column blocks in fours and its forward went from 0.45 ms to 0.52 (run 25,
+/// together with the 768 x 768 GEMMs' split going from eight to four), so a block takes 64
+/// columns only when asked.
+fn plan_with(
+    n: usize,
+    row_blocks: usize,
+    chunks: usize,
+    sms: usize,
+    smem: usize,
+    want_cols: Option<usize>,
+    want_split: Option<usize>,
+) -> Option<Plan> {
     let split = want_split.map_or_else(|| default_split(chunks), |s| 1 << s.min(MAX_SPLIT).ilog2());
     let per = chunks.div_ceil(split);
-    // The widths the kernel is built for (BN): the default order, or the one asked for.
-    let widths: &[usize] = match want_cols {
-        Some(c) => &[c],
-        None => &[32, 16, 8],
+    let fits = |width: usize| {
+        let bytes = smem_bytes(width, per);
+        let blocks = n.div_ceil(width) * row_blocks * split;
+        per <= MAX_CHUNKS
+            && bytes <= smem
+            && blocks <= SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * sms
     };
-    widths
-        .iter()
-        .copied()
-        .filter(|w| [8, 16, 32, 64].contains(w))
-        .find(|&width| {
-            let bytes = smem_bytes(width, per);
-            let blocks = n.div_ceil(width) * row_blocks * split;
-            per <= MAX_CHUNKS
-                && bytes <= smem
-                && blocks <= SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * sms
-        })
-        .map(|width| Plan { width, split })
+    let width = match want_cols {
+        Some(c) => Some(c).filter(|&c| fits(c)),
+        None => Some(DEFAULT_WIDTH).filter(|&w| fits(w)),
+    }?;
+    Some(Plan { width, split })
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the warpgroup-MMA
@@ -211,78 +213,101 @@ mod tests {
     const SMS: usize = 132;
     const SMEM: usize = 227 << 10;
 
+    fn default_plan(n: usize, rows: usize, k: usize) -> Option<Plan> {
+        plan_with(
+            n,
+            rows.div_ceil(BLOCK_ROWS),
+            k.div_ceil(64),
+            SMS,
+            SMEM,
+            None,
+            None,
+        )
+    }
+
     #[test]
     fn plans_fit_the_gpu_at_once() {
         for rows in [1usize, 33, 64, 100, 128] {
-            for chunks in 1..=64 {
+            for chunks in 1..=72 {
                 for n in (8..=16384)
                     .step_by(8 * 37)
                     .chain([512, 768, 1024, 2304, 3072])
                 {
-                    let row_blocks = rows.div_ceil(BLOCK_ROWS);
-                    let Some(p) = plan(n, row_blocks, chunks, SMS, SMEM) else {
-                        continue;
-                    };
-                    let per = chunks.div_ceil(p.split);
-                    let bytes = smem_bytes(p.width, per);
-                    let blocks = n.div_ceil(p.width) * row_blocks * p.split;
-                    assert!([8, 16, 32].contains(&p.width), "{p:?}");
-                    assert!(p.split.is_power_of_two() && p.split <= MAX_SPLIT, "{p:?}");
-                    assert!(per <= MAX_CHUNKS && bytes <= SMEM, "{p:?} {chunks}");
-                    let resident = SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * SMS;
-                    assert!(
-                        blocks <= resident,
-                        "{p:?} n {n} rows {rows} chunks {chunks}"
-                    );
+                    for want_cols in [None, Some(8), Some(16), Some(32), Some(64)] {
+                        for want_split in [None, Some(1), Some(3), Some(8)] {
+                            let row_blocks = rows.div_ceil(BLOCK_ROWS);
+                            let Some(p) =
+                                plan_with(n, row_blocks, chunks, SMS, SMEM, want_cols, want_split)
+                            else {
+                                continue;
+                            };
+                            let per = chunks.div_ceil(p.split);
+                            let bytes = smem_bytes(p.width, per);
+                            let blocks = n.div_ceil(p.width) * row_blocks * p.split;
+                            let resident = SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * SMS;
+                            assert!(want_cols.is_none_or(|c| c == p.width), "{p:?}");
+                            assert!(want_cols.is_some() || p.width == DEFAULT_WIDTH, "{p:?}");
+                            assert!(p.split.is_power_of_two() && p.split <= MAX_SPLIT, "{p:?}");
+                            assert!(per <= MAX_CHUNKS && bytes <= SMEM, "{p:?} {chunks}");
+                            assert!(blocks <= resident, "{p:?} n {n} rows {rows} {chunks}");
+                        }
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn split_leaves_each_block_few_chunks_in_small_clusters() {
-        for chunks in 1..=64 {
+    fn split_by_chunks() {
+        for chunks in 1..=80 {
             let s = default_split(chunks);
-            let per = chunks.div_ceil(s);
-            let most = if s < SMALL_CLUSTER {
-                SMALL_CLUSTER_CHUNKS
+            let want = if chunks <= 2 {
+                1
+            } else if chunks <= 4 {
+                2
+            } else if chunks <= 16 {
+                4
             } else {
-                LARGE_CLUSTER_CHUNKS
+                8
             };
-            assert!(per <= most || s == MAX_SPLIT, "{chunks} chunks: {s}");
-            // Half the split would leave some block more than its limit.
-            if s > 1 {
-                let half = s / 2;
-                let most_half = if half < SMALL_CLUSTER {
-                    SMALL_CLUSTER_CHUNKS
-                } else {
-                    LARGE_CLUSTER_CHUNKS
-                };
-                assert!(chunks.div_ceil(half) > most_half, "{chunks} chunks: {s}");
-            }
+            assert_eq!(s, want, "{chunks} chunks");
         }
+        // k over 4096 leaves a block more than it holds: cuBLASLt's.
+        assert_eq!(
+            default_plan(512, 128, 4096),
+            Some(Plan {
+                width: 32,
+                split: 8
+            })
+        );
+        assert_eq!(default_plan(512, 128, 4160), None);
+        // A split asked for is rounded down to a power of two.
+        assert_eq!(
+            plan_with(512, 2, 8, SMS, SMEM, None, Some(3)).map(|p| p.split),
+            Some(2)
+        );
     }
 
     #[test]
     fn measured_shapes_take_the_measured_plans() {
-        let p = |n, rows: usize, k: usize| plan(n, rows.div_ceil(64), k.div_ceil(64), SMS, SMEM);
         let on = |width, split| Some(Plan { width, split });
         // Transformer-base's decode GEMMs at 128 rows (run 24).
-        assert_eq!(p(1536, 128, 512), on(32, 4));
-        assert_eq!(p(512, 128, 512), on(32, 4));
-        assert_eq!(p(2048, 128, 512), on(32, 4));
-        assert_eq!(p(512, 128, 2048), on(32, 8));
+        assert_eq!(default_plan(1536, 128, 512), on(32, 4));
+        assert_eq!(default_plan(512, 128, 512), on(32, 4));
+        assert_eq!(default_plan(2048, 128, 512), on(32, 4));
+        assert_eq!(default_plan(512, 128, 2048), on(32, 8));
         // Transformer-big's 1024 x 1024 GEMMs in fours; its QKV and FFN GEMMs to cuBLASLt.
-        assert_eq!(p(1024, 128, 1024), on(32, 4));
-        assert_eq!(p(3072, 128, 1024), None);
-        assert_eq!(p(4096, 128, 1024), None);
-        assert_eq!(p(1024, 128, 4096), None);
+        assert_eq!(default_plan(1024, 128, 1024), on(32, 4));
+        assert_eq!(default_plan(3072, 128, 1024), None);
+        assert_eq!(default_plan(4096, 128, 1024), None);
+        assert_eq!(default_plan(1024, 128, 4096), None);
         // BERT-base at 128 rows: the 2304- and 3072-wide GEMMs to cuBLASLt (64-column blocks
         // lost there, run 25); at 64 rows every GEMM on 32 columns.
-        assert_eq!(p(2304, 128, 768), None);
-        assert_eq!(p(3072, 128, 768), None);
-        assert_eq!(p(2304, 64, 768), on(32, 4));
-        assert_eq!(p(3072, 64, 768), on(32, 4));
-        assert_eq!(p(768, 64, 3072), on(32, 8));
+        assert_eq!(default_plan(2304, 128, 768), None);
+        assert_eq!(default_plan(3072, 128, 768), None);
+        assert_eq!(default_plan(768, 128, 768), on(32, 4));
+        assert_eq!(default_plan(2304, 64, 768), on(32, 4));
+        assert_eq!(default_plan(3072, 64, 768), on(32, 4));
+        assert_eq!(default_plan(768, 64, 3072), on(32, 8));
     }
 }
