@@ -66,28 +66,7 @@ impl<'a> Launch<'a> {
     /// The arguments must match the kernel's parameters in number, order and type, and the
     /// memory they point to must hold what the kernel reads and writes under `cfg`.
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
-        self.stream.context().bind_to_thread()?;
-        let pdl_error = if self.pdl.load(Ordering::Relaxed) {
-            match self.launch_pdl(cfg) {
-                Ok(()) => return Ok(()),
-                Err(e) => Some(e),
-            }
-        } else {
-            None
-        };
-        cudarc::driver::result::launch_kernel(
-            self.func.cu_function(),
-            cfg.grid_dim,
-            cfg.block_dim,
-            cfg.shared_mem_bytes,
-            self.stream.cu_stream(),
-            &mut self.args,
-        )?;
-        // The plain launch went through where the PDL one did not: PDL is what failed.
-        if let Some(e) = pdl_error {
-            self.pdl_failed(e);
-        }
-        Ok(())
+        self.launch_with(cfg, None)
     }
 
     /// Enqueues the kernel in thread-block clusters of `cluster` blocks (sm_90 and later;
@@ -100,37 +79,48 @@ impl<'a> Launch<'a> {
         cfg: LaunchConfig,
         cluster: (u32, u32, u32),
     ) -> Result<(), DriverError> {
-        self.stream.context().bind_to_thread()?;
-        if self.pdl.load(Ordering::Relaxed) {
-            match self.launch_ex(cfg, Some(cluster), true) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    self.launch_ex(cfg, Some(cluster), false)?;
-                    self.pdl_failed(e);
-                    return Ok(());
-                }
-            }
-        }
-        self.launch_ex(cfg, Some(cluster), false)
+        self.launch_with(cfg, Some(cluster))
     }
 
-    /// Turns PDL off for the device after a PDL launch failed where a plain one went
-    /// through.
-    fn pdl_failed(&self, e: DriverError) {
-        if self.pdl.swap(false, Ordering::Relaxed) {
-            eprintln!(
-                "lightseq: the driver refused a programmatic dependent launch ({e:?}); \
-                 kernels on this device launch plainly from now on"
-            );
-        }
-    }
-
-    /// The launch with the programmatic-stream-serialization attribute.
+    /// The launch with PDL where it is on; where the driver refuses a PDL launch and the
+    /// plain one goes through, PDL is what failed, and it is turned off for the device.
     ///
     /// # Safety
     /// As for [`Launch::launch`].
-    unsafe fn launch_pdl(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
-        self.launch_ex(cfg, None, true)
+    unsafe fn launch_with(
+        &mut self,
+        cfg: LaunchConfig,
+        cluster: Option<(u32, u32, u32)>,
+    ) -> Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        let pdl_error = if self.pdl.load(Ordering::Relaxed) {
+            match self.launch_ex(cfg, cluster, true) {
+                Ok(()) => return Ok(()),
+                Err(e) => Some(e),
+            }
+        } else {
+            None
+        };
+        match cluster {
+            Some(_) => self.launch_ex(cfg, cluster, false)?,
+            None => cudarc::driver::result::launch_kernel(
+                self.func.cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                self.stream.cu_stream(),
+                &mut self.args,
+            )?,
+        }
+        if let Some(e) = pdl_error {
+            if self.pdl.swap(false, Ordering::Relaxed) {
+                eprintln!(
+                    "lightseq: the driver refused a programmatic dependent launch ({e:?}); \
+                     kernels on this device launch plainly from now on"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// `cuLaunchKernelEx` with a cluster shape and the programmatic-stream-serialization
