@@ -278,7 +278,8 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // 29 x 8200 x 64 with blocks of 32 columns, 17 x 96 x 4096, and on sm_90 and later
         // 30 x 2304 x 768). On sm_90, 33-128 rows (and fewer where k is not a multiple of
         // 32) go to the warpgroup-MMA kernel where its blocks fit: 33 x 768 x 768,
-        // 64 x 3072 x 768, 128 x 2048 x 512, 45 x 1536 x 512 in clusters of 4-8 blocks;
+        // 64 x 3072 x 768, 128 x 2048 x 512, 45 x 1536 x 512 in clusters of 4 blocks,
+        // 96 x 256 x 2048 in clusters of 8;
         // 24 x 64 x 40 and 120 x 1000 x 96 with a part-filled chunk of k; 128 x 520 x 256
         // with a part-filled block of columns. The rest (100 x 768 x 3072, 129 x 64 x 64)
         // go to cuBLASLt, at the sizes of batched decode steps and short forwards too.
@@ -304,6 +305,7 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (30, 2304, 768),
             (120, 1000, 96),
             (129, 64, 64),
+            (96, 256, 2048),
         ] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {

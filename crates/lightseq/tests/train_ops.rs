@@ -322,7 +322,9 @@ fn cuda_linear_add_matches_cpu() {
         // The last seven: rows with k a multiple of 32 (up to 32 go to the few-row kernels
         // in 16 bits: 30 rows take two row tiles, and 32 rows of 768 x 3072 on sm_90 and
         // later; an LM head wider than 16384 goes to cuBLASLt, in two column parts as its
-        // width is not a multiple of 8, and so do 48 and 128 rows).
+        // width is not a multiple of 8; on sm_90, 128 rows of 512 x 2048 go to the
+        // warpgroup-MMA kernel in clusters of 8 and 48 rows of 700 x 768 in clusters of 4,
+        // elsewhere to cuBLASLt).
         for (m, n, k, bias) in [
             (37, 53, 71, true),
             (64, 96, 40, false),
