@@ -2,6 +2,9 @@
 # GPU checks, run on the GPU machine from the repository root after scripts/build-device.sh:
 #   bash scripts/gpu-check.sh [BINARY] [TEST_DIR]
 # 1. the CUDA op and model tests (CUDA vs CPU, every dtype; fixtures vs HF), GPU required;
+#    the linear-op binaries again with LIGHTSEQ_TILED_GEMM=all, which sends every GEMM of
+#    more than 128 rows on sm_90 to the pipelined warpgroup-MMA kernel (by default
+#    cuBLASLt takes them), with every activation and the residual;
 # 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
 #    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
 set -uo pipefail
@@ -17,6 +20,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 for t in "$TESTS"/*; do
   echo "== $(basename "$t")"
   if ! "$t" --test-threads=1 --nocapture 2>&1; then status=1; fi
+done
+for t in "ops cuda_ops_match_cpu" "train_ops linear"; do
+  set -- $t
+  [ -x "$TESTS/$1" ] || continue
+  echo "== $1 $2, LIGHTSEQ_TILED_GEMM=all"
+  if ! LIGHTSEQ_TILED_GEMM=all "$TESTS/$1" --test-threads=1 "$2" 2>&1; then status=1; fi
 done
 echo "== real-size parity"
 python3 scripts/gpu_parity.py --bin "$BIN" || status=1

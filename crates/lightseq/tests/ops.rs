@@ -281,8 +281,14 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // 64 x 3072 x 768, 128 x 2048 x 512, 45 x 1536 x 512 in clusters of 4 blocks,
         // 96 x 256 x 2048 in clusters of 8;
         // 24 x 64 x 40 and 120 x 1000 x 96 with a part-filled chunk of k; 128 x 520 x 256
-        // with a part-filled block of columns. The rest (100 x 768 x 3072, 129 x 64 x 64)
-        // go to cuBLASLt, at the sizes of batched decode steps and short forwards too.
+        // with a part-filled block of columns; 100 x 768 x 3072 goes to cuBLASLt. More rows
+        // go to cuBLASLt, and on sm_90 under LIGHTSEQ_TILED_GEMM=all (scripts/gpu-check.sh
+        // runs this test so too) to the pipelined warpgroup-MMA kernel, each of its blocks
+        // (warpgroups x columns) once: 129 x 64 x 64 (1 x 128, fewer columns than a block),
+        // 1030 x 768 x 768 (1 x 128, a part-filled row tile), 257 x 520 x 4104 (1 x 128, a
+        // long k ending in a part-filled chunk), 1024 x 3072 x 200 (2 x 192), 2830 x 320 x 40
+        // (1 x 192), 1024 x 2048 x 72 (1 x 256), 2830 x 576 x 64 (2 x 128) and
+        // 4096 x 1024 x 64 (2 x 256).
         for (m, n, k) in [
             (37, 53, 71),
             (24, 64, 40),
@@ -306,6 +312,13 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (120, 1000, 96),
             (129, 64, 64),
             (96, 256, 2048),
+            (1030, 768, 768),
+            (257, 520, 4104),
+            (1024, 3072, 200),
+            (2830, 320, 40),
+            (1024, 2048, 72),
+            (2830, 576, 64),
+            (4096, 1024, 64),
         ] {
             let (x, w, b) = (randn(11, m * k), randn(12, n * k), randn(13, n));
             for (i, act) in ACTS.into_iter().enumerate() {

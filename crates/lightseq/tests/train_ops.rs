@@ -324,7 +324,11 @@ fn cuda_linear_add_matches_cpu() {
         // later; an LM head wider than 16384 goes to cuBLASLt, in two column parts as its
         // width is not a multiple of 8; on sm_90, 128 rows of 512 x 2048 go to the
         // warpgroup-MMA kernel in clusters of 8 and 48 rows of 700 x 768 in clusters of 4,
-        // elsewhere to cuBLASLt).
+        // elsewhere to cuBLASLt), then more than 128 rows, which go to cuBLASLt, and on
+        // sm_90 with LIGHTSEQ_TILED_GEMM=all (scripts/gpu-check.sh runs this binary so too)
+        // to the pipelined warpgroup-MMA kernel: 1030 x 768 x 3072 in blocks of 64 x 128 (a
+        // part-filled row tile), 1024 x 3072 x 200 in blocks of 128 x 192 (a part-filled
+        // chunk of k) and 300 x 100 x 64 (a part-filled block of columns).
         for (m, n, k, bias) in [
             (37, 53, 71, true),
             (64, 96, 40, false),
@@ -336,6 +340,9 @@ fn cuda_linear_add_matches_cpu() {
             (128, 512, 2048, true),
             (48, 700, 768, false),
             (32, 768, 3072, true),
+            (1030, 768, 3072, true),
+            (1024, 3072, 200, false),
+            (300, 100, 64, true),
         ] {
             let (x, w, b, r) = (
                 randn(70, m * k),

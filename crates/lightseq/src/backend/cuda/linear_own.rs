@@ -1,5 +1,6 @@
 //! The linears our own kernels take before cuBLASLt: the few-row kernels (linear_small.rs)
-//! up to 32 rows, then on sm_90 the warpgroup-MMA kernel (linear_wg.rs). Both take the same
+//! up to 32 rows, then on sm_90 the warpgroup-MMA kernels: linear_wg.rs up to 128 rows,
+//! linear_tiled.rs beyond. All take the same
 //! arguments in the same order: x, w, bias, residual, y; m, n, k, the activation code, and
 //! what they may read before the wait for the kernel before.
 
@@ -26,7 +27,10 @@ pub(crate) fn linear_own(op: &Linear) -> Result<Option<CudaStorage>> {
     if let Some(y) = super::linear_small::linear_small(op)? {
         return Ok(Some(y));
     }
-    super::linear_wg::linear_wg(op)
+    if let Some(y) = super::linear_wg::linear_wg(op)? {
+        return Ok(Some(y));
+    }
+    super::linear_tiled::linear_tiled(op)
 }
 
 impl Linear<'_> {

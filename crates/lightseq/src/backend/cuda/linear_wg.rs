@@ -47,7 +47,7 @@ fn env_count(cell: &'static std::sync::OnceLock<Option<usize>>, var: &str) -> Op
 }
 
 /// The most rows the kernel takes (LIGHTSEQ_WG_GEMM_ROWS, for comparisons).
-fn max_rows() -> usize {
+pub(super) fn max_rows() -> usize {
     static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     env_count(&ROWS, "LIGHTSEQ_WG_GEMM_ROWS").unwrap_or(MAX_ROWS)
 }

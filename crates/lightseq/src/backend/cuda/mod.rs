@@ -6,6 +6,7 @@ pub(crate) mod graph;
 mod launch;
 mod linear_own;
 mod linear_small;
+mod linear_tiled;
 mod linear_wg;
 pub mod nvrtc;
 pub(crate) mod ops;

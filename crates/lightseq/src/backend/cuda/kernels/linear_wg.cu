@@ -52,6 +52,34 @@ struct LwgMma;
     "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
     "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+// The operand lists of the wider MMAs (n128, n192, n256: 64, 96 and 128 accumulators).
+#define LWG_O4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define LWG_O16(i) LWG_O4(i), LWG_O4(i + 4), LWG_O4(i + 8), LWG_O4(i + 12)
+#define LWG_O64(i) LWG_O16(i), LWG_O16(i + 16), LWG_O16(i + 32), LWG_O16(i + 48)
+#define LWG_D_128 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
+#define LWG_AB_128 "%64, %65"
+#define LWG_D_192 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" "}"
+#define LWG_AB_192 "%96, %97"
+#define LWG_D_256 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" "}"
+#define LWG_AB_256 "%128, %129"
+#define LWG_OUT_128 LWG_O64(0)
+#define LWG_OUT_192 LWG_O64(0), LWG_O16(64), LWG_O16(80)
+#define LWG_OUT_256 LWG_O64(0), LWG_O64(64)
 #define LWG_MMA(T, S, BN)                                                                  \
   template <>                                                                               \
   struct LwgMma<T, BN> {                                                                    \
@@ -68,6 +96,9 @@ LWG_MMA_ALL(8)
 LWG_MMA_ALL(16)
 LWG_MMA_ALL(32)
 LWG_MMA_ALL(64)
+LWG_MMA_ALL(128)
+LWG_MMA_ALL(192)
+LWG_MMA_ALL(256)
 
 // The MMA's shared-memory descriptor of a K-major tile in the 128-byte swizzle: start
 // address, 16 bytes between the core matrices along k (unused within one swizzle row),
@@ -338,3 +369,201 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
   LS_LINEAR_WG(T, S, 64)
 LS_LINEAR_WG_ALL(__half, f16)
 LS_LINEAR_WG_ALL(__nv_bfloat16, bf16)
+
+// GEMMs of more rows (long forwards, prefill): y = act(x w^T + bias) (+ r) in output tiles
+// of 64 WGS rows by BN columns, one warpgroup per 64 rows, k walked in 64-wide chunks
+// through a ring of as many shared-memory stages as fit LWT_RING_BYTES (at most 8). The
+// tensor memory accelerator (TMA) fills the stages: one thread asks for a chunk's two
+// tiles (the swizzled layout the MMA reads, zeros past the operands' edges) and their
+// bytes complete on the stage's mbarrier, so the block's warps issue only the MMAs. The
+// MMAs of one chunk run while the next chunks land, one group in flight behind them; the
+// epilogue (bias, activation, residual; the exact GELU included, which cuBLASLt's
+// epilogues lack) runs on the f32 tile staged in shared memory and writes whole 16-byte
+// packs. Grid (n / BN, m / (64 WGS)), any number of waves.
+// Measured on an H200 (docs/performance.md, run 26): copies by every thread (cp.async, 16
+// bytes each) issued ~380 instructions a warp a chunk and were the bottleneck; with four
+// stages the 64 x 128 blocks of a k = 3072 GEMM still waited on every chunk (0.37 us a
+// chunk against ~0.14 of MMAs), hence the deep ring. The kernel still reaches about half
+// of cuBLASLt's rate at 4096 rows; it has no TMA multicast across a cluster, which
+// cuBLASLt's kernels there use, so each block reads all of both its tiles from L2.
+#define LWT_RING_BYTES (225 * 1024)
+#define LWT_MAX_STAGES 8
+
+// A tensor map (CUtensorMap) as the host encoded it, passed by value as a grid constant.
+struct __align__(64) LwtMap {
+  unsigned long long v[16];
+};
+
+__device__ __forceinline__ void lwt_wait(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
+// Rows [row, row + box) by k [k0, k0 + 64) of the map's matrix into shared `dst`, completing
+// on `bar`.
+__device__ __forceinline__ void lwt_tma(unsigned dst, const LwtMap& map, int k0, int row,
+                                        unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(&map)), "r"(k0), "r"(row), "r"(bar)
+      : "memory");
+}
+
+template <typename T, int BN, int WGS>
+__device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bias, const T* r,
+                                T* y, int m, int n, int k, int act, bool early_w) {
+  extern __shared__ unsigned char lwg_raw[];
+  constexpr int BM = LWG_ROWS * WGS, STRIDE = BN + 4, ITEMS = BN / 8;
+  constexpr unsigned A_BYTES = BM * 128, STAGE = (BM + BN) * 128;
+  constexpr int S = LWT_RING_BYTES / STAGE < LWT_MAX_STAGES ? LWT_RING_BYTES / STAGE
+                                                            : LWT_MAX_STAGES;
+  constexpr unsigned TILE = BM * STRIDE * 4;
+  constexpr unsigned RING = S * STAGE > TILE ? S * STAGE : TILE;
+  const unsigned raw = ls_smem_addr(lwg_raw);
+  const unsigned base = (raw + 1023u) & ~1023u;
+  float* red = reinterpret_cast<float*>(lwg_raw + (base - raw));
+  // Stage s holds chunk j = s (mod S): x's rows at base + s STAGE, w's A_BYTES on; its
+  // barrier at full + 8 s.
+  const unsigned full = base + RING;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int chunks = (k + 63) >> 6;
+  const int wg = threadIdx.x >> 7;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int s = 0; s < S; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full + 8 * s) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto expect = [&](int j) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full + 8 * (j % S)),
+                 "r"(STAGE)
+                 : "memory");
+  };
+  auto load_a = [&](int j) {
+    lwt_tma(base + (j % S) * STAGE, mx, j * 64, m0, full + 8 * (j % S));
+  };
+  auto load_b = [&](int j) {
+    lwt_tma(base + (j % S) * STAGE + A_BYTES, mw, j * 64, n0, full + 8 * (j % S));
+  };
+  const int ahead = min(S - 1, chunks);
+  // The first stages' weight tiles go before the wait where nothing running writes w.
+  if (leader && early_w) {
+    for (int j = 0; j < ahead; ++j) {
+      expect(j);
+      load_b(j);
+    }
+  }
+  LS_PDL_WAIT();
+  if (leader) {
+    for (int j = 0; j < ahead; ++j) {
+      if (!early_w) {
+        expect(j);
+        load_b(j);
+      }
+      load_a(j);
+    }
+  }
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  for (int j = 0; j < chunks; ++j) {
+    lwt_wait(full + 8 * (j % S), (j / S) & 1);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    const unsigned a = base + (j % S) * STAGE + wg * LWG_ROWS * 128;
+    const unsigned b = base + (j % S) * STAGE + A_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      LwgMma<T, BN>::run(acc, lwg_desc(a + kk * 32), lwg_desc(b + kk * 32));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    // This warpgroup's MMAs of chunk j - 1 are done; once every warpgroup's are, the
+    // stage they read takes chunk j + S - 1.
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    __syncthreads();
+    if (leader && j + S - 1 < chunks) {
+      expect(j + S - 1);
+      load_b(j + S - 1);
+      load_a(j + S - 1);
+    }
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) lwg_pin(acc[i]);
+  // Every warpgroup's MMAs are done with the stages (and every copy has landed) before the
+  // f32 tile overwrites them.
+  __syncthreads();
+  {
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    const int row = wg * LWG_ROWS + 16 * warp + (lane >> 2);
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int col = 8 * i + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(red + row * STRIDE + col) =
+          make_float2(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<float2*>(red + (row + 8) * STRIDE + col) =
+          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+  }
+  __syncthreads();
+  const bool packed = (n & 7) == 0;
+  for (int i = threadIdx.x; i < BM * ITEMS; i += blockDim.x) {
+    const int lr = i / ITEMS, lc = (i % ITEMS) * 8;
+    const int row = m0 + lr, col = n0 + lc;
+    if (row >= m || col >= n) continue;
+    float v[8];
+    {
+      const float4* own = reinterpret_cast<const float4*>(red + lr * STRIDE + lc);
+      const float4 p = own[0], q = own[1];
+      v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+      v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
+    }
+    const long long at_y = (long long)row * n + col;
+    float bv[8], rv[8];
+    lwg_load8<T>(bias, col, col, n, packed, bv);
+    lwg_load8<T>(r, at_y, col, n, packed, rv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += bv[e];
+    LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += rv[e];
+    if (packed && col + 8 <= n) {
+      uint4 out;
+      T* ot = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ot[e] = from_f<T>(v[e]);
+      *reinterpret_cast<uint4*>(y + at_y) = out;
+    } else {
+      for (int e = 0; e < 8 && col + e < n; ++e) y[at_y + e] = from_f<T>(v[e]);
+    }
+  }
+}
+
+// 64 WGS rows by BN columns a block; mx and mw map x [m, k] and w [n, k] in boxes of
+// 64 k by 64 WGS and BN rows; early as for linear_wg_n*.
+#define LS_LINEAR_WGT(T, S, BN, WGS)                                                       \
+  extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                               \
+      linear_wgt_m##WGS##_n##BN##_##S(const __grid_constant__ LwtMap mx,                   \
+                                      const __grid_constant__ LwtMap mw, const T* bias,    \
+                                      const T* r, T* y, int m, int n, int k, int act,      \
+                                      int early) {                                         \
+    linear_wgt_body<T, BN, WGS>(mx, mw, bias, r, y, m, n, k, act, early != 0);             \
+  }
+#define LS_LINEAR_WGT_ALL(T, S) \
+  LS_LINEAR_WGT(T, S, 128, 1)   \
+  LS_LINEAR_WGT(T, S, 192, 1)   \
+  LS_LINEAR_WGT(T, S, 256, 1)   \
+  LS_LINEAR_WGT(T, S, 128, 2)   \
+  LS_LINEAR_WGT(T, S, 192, 2)   \
+  LS_LINEAR_WGT(T, S, 256, 2)
+LS_LINEAR_WGT_ALL(__half, f16)
+LS_LINEAR_WGT_ALL(__nv_bfloat16, bf16)

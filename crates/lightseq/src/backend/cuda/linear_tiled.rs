@@ -1,0 +1,339 @@
+//! GEMMs of more than 128 rows (long forwards, prefill) on sm_90 by the pipelined
+//! warpgroup-MMA kernel of `kernels/linear_wg.cu` (`linear_wgt_m*_n*`), when asked for:
+//! `LIGHTSEQ_TILED_GEMM=1` sends it the GEMMs whose activation cuBLASLt's epilogues lack
+//! (the exact erf GELU of BERT, SiLU, quick GELU, tanh), which then need no activation pass
+//! of their own, and `LIGHTSEQ_TILED_GEMM=all` every GEMM of more than 128 rows. By default
+//! cuBLASLt keeps them: the kernel reaches about half of the library's rate, so even with
+//! the GELU pass saved it is level at 1024 rows and slower at 4096 (H200, run 26 in
+//! docs/performance.md: BERT-base's first FFN GEMM with its GELU 59.5 us against
+//! 31.9 + 14.3 at 4096 rows).
+//! The kernel's operands reach it through the tensor memory accelerator: each launch
+//! encodes a tensor map of x and one of w (`cuTensorMapEncodeTiled`) and passes them by
+//! value.
+
+use super::linear_own::Linear;
+use super::ops::launched;
+use super::CudaStorage;
+use crate::error::{Error, Result};
+use crate::ops::Activation;
+use crate::tensor::DType;
+use cudarc::driver::{sys, DeviceRepr, LaunchConfig};
+
+/// Rows a warpgroup takes (LWG_ROWS), and k a stage holds.
+const WG_ROWS: usize = 64;
+const CHUNK: usize = 64;
+/// Bytes the ring of stages may take, and the most stages it has (LWT_RING_BYTES,
+/// LWT_MAX_STAGES).
+const RING_BYTES: usize = 225 << 10;
+const MAX_STAGES: usize = 8;
+/// The widths and warpgroups a block the kernel is built for.
+const WIDTHS: [usize; 3] = [128, 192, 256];
+const WARPGROUPS: [usize; 2] = [2, 1];
+/// Columns the kernel takes at most: wider outputs (LM heads) go to cuBLASLt.
+const MAX_COLS: usize = 16384;
+
+/// Which GEMMs of more than 128 rows the kernel takes (LIGHTSEQ_TILED_GEMM).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// None (unset, `0`, or any other value): cuBLASLt takes them.
+    Off,
+    /// `1`: those whose activation cuBLASLt would run as a pass of its own.
+    Activations,
+    /// `all`: every one.
+    All,
+}
+
+fn mode() -> Mode {
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("LIGHTSEQ_TILED_GEMM").as_deref() {
+        Ok("1") => Mode::Activations,
+        Ok("all") => Mode::All,
+        _ => Mode::Off,
+    })
+}
+
+/// Whether cuBLASLt's GEMM would need a pass of its own for `act` (see ops::linear: it
+/// fuses the bias, ReLU, and the tanh GELU with a bias).
+fn needs_activation_pass(act: Activation, has_bias: bool) -> bool {
+    let fused = match act {
+        Activation::None | Activation::Relu => true,
+        Activation::GeluTanh => has_bias,
+        _ => false,
+    };
+    !fused
+}
+
+/// Bytes of shared memory a block of `wgs` warpgroups and `width` columns takes: its
+/// stages (the f32 tile of the epilogue reuses them), their barriers, and room to align
+/// them to 1024 bytes.
+fn smem_bytes(wgs: usize, width: usize) -> usize {
+    let stage = (WG_ROWS * wgs + width) * CHUNK * 2;
+    let stages = (RING_BYTES / stage).min(MAX_STAGES);
+    let tile = WG_ROWS * wgs * (width + 4) * 4;
+    (stages * stage).max(tile) + 8 * stages + 1024
+}
+
+/// A tensor map (`CUtensorMap`), passed to the kernel by value.
+#[repr(C, align(64))]
+struct TensorMap([u64; 16]);
+
+// SAFETY: 128 plain bytes, laid out as the kernel's LwtMap parameter (64-byte aligned).
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The map of a row-major [rows, k] matrix of `dt` at device address `ptr`, read in boxes
+/// of 64 k by `box_rows` rows in the MMA's 128-byte swizzle, zeros past its edges.
+/// k must be a multiple of 8 and `ptr` 16-byte aligned.
+fn tensor_map(ptr: u64, rows: usize, k: usize, box_rows: usize, dt: DType) -> Result<TensorMap> {
+    let kind = match dt {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let dims = [k as u64, rows as u64];
+    let strides = [(k * dt.size()) as u64];
+    let boxes = [CHUNK as u32, box_rows as u32];
+    let steps = [1u32, 1];
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: the arrays hold the rank's (2) dimensions, its one stride and its box; the
+    // driver writes the map it is given and keeps no pointer.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            kind,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "encoding a tensor map of a [{rows}, {k}] matrix for the tiled GEMM: {r:?}"
+        )));
+    }
+    Ok(TensorMap(map.opaque))
+}
+
+/// A launch's block: warpgroups (64 rows each) and columns.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Plan {
+    warpgroups: usize,
+    width: usize,
+}
+
+/// The block for an m x n output: the one whose busiest SM computes the least, counting
+/// each block's whole tile (padding included) and weighing narrower MMAs as slower (an
+/// n128 MMA reads its A tile once for half the work of an n256 one), and one-warpgroup
+/// blocks as a little slower (they copy more bytes a FLOP). Blocks that do not
+/// fit `smem` are skipped. LIGHTSEQ_TILED_GEMM_BLOCK=<warpgroups>x<width> asks for one
+/// block (for comparisons; one the kernel is not built for is ignored).
+fn plan(m: usize, n: usize, sms: usize, smem: usize) -> Option<Plan> {
+    static WANT: std::sync::OnceLock<Option<Plan>> = std::sync::OnceLock::new();
+    let want = *WANT.get_or_init(|| {
+        let v = std::env::var("LIGHTSEQ_TILED_GEMM_BLOCK").ok()?;
+        let (a, b) = v.trim().split_once('x')?;
+        let p = Plan {
+            warpgroups: a.parse().ok()?,
+            width: b.parse().ok()?,
+        };
+        (WARPGROUPS.contains(&p.warpgroups) && WIDTHS.contains(&p.width)).then_some(p)
+    });
+    plan_with(m, n, sms, smem, want)
+}
+
+/// [`plan`] with the block asked for as an argument.
+fn plan_with(m: usize, n: usize, sms: usize, smem: usize, want: Option<Plan>) -> Option<Plan> {
+    let fits = |p: &Plan| smem_bytes(p.warpgroups, p.width) <= smem;
+    if let Some(p) = want {
+        return Some(p).filter(fits);
+    }
+    let cost = |p: &Plan| {
+        let rows = WG_ROWS * p.warpgroups;
+        let blocks = m.div_ceil(rows) * n.div_ceil(p.width);
+        // Relative MMA rate by width, in percent.
+        let rate = match p.width {
+            128 => 85,
+            192 => 95,
+            _ => 100,
+        } * if p.warpgroups == 1 { 95 } else { 100 };
+        blocks.div_ceil(sms) * rows * p.width * 10_000 / rate
+    };
+    WARPGROUPS
+        .iter()
+        .flat_map(|&warpgroups| WIDTHS.iter().map(move |&width| Plan { warpgroups, width }))
+        .filter(fits)
+        // Ties go to the earlier (more warpgroups, narrower) block.
+        .min_by_key(cost)
+}
+
+/// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the pipelined
+/// warpgroup-MMA kernel, or None where it does not apply: not asked for (see [`mode`]), a
+/// GPU other than sm_90, 128 rows or fewer (see linear_wg.rs), more than [`MAX_COLS`] columns, k not a multiple of 8, f32,
+/// operands not 16-byte aligned.
+pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
+    let Linear {
+        x,
+        w,
+        b,
+        r,
+        m,
+        n,
+        k,
+        ..
+    } = *op;
+    let dev = x.device();
+    let dt = x.dtype();
+    let aligned = |p: u64| p.is_multiple_of(16);
+    let wanted = match mode() {
+        Mode::Off => false,
+        Mode::Activations => needs_activation_pass(op.act, b.is_some()) && r.is_none(),
+        Mode::All => true,
+    };
+    let applies = wanted
+        && dev.arch() == (9, 0)
+        && m > super::linear_wg::max_rows()
+        && (1..=MAX_COLS).contains(&n)
+        && k > 0
+        && k.is_multiple_of(8)
+        && m.max(n).max(k) <= i32::MAX as usize / 2
+        && m.div_ceil(WG_ROWS) <= u16::MAX as usize
+        && matches!(dt, DType::F16 | DType::BF16)
+        && aligned(x.ptr())
+        && aligned(w.ptr())
+        && b.is_none_or(|b| aligned(b.ptr()))
+        && r.is_none_or(|r| aligned(r.ptr()));
+    if !applies {
+        return Ok(None);
+    }
+    let Some(Plan { warpgroups, width }) = plan(m, n, dev.sm_count(), dev.smem_per_block()) else {
+        return Ok(None);
+    };
+    let smem = smem_bytes(warpgroups, width);
+    let f = dev.kernel(&format!("linear_wgt_m{warpgroups}_n{width}"), dt)?;
+    super::train_ops::allow_smem(&f, smem)?;
+    let rows = WG_ROWS * warpgroups;
+    let map_x = tensor_map(x.ptr(), m, k, rows, dt)?;
+    let map_w = tensor_map(w.ptr(), n, k, width, dt)?;
+    let y = dev.alloc(dt, m * n)?;
+    let ptrs = [b.map_or(0, |b| b.ptr()), r.map_or(0, |r| r.ptr()), y.ptr()];
+    let ints = [
+        m as i32,
+        n as i32,
+        k as i32,
+        op.act.code(),
+        i32::from(op.weights_read_early()),
+    ];
+    let mut l = dev.launch(&f);
+    l.arg(&map_x).arg(&map_w);
+    for p in &ptrs {
+        l.arg(p);
+    }
+    for i in &ints {
+        l.arg(i);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(width) as u32, m.div_ceil(rows) as u32, 1),
+        block_dim: (128 * warpgroups as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match linear_wgt_m*_n*'s signature (two tensor maps, bias,
+    // residual, y, then m, n, k, act, early); the maps cover x [m, k] and w [n, k], b is [n]
+    // and r [m, n] of dt (the front ends checked the shapes), all 16-byte aligned; the
+    // shared memory holds the block's stages and barriers as the kernel lays them out, and
+    // the grid's y (at most u16::MAX blocks) covers m.
+    launched("linear_wgt", unsafe { l.launch(cfg) })?;
+    Ok(Some(y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H200's SMs and its shared memory a block may opt into.
+    const SMS: usize = 132;
+    const SMEM: usize = 227 << 10;
+    /// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
+    const SM_SMEM: usize = 228 << 10;
+    const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
+
+    /// Blocks of `p` an SM holds at once, by shared memory.
+    fn resident(p: &Plan) -> usize {
+        SM_SMEM / (smem_bytes(p.warpgroups, p.width) + SMEM_PER_BLOCK_RESERVED)
+    }
+
+    fn at(warpgroups: usize, width: usize) -> Option<Plan> {
+        Some(Plan { warpgroups, width })
+    }
+
+    #[test]
+    fn only_activations_cublaslt_lacks_come_here() {
+        use Activation::*;
+        for bias in [false, true] {
+            assert!(!needs_activation_pass(None, bias));
+            assert!(!needs_activation_pass(Relu, bias));
+            for act in [Gelu, Silu, QuickGelu, Tanh] {
+                assert!(needs_activation_pass(act, bias), "{act:?}");
+            }
+        }
+        assert!(needs_activation_pass(GeluTanh, false));
+        assert!(!needs_activation_pass(GeluTanh, true));
+    }
+
+    #[test]
+    fn every_block_fits_an_h200() {
+        for wgs in WARPGROUPS {
+            for width in WIDTHS {
+                let p = Plan {
+                    warpgroups: wgs,
+                    width,
+                };
+                assert!(smem_bytes(wgs, width) <= SMEM, "{p:?}");
+                assert!(resident(&p) >= 1, "{p:?}");
+                assert_eq!(plan_with(4096, 768, SMS, SMEM, Some(p)), Some(p));
+            }
+        }
+        // A block asked for that does not fit is refused, not launched.
+        let big = Plan {
+            warpgroups: 2,
+            width: 256,
+        };
+        assert_eq!(plan_with(4096, 768, SMS, 100 << 10, Some(big)), None);
+    }
+
+    #[test]
+    fn blocks_spread_over_the_sms() {
+        // BERT-base at 1024 rows: 768-wide outputs in 96 blocks of 64 x 128, the 2304- and
+        // 3072-wide ones in one wave of 128 x 192.
+        assert_eq!(plan_with(1024, 768, SMS, SMEM, None), at(1, 128));
+        assert_eq!(plan_with(1024, 3072, SMS, SMEM, None), at(2, 192));
+        assert_eq!(plan_with(1024, 2304, SMS, SMEM, None), at(2, 192));
+        // At 4096 rows: 768 wide in one wave of 128 x 192, 3072 wide in three of 128 x 256.
+        assert_eq!(plan_with(4096, 768, SMS, SMEM, None), at(2, 192));
+        assert_eq!(plan_with(4096, 3072, SMS, SMEM, None), at(2, 256));
+        // tests/ops's shapes take every block the kernel is built for.
+        for (m, n, p) in [
+            (129, 64, at(1, 128)),
+            (1030, 768, at(1, 128)),
+            (257, 520, at(1, 128)),
+            (1024, 3072, at(2, 192)),
+            (2830, 320, at(1, 192)),
+            (1024, 2048, at(1, 256)),
+            (2830, 576, at(2, 128)),
+            (4096, 1024, at(2, 256)),
+        ] {
+            assert_eq!(plan_with(m, n, SMS, SMEM, None), p, "{m} x {n}");
+        }
+        // Every plan fits, whatever the shape.
+        for m in (129..=8192).step_by(97) {
+            for n in (8..=MAX_COLS).step_by(8 * 61) {
+                let p = plan_with(m, n, SMS, SMEM, None).unwrap();
+                assert!(smem_bytes(p.warpgroups, p.width) <= SMEM, "{m} {n} {p:?}");
+            }
+        }
+    }
+}
