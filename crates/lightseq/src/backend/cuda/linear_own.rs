@@ -8,6 +8,7 @@ use super::launch::Launch;
 use super::CudaStorage;
 use crate::error::Result;
 use crate::ops::Activation;
+use crate::tensor::DType;
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r`, b and r optional.
 #[derive(Clone, Copy)]
@@ -33,7 +34,31 @@ pub(crate) fn linear_own(op: &Linear) -> Result<Option<CudaStorage>> {
     super::linear_tiled::linear_tiled(op)
 }
 
+/// Columns the warpgroup-MMA kernels take at most: wider outputs (LM heads) are a long read
+/// of the weight, which cuBLASLt streams well.
+pub(super) const WG_MAX_COLS: usize = 16384;
+
 impl Linear<'_> {
+    /// Whether the operands suit the warpgroup-MMA kernels (linear_wg.rs, linear_tiled.rs)
+    /// on the GPU: sm_90, f16 or bf16, 1 to [`WG_MAX_COLS`] columns, k a whole number of
+    /// 16-byte packs, sizes that index in i32, row blocks of `block_rows` that fit a grid's
+    /// y, and every operand 16-byte aligned. Each kernel adds its own limits on rows and k.
+    pub(super) fn fits_warpgroup_kernels(&self, block_rows: usize) -> bool {
+        let aligned = |p: u64| p.is_multiple_of(16);
+        let (m, n, k) = (self.m, self.n, self.k);
+        self.x.device().arch() == (9, 0)
+            && (1..=WG_MAX_COLS).contains(&n)
+            && k > 0
+            && k.is_multiple_of(8)
+            && m.max(n).max(k) <= i32::MAX as usize / 2
+            && m.div_ceil(block_rows) <= u16::MAX as usize
+            && matches!(self.x.dtype(), DType::F16 | DType::BF16)
+            && aligned(self.x.ptr())
+            && aligned(self.w.ptr())
+            && self.b.is_none_or(|b| aligned(b.ptr()))
+            && self.r.is_none_or(|r| aligned(r.ptr()))
+    }
+
     /// Whether the kernels may read the weight and the bias before their wait (see
     /// [`super::read_early`]).
     pub(super) fn weights_read_early(&self) -> bool {

@@ -29,8 +29,6 @@ const MAX_STAGES: usize = 8;
 /// The widths and warpgroups a block the kernel is built for.
 const WIDTHS: [usize; 3] = [128, 192, 256];
 const WARPGROUPS: [usize; 2] = [2, 1];
-/// Columns the kernel takes at most: wider outputs (LM heads) go to cuBLASLt.
-const MAX_COLS: usize = 16384;
 
 /// Which GEMMs of more than 128 rows the kernel takes (LIGHTSEQ_TILED_GEMM).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -172,9 +170,10 @@ fn plan_with(m: usize, n: usize, sms: usize, smem: usize, want: Option<Plan>) ->
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the pipelined
-/// warpgroup-MMA kernel, or None where it does not apply: not asked for (see [`mode`]), a
-/// GPU other than sm_90, 128 rows or fewer (see linear_wg.rs), more than [`MAX_COLS`] columns, k not a multiple of 8, f32,
-/// operands not 16-byte aligned.
+/// warpgroup-MMA kernel, or None where it does not apply: not asked for (see [`mode`]),
+/// 128 rows or fewer (see linear_wg.rs), or operands the warpgroup kernels do not take
+/// ([`Linear::fits_warpgroup_kernels`]: a GPU other than sm_90, more than 16384 columns, k
+/// not a multiple of 8, f32, operands not 16-byte aligned).
 pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     let Linear {
         x,
@@ -188,25 +187,12 @@ pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     } = *op;
     let dev = x.device();
     let dt = x.dtype();
-    let aligned = |p: u64| p.is_multiple_of(16);
     let wanted = match mode() {
         Mode::Off => false,
         Mode::Activations => needs_activation_pass(op.act, b.is_some()) && r.is_none(),
         Mode::All => true,
     };
-    let applies = wanted
-        && dev.arch() == (9, 0)
-        && m > super::linear_wg::max_rows()
-        && (1..=MAX_COLS).contains(&n)
-        && k > 0
-        && k.is_multiple_of(8)
-        && m.max(n).max(k) <= i32::MAX as usize / 2
-        && m.div_ceil(WG_ROWS) <= u16::MAX as usize
-        && matches!(dt, DType::F16 | DType::BF16)
-        && aligned(x.ptr())
-        && aligned(w.ptr())
-        && b.is_none_or(|b| aligned(b.ptr()))
-        && r.is_none_or(|r| aligned(r.ptr()));
+    let applies = wanted && m > super::linear_wg::max_rows() && op.fits_warpgroup_kernels(WG_ROWS);
     if !applies {
         return Ok(None);
     }
@@ -330,7 +316,7 @@ mod tests {
         }
         // Every plan fits, whatever the shape.
         for m in (129..=8192).step_by(97) {
-            for n in (8..=MAX_COLS).step_by(8 * 61) {
+            for n in (8..=super::super::linear_own::WG_MAX_COLS).step_by(8 * 61) {
                 let p = plan_with(m, n, SMS, SMEM, None).unwrap();
                 assert!(smem_bytes(p.warpgroups, p.width) <= SMEM, "{m} {n} {p:?}");
             }

@@ -12,14 +12,10 @@ use super::linear_own::Linear;
 use super::ops::launched;
 use super::CudaStorage;
 use crate::error::Result;
-use crate::tensor::DType;
 use cudarc::driver::LaunchConfig;
 
 /// Rows the kernel takes by default.
 const MAX_ROWS: usize = 128;
-/// Columns the kernel takes at most: wider outputs (LM heads) are a long read of the
-/// weight, which cuBLASLt streams well.
-const MAX_COLS: usize = 16384;
 /// Rows of a block's tile (LWG_ROWS).
 const BLOCK_ROWS: usize = 64;
 /// Chunks of 64 k a block takes at most.
@@ -135,36 +131,16 @@ fn plan_with(
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the warpgroup-MMA
-/// kernel, or None where it does not apply: a GPU other than sm_90, more rows than it
-/// takes ([`MAX_ROWS`]), more than [`MAX_COLS`] columns, k not a multiple of 8 or over
-/// 4096, f32, operands not 16-byte aligned.
+/// kernel, or None where it does not apply: more rows than it takes ([`MAX_ROWS`]), k over
+/// what its blocks hold (see [`plan_with`]), or operands the warpgroup kernels do not take
+/// ([`Linear::fits_warpgroup_kernels`]: a GPU other than sm_90, more than 16384 columns, k
+/// not a multiple of 8, f32, operands not 16-byte aligned).
 pub(crate) fn linear_wg(op: &Linear) -> Result<Option<CudaStorage>> {
-    let Linear {
-        x,
-        w,
-        b,
-        r,
-        m,
-        n,
-        k,
-        ..
-    } = *op;
+    let Linear { x, m, n, k, .. } = *op;
     let dev = x.device();
     let dt = x.dtype();
-    let aligned = |p: u64| p.is_multiple_of(16);
-    let applies = dev.arch() == (9, 0)
-        && !disabled()
-        && (1..=max_rows()).contains(&m)
-        && (1..=MAX_COLS).contains(&n)
-        && k > 0
-        && k.is_multiple_of(8)
-        && m.max(n).max(k) <= i32::MAX as usize / 2
-        && m.div_ceil(BLOCK_ROWS) <= u16::MAX as usize
-        && matches!(dt, DType::F16 | DType::BF16)
-        && aligned(x.ptr())
-        && aligned(w.ptr())
-        && b.is_none_or(|b| aligned(b.ptr()))
-        && r.is_none_or(|r| aligned(r.ptr()));
+    let applies =
+        !disabled() && (1..=max_rows()).contains(&m) && op.fits_warpgroup_kernels(BLOCK_ROWS);
     if !applies {
         return Ok(None);
     }

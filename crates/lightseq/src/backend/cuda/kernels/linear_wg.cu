@@ -174,6 +174,28 @@ __device__ __forceinline__ void lwg_activate(float (&v)[8]) {
   for (int e = 0; e < 8; ++e) v[e] = activate(v[e], A);
 }
 
+// The epilogue of eight outputs: y[at..at + 7] = act(v + bias) + residual, in f32, rounded
+// once; one 16-byte store where all eight columns exist and rows are whole packs.
+template <typename T>
+__device__ __forceinline__ void lwg_finish8(float (&v)[8], const float (&bv)[8],
+                                            const float (&rv)[8], int act, T* y, long long at,
+                                            int col, int n, bool packed) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] += bv[e];
+  LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] += rv[e];
+  if (packed && col + 8 <= n) {
+    uint4 out;
+    T* ot = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ot[e] = from_f<T>(v[e]);
+    *reinterpret_cast<uint4*>(y + at) = out;
+  } else {
+    for (int e = 0; e < 8 && col + e < n; ++e) y[at + e] = from_f<T>(v[e]);
+  }
+}
+
 template <typename T, int BN>
 __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r, T* y, int m,
                                int n, int k, int act, bool early_w) {
@@ -335,20 +357,7 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
       lwg_load8<T>(bias, col, col, n, packed, bv);
       lwg_load8<T>(r, at_y, col, n, packed, rv);
     }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] += bv[e];
-    LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] += rv[e];
-    if (packed && col + 8 <= n) {
-      uint4 out;
-      T* ot = reinterpret_cast<T*>(&out);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ot[e] = from_f<T>(v[e]);
-      *reinterpret_cast<uint4*>(y + at_y) = out;
-    } else {
-      for (int e = 0; e < 8 && col + e < n; ++e) y[at_y + e] = from_f<T>(v[e]);
-    }
+    lwg_finish8<T>(v, bv, rv, act, y, at_y, col, n, packed);
   }
   // No block leaves while the copy engine may still read its partial tile.
   if (q < s && q != z) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
@@ -531,20 +540,7 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
     float bv[8], rv[8];
     lwg_load8<T>(bias, col, col, n, packed, bv);
     lwg_load8<T>(r, at_y, col, n, packed, rv);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] += bv[e];
-    LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] += rv[e];
-    if (packed && col + 8 <= n) {
-      uint4 out;
-      T* ot = reinterpret_cast<T*>(&out);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ot[e] = from_f<T>(v[e]);
-      *reinterpret_cast<uint4*>(y + at_y) = out;
-    } else {
-      for (int e = 0; e < 8 && col + e < n; ++e) y[at_y + e] = from_f<T>(v[e]);
-    }
+    lwg_finish8<T>(v, bv, rv, act, y, at_y, col, n, packed);
   }
 }
 
