@@ -22,10 +22,10 @@ for t in "$TESTS"/*; do
   if ! "$t" --test-threads=1 --nocapture 2>&1; then status=1; fi
 done
 for t in "ops cuda_ops_match_cpu" "train_ops linear"; do
-  set -- $t
-  [ -x "$TESTS/$1" ] || continue
-  echo "== $1 $2, LIGHTSEQ_TILED_GEMM=all"
-  if ! LIGHTSEQ_TILED_GEMM=all "$TESTS/$1" --test-threads=1 "$2" 2>&1; then status=1; fi
+  read -r bin filter <<< "$t"
+  [ -x "$TESTS/$bin" ] || continue
+  echo "== $bin $filter, LIGHTSEQ_TILED_GEMM=all"
+  if ! LIGHTSEQ_TILED_GEMM=all "$TESTS/$bin" --test-threads=1 "$filter" 2>&1; then status=1; fi
 done
 echo "== real-size parity"
 python3 scripts/gpu_parity.py --bin "$BIN" || status=1

@@ -97,7 +97,14 @@ pub(super) struct LinearArgs {
 impl LinearArgs {
     /// Appends the arguments to a launch.
     pub(super) fn push<'a>(&'a self, l: &mut Launch<'a>) {
-        for p in &self.ptrs {
+        l.arg(&self.ptrs[0]).arg(&self.ptrs[1]);
+        self.push_after_operands(l);
+    }
+
+    /// Appends the arguments after x and w (bias, residual, y, then the integers), for a
+    /// kernel that takes x and w in another form (linear_tiled.rs: tensor maps).
+    pub(super) fn push_after_operands<'a>(&'a self, l: &mut Launch<'a>) {
+        for p in &self.ptrs[2..] {
             l.arg(p);
         }
         for i in &self.ints {

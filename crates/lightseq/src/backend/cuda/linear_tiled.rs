@@ -206,22 +206,10 @@ pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     let map_x = tensor_map(x.ptr(), m, k, rows, dt)?;
     let map_w = tensor_map(w.ptr(), n, k, width, dt)?;
     let y = dev.alloc(dt, m * n)?;
-    let ptrs = [b.map_or(0, |b| b.ptr()), r.map_or(0, |r| r.ptr()), y.ptr()];
-    let ints = [
-        m as i32,
-        n as i32,
-        k as i32,
-        op.act.code(),
-        i32::from(op.weights_read_early()),
-    ];
+    let args = op.args(&y, i32::from(op.weights_read_early()));
     let mut l = dev.launch(&f);
     l.arg(&map_x).arg(&map_w);
-    for p in &ptrs {
-        l.arg(p);
-    }
-    for i in &ints {
-        l.arg(i);
-    }
+    args.push_after_operands(&mut l);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(width) as u32, m.div_ceil(rows) as u32, 1),
         block_dim: (128 * warpgroups as u32, 1, 1),
@@ -243,9 +231,7 @@ mod tests {
     /// An H200's SMs and its shared memory a block may opt into.
     const SMS: usize = 132;
     const SMEM: usize = 227 << 10;
-    /// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
-    const SM_SMEM: usize = 228 << 10;
-    const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
+    use super::super::linear_wg::{SMEM_PER_BLOCK_RESERVED, SM_SMEM};
 
     /// Blocks of `p` an SM holds at once, by shared memory.
     fn resident(p: &Plan) -> usize {

@@ -23,8 +23,8 @@ const MAX_CHUNKS: usize = 8;
 /// Blocks a cluster has at most (k is split over them).
 const MAX_SPLIT: usize = 8;
 /// Shared memory an sm_90 SM has for blocks, and what the driver keeps of it a block.
-const SM_SMEM: usize = 228 << 10;
-const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
+pub(super) const SM_SMEM: usize = 228 << 10;
+pub(super) const SMEM_PER_BLOCK_RESERVED: usize = 1 << 10;
 
 /// Whether LIGHTSEQ_WG_GEMM=0 sends these GEMMs to cuBLASLt.
 fn disabled() -> bool {

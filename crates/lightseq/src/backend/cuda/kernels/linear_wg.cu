@@ -143,6 +143,19 @@ __device__ __forceinline__ void lwg_wait_copies(int pending) {
   }
 }
 
+// Waits until the phase of parity `parity` of the mbarrier at shared address `bar` completes.
+__device__ __forceinline__ void lwg_wait_phase(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous MMAs.
 __device__ __forceinline__ void lwg_pin(float& v) { asm volatile("" : "+f"(v)::"memory"); }
 
@@ -313,17 +326,7 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
   }
   // The other blocks' slices have landed once the barrier's phase 0 completes.
-  {
-    unsigned done = 0;
-    while (!done) {
-      asm volatile(
-          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\t"
-          "selp.u32 %0, 1, 0, p;\n\t}"
-          : "=r"(done)
-          : "r"(bar)
-          : "memory");
-    }
-  }
+  lwg_wait_phase(bar, 0);
   // Each item sums its values over its own partial tile and the received slices.
   for (int i = threadIdx.x; i < share * ITEMS; i += blockDim.x) {
     const int sr = i / ITEMS, lc = (i % ITEMS) * 8;
@@ -403,18 +406,6 @@ struct __align__(64) LwtMap {
   unsigned long long v[16];
 };
 
-__device__ __forceinline__ void lwt_wait(unsigned bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
-
 // Rows [row, row + box) by k [k0, k0 + 64) of the map's matrix into shared `dst`, completing
 // on `bar`.
 __device__ __forceinline__ void lwt_tma(unsigned dst, const LwtMap& map, int k0, int row,
@@ -486,7 +477,7 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
   for (int j = 0; j < chunks; ++j) {
-    lwt_wait(full + 8 * (j % S), (j / S) & 1);
+    lwg_wait_phase(full + 8 * (j % S), (j / S) & 1);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
     const unsigned a = base + (j % S) * STAGE + wg * LWG_ROWS * 128;
     const unsigned b = base + (j % S) * STAGE + A_BYTES;
