@@ -3,8 +3,9 @@
 #   bash scripts/gpu-check.sh [BINARY] [TEST_DIR]
 # 1. the CUDA op and model tests (CUDA vs CPU, every dtype; fixtures vs HF), GPU required;
 #    the linear-op binaries again with LIGHTSEQ_TILED_GEMM=all, which sends every GEMM of
-#    more than 128 rows on sm_90 to the pipelined warpgroup-MMA kernel (by default
-#    cuBLASLt takes them), with every activation and the residual;
+#    more than 128 rows on sm_90 to the pipelined warpgroup-MMA kernel (by default it
+#    takes only those whose activation cuBLASLt lacks), with every activation and the
+#    residual;
 # 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
 #    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
 set -uo pipefail

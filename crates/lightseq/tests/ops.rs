@@ -282,8 +282,9 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // 96 x 256 x 2048 in clusters of 8;
         // 24 x 64 x 40 and 120 x 1000 x 96 with a part-filled chunk of k; 128 x 520 x 256
         // with a part-filled block of columns; 100 x 768 x 3072 goes to cuBLASLt. More rows
-        // go to cuBLASLt, and on sm_90 under LIGHTSEQ_TILED_GEMM=all (scripts/gpu-check.sh
-        // runs this test so too) to the pipelined warpgroup-MMA kernel, each of its blocks
+        // go to cuBLASLt (on sm_90 those with an activation cuBLASLt's epilogues lack to the
+        // pipelined warpgroup-MMA kernel), and on sm_90 under LIGHTSEQ_TILED_GEMM=all
+        // (scripts/gpu-check.sh runs this test so too) all to that kernel, each of its blocks
         // (warpgroups x columns) once: 129 x 64 x 64 (1 x 128, fewer columns than a block),
         // 1030 x 768 x 768 (1 x 128, a part-filled row tile), 257 x 520 x 4104 (1 x 128, a
         // long k ending in a part-filled chunk), 1024 x 3072 x 200 (2 x 192), 2830 x 320 x 40

@@ -1,12 +1,13 @@
 //! GEMMs of more than 128 rows (long forwards, prefill) on sm_90 by the pipelined
-//! warpgroup-MMA kernel of `kernels/linear_wg.cu` (`linear_wgt_m*_n*`), when asked for:
-//! `LIGHTSEQ_TILED_GEMM=1` sends it the GEMMs whose activation cuBLASLt's epilogues lack
-//! (the exact erf GELU of BERT, SiLU, quick GELU, tanh), which then need no activation pass
-//! of their own, and `LIGHTSEQ_TILED_GEMM=all` every GEMM of more than 128 rows. By default
-//! cuBLASLt keeps them: the kernel reaches about half of the library's rate, so even with
-//! the GELU pass saved it is level at 1024 rows and slower at 4096 (H200, run 26 in
-//! docs/performance.md: BERT-base's first FFN GEMM with its GELU 59.5 us against
-//! 31.9 + 14.3 at 4096 rows).
+//! warpgroup-MMA kernel of `kernels/linear_wg.cu` (`linear_wgt_m*_n*`). By default it takes
+//! the GEMMs whose activation cuBLASLt's epilogues lack (the exact erf GELU of BERT, SiLU,
+//! quick GELU, tanh), which then need no activation pass of their own; cuBLASLt keeps the
+//! rest, since the kernel alone reaches about half of the library's rate. With the GELU in
+//! its epilogue it is ahead where one wave of tiles covers the output and level at more
+//! (H200, run 27 in docs/performance.md: BERT-base's first FFN GEMM with its GELU 15.7 us
+//! against cuBLASLt's 11.3 + 6.2 at 1024 rows, BERT-base forwards 0.67 against 0.70 ms at
+//! 8 x 128 and 1.80 against 1.79-1.83 at 32 x 128). `LIGHTSEQ_TILED_GEMM=0` sends every
+//! GEMM to cuBLASLt, `=all` every GEMM of more than 128 rows to the kernel (comparisons).
 //! The kernel's operands reach it through the tensor memory accelerator: each launch
 //! encodes a tensor map of x and one of w (`cuTensorMapEncodeTiled`) and passes them by
 //! value.
@@ -33,9 +34,10 @@ const WARPGROUPS: [usize; 2] = [2, 1];
 /// Which GEMMs of more than 128 rows the kernel takes (LIGHTSEQ_TILED_GEMM).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
-    /// None (unset, `0`, or any other value): cuBLASLt takes them.
+    /// `0`: none; cuBLASLt takes them.
     Off,
-    /// `1`: those whose activation cuBLASLt would run as a pass of its own.
+    /// Unset, `1`, or any other value: those whose activation cuBLASLt would run as a pass
+    /// of its own.
     Activations,
     /// `all`: every one.
     All,
@@ -43,11 +45,16 @@ enum Mode {
 
 fn mode() -> Mode {
     static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("LIGHTSEQ_TILED_GEMM").as_deref() {
-        Ok("1") => Mode::Activations,
-        Ok("all") => Mode::All,
-        _ => Mode::Off,
-    })
+    *MODE.get_or_init(|| mode_from(std::env::var("LIGHTSEQ_TILED_GEMM").ok().as_deref()))
+}
+
+/// [`mode`] from the variable's value.
+fn mode_from(v: Option<&str>) -> Mode {
+    match v.map(str::trim) {
+        Some("0") => Mode::Off,
+        Some("all") => Mode::All,
+        _ => Mode::Activations,
+    }
 }
 
 /// Whether cuBLASLt's GEMM would need a pass of its own for `act` (see ops::linear: it
@@ -170,7 +177,7 @@ fn plan_with(m: usize, n: usize, sms: usize, smem: usize, want: Option<Plan>) ->
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the pipelined
-/// warpgroup-MMA kernel, or None where it does not apply: not asked for (see [`mode`]),
+/// warpgroup-MMA kernel, or None where it does not apply: not its GEMM (see [`mode`]),
 /// 128 rows or fewer (see linear_wg.rs), or operands the warpgroup kernels do not take
 /// ([`Linear::fits_warpgroup_kernels`]: a GPU other than sm_90, more than 16384 columns, k
 /// not a multiple of 8, f32, operands not 16-byte aligned).
@@ -240,6 +247,14 @@ mod tests {
 
     fn at(warpgroups: usize, width: usize) -> Option<Plan> {
         Some(Plan { warpgroups, width })
+    }
+
+    #[test]
+    fn activation_gemms_come_here_by_default() {
+        assert_eq!(mode_from(None), Mode::Activations);
+        assert_eq!(mode_from(Some("1")), Mode::Activations);
+        assert_eq!(mode_from(Some("0")), Mode::Off);
+        assert_eq!(mode_from(Some(" all ")), Mode::All);
     }
 
     #[test]

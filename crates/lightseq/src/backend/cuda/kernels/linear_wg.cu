@@ -181,10 +181,14 @@ __device__ __forceinline__ void lwg_load8(const T* v, long long at, int col, int
   for (int e = 0; e < 8; ++e) f[e] = v && col + e < cols ? to_f(v[at + e]) : 0.f;
 }
 
-template <int A>
+// The activation of eight 16-bit outputs: the erf GELU by ls_gelu_erf16, as the bias_act
+// pass computes it (about half of erff's instructions).
+template <typename T, int A>
 __device__ __forceinline__ void lwg_activate(float (&v)[8]) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = activate(v[e], A);
+  for (int e = 0; e < 8; ++e) {
+    v[e] = sizeof(T) == 2 && A == 1 ? ls_gelu_erf16(v[e]) : activate(v[e], A);
+  }
 }
 
 // The epilogue of eight outputs: y[at..at + 7] = act(v + bias) + residual, in f32, rounded
@@ -195,7 +199,7 @@ __device__ __forceinline__ void lwg_finish8(float (&v)[8], const float (&bv)[8],
                                             int col, int n, bool packed) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) v[e] += bv[e];
-  LS_WITH_ACT(act, (lwg_activate<LS_A>(v)));
+  LS_WITH_ACT(act, (lwg_activate<T, LS_A>(v)));
 #pragma unroll
   for (int e = 0; e < 8; ++e) v[e] += rv[e];
   if (packed && col + 8 <= n) {
@@ -502,6 +506,17 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
   // Every warpgroup's MMAs are done with the stages (and every copy has landed) before the
   // f32 tile overwrites them.
   __syncthreads();
+  // The tile's bias goes to shared memory once, as f32 after the tile (sbias), its loads in
+  // flight while the accumulators are staged: loaded for each item of the epilogue, its
+  // latency was paid a dozen times a thread.
+  static_assert(TILE + BN * 4 <= RING, "the bias fits after the f32 tile");
+  float* sbias = red + BM * STRIDE;
+  const bool packed = (n & 7) == 0;
+  float bias8[8];
+  if (threadIdx.x < ITEMS) {
+    const int col = n0 + 8 * threadIdx.x;
+    lwg_load8<T>(col < n ? bias : nullptr, col, col, n, packed, bias8);
+  }
   {
     const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
     const int row = wg * LWG_ROWS + 16 * warp + (lane >> 2);
@@ -514,8 +529,12 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
           make_float2(acc[4 * i + 2], acc[4 * i + 3]);
     }
   }
+  if (threadIdx.x < ITEMS) {
+    float4* to = reinterpret_cast<float4*>(sbias + 8 * threadIdx.x);
+    to[0] = make_float4(bias8[0], bias8[1], bias8[2], bias8[3]);
+    to[1] = make_float4(bias8[4], bias8[5], bias8[6], bias8[7]);
+  }
   __syncthreads();
-  const bool packed = (n & 7) == 0;
   for (int i = threadIdx.x; i < BM * ITEMS; i += blockDim.x) {
     const int lr = i / ITEMS, lc = (i % ITEMS) * 8;
     const int row = m0 + lr, col = n0 + lc;
@@ -529,7 +548,12 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
     }
     const long long at_y = (long long)row * n + col;
     float bv[8], rv[8];
-    lwg_load8<T>(bias, col, col, n, packed, bv);
+    {
+      const float4* b4 = reinterpret_cast<const float4*>(sbias + lc);
+      const float4 p = b4[0], q = b4[1];
+      bv[0] = p.x; bv[1] = p.y; bv[2] = p.z; bv[3] = p.w;
+      bv[4] = q.x; bv[5] = q.y; bv[6] = q.z; bv[7] = q.w;
+    }
     lwg_load8<T>(r, at_y, col, n, packed, rv);
     lwg_finish8<T>(v, bv, rv, act, y, at_y, col, n, packed);
   }
