@@ -399,9 +399,11 @@ LS_LINEAR_WG_ALL(__nv_bfloat16, bf16)
 // Measured on an H200 (docs/performance.md, run 26): copies by every thread (cp.async, 16
 // bytes each) issued ~380 instructions a warp a chunk and were the bottleneck; with four
 // stages the 64 x 128 blocks of a k = 3072 GEMM still waited on every chunk (0.37 us a
-// chunk against ~0.14 of MMAs), hence the deep ring. The kernel still reaches about half
-// of cuBLASLt's rate at 4096 rows; it has no TMA multicast across a cluster, which
-// cuBLASLt's kernels there use, so each block reads all of both its tiles from L2.
+// chunk against ~0.14 of MMAs), hence the deep ring. The kernel alone still reaches about
+// half of cuBLASLt's rate at 4096 rows. L2 is not what limits it (run 27: its SMs take in
+// as many bytes as cuBLASLt's, at a quarter of L2's peak); a block's time outside its MMAs
+// is (the first copies, the epilogue), which a persistent, warp-specialized form did not
+// shorten. Its epilogue reads the tile's bias from shared memory, staged once a block.
 #define LWT_RING_BYTES (225 * 1024)
 #define LWT_MAX_STAGES 8
 
