@@ -69,8 +69,8 @@ fn needs_activation_pass(act: Activation, has_bias: bool) -> bool {
 }
 
 /// Bytes of shared memory a block of `wgs` warpgroups and `width` columns takes: its
-/// stages (the f32 tile of the epilogue reuses them), their barriers, and room to align
-/// them to 1024 bytes.
+/// stages (the epilogue's f32 tile and the tile's bias after it reuse them), their
+/// barriers, and room to align them to 1024 bytes.
 fn smem_bytes(wgs: usize, width: usize) -> usize {
     let stage = (WG_ROWS * wgs + width) * CHUNK * 2;
     let stages = (RING_BYTES / stage).min(MAX_STAGES);

@@ -95,8 +95,9 @@ fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> 
 }
 
 /// The plan: 32 columns a block (or `want_cols`), k split by [`default_split`] (or over
-/// `want_split` blocks, rounded down to a power of two); None where it does not fit (more than [`MAX_CHUNKS`] chunks or `smem` bytes a block, or more blocks
-/// than the GPU holds at once), and cuBLASLt takes the GEMM. H200, over generations and
+/// `want_split` blocks, rounded down to a power of two); None where it does not fit (more
+/// than [`MAX_CHUNKS`] chunks or `smem` bytes a block, or more blocks than the GPU holds at
+/// once), and cuBLASLt takes the GEMM. H200, over generations and
 /// forwards: 32 columns in clusters of 4 (two chunks a block) beat 8 or 16 columns unsplit
 /// at Transformer-base's 128 rows (8.2 us a launch at 512 x 512, generation +7-12%) and 64
 /// columns in clusters of 8 (run 24). Narrower blocks never fit where 32 columns do not:
@@ -123,11 +124,8 @@ fn plan_with(
             && bytes <= smem
             && blocks <= SM_SMEM / (bytes + SMEM_PER_BLOCK_RESERVED) * sms
     };
-    let width = match want_cols {
-        Some(c) => Some(c).filter(|&c| fits(c)),
-        None => Some(DEFAULT_WIDTH).filter(|&w| fits(w)),
-    }?;
-    Some(Plan { width, split })
+    let width = want_cols.unwrap_or(DEFAULT_WIDTH);
+    fits(width).then_some(Plan { width, split })
 }
 
 /// `y [m, n] = act(x [m, k] w [n, k]^T + b) + r` (r and b optional) by the warpgroup-MMA

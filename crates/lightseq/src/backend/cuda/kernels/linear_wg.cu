@@ -517,7 +517,7 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
   float bias8[8];
   if (threadIdx.x < ITEMS) {
     const int col = n0 + 8 * threadIdx.x;
-    lwg_load8<T>(col < n ? bias : nullptr, col, col, n, packed, bias8);
+    lwg_load8<T>(bias, col, col, n, packed, bias8);
   }
   {
     const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
