@@ -5,7 +5,8 @@
 #    the linear-op binaries again with LIGHTSEQ_TILED_GEMM=all, which sends every GEMM of
 #    more than 128 rows on sm_90 to the pipelined warpgroup-MMA kernel (by default it
 #    takes only those whose activation cuBLASLt lacks), with every activation and the
-#    residual;
+#    residual, and with LIGHTSEQ_FUSED_LN=1 (post-norm GEMMs with the layer norm in their
+#    epilogue, off by default);
 # 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
 #    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
 set -uo pipefail
@@ -25,8 +26,10 @@ done
 for t in "ops cuda_ops_match_cpu" "train_ops linear"; do
   read -r bin filter <<< "$t"
   [ -x "$TESTS/$bin" ] || continue
-  echo "== $bin $filter, LIGHTSEQ_TILED_GEMM=all"
-  if ! LIGHTSEQ_TILED_GEMM=all "$TESTS/$bin" --test-threads=1 "$filter" 2>&1; then status=1; fi
+  echo "== $bin $filter, LIGHTSEQ_TILED_GEMM=all LIGHTSEQ_FUSED_LN=1"
+  if ! LIGHTSEQ_TILED_GEMM=all LIGHTSEQ_FUSED_LN=1 "$TESTS/$bin" --test-threads=1 "$filter" 2>&1; then
+    status=1
+  fi
 done
 echo "== real-size parity"
 python3 scripts/gpu_parity.py --bin "$BIN" || status=1

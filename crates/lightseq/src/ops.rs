@@ -220,6 +220,69 @@ pub fn layer_norm(
     Ok(Tensor::from_parts(x.shape().to_vec(), dt, storage))
 }
 
+/// The output of a post-norm residual block: `layer_norm(linear(x, w, b) + residual)` over
+/// the last dimension (`w` [n, k], `residual` shaped as the linear's output). With
+/// `LIGHTSEQ_FUSED_LN=1` on CUDA the GEMM runs the sum and the layer norm in its epilogue
+/// (sm_90, 16-bit, more than 128 rows; slower than the two ops on an H200, so off by
+/// default); otherwise it is the two ops.
+pub fn linear_add_layer_norm(
+    x: &Tensor,
+    (w, b): (&Tensor, Option<&Tensor>),
+    residual: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f32,
+) -> Result<Tensor> {
+    const OP: &str = "linear_add_layer_norm";
+    let mut all = vec![x, w, residual, gamma, beta];
+    all.extend(b);
+    same_device(OP, &all)?;
+    let dt = same_float_dtype(OP, &all)?;
+    let (n, k) = match w.shape() {
+        [n, k] => (*n, *k),
+        _ => return Err(Error::op(OP, format!("w {:?} is not 2-D", w.shape()))),
+    };
+    let mut out_shape = x.shape().to_vec();
+    match out_shape.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => {
+            return Err(Error::op(
+                OP,
+                format!("x {:?} does not match w {:?}", x.shape(), w.shape()),
+            ))
+        }
+    }
+    let vectors = [b, Some(gamma), Some(beta)];
+    if residual.shape() != out_shape.as_slice()
+        || vectors.iter().flatten().any(|v| v.shape() != [n])
+    {
+        return Err(Error::op(
+            OP,
+            format!(
+                "residual {:?} (expected {out_shape:?}), bias {:?}, gamma {:?}, beta {:?} \
+                 (expected [{n}])",
+                residual.shape(),
+                b.map(|b| b.shape()),
+                gamma.shape(),
+                beta.shape()
+            ),
+        ));
+    }
+    if let Storage::Cuda(xs) = &x.storage {
+        let m = x.len() / k.max(1);
+        let fused = cuda::ops::linear_add_layer_norm(
+            (xs, w.cuda(OP)?, b.map(|b| b.cuda(OP)).transpose()?),
+            residual.cuda(OP)?,
+            (gamma.cuda(OP)?, beta.cuda(OP)?, eps),
+            (m, n, k),
+        )?;
+        if let Some(y) = fused {
+            return Ok(Tensor::from_parts(out_shape, dt, Storage::Cuda(y)));
+        }
+    }
+    let y = linear(x, w, b, Activation::None)?;
+    layer_norm(&y, Some(residual), gamma, beta, eps)
+}
+
 /// Element-wise `a + b` of equal shapes.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     const OP: &str = "add";

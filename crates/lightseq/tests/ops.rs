@@ -187,6 +187,45 @@ fn cpu_layer_norm_matches_naive() {
 }
 
 #[test]
+fn cpu_linear_add_layer_norm_matches_naive_and_checks_shapes() {
+    let (m, n, k) = (6, 19, 23);
+    let (x, w, b, r, g, bb) = (
+        randn(40, m * k),
+        randn(41, n * k),
+        randn(42, n),
+        randn(43, m * n),
+        randn(44, n),
+        randn(45, n),
+    );
+    let dev = Device::Cpu;
+    let f = |v: &[f32], shape: &[usize]| t(v, shape, DType::F32, &dev);
+    let (xt, wt, bt, rt, gt, btt) = (
+        f(&x, &[2, 3, k]),
+        f(&w, &[n, k]),
+        f(&b, &[n]),
+        f(&r, &[2, 3, n]),
+        f(&g, &[n]),
+        f(&bb, &[n]),
+    );
+    let y = ops::linear_add_layer_norm(&xt, (&wt, Some(&bt)), &rt, (&gt, &btt), 1e-5).unwrap();
+    assert_eq!(y.shape(), [2, 3, n]);
+    let lin = naive_linear(&x, &w, &b, m, n, k, Activation::None);
+    let want = naive_layer_norm(&lin, &r, &g, &bb, n, 1e-5);
+    let err = rel_err(&y.to_f32_vec().unwrap(), &want);
+    assert!(err < 1e-5, "{err}");
+    // Mismatched shapes are errors, not panics.
+    let wrong_r = f(&r[..5 * n], &[5, n]);
+    assert!(
+        ops::linear_add_layer_norm(&xt, (&wt, Some(&bt)), &wrong_r, (&gt, &btt), 1e-5).is_err()
+    );
+    assert!(
+        ops::linear_add_layer_norm(&xt, (&wt, Some(&bt)), &rt, (&btt, &f(&g, &[1, n])), 1e-5)
+            .is_err()
+    );
+    assert!(ops::linear_add_layer_norm(&rt, (&wt, None), &rt, (&gt, &btt), 1e-5).is_err());
+}
+
+#[test]
 fn cpu_attention_matches_naive() {
     let (b, l, heads, d) = (3, 11, 3, 7);
     let qkv = randn(8, b * l * 3 * heads * d);
@@ -358,6 +397,47 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             for res in [false, true] {
                 check("layer_norm", &run(&gpu, res), &run(&cpu, res));
             }
+        }
+        // A post-norm block's GEMM, residual and layer norm (ops::linear_add_layer_norm).
+        // On sm_90 in 16 bits under LIGHTSEQ_FUSED_LN=1 (scripts/gpu-check.sh runs this test
+        // so too), more than 128 rows take the GEMM with the layer norm in its epilogue,
+        // every block width of it once: clusters of 8 x 96 columns (a part-filled
+        // row band; k of many chunks), 8 x 64 (a part-filled chunk of k), 8 x 128, 6 x 64,
+        // 1 x 96; without a bias once. 1000 columns (no cluster spans them) and 100 rows run
+        // the GEMM and the layer norm apart.
+        for (m, n, k, bias) in [
+            (1030, 768, 3072, true),
+            (200, 512, 520, true),
+            (300, 1024, 64, false),
+            (257, 384, 768, true),
+            (129, 96, 128, true),
+            (260, 1000, 64, true),
+            (100, 768, 768, true),
+        ] {
+            let (x, w, b, r, g, bb) = (
+                randn(30, m * k),
+                randn(31, n * k),
+                randn(32, n),
+                randn(33, m * n),
+                randn(34, n),
+                randn(35, n),
+            );
+            let run = |d: &Device| {
+                let bt = bias.then(|| t(&b, &[n], dt, d));
+                ops::linear_add_layer_norm(
+                    &t(&x, &[m, k], dt, d),
+                    (&t(&w, &[n, k], dt, d), bt.as_ref()),
+                    &t(&r, &[m, n], dt, d),
+                    (&t(&g, &[n], dt, d), &t(&bb, &[n], dt, d)),
+                    1e-5,
+                )
+                .unwrap()
+            };
+            check(
+                &format!("linear_add_ln {m}x{n}x{k}"),
+                &run(&gpu),
+                &run(&cpu),
+            );
         }
         // Add.
         let (a, c) = (randn(18, 1001), randn(19, 1001));

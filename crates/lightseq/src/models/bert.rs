@@ -220,14 +220,10 @@ impl Bert {
             };
             let a = ops::attention(side(0), side(1), side(2), &opts)?.reshape(&[n, h])?;
             drop(qkv);
-            let o = l.out.forward(&a, Activation::None)?;
+            x = l.out.forward_add_norm(&a, &x, &l.ln_attn)?;
             drop(a);
-            x = l.ln_attn.forward(&o, Some(&x))?;
-            drop(o);
             let f = l.ffn_in.forward(&x, self.act)?;
-            let g = l.ffn_out.forward(&f, Activation::None)?;
-            drop(f);
-            x = l.ln_ffn.forward(&g, Some(&x))?;
+            x = l.ffn_out.forward_add_norm(&f, &x, &l.ln_ffn)?;
         }
         Ok(x)
     }

@@ -629,6 +629,16 @@ impl Seq2Seq {
         f.fc2.forward(&h, Activation::None)
     }
 
+    /// [`Seq2Seq::residual`] of the feed-forward block; post-LN, its second GEMM adds the
+    /// residual and normalizes in one ([`Linear::forward_add_norm`]).
+    fn ffn_block(&self, f: &Ffn, ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        if self.cfg.kind.pre_ln() {
+            return self.residual(x, ln, |h| self.ffn(f, h));
+        }
+        let h = f.fc1.forward(x, self.act)?;
+        f.fc2.forward_add_norm(&h, x, ln)
+    }
+
     /// The encoder from device inputs: token ids, position rows (none above `max_row`), key
     /// ranges (starts, then ends; `ranges` on the host).
     fn encoder_from(
@@ -658,7 +668,7 @@ impl Seq2Seq {
                     },
                 )
             })?;
-            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+            x = self.ffn_block(&l.ffn, &l.ln_ffn, &x)?;
         }
         if let Some(n) = &self.enc_norm {
             x = n.forward(&x, None)?;
@@ -820,7 +830,7 @@ impl Decoder for Seq2Seq {
                     None,
                 )
             })?;
-            x = self.residual(&x, &l.ln_ffn, |h| self.ffn(&l.ffn, h))?;
+            x = self.ffn_block(&l.ffn, &l.ln_ffn, &x)?;
         }
         st.len += t;
         match &self.dec_norm {

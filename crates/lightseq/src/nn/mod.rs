@@ -189,6 +189,17 @@ impl Linear {
         ops::linear(x, &self.weight, self.bias.as_ref(), act)
     }
 
+    /// `ln(forward(x) + r)`: a post-norm block's output ([`ops::linear_add_layer_norm`]).
+    pub fn forward_add_norm(&self, x: &Tensor, r: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+        ops::linear_add_layer_norm(
+            x,
+            (&self.weight, self.bias.as_ref()),
+            r,
+            (&ln.gamma, &ln.beta),
+            ln.eps,
+        )
+    }
+
     /// `forward(x) + r` (a pre-norm block's residual): on CUDA the GEMM adds `r` in its
     /// epilogue, so the sum costs no pass of its own.
     pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {

@@ -13,7 +13,7 @@
 //! value.
 
 use super::linear_own::Linear;
-use super::ops::launched;
+use super::ops::{blas_epilogue_has, launched};
 use super::CudaStorage;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
@@ -55,17 +55,6 @@ fn mode_from(v: Option<&str>) -> Mode {
         Some("all") => Mode::All,
         _ => Mode::Activations,
     }
-}
-
-/// Whether cuBLASLt's GEMM would need a pass of its own for `act` (see ops::linear: it
-/// fuses the bias, ReLU, and the tanh GELU with a bias).
-fn needs_activation_pass(act: Activation, has_bias: bool) -> bool {
-    let fused = match act {
-        Activation::None | Activation::Relu => true,
-        Activation::GeluTanh => has_bias,
-        _ => false,
-    };
-    !fused
 }
 
 /// Bytes of shared memory a block of `wgs` warpgroups and `width` columns takes: its
@@ -196,7 +185,7 @@ pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     let dt = x.dtype();
     let wanted = match mode() {
         Mode::Off => false,
-        Mode::Activations => needs_activation_pass(op.act, b.is_some()) && r.is_none(),
+        Mode::Activations => !blas_epilogue_has(op.act, b.is_some(), dt) && r.is_none(),
         Mode::All => true,
     };
     let applies = wanted && m > super::linear_wg::max_rows() && op.fits_warpgroup_kernels(WG_ROWS);
@@ -231,6 +220,112 @@ pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     Ok(Some(y))
 }
 
+/// Block widths of the GEMMs with the layer norm in their epilogue (`linear_wgt_ln_n*`), the
+/// blocks a cluster of them has at most (LWL_MAX_CLUSTER), the bytes of their ring and its
+/// stages at most (LWL_RING_BYTES, LWL_MAX_STAGES).
+const LN_WIDTHS: [usize; 3] = [64, 96, 128];
+const LN_MAX_CLUSTER: usize = 8;
+const LN_RING_BYTES: usize = 100 << 10;
+const LN_MAX_STAGES: usize = 8;
+
+/// Whether [`linear_tiled_layer_norm`] runs: only with LIGHTSEQ_FUSED_LN=1, since it is
+/// slower than cuBLASLt's GEMM and the separate layer norm on an H200 (run 28 in
+/// docs/performance.md: BERT-base 8 x 128 0.77 against 0.68 ms).
+fn fused_ln_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_equals(&ON, "LIGHTSEQ_FUSED_LN", "1")
+}
+
+/// The blocks a cluster has and their width for rows of `n`: a cluster spans a whole row,
+/// and the most blocks win (more of the GPU's SMs at a few hundred rows).
+fn ln_plan(n: usize) -> Option<(usize, usize)> {
+    (1..=LN_MAX_CLUSTER)
+        .rev()
+        .find(|&c| n.is_multiple_of(c) && LN_WIDTHS.contains(&(n / c)))
+        .map(|c| (c, n / c))
+}
+
+/// Bytes of shared memory a block of the layer-norm kernel of `width` columns takes: its
+/// ring (which the f32 tile reuses), the ring's barriers, the tile's bias, gamma and beta as
+/// f32, the sums the cluster exchanges, and room to align them to 1024 bytes.
+fn ln_smem_bytes(width: usize) -> usize {
+    let stage = (WG_ROWS + width) * CHUNK * 2;
+    let stages = (LN_RING_BYTES / stage).min(LN_MAX_STAGES);
+    let ring = (stages * stage).max(WG_ROWS * (width + 4) * 4);
+    (ring + 8 * stages).next_multiple_of(16)
+        + 3 * width * 4
+        + 2 * LN_MAX_CLUSTER * WG_ROWS * 4
+        + 1024
+}
+
+/// `layer_norm(x w^T + b + r)` over rows of n (`op.r` the residual, no activation) by the
+/// GEMM with the sum and the layer norm in its epilogue, or None where it does not apply:
+/// not asked for ([`fused_ln_on`]), 128 rows or fewer (the few-row kernels and the block-per-row layer
+/// norm are shorter there), no cluster of whole blocks spans n ([`ln_plan`]: 1-8 blocks of
+/// 64, 96 or 128 columns), or operands the warpgroup kernels do not take.
+pub(crate) fn linear_tiled_layer_norm(
+    op: &Linear,
+    gamma: &CudaStorage,
+    beta: &CudaStorage,
+    eps: f32,
+) -> Result<Option<CudaStorage>> {
+    let (x, m, n, k) = (op.x, op.m, op.n, op.k);
+    let Some(r) = op.r else {
+        return Ok(None);
+    };
+    let dev = x.device();
+    let dt = x.dtype();
+    let aligned = [gamma, beta].iter().all(|p| p.ptr().is_multiple_of(16));
+    let plan = ln_plan(n).filter(|&(_, width)| ln_smem_bytes(width) <= dev.smem_per_block());
+    let applies = fused_ln_on()
+        && op.act == Activation::None
+        && aligned
+        && m > super::linear_wg::max_rows()
+        && op.fits_warpgroup_kernels(WG_ROWS);
+    let (Some((cluster, width)), true) = (plan, applies) else {
+        return Ok(None);
+    };
+    let smem = ln_smem_bytes(width);
+    let f = dev.kernel(&format!("linear_wgt_ln_n{width}"), dt)?;
+    super::train_ops::allow_smem(&f, smem)?;
+    let map_x = tensor_map(x.ptr(), m, k, WG_ROWS, dt)?;
+    let map_w = tensor_map(op.w.ptr(), n, k, width, dt)?;
+    let y = dev.alloc(dt, m * n)?;
+    let early = i32::from(super::read_early(&[
+        Some(op.w),
+        op.b,
+        Some(gamma),
+        Some(beta),
+    ]));
+    let (bp, rp, gp, tp, yp) = (
+        op.b.map_or(0, |b| b.ptr()),
+        r.ptr(),
+        gamma.ptr(),
+        beta.ptr(),
+        y.ptr(),
+    );
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let mut l = dev.launch(&f);
+    l.arg(&map_x).arg(&map_w);
+    l.arg(&bp).arg(&rp).arg(&gp).arg(&tp).arg(&yp);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&eps).arg(&early);
+    let cfg = LaunchConfig {
+        grid_dim: (cluster as u32, m.div_ceil(WG_ROWS) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: argument types match linear_wgt_ln_n*'s signature (two tensor maps, bias,
+    // residual, gamma, beta, y, then m, n, k, eps, early); the maps cover x [m, k] and
+    // w [n, k], b, gamma and beta are [n] and r [m, n] of dt (the front end checked the
+    // shapes), all 16-byte aligned; n is `cluster` blocks of `width` columns, one cluster
+    // along x; the shared memory holds what the kernel lays out, and the grid's y (at most
+    // u16::MAX blocks) covers m.
+    launched("linear_wgt_ln", unsafe {
+        l.launch_cluster(cfg, (cluster as u32, 1, 1))
+    })?;
+    Ok(Some(y))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,15 +355,43 @@ mod tests {
     #[test]
     fn only_activations_cublaslt_lacks_come_here() {
         use Activation::*;
+        let lacks = |act, bias| !blas_epilogue_has(act, bias, DType::F16);
         for bias in [false, true] {
-            assert!(!needs_activation_pass(None, bias));
-            assert!(!needs_activation_pass(Relu, bias));
+            assert!(!lacks(None, bias));
+            assert!(!lacks(Relu, bias));
             for act in [Gelu, Silu, QuickGelu, Tanh] {
-                assert!(needs_activation_pass(act, bias), "{act:?}");
+                assert!(lacks(act, bias), "{act:?}");
             }
         }
-        assert!(needs_activation_pass(GeluTanh, false));
-        assert!(!needs_activation_pass(GeluTanh, true));
+        assert!(lacks(GeluTanh, false));
+        assert!(!lacks(GeluTanh, true));
+        // f32 outputs take the tanh GELU as a pass.
+        assert!(!blas_epilogue_has(GeluTanh, true, DType::F32));
+    }
+
+    #[test]
+    fn layer_norm_clusters_span_whole_rows() {
+        // BERT-base, BERT-large, Marian/BART-base, MiniLM: eight blocks where they divide n.
+        assert_eq!(ln_plan(768), Some((8, 96)));
+        assert_eq!(ln_plan(1024), Some((8, 128)));
+        assert_eq!(ln_plan(512), Some((8, 64)));
+        assert_eq!(ln_plan(384), Some((6, 64)));
+        assert_eq!(ln_plan(640), Some((5, 128)));
+        assert_eq!(ln_plan(96), Some((1, 96)));
+        // Wider rows, or rows no cluster of whole blocks spans, are not taken.
+        for n in [2048, 1000, 48, 770] {
+            assert_eq!(ln_plan(n), None, "{n}");
+        }
+        for n in (8..=2048).step_by(8) {
+            if let Some((c, w)) = ln_plan(n) {
+                assert_eq!(c * w, n);
+                assert!(c <= LN_MAX_CLUSTER && LN_WIDTHS.contains(&w));
+            }
+        }
+        // Every width fits an H200.
+        for w in LN_WIDTHS {
+            assert!(ln_smem_bytes(w) <= SMEM, "{w}");
+        }
     }
 
     #[test]

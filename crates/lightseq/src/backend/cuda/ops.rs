@@ -74,8 +74,8 @@ pub(crate) fn linear(
     if act == Activation::Relu && gemm(Epilogue::with(bias, true))? {
         return Ok(y);
     }
-    if let (Activation::GeluTanh, Some(bp), false) = (act, bias, dt == DType::F32) {
-        if gelu_epilogue() && gemm(Epilogue::BiasGeluTanh(bp))? {
+    if let (Activation::GeluTanh, Some(bp)) = (act, bias) {
+        if blas_epilogue_has(act, true, dt) && gemm(Epilogue::BiasGeluTanh(bp))? {
             return Ok(y);
         }
     }
@@ -84,6 +84,39 @@ pub(crate) fn linear(
         bias_act(&y, None, act, n)?;
     }
     Ok(y)
+}
+
+/// `layer_norm(x w^T + b + residual)` by the GEMM whose epilogue adds the residual and
+/// normalizes the rows (linear_tiled.rs), or None where it does not apply (the caller then
+/// runs the linear and the layer norm).
+pub(crate) fn linear_add_layer_norm(
+    (x, w, b): (&CudaStorage, &CudaStorage, Option<&CudaStorage>),
+    residual: &CudaStorage,
+    (gamma, beta, eps): (&CudaStorage, &CudaStorage, f32),
+    (m, n, k): (usize, usize, usize),
+) -> Result<Option<CudaStorage>> {
+    let op = Linear {
+        x,
+        w,
+        b,
+        r: Some(residual),
+        act: Activation::None,
+        m,
+        n,
+        k,
+    };
+    super::linear_tiled::linear_tiled_layer_norm(&op, gamma, beta, eps)
+}
+
+/// Whether [`linear`] applies `act` in cuBLASLt's epilogue, so that the GEMM needs no
+/// activation pass of its own: none and ReLU always, the tanh GELU of 16-bit outputs with a
+/// bias unless LIGHTSEQ_GELU_EPILOGUE=0. linear_tiled.rs takes the GEMMs this refuses.
+pub(super) fn blas_epilogue_has(act: Activation, has_bias: bool, dt: DType) -> bool {
+    match act {
+        Activation::None | Activation::Relu => true,
+        Activation::GeluTanh => has_bias && dt != DType::F32 && gelu_epilogue(),
+        _ => false,
+    }
 }
 
 /// Whether the tanh GELU may ride in the GEMM's epilogue (LIGHTSEQ_GELU_EPILOGUE=0 keeps it

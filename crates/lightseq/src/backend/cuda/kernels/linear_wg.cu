@@ -52,10 +52,15 @@ struct LwgMma;
     "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
     "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-// The operand lists of the wider MMAs (n128, n192, n256: 64, 96 and 128 accumulators).
+// The operand lists of the wider MMAs (n96, n128, n192, n256: 48, 64, 96 and 128
+// accumulators).
 #define LWG_O4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define LWG_O16(i) LWG_O4(i), LWG_O4(i + 4), LWG_O4(i + 8), LWG_O4(i + 12)
 #define LWG_O64(i) LWG_O16(i), LWG_O16(i + 16), LWG_O16(i + 32), LWG_O16(i + 48)
+#define LWG_D_96 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47" "}"
+#define LWG_AB_96 "%48, %49"
 #define LWG_D_128 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
@@ -77,6 +82,7 @@ struct LwgMma;
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" "}"
 #define LWG_AB_256 "%128, %129"
+#define LWG_OUT_96 LWG_O16(0), LWG_O16(16), LWG_O16(32)
 #define LWG_OUT_128 LWG_O64(0)
 #define LWG_OUT_192 LWG_O64(0), LWG_O16(64), LWG_O16(80)
 #define LWG_OUT_256 LWG_O64(0), LWG_O64(64)
@@ -96,6 +102,7 @@ LWG_MMA_ALL(8)
 LWG_MMA_ALL(16)
 LWG_MMA_ALL(32)
 LWG_MMA_ALL(64)
+LWG_MMA_ALL(96)
 LWG_MMA_ALL(128)
 LWG_MMA_ALL(192)
 LWG_MMA_ALL(256)
@@ -213,6 +220,23 @@ __device__ __forceinline__ void lwg_finish8(float (&v)[8], const float (&bv)[8],
   }
 }
 
+// Writes the accumulators of the block's warpgroups into the f32 tile `red` (rows `stride`
+// floats apart, warpgroup g's from row 64 g on). Warp v, lane l of a warpgroup: n8 block i holds (row 16 v + l / 4, columns
+// 8 i + 2 (l % 4) + {0, 1}) in values 4 i + {0, 1}, and the row 8 below in 4 i + {2, 3}.
+template <int BN>
+__device__ __forceinline__ void lwg_stage_acc(const float (&acc)[BN / 2], float* red,
+                                              int stride) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = 16 * warp + (lane >> 2);
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int col = 8 * i + 2 * (lane & 3);
+    *reinterpret_cast<float2*>(red + row * stride + col) = make_float2(acc[4 * i], acc[4 * i + 1]);
+    *reinterpret_cast<float2*>(red + (row + 8) * stride + col) =
+        make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+  }
+}
+
 template <typename T, int BN>
 __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r, T* y, int m,
                                int n, int k, int act, bool early_w) {
@@ -296,20 +320,7 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
   for (int i = 0; i < BN / 2; ++i) lwg_pin(acc[i]);
   // Every warp's MMAs are done with the tiles before the partial tile overwrites them.
   __syncthreads();
-  // The accumulator of warp v, lane l: n8 block i holds (row 16 v + l / 4, columns
-  // 8 i + 2 (l % 4) + {0, 1}) in values 4 i + {0, 1}, and the row 8 below in 4 i + {2, 3}.
-  {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row = 16 * warp + (lane >> 2);
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int col = 8 * i + 2 * (lane & 3);
-      *reinterpret_cast<float2*>(red + row * STRIDE + col) =
-          make_float2(acc[4 * i], acc[4 * i + 1]);
-      *reinterpret_cast<float2*>(red + (row + 8) * STRIDE + col) =
-          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
-    }
-  }
+  lwg_stage_acc<BN>(acc, red, STRIDE);
   // The partial tile is whole in shared memory; thread q sends rows [q share, (q + 1)
   // share) to block q (q != z) through the copy engine, into block q's slot z.
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -423,91 +434,116 @@ __device__ __forceinline__ void lwt_tma(unsigned dst, const LwtMap& map, int k0,
       : "memory");
 }
 
-template <typename T, int BN, int WGS>
-__device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bias, const T* r,
-                                T* y, int m, int n, int k, int act, bool early_w) {
-  extern __shared__ unsigned char lwg_raw[];
-  constexpr int BM = LWG_ROWS * WGS, STRIDE = BN + 4, ITEMS = BN / 8;
-  constexpr unsigned A_BYTES = BM * 128, STAGE = (BM + BN) * 128;
-  constexpr int S = LWT_RING_BYTES / STAGE < LWT_MAX_STAGES ? LWT_RING_BYTES / STAGE
-                                                            : LWT_MAX_STAGES;
-  constexpr unsigned TILE = BM * STRIDE * 4;
-  constexpr unsigned RING = S * STAGE > TILE ? S * STAGE : TILE;
-  const unsigned raw = ls_smem_addr(lwg_raw);
-  const unsigned base = (raw + 1023u) & ~1023u;
-  float* red = reinterpret_cast<float*>(lwg_raw + (base - raw));
-  // Stage s holds chunk j = s (mod S): x's rows at base + s STAGE, w's A_BYTES on; its
-  // barrier at full + 8 s.
-  const unsigned full = base + RING;
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
-  const int chunks = (k + 63) >> 6;
-  const int wg = threadIdx.x >> 7;
-  const bool leader = threadIdx.x == 0;
-  if (leader) {
+// Stages of a ring of `ring` bytes for blocks of bm rows by bn columns: as many as fit, at
+// most `most`.
+__host__ __device__ constexpr int lwt_stages(int bm, int bn, int ring, int most) {
+  return ring / ((bm + bn) * 128) < most ? ring / ((bm + bn) * 128) : most;
+}
+
+// The pipelined main loop of the linear_wgt kernels: chunk j of k goes to stage j % S of a
+// ring at shared address `base` (x's 64 WGS rows, then w's BN), completing on the stage's
+// mbarrier at full + 8 (j % S).
+template <typename T, int BN, int WGS, int S>
+struct LwtRing {
+  static constexpr int BM = LWG_ROWS * WGS;
+  static constexpr unsigned A_BYTES = BM * 128, STAGE = (BM + BN) * 128;
+  const LwtMap& mx;
+  const LwtMap& mw;
+  unsigned base, full;
+  int m0, n0, chunks;
+
+  // Thread 0, before the block's first sync.
+  __device__ __forceinline__ void init_barriers() const {
     for (int s = 0; s < S; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full + 8 * s) : "memory");
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
-  auto expect = [&](int j) {
+  __device__ __forceinline__ void expect(int j) const {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full + 8 * (j % S)),
                  "r"(STAGE)
                  : "memory");
-  };
-  auto load_a = [&](int j) {
+  }
+  __device__ __forceinline__ void load_x(int j) const {
     lwt_tma(base + (j % S) * STAGE, mx, j * 64, m0, full + 8 * (j % S));
-  };
-  auto load_b = [&](int j) {
+  }
+  __device__ __forceinline__ void load_w(int j) const {
     lwt_tma(base + (j % S) * STAGE + A_BYTES, mw, j * 64, n0, full + 8 * (j % S));
-  };
-  const int ahead = min(S - 1, chunks);
-  // The first stages' weight tiles go before the wait where nothing running writes w.
-  if (leader && early_w) {
-    for (int j = 0; j < ahead; ++j) {
+  }
+  // Chunks the ring takes before the loop.
+  __device__ __forceinline__ int ahead() const { return min(S - 1, chunks); }
+  // Thread 0: the first chunks' weight tiles (and the stages' expected bytes), which may go
+  // before the wait for the kernel before where nothing running writes w.
+  __device__ __forceinline__ void first_weights() const {
+    for (int j = 0; j < ahead(); ++j) {
       expect(j);
-      load_b(j);
+      load_w(j);
     }
   }
+  // Thread 0, after the wait: the first chunks' tiles of x.
+  __device__ __forceinline__ void first_inputs() const {
+    for (int j = 0; j < ahead(); ++j) load_x(j);
+  }
+  // acc += this warpgroup's rows of x w^T over every chunk; returns with every warpgroup's
+  // MMAs done and every copy landed, so the ring may be reused.
+  __device__ __forceinline__ void run(float (&acc)[BN / 2]) const {
+    const int wg = threadIdx.x >> 7;
+    const bool leader = threadIdx.x == 0;
+    for (int j = 0; j < chunks; ++j) {
+      lwg_wait_phase(full + 8 * (j % S), (j / S) & 1);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const unsigned a = base + (j % S) * STAGE + wg * LWG_ROWS * 128;
+      const unsigned b = base + (j % S) * STAGE + A_BYTES;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        LwgMma<T, BN>::run(acc, lwg_desc(a + kk * 32), lwg_desc(b + kk * 32));
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      // This warpgroup's MMAs of chunk j - 1 are done; once every warpgroup's are, the
+      // stage they read takes chunk j + S - 1.
+      asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+      __syncthreads();
+      if (leader && j + S - 1 < chunks) {
+        expect(j + S - 1);
+        load_w(j + S - 1);
+        load_x(j + S - 1);
+      }
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) lwg_pin(acc[i]);
+    __syncthreads();
+  }
+};
+
+template <typename T, int BN, int WGS>
+__device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bias, const T* r,
+                                T* y, int m, int n, int k, int act, bool early_w) {
+  extern __shared__ unsigned char lwg_raw[];
+  constexpr int BM = LWG_ROWS * WGS, STRIDE = BN + 4, ITEMS = BN / 8;
+  constexpr int S = lwt_stages(BM, BN, LWT_RING_BYTES, LWT_MAX_STAGES);
+  using Ring = LwtRing<T, BN, WGS, S>;
+  constexpr unsigned TILE = BM * STRIDE * 4;
+  constexpr unsigned RING = S * Ring::STAGE > TILE ? S * Ring::STAGE : TILE;
+  const unsigned raw = ls_smem_addr(lwg_raw);
+  const unsigned base = (raw + 1023u) & ~1023u;
+  float* red = reinterpret_cast<float*>(lwg_raw + (base - raw));
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const Ring ring{mx, mw, base, base + RING, m0, n0, (k + 63) >> 6};
+  const bool leader = threadIdx.x == 0;
+  if (leader) ring.init_barriers();
+  __syncthreads();
+  // The first stages' weight tiles go before the wait where nothing running writes w.
+  if (leader && early_w) ring.first_weights();
   LS_PDL_WAIT();
   if (leader) {
-    for (int j = 0; j < ahead; ++j) {
-      if (!early_w) {
-        expect(j);
-        load_b(j);
-      }
-      load_a(j);
-    }
+    if (!early_w) ring.first_weights();
+    ring.first_inputs();
   }
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  for (int j = 0; j < chunks; ++j) {
-    lwg_wait_phase(full + 8 * (j % S), (j / S) & 1);
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    const unsigned a = base + (j % S) * STAGE + wg * LWG_ROWS * 128;
-    const unsigned b = base + (j % S) * STAGE + A_BYTES;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      LwgMma<T, BN>::run(acc, lwg_desc(a + kk * 32), lwg_desc(b + kk * 32));
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    // This warpgroup's MMAs of chunk j - 1 are done; once every warpgroup's are, the
-    // stage they read takes chunk j + S - 1.
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-    __syncthreads();
-    if (leader && j + S - 1 < chunks) {
-      expect(j + S - 1);
-      load_b(j + S - 1);
-      load_a(j + S - 1);
-    }
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) lwg_pin(acc[i]);
-  // Every warpgroup's MMAs are done with the stages (and every copy has landed) before the
-  // f32 tile overwrites them.
-  __syncthreads();
+  ring.run(acc);
   // The tile's bias goes to shared memory once, as f32 after the tile (sbias), its loads in
   // flight while the accumulators are staged: loaded for each item of the epilogue, its
   // latency was paid a dozen times a thread.
@@ -519,18 +555,7 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
     const int col = n0 + 8 * threadIdx.x;
     lwg_load8<T>(bias, col, col, n, packed, bias8);
   }
-  {
-    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-    const int row = wg * LWG_ROWS + 16 * warp + (lane >> 2);
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int col = 8 * i + 2 * (lane & 3);
-      *reinterpret_cast<float2*>(red + row * STRIDE + col) =
-          make_float2(acc[4 * i], acc[4 * i + 1]);
-      *reinterpret_cast<float2*>(red + (row + 8) * STRIDE + col) =
-          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
-    }
-  }
+  lwg_stage_acc<BN>(acc, red, STRIDE);
   if (threadIdx.x < ITEMS) {
     float4* to = reinterpret_cast<float4*>(sbias + 8 * threadIdx.x);
     to[0] = make_float4(bias8[0], bias8[1], bias8[2], bias8[3]);
@@ -580,3 +605,177 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
   LS_LINEAR_WGT(T, S, 256, 2)
 LS_LINEAR_WGT_ALL(__half, f16)
 LS_LINEAR_WGT_ALL(__nv_bfloat16, bf16)
+
+// The GEMM of a post-norm residual block with the block's layer norm in its epilogue:
+// y = LN(round(round(x w^T + bias) + r)) over rows of n, where round is to T, as the
+// separate GEMM and add_layer_norm_rows compute it. A block takes 64 rows by BN columns
+// (one warpgroup, the main loop of linear_wgt); the n / BN blocks of a row band form a
+// thread-block cluster along x (block rank q takes columns [q BN, (q + 1) BN)), so that the
+// cluster owns whole rows. Each block sums its part of every row and stores the sum into
+// every block's shared memory (distributed shared memory), once for the mean and once for
+// the squared deviations from it; a cluster barrier after each exchange makes the sums
+// visible. Thread t of a block takes row t / 2's half t % 2
+// of the block's columns through the whole epilogue, in registers.
+// Measured on an H200 (docs/performance.md, run 28) it is slower than cuBLASLt's GEMM and
+// the separate layer norm, so the host runs it only when asked (LIGHTSEQ_FUSED_LN=1): at
+// BERT-base's 1024 rows its 128 blocks of 64 x 96 took 13.0 and 22.3 us for the output and
+// second FFN GEMMs against 6.6 + 6.0 and 11.1 + 6.3. The ring is sized for two blocks an
+// SM; a ring for one (11 stages) was slower still (18.6 and 34.9 us), the GPU holding
+// fewer clusters of eight such blocks at once than 1024 rows make.
+#define LWL_RING_BYTES (100 * 1024)
+#define LWL_MAX_STAGES 8
+// Blocks a cluster has at most (the portable cluster size), and rows a block.
+#define LWL_MAX_CLUSTER 8
+
+// Stores `v` at shared address `at` of every block of the cluster (ranks [0, ranks)).
+__device__ __forceinline__ void lwl_broadcast(unsigned at, float v, int ranks) {
+  for (int q = 0; q < ranks; ++q) {
+    unsigned dst;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(at), "r"(q));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(dst), "f"(v) : "memory");
+  }
+}
+
+// Every block of the cluster has arrived; what each stored before is visible after.
+__device__ __forceinline__ void lwl_cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+template <typename T, int BN>
+__device__ void linear_wgt_ln_body(const LwtMap& mx, const LwtMap& mw, const T* bias, const T* r,
+                                   const T* gamma, const T* beta, T* y, int m, int n, int k,
+                                   float eps, bool early_w) {
+  extern __shared__ unsigned char lwg_raw[];
+  constexpr int BM = LWG_ROWS, STRIDE = BN + 4, HALF = BN / 2, PACKS = HALF / 8;
+  constexpr int S = lwt_stages(BM, BN, LWL_RING_BYTES, LWL_MAX_STAGES);
+  using Ring = LwtRing<T, BN, 1, S>;
+  constexpr unsigned TILE = BM * STRIDE * 4;
+  constexpr unsigned RING = S * Ring::STAGE > TILE ? S * Ring::STAGE : TILE;
+  // After the ring (which the f32 tile reuses): its barriers, then the tile's bias, gamma
+  // and beta as f32, then the sums the cluster's blocks store, [2][LWL_MAX_CLUSTER][64]
+  // (the rows' sums, then their squared deviations, by the sending block's rank).
+  constexpr unsigned PARAMS = (RING + 8 * S + 15) / 16 * 16;
+  constexpr unsigned SUMS = PARAMS + 3 * BN * 4;
+  static_assert(HALF % 8 == 0, "a thread's half row is whole 16-byte packs");
+  const unsigned raw = ls_smem_addr(lwg_raw);
+  const unsigned base = (raw + 1023u) & ~1023u;
+  unsigned char* aligned = lwg_raw + (base - raw);
+  float* red = reinterpret_cast<float*>(aligned);
+  float* params = reinterpret_cast<float*>(aligned + PARAMS);
+  const float* sums = reinterpret_cast<const float*>(aligned + SUMS);
+  const int rank = blockIdx.x, ranks = gridDim.x;
+  const int n0 = rank * BN, m0 = blockIdx.y * BM;
+  const Ring ring{mx, mw, base, base + RING, m0, n0, (k + 63) >> 6};
+  const bool leader = threadIdx.x == 0;
+  if (leader) ring.init_barriers();
+  // Bias, gamma and beta of the block's columns, as f32 (threads [0, BN / 8): eight each).
+  auto load_params = [&] {
+    if (threadIdx.x < BN / 8) {
+      const int col = n0 + 8 * threadIdx.x;
+      const T* src[3] = {bias, gamma, beta};
+#pragma unroll
+      for (int p = 0; p < 3; ++p) {
+        float f[8];
+        lwg_load8<T>(src[p], col, col, n, true, f);
+        float4* to = reinterpret_cast<float4*>(params + p * BN + 8 * threadIdx.x);
+        to[0] = make_float4(f[0], f[1], f[2], f[3]);
+        to[1] = make_float4(f[4], f[5], f[6], f[7]);
+      }
+    }
+  };
+  __syncthreads();
+  // Every block of the cluster has started before any stores to its shared memory (waited
+  // for before the first exchange).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  if (early_w) {
+    if (leader) ring.first_weights();
+    load_params();
+  }
+  LS_PDL_WAIT();
+  if (!early_w) {
+    if (leader) ring.first_weights();
+    load_params();
+  }
+  if (leader) ring.first_inputs();
+  // The residual's half row, in flight over the main loop.
+  const int lr = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * HALF, row = m0 + lr;
+  const bool live = row < m;
+  uint4 res[PACKS];
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    res[p] = live ? *reinterpret_cast<const uint4*>(r + (long long)row * n + n0 + c0 + 8 * p)
+                  : make_uint4(0, 0, 0, 0);
+  }
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  ring.run(acc);
+  lwg_stage_acc<BN>(acc, red, STRIDE);
+  __syncthreads();
+  // v = round(round(acc + bias) + residual), the half row's sum.
+  float v[HALF];
+  float s = 0.f;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    float rv[8];
+    lwg_unpack<T>(res[p], rv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int c = c0 + 8 * p + e;
+      const float a = to_f(from_f<T>(red[lr * STRIDE + c] + params[c]));
+      v[8 * p + e] = to_f(from_f<T>(a + rv[e]));
+      s += v[8 * p + e];
+    }
+  }
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  const unsigned sums_at = base + SUMS;
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if ((threadIdx.x & 1) == 0) lwl_broadcast(sums_at + (rank * BM + lr) * 4, s, ranks);
+  lwl_cluster_sync();
+  float total = 0.f;
+  for (int q = 0; q < ranks; ++q) total += sums[q * BM + lr];
+  const float mean = total / n;
+  float s2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) s2 += (v[i] - mean) * (v[i] - mean);
+  s2 += __shfl_xor_sync(0xffffffffu, s2, 1);
+  constexpr int SECOND = LWL_MAX_CLUSTER * BM;
+  if ((threadIdx.x & 1) == 0) {
+    lwl_broadcast(sums_at + (SECOND + rank * BM + lr) * 4, s2, ranks);
+  }
+  lwl_cluster_sync();
+  float dev = 0.f;
+  for (int q = 0; q < ranks; ++q) dev += sums[SECOND + q * BM + lr];
+  const float inv = rsqrtf(dev / n + eps);
+  if (!live) return;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    uint4 out;
+    T* ot = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int c = c0 + 8 * p + e;
+      ot[e] = from_f<T>((v[8 * p + e] - mean) * inv * params[BN + c] + params[2 * BN + c]);
+    }
+    *reinterpret_cast<uint4*>(y + (long long)row * n + n0 + c0 + 8 * p) = out;
+  }
+}
+
+// 64 rows by BN columns a block, clusters of n / BN blocks along x; mx and mw map x [m, k]
+// and w [n, k] in boxes of 64 k by 64 and BN rows; early: w, the bias, gamma and beta are
+// read before the wait (the host passes 1 only where no kernel that may still be running
+// writes them).
+#define LS_LINEAR_WGT_LN(T, S, BN)                                                           \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                       \
+      linear_wgt_ln_n##BN##_##S(const __grid_constant__ LwtMap mx,                           \
+                                const __grid_constant__ LwtMap mw, const T* bias, const T* r, \
+                                const T* gamma, const T* beta, T* y, int m, int n, int k,    \
+                                float eps, int early) {                                      \
+    linear_wgt_ln_body<T, BN>(mx, mw, bias, r, gamma, beta, y, m, n, k, eps, early != 0);    \
+  }
+#define LS_LINEAR_WGT_LN_ALL(T, S) \
+  LS_LINEAR_WGT_LN(T, S, 64)       \
+  LS_LINEAR_WGT_LN(T, S, 96)       \
+  LS_LINEAR_WGT_LN(T, S, 128)
+LS_LINEAR_WGT_LN_ALL(__half, f16)
+LS_LINEAR_WGT_LN_ALL(__nv_bfloat16, bf16)
