@@ -709,15 +709,21 @@ pub(crate) fn add_layer_norm(
         None
     };
     let stp = stats.as_ref().map_or(0, |s| s.ptr());
+    // gamma and beta before the wait where no kernel can be writing them (not while an
+    // optimizer updates them).
+    let early = i32::from(super::read_early(&[Some(gamma), Some(beta)]));
     let mut l = dev.launch(&f);
     l.arg(&xp).arg(&yp).arg(&gp).arg(&bp).arg(&sp).arg(&op);
     if rows_kernel {
         l.arg(&stp);
     }
     l.arg(&r).arg(&hh).arg(&eps).arg(&team);
+    if rows_kernel {
+        l.arg(&early);
+    }
     // SAFETY: argument types match the kernel's signature in train.cu (the register-cached
-    // kernel takes the statistics pointer, null or [rows] float2; the last argument is
-    // `per_warp` or `ts`).
+    // kernel takes the statistics pointer, null or [rows] float2, and after `ts` whether it
+    // may read gamma and beta early; the other's last argument is `per_warp`).
     launched(name, unsafe { l.launch(cfg) })?;
     Ok((s, out, stats))
 }

@@ -375,13 +375,27 @@ __device__ void softmax_backward_rows(const T* p, const T* dp, T* ds, long long 
 }
 
 // add_layer_norm_body with register-cached rows; with `stats`, each row's (mean, rstd) as
-// float2 [rows], for layer_norm_backward_rows.
+// float2 [rows], for layer_norm_backward_rows. gamma and beta go to shared memory once a
+// block (the block's first 2 * packs threads a pack each), before the wait for the kernel
+// before with `early` (the host passes it where no kernel has written them since their
+// upload), so that no row waits on their loads after its sums.
 template <typename T>
 __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, const T* beta,
                                     T* s_out, T* out, float* stats, long long rows, int h,
-                                    float eps, int ts) {
+                                    float eps, int ts, bool early) {
   constexpr int N = 16 / sizeof(T);
   const int packs = h / N;
+  __shared__ LsPack<T> params[2][32 * LS_RP];
+  auto stage_params = [&] {
+    const int i = threadIdx.x % packs, which = threadIdx.x / packs;
+    if (which < 2) {
+      params[which][i] = reinterpret_cast<const LsPack<T>*>(which ? beta : gamma)[i];
+    }
+  };
+  if (early) stage_params();
+  LS_PDL_WAIT();
+  if (!early) stage_params();
+  __syncthreads();
   const TeamRows t(ts);
   for (long long base = t.first; base < rows; base += t.step) {
     const long long r = base + t.sub;
@@ -419,8 +433,8 @@ __device__ void add_layer_norm_rows(const T* x, const T* y, const T* gamma, cons
     for (int k = 0; k < LS_RP; ++k) {
       const int q = t.tl + k * ts;
       if (ok && q < packs) {
-        const LsPack<T> g = reinterpret_cast<const LsPack<T>*>(gamma)[q];
-        const LsPack<T> b = reinterpret_cast<const LsPack<T>*>(beta)[q];
+        const LsPack<T> g = params[0][q];
+        const LsPack<T> b = params[1][q];
 #pragma unroll
         for (int e = 0; e < N; ++e) {
           v.v[k][e] = (v.v[k][e] - mean) * inv * to_f(g.v[e]) + to_f(b.v[e]);
@@ -1789,9 +1803,9 @@ LS_FLOAT_TYPES(LS_TRAIN)
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(256, 4) add_layer_norm_rows_##S(               \
       const T* x, const T* y, const T* gamma, const T* beta, T* s_out, T* out, float* stats,  \
-      long long rows, int h, float eps, int ts) {                                             \
-    LS_PDL_WAIT();                                                                            \
-    add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, stats, rows, h, eps, ts);           \
+      long long rows, int h, float eps, int ts, int early) {                                  \
+    add_layer_norm_rows<T>(x, y, gamma, beta, s_out, out, stats, rows, h, eps, ts,            \
+                           early != 0);                                                       \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_rows_##S(             \
       const T* x, const T* gamma, const T* dy, const float* stats, T* dx, float* partial,     \
