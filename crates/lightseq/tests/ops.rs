@@ -186,17 +186,17 @@ fn cpu_layer_norm_matches_naive() {
     assert!(err < 1e-6, "{err}");
 }
 
+/// Random x [m, k], w [n, k], bias [n], residual [m, n], gamma and beta [n] of a
+/// `linear_add_layer_norm` case, from seeds `seed` to `seed + 5`.
+fn linear_norm_case(seed: u64, m: usize, n: usize, k: usize) -> [Vec<f32>; 6] {
+    let sizes = [m * k, n * k, n, m * n, n, n];
+    std::array::from_fn(|i| randn(seed + i as u64, sizes[i]))
+}
+
 #[test]
 fn cpu_linear_add_layer_norm_matches_naive_and_checks_shapes() {
     let (m, n, k) = (6, 19, 23);
-    let (x, w, b, r, g, bb) = (
-        randn(40, m * k),
-        randn(41, n * k),
-        randn(42, n),
-        randn(43, m * n),
-        randn(44, n),
-        randn(45, n),
-    );
+    let [x, w, b, r, g, bb] = linear_norm_case(40, m, n, k);
     let dev = Device::Cpu;
     let f = |v: &[f32], shape: &[usize]| t(v, shape, DType::F32, &dev);
     let (xt, wt, bt, rt, gt, btt) = (
@@ -414,14 +414,7 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (260, 1000, 64, true),
             (100, 768, 768, true),
         ] {
-            let (x, w, b, r, g, bb) = (
-                randn(30, m * k),
-                randn(31, n * k),
-                randn(32, n),
-                randn(33, m * n),
-                randn(34, n),
-                randn(35, n),
-            );
+            let [x, w, b, r, g, bb] = linear_norm_case(30, m, n, k);
             let run = |d: &Device| {
                 let bt = bias.then(|| t(&b, &[n], dt, d));
                 ops::linear_add_layer_norm(

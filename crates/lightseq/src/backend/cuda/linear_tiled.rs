@@ -330,9 +330,7 @@ pub(crate) fn linear_tiled_layer_norm(
 mod tests {
     use super::*;
 
-    /// An H200's SMs and its shared memory a block may opt into.
-    const SMS: usize = 132;
-    const SMEM: usize = 227 << 10;
+    use super::super::linear_wg::{H200_SMEM as SMEM, H200_SMS as SMS};
     use super::super::linear_wg::{SMEM_PER_BLOCK_RESERVED, SM_SMEM};
 
     /// Blocks of `p` an SM holds at once, by shared memory.

@@ -179,13 +179,17 @@ pub(crate) fn linear_wg(op: &Linear) -> Result<Option<CudaStorage>> {
     Ok(Some(y))
 }
 
+/// An H200's SMs and the shared memory a block may opt into, for the launch plans' tests
+/// (here and in linear_tiled.rs).
+#[cfg(test)]
+pub(super) const H200_SMS: usize = 132;
+#[cfg(test)]
+pub(super) const H200_SMEM: usize = 227 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An H200's SMs and its shared memory a block may opt into.
-    const SMS: usize = 132;
-    const SMEM: usize = 227 << 10;
+    use super::{H200_SMEM as SMEM, H200_SMS as SMS};
 
     fn default_plan(n: usize, rows: usize, k: usize) -> Option<Plan> {
         plan_with(
