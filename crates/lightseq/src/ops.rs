@@ -121,7 +121,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Re
         ));
     }
     let (n_out, k) = (w.shape()[0], w.shape()[1]);
-    if last_dim(x) != k {
+    if last_dim(x) != k || k == 0 {
         return Err(Error::op(
             OP,
             format!("x {:?} does not match w {:?}", x.shape(), w.shape()),
@@ -135,7 +135,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Re
             ));
         }
     }
-    let m = x.len() / k.max(1);
+    let m = x.len() / k;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n_out;
     let storage = match &x.storage {
@@ -243,7 +243,7 @@ pub fn linear_add_layer_norm(
     };
     let mut out_shape = x.shape().to_vec();
     match out_shape.last_mut() {
-        Some(last) if *last == k => *last = n,
+        Some(last) if *last == k && k > 0 => *last = n,
         _ => {
             return Err(Error::op(
                 OP,
@@ -268,7 +268,7 @@ pub fn linear_add_layer_norm(
         ));
     }
     if let Storage::Cuda(xs) = &x.storage {
-        let m = x.len() / k.max(1);
+        let m = x.len() / k;
         let fused = cuda::ops::linear_add_layer_norm(
             (xs, w.cuda(OP)?, b.map(|b| b.cuda(OP)).transpose()?),
             residual.cuda(OP)?,

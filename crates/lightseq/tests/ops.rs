@@ -223,6 +223,12 @@ fn cpu_linear_add_layer_norm_matches_naive_and_checks_shapes() {
             .is_err()
     );
     assert!(ops::linear_add_layer_norm(&rt, (&wt, None), &rt, (&gt, &btt), 1e-5).is_err());
+    // No input features: an error, not a tensor whose shape its data does not fill.
+    let (x0, w0) = (f(&[], &[m, 0]), f(&[], &[n, 0]));
+    assert!(ops::linear(&x0, &w0, Some(&bt), Activation::None).is_err());
+    assert!(
+        ops::linear_add_layer_norm(&x0, (&w0, None), &f(&r, &[m, n]), (&gt, &btt), 1e-5).is_err()
+    );
 }
 
 #[test]

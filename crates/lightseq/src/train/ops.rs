@@ -186,6 +186,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor) -> Res
     need(
         OP,
         x.shape().last() == Some(&k)
+            && k > 0
             && r.shape() == shape.as_slice()
             && b.is_none_or(|b| b.shape() == [n]),
         || {
