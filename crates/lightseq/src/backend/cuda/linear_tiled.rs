@@ -260,9 +260,10 @@ fn ln_smem_bytes(width: usize) -> usize {
 
 /// `layer_norm(x w^T + b + r)` over rows of n (`op.r` the residual, no activation) by the
 /// GEMM with the sum and the layer norm in its epilogue, or None where it does not apply:
-/// not asked for ([`fused_ln_on`]), 128 rows or fewer (the few-row kernels and the block-per-row layer
-/// norm are shorter there), no cluster of whole blocks spans n ([`ln_plan`]: 1-8 blocks of
-/// 64, 96 or 128 columns), or operands the warpgroup kernels do not take.
+/// not asked for ([`fused_ln_on`]), 128 rows or fewer (the few-row kernels and the
+/// block-per-row layer norm are shorter there), no cluster of whole blocks spans n
+/// ([`ln_plan`]: 1-8 blocks of 64, 96 or 128 columns), or operands the warpgroup kernels do
+/// not take.
 pub(crate) fn linear_tiled_layer_norm(
     op: &Linear,
     gamma: &CudaStorage,

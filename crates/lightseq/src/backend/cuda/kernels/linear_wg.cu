@@ -614,17 +614,18 @@ LS_LINEAR_WGT_ALL(__nv_bfloat16, bf16)
 // cluster owns whole rows. Each block sums its part of every row and stores the sum into
 // every block's shared memory (distributed shared memory), once for the mean and once for
 // the squared deviations from it; a cluster barrier after each exchange makes the sums
-// visible. Thread t of a block takes row t / 2's half t % 2
-// of the block's columns through the whole epilogue, in registers.
+// visible. Thread t of a block takes row t / 2's half t % 2 of the block's columns through
+// the whole epilogue, in registers.
 // Measured on an H200 (docs/performance.md, run 28) it is slower than cuBLASLt's GEMM and
 // the separate layer norm, so the host runs it only when asked (LIGHTSEQ_FUSED_LN=1): at
 // BERT-base's 1024 rows its 128 blocks of 64 x 96 took 13.0 and 22.3 us for the output and
-// second FFN GEMMs against 6.6 + 6.0 and 11.1 + 6.3. The ring is sized for two blocks an
-// SM; a ring for one (11 stages) was slower still (18.6 and 34.9 us), the GPU holding
-// fewer clusters of eight such blocks at once than 1024 rows make.
+// second FFN GEMMs against 6.6 + 6.0 and 11.1 + 6.3, latency-bound (a fifth or more of the
+// warps' samples wait on the ring's copies; the cluster barriers' arrives are GPU-wide
+// memory barriers). The ring is sized for two blocks an SM (the GPU then holds 30 clusters
+// of eight); a ring for one (11 stages) was slower still (18.6 and 34.9 us).
 #define LWL_RING_BYTES (100 * 1024)
 #define LWL_MAX_STAGES 8
-// Blocks a cluster has at most (the portable cluster size), and rows a block.
+// Blocks a cluster has at most (the portable cluster size).
 #define LWL_MAX_CLUSTER 8
 
 // Stores `v` at shared address `at` of every block of the cluster (ranks [0, ranks)).
