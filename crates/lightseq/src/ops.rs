@@ -107,6 +107,40 @@ fn last_dim(t: &Tensor) -> usize {
     t.shape().last().copied().unwrap_or(1)
 }
 
+/// The rows m, outputs n and inputs k of a linear of x [..., k] by w [n, k] (bias b [n]),
+/// and its output's shape [..., n]; errors name `op`.
+fn linear_shape(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<(usize, usize, usize, Vec<usize>)> {
+    if w.shape().len() != 2 || x.shape().is_empty() {
+        return Err(Error::op(
+            op,
+            format!("x {:?}, w {:?}", x.shape(), w.shape()),
+        ));
+    }
+    let (n_out, k) = (w.shape()[0], w.shape()[1]);
+    if last_dim(x) != k || k == 0 {
+        return Err(Error::op(
+            op,
+            format!("x {:?} does not match w {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = b {
+        if b.shape() != [n_out] {
+            return Err(Error::op(
+                op,
+                format!("bias {:?}, expected [{n_out}]", b.shape()),
+            ));
+        }
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n_out;
+    Ok((x.len() / k, n_out, k, shape))
+}
+
 /// `x @ w^T + b`, then `act`. x: [..., in], w: [out, in], b: [out] -> [..., out].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
     const OP: &str = "linear";
@@ -114,30 +148,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Re
     all.extend(b);
     same_device(OP, &all)?;
     let dt = same_float_dtype(OP, &all)?;
-    if w.shape().len() != 2 || x.shape().is_empty() {
-        return Err(Error::op(
-            OP,
-            format!("x {:?}, w {:?}", x.shape(), w.shape()),
-        ));
-    }
-    let (n_out, k) = (w.shape()[0], w.shape()[1]);
-    if last_dim(x) != k || k == 0 {
-        return Err(Error::op(
-            OP,
-            format!("x {:?} does not match w {:?}", x.shape(), w.shape()),
-        ));
-    }
-    if let Some(b) = b {
-        if b.shape() != [n_out] {
-            return Err(Error::op(
-                OP,
-                format!("bias {:?}, expected [{n_out}]", b.shape()),
-            ));
-        }
-    }
-    let m = x.len() / k;
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n_out;
+    let (m, n_out, k, shape) = linear_shape(OP, x, w, b)?;
     let storage = match &x.storage {
         Storage::CpuF32(xv) => Storage::CpuF32(cpu::linear(
             xv,
@@ -237,38 +248,19 @@ pub fn linear_add_layer_norm(
     all.extend(b);
     same_device(OP, &all)?;
     let dt = same_float_dtype(OP, &all)?;
-    let (n, k) = match w.shape() {
-        [n, k] => (*n, *k),
-        _ => return Err(Error::op(OP, format!("w {:?} is not 2-D", w.shape()))),
-    };
-    let mut out_shape = x.shape().to_vec();
-    match out_shape.last_mut() {
-        Some(last) if *last == k && k > 0 => *last = n,
-        _ => {
-            return Err(Error::op(
-                OP,
-                format!("x {:?} does not match w {:?}", x.shape(), w.shape()),
-            ))
-        }
-    }
-    let vectors = [b, Some(gamma), Some(beta)];
-    if residual.shape() != out_shape.as_slice()
-        || vectors.iter().flatten().any(|v| v.shape() != [n])
-    {
+    let (m, n, k, out_shape) = linear_shape(OP, x, w, b)?;
+    if residual.shape() != out_shape.as_slice() || [gamma, beta].iter().any(|v| v.shape() != [n]) {
         return Err(Error::op(
             OP,
             format!(
-                "residual {:?} (expected {out_shape:?}), bias {:?}, gamma {:?}, beta {:?} \
-                 (expected [{n}])",
+                "residual {:?} (expected {out_shape:?}), gamma {:?}, beta {:?} (expected [{n}])",
                 residual.shape(),
-                b.map(|b| b.shape()),
                 gamma.shape(),
                 beta.shape()
             ),
         ));
     }
     if let Storage::Cuda(xs) = &x.storage {
-        let m = x.len() / k;
         let fused = cuda::ops::linear_add_layer_norm(
             (xs, w.cuda(OP)?, b.map(|b| b.cuda(OP)).transpose()?),
             residual.cuda(OP)?,

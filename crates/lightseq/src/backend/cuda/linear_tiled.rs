@@ -57,14 +57,20 @@ fn mode_from(v: Option<&str>) -> Mode {
     }
 }
 
+/// The ring of a block of `rows` by `width` (the kernels' LwtRing): its stages, as many as
+/// fit `budget` bytes up to `most`, and its bytes, at least the epilogue's f32 tile.
+fn ring(rows: usize, width: usize, budget: usize, most: usize) -> (usize, usize) {
+    let stage = (rows + width) * CHUNK * 2;
+    let stages = (budget / stage).min(most);
+    (stages, (stages * stage).max(rows * (width + 4) * 4))
+}
+
 /// Bytes of shared memory a block of `wgs` warpgroups and `width` columns takes: its
 /// stages (the epilogue's f32 tile and the tile's bias after it reuse them), their
 /// barriers, and room to align them to 1024 bytes.
 fn smem_bytes(wgs: usize, width: usize) -> usize {
-    let stage = (WG_ROWS * wgs + width) * CHUNK * 2;
-    let stages = (RING_BYTES / stage).min(MAX_STAGES);
-    let tile = WG_ROWS * wgs * (width + 4) * 4;
-    (stages * stage).max(tile) + 8 * stages + 1024
+    let (stages, bytes) = ring(WG_ROWS * wgs, width, RING_BYTES, MAX_STAGES);
+    bytes + 8 * stages + 1024
 }
 
 /// A tensor map (`CUtensorMap`), passed to the kernel by value.
@@ -249,10 +255,8 @@ fn ln_plan(n: usize) -> Option<(usize, usize)> {
 /// ring (which the f32 tile reuses), the ring's barriers, the tile's bias, gamma and beta as
 /// f32, the sums the cluster exchanges, and room to align them to 1024 bytes.
 fn ln_smem_bytes(width: usize) -> usize {
-    let stage = (WG_ROWS + width) * CHUNK * 2;
-    let stages = (LN_RING_BYTES / stage).min(LN_MAX_STAGES);
-    let ring = (stages * stage).max(WG_ROWS * (width + 4) * 4);
-    (ring + 8 * stages).next_multiple_of(16)
+    let (stages, bytes) = ring(WG_ROWS, width, LN_RING_BYTES, LN_MAX_STAGES);
+    (bytes + 8 * stages).next_multiple_of(16)
         + 3 * width * 4
         + 2 * LN_MAX_CLUSTER * WG_ROWS * 4
         + 1024

@@ -188,6 +188,17 @@ __device__ __forceinline__ void lwg_load8(const T* v, long long at, int col, int
   for (int e = 0; e < 8; ++e) f[e] = v && col + e < cols ? to_f(v[at + e]) : 0.f;
 }
 
+// Eight f32 values at p (16-byte aligned, shared memory here) into f, and back.
+__device__ __forceinline__ void lwg_get8(const float* p, float (&f)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void lwg_put8(float* p, const float (&f)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
 // The activation of eight 16-bit outputs: the erf GELU by ls_gelu_erf16, as the bias_act
 // pass computes it (about half of erff's instructions).
 template <typename T, int A>
@@ -221,8 +232,9 @@ __device__ __forceinline__ void lwg_finish8(float (&v)[8], const float (&bv)[8],
 }
 
 // Writes the accumulators of the block's warpgroups into the f32 tile `red` (rows `stride`
-// floats apart, warpgroup g's from row 64 g on). Warp v, lane l of a warpgroup: n8 block i holds (row 16 v + l / 4, columns
-// 8 i + 2 (l % 4) + {0, 1}) in values 4 i + {0, 1}, and the row 8 below in 4 i + {2, 3}.
+// floats apart, warpgroup g's from row 64 g on). Warp v, lane l of a warpgroup: n8 block i
+// holds (row 16 v + l / 4, columns 8 i + 2 (l % 4) + {0, 1}) in values 4 i + {0, 1}, and
+// the row 8 below in 4 i + {2, 3}.
 template <int BN>
 __device__ __forceinline__ void lwg_stage_acc(const float (&acc)[BN / 2], float* red,
                                               int stride) {
@@ -348,19 +360,14 @@ __device__ void linear_wg_body(const T* x, const T* w, const T* bias, const T* r
     const int lr = z * share + sr;
     const int row = m0 + lr, col = n0 + lc;
     float v[8];
-    {
-      const float4* own = reinterpret_cast<const float4*>(red + lr * STRIDE + lc);
-      const float4 a = own[0], b = own[1];
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
+    lwg_get8(red + lr * STRIDE + lc, v);
     const float* got = red + (recv - base) / 4 + sr * STRIDE + lc;
     for (int p = 0; p < s; ++p) {
       if (p == z) continue;
-      const float4* in = reinterpret_cast<const float4*>(got + p * (slice / 4));
-      const float4 a = in[0], b = in[1];
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+      float in[8];
+      lwg_get8(got + p * (slice / 4), in);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] += in[e];
     }
     if (row >= m || col >= n) continue;
     const long long at_y = (long long)row * n + col;
@@ -470,6 +477,10 @@ struct LwtRing {
   __device__ __forceinline__ void load_w(int j) const {
     lwt_tma(base + (j % S) * STAGE + A_BYTES, mw, j * 64, n0, full + 8 * (j % S));
   }
+  // Bytes of the ring where the epilogue reuses it for a tile of `tile` bytes.
+  __host__ __device__ static constexpr unsigned bytes(unsigned tile) {
+    return S * STAGE > tile ? S * STAGE : tile;
+  }
   // Chunks the ring takes before the loop.
   __device__ __forceinline__ int ahead() const { return min(S - 1, chunks); }
   // Thread 0: the first chunks' weight tiles (and the stages' expected bytes), which may go
@@ -524,7 +535,7 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
   constexpr int S = lwt_stages(BM, BN, LWT_RING_BYTES, LWT_MAX_STAGES);
   using Ring = LwtRing<T, BN, WGS, S>;
   constexpr unsigned TILE = BM * STRIDE * 4;
-  constexpr unsigned RING = S * Ring::STAGE > TILE ? S * Ring::STAGE : TILE;
+  constexpr unsigned RING = Ring::bytes(TILE);
   const unsigned raw = ls_smem_addr(lwg_raw);
   const unsigned base = (raw + 1023u) & ~1023u;
   float* red = reinterpret_cast<float*>(lwg_raw + (base - raw));
@@ -556,31 +567,16 @@ __device__ void linear_wgt_body(const LwtMap& mx, const LwtMap& mw, const T* bia
     lwg_load8<T>(bias, col, col, n, packed, bias8);
   }
   lwg_stage_acc<BN>(acc, red, STRIDE);
-  if (threadIdx.x < ITEMS) {
-    float4* to = reinterpret_cast<float4*>(sbias + 8 * threadIdx.x);
-    to[0] = make_float4(bias8[0], bias8[1], bias8[2], bias8[3]);
-    to[1] = make_float4(bias8[4], bias8[5], bias8[6], bias8[7]);
-  }
+  if (threadIdx.x < ITEMS) lwg_put8(sbias + 8 * threadIdx.x, bias8);
   __syncthreads();
   for (int i = threadIdx.x; i < BM * ITEMS; i += blockDim.x) {
     const int lr = i / ITEMS, lc = (i % ITEMS) * 8;
     const int row = m0 + lr, col = n0 + lc;
     if (row >= m || col >= n) continue;
-    float v[8];
-    {
-      const float4* own = reinterpret_cast<const float4*>(red + lr * STRIDE + lc);
-      const float4 p = own[0], q = own[1];
-      v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
-      v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
-    }
+    float v[8], bv[8], rv[8];
+    lwg_get8(red + lr * STRIDE + lc, v);
+    lwg_get8(sbias + lc, bv);
     const long long at_y = (long long)row * n + col;
-    float bv[8], rv[8];
-    {
-      const float4* b4 = reinterpret_cast<const float4*>(sbias + lc);
-      const float4 p = b4[0], q = b4[1];
-      bv[0] = p.x; bv[1] = p.y; bv[2] = p.z; bv[3] = p.w;
-      bv[4] = q.x; bv[5] = q.y; bv[6] = q.z; bv[7] = q.w;
-    }
     lwg_load8<T>(r, at_y, col, n, packed, rv);
     lwg_finish8<T>(v, bv, rv, act, y, at_y, col, n, packed);
   }
@@ -651,7 +647,7 @@ __device__ void linear_wgt_ln_body(const LwtMap& mx, const LwtMap& mw, const T* 
   constexpr int S = lwt_stages(BM, BN, LWL_RING_BYTES, LWL_MAX_STAGES);
   using Ring = LwtRing<T, BN, 1, S>;
   constexpr unsigned TILE = BM * STRIDE * 4;
-  constexpr unsigned RING = S * Ring::STAGE > TILE ? S * Ring::STAGE : TILE;
+  constexpr unsigned RING = Ring::bytes(TILE);
   // After the ring (which the f32 tile reuses): its barriers, then the tile's bias, gamma
   // and beta as f32, then the sums the cluster's blocks store, [2][LWL_MAX_CLUSTER][64]
   // (the rows' sums, then their squared deviations, by the sending block's rank).
@@ -678,9 +674,7 @@ __device__ void linear_wgt_ln_body(const LwtMap& mx, const LwtMap& mw, const T* 
       for (int p = 0; p < 3; ++p) {
         float f[8];
         lwg_load8<T>(src[p], col, col, n, true, f);
-        float4* to = reinterpret_cast<float4*>(params + p * BN + 8 * threadIdx.x);
-        to[0] = make_float4(f[0], f[1], f[2], f[3]);
-        to[1] = make_float4(f[4], f[5], f[6], f[7]);
+        lwg_put8(params + p * BN + 8 * threadIdx.x, f);
       }
     }
   };
