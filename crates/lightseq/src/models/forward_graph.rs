@@ -6,37 +6,54 @@
 //! [`ForwardGraphs`]; a forward whose inputs all come from device tensors is captured the
 //! second time its shape (batch and padded length) is met, and later forwards of that shape
 //! copy their inputs into the captured buffers and replay the graph with one launch. Only
-//! forwards of at most [`MAX_TOKENS`] tokens are captured (larger ones keep the GPU busy
-//! while the host enqueues), and only the [`MAX_SHAPES`] most recent shapes are kept.
-//! `LIGHTSEQ_CUDA_GRAPHS` switches this off or makes a failed capture an error, as for
-//! decode steps (see `step_graph`). A capture that fails (the forward uploaded from the
-//! host, e.g. an f32 attention through GEMMs) leaves that shape eager.
+//! forwards of at most [`MAX_TOKENS`] tokens (`LIGHTSEQ_FORWARD_GRAPH_TOKENS`) are
+//! captured (larger ones keep the GPU busy while the host enqueues), and only the
+//! [`MAX_SHAPES`] most recent shapes are kept. A replay uploads its inputs in one copy
+//! (`step_graph::InputUpload`). `LIGHTSEQ_CUDA_GRAPHS` switches this off or makes a failed
+//! capture an error, as for decode steps (see `step_graph`). A capture that fails (the
+//! forward uploaded from the host, e.g. an f32 attention through GEMMs) leaves that shape
+//! eager.
 
 use super::decode::upload_step_inputs;
-use super::step_graph;
+use super::step_graph::{self, InputUpload};
 use crate::backend::cuda::graph::Graph;
 use crate::error::Result;
 use crate::ops;
 use crate::tensor::{DType, Device, Tensor};
 use std::sync::Mutex;
 
-/// Forwards of more tokens than this run eagerly: there the replay saves little (H200,
-/// BERT-base 32 x 128: 2.68 -> 2.50 ms) and its buffers would stay reserved while the shape
-/// is cached (44 MiB of graph memory when measured, before the capture arena).
-pub(crate) const MAX_TOKENS: usize = 2048;
+/// Forwards of more tokens than this run eagerly, by default: a replay keeps its buffers
+/// (the capture arena's) while the shape is cached, and the larger the forward, the less
+/// of it the launches are. At 4096 tokens the replay still saves 3-5% (H200, BERT-base 32
+/// x 128: 1.83 -> 1.74-1.79 ms, 8 x 512: 2.13 -> 2.06; peak 284 -> 296 MiB).
+pub(crate) const MAX_TOKENS: usize = 4096;
+/// [`MAX_TOKENS`], or LIGHTSEQ_FORWARD_GRAPH_TOKENS.
+fn max_tokens() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("LIGHTSEQ_FORWARD_GRAPH_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_TOKENS)
+    })
+}
 /// Captured shapes kept per model.
 pub(crate) const MAX_SHAPES: usize = 8;
+
+/// A captured forward.
+struct Replay {
+    graph: Graph,
+    /// The forward's inputs, rewritten before each replay.
+    inputs: Vec<Tensor>,
+    upload: InputUpload,
+    /// The output the graph writes.
+    out: Tensor,
+}
 
 enum Slot {
     /// Met once (run eagerly, which loaded its kernels and chose its GEMM algorithms).
     Warm,
-    Ready {
-        graph: Graph,
-        /// The forward's inputs, rewritten before each replay.
-        inputs: Vec<Tensor>,
-        /// The output the graph writes.
-        out: Tensor,
-    },
+    Ready(Box<Replay>),
     /// Capture failed for this shape.
     Eager,
 }
@@ -74,7 +91,7 @@ impl ForwardGraphs {
             return eager();
         };
         let (enabled, required) = step_graph::mode();
-        if !enabled || shape.tokens > MAX_TOKENS {
+        if !enabled || shape.tokens > max_tokens() {
             return eager();
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,17 +105,13 @@ impl ForwardGraphs {
         };
         let (key, slot) = slots.remove(at);
         match slot {
-            Slot::Ready {
-                graph,
-                mut inputs,
-                out,
-            } => {
+            Slot::Ready(mut r) => {
                 let replayed = (|| {
-                    step_graph::rewrite_inputs("forward graph", &mut inputs, host)?;
-                    graph.launch()?;
-                    step_graph::copied(&out)
+                    r.upload.write("forward graph", &mut r.inputs, host)?;
+                    r.graph.launch()?;
+                    step_graph::copied(&r.out)
                 })();
-                slots.push((key, Slot::Ready { graph, inputs, out }));
+                slots.push((key, Slot::Ready(r)));
                 replayed
             }
             Slot::Eager => {
@@ -108,6 +121,7 @@ impl ForwardGraphs {
             }
             Slot::Warm => {
                 let inputs = upload_step_inputs(host, device)?;
+                let upload = InputUpload::new(&inputs, host, 0)?;
                 let mut out = ops::empty(shape.out.0, shape.out.1, device)?;
                 if dev.begin_capture().is_err() {
                     // Another thread is capturing on this device: eager now, capture later.
@@ -115,13 +129,22 @@ impl ForwardGraphs {
                     drop(slots);
                     return eager();
                 }
-                let run = body(&inputs).and_then(|y| ops::copy_into(&mut out, &y));
+                let run = upload
+                    .capture(&inputs)
+                    .and_then(|()| body(&inputs))
+                    .and_then(|y| ops::copy_into(&mut out, &y));
                 let graph = dev.end_capture();
                 match (run, graph) {
                     (Ok(()), Ok(graph)) => {
                         graph.launch()?;
                         let y = step_graph::copied(&out)?;
-                        slots.push((key, Slot::Ready { graph, inputs, out }));
+                        let r = Replay {
+                            graph,
+                            inputs,
+                            upload,
+                            out,
+                        };
+                        slots.push((key, Slot::Ready(Box::new(r))));
                         Ok(y)
                     }
                     (run, graph) => {

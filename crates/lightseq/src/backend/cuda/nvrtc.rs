@@ -57,6 +57,7 @@ pub const MODULES: &[KernelModule] = &[
         kernels: &[
             "bias_act",
             "add",
+            "scatter_words",
             "glu",
             "scale",
             "index_select",

@@ -208,6 +208,70 @@ pub(crate) fn add(a: &CudaStorage, b: &CudaStorage) -> Result<CudaStorage> {
     Ok(out)
 }
 
+/// Parts [`scatter_i32`] takes at most (elementwise.cu: LS_SCATTER_PARTS).
+pub(crate) const SCATTER_PARTS: usize = 8;
+
+/// scatter_words' argument (elementwise.cu: LsScatter).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScatterArgs {
+    dst: [u64; SCATTER_PARTS],
+    end: [i32; SCATTER_PARTS],
+    parts: i32,
+}
+
+// SAFETY: plain old data, laid out as the kernel's LsScatter.
+unsafe impl cudarc::driver::DeviceRepr for ScatterArgs {}
+
+/// Copies `src` (i32) to `dsts` in one launch: the first `dsts[0].len()` elements to
+/// `dsts[0]`, the next to `dsts[1]`, and so on; `src` holds exactly their total, of at most
+/// 2^31 - 1 elements, in 1 to [`SCATTER_PARTS`] parts.
+pub(crate) fn scatter_i32(src: &CudaStorage, dsts: &[&CudaStorage]) -> Result<()> {
+    const OP: &str = "scatter_i32";
+    let total: usize = dsts.iter().map(|d| d.len()).sum();
+    if dsts.is_empty()
+        || dsts.len() > SCATTER_PARTS
+        || total != src.len()
+        || total > i32::MAX as usize
+        || std::iter::once(src)
+            .chain(dsts.iter().copied())
+            .any(|t| t.dtype() != DType::I32)
+    {
+        return Err(Error::op(
+            OP,
+            format!(
+                "{} i32 elements into {} parts of {total} (1 to {SCATTER_PARTS} i32 parts)",
+                src.len(),
+                dsts.len()
+            ),
+        ));
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let mut args = ScatterArgs {
+        dst: [0; SCATTER_PARTS],
+        end: [0; SCATTER_PARTS],
+        parts: dsts.len() as i32,
+    };
+    let mut end = 0;
+    for (p, d) in dsts.iter().enumerate() {
+        d.mark_written();
+        end += d.len();
+        args.dst[p] = d.ptr();
+        args.end[p] = end as i32;
+    }
+    let dev = src.device();
+    // Words are copied as they are: the f32 form serves every 32-bit type.
+    let f = dev.kernel("scatter_words", DType::F32)?;
+    let sp = src.ptr();
+    let mut l = dev.launch(&f);
+    l.arg(&sp).arg(&args);
+    // SAFETY: argument types match scatter_words in elementwise.cu; src holds `total`
+    // elements and each dst[p] the part ending at end[p] (checked above).
+    launched(OP, unsafe { l.launch(grid_1d(total, 256)) })
+}
+
 /// From this many rows, layer norm runs through the training kernel (train.cu), which holds
 /// rows in registers (the block-per-row kernel took 23.6 us a launch at BERT-base 32 x 128,
 /// ~5x its byte floor); below, the block-per-row kernel of layer_norm.cu has the shorter

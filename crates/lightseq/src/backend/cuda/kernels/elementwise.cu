@@ -46,6 +46,25 @@ __device__ void add_body(const T* a, const T* b, T* out, long long total) {
   ls_map2(a, b, out, total, [](float x, float y) { return x + y; });
 }
 
+// The parts of one packed upload (a captured graph's inputs, uploaded in one copy) and
+// where each goes: part p is words [p ? end[p - 1] : 0, end[p]) of the source, copied to
+// dst[p]. LS_SCATTER_PARTS is SCATTER_PARTS in ops.rs.
+#define LS_SCATTER_PARTS 8
+struct LsScatter {
+  unsigned long long dst[LS_SCATTER_PARTS];
+  int end[LS_SCATTER_PARTS];
+  int parts;
+};
+
+__device__ void scatter_words_body(const int* src, const LsScatter& s) {
+  const int total = s.end[s.parts - 1];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    int p = 0;
+    while (i >= s.end[p]) ++p;
+    reinterpret_cast<int*>(s.dst[p])[i - (p ? s.end[p - 1] : 0)] = src[i];
+  }
+}
+
 #define LS_ELEMENTWISE(T, S)                                                                  \
   extern "C" __global__ void bias_act_##S(T* y, const T* bias, int act, long long total,      \
                                           int n) {                                            \
@@ -55,6 +74,11 @@ __device__ void add_body(const T* a, const T* b, T* out, long long total) {
   extern "C" __global__ void add_##S(const T* a, const T* b, T* out, long long total) {       \
     LS_PDL_WAIT();                                                                            \
     add_body<T>(a, b, out, total);                                                            \
+  }                                                                                           \
+  /* 32-bit words, whatever T: one form suffices; every dtype has it like the rest. */       \
+  extern "C" __global__ void scatter_words_##S(const int* src, LsScatter s) {                 \
+    LS_PDL_WAIT();                                                                            \
+    scatter_words_body(src, s);                                                               \
   }
 LS_FLOAT_TYPES(LS_ELEMENTWISE)
 
