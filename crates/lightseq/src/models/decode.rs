@@ -136,19 +136,18 @@ impl DecodeState {
         }
     }
 
-    /// Puts the device selection's token ids into a step's first input (the ids, i32
-    /// [rows]) while the search asks for it (`ids_from_select`, set around its step).
-    pub(crate) fn take_select_ids(&self, inputs: &mut [Tensor]) -> Result<()> {
+    /// The device selection's token ids (i32 [rows]), which a step takes as its first input
+    /// (the ids) while the search asks for it (`ids_from_select`, set around its step); None
+    /// when it does not.
+    pub(crate) fn select_ids(&self) -> Result<Option<&Tensor>> {
         if !self.ids_from_select {
-            return Ok(());
+            return Ok(None);
         }
-        match (self.select.as_ref(), inputs.first_mut()) {
-            (Some(sel), Some(ids)) if ids.shape() == sel.ids.shape() => {
-                ops::copy_into(ids, &sel.ids)
-            }
-            _ => Err(Error::op(
+        match &self.select {
+            Some(sel) => Ok(Some(&sel.ids)),
+            None => Err(Error::op(
                 "decode step",
-                "the step's inputs do not take the selected ids",
+                "the step's ids come from a selection that has not run",
             )),
         }
     }
@@ -522,7 +521,18 @@ pub(crate) fn decode_via_inputs<D: Decoder + ?Sized>(
         .step_inputs(st, tokens)?
         .ok_or_else(|| Error::Input("this model has no step inputs".into()))?;
     let mut inputs = upload_step_inputs(&host, m.decoder_device())?;
-    st.take_select_ids(&mut inputs)?;
+    if let Some(ids) = st.select_ids()? {
+        let first = inputs
+            .first_mut()
+            .filter(|t| t.shape() == ids.shape())
+            .ok_or_else(|| {
+                Error::op(
+                    "decode step",
+                    "the step's inputs do not take the selected ids",
+                )
+            })?;
+        ops::copy_into(first, ids)?;
+    }
     m.decode_inputs(st, &inputs, t)
 }
 

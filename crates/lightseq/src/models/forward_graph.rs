@@ -121,7 +121,7 @@ impl ForwardGraphs {
             }
             Slot::Warm => {
                 let inputs = upload_step_inputs(host, device)?;
-                let upload = InputUpload::new(&inputs, host, 0)?;
+                let upload = InputUpload::new(&inputs, host)?;
                 let mut out = ops::empty(shape.out.0, shape.out.1, device)?;
                 if dev.begin_capture().is_err() {
                     // Another thread is capturing on this device: eager now, capture later.

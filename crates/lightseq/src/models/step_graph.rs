@@ -83,9 +83,6 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
     v.extend(st.cross.iter().map(device_ptr));
     v.extend(st.src_ranges_dev.iter().map(device_ptr));
     v.extend(st.key_rows.iter().map(|t| device_ptr(t)));
-    // Whether the ids come from the device's selection decides what the graph's input
-    // copy covers (InputUpload's `skip`).
-    v.push(u64::from(st.ids_from_select));
     v
 }
 
@@ -126,24 +123,20 @@ fn packed_upload_on() -> bool {
 /// A captured graph's i32 inputs written with one host-to-device copy a replay: the host
 /// vectors go, packed, into one device buffer, and the graph's first kernel copies them to
 /// the input tensors (four copies a replay cost ~11 us of host time at BERT-base 8 x 128 on
-/// an H200, and as many copies in the stream). The first `skip` inputs are left out (beam
-/// search's ids, which a device copy writes before the replay). With more inputs than the
-/// copy kernel takes, each input is written on its own.
+/// an H200, and as many copies in the stream). With more inputs than the copy kernel takes,
+/// each input is written on its own.
 pub(crate) struct InputUpload {
     staging: Option<Tensor>,
-    skip: usize,
     packed: Vec<i32>,
 }
 
 impl InputUpload {
     /// The staging buffer, holding `host` (call before the capture begins: it must not come
     /// from the capture's arena).
-    pub(crate) fn new(inputs: &[Tensor], host: &[Vec<i32>], skip: usize) -> Result<Self> {
-        let skip = skip.min(host.len());
-        let parts = host.len() - skip;
+    pub(crate) fn new(inputs: &[Tensor], host: &[Vec<i32>]) -> Result<Self> {
+        let parts = host.len();
         let mut up = InputUpload {
             staging: None,
-            skip,
             packed: Vec::new(),
         };
         let on_cuda = inputs.first().is_some_and(|t| t.device().is_cuda());
@@ -160,7 +153,7 @@ impl InputUpload {
 
     fn pack(&mut self, host: &[Vec<i32>]) {
         self.packed.clear();
-        for h in &host[self.skip..] {
+        for h in host {
             self.packed.extend_from_slice(h);
         }
     }
@@ -171,7 +164,7 @@ impl InputUpload {
             return Ok(());
         };
         const OP: &str = "input upload";
-        let dsts = inputs[self.skip..]
+        let dsts = inputs
             .iter()
             .map(|t| t.cuda(OP))
             .collect::<Result<Vec<_>>>()?;
@@ -201,6 +194,21 @@ impl InputUpload {
         match self.staging.as_mut().map(|t| &mut t.storage) {
             Some(Storage::Cuda(s)) => s.write_i32(&self.packed),
             _ => unreachable!("the staging buffer is a CUDA tensor"),
+        }
+    }
+
+    /// Replaces input 0 of the next replay with `src` (a device tensor of its length),
+    /// after [`InputUpload::write`]: in the staging buffer, where the graph copies it from,
+    /// or in the input itself.
+    pub(crate) fn set_first(&self, inputs: &mut [Tensor], src: &Tensor) -> Result<()> {
+        const OP: &str = "input upload";
+        let first = inputs
+            .first_mut()
+            .filter(|t| t.shape() == src.shape())
+            .ok_or_else(|| crate::error::Error::op(OP, "input 0 does not take these ids"))?;
+        match &self.staging {
+            Some(staging) => staging.cuda(OP)?.copy_prefix_from(src.cuda(OP)?),
+            None => ops::copy_into(first, src),
         }
     }
 }
@@ -243,7 +251,9 @@ pub(crate) fn step<D: Decoder + ?Sized>(
     let first_try = match std::mem::take(&mut st.graph) {
         StepGraph::Ready(mut c) if c.fingerprint == fp => {
             c.upload.write("decode step", &mut c.inputs, &host)?;
-            st.take_select_ids(&mut c.inputs)?;
+            if let Some(ids) = st.select_ids()? {
+                c.upload.set_first(&mut c.inputs, ids)?;
+            }
             c.graph.launch()?;
             st.len += 1;
             let logits = copied(&c.out)?;
@@ -262,8 +272,10 @@ pub(crate) fn step<D: Decoder + ?Sized>(
         return Ok(None);
     }
     let mut inputs = upload_step_inputs(&host, m.decoder_device())?;
-    st.take_select_ids(&mut inputs)?;
-    let upload = InputUpload::new(&inputs, &host, usize::from(st.ids_from_select))?;
+    let upload = InputUpload::new(&inputs, &host)?;
+    if let Some(ids) = st.select_ids()? {
+        upload.set_first(&mut inputs, ids)?;
+    }
     let len = st.len;
     if dev.begin_capture().is_err() {
         // Another thread is capturing on this device: run this step eagerly, try later.

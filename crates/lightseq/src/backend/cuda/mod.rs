@@ -659,6 +659,30 @@ impl CudaStorage {
         unsafe { copy_device_bytes(&self.dev, self.ptr(), src.ptr(), bytes) }
     }
 
+    /// Copies `src` (same dtype, at most this buffer's length) into this buffer's first
+    /// `src.len()` elements on the stream.
+    pub(crate) fn copy_prefix_from(&self, src: &CudaStorage) -> Result<()> {
+        self.mark_written();
+        if src.dtype() != self.dtype() || src.len > self.len {
+            return Err(crate::error::Error::op(
+                "copy",
+                format!(
+                    "{} x {} into the start of {} x {}",
+                    src.len,
+                    src.dtype(),
+                    self.len,
+                    self.dtype()
+                ),
+            ));
+        }
+        if src.len == 0 {
+            return Ok(());
+        }
+        let bytes = src.len * self.dtype().size();
+        // SAFETY: src holds `bytes` bytes and this buffer at least as many (checked above).
+        unsafe { copy_device_bytes(&self.dev, self.ptr(), src.ptr(), bytes) }
+    }
+
     pub(crate) fn download_f32(&self) -> Result<Vec<f32>> {
         if self.len == 0 {
             return Ok(Vec::new());
