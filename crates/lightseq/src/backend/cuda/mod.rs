@@ -638,25 +638,10 @@ impl CudaStorage {
 
     /// Copies `src` (same dtype and length) into this buffer on the stream.
     pub(crate) fn copy_from(&mut self, src: &CudaStorage) -> Result<()> {
-        self.mark_written();
-        if src.dtype() != self.dtype() || src.len != self.len {
-            return Err(crate::error::Error::op(
-                "copy",
-                format!(
-                    "{} x {} into {} x {}",
-                    src.len,
-                    src.dtype(),
-                    self.len,
-                    self.dtype()
-                ),
-            ));
+        if src.len != self.len {
+            return Err(self.copy_error(src, "into"));
         }
-        if self.len == 0 {
-            return Ok(());
-        }
-        let bytes = self.len * self.dtype().size();
-        // SAFETY: both buffers hold `bytes` bytes (same dtype and length, checked above).
-        unsafe { copy_device_bytes(&self.dev, self.ptr(), src.ptr(), bytes) }
+        self.copy_prefix_from(src)
     }
 
     /// Copies `src` (same dtype, at most this buffer's length) into this buffer's first
@@ -664,16 +649,7 @@ impl CudaStorage {
     pub(crate) fn copy_prefix_from(&self, src: &CudaStorage) -> Result<()> {
         self.mark_written();
         if src.dtype() != self.dtype() || src.len > self.len {
-            return Err(crate::error::Error::op(
-                "copy",
-                format!(
-                    "{} x {} into the start of {} x {}",
-                    src.len,
-                    src.dtype(),
-                    self.len,
-                    self.dtype()
-                ),
-            ));
+            return Err(self.copy_error(src, "into the start of"));
         }
         if src.len == 0 {
             return Ok(());
@@ -681,6 +657,14 @@ impl CudaStorage {
         let bytes = src.len * self.dtype().size();
         // SAFETY: src holds `bytes` bytes and this buffer at least as many (checked above).
         unsafe { copy_device_bytes(&self.dev, self.ptr(), src.ptr(), bytes) }
+    }
+
+    fn copy_error(&self, src: &CudaStorage, how: &str) -> crate::error::Error {
+        let (n, dt) = (self.len, self.dtype());
+        crate::error::Error::op(
+            "copy",
+            format!("{} x {} {how} {n} x {dt}", src.len, src.dtype()),
+        )
     }
 
     pub(crate) fn download_f32(&self) -> Result<Vec<f32>> {
