@@ -522,18 +522,23 @@ pub(crate) fn decode_via_inputs<D: Decoder + ?Sized>(
         .ok_or_else(|| Error::Input("this model has no step inputs".into()))?;
     let mut inputs = upload_step_inputs(&host, m.decoder_device())?;
     if let Some(ids) = st.select_ids()? {
-        let first = inputs
-            .first_mut()
-            .filter(|t| t.shape() == ids.shape())
-            .ok_or_else(|| {
-                Error::op(
-                    "decode step",
-                    "the step's inputs do not take the selected ids",
-                )
-            })?;
-        ops::copy_into(first, ids)?;
+        ops::copy_into(ids_input(&mut inputs, ids)?, ids)?;
     }
     m.decode_inputs(st, &inputs, t)
+}
+
+/// A step's first input (its token ids), which the device selection's `ids` replace: an
+/// error unless it has their shape.
+pub(crate) fn ids_input<'a>(inputs: &'a mut [Tensor], ids: &Tensor) -> Result<&'a mut Tensor> {
+    inputs
+        .first_mut()
+        .filter(|t| t.shape() == ids.shape())
+        .ok_or_else(|| {
+            Error::op(
+                "decode step",
+                "the step's inputs do not take the selected ids",
+            )
+        })
 }
 
 /// [`Decoder::step_inputs`] on `device`, one i32 tensor per list.

@@ -86,32 +86,12 @@ fn fingerprint(st: &DecodeState) -> Vec<u64> {
     v
 }
 
-/// Writes `host` into a captured graph's device inputs, which must have the same count and
-/// lengths (`what` names the caller in errors).
-pub(crate) fn rewrite_inputs(
-    what: &'static str,
-    inputs: &mut [Tensor],
-    host: &[Vec<i32>],
-) -> Result<()> {
-    if inputs.len() != host.len() {
-        return Err(crate::error::Error::op(
-            what,
-            "inputs changed between calls",
-        ));
+/// Writes `values` into `t`, an i32 CUDA tensor of that length (`what` names the caller).
+fn write_i32(what: &'static str, t: &mut Tensor, values: &[i32]) -> Result<()> {
+    match &mut t.storage {
+        Storage::Cuda(s) => s.write_i32(values),
+        _ => Err(crate::error::Error::op(what, "expected a CUDA input")),
     }
-    for (t, h) in inputs.iter_mut().zip(host) {
-        let same = t.shape() == [h.len()];
-        match &mut t.storage {
-            Storage::Cuda(s) if same => s.write_i32(h)?,
-            _ => {
-                return Err(crate::error::Error::op(
-                    what,
-                    "inputs changed shape between calls",
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `LIGHTSEQ_PACKED_UPLOAD=0`: replays write each input with a copy of its own.
@@ -134,7 +114,6 @@ impl InputUpload {
     /// The staging buffer, holding `host` (call before the capture begins: it must not come
     /// from the capture's arena).
     pub(crate) fn new(inputs: &[Tensor], host: &[Vec<i32>]) -> Result<Self> {
-        let parts = host.len();
         let mut up = InputUpload {
             staging: None,
             packed: Vec::new(),
@@ -142,20 +121,13 @@ impl InputUpload {
         let on_cuda = inputs.first().is_some_and(|t| t.device().is_cuda());
         if packed_upload_on()
             && on_cuda
-            && (1..=crate::backend::cuda::ops::SCATTER_PARTS).contains(&parts)
+            && (1..=crate::backend::cuda::ops::SCATTER_PARTS).contains(&host.len())
         {
-            up.pack(host);
+            pack(&mut up.packed, host);
             let device = inputs[0].device();
             up.staging = Some(Tensor::from_i32(&up.packed, &[up.packed.len()], &device)?);
         }
         Ok(up)
-    }
-
-    fn pack(&mut self, host: &[Vec<i32>]) {
-        self.packed.clear();
-        for h in host {
-            self.packed.extend_from_slice(h);
-        }
     }
 
     /// Records the copy from the staging buffer to the inputs (call first in the capture).
@@ -172,16 +144,14 @@ impl InputUpload {
     }
 
     /// Writes `host` for the next replay: into the staging buffer in one copy, or into each
-    /// input (`what` names the caller in errors).
+    /// input. The inputs must have the same count and lengths as at the capture (`what`
+    /// names the caller in errors).
     pub(crate) fn write(
         &mut self,
         what: &'static str,
         inputs: &mut [Tensor],
         host: &[Vec<i32>],
     ) -> Result<()> {
-        if self.staging.is_none() {
-            return rewrite_inputs(what, inputs, host);
-        }
         let same = inputs.len() == host.len()
             && inputs.iter().zip(host).all(|(t, h)| t.shape() == [h.len()]);
         if !same {
@@ -190,10 +160,15 @@ impl InputUpload {
                 "inputs changed shape between calls",
             ));
         }
-        self.pack(host);
-        match self.staging.as_mut().map(|t| &mut t.storage) {
-            Some(Storage::Cuda(s)) => s.write_i32(&self.packed),
-            _ => unreachable!("the staging buffer is a CUDA tensor"),
+        match &mut self.staging {
+            Some(staging) => {
+                pack(&mut self.packed, host);
+                write_i32(what, staging, &self.packed)
+            }
+            None => inputs
+                .iter_mut()
+                .zip(host)
+                .try_for_each(|(t, h)| write_i32(what, t, h)),
         }
     }
 
@@ -202,14 +177,19 @@ impl InputUpload {
     /// or in the input itself.
     pub(crate) fn set_first(&self, inputs: &mut [Tensor], src: &Tensor) -> Result<()> {
         const OP: &str = "input upload";
-        let first = inputs
-            .first_mut()
-            .filter(|t| t.shape() == src.shape())
-            .ok_or_else(|| crate::error::Error::op(OP, "input 0 does not take these ids"))?;
+        let first = super::decode::ids_input(inputs, src)?;
         match &self.staging {
             Some(staging) => staging.cuda(OP)?.copy_prefix_from(src.cuda(OP)?),
             None => ops::copy_into(first, src),
         }
+    }
+}
+
+/// `host`'s vectors one after another in `packed`.
+fn pack(packed: &mut Vec<i32>, host: &[Vec<i32>]) {
+    packed.clear();
+    for h in host {
+        packed.extend_from_slice(h);
     }
 }
 
