@@ -6,7 +6,9 @@
 #    more than 128 rows on sm_90 to the pipelined warpgroup-MMA kernel (by default it
 #    takes only those whose activation cuBLASLt lacks), with every activation and the
 #    residual, and with LIGHTSEQ_FUSED_LN=1 (post-norm GEMMs with the layer norm in their
-#    epilogue, off by default);
+#    epilogue, off by default); and the op binary's CUDA-against-CPU test again with
+#    LIGHTSEQ_LN_PACKED=0, which keeps layer norm off the packed kernel (the scalar and
+#    register-cached kernels then take the rows of whole 16-byte packs too);
 # 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
 #    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
 set -uo pipefail
@@ -31,6 +33,10 @@ for t in "ops cuda_ops_match_cpu" "train_ops linear"; do
     status=1
   fi
 done
+if [ -x "$TESTS/ops" ]; then
+  echo "== ops cuda_ops_match_cpu, LIGHTSEQ_LN_PACKED=0"
+  LIGHTSEQ_LN_PACKED=0 "$TESTS/ops" --test-threads=1 cuda_ops_match_cpu 2>&1 || status=1
+fi
 echo "== real-size parity"
 python3 scripts/gpu_parity.py --bin "$BIN" || status=1
 echo "== gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"

@@ -47,6 +47,16 @@ def models():
     yield "llama-small", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2)), "logits", 32000, [128, 77, 5], None
+    # Wider models (heads of 64 over 16 heads, d = 1024, FFN 4096) and longer inputs, whose
+    # GEMM, attention and layer-norm launches differ from the base models'.
+    yield "bert-large", lambda: tf.BertModel(tf.BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)), "hidden", \
+        30522, [300, 129, 17, 64], None
+    yield "gpt2-medium", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=1024, n_layer=24, n_head=16)), "logits", \
+        50257, [200, 33, 5], None
+    yield "bart-large", lambda: tf.BartForConditionalGeneration(tf.BartConfig(
+        d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16, decoder_attention_heads=16,
+        encoder_ffn_dim=4096, decoder_ffn_dim=4096)), "logits", 50265, [96, 33, 7], [64, 20, 9]
 
 
 def main():

@@ -381,9 +381,21 @@ fn cuda_ops_match_cpu_for_every_dtype() {
                 check(&format!("linear {act:?} {n}"), &run(&gpu), &run(&cpu));
             }
         }
-        // Layer norm with a residual, widths below and above one block, and rows enough for
-        // the register-cached kernel (from 1024 rows on CUDA).
-        for (rows, h) in [(9, 45), (9, 1543), (1030, 768)] {
+        // Layer norm with a residual: widths below and above one block, rows of whole
+        // 16-byte packs for the packed kernel (a pack a thread: 768, also at 1030 rows;
+        // 4104, 513 packs in 16 bits; 8192, its limit of 1024 packs in 16 bits and over it
+        // in f32), and rows of other widths enough for the training kernel (from 1024 rows
+        // on CUDA).
+        for (rows, h) in [
+            (9, 45),
+            (9, 1543),
+            (7, 768),
+            (3, 64),
+            (4, 4104),
+            (2, 8192),
+            (1030, 768),
+            (1030, 774),
+        ] {
             let (x, r, g, bb) = (
                 randn(14, rows * h),
                 randn(15, rows * h),

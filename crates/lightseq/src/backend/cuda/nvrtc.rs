@@ -75,7 +75,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "layer_norm",
         source: include_str!("kernels/layer_norm.cu"),
-        kernels: &["layer_norm", "rms_norm"],
+        kernels: &["layer_norm", "layer_norm_packed", "rms_norm"],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
         half_kernels: &[],

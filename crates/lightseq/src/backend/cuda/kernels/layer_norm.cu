@@ -56,6 +56,62 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
   }
 LS_FLOAT_TYPES(LS_LAYER_NORM)
 
+// layer_norm_body for rows of whole 16-byte packs, a pack a thread (blockDim.x >= h / N,
+// N elements a pack): each thread loads its pack of x (and of the residual) once, holds
+// it in registers through both sums, and stores its pack of the output, so a row costs
+// one round of 16-byte loads instead of a scalar load per element and pass.
+template <typename T>
+__device__ void layer_norm_packed_body(const T* x, const T* res, const T* gamma,
+                                       const T* beta, T* out, int h, float eps, bool early) {
+  constexpr int N = 16 / sizeof(T);
+  const int packs = h / N, p = threadIdx.x;
+  const bool on = p < packs;
+  LsPack<T> g, b;
+  auto load_params = [&] {
+    if (on) {
+      g = reinterpret_cast<const LsPack<T>*>(gamma)[p];
+      b = reinterpret_cast<const LsPack<T>*>(beta)[p];
+    }
+  };
+  if (early) load_params();
+  LS_PDL_WAIT();
+  if (!early) load_params();
+  const long long base = (long long)blockIdx.x * packs;
+  float v[N];
+  float s = 0.f;
+  if (on) {
+    const LsPack<T> xv = reinterpret_cast<const LsPack<T>*>(x)[base + p];
+    LsPack<T> rv;
+    if (res) rv = reinterpret_cast<const LsPack<T>*>(res)[base + p];
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      v[e] = to_f(xv.v[e]) + (res ? to_f(rv.v[e]) : 0.f);
+      s += v[e];
+    }
+  }
+  const float mean = block_sum(s) / h;
+  float s2 = 0.f;
+  if (on) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) s2 += (v[e] - mean) * (v[e] - mean);
+  }
+  const float inv = rsqrtf(block_sum(s2) / h + eps);
+  if (on) {
+    LsPack<T> o;
+#pragma unroll
+    for (int e = 0; e < N; ++e) o.v[e] = from_f<T>((v[e] - mean) * inv * to_f(g.v[e]) + to_f(b.v[e]));
+    reinterpret_cast<LsPack<T>*>(out)[base + p] = o;
+  }
+}
+
+#define LS_LAYER_NORM_PACKED(T, S)                                                            \
+  extern "C" __global__ void layer_norm_packed_##S(const T* x, const T* res, const T* gamma,  \
+                                                   const T* beta, T* out, int h, float eps,   \
+                                                   int early) {                               \
+    layer_norm_packed_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                  \
+  }
+LS_FLOAT_TYPES(LS_LAYER_NORM_PACKED)
+
 // RMS normalization of (x + residual): v / sqrt(mean(v^2) + eps) * gamma.
 template <typename T>
 __device__ void rms_norm_body(const T* x, const T* res, const T* gamma, T* out, int h, float eps) {
