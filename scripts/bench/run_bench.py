@@ -159,14 +159,20 @@ def main():
                     decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, activation_function="relu",
                     scale_embedding=True, max_position_embeddings=1024, pad_token_id=31999,
                     decoder_start_token_id=31999, eos_token_id=0)), [1, 32], [32])
+    write(args.out, "bench", rows, table(rows))
+
+
+def write(out, stem, rows, md_table):
+    """Prints the table under a line naming the GPU and versions, and writes it to
+    out/stem.md and the rows to out/stem.json."""
     head = (f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; transformers {tf.__version__}; "
             f"fp16; medians; date {time.strftime('%Y-%m-%d')}")
-    md = head + "\n\n" + table(rows) + "\n"
+    md = head + "\n\n" + md_table + "\n"
     print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(rows, f)
 
 

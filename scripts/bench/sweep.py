@@ -15,13 +15,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import DT, cuda_time, ids  # noqa: E402
+from run_bench import DT, cuda_time, ids, write  # noqa: E402
 
 
 def ours(binary, model_dir, args):
@@ -34,12 +33,18 @@ def ours(binary, model_dir, args):
     return {(p["batch"], p["seq"]): p for p in json.load(open(out))}
 
 
-def forwards(binary, tmp, name, make, shapes, rows):
+def saved(tmp, name, make):
+    """HF's seeded model from `make`, saved under tmp/name: (directory, model on the GPU in
+    fp16)."""
     torch.manual_seed(0)
     model = make()
     d = os.path.join(tmp, name)
     model.save_pretrained(d)
-    model = model.to("cuda", DT).eval()
+    return d, model.to("cuda", DT).eval()
+
+
+def forwards(binary, tmp, name, make, shapes, rows):
+    d, model = saved(tmp, name, make)
     vocab = model.config.vocab_size
     for b, s in shapes:
         mine = ours(binary, d, ["--task", "forward", "--batch", str(b), "--seq", str(s), "--iters", "30",
@@ -56,11 +61,7 @@ def forwards(binary, tmp, name, make, shapes, rows):
 
 def generations(binary, tmp, name, make, cases, rows):
     """cases: (batch, prompt, new tokens, beams, top_k or None)."""
-    torch.manual_seed(0)
-    model = make()
-    d = os.path.join(tmp, name)
-    model.save_pretrained(d)
-    model = model.to("cuda", DT).eval()
+    d, model = saved(tmp, name, make)
     cfg = model.config
     vocab = cfg.vocab_size
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
@@ -139,15 +140,7 @@ def main():
             generations(args.bin, tmp, "llama-small", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
                 vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=2)), [(8, 64, 64, 1, None)], rows)
-    head = (f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; transformers {tf.__version__}; "
-            f"fp16; medians; date {time.strftime('%Y-%m-%d')}")
-    md = head + "\n\n" + table(rows) + "\n"
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump(rows, f)
+    write(args.out, "sweep", rows, table(rows))
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
   }
 }
 
-#define LS_LAYER_NORM(T, S)                                                                   \
-  extern "C" __global__ void layer_norm_##S(const T* x, const T* res, const T* gamma,         \
-                                            const T* beta, T* out, int h, float eps,          \
-                                            int early) {                                      \
-    layer_norm_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                         \
+// layer_norm_<S> and layer_norm_packed_<S> (the host picks one; their arguments are the
+// same).
+#define LS_LAYER_NORM_KERNEL(T, S, NAME, BODY)                                                \
+  extern "C" __global__ void NAME##_##S(const T* x, const T* res, const T* gamma,             \
+                                        const T* beta, T* out, int h, float eps, int early) { \
+    BODY<T>(x, res, gamma, beta, out, h, eps, early != 0);                                    \
   }
-LS_FLOAT_TYPES(LS_LAYER_NORM)
 
 // layer_norm_body for rows of whole 16-byte packs, a pack a thread (blockDim.x >= h / N,
 // N elements a pack): each thread loads its pack of x (and of the residual) once, holds
@@ -104,13 +104,10 @@ __device__ void layer_norm_packed_body(const T* x, const T* res, const T* gamma,
   }
 }
 
-#define LS_LAYER_NORM_PACKED(T, S)                                                            \
-  extern "C" __global__ void layer_norm_packed_##S(const T* x, const T* res, const T* gamma,  \
-                                                   const T* beta, T* out, int h, float eps,   \
-                                                   int early) {                               \
-    layer_norm_packed_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                  \
-  }
-LS_FLOAT_TYPES(LS_LAYER_NORM_PACKED)
+#define LS_LAYER_NORMS(T, S)                                     \
+  LS_LAYER_NORM_KERNEL(T, S, layer_norm, layer_norm_body)        \
+  LS_LAYER_NORM_KERNEL(T, S, layer_norm_packed, layer_norm_packed_body)
+LS_FLOAT_TYPES(LS_LAYER_NORMS)
 
 // RMS normalization of (x + residual): v / sqrt(mean(v^2) + eps) * gamma.
 template <typename T>
