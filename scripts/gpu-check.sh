@@ -9,8 +9,8 @@
 #    epilogue, off by default); and the op binary's CUDA-against-CPU test again with
 #    LIGHTSEQ_LN_PACKED=0, which keeps layer norm off the packed kernel (the scalar and
 #    register-cached kernels then take the rows of whole 16-byte packs too);
-# 2. `lightseq forward` at real sizes (bert-base, gpt2, seeded random weights) against HF
-#    PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
+# 2. `lightseq forward` at real sizes (scripts/gpu_parity.py: twelve models from BERT-base to
+#    BART-large, HF's seeded initialization) against HF PyTorch on the same GPU: f32 vs float64 (1e-4), f16 and bf16 vs float32 (1e-2, 3e-2).
 set -uo pipefail
 BIN=${1:-.device/lightseq}
 TESTS=${2:-.device/tests}

@@ -304,7 +304,7 @@ fn layer_norm_packs(
 }
 
 /// Layer norm of x (+ residual). Rows of whole 16-byte packs go to the packed kernel (a
-/// pack a thread, loaded once: H200, session 42, BERT-base 8 x 32 0.45 -> 0.42 ms,
+/// pack a thread, loaded once: H200, session 42, BERT-base 8 x 32 0.46 -> 0.42 ms,
 /// Transformer-base beam 4 at 1 x 32 6.26 -> 6.06, GPT2 sampling at 8 x 32 10.77 -> 9.82);
 /// other rows to the scalar block-per-row kernel, or from [`LAYER_NORM_MANY_ROWS`] rows to
 /// the training kernel. The training kernel rounds the sum to the dtype before it is
