@@ -1,8 +1,10 @@
-// Layer normalization of (x + residual) over rows of length h for few rows (many rows go
-// through train.cu's register-cached add_layer_norm): one block per row, two passes (mean,
-// then variance about the mean) with f32 sums. With `early`, a thread's first LN_EARLY
-// elements of gamma and beta are read before the wait for the kernel before (the host
-// passes it where no kernel has written them since their upload).
+// Layer normalization of (x + residual) over rows of length h, a block a row, two passes
+// (mean, then variance about the mean) with f32 sums: layer_norm_packed for rows of whole
+// 16-byte packs (a thread a pack, at any row count), layer_norm for other widths below
+// 1024 rows (from there they go through train.cu's register-cached add_layer_norm). With
+// `early`, gamma and beta (a thread's first LN_EARLY elements, or its pack) are read
+// before the wait for the kernel before (the host passes it where no kernel has written
+// them since their upload).
 
 #define LN_EARLY 4
 
@@ -48,13 +50,9 @@ __device__ void layer_norm_body(const T* x, const T* res, const T* gamma, const 
   }
 }
 
-// layer_norm_<S> and layer_norm_packed_<S> (the host picks one; their arguments are the
-// same).
-#define LS_LAYER_NORM_KERNEL(T, S, NAME, BODY)                                                \
-  extern "C" __global__ void NAME##_##S(const T* x, const T* res, const T* gamma,             \
-                                        const T* beta, T* out, int h, float eps, int early) { \
-    BODY<T>(x, res, gamma, beta, out, h, eps, early != 0);                                    \
-  }
+// The arguments of both kernels (the host picks one).
+#define LS_LAYER_NORM_ARGS(T) \
+  const T *x, const T *res, const T *gamma, const T *beta, T *out, int h, float eps, int early
 
 // layer_norm_body for rows of whole 16-byte packs, a pack a thread (blockDim.x >= h / N,
 // N elements a pack): each thread loads its pack of x (and of the residual) once, holds
@@ -104,9 +102,15 @@ __device__ void layer_norm_packed_body(const T* x, const T* res, const T* gamma,
   }
 }
 
-#define LS_LAYER_NORMS(T, S)                                     \
-  LS_LAYER_NORM_KERNEL(T, S, layer_norm, layer_norm_body)        \
-  LS_LAYER_NORM_KERNEL(T, S, layer_norm_packed, layer_norm_packed_body)
+// layer_norm_packed has a thread a pack: at most 1024 packs (the host checks).
+#define LS_LAYER_NORMS(T, S)                                                                  \
+  extern "C" __global__ void layer_norm_##S(LS_LAYER_NORM_ARGS(T)) {                          \
+    layer_norm_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                         \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(1024)                                          \
+      layer_norm_packed_##S(LS_LAYER_NORM_ARGS(T)) {                                          \
+    layer_norm_packed_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                  \
+  }
 LS_FLOAT_TYPES(LS_LAYER_NORMS)
 
 // RMS normalization of (x + residual): v / sqrt(mean(v^2) + eps) * gamma.
