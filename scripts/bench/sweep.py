@@ -10,9 +10,7 @@ Usage (GPU machine, repository root):
   python3 scripts/bench/sweep.py --bin .device/lightseq --out DIR [--only bert,gpt2,...]
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -20,17 +18,7 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import DT, cuda_time, ids, write  # noqa: E402
-
-
-def ours(binary, model_dir, args):
-    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ls-sweep.json")
-    cmd = [binary, "bench", model_dir, "--device", "cuda", "--dtype", "f16", "--json", out] + args
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print("lightseq bench failed:", r.stderr.strip()[-2000:], file=sys.stderr, flush=True)
-        return {}
-    return {(p["batch"], p["seq"]): p for p in json.load(open(out))}
+from run_bench import DT, cuda_time, ids, ours, write  # noqa: E402
 
 
 def saved(tmp, name, make):
@@ -47,7 +35,7 @@ def forwards(binary, tmp, name, make, shapes, rows):
     d, model = saved(tmp, name, make)
     vocab = model.config.vocab_size
     for b, s in shapes:
-        mine = ours(binary, d, ["--task", "forward", "--batch", str(b), "--seq", str(s), "--iters", "30",
+        mine = ours(binary, [d, "--task", "forward", "--batch", str(b), "--seq", str(s), "--iters", "30",
                                 "--warmup", "5"]).get((b, s), {})
         x = ids(b, s, vocab)
         with torch.no_grad():
@@ -66,7 +54,7 @@ def generations(binary, tmp, name, make, cases, rows):
     vocab = cfg.vocab_size
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
     for b, s, new, beams, top_k in cases:
-        args = ["--task", "generate", "--batch", str(b), "--seq", str(s), "--max-new-tokens", str(new),
+        args = [d, "--task", "generate", "--batch", str(b), "--seq", str(s), "--max-new-tokens", str(new),
                 "--num-beams", str(beams), "--iters", "3", "--warmup", "1"]
         kw = dict(num_beams=beams, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
         if top_k:
@@ -74,7 +62,7 @@ def generations(binary, tmp, name, make, cases, rows):
             kw.update(do_sample=True, top_k=top_k)
         else:
             kw.update(do_sample=False)
-        mine = ours(binary, d, args).get((b, s), {})
+        mine = ours(binary, args).get((b, s), {})
         x = ids(b, s, vocab)
         with torch.no_grad():
             eager, mem = cuda_time(lambda: model.generate(x, attention_mask=torch.ones_like(x), **kw), 1, 3)
