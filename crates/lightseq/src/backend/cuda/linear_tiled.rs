@@ -1,13 +1,14 @@
 //! GEMMs of more than 128 rows (long forwards, prefill) on sm_90 by the pipelined
 //! warpgroup-MMA kernel of `kernels/linear_wg.cu` (`linear_wgt_m*_n*`). By default it takes
 //! the GEMMs whose activation cuBLASLt's epilogues lack (the exact erf GELU of BERT, SiLU,
-//! quick GELU, tanh), which then need no activation pass of their own; cuBLASLt keeps the
-//! rest, since the kernel alone reaches about half of the library's rate. With the GELU in
-//! its epilogue it is ahead where one wave of tiles covers the output and level at more
-//! (H200, run 27 in docs/performance.md: BERT-base's first FFN GEMM with its GELU 15.7 us
-//! against cuBLASLt's 11.3 + 6.2 at 1024 rows, BERT-base forwards 0.67 against 0.70 ms at
-//! 8 x 128 and 1.80 against 1.79-1.83 at 32 x 128). `LIGHTSEQ_TILED_GEMM=0` sends every
-//! GEMM to cuBLASLt, `=all` every GEMM of more than 128 rows to the kernel (comparisons).
+//! quick GELU, tanh), which then need no activation pass of their own, where its blocks
+//! fit one wave of the GPU; cuBLASLt keeps the rest, since the kernel alone reaches about
+//! half of the library's rate. With the GELU in its epilogue it is ahead at one wave and
+//! behind at more (H200, docs/performance.md: run 27, BERT-base's first FFN GEMM with its
+//! GELU 15.7 us against cuBLASLt's 11.3 + 6.2 at 1024 rows; run 31, BERT-base forwards at
+//! 12 x 128 0.95 against cuBLASLt's 0.85-0.86 ms, at 32 x 128 1.72-1.74 against
+//! 1.69-1.70). `LIGHTSEQ_TILED_GEMM=0` sends every GEMM to cuBLASLt, `=all` every GEMM of
+//! more than 128 rows to the kernel (comparisons).
 //! The kernel's operands reach it through the tensor memory accelerator: each launch
 //! encodes a tensor map of x and one of w (`cuTensorMapEncodeTiled`) and passes them by
 //! value.
@@ -55,6 +56,23 @@ fn mode_from(v: Option<&str>) -> Mode {
         Some("all") => Mode::All,
         _ => Mode::Activations,
     }
+}
+
+/// Waves of blocks up to which the kernel takes the GEMMs of [`Mode::Activations`]
+/// (LIGHTSEQ_TILED_GEMM_WAVES): past them cuBLASLt's GEMM and a separate activation pass
+/// are shorter (H200, docs/performance.md run 31).
+const MAX_WAVES: usize = 1;
+
+/// [`MAX_WAVES`], or LIGHTSEQ_TILED_GEMM_WAVES.
+fn max_waves() -> usize {
+    static WAVES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WAVES.get_or_init(|| {
+        std::env::var("LIGHTSEQ_TILED_GEMM_WAVES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(MAX_WAVES)
+    })
 }
 
 /// The ring of a block of `rows` by `width` (the kernels' LwtRing): its stages, as many as
@@ -198,13 +216,18 @@ pub(crate) fn linear_tiled(op: &Linear) -> Result<Option<CudaStorage>> {
     if !applies {
         return Ok(None);
     }
-    let Some(Plan { warpgroups, width }) = plan(m, n, dev.sm_count(), dev.smem_per_block()) else {
+    let sms = dev.sm_count();
+    let Some(Plan { warpgroups, width }) = plan(m, n, sms, dev.smem_per_block()) else {
         return Ok(None);
     };
+    let rows = WG_ROWS * warpgroups;
+    let blocks = m.div_ceil(rows) * n.div_ceil(width);
+    if mode() == Mode::Activations && blocks > max_waves() * sms {
+        return Ok(None);
+    }
     let smem = smem_bytes(warpgroups, width);
     let f = dev.kernel(&format!("linear_wgt_m{warpgroups}_n{width}"), dt)?;
     super::train_ops::allow_smem(&f, smem)?;
-    let rows = WG_ROWS * warpgroups;
     let map_x = tensor_map(x.ptr(), m, k, rows, dt)?;
     let map_w = tensor_map(w.ptr(), n, k, width, dt)?;
     let y = dev.alloc(dt, m * n)?;
