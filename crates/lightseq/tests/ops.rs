@@ -328,7 +328,8 @@ fn cuda_ops_match_cpu_for_every_dtype() {
         // 24 x 64 x 40 and 120 x 1000 x 96 with a part-filled chunk of k; 128 x 520 x 256
         // with a part-filled block of columns; 100 x 768 x 3072 goes to cuBLASLt. More rows
         // go to cuBLASLt (on sm_90 those with an activation cuBLASLt's epilogues lack to the
-        // pipelined warpgroup-MMA kernel), and on sm_90 under LIGHTSEQ_TILED_GEMM=all
+        // pipelined warpgroup-MMA kernel where its blocks fit one wave), and on sm_90 under
+        // LIGHTSEQ_TILED_GEMM=all
         // (scripts/gpu-check.sh runs this test so too) all to that kernel, each of its blocks
         // (warpgroups x columns) once: 129 x 64 x 64 (1 x 128, fewer columns than a block),
         // 1030 x 768 x 768 (1 x 128, a part-filled row tile), 257 x 520 x 4104 (1 x 128, a
@@ -382,10 +383,12 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             }
         }
         // Layer norm with a residual: widths below and above one block, rows of whole
-        // 16-byte packs for the packed kernel (a pack a thread: 768, also at 1030 rows;
-        // 4104, 513 packs in 16 bits; 8192, its limit of 1024 packs in 16 bits and over it
-        // in f32), and rows of other widths enough for the training kernel (from 1024 rows
-        // on CUDA).
+        // 16-byte packs for the packed kernel (a pack a thread: 768; 4104, 513 packs in 16
+        // bits; 8192, its limit of 1024 packs in 16 bits and over it in f32), from 1024 rows
+        // for the warp-a-row kernel where a row has at most 128 packs (1030 x 768: 96 packs
+        // in 16 bits, 192 in f32 back on the packed kernel; 1029 x 200: 25 and 50, lanes
+        // part-filled, the last block of 4 rows too; 1024 x 1024: 128 packs in 16 bits),
+        // and rows of other widths enough for the training kernel (from 1024 rows).
         for (rows, h) in [
             (9, 45),
             (9, 1543),
@@ -394,6 +397,8 @@ fn cuda_ops_match_cpu_for_every_dtype() {
             (4, 4104),
             (2, 8192),
             (1030, 768),
+            (1029, 200),
+            (1024, 1024),
             (1030, 774),
         ] {
             let (x, r, g, bb) = (

@@ -75,7 +75,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "layer_norm",
         source: include_str!("kernels/layer_norm.cu"),
-        kernels: &["layer_norm", "layer_norm_packed", "rms_norm"],
+        kernels: &[
+            "layer_norm",
+            "layer_norm_packed",
+            "layer_norm_warp",
+            "rms_norm",
+        ],
         dtypes: &KERNEL_DTYPES,
         defines: &[],
         half_kernels: &[],

@@ -279,6 +279,23 @@ pub(crate) fn scatter_i32(src: &CudaStorage, dsts: &[&CudaStorage]) -> Result<()
 /// 6.1 us at 128 rows, 4.0 against 5.5 us at 8).
 const LAYER_NORM_MANY_ROWS: usize = 1024;
 
+/// Packs a lane of `layer_norm_warp` holds at most, and its block (LN_WARP_PACKS,
+/// LN_WARP_THREADS in layer_norm.cu).
+const LAYER_NORM_WARP_PACKS: usize = 4;
+const LAYER_NORM_WARP_THREADS: u32 = 128;
+
+/// Rows from which rows of whole packs go to the warp-a-row kernel rather than the
+/// block-a-row one: LIGHTSEQ_LN_WARP_ROWS, else [`LAYER_NORM_MANY_ROWS`].
+fn ln_warp_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("LIGHTSEQ_LN_WARP_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(LAYER_NORM_MANY_ROWS)
+    })
+}
+
 /// Whether LIGHTSEQ_LN_PACKED=0 keeps layer norm off the packed kernel.
 fn ln_packed_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -305,11 +322,12 @@ fn layer_norm_packs(
 
 /// Layer norm of x (+ residual). Rows of whole 16-byte packs go to the packed kernel (a
 /// pack a thread, loaded once: H200, session 42, BERT-base 8 x 32 0.46 -> 0.42 ms,
-/// Transformer-base beam 4 at 1 x 32 6.26 -> 6.06, GPT2 sampling at 8 x 32 10.77 -> 9.82);
-/// other rows to the scalar block-per-row kernel, or from [`LAYER_NORM_MANY_ROWS`] rows to
-/// the training kernel. The training kernel rounds the sum to the dtype before it is
-/// normalized (as an f16/bf16 model adds its residual in its dtype); the other two
-/// normalize the f32 sum.
+/// Transformer-base beam 4 at 1 x 32 6.26 -> 6.06, GPT2 sampling at 8 x 32 10.77 -> 9.82),
+/// from [`ln_warp_rows`] rows those of at most 128 packs to the warp-a-row kernel (run 31:
+/// BERT-base 32 x 128 1.68-1.70 -> 1.65 ms); other rows to the scalar block-per-row
+/// kernel, or from [`LAYER_NORM_MANY_ROWS`] rows to the training kernel. The training
+/// kernel rounds the sum to the dtype before it is normalized (as an f16/bf16 model adds
+/// its residual in its dtype); the others normalize the f32 sum.
 pub(crate) fn layer_norm(
     x: &CudaStorage,
     residual: Option<&CudaStorage>,
@@ -338,7 +356,9 @@ pub(crate) fn layer_norm(
     if rows == 0 {
         return Ok(out);
     }
+    let warp = packs.is_some_and(|p| p <= 32 * LAYER_NORM_WARP_PACKS) && rows >= ln_warp_rows();
     let (name, threads) = match packs {
+        Some(_) if warp => ("layer_norm_warp", LAYER_NORM_WARP_THREADS),
         Some(p) => ("layer_norm_packed", row_threads(p)),
         None => ("layer_norm", row_threads(h).min(512)),
     };
@@ -362,14 +382,22 @@ pub(crate) fn layer_norm(
         .arg(&hh)
         .arg(&eps)
         .arg(&early);
+    let rows_i = rows as i32;
+    let blocks = if warp {
+        l.arg(&rows_i);
+        rows.div_ceil(threads as usize / 32)
+    } else {
+        rows
+    };
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument types match the kernels' signature in layer_norm.cu; the packed
-    // kernel has a thread for each 16-byte pack of a row, every operand 16-byte aligned
-    // (out is a new allocation).
+    // SAFETY: argument types match the kernels' signature in layer_norm.cu (the warp
+    // kernel's with the row count after them); the packed kernel has a thread for each
+    // 16-byte pack of a row, the warp kernel a warp for each row of at most 32
+    // LN_WARP_PACKS packs, every operand 16-byte aligned (out is a new allocation).
     launched(name, unsafe { l.launch(cfg) })?;
     Ok(out)
 }

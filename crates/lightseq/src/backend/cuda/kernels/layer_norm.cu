@@ -102,7 +102,73 @@ __device__ void layer_norm_packed_body(const T* x, const T* res, const T* gamma,
   }
 }
 
-// layer_norm_packed has a thread a pack: at most 1024 packs (the host checks).
+// Packs a lane of layer_norm_warp holds: rows of up to 32 LN_WARP_PACKS packs.
+#define LN_WARP_PACKS 4
+
+// layer_norm_packed_body with a warp a row (blockDim.x / 32 rows a block, `rows` in all):
+// lane l holds packs l, l + 32, ... of its row, all loads issued before any sum, and the
+// sums are warp shuffles, with no barrier. For many rows, where a block a row leaves most
+// of a row's threads waiting on barriers. gamma and beta are read after the sums, so that
+// the row's values and the parameters are not all held at once (`early` is unused).
+template <typename T>
+__device__ void layer_norm_warp_body(const T* x, const T* res, const T* gamma, const T* beta,
+                                     T* out, int h, float eps, int rows) {
+  constexpr int N = 16 / sizeof(T);
+  constexpr int P = LN_WARP_PACKS;
+  const int packs = h / N, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  LS_PDL_WAIT();
+  if (row >= rows) return;
+  const long long base = (long long)row * packs;
+  LsPack<T> xv[P], rv[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int p = lane + 32 * i;
+    if (p < packs) {
+      xv[i] = reinterpret_cast<const LsPack<T>*>(x)[base + p];
+      if (res) rv[i] = reinterpret_cast<const LsPack<T>*>(res)[base + p];
+    }
+  }
+  float v[P][N];
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const bool on = lane + 32 * i < packs;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      v[i][e] = on ? to_f(xv[i].v[e]) + (res ? to_f(rv[i].v[e]) : 0.f) : 0.f;
+      s += v[i][e];
+    }
+  }
+  const float mean = warp_sum(s) / h;
+  float s2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    if (lane + 32 * i < packs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) s2 += (v[i][e] - mean) * (v[i][e] - mean);
+    }
+  }
+  const float inv = rsqrtf(warp_sum(s2) / h + eps);
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int p = lane + 32 * i;
+    if (p < packs) {
+      const LsPack<T> g = reinterpret_cast<const LsPack<T>*>(gamma)[p];
+      const LsPack<T> b = reinterpret_cast<const LsPack<T>*>(beta)[p];
+      LsPack<T> o;
+#pragma unroll
+      for (int e = 0; e < N; ++e)
+        o.v[e] = from_f<T>((v[i][e] - mean) * inv * to_f(g.v[e]) + to_f(b.v[e]));
+      reinterpret_cast<LsPack<T>*>(out)[base + p] = o;
+    }
+  }
+}
+
+// layer_norm_packed has a thread a pack: at most 1024 packs (the host checks);
+// layer_norm_warp blocks of LN_WARP_THREADS (a row a warp) and rows of at most 32
+// LN_WARP_PACKS packs.
+#define LN_WARP_THREADS 128
 #define LS_LAYER_NORMS(T, S)                                                                  \
   extern "C" __global__ void layer_norm_##S(LS_LAYER_NORM_ARGS(T)) {                          \
     layer_norm_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                         \
@@ -110,6 +176,10 @@ __device__ void layer_norm_packed_body(const T* x, const T* res, const T* gamma,
   extern "C" __global__ void __launch_bounds__(1024)                                          \
       layer_norm_packed_##S(LS_LAYER_NORM_ARGS(T)) {                                          \
     layer_norm_packed_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                  \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(LN_WARP_THREADS, 6)                             \
+      layer_norm_warp_##S(LS_LAYER_NORM_ARGS(T), int rows) {                                  \
+    layer_norm_warp_body<T>(x, res, gamma, beta, out, h, eps, rows);              \
   }
 LS_FLOAT_TYPES(LS_LAYER_NORMS)
 
