@@ -65,14 +65,8 @@ const MAX_WAVES: usize = 1;
 
 /// [`MAX_WAVES`], or LIGHTSEQ_TILED_GEMM_WAVES.
 fn max_waves() -> usize {
-    static WAVES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WAVES.get_or_init(|| {
-        std::env::var("LIGHTSEQ_TILED_GEMM_WAVES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&v| v > 0)
-            .unwrap_or(MAX_WAVES)
-    })
+    static WAVES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    super::env_count(&WAVES, "LIGHTSEQ_TILED_GEMM_WAVES").unwrap_or(MAX_WAVES)
 }
 
 /// The ring of a block of `rows` by `width` (the kernels' LwtRing): its stages, as many as

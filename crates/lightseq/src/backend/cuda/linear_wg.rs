@@ -32,20 +32,10 @@ fn disabled() -> bool {
     super::env_equals(&OFF, "LIGHTSEQ_WG_GEMM", "0")
 }
 
-/// A positive whole number from the environment variable `var`, read once.
-fn env_count(cell: &'static std::sync::OnceLock<Option<usize>>, var: &str) -> Option<usize> {
-    *cell.get_or_init(|| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&v| v > 0)
-    })
-}
-
 /// The most rows the kernel takes (LIGHTSEQ_WG_GEMM_ROWS, for comparisons).
 pub(super) fn max_rows() -> usize {
     static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    env_count(&ROWS, "LIGHTSEQ_WG_GEMM_ROWS").unwrap_or(MAX_ROWS)
+    super::env_count(&ROWS, "LIGHTSEQ_WG_GEMM_ROWS").unwrap_or(MAX_ROWS)
 }
 
 /// Bytes of shared memory a block of width `bn` takes for `per` chunks: its tiles or the
@@ -89,8 +79,8 @@ const DEFAULT_WIDTH: usize = 32;
 fn plan(n: usize, row_blocks: usize, chunks: usize, sms: usize, smem: usize) -> Option<Plan> {
     static COLS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     static SPLIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let want_cols = env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS").filter(|c| WIDTHS.contains(c));
-    let want_split = env_count(&SPLIT, "LIGHTSEQ_WG_GEMM_SPLIT");
+    let want_cols = super::env_count(&COLS, "LIGHTSEQ_WG_GEMM_COLS").filter(|c| WIDTHS.contains(c));
+    let want_split = super::env_count(&SPLIT, "LIGHTSEQ_WG_GEMM_SPLIT");
     plan_with(n, row_blocks, chunks, sms, smem, want_cols, want_split)
 }
 

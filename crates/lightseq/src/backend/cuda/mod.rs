@@ -26,6 +26,19 @@ pub(crate) fn env_equals(cell: &'static std::sync::OnceLock<bool>, var: &str, va
     *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
 }
 
+/// A positive whole number from the environment variable `var`, read once.
+pub(crate) fn env_count(
+    cell: &'static std::sync::OnceLock<Option<usize>>,
+    var: &str,
+) -> Option<usize> {
+    *cell.get_or_init(|| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&v| v > 0)
+    })
+}
+
 /// `LIGHTSEQ_EARLY_READS=0`: kernels read nothing before their programmatic-launch wait
 /// (launch.rs) but the few-row GEMMs' L2 prefetch: no weights, biases or layer-norm
 /// parameters that no kernel has written since their upload, no caches of a decode step's

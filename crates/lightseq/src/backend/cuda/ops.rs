@@ -287,13 +287,8 @@ const LAYER_NORM_WARP_THREADS: u32 = 128;
 /// Rows from which rows of whole packs go to the warp-a-row kernel rather than the
 /// block-a-row one: LIGHTSEQ_LN_WARP_ROWS, else [`LAYER_NORM_MANY_ROWS`].
 fn ln_warp_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("LIGHTSEQ_LN_WARP_ROWS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(LAYER_NORM_MANY_ROWS)
-    })
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    super::env_count(&ROWS, "LIGHTSEQ_LN_WARP_ROWS").unwrap_or(LAYER_NORM_MANY_ROWS)
 }
 
 /// Whether LIGHTSEQ_LN_PACKED=0 keeps layer norm off the packed kernel.

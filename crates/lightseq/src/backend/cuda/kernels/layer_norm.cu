@@ -177,9 +177,9 @@ __device__ void layer_norm_warp_body(const T* x, const T* res, const T* gamma, c
       layer_norm_packed_##S(LS_LAYER_NORM_ARGS(T)) {                                          \
     layer_norm_packed_body<T>(x, res, gamma, beta, out, h, eps, early != 0);                  \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(LN_WARP_THREADS, 6)                             \
+  extern "C" __global__ void __launch_bounds__(LN_WARP_THREADS, 6)                            \
       layer_norm_warp_##S(LS_LAYER_NORM_ARGS(T), int rows) {                                  \
-    layer_norm_warp_body<T>(x, res, gamma, beta, out, h, eps, rows);              \
+    layer_norm_warp_body<T>(x, res, gamma, beta, out, h, eps, rows);                          \
   }
 LS_FLOAT_TYPES(LS_LAYER_NORMS)
 
