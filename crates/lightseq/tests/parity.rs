@@ -122,6 +122,45 @@ fn batched_rows_equal_each_sequence_alone() {
     }
 }
 
+/// `forward_on_device` (what `lightseq bench --task forward` times) holds `forward`'s rows
+/// within each sequence's length: on the CPU the same values, on a GPU in f16 within f16's
+/// tolerance of the CPU's f32.
+#[test]
+fn forward_on_device_matches_forward() {
+    let dev = gpu("forward_on_device_matches_forward (its GPU part)");
+    let mut checked = 0;
+    for dir in fixtures() {
+        let md = ModelDir::open(&dir).unwrap();
+        let model = models::load(&md, DType::F32, &Device::Cpu).unwrap();
+        let b = batch(&dir);
+        let Some(on) = model.forward_on_device(&b) else {
+            continue;
+        };
+        let want = model.forward(&b).unwrap();
+        let [n, len, width] = want.shape;
+        let mut runs = vec![(on.unwrap(), 0.0)];
+        if let Some(dev) = &dev {
+            let m = models::load(&md, DType::F16, dev).unwrap();
+            runs.push((m.forward_on_device(&b).unwrap().unwrap(), 1e-2));
+        }
+        for (t, tol) in runs {
+            assert_eq!(t.shape(), [n * len, width], "{}", dir.display());
+            let got = t.to_f32_vec().unwrap();
+            for (i, &l) in lengths(&b, len).iter().enumerate() {
+                let rows = i * len * width..(i * len + l) * width;
+                let err = rel_err(&got[rows.clone()], &want.data[rows]);
+                assert!(err <= tol, "{} sequence {i}: {err} > {tol}", dir.display());
+            }
+        }
+        checked += 1;
+    }
+    eprintln!("forward_on_device_matches_forward: {checked} fixtures");
+    assert!(
+        checked >= 10,
+        "only {checked} fixtures have a forward on the device"
+    );
+}
+
 #[test]
 fn empty_batch_gives_empty_output() {
     let dir = fixtures_dir().join("bert");

@@ -922,6 +922,18 @@ pub(crate) fn decoder_forward(
     batch: &Batch,
     pad_id: i64,
 ) -> Result<ModelOutput> {
+    let (p, logits) = decoder_logits(m, name, batch, pad_id)?;
+    p.output("logits", &logits)
+}
+
+/// [`decoder_forward`]'s logits left where they were computed: [batch x padded length,
+/// vocab], the rows past each sequence's length not zeroed (`Model::forward_on_device`).
+pub(crate) fn decoder_logits(
+    m: &dyn Decoder,
+    name: &str,
+    batch: &Batch,
+    pad_id: i64,
+) -> Result<(Padded, Tensor)> {
     batch.text_only()?;
     let (rows, sources) = if m.is_encoder_decoder() {
         let dec = batch.decoder_input_ids.as_ref().ok_or_else(|| {
@@ -942,10 +954,8 @@ pub(crate) fn decoder_forward(
     };
     let p = Padded::new(rows, m.vocab(), m.max_decoder_positions())?;
     if p.batch == 0 || p.len == 0 {
-        return p.output(
-            "logits",
-            &ops::zeros(&[0, m.vocab()], DType::F32, m.decoder_device())?,
-        );
+        let empty = ops::zeros(&[0, m.vocab()], DType::F32, m.decoder_device())?;
+        return Ok((p, empty));
     }
     let mut st = m.begin(sources, p.batch, p.len)?;
     let padded = p.pad_rows(rows, pad_id);
@@ -953,5 +963,6 @@ pub(crate) fn decoder_forward(
     let h = m.decode(&mut st, &padded)?;
     // Kept like a generation's (it may hold that run's captured step graph).
     m.park(st);
-    p.output("logits", &m.logits(&h)?)
+    let logits = m.logits(&h)?;
+    Ok((p, logits))
 }

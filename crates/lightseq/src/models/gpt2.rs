@@ -3,8 +3,8 @@
 //! returns logits.
 
 use super::decode::{
-    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder, Parking,
+    decode_via_inputs, decoder_forward, decoder_logits, decoder_only_state, standard_step_inputs,
+    DecodeState, Decoder, Parking,
 };
 use super::{config_check, parse_config, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -254,6 +254,10 @@ impl Decoder for Gpt2 {
 impl Model for Gpt2 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
         decoder_forward(self, "GPT2", batch, 0)
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        Some(decoder_logits(self, "GPT2", batch, 0).map(|(_, logits)| logits))
     }
 
     fn info(&self) -> ModelInfo {

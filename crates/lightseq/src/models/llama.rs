@@ -3,8 +3,8 @@
 //! Qwen2: q/k/v always; Mistral: none) and sliding-window attention (Mistral; Qwen2 per layer).
 
 use super::decode::{
-    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder, Parking,
+    decode_via_inputs, decoder_forward, decoder_logits, decoder_only_state, standard_step_inputs,
+    DecodeState, Decoder, Parking,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -580,6 +580,10 @@ impl Decoder for Llama {
 impl Model for Llama {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
         decoder_forward(self, "this model", batch, 0)
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        Some(decoder_logits(self, "this model", batch, 0).map(|(_, logits)| logits))
     }
 
     fn info(&self) -> ModelInfo {

@@ -119,8 +119,9 @@ pub trait Model: Send + Sync {
     fn max_positions(&self) -> usize;
     /// The device the weights live on.
     fn device(&self) -> &Device;
-    /// The forward pass with its output left on the device ([batch * max_len, width]), for
-    /// benchmarks; models without one return `None`.
+    /// The forward pass with its output left on the device ([batch * max_len, width]; rows
+    /// past a sequence's length hold whatever the padded forward computed there), for
+    /// benchmarks (`lightseq bench --task forward`); models without one return `None`.
     fn forward_on_device(&self, _batch: &Batch) -> Option<Result<Tensor>> {
         None
     }

@@ -6,7 +6,7 @@
 //! are not read by HF's modeling code either).
 
 use super::decode::{
-    decode_via_inputs, decoder_forward, enc_dec_begin, enc_dec_begin_from_states,
+    decode_via_inputs, decoder_forward, decoder_logits, enc_dec_begin, enc_dec_begin_from_states,
     enc_dec_encode_sources, ids_host, standard_step_inputs, upload_step_inputs, DecodeState,
     Decoder, EncoderDecoder, Parking,
 };
@@ -857,6 +857,11 @@ impl Model for Seq2Seq {
             batch,
             self.cfg.pad_token_id as i64,
         )
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        let pad = self.cfg.pad_token_id as i64;
+        Some(decoder_logits(self, self.cfg.kind.name(), batch, pad).map(|(_, logits)| logits))
     }
 
     fn info(&self) -> ModelInfo {

@@ -3,8 +3,8 @@
 //! scaling, relu or gated FFNs, `d_kv * heads` that may differ from `d_model`.
 
 use super::decode::{
-    decoder_forward, enc_dec_begin, enc_dec_begin_from_states, enc_dec_encode_sources, ids_tensor,
-    DecodeState, Decoder, EncoderDecoder,
+    decoder_forward, decoder_logits, enc_dec_begin, enc_dec_begin_from_states,
+    enc_dec_encode_sources, ids_tensor, DecodeState, Decoder, EncoderDecoder,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput, Padded};
 use crate::error::{Error, Result};
@@ -467,6 +467,10 @@ impl Decoder for T5 {
 impl Model for T5 {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
         decoder_forward(self, "T5", batch, 0)
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        Some(decoder_logits(self, "T5", batch, 0).map(|(_, logits)| logits))
     }
 
     fn info(&self) -> ModelInfo {

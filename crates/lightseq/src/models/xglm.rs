@@ -3,8 +3,8 @@
 //! token embeddings.
 
 use super::decode::{
-    decode_via_inputs, decoder_forward, decoder_only_state, standard_step_inputs, DecodeState,
-    Decoder, Parking,
+    decode_via_inputs, decoder_forward, decoder_logits, decoder_only_state, standard_step_inputs,
+    DecodeState, Decoder, Parking,
 };
 use super::{config_check, Batch, Model, ModelInfo, ModelOutput};
 use crate::error::{Error, Result};
@@ -280,6 +280,13 @@ impl Decoder for Xglm {
 impl Model for Xglm {
     fn forward(&self, batch: &Batch) -> Result<ModelOutput> {
         decoder_forward(self, "XGLM", batch, self.cfg.pad_token_id as i64)
+    }
+
+    fn forward_on_device(&self, batch: &Batch) -> Option<Result<Tensor>> {
+        Some(
+            decoder_logits(self, "XGLM", batch, self.cfg.pad_token_id as i64)
+                .map(|(_, logits)| logits),
+        )
     }
 
     fn info(&self) -> ModelInfo {
