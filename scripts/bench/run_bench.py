@@ -112,16 +112,24 @@ def gpt2(binary, rows):
         print(rows[-1], flush=True)
 
 
+def cells(r):
+    """A row's cells shared by this table and sweep.py's: our time, the speedup over HF
+    eager, and the peak memory of HF and ours."""
+    o = r["ours_ms"]
+    om = f"{o:.2f}" if o else "failed"
+    xe = f"{r['hf_eager_ms'] / o:.1f}" if o else "-"
+    ours_mem = f"{r['ours_mem']:.0f}" if r.get("ours_mem") is not None else "-"
+    return om, xe, f"{r['hf_mem']:.0f} / {ours_mem}"
+
+
 def table(rows):
     out = ["| workload | batch | len | HF eager ms | HF compile ms | lightseq ms | x eager | x compile | peak MiB HF / ours |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["ours_ms"]
-        xe = f"{r['hf_eager_ms'] / o:.1f}" if o else "-"
+        om, xe, mem = cells(r)
         xc = f"{r['hf_compile_ms'] / o:.1f}" if (o and r["hf_compile_ms"]) else "-"
         hc = f"{r['hf_compile_ms']:.2f}" if r["hf_compile_ms"] else "-"
-        om = f"{o:.2f}" if o else "failed"
-        mem = f"{r['hf_mem']:.0f} / {r['ours_mem']:.0f}" if r.get("ours_mem") is not None else f"{r['hf_mem']:.0f} / -"
         out.append(f"| {r['workload']} | {r['batch']} | {r['seq']} | {r['hf_eager_ms']:.2f} | {hc} | {om} | {xe} | {xc} | {mem} |")
     return "\n".join(out)
 

@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import DT, cuda_time, ids, ours, write  # noqa: E402
+from run_bench import DT, cells, cuda_time, ids, ours, write  # noqa: E402
 
 
 def saved(tmp, name, make):
@@ -78,10 +78,7 @@ def table(rows):
     out = ["| workload | batch | len | new | HF eager ms | lightseq ms | x eager | peak MiB HF / ours |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o = r["ours_ms"]
-        xe = f"{r['hf_eager_ms'] / o:.1f}" if o else "-"
-        om = f"{o:.2f}" if o else "failed"
-        mem = f"{r['hf_mem']:.0f} / {r['ours_mem']:.0f}" if r.get("ours_mem") is not None else f"{r['hf_mem']:.0f} / -"
+        om, xe, mem = cells(r)
         out.append(f"| {r['workload']} | {r['batch']} | {r['seq']} | {r['new']} | {r['hf_eager_ms']:.2f} | {om} "
                    f"| {xe} | {mem} |")
     return "\n".join(out)
