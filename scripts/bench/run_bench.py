@@ -134,13 +134,19 @@ def table(rows):
     return "\n".join(out)
 
 
-def main():
+def parse_args(workloads):
+    """--bin, --out and --only (a comma list, `workloads` by default), shared with sweep.py:
+    the arguments and the set of workloads to run."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=".device/lightseq")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    ap.add_argument("--only", default="bert,transformer,gpt2,bart,big")
+    ap.add_argument("--only", default=workloads)
     args = ap.parse_args()
-    only = set(args.only.split(","))
+    return args, set(args.only.split(","))
+
+
+def main():
+    args, only = parse_args("bert,transformer,gpt2,bart,big")
     rows = []
     if "bert" in only:
         bert(args.bin, rows)

@@ -9,7 +9,6 @@ max new tokens) on both sides.
 Usage (GPU machine, repository root):
   python3 scripts/bench/sweep.py --bin .device/lightseq --out DIR [--only bert,gpt2,...]
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import DT, cells, cuda_time, ids, ours, write  # noqa: E402
+from run_bench import DT, cells, cuda_time, ids, ours, parse_args, write  # noqa: E402
 
 
 def saved(tmp, name, make):
@@ -85,12 +84,7 @@ def table(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=".device/lightseq")
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    ap.add_argument("--only", default="bert,bert-large,gpt2,gpt2-medium,bart-large,marian,t5,llama")
-    args = ap.parse_args()
-    only = set(args.only.split(","))
+    args, only = parse_args("bert,bert-large,gpt2,gpt2-medium,bart-large,marian,t5,llama")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if "bert" in only:
